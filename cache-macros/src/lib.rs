@@ -1,0 +1,49 @@
+//! Procedural macros of [`cache-runtime`](https://docs.rs/cache-runtime).
+//! Depend on `cache-runtime`, which re-exports them; the generated code calls
+//! into it.
+//!
+//! The pipeline, one module each: `args` (attribute arguments) → `template`
+//! (the key-template language, pure) → `ast` (the annotated fn as a typed
+//! model) → `valid` (every cross-check, all errors collected) → `expand` (glue).
+
+mod args;
+mod ast;
+mod ctxt;
+mod expand;
+mod template;
+mod valid;
+
+use proc_macro::TokenStream;
+
+/// Caches an `async fn`'s result in Redis (cache-aside). See the
+/// `cache-runtime` documentation for the arguments.
+#[proc_macro_attribute]
+pub fn redis_cached(args: TokenStream, input: TokenStream) -> TokenStream {
+    redis_cached_impl(args.into(), input.into()).into()
+}
+
+fn redis_cached_impl(
+    args: proc_macro2::TokenStream,
+    input: proc_macro2::TokenStream,
+) -> proc_macro2::TokenStream {
+    let item: syn::ItemFn = match syn::parse2(input.clone()) {
+        Ok(item) => item,
+        Err(_) => {
+            let error = syn::Error::new(
+                proc_macro2::Span::call_site(),
+                "`#[redis_cached]` applies to an `async fn` with a body",
+            );
+            let error = error.into_compile_error();
+            return quote::quote!(#input #error);
+        }
+    };
+    let mut errors = ctxt::Errors::default();
+    let args = args::Args::parse(args, &mut errors);
+    let func = ast::CachedFn::from_item(&item, &mut errors);
+    let plan = valid::validate(&args, func, &mut errors);
+    match (errors.finish(), plan) {
+        (Ok(()), Some(plan)) => expand::expand(&plan),
+        (Err(errors), _) => expand::fallback(&item, errors),
+        (Ok(()), None) => unreachable!("validation returns a plan when it reports no error"),
+    }
+}

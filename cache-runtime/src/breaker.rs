@@ -1,0 +1,125 @@
+//! A circuit breaker, so that a dead or stalled Redis costs no timeout per
+//! call: after `threshold` consecutive failures the cache is skipped for
+//! `cooldown`; then one probe call is let through, and its outcome closes
+//! or re-opens the breaker.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `epoch()` until which the breaker is open; 0 = closed.
+    open_until: AtomicU64,
+    probing: AtomicBool,
+}
+
+fn now_millis() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // +1 so that 0 can mean "closed".
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
+/// What the breaker allows for one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Permit {
+    /// Closed: call the cache.
+    Call,
+    /// Half-open: this call is the one probe.
+    Probe,
+    /// Open: skip the cache.
+    Skip,
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            threshold: threshold.max(1),
+            cooldown,
+            consecutive_failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn permit(&self) -> Permit {
+        let open_until = self.open_until.load(Ordering::Relaxed);
+        if open_until == 0 {
+            return Permit::Call;
+        }
+        if now_millis() < open_until {
+            return Permit::Skip;
+        }
+        if self
+            .probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            Permit::Probe
+        } else {
+            Permit::Skip
+        }
+    }
+
+    pub(crate) fn record_success(&self) {
+        // Plain stores only when something changes: the hot path stays read-only.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.open_until.load(Ordering::Relaxed) != 0 {
+            self.open_until.store(0, Ordering::Relaxed);
+            self.probing.store(false, Ordering::Release);
+            tracing::info!("cache reachable again: circuit breaker closed");
+        }
+    }
+
+    /// Returns true when this failure opened the breaker.
+    pub(crate) fn record_failure(&self, probe: bool) -> bool {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if probe || failures >= self.threshold {
+            let was_open = self.open_until.load(Ordering::Relaxed) != 0;
+            let cooldown = u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX);
+            self.open_until.store(
+                now_millis().saturating_add(cooldown).max(1),
+                Ordering::Relaxed,
+            );
+            self.probing.store(false, Ordering::Release);
+            return !was_open;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_threshold_then_probes_once_then_closes() {
+        let b = Breaker::new(3, Duration::from_millis(30));
+        for _ in 0..2 {
+            assert_eq!(b.permit(), Permit::Call);
+            assert!(!b.record_failure(false));
+        }
+        assert!(b.record_failure(false), "third failure opens");
+        assert_eq!(b.permit(), Permit::Skip);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.permit(), Permit::Probe);
+        assert_eq!(b.permit(), Permit::Skip, "only one probe at a time");
+        b.record_success();
+        assert_eq!(b.permit(), Permit::Call);
+    }
+
+    #[test]
+    fn failed_probe_reopens() {
+        let b = Breaker::new(1, Duration::from_millis(20));
+        b.record_failure(false);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(b.permit(), Permit::Probe);
+        b.record_failure(true);
+        assert_eq!(b.permit(), Permit::Skip);
+    }
+}

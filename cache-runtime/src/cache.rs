@@ -1,0 +1,370 @@
+//! The `Cache` handle: backend, prefix, timeouts, circuit breaker, codec and
+//! statistics, and the cache-aside lookup that generated code runs.
+
+use std::future::Future;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use crate::backend::{Backend, MemoryBackend, RedisBackend};
+use crate::breaker::{Breaker, Permit};
+use crate::codec::Codec;
+use crate::error::CacheError;
+use crate::key::CacheKey;
+use crate::outcome::Outcome;
+use crate::site::Site;
+use crate::stats::{Event, Recorder, Stats};
+
+const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
+const DEFAULT_BREAKER_FAILURES: u32 = 5;
+const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
+const DEFAULT_MEMORY_CAPACITY: u64 = 256 * 1024 * 1024;
+
+static INSTALLED: RwLock<Option<Cache>> = RwLock::new(None);
+
+/// A handle to a cache: Redis or in-process memory. Cheap to clone; clones
+/// share the connection, the circuit breaker and the statistics.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), cache_runtime::CacheError> {
+/// use cache_runtime::Cache;
+///
+/// // `Cache::connect("redis://127.0.0.1:6379").await?` for Redis.
+/// let cache = Cache::memory();
+/// cache.install(); // the default for every #[redis_cached] function
+/// assert_eq!(cache.stats().total.hits, 0);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    backend: Backend,
+    prefix: Option<String>,
+    op_timeout: Duration,
+    codec: Codec,
+    breaker: Breaker,
+    stats: Recorder,
+}
+
+/// Configures a [`Cache`]; from [`Cache::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct CacheBuilder {
+    backend: Option<BackendChoice>,
+    prefix: Option<String>,
+    op_timeout: Duration,
+    codec: Codec,
+    breaker_failures: u32,
+    breaker_cooldown: Duration,
+}
+
+#[derive(Debug, Clone)]
+enum BackendChoice {
+    Url(String),
+    Memory { capacity_bytes: u64 },
+}
+
+impl CacheBuilder {
+    /// Use the Redis server at `url` (`redis://[user:password@]host:port[/db]`).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.backend = Some(BackendChoice::Url(url.into()));
+        self
+    }
+
+    /// Keep entries in this process (moka), bounded to 256 MiB.
+    pub fn memory(self) -> Self {
+        self.memory_capacity(DEFAULT_MEMORY_CAPACITY)
+    }
+
+    /// Keep entries in this process, bounded to `bytes` (keys and values);
+    /// the least recently used are evicted past it.
+    pub fn memory_capacity(mut self, bytes: u64) -> Self {
+        self.backend = Some(BackendChoice::Memory {
+            capacity_bytes: bytes,
+        });
+        self
+    }
+
+    /// Prepend `prefix:` to every key, e.g. to share one Redis between services.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
+        self
+    }
+
+    /// How long one cache operation may take before the call gives up on the
+    /// cache and runs uncached. Default 100 ms.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// How values are encoded. Default [`Codec::Json`].
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// After `failures` consecutive failed operations, skip the cache for
+    /// `cooldown`, then let one call probe it. Default 5 failures, 1 s.
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_failures = failures;
+        self.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// Builds the cache. Fails only on bad configuration (a malformed URL, a
+    /// prefix with spaces): a Redis server that is down is not an error; calls
+    /// run uncached until it is reachable. Call inside a Tokio runtime.
+    pub async fn build(self) -> Result<Cache, CacheError> {
+        if let Some(prefix) = &self.prefix
+            && (prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(CacheError::InvalidPrefix(prefix.clone()));
+        }
+        let breaker = Breaker::new(self.breaker_failures, self.breaker_cooldown);
+        let backend = match self.backend {
+            None => return Err(CacheError::NoBackend),
+            Some(BackendChoice::Memory { capacity_bytes }) => {
+                Backend::Memory(MemoryBackend::new(capacity_bytes))
+            }
+            Some(BackendChoice::Url(url)) => {
+                let redis = RedisBackend::new(&url)?;
+                // Connect now so that the first calls are served, but never
+                // fail start-up on it.
+                let first_contact = self.op_timeout.max(Duration::from_millis(500));
+                match tokio::time::timeout(first_contact, redis.ping()).await {
+                    Ok(Ok(())) => tracing::debug!("connected to Redis"),
+                    outcome => {
+                        let reason = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {first_contact:?}"),
+                        };
+                        tracing::warn!(%reason, "Redis is not reachable yet; calls run uncached until it is");
+                        breaker.record_failure(true);
+                    }
+                }
+                Backend::Redis(redis)
+            }
+        };
+        Ok(Cache {
+            inner: Arc::new(Inner {
+                backend,
+                prefix: self.prefix,
+                op_timeout: self.op_timeout,
+                codec: self.codec,
+                breaker,
+                stats: Recorder::default(),
+            }),
+        })
+    }
+}
+
+impl Cache {
+    /// Connects to Redis with the defaults (100 ms op timeout, JSON, no
+    /// prefix). Fails only on a malformed URL; see [`CacheBuilder::build`].
+    pub async fn connect(url: &str) -> Result<Cache, CacheError> {
+        Cache::builder().url(url).build().await
+    }
+
+    /// A builder for a cache with non-default settings.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder {
+            backend: None,
+            prefix: None,
+            op_timeout: DEFAULT_OP_TIMEOUT,
+            codec: Codec::default(),
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+        }
+    }
+
+    /// An in-process cache (256 MiB) with the same TTL semantics as Redis,
+    /// for tests and single-process services.
+    pub fn memory() -> Cache {
+        Cache {
+            inner: Arc::new(Inner {
+                backend: Backend::Memory(MemoryBackend::new(DEFAULT_MEMORY_CAPACITY)),
+                prefix: None,
+                op_timeout: DEFAULT_OP_TIMEOUT,
+                codec: Codec::default(),
+                breaker: Breaker::new(DEFAULT_BREAKER_FAILURES, DEFAULT_BREAKER_COOLDOWN),
+                stats: Recorder::default(),
+            }),
+        }
+    }
+
+    /// Makes this cache the process-wide default of `#[redis_cached]`
+    /// functions that have no `cache = ...` argument, replacing any cache
+    /// installed before.
+    pub fn install(&self) {
+        *INSTALLED.write().unwrap_or_else(PoisonError::into_inner) = Some(self.clone());
+    }
+
+    /// The installed cache, if any.
+    pub fn installed() -> Option<Cache> {
+        INSTALLED
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`.
+    /// Returns whether an entry was there.
+    pub async fn invalidate(&self, key: &CacheKey) -> Result<bool, CacheError> {
+        let redis_key = self.redis_key(key);
+        let permit = self.inner.breaker.permit();
+        if permit == Permit::Skip {
+            self.inner.stats.record(None, Event::Bypass);
+            return Err(CacheError::CircuitOpen);
+        }
+        let deleted = self
+            .guarded(permit, self.inner.backend.delete(&redis_key))
+            .await;
+        match &deleted {
+            Ok(_) => self.inner.stats.record(None, Event::Invalidation),
+            Err(e) => {
+                self.inner.stats.record(None, Event::Error);
+                tracing::warn!(key = %redis_key, error = %e, "cache invalidation failed");
+            }
+        }
+        deleted
+    }
+
+    /// A snapshot of the counters, in total and per function.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats.snapshot()
+    }
+
+    /// The key as stored in Redis: `prefix:key`, or the key itself.
+    pub fn redis_key(&self, key: &CacheKey) -> String {
+        match &self.inner.prefix {
+            Some(prefix) => format!("{prefix}:{key}"),
+            None => key.as_str().to_owned(),
+        }
+    }
+
+    /// The codec values are stored with.
+    pub fn codec(&self) -> Codec {
+        self.inner.codec
+    }
+
+    /// Runs a backend operation under the op timeout and feeds the circuit
+    /// breaker. Only unavailability (I/O, timeout) counts against Redis; an
+    /// error reply such as `OOM` or `WRONGTYPE` does not.
+    async fn guarded<T>(
+        &self,
+        permit: Permit,
+        operation: impl Future<Output = Result<T, CacheError>>,
+    ) -> Result<T, CacheError> {
+        let inner = &*self.inner;
+        let outcome = match tokio::time::timeout(inner.op_timeout, operation).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(CacheError::Timeout(inner.op_timeout)),
+        };
+        let unavailable = match &outcome {
+            Ok(_) => false,
+            Err(CacheError::Timeout(_)) => true,
+            Err(CacheError::Redis(e)) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+            }
+            Err(_) => false,
+        };
+        if unavailable {
+            if inner.breaker.record_failure(permit == Permit::Probe) {
+                tracing::warn!(
+                    "cache unavailable: skipping it for a moment (circuit breaker open); calls run uncached"
+                );
+            }
+        } else {
+            inner.breaker.record_success();
+        }
+        outcome
+    }
+
+    /// Cache-aside: `GET`; on a hit decode and return; on a miss (or an
+    /// undecodable value) run `body` and store what it returns. Any cache
+    /// failure runs `body` and is counted, never returned.
+    pub(crate) async fn get_or_compute<S, R, F>(
+        &self,
+        site: &'static Site,
+        key: CacheKey,
+        body: F,
+    ) -> R
+    where
+        S: Outcome<R>,
+        F: Future<Output = R>,
+    {
+        let inner = &*self.inner;
+        let permit = inner.breaker.permit();
+        if permit == Permit::Skip {
+            inner.stats.record(Some(site), Event::Bypass);
+            return body.await;
+        }
+        let redis_key = match &inner.prefix {
+            Some(_) => self.redis_key(&key),
+            None => key.into_string(),
+        };
+        match self.guarded(permit, inner.backend.get(&redis_key)).await {
+            Ok(Some(bytes)) => match inner.codec.decode::<S::Value>(&bytes) {
+                Ok(value) => {
+                    inner.stats.record(Some(site), Event::Hit);
+                    return S::from_hit(value);
+                }
+                Err(error) => {
+                    inner.stats.record(Some(site), Event::Error);
+                    tracing::warn!(key = %redis_key, %error, "undecodable cache entry: recomputing and overwriting it");
+                }
+            },
+            Ok(None) => {}
+            Err(error) => {
+                inner.stats.record(Some(site), Event::Error);
+                tracing::warn!(key = %redis_key, %error, "cache read failed: running uncached");
+                return body.await;
+            }
+        }
+        inner.stats.record(Some(site), Event::Miss);
+        let result = body.await;
+        if let Some(value) = S::cacheable(&result) {
+            self.store(site, &redis_key, inner.codec.encode(value))
+                .await;
+        }
+        result
+    }
+
+    async fn store(
+        &self,
+        site: &'static Site,
+        redis_key: &str,
+        encoded: Result<Vec<u8>, crate::codec::CodecError>,
+    ) {
+        let inner = &*self.inner;
+        let outcome = match encoded {
+            Ok(bytes) => {
+                let permit = inner.breaker.permit();
+                if permit == Permit::Skip {
+                    inner.stats.record(Some(site), Event::Bypass);
+                    return;
+                }
+                self.guarded(
+                    permit,
+                    inner.backend.set(redis_key, bytes, site.ttl_millis()),
+                )
+                .await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match outcome {
+            Ok(()) => inner.stats.record(Some(site), Event::Set),
+            Err(error) => {
+                inner.stats.record(Some(site), Event::Error);
+                tracing::warn!(key = %redis_key, %error, "cache write failed");
+            }
+        }
+    }
+}

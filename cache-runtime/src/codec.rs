@@ -1,0 +1,96 @@
+//! How values are turned into bytes for the cache.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The encoding of cached values. JSON by default, so `redis-cli get` shows
+/// what is stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Codec {
+    /// `serde_json`: readable in `redis-cli`, tolerant of added fields.
+    #[default]
+    Json,
+    /// MessagePack with field names (`rmp-serde`): smaller and faster than
+    /// JSON, still tolerant of added fields. Needs the `msgpack` feature.
+    #[cfg(feature = "msgpack")]
+    MessagePack,
+}
+
+/// A value could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// JSON encoding or decoding failed.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// MessagePack encoding failed.
+    #[cfg(feature = "msgpack")]
+    #[error("MessagePack encode: {0}")]
+    MessagePackEncode(#[from] rmp_serde::encode::Error),
+    /// MessagePack decoding failed.
+    #[cfg(feature = "msgpack")]
+    #[error("MessagePack decode: {0}")]
+    MessagePackDecode(#[from] rmp_serde::decode::Error),
+}
+
+impl Codec {
+    /// Encodes a value.
+    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>, CodecError> {
+        match self {
+            Codec::Json => Ok(serde_json::to_vec(value)?),
+            #[cfg(feature = "msgpack")]
+            Codec::MessagePack => Ok(rmp_serde::to_vec_named(value)?),
+        }
+    }
+
+    /// Decodes a value; any malformed input is an error, never a panic.
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
+        match self {
+            Codec::Json => Ok(serde_json::from_slice(bytes)?),
+            #[cfg(feature = "msgpack")]
+            Codec::MessagePack => Ok(rmp_serde::from_slice(bytes)?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct User {
+        id: u64,
+        name: String,
+    }
+
+    #[test]
+    fn json_round_trips_and_is_readable() {
+        let user = User {
+            id: 7,
+            name: "Ada".into(),
+        };
+        let bytes = Codec::Json.encode(&user).unwrap();
+        assert_eq!(bytes, br#"{"id":7,"name":"Ada"}"#);
+        assert_eq!(Codec::Json.decode::<User>(&bytes).unwrap(), user);
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        for bytes in [&b""[..], b"{", b"\xff\xfe", br#"{"id":"x"}"#] {
+            assert!(Codec::Json.decode::<User>(bytes).is_err());
+        }
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[test]
+    fn msgpack_round_trips() {
+        let user = User {
+            id: 7,
+            name: "Ada".into(),
+        };
+        let bytes = Codec::MessagePack.encode(&user).unwrap();
+        assert_eq!(Codec::MessagePack.decode::<User>(&bytes).unwrap(), user);
+        assert!(Codec::MessagePack.decode::<User>(b"\xc1").is_err());
+    }
+}

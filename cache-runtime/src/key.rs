@@ -1,0 +1,357 @@
+//! Cache keys and how argument values are rendered into them.
+//!
+//! A value can never forge key structure: everything other than ASCII
+//! letters, digits and `-_.~` is percent-encoded, so a value contains no
+//! `:`, glob character (`*?[]`), hash tag brace, whitespace or control
+//! character. Integers render as themselves (`user:42`).
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
+
+/// Bytes that are escaped in rendered values: all but `A-Z a-z 0-9 - _ . ~`.
+const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// How `None` renders. `%_` is never produced by percent-encoding, so it
+/// cannot collide with any `Some` value.
+const NONE_MARK: &str = "%_";
+
+/// A rendered cache key, as `#[redis_cached]`'s generated `<fn>_cache_key`
+/// returns it. The cache's prefix, if any, is added when Redis is called.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(String);
+
+impl CacheKey {
+    /// A key written by hand, used as is (no escaping): for keys that do not
+    /// come from a template, e.g. `CacheKey::new("config:flags")`.
+    pub fn new(key: impl Into<String>) -> Self {
+        CacheKey(key.into())
+    }
+
+    /// The key without the cache's prefix.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key as an owned string.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for CacheKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The output a [`KeyPart`] writes into. Everything written through it is
+/// escaped, so an implementation cannot break the key's structure.
+pub struct KeyWriter<'a> {
+    buf: &'a mut String,
+}
+
+impl KeyWriter<'_> {
+    /// Writes text, escaped.
+    pub fn write_str(&mut self, s: &str) {
+        self.write_bytes(s.as_bytes());
+    }
+
+    /// Writes bytes (which need not be UTF-8), escaped.
+    pub fn write_bytes(&mut self, bytes: &[u8]) {
+        for chunk in percent_encode(bytes, ESCAPED) {
+            self.buf.push_str(chunk);
+        }
+    }
+
+    /// Writes a value's `Display` output, escaped.
+    pub fn write_display(&mut self, value: impl fmt::Display) {
+        struct Escaping<'w, 'a>(&'w mut KeyWriter<'a>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                self.0.write_str(s);
+                Ok(())
+            }
+        }
+        // Writing into a String cannot fail.
+        let _ = write!(Escaping(self), "{value}");
+    }
+
+    /// Integers and booleans: their characters never need escaping.
+    fn write_unescaped_display(&mut self, value: impl fmt::Display) {
+        let _ = write!(self.buf, "{value}");
+    }
+}
+
+/// A type that can be rendered into a cache key.
+///
+/// Implemented for integers, `bool`, `char`, `str`, `String`, byte strings,
+/// `Option<T>`, references and smart pointers to these, and `uuid::Uuid`
+/// with the `uuid` feature. Rendering must be injective: two different values
+/// must write different output, or two calls would share one cache entry.
+///
+/// ```
+/// use cache_runtime::{KeyPart, KeyWriter};
+///
+/// struct Email(String);
+///
+/// impl KeyPart for Email {
+///     fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+///         // Addresses are case-insensitive: one entry for all spellings.
+///         out.write_str(&self.0.to_ascii_lowercase());
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be part of a cache key",
+    label = "named in the key template, so its type must implement `cache_runtime::KeyPart`",
+    note = "`KeyPart` is implemented for integers, `bool`, `char`, `str`, `String`, `Vec<u8>`, `Option<T>` and references to these",
+    note = "name a field instead (`<user.id>`), implement `cache_runtime::KeyPart` for `{Self}`, or `skip(...)` the parameter if it cannot change the result"
+)]
+pub trait KeyPart {
+    /// Writes this value into the key.
+    fn write_key_part(&self, out: &mut KeyWriter<'_>);
+}
+
+macro_rules! unescaped_display {
+    ($($t:ty),*) => {$(
+        impl KeyPart for $t {
+            fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+                out.write_unescaped_display(self);
+            }
+        }
+    )*};
+}
+
+unescaped_display!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool
+);
+
+macro_rules! nonzero {
+    ($($t:ident),*) => {$(
+        impl KeyPart for std::num::$t {
+            fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+                out.write_unescaped_display(self);
+            }
+        }
+    )*};
+}
+
+nonzero!(
+    NonZeroU8,
+    NonZeroU16,
+    NonZeroU32,
+    NonZeroU64,
+    NonZeroU128,
+    NonZeroUsize,
+    NonZeroI8,
+    NonZeroI16,
+    NonZeroI32,
+    NonZeroI64,
+    NonZeroI128,
+    NonZeroIsize
+);
+
+impl KeyPart for char {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        out.write_str(self.encode_utf8(&mut [0; 4]));
+    }
+}
+
+impl KeyPart for str {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        out.write_str(self);
+    }
+}
+
+impl KeyPart for String {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        out.write_str(self);
+    }
+}
+
+impl KeyPart for [u8] {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        out.write_bytes(self);
+    }
+}
+
+impl KeyPart for Vec<u8> {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        out.write_bytes(self);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for &T {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key_part(out);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for &mut T {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key_part(out);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Box<T> {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key_part(out);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Arc<T> {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key_part(out);
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Rc<T> {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key_part(out);
+    }
+}
+
+impl<T: KeyPart + ToOwned + ?Sized> KeyPart for Cow<'_, T> {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        (**self).write_key_part(out);
+    }
+}
+
+/// `None` renders as `%_`. `Some(v)` renders as `v`, except that when `v`
+/// itself starts with `%_` (a nested `None`) it is prefixed with another
+/// `%_`, which keeps `Option<Option<T>>` injective.
+impl<T: KeyPart> KeyPart for Option<T> {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        match self {
+            None => out.buf.push_str(NONE_MARK),
+            Some(value) => {
+                let start = out.buf.len();
+                value.write_key_part(out);
+                if out.buf[start..].starts_with(NONE_MARK) {
+                    out.buf.insert_str(start, NONE_MARK);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "uuid")]
+impl KeyPart for uuid::Uuid {
+    fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+        out.write_unescaped_display(self.hyphenated());
+    }
+}
+
+/// Builds a [`CacheKey`] from a template's pieces; used by generated code.
+#[doc(hidden)]
+pub struct KeyBuilder {
+    buf: String,
+}
+
+impl KeyBuilder {
+    /// A builder with room for `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        KeyBuilder {
+            buf: String::with_capacity(capacity),
+        }
+    }
+
+    /// Template text, checked at compile time, written as is.
+    pub fn literal(&mut self, text: &str) {
+        self.buf.push_str(text);
+    }
+
+    /// An argument value, escaped.
+    pub fn part<T: KeyPart + ?Sized>(&mut self, value: &T) {
+        value.write_key_part(&mut KeyWriter { buf: &mut self.buf });
+    }
+
+    /// The finished key; `version = N` appends `:vN`.
+    pub fn finish(mut self, version: Option<u32>) -> CacheKey {
+        if let Some(version) = version {
+            let _ = write!(self.buf, ":v{version}");
+        }
+        CacheKey(self.buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render<T: KeyPart + ?Sized>(value: &T) -> String {
+        let mut b = KeyBuilder::new(0);
+        b.part(value);
+        b.finish(None).into_string()
+    }
+
+    #[test]
+    fn integers_and_plain_words_stay_readable() {
+        assert_eq!(render(&42u64), "42");
+        assert_eq!(render(&-7i32), "-7");
+        assert_eq!(render(&true), "true");
+        assert_eq!(render("alice_b.c-d~e"), "alice_b.c-d~e");
+    }
+
+    #[test]
+    fn structure_characters_are_escaped() {
+        assert_eq!(render("a:b"), "a%3Ab");
+        assert_eq!(render("*?[]{}"), "%2A%3F%5B%5D%7B%7D");
+        assert_eq!(render("a b\n\t"), "a%20b%0A%09");
+        assert_eq!(render("100%"), "100%25");
+        assert_eq!(render("é"), "%C3%A9");
+        assert_eq!(render(&b"\xff\x00".to_vec()), "%FF%00");
+    }
+
+    #[test]
+    fn options_are_injective_even_when_nested() {
+        let cases: Vec<Option<Option<&str>>> = vec![
+            None,
+            Some(None),
+            Some(Some("")),
+            Some(Some("%_")),
+            Some(Some("x")),
+        ];
+        let rendered: Vec<String> = cases.iter().map(|c| render(c)).collect();
+        for (i, a) in rendered.iter().enumerate() {
+            for b in &rendered[i + 1..] {
+                assert_ne!(a, b, "{rendered:?}");
+            }
+        }
+        assert_eq!(render(&Some(5u8)), "5");
+        assert_eq!(render(&None::<u8>), "%_");
+    }
+
+    #[test]
+    fn version_is_a_suffix() {
+        let mut b = KeyBuilder::new(0);
+        b.literal("user:");
+        b.part(&1u8);
+        assert_eq!(b.finish(Some(3)).as_str(), "user:1:v3");
+    }
+
+    #[test]
+    fn custom_impls_are_escaped_too() {
+        struct Tricky;
+        impl KeyPart for Tricky {
+            fn write_key_part(&self, out: &mut KeyWriter<'_>) {
+                out.write_display("x:*");
+            }
+        }
+        assert_eq!(render(&Tricky), "x%3A%2A");
+    }
+}

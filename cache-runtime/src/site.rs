@@ -1,0 +1,55 @@
+//! What generated code knows about one annotated function at compile time.
+
+/// The static configuration of one `#[redis_cached]` function.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Site {
+    name: &'static str,
+    ttl_millis: u64,
+    jitter: f64,
+}
+
+impl Site {
+    /// Made by generated code; the macro has validated the arguments.
+    pub const fn new(name: &'static str, ttl_millis: u64, jitter: f64) -> Self {
+        Site {
+            name,
+            ttl_millis,
+            jitter,
+        }
+    }
+
+    /// `module::path::fn_name`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The TTL for one write: the configured TTL spread by ±`jitter`, at least 1 ms.
+    pub(crate) fn ttl_millis(&self) -> u64 {
+        if self.jitter <= 0.0 {
+            return self.ttl_millis.max(1);
+        }
+        let spread = self.jitter * (2.0 * fastrand::f64() - 1.0);
+        let ttl = self.ttl_millis as f64 * (1.0 + spread);
+        (ttl.round() as u64).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds_and_spreads() {
+        let site = Site::new("f", 10_000, 0.1);
+        let ttls: Vec<u64> = (0..1000).map(|_| site.ttl_millis()).collect();
+        assert!(ttls.iter().all(|t| (9_000..=11_000).contains(t)));
+        let distinct: std::collections::BTreeSet<_> = ttls.iter().collect();
+        assert!(
+            distinct.len() > 100,
+            "jitter spreads TTLs: {} distinct",
+            distinct.len()
+        );
+        assert_eq!(Site::new("f", 5, 0.0).ttl_millis(), 5);
+    }
+}

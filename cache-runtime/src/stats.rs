@@ -1,0 +1,175 @@
+//! Hit/miss accounting, per annotated function and in total.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+
+use crate::site::Site;
+
+/// What happened on one cache operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Event {
+    Hit,
+    Miss,
+    Error,
+    Bypass,
+    Set,
+    Invalidation,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale_hits: AtomicU64,
+    coalesced: AtomicU64,
+    errors: AtomicU64,
+    bypasses: AtomicU64,
+    sets: AtomicU64,
+    invalidations: AtomicU64,
+}
+
+impl Counters {
+    fn bump(&self, event: Event) {
+        let counter = match event {
+            Event::Hit => &self.hits,
+            Event::Miss => &self.misses,
+            Event::Error => &self.errors,
+            Event::Bypass => &self.bypasses,
+            Event::Set => &self.sets,
+            Event::Invalidation => &self.invalidations,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Counts {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counts {
+            hits: load(&self.hits),
+            misses: load(&self.misses),
+            stale_hits: load(&self.stale_hits),
+            coalesced: load(&self.coalesced),
+            errors: load(&self.errors),
+            bypasses: load(&self.bypasses),
+            sets: load(&self.sets),
+            invalidations: load(&self.invalidations),
+        }
+    }
+}
+
+/// Counters of one function, or of the whole cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Calls answered from the cache.
+    pub hits: u64,
+    /// Calls that ran the body because the key was absent (or undecodable).
+    pub misses: u64,
+    /// Calls answered with an expired value while it was being refreshed.
+    pub stale_hits: u64,
+    /// Calls that waited for another caller's computation of the same key.
+    pub coalesced: u64,
+    /// Failed cache operations: Redis errors, timeouts, undecodable values.
+    /// The call itself still succeeded (fail open).
+    pub errors: u64,
+    /// Calls that skipped the cache: circuit breaker open, or not connected.
+    pub bypasses: u64,
+    /// Values written to the cache.
+    pub sets: u64,
+    /// Keys deleted by invalidation.
+    pub invalidations: u64,
+}
+
+impl Counts {
+    /// `hits / (hits + misses)`, or 0 when nothing was looked up.
+    pub fn hit_ratio(&self) -> f64 {
+        let served = self.hits + self.stale_hits;
+        let lookups = served + self.misses;
+        if lookups == 0 {
+            0.0
+        } else {
+            served as f64 / lookups as f64
+        }
+    }
+
+    fn add(&mut self, other: &Counts) {
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.stale_hits += other.stale_hits;
+        self.coalesced += other.coalesced;
+        self.errors += other.errors;
+        self.bypasses += other.bypasses;
+        self.sets += other.sets;
+        self.invalidations += other.invalidations;
+    }
+}
+
+/// A snapshot of a cache's counters, from [`Cache::stats`](crate::Cache::stats).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// All operations of the cache.
+    pub total: Counts,
+    /// Per annotated function, by its path (`my_crate::users::get_user`).
+    pub functions: BTreeMap<&'static str, Counts>,
+}
+
+impl Stats {
+    /// The counters of one function, by its full path or by its name alone
+    /// (`"get_user"` matches `my_crate::users::get_user`).
+    pub fn function(&self, name: &str) -> Option<Counts> {
+        let mut found: Option<Counts> = None;
+        for (path, counts) in &self.functions {
+            let by_name = path
+                .strip_suffix(name)
+                .is_some_and(|rest| rest.ends_with("::"));
+            if *path == name || by_name {
+                found.get_or_insert_with(Counts::default).add(counts);
+            }
+        }
+        found
+    }
+
+    /// Total hit ratio.
+    pub fn hit_ratio(&self) -> f64 {
+        self.total.hit_ratio()
+    }
+}
+
+/// The counters of one `Cache`.
+#[derive(Debug, Default)]
+pub(crate) struct Recorder {
+    total: Counters,
+    /// Keyed by the address of the call site's `static`: unique per function.
+    sites: DashMap<usize, (&'static str, Arc<Counters>)>,
+}
+
+impl Recorder {
+    pub(crate) fn record(&self, site: Option<&'static Site>, event: Event) {
+        self.total.bump(event);
+        if let Some(site) = site {
+            let addr = std::ptr::from_ref(site) as usize;
+            if let Some(entry) = self.sites.get(&addr) {
+                entry.1.bump(event);
+                return;
+            }
+            let entry = self
+                .sites
+                .entry(addr)
+                .or_insert_with(|| (site.name(), Arc::default()));
+            entry.1.bump(event);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let mut functions: BTreeMap<&'static str, Counts> = BTreeMap::new();
+        for entry in &self.sites {
+            let (name, counters) = entry.value();
+            functions.entry(name).or_default().add(&counters.snapshot());
+        }
+        Stats {
+            total: self.total.snapshot(),
+            functions,
+        }
+    }
+}

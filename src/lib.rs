@@ -1,0 +1,163 @@
+//! Harness shared by the examples and the integration tests: a private
+//! `redis-server` on a free loopback port, without persistence, that a test
+//! can stop, restart, pause and inspect.
+//!
+//! ```no_run
+//! let server = cache_harness::RedisServer::start();
+//! println!("redis at {}", server.url());
+//! // stopped and its files removed when `server` is dropped
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The install hint printed when the binary is missing.
+pub const INSTALL_HINT: &str = "redis-server is not installed: install the Debian package `redis-server` \
+     (`apt-get install redis-server`), or run `bash scripts/test.sh`, which installs it";
+
+/// A `redis-server` child process owned by the test or example.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+/// Whether a `redis-server` binary can be started.
+pub fn redis_server_available() -> bool {
+    Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+impl RedisServer {
+    /// Starts a server on a free port. Panics with an install hint when the
+    /// binary is missing.
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments, e.g.
+    /// `["--maxmemory", "2mb"]`.
+    pub fn start_with(extra_args: &[&str]) -> RedisServer {
+        assert!(redis_server_available(), "{INSTALL_HINT}");
+        // Another process may take the port between probe and bind; retry.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = std::env::temp_dir()
+                .join(format!("cache-harness-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("create redis dir");
+            let mut server = RedisServer {
+                port,
+                dir,
+                child: None,
+                extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("could not start redis-server: {last_error}");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .args(["--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{e}; {INSTALL_HINT}"))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!(
+                    "redis-server exited with {status} on port {}",
+                    self.port
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stop();
+        Err(format!(
+            "redis-server did not answer PING on port {}",
+            self.port
+        ))
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn().expect("restart redis-server");
+    }
+
+    /// Sends one inline command and returns the first reply line, e.g.
+    /// `command("DBSIZE")` → `":3"`. For test set-up, not for the code under test.
+    pub fn command(&self, line: &str) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(line.as_bytes())?;
+        stream.write_all(b"\r\n")?;
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply)?;
+        Ok(reply.trim_end().to_owned())
+    }
+
+    fn ping(&self) -> bool {
+        self.command("PING").is_ok_and(|r| r == "+PONG")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
