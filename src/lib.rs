@@ -75,6 +75,22 @@ impl RedisServer {
         panic!("could not start redis-server: {last_error}");
     }
 
+    /// Reserves a free port without starting the server: a cache pointed at
+    /// it sees Redis down until [`RedisServer::restart`] starts it.
+    pub fn not_started() -> RedisServer {
+        assert!(redis_server_available(), "{INSTALL_HINT}");
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("cache-harness-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create redis dir");
+        RedisServer {
+            port,
+            dir,
+            child: None,
+            extra_args: Vec::new(),
+        }
+    }
+
     fn spawn(&mut self) -> Result<(), String> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
@@ -132,7 +148,7 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port, empty.
+    /// Starts the server (again) on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
         self.spawn().expect("restart redis-server");

@@ -171,7 +171,7 @@ fn wrapper(plan: &Plan) -> TokenStream {
         // Pins the async block's output type to the declared return type, so
         // that `?` converts errors and a type error points at the signature.
         quote_spanned! {ret_span=>
-            #[allow(unreachable_code, clippy::diverging_sub_expression, clippy::let_unit_value, clippy::empty_loop, clippy::needless_return)]
+            #[allow(unreachable_code, unused_variables, clippy::diverging_sub_expression, clippy::let_unit_value, clippy::empty_loop, clippy::needless_return)]
             if false {
                 let fake_return_edge: #ret_ty = loop {};
                 return fake_return_edge;

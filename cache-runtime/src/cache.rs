@@ -322,10 +322,16 @@ impl Cache {
                 }
             },
             Ok(None) => {}
-            Err(error) => {
+            Err(error) if is_unavailability(&error) => {
                 inner.stats.record(Some(site), Event::Error);
                 tracing::warn!(key = %redis_key, %error, "cache read failed: running uncached");
                 return body.await;
+            }
+            // An error reply about this key (e.g. WRONGTYPE: someone stored a
+            // list there) is bad data like an undecodable value: overwrite it.
+            Err(error) => {
+                inner.stats.record(Some(site), Event::Error);
+                tracing::warn!(key = %redis_key, %error, "unreadable cache entry: recomputing and overwriting it");
             }
         }
         inner.stats.record(Some(site), Event::Miss);
@@ -366,5 +372,20 @@ impl Cache {
                 tracing::warn!(key = %redis_key, %error, "cache write failed");
             }
         }
+    }
+}
+
+/// Whether an error means the cache cannot be reached (I/O, timeout), as
+/// opposed to an error reply about one key or a value that does not decode.
+fn is_unavailability(error: &CacheError) -> bool {
+    match error {
+        CacheError::Timeout(_) | CacheError::CircuitOpen => true,
+        CacheError::Redis(e) => {
+            e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_timeout()
+        }
+        _ => false,
     }
 }
