@@ -55,7 +55,10 @@ impl Args {
             let name_span = meta.path.span();
             if ARGUMENTS.contains(&name.as_str()) {
                 if given.contains(&name) {
-                    errors.at(name_span, format!("duplicate `{name}` argument"));
+                    errors.at(
+                        name_span,
+                        format!("duplicate `{name}` argument\nhelp: remove one of them"),
+                    );
                     return skip_value(meta.input);
                 }
                 given.push(name.clone());

@@ -15,6 +15,7 @@ pub struct CachedFn<'a> {
 }
 
 /// A named parameter: `id: u64`, `mut name: String`.
+#[derive(Clone, Copy)]
 pub struct Param<'a> {
     pub ident: &'a Ident,
     pub ty: &'a Type,

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeSet;
 
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::visit::Visit;
 use syn::{GenericParam, Generics, Ident, ItemFn, ReceiverKind, Type, WherePredicate};
 
-use crate::ast::Shape;
+use crate::ast::{Param, Shape};
 use crate::template::Segment;
 use crate::valid::Plan;
 
@@ -48,22 +48,15 @@ fn key_fn(plan: &Plan) -> TokenStream {
         plan.key.value()
     );
     let receiver = plan.uses_self.then(|| quote!(&self,));
-    let params: Vec<_> = plan
+    let params = plan
         .key_params
         .iter()
-        .map(|ident| {
-            let ty = &func
-                .param(&ident.to_string())
-                .map(|p| p.ty)
-                .expect("key params are params");
-            quote!(#ident: &#ty)
-        })
-        .collect();
-    let key_types: Vec<&Type> = plan
-        .key_params
-        .iter()
-        .filter_map(|ident| func.param(&ident.to_string()).map(|p| p.ty))
-        .collect();
+        .map(|Param { ident, ty, .. }| match ty {
+            // `&impl A + B` would be ambiguous.
+            Type::ImplTrait(_) | Type::TraitObject(_) => quote!(#ident: &(#ty)),
+            _ => quote!(#ident: &#ty),
+        });
+    let key_types: Vec<&Type> = plan.key_params.iter().map(|p| p.ty).collect();
     let generics = generics_used_by(&func.item.sig.generics, &key_types);
     let (impl_generics, _, where_clause) = generics.split_for_impl();
 
@@ -86,14 +79,20 @@ fn key_fn(plan: &Plan) -> TokenStream {
                 let ident = Ident::new(&p.root, span);
                 quote!(#ident)
             };
+            // Located at the key, where the field is named, but marked as
+            // macro output so that rustc does not suggest renaming the parameter.
+            let field_span = plan.key.span().resolved_at(Span::mixed_site());
             let fields = p.fields.iter().map(|f| match f.parse::<u32>() {
                 Ok(index) => {
-                    let index = syn::Index { index, span };
-                    quote_spanned!(span=> .#index)
+                    let index = syn::Index {
+                        index,
+                        span: field_span,
+                    };
+                    quote!(.#index)
                 }
                 Err(_) => {
-                    let field = Ident::new(f, span);
-                    quote_spanned!(span=> .#field)
+                    let field = Ident::new(f, field_span);
+                    quote!(.#field)
                 }
             });
             let value = if p.fields.is_empty() && p.root != "self" {
@@ -141,7 +140,7 @@ fn wrapper(plan: &Plan) -> TokenStream {
             Some(ReceiverKind::Reference(..)) => quote!(self,),
             _ => quote!(&self,),
         });
-    let args = &plan.key_params;
+    let args = plan.key_params.iter().map(|p| p.ident);
     let key_call = if func.receiver.is_some() {
         quote!(Self::#key_fn(#self_arg #(&#args),*))
     } else {
@@ -186,10 +185,25 @@ fn wrapper(plan: &Plan) -> TokenStream {
     };
     // Spanned at the return type: a value that is not `Serialize +
     // DeserializeOwned` is reported there.
-    let cached =
-        quote_spanned!(ret_span=> #krate::__private::cached::<#krate::__private::#shape, _, _>);
+    let cached = respan(
+        quote!(#krate::__private::cached::<#krate::__private::#shape, _, _>),
+        ret_span,
+    );
     let ttl = plan.ttl_millis;
     let jitter = plan.jitter;
+    // The call's own tokens (path, parentheses, `.await`) all carry the return
+    // type's span; the body inside keeps the user's spans.
+    let mut args = Group::new(
+        Delimiter::Parenthesis,
+        quote! {
+            #cache, &#site, #key, async move {
+                #fake_return_edge
+                #(#stmts)*
+            }
+        },
+    );
+    args.set_span(ret_span);
+    let call = quote_spanned!(ret_span=> #cached #args .await);
 
     quote! {
         #(#attrs)*
@@ -201,11 +215,7 @@ fn wrapper(plan: &Plan) -> TokenStream {
             );
             let #key = #key_call;
             #cache_arg
-            #cached(#cache, &#site, #key, async move {
-                #fake_return_edge
-                #(#stmts)*
-            })
-            .await
+            #call
         }
     }
 }
@@ -302,4 +312,23 @@ fn generics_used_by(generics: &Generics, types: &[&Type]) -> Generics {
         kept.gt_token = None;
     }
     kept
+}
+
+/// Gives every token the same span, so that rustc reports an error about the
+/// whole path there (a path of mixed spans is reported at the attribute).
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|token| match token {
+            TokenTree::Group(group) => {
+                let mut respanned = Group::new(group.delimiter(), respan(group.stream(), span));
+                respanned.set_span(span);
+                TokenTree::Group(respanned)
+            }
+            mut other => {
+                other.set_span(span);
+                other
+            }
+        })
+        .collect()
 }

@@ -21,7 +21,7 @@ pub struct Plan<'a> {
     pub cache: Option<&'a Expr>,
     pub krate: Path,
     /// Parameters that appear in the key, in declaration order.
-    pub key_params: Vec<&'a Ident>,
+    pub key_params: Vec<Param<'a>>,
     /// Whether the template reads `<self...>`.
     pub uses_self: bool,
 }
@@ -67,6 +67,9 @@ pub fn validate<'a>(args: &'a Args, func: CachedFn<'a>, errors: &mut Errors) -> 
 
     let mut uses_self = false;
     let mut in_key: Vec<&str> = Vec::new();
+    // Parameters that an unknown placeholder was probably meant to name: the
+    // "did you mean" already covers them, so "not in the key" would be noise.
+    let mut suggested: Vec<String> = Vec::new();
     if let (Some(t), Some(key)) = (&template, &args.key) {
         for placeholder in t.placeholders() {
             let root = placeholder.root.as_str();
@@ -85,10 +88,10 @@ pub fn validate<'a>(args: &'a Args, func: CachedFn<'a>, errors: &mut Errors) -> 
             } else if func.param(root).is_some() {
                 in_key.push(root);
             } else {
-                errors.spanned(
-                    key,
-                    unknown_placeholder(&func, root, &placeholder.to_string()),
-                );
+                let (message, suggestion) =
+                    unknown_placeholder(&func, root, &placeholder.to_string());
+                errors.spanned(key, message);
+                suggested.extend(suggestion);
             }
         }
     }
@@ -98,7 +101,10 @@ pub fn validate<'a>(args: &'a Args, func: CachedFn<'a>, errors: &mut Errors) -> 
     if template.is_some() {
         for param in &func.params {
             let name = param.ident.to_string();
-            if !in_key.contains(&name.as_str()) && !args.skip.iter().any(|s| *s == name) {
+            if !in_key.contains(&name.as_str())
+                && !args.skip.iter().any(|s| *s == name)
+                && !suggested.contains(&name)
+            {
                 errors.spanned(
                     param.arg,
                     format!(
@@ -114,7 +120,7 @@ pub fn validate<'a>(args: &'a Args, func: CachedFn<'a>, errors: &mut Errors) -> 
         .params
         .iter()
         .filter(|p| in_key.iter().any(|k| p.ident == k))
-        .map(|p| p.ident)
+        .copied()
         .collect();
     let (Some(template), Some(key), Some(ttl)) = (template, args.key.as_ref(), args.ttl.as_ref())
     else {
@@ -149,25 +155,31 @@ fn param_list(func: &CachedFn) -> String {
     format!("its parameters are {}", names.join(", "))
 }
 
-fn unknown_placeholder(func: &CachedFn, root: &str, placeholder: &str) -> String {
+/// The message, and the parameter it suggests.
+fn unknown_placeholder(func: &CachedFn, root: &str, placeholder: &str) -> (String, Option<String>) {
     let candidates: Vec<String> = func.params.iter().map(|p| p.ident.to_string()).collect();
-    let hint = match did_you_mean(root, candidates.iter().map(String::as_str)) {
+    let suggestion = did_you_mean(root, candidates.iter().map(String::as_str)).map(str::to_owned);
+    let hint = match &suggestion {
         Some(close) => format!("; did you mean `{close}`?"),
         None => String::new(),
     };
-    format!(
+    let message = format!(
         "unknown placeholder `{placeholder}`: `{}` has no parameter `{root}`{hint}\n\
          help: {}",
         func.name(),
         param_list(func)
-    )
+    );
+    (message, suggestion)
 }
 
 fn check_skip(func: &CachedFn, skip: &[Ident], in_key: &[&str], errors: &mut Errors) {
     for (i, ident) in skip.iter().enumerate() {
         let name = ident.to_string();
         if skip[..i].iter().any(|earlier| *earlier == name) {
-            errors.spanned(ident, format!("`{name}` is listed twice in `skip(...)`"));
+            errors.spanned(
+                ident,
+                format!("`{name}` is listed twice in `skip(...)`\nhelp: remove one of them"),
+            );
         } else if name == "self" {
             errors.spanned(
                 ident,

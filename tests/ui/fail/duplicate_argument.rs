@@ -1,0 +1,8 @@
+use cache_runtime::redis_cached;
+
+#[redis_cached(key = "user:<id>", ttl = 60, ttl = 30)]
+async fn get_user(id: u64) -> u64 {
+    id
+}
+
+fn main() {}

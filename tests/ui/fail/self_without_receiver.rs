@@ -1,0 +1,8 @@
+use cache_runtime::redis_cached;
+
+#[redis_cached(key = "t:<self.tenant>:<id>", ttl = 60)]
+async fn get_user(id: u64) -> u64 {
+    id
+}
+
+fn main() {}
