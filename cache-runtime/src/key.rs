@@ -326,7 +326,7 @@ mod tests {
             Some(Some("%_")),
             Some(Some("x")),
         ];
-        let rendered: Vec<String> = cases.iter().map(|c| render(c)).collect();
+        let rendered: Vec<String> = cases.iter().map(render).collect();
         for (i, a) in rendered.iter().enumerate() {
             for b in &rendered[i + 1..] {
                 assert_ne!(a, b, "{rendered:?}");

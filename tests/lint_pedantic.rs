@@ -1,0 +1,66 @@
+//! The expansion is clean under `clippy::pedantic`: `cargo clippy
+//! --all-targets -- -D warnings` (run by `.ci/run`) checks this file with the
+//! lints denied below.
+#![deny(warnings, clippy::pedantic)]
+
+use cache_runtime::{Cache, KeyPart, redis_cached};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct User {
+    id: u64,
+}
+
+#[derive(Debug)]
+struct DbError;
+
+struct Org {
+    id: u32,
+}
+
+struct Repo {
+    tenant: String,
+    cache: Cache,
+}
+
+impl Repo {
+    #[redis_cached(key = "t:<self.tenant>:user:<id>", ttl = 60, cache = self.cache, jitter = 0.1)]
+    async fn user(&self, id: u64) -> Result<User, DbError> {
+        Ok(User { id })
+    }
+
+    #[redis_cached(key = "t:org:<org.id>", ttl = "5m", version = 2, cache = self.cache)]
+    async fn org_size(&self, org: &Org) -> Option<u32> {
+        Some(org.id)
+    }
+
+    #[redis_cached(key = "t:find:<name>", ttl = 60, cache = self.cache)]
+    async fn find(&self, name: &str) -> Result<Option<User>, DbError> {
+        Ok((!name.is_empty()).then_some(User { id: 1 }))
+    }
+}
+
+#[redis_cached(key = "g:<id>", ttl = 60, skip(label))]
+async fn generic<K: KeyPart + Into<u64> + Copy + Send>(id: K, label: &str) -> u64 {
+    let _ = label;
+    id.into()
+}
+
+#[redis_cached(key = "unit:<flag>", ttl = 60)]
+async fn unit(flag: bool) {
+    let _ = flag;
+}
+
+#[tokio::test]
+async fn pedantic_expansions_run() {
+    let repo = Repo {
+        tenant: "acme".to_owned(),
+        cache: Cache::memory(),
+    };
+    assert_eq!(repo.user(1).await.unwrap().id, 1);
+    assert_eq!(repo.org_size(&Org { id: 3 }).await, Some(3));
+    assert!(repo.find("x").await.unwrap().is_some());
+    assert_eq!(generic(5u8, "x").await, 5);
+    unit(true).await;
+    assert_eq!(repo.user_cache_key(&1).as_str(), "t:acme:user:1");
+}
