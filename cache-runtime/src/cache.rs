@@ -389,3 +389,64 @@ fn is_unavailability(error: &CacheError) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use crate::{Cache, Codec, redis_cached};
+
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Value {
+        n: u32,
+        label: String,
+    }
+
+    #[redis_cached(key = "value:<n>", ttl = 60, skip(cache), cache = cache)]
+    async fn value(cache: &Cache, n: u32) -> Value {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        Value {
+            n,
+            label: format!("n{n}"),
+        }
+    }
+
+    async fn round_trip(codec: Codec) {
+        let cache = Cache::builder()
+            .memory()
+            .codec(codec)
+            .prefix("t")
+            .build()
+            .await
+            .unwrap();
+        let before = RUNS.load(Ordering::SeqCst);
+        assert_eq!(value(&cache, 3).await.label, "n3");
+        assert_eq!(
+            value(&cache, 3).await,
+            Value {
+                n: 3,
+                label: "n3".into()
+            }
+        );
+        assert_eq!(
+            RUNS.load(Ordering::SeqCst) - before,
+            1,
+            "{codec:?}: second call is a hit"
+        );
+        assert_eq!(cache.codec(), codec);
+        assert_eq!(cache.redis_key(&value_cache_key(&3)), "t:value:3");
+    }
+
+    #[tokio::test]
+    async fn json_codec_round_trips_through_a_cached_call() {
+        round_trip(Codec::Json).await;
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[tokio::test]
+    async fn msgpack_codec_round_trips_through_a_cached_call() {
+        round_trip(Codec::MessagePack).await;
+    }
+}

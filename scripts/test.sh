@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, trybuild UI tests, property tests and
+# the integration tests against real redis-server processes that the tests
+# start themselves on free loopback ports. Installs redis-server first when
+# it is missing (Debian/Ubuntu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "redis-server not found: installing the Debian package redis-server" >&2
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+  # The package starts a system service on 6379; the tests do not use it.
+fi
+redis-server --version
+
+cargo test --workspace --all-features "$@"
