@@ -43,7 +43,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
     let vis = &func.item.vis;
     let name = key_fn_name(func.name());
     let doc = format!(
-        "The cache key of `{}` for these arguments, as `#[redis_cached(key = {:?})]` renders it.",
+        " The cache key of `{}` for these arguments, as `#[redis_cached(key = {:?})]` renders it.",
         func.name(),
         plan.key.value()
     );

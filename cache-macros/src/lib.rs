@@ -47,3 +47,72 @@ fn redis_cached_impl(
         (Ok(()), None) => unreachable!("validation returns a plan when it reports no error"),
     }
 }
+
+#[cfg(test)]
+mod expansion_snapshots {
+    use quote::quote;
+
+    fn expand(args: proc_macro2::TokenStream, item: proc_macro2::TokenStream) -> String {
+        let output = super::redis_cached_impl(args, item);
+        let file: syn::File = syn::parse2(output).expect("the expansion parses as items");
+        prettyplease::unparse(&file)
+    }
+
+    #[test]
+    fn free_function_returning_result() {
+        insta::assert_snapshot!(expand(
+            quote!(key = "user:<id>", ttl = 60, skip(db)),
+            quote! {
+                pub async fn get_user(db: &Db, id: u64) -> Result<User, DbError> {
+                    db.fetch_user(id).await
+                }
+            },
+        ));
+    }
+
+    #[test]
+    fn method_with_self_fields_cache_and_version() {
+        insta::assert_snapshot!(expand(
+            quote!(
+                key = "tenant:<self.tenant>:org:<org.id>",
+                ttl = "5m",
+                jitter = 0.1,
+                version = 2,
+                cache = self.cache
+            ),
+            quote! {
+                async fn org_members(&self, org: &Org) -> Option<Vec<User>> {
+                    self.db.members(org.id).await
+                }
+            },
+        ));
+    }
+
+    #[test]
+    fn generic_function_keeps_only_the_generics_the_key_needs() {
+        insta::assert_snapshot!(expand(
+            quote!(key = "label:<id>", ttl = 60, skip(db)),
+            quote! {
+                async fn label<D: Db, K>(db: &D, id: K) -> String
+                where
+                    K: KeyPart + Display,
+                    D: Sync,
+                {
+                    format!("{}:{id}", db.name())
+                }
+            },
+        ));
+    }
+
+    #[test]
+    fn errors_leave_the_function_unchanged() {
+        insta::assert_snapshot!(expand(
+            quote!(key = "user:<idd>", ttl = 0),
+            quote! {
+                async fn get_user(id: u64) -> u64 {
+                    id
+                }
+            },
+        ));
+    }
+}

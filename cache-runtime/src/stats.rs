@@ -82,7 +82,8 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// `hits / (hits + misses)`, or 0 when nothing was looked up.
+    /// Share of lookups answered from the cache: `(hits + stale_hits) /
+    /// (hits + stale_hits + misses)`, or 0 when nothing was looked up.
     pub fn hit_ratio(&self) -> f64 {
         let served = self.hits + self.stale_hits;
         let lookups = served + self.misses;
