@@ -44,7 +44,15 @@ fn redis_cached_impl(
     match (errors.finish(), plan) {
         (Ok(()), Some(plan)) => expand::expand(&plan),
         (Err(errors), _) => expand::fallback(&item, errors),
-        (Ok(()), None) => unreachable!("validation returns a plan when it reports no error"),
+        // Validation reports an error whenever it returns no plan; should that
+        // ever break, say so rather than panic inside the compiler.
+        (Ok(()), None) => expand::fallback(
+            &item,
+            syn::Error::new(
+                proc_macro2::Span::call_site(),
+                "internal error in #[redis_cached]: please report it",
+            ),
+        ),
     }
 }
 
