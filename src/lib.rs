@@ -53,20 +53,10 @@ impl RedisServer {
     /// Starts a server with extra `redis-server` arguments, e.g.
     /// `["--maxmemory", "2mb"]`.
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
-        assert!(redis_server_available(), "{INSTALL_HINT}");
         // Another process may take the port between probe and bind; retry.
         let mut last_error = String::new();
         for _ in 0..5 {
-            let port = free_port();
-            let dir = std::env::temp_dir()
-                .join(format!("cache-harness-redis-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("create redis dir");
-            let mut server = RedisServer {
-                port,
-                dir,
-                child: None,
-                extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
-            };
+            let mut server = Self::unstarted(extra_args);
             match server.spawn() {
                 Ok(()) => return server,
                 Err(e) => last_error = e,
@@ -78,6 +68,10 @@ impl RedisServer {
     /// Reserves a free port without starting the server: a cache pointed at
     /// it sees Redis down until [`RedisServer::restart`] starts it.
     pub fn not_started() -> RedisServer {
+        Self::unstarted(&[])
+    }
+
+    fn unstarted(extra_args: &[&str]) -> RedisServer {
         assert!(redis_server_available(), "{INSTALL_HINT}");
         let port = free_port();
         let dir =
@@ -87,7 +81,7 @@ impl RedisServer {
             port,
             dir,
             child: None,
-            extra_args: Vec::new(),
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
         }
     }
 

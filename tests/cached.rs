@@ -236,6 +236,32 @@ async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnecti
         .unwrap()
 }
 
+/// One raw command, bypassing the code under test.
+async fn raw<T: redis::FromRedisValue>(
+    conn: &mut redis::aio::MultiplexedConnection,
+    args: &[&[u8]],
+) -> T {
+    let mut cmd = redis::cmd(std::str::from_utf8(args[0]).unwrap());
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(conn).await.unwrap()
+}
+
+/// Calls `get_user(id)` every 50 ms until one call is a hit; returns the
+/// number of polls it took, or `None` after 5 s.
+async fn polls_until_a_hit(repo: &Repo, id: u64) -> Option<usize> {
+    let hits_before = repo.cache.stats().total.hits;
+    for attempt in 0..100 {
+        repo.get_user(id).await.unwrap();
+        if repo.cache.stats().total.hits > hits_before {
+            return Some(attempt);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 #[tokio::test]
 async fn redis_holds_readable_json_under_the_prefixed_key_with_the_ttl() {
     let server = RedisServer::start();
@@ -247,18 +273,10 @@ async fn redis_holds_readable_json_under_the_prefixed_key_with_the_ttl() {
         .unwrap();
     let repo = Repo::new(cache);
     repo.get_user(42).await.unwrap();
-    let mut raw = raw_connection(&server).await;
-    let stored: String = redis::cmd("GET")
-        .arg("app:user:42")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let mut conn = raw_connection(&server).await;
+    let stored: String = raw(&mut conn, &[b"GET", b"app:user:42"]).await;
     assert_eq!(stored, r#"{"id":42,"name":"user-42"}"#);
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg("app:user:42")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let pttl: i64 = raw(&mut conn, &[b"PTTL", b"app:user:42"]).await;
     assert!((59_000..=60_000).contains(&pttl), "PTTL {pttl}");
 }
 
@@ -266,40 +284,17 @@ async fn redis_holds_readable_json_under_the_prefixed_key_with_the_ttl() {
 async fn garbage_bytes_in_redis_are_a_miss_and_are_overwritten() {
     let server = RedisServer::start();
     let repo = Repo::new(Cache::connect(&server.url()).await.unwrap());
-    let mut raw = raw_connection(&server).await;
+    let mut conn = raw_connection(&server).await;
     for garbage in [&b"\xff\x00\xfe"[..], b"{\"id\":", b"\"a string\"", b""] {
-        let _: () = redis::cmd("SET")
-            .arg("user:3")
-            .arg(garbage)
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        raw::<()>(&mut conn, &[b"SET", b"user:3", garbage]).await;
         assert_eq!(repo.get_user(3).await.unwrap().name, "user-3");
-        let stored: Vec<u8> = redis::cmd("GET")
-            .arg("user:3")
-            .query_async(&mut raw)
-            .await
-            .unwrap();
+        let stored: Vec<u8> = raw(&mut conn, &[b"GET", b"user:3"]).await;
         assert_eq!(stored, br#"{"id":3,"name":"user-3"}"#, "overwritten");
     }
     // A key of another Redis type (WRONGTYPE) is also just a miss.
-    let _: () = redis::cmd("DEL")
-        .arg("user:4")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    let _: () = redis::cmd("LPUSH")
-        .arg("user:4")
-        .arg("x")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    raw::<()>(&mut conn, &[b"LPUSH", b"user:4", b"x"]).await;
     assert_eq!(repo.get_user(4).await.unwrap().name, "user-4");
-    let stored: Vec<u8> = redis::cmd("GET")
-        .arg("user:4")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    let stored: Vec<u8> = raw(&mut conn, &[b"GET", b"user:4"]).await;
     assert_eq!(
         stored, br#"{"id":4,"name":"user-4"}"#,
         "the list was replaced"
@@ -347,16 +342,7 @@ async fn fails_open_when_redis_dies_and_recovers_after_restart() {
     );
 
     server.restart();
-    let hits_before = repo.cache.stats().total.hits;
-    let mut recovered_after = None;
-    for attempt in 0..100 {
-        repo.get_user(1).await.unwrap();
-        if repo.cache.stats().total.hits > hits_before {
-            recovered_after = Some(attempt);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let recovered_after = polls_until_a_hit(&repo, 1).await;
     println!("redis restarted: hits resumed after {recovered_after:?} polls of 50 ms");
     assert!(recovered_after.is_some(), "hits resume after the restart");
 }
@@ -377,17 +363,12 @@ async fn starts_while_redis_is_down_then_uses_it_once_it_is_up() {
     assert_eq!(repo.calls(), 5, "uncached while Redis is down");
 
     server.restart();
-    let mut hits = 0;
-    for _ in 0..100 {
-        repo.get_user(2).await.unwrap();
-        hits = repo.cache.stats().total.hits;
-        if hits > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    println!("late redis: body runs = {}, hits = {hits}", repo.calls());
-    assert!(hits > 0, "the cache came into use once Redis was up");
+    let polls = polls_until_a_hit(&repo, 2).await;
+    println!(
+        "late redis: body runs = {}, first hit after {polls:?} polls of 50 ms",
+        repo.calls()
+    );
+    assert!(polls.is_some(), "the cache came into use once Redis was up");
 }
 
 #[tokio::test]

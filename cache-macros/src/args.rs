@@ -11,7 +11,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Ident, Lit, LitStr, Path, Token};
 
-use crate::ctxt::{Errors, did_you_mean};
+use crate::ctxt::{Errors, did_you_mean, hint};
 
 const ARGUMENTS: &[&str] = &["key", "ttl", "skip", "jitter", "version", "cache", "crate"];
 
@@ -39,8 +39,6 @@ impl Args {
     /// Parses the attribute's arguments, recording every error in `errors`.
     pub fn parse(tokens: TokenStream, errors: &mut Errors) -> Args {
         let mut args = Args::default();
-        let mut seen: Vec<String> = Vec::new();
-        let given = &mut seen;
         let parser = syn::meta::parser(|meta| {
             let name = match meta.path.get_ident() {
                 Some(ident) => ident.to_string(),
@@ -54,14 +52,14 @@ impl Args {
             };
             let name_span = meta.path.span();
             if ARGUMENTS.contains(&name.as_str()) {
-                if given.contains(&name) {
+                if args.given.contains(&name) {
                     errors.at(
                         name_span,
                         format!("duplicate `{name}` argument\nhelp: remove one of them"),
                     );
                     return skip_value(meta.input);
                 }
-                given.push(name.clone());
+                args.given.push(name.clone());
             }
             match name.as_str() {
                 "key" => args.key = Some(meta.value()?.parse()?),
@@ -96,10 +94,7 @@ impl Args {
                     }
                 }
                 other => {
-                    let hint = match did_you_mean(other, ARGUMENTS.iter().copied()) {
-                        Some(close) => format!("; did you mean `{close}`?"),
-                        None => String::new(),
-                    };
+                    let hint = hint(did_you_mean(other, ARGUMENTS.iter().copied()));
                     errors.at(
                         name_span,
                         format!(
@@ -119,7 +114,6 @@ impl Args {
         if let Err(syntax) = parser.parse2(tokens) {
             errors.push(syntax);
         }
-        args.given = seen;
         args
     }
 }

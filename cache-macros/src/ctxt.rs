@@ -45,3 +45,8 @@ pub fn did_you_mean<'a>(
         .min_by_key(|&(distance, _)| distance)
         .map(|(_, c)| c)
 }
+
+/// `"; did you mean `id`?"`, or nothing.
+pub fn hint(suggestion: Option<&str>) -> String {
+    suggestion.map_or_else(String::new, |close| format!("; did you mean `{close}`?"))
+}

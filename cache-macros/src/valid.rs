@@ -7,7 +7,7 @@ use syn::{Expr, Ident, LitStr, Path};
 
 use crate::args::Args;
 use crate::ast::{CachedFn, Param};
-use crate::ctxt::{Errors, did_you_mean};
+use crate::ctxt::{Errors, did_you_mean, hint};
 use crate::template::{self, Template};
 
 /// A validated `#[redis_cached]`: everything `expand` needs, nothing it must check.
@@ -159,10 +159,7 @@ fn param_list(func: &CachedFn) -> String {
 fn unknown_placeholder(func: &CachedFn, root: &str, placeholder: &str) -> (String, Option<String>) {
     let candidates: Vec<String> = func.params.iter().map(|p| p.ident.to_string()).collect();
     let suggestion = did_you_mean(root, candidates.iter().map(String::as_str)).map(str::to_owned);
-    let hint = match &suggestion {
-        Some(close) => format!("; did you mean `{close}`?"),
-        None => String::new(),
-    };
+    let hint = hint(suggestion.as_deref());
     let message = format!(
         "unknown placeholder `{placeholder}`: `{}` has no parameter `{root}`{hint}\n\
          help: {}",
@@ -191,10 +188,7 @@ fn check_skip(func: &CachedFn, skip: &[Ident], in_key: &[&str], errors: &mut Err
                 .iter()
                 .map(|p: &Param| p.ident.to_string())
                 .collect();
-            let hint = match did_you_mean(&name, candidates.iter().map(String::as_str)) {
-                Some(close) => format!("; did you mean `{close}`?"),
-                None => String::new(),
-            };
+            let hint = hint(did_you_mean(&name, candidates.iter().map(String::as_str)));
             errors.spanned(
                 ident,
                 format!(

@@ -118,14 +118,14 @@ impl CacheBuilder {
     /// Builds the cache. Fails only on bad configuration (a malformed URL, a
     /// prefix with spaces): a Redis server that is down is not an error; calls
     /// run uncached until it is reachable. Call inside a Tokio runtime.
-    pub async fn build(self) -> Result<Cache, CacheError> {
+    pub async fn build(mut self) -> Result<Cache, CacheError> {
         if let Some(prefix) = &self.prefix
             && (prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_graphic()))
         {
             return Err(CacheError::InvalidPrefix(prefix.clone()));
         }
-        let breaker = Breaker::new(self.breaker_failures, self.breaker_cooldown);
-        let backend = match self.backend {
+        let breaker = self.breaker();
+        let backend = match self.backend.take() {
             None => return Err(CacheError::NoBackend),
             Some(BackendChoice::Memory { capacity_bytes }) => {
                 Backend::Memory(MemoryBackend::new(capacity_bytes))
@@ -149,7 +149,15 @@ impl CacheBuilder {
                 Backend::Redis(redis)
             }
         };
-        Ok(Cache {
+        Ok(self.assemble(backend, breaker))
+    }
+
+    fn breaker(&self) -> Breaker {
+        Breaker::new(self.breaker_failures, self.breaker_cooldown)
+    }
+
+    fn assemble(self, backend: Backend, breaker: Breaker) -> Cache {
+        Cache {
             inner: Arc::new(Inner {
                 backend,
                 prefix: self.prefix,
@@ -158,7 +166,7 @@ impl CacheBuilder {
                 breaker,
                 stats: Recorder::default(),
             }),
-        })
+        }
     }
 }
 
@@ -184,16 +192,12 @@ impl Cache {
     /// An in-process cache (256 MiB) with the same TTL semantics as Redis,
     /// for tests and single-process services.
     pub fn memory() -> Cache {
-        Cache {
-            inner: Arc::new(Inner {
-                backend: Backend::Memory(MemoryBackend::new(DEFAULT_MEMORY_CAPACITY)),
-                prefix: None,
-                op_timeout: DEFAULT_OP_TIMEOUT,
-                codec: Codec::default(),
-                breaker: Breaker::new(DEFAULT_BREAKER_FAILURES, DEFAULT_BREAKER_COOLDOWN),
-                stats: Recorder::default(),
-            }),
-        }
+        let builder = Cache::builder();
+        let breaker = builder.breaker();
+        builder.assemble(
+            Backend::Memory(MemoryBackend::new(DEFAULT_MEMORY_CAPACITY)),
+            breaker,
+        )
     }
 
     /// Makes this cache the process-wide default of `#[redis_cached]`
