@@ -171,3 +171,54 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Defines, for each listed `async fn(Cache)`, one test on a private
+/// `redis-server` and one on `Cache::memory()`, in modules `redis_backend`
+/// and `memory_backend`. Use it at the top level of a test crate.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod redis_backend {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let server = $crate::RedisServer::start();
+                    let cache = ::cache_runtime::Cache::connect(&server.url()).await.unwrap();
+                    super::$test(cache).await;
+                }
+            )*
+        }
+        mod memory_backend {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(::cache_runtime::Cache::memory()).await;
+                }
+            )*
+        }
+    };
+}
+
+/// A plain connection to the server, bypassing the code under test.
+pub async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("the harness's URL parses")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the harness's redis-server")
+}
+
+/// One raw command with binary arguments, e.g. to plant garbage under a key.
+/// Panics on an error reply: a test's own set-up must not fail silently.
+pub async fn raw<T: redis::FromRedisValue>(
+    conn: &mut redis::aio::MultiplexedConnection,
+    args: &[&[u8]],
+) -> T {
+    let mut cmd = redis::cmd(std::str::from_utf8(args[0]).expect("command names are UTF-8"));
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("raw {:?}: {e}", String::from_utf8_lossy(args[0])))
+}

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use cache_harness::RedisServer;
+use cache_harness::{RedisServer, on_both_backends, raw, raw_connection};
 use cache_runtime::{Cache, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -190,32 +190,7 @@ async fn hostile_strings_get_distinct_entries(cache: Cache) {
         );
     }
     assert_eq!(repo.calls(), names.len() as u64);
-    assert_eq!(Repo::find_cache_key(&"a:b*").as_str(), "find:a%3Ab%2A");
-}
-
-macro_rules! on_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod redis_backend {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    let server = RedisServer::start();
-                    let cache = Cache::connect(&server.url()).await.unwrap();
-                    super::$test(cache).await;
-                }
-            )*
-        }
-        mod memory_backend {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(Cache::memory()).await;
-                }
-            )*
-        }
-    };
+    assert_eq!(Repo::find_cache_key("a:b*").as_str(), "find:a%3Ab%2A");
 }
 
 on_both_backends!(
@@ -227,26 +202,6 @@ on_both_backends!(
     option_shapes_cache_only_present_values,
     hostile_strings_get_distinct_entries,
 );
-
-async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// One raw command, bypassing the code under test.
-async fn raw<T: redis::FromRedisValue>(
-    conn: &mut redis::aio::MultiplexedConnection,
-    args: &[&[u8]],
-) -> T {
-    let mut cmd = redis::cmd(std::str::from_utf8(args[0]).unwrap());
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query_async(conn).await.unwrap()
-}
 
 /// Calls `get_user(id)` every 50 ms until one call is a hit; returns the
 /// number of polls it took, or `None` after 5 s.

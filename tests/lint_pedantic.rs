@@ -3,7 +3,7 @@
 //! lints denied below.
 #![deny(warnings, clippy::pedantic)]
 
-use cache_runtime::{Cache, KeyPart, redis_cached};
+use cache_runtime::{Cache, KeyPart, cache_put, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -38,6 +38,17 @@ impl Repo {
     async fn find(&self, name: &str) -> Result<Option<User>, DbError> {
         Ok((!name.is_empty()).then_some(User { id: 1 }))
     }
+
+    #[invalidates(self.user(id), Self::find(name), key = "t:org:<id>", cache = self.cache)]
+    async fn rename(&self, id: u64, name: &str) -> Result<(), DbError> {
+        let _ = (id, name);
+        Ok(())
+    }
+
+    #[cache_put(self.user(id), cache = self.cache)]
+    async fn put(&self, id: u64) -> Result<User, DbError> {
+        Ok(User { id })
+    }
 }
 
 #[redis_cached(key = "g:<id>", ttl = 60, skip(label))]
@@ -63,4 +74,7 @@ async fn pedantic_expansions_run() {
     assert_eq!(generic(5u8, "x").await, 5);
     unit(true).await;
     assert_eq!(repo.user_cache_key(&1).as_str(), "t:acme:user:1");
+    repo.rename(1, "x").await.unwrap();
+    repo.put(2).await.unwrap();
+    assert_eq!(repo.cache.stats().total.sets, 4, "three misses and one put");
 }

@@ -206,3 +206,206 @@ fn parse_jitter(expr: &Expr, errors: &mut Errors) -> Option<f64> {
         }
     }
 }
+
+/// Which write attribute is being expanded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    Invalidates,
+    CachePut,
+}
+
+impl WriteKind {
+    pub fn attribute(self) -> &'static str {
+        match self {
+            WriteKind::Invalidates => "invalidates",
+            WriteKind::CachePut => "cache_put",
+        }
+    }
+}
+
+const WRITE_ARGUMENTS: &[&str] = &["key", "cache", "crate"];
+
+/// One target of `#[invalidates(...)]` or `#[cache_put(...)]`.
+pub enum Target {
+    /// `get_user(id)`, `Self::get_user(id)`, `users::get_user(id)` or
+    /// `self.get_user(id)`: the cached function, called through its
+    /// generated `<fn>_cache_key` so that rustc checks the arguments.
+    Call(Expr),
+    /// `key = "user:<id>"`: a template over the writer's own parameters.
+    Template(LitStr),
+}
+
+/// The arguments of the write attributes: targets, then `cache = expr` and
+/// `crate = "path"`. Parsed as expressions, so that a target can be any call.
+#[derive(Default)]
+pub struct WriteArgs {
+    pub targets: Vec<Target>,
+    pub cache: Option<Expr>,
+    pub krate: Option<Path>,
+    /// How many arguments were written, valid or not.
+    pub written: usize,
+}
+
+impl WriteArgs {
+    /// Parses one attribute's arguments into `self`; called once per
+    /// attribute when the attribute is repeated.
+    pub fn parse(&mut self, kind: WriteKind, tokens: TokenStream, errors: &mut Errors) {
+        let parser = Punctuated::<Expr, Token![,]>::parse_terminated;
+        let items = match parser.parse2(tokens) {
+            Ok(items) => items,
+            Err(syntax) => {
+                errors.push(syntax);
+                return;
+            }
+        };
+        self.written += items.len();
+        for item in items {
+            match item {
+                Expr::Call(ref call) if matches!(*call.func, Expr::Path(_)) => {
+                    self.targets.push(Target::Call(item));
+                }
+                Expr::MethodCall(_) => self.targets.push(Target::Call(item)),
+                Expr::Assign(assign) => self.parse_named(kind, &assign, errors),
+                other => errors.spanned(
+                    &other,
+                    format!(
+                        "expected a cached function called with this function's values, e.g. `#[{0}(get_user(id))]` or `#[{0}(Self::get_user(user.id))]`",
+                        kind.attribute()
+                    ),
+                ),
+            }
+        }
+    }
+
+    fn parse_named(&mut self, kind: WriteKind, assign: &syn::ExprAssign, errors: &mut Errors) {
+        let name = match &*assign.left {
+            Expr::Path(path) => path.path.get_ident().map(ToString::to_string).or_else(|| {
+                // `crate` is a keyword, not an identifier.
+                (path.path.segments.len() == 1 && path.path.segments[0].ident == "crate")
+                    .then(|| "crate".to_owned())
+            }),
+            _ => None,
+        };
+        let value = &*assign.right;
+        let string = match value {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(s), ..
+            }) => Some(s),
+            _ => None,
+        };
+        match name.as_deref() {
+            Some("key") => match string {
+                Some(lit) => self.targets.push(Target::Template(lit.clone())),
+                None => errors.spanned(value, "`key` must be a string literal, e.g. `key = \"user:<id>\"`"),
+            },
+            // A repeated attribute may repeat the same `cache` or `crate`.
+            Some("cache") => match &self.cache {
+                Some(seen) if !same_tokens(seen, value) => errors.spanned(
+                    &assign.left,
+                    "a second, different `cache` argument: one function's keys go to one cache\nhelp: remove one of them",
+                ),
+                _ => self.cache = Some(value.clone()),
+            },
+            Some("crate") => match string.map(|s| s.parse::<Path>()) {
+                Some(Ok(path)) => match &self.krate {
+                    Some(seen) if !same_tokens(seen, &path) => errors.spanned(
+                        &assign.left,
+                        "a second, different `crate` argument\nhelp: remove one of them",
+                    ),
+                    _ => self.krate = Some(path),
+                },
+                _ => errors.spanned(
+                    value,
+                    "`crate` must be a path in a string, e.g. `crate = \"my_facade::cache\"`",
+                ),
+            },
+            Some(name) if ARGUMENTS.contains(&name) => errors.spanned(
+                &assign.left,
+                format!(
+                    "`{name}` belongs on the cached function's `#[redis_cached(...)]`: a write uses the target's settings"
+                ),
+            ),
+            other => {
+                let (name, hint) = match other {
+                    Some(other) => (
+                        format!(" `{other}`"),
+                        hint(did_you_mean(other, WRITE_ARGUMENTS.iter().copied())),
+                    ),
+                    None => (String::new(), String::new()),
+                };
+                errors.spanned(
+                    &assign.left,
+                    format!(
+                        "unknown argument{name}{hint}\nhelp: `#[{}]` takes cached-function calls such as `get_user(id)`, and `key = \"...\"`, `cache = ...`, `crate = \"...\"`",
+                        kind.attribute()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn same_tokens(a: &impl quote::ToTokens, b: &impl quote::ToTokens) -> bool {
+    a.to_token_stream().to_string() == b.to_token_stream().to_string()
+}
+
+#[cfg(test)]
+mod write_args_tests {
+    use quote::quote;
+
+    use super::*;
+
+    #[test]
+    fn targets_and_named_arguments_are_told_apart() {
+        let mut errors = Errors::default();
+        let mut args = WriteArgs::default();
+        args.parse(
+            WriteKind::Invalidates,
+            quote!(
+                get_user(id),
+                Self::by_email(&req.email),
+                self.org(org.id),
+                key = "user:<id>",
+                cache = self.cache,
+                crate = "facade::cache"
+            ),
+            &mut errors,
+        );
+        assert!(errors.finish().is_ok());
+        let calls = args
+            .targets
+            .iter()
+            .filter(|t| matches!(t, Target::Call(_)))
+            .count();
+        assert_eq!((args.targets.len(), calls), (4, 3));
+        assert!(args.cache.is_some() && args.krate.is_some());
+    }
+
+    #[test]
+    fn anything_else_is_an_error() {
+        let mut errors = Errors::default();
+        let mut args = WriteArgs::default();
+        args.parse(
+            WriteKind::CachePut,
+            quote!(42, tll = 5, ttl = 5, key = 7),
+            &mut errors,
+        );
+        let message = errors.finish().err().map(|e| {
+            e.into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        let message = message.unwrap_or_default();
+        assert!(message.contains("expected a cached function"), "{message}");
+        assert!(message.contains("unknown argument `tll`"), "{message}");
+        assert!(
+            message.contains("`ttl` belongs on the cached function"),
+            "{message}"
+        );
+        assert!(
+            message.contains("`key` must be a string literal"),
+            "{message}"
+        );
+    }
+}

@@ -3,14 +3,15 @@
 
 use syn::{FnArg, Ident, ItemFn, Pat, PatType, Receiver, ReturnType, Type};
 
-use crate::ctxt::Errors;
-
-/// A function under `#[redis_cached]`.
-pub struct CachedFn<'a> {
+/// A function under `#[redis_cached]`, `#[invalidates]` or `#[cache_put]`.
+pub struct AnnotatedFn<'a> {
     pub item: &'a ItemFn,
     pub receiver: Option<&'a Receiver>,
     /// The named parameters, receiver excluded, in declaration order.
     pub params: Vec<Param<'a>>,
+    /// Parameters that are patterns (`(a, b): (u8, u8)`), not plain names: a
+    /// key template cannot name them.
+    pub unnamed: Vec<&'a Pat>,
     pub output: Output<'a>,
 }
 
@@ -43,26 +44,24 @@ pub struct Output<'a> {
     pub shape: Shape,
 }
 
-impl<'a> CachedFn<'a> {
-    /// Builds the model; a parameter that is not a plain name is reported and
-    /// left out.
-    pub fn from_item(item: &'a ItemFn, errors: &mut Errors) -> Self {
+impl<'a> AnnotatedFn<'a> {
+    /// Builds the model.
+    pub fn from_item(item: &'a ItemFn) -> Self {
         let mut receiver = None;
         let mut params = Vec::new();
+        let mut unnamed = Vec::new();
         for input in &item.sig.inputs {
             match input {
                 FnArg::Receiver(r) => receiver = Some(r),
                 FnArg::Typed(arg) => match &*arg.pat {
-                    Pat::Ident(pat) if pat.subpat.is_none() && pat.by_ref.is_none() => params.push(Param {
-                        ident: &pat.ident,
-                        ty: &arg.ty,
-                        arg,
-                    }),
-                    other => errors.spanned(
-                        other,
-                        "a parameter of a cached function must be a plain name, so that the key template can refer to it\n\
-                         help: bind it to a name and destructure it inside the body",
-                    ),
+                    Pat::Ident(pat) if pat.subpat.is_none() && pat.by_ref.is_none() => {
+                        params.push(Param {
+                            ident: &pat.ident,
+                            ty: &arg.ty,
+                            arg,
+                        })
+                    }
+                    other => unnamed.push(other),
                 },
             }
         }
@@ -76,10 +75,11 @@ impl<'a> CachedFn<'a> {
                 shape: shape_of(ty),
             },
         };
-        CachedFn {
+        AnnotatedFn {
             item,
             receiver,
             params,
+            unnamed,
             output,
         }
     }

@@ -28,6 +28,10 @@ impl Errors {
         self.push(syn::Error::new_spanned(tokens, message));
     }
 
+    pub fn has_errors(&self) -> bool {
+        self.combined.is_some()
+    }
+
     pub fn finish(self) -> Result<(), syn::Error> {
         self.combined.map_or(Ok(()), Err)
     }

@@ -7,11 +7,14 @@ use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::visit::Visit;
-use syn::{GenericParam, Generics, Ident, ItemFn, ReceiverKind, Type, WherePredicate};
+use syn::{
+    Expr, GenericParam, Generics, Ident, ItemFn, LitStr, ReceiverKind, Type, WherePredicate,
+};
 
-use crate::ast::{Param, Shape};
-use crate::template::Segment;
-use crate::valid::Plan;
+use crate::args::WriteKind;
+use crate::ast::{AnnotatedFn, Param, Shape};
+use crate::template::{Segment, Template};
+use crate::valid::{Plan, PlannedTarget, WritePlan};
 
 /// The name of the generated key function: `get_user` → `get_user_cache_key`.
 pub fn key_fn_name(name: &Ident) -> Ident {
@@ -48,89 +51,212 @@ fn key_fn(plan: &Plan) -> TokenStream {
         plan.key.value()
     );
     let receiver = plan.uses_self.then(|| quote!(&self,));
-    let params = plan
-        .key_params
-        .iter()
-        .map(|Param { ident, ty, .. }| match ty {
-            // `&impl A + B` would be ambiguous.
-            Type::ImplTrait(_) | Type::TraitObject(_) => quote!(#ident: &(#ty)),
-            _ => quote!(#ident: &#ty),
-        });
+    let params = plan.key_params.iter().map(|Param { ident, ty, .. }| {
+        let ty = key_param_type(ty);
+        quote!(#ident: #ty)
+    });
     let key_types: Vec<&Type> = plan.key_params.iter().map(|p| p.ty).collect();
     let generics = generics_used_by(&func.item.sig.generics, &key_types);
     let (impl_generics, _, where_clause) = generics.split_for_impl();
+    let value = cached_value_type(plan, &generics);
 
+    let site = Ident::new("REDIS_CACHED_SITE", Span::mixed_site());
     let builder = Ident::new("key", Span::mixed_site());
     let capacity = plan.template.literal_len() + 8 * plan.key_params.len() + 4;
-    let steps = plan.template.segments.iter().map(|segment| match segment {
-        Segment::Literal(text) => quote!(#builder.literal(#text);),
-        Segment::Placeholder(p) => {
-            // Spanned at the parameter so that a missing `KeyPart` impl is
-            // reported where the user can fix it.
-            let span = if p.root == "self" {
-                plan.key.span()
-            } else {
-                func.param(&p.root)
-                    .map_or_else(|| plan.key.span(), |param| param.arg.span())
-            };
-            let root = if p.root == "self" {
-                quote_spanned!(span=> self)
-            } else {
-                let ident = Ident::new(&p.root, span);
-                quote!(#ident)
-            };
-            // Located at the key, where the field is named, but marked as
-            // macro output so that rustc does not suggest renaming the parameter.
-            let field_span = plan.key.span().resolved_at(Span::mixed_site());
-            let fields = p.fields.iter().map(|f| match f.parse::<u32>() {
-                Ok(index) => {
-                    let index = syn::Index {
-                        index,
-                        span: field_span,
-                    };
-                    quote!(.#index)
-                }
-                Err(_) => {
-                    let field = Ident::new(f, field_span);
-                    quote!(.#field)
-                }
-            });
-            let value = if p.fields.is_empty() && p.root != "self" {
-                quote!(#root)
-            } else {
-                quote_spanned!(span=> &#root #(#fields)*)
-            };
-            quote_spanned!(span=> #krate::__private::KeyBuilder::part(&mut #builder, #value);)
-        }
-    });
+    let steps = key_steps(
+        &plan.template,
+        func,
+        plan.key,
+        krate,
+        &builder,
+        ParamsAre::Borrowed,
+    );
     let version = match plan.version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
         None => quote!(::core::option::Option::None),
     };
+    let fn_name = func.name().to_string();
+    let ttl = plan.ttl_millis;
+    let jitter = plan.jitter;
     quote! {
         #[doc = #doc]
         #[must_use]
         #[allow(clippy::trivially_copy_pass_by_ref, clippy::ref_option_ref)]
-        #vis fn #name #impl_generics (#receiver #(#params),*) -> #krate::CacheKey #where_clause {
-            let mut #builder = #krate::__private::KeyBuilder::new(#capacity);
+        #vis fn #name #impl_generics (#receiver #(#params),*) -> #krate::CacheKey<#value> #where_clause {
+            // The function's static configuration travels with its keys, so
+            // that `#[cache_put]` stores with this function's TTL.
+            static #site: #krate::__private::Site = #krate::__private::Site::new(
+                ::core::concat!(::core::module_path!(), "::", #fn_name),
+                #ttl,
+                #jitter,
+            );
+            let mut #builder = #krate::__private::KeyBuilder::new(
+                #capacity,
+                ::core::option::Option::Some(&#site),
+            );
             #(#steps)*
             #builder.finish(#version)
         }
     }
 }
 
+/// A key function takes each key parameter by reference: `u64` as `&u64`,
+/// but `&str` as `&str` (not `&&str`), so that a writer's `&(expr)` argument
+/// deref-coerces from `&String` or `&&str` alike.
+fn key_param_type(ty: &Type) -> TokenStream {
+    match ty {
+        Type::Reference(r) if r.mutability.is_none() => quote!(#ty),
+        // `&impl A + B` would be ambiguous.
+        Type::ImplTrait(_) | Type::TraitObject(_) => quote!(&(#ty)),
+        _ => quote!(&#ty),
+    }
+}
+
+/// The value type a key function's `CacheKey<V>` names: the cached part of
+/// the return type, or `Untyped` when the key function cannot name it (the
+/// return type mentions a generic parameter the key does not use, an elided
+/// lifetime, or `impl Trait`).
+fn cached_value_type(plan: &Plan, kept: &Generics) -> TokenStream {
+    let func = &plan.func;
+    let krate = &plan.krate;
+    let unit: Type = syn::parse_quote!(());
+    let ret_ty = func.output.ty.unwrap_or(&unit);
+    let declared: BTreeSet<String> = func
+        .item
+        .sig
+        .generics
+        .params
+        .iter()
+        .map(param_name)
+        .collect();
+    let kept: BTreeSet<String> = kept.params.iter().map(param_name).collect();
+    let nameable = !contains_impl_trait(ret_ty)
+        && !has_elided_lifetime(ret_ty)
+        && mentioned_names(|c| c.visit_type(ret_ty))
+            .iter()
+            .all(|n| !declared.contains(n) || kept.contains(n));
+    if !nameable {
+        return quote!(#krate::Untyped);
+    }
+    let shape = shape_ident(func.output.shape);
+    // At the return type, like the other uses of the value type.
+    let span = ret_span(func);
+    respan(
+        quote!(<#krate::__private::#shape as #krate::__private::ValueOf<#ret_ty>>::Value),
+        span,
+    )
+}
+
+/// How the key steps refer to a parameter: inside the key function, where
+/// every key parameter already is a reference, or in the writer's own body.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ParamsAre {
+    Borrowed,
+    Owned,
+}
+
+/// The `KeyBuilder` calls that render `template` into `builder`.
+pub fn key_steps(
+    template: &Template,
+    func: &AnnotatedFn,
+    key: &LitStr,
+    krate: &syn::Path,
+    builder: &Ident,
+    params: ParamsAre,
+) -> Vec<TokenStream> {
+    template
+        .segments
+        .iter()
+        .map(|segment| match segment {
+            Segment::Literal(text) => quote!(#builder.literal(#text);),
+            Segment::Placeholder(p) => {
+                // Spanned at the parameter so that a missing `KeyPart` impl is
+                // reported where the user can fix it.
+                let param = func.param(&p.root);
+                let span = if p.root == "self" {
+                    key.span()
+                } else {
+                    param.map_or_else(|| key.span(), |param| param.arg.span())
+                };
+                let root = if p.root == "self" {
+                    quote_spanned!(span=> self)
+                } else {
+                    let ident = Ident::new(&p.root, span);
+                    quote!(#ident)
+                };
+                // Located at the key, where the field is named, but marked as
+                // macro output so that rustc does not suggest renaming the parameter.
+                let field_span = key.span().resolved_at(Span::mixed_site());
+                let fields = p.fields.iter().map(|f| match f.parse::<u32>() {
+                    Ok(index) => {
+                        let index = syn::Index {
+                            index,
+                            span: field_span,
+                        };
+                        quote!(.#index)
+                    }
+                    Err(_) => {
+                        let field = Ident::new(f, field_span);
+                        quote!(.#field)
+                    }
+                });
+                let already_a_reference = params == ParamsAre::Borrowed
+                    || param.is_some_and(|param| is_shared_reference(param.ty));
+                let value = if p.fields.is_empty() && p.root != "self" && already_a_reference {
+                    quote!(#root)
+                } else {
+                    quote_spanned!(span=> &#root #(#fields)*)
+                };
+                quote_spanned!(span=> #krate::__private::KeyBuilder::part(&mut #builder, #value);)
+            }
+        })
+        .collect()
+}
+
+fn is_shared_reference(ty: &Type) -> bool {
+    matches!(ty, Type::Reference(r) if r.mutability.is_none())
+}
+
+fn has_elided_lifetime(ty: &Type) -> bool {
+    struct Finder(bool);
+    impl<'ast> Visit<'ast> for Finder {
+        fn visit_type_reference(&mut self, r: &'ast syn::TypeReference) {
+            if r.lifetime.is_none() {
+                self.0 = true;
+            }
+            syn::visit::visit_type_reference(self, r);
+        }
+        fn visit_lifetime(&mut self, lifetime: &'ast syn::Lifetime) {
+            if lifetime.ident == "_" {
+                self.0 = true;
+            }
+        }
+    }
+    let mut finder = Finder(false);
+    finder.visit_type(ty);
+    finder.0
+}
+
+fn shape_ident(shape: Shape) -> Ident {
+    let name = match shape {
+        Shape::Result => "ResultShape",
+        Shape::Option => "OptionShape",
+        Shape::ResultOption => "ResultOptionShape",
+        Shape::Plain => "PlainShape",
+    };
+    Ident::new(name, Span::call_site())
+}
+
+fn ret_span(func: &AnnotatedFn) -> Span {
+    func.output
+        .ty
+        .map_or_else(|| func.item.sig.fn_token.span(), |ty| ty.span())
+}
+
 fn wrapper(plan: &Plan) -> TokenStream {
     let func = &plan.func;
     let krate = &plan.krate;
-    let item = func.item;
-    let attrs = &item.attrs;
-    let vis = &item.vis;
-    let sig = &item.sig;
-    let stmts = &item.block.stmts;
-    let name = func.name().to_string();
     let key_fn = key_fn_name(func.name());
-
-    let site = Ident::new("REDIS_CACHED_SITE", Span::mixed_site());
     let key = Ident::new("key", Span::mixed_site());
     let cache = Ident::new("cache", Span::mixed_site());
 
@@ -140,14 +266,39 @@ fn wrapper(plan: &Plan) -> TokenStream {
             Some(ReceiverKind::Reference(..)) => quote!(self,),
             _ => quote!(&self,),
         });
-    let args = plan.key_params.iter().map(|p| p.ident);
+    let args = plan.key_params.iter().map(|p| {
+        let ident = p.ident;
+        if is_shared_reference(p.ty) {
+            quote!(#ident)
+        } else {
+            quote!(&#ident)
+        }
+    });
     let key_call = if func.receiver.is_some() {
-        quote!(Self::#key_fn(#self_arg #(&#args),*))
+        quote!(Self::#key_fn(#self_arg #(#args),*))
     } else {
-        quote!(#key_fn(#(&#args),*))
+        quote!(#key_fn(#(#args),*))
     };
+    let cache_arg = cache_binding(&cache, plan.cache, krate);
+    let shape = shape_ident(func.output.shape);
+    let call = body_call(
+        func,
+        quote!(#krate::__private::cached::<#krate::__private::#shape, _, _, _>),
+        quote!(#cache, #key,),
+    );
+    wrap(
+        func,
+        quote! {
+            let #key = #key_call;
+            #cache_arg
+        },
+        call,
+    )
+}
 
-    let cache_arg = match plan.cache {
+/// `let cache = Some(&expr)` for `cache = expr`, else `None` (the installed one).
+pub fn cache_binding(cache: &Ident, expr: Option<&Expr>, krate: &syn::Path) -> TokenStream {
+    match expr {
         Some(expr) => {
             let borrowed = quote_spanned!(expr.span()=> &#expr);
             quote! {
@@ -156,12 +307,20 @@ fn wrapper(plan: &Plan) -> TokenStream {
             }
         }
         None => quote!(let #cache = ::core::option::Option::None;),
-    };
+    }
+}
 
-    let ret_span = func
-        .output
-        .ty
-        .map_or_else(|| sig.fn_token.span(), |ty| ty.span());
+/// `callee(leading_args async move { body }).await`, the one runtime call a
+/// wrapper makes. The call's own tokens (path, parentheses, `.await`) carry
+/// the return type's span, so that a value that is not `Serialize` is
+/// reported there; the body inside keeps the user's spans.
+pub fn body_call(
+    func: &AnnotatedFn,
+    callee: TokenStream,
+    leading_args: TokenStream,
+) -> TokenStream {
+    let stmts = &func.item.block.stmts;
+    let ret_span = ret_span(func);
     let unit: Type = syn::parse_quote!(());
     let ret_ty = func.output.ty.unwrap_or(&unit);
     let fake_return_edge = if contains_impl_trait(ret_ty) {
@@ -177,44 +336,30 @@ fn wrapper(plan: &Plan) -> TokenStream {
             }
         }
     };
-    let shape = match func.output.shape {
-        Shape::Result => quote!(ResultShape),
-        Shape::Option => quote!(OptionShape),
-        Shape::ResultOption => quote!(ResultOptionShape),
-        Shape::Plain => quote!(PlainShape),
-    };
-    // Spanned at the return type: a value that is not `Serialize +
-    // DeserializeOwned` is reported there.
-    let cached = respan(
-        quote!(#krate::__private::cached::<#krate::__private::#shape, _, _>),
-        ret_span,
-    );
-    let ttl = plan.ttl_millis;
-    let jitter = plan.jitter;
-    // The call's own tokens (path, parentheses, `.await`) all carry the return
-    // type's span; the body inside keeps the user's spans.
+    let callee = respan(callee, ret_span);
     let mut args = Group::new(
         Delimiter::Parenthesis,
         quote! {
-            #cache, &#site, #key, async move {
+            #leading_args async move {
                 #fake_return_edge
                 #(#stmts)*
             }
         },
     );
     args.set_span(ret_span);
-    let call = quote_spanned!(ret_span=> #cached #args .await);
+    quote_spanned!(ret_span=> #callee #args .await)
+}
 
+/// The user's function with a new body: `prelude` (keys, cache), then `call`.
+pub fn wrap(func: &AnnotatedFn, prelude: TokenStream, call: TokenStream) -> TokenStream {
+    let item = func.item;
+    let attrs = &item.attrs;
+    let vis = &item.vis;
+    let sig = &item.sig;
     quote! {
         #(#attrs)*
         #vis #sig {
-            static #site: #krate::__private::Site = #krate::__private::Site::new(
-                ::core::concat!(::core::module_path!(), "::", #name),
-                #ttl,
-                #jitter,
-            );
-            let #key = #key_call;
-            #cache_arg
+            #prelude
             #call
         }
     }
@@ -316,7 +461,7 @@ fn generics_used_by(generics: &Generics, types: &[&Type]) -> Generics {
 
 /// Gives every token the same span, so that rustc reports an error about the
 /// whole path there (a path of mixed spans is reported at the attribute).
-fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+pub fn respan(tokens: TokenStream, span: Span) -> TokenStream {
     tokens
         .into_iter()
         .map(|token| match token {
@@ -331,4 +476,142 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
             }
         })
         .collect()
+}
+
+/// `#[invalidates]` / `#[cache_put]`: render the targets' keys, then hand the
+/// body to the runtime, which updates the cache once the write succeeded.
+pub fn expand_write(plan: &WritePlan) -> TokenStream {
+    let func = &plan.func;
+    let krate = &plan.krate;
+    let name = func.name().to_string();
+    let site = Ident::new("REDIS_CACHED_SITE", Span::mixed_site());
+    let cache = Ident::new("cache", Span::mixed_site());
+    let cache_arg = cache_binding(&cache, plan.cache, krate);
+    let shape = shape_ident(func.output.shape);
+    let site_decl = quote! {
+        static #site: #krate::__private::Site = #krate::__private::Site::writer(
+            ::core::concat!(::core::module_path!(), "::", #name),
+        );
+    };
+    match plan.kind {
+        WriteKind::Invalidates => {
+            let keys_ident = Ident::new("keys", Span::mixed_site());
+            let keys = plan.targets.iter().map(|target| match target {
+                PlannedTarget::Call(expr) => {
+                    let call = key_fn_call(expr);
+                    quote!(#call.untyped())
+                }
+                PlannedTarget::Template { template, key } => {
+                    template_key(func, template, key, krate)
+                }
+            });
+            let call = body_call(
+                func,
+                quote!(#krate::__private::invalidating::<#krate::__private::#shape, _, _, _>),
+                quote!(#cache, &#site, #keys_ident,),
+            );
+            wrap(
+                func,
+                quote! {
+                    #site_decl
+                    let #keys_ident = [#(#keys),*];
+                    #cache_arg
+                },
+                call,
+            )
+        }
+        WriteKind::CachePut => {
+            let Some(PlannedTarget::Call(target)) = plan.targets.first() else {
+                return quote!();
+            };
+            // Located at the target: rustc reports a value type that differs
+            // from the target's (`expected CacheKey<Admin>, found
+            // CacheKey<User>`) where the user named the target.
+            let key = Ident::new("key", target.span().resolved_at(Span::mixed_site()));
+            let key_call = key_fn_call(target);
+            let unit: Type = syn::parse_quote!(());
+            let ret_ty = func.output.ty.unwrap_or(&unit);
+            let key_call = if contains_impl_trait(ret_ty) {
+                key_call
+            } else {
+                let check = respan(
+                    quote!(#krate::__private::put_key::<#krate::__private::#shape, #ret_ty>),
+                    target.span(),
+                );
+                quote_spanned!(target.span()=> #check(#key_call))
+            };
+            let call = body_call(
+                func,
+                quote!(#krate::__private::put::<#krate::__private::#shape, _, _>),
+                quote!(#cache, &#site, #key,),
+            );
+            wrap(
+                func,
+                quote! {
+                    #site_decl
+                    let #key = #key_call;
+                    #cache_arg
+                },
+                call,
+            )
+        }
+    }
+}
+
+/// `get_user(id)` → `get_user_cache_key(&(id))`, `self.org(o.id)` →
+/// `self.org_cache_key(&(o.id))`: each argument borrowed and spanned at the
+/// user's expression, so that rustc reports a wrong type there.
+fn key_fn_call(target: &Expr) -> TokenStream {
+    let borrowed = |args: &syn::punctuated::Punctuated<Expr, syn::Token![,]>| {
+        let args = args.iter().map(|arg| quote_spanned!(arg.span()=> &(#arg)));
+        quote!(#(#args),*)
+    };
+    match target {
+        Expr::Call(call) => {
+            let Expr::Path(path) = &*call.func else {
+                return quote!(#call);
+            };
+            let mut path = path.clone();
+            if let Some(last) = path.path.segments.last_mut() {
+                last.ident = generated_name(&last.ident);
+            }
+            let mut args = Group::new(Delimiter::Parenthesis, borrowed(&call.args));
+            args.set_span(call.paren_token.span.join());
+            quote!(#path #args)
+        }
+        Expr::MethodCall(call) => {
+            let receiver = &call.receiver;
+            let dot = &call.dot_token;
+            let method = generated_name(&call.method);
+            let turbofish = &call.turbofish;
+            let mut args = Group::new(Delimiter::Parenthesis, borrowed(&call.args));
+            args.set_span(call.paren_token.span.join());
+            quote!(#receiver #dot #method #turbofish #args)
+        }
+        other => quote!(#other),
+    }
+}
+
+/// `get_user` → `get_user_cache_key`, at the user's name: a typo is reported
+/// there as `cannot find function get_usr_cache_key`.
+fn generated_name(target: &Ident) -> Ident {
+    Ident::new(&key_fn_name(target).to_string(), target.span())
+}
+
+/// `#[invalidates(key = "...")]`: the key rendered from the writer's own
+/// parameters, as an untyped `CacheKey`.
+fn template_key(
+    func: &AnnotatedFn,
+    template: &Template,
+    key: &LitStr,
+    krate: &syn::Path,
+) -> TokenStream {
+    let builder = Ident::new("key", Span::mixed_site());
+    let capacity = template.literal_len() + 8 * template.placeholders().count() + 4;
+    let steps = key_steps(template, func, key, krate, &builder, ParamsAre::Owned);
+    quote! {{
+        let mut #builder = #krate::__private::KeyBuilder::new(#capacity, ::core::option::Option::None);
+        #(#steps)*
+        #builder.finish::<#krate::Untyped>(::core::option::Option::None)
+    }}
 }

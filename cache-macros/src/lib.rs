@@ -22,38 +22,102 @@ pub fn redis_cached(args: TokenStream, input: TokenStream) -> TokenStream {
     redis_cached_impl(args.into(), input.into()).into()
 }
 
+/// Deletes the cache entries of other functions once this write succeeded
+/// (`Ok`, or any value that is not a `Result`). See the `cache-runtime`
+/// documentation.
+#[proc_macro_attribute]
+pub fn invalidates(args: TokenStream, input: TokenStream) -> TokenStream {
+    write_impl(args::WriteKind::Invalidates, args.into(), input.into()).into()
+}
+
+/// Stores this write's returned value as a cached function's entry
+/// (write-through). See the `cache-runtime` documentation.
+#[proc_macro_attribute]
+pub fn cache_put(args: TokenStream, input: TokenStream) -> TokenStream {
+    write_impl(args::WriteKind::CachePut, args.into(), input.into()).into()
+}
+
 fn redis_cached_impl(
     args: proc_macro2::TokenStream,
     input: proc_macro2::TokenStream,
 ) -> proc_macro2::TokenStream {
-    let item: syn::ItemFn = match syn::parse2(input.clone()) {
+    let item = match parse_fn(input, "redis_cached") {
         Ok(item) => item,
-        Err(_) => {
-            let error = syn::Error::new(
-                proc_macro2::Span::call_site(),
-                "`#[redis_cached]` applies to an `async fn` with a body",
-            );
-            let error = error.into_compile_error();
-            return quote::quote!(#input #error);
-        }
+        Err(unchanged) => return unchanged,
     };
     let mut errors = ctxt::Errors::default();
     let args = args::Args::parse(args, &mut errors);
-    let func = ast::CachedFn::from_item(&item, &mut errors);
+    let func = ast::AnnotatedFn::from_item(&item);
     let plan = valid::validate(&args, func, &mut errors);
     match (errors.finish(), plan) {
         (Ok(()), Some(plan)) => expand::expand(&plan),
-        (Err(errors), _) => expand::fallback(&item, errors),
-        // Validation reports an error whenever it returns no plan; should that
-        // ever break, say so rather than panic inside the compiler.
-        (Ok(()), None) => expand::fallback(
-            &item,
-            syn::Error::new(
-                proc_macro2::Span::call_site(),
-                "internal error in #[redis_cached]: please report it",
-            ),
-        ),
+        (result, _) => expand::fallback(&item, internal_or(result, "redis_cached")),
     }
+}
+
+fn write_impl(
+    kind: args::WriteKind,
+    args: proc_macro2::TokenStream,
+    input: proc_macro2::TokenStream,
+) -> proc_macro2::TokenStream {
+    let mut item = match parse_fn(input, kind.attribute()) {
+        Ok(item) => item,
+        Err(unchanged) => return unchanged,
+    };
+    let mut errors = ctxt::Errors::default();
+    let mut write_args = args::WriteArgs::default();
+    write_args.parse(kind, args, &mut errors);
+    if kind == args::WriteKind::Invalidates {
+        // A repeated `#[invalidates(...)]` joins this one: one wrapper, one
+        // `DEL` of all the keys.
+        let (siblings, others) = std::mem::take(&mut item.attrs)
+            .into_iter()
+            .partition(|attr| is_attribute(attr, "invalidates"));
+        item.attrs = others;
+        for sibling in siblings {
+            match sibling.meta.require_list() {
+                Ok(list) => write_args.parse(kind, list.tokens.clone(), &mut errors),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    let func = ast::AnnotatedFn::from_item(&item);
+    let plan = valid::validate_write(kind, &write_args, func, &mut errors);
+    match (errors.finish(), plan) {
+        (Ok(()), Some(plan)) => expand::expand_write(&plan),
+        (result, _) => expand::fallback(&item, internal_or(result, kind.attribute())),
+    }
+}
+
+/// The annotated fn, or the input unchanged plus an error.
+fn parse_fn(
+    input: proc_macro2::TokenStream,
+    attribute: &str,
+) -> Result<syn::ItemFn, proc_macro2::TokenStream> {
+    syn::parse2(input.clone()).map_err(|_| {
+        let error = syn::Error::new(
+            proc_macro2::Span::call_site(),
+            format!("`#[{attribute}]` applies to an `async fn` with a body"),
+        )
+        .into_compile_error();
+        quote::quote!(#input #error)
+    })
+}
+
+/// Validation reports an error whenever it returns no plan; should that ever
+/// break, say so rather than panic inside the compiler.
+fn internal_or(result: Result<(), syn::Error>, attribute: &str) -> syn::Error {
+    result.err().unwrap_or_else(|| {
+        syn::Error::new(
+            proc_macro2::Span::call_site(),
+            format!("internal error in #[{attribute}]: please report it"),
+        )
+    })
+}
+
+/// `#[name(...)]` or `#[path::to::name(...)]`.
+fn is_attribute(attr: &syn::Attribute, name: &str) -> bool {
+    attr.path().segments.last().is_some_and(|s| s.ident == name)
 }
 
 #[cfg(test)]
@@ -107,6 +171,47 @@ mod expansion_snapshots {
                     D: Sync,
                 {
                     format!("{}:{id}", db.name())
+                }
+            },
+        ));
+    }
+
+    fn expand_write(
+        kind: crate::args::WriteKind,
+        args: proc_macro2::TokenStream,
+        item: proc_macro2::TokenStream,
+    ) -> String {
+        let output = super::write_impl(kind, args, item);
+        let file: syn::File = syn::parse2(output).expect("the expansion parses as items");
+        prettyplease::unparse(&file)
+    }
+
+    #[test]
+    fn invalidates_with_two_targets_and_a_repeated_attribute() {
+        insta::assert_snapshot!(expand_write(
+            crate::args::WriteKind::Invalidates,
+            quote!(
+                Self::get_user(user.id),
+                Self::by_email(&user.email),
+                cache = self.cache
+            ),
+            quote! {
+                #[invalidates(key = "user:<user.id>:friends", cache = self.cache)]
+                pub async fn save(&self, user: User) -> Result<(), DbError> {
+                    self.db.save(user).await
+                }
+            },
+        ));
+    }
+
+    #[test]
+    fn cache_put_checks_the_value_type_at_the_target() {
+        insta::assert_snapshot!(expand_write(
+            crate::args::WriteKind::CachePut,
+            quote!(get_user(id)),
+            quote! {
+                async fn rename(db: &Db, id: u64, name: String) -> Result<User, DbError> {
+                    db.rename(id, name).await
                 }
             },
         ));

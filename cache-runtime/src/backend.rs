@@ -38,10 +38,47 @@ impl Backend {
         }
     }
 
-    pub(crate) async fn delete(&self, key: &str) -> Result<bool, CacheError> {
+    pub(crate) async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl_millis: u64,
+    ) -> Result<bool, CacheError> {
         match self {
-            Backend::Redis(r) => r.delete(key).await,
-            Backend::Memory(m) => Ok(m.delete(key)),
+            Backend::Redis(r) => r.set_if_absent(key, value, ttl_millis).await,
+            Backend::Memory(m) => Ok(m.set_if_absent(key, value.to_vec(), ttl_millis)),
+        }
+    }
+
+    pub(crate) async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: Vec<u8>,
+        ttl_millis: u64,
+    ) -> Result<bool, CacheError> {
+        match self {
+            Backend::Redis(r) => r.compare_and_set(key, expected, &value, ttl_millis).await,
+            Backend::Memory(m) => Ok(m.compare_and_set(key, expected, value, ttl_millis)),
+        }
+    }
+
+    pub(crate) async fn compare_and_delete(
+        &self,
+        key: &str,
+        expected: &[u8],
+    ) -> Result<bool, CacheError> {
+        match self {
+            Backend::Redis(r) => r.compare_and_delete(key, expected).await,
+            Backend::Memory(m) => Ok(m.compare_and_delete(key, expected)),
+        }
+    }
+
+    /// Deletes keys; how many existed.
+    pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
+        match self {
+            Backend::Redis(r) => r.delete(keys).await,
+            Backend::Memory(m) => Ok(m.delete(keys)),
         }
     }
 }

@@ -7,10 +7,14 @@
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
+
+use crate::site::Site;
 
 /// Bytes that are escaped in rendered values: all but `A-Z a-z 0-9 - _ . ~`.
 const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
@@ -25,36 +29,113 @@ const NONE_MARK: &str = "%_";
 
 /// A rendered cache key, as `#[redis_cached]`'s generated `<fn>_cache_key`
 /// returns it. The cache's prefix, if any, is added when Redis is called.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CacheKey(String);
+///
+/// `V` is the type of the value cached under the key (`CacheKey<User>` for a
+/// function returning `Result<User, E>`), so that `#[cache_put]` cannot store
+/// a value of the wrong type; it is [`Untyped`] for keys written by hand.
+/// A key from a generated function also knows that function's TTL.
+pub struct CacheKey<V = Untyped> {
+    key: String,
+    site: Option<&'static Site>,
+    value: PhantomData<fn() -> V>,
+}
+
+/// The value type of a [`CacheKey`] that does not say what it holds: one
+/// written by hand, or one from [`CacheKey::untyped`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Untyped {}
 
 impl CacheKey {
     /// A key written by hand, used as is (no escaping): for keys that do not
     /// come from a template, e.g. `CacheKey::new("config:flags")`.
     pub fn new(key: impl Into<String>) -> Self {
-        CacheKey(key.into())
+        CacheKey {
+            key: key.into(),
+            site: None,
+            value: PhantomData,
+        }
     }
+}
 
+impl<V> CacheKey<V> {
     /// The key without the cache's prefix.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.key
     }
 
     /// The key as an owned string.
     pub fn into_string(self) -> String {
-        self.0
+        self.key
+    }
+
+    /// The same key without its value type, e.g. to keep keys of different
+    /// functions in one list.
+    pub fn untyped(self) -> CacheKey {
+        CacheKey {
+            key: self.key,
+            site: self.site,
+            value: PhantomData,
+        }
+    }
+
+    /// The generated function's static configuration, if the key came from one.
+    pub(crate) fn site(&self) -> Option<&'static Site> {
+        self.site
     }
 }
 
-impl fmt::Display for CacheKey {
+// By hand: derives would require `V` to implement each trait.
+impl<V> Clone for CacheKey<V> {
+    fn clone(&self) -> Self {
+        CacheKey {
+            key: self.key.clone(),
+            site: self.site,
+            value: PhantomData,
+        }
+    }
+}
+
+impl<V> fmt::Debug for CacheKey<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.debug_tuple("CacheKey").field(&self.key).finish()
     }
 }
 
-impl AsRef<str> for CacheKey {
+impl<V> PartialEq for CacheKey<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl<V> Eq for CacheKey<V> {}
+
+impl<V> Hash for CacheKey<V> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl<V> PartialOrd for CacheKey<V> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<V> Ord for CacheKey<V> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key.cmp(&other.key)
+    }
+}
+
+impl<V> fmt::Display for CacheKey<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key)
+    }
+}
+
+impl<V> AsRef<str> for CacheKey<V> {
     fn as_ref(&self) -> &str {
-        &self.0
+        &self.key
     }
 }
 
@@ -260,13 +341,16 @@ impl KeyPart for uuid::Uuid {
 #[doc(hidden)]
 pub struct KeyBuilder {
     buf: String,
+    site: Option<&'static Site>,
 }
 
 impl KeyBuilder {
-    /// A builder with room for `capacity` bytes.
-    pub fn new(capacity: usize) -> Self {
+    /// A builder with room for `capacity` bytes, for the function `site`
+    /// (none for an `#[invalidates(key = "...")]` template).
+    pub fn new(capacity: usize, site: Option<&'static Site>) -> Self {
         KeyBuilder {
             buf: String::with_capacity(capacity),
+            site,
         }
     }
 
@@ -281,11 +365,15 @@ impl KeyBuilder {
     }
 
     /// The finished key; `version = N` appends `:vN`.
-    pub fn finish(mut self, version: Option<u32>) -> CacheKey {
+    pub fn finish<V>(mut self, version: Option<u32>) -> CacheKey<V> {
         if let Some(version) = version {
             let _ = write!(self.buf, ":v{version}");
         }
-        CacheKey(self.buf)
+        CacheKey {
+            key: self.buf,
+            site: self.site,
+            value: PhantomData,
+        }
     }
 }
 
@@ -294,9 +382,9 @@ mod tests {
     use super::*;
 
     fn render<T: KeyPart + ?Sized>(value: &T) -> String {
-        let mut b = KeyBuilder::new(0);
+        let mut b = KeyBuilder::new(0, None);
         b.part(value);
-        b.finish(None).into_string()
+        b.finish::<Untyped>(None).into_string()
     }
 
     #[test]
@@ -338,10 +426,10 @@ mod tests {
 
     #[test]
     fn version_is_a_suffix() {
-        let mut b = KeyBuilder::new(0);
+        let mut b = KeyBuilder::new(0, None);
         b.literal("user:");
         b.part(&1u8);
-        assert_eq!(b.finish(Some(3)).as_str(), "user:1:v3");
+        assert_eq!(b.finish::<Untyped>(Some(3)).as_str(), "user:1:v3");
     }
 
     #[test]

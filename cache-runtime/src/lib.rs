@@ -43,6 +43,7 @@ mod cache;
 mod codec;
 mod error;
 mod key;
+mod lease;
 mod outcome;
 mod site;
 mod stats;
@@ -53,7 +54,7 @@ pub mod __private;
 pub use crate::cache::{Cache, CacheBuilder};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::error::CacheError;
-pub use crate::key::{CacheKey, KeyPart, KeyWriter};
+pub use crate::key::{CacheKey, KeyPart, KeyWriter, Untyped};
 pub use crate::stats::{Counts, Stats};
 
 /// Caches an `async fn`'s result (cache-aside).
@@ -74,11 +75,67 @@ pub use crate::stats::{Counts, Stats};
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |
 ///
-/// It also generates `<fn>_cache_key(&params…) -> CacheKey` with the same
+/// It also generates `<fn>_cache_key(&params…) -> CacheKey<V>` with the same
 /// visibility (an associated fn for methods): the one place the key is built.
+/// `V` is the cached value type (`User` for `Result<User, E>`). Parameters
+/// are taken by reference: `id: u64` as `&u64`, `name: &str` as `&str`.
+///
+/// A miss takes a lease on the key before it runs the body and stores the
+/// result only if no write invalidated the key meanwhile: see
+/// [`invalidates`].
 ///
 /// A missing `KeyPart` impl is reported at the parameter, a value that is not
 /// `Serialize + DeserializeOwned` at the return type.
 #[cfg(feature = "macros")]
 #[doc(inline)]
 pub use cache_macros::redis_cached;
+
+/// Deletes the entries of cached functions once this write succeeded.
+///
+/// ```text
+/// #[invalidates(get_user(id))]                          // a cached free fn
+/// #[invalidates(Self::get_user(user.id), Self::by_email(&user.email))]
+/// #[invalidates(self.get_user(id))]                     // its key reads <self.…>
+/// #[invalidates(crate::users::get_user(id), cache = self.cache)]
+/// #[invalidates(key = "user:<id>")]                     // a template over this fn's parameters
+/// ```
+///
+/// A target call names the cached function and passes it this function's
+/// values; it is compiled as a call of the generated `<fn>_cache_key`, so
+/// rustc rejects a function that does not exist and arguments of the wrong
+/// number or type. A template is checked like a `#[redis_cached]` key. Give
+/// several targets, or repeat the attribute.
+///
+/// Keys are rendered before the body runs. The keys are deleted after the
+/// body returns `Ok` (or any value that is not a `Result`); an `Err` deletes
+/// nothing. Deleting also removes a lease placeholder, so a reader that read
+/// the old data before this write cannot store it afterwards.
+///
+/// If the cache cannot be reached, the write still returns without waiting
+/// more than one op timeout; the deletion is retried in the background for
+/// a few seconds (`errors`, then `invalidations` or `lost_invalidations` in
+/// [`Stats`]). If it is lost, the TTL bounds how long the old value is served.
+#[cfg(feature = "macros")]
+#[doc(inline)]
+pub use cache_macros::invalidates;
+
+/// Stores this write's returned value as a cached function's entry
+/// (write-through), with that function's TTL, version and codec.
+///
+/// ```text
+/// #[cache_put(get_user(id))]
+/// async fn update_user(id: u64, name: String) -> Result<User, DbError> { ... }
+/// ```
+///
+/// The value is what `#[redis_cached]` would cache from this function's
+/// return type (`Ok` of a `Result`, `Some` of an `Option`); it must be the
+/// target's cached type, or rustc reports `expected CacheKey<A>, found
+/// CacheKey<B>` at the target. An `Err` stores nothing. If the store fails,
+/// the key is invalidated instead (retried in the background).
+///
+/// Two writers of one row that race may leave the earlier value (the later
+/// `SET` wins, not the later database write); prefer [`invalidates`] when
+/// writes to one entry can run concurrently.
+#[cfg(feature = "macros")]
+#[doc(inline)]
+pub use cache_macros::cache_put;

@@ -4,6 +4,31 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// Names the cached part of a return type, without requiring anything of
+/// it: the generated key function's `CacheKey<V>` names `V` this way, so a
+/// value that is not `Serialize` is reported once, at the cached call.
+#[doc(hidden)]
+pub trait ValueOf<R> {
+    /// The cached part of `R`.
+    type Value;
+}
+
+impl<T, E> ValueOf<Result<T, E>> for ResultShape {
+    type Value = T;
+}
+
+impl<T> ValueOf<Option<T>> for OptionShape {
+    type Value = T;
+}
+
+impl<T, E> ValueOf<Result<Option<T>, E>> for ResultOptionShape {
+    type Value = T;
+}
+
+impl<T> ValueOf<T> for PlainShape {
+    type Value = T;
+}
+
 /// Maps a return type `R` to the value that is stored and back.
 #[doc(hidden)]
 pub trait Outcome<R> {
@@ -69,5 +94,37 @@ impl<T: Serialize + DeserializeOwned> Outcome<T> for PlainShape {
     }
     fn from_hit(value: T) -> T {
         value
+    }
+}
+
+/// Whether a write function's result means the write happened, so that its
+/// keys are invalidated: `Ok` for `Result`s, any value otherwise.
+#[doc(hidden)]
+pub trait Completion<R> {
+    /// The write succeeded.
+    fn succeeded(result: &R) -> bool;
+}
+
+impl<T, E> Completion<Result<T, E>> for ResultShape {
+    fn succeeded(result: &Result<T, E>) -> bool {
+        result.is_ok()
+    }
+}
+
+impl<T, E> Completion<Result<T, E>> for ResultOptionShape {
+    fn succeeded(result: &Result<T, E>) -> bool {
+        result.is_ok()
+    }
+}
+
+impl<R> Completion<R> for OptionShape {
+    fn succeeded(_: &R) -> bool {
+        true
+    }
+}
+
+impl<R> Completion<R> for PlainShape {
+    fn succeeded(_: &R) -> bool {
+        true
     }
 }

@@ -19,6 +19,12 @@ impl Site {
         }
     }
 
+    /// A write function (`#[invalidates]`, `#[cache_put]`): it has a name for
+    /// its statistics; what it stores takes the target's TTL.
+    pub const fn writer(name: &'static str) -> Self {
+        Site::new(name, 1, 0.0)
+    }
+
     /// `module::path::fn_name`.
     pub fn name(&self) -> &'static str {
         self.name

@@ -17,6 +17,8 @@ pub(crate) enum Event {
     Bypass,
     Set,
     Invalidation,
+    DroppedSet,
+    LostInvalidation,
 }
 
 #[derive(Debug, Default)]
@@ -29,10 +31,12 @@ pub(crate) struct Counters {
     bypasses: AtomicU64,
     sets: AtomicU64,
     invalidations: AtomicU64,
+    dropped_sets: AtomicU64,
+    lost_invalidations: AtomicU64,
 }
 
 impl Counters {
-    fn bump(&self, event: Event) {
+    fn bump(&self, event: Event, n: u64) {
         let counter = match event {
             Event::Hit => &self.hits,
             Event::Miss => &self.misses,
@@ -40,8 +44,10 @@ impl Counters {
             Event::Bypass => &self.bypasses,
             Event::Set => &self.sets,
             Event::Invalidation => &self.invalidations,
+            Event::DroppedSet => &self.dropped_sets,
+            Event::LostInvalidation => &self.lost_invalidations,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Counts {
@@ -55,12 +61,15 @@ impl Counters {
             bypasses: load(&self.bypasses),
             sets: load(&self.sets),
             invalidations: load(&self.invalidations),
+            dropped_sets: load(&self.dropped_sets),
+            lost_invalidations: load(&self.lost_invalidations),
         }
     }
 }
 
 /// Counters of one function, or of the whole cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Counts {
     /// Calls answered from the cache.
     pub hits: u64,
@@ -77,8 +86,16 @@ pub struct Counts {
     pub bypasses: u64,
     /// Values written to the cache.
     pub sets: u64,
-    /// Keys deleted by invalidation.
+    /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`),
+    /// and values replaced by `#[cache_put]`.
     pub invalidations: u64,
+    /// Computed values that were not stored because a write invalidated the
+    /// key while they were being computed: each one is a stale value that
+    /// the lease kept out of the cache.
+    pub dropped_sets: u64,
+    /// Invalidations given up after their retries failed (cache down): the
+    /// entries stay until their TTL.
+    pub lost_invalidations: u64,
 }
 
 impl Counts {
@@ -103,6 +120,8 @@ impl Counts {
         self.bypasses += other.bypasses;
         self.sets += other.sets;
         self.invalidations += other.invalidations;
+        self.dropped_sets += other.dropped_sets;
+        self.lost_invalidations += other.lost_invalidations;
     }
 }
 
@@ -147,18 +166,23 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     pub(crate) fn record(&self, site: Option<&'static Site>, event: Event) {
-        self.total.bump(event);
+        self.record_n(site, event, 1);
+    }
+
+    pub(crate) fn record_n(&self, site: Option<&'static Site>, event: Event, n: usize) {
+        let n = n as u64;
+        self.total.bump(event, n);
         if let Some(site) = site {
             let addr = std::ptr::from_ref(site) as usize;
             if let Some(entry) = self.sites.get(&addr) {
-                entry.1.bump(event);
+                entry.1.bump(event, n);
                 return;
             }
             let entry = self
                 .sites
                 .entry(addr)
                 .or_insert_with(|| (site.name(), Arc::default()));
-            entry.1.bump(event);
+            entry.1.bump(event, n);
         }
     }
 

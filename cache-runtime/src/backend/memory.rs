@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::Expiry;
+use moka::ops::compute::{CompResult, Op};
 
 #[derive(Clone)]
 struct Entry {
@@ -61,15 +62,76 @@ impl MemoryBackend {
         self.entries.get(key).map(|e| e.bytes.to_vec())
     }
 
+    // Every write goes through `and_compute_with`, moka's per-key lock, so
+    // that a compare-and-set and a delete of one key never interleave (plain
+    // `insert` and `remove` do not take that lock).
+
     pub(crate) fn set(&self, key: &str, value: Vec<u8>, ttl_millis: u64) {
-        let entry = Entry {
-            bytes: value.into(),
-            ttl: Duration::from_millis(ttl_millis),
-        };
-        self.entries.insert(key.to_owned(), entry);
+        self.compute(key, |_| Op::Put(Entry::new(value, ttl_millis)));
     }
 
-    pub(crate) fn delete(&self, key: &str) -> bool {
-        self.entries.remove(key).is_some()
+    /// Like `SET NX PX`; an expired entry counts as absent.
+    pub(crate) fn set_if_absent(&self, key: &str, value: Vec<u8>, ttl_millis: u64) -> bool {
+        let outcome = self.compute(key, |current| match current {
+            None => Op::Put(Entry::new(value, ttl_millis)),
+            Some(_) => Op::Nop,
+        });
+        matches!(outcome, CompResult::Inserted(_))
+    }
+
+    /// Replaces the value only if the key holds `expected`.
+    pub(crate) fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: Vec<u8>,
+        ttl_millis: u64,
+    ) -> bool {
+        let outcome = self.compute(key, |current| match current {
+            Some(current) if *current.bytes == *expected => Op::Put(Entry::new(value, ttl_millis)),
+            _ => Op::Nop,
+        });
+        matches!(outcome, CompResult::ReplacedWith(_))
+    }
+
+    /// Removes the key only if it holds `expected`.
+    pub(crate) fn compare_and_delete(&self, key: &str, expected: &[u8]) -> bool {
+        let outcome = self.compute(key, |current| match current {
+            Some(current) if *current.bytes == *expected => Op::Remove,
+            _ => Op::Nop,
+        });
+        matches!(outcome, CompResult::Removed(_))
+    }
+
+    pub(crate) fn delete(&self, keys: &[String]) -> u64 {
+        let removed = keys.iter().filter(|key| {
+            matches!(
+                self.compute(key, |current| match current {
+                    Some(_) => Op::Remove,
+                    None => Op::Nop,
+                }),
+                CompResult::Removed(_)
+            )
+        });
+        removed.count() as u64
+    }
+
+    fn compute(
+        &self,
+        key: &str,
+        decide: impl FnOnce(Option<&Entry>) -> Op<Entry>,
+    ) -> CompResult<String, Entry> {
+        self.entries
+            .entry_by_ref(key)
+            .and_compute_with(|current| decide(current.as_ref().map(moka::Entry::value)))
+    }
+}
+
+impl Entry {
+    fn new(bytes: Vec<u8>, ttl_millis: u64) -> Entry {
+        Entry {
+            bytes: bytes.into(),
+            ttl: Duration::from_millis(ttl_millis),
+        }
     }
 }

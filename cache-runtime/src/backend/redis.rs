@@ -3,9 +3,34 @@
 
 use std::time::Duration;
 
+use std::sync::LazyLock;
+
+use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::CacheError;
+
+/// Stores a computed value only if the key still holds the caller's lease
+/// placeholder: a `DEL` (invalidation) or another value in the meantime wins.
+static COMPARE_AND_SET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+              return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+          end
+          return false",
+    )
+});
+
+/// Gives a lease back (the body failed): deletes the key only if it still
+/// holds the caller's placeholder.
+static COMPARE_AND_DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+              return redis.call('DEL', KEYS[1])
+          end
+          return 0",
+    )
+});
 
 #[derive(Clone)]
 pub(crate) struct RedisBackend {
@@ -64,9 +89,60 @@ impl RedisBackend {
         Ok(())
     }
 
-    pub(crate) async fn delete(&self, key: &str) -> Result<bool, CacheError> {
+    /// `SET key value NX PX ttl`: whether the key was absent and is now set.
+    pub(crate) async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl_millis: u64,
+    ) -> Result<bool, CacheError> {
         let mut conn = self.conn.clone();
-        let deleted: u64 = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+        let reply: Option<()> = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_millis)
+            .query_async(&mut conn)
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    pub(crate) async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl_millis: u64,
+    ) -> Result<bool, CacheError> {
+        let mut conn = self.conn.clone();
+        let reply: Option<()> = COMPARE_AND_SET
+            .key(key)
+            .arg(expected)
+            .arg(value)
+            .arg(ttl_millis)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(reply.is_some())
+    }
+
+    pub(crate) async fn compare_and_delete(
+        &self,
+        key: &str,
+        expected: &[u8],
+    ) -> Result<bool, CacheError> {
+        let mut conn = self.conn.clone();
+        let deleted: u64 = COMPARE_AND_DELETE
+            .key(key)
+            .arg(expected)
+            .invoke_async(&mut conn)
+            .await?;
         Ok(deleted > 0)
+    }
+
+    /// `DEL` of several keys in one round trip; how many existed.
+    pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("DEL").arg(keys).query_async(&mut conn).await?)
     }
 }

@@ -33,7 +33,7 @@ impl Users {
 #[tokio::main]
 async fn main() {
     let users = Users { tenant: "acme".into(), cache: Cache::memory() };
-    let key: CacheKey = users.get_user_cache_key(&1);
+    let key: CacheKey<String> = users.get_user_cache_key(&1);
     assert_eq!(key.as_str(), "tenant:acme:user:1");
     assert_eq!(Users::count_cache_key().as_str(), "count");
     assert_eq!(users.get_user(1).await.as_deref(), Some("acme/1"));

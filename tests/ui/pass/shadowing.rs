@@ -24,6 +24,16 @@ async fn maybe(id: u64) -> ::core::option::Option<u64> {
     ::core::option::Option::Some(id)
 }
 
+#[::cache_runtime::invalidates(get_user(id), key = "user:<id>")]
+async fn rename(id: u64) -> ::core::result::Result<(), ()> {
+    ::core::result::Result::Ok(())
+}
+
+#[::cache_runtime::cache_put(get_user(id))]
+async fn put(id: u64) -> ::core::result::Result<u64, ()> {
+    ::core::result::Result::Ok(id)
+}
+
 fn main() {
     let _ = get_user_cache_key(&1);
     let _ = maybe_cache_key(&1);
