@@ -110,6 +110,44 @@ mod tests {
         assert_eq!(inspect(expired.as_bytes()), Stored::Stray);
     }
 
+    proptest::proptest! {
+        /// No encoded value, of any codec, is ever taken for a placeholder
+        /// (which would turn a hit into a miss that never stores).
+        #[test]
+        fn no_encoded_value_looks_like_a_lease(
+            text in ".*",
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            number in proptest::prop_oneof![-3i64..3, proptest::num::i64::ANY],
+            pairs in proptest::collection::vec((".*", 0u64..3), 0..4),
+            maybe in proptest::option::of(".*"),
+        ) {
+            let codecs = [
+                crate::Codec::Json,
+                #[cfg(feature = "msgpack")]
+                crate::Codec::MessagePack,
+            ];
+            for codec in codecs {
+                let encoded = [
+                    codec.encode(&text).unwrap(),
+                    codec.encode(&bytes).unwrap(),
+                    codec.encode(&number).unwrap(),
+                    codec.encode(&pairs).unwrap(),
+                    codec.encode(&maybe).unwrap(),
+                    codec.encode(&(number, &text)).unwrap(),
+                ];
+                for value in encoded {
+                    proptest::prop_assert_eq!(inspect(&value), Stored::Value, "{:?}", codec);
+                }
+            }
+        }
+
+        #[test]
+        fn every_placeholder_is_a_live_lease(millis in 1u64..86_400_000) {
+            let lease = Lease::new(Duration::from_millis(millis));
+            proptest::prop_assert_eq!(inspect(lease.placeholder()), Stored::Leased);
+        }
+    }
+
     #[test]
     fn values_are_values() {
         for bytes in [&b""[..], b"\0", b"0", b"{\"a\":1}", b"\"\\u0000lease:\""] {
