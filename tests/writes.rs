@@ -424,3 +424,27 @@ async fn a_stalled_invalidation_is_retried_in_the_background() {
     assert_eq!(exists, 0);
     assert_eq!(users.get_user(1).await.unwrap().name, "Paused");
 }
+
+#[tokio::test]
+async fn writes_honour_the_cache_prefix() {
+    let server = RedisServer::start();
+    let cache = Cache::builder()
+        .url(server.url())
+        .prefix("app")
+        .build()
+        .await
+        .unwrap();
+    let users = Users::new(cache);
+    let mut conn = raw_connection(&server).await;
+    users.get_user(1).await.unwrap();
+    let exists: u64 = raw(&mut conn, &[b"EXISTS", b"app:user:1"]).await;
+    assert_eq!(exists, 1);
+    users.rename(1, "Pre".into()).await.unwrap();
+    let exists: u64 = raw(&mut conn, &[b"EXISTS", b"app:user:1"]).await;
+    assert_eq!(exists, 0, "the prefixed key was deleted");
+    users.set_name(2, "Put".into()).await.unwrap();
+    let stored: String = raw(&mut conn, &[b"GET", b"app:user:2"]).await;
+    assert!(stored.contains("\"Put\""), "{stored}");
+    let ttl: i64 = raw(&mut conn, &[b"TTL", b"app:user:2"]).await;
+    assert!((55..=60).contains(&ttl), "the target's TTL: {ttl}");
+}
