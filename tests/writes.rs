@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_harness::{RedisServer, on_both_backends, raw, raw_connection};
-use cache_runtime::{Cache, cache_put, invalidates, redis_cached};
+use cache_runtime::{Cache, CacheBuilder, Counts, cache_put, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -283,6 +283,32 @@ on_both_backends!(
     a_failed_body_releases_its_lease,
 );
 
+/// `Users` on a cache of `server`, configured by `configure`.
+async fn users_on(
+    server: &RedisServer,
+    configure: impl FnOnce(CacheBuilder) -> CacheBuilder,
+) -> Users {
+    let builder = configure(Cache::builder().url(server.url()));
+    Users::new(builder.build().await.unwrap())
+}
+
+/// Polls the writer's counters every 50 ms until `settled` holds (or 15 s
+/// pass); returns them and how long it took.
+async fn writer_stats_once(
+    users: &Users,
+    writer: &str,
+    settled: impl Fn(&Counts) -> bool,
+) -> (Counts, Duration) {
+    let started = Instant::now();
+    loop {
+        let counts = users.cache.stats().function(writer).unwrap();
+        if settled(&counts) || started.elapsed() > Duration::from_secs(15) {
+            return (counts, started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn another_callers_lease_is_respected_and_a_stray_one_overwritten() {
     let server = RedisServer::start();
@@ -341,13 +367,7 @@ async fn a_cancelled_miss_gives_its_lease_back() {
 #[tokio::test]
 async fn a_write_while_redis_is_down_succeeds_without_waiting() {
     let mut server = RedisServer::start();
-    let cache = Cache::builder()
-        .url(server.url())
-        .op_timeout(Duration::from_millis(100))
-        .build()
-        .await
-        .unwrap();
-    let users = Users::new(cache);
+    let users = users_on(&server, |b| b.op_timeout(Duration::from_millis(100))).await;
     users.get_user(1).await.unwrap();
     server.stop();
 
@@ -361,19 +381,10 @@ async fn a_write_while_redis_is_down_succeeds_without_waiting() {
     assert!(users.cache.stats().function("rename").unwrap().errors >= 1);
 
     // Redis stays down: the background retries give up and say so.
-    let started = Instant::now();
-    let writer = loop {
-        let writer = users.cache.stats().function("rename").unwrap();
-        if writer.lost_invalidations > 0 || started.elapsed() > Duration::from_secs(15) {
-            break writer;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (writer, waited) = writer_stats_once(&users, "rename", |c| c.lost_invalidations > 0).await;
     println!(
-        "retries gave up after {:?}: errors {} lost_invalidations {}",
-        started.elapsed(),
-        writer.errors,
-        writer.lost_invalidations
+        "retries gave up after {waited:?}: errors {} lost_invalidations {}",
+        writer.errors, writer.lost_invalidations
     );
     assert_eq!((writer.invalidations, writer.lost_invalidations), (0, 1));
 }
@@ -381,13 +392,7 @@ async fn a_write_while_redis_is_down_succeeds_without_waiting() {
 #[tokio::test]
 async fn a_stalled_invalidation_is_retried_in_the_background() {
     let server = RedisServer::start();
-    let cache = Cache::builder()
-        .url(server.url())
-        .op_timeout(Duration::from_millis(100))
-        .build()
-        .await
-        .unwrap();
-    let users = Users::new(cache);
+    let users = users_on(&server, |b| b.op_timeout(Duration::from_millis(100))).await;
     users.get_user(1).await.unwrap();
     let mut conn = raw_connection(&server).await;
     let key = Users::get_user_cache_key(&1).into_string();
@@ -402,21 +407,12 @@ async fn a_stalled_invalidation_is_retried_in_the_background() {
 
     // The timed-out `DEL` may itself land when the pause ends (Redis queued
     // it); the background retry must succeed either way.
-    let mut polls = 0;
-    let writer = loop {
-        let writer = users.cache.stats().function("rename").unwrap();
-        if writer.invalidations + writer.lost_invalidations > 0 {
-            break writer;
-        }
-        polls += 1;
-        assert!(
-            polls < 200,
-            "the invalidation was neither retried nor given up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (writer, waited) = writer_stats_once(&users, "rename", |c| {
+        c.invalidations + c.lost_invalidations > 0
+    })
+    .await;
     println!(
-        "invalidation retried in the background: settled after {polls} polls of 50 ms; errors {} invalidations {} lost {}",
+        "invalidation retried in the background: settled after {waited:?}; errors {} invalidations {} lost {}",
         writer.errors, writer.invalidations, writer.lost_invalidations
     );
     assert_eq!((writer.invalidations, writer.lost_invalidations), (1, 0));
@@ -428,13 +424,7 @@ async fn a_stalled_invalidation_is_retried_in_the_background() {
 #[tokio::test]
 async fn writes_honour_the_cache_prefix() {
     let server = RedisServer::start();
-    let cache = Cache::builder()
-        .url(server.url())
-        .prefix("app")
-        .build()
-        .await
-        .unwrap();
-    let users = Users::new(cache);
+    let users = users_on(&server, |b| b.prefix("app")).await;
     let mut conn = raw_connection(&server).await;
     users.get_user(1).await.unwrap();
     let exists: u64 = raw(&mut conn, &[b"EXISTS", b"app:user:1"]).await;
