@@ -13,7 +13,27 @@ use syn::{Expr, ExprLit, Ident, Lit, LitStr, Path, Token};
 
 use crate::ctxt::{Errors, did_you_mean, hint};
 
-const ARGUMENTS: &[&str] = &["key", "ttl", "skip", "jitter", "version", "cache", "crate"];
+const ARGUMENTS: &[&str] = &[
+    "key",
+    "ttl",
+    "skip",
+    "jitter",
+    "single_flight",
+    "stale",
+    "early_refresh",
+    "version",
+    "cache",
+    "crate",
+];
+
+/// `single_flight` / `single_flight = "distributed"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SingleFlight {
+    #[default]
+    Off,
+    Local,
+    Distributed,
+}
 
 /// `ttl = 60` or `ttl = "5m"`, in milliseconds.
 pub struct Ttl {
@@ -28,6 +48,11 @@ pub struct Args {
     pub ttl: Option<Ttl>,
     pub skip: Vec<Ident>,
     pub jitter: Option<f64>,
+    pub single_flight: SingleFlight,
+    /// `stale = "30s"`, in milliseconds.
+    pub stale_millis: Option<u64>,
+    /// `early_refresh` (β = 1) or `early_refresh = β`.
+    pub early_refresh: Option<f64>,
     pub version: Option<u32>,
     pub cache: Option<Expr>,
     pub krate: Option<Path>,
@@ -63,7 +88,7 @@ impl Args {
             }
             match name.as_str() {
                 "key" => args.key = Some(meta.value()?.parse()?),
-                "ttl" => args.ttl = parse_ttl(&meta.value()?.parse()?, errors),
+                "ttl" => args.ttl = parse_duration("ttl", &meta.value()?.parse()?, errors),
                 "skip" => {
                     let content;
                     syn::parenthesized!(content in meta.input);
@@ -74,6 +99,35 @@ impl Args {
                     args.skip.extend(names);
                 }
                 "jitter" => args.jitter = parse_jitter(&meta.value()?.parse()?, errors),
+                "single_flight" => {
+                    args.single_flight = if meta.input.peek(Token![=]) {
+                        let mode: LitStr = meta.value()?.parse()?;
+                        match mode.value().as_str() {
+                            "local" => SingleFlight::Local,
+                            "distributed" => SingleFlight::Distributed,
+                            _ => {
+                                errors.spanned(
+                                    &mode,
+                                    "`single_flight` is a flag, or `single_flight = \"distributed\"` to share one computation across processes (`\"local\"` is the flag's meaning)",
+                                );
+                                SingleFlight::Local
+                            }
+                        }
+                    } else {
+                        SingleFlight::Local
+                    };
+                }
+                "stale" => {
+                    args.stale_millis =
+                        parse_duration("stale", &meta.value()?.parse()?, errors).map(|t| t.millis);
+                }
+                "early_refresh" => {
+                    args.early_refresh = if meta.input.peek(Token![=]) {
+                        parse_beta(&meta.value()?.parse()?, errors)
+                    } else {
+                        Some(1.0)
+                    };
+                }
                 "version" => {
                     let lit: syn::LitInt = meta.value()?.parse()?;
                     match lit.base10_parse::<u32>() {
@@ -131,9 +185,11 @@ fn skip_value(input: ParseStream) -> syn::Result<()> {
     Ok(())
 }
 
-const TTL_HELP: &str = "help: write whole seconds (`ttl = 60`) or a duration string (`ttl = \"5m\"`, `ttl = \"1h 30m\"`)";
-
-fn parse_ttl(expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
+/// `ttl = 60`, `stale = "30s"`: whole seconds or a duration string, never 0.
+fn parse_duration(name: &str, expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
+    let help = format!(
+        "help: write whole seconds (`{name} = 60`) or a duration string (`{name} = \"5m\"`, `{name} = \"1h 30m\"`)"
+    );
     let duration = match expr {
         Expr::Lit(ExprLit {
             lit: Lit::Int(int), ..
@@ -142,7 +198,7 @@ fn parse_ttl(expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
             Err(_) => {
                 errors.spanned(
                     int,
-                    format!("`ttl` is not a valid number of seconds\n{TTL_HELP}"),
+                    format!("`{name}` is not a valid number of seconds\n{help}"),
                 );
                 return None;
             }
@@ -154,7 +210,7 @@ fn parse_ttl(expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
             Err(e) => {
                 errors.spanned(
                     s,
-                    format!("`ttl = {:?}` is not a duration: {e}\n{TTL_HELP}", s.value()),
+                    format!("`{name} = {:?}` is not a duration: {e}\n{help}", s.value()),
                 );
                 return None;
             }
@@ -162,26 +218,54 @@ fn parse_ttl(expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
         other => {
             errors.spanned(
                 other,
-                format!("`ttl` must be an integer literal or a string literal\n{TTL_HELP}"),
+                format!("`{name}` must be an integer literal or a string literal\n{help}"),
             );
             return None;
         }
     };
     let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     if millis == 0 {
-        errors.spanned(
-            expr,
+        let message = if name == "ttl" {
             "`ttl` must be at least 1 ms: an entry that never expires stays stale forever, and 0 would cache nothing\n\
-             help: pick how long a stale answer is acceptable, e.g. `ttl = 60`",
-        );
+             help: pick how long a stale answer is acceptable, e.g. `ttl = 60`"
+                .to_owned()
+        } else {
+            format!("`{name}` must be at least 1 ms\nhelp: leave it out to turn it off")
+        };
+        errors.spanned(expr, message);
         return None;
     }
     // Redis stores expiry as a signed 64-bit millisecond timestamp.
-    if millis > i64::MAX as u64 / 2 {
-        errors.spanned(expr, format!("`ttl` is too large\n{TTL_HELP}"));
+    if millis > i64::MAX as u64 / 4 {
+        errors.spanned(expr, format!("`{name}` is too large\n{help}"));
         return None;
     }
     Some(Ttl { millis })
+}
+
+/// XFetch's β: how eagerly to recompute before expiry (1 is the paper's
+/// choice; more is earlier).
+fn parse_beta(expr: &Expr, errors: &mut Errors) -> Option<f64> {
+    let value = match expr {
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(f), ..
+        }) => f.base10_parse::<f64>().ok(),
+        Expr::Lit(ExprLit {
+            lit: Lit::Int(i), ..
+        }) => i.base10_parse::<u32>().ok().map(f64::from),
+        _ => None,
+    };
+    match value {
+        Some(v) if v > 0.0 && v <= 100.0 => Some(v),
+        _ => {
+            errors.spanned(
+                expr,
+                "`early_refresh = β` takes a number above 0 (at most 100)\n\
+                 help: `early_refresh` alone means β = 1; larger β refreshes earlier",
+            );
+            None
+        }
+    }
 }
 
 fn parse_jitter(expr: &Expr, errors: &mut Errors) -> Option<f64> {

@@ -11,7 +11,7 @@ use syn::{
     Expr, GenericParam, Generics, Ident, ItemFn, LitStr, ReceiverKind, Type, WherePredicate,
 };
 
-use crate::args::WriteKind;
+use crate::args::{SingleFlight, WriteKind};
 use crate::ast::{AnnotatedFn, Param, Shape};
 use crate::template::{Segment, Template};
 use crate::valid::{Plan, PlannedTarget, WritePlan};
@@ -78,6 +78,14 @@ fn key_fn(plan: &Plan) -> TokenStream {
     let fn_name = func.name().to_string();
     let ttl = plan.ttl_millis;
     let jitter = plan.jitter;
+    let single_flight = match plan.single_flight {
+        SingleFlight::Off => None,
+        SingleFlight::Local => Some(quote!(Local)),
+        SingleFlight::Distributed => Some(quote!(Distributed)),
+    }
+    .map(|mode| quote!(.single_flight(#krate::__private::SingleFlight::#mode)));
+    let stale = plan.stale_millis.map(|millis| quote!(.stale(#millis)));
+    let early_refresh = plan.early_refresh.map(|beta| quote!(.early_refresh(#beta)));
     quote! {
         #[doc = #doc]
         #[must_use]
@@ -89,7 +97,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
                 ::core::concat!(::core::module_path!(), "::", #fn_name),
                 #ttl,
                 #jitter,
-            );
+            )#single_flight #stale #early_refresh;
             let mut #builder = #krate::__private::KeyBuilder::new(
                 #capacity,
                 ::core::option::Option::Some(&#site),

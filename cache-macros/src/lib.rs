@@ -161,6 +161,24 @@ mod expansion_snapshots {
     }
 
     #[test]
+    fn stampede_arguments_configure_the_site() {
+        insta::assert_snapshot!(expand(
+            quote!(
+                key = "report:<id>",
+                ttl = 60,
+                single_flight = "distributed",
+                stale = "30s",
+                early_refresh = 1.5
+            ),
+            quote! {
+                async fn report(id: u64) -> Report {
+                    build_report(id).await
+                }
+            },
+        ));
+    }
+
+    #[test]
     fn generic_function_keeps_only_the_generics_the_key_needs() {
         insta::assert_snapshot!(expand(
             quote!(key = "label:<id>", ttl = 60, skip(db)),

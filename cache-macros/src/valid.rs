@@ -5,7 +5,7 @@
 use proc_macro2::Span;
 use syn::{Expr, Ident, LitStr, Path};
 
-use crate::args::{Args, Target, WriteArgs, WriteKind};
+use crate::args::{Args, SingleFlight, Target, WriteArgs, WriteKind};
 use crate::ast::{AnnotatedFn, Param};
 use crate::ctxt::{Errors, did_you_mean, hint};
 use crate::template::{self, Template};
@@ -17,6 +17,9 @@ pub struct Plan<'a> {
     pub key: &'a LitStr,
     pub ttl_millis: u64,
     pub jitter: f64,
+    pub single_flight: SingleFlight,
+    pub stale_millis: Option<u64>,
+    pub early_refresh: Option<f64>,
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
@@ -114,6 +117,9 @@ pub fn validate<'a>(
         key,
         ttl_millis: ttl.millis,
         jitter: args.jitter.unwrap_or(0.0),
+        single_flight: args.single_flight,
+        stale_millis: args.stale_millis,
+        early_refresh: args.early_refresh,
         version: args.version,
         cache: args.cache.as_ref(),
         krate: args

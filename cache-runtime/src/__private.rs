@@ -9,7 +9,7 @@ pub use crate::key::KeyBuilder;
 pub use crate::outcome::{
     Completion, OptionShape, Outcome, PlainShape, ResultOptionShape, ResultShape, ValueOf,
 };
-pub use crate::site::Site;
+pub use crate::site::{SingleFlight, Site};
 use crate::{Cache, CacheKey};
 
 /// The body of every `#[redis_cached]` function: serve `key` from `cache`

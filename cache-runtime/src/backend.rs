@@ -50,6 +50,7 @@ impl Backend {
         }
     }
 
+    /// Sets `value` only if the stored value starts with `expected`.
     pub(crate) async fn compare_and_set(
         &self,
         key: &str,

@@ -11,9 +11,8 @@ use crate::backend::{Backend, MemoryBackend, RedisBackend};
 use crate::breaker::{Breaker, Permit};
 use crate::codec::Codec;
 use crate::error::CacheError;
+use crate::flight::Flights;
 use crate::key::CacheKey;
-use crate::lease::{self, Lease, Stored};
-use crate::outcome::Outcome;
 use crate::site::Site;
 use crate::stats::{Event, Recorder, Stats};
 
@@ -49,18 +48,19 @@ static INSTALLED: RwLock<Option<Cache>> = RwLock::new(None);
 /// ```
 #[derive(Clone, Debug)]
 pub struct Cache {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    backend: Backend,
+pub(crate) struct Inner {
+    pub(crate) backend: Backend,
     prefix: Option<String>,
     op_timeout: Duration,
-    lease: Duration,
-    codec: Codec,
-    breaker: Breaker,
-    stats: Recorder,
+    pub(crate) lease: Duration,
+    pub(crate) codec: Codec,
+    pub(crate) breaker: Breaker,
+    pub(crate) stats: Recorder,
+    pub(crate) flights: Flights,
 }
 
 /// Configures a [`Cache`]; from [`Cache::builder`].
@@ -189,6 +189,7 @@ impl CacheBuilder {
                 codec: self.codec,
                 breaker,
                 stats: Recorder::default(),
+                flights: Flights::default(),
             }),
         }
     }
@@ -287,7 +288,7 @@ impl Cache {
     /// Runs a backend operation under the op timeout and feeds the circuit
     /// breaker. Only unavailability (I/O, timeout) counts against Redis; an
     /// error reply such as `OOM` or `WRONGTYPE` does not.
-    async fn guarded<T>(
+    pub(crate) async fn guarded<T>(
         &self,
         permit: Permit,
         operation: impl Future<Output = Result<T, CacheError>>,
@@ -323,177 +324,6 @@ impl Cache {
             inner.breaker.record_success();
         }
         outcome
-    }
-
-    /// Cache-aside with a lease: `GET`; on a hit decode and return. On a miss
-    /// take the lease, run `body`, and store what it returns only if no write
-    /// invalidated the key meanwhile (see [`crate::lease`]). Any cache
-    /// failure runs `body` and is counted, never returned.
-    pub(crate) async fn get_or_compute<S, R, F>(
-        &self,
-        site: &'static Site,
-        redis_key: String,
-        body: F,
-    ) -> R
-    where
-        S: Outcome<R>,
-        F: Future<Output = R>,
-    {
-        let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            inner.stats.record(Some(site), Event::Bypass);
-            return body.await;
-        }
-        let claim = match self.guarded(permit, inner.backend.get(&redis_key)).await {
-            Ok(Some(bytes)) => match lease::inspect(&bytes) {
-                Stored::Value => match inner.codec.decode::<S::Value>(&bytes) {
-                    Ok(value) => {
-                        inner.stats.record(Some(site), Event::Hit);
-                        return S::from_hit(value);
-                    }
-                    Err(error) => {
-                        inner.stats.record(Some(site), Event::Error);
-                        tracing::warn!(key = %redis_key, %error, "undecodable cache entry: recomputing and overwriting it");
-                        Claim::Overwrite
-                    }
-                },
-                // Someone else holds the lease and will store the value.
-                Stored::Leased => Claim::Nothing,
-                Stored::Stray => {
-                    inner.stats.record(Some(site), Event::Error);
-                    tracing::warn!(key = %redis_key, "stray lease placeholder without expiry: recomputing and overwriting it");
-                    Claim::Overwrite
-                }
-            },
-            Ok(None) => Claim::IfAbsent,
-            Err(error) if is_unavailability(&error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key = %redis_key, %error, "cache read failed: running uncached");
-                return body.await;
-            }
-            // An error reply about this key (e.g. WRONGTYPE: someone stored a
-            // list there) is bad data like an undecodable value: overwrite it.
-            Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key = %redis_key, %error, "unreadable cache entry: recomputing and overwriting it");
-                Claim::Overwrite
-            }
-        };
-        inner.stats.record(Some(site), Event::Miss);
-        let lease = self.take_lease(site, &redis_key, claim).await;
-        // Gives the lease back if `body` panics or the call is cancelled, so
-        // that other callers can store the value before the lease expires.
-        let mut held = HeldLease {
-            cache: self,
-            key: &redis_key,
-            lease,
-        };
-        let result = body.await;
-        if let Some(lease) = held.lease.take() {
-            match S::cacheable(&result) {
-                Some(value) => self.store_leased(site, &redis_key, &lease, value).await,
-                None => self.release(&redis_key, &lease).await,
-            }
-        }
-        result
-    }
-
-    /// Writes a lease placeholder; `None` when another caller holds the key
-    /// or the cache failed (then the value is computed but not stored).
-    async fn take_lease(
-        &self,
-        site: &'static Site,
-        redis_key: &str,
-        claim: Claim,
-    ) -> Option<Lease> {
-        let inner = &*self.inner;
-        let lease = Lease::new(inner.lease);
-        let lease_millis = duration_millis(inner.lease);
-        let permit = inner.breaker.permit();
-        let taken = match claim {
-            Claim::Nothing => return None,
-            _ if permit == Permit::Skip => return None,
-            Claim::IfAbsent => {
-                let set = inner
-                    .backend
-                    .set_if_absent(redis_key, lease.placeholder(), lease_millis);
-                self.guarded(permit, set).await
-            }
-            Claim::Overwrite => {
-                let set = inner
-                    .backend
-                    .set(redis_key, lease.placeholder().to_vec(), lease_millis);
-                self.guarded(permit, set).await.map(|()| true)
-            }
-        };
-        match taken {
-            Ok(true) => Some(lease),
-            // A value or another caller's lease arrived since the `GET`.
-            Ok(false) => None,
-            Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key = %redis_key, %error, "cache lease failed: the value will not be stored");
-                None
-            }
-        }
-    }
-
-    /// Replaces the caller's placeholder with the value, unless a write
-    /// deleted or replaced it meanwhile.
-    async fn store_leased<V: Serialize>(
-        &self,
-        site: &'static Site,
-        redis_key: &str,
-        lease: &Lease,
-        value: &V,
-    ) {
-        let inner = &*self.inner;
-        let bytes = match inner.codec.encode(value) {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key = %redis_key, %error, "cache value could not be encoded");
-                self.release(redis_key, lease).await;
-                return;
-            }
-        };
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            inner.stats.record(Some(site), Event::Bypass);
-            return;
-        }
-        let set =
-            inner
-                .backend
-                .compare_and_set(redis_key, lease.placeholder(), bytes, site.ttl_millis());
-        match self.guarded(permit, set).await {
-            Ok(true) => inner.stats.record(Some(site), Event::Set),
-            Ok(false) => {
-                inner.stats.record(Some(site), Event::DroppedSet);
-                tracing::debug!(key = %redis_key, "key invalidated while computing: value not stored");
-            }
-            Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key = %redis_key, %error, "cache write failed");
-            }
-        }
-    }
-
-    /// Gives a lease back: deletes the caller's placeholder, if still there.
-    async fn release(&self, redis_key: &str, lease: &Lease) {
-        let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            return;
-        }
-        let delete = inner
-            .backend
-            .compare_and_delete(redis_key, lease.placeholder());
-        if let Err(error) = self.guarded(permit, delete).await {
-            inner.stats.record(None, Event::Error);
-            tracing::debug!(key = %redis_key, %error, "cache lease release failed; it expires by itself");
-        }
     }
 
     /// After a successful write: deletes `keys`, waiting at most one op
@@ -594,47 +424,9 @@ impl Cache {
     }
 }
 
-/// What a miss may do to the key before computing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Claim {
-    /// The key is empty: take the lease if it still is (`SET NX`).
-    IfAbsent,
-    /// The key holds garbage: replace it with our placeholder.
-    Overwrite,
-    /// Another caller holds the lease: compute, do not store.
-    Nothing,
-}
-
-/// A lease held while the body runs; released in the background if the call
-/// is dropped (cancelled, or the body panicked) before it is settled.
-struct HeldLease<'a> {
-    cache: &'a Cache,
-    key: &'a str,
-    lease: Option<Lease>,
-}
-
-impl Drop for HeldLease<'_> {
-    fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else {
-            return;
-        };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let cache = self.cache.clone();
-            let key = self.key.to_owned();
-            runtime.spawn(async move { cache.release(&key, &lease).await });
-        }
-    }
-}
-
-fn duration_millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
 /// Whether an error means the cache cannot be reached (I/O, timeout), as
 /// opposed to an error reply about one key or a value that does not decode.
-fn is_unavailability(error: &CacheError) -> bool {
+pub(crate) fn is_unavailability(error: &CacheError) -> bool {
     match error {
         CacheError::Timeout(_) | CacheError::CircuitOpen => true,
         CacheError::Redis(e) => {

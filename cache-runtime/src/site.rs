@@ -7,6 +7,21 @@ pub struct Site {
     name: &'static str,
     ttl_millis: u64,
     jitter: f64,
+    single_flight: SingleFlight,
+    stale_millis: u64,
+    early_refresh_beta: f64,
+}
+
+/// `single_flight`: who shares one computation of a missing key.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SingleFlight {
+    /// Every caller that misses computes.
+    Off,
+    /// Callers in this process wait for one computation.
+    Local,
+    /// Callers in every process wait for the lease holder's value.
+    Distributed,
 }
 
 impl Site {
@@ -16,7 +31,46 @@ impl Site {
             name,
             ttl_millis,
             jitter,
+            single_flight: SingleFlight::Off,
+            stale_millis: 0,
+            early_refresh_beta: 0.0,
         }
+    }
+
+    /// `single_flight` / `single_flight = "distributed"`.
+    pub const fn single_flight(mut self, mode: SingleFlight) -> Self {
+        self.single_flight = mode;
+        self
+    }
+
+    /// `stale = "30s"`: how long after the TTL an old value may be served
+    /// while one caller refreshes it.
+    pub const fn stale(mut self, millis: u64) -> Self {
+        self.stale_millis = millis;
+        self
+    }
+
+    /// `early_refresh` (β = 1) or `early_refresh = β`.
+    pub const fn early_refresh(mut self, beta: f64) -> Self {
+        self.early_refresh_beta = beta;
+        self
+    }
+
+    pub(crate) fn single_flight_mode(&self) -> SingleFlight {
+        self.single_flight
+    }
+
+    pub(crate) fn stale_millis(&self) -> u64 {
+        self.stale_millis
+    }
+
+    pub(crate) fn early_refresh_beta(&self) -> Option<f64> {
+        (self.early_refresh_beta > 0.0).then_some(self.early_refresh_beta)
+    }
+
+    /// Whether stored values carry a freshness header (`stale`, `early_refresh`).
+    pub(crate) fn tracks_freshness(&self) -> bool {
+        self.stale_millis > 0 || self.early_refresh_beta > 0.0
     }
 
     /// A write function (`#[invalidates]`, `#[cache_put]`): it has a name for

@@ -19,6 +19,10 @@ pub(crate) enum Event {
     Invalidation,
     DroppedSet,
     LostInvalidation,
+    StaleHit,
+    Coalesced,
+    Refresh,
+    LeasePoll,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +37,8 @@ pub(crate) struct Counters {
     invalidations: AtomicU64,
     dropped_sets: AtomicU64,
     lost_invalidations: AtomicU64,
+    refreshes: AtomicU64,
+    lease_polls: AtomicU64,
 }
 
 impl Counters {
@@ -46,6 +52,10 @@ impl Counters {
             Event::Invalidation => &self.invalidations,
             Event::DroppedSet => &self.dropped_sets,
             Event::LostInvalidation => &self.lost_invalidations,
+            Event::StaleHit => &self.stale_hits,
+            Event::Coalesced => &self.coalesced,
+            Event::Refresh => &self.refreshes,
+            Event::LeasePoll => &self.lease_polls,
         };
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -63,6 +73,8 @@ impl Counters {
             invalidations: load(&self.invalidations),
             dropped_sets: load(&self.dropped_sets),
             lost_invalidations: load(&self.lost_invalidations),
+            refreshes: load(&self.refreshes),
+            lease_polls: load(&self.lease_polls),
         }
     }
 }
@@ -75,9 +87,11 @@ pub struct Counts {
     pub hits: u64,
     /// Calls that ran the body because the key was absent (or undecodable).
     pub misses: u64,
-    /// Calls answered with an expired value while it was being refreshed.
+    /// Calls answered with a value past its TTL (inside the `stale` window)
+    /// while another caller refreshed it.
     pub stale_hits: u64,
-    /// Calls that waited for another caller's computation of the same key.
+    /// Calls that waited for another caller's computation of the same key
+    /// (`single_flight`) and were given its value.
     pub coalesced: u64,
     /// Failed cache operations: Redis errors, timeouts, undecodable values.
     /// The call itself still succeeded (fail open).
@@ -96,13 +110,20 @@ pub struct Counts {
     /// Invalidations given up after their retries failed (cache down): the
     /// entries stay until their TTL.
     pub lost_invalidations: u64,
+    /// Recomputations of a value that was still served: stale (`stale`) or
+    /// drawn early (`early_refresh`).
+    pub refreshes: u64,
+    /// Reads made while waiting for another process's value
+    /// (`single_flight = "distributed"`), bounded by the lease.
+    pub lease_polls: u64,
 }
 
 impl Counts {
-    /// Share of lookups answered from the cache: `(hits + stale_hits) /
-    /// (hits + stale_hits + misses)`, or 0 when nothing was looked up.
+    /// Share of calls answered without running the body: `(hits +
+    /// stale_hits + coalesced) / (that + misses)`, or 0 when nothing was
+    /// looked up.
     pub fn hit_ratio(&self) -> f64 {
-        let served = self.hits + self.stale_hits;
+        let served = self.hits + self.stale_hits + self.coalesced;
         let lookups = served + self.misses;
         if lookups == 0 {
             0.0
@@ -122,6 +143,8 @@ impl Counts {
         self.invalidations += other.invalidations;
         self.dropped_sets += other.dropped_sets;
         self.lost_invalidations += other.lost_invalidations;
+        self.refreshes += other.refreshes;
+        self.lease_polls += other.lease_polls;
     }
 }
 

@@ -79,7 +79,7 @@ impl MemoryBackend {
         matches!(outcome, CompResult::Inserted(_))
     }
 
-    /// Replaces the value only if the key holds `expected`.
+    /// Replaces the value only if it starts with `expected`.
     pub(crate) fn compare_and_set(
         &self,
         key: &str,

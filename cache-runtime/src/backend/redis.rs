@@ -10,11 +10,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::error::CacheError;
 
-/// Stores a computed value only if the key still holds the caller's lease
-/// placeholder: a `DEL` (invalidation) or another value in the meantime wins.
+/// Stores a computed value only if the key still starts with what the
+/// caller saw (its lease placeholder, or the header of the value it
+/// refreshed): a `DEL` (invalidation) or another value in the meantime wins.
 static COMPARE_AND_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+        r"local current = redis.call('GET', KEYS[1])
+          if current and string.sub(current, 1, #ARGV[1]) == ARGV[1] then
               return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
           end
           return false",
