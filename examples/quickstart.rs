@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use cache_harness::{RedisServer, redis_server_available};
-use cache_runtime::{Cache, redis_cached};
+use cache_harness::example_backend;
+use cache_runtime::redis_cached;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,18 +54,19 @@ const WARM_CALLS: usize = 1_000;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Keep the private server alive until the end of main.
-    let (cache, backend, _server) = choose_cache().await?;
+    // Keeps a private server alive until the end of main.
+    let backend = example_backend().await?;
+    let cache = backend.cache.clone();
     cache.install();
-    println!("backend: {backend}");
+    println!("backend: {}", backend.description);
 
     let start = Instant::now();
     let user = get_user(42).await?;
     let cold = start.elapsed();
     println!("cold call: {user:?}");
 
-    if let Some(url) = redis_url(&backend) {
-        show_stored_entry(&url).await?;
+    if let Some(url) = &backend.url {
+        show_stored_entry(url).await?;
     }
 
     let mut warm = Vec::with_capacity(WARM_CALLS);
@@ -109,35 +110,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-/// `REDIS_URL`, else a private `redis-server`, else memory.
-async fn choose_cache() -> Result<(Cache, String, Option<RedisServer>), Box<dyn std::error::Error>>
-{
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        let cache = Cache::connect(&url).await?;
-        return Ok((cache, format!("Redis at {url} (REDIS_URL)"), None));
-    }
-    if redis_server_available() {
-        let server = RedisServer::start();
-        let cache = Cache::connect(&server.url()).await?;
-        return Ok((
-            cache,
-            format!("private redis-server at {}", server.url()),
-            Some(server),
-        ));
-    }
-    println!(
-        "redis-server is not installed and REDIS_URL is unset: using the in-process cache (Cache::memory())"
-    );
-    Ok((Cache::memory(), "in-process memory".to_owned(), None))
-}
-
-fn redis_url(backend: &str) -> Option<String> {
-    backend
-        .split_whitespace()
-        .find(|w| w.starts_with("redis://"))
-        .map(str::to_owned)
 }
 
 /// What `redis-cli get user:42` and `redis-cli ttl user:42` would show.

@@ -222,3 +222,47 @@ pub async fn raw<T: redis::FromRedisValue>(
         .await
         .unwrap_or_else(|e| panic!("raw {:?}: {e}", String::from_utf8_lossy(args[0])))
 }
+
+/// Where an example runs: `REDIS_URL` if set; otherwise a private
+/// `redis-server` if one is installed; otherwise the in-process cache.
+pub struct ExampleBackend {
+    /// The cache to install.
+    pub cache: cache_runtime::Cache,
+    /// One line for the example's output.
+    pub description: String,
+    /// The Redis URL, when there is a Redis.
+    pub url: Option<String>,
+    /// Keeps the private server running as long as the example needs it.
+    _server: Option<RedisServer>,
+}
+
+/// Chooses and connects the [`ExampleBackend`].
+pub async fn example_backend() -> Result<ExampleBackend, cache_runtime::CacheError> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Ok(ExampleBackend {
+            cache: cache_runtime::Cache::connect(&url).await?,
+            description: format!("Redis at {url} (REDIS_URL)"),
+            url: Some(url),
+            _server: None,
+        });
+    }
+    if redis_server_available() {
+        let server = RedisServer::start();
+        let url = server.url();
+        return Ok(ExampleBackend {
+            cache: cache_runtime::Cache::connect(&url).await?,
+            description: format!("private redis-server at {url}"),
+            url: Some(url),
+            _server: Some(server),
+        });
+    }
+    println!(
+        "redis-server is not installed and REDIS_URL is unset: using the in-process cache (Cache::memory())"
+    );
+    Ok(ExampleBackend {
+        cache: cache_runtime::Cache::memory(),
+        description: "in-process memory".to_owned(),
+        url: None,
+        _server: None,
+    })
+}

@@ -74,6 +74,10 @@ pub use crate::stats::{Counts, Stats};
 /// | `ttl = 60` / `ttl = "5m"` | required. Seconds, or a duration string checked at compile time; never 0. |
 /// | `skip(a, b)` | parameters deliberately left out of the key. Every other parameter must be in it. |
 /// | `jitter = 0.1` | spread each TTL by up to ±10% so entries written together expire apart. |
+/// | `single_flight` | concurrent misses of one key in this process run the body once; the others decode its value. |
+/// | `single_flight = "distributed"` | the same across processes, by waiting on the key's lease (at most one lease long). |
+/// | `stale = "30s"` | after the TTL, serve the old value for up to 30 s while one caller (across processes) recomputes it. |
+/// | `early_refresh` / `early_refresh = β` | XFetch: recompute before expiry with a probability that grows as expiry nears (β = 1). |
 /// | `version = 2` | appended to the key (`:v2`), so a changed value type never decodes old entries. |
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |
