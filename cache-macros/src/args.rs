@@ -243,10 +243,9 @@ fn parse_duration(name: &str, expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
     Some(Ttl { millis })
 }
 
-/// XFetch's β: how eagerly to recompute before expiry (1 is the paper's
-/// choice; more is earlier).
-fn parse_beta(expr: &Expr, errors: &mut Errors) -> Option<f64> {
-    let value = match expr {
+/// A float or integer literal.
+fn number(expr: &Expr) -> Option<f64> {
+    match expr {
         Expr::Lit(ExprLit {
             lit: Lit::Float(f), ..
         }) => f.base10_parse::<f64>().ok(),
@@ -254,8 +253,13 @@ fn parse_beta(expr: &Expr, errors: &mut Errors) -> Option<f64> {
             lit: Lit::Int(i), ..
         }) => i.base10_parse::<u32>().ok().map(f64::from),
         _ => None,
-    };
-    match value {
+    }
+}
+
+/// XFetch's β: how eagerly to recompute before expiry (1 is the paper's
+/// choice; more is earlier).
+fn parse_beta(expr: &Expr, errors: &mut Errors) -> Option<f64> {
+    match number(expr) {
         Some(v) if v > 0.0 && v <= 100.0 => Some(v),
         _ => {
             errors.spanned(
@@ -269,16 +273,7 @@ fn parse_beta(expr: &Expr, errors: &mut Errors) -> Option<f64> {
 }
 
 fn parse_jitter(expr: &Expr, errors: &mut Errors) -> Option<f64> {
-    let value = match expr {
-        Expr::Lit(ExprLit {
-            lit: Lit::Float(f), ..
-        }) => f.base10_parse::<f64>().ok(),
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => i.base10_parse::<u32>().ok().map(f64::from),
-        _ => None,
-    };
-    match value {
+    match number(expr) {
         Some(v) if (0.0..1.0).contains(&v) => Some(v),
         _ => {
             errors.spanned(

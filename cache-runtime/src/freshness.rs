@@ -17,7 +17,9 @@
 //! before expiry when `now − Δ·β·ln(rand) ≥ expiry`, so the chance grows as
 //! expiry nears and with the cost of the recomputation.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::{millis, now_millis};
 
 const MARK: &[u8] = b"\x01fresh:";
 
@@ -137,16 +139,6 @@ pub(crate) fn split(bytes: &[u8]) -> Result<Parts<'_>, MalformedHeader> {
         header: Some((freshness, header)),
         value,
     })
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, millis)
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@
 //! has no expiry (written by hand, or by a foreign client) and overwrite it;
 //! correctness never depends on clocks, only that clean-up does.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::{millis, now_millis};
 
 const MARK: &[u8] = b"\0lease:";
 
@@ -78,16 +80,6 @@ pub(crate) fn inspect(bytes: &[u8]) -> Stored {
         }
         _ => Stored::Stray,
     }
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn now_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, millis)
 }
 
 #[cfg(test)]

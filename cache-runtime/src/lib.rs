@@ -40,6 +40,7 @@ extern crate self as cache_runtime;
 mod backend;
 mod breaker;
 mod cache;
+mod clock;
 mod codec;
 mod error;
 mod flight;

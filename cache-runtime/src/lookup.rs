@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 
 use crate::breaker::Permit;
 use crate::cache::{Cache, is_unavailability};
+use crate::clock::millis;
 use crate::flight::{self, Landing, Leader, Role};
 use crate::freshness::{self, Freshness, MalformedHeader, Parts, Verdict};
 use crate::lease::{self, Lease, Stored};
@@ -518,8 +519,7 @@ impl Drop for HeldLease<'_> {
     }
 }
 
-pub(crate) fn duration_millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
+/// For `PX`, which rejects 0.
+fn duration_millis(duration: Duration) -> u64 {
+    millis(duration).max(1)
 }
