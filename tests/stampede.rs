@@ -45,6 +45,8 @@ struct Source {
     gated: AtomicBool,
     running: AtomicUsize,
     most_running: AtomicUsize,
+    /// When each body run started and ended.
+    log: Mutex<Vec<(Instant, Instant)>>,
 }
 
 impl Source {
@@ -58,6 +60,7 @@ impl Source {
             gated: AtomicBool::new(false),
             running: AtomicUsize::new(0),
             most_running: AtomicUsize::new(0),
+            log: Mutex::new(Vec::new()),
         })
     }
 
@@ -66,6 +69,7 @@ impl Source {
     }
 
     async fn load(&self, id: u64) -> Result<Report, DbError> {
+        let started = Instant::now();
         let generation = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
         let running = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_running.fetch_max(running, Ordering::SeqCst);
@@ -75,6 +79,7 @@ impl Source {
         }
         tokio::time::sleep(self.body).await;
         self.running.fetch_sub(1, Ordering::SeqCst);
+        self.log.lock().unwrap().push((started, Instant::now()));
         match next {
             Next::Succeed => Ok(Report { id, generation }),
             Next::Fail => Err(DbError),
@@ -98,7 +103,7 @@ impl Source {
         self.load(id).await
     }
 
-    #[redis_cached(key = "early:<id>", ttl = "1s", early_refresh, cache = self.cache)]
+    #[redis_cached(key = "early:<id>", ttl = "1s", early_refresh = 2.0, cache = self.cache)]
     async fn early(&self, id: u64) -> Result<Report, DbError> {
         self.load(id).await
     }
@@ -309,14 +314,32 @@ async fn early_refresh_recomputes_before_expiry_under_a_steady_stream() {
     }
     let counts = cache.stats().function("early").unwrap();
     let most = source.most_running.load(Ordering::SeqCst);
+    // Each value expires 1 s after its body ended; the next body run must
+    // start before that.
+    let log = source.log.lock().unwrap().clone();
+    let margins: Vec<i64> = log
+        .windows(2)
+        .map(|pair| {
+            let expiry = pair[0].1 + Duration::from_secs(1);
+            let early = expiry.saturating_duration_since(pair[1].0).as_millis() as i64;
+            let late = pair[1].0.saturating_duration_since(expiry).as_millis() as i64;
+            early - late
+        })
+        .collect();
     println!(
-        "early_refresh over 3.5 s: {} calls, {} misses, {} early recomputes, at most {most} computing at once",
-        counts.hits + counts.misses + counts.refreshes,
+        "early_refresh (β = 2) over 3.5 s: {} calls, {} miss, {} early recomputes starting {margins:?} ms before expiry, \
+         {} served the old value while a refresh finished, at most {most} computing at once",
+        counts.hits + counts.misses + counts.refreshes + counts.stale_hits,
         counts.misses,
-        counts.refreshes
+        counts.refreshes,
+        counts.stale_hits
     );
     assert_eq!(counts.misses, 1, "only the first call found the key empty");
     assert!(counts.refreshes >= 3, "recomputed before each expiry");
+    assert!(
+        margins.iter().all(|m| *m > 0),
+        "a recompute started after expiry: {margins:?}"
+    );
     assert!(most <= 2, "{most} recomputes at once");
 }
 

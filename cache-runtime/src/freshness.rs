@@ -43,6 +43,9 @@ pub(crate) enum Verdict {
     /// Past its TTL, inside the stale window: serve it while one caller
     /// recomputes.
     Stale,
+    /// Past its TTL, inside the grace an early refresh gets to finish: serve
+    /// it only if a refresh is running, else recompute.
+    Grace,
     /// Past its TTL and its stale window (clocks disagree with Redis): a miss.
     Expired,
 }
@@ -75,8 +78,9 @@ impl Freshness {
     }
 
     /// `beta` is XFetch's β (`None`: no early refresh); `stale_window` how
-    /// long past the TTL an old value may be served.
-    pub(crate) fn verdict(&self, beta: Option<f64>, stale_window: u64) -> Verdict {
+    /// long past the TTL an old value may be served; `grace` how long past
+    /// it an early refresh may still be finishing.
+    pub(crate) fn verdict(&self, beta: Option<f64>, stale_window: u64, grace: u64) -> Verdict {
         let now = now_millis();
         if now < self.fresh_until {
             let early = beta.is_some_and(|beta| {
@@ -92,6 +96,8 @@ impl Freshness {
         }
         if stale_window > 0 && now < self.fresh_until.saturating_add(stale_window) {
             Verdict::Stale
+        } else if beta.is_some() && now < self.fresh_until.saturating_add(grace) {
+            Verdict::Grace
         } else {
             Verdict::Expired
         }
@@ -186,9 +192,11 @@ mod tests {
             delta: 10,
             token: 1,
         };
-        assert_eq!(expired.verdict(None, 30_000), Verdict::Stale);
-        assert_eq!(expired.verdict(None, 500), Verdict::Expired);
-        assert_eq!(expired.verdict(None, 0), Verdict::Expired);
+        assert_eq!(expired.verdict(None, 30_000, 0), Verdict::Stale);
+        assert_eq!(expired.verdict(None, 500, 0), Verdict::Expired);
+        assert_eq!(expired.verdict(None, 0, 10_000), Verdict::Expired);
+        assert_eq!(expired.verdict(Some(1.0), 0, 10_000), Verdict::Grace);
+        assert_eq!(expired.verdict(Some(1.0), 0, 500), Verdict::Expired);
     }
 
     #[test]
@@ -200,7 +208,7 @@ mod tests {
                 token: 1,
             };
             let early = (0..2_000)
-                .filter(|_| freshness.verdict(Some(1.0), 0) == Verdict::RefreshEarly)
+                .filter(|_| freshness.verdict(Some(1.0), 0, 0) == Verdict::RefreshEarly)
                 .count();
             early as f64 / 2_000.0
         };

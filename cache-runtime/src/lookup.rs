@@ -109,8 +109,12 @@ impl Cache {
                                 inner.stats.record(Some(site), Event::Hit);
                                 return S::from_hit(found);
                             };
-                            match freshness.verdict(site.early_refresh_beta(), site.stale_millis())
-                            {
+                            let verdict = freshness.verdict(
+                                site.early_refresh_beta(),
+                                site.stale_millis(),
+                                self.grace(site),
+                            );
+                            match verdict {
                                 Verdict::Fresh => {
                                     inner.stats.record(Some(site), Event::Hit);
                                     return S::from_hit(found);
@@ -126,11 +130,10 @@ impl Cache {
                                             )
                                             .await;
                                     }
-                                    // Another caller refreshes it.
-                                    let served = if verdict == Verdict::Stale {
-                                        Event::StaleHit
-                                    } else {
-                                        Event::Hit
+                                    // Another caller is refreshing it.
+                                    let served = match verdict {
+                                        Verdict::RefreshEarly => Event::Hit,
+                                        _ => Event::StaleHit,
                                     };
                                     inner.stats.record(Some(site), served);
                                     return S::from_hit(found);
@@ -401,10 +404,8 @@ impl Cache {
         let ttl = site.ttl_millis();
         let (stored, expiry) = if site.tracks_freshness() {
             let freshness = Freshness::new(Duration::from_millis(ttl), took);
-            (
-                freshness.wrap(bytes),
-                ttl.saturating_add(site.stale_millis()),
-            )
+            let kept = site.stale_millis().max(self.grace(site));
+            (freshness.wrap(bytes), ttl.saturating_add(kept))
         } else {
             (bytes.to_vec(), ttl)
         };
@@ -419,6 +420,18 @@ impl Cache {
                 inner.stats.record(Some(site), Event::Error);
                 tracing::warn!(key, %error, "cache write failed");
             }
+        }
+    }
+
+    /// With `early_refresh`, how long past its TTL a value stays in Redis, so
+    /// that a refresh drawn just before expiry can finish while the others
+    /// are served the old value: one lease, the longest a computation may
+    /// take. Past the TTL the old value is served only while a refresh runs.
+    fn grace(&self, site: &Site) -> u64 {
+        if site.early_refresh_beta().is_some() {
+            duration_millis(self.inner.lease)
+        } else {
+            0
         }
     }
 
