@@ -181,9 +181,9 @@ mod tests {
     #[test]
     fn verdicts_follow_the_clock() {
         let fresh = Freshness::new(Duration::from_secs(60), Duration::ZERO);
-        assert_eq!(fresh.verdict(None, 0), Verdict::Fresh);
+        assert_eq!(fresh.verdict(None, 0, 0), Verdict::Fresh);
         assert_eq!(
-            fresh.verdict(Some(1.0), 0),
+            fresh.verdict(Some(1.0), 0, 0),
             Verdict::Fresh,
             "Δ = 0 never refreshes early"
         );
