@@ -30,6 +30,13 @@
 //! `Result<Option<T>, E>` caches `Ok(Some)`; anything else is cached as is.
 //! The cached type needs `Serialize + DeserializeOwned`, not `Clone`.
 //!
+//! Writes keep the cache right: [`invalidates`] deletes entries after a
+//! successful write and [`cache_put`] stores the written value. Every miss
+//! takes a lease on its key, so a value computed from data read before a
+//! write is never stored after it. Against stampedes, `#[redis_cached]`
+//! takes `single_flight` (in process, or `"distributed"`), `stale` and
+//! `early_refresh`.
+//!
 //! Module map: [`Cache`] (handle, builder, fail-open lookup), [`KeyPart`] and
 //! [`CacheKey`] (key rendering), [`Codec`], [`Stats`].
 
