@@ -246,19 +246,12 @@ impl Cache {
     /// data read before now is not stored. Returns whether an entry was there.
     pub async fn invalidate<V>(&self, key: &CacheKey<V>) -> Result<bool, CacheError> {
         let redis_key = self.redis_key(key);
-        let permit = self.inner.breaker.permit();
-        if permit == Permit::Skip {
-            self.inner.stats.record(None, Event::Bypass);
-            return Err(CacheError::CircuitOpen);
-        }
         let deleted = self
-            .guarded(
-                permit,
-                self.inner.backend.delete(std::slice::from_ref(&redis_key)),
-            )
+            .guarded(self.inner.backend.delete(std::slice::from_ref(&redis_key)))
             .await;
         match &deleted {
             Ok(_) => self.inner.stats.record(None, Event::Invalidation),
+            Err(CacheError::CircuitOpen) => self.inner.stats.record(None, Event::Bypass),
             Err(e) => {
                 self.inner.stats.record(None, Event::Error);
                 tracing::warn!(key = %redis_key, error = %e, "cache invalidation failed");
@@ -285,15 +278,20 @@ impl Cache {
         self.inner.codec
     }
 
-    /// Runs a backend operation under the op timeout and feeds the circuit
-    /// breaker. Only unavailability (I/O, timeout) counts against Redis; an
-    /// error reply such as `OOM` or `WRONGTYPE` does not.
+    /// Runs a backend operation under the op timeout and the circuit
+    /// breaker: while the breaker is open the operation is not started and
+    /// the result is `Err(CircuitOpen)`. Only unavailability (I/O, timeout)
+    /// counts against Redis; an error reply such as `OOM` or `WRONGTYPE` does
+    /// not.
     pub(crate) async fn guarded<T>(
         &self,
-        permit: Permit,
         operation: impl Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
         let inner = &*self.inner;
+        let permit = inner.breaker.permit();
+        if permit == Permit::Skip {
+            return Err(CacheError::CircuitOpen);
+        }
         // The memory backend cannot stall, and needs no Tokio timer.
         let outcome = if matches!(inner.backend, Backend::Memory(_)) {
             operation.await
@@ -303,18 +301,7 @@ impl Cache {
                 Err(_) => Err(CacheError::Timeout(inner.op_timeout)),
             }
         };
-        let unavailable = match &outcome {
-            Ok(_) => false,
-            Err(CacheError::Timeout(_)) => true,
-            Err(CacheError::Redis(e)) => {
-                e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_timeout()
-            }
-            Err(_) => false,
-        };
-        if unavailable {
+        if outcome.as_ref().is_err_and(is_unavailability) {
             if inner.breaker.record_failure(permit == Permit::Probe) {
                 tracing::warn!(
                     "cache unavailable: skipping it for a moment (circuit breaker open); calls run uncached"
@@ -331,13 +318,7 @@ impl Cache {
     /// the write itself never fails or waits longer because of the cache.
     pub(crate) async fn invalidate_after_write(&self, site: &'static Site, keys: Vec<String>) {
         let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        let deleted = if permit == Permit::Skip {
-            Err(CacheError::CircuitOpen)
-        } else {
-            self.guarded(permit, inner.backend.delete(&keys)).await
-        };
-        match deleted {
+        match self.guarded(inner.backend.delete(&keys)).await {
             Ok(_) => inner
                 .stats
                 .record_n(Some(site), Event::Invalidation, keys.len()),
@@ -362,16 +343,14 @@ impl Cache {
             let inner = &*cache.inner;
             for delay in INVALIDATION_RETRY_DELAYS {
                 tokio::time::sleep(delay).await;
-                let permit = inner.breaker.permit();
-                if permit == Permit::Skip {
-                    continue;
-                }
-                match cache.guarded(permit, inner.backend.delete(&keys)).await {
+                match cache.guarded(inner.backend.delete(&keys)).await {
                     Ok(_) => {
                         inner.stats.record_n(Some(site), Event::Invalidation, keys.len());
                         tracing::info!(keys = ?keys, "cache invalidation succeeded on retry");
                         return;
                     }
+                    // Skipped, not attempted: the breaker's cool-down runs.
+                    Err(CacheError::CircuitOpen) => {}
                     Err(_) => inner.stats.record(Some(site), Event::Error),
                 }
             }
@@ -395,13 +374,8 @@ impl Cache {
         let redis_key = self.redis_key_of(key);
         let stored = match inner.codec.encode(value) {
             Ok(bytes) => {
-                let permit = inner.breaker.permit();
-                if permit == Permit::Skip {
-                    Err(CacheError::CircuitOpen)
-                } else {
-                    let set = inner.backend.set(&redis_key, bytes, ttl_millis);
-                    self.guarded(permit, set).await
-                }
+                self.guarded(inner.backend.set(&redis_key, bytes, ttl_millis))
+                    .await
             }
             Err(error) => Err(error.into()),
         };

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::breaker::Permit;
 use crate::cache::{Cache, is_unavailability};
 use crate::clock::millis;
+use crate::error::CacheError;
 use crate::flight::{self, Landing, Leader, Role};
 use crate::freshness::{self, Freshness, MalformedHeader, Parts, Verdict};
 use crate::lease::{self, Lease, Stored};
@@ -34,10 +34,12 @@ const LONGEST_POLL: Duration = Duration::from_millis(50);
 
 /// What one `GET` found.
 enum Read {
-    /// An encoded value, and its freshness header if it has one.
+    /// The stored bytes: a freshness header, if any, then from `value_at`
+    /// the encoded value. Kept whole, so a hit copies nothing.
     Value {
-        value: Vec<u8>,
-        freshness: Option<(Freshness, Vec<u8>)>,
+        bytes: Vec<u8>,
+        value_at: usize,
+        freshness: Option<Freshness>,
     },
     /// Another caller's live lease.
     Leased,
@@ -97,15 +99,20 @@ impl Cache {
         let claim = loop {
             let claim = match self.read(site, key).await {
                 Read::Unavailable => return body.await,
-                Read::Value { value, freshness } => {
-                    match inner.codec.decode::<S::Value>(&value) {
+                Read::Value {
+                    bytes,
+                    value_at,
+                    freshness,
+                } => {
+                    let header = &bytes[..value_at];
+                    match inner.codec.decode::<S::Value>(&bytes[value_at..]) {
                         Err(error) => {
                             inner.stats.record(Some(site), Event::Error);
                             tracing::warn!(key, %error, "undecodable cache entry: recomputing and overwriting it");
                             Claim::Overwrite
                         }
                         Ok(found) => {
-                            let Some((freshness, header)) = freshness else {
+                            let Some(freshness) = freshness else {
                                 inner.stats.record(Some(site), Event::Hit);
                                 return S::from_hit(found);
                             };
@@ -126,7 +133,7 @@ impl Cache {
                                     if let Some(lock) = self.refresh_lock(key).await {
                                         return self
                                             .refresh::<S, R, F>(
-                                                site, key, &header, lock, found, body,
+                                                site, key, header, lock, found, body,
                                             )
                                             .await;
                                     }
@@ -203,7 +210,8 @@ impl Cache {
                 // Store before telling the waiters: a caller arriving after
                 // the flight ends must find the value, not a placeholder.
                 if let Some(lease) = &lease {
-                    self.store_leased(site, key, lease, &bytes, took).await;
+                    self.store_over(site, key, lease.placeholder(), &bytes, took)
+                        .await;
                 }
                 if let Some(leader) = leader {
                     leader.land(Landing::Value(bytes.into()));
@@ -228,12 +236,7 @@ impl Cache {
     /// One `GET`, classified; failures are counted and logged here.
     async fn read(&self, site: &'static Site, key: &str) -> Read {
         let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            inner.stats.record(Some(site), Event::Bypass);
-            return Read::Unavailable;
-        }
-        match self.guarded(permit, inner.backend.get(key)).await {
+        match self.guarded(inner.backend.get(key)).await {
             Ok(Some(bytes)) => match lease::inspect(&bytes) {
                 Stored::Leased => Read::Leased,
                 Stored::Stray => {
@@ -245,17 +248,17 @@ impl Cache {
                     Read::Garbage
                 }
                 Stored::Value => match freshness::split(&bytes) {
-                    Ok(Parts { header: None, .. }) => Read::Value {
-                        value: bytes,
-                        freshness: None,
-                    },
-                    Ok(Parts {
-                        header: Some((freshness, header)),
-                        value,
-                    }) => Read::Value {
-                        freshness: Some((freshness, header.to_vec())),
-                        value: value.to_vec(),
-                    },
+                    Ok(Parts { header, .. }) => {
+                        let (freshness, value_at) = match header {
+                            Some((freshness, header)) => (Some(freshness), header.len()),
+                            None => (None, 0),
+                        };
+                        Read::Value {
+                            bytes,
+                            value_at,
+                            freshness,
+                        }
+                    }
                     Err(MalformedHeader) => {
                         inner.stats.record(Some(site), Event::Error);
                         tracing::warn!(
@@ -267,6 +270,10 @@ impl Cache {
                 },
             },
             Ok(None) => Read::Absent,
+            Err(CacheError::CircuitOpen) => {
+                inner.stats.record(Some(site), Event::Bypass);
+                Read::Unavailable
+            }
             Err(error) if is_unavailability(&error) => {
                 inner.stats.record(Some(site), Event::Error);
                 tracing::warn!(key, %error, "cache read failed: running uncached");
@@ -322,11 +329,16 @@ impl Cache {
                 }
             }
             claim = match self.read(site, key).await {
-                Read::Value { value, .. } => match inner.codec.decode::<V>(&value) {
+                Read::Value {
+                    mut bytes,
+                    value_at,
+                    ..
+                } => match inner.codec.decode::<V>(&bytes[value_at..]) {
                     Ok(found) => {
+                        bytes.drain(..value_at);
                         return Acquired::Found {
                             value: found,
-                            bytes: value,
+                            bytes,
                             waited,
                         };
                     }
@@ -343,26 +355,23 @@ impl Cache {
     /// Writes a lease placeholder.
     async fn take_lease(&self, site: &'static Site, key: &str, claim: Claim) -> Taken {
         let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            return Taken::Failed;
-        }
         let lease = Lease::new(inner.lease);
         let lease_millis = duration_millis(inner.lease);
         let taken = if claim == Claim::Overwrite {
             let set = inner
                 .backend
                 .set(key, lease.placeholder().to_vec(), lease_millis);
-            self.guarded(permit, set).await.map(|()| true)
+            self.guarded(set).await.map(|()| true)
         } else {
             let set = inner
                 .backend
                 .set_if_absent(key, lease.placeholder(), lease_millis);
-            self.guarded(permit, set).await
+            self.guarded(set).await
         };
         match taken {
             Ok(true) => Taken::Lease(lease),
             Ok(false) => Taken::Occupied,
+            Err(CacheError::CircuitOpen) => Taken::Failed,
             Err(error) => {
                 inner.stats.record(Some(site), Event::Error);
                 tracing::warn!(key, %error, "cache lease failed: the value will not be stored");
@@ -371,22 +380,10 @@ impl Cache {
         }
     }
 
-    /// Replaces the caller's placeholder with the value, unless a write
-    /// deleted or replaced it meanwhile.
-    async fn store_leased(
-        &self,
-        site: &'static Site,
-        key: &str,
-        lease: &Lease,
-        bytes: &[u8],
-        took: Duration,
-    ) {
-        self.store_over(site, key, lease.placeholder(), bytes, took)
-            .await;
-    }
-
     /// Stores `bytes` (with a freshness header when the function has
-    /// `stale` or `early_refresh`) if the key still starts with `expected`.
+    /// `stale` or `early_refresh`) if the key still starts with `expected`:
+    /// the caller's lease placeholder, or the header of the value it
+    /// refreshed. A write that deleted or replaced it meanwhile wins.
     async fn store_over(
         &self,
         site: &'static Site,
@@ -396,11 +393,6 @@ impl Cache {
         took: Duration,
     ) {
         let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            inner.stats.record(Some(site), Event::Bypass);
-            return;
-        }
         let ttl = site.ttl_millis();
         let (stored, expiry) = if site.tracks_freshness() {
             let freshness = Freshness::new(Duration::from_millis(ttl), took);
@@ -410,8 +402,9 @@ impl Cache {
             (bytes.to_vec(), ttl)
         };
         let set = inner.backend.compare_and_set(key, expected, stored, expiry);
-        match self.guarded(permit, set).await {
+        match self.guarded(set).await {
             Ok(true) => inner.stats.record(Some(site), Event::Set),
+            Err(CacheError::CircuitOpen) => inner.stats.record(Some(site), Event::Bypass),
             Ok(false) => {
                 inner.stats.record(Some(site), Event::DroppedSet);
                 tracing::debug!(key, "key invalidated while computing: value not stored");
@@ -438,14 +431,13 @@ impl Cache {
     /// Gives a lease back: deletes the caller's placeholder, if still there.
     pub(crate) async fn release(&self, key: &str, lease: &Lease) {
         let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            return;
-        }
         let delete = inner.backend.compare_and_delete(key, lease.placeholder());
-        if let Err(error) = self.guarded(permit, delete).await {
-            inner.stats.record(None, Event::Error);
-            tracing::debug!(key, %error, "cache lease release failed; it expires by itself");
+        match self.guarded(delete).await {
+            Ok(_) | Err(CacheError::CircuitOpen) => {}
+            Err(error) => {
+                inner.stats.record(None, Event::Error);
+                tracing::debug!(key, %error, "cache lease release failed; it expires by itself");
+            }
         }
     }
 
@@ -454,10 +446,6 @@ impl Cache {
     /// NUL byte, so the companion never collides with a real key.
     async fn refresh_lock(&self, key: &str) -> Option<(String, Lease)> {
         let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            return None;
-        }
         let lock_key = format!("{key}\0refresh");
         let lease = Lease::new(inner.lease);
         let set = inner.backend.set_if_absent(
@@ -465,7 +453,7 @@ impl Cache {
             lease.placeholder(),
             duration_millis(inner.lease),
         );
-        match self.guarded(permit, set).await {
+        match self.guarded(set).await {
             Ok(true) => Some((lock_key, lease)),
             _ => None,
         }
