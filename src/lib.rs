@@ -142,6 +142,28 @@ impl RedisServer {
         }
     }
 
+    /// Stops the process (`SIGSTOP`) without closing its sockets: clients
+    /// connect and send, and get no answer, as with a hung host. Undone by
+    /// [`RedisServer::thaw`] (or by dropping the server).
+    pub fn freeze(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a frozen server (`SIGCONT`).
+    pub fn thaw(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed: {status}");
+    }
+
     /// Starts the server (again) on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
@@ -160,8 +182,10 @@ impl RedisServer {
         Ok(reply.trim_end().to_owned())
     }
 
+    /// Whether the server answers, with or without a password set.
     fn ping(&self) -> bool {
-        self.command("PING").is_ok_and(|r| r == "+PONG")
+        self.command("PING")
+            .is_ok_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
     }
 }
 

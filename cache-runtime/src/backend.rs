@@ -16,6 +16,15 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
+    /// Whether the backend can be used again after failures (the circuit
+    /// breaker's probe). Memory always can.
+    pub(crate) async fn check(&self) -> Result<(), CacheError> {
+        match self {
+            Backend::Redis(r) => r.check().await,
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
         match self {
             Backend::Redis(r) => r.get(key).await,

@@ -21,6 +21,7 @@ const DEFAULT_BREAKER_FAILURES: u32 = 5;
 const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 const DEFAULT_MEMORY_CAPACITY: u64 = 256 * 1024 * 1024;
 const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_VALUE_SIZE: usize = 32 * 1024 * 1024;
 /// Pauses between background retries of a failed invalidation (7.7 s in all,
 /// past the circuit breaker's default cool-down).
 const INVALIDATION_RETRY_DELAYS: [Duration; 5] = [
@@ -58,6 +59,7 @@ pub(crate) struct Inner {
     op_timeout: Duration,
     pub(crate) lease: Duration,
     pub(crate) codec: Codec,
+    max_value_size: usize,
     pub(crate) breaker: Breaker,
     pub(crate) stats: Recorder,
     pub(crate) flights: Flights,
@@ -72,6 +74,7 @@ pub struct CacheBuilder {
     op_timeout: Duration,
     lease: Duration,
     codec: Codec,
+    max_value_size: usize,
     breaker_failures: u32,
     breaker_cooldown: Duration,
 }
@@ -124,6 +127,17 @@ impl CacheBuilder {
         self
     }
 
+    /// The largest encoded value that is stored, in bytes. A larger one is
+    /// returned to its caller but not cached (counted as `oversized`, logged
+    /// at `warn`); a `#[cache_put]` of one deletes the key instead, so the
+    /// old value does not outlive the write. Default 32 MiB. Transferring a
+    /// value must fit in the op timeout: at a few hundred MB/s on a LAN, a
+    /// 16 MiB value needs more than the default 100 ms.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
     /// How values are encoded. Default [`Codec::Json`].
     pub fn codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
@@ -160,6 +174,10 @@ impl CacheBuilder {
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
                 match tokio::time::timeout(first_contact, redis.ping()).await {
                     Ok(Ok(())) => tracing::debug!("connected to Redis"),
+                    Ok(Err(error)) if is_rejected_credentials(&error) => {
+                        tracing::error!(%error, "Redis rejected the credentials (user and password in the URL): calls run uncached until it accepts them");
+                        breaker.record_failure(true);
+                    }
                     outcome => {
                         let reason = match outcome {
                             Ok(Err(e)) => e.to_string(),
@@ -187,6 +205,7 @@ impl CacheBuilder {
                 op_timeout: self.op_timeout,
                 lease: self.lease,
                 codec: self.codec,
+                max_value_size: self.max_value_size,
                 breaker,
                 stats: Recorder::default(),
                 flights: Flights::default(),
@@ -210,6 +229,7 @@ impl Cache {
             op_timeout: DEFAULT_OP_TIMEOUT,
             lease: DEFAULT_LEASE,
             codec: Codec::default(),
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
         }
@@ -296,16 +316,33 @@ impl Cache {
         let outcome = if matches!(inner.backend, Backend::Memory(_)) {
             operation.await
         } else {
-            match tokio::time::timeout(inner.op_timeout, operation).await {
+            // A probe checks the connection first, and brings it back.
+            let probed = async {
+                if permit == Permit::Probe {
+                    inner.backend.check().await?;
+                }
+                operation.await
+            };
+            match tokio::time::timeout(inner.op_timeout, probed).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(CacheError::Timeout(inner.op_timeout)),
             }
         };
-        if outcome.as_ref().is_err_and(is_unavailability) {
+        if let Err(error) = &outcome
+            && is_unavailability(error)
+        {
             if inner.breaker.record_failure(permit == Permit::Probe) {
-                tracing::warn!(
-                    "cache unavailable: skipping it for a moment (circuit breaker open); calls run uncached"
-                );
+                if is_rejected_credentials(error) {
+                    tracing::error!(
+                        %error,
+                        "Redis rejected the credentials (user and password in the URL): calls run uncached until it accepts them"
+                    );
+                } else {
+                    tracing::warn!(
+                        %error,
+                        "cache unavailable: skipping it for a moment (circuit breaker open); calls run uncached"
+                    );
+                }
             }
         } else {
             inner.breaker.record_success();
@@ -372,19 +409,48 @@ impl Cache {
         let inner = &*self.inner;
         let ttl_millis = key.site().unwrap_or(writer).ttl_millis();
         let redis_key = self.redis_key_of(key);
-        let stored = match inner.codec.encode(value) {
-            Ok(bytes) => {
-                self.guarded(inner.backend.set(&redis_key, bytes, ttl_millis))
-                    .await
-            }
-            Err(error) => Err(error.into()),
+        let Some(bytes) = self.encode_for_store(writer, &redis_key, value) else {
+            self.invalidate_after_write(writer, vec![redis_key]).await;
+            return;
         };
+        let stored = self
+            .guarded(inner.backend.set(&redis_key, bytes, ttl_millis))
+            .await;
         match stored {
             Ok(()) => inner.stats.record(Some(writer), Event::Set),
             Err(error) => {
                 inner.stats.record(Some(writer), Event::Error);
                 tracing::warn!(key = %redis_key, %error, "cache put failed: invalidating the key in the background");
                 self.retry_invalidation(writer, vec![redis_key]);
+            }
+        }
+    }
+
+    /// Encodes a value to be stored, or `None` (counted and logged) when it
+    /// cannot be encoded or is larger than the configured maximum.
+    pub(crate) fn encode_for_store<V: Serialize + ?Sized>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        value: &V,
+    ) -> Option<Vec<u8>> {
+        let inner = &*self.inner;
+        match inner.codec.encode(value) {
+            Ok(bytes) if bytes.len() <= inner.max_value_size => Some(bytes),
+            Ok(bytes) => {
+                inner.stats.record(Some(site), Event::Oversized);
+                tracing::warn!(
+                    key,
+                    size = bytes.len(),
+                    max_value_size = inner.max_value_size,
+                    "value larger than the cache's max_value_size: not cached"
+                );
+                None
+            }
+            Err(error) => {
+                inner.stats.record(Some(site), Event::Error);
+                tracing::warn!(key, %error, "cache value could not be encoded");
+                None
             }
         }
     }
@@ -398,8 +464,9 @@ impl Cache {
     }
 }
 
-/// Whether an error means the cache cannot be reached (I/O, timeout), as
-/// opposed to an error reply about one key or a value that does not decode.
+/// Whether an error means the cache cannot be used at all (I/O, timeout,
+/// credentials rejected), as opposed to an error reply about one key or a
+/// value that does not decode.
 pub(crate) fn is_unavailability(error: &CacheError) -> bool {
     match error {
         CacheError::Timeout(_) | CacheError::CircuitOpen => true,
@@ -408,6 +475,20 @@ pub(crate) fn is_unavailability(error: &CacheError) -> bool {
                 || e.is_connection_dropped()
                 || e.is_connection_refusal()
                 || e.is_timeout()
+                || is_rejected_credentials(error)
+        }
+        _ => false,
+    }
+}
+
+/// A wrong password or user (`WRONGPASS`), or none where one is required
+/// (`NOAUTH`): every command will fail the same way until the configuration
+/// is fixed.
+pub(crate) fn is_rejected_credentials(error: &CacheError) -> bool {
+    match error {
+        CacheError::Redis(e) => {
+            e.kind() == redis::ErrorKind::AuthenticationFailed
+                || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
         }
         _ => false,
     }

@@ -4,6 +4,13 @@
 //! letters, digits and `-_.~` is percent-encoded, so a value contains no
 //! `:`, glob character (`*?[]`), hash tag brace, whitespace or control
 //! character. Integers render as themselves (`user:42`).
+//!
+//! A key is at most [`MAX_KEY_LEN`] bytes: a longer one (a 10 KB search
+//! string in the key) keeps its first [`KEPT_WHEN_HASHED`] bytes, readable,
+//! and replaces the rest with `:#` and the SHA-256 of the whole key. A
+//! hashed key is always longer than `MAX_KEY_LEN`, and a kept one never
+//! is, so the two kinds cannot collide; two hashed keys collide only if
+//! SHA-256 does.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
@@ -13,6 +20,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
+use sha2::{Digest, Sha256};
 
 use crate::site::Site;
 
@@ -22,6 +30,12 @@ const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+/// The longest key (before the cache's prefix) that is used as rendered.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// How much of an over-long key stays readable before its hash.
+pub const KEPT_WHEN_HASHED: usize = 200;
 
 /// How `None` renders. `%_` is never produced by percent-encoding, so it
 /// cannot collide with any `Some` value.
@@ -364,16 +378,37 @@ impl KeyBuilder {
         value.write_key_part(&mut KeyWriter { buf: &mut self.buf });
     }
 
-    /// The finished key; `version = N` appends `:vN`.
+    /// The finished key; `version = N` appends `:vN`. Bounded to
+    /// [`MAX_KEY_LEN`] (see the module docs).
     pub fn finish<V>(mut self, version: Option<u32>) -> CacheKey<V> {
         if let Some(version) = version {
             let _ = write!(self.buf, ":v{version}");
         }
+        bound_length(&mut self.buf);
         CacheKey {
             key: self.buf,
             site: self.site,
             value: PhantomData,
         }
+    }
+}
+
+/// Replaces the tail of a key longer than [`MAX_KEY_LEN`] with the hash of
+/// the whole key; the result is `KEPT_WHEN_HASHED + 2 + 64` bytes.
+fn bound_length(key: &mut String) {
+    if key.len() <= MAX_KEY_LEN {
+        return;
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    // Rendered keys are ASCII; a hand-written part may not be.
+    let mut kept = KEPT_WHEN_HASHED;
+    while !key.is_char_boundary(kept) {
+        kept -= 1;
+    }
+    key.truncate(kept);
+    key.push_str(":#");
+    for byte in digest {
+        let _ = write!(key, "{byte:02x}");
     }
 }
 
@@ -430,6 +465,35 @@ mod tests {
         b.literal("user:");
         b.part(&1u8);
         assert_eq!(b.finish::<Untyped>(Some(3)).as_str(), "user:1:v3");
+    }
+
+    #[test]
+    fn long_keys_are_bounded_and_stay_distinct() {
+        let long = |tail: &str| {
+            let mut b = KeyBuilder::new(0, None);
+            b.literal("search:");
+            b.part(&format!("{}{tail}", "q".repeat(10_000)));
+            b.finish::<Untyped>(None).into_string()
+        };
+        let (a, b) = (long("a"), long("b"));
+        assert_ne!(a, b, "keys that differ only at the end stay apart");
+        assert_eq!(a.len(), KEPT_WHEN_HASHED + 2 + 64);
+        assert!(a.len() > MAX_KEY_LEN, "never the length of a kept key");
+        assert!(a.starts_with("search:qqq"), "{a}");
+        assert_eq!(a, long("a"), "deterministic");
+
+        let at_limit = "k".repeat(MAX_KEY_LEN);
+        let mut b = KeyBuilder::new(0, None);
+        b.literal(&at_limit);
+        assert_eq!(b.finish::<Untyped>(None).as_str(), at_limit, "kept as is");
+    }
+
+    #[test]
+    fn hashing_cuts_at_a_character_boundary() {
+        let mut key = format!("{}é{}", "x".repeat(KEPT_WHEN_HASHED - 1), "y".repeat(300));
+        bound_length(&mut key);
+        assert!(key.starts_with(&"x".repeat(KEPT_WHEN_HASHED - 1)));
+        assert_eq!(key.len(), KEPT_WHEN_HASHED - 1 + 2 + 64);
     }
 
     #[test]

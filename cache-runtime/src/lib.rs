@@ -65,7 +65,7 @@ pub mod __private;
 pub use crate::cache::{Cache, CacheBuilder};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::error::CacheError;
-pub use crate::key::{CacheKey, KeyPart, KeyWriter, Untyped};
+pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
 pub use crate::stats::{Counts, Stats};
 
 /// Caches an `async fn`'s result (cache-aside).

@@ -204,9 +204,10 @@ impl Cache {
         let result = body.await;
         let took = started.elapsed();
         let lease = held.lease.take();
-        let encoded = S::cacheable(&result).map(|value| inner.codec.encode(value));
+        let encoded =
+            S::cacheable(&result).and_then(|value| self.encode_for_store(site, key, value));
         match encoded {
-            Some(Ok(bytes)) => {
+            Some(bytes) => {
                 // Store before telling the waiters: a caller arriving after
                 // the flight ends must find the value, not a placeholder.
                 if let Some(lease) = &lease {
@@ -217,11 +218,7 @@ impl Cache {
                     leader.land(Landing::Value(bytes.into()));
                 }
             }
-            not_stored => {
-                if let Some(Err(error)) = not_stored {
-                    inner.stats.record(Some(site), Event::Error);
-                    tracing::warn!(key, %error, "cache value could not be encoded");
-                }
+            None => {
                 if let Some(lease) = &lease {
                     self.release(key, lease).await;
                 }
@@ -480,12 +477,14 @@ impl Cache {
         let started = Instant::now();
         let result = body.await;
         let took = started.elapsed();
-        let outcome = match S::cacheable(&result).map(|value| inner.codec.encode(value)) {
-            Some(Ok(bytes)) => {
-                self.store_over(site, key, seen_header, &bytes, took).await;
+        let outcome = match S::cacheable(&result) {
+            Some(value) => {
+                if let Some(bytes) = self.encode_for_store(site, key, value) {
+                    self.store_over(site, key, seen_header, &bytes, took).await;
+                }
                 result
             }
-            _ => {
+            None => {
                 inner.stats.record(Some(site), Event::Error);
                 tracing::warn!(
                     key,

@@ -23,6 +23,7 @@ pub(crate) enum Event {
     Coalesced,
     Refresh,
     LeasePoll,
+    Oversized,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +40,7 @@ pub(crate) struct Counters {
     lost_invalidations: AtomicU64,
     refreshes: AtomicU64,
     lease_polls: AtomicU64,
+    oversized: AtomicU64,
 }
 
 impl Counters {
@@ -56,6 +58,7 @@ impl Counters {
             Event::Coalesced => &self.coalesced,
             Event::Refresh => &self.refreshes,
             Event::LeasePoll => &self.lease_polls,
+            Event::Oversized => &self.oversized,
         };
         counter.fetch_add(n, Ordering::Relaxed);
     }
@@ -75,6 +78,7 @@ impl Counters {
             lost_invalidations: load(&self.lost_invalidations),
             refreshes: load(&self.refreshes),
             lease_polls: load(&self.lease_polls),
+            oversized: load(&self.oversized),
         }
     }
 }
@@ -116,6 +120,9 @@ pub struct Counts {
     /// Reads made while waiting for another process's value
     /// (`single_flight = "distributed"`), bounded by the lease.
     pub lease_polls: u64,
+    /// Computed values not stored because their encoding is larger than the
+    /// cache's [`max_value_size`](crate::CacheBuilder::max_value_size).
+    pub oversized: u64,
 }
 
 impl Counts {
@@ -145,6 +152,7 @@ impl Counts {
         self.lost_invalidations += other.lost_invalidations;
         self.refreshes += other.refreshes;
         self.lease_polls += other.lease_polls;
+        self.oversized += other.oversized;
     }
 }
 

@@ -1,13 +1,13 @@
 //! Redis standalone on the `redis` crate's `ConnectionManager`: one
 //! multiplexed connection, re-established by itself after Redis restarts.
 
+use std::sync::{LazyLock, PoisonError, RwLock};
 use std::time::Duration;
-
-use std::sync::LazyLock;
 
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use crate::cache::is_rejected_credentials;
 use crate::error::CacheError;
 
 /// Stores a computed value only if the key still starts with what the
@@ -34,9 +34,12 @@ static COMPARE_AND_DELETE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-#[derive(Clone)]
 pub(crate) struct RedisBackend {
-    conn: ConnectionManager,
+    client: redis::Client,
+    /// Replaced by [`RedisBackend::check`] after Redis rejected the
+    /// credentials: a `ConnectionManager` whose connection attempt failed
+    /// that way never tries again by itself.
+    conn: RwLock<ConnectionManager>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -51,26 +54,55 @@ impl RedisBackend {
     /// service from starting. Must be called inside a Tokio runtime.
     pub(crate) fn new(url: &str) -> Result<Self, CacheError> {
         let client = redis::Client::open(url).map_err(CacheError::InvalidUrl)?;
+        let conn = RwLock::new(Self::manager(&client)?);
+        Ok(RedisBackend { client, conn })
+    }
+
+    fn manager(client: &redis::Client) -> Result<ConnectionManager, CacheError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
-            // Reconnection backoff: short enough that hits resume soon after
-            // a restart; when retries run out, the next command starts over.
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(4);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(CacheError::InvalidUrl)?;
-        Ok(RedisBackend { conn })
+            // One connection attempt per command that finds the connection
+            // broken, no retry loop: the circuit breaker paces the attempts
+            // (one probe per cool-down), and the attempt's own error (refused,
+            // WRONGPASS) reaches the log instead of an op timeout.
+            .set_number_of_retries(0);
+        ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(CacheError::InvalidUrl)
+    }
+
+    /// A handle on the shared multiplexed connection (an `Arc` clone).
+    fn conn(&self) -> ConnectionManager {
+        self.conn
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) async fn ping(&self) -> Result<(), CacheError> {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn())
+            .await?;
         Ok(())
     }
 
+    /// Whether Redis can be used again, for the circuit breaker's probe. A
+    /// command that finds the connection broken fails and only starts the
+    /// reconnection, so a failed `PING` is tried once more on the new
+    /// connection; after rejected credentials, on a new manager.
+    pub(crate) async fn check(&self) -> Result<(), CacheError> {
+        match self.ping().await {
+            Err(CacheError::Redis(e)) if e.is_io_error() => self.ping().await,
+            Err(e) if is_rejected_credentials(&e) => {
+                let fresh = Self::manager(&self.client)?;
+                *self.conn.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                self.ping().await
+            }
+            outcome => outcome,
+        }
+    }
+
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
     }
 
@@ -80,7 +112,7 @@ impl RedisBackend {
         value: &[u8],
         ttl_millis: u64,
     ) -> Result<(), CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         redis::cmd("SET")
             .arg(key)
             .arg(value)
@@ -98,7 +130,7 @@ impl RedisBackend {
         value: &[u8],
         ttl_millis: u64,
     ) -> Result<bool, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Option<()> = redis::cmd("SET")
             .arg(key)
             .arg(value)
@@ -117,7 +149,7 @@ impl RedisBackend {
         value: &[u8],
         ttl_millis: u64,
     ) -> Result<bool, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let reply: Option<()> = COMPARE_AND_SET
             .key(key)
             .arg(expected)
@@ -133,7 +165,7 @@ impl RedisBackend {
         key: &str,
         expected: &[u8],
     ) -> Result<bool, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let deleted: u64 = COMPARE_AND_DELETE
             .key(key)
             .arg(expected)
@@ -144,7 +176,7 @@ impl RedisBackend {
 
     /// `DEL` of several keys in one round trip; how many existed.
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         Ok(redis::cmd("DEL").arg(keys).query_async(&mut conn).await?)
     }
 }
