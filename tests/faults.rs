@@ -287,7 +287,7 @@ async fn calls_while_stalled(db: &Db, length: Duration) -> Stalled {
         slowest_skipped: Duration::ZERO,
     };
     while started.elapsed() < length {
-        let id = if stalled.calls % 2 == 0 {
+        let id = if stalled.calls.is_multiple_of(2) {
             1
         } else {
             1000 + stalled.calls as u64
