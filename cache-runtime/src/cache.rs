@@ -2,7 +2,9 @@
 //! statistics, and the cache-aside lookup that generated code runs.
 
 use std::future::Future;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -32,7 +34,7 @@ const INVALIDATION_RETRY_DELAYS: [Duration; 5] = [
     Duration::from_secs(4),
 ];
 
-static INSTALLED: RwLock<Option<Cache>> = RwLock::new(None);
+static INSTALLED: ArcSwapOption<Inner> = ArcSwapOption::const_empty();
 
 /// A handle to a cache: Redis or in-process memory. Cheap to clone; clones
 /// share the connection, the circuit breaker and the statistics.
@@ -250,15 +252,12 @@ impl Cache {
     /// functions that have no `cache = ...` argument, replacing any cache
     /// installed before.
     pub fn install(&self) {
-        *INSTALLED.write().unwrap_or_else(PoisonError::into_inner) = Some(self.clone());
+        INSTALLED.store(Some(self.inner.clone()));
     }
 
     /// The installed cache, if any.
     pub fn installed() -> Option<Cache> {
-        INSTALLED
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        INSTALLED.load_full().map(|inner| Cache { inner })
     }
 
     /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`,
@@ -319,7 +318,9 @@ impl Cache {
             // A probe checks the connection first, and brings it back.
             let probed = async {
                 if permit == Permit::Probe {
-                    inner.backend.check().await?;
+                    // Boxed: rare, and it would double the size of every
+                    // operation's future.
+                    Box::pin(inner.backend.check()).await?;
                 }
                 operation.await
             };

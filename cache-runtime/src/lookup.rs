@@ -82,6 +82,9 @@ enum Taken {
 
 impl Cache {
     /// Serves `redis_key` from the cache or runs `body`; see the module docs.
+    ///
+    /// A plain hit is handled here; everything else in a boxed future, so
+    /// that the future of a hit stays small (it is moved on every call).
     pub(crate) async fn get_or_compute<S, R, F>(
         &self,
         site: &'static Site,
@@ -92,12 +95,43 @@ impl Cache {
         S: Outcome<R>,
         F: Future<Output = R>,
     {
+        let read = self.read(site, &redis_key).await;
+        if let Read::Value {
+            bytes,
+            value_at,
+            freshness: None,
+        } = &read
+            && let Ok(found) = self.inner.codec.decode::<S::Value>(&bytes[*value_at..])
+        {
+            self.inner.stats.record(Some(site), Event::Hit);
+            return S::from_hit(found);
+        }
+        Box::pin(self.after_read::<S, R, F>(site, &redis_key, read, body)).await
+    }
+
+    /// Everything but a plain hit: misses, leases, single-flight, stale and
+    /// early refresh, garbage, an unavailable cache.
+    async fn after_read<S, R, F>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        first_read: Read,
+        body: F,
+    ) -> R
+    where
+        S: Outcome<R>,
+        F: Future<Output = R>,
+    {
         let inner = &*self.inner;
-        let key = redis_key.as_str();
         let mut leader: Option<Leader<'_>> = None;
         let mut handovers = 0;
+        let mut first_read = Some(first_read);
         let claim = loop {
-            let claim = match self.read(site, key).await {
+            let read = match first_read.take() {
+                Some(read) => read,
+                None => self.read(site, key).await,
+            };
+            let claim = match read {
                 Read::Unavailable => return body.await,
                 Read::Value {
                     bytes,

@@ -1,5 +1,13 @@
 //! What generated code knows about one annotated function at compile time.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+/// The next [`Site::id`]; ids start at 1 so that 0 can mean "not yet".
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+/// Function names by site id, for statistics.
+static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
 /// The static configuration of one `#[redis_cached]` function.
 #[doc(hidden)]
 #[derive(Debug)]
@@ -10,6 +18,9 @@ pub struct Site {
     single_flight: SingleFlight,
     stale_millis: u64,
     early_refresh_beta: f64,
+    /// A small number unique to this function in the process, assigned on
+    /// first use: where its counters are, without a map lookup per call.
+    id: AtomicU32,
 }
 
 /// `single_flight`: who shares one computation of a missing key.
@@ -34,6 +45,7 @@ impl Site {
             single_flight: SingleFlight::Off,
             stale_millis: 0,
             early_refresh_beta: 0.0,
+            id: AtomicU32::new(0),
         }
     }
 
@@ -84,6 +96,35 @@ impl Site {
         self.name
     }
 
+    /// This function's id: 1, 2, ... in the order functions are first used.
+    pub(crate) fn id(&self) -> u32 {
+        let id = self.id.load(Ordering::Relaxed);
+        if id != 0 {
+            return id;
+        }
+        // Under the lock, so that ids and names stay in step.
+        let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = self.id.load(Ordering::Relaxed);
+        if id != 0 {
+            return id;
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        names.resize(id as usize + 1, "");
+        names[id as usize] = self.name;
+        self.id.store(id, Ordering::Relaxed);
+        id
+    }
+
+    /// The name of the function with site id `id`.
+    pub(crate) fn name_of(id: u32) -> &'static str {
+        NAMES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id as usize)
+            .copied()
+            .unwrap_or("")
+    }
+
     /// The TTL for one write: the configured TTL spread by ±`jitter`, at least 1 ms.
     pub(crate) fn ttl_millis(&self) -> u64 {
         if self.jitter <= 0.0 {
@@ -111,5 +152,16 @@ mod tests {
             distinct.len()
         );
         assert_eq!(Site::new("f", 5, 0.0).ttl_millis(), 5);
+    }
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        static A: Site = Site::new("a", 1, 0.0);
+        static B: Site = Site::new("b", 1, 0.0);
+        let a = A.id();
+        assert_eq!(A.id(), a);
+        assert_ne!(B.id(), a);
+        assert_eq!(Site::name_of(a), "a");
+        assert_eq!(Site::name_of(B.id()), "b");
     }
 }

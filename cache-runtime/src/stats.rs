@@ -1,10 +1,8 @@
 //! Hit/miss accounting, per annotated function and in total.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use dashmap::DashMap;
 
 use crate::site::Site;
 
@@ -187,12 +185,31 @@ impl Stats {
     }
 }
 
-/// The counters of one `Cache`.
-#[derive(Debug, Default)]
+/// Sites per chunk of the per-function table, and chunks: counters for the
+/// first 4096 annotated functions of a process. Events of any later ones
+/// still count in the total.
+const CHUNK: usize = 64;
+const CHUNKS: usize = 64;
+
+/// The counters of one `Cache`. The hot path is one atomic add on the
+/// function's counter, found by its site id without a lock; the total is
+/// summed when a snapshot is taken.
+#[derive(Debug)]
 pub(crate) struct Recorder {
-    total: Counters,
-    /// Keyed by the address of the call site's `static`: unique per function.
-    sites: DashMap<usize, (&'static str, Arc<Counters>)>,
+    /// Events of no function (e.g. `Cache::invalidate`), or of one past the
+    /// table.
+    unattributed: Counters,
+    /// By site id: chunk `id / CHUNK`, slot `id % CHUNK`.
+    sites: [OnceLock<Box<[Counters]>>; CHUNKS],
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            unattributed: Counters::default(),
+            sites: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
 }
 
 impl Recorder {
@@ -202,30 +219,30 @@ impl Recorder {
 
     pub(crate) fn record_n(&self, site: Option<&'static Site>, event: Event, n: usize) {
         let n = n as u64;
-        self.total.bump(event, n);
-        if let Some(site) = site {
-            let addr = std::ptr::from_ref(site) as usize;
-            if let Some(entry) = self.sites.get(&addr) {
-                entry.1.bump(event, n);
-                return;
-            }
-            let entry = self
-                .sites
-                .entry(addr)
-                .or_insert_with(|| (site.name(), Arc::default()));
-            entry.1.bump(event, n);
-        }
+        let counters = site.and_then(|site| {
+            let id = site.id() as usize;
+            let chunk = self.sites.get(id / CHUNK)?;
+            let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| Counters::default()).collect());
+            Some(&chunk[id % CHUNK])
+        });
+        counters.unwrap_or(&self.unattributed).bump(event, n);
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
+        let mut total = self.unattributed.snapshot();
         let mut functions: BTreeMap<&'static str, Counts> = BTreeMap::new();
-        for entry in &self.sites {
-            let (name, counters) = entry.value();
-            functions.entry(name).or_default().add(&counters.snapshot());
+        for (c, chunk) in self.sites.iter().enumerate() {
+            let Some(chunk) = chunk.get() else { continue };
+            for (slot, counters) in chunk.iter().enumerate() {
+                let counts = counters.snapshot();
+                if counts == Counts::default() {
+                    continue;
+                }
+                total.add(&counts);
+                let name = Site::name_of((c * CHUNK + slot) as u32);
+                functions.entry(name).or_default().add(&counts);
+            }
         }
-        Stats {
-            total: self.total.snapshot(),
-            functions,
-        }
+        Stats { total, functions }
     }
 }

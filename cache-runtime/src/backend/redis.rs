@@ -1,9 +1,10 @@
 //! Redis standalone on the `redis` crate's `ConnectionManager`: one
 //! multiplexed connection, re-established by itself after Redis restarts.
 
-use std::sync::{LazyLock, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -39,7 +40,7 @@ pub(crate) struct RedisBackend {
     /// Replaced by [`RedisBackend::check`] after Redis rejected the
     /// credentials: a `ConnectionManager` whose connection attempt failed
     /// that way never tries again by itself.
-    conn: RwLock<ConnectionManager>,
+    conn: ArcSwap<ConnectionManager>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -54,7 +55,7 @@ impl RedisBackend {
     /// service from starting. Must be called inside a Tokio runtime.
     pub(crate) fn new(url: &str) -> Result<Self, CacheError> {
         let client = redis::Client::open(url).map_err(CacheError::InvalidUrl)?;
-        let conn = RwLock::new(Self::manager(&client)?);
+        let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         Ok(RedisBackend { client, conn })
     }
 
@@ -65,17 +66,17 @@ impl RedisBackend {
             // broken, no retry loop: the circuit breaker paces the attempts
             // (one probe per cool-down), and the attempt's own error (refused,
             // WRONGPASS) reaches the log instead of an op timeout.
-            .set_number_of_retries(0);
+            .set_number_of_retries(0)
+            // The cache's op timeout bounds every operation; a second timer
+            // per command would only cost.
+            .set_response_timeout(None);
         ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(CacheError::InvalidUrl)
     }
 
     /// A handle on the shared multiplexed connection (an `Arc` clone).
     fn conn(&self) -> ConnectionManager {
-        self.conn
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        ConnectionManager::clone(&self.conn.load())
     }
 
     pub(crate) async fn ping(&self) -> Result<(), CacheError> {
@@ -94,7 +95,7 @@ impl RedisBackend {
             Err(CacheError::Redis(e)) if e.is_io_error() => self.ping().await,
             Err(e) if is_rejected_credentials(&e) => {
                 let fresh = Self::manager(&self.client)?;
-                *self.conn.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                self.conn.store(Arc::new(fresh));
                 self.ping().await
             }
             outcome => outcome,

@@ -1,0 +1,635 @@
+//! Side-by-side benchmark of four ways to put Redis in front of a query, on
+//! one `redis-server` and a ~1 KB serde struct:
+//!
+//! 1. floor: a bare `GET` of the same bytes, no decode;
+//! 2. hand-written cache-aside as Redis tutorials write it: `GET` → JSON
+//!    decode → on a miss compute, encode, `SET EX`;
+//! 3. `#[redis_cached]` (this project);
+//! 4. the `cached` crate's `#[concurrent_cached]` with `AsyncRedisCache`.
+//!
+//! Arms 1 and 2 use one multiplexed `redis` connection, as do 3 (through
+//! `ConnectionManager`) and 4. Every figure is measured in rounds, the arms
+//! taking turns in a rotating order (A B C D, B C D A, ...), so that drift of
+//! a shared machine hits all arms alike.
+//!
+//! ```text
+//! cargo run --release --example bench            # private redis-server
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --release --example bench
+//! BENCH_QUICK=1 cargo run --release --example bench   # fewer rounds
+//! ```
+//!
+//! Prints a table with each arm's ratio to arm 2, and writes the same to
+//! `target/bench/bench.csv` and the hit-latency distributions to
+//! `target/bench/hit_latency.png` (`BENCH_OUT` to change the directory).
+
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_harness::{RedisServer, redis_server_available};
+use cache_runtime::{Cache, redis_cached};
+use cached::AsyncRedisCache;
+use cached::macros::concurrent_cached;
+use serde::{Deserialize, Serialize};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+// ------------------------------------------------------------------ the data
+
+/// The cached row: about 1 KB as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct User {
+    id: u64,
+    name: String,
+    email: String,
+    bio: String,
+    tags: Vec<String>,
+    scores: Vec<u32>,
+    created_at: u64,
+    active: bool,
+}
+
+fn row(id: u64) -> User {
+    User {
+        id,
+        name: format!("User Number {id}"),
+        email: format!("user{id}@example.com"),
+        bio: "Writes Rust services that put Redis in front of a slow database. ".repeat(10),
+        tags: ["rust", "redis", "cache", "tokio", "serde"]
+            .map(String::from)
+            .to_vec(),
+        scores: (0..40).map(|i| (i * 7919 + id as u32) % 1000).collect(),
+        created_at: 1_700_000_000 + id,
+        active: id.is_multiple_of(2),
+    }
+}
+
+#[derive(Debug)]
+struct DbError;
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("database error")
+    }
+}
+
+/// How long the "query" takes, in ms (0 for the miss-latency figure, 50 for
+/// the cold-key stampede).
+static QUERY_MILLIS: AtomicU64 = AtomicU64::new(0);
+/// Queries run, per arm (2, 3, 4), for the stampede figure.
+static QUERIES: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+async fn query(arm: usize, id: u64) -> Result<User, DbError> {
+    QUERIES[arm - 2].fetch_add(1, Ordering::Relaxed);
+    let millis = QUERY_MILLIS.load(Ordering::Relaxed);
+    if millis > 0 {
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+    }
+    Ok(row(id))
+}
+
+const TTL_SECS: u64 = 600;
+
+// ------------------------------------------------------------------ the arms
+
+/// Arm 3: this project.
+#[redis_cached(key = "bench:ours:<id>", ttl = 600)]
+async fn ours(id: u64) -> Result<User, DbError> {
+    query(3, id).await
+}
+
+/// Arm 3 for the stampede figure: the same, with `single_flight`.
+#[redis_cached(key = "bench:ours:<id>", ttl = 600, single_flight)]
+async fn ours_single_flight(id: u64) -> Result<User, DbError> {
+    query(3, id).await
+}
+
+static REDIS_URL: OnceLock<String> = OnceLock::new();
+
+/// Arm 4: the `cached` crate, as its Redis example writes it.
+#[concurrent_cached(
+    map_error = r##"|e| { let _ = e; DbError }"##,
+    ty = "AsyncRedisCache<u64, User>",
+    create = r##" {
+        AsyncRedisCache::builder("bench:cached")
+            .ttl(Duration::from_secs(TTL_SECS))
+            .connection_string(REDIS_URL.get().expect("set in main"))
+            .build()
+            .await
+            .expect("cached crate: connect to Redis")
+    } "##
+)]
+async fn cached_crate(id: u64) -> Result<User, DbError> {
+    query(4, id).await
+}
+
+/// The four arms, and the connection arms 1 and 2 share.
+#[derive(Clone)]
+struct Arms {
+    conn: redis::aio::MultiplexedConnection,
+}
+
+const ARMS: [&str; 4] = [
+    "floor (GET)",
+    "hand-written",
+    "#[redis_cached]",
+    "cached crate",
+];
+
+impl Arms {
+    /// One call of `arm` (0-based) for `id`. `stampede` picks the
+    /// `single_flight` variant of arm 3.
+    async fn call(&self, arm: usize, id: u64, stampede: bool) -> Result<(), Error> {
+        match arm {
+            0 => {
+                let bytes: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(format!("bench:raw:{id}"))
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                black_box(bytes);
+            }
+            1 => {
+                black_box(self.hand_written(id).await?);
+            }
+            2 if stampede => {
+                black_box(ours_single_flight(id).await?);
+            }
+            2 => {
+                black_box(ours(id).await?);
+            }
+            _ => {
+                black_box(cached_crate(id).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Cache-aside as the tutorials write it.
+    async fn hand_written(&self, id: u64) -> Result<User, Error> {
+        let mut conn = self.conn.clone();
+        let key = format!("bench:hand:{id}");
+        let cached: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        if let Some(bytes) = cached
+            && let Ok(user) = serde_json::from_slice(&bytes)
+        {
+            return Ok(user);
+        }
+        let user = query(2, id).await?;
+        let bytes = serde_json::to_vec(&user)?;
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(bytes)
+            .arg("EX")
+            .arg(TTL_SECS)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(user)
+    }
+
+    /// The bare `GET` arm reads what the hand-written arm stores.
+    async fn seed_floor(&self, ids: std::ops::Range<u64>) -> Result<(), Error> {
+        let mut conn = self.conn.clone();
+        for id in ids {
+            let bytes = serde_json::to_vec(&row(id))?;
+            redis::cmd("SET")
+                .arg(format!("bench:raw:{id}"))
+                .arg(bytes)
+                .arg("EX")
+                .arg(TTL_SECS)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+impl From<DbError> for Error {
+    fn from(e: DbError) -> Self {
+        e.to_string().into()
+    }
+}
+
+// ----------------------------------------------------------------- measuring
+
+/// The arms in the order of round `round`: A B C D, B C D A, ...
+fn rotation(round: usize) -> impl Iterator<Item = usize> {
+    (0..ARMS.len()).map(move |i| (round + i) % ARMS.len())
+}
+
+/// How many warm keys the hit figures cycle through.
+const WARM_KEYS: u64 = 100;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank]
+}
+
+/// Sequential hits: one call at a time. Latencies in µs, sorted, per arm.
+async fn hit_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<Vec<f64>>, Error> {
+    let mut samples = vec![Vec::with_capacity(rounds * per_turn); ARMS.len()];
+    for round in 0..rounds {
+        for arm in rotation(round) {
+            for i in 0..per_turn {
+                let id = i as u64 % WARM_KEYS;
+                let started = Instant::now();
+                arms.call(arm, id, false).await?;
+                samples[arm].push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+    for s in &mut samples {
+        s.sort_by(f64::total_cmp);
+    }
+    Ok(samples)
+}
+
+/// Hits from `concurrency` tasks for `turn` per arm and round; calls per
+/// second, per arm, over all rounds.
+async fn hit_throughput(
+    arms: &Arms,
+    concurrency: usize,
+    rounds: usize,
+    turn: Duration,
+) -> Result<Vec<f64>, Error> {
+    let mut sums = vec![0.0; ARMS.len()];
+    for round in 0..rounds {
+        let per_second = hit_throughput_round(arms, concurrency, round, turn).await?;
+        for (sum, rate) in sums.iter_mut().zip(per_second) {
+            *sum += rate;
+        }
+    }
+    Ok(sums.into_iter().map(|sum| sum / rounds as f64).collect())
+}
+
+/// One round of [`hit_throughput`]: each arm in turn, calls per second.
+async fn hit_throughput_round(
+    arms: &Arms,
+    concurrency: usize,
+    round: usize,
+    turn: Duration,
+) -> Result<Vec<f64>, Error> {
+    let mut per_second = vec![0.0; ARMS.len()];
+    for arm in rotation(round) {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for task in 0..concurrency {
+            let arms = arms.clone();
+            tasks.spawn(async move {
+                let mut n = 0u64;
+                let mut id = task as u64;
+                while started.elapsed() < turn {
+                    arms.call(arm, id % WARM_KEYS, false).await?;
+                    id += 1;
+                    n += 1;
+                }
+                Ok::<u64, Error>(n)
+            });
+        }
+        let mut calls = 0;
+        while let Some(done) = tasks.join_next().await {
+            calls += done??;
+        }
+        per_second[arm] = calls as f64 / started.elapsed().as_secs_f64();
+    }
+    Ok(per_second)
+}
+
+/// Misses with an instant query: each call on a key never seen. Latencies
+/// in µs, sorted, per arm (the floor arm reads a missing key).
+async fn miss_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<Vec<f64>>, Error> {
+    QUERY_MILLIS.store(0, Ordering::Relaxed);
+    let mut samples = vec![Vec::new(); ARMS.len()];
+    let mut next_id = 1_000_000u64;
+    for round in 0..rounds {
+        for arm in rotation(round) {
+            for _ in 0..per_turn {
+                next_id += 1;
+                let started = Instant::now();
+                arms.call(arm, next_id, false).await?;
+                samples[arm].push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+    for s in &mut samples {
+        s.sort_by(f64::total_cmp);
+    }
+    Ok(samples)
+}
+
+/// 1,000 concurrent callers of one cold key, 50 ms query: how many queries
+/// ran, and the slowest caller's wait, per arm (2, 3, 4).
+async fn stampede(arms: &Arms, callers: usize) -> Result<Vec<(u64, f64)>, Error> {
+    QUERY_MILLIS.store(50, Ordering::Relaxed);
+    let mut results = vec![(0, 0.0); ARMS.len()];
+    for (n, arm) in (1..ARMS.len()).enumerate() {
+        let id = 9_000_000 + n as u64;
+        let before = QUERIES[arm - 1].load(Ordering::Relaxed);
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..callers {
+            let arms = arms.clone();
+            tasks.spawn(async move { arms.call(arm, id, true).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        let runs = QUERIES[arm - 1].load(Ordering::Relaxed) - before;
+        results[arm] = (runs, started.elapsed().as_secs_f64() * 1e3);
+    }
+    QUERY_MILLIS.store(0, Ordering::Relaxed);
+    Ok(results)
+}
+
+// ------------------------------------------------------------------- output
+
+/// One row of the table: a figure per arm (NaN where it does not apply).
+struct Row {
+    metric: String,
+    unit: &'static str,
+    values: Vec<f64>,
+    /// Whether larger is better (throughput) for the ratio's reading.
+    higher_is_better: bool,
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| figure | {} |",
+        ARMS.iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}. {a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(ARMS.len()));
+    for row in rows {
+        let base = row.values[1];
+        let cells: Vec<String> = row
+            .values
+            .iter()
+            .map(|&v| {
+                if v.is_nan() {
+                    "n/a".to_owned()
+                } else if row.unit == "runs" {
+                    format!("{v:.0}")
+                } else {
+                    format!("{} ({:.2}×)", human(v, row.unit), v / base)
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", row.metric, cells.join(" | "));
+    }
+    out
+}
+
+fn human(value: f64, unit: &str) -> String {
+    match unit {
+        "µs" => format!("{value:.1} µs"),
+        "ms" => format!("{value:.0} ms"),
+        "calls/s" => format!("{:.0}k/s", value / 1e3),
+        _ => format!("{value:.2} {unit}"),
+    }
+}
+
+fn csv(rows: &[Row]) -> String {
+    let mut out = String::from("figure,unit,arm,value,ratio_to_hand_written,higher_is_better\n");
+    for row in rows {
+        for (arm, &value) in row.values.iter().enumerate() {
+            if value.is_nan() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "\"{}\",{},\"{}\",{value:.3},{:.4},{}",
+                row.metric,
+                row.unit,
+                ARMS[arm],
+                value / row.values[1],
+                row.higher_is_better
+            );
+        }
+    }
+    out
+}
+
+/// The hit-latency distributions (c = 1) as one line per arm: latency
+/// against percentile, up to p99.9.
+fn plot(path: &Path, hits: &[Vec<f64>]) -> Result<(), Error> {
+    use plotters::prelude::*;
+
+    plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+        .map_err(|_| "the embedded DejaVu font did not load")?;
+    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let top = hits
+        .iter()
+        .map(|s| percentile(s, 0.999))
+        .fold(0.0, f64::max)
+        * 1.05;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Hit latency at concurrency 1 (µs), ~1 KB value",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..99.9f64, 0.0..top)?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("latency (µs)")
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    let colors = [RGBColor(120, 120, 120), BLUE, RED, RGBColor(0, 150, 0)];
+    for (arm, samples) in hits.iter().enumerate() {
+        let color = colors[arm];
+        let points = (0..=999).map(|i| {
+            let p = f64::from(i) / 10.0;
+            (p, percentile(samples, p / 100.0))
+        });
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(format!("{}. {}", arm + 1, ARMS[arm]))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+// --------------------------------------------------------------------- main
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Error> {
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let _server;
+    let url = match std::env::var("REDIS_URL") {
+        Ok(url) => url,
+        Err(_) if redis_server_available() => {
+            let server = RedisServer::start();
+            let url = server.url();
+            _server = server;
+            url
+        }
+        Err(_) => return Err(cache_harness::INSTALL_HINT.into()),
+    };
+    REDIS_URL.set(url.clone()).map_err(|_| "set once")?;
+    let out_dir =
+        std::env::var_os("BENCH_OUT").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
+    std::fs::create_dir_all(&out_dir)?;
+
+    Cache::connect(&url).await?.install();
+    let client = redis::Client::open(url.as_str())?;
+    let arms = Arms {
+        conn: client.get_multiplexed_async_connection().await?,
+    };
+    let value_size = serde_json::to_vec(&row(1))?.len();
+    println!(
+        "Redis at {url}; value {value_size} bytes of JSON; {} rounds, arms interleaved",
+        if quick { "quick" } else { "full" }
+    );
+
+    // Warm every arm's keys (and the connection of arm 4, built lazily).
+    arms.seed_floor(0..WARM_KEYS).await?;
+    for round in 0..2 {
+        for arm in rotation(round) {
+            for id in 0..WARM_KEYS {
+                arms.call(arm, id, false).await?;
+            }
+        }
+    }
+
+    if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
+        println!(
+            "future sizes: ours {} hand {} cached {}",
+            std::mem::size_of_val(&ours(1)),
+            std::mem::size_of_val(&arms.hand_written(1)),
+            std::mem::size_of_val(&cached_crate(1))
+        );
+        // For profiling and A/B runs of the hot path: per-round ratios to
+        // arm 2 (adjacent in time, so drift cancels), median of 30.
+        for concurrency in [16, 64] {
+            let mut ratios = vec![Vec::new(); ARMS.len()];
+            for round in 0..30 {
+                let per_second =
+                    hit_throughput_round(&arms, concurrency, round, Duration::from_millis(150))
+                        .await?;
+                for arm in 0..ARMS.len() {
+                    ratios[arm].push(per_second[arm] / per_second[1]);
+                }
+            }
+            let medians: Vec<String> = ratios
+                .iter_mut()
+                .map(|r| {
+                    r.sort_by(f64::total_cmp);
+                    format!("{:.3}×", percentile(r, 0.5))
+                })
+                .collect();
+            println!(
+                "c={concurrency}: median per-round ratio to arm 2: {}",
+                medians.join("  ")
+            );
+        }
+        return Ok(());
+    }
+
+    let (rounds, per_turn) = if quick { (6, 300) } else { (20, 1000) };
+    let hits = hit_latency(&arms, rounds, per_turn).await?;
+    println!("hit latency: {} samples per arm", hits[0].len());
+    let mut rows = vec![
+        Row {
+            metric: "hit latency p50, c=1".into(),
+            unit: "µs",
+            values: hits.iter().map(|s| percentile(s, 0.50)).collect(),
+            higher_is_better: false,
+        },
+        Row {
+            metric: "hit latency p99, c=1".into(),
+            unit: "µs",
+            values: hits.iter().map(|s| percentile(s, 0.99)).collect(),
+            higher_is_better: false,
+        },
+    ];
+
+    let turn = Duration::from_millis(if quick { 150 } else { 400 });
+    let throughput_rounds = if quick { 4 } else { 8 };
+    for concurrency in [1, 16, 64] {
+        let per_second = hit_throughput(&arms, concurrency, throughput_rounds, turn).await?;
+        println!("hit throughput, c={concurrency}: done");
+        rows.push(Row {
+            metric: format!("hit throughput, c={concurrency}"),
+            unit: "calls/s",
+            values: per_second,
+            higher_is_better: true,
+        });
+    }
+
+    let misses = miss_latency(&arms, if quick { 4 } else { 10 }, 200).await?;
+    let mut miss_p50: Vec<f64> = misses.iter().map(|s| percentile(s, 0.50)).collect();
+    let mut miss_p99: Vec<f64> = misses.iter().map(|s| percentile(s, 0.99)).collect();
+    // The floor has no miss path: a GET of a missing key is not comparable.
+    miss_p50[0] = f64::NAN;
+    miss_p99[0] = f64::NAN;
+    rows.push(Row {
+        metric: "miss latency p50, query 0 ms".into(),
+        unit: "µs",
+        values: miss_p50,
+        higher_is_better: false,
+    });
+    rows.push(Row {
+        metric: "miss latency p99, query 0 ms".into(),
+        unit: "µs",
+        values: miss_p99,
+        higher_is_better: false,
+    });
+
+    let callers = 1000;
+    let stampede = stampede(&arms, callers).await?;
+    let mut runs = vec![f64::NAN; ARMS.len()];
+    let mut slowest = vec![f64::NAN; ARMS.len()];
+    for arm in 1..ARMS.len() {
+        runs[arm] = stampede[arm].0 as f64;
+        slowest[arm] = stampede[arm].1;
+    }
+    rows.push(Row {
+        metric: format!("queries for {callers} cold callers, 50 ms query (arm 3: single_flight)"),
+        unit: "runs",
+        values: runs,
+        higher_is_better: false,
+    });
+    rows.push(Row {
+        metric: format!("slowest of the {callers} cold callers"),
+        unit: "ms",
+        values: slowest,
+        higher_is_better: false,
+    });
+
+    let table = table(&rows);
+    println!("\n{table}");
+    println!(
+        "Ratios are to arm 2 (hand-written). Latency: lower is better; throughput: higher is better."
+    );
+    let stats = Cache::installed().map(|c| c.stats().total);
+    println!("#[redis_cached] counters: {stats:?}");
+
+    let csv_path = out_dir.join("bench.csv");
+    std::fs::write(&csv_path, csv(&rows))?;
+    let png_path = out_dir.join("hit_latency.png");
+    plot(&png_path, &hits)?;
+    println!("wrote {} and {}", csv_path.display(), png_path.display());
+    Ok(())
+}
