@@ -79,11 +79,11 @@ impl std::fmt::Display for DbError {
 /// How long the "query" takes, in ms (0 for the miss-latency figure, 50 for
 /// the cold-key stampede).
 static QUERY_MILLIS: AtomicU64 = AtomicU64::new(0);
-/// Queries run, per arm (2, 3, 4), for the stampede figure.
-static QUERIES: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// Queries run, per arm (by index in [`ARMS`]), for the stampede figure.
+static QUERIES: [AtomicU64; ARMS.len()] = [const { AtomicU64::new(0) }; ARMS.len()];
 
 async fn query(arm: usize, id: u64) -> Result<User, DbError> {
-    QUERIES[arm - 2].fetch_add(1, Ordering::Relaxed);
+    QUERIES[arm].fetch_add(1, Ordering::Relaxed);
     let millis = QUERY_MILLIS.load(Ordering::Relaxed);
     if millis > 0 {
         tokio::time::sleep(Duration::from_millis(millis)).await;
@@ -95,21 +95,41 @@ const TTL_SECS: u64 = 600;
 
 // ------------------------------------------------------------------ the arms
 
-/// Arm 3: this project.
+/// Arm 3: this project, with the defaults (JSON, the installed cache).
 #[redis_cached(key = "bench:ours:<id>", ttl = 600)]
 async fn ours(id: u64) -> Result<User, DbError> {
-    query(3, id).await
+    query(2, id).await
 }
 
 /// Arm 3 for the stampede figure: the same, with `single_flight`.
 #[redis_cached(key = "bench:ours:<id>", ttl = 600, single_flight)]
 async fn ours_single_flight(id: u64) -> Result<User, DbError> {
+    query(2, id).await
+}
+
+/// A second cache on the same Redis, storing MessagePack.
+static MSGPACK_CACHE: OnceLock<Cache> = OnceLock::new();
+
+fn msgpack_cache() -> &'static Cache {
+    MSGPACK_CACHE.get().expect("set in main")
+}
+
+/// Arm 3b: this project with `Codec::MessagePack`, the encoding arm 4 uses.
+#[redis_cached(key = "bench:ours-mp:<id>", ttl = 600, cache = msgpack_cache())]
+async fn ours_msgpack(id: u64) -> Result<User, DbError> {
+    query(3, id).await
+}
+
+/// Arm 3b for the stampede figure.
+#[redis_cached(key = "bench:ours-mp:<id>", ttl = 600, single_flight, cache = msgpack_cache())]
+async fn ours_msgpack_single_flight(id: u64) -> Result<User, DbError> {
     query(3, id).await
 }
 
 static REDIS_URL: OnceLock<String> = OnceLock::new();
 
-/// Arm 4: the `cached` crate, as its Redis example writes it.
+/// Arm 4: the `cached` crate, as its Redis example writes it. It stores
+/// MessagePack (`rmp-serde`, fields by position).
 #[concurrent_cached(
     map_error = r##"|e| { let _ = e; DbError }"##,
     ty = "AsyncRedisCache<u64, User>",
@@ -132,11 +152,12 @@ struct Arms {
     conn: redis::aio::MultiplexedConnection,
 }
 
-const ARMS: [&str; 4] = [
-    "floor (GET)",
-    "hand-written",
-    "#[redis_cached]",
-    "cached crate",
+const ARMS: [&str; 5] = [
+    "1. floor (GET)",
+    "2. hand-written",
+    "3. #[redis_cached]",
+    "3b. #[redis_cached], MessagePack",
+    "4. cached crate",
 ];
 
 impl Arms {
@@ -160,6 +181,12 @@ impl Arms {
             2 => {
                 black_box(ours(id).await?);
             }
+            3 if stampede => {
+                black_box(ours_msgpack_single_flight(id).await?);
+            }
+            3 => {
+                black_box(ours_msgpack(id).await?);
+            }
             _ => {
                 black_box(cached_crate(id).await?);
             }
@@ -177,7 +204,7 @@ impl Arms {
         {
             return Ok(user);
         }
-        let user = query(2, id).await?;
+        let user = query(1, id).await?;
         let bytes = serde_json::to_vec(&user)?;
         redis::cmd("SET")
             .arg(&key)
@@ -230,8 +257,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank]
 }
 
-/// Sequential hits: one call at a time. Latencies in µs, sorted, per arm.
-async fn hit_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<Vec<f64>>, Error> {
+/// Sequential hits: one call at a time, from the main task (`block_on`), so
+/// that every call includes the same one wake-up across threads for every
+/// arm (a spawned task lands on the I/O thread or not by chance, which makes
+/// the distribution bimodal). Latencies in µs, sorted, per arm.
+async fn hit_latency(
+    arms: &Arms,
+    rounds: usize,
+    per_turn: usize,
+) -> Result<Vec<Vec<f64>>, Error> {
     let mut samples = vec![Vec::with_capacity(rounds * per_turn); ARMS.len()];
     for round in 0..rounds {
         for arm in rotation(round) {
@@ -249,22 +283,33 @@ async fn hit_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<
     Ok(samples)
 }
 
-/// Hits from `concurrency` tasks for `turn` per arm and round; calls per
-/// second, per arm, over all rounds.
+/// Hits from `concurrency` tasks for `turn` per arm and round. Per arm, the
+/// median over rounds of calls per second, and the median of the per-round
+/// ratios to arm 2 (each ratio compares turns a moment apart, so drift of
+/// the machine cancels out of it).
 async fn hit_throughput(
     arms: &Arms,
     concurrency: usize,
     rounds: usize,
     turn: Duration,
-) -> Result<Vec<f64>, Error> {
-    let mut sums = vec![0.0; ARMS.len()];
+) -> Result<(Vec<f64>, Vec<f64>), Error> {
+    let mut rates = vec![Vec::new(); ARMS.len()];
+    let mut ratios = vec![Vec::new(); ARMS.len()];
     for round in 0..rounds {
         let per_second = hit_throughput_round(arms, concurrency, round, turn).await?;
-        for (sum, rate) in sums.iter_mut().zip(per_second) {
-            *sum += rate;
+        for arm in 0..ARMS.len() {
+            rates[arm].push(per_second[arm]);
+            ratios[arm].push(per_second[arm] / per_second[1]);
         }
     }
-    Ok(sums.into_iter().map(|sum| sum / rounds as f64).collect())
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        percentile(&v, 0.5)
+    };
+    Ok((
+        rates.into_iter().map(median).collect(),
+        ratios.into_iter().map(median).collect(),
+    ))
 }
 
 /// One round of [`hit_throughput`]: each arm in turn, calls per second.
@@ -300,9 +345,14 @@ async fn hit_throughput_round(
     Ok(per_second)
 }
 
-/// Misses with an instant query: each call on a key never seen. Latencies
-/// in µs, sorted, per arm (the floor arm reads a missing key).
-async fn miss_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<Vec<f64>>, Error> {
+/// Misses with an instant query: each call on a key never seen, from the
+/// main task. Latencies in µs, sorted, per arm (the floor arm reads a
+/// missing key).
+async fn miss_latency(
+    arms: &Arms,
+    rounds: usize,
+    per_turn: usize,
+) -> Result<Vec<Vec<f64>>, Error> {
     QUERY_MILLIS.store(0, Ordering::Relaxed);
     let mut samples = vec![Vec::new(); ARMS.len()];
     let mut next_id = 1_000_000u64;
@@ -329,7 +379,7 @@ async fn stampede(arms: &Arms, callers: usize) -> Result<Vec<(u64, f64)>, Error>
     let mut results = vec![(0, 0.0); ARMS.len()];
     for (n, arm) in (1..ARMS.len()).enumerate() {
         let id = 9_000_000 + n as u64;
-        let before = QUERIES[arm - 1].load(Ordering::Relaxed);
+        let before = QUERIES[arm].load(Ordering::Relaxed);
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..callers {
@@ -339,7 +389,7 @@ async fn stampede(arms: &Arms, callers: usize) -> Result<Vec<(u64, f64)>, Error>
         while let Some(done) = tasks.join_next().await {
             done??;
         }
-        let runs = QUERIES[arm - 1].load(Ordering::Relaxed) - before;
+        let runs = QUERIES[arm].load(Ordering::Relaxed) - before;
         results[arm] = (runs, started.elapsed().as_secs_f64() * 1e3);
     }
     QUERY_MILLIS.store(0, Ordering::Relaxed);
@@ -353,8 +403,19 @@ struct Row {
     metric: String,
     unit: &'static str,
     values: Vec<f64>,
+    /// Ratios to arm 2 measured pairwise, when not `value / arm 2's value`.
+    ratios: Option<Vec<f64>>,
     /// Whether larger is better (throughput) for the ratio's reading.
     higher_is_better: bool,
+}
+
+impl Row {
+    fn ratio(&self, arm: usize) -> f64 {
+        match &self.ratios {
+            Some(ratios) => ratios[arm],
+            None => self.values[arm] / self.values[1],
+        }
+    }
 }
 
 fn table(rows: &[Row]) -> String {
@@ -362,25 +423,21 @@ fn table(rows: &[Row]) -> String {
     let _ = writeln!(
         out,
         "| figure | {} |",
-        ARMS.iter()
-            .enumerate()
-            .map(|(i, a)| format!("{}. {a}", i + 1))
-            .collect::<Vec<_>>()
-            .join(" | ")
+        ARMS.join(" | ")
     );
     let _ = writeln!(out, "|---|{}", "---:|".repeat(ARMS.len()));
     for row in rows {
-        let base = row.values[1];
         let cells: Vec<String> = row
             .values
             .iter()
-            .map(|&v| {
+            .enumerate()
+            .map(|(arm, &v)| {
                 if v.is_nan() {
                     "n/a".to_owned()
                 } else if row.unit == "runs" {
                     format!("{v:.0}")
                 } else {
-                    format!("{} ({:.2}×)", human(v, row.unit), v / base)
+                    format!("{} ({:.2}×)", human(v, row.unit), row.ratio(arm))
                 }
             })
             .collect();
@@ -411,7 +468,7 @@ fn csv(rows: &[Row]) -> String {
                 row.metric,
                 row.unit,
                 ARMS[arm],
-                value / row.values[1],
+                row.ratio(arm),
                 row.higher_is_better
             );
         }
@@ -420,7 +477,7 @@ fn csv(rows: &[Row]) -> String {
 }
 
 /// The hit-latency distributions (c = 1) as one line per arm: latency
-/// against percentile, up to p99.9.
+/// against percentile, up to p99.
 fn plot(path: &Path, hits: &[Vec<f64>]) -> Result<(), Error> {
     use plotters::prelude::*;
 
@@ -430,9 +487,9 @@ fn plot(path: &Path, hits: &[Vec<f64>]) -> Result<(), Error> {
     root.fill(&WHITE)?;
     let top = hits
         .iter()
-        .map(|s| percentile(s, 0.999))
+        .map(|s| percentile(s, 0.99))
         .fold(0.0, f64::max)
-        * 1.05;
+        * 1.15;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "Hit latency at concurrency 1 (µs), ~1 KB value",
@@ -441,23 +498,29 @@ fn plot(path: &Path, hits: &[Vec<f64>]) -> Result<(), Error> {
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..99.9f64, 0.0..top)?;
+        .build_cartesian_2d(0.0..99.0f64, 0.0..top)?;
     chart
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("latency (µs)")
         .label_style(("sans-serif", 15))
         .draw()?;
-    let colors = [RGBColor(120, 120, 120), BLUE, RED, RGBColor(0, 150, 0)];
+    let colors = [
+        RGBColor(120, 120, 120),
+        BLUE,
+        RED,
+        RGBColor(230, 120, 0),
+        RGBColor(0, 150, 0),
+    ];
     for (arm, samples) in hits.iter().enumerate() {
         let color = colors[arm];
-        let points = (0..=999).map(|i| {
+        let points = (0..=990).map(|i| {
             let p = f64::from(i) / 10.0;
-            (p, percentile(samples, p / 100.0))
+            (p, percentile(samples, p / 100.0).min(top))
         });
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-            .label(format!("{}. {}", arm + 1, ARMS[arm]))
+            .label(ARMS[arm])
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     chart
@@ -493,6 +556,12 @@ async fn main() -> Result<(), Error> {
     std::fs::create_dir_all(&out_dir)?;
 
     Cache::connect(&url).await?.install();
+    let msgpack = Cache::builder()
+        .url(url.as_str())
+        .codec(cache_runtime::Codec::MessagePack)
+        .build()
+        .await?;
+    MSGPACK_CACHE.set(msgpack).map_err(|_| "set once")?;
     let client = redis::Client::open(url.as_str())?;
     let arms = Arms {
         conn: client.get_multiplexed_async_connection().await?,
@@ -514,35 +583,12 @@ async fn main() -> Result<(), Error> {
     }
 
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
-        println!(
-            "future sizes: ours {} hand {} cached {}",
-            std::mem::size_of_val(&ours(1)),
-            std::mem::size_of_val(&arms.hand_written(1)),
-            std::mem::size_of_val(&cached_crate(1))
-        );
-        // For profiling and A/B runs of the hot path: per-round ratios to
-        // arm 2 (adjacent in time, so drift cancels), median of 30.
+        // For profiling and A/B runs of the hot path.
         for concurrency in [16, 64] {
-            let mut ratios = vec![Vec::new(); ARMS.len()];
-            for round in 0..30 {
-                let per_second =
-                    hit_throughput_round(&arms, concurrency, round, Duration::from_millis(150))
-                        .await?;
-                for arm in 0..ARMS.len() {
-                    ratios[arm].push(per_second[arm] / per_second[1]);
-                }
-            }
-            let medians: Vec<String> = ratios
-                .iter_mut()
-                .map(|r| {
-                    r.sort_by(f64::total_cmp);
-                    format!("{:.3}×", percentile(r, 0.5))
-                })
-                .collect();
-            println!(
-                "c={concurrency}: median per-round ratio to arm 2: {}",
-                medians.join("  ")
-            );
+            let (_, ratios) =
+                hit_throughput(&arms, concurrency, 30, Duration::from_millis(150)).await?;
+            let ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.3}×")).collect();
+            println!("c={concurrency}: median per-round ratio to arm 2: {}", ratios.join("  "));
         }
         return Ok(());
     }
@@ -555,25 +601,39 @@ async fn main() -> Result<(), Error> {
             metric: "hit latency p50, c=1".into(),
             unit: "µs",
             values: hits.iter().map(|s| percentile(s, 0.50)).collect(),
+            ratios: None,
             higher_is_better: false,
         },
         Row {
             metric: "hit latency p99, c=1".into(),
             unit: "µs",
             values: hits.iter().map(|s| percentile(s, 0.99)).collect(),
+            ratios: None,
             higher_is_better: false,
         },
     ];
 
-    let turn = Duration::from_millis(if quick { 150 } else { 400 });
-    let throughput_rounds = if quick { 4 } else { 8 };
-    for concurrency in [1, 16, 64] {
-        let per_second = hit_throughput(&arms, concurrency, throughput_rounds, turn).await?;
+    rows.push(Row {
+        metric: "hit throughput, c=1 (1 / mean latency)".into(),
+        unit: "calls/s",
+        values: hits
+            .iter()
+            .map(|s| 1e6 * s.len() as f64 / s.iter().sum::<f64>())
+            .collect(),
+        ratios: None,
+        higher_is_better: true,
+    });
+    let turn = Duration::from_millis(150);
+    let throughput_rounds = if quick { 6 } else { 30 };
+    for concurrency in [16, 64] {
+        let (per_second, ratios) =
+            hit_throughput(&arms, concurrency, throughput_rounds, turn).await?;
         println!("hit throughput, c={concurrency}: done");
         rows.push(Row {
-            metric: format!("hit throughput, c={concurrency}"),
+            metric: format!("hit throughput, c={concurrency} (median of {throughput_rounds} rounds)"),
             unit: "calls/s",
             values: per_second,
+            ratios: Some(ratios),
             higher_is_better: true,
         });
     }
@@ -588,12 +648,14 @@ async fn main() -> Result<(), Error> {
         metric: "miss latency p50, query 0 ms".into(),
         unit: "µs",
         values: miss_p50,
+        ratios: None,
         higher_is_better: false,
     });
     rows.push(Row {
         metric: "miss latency p99, query 0 ms".into(),
         unit: "µs",
         values: miss_p99,
+        ratios: None,
         higher_is_better: false,
     });
 
@@ -606,15 +668,17 @@ async fn main() -> Result<(), Error> {
         slowest[arm] = stampede[arm].1;
     }
     rows.push(Row {
-        metric: format!("queries for {callers} cold callers, 50 ms query (arm 3: single_flight)"),
+        metric: format!("queries for {callers} cold callers, 50 ms query (arms 3, 3b: single_flight)"),
         unit: "runs",
         values: runs,
+        ratios: None,
         higher_is_better: false,
     });
     rows.push(Row {
         metric: format!("slowest of the {callers} cold callers"),
         unit: "ms",
         values: slowest,
+        ratios: None,
         higher_is_better: false,
     });
 
@@ -624,7 +688,8 @@ async fn main() -> Result<(), Error> {
         "Ratios are to arm 2 (hand-written). Latency: lower is better; throughput: higher is better."
     );
     let stats = Cache::installed().map(|c| c.stats().total);
-    println!("#[redis_cached] counters: {stats:?}");
+    println!("#[redis_cached] counters (arm 3): {stats:?}");
+    println!("#[redis_cached] counters (arm 3b): {:?}", msgpack_cache().stats().total);
 
     let csv_path = out_dir.join("bench.csv");
     std::fs::write(&csv_path, csv(&rows))?;

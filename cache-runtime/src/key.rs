@@ -31,10 +31,13 @@ const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
-/// The longest key (before the cache's prefix) that is used as rendered.
+/// The longest key (before the cache's prefix) that a generated key
+/// function returns as rendered; longer ones are hashed (see the module
+/// docs). A key written by hand with [`CacheKey::new`] is used as is.
 pub const MAX_KEY_LEN: usize = 256;
 
-/// How much of an over-long key stays readable before its hash.
+/// How much of an over-long key stays readable before its hash (`:#` and 64
+/// hex digits follow).
 pub const KEPT_WHEN_HASHED: usize = 200;
 
 /// How `None` renders. `%_` is never produced by percent-encoding, so it
