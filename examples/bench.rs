@@ -261,11 +261,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// that every call includes the same one wake-up across threads for every
 /// arm (a spawned task lands on the I/O thread or not by chance, which makes
 /// the distribution bimodal). Latencies in µs, sorted, per arm.
-async fn hit_latency(
-    arms: &Arms,
-    rounds: usize,
-    per_turn: usize,
-) -> Result<Vec<Vec<f64>>, Error> {
+async fn hit_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<Vec<f64>>, Error> {
     let mut samples = vec![Vec::with_capacity(rounds * per_turn); ARMS.len()];
     for round in 0..rounds {
         for arm in rotation(round) {
@@ -348,11 +344,7 @@ async fn hit_throughput_round(
 /// Misses with an instant query: each call on a key never seen, from the
 /// main task. Latencies in µs, sorted, per arm (the floor arm reads a
 /// missing key).
-async fn miss_latency(
-    arms: &Arms,
-    rounds: usize,
-    per_turn: usize,
-) -> Result<Vec<Vec<f64>>, Error> {
+async fn miss_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<Vec<f64>>, Error> {
     QUERY_MILLIS.store(0, Ordering::Relaxed);
     let mut samples = vec![Vec::new(); ARMS.len()];
     let mut next_id = 1_000_000u64;
@@ -420,11 +412,7 @@ impl Row {
 
 fn table(rows: &[Row]) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| figure | {} |",
-        ARMS.join(" | ")
-    );
+    let _ = writeln!(out, "| figure | {} |", ARMS.join(" | "));
     let _ = writeln!(out, "|---|{}", "---:|".repeat(ARMS.len()));
     for row in rows {
         let cells: Vec<String> = row
@@ -485,11 +473,7 @@ fn plot(path: &Path, hits: &[Vec<f64>]) -> Result<(), Error> {
         .map_err(|_| "the embedded DejaVu font did not load")?;
     let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE)?;
-    let top = hits
-        .iter()
-        .map(|s| percentile(s, 0.99))
-        .fold(0.0, f64::max)
-        * 1.15;
+    let top = hits.iter().map(|s| percentile(s, 0.99)).fold(0.0, f64::max) * 1.15;
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "Hit latency at concurrency 1 (µs), ~1 KB value",
@@ -588,7 +572,10 @@ async fn main() -> Result<(), Error> {
             let (_, ratios) =
                 hit_throughput(&arms, concurrency, 30, Duration::from_millis(150)).await?;
             let ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.3}×")).collect();
-            println!("c={concurrency}: median per-round ratio to arm 2: {}", ratios.join("  "));
+            println!(
+                "c={concurrency}: median per-round ratio to arm 2: {}",
+                ratios.join("  ")
+            );
         }
         return Ok(());
     }
@@ -630,7 +617,9 @@ async fn main() -> Result<(), Error> {
             hit_throughput(&arms, concurrency, throughput_rounds, turn).await?;
         println!("hit throughput, c={concurrency}: done");
         rows.push(Row {
-            metric: format!("hit throughput, c={concurrency} (median of {throughput_rounds} rounds)"),
+            metric: format!(
+                "hit throughput, c={concurrency} (median of {throughput_rounds} rounds)"
+            ),
             unit: "calls/s",
             values: per_second,
             ratios: Some(ratios),
@@ -668,7 +657,9 @@ async fn main() -> Result<(), Error> {
         slowest[arm] = stampede[arm].1;
     }
     rows.push(Row {
-        metric: format!("queries for {callers} cold callers, 50 ms query (arms 3, 3b: single_flight)"),
+        metric: format!(
+            "queries for {callers} cold callers, 50 ms query (arms 3, 3b: single_flight)"
+        ),
         unit: "runs",
         values: runs,
         ratios: None,
@@ -689,7 +680,10 @@ async fn main() -> Result<(), Error> {
     );
     let stats = Cache::installed().map(|c| c.stats().total);
     println!("#[redis_cached] counters (arm 3): {stats:?}");
-    println!("#[redis_cached] counters (arm 3b): {:?}", msgpack_cache().stats().total);
+    println!(
+        "#[redis_cached] counters (arm 3b): {:?}",
+        msgpack_cache().stats().total
+    );
 
     let csv_path = out_dir.join("bench.csv");
     std::fs::write(&csv_path, csv(&rows))?;
