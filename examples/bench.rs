@@ -4,7 +4,8 @@
 //! 1. floor: a bare `GET` of the same bytes, no decode;
 //! 2. hand-written cache-aside as Redis tutorials write it: `GET` → JSON
 //!    decode → on a miss compute, encode, `SET EX`;
-//! 3. `#[redis_cached]` (this project);
+//! 3. `#[redis_cached]` (this project), with the defaults (JSON);
+//!    3b. the same with `Codec::MessagePack`, the encoding arm 4 uses;
 //! 4. the `cached` crate's `#[concurrent_cached]` with `AsyncRedisCache`.
 //!
 //! Arms 1 and 2 use one multiplexed `redis` connection, as do 3 (through
@@ -16,6 +17,7 @@
 //! cargo run --release --example bench            # private redis-server
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --release --example bench
 //! BENCH_QUICK=1 cargo run --release --example bench   # fewer rounds
+//! BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench   # A/B runs of the hot path
 //! ```
 //!
 //! Prints a table with each arm's ratio to arm 2, and writes the same to

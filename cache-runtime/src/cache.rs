@@ -3,10 +3,9 @@
 
 use std::future::Future;
 use std::sync::Arc;
-
-use arc_swap::ArcSwapOption;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use serde::Serialize;
 
 use crate::backend::{Backend, MemoryBackend, RedisBackend};
@@ -177,7 +176,7 @@ impl CacheBuilder {
                 match tokio::time::timeout(first_contact, redis.ping()).await {
                     Ok(Ok(())) => tracing::debug!("connected to Redis"),
                     Ok(Err(error)) if is_rejected_credentials(&error) => {
-                        tracing::error!(%error, "Redis rejected the credentials (user and password in the URL): calls run uncached until it accepts them");
+                        log_rejected_credentials(&error);
                         breaker.record_failure(true);
                     }
                     outcome => {
@@ -334,10 +333,7 @@ impl Cache {
         {
             if inner.breaker.record_failure(permit == Permit::Probe) {
                 if is_rejected_credentials(error) {
-                    tracing::error!(
-                        %error,
-                        "Redis rejected the credentials (user and password in the URL): calls run uncached until it accepts them"
-                    );
+                    log_rejected_credentials(error);
                 } else {
                     tracing::warn!(
                         %error,
@@ -480,6 +476,13 @@ pub(crate) fn is_unavailability(error: &CacheError) -> bool {
         }
         _ => false,
     }
+}
+
+fn log_rejected_credentials(error: &CacheError) {
+    tracing::error!(
+        %error,
+        "Redis rejected the credentials (user and password in the URL): calls run uncached until it accepts them"
+    );
 }
 
 /// A wrong password or user (`WRONGPASS`), or none where one is required

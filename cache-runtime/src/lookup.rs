@@ -83,8 +83,9 @@ enum Taken {
 impl Cache {
     /// Serves `redis_key` from the cache or runs `body`; see the module docs.
     ///
-    /// A plain hit is handled here; everything else in a boxed future, so
-    /// that the future of a hit stays small (it is moved on every call).
+    /// A plain hit (and an unavailable cache) is handled here; everything
+    /// else in a boxed future, so that the future of a hit stays small (it
+    /// is moved on every call).
     pub(crate) async fn get_or_compute<S, R, F>(
         &self,
         site: &'static Site,
@@ -96,6 +97,10 @@ impl Cache {
         F: Future<Output = R>,
     {
         let read = self.read(site, &redis_key).await;
+        // Also without the boxed future: a dead Redis costs no allocation.
+        if let Read::Unavailable = read {
+            return body.await;
+        }
         if let Read::Value {
             bytes,
             value_at,
@@ -110,7 +115,7 @@ impl Cache {
     }
 
     /// Everything but a plain hit: misses, leases, single-flight, stale and
-    /// early refresh, garbage, an unavailable cache.
+    /// early refresh, garbage, and an unavailable cache on a later read.
     async fn after_read<S, R, F>(
         &self,
         site: &'static Site,
