@@ -156,11 +156,13 @@ impl RedisServer {
 
     fn signal(&self, name: &str) {
         let child = self.child.as_ref().expect("the server is running");
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(child.id().to_string())
+        // The shell's built-in `kill`: a minimal Debian has no /bin/kill
+        // (package procps).
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{name} {}", child.id()))
             .status()
-            .expect("run kill");
+            .expect("run sh");
         assert!(status.success(), "kill -{name} failed: {status}");
     }
 
