@@ -421,8 +421,8 @@ async fn garbage_in_a_key_is_a_miss_and_is_overwritten() {
         ("truncated JSON".into(), real[..real.len() / 2].to_vec()),
         ("empty value".into(), Vec::new()),
         (
-            "stray placeholder".into(),
-            format!("\0lease:1000:{:032x}", 7).into_bytes(),
+            "stray placeholder (no expiry)".into(),
+            format!("\0lease:{:032x}:1000", 7).into_bytes(),
         ),
         ("malformed placeholder".into(), b"\0lease:soon".to_vec()),
         (

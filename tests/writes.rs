@@ -318,7 +318,7 @@ async fn another_callers_lease_is_respected_and_a_stray_one_overwritten() {
     let key = Users::get_user_cache_key(&1).into_string();
 
     // A live lease of another caller: compute, do not store.
-    let live = format!("\0lease:{}:{:032x}", u64::MAX / 2, 7);
+    let live = format!("\0lease:{:032x}:{}", 7, 1_700_000_000_000_u64);
     let _: () = raw(
         &mut conn,
         &[b"SET", key.as_bytes(), live.as_bytes(), b"PX", b"5000"],
@@ -330,8 +330,8 @@ async fn another_callers_lease_is_respected_and_a_stray_one_overwritten() {
     let held: Vec<u8> = raw(&mut conn, &[b"GET", key.as_bytes()]).await;
     assert_eq!(held, live.as_bytes());
 
-    // A placeholder long past its deadline, with no expiry: garbage.
-    let stray = format!("\0lease:1000:{:032x}", 7);
+    // A placeholder with no expiry (no lease of ours has none): garbage.
+    let stray = format!("\0lease:{:032x}:{}", 8, 1_700_000_000_000_u64);
     let _: () = raw(&mut conn, &[b"SET", key.as_bytes(), stray.as_bytes()]).await;
     users.get_user(1).await.unwrap();
     users.get_user(1).await.unwrap();

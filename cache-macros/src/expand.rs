@@ -497,7 +497,7 @@ pub fn expand_write(plan: &WritePlan) -> TokenStream {
     let cache_arg = cache_binding(&cache, plan.cache, krate);
     let shape = shape_ident(func.output.shape);
     let site_decl = quote! {
-        static #site: #krate::__private::Site = #krate::__private::Site::writer(
+        static #site: #krate::__private::Function = #krate::__private::Function::new(
             ::core::concat!(::core::module_path!(), "::", #name),
         );
     };

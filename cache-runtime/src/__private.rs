@@ -1,5 +1,5 @@
-//! What generated code calls. Not public API: names and signatures change
-//! without notice.
+//! What generated code calls, and hooks for this project's own test suites.
+//! Not public API: names and signatures change without notice.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use crate::key::KeyBuilder;
 pub use crate::outcome::{
-    Completion, OptionShape, Outcome, PlainShape, ResultOptionShape, ResultShape, ValueOf,
+    Answer, Completion, OptionShape, Outcome, PlainShape, ResultOptionShape, ResultShape, ValueOf,
 };
-pub use crate::site::{SingleFlight, Site};
-use crate::{Cache, CacheKey};
+pub use crate::site::{Function, SingleFlight, Site};
+use crate::{Cache, CacheError, CacheKey};
 
 /// The body of every `#[redis_cached]` function: serve `key` from `cache`
 /// (or the installed cache) or run `body`, failing open on any cache trouble.
@@ -23,7 +23,7 @@ where
         // Generated keys always carry their function's site.
         return body.await;
     };
-    let Some(cache) = resolve(cache, site) else {
+    let Some(cache) = resolve(cache, site.function()) else {
         return body.await;
     };
     let redis_key = cache.redis_key_of(key);
@@ -34,7 +34,7 @@ where
 /// succeeded, delete `keys` (rendered before `body` ran).
 pub async fn invalidating<S, R, F, const N: usize>(
     cache: Option<&Cache>,
-    site: &'static Site,
+    writer: &'static Function,
     keys: [CacheKey; N],
     body: F,
 ) -> R
@@ -44,24 +44,25 @@ where
 {
     let result = body.await;
     if S::succeeded(&result)
-        && let Some(cache) = resolve(cache, site)
+        && let Some(cache) = resolve(cache, writer)
     {
         let keys = keys
             .into_iter()
             .map(|key| cache.redis_key_of(key))
             .collect();
-        cache.invalidate_after_write(site, keys).await;
+        cache.invalidate_after_write(writer, keys).await;
     }
     result
 }
 
 /// The body of every `#[cache_put]` function: run `body`, then store the
-/// value it returns under `key`, the target function's key. `key`'s type
-/// parameter must be the value type: that is how rustc rejects a writer
-/// that returns something else than the target caches.
+/// value it returns under `key`, the target function's key; an answer of
+/// nothing (`None`) deletes the entry instead. `key`'s type parameter must
+/// be the value type: that is how rustc rejects a writer that returns
+/// something else than the target caches.
 pub async fn put<S, R, F>(
     cache: Option<&Cache>,
-    site: &'static Site,
+    writer: &'static Function,
     key: CacheKey<S::Value>,
     body: F,
 ) -> R
@@ -70,10 +71,17 @@ where
     F: Future<Output = R>,
 {
     let result = body.await;
-    if let Some(value) = S::cacheable(&result)
-        && let Some(cache) = resolve(cache, site)
+    let answer = S::answer(&result);
+    if !matches!(answer, Answer::Failed)
+        && let Some(cache) = resolve(cache, writer)
     {
-        cache.put_after_write(site, key, value).await;
+        match answer {
+            Answer::Value(value) => cache.put_after_write(writer, key, value).await,
+            _ => {
+                let keys = vec![cache.redis_key_of(key)];
+                cache.invalidate_after_write(writer, keys).await;
+            }
+        }
     }
     result
 }
@@ -86,24 +94,117 @@ pub fn put_key<S: ValueOf<R>, R>(key: CacheKey<S::Value>) -> CacheKey<S::Value> 
 }
 
 /// The given cache, else the installed one, else `None` (warned once).
-fn resolve<'a>(cache: Option<&'a Cache>, site: &Site) -> Option<Cow<'a, Cache>> {
+fn resolve<'a>(cache: Option<&'a Cache>, function: &Function) -> Option<Cow<'a, Cache>> {
     if let Some(cache) = cache {
         return Some(Cow::Borrowed(cache));
     }
     let installed = Cache::installed();
     if installed.is_none() {
-        warn_not_installed(site);
+        warn_not_installed(function);
     }
     installed.map(Cow::Owned)
 }
 
-fn warn_not_installed(site: &Site) {
+fn warn_not_installed(function: &Function) {
     static WARNED: AtomicBool = AtomicBool::new(false);
     if !WARNED.swap(true, Ordering::Relaxed) {
         tracing::warn!(
-            function = site.name(),
+            function = function.name(),
             "no cache installed: #[redis_cached] functions run uncached; \
              call `Cache::connect(url).await?.install()` at start-up"
         );
+    }
+}
+
+/// The backend contract's operations on a cache's backend, under its op
+/// timeout and circuit breaker, for the conformance suite
+/// (`tests/conformance.rs`). See the `backend` module's docs.
+pub struct BackendOps<'a>(&'a Cache);
+
+/// A cache's backend operations; see [`BackendOps`].
+pub fn backend_ops(cache: &Cache) -> BackendOps<'_> {
+    BackendOps(cache)
+}
+
+/// Clean-ups (lease give-backs, invalidation retries) submitted to the
+/// cache's janitor and not finished: 0 once the cache is quiescent.
+pub fn pending_chores(cache: &Cache) -> usize {
+    cache.pending_chores()
+}
+
+impl BackendOps<'_> {
+    /// `get(key)`.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        self.0.guarded(self.0.inner.backend.get(key)).await
+    }
+
+    /// `get_with_ttl(key)`: the bytes and the milliseconds left (`None`: no
+    /// expiry).
+    pub async fn get_with_ttl(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<u64>)>, CacheError> {
+        let stored = self
+            .0
+            .guarded(self.0.inner.backend.get_with_ttl(key))
+            .await?;
+        Ok(stored.map(|s| (s.bytes, s.ttl_millis)))
+    }
+
+    /// `set(key, value, px)`.
+    pub async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
+        self.0
+            .guarded(self.0.inner.backend.set(key, value, px))
+            .await
+    }
+
+    /// `set_if_absent(key, value, px)`.
+    pub async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        let set = self.0.inner.backend.set_if_absent(key, value, px);
+        self.0.guarded(set).await
+    }
+
+    /// `compare_and_set(key, prefix, value, px)`.
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        prefix: &[u8],
+        value: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        let set = self.0.inner.backend.compare_and_set(key, prefix, value, px);
+        self.0.guarded(set).await
+    }
+
+    /// `compare_and_delete(key, prefix)`.
+    pub async fn compare_and_delete(&self, key: &str, prefix: &[u8]) -> Result<bool, CacheError> {
+        let delete = self.0.inner.backend.compare_and_delete(key, prefix);
+        self.0.guarded(delete).await
+    }
+
+    /// `compare_and_expire(key, prefix, px)`.
+    pub async fn compare_and_expire(
+        &self,
+        key: &str,
+        prefix: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        let expire = self.0.inner.backend.compare_and_expire(key, prefix, px);
+        self.0.guarded(expire).await
+    }
+
+    /// `delete(keys)`.
+    pub async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
+        self.0.guarded(self.0.inner.backend.delete(keys)).await
+    }
+
+    /// `check()`.
+    pub async fn check(&self) -> Result<(), CacheError> {
+        self.0.inner.backend.check().await
     }
 }

@@ -1,5 +1,28 @@
-//! Where bytes are stored: Redis or process memory. Static dispatch over an
-//! enum; the `Cache` adds timeouts, the circuit breaker and the codec.
+//! Where bytes are stored: Redis or process memory, behind one contract.
+//!
+//! # The backend contract
+//!
+//! Every backend offers exactly these operations, with these semantics; the
+//! conformance suite (`tests/conformance.rs`) checks them against each
+//! backend, so that "same semantics" is a tested claim.
+//!
+//! | operation | semantics |
+//! |---|---|
+//! | `get(key)` | the bytes under `key`, or `None` if absent or expired |
+//! | `get_with_ttl(key)` | the bytes and how long they have left, by the *server's* clock (`None`: no expiry) |
+//! | `set(key, value, px)` | store unconditionally, expiring after `px` ms |
+//! | `set_if_absent(key, value, px)` | store only if absent (an expired key is absent); whether it stored |
+//! | `compare_and_set(key, prefix, value, px)` | replace only if the current value starts with `prefix`; whether it did |
+//! | `compare_and_delete(key, prefix)` | delete only if the current value starts with `prefix`; whether it did |
+//! | `compare_and_expire(key, prefix, px)` | reset the expiry to `px` ms only if the value starts with `prefix`; whether it did |
+//! | `delete(keys)` | delete every key; how many existed |
+//! | `check()` | whether the backend can be used (the circuit breaker's probe) |
+//!
+//! Each operation is atomic with respect to the others on the same key.
+//! Expiry is the backend's own: no decision of the cache reads a host's
+//! wall clock. Values are arbitrary bytes (NUL included). `px` is at least 1.
+//! The memory backend never fails; the Redis backend fails with
+//! [`CacheError`], and `Cache` adds the op timeout and the circuit breaker.
 
 mod memory;
 mod redis;
@@ -9,6 +32,15 @@ pub(crate) use self::redis::RedisBackend;
 
 use crate::error::CacheError;
 
+/// Bytes read with their remaining time to live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub(crate) bytes: Vec<u8>,
+    /// Milliseconds left, by the backend's clock; `None` when the key has
+    /// no expiry (written by someone else than this cache).
+    pub(crate) ttl_millis: Option<u64>,
+}
+
 #[derive(Debug)]
 pub(crate) enum Backend {
     Redis(RedisBackend),
@@ -16,8 +48,6 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
-    /// Whether the backend can be used again after failures (the circuit
-    /// breaker's probe). Memory always can.
     pub(crate) async fn check(&self) -> Result<(), CacheError> {
         match self {
             Backend::Redis(r) => r.check().await,
@@ -32,16 +62,18 @@ impl Backend {
         }
     }
 
-    pub(crate) async fn set(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        ttl_millis: u64,
-    ) -> Result<(), CacheError> {
+    pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
         match self {
-            Backend::Redis(r) => r.set(key, &value, ttl_millis).await,
+            Backend::Redis(r) => r.get_with_ttl(key).await,
+            Backend::Memory(m) => Ok(m.get_with_ttl(key)),
+        }
+    }
+
+    pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
+        match self {
+            Backend::Redis(r) => r.set(key, value, px).await,
             Backend::Memory(m) => {
-                m.set(key, value, ttl_millis);
+                m.set(key, value, px);
                 Ok(())
             }
         }
@@ -51,44 +83,62 @@ impl Backend {
         &self,
         key: &str,
         value: &[u8],
-        ttl_millis: u64,
+        px: u64,
     ) -> Result<bool, CacheError> {
         match self {
-            Backend::Redis(r) => r.set_if_absent(key, value, ttl_millis).await,
-            Backend::Memory(m) => Ok(m.set_if_absent(key, value.to_vec(), ttl_millis)),
+            Backend::Redis(r) => r.set_if_absent(key, value, px).await,
+            Backend::Memory(m) => Ok(m.set_if_absent(key, value, px)),
         }
     }
 
-    /// Sets `value` only if the stored value starts with `expected`.
     pub(crate) async fn compare_and_set(
         &self,
         key: &str,
-        expected: &[u8],
-        value: Vec<u8>,
-        ttl_millis: u64,
+        prefix: &[u8],
+        value: &[u8],
+        px: u64,
     ) -> Result<bool, CacheError> {
         match self {
-            Backend::Redis(r) => r.compare_and_set(key, expected, &value, ttl_millis).await,
-            Backend::Memory(m) => Ok(m.compare_and_set(key, expected, value, ttl_millis)),
+            Backend::Redis(r) => r.compare_and_set(key, prefix, value, px).await,
+            Backend::Memory(m) => Ok(m.compare_and_set(key, prefix, value, px)),
         }
     }
 
     pub(crate) async fn compare_and_delete(
         &self,
         key: &str,
-        expected: &[u8],
+        prefix: &[u8],
     ) -> Result<bool, CacheError> {
         match self {
-            Backend::Redis(r) => r.compare_and_delete(key, expected).await,
-            Backend::Memory(m) => Ok(m.compare_and_delete(key, expected)),
+            Backend::Redis(r) => r.compare_and_delete(key, prefix).await,
+            Backend::Memory(m) => Ok(m.compare_and_delete(key, prefix)),
         }
     }
 
-    /// Deletes keys; how many existed.
+    pub(crate) async fn compare_and_expire(
+        &self,
+        key: &str,
+        prefix: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        match self {
+            Backend::Redis(r) => r.compare_and_expire(key, prefix, px).await,
+            Backend::Memory(m) => Ok(m.compare_and_expire(key, prefix, px)),
+        }
+    }
+
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
         match self {
             Backend::Redis(r) => r.delete(keys).await,
             Backend::Memory(m) => Ok(m.delete(keys)),
+        }
+    }
+
+    /// The in-process backend, whose operations complete without awaiting.
+    pub(crate) fn as_memory(&self) -> Option<&MemoryBackend> {
+        match self {
+            Backend::Memory(m) => Some(m),
+            Backend::Redis(_) => None,
         }
     }
 }

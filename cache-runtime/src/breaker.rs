@@ -1,7 +1,13 @@
 //! A circuit breaker, so that a dead or stalled Redis costs no timeout per
 //! call: after `threshold` consecutive failures the cache is skipped for
-//! `cooldown`; then one probe call is let through, and its outcome closes
-//! or re-opens the breaker.
+//! `cooldown`; then one probe is let through, and its outcome closes or
+//! re-opens the breaker.
+//!
+//! The probe belongs to the breaker, not to the call that triggered it: it
+//! runs in its own task (see `Cache::guarded`), so a caller dropped by a
+//! request timeout cannot leave it pending. Should the probe itself end
+//! without an outcome, its [`ProbeSlot`] gives the slot back on drop and the
+//! next call probes.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -93,6 +99,44 @@ impl Breaker {
     }
 }
 
+/// The one probe of a half-open breaker, held while it runs. Dropped
+/// without [`ProbeSlot::settled`] (its task was cancelled, or panicked), it
+/// lets the next call probe instead of leaving the breaker open for good.
+pub(crate) struct ProbeSlot<'a> {
+    breaker: &'a Breaker,
+    settled: bool,
+}
+
+impl<'a> ProbeSlot<'a> {
+    /// For the caller that got [`Permit::Probe`].
+    pub(crate) fn new(breaker: &'a Breaker) -> Self {
+        ProbeSlot {
+            breaker,
+            settled: false,
+        }
+    }
+
+    /// Records the probe's outcome; returns true when a failure opened the
+    /// breaker (see [`Breaker::record_failure`]).
+    pub(crate) fn settled(mut self, healthy: bool) -> bool {
+        self.settled = true;
+        if healthy {
+            self.breaker.record_success();
+            false
+        } else {
+            self.breaker.record_failure(true)
+        }
+    }
+}
+
+impl Drop for ProbeSlot<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +154,18 @@ mod tests {
         assert_eq!(b.permit(), Permit::Probe);
         assert_eq!(b.permit(), Permit::Skip, "only one probe at a time");
         b.record_success();
+        assert_eq!(b.permit(), Permit::Call);
+    }
+
+    #[test]
+    fn a_probe_dropped_without_an_outcome_lets_the_next_call_probe() {
+        let b = Breaker::new(1, Duration::from_millis(20));
+        b.record_failure(false);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(b.permit(), Permit::Probe);
+        drop(ProbeSlot::new(&b));
+        assert_eq!(b.permit(), Permit::Probe, "the slot came back");
+        ProbeSlot::new(&b).settled(true);
         assert_eq!(b.permit(), Permit::Call);
     }
 

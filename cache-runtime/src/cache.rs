@@ -1,5 +1,6 @@
 //! The `Cache` handle: backend, prefix, timeouts, circuit breaker, codec and
-//! statistics, and the cache-aside lookup that generated code runs.
+//! statistics. The read path is in [`crate::lookup`], the write path in
+//! [`crate::write`], the lease protocol in [`crate::lease`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,11 +10,14 @@ use arc_swap::ArcSwapOption;
 use serde::Serialize;
 
 use crate::backend::{Backend, MemoryBackend, RedisBackend};
-use crate::breaker::{Breaker, Permit};
+use crate::breaker::{Breaker, Permit, ProbeSlot};
+use crate::clock::WallClock;
 use crate::codec::Codec;
 use crate::error::CacheError;
 use crate::flight::Flights;
+use crate::janitor::Janitor;
 use crate::key::CacheKey;
+use crate::log_limit::LogLimit;
 use crate::site::Site;
 use crate::stats::{Event, Recorder, Stats};
 
@@ -23,15 +27,6 @@ const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 const DEFAULT_MEMORY_CAPACITY: u64 = 256 * 1024 * 1024;
 const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_VALUE_SIZE: usize = 32 * 1024 * 1024;
-/// Pauses between background retries of a failed invalidation (7.7 s in all,
-/// past the circuit breaker's default cool-down).
-const INVALIDATION_RETRY_DELAYS: [Duration; 5] = [
-    Duration::from_millis(200),
-    Duration::from_millis(500),
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(4),
-];
 
 static INSTALLED: ArcSwapOption<Inner> = ArcSwapOption::const_empty();
 
@@ -57,13 +52,16 @@ pub struct Cache {
 pub(crate) struct Inner {
     pub(crate) backend: Backend,
     prefix: Option<String>,
-    op_timeout: Duration,
+    pub(crate) op_timeout: Duration,
     pub(crate) lease: Duration,
     pub(crate) codec: Codec,
     max_value_size: usize,
     pub(crate) breaker: Breaker,
     pub(crate) stats: Recorder,
     pub(crate) flights: Flights,
+    pub(crate) janitor: Janitor,
+    pub(crate) log_limit: LogLimit,
+    pub(crate) clock: WallClock,
 }
 
 /// Configures a [`Cache`]; from [`Cache::builder`].
@@ -78,8 +76,8 @@ pub struct CacheBuilder {
     max_value_size: usize,
     breaker_failures: u32,
     breaker_cooldown: Duration,
+    clock: WallClock,
 }
-
 #[derive(Debug, Clone)]
 enum BackendChoice {
     Url(String),
@@ -153,6 +151,15 @@ impl CacheBuilder {
         self
     }
 
+    /// Plays a host whose wall clock is `offset_millis` ahead (or, if
+    /// negative, behind). For tests: no decision of the cache reads the
+    /// wall clock, and the clock-skew test checks that it stays so.
+    #[doc(hidden)]
+    pub fn wall_clock_offset(mut self, offset_millis: i64) -> Self {
+        self.clock = WallClock { offset_millis };
+        self
+    }
+
     /// Builds the cache. Fails only on bad configuration (a malformed URL, a
     /// prefix with spaces): a Redis server that is down is not an error; calls
     /// run uncached until it is reachable. Call inside a Tokio runtime.
@@ -175,8 +182,8 @@ impl CacheBuilder {
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
                 match tokio::time::timeout(first_contact, redis.ping()).await {
                     Ok(Ok(())) => tracing::debug!("connected to Redis"),
-                    Ok(Err(error)) if is_rejected_credentials(&error) => {
-                        log_rejected_credentials(&error);
+                    Ok(Err(error)) if error.is_rejected_credentials() => {
+                        log_rejected_credentials(&error, 0);
                         breaker.record_failure(true);
                     }
                     outcome => {
@@ -210,6 +217,9 @@ impl CacheBuilder {
                 breaker,
                 stats: Recorder::default(),
                 flights: Flights::default(),
+                janitor: Janitor::default(),
+                log_limit: LogLimit::default(),
+                clock: self.clock,
             }),
         }
     }
@@ -233,11 +243,12 @@ impl Cache {
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            clock: WallClock::default(),
         }
     }
 
-    /// An in-process cache (256 MiB) with the same TTL semantics as Redis,
-    /// for tests and single-process services.
+    /// An in-process cache (256 MiB) with the same semantics as Redis, for
+    /// tests and single-process services.
     pub fn memory() -> Cache {
         let builder = Cache::builder();
         let breaker = builder.breaker();
@@ -257,25 +268,6 @@ impl Cache {
     /// The installed cache, if any.
     pub fn installed() -> Option<Cache> {
         INSTALLED.load_full().map(|inner| Cache { inner })
-    }
-
-    /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`,
-    /// including a lease placeholder, so that a value being computed from
-    /// data read before now is not stored. Returns whether an entry was there.
-    pub async fn invalidate<V>(&self, key: &CacheKey<V>) -> Result<bool, CacheError> {
-        let redis_key = self.redis_key(key);
-        let deleted = self
-            .guarded(self.inner.backend.delete(std::slice::from_ref(&redis_key)))
-            .await;
-        match &deleted {
-            Ok(_) => self.inner.stats.record(None, Event::Invalidation),
-            Err(CacheError::CircuitOpen) => self.inner.stats.record(None, Event::Bypass),
-            Err(e) => {
-                self.inner.stats.record(None, Event::Error);
-                tracing::warn!(key = %redis_key, error = %e, "cache invalidation failed");
-            }
-        }
-        deleted.map(|n| n > 0)
     }
 
     /// A snapshot of the counters, in total and per function.
@@ -299,126 +291,109 @@ impl Cache {
     /// Runs a backend operation under the op timeout and the circuit
     /// breaker: while the breaker is open the operation is not started and
     /// the result is `Err(CircuitOpen)`. Only unavailability (I/O, timeout)
-    /// counts against Redis; an error reply such as `OOM` or `WRONGTYPE` does
-    /// not.
+    /// counts against Redis; an error reply such as `OOM` or `WRONGTYPE`
+    /// does not.
+    ///
+    /// Cancel safe: a dropped operation holds nothing. The call that finds
+    /// the breaker's cool-down over starts the probe in a task of its own
+    /// and skips the cache, so no caller waits for the probe, and a caller
+    /// dropped meanwhile cannot leave it pending.
     pub(crate) async fn guarded<T>(
         &self,
         operation: impl Future<Output = Result<T, CacheError>>,
     ) -> Result<T, CacheError> {
         let inner = &*self.inner;
-        let permit = inner.breaker.permit();
-        if permit == Permit::Skip {
-            return Err(CacheError::CircuitOpen);
+        match inner.breaker.permit() {
+            Permit::Call => {}
+            Permit::Skip => return Err(CacheError::CircuitOpen),
+            Permit::Probe => {
+                self.probe();
+                return Err(CacheError::CircuitOpen);
+            }
         }
         // The memory backend cannot stall, and needs no Tokio timer.
-        let outcome = if matches!(inner.backend, Backend::Memory(_)) {
+        let outcome = if inner.backend.as_memory().is_some() {
             operation.await
         } else {
-            // A probe checks the connection first, and brings it back.
-            let probed = async {
-                if permit == Permit::Probe {
-                    // Boxed: rare, and it would double the size of every
-                    // operation's future.
-                    Box::pin(inner.backend.check()).await?;
-                }
-                operation.await
-            };
-            match tokio::time::timeout(inner.op_timeout, probed).await {
+            match tokio::time::timeout(inner.op_timeout, operation).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(CacheError::Timeout(inner.op_timeout)),
             }
         };
-        if let Err(error) = &outcome
-            && is_unavailability(error)
-        {
-            if inner.breaker.record_failure(permit == Permit::Probe) {
-                if is_rejected_credentials(error) {
-                    log_rejected_credentials(error);
-                } else {
-                    tracing::warn!(
-                        %error,
-                        "cache unavailable: skipping it for a moment (circuit breaker open); calls run uncached"
-                    );
+        match &outcome {
+            Err(error) if error.is_unavailable() => {
+                if inner.breaker.record_failure(false) {
+                    self.log_opening(error);
                 }
             }
-        } else {
-            inner.breaker.record_success();
+            _ => inner.breaker.record_success(),
         }
         outcome
     }
 
-    /// After a successful write: deletes `keys`, waiting at most one op
-    /// timeout. If the cache cannot be reached, retries in the background;
-    /// the write itself never fails or waits longer because of the cache.
-    pub(crate) async fn invalidate_after_write(&self, site: &'static Site, keys: Vec<String>) {
-        let inner = &*self.inner;
-        match self.guarded(inner.backend.delete(&keys)).await {
-            Ok(_) => inner
-                .stats
-                .record_n(Some(site), Event::Invalidation, keys.len()),
-            Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(keys = ?keys, %error, "cache invalidation failed: retrying in the background");
-                self.retry_invalidation(site, keys);
+    /// Checks the backend in a task of its own, which settles the breaker.
+    fn probe(&self) {
+        let inner = self.inner.clone();
+        let probe = async move {
+            let slot = ProbeSlot::new(&inner.breaker);
+            let checked = tokio::time::timeout(inner.op_timeout, inner.backend.check()).await;
+            let outcome = checked.unwrap_or(Err(CacheError::Timeout(inner.op_timeout)));
+            if let Err(error) = &outcome {
+                tracing::debug!(%error, "circuit breaker probe failed: the cache stays skipped for another cool-down");
             }
+            slot.settled(outcome.is_ok());
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(probe)),
+            // Redis needs a runtime; without one the slot goes back at once.
+            Err(_) => drop(ProbeSlot::new(&self.inner.breaker)),
         }
     }
 
-    /// Retries an invalidation for a few seconds in a background task, then
-    /// gives up: the entries stay stale until their TTL.
-    fn retry_invalidation(&self, site: &'static Site, keys: Vec<String>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.inner.stats.record(Some(site), Event::LostInvalidation);
-            tracing::error!(keys = ?keys, "cache invalidation lost (no Tokio runtime to retry it): entries stay until their TTL");
-            return;
-        };
-        let cache = self.clone();
-        runtime.spawn(async move {
-            let inner = &*cache.inner;
-            for delay in INVALIDATION_RETRY_DELAYS {
-                tokio::time::sleep(delay).await;
-                match cache.guarded(inner.backend.delete(&keys)).await {
-                    Ok(_) => {
-                        inner.stats.record_n(Some(site), Event::Invalidation, keys.len());
-                        tracing::info!(keys = ?keys, "cache invalidation succeeded on retry");
-                        return;
-                    }
-                    // Skipped, not attempted: the breaker's cool-down runs.
-                    Err(CacheError::CircuitOpen) => {}
-                    Err(_) => inner.stats.record(Some(site), Event::Error),
-                }
+    fn log_opening(&self, error: &CacheError) {
+        if error.is_rejected_credentials() {
+            if let Some(suppressed) = self.inner.log_limit.admit() {
+                log_rejected_credentials(error, suppressed);
             }
-            inner.stats.record(Some(site), Event::LostInvalidation);
-            tracing::error!(keys = ?keys, "cache invalidation lost after retries: entries stay until their TTL");
-        });
+        } else {
+            crate::limited!(
+                self,
+                warn!(
+                    %error,
+                    "cache unavailable: skipping it for a moment (circuit breaker open); calls run uncached"
+                )
+            );
+        }
     }
 
-    /// Write-through (`#[cache_put]`): stores `value` under `key` with the
-    /// key's function's TTL, replacing any value or lease placeholder. If that
-    /// fails, the key is invalidated instead (in the background), so that the
-    /// old value does not outlive the write.
-    pub(crate) async fn put_after_write<V: Serialize>(
+    /// Counts an event of a cached function.
+    pub(crate) fn record(&self, site: &'static Site, event: Event) {
+        self.inner.stats.record(Some(site.function()), event);
+    }
+
+    /// Counts and logs how a compare-and-set store ended; whether it stored.
+    pub(crate) fn record_store(
         &self,
-        writer: &'static Site,
-        key: CacheKey<V>,
-        value: &V,
-    ) {
-        let inner = &*self.inner;
-        let ttl_millis = key.site().unwrap_or(writer).ttl_millis();
-        let redis_key = self.redis_key_of(key);
-        let Some(bytes) = self.encode_for_store(writer, &redis_key, value) else {
-            self.invalidate_after_write(writer, vec![redis_key]).await;
-            return;
-        };
-        let stored = self
-            .guarded(inner.backend.set(&redis_key, bytes, ttl_millis))
-            .await;
-        match stored {
-            Ok(()) => inner.stats.record(Some(writer), Event::Set),
+        site: &'static Site,
+        key: &str,
+        outcome: Result<bool, CacheError>,
+    ) -> bool {
+        match outcome {
+            Ok(true) => {
+                self.record(site, Event::Set);
+                true
+            }
+            Ok(false) => {
+                self.record(site, Event::DroppedSet);
+                tracing::debug!(key, "key invalidated while computing: value not stored");
+                false
+            }
+            // The breaker's opening was counted when it opened.
+            Err(CacheError::CircuitOpen) => false,
             Err(error) => {
-                inner.stats.record(Some(writer), Event::Error);
-                tracing::warn!(key = %redis_key, %error, "cache put failed: invalidating the key in the background");
-                self.retry_invalidation(writer, vec![redis_key]);
+                self.record(site, Event::Error);
+                crate::limited!(self, warn!(key, %error, "cache write failed"));
+                false
             }
         }
     }
@@ -427,7 +402,7 @@ impl Cache {
     /// cannot be encoded or is larger than the configured maximum.
     pub(crate) fn encode_for_store<V: Serialize + ?Sized>(
         &self,
-        site: &'static Site,
+        function: Option<&'static crate::site::Function>,
         key: &str,
         value: &V,
     ) -> Option<Vec<u8>> {
@@ -435,18 +410,21 @@ impl Cache {
         match inner.codec.encode(value) {
             Ok(bytes) if bytes.len() <= inner.max_value_size => Some(bytes),
             Ok(bytes) => {
-                inner.stats.record(Some(site), Event::Oversized);
-                tracing::warn!(
-                    key,
-                    size = bytes.len(),
-                    max_value_size = inner.max_value_size,
-                    "value larger than the cache's max_value_size: not cached"
+                inner.stats.record(function, Event::Oversized);
+                crate::limited!(
+                    self,
+                    warn!(
+                        key,
+                        size = bytes.len(),
+                        max_value_size = inner.max_value_size,
+                        "value larger than the cache's max_value_size: not cached"
+                    )
                 );
                 None
             }
             Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key, %error, "cache value could not be encoded");
+                inner.stats.record(function, Event::Error);
+                crate::limited!(self, warn!(key, %error, "cache value could not be encoded"));
                 None
             }
         }
@@ -461,41 +439,12 @@ impl Cache {
     }
 }
 
-/// Whether an error means the cache cannot be used at all (I/O, timeout,
-/// credentials rejected), as opposed to an error reply about one key or a
-/// value that does not decode.
-pub(crate) fn is_unavailability(error: &CacheError) -> bool {
-    match error {
-        CacheError::Timeout(_) | CacheError::CircuitOpen => true,
-        CacheError::Redis(e) => {
-            e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout()
-                || is_rejected_credentials(error)
-        }
-        _ => false,
-    }
-}
-
-fn log_rejected_credentials(error: &CacheError) {
+fn log_rejected_credentials(error: &CacheError, suppressed: u64) {
     tracing::error!(
+        suppressed,
         %error,
         "Redis rejected the credentials (user and password in the URL): calls run uncached until it accepts them"
     );
-}
-
-/// A wrong password or user (`WRONGPASS`), or none where one is required
-/// (`NOAUTH`): every command will fail the same way until the configuration
-/// is fixed.
-pub(crate) fn is_rejected_credentials(error: &CacheError) -> bool {
-    match error {
-        CacheError::Redis(e) => {
-            e.kind() == redis::ErrorKind::AuthenticationFailed
-                || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
-        }
-        _ => false,
-    }
 }
 
 #[cfg(test)]

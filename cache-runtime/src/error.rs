@@ -1,7 +1,12 @@
 //! The runtime's error type. Cached calls never return it (they fail open);
 //! it comes back from set-up (`Cache::connect`) and from direct operations
 //! such as `Cache::invalidate`.
+//!
+//! Classification lives on the error, as in the `redis` crate
+//! (`is_unavailable`, `is_rejected_credentials`), and no type of the `redis`
+//! crate appears in this API: its major version is ours to change.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::codec::CodecError;
@@ -12,17 +17,18 @@ use crate::codec::CodecError;
 pub enum CacheError {
     /// The URL could not be parsed. The only error `Cache::connect` returns.
     #[error("invalid Redis URL: {0}")]
-    InvalidUrl(#[source] redis::RedisError),
+    InvalidUrl(#[source] BackendError),
     /// `Cache::builder()` was finished without `.url(...)` or `.memory()`.
     #[error("no backend chosen: call `.url(\"redis://...\")` or `.memory()` on the builder")]
     NoBackend,
     /// The key prefix is empty or contains spaces or non-printable characters.
     #[error("invalid key prefix {0:?}: use printable ASCII without spaces, e.g. \"myapp\"")]
     InvalidPrefix(String),
-    /// Redis answered with an error or the connection failed.
+    /// Redis answered with an error, or the connection failed.
     #[error("Redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    /// The operation took longer than the cache's op timeout.
+    Redis(#[source] BackendError),
+    /// The operation took longer than the cache's op timeout. It may still
+    /// have been applied by the server.
     #[error("cache operation timed out after {0:?}")]
     Timeout(Duration),
     /// The circuit breaker is open after repeated failures; the cache is not
@@ -32,4 +38,86 @@ pub enum CacheError {
     /// A value could not be encoded or decoded.
     #[error("codec: {0}")]
     Codec(#[from] CodecError),
+}
+
+/// An error from the Redis server or the connection to it. Opaque: ask it
+/// what kind of error it is; its `source()` chain has the details.
+pub struct BackendError(redis::RedisError);
+
+impl CacheError {
+    pub(crate) fn redis(error: redis::RedisError) -> CacheError {
+        CacheError::Redis(BackendError(error))
+    }
+
+    pub(crate) fn invalid_url(error: redis::RedisError) -> CacheError {
+        CacheError::InvalidUrl(BackendError(error))
+    }
+
+    /// Whether the cache cannot be used at all right now (connection
+    /// refused or dropped, I/O error, timeout, rejected credentials, circuit
+    /// breaker open), as opposed to an error about one key or value (an
+    /// error reply such as `WRONGTYPE` or `OOM`, an undecodable value).
+    /// Unavailability is what opens the circuit breaker.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            CacheError::Timeout(_) | CacheError::CircuitOpen => true,
+            CacheError::Redis(e) => e.is_unavailable() || e.is_rejected_credentials(),
+            _ => false,
+        }
+    }
+
+    /// A wrong password or user (`WRONGPASS`), or none where one is required
+    /// (`NOAUTH`): every command fails the same way until the configuration
+    /// is fixed.
+    pub fn is_rejected_credentials(&self) -> bool {
+        matches!(self, CacheError::Redis(e) if e.is_rejected_credentials())
+    }
+
+    /// Whether the operation may have been applied although it failed: it
+    /// timed out, or the connection broke after it was sent. Such a write
+    /// is assumed to have landed and is compensated.
+    pub fn may_have_landed(&self) -> bool {
+        match self {
+            CacheError::Timeout(_) => true,
+            CacheError::Redis(e) => e.is_unavailable(),
+            _ => false,
+        }
+    }
+}
+
+impl BackendError {
+    /// The connection failed: refused, dropped, timed out, or an I/O error.
+    pub fn is_unavailable(&self) -> bool {
+        let e = &self.0;
+        e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+    }
+
+    /// Redis rejected the credentials (`WRONGPASS`, `NOAUTH`).
+    pub fn is_rejected_credentials(&self) -> bool {
+        self.0.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(self.0.code(), Some("WRONGPASS" | "NOAUTH"))
+    }
+
+    /// The error code of an error reply (`"WRONGTYPE"`, `"OOM"`, ...).
+    pub fn code(&self) -> Option<&str> {
+        self.0.code()
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }

@@ -1,84 +1,262 @@
 //! Leases: the placeholder a caller writes into a missing key before it
 //! computes the value, so that a write in the meantime can take the right to
-//! store away ("Scaling Memcache at Facebook", NSDI 2013, §3.2.1).
+//! store away ("Scaling Memcache at Facebook", NSDI 2013, §3.2.1). The whole
+//! protocol is here; backends only offer the compare operations it uses.
 //!
-//! The whole protocol lives in one key:
-//!
-//! 1. A miss takes the lease: `SET key <placeholder> NX PX <lease>`.
-//! 2. The holder computes, then stores with a compare-and-set: only if the key
-//!    still holds *its* placeholder.
+//! 1. A miss takes the lease: `SET key <placeholder> NX PX <lease>` (or,
+//!    over garbage, a compare-and-set against the garbage it read).
+//! 2. The holder computes, then stores with a compare-and-set: only if the
+//!    key still holds *its* placeholder ([`HeldLease::fulfil`]).
 //! 3. An invalidation `DEL`s the key, placeholder included, so a value
 //!    computed from data read before the write is never stored.
-//! 4. A caller that finds someone else's placeholder computes without storing.
+//! 4. A caller that finds someone else's placeholder computes without
+//!    storing, or (`single_flight = "distributed"`) waits for the value.
+//! 5. A holder whose body fails gives the lease back: a compare-and-delete
+//!    of its own placeholder ([`HeldLease::give_back`]).
 //!
-//! A placeholder is `\0lease:<deadline ms since the epoch>:<token>`. No
+//! The refresh lock of `stale` and `early_refresh` is the same kind of lease,
+//! on a companion key.
+//!
+//! # Cancellation
+//!
+//! A [`HeldLease`] is armed *before* the command that takes the lease is
+//! sent. Whatever ends the call (the body fails or panics, the future is
+//! dropped at any `.await`, a command times out on the client and may still
+//! land), a lease that is still armed when the guard drops is given back in
+//! the background by the cache's janitor, with a compare-and-delete of its
+//! own token that is retried until Redis answers or the lease has expired by
+//! itself. On one connection commands apply in order, so the give-back lands
+//! after a `SET` that was still on its way.
+//!
+//! # Placeholders
+//!
+//! `\0lease:<32 hex digits of token>:<taken at, ms since the epoch>`. No
 //! encoded value can be mistaken for one: JSON never starts with a NUL byte,
 //! and a MessagePack value that starts with one (the integer 0) is that one
-//! byte long. The deadline lets a reader recognise a stray placeholder that
-//! has no expiry (written by hand, or by a foreign client) and overwrite it;
-//! correctness never depends on clocks, only that clean-up does.
+//! byte long. The time is for people reading the key; nothing reads it back.
+//! A placeholder without expiry (written by another client) is stray:
+//! whether a placeholder is live is decided by the server's TTL, never by a
+//! clock.
 
-use std::time::Duration;
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
 
-use crate::clock::{millis, now_millis};
+use crate::cache::Cache;
+use crate::clock::px;
+use crate::error::CacheError;
+use crate::janitor::Chore;
+use crate::site::Site;
+use crate::stats::Event;
 
 const MARK: &[u8] = b"\0lease:";
+const TOKEN_HEX_DIGITS: usize = 32;
 
-/// How long a placeholder may outlive its deadline before a reader treats it
-/// as stray: generous, for clock skew between machines.
-const STRAY_AFTER: Duration = Duration::from_secs(60);
-
-/// One caller's claim on a missing key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Lease {
-    placeholder: Vec<u8>,
-}
-
-/// What a value read from the cache is.
+/// What bytes read from the cache are, as far as leases are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stored {
-    /// An encoded value.
+pub(crate) enum Found {
+    /// An encoded value (possibly with a freshness header).
     Value,
-    /// A live placeholder: someone is computing this key.
-    Leased,
-    /// A placeholder that is malformed or long past its deadline: garbage to
-    /// overwrite.
-    Stray,
-}
-
-impl Lease {
-    /// A new lease that its holder expects to keep for `duration`.
-    pub(crate) fn new(duration: Duration) -> Lease {
-        let deadline = now_millis().saturating_add(millis(duration));
-        let token = fastrand::u128(..);
-        let placeholder = format!("{deadline}:{token:032x}");
-        let mut bytes = Vec::with_capacity(MARK.len() + placeholder.len());
-        bytes.extend_from_slice(MARK);
-        bytes.extend_from_slice(placeholder.as_bytes());
-        Lease { placeholder: bytes }
-    }
-
-    /// The bytes stored in the key while the lease is held.
-    pub(crate) fn placeholder(&self) -> &[u8] {
-        &self.placeholder
-    }
+    /// A well-formed placeholder: someone's lease, live if it has a TTL.
+    Placeholder,
+    /// Starts like a placeholder but is not one: garbage to replace.
+    Malformed,
 }
 
 /// Classifies bytes read from the cache.
-pub(crate) fn inspect(bytes: &[u8]) -> Stored {
+pub(crate) fn inspect(bytes: &[u8]) -> Found {
     let Some(rest) = bytes.strip_prefix(MARK) else {
-        return Stored::Value;
+        return Found::Value;
     };
-    let deadline = std::str::from_utf8(rest)
-        .ok()
-        .and_then(|rest| rest.split_once(':'))
-        .filter(|(_, token)| token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()))
-        .and_then(|(deadline, _)| deadline.parse::<u64>().ok());
-    match deadline {
-        Some(deadline) if now_millis() <= deadline.saturating_add(millis(STRAY_AFTER)) => {
-            Stored::Leased
+    let well_formed = rest.len() > TOKEN_HEX_DIGITS + 1
+        && rest[..TOKEN_HEX_DIGITS].iter().all(u8::is_ascii_hexdigit)
+        && rest[TOKEN_HEX_DIGITS] == b':'
+        && rest[TOKEN_HEX_DIGITS + 1..].iter().all(u8::is_ascii_digit);
+    if well_formed {
+        Found::Placeholder
+    } else {
+        Found::Malformed
+    }
+}
+
+/// A new placeholder with a fresh random token.
+fn placeholder(cache: &Cache) -> Vec<u8> {
+    let token = fastrand::u128(..);
+    let at = cache.inner.clock.now_millis();
+    let mut bytes = MARK.to_vec();
+    bytes.extend_from_slice(format!("{token:032x}:{at}").as_bytes());
+    bytes
+}
+
+/// How a miss takes the lease.
+#[derive(Debug)]
+pub(crate) enum Take {
+    /// The key is empty: `SET NX`.
+    IfAbsent,
+    /// The key holds garbage: replace it if it still holds these bytes.
+    Replacing(Vec<u8>),
+    /// The key holds something `GET` cannot read (`WRONGTYPE`): overwrite.
+    Overwriting,
+}
+
+/// How taking a lease ended.
+pub(crate) enum Taken<'c> {
+    Held(HeldLease<'c>),
+    /// A value or another caller's lease is there.
+    Occupied,
+    /// The cache failed (counted and logged): compute without storing.
+    Failed,
+}
+
+/// A lease (or refresh lock) this call may hold. Dropped while armed, it is
+/// given back in the background; see the module docs.
+pub(crate) struct HeldLease<'c> {
+    cache: &'c Cache,
+    key: Cow<'c, str>,
+    placeholder: Vec<u8>,
+    /// When the lease expires by itself: giving it back later is moot.
+    expires: Instant,
+    armed: bool,
+}
+
+impl<'c> HeldLease<'c> {
+    fn arm(cache: &'c Cache, key: Cow<'c, str>, length: Duration) -> Self {
+        HeldLease {
+            cache,
+            key,
+            placeholder: placeholder(cache),
+            expires: Instant::now() + length,
+            armed: true,
         }
-        _ => Stored::Stray,
+    }
+
+    /// Takes the lease on `key` for one computation.
+    pub(crate) async fn take(
+        cache: &'c Cache,
+        site: &'static Site,
+        key: &'c str,
+        how: Take,
+    ) -> Taken<'c> {
+        let inner = &*cache.inner;
+        let mut lease = Self::arm(cache, Cow::Borrowed(key), inner.lease);
+        let (value, length) = (&lease.placeholder[..], px(inner.lease));
+        let taken = match &how {
+            Take::IfAbsent => {
+                let set = inner.backend.set_if_absent(key, value, length);
+                cache.guarded(set).await
+            }
+            Take::Replacing(seen) => {
+                let set = inner.backend.compare_and_set(key, seen, value, length);
+                cache.guarded(set).await
+            }
+            Take::Overwriting => {
+                let set = inner.backend.set(key, value, length);
+                cache.guarded(set).await.map(|()| true)
+            }
+        };
+        match taken {
+            Ok(true) => Taken::Held(lease),
+            Ok(false) => {
+                lease.armed = false;
+                Taken::Occupied
+            }
+            Err(error) => {
+                // Armed still if the command may have landed: dropping the
+                // lease gives it back.
+                lease.armed = error.may_have_landed();
+                if !matches!(error, CacheError::CircuitOpen) {
+                    cache.record(site, Event::Error);
+                    crate::limited!(
+                        cache,
+                        warn!(key, %error, "cache lease failed: the value will not be stored")
+                    );
+                }
+                Taken::Failed
+            }
+        }
+    }
+
+    /// The right to refresh `key` (stale or early), held by one caller
+    /// across processes: a lease on a companion key. No template renders a
+    /// NUL byte, so the companion never collides with a real key.
+    pub(crate) async fn refresh_lock(cache: &'c Cache, key: &str) -> Option<Self> {
+        let inner = &*cache.inner;
+        let lock_key = format!("{key}\0refresh");
+        let mut lock = Self::arm(cache, Cow::Owned(lock_key), inner.lease);
+        let set = inner
+            .backend
+            .set_if_absent(&lock.key, &lock.placeholder, px(inner.lease));
+        match cache.guarded(set).await {
+            Ok(true) => Some(lock),
+            Ok(false) => {
+                lock.armed = false;
+                None
+            }
+            Err(error) => {
+                lock.armed = error.may_have_landed();
+                None
+            }
+        }
+    }
+
+    /// Stores `stored` over the placeholder if the key still holds it.
+    /// Whether it was stored; a write in the meantime wins (counted as a
+    /// dropped set).
+    pub(crate) async fn fulfil(mut self, site: &'static Site, stored: &[u8], ttl: u64) -> bool {
+        let cache = self.cache;
+        let set = cache
+            .inner
+            .backend
+            .compare_and_set(&self.key, &self.placeholder, stored, ttl);
+        let outcome = cache.guarded(set).await;
+        self.armed = outcome.as_ref().is_err_and(CacheError::may_have_landed);
+        cache.record_store(site, &self.key, outcome)
+    }
+
+    /// Gives the lease back (the body failed, or answered nothing to
+    /// store). Whether the placeholder was still there: if so, no write
+    /// touched the key since the lease was taken.
+    pub(crate) async fn give_back(mut self) -> bool {
+        let cache = self.cache;
+        let delete = cache
+            .inner
+            .backend
+            .compare_and_delete(&self.key, &self.placeholder);
+        match cache.guarded(delete).await {
+            Ok(deleted) => {
+                self.armed = false;
+                deleted
+            }
+            // Left armed: the janitor retries.
+            Err(_) => false,
+        }
+    }
+
+    /// After a failed refresh: keeps the refresh lock for `pause` instead of
+    /// giving it back, so that the failure is not retried by every caller
+    /// at once (stale-if-error without a refresh storm).
+    pub(crate) async fn hold_for(mut self, pause: Duration) {
+        let cache = self.cache;
+        let pause = pause.min(self.expires.saturating_duration_since(Instant::now()));
+        let expire =
+            cache
+                .inner
+                .backend
+                .compare_and_expire(&self.key, &self.placeholder, px(pause));
+        if cache.guarded(expire).await.is_ok() {
+            self.armed = false;
+        }
+    }
+}
+
+impl Drop for HeldLease<'_> {
+    fn drop(&mut self) {
+        if self.armed && Instant::now() < self.expires {
+            self.cache.tidy(Chore::Release {
+                key: std::mem::take(&mut self.key).into_owned(),
+                placeholder: std::mem::take(&mut self.placeholder),
+                until: self.expires,
+            });
+        }
     }
 }
 
@@ -87,19 +265,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_fresh_placeholder_is_a_live_lease_and_unique() {
-        let a = Lease::new(Duration::from_secs(5));
-        let b = Lease::new(Duration::from_secs(5));
-        assert_eq!(inspect(a.placeholder()), Stored::Leased);
+    fn a_placeholder_is_recognised_and_unique() {
+        let cache = Cache::memory();
+        let (a, b) = (placeholder(&cache), placeholder(&cache));
+        assert_eq!(inspect(&a), Found::Placeholder);
         assert_ne!(a, b, "tokens differ");
     }
 
     #[test]
-    fn malformed_or_expired_placeholders_are_stray() {
-        assert_eq!(inspect(b"\0lease:"), Stored::Stray);
-        assert_eq!(inspect(b"\0lease:12:zz"), Stored::Stray);
-        let expired = format!("\0lease:1000:{:032x}", 7);
-        assert_eq!(inspect(expired.as_bytes()), Stored::Stray);
+    fn malformed_placeholders_are_garbage() {
+        assert_eq!(inspect(b"\0lease:"), Found::Malformed);
+        assert_eq!(inspect(b"\0lease:12:zz"), Found::Malformed);
+        let short = format!("\0lease:{:031x}:1", 7);
+        assert_eq!(inspect(short.as_bytes()), Found::Malformed);
+        let good = format!("\0lease:{:032x}:1", 7);
+        assert_eq!(inspect(good.as_bytes()), Found::Placeholder);
     }
 
     proptest::proptest! {
@@ -128,22 +308,16 @@ mod tests {
                     codec.encode(&(number, &text)).unwrap(),
                 ];
                 for value in encoded {
-                    proptest::prop_assert_eq!(inspect(&value), Stored::Value, "{:?}", codec);
+                    proptest::prop_assert_eq!(inspect(&value), Found::Value, "{:?}", codec);
                 }
             }
-        }
-
-        #[test]
-        fn every_placeholder_is_a_live_lease(millis in 1u64..86_400_000) {
-            let lease = Lease::new(Duration::from_millis(millis));
-            proptest::prop_assert_eq!(inspect(lease.placeholder()), Stored::Leased);
         }
     }
 
     #[test]
     fn values_are_values() {
         for bytes in [&b""[..], b"\0", b"0", b"{\"a\":1}", b"\"\\u0000lease:\""] {
-            assert_eq!(inspect(bytes), Stored::Value, "{bytes:?}");
+            assert_eq!(inspect(bytes), Found::Value, "{bytes:?}");
         }
     }
 }

@@ -52,19 +52,24 @@ mod codec;
 mod error;
 mod flight;
 mod freshness;
+mod janitor;
 mod key;
 mod lease;
+mod log_limit;
 mod lookup;
 mod outcome;
 mod site;
 mod stats;
+mod write;
+
+pub(crate) use log_limit::limited;
 
 #[doc(hidden)]
 pub mod __private;
 
 pub use crate::cache::{Cache, CacheBuilder};
 pub use crate::codec::{Codec, CodecError};
-pub use crate::error::CacheError;
+pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
 pub use crate::stats::{Counts, Stats};
 

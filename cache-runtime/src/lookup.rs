@@ -1,91 +1,163 @@
-//! The read path of a cached call: cache-aside with a lease on every miss
-//! (see [`crate::lease`]), single-flight in process ([`crate::flight`]) and
-//! across processes, stale-while-revalidate and early refresh
-//! ([`crate::freshness`]). Any cache failure runs the body and is counted,
-//! never returned.
+//! The read path of a cached call, as the design reads:
+//!
+//! 1. **Read** the key (one `GET`; with its TTL for `stale` and
+//!    `early_refresh` functions) and **classify** what was found, in one
+//!    place that also decodes: *serve* it, *refresh* it (stale, or drawn
+//!    for early refresh), or *claim* the key (absent, garbage, or leased by
+//!    another caller).
+//! 2. To claim, first **coalesce** (`single_flight`): join the computation
+//!    in flight in this process, or lead it.
+//! 3. Take the key's **lease** (see [`crate::lease`]), or with
+//!    `single_flight = "distributed"` wait for another process's value.
+//! 4. **Compute**: run the body, store its value over the lease, and hand it
+//!    to the waiters if the store proved it fresh (see [`crate::flight`]).
+//!
+//! Any cache failure runs the body and is counted, never returned. Every
+//! piece of state a call takes (lease, refresh lock, flight leadership, a
+//! place at a failing key's gate) is a guard released on every exit,
+//! including the future being dropped at any `.await`.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::cache::{Cache, is_unavailability};
-use crate::clock::millis;
+use crate::cache::Cache;
+use crate::clock::px;
 use crate::error::CacheError;
-use crate::flight::{self, Landing, Leader, Role};
-use crate::freshness::{self, Freshness, MalformedHeader, Parts, Verdict};
-use crate::lease::{self, Lease, Stored};
-use crate::outcome::Outcome;
+use crate::flight::{Handed, Landing, Leader, Role};
+use crate::freshness::{self, Freshness, Verdict};
+use crate::lease::{self, Found, HeldLease, Take, Taken};
+use crate::outcome::{Answer, Outcome};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 
 /// How many failed leaders a waiter sits through before it computes on its
-/// own: bounds the body runs and the wait when the body keeps failing.
+/// own, through the key's gate.
 const MAX_HANDOVERS: u32 = 3;
-
+/// How many leaders' values a waiter may be told to look again for before
+/// it computes on its own.
+const MAX_LOOKS: u32 = 3;
 /// How often a caller may find the key changed between its read and its
 /// `SET NX` before it computes without storing.
 const MAX_RECHECKS: u32 = 3;
-
 /// First and longest pause between two reads while another process holds
 /// the lease (`single_flight = "distributed"`).
 const FIRST_POLL: Duration = Duration::from_millis(2);
 const LONGEST_POLL: Duration = Duration::from_millis(50);
+/// After a failed refresh, how long the old value is served before the
+/// next refresh is tried (stale-if-error, without a refresh storm).
+const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// What one `GET` found.
+/// What one read of the key found.
 enum Read {
-    /// The stored bytes: a freshness header, if any, then from `value_at`
-    /// the encoded value. Kept whole, so a hit copies nothing.
+    /// The stored bytes, kept whole so a hit copies nothing: from `value_at`
+    /// the encoded value; before it a freshness header, if any.
     Value {
         bytes: Vec<u8>,
         value_at: usize,
-        freshness: Option<Freshness>,
+        freshness: Option<(Freshness, Ttl)>,
     },
-    /// Another caller's live lease.
-    Leased,
+    /// A lease placeholder with a TTL (or not yet known to have one).
+    Leased {
+        placeholder: Vec<u8>,
+        ttl: Ttl,
+    },
     Absent,
-    /// Bytes that are not ours (counted and logged): to be overwritten.
-    Garbage,
+    /// Not ours (counted and logged): to be replaced.
+    Garbage(Garbage),
     /// The cache cannot be reached (counted and logged): run uncached.
     Unavailable,
 }
 
-/// What a miss may do to the key before computing.
+/// How long a key has left, by the server's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ttl {
+    /// Read with a plain `GET`.
+    Unknown,
+    Left(u64),
+    Forever,
+}
+
+enum Garbage {
+    /// Replaced only if the key still holds these bytes.
+    Bytes(Vec<u8>),
+    /// `GET` fails on it (`WRONGTYPE`): overwritten.
+    Unreadable,
+}
+
+/// What the caller does next.
+enum Step<V> {
+    Serve(V, Event),
+    Refresh(Refresh<V>),
+    Claim(Claim),
+    /// A placeholder read without its TTL: read it again with it, to tell a
+    /// live lease from a stray one.
+    Recheck,
+    Bypass,
+}
+
+/// A value to recompute while others are served it.
+struct Refresh<V> {
+    old: V,
+    /// Its freshness header: the refresh stores only over this very value.
+    header: Vec<u8>,
+    /// How a caller served the old value is counted.
+    served: Event,
+}
+
+/// What a miss may do to the key.
 enum Claim {
-    /// The key is empty: take the lease if it still is (`SET NX`).
     IfAbsent,
-    /// The key holds garbage: replace it with our placeholder.
-    Overwrite,
-    /// Another caller holds the lease.
+    Replace(Garbage),
+    /// Another caller's live lease, by its placeholder.
+    Foreign(Vec<u8>),
+}
+
+/// The lease a computation runs under.
+enum Leased<'c> {
+    Own(HeldLease<'c>),
+    /// Another caller's, as seen before computing.
+    Foreign(Vec<u8>),
+    None,
+}
+
+/// How a claim ended.
+enum Claimed<'c, V> {
+    Computing(Leased<'c>),
+    /// The key changed, or a poll of another process's lease: go round.
+    Read(Step<V>),
+}
+
+/// How coalescing ended.
+enum Coalesced<'c, V> {
+    Value(V),
     Nothing,
+    /// Compute; as the leader of this process's flight, or alone.
+    Lead(Option<Leader<'c>>),
+    /// The key's leaders keep failing: compute alone, through its gate.
+    Gated,
+    LookAgain,
 }
 
-/// How the attempt to take the lease ended.
-enum Acquired<V> {
-    /// The lease, or `None` when the value is to be computed but not stored.
-    Lease(Option<Lease>),
-    /// A value appeared meanwhile (another caller stored it): serve it.
-    Found {
-        value: V,
-        bytes: Vec<u8>,
-        waited: bool,
-    },
-}
-
-enum Taken {
-    Lease(Lease),
-    /// A value or another caller's lease is there.
-    Occupied,
-    Failed,
+/// What a caller went through so far.
+#[derive(Default)]
+struct Rounds {
+    failed_leaders: u32,
+    looks: u32,
+    rechecks: u32,
+    /// While waiting for another process (distributed): when to give up,
+    /// and the next pause.
+    wait: Option<(Instant, Duration)>,
 }
 
 impl Cache {
     /// Serves `redis_key` from the cache or runs `body`; see the module docs.
     ///
-    /// A plain hit (and an unavailable cache) is handled here; everything
-    /// else in a boxed future, so that the future of a hit stays small (it
-    /// is moved on every call).
+    /// A hit (and an unavailable cache) is answered here; everything else
+    /// in a boxed future, so that the future of a hit stays small (it is
+    /// moved on every call).
     pub(crate) async fn get_or_compute<S, R, F>(
         &self,
         site: &'static Site,
@@ -96,469 +168,513 @@ impl Cache {
         S: Outcome<R>,
         F: Future<Output = R>,
     {
-        let read = self.read(site, &redis_key).await;
-        // Also without the boxed future: a dead Redis costs no allocation.
-        if let Read::Unavailable = read {
-            return body.await;
+        let read = self.read(site, &redis_key, site.tracks_freshness()).await;
+        match self.classify::<S::Value>(site, &redis_key, read) {
+            Step::Serve(value, event) => {
+                self.record(site, event);
+                S::from_hit(value)
+            }
+            Step::Bypass => {
+                self.record(site, Event::Bypass);
+                body.await
+            }
+            step => Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await,
         }
-        if let Read::Value {
-            bytes,
-            value_at,
-            freshness: None,
-        } = &read
-            && let Ok(found) = self.inner.codec.decode::<S::Value>(&bytes[*value_at..])
-        {
-            self.inner.stats.record(Some(site), Event::Hit);
-            return S::from_hit(found);
-        }
-        Box::pin(self.after_read::<S, R, F>(site, &redis_key, read, body)).await
     }
 
-    /// Everything but a plain hit: misses, leases, single-flight, stale and
-    /// early refresh, garbage, and an unavailable cache on a later read.
+    /// Everything but a plain hit: misses, leases, single-flight, refreshes.
     async fn after_read<S, R, F>(
         &self,
         site: &'static Site,
         key: &str,
-        first_read: Read,
+        mut step: Step<S::Value>,
         body: F,
     ) -> R
     where
         S: Outcome<R>,
         F: Future<Output = R>,
     {
-        let inner = &*self.inner;
-        let mut leader: Option<Leader<'_>> = None;
-        let mut handovers = 0;
-        let mut first_read = Some(first_read);
-        let claim = loop {
-            let read = match first_read.take() {
-                Some(read) => read,
-                None => self.read(site, key).await,
+        let mut rounds = Rounds::default();
+        let mut leader = None;
+        // Declared in this order so that the permit drops before its gate.
+        let (mut gate, mut _permit) = (None, None);
+        loop {
+            let claim = match step {
+                Step::Serve(value, event) => {
+                    look_again(leader);
+                    self.record(site, event);
+                    return S::from_hit(value);
+                }
+                Step::Refresh(refresh) => {
+                    look_again(leader);
+                    return self.refresh::<S, R, F>(site, key, refresh, body).await;
+                }
+                Step::Bypass => {
+                    look_again(leader);
+                    self.record(site, Event::Bypass);
+                    return body.await;
+                }
+                Step::Recheck => {
+                    step = self.reread(site, key).await;
+                    continue;
+                }
+                Step::Claim(claim) => claim,
             };
-            let claim = match read {
-                Read::Unavailable => return body.await,
-                Read::Value {
-                    bytes,
-                    value_at,
-                    freshness,
-                } => {
-                    let header = &bytes[..value_at];
-                    match inner.codec.decode::<S::Value>(&bytes[value_at..]) {
-                        Err(error) => {
-                            inner.stats.record(Some(site), Event::Error);
-                            tracing::warn!(key, %error, "undecodable cache entry: recomputing and overwriting it");
-                            Claim::Overwrite
+            if leader.is_none() && gate.is_none() {
+                match self.coalesce::<S::Value>(site, key, &mut rounds).await {
+                    Coalesced::Value(value) => {
+                        self.record(site, Event::Coalesced);
+                        return S::from_hit(value);
+                    }
+                    Coalesced::Nothing => {
+                        if let Some(nothing) = S::nothing() {
+                            self.record(site, Event::Coalesced);
+                            return nothing;
                         }
-                        Ok(found) => {
-                            let Some(freshness) = freshness else {
-                                inner.stats.record(Some(site), Event::Hit);
-                                return S::from_hit(found);
-                            };
-                            let verdict = freshness.verdict(
-                                site.early_refresh_beta(),
-                                site.stale_millis(),
-                                self.grace(site),
-                            );
-                            match verdict {
-                                Verdict::Fresh => {
-                                    inner.stats.record(Some(site), Event::Hit);
-                                    return S::from_hit(found);
-                                }
-                                // Redis still has it, but our clock says it is
-                                // past its stale window: a miss.
-                                Verdict::Expired => Claim::Overwrite,
-                                verdict => {
-                                    if let Some(lock) = self.refresh_lock(key).await {
-                                        return self
-                                            .refresh::<S, R, F>(
-                                                site, key, header, lock, found, body,
-                                            )
-                                            .await;
-                                    }
-                                    // Another caller is refreshing it.
-                                    let served = match verdict {
-                                        Verdict::RefreshEarly => Event::Hit,
-                                        _ => Event::StaleHit,
-                                    };
-                                    inner.stats.record(Some(site), served);
-                                    return S::from_hit(found);
-                                }
-                            }
-                        }
+                        step = self.reread(site, key).await;
+                        continue;
+                    }
+                    Coalesced::Lead(me) => leader = me,
+                    Coalesced::Gated => {
+                        let at = self.inner.flights.gate(key);
+                        _permit = at.enter().await;
+                        gate = Some(at);
+                        step = self.reread(site, key).await;
+                        continue;
+                    }
+                    Coalesced::LookAgain => {
+                        step = self.reread(site, key).await;
+                        continue;
                     }
                 }
-                Read::Leased => Claim::Nothing,
-                Read::Absent => Claim::IfAbsent,
-                Read::Garbage => Claim::Overwrite,
-            };
-            if site.single_flight_mode() == SingleFlight::Off || handovers >= MAX_HANDOVERS {
-                break claim;
             }
-            match inner.flights.join(key) {
-                Role::Leader(me) => {
-                    leader = Some(me);
-                    break claim;
-                }
-                Role::Waiter(waiters) => match flight::wait(waiters).await {
-                    Some(bytes) => match inner.codec.decode::<S::Value>(&bytes) {
-                        Ok(value) => {
-                            inner.stats.record(Some(site), Event::Coalesced);
-                            return S::from_hit(value);
-                        }
-                        Err(_) => break Claim::Nothing,
-                    },
-                    // The leader failed, was cancelled or panicked: look
-                    // again, and lead if nobody else does.
-                    None => handovers += 1,
-                },
-            }
-        };
-
-        let lease = match self.acquire::<S::Value>(site, key, claim).await {
-            Acquired::Lease(lease) => lease,
-            Acquired::Found {
-                value,
-                bytes,
-                waited,
-            } => {
-                let event = if waited { Event::Coalesced } else { Event::Hit };
-                inner.stats.record(Some(site), event);
-                if let Some(leader) = leader {
-                    leader.land(Landing::Value(bytes.into()));
-                }
-                return S::from_hit(value);
-            }
-        };
-
-        inner.stats.record(Some(site), Event::Miss);
-        // Gives the lease back if `body` panics or the call is cancelled, so
-        // that other callers can store the value before the lease expires.
-        let mut held = HeldLease {
-            cache: self,
-            key,
-            lease,
-        };
-        let started = Instant::now();
-        let result = body.await;
-        let took = started.elapsed();
-        let lease = held.lease.take();
-        let encoded =
-            S::cacheable(&result).and_then(|value| self.encode_for_store(site, key, value));
-        match encoded {
-            Some(bytes) => {
-                // Store before telling the waiters: a caller arriving after
-                // the flight ends must find the value, not a placeholder.
-                if let Some(lease) = &lease {
-                    self.store_over(site, key, lease.placeholder(), &bytes, took)
+            match self.claim(site, key, claim, &mut rounds).await {
+                Claimed::Computing(lease) => {
+                    return self
+                        .compute::<S, R, F>(site, key, lease, leader, body)
                         .await;
                 }
-                if let Some(leader) = leader {
-                    leader.land(Landing::Value(bytes.into()));
-                }
-            }
-            None => {
-                if let Some(lease) = &lease {
-                    self.release(key, lease).await;
-                }
-                if let Some(leader) = leader {
-                    leader.land(Landing::Failed);
-                }
+                Claimed::Read(next) => step = next,
             }
         }
-        result
     }
 
-    /// One `GET`, classified; failures are counted and logged here.
-    async fn read(&self, site: &'static Site, key: &str) -> Read {
-        let inner = &*self.inner;
-        match self.guarded(inner.backend.get(key)).await {
-            Ok(Some(bytes)) => match lease::inspect(&bytes) {
-                Stored::Leased => Read::Leased,
-                Stored::Stray => {
-                    inner.stats.record(Some(site), Event::Error);
-                    tracing::warn!(
-                        key,
-                        "stray lease placeholder without expiry: recomputing and overwriting it"
-                    );
-                    Read::Garbage
-                }
-                Stored::Value => match freshness::split(&bytes) {
-                    Ok(Parts { header, .. }) => {
-                        let (freshness, value_at) = match header {
-                            Some((freshness, header)) => (Some(freshness), header.len()),
-                            None => (None, 0),
-                        };
-                        Read::Value {
-                            bytes,
-                            value_at,
-                            freshness,
-                        }
-                    }
-                    Err(MalformedHeader) => {
-                        inner.stats.record(Some(site), Event::Error);
-                        tracing::warn!(
-                            key,
-                            "malformed freshness header: recomputing and overwriting it"
-                        );
-                        Read::Garbage
-                    }
-                },
-            },
+    /// One read of the key, classified; failures are counted and logged here.
+    async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
+        let backend = &self.inner.backend;
+        let outcome = if with_ttl {
+            let stored = self.guarded(backend.get_with_ttl(key)).await;
+            stored.map(|s| s.map(|s| (s.bytes, s.ttl_millis.map_or(Ttl::Forever, Ttl::Left))))
+        } else {
+            let bytes = self.guarded(backend.get(key)).await;
+            bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
+        };
+        match outcome {
+            Ok(Some((bytes, ttl))) => self.inspect(site, key, bytes, ttl),
             Ok(None) => Read::Absent,
-            Err(CacheError::CircuitOpen) => {
-                inner.stats.record(Some(site), Event::Bypass);
-                Read::Unavailable
-            }
-            Err(error) if is_unavailability(&error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key, %error, "cache read failed: running uncached");
+            Err(CacheError::CircuitOpen) => Read::Unavailable,
+            Err(error) if error.is_unavailable() => {
+                self.record(site, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(key, %error, "cache read failed: running uncached")
+                );
                 Read::Unavailable
             }
             // An error reply about this key (e.g. WRONGTYPE: someone stored a
             // list there) is bad data like an undecodable value: overwrite it.
             Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key, %error, "unreadable cache entry: recomputing and overwriting it");
-                Read::Garbage
+                self.record(site, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(key, %error, "unreadable cache entry: recomputing and overwriting it")
+                );
+                Read::Garbage(Garbage::Unreadable)
             }
         }
     }
 
-    /// Takes the lease on a missing key. If the key fills in meanwhile,
-    /// serves what it holds; with `single_flight = "distributed"`, waits
-    /// (polling with backoff, for at most one lease) for another process's
-    /// value, and takes over when that process's lease expires.
-    async fn acquire<V: DeserializeOwned>(
-        &self,
-        site: &'static Site,
-        key: &str,
-        mut claim: Claim,
-    ) -> Acquired<V> {
-        let inner = &*self.inner;
-        let distributed = site.single_flight_mode() == SingleFlight::Distributed;
-        let deadline = Instant::now() + inner.lease + inner.lease / 10;
-        let mut pause = FIRST_POLL;
-        let mut waited = false;
-        let mut rechecks = 0;
-        loop {
-            match claim {
-                Claim::Nothing if !distributed => return Acquired::Lease(None),
-                Claim::Nothing => {
-                    if Instant::now() >= deadline {
-                        return Acquired::Lease(None);
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(LONGEST_POLL);
-                    waited = true;
-                    inner.stats.record(Some(site), Event::LeasePoll);
-                }
-                Claim::IfAbsent | Claim::Overwrite => {
-                    match self.take_lease(site, key, claim).await {
-                        Taken::Lease(lease) => return Acquired::Lease(Some(lease)),
-                        Taken::Failed => return Acquired::Lease(None),
-                        Taken::Occupied if rechecks >= MAX_RECHECKS => {
-                            return Acquired::Lease(None);
-                        }
-                        Taken::Occupied => rechecks += 1,
-                    }
-                }
+    async fn reread<V: DeserializeOwned>(&self, site: &'static Site, key: &str) -> Step<V> {
+        let read = self.read(site, key, true).await;
+        self.classify(site, key, read)
+    }
+
+    /// What stored bytes are: a value (split from its header), someone's
+    /// lease, or garbage (counted and logged).
+    fn inspect(&self, site: &'static Site, key: &str, bytes: Vec<u8>, ttl: Ttl) -> Read {
+        let garbage = |what: &str| {
+            self.record(site, Event::Error);
+            crate::limited!(
+                self,
+                warn!(
+                    key,
+                    what, "not a cache entry: recomputing and overwriting it"
+                )
+            );
+        };
+        match lease::inspect(&bytes) {
+            Found::Placeholder if ttl == Ttl::Forever => {
+                garbage("a lease placeholder without expiry");
+                Read::Garbage(Garbage::Bytes(bytes))
             }
-            claim = match self.read(site, key).await {
-                Read::Value {
-                    mut bytes,
-                    value_at,
-                    ..
-                } => match inner.codec.decode::<V>(&bytes[value_at..]) {
-                    Ok(found) => {
-                        bytes.drain(..value_at);
-                        return Acquired::Found {
-                            value: found,
-                            bytes,
-                            waited,
-                        };
-                    }
-                    Err(_) => Claim::Overwrite,
+            // This process's own lease, whose holder is gone and whose
+            // release is on its way: take the lease over it.
+            Found::Placeholder if self.inner.janitor.is_abandoned(&bytes) => {
+                Read::Garbage(Garbage::Bytes(bytes))
+            }
+            Found::Placeholder => Read::Leased {
+                placeholder: bytes,
+                ttl,
+            },
+            Found::Malformed => {
+                garbage("a malformed lease placeholder");
+                Read::Garbage(Garbage::Bytes(bytes))
+            }
+            Found::Value => match freshness::split(&bytes) {
+                Ok(None) => Read::Value {
+                    bytes,
+                    value_at: 0,
+                    freshness: None,
                 },
-                Read::Leased => Claim::Nothing,
-                Read::Absent => Claim::IfAbsent,
-                Read::Garbage => Claim::Overwrite,
-                Read::Unavailable => return Acquired::Lease(None),
-            };
+                Ok(Some((freshness, value_at))) => Read::Value {
+                    bytes,
+                    value_at,
+                    freshness: Some((freshness, ttl)),
+                },
+                Err(freshness::MalformedHeader) => {
+                    garbage("a malformed freshness header");
+                    Read::Garbage(Garbage::Bytes(bytes))
+                }
+            },
         }
     }
 
-    /// Writes a lease placeholder.
-    async fn take_lease(&self, site: &'static Site, key: &str, claim: Claim) -> Taken {
-        let inner = &*self.inner;
-        let lease = Lease::new(inner.lease);
-        let lease_millis = duration_millis(inner.lease);
-        let taken = if claim == Claim::Overwrite {
-            let set = inner
-                .backend
-                .set(key, lease.placeholder().to_vec(), lease_millis);
-            self.guarded(set).await.map(|()| true)
-        } else {
-            let set = inner
-                .backend
-                .set_if_absent(key, lease.placeholder(), lease_millis);
-            self.guarded(set).await
+    /// The classify step: the one place where a read becomes a decision.
+    fn classify<V: DeserializeOwned>(&self, site: &'static Site, key: &str, read: Read) -> Step<V> {
+        let (mut bytes, value_at, freshness) = match read {
+            Read::Value {
+                bytes,
+                value_at,
+                freshness,
+            } => (bytes, value_at, freshness),
+            Read::Unavailable => return Step::Bypass,
+            Read::Absent => return Step::Claim(Claim::IfAbsent),
+            Read::Garbage(garbage) => return Step::Claim(Claim::Replace(garbage)),
+            Read::Leased {
+                ttl: Ttl::Unknown, ..
+            } => return Step::Recheck,
+            Read::Leased { placeholder, .. } => return Step::Claim(Claim::Foreign(placeholder)),
         };
-        match taken {
-            Ok(true) => Taken::Lease(lease),
-            Ok(false) => Taken::Occupied,
-            Err(CacheError::CircuitOpen) => Taken::Failed,
-            Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key, %error, "cache lease failed: the value will not be stored");
-                Taken::Failed
+        let Some(value) = self.decode(site, key, &bytes[value_at..]) else {
+            return Step::Claim(Claim::Replace(Garbage::Bytes(bytes)));
+        };
+        let verdict = match freshness {
+            Some((freshness, ttl)) if site.tracks_freshness() => {
+                let left = match ttl {
+                    Ttl::Left(left) => Some(left),
+                    Ttl::Forever => None,
+                    Ttl::Unknown => return Step::Serve(value, Event::Hit),
+                };
+                freshness.verdict(left, self.kept(site), site.early_refresh_beta())
             }
-        }
+            _ => Verdict::Fresh,
+        };
+        let served = match verdict {
+            Verdict::Fresh => return Step::Serve(value, Event::Hit),
+            Verdict::RefreshEarly => Event::Hit,
+            Verdict::Stale => Event::StaleHit,
+        };
+        bytes.truncate(value_at);
+        Step::Refresh(Refresh {
+            old: value,
+            header: bytes,
+            served,
+        })
     }
 
-    /// Stores `bytes` (with a freshness header when the function has
-    /// `stale` or `early_refresh`) if the key still starts with `expected`:
-    /// the caller's lease placeholder, or the header of the value it
-    /// refreshed. A write that deleted or replaced it meanwhile wins.
-    async fn store_over(
+    /// The one place that decodes a value; failures are counted and logged.
+    fn decode<V: DeserializeOwned>(
         &self,
         site: &'static Site,
         key: &str,
-        expected: &[u8],
         bytes: &[u8],
-        took: Duration,
-    ) {
-        let inner = &*self.inner;
-        let ttl = site.ttl_millis();
-        let (stored, expiry) = if site.tracks_freshness() {
-            let freshness = Freshness::new(Duration::from_millis(ttl), took);
-            let kept = site.stale_millis().max(self.grace(site));
-            (freshness.wrap(bytes), ttl.saturating_add(kept))
-        } else {
-            (bytes.to_vec(), ttl)
-        };
-        let set = inner.backend.compare_and_set(key, expected, stored, expiry);
-        match self.guarded(set).await {
-            Ok(true) => inner.stats.record(Some(site), Event::Set),
-            Err(CacheError::CircuitOpen) => inner.stats.record(Some(site), Event::Bypass),
-            Ok(false) => {
-                inner.stats.record(Some(site), Event::DroppedSet);
-                tracing::debug!(key, "key invalidated while computing: value not stored");
-            }
+    ) -> Option<V> {
+        match self.inner.codec.decode(bytes) {
+            Ok(value) => Some(value),
             Err(error) => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(key, %error, "cache write failed");
+                self.record(site, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(key, %error, "undecodable cache entry: recomputing and overwriting it")
+                );
+                None
             }
         }
     }
 
-    /// With `early_refresh`, how long past its TTL a value stays in Redis, so
-    /// that a refresh drawn just before expiry can finish while the others
-    /// are served the old value: one lease, the longest a computation may
-    /// take. Past the TTL the old value is served only while a refresh runs.
-    fn grace(&self, site: &Site) -> u64 {
-        if site.early_refresh_beta().is_some() {
-            duration_millis(self.inner.lease)
-        } else {
-            0
-        }
-    }
-
-    /// Gives a lease back: deletes the caller's placeholder, if still there.
-    pub(crate) async fn release(&self, key: &str, lease: &Lease) {
-        let inner = &*self.inner;
-        let delete = inner.backend.compare_and_delete(key, lease.placeholder());
-        match self.guarded(delete).await {
-            Ok(_) | Err(CacheError::CircuitOpen) => {}
-            Err(error) => {
-                inner.stats.record(None, Event::Error);
-                tracing::debug!(key, %error, "cache lease release failed; it expires by itself");
-            }
-        }
-    }
-
-    /// The right to refresh `key` (stale or early), held by one caller
-    /// across processes: a lease on a companion key. No template renders a
-    /// NUL byte, so the companion never collides with a real key.
-    async fn refresh_lock(&self, key: &str) -> Option<(String, Lease)> {
-        let inner = &*self.inner;
-        let lock_key = format!("{key}\0refresh");
-        let lease = Lease::new(inner.lease);
-        let set = inner.backend.set_if_absent(
-            &lock_key,
-            lease.placeholder(),
-            duration_millis(inner.lease),
-        );
-        match self.guarded(set).await {
-            Ok(true) => Some((lock_key, lease)),
-            _ => None,
-        }
-    }
-
-    /// Recomputes a value that is stale or drawn for early refresh, and
-    /// stores it over the value that was read. If the body fails, the old
-    /// value is served (stale-if-error).
-    async fn refresh<S, R, F>(
+    /// With `single_flight`: joins this process's computation of `key`, or
+    /// leads it.
+    async fn coalesce<V: DeserializeOwned>(
         &self,
         site: &'static Site,
         key: &str,
-        seen_header: &[u8],
-        (lock_key, lock): (String, Lease),
-        old: S::Value,
+        rounds: &mut Rounds,
+    ) -> Coalesced<'_, V> {
+        if site.single_flight_mode() == SingleFlight::Off || rounds.looks >= MAX_LOOKS {
+            return Coalesced::Lead(None);
+        }
+        if rounds.failed_leaders >= MAX_HANDOVERS {
+            return Coalesced::Gated;
+        }
+        let waiter = match self.inner.flights.join(key) {
+            Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
+            Role::Waiter(waiter) => waiter,
+        };
+        match waiter.wait().await {
+            Handed::Value(bytes) => match self.decode(site, key, &bytes) {
+                Some(value) => Coalesced::Value(value),
+                None => Coalesced::Lead(None),
+            },
+            Handed::Nothing => Coalesced::Nothing,
+            Handed::LookAgain => {
+                rounds.looks += 1;
+                Coalesced::LookAgain
+            }
+            Handed::Failed => {
+                rounds.failed_leaders += 1;
+                Coalesced::LookAgain
+            }
+        }
+    }
+
+    /// Takes the lease on a missing key, or (distributed) waits for another
+    /// process's value for at most one lease and then computes without it.
+    async fn claim<'c, V: DeserializeOwned>(
+        &'c self,
+        site: &'static Site,
+        key: &'c str,
+        claim: Claim,
+        rounds: &mut Rounds,
+    ) -> Claimed<'c, V> {
+        let take = match claim {
+            Claim::IfAbsent => Take::IfAbsent,
+            Claim::Replace(Garbage::Bytes(seen)) => Take::Replacing(seen),
+            Claim::Replace(Garbage::Unreadable) => Take::Overwriting,
+            Claim::Foreign(placeholder) => {
+                if site.single_flight_mode() != SingleFlight::Distributed {
+                    return Claimed::Computing(Leased::Foreign(placeholder));
+                }
+                let lease = self.inner.lease;
+                let (give_up, pause) = rounds
+                    .wait
+                    .get_or_insert((Instant::now() + lease + lease / 10, FIRST_POLL));
+                if Instant::now() >= *give_up {
+                    return Claimed::Computing(Leased::Foreign(placeholder));
+                }
+                let this_pause = *pause;
+                *pause = (*pause * 2).min(LONGEST_POLL);
+                tokio::time::sleep(this_pause).await;
+                self.record(site, Event::LeasePoll);
+                return Claimed::Read(self.reread(site, key).await);
+            }
+        };
+        match HeldLease::take(self, site, key, take).await {
+            Taken::Held(lease) => Claimed::Computing(Leased::Own(lease)),
+            Taken::Occupied if rounds.rechecks < MAX_RECHECKS => {
+                rounds.rechecks += 1;
+                Claimed::Read(self.reread(site, key).await)
+            }
+            Taken::Occupied | Taken::Failed => Claimed::Computing(Leased::None),
+        }
+    }
+}
+
+/// A leader that found the value (or stopped computing) tells its waiters
+/// to read the key themselves.
+fn look_again(leader: Option<Leader<'_>>) {
+    if let Some(leader) = leader {
+        leader.land(Landing::LookAgain);
+    }
+}
+
+impl Cache {
+    /// Runs the body on a miss and settles the lease with its result.
+    async fn compute<S, R, F>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        lease: Leased<'_>,
+        leader: Option<Leader<'_>>,
         body: F,
     ) -> R
     where
         S: Outcome<R>,
         F: Future<Output = R>,
     {
-        let inner = &*self.inner;
-        inner.stats.record(Some(site), Event::Refresh);
+        self.record(site, Event::Miss);
         let started = Instant::now();
         let result = body.await;
         let took = started.elapsed();
-        let outcome = match S::cacheable(&result) {
-            Some(value) => {
-                if let Some(bytes) = self.encode_for_store(site, key, value) {
-                    self.store_over(site, key, seen_header, &bytes, took).await;
-                }
-                result
-            }
-            None => {
-                inner.stats.record(Some(site), Event::Error);
-                tracing::warn!(
-                    key,
-                    "cache refresh failed: serving the value it was to replace"
-                );
-                S::from_hit(old)
-            }
-        };
-        self.release(&lock_key, &lock).await;
-        outcome
+        let landing = self
+            .settle::<S, R>(site, key, &result, lease, leader.as_ref(), took)
+            .await;
+        if let Some(leader) = leader {
+            leader.land(landing);
+        }
+        result
     }
-}
 
-/// A lease held while the body runs; released in the background if the call
-/// is dropped (cancelled, or the body panicked) before it is settled.
-struct HeldLease<'a> {
-    cache: &'a Cache,
-    key: &'a str,
-    lease: Option<Lease>,
-}
-
-impl Drop for HeldLease<'_> {
-    fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else {
-            return;
+    /// Stores the body's value over the lease (or gives the lease back) and
+    /// says what the waiters get: the value only if the cache proved that no
+    /// write touched the key meanwhile (see [`crate::flight`]).
+    async fn settle<S: Outcome<R>, R>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        result: &R,
+        lease: Leased<'_>,
+        leader: Option<&Leader<'_>>,
+        took: Duration,
+    ) -> Landing {
+        let bytes = match S::answer(result) {
+            Answer::Failed => {
+                if let Leased::Own(lease) = lease {
+                    lease.give_back().await;
+                }
+                return Landing::Failed;
+            }
+            Answer::Value(value) => {
+                let Some(bytes) = self.encode_for_store(Some(site.function()), key, value) else {
+                    if let Leased::Own(lease) = lease {
+                        lease.give_back().await;
+                    }
+                    return Landing::LookAgain;
+                };
+                Some(bytes)
+            }
+            Answer::Nothing => None,
         };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let cache = self.cache.clone();
-            let key = self.key.to_owned();
-            runtime.spawn(async move { cache.release(&key, &lease).await });
+        // Read before the command that proves the answer fresh is sent.
+        let fence = leader.map_or(0, Leader::fence);
+        let fresh = match (lease, &bytes) {
+            (Leased::Own(lease), Some(bytes)) => {
+                let (stored, ttl) = self.stored_form(site, bytes, took);
+                lease.fulfil(site, &stored, ttl).await
+            }
+            // Nothing to store: the lease goes back, and was still there
+            // only if no write came in between.
+            (Leased::Own(lease), None) => lease.give_back().await,
+            (Leased::Foreign(seen), _) => fence > 0 && self.still_holds(key, &seen).await,
+            (Leased::None, _) => false,
+        };
+        match (fresh, bytes) {
+            (false, _) => Landing::LookAgain,
+            (true, Some(bytes)) => Landing::Value {
+                bytes: bytes.into(),
+                fence,
+            },
+            (true, None) => Landing::Nothing { fence },
         }
     }
-}
 
-/// For `PX`, which rejects 0.
-fn duration_millis(duration: Duration) -> u64 {
-    millis(duration).max(1)
+    /// Whether `key` still holds `placeholder` (another caller's lease seen
+    /// before computing): then no write touched it in between.
+    async fn still_holds(&self, key: &str, placeholder: &[u8]) -> bool {
+        let read = self.guarded(self.inner.backend.get(key)).await;
+        matches!(read, Ok(Some(bytes)) if bytes == placeholder)
+    }
+
+    /// The bytes stored for an encoded value, and their TTL: with a
+    /// freshness header, kept past the TTL, for `stale` and `early_refresh`.
+    fn stored_form<'b>(
+        &self,
+        site: &Site,
+        bytes: &'b [u8],
+        took: Duration,
+    ) -> (Cow<'b, [u8]>, u64) {
+        let ttl = site.ttl_millis();
+        if site.tracks_freshness() {
+            let header = Freshness::new(took, self.inner.clock);
+            (
+                header.wrap(bytes).into(),
+                ttl.saturating_add(self.kept(site)),
+            )
+        } else {
+            (bytes.into(), ttl)
+        }
+    }
+
+    /// How long past its TTL a value with a freshness header stays stored:
+    /// the stale window, and with `early_refresh` at least one lease, so
+    /// that a refresh drawn just before expiry can finish while the others
+    /// are served the old value.
+    fn kept(&self, site: &Site) -> u64 {
+        let grace = if site.early_refresh_beta().is_some() {
+            px(self.inner.lease)
+        } else {
+            0
+        };
+        site.stale_millis().max(grace)
+    }
+
+    /// Recomputes a value that is stale or drawn for early refresh, held by
+    /// one caller across processes (the refresh lock); the others are served
+    /// the old value meanwhile. The refresh's answer replaces the entry: a
+    /// value is stored over the very value that was read, nothing (`None`)
+    /// removes it; a failure serves the old value (stale-if-error) and
+    /// holds the lock for a moment, so that the failure is not retried by
+    /// every caller.
+    async fn refresh<S, R, F>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        refresh: Refresh<S::Value>,
+        body: F,
+    ) -> R
+    where
+        S: Outcome<R>,
+        F: Future<Output = R>,
+    {
+        let Some(lock) = HeldLease::refresh_lock(self, key).await else {
+            self.record(site, refresh.served);
+            return S::from_hit(refresh.old);
+        };
+        self.record(site, Event::Refresh);
+        let started = Instant::now();
+        let result = body.await;
+        let took = started.elapsed();
+        let backend = &self.inner.backend;
+        let stored = match S::answer(&result) {
+            Answer::Failed => {
+                crate::limited!(
+                    self,
+                    warn!(
+                        key,
+                        "cache refresh failed: serving the value it was to replace"
+                    )
+                );
+                lock.hold_for(REFRESH_RETRY_AFTER).await;
+                return S::from_hit(refresh.old);
+            }
+            Answer::Value(value) => self.encode_for_store(Some(site.function()), key, value),
+            Answer::Nothing => None,
+        };
+        match stored {
+            Some(bytes) => {
+                let (stored, ttl) = self.stored_form(site, &bytes, took);
+                let set = backend.compare_and_set(key, &refresh.header, &stored, ttl);
+                self.record_store(site, key, self.guarded(set).await);
+            }
+            None => {
+                let remove = backend.compare_and_delete(key, &refresh.header);
+                if let Err(error) = self.guarded(remove).await
+                    && !matches!(error, CacheError::CircuitOpen)
+                {
+                    self.record(site, Event::Error);
+                }
+            }
+        }
+        lock.give_back().await;
+        result
+    }
 }

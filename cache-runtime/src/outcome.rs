@@ -29,16 +29,31 @@ impl<T> ValueOf<T> for PlainShape {
     type Value = T;
 }
 
+/// What a function's result says about the key.
+#[doc(hidden)]
+#[derive(Debug)]
+pub enum Answer<'a, V> {
+    /// A value to cache.
+    Value(&'a V),
+    /// An answer that there is nothing (`None`, `Ok(None)`): it replaces a
+    /// cached value, it is not a failure.
+    Nothing,
+    /// The computation failed (`Err`): nothing is learned about the key.
+    Failed,
+}
+
 /// Maps a return type `R` to the value that is stored and back.
 #[doc(hidden)]
 pub trait Outcome<R> {
     /// What is stored in the cache.
     type Value: Serialize + DeserializeOwned;
-    /// The value to store, or `None` when this result must not be cached
-    /// (an `Err`, a `None`).
-    fn cacheable(result: &R) -> Option<&Self::Value>;
+    /// What this result says about the key.
+    fn answer(result: &R) -> Answer<'_, Self::Value>;
     /// The result a cache hit returns.
     fn from_hit(value: Self::Value) -> R;
+    /// The result for [`Answer::Nothing`], for callers given another
+    /// caller's answer (`None` for types that have no such answer).
+    fn nothing() -> Option<R>;
 }
 
 /// `Result<T, E>`: `Ok` is cached, `Err` never.
@@ -47,39 +62,55 @@ pub struct ResultShape;
 
 impl<T: Serialize + DeserializeOwned, E> Outcome<Result<T, E>> for ResultShape {
     type Value = T;
-    fn cacheable(result: &Result<T, E>) -> Option<&T> {
-        result.as_ref().ok()
+    fn answer(result: &Result<T, E>) -> Answer<'_, T> {
+        match result {
+            Ok(value) => Answer::Value(value),
+            Err(_) => Answer::Failed,
+        }
     }
     fn from_hit(value: T) -> Result<T, E> {
         Ok(value)
     }
+    fn nothing() -> Option<Result<T, E>> {
+        None
+    }
 }
 
-/// `Option<T>`: `Some` is cached.
+/// `Option<T>`: `Some` is cached; `None` is an answer.
 #[doc(hidden)]
 pub struct OptionShape;
 
 impl<T: Serialize + DeserializeOwned> Outcome<Option<T>> for OptionShape {
     type Value = T;
-    fn cacheable(result: &Option<T>) -> Option<&T> {
-        result.as_ref()
+    fn answer(result: &Option<T>) -> Answer<'_, T> {
+        result.as_ref().map_or(Answer::Nothing, Answer::Value)
     }
     fn from_hit(value: T) -> Option<T> {
         Some(value)
     }
+    fn nothing() -> Option<Option<T>> {
+        Some(None)
+    }
 }
 
-/// `Result<Option<T>, E>`: `Ok(Some)` is cached.
+/// `Result<Option<T>, E>`: `Ok(Some)` is cached; `Ok(None)` is an answer.
 #[doc(hidden)]
 pub struct ResultOptionShape;
 
 impl<T: Serialize + DeserializeOwned, E> Outcome<Result<Option<T>, E>> for ResultOptionShape {
     type Value = T;
-    fn cacheable(result: &Result<Option<T>, E>) -> Option<&T> {
-        result.as_ref().ok().and_then(Option::as_ref)
+    fn answer(result: &Result<Option<T>, E>) -> Answer<'_, T> {
+        match result {
+            Ok(Some(value)) => Answer::Value(value),
+            Ok(None) => Answer::Nothing,
+            Err(_) => Answer::Failed,
+        }
     }
     fn from_hit(value: T) -> Result<Option<T>, E> {
         Ok(Some(value))
+    }
+    fn nothing() -> Option<Result<Option<T>, E>> {
+        Some(Ok(None))
     }
 }
 
@@ -89,11 +120,14 @@ pub struct PlainShape;
 
 impl<T: Serialize + DeserializeOwned> Outcome<T> for PlainShape {
     type Value = T;
-    fn cacheable(result: &T) -> Option<&T> {
-        Some(result)
+    fn answer(result: &T) -> Answer<'_, T> {
+        Answer::Value(result)
     }
     fn from_hit(value: T) -> T {
         value
+    }
+    fn nothing() -> Option<T> {
+        None
     }
 }
 

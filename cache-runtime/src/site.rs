@@ -1,94 +1,33 @@
-//! What generated code knows about one annotated function at compile time.
+//! What generated code knows about one annotated function at compile time:
+//! its identity for statistics ([`Function`], every annotated function) and,
+//! for a `#[redis_cached]` function, its configuration ([`Site`]).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-/// The next [`Site::id`]; ids start at 1 so that 0 can mean "not yet".
+/// The next [`Function::id`]; ids start at 1 so that 0 can mean "not yet".
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
-/// Function names by site id, for statistics.
+/// Function names by id, for statistics.
 static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 
-/// The static configuration of one `#[redis_cached]` function.
+/// An annotated function (`#[redis_cached]`, `#[invalidates]`,
+/// `#[cache_put]`) as statistics know it: its path and a small id.
 #[doc(hidden)]
 #[derive(Debug)]
-pub struct Site {
+pub struct Function {
     name: &'static str,
-    ttl_millis: u64,
-    jitter: f64,
-    single_flight: SingleFlight,
-    stale_millis: u64,
-    early_refresh_beta: f64,
     /// A small number unique to this function in the process, assigned on
     /// first use: where its counters are, without a map lookup per call.
     id: AtomicU32,
 }
 
-/// `single_flight`: who shares one computation of a missing key.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SingleFlight {
-    /// Every caller that misses computes.
-    Off,
-    /// Callers in this process wait for one computation.
-    Local,
-    /// Callers in every process wait for the lease holder's value.
-    Distributed,
-}
-
-impl Site {
-    /// Made by generated code; the macro has validated the arguments.
-    pub const fn new(name: &'static str, ttl_millis: u64, jitter: f64) -> Self {
-        Site {
+impl Function {
+    /// Made by generated code: `module::path::fn_name`.
+    pub const fn new(name: &'static str) -> Self {
+        Function {
             name,
-            ttl_millis,
-            jitter,
-            single_flight: SingleFlight::Off,
-            stale_millis: 0,
-            early_refresh_beta: 0.0,
             id: AtomicU32::new(0),
         }
-    }
-
-    /// `single_flight` / `single_flight = "distributed"`.
-    pub const fn single_flight(mut self, mode: SingleFlight) -> Self {
-        self.single_flight = mode;
-        self
-    }
-
-    /// `stale = "30s"`: how long after the TTL an old value may be served
-    /// while one caller refreshes it.
-    pub const fn stale(mut self, millis: u64) -> Self {
-        self.stale_millis = millis;
-        self
-    }
-
-    /// `early_refresh` (β = 1) or `early_refresh = β`.
-    pub const fn early_refresh(mut self, beta: f64) -> Self {
-        self.early_refresh_beta = beta;
-        self
-    }
-
-    pub(crate) fn single_flight_mode(&self) -> SingleFlight {
-        self.single_flight
-    }
-
-    pub(crate) fn stale_millis(&self) -> u64 {
-        self.stale_millis
-    }
-
-    pub(crate) fn early_refresh_beta(&self) -> Option<f64> {
-        (self.early_refresh_beta > 0.0).then_some(self.early_refresh_beta)
-    }
-
-    /// Whether stored values carry a freshness header (`stale`, `early_refresh`).
-    pub(crate) fn tracks_freshness(&self) -> bool {
-        self.stale_millis > 0 || self.early_refresh_beta > 0.0
-    }
-
-    /// A write function (`#[invalidates]`, `#[cache_put]`): it has a name for
-    /// its statistics; what it stores takes the target's TTL.
-    pub const fn writer(name: &'static str) -> Self {
-        Site::new(name, 1, 0.0)
     }
 
     /// `module::path::fn_name`.
@@ -115,7 +54,7 @@ impl Site {
         id
     }
 
-    /// The name of the function with site id `id`.
+    /// The name of the function with id `id`.
     pub(crate) fn name_of(id: u32) -> &'static str {
         NAMES
             .lock()
@@ -123,6 +62,85 @@ impl Site {
             .get(id as usize)
             .copied()
             .unwrap_or("")
+    }
+}
+
+/// The static configuration of one `#[redis_cached]` function.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Site {
+    function: Function,
+    ttl_millis: u64,
+    jitter: f64,
+    single_flight: SingleFlight,
+    stale_millis: u64,
+    early_refresh_beta: f64,
+}
+
+/// `single_flight`: who shares one computation of a missing key.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SingleFlight {
+    /// Every caller that misses computes.
+    Off,
+    /// Callers in this process wait for one computation.
+    Local,
+    /// Callers in every process wait for the lease holder's value.
+    Distributed,
+}
+
+impl Site {
+    /// Made by generated code; the macro has validated the arguments.
+    pub const fn new(name: &'static str, ttl_millis: u64, jitter: f64) -> Self {
+        Site {
+            function: Function::new(name),
+            ttl_millis,
+            jitter,
+            single_flight: SingleFlight::Off,
+            stale_millis: 0,
+            early_refresh_beta: 0.0,
+        }
+    }
+
+    /// `single_flight` / `single_flight = "distributed"`.
+    pub const fn single_flight(mut self, mode: SingleFlight) -> Self {
+        self.single_flight = mode;
+        self
+    }
+
+    /// `stale = "30s"`: how long after the TTL an old value may be served
+    /// while one caller refreshes it.
+    pub const fn stale(mut self, millis: u64) -> Self {
+        self.stale_millis = millis;
+        self
+    }
+
+    /// `early_refresh` (β = 1) or `early_refresh = β`.
+    pub const fn early_refresh(mut self, beta: f64) -> Self {
+        self.early_refresh_beta = beta;
+        self
+    }
+
+    /// The function, for statistics.
+    pub fn function(&'static self) -> &'static Function {
+        &self.function
+    }
+
+    pub(crate) fn single_flight_mode(&self) -> SingleFlight {
+        self.single_flight
+    }
+
+    pub(crate) fn stale_millis(&self) -> u64 {
+        self.stale_millis
+    }
+
+    pub(crate) fn early_refresh_beta(&self) -> Option<f64> {
+        (self.early_refresh_beta > 0.0).then_some(self.early_refresh_beta)
+    }
+
+    /// Whether stored values carry a freshness header (`stale`, `early_refresh`).
+    pub(crate) fn tracks_freshness(&self) -> bool {
+        self.stale_millis > 0 || self.early_refresh_beta > 0.0
     }
 
     /// The TTL for one write: the configured TTL spread by ±`jitter`, at least 1 ms.
@@ -156,12 +174,12 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_distinct() {
-        static A: Site = Site::new("a", 1, 0.0);
+        static A: Function = Function::new("a");
         static B: Site = Site::new("b", 1, 0.0);
         let a = A.id();
         assert_eq!(A.id(), a);
-        assert_ne!(B.id(), a);
-        assert_eq!(Site::name_of(a), "a");
-        assert_eq!(Site::name_of(B.id()), "b");
+        assert_ne!(B.function().id(), a);
+        assert_eq!(Function::name_of(a), "a");
+        assert_eq!(Function::name_of(B.function().id()), "b");
     }
 }

@@ -1,135 +1,99 @@
 //! Hit/miss accounting, per annotated function and in total.
+//!
+//! Every counter is declared once, in the `counters!` list below: the event
+//! that bumps it, its field in [`Counts`] and its documentation.
+//!
+//! Each cached call that gets as far as choosing how to answer records
+//! exactly one *outcome*: `hits`, `stale_hits`, `coalesced` (answered
+//! without running the body), or `misses`, `refreshes`, `bypasses` (ran the
+//! body). The outcome is recorded just before the body starts, so a call
+//! cancelled later still counts, and `misses + refreshes + bypasses` is the
+//! number of body runs the cache started.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::site::Site;
+use crate::site::Function;
 
-/// What happened on one cache operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Event {
-    Hit,
-    Miss,
-    Error,
-    Bypass,
-    Set,
-    Invalidation,
-    DroppedSet,
-    LostInvalidation,
-    StaleHit,
-    Coalesced,
-    Refresh,
-    LeasePoll,
-    Oversized,
-}
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $event:ident => $field:ident, )*) => {
+        /// What happened on one cache operation.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum Event { $($event),* }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    stale_hits: AtomicU64,
-    coalesced: AtomicU64,
-    errors: AtomicU64,
-    bypasses: AtomicU64,
-    sets: AtomicU64,
-    invalidations: AtomicU64,
-    dropped_sets: AtomicU64,
-    lost_invalidations: AtomicU64,
-    refreshes: AtomicU64,
-    lease_polls: AtomicU64,
-    oversized: AtomicU64,
-}
+        const EVENTS: usize = [$(Event::$event),*].len();
 
-impl Counters {
-    fn bump(&self, event: Event, n: u64) {
-        let counter = match event {
-            Event::Hit => &self.hits,
-            Event::Miss => &self.misses,
-            Event::Error => &self.errors,
-            Event::Bypass => &self.bypasses,
-            Event::Set => &self.sets,
-            Event::Invalidation => &self.invalidations,
-            Event::DroppedSet => &self.dropped_sets,
-            Event::LostInvalidation => &self.lost_invalidations,
-            Event::StaleHit => &self.stale_hits,
-            Event::Coalesced => &self.coalesced,
-            Event::Refresh => &self.refreshes,
-            Event::LeasePoll => &self.lease_polls,
-            Event::Oversized => &self.oversized,
-        };
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
+        /// Counters of one function, or of the whole cache.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Counts { $( $(#[doc = $doc])* pub $field: u64, )* }
 
-    fn snapshot(&self) -> Counts {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Counts {
-            hits: load(&self.hits),
-            misses: load(&self.misses),
-            stale_hits: load(&self.stale_hits),
-            coalesced: load(&self.coalesced),
-            errors: load(&self.errors),
-            bypasses: load(&self.bypasses),
-            sets: load(&self.sets),
-            invalidations: load(&self.invalidations),
-            dropped_sets: load(&self.dropped_sets),
-            lost_invalidations: load(&self.lost_invalidations),
-            refreshes: load(&self.refreshes),
-            lease_polls: load(&self.lease_polls),
-            oversized: load(&self.oversized),
+        impl Counts {
+            fn load(slots: &Slots) -> Counts {
+                Counts { $( $field: slots[Event::$event as usize].load(Ordering::Relaxed), )* }
+            }
+
+            fn add(&mut self, other: &Counts) {
+                $( self.$field += other.$field; )*
+            }
         }
-    }
+    };
 }
 
-/// Counters of one function, or of the whole cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Counts {
+counters! {
     /// Calls answered from the cache.
-    pub hits: u64,
-    /// Calls that ran the body because the key was absent (or undecodable).
-    pub misses: u64,
-    /// Calls answered with a value past its TTL (inside the `stale` window)
-    /// while another caller refreshed it.
-    pub stale_hits: u64,
+    Hit => hits,
+    /// Calls that ran the body because the key was absent, undecodable or
+    /// leased by another caller.
+    Miss => misses,
+    /// Calls answered with a value past its TTL (inside the `stale` window,
+    /// or the grace of an early refresh) while another caller refreshed it.
+    StaleHit => stale_hits,
     /// Calls that waited for another caller's computation of the same key
     /// (`single_flight`) and were given its value.
-    pub coalesced: u64,
+    Coalesced => coalesced,
+    /// Calls that recomputed a value that was still served to others: stale
+    /// (`stale`) or drawn early (`early_refresh`).
+    Refresh => refreshes,
+    /// Calls that ran the body without the cache: the circuit breaker was
+    /// open, or the cache could not be reached.
+    Bypass => bypasses,
     /// Failed cache operations: Redis errors, timeouts, undecodable values.
     /// The call itself still succeeded (fail open).
-    pub errors: u64,
-    /// Calls that skipped the cache: circuit breaker open, or not connected.
-    pub bypasses: u64,
+    Error => errors,
     /// Values written to the cache.
-    pub sets: u64,
-    /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`),
-    /// and values replaced by `#[cache_put]`.
-    pub invalidations: u64,
+    Set => sets,
+    /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`).
+    Invalidation => invalidations,
     /// Computed values that were not stored because a write invalidated the
     /// key while they were being computed: each one is a stale value that
     /// the lease kept out of the cache.
-    pub dropped_sets: u64,
-    /// Invalidations given up after their retries failed (cache down): the
-    /// entries stay until their TTL.
-    pub lost_invalidations: u64,
-    /// Recomputations of a value that was still served: stale (`stale`) or
-    /// drawn early (`early_refresh`).
-    pub refreshes: u64,
+    DroppedSet => dropped_sets,
+    /// Invalidations given up after their retries failed (cache down, or
+    /// the retry queue full): the entries stay until their TTL.
+    LostInvalidation => lost_invalidations,
     /// Reads made while waiting for another process's value
     /// (`single_flight = "distributed"`), bounded by the lease.
-    pub lease_polls: u64,
+    LeasePoll => lease_polls,
     /// Computed values not stored because their encoding is larger than the
     /// cache's [`max_value_size`](crate::CacheBuilder::max_value_size).
-    pub oversized: u64,
+    Oversized => oversized,
+    /// Lease placeholders and refresh locks given back in the background
+    /// because their holder was cancelled, or its command timed out and may
+    /// still land.
+    Compensation => compensations,
 }
 
+type Slots = [AtomicU64; EVENTS];
+
 impl Counts {
-    /// Share of calls answered without running the body: `(hits +
-    /// stale_hits + coalesced) / (that + misses)`, or 0 when nothing was
-    /// looked up.
+    /// Share of lookups answered without running the body: `(hits +
+    /// stale_hits + coalesced) / (that + misses + refreshes)`, or 0 when
+    /// nothing was looked up. Bypasses, which never looked, are left out.
     pub fn hit_ratio(&self) -> f64 {
         let served = self.hits + self.stale_hits + self.coalesced;
-        let lookups = served + self.misses;
+        let lookups = served + self.misses + self.refreshes;
         if lookups == 0 {
             0.0
         } else {
@@ -137,20 +101,15 @@ impl Counts {
         }
     }
 
-    fn add(&mut self, other: &Counts) {
-        self.hits += other.hits;
-        self.misses += other.misses;
-        self.stale_hits += other.stale_hits;
-        self.coalesced += other.coalesced;
-        self.errors += other.errors;
-        self.bypasses += other.bypasses;
-        self.sets += other.sets;
-        self.invalidations += other.invalidations;
-        self.dropped_sets += other.dropped_sets;
-        self.lost_invalidations += other.lost_invalidations;
-        self.refreshes += other.refreshes;
-        self.lease_polls += other.lease_polls;
-        self.oversized += other.oversized;
+    /// Calls that recorded an outcome: every completed cached call, and
+    /// cancelled ones that got as far as choosing how to answer.
+    pub fn calls(&self) -> u64 {
+        self.hits + self.stale_hits + self.coalesced + self.body_runs()
+    }
+
+    /// Body runs the cache started: `misses + refreshes + bypasses`.
+    pub fn body_runs(&self) -> u64 {
+        self.misses + self.refreshes + self.bypasses
     }
 }
 
@@ -185,64 +144,83 @@ impl Stats {
     }
 }
 
-/// Sites per chunk of the per-function table, and chunks: counters for the
-/// first 4096 annotated functions of a process. Events of any later ones
+/// Functions per chunk of the per-function table, and chunks: counters for
+/// the first 4096 annotated functions of a process. Events of any later ones
 /// still count in the total.
 const CHUNK: usize = 64;
 const CHUNKS: usize = 64;
 
 /// The counters of one `Cache`. The hot path is one atomic add on the
-/// function's counter, found by its site id without a lock; the total is
-/// summed when a snapshot is taken.
+/// function's counter, found by its id without a lock; the total is summed
+/// when a snapshot is taken.
 #[derive(Debug)]
 pub(crate) struct Recorder {
     /// Events of no function (e.g. `Cache::invalidate`), or of one past the
     /// table.
-    unattributed: Counters,
-    /// By site id: chunk `id / CHUNK`, slot `id % CHUNK`.
-    sites: [OnceLock<Box<[Counters]>>; CHUNKS],
+    unattributed: Slots,
+    /// By function id: chunk `id / CHUNK`, slot `id % CHUNK`.
+    functions: [OnceLock<Box<[Slots]>>; CHUNKS],
 }
 
 impl Default for Recorder {
     fn default() -> Self {
         Recorder {
-            unattributed: Counters::default(),
-            sites: std::array::from_fn(|_| OnceLock::new()),
+            unattributed: Default::default(),
+            functions: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 }
 
 impl Recorder {
-    pub(crate) fn record(&self, site: Option<&'static Site>, event: Event) {
-        self.record_n(site, event, 1);
+    pub(crate) fn record(&self, function: Option<&'static Function>, event: Event) {
+        self.record_n(function, event, 1);
     }
 
-    pub(crate) fn record_n(&self, site: Option<&'static Site>, event: Event, n: usize) {
-        let n = n as u64;
-        let counters = site.and_then(|site| {
-            let id = site.id() as usize;
-            let chunk = self.sites.get(id / CHUNK)?;
-            let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| Counters::default()).collect());
+    pub(crate) fn record_n(&self, function: Option<&'static Function>, event: Event, n: usize) {
+        let slots = function.and_then(|function| {
+            let id = function.id() as usize;
+            let chunk = self.functions.get(id / CHUNK)?;
+            let chunk = chunk.get_or_init(|| (0..CHUNK).map(|_| Slots::default()).collect());
             Some(&chunk[id % CHUNK])
         });
-        counters.unwrap_or(&self.unattributed).bump(event, n);
+        slots.unwrap_or(&self.unattributed)[event as usize].fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
-        let mut total = self.unattributed.snapshot();
+        let mut total = Counts::load(&self.unattributed);
         let mut functions: BTreeMap<&'static str, Counts> = BTreeMap::new();
-        for (c, chunk) in self.sites.iter().enumerate() {
+        for (c, chunk) in self.functions.iter().enumerate() {
             let Some(chunk) = chunk.get() else { continue };
-            for (slot, counters) in chunk.iter().enumerate() {
-                let counts = counters.snapshot();
+            for (slot, slots) in chunk.iter().enumerate() {
+                let counts = Counts::load(slots);
                 if counts == Counts::default() {
                     continue;
                 }
                 total.add(&counts);
-                let name = Site::name_of((c * CHUNK + slot) as u32);
+                let name = Function::name_of((c * CHUNK + slot) as u32);
                 functions.entry(name).or_default().add(&counts);
             }
         }
         Stats { total, functions }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_lands_in_its_own_field() {
+        static F: Function = Function::new("stats::f");
+        let recorder = Recorder::default();
+        recorder.record(Some(&F), Event::Hit);
+        recorder.record_n(Some(&F), Event::Miss, 2);
+        recorder.record(None, Event::Invalidation);
+        let stats = recorder.snapshot();
+        let f = stats.function("f").unwrap();
+        assert_eq!((f.hits, f.misses, f.invalidations), (1, 2, 0));
+        assert_eq!(stats.total.invalidations, 1);
+        assert_eq!((f.calls(), f.body_runs()), (3, 2));
+        assert!((f.hit_ratio() - 1.0 / 3.0).abs() < 1e-9);
     }
 }

@@ -1,6 +1,6 @@
 //! The in-process backend: moka with a per-entry TTL, for tests and for
-//! services without Redis. Same semantics as Redis: a value expires after
-//! its TTL, a set replaces.
+//! services without Redis. It follows the backend contract (see
+//! [`crate::backend`]) exactly, compare operations included.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 use moka::ops::compute::{CompResult, Op};
 
+use super::Stored;
+use crate::clock::millis;
+
 #[derive(Clone)]
 struct Entry {
     bytes: Arc<[u8]>,
     ttl: Duration,
+    expires_at: Instant,
 }
 
 struct PerEntryTtl;
@@ -58,49 +62,68 @@ impl MemoryBackend {
         MemoryBackend { entries }
     }
 
+    /// A live entry: moka may hand out an entry in the instant it expires.
+    fn live(&self, key: &str) -> Option<Entry> {
+        self.entries
+            .get(key)
+            .filter(|e| e.expires_at > Instant::now())
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.entries.get(key).map(|e| e.bytes.to_vec())
+        self.live(key).map(|e| e.bytes.to_vec())
+    }
+
+    pub(crate) fn get_with_ttl(&self, key: &str) -> Option<Stored> {
+        self.live(key).map(|e| Stored {
+            bytes: e.bytes.to_vec(),
+            ttl_millis: Some(millis(
+                e.expires_at.saturating_duration_since(Instant::now()),
+            )),
+        })
     }
 
     // Every write goes through `and_compute_with`, moka's per-key lock, so
-    // that a compare-and-set and a delete of one key never interleave (plain
+    // that compare operations and deletes of one key never interleave (plain
     // `insert` and `remove` do not take that lock).
 
-    pub(crate) fn set(&self, key: &str, value: Vec<u8>, ttl_millis: u64) {
-        self.compute(key, |_| Op::Put(Entry::new(value, ttl_millis)));
+    pub(crate) fn set(&self, key: &str, value: &[u8], px: u64) {
+        self.compute(key, |_| Op::Put(Entry::new(value.into(), px)));
     }
 
-    /// Like `SET NX PX`; an expired entry counts as absent.
-    pub(crate) fn set_if_absent(&self, key: &str, value: Vec<u8>, ttl_millis: u64) -> bool {
+    pub(crate) fn set_if_absent(&self, key: &str, value: &[u8], px: u64) -> bool {
         let outcome = self.compute(key, |current| match current {
-            None => Op::Put(Entry::new(value, ttl_millis)),
+            None => Op::Put(Entry::new(value.into(), px)),
             Some(_) => Op::Nop,
         });
-        matches!(outcome, CompResult::Inserted(_))
+        put(&outcome)
     }
 
-    /// Replaces the value only if it starts with `expected`.
-    pub(crate) fn compare_and_set(
-        &self,
-        key: &str,
-        expected: &[u8],
-        value: Vec<u8>,
-        ttl_millis: u64,
-    ) -> bool {
+    pub(crate) fn compare_and_set(&self, key: &str, prefix: &[u8], value: &[u8], px: u64) -> bool {
         let outcome = self.compute(key, |current| match current {
-            Some(current) if *current.bytes == *expected => Op::Put(Entry::new(value, ttl_millis)),
+            Some(current) if current.bytes.starts_with(prefix) => {
+                Op::Put(Entry::new(value.into(), px))
+            }
             _ => Op::Nop,
         });
-        matches!(outcome, CompResult::ReplacedWith(_))
+        put(&outcome)
     }
 
-    /// Removes the key only if it holds `expected`.
-    pub(crate) fn compare_and_delete(&self, key: &str, expected: &[u8]) -> bool {
+    pub(crate) fn compare_and_delete(&self, key: &str, prefix: &[u8]) -> bool {
         let outcome = self.compute(key, |current| match current {
-            Some(current) if *current.bytes == *expected => Op::Remove,
+            Some(current) if current.bytes.starts_with(prefix) => Op::Remove,
             _ => Op::Nop,
         });
         matches!(outcome, CompResult::Removed(_))
+    }
+
+    pub(crate) fn compare_and_expire(&self, key: &str, prefix: &[u8], px: u64) -> bool {
+        let outcome = self.compute(key, |current| match current {
+            Some(current) if current.bytes.starts_with(prefix) => {
+                Op::Put(Entry::new(current.bytes.clone(), px))
+            }
+            _ => Op::Nop,
+        });
+        put(&outcome)
     }
 
     pub(crate) fn delete(&self, keys: &[String]) -> u64 {
@@ -116,22 +139,38 @@ impl MemoryBackend {
         removed.count() as u64
     }
 
+    /// Runs `decide` on the live entry (an expired one counts as absent).
     fn compute(
         &self,
         key: &str,
         decide: impl FnOnce(Option<&Entry>) -> Op<Entry>,
     ) -> CompResult<String, Entry> {
-        self.entries
-            .entry_by_ref(key)
-            .and_compute_with(|current| decide(current.as_ref().map(moka::Entry::value)))
+        self.entries.entry_by_ref(key).and_compute_with(|current| {
+            let live = current
+                .as_ref()
+                .map(moka::Entry::value)
+                .filter(|e| e.expires_at > Instant::now());
+            decide(live)
+        })
     }
 }
 
+/// Whether a compute stored its `Op::Put` (moka reports a put over an
+/// entry it still held, expired, as a replacement).
+fn put(outcome: &CompResult<String, Entry>) -> bool {
+    matches!(
+        outcome,
+        CompResult::Inserted(_) | CompResult::ReplacedWith(_)
+    )
+}
+
 impl Entry {
-    fn new(bytes: Vec<u8>, ttl_millis: u64) -> Entry {
+    fn new(bytes: Arc<[u8]>, px: u64) -> Entry {
+        let ttl = Duration::from_millis(px.max(1));
         Entry {
-            bytes: bytes.into(),
-            ttl: Duration::from_millis(ttl_millis),
+            bytes,
+            ttl,
+            expires_at: Instant::now() + ttl,
         }
     }
 }

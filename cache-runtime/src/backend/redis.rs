@@ -1,5 +1,11 @@
 //! Redis standalone on the `redis` crate's `ConnectionManager`: one
 //! multiplexed connection, re-established by itself after Redis restarts.
+//! The compare operations of the backend contract are Lua scripts, each on
+//! one key, so they are atomic on the server.
+//!
+//! Commands of one connection are applied in the order they were sent, so a
+//! compensation sent after a command that timed out on the client lands
+//! after it, whenever that one lands.
 
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
@@ -8,12 +14,18 @@ use arc_swap::ArcSwap;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::cache::is_rejected_credentials;
+use super::Stored;
 use crate::error::CacheError;
 
-/// Stores a computed value only if the key still starts with what the
-/// caller saw (its lease placeholder, or the header of the value it
-/// refreshed): a `DEL` (invalidation) or another value in the meantime wins.
+/// `GET` and `PTTL` in one step: the remaining TTL by the server's clock.
+static GET_WITH_TTL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local value = redis.call('GET', KEYS[1])
+          if not value then return false end
+          return {value, redis.call('PTTL', KEYS[1])}",
+    )
+});
+
 static COMPARE_AND_SET: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"local current = redis.call('GET', KEYS[1])
@@ -24,12 +36,21 @@ static COMPARE_AND_SET: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// Gives a lease back (the body failed): deletes the key only if it still
-/// holds the caller's placeholder.
 static COMPARE_AND_DELETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+        r"local current = redis.call('GET', KEYS[1])
+          if current and string.sub(current, 1, #ARGV[1]) == ARGV[1] then
               return redis.call('DEL', KEYS[1])
+          end
+          return 0",
+    )
+});
+
+static COMPARE_AND_EXPIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local current = redis.call('GET', KEYS[1])
+          if current and string.sub(current, 1, #ARGV[1]) == ARGV[1] then
+              return redis.call('PEXPIRE', KEYS[1], ARGV[2])
           end
           return 0",
     )
@@ -54,7 +75,7 @@ impl RedisBackend {
     /// first command connects, so a server that is down does not stop the
     /// service from starting. Must be called inside a Tokio runtime.
     pub(crate) fn new(url: &str) -> Result<Self, CacheError> {
-        let client = redis::Client::open(url).map_err(CacheError::InvalidUrl)?;
+        let client = redis::Client::open(url).map_err(CacheError::invalid_url)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         Ok(RedisBackend { client, conn })
     }
@@ -71,7 +92,7 @@ impl RedisBackend {
             // per command would only cost.
             .set_response_timeout(None);
         ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(CacheError::InvalidUrl)
+            .map_err(CacheError::invalid_url)
     }
 
     /// A handle on the shared multiplexed connection (an `Arc` clone).
@@ -82,8 +103,8 @@ impl RedisBackend {
     pub(crate) async fn ping(&self) -> Result<(), CacheError> {
         redis::cmd("PING")
             .query_async::<()>(&mut self.conn())
-            .await?;
-        Ok(())
+            .await
+            .map_err(CacheError::redis)
     }
 
     /// Whether Redis can be used again, for the circuit breaker's probe. A
@@ -92,92 +113,120 @@ impl RedisBackend {
     /// connection; after rejected credentials, on a new manager.
     pub(crate) async fn check(&self) -> Result<(), CacheError> {
         match self.ping().await {
-            Err(CacheError::Redis(e)) if e.is_io_error() => self.ping().await,
-            Err(e) if is_rejected_credentials(&e) => {
+            Err(e) if e.is_rejected_credentials() => {
                 let fresh = Self::manager(&self.client)?;
                 self.conn.store(Arc::new(fresh));
                 self.ping().await
             }
+            Err(e) if e.is_unavailable() => self.ping().await,
             outcome => outcome,
         }
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let mut conn = self.conn();
-        Ok(redis::cmd("GET").arg(key).query_async(&mut conn).await?)
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)
     }
 
-    pub(crate) async fn set(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl_millis: u64,
-    ) -> Result<(), CacheError> {
-        let mut conn = self.conn();
+    pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
+        let reply: Option<(Vec<u8>, i64)> = GET_WITH_TTL
+            .key(key)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)?;
+        Ok(reply.map(|(bytes, pttl)| Stored {
+            bytes,
+            // -1: no expiry. (-2, gone, cannot follow a GET in one script.)
+            ttl_millis: u64::try_from(pttl).ok(),
+        }))
+    }
+
+    pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
         redis::cmd("SET")
             .arg(key)
             .arg(value)
             .arg("PX")
-            .arg(ttl_millis)
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+            .arg(px)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)
     }
 
-    /// `SET key value NX PX ttl`: whether the key was absent and is now set.
     pub(crate) async fn set_if_absent(
         &self,
         key: &str,
         value: &[u8],
-        ttl_millis: u64,
+        px: u64,
     ) -> Result<bool, CacheError> {
-        let mut conn = self.conn();
         let reply: Option<()> = redis::cmd("SET")
             .arg(key)
             .arg(value)
             .arg("NX")
             .arg("PX")
-            .arg(ttl_millis)
-            .query_async(&mut conn)
-            .await?;
+            .arg(px)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)?;
         Ok(reply.is_some())
     }
 
     pub(crate) async fn compare_and_set(
         &self,
         key: &str,
-        expected: &[u8],
+        prefix: &[u8],
         value: &[u8],
-        ttl_millis: u64,
+        px: u64,
     ) -> Result<bool, CacheError> {
-        let mut conn = self.conn();
         let reply: Option<()> = COMPARE_AND_SET
             .key(key)
-            .arg(expected)
+            .arg(prefix)
             .arg(value)
-            .arg(ttl_millis)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(px)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)?;
         Ok(reply.is_some())
     }
 
     pub(crate) async fn compare_and_delete(
         &self,
         key: &str,
-        expected: &[u8],
+        prefix: &[u8],
     ) -> Result<bool, CacheError> {
-        let mut conn = self.conn();
         let deleted: u64 = COMPARE_AND_DELETE
             .key(key)
-            .arg(expected)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(prefix)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)?;
         Ok(deleted > 0)
+    }
+
+    pub(crate) async fn compare_and_expire(
+        &self,
+        key: &str,
+        prefix: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        let set: u64 = COMPARE_AND_EXPIRE
+            .key(key)
+            .arg(prefix)
+            .arg(px)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)?;
+        Ok(set > 0)
     }
 
     /// `DEL` of several keys in one round trip; how many existed.
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
-        let mut conn = self.conn();
-        Ok(redis::cmd("DEL").arg(keys).query_async(&mut conn).await?)
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)
     }
 }

@@ -1,0 +1,304 @@
+//! Clean-up that outlives the call that needed it: giving back the lease of
+//! a call that was dropped or whose command timed out (and may still land),
+//! and retrying an invalidation the write could not finish.
+//!
+//! One worker task per cache does all of it, from a bounded queue, so the
+//! tasks, retries and log lines an outage costs are bounded whatever the
+//! call rate. Chores that do not fit are dropped and counted: a lease then
+//! expires by itself after its lease time; an invalidation is counted as
+//! lost and its entries stay until their TTL. The worker holds no strong
+//! reference to the cache: it ends when the cache is dropped.
+//!
+//! On the in-process backend a chore cannot fail or stall, so it runs at
+//! once, in the caller.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::cache::{Cache, Inner};
+use crate::error::CacheError;
+use crate::site::Function;
+use crate::stats::Event;
+
+/// Chores waiting to be picked up by the worker.
+const QUEUE: usize = 1024;
+/// Chores the worker keeps for later retries.
+const MAX_PENDING: usize = 16 * 1024;
+/// Pauses between attempts to give a lease back: short, because a live
+/// placeholder makes other callers compute (or wait).
+const FIRST_RELEASE_RETRY: Duration = Duration::from_millis(20);
+const LONGEST_RELEASE_RETRY: Duration = Duration::from_millis(500);
+/// Pauses before the retries of an invalidation (7.7 s in all, past the
+/// circuit breaker's default cool-down).
+const INVALIDATION_RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_millis(200),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+
+/// Something to do for a call that can no longer do it itself.
+#[derive(Debug)]
+pub(crate) enum Chore {
+    /// Delete `key` if it still holds `placeholder` (a lease or refresh
+    /// lock), retried until the backend answers or the lease expired.
+    Release {
+        key: String,
+        placeholder: Vec<u8>,
+        until: Instant,
+    },
+    /// Delete `keys` after a write. `tried`: the writer's own attempt
+    /// failed, so the first retry waits.
+    Invalidate {
+        writer: Option<&'static Function>,
+        keys: Vec<String>,
+        tried: bool,
+    },
+}
+
+/// The queue of one cache's chores, and its worker.
+#[derive(Debug, Default)]
+pub(crate) struct Janitor {
+    queue: Mutex<Option<mpsc::Sender<Chore>>>,
+    /// Chores submitted and not finished: 0 once everything is cleaned up.
+    pending: Arc<AtomicUsize>,
+    /// Placeholders of this process's leases waiting to be given back: a
+    /// caller that finds one knows its holder is gone and may take the
+    /// lease over it at once, instead of computing without storing.
+    abandoned: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl Janitor {
+    /// Whether `placeholder` is a lease of this cache whose holder is gone.
+    pub(crate) fn is_abandoned(&self, placeholder: &[u8]) -> bool {
+        self.abandoned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(placeholder)
+    }
+
+    fn abandon(&self, chore: &Chore, gone: bool) {
+        if let Chore::Release { placeholder, .. } = chore {
+            let mut abandoned = self
+                .abandoned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if gone {
+                abandoned.remove(placeholder);
+            } else {
+                abandoned.insert(placeholder.clone());
+            }
+        }
+    }
+}
+
+impl Cache {
+    /// Hands a chore to the janitor; see the module docs.
+    pub(crate) fn tidy(&self, chore: Chore) {
+        if let Some(memory) = self.inner.backend.as_memory() {
+            // Cannot fail: no retry, no task.
+            match chore {
+                Chore::Release {
+                    key, placeholder, ..
+                } => {
+                    if memory.compare_and_delete(&key, &placeholder) {
+                        self.inner.stats.record(None, Event::Compensation);
+                    }
+                }
+                Chore::Invalidate { writer, keys, .. } => {
+                    memory.delete(&keys);
+                    self.inner
+                        .stats
+                        .record_n(writer, Event::Invalidation, keys.len());
+                }
+            }
+            return;
+        }
+        let janitor = &self.inner.janitor;
+        janitor.pending.fetch_add(1, Ordering::SeqCst);
+        janitor.abandon(&chore, false);
+        let mut queue = janitor.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let chore = match queue.as_ref() {
+            None => chore,
+            Some(sender) => match sender.try_send(chore) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(chore)) => {
+                    drop(queue);
+                    return self.drop_chore(chore, "the clean-up queue is full");
+                }
+                Err(mpsc::error::TrySendError::Closed(chore)) => chore,
+            },
+        };
+        // No worker yet, or its runtime has shut down: start one here.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            drop(queue);
+            return self.drop_chore(chore, "no Tokio runtime to run it");
+        };
+        let (sender, receiver) = mpsc::channel(QUEUE);
+        let _ = sender.try_send(chore);
+        *queue = Some(sender);
+        runtime.spawn(work(Arc::downgrade(&self.inner), receiver));
+    }
+
+    /// Chores submitted to the janitor and not finished yet.
+    pub(crate) fn pending_chores(&self) -> usize {
+        self.inner.janitor.pending.load(Ordering::SeqCst)
+    }
+
+    fn drop_chore(&self, chore: Chore, why: &'static str) {
+        self.inner.janitor.pending.fetch_sub(1, Ordering::SeqCst);
+        self.inner.janitor.abandon(&chore, true);
+        if let Chore::Invalidate { writer, keys, .. } = chore {
+            self.inner.stats.record(writer, Event::LostInvalidation);
+            crate::limited!(
+                self,
+                error!(
+                    ?keys,
+                    why, "cache invalidation lost: entries stay until their TTL"
+                )
+            );
+        }
+    }
+}
+
+/// A chore and when to try it next.
+struct Pending {
+    chore: Chore,
+    due: Instant,
+    attempts: usize,
+}
+
+async fn work(cache: Weak<Inner>, mut queue: mpsc::Receiver<Chore>) {
+    let mut pending: Vec<Pending> = Vec::new();
+    loop {
+        let next = pending.iter().map(|p| p.due).min();
+        let received = tokio::select! {
+            chore = queue.recv() => match chore {
+                Some(chore) => Some(chore),
+                None => return, // the cache is gone
+            },
+            () = sleep_until(next) => None,
+        };
+        let Some(inner) = cache.upgrade() else { return };
+        let cache = Cache { inner };
+        for chore in received
+            .into_iter()
+            .chain(std::iter::from_fn(|| queue.try_recv().ok()))
+        {
+            if pending.len() >= MAX_PENDING {
+                cache.drop_chore(chore, "too many clean-ups are waiting");
+                continue;
+            }
+            let due = match &chore {
+                Chore::Invalidate { tried: true, .. } => {
+                    Instant::now() + INVALIDATION_RETRY_DELAYS[0]
+                }
+                _ => Instant::now(),
+            };
+            let attempts = usize::from(matches!(chore, Chore::Invalidate { tried: true, .. }));
+            pending.push(Pending {
+                chore,
+                due,
+                attempts,
+            });
+        }
+        let mut i = 0;
+        while i < pending.len() {
+            if pending[i].due > Instant::now() {
+                i += 1;
+                continue;
+            }
+            match cache.attempt(&mut pending[i]).await {
+                Some(next) => {
+                    pending[i].due = next;
+                    i += 1;
+                }
+                None => {
+                    let done = pending.swap_remove(i);
+                    cache.inner.janitor.abandon(&done.chore, true);
+                    cache.inner.janitor.pending.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Cache {
+    /// One attempt at a chore: when to try again, or `None` when done.
+    async fn attempt(&self, pending: &mut Pending) -> Option<Instant> {
+        pending.attempts += 1;
+        let inner = &*self.inner;
+        match &pending.chore {
+            Chore::Release {
+                key,
+                placeholder,
+                until,
+            } => {
+                if Instant::now() >= *until {
+                    return None; // expired by itself
+                }
+                let delete = inner.backend.compare_and_delete(key, placeholder);
+                match self.guarded(delete).await {
+                    Ok(deleted) => {
+                        if deleted {
+                            inner.stats.record(None, Event::Compensation);
+                        }
+                        None
+                    }
+                    Err(error) if retryable(&error) => {
+                        let pause = FIRST_RELEASE_RETRY * (1 << pending.attempts.min(5));
+                        Some(Instant::now() + pause.min(LONGEST_RELEASE_RETRY))
+                    }
+                    Err(_) => None,
+                }
+            }
+            Chore::Invalidate { writer, keys, .. } => {
+                match self.guarded(inner.backend.delete(keys)).await {
+                    Ok(_) => {
+                        inner
+                            .stats
+                            .record_n(*writer, Event::Invalidation, keys.len());
+                        if pending.attempts > 1 {
+                            tracing::info!(?keys, "cache invalidation succeeded on retry");
+                        }
+                        None
+                    }
+                    Err(error) => {
+                        if !matches!(error, CacheError::CircuitOpen) {
+                            inner.stats.record(*writer, Event::Error);
+                        }
+                        match INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1) {
+                            Some(delay) if retryable(&error) => Some(Instant::now() + *delay),
+                            _ => {
+                                inner.stats.record(*writer, Event::LostInvalidation);
+                                crate::limited!(
+                                    self,
+                                    error!(?keys, %error, "cache invalidation lost after retries: entries stay until their TTL")
+                                );
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Worth another try: the cache was unavailable or skipped, not an error
+/// reply about the key.
+fn retryable(error: &CacheError) -> bool {
+    error.is_unavailable()
+}

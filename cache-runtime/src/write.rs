@@ -1,0 +1,152 @@
+//! The write path: `Cache::invalidate`, and what `#[invalidates]` and
+//! `#[cache_put]` do once their body succeeded.
+//!
+//! A write never fails or waits longer than one op timeout because of the
+//! cache. What it could not finish (the cache was down, the command timed
+//! out and may or may not have landed, or the writer's future was dropped
+//! while it waited) goes to the janitor, which retries the deletion for a
+//! few seconds; an invalidation retried after it had landed deletes at
+//! worst a newer value, which is a miss, never a stale read.
+
+use serde::Serialize;
+
+use crate::cache::Cache;
+use crate::error::CacheError;
+use crate::janitor::Chore;
+use crate::key::CacheKey;
+use crate::site::Function;
+use crate::stats::Event;
+
+impl Cache {
+    /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`,
+    /// including a lease placeholder, so that a value being computed from
+    /// data read before now is not stored. Returns whether an entry was
+    /// there. Unlike a `#[invalidates]` write, a failure is returned to the
+    /// caller and not retried.
+    ///
+    /// Cancel safe: dropping the future may leave the key in place, nothing
+    /// else.
+    pub async fn invalidate<V>(&self, key: &CacheKey<V>) -> Result<bool, CacheError> {
+        let redis_key = self.redis_key(key);
+        let deleted = self
+            .guarded(self.inner.backend.delete(std::slice::from_ref(&redis_key)))
+            .await;
+        let stats = &self.inner.stats;
+        match &deleted {
+            Ok(_) => stats.record(None, Event::Invalidation),
+            Err(CacheError::CircuitOpen) => {}
+            Err(e) => {
+                stats.record(None, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(key = %redis_key, error = %e, "cache invalidation failed")
+                );
+            }
+        }
+        deleted.map(|n| n > 0)
+    }
+
+    /// After a successful write: deletes `keys`, waiting at most one op
+    /// timeout; what is left is retried in the background.
+    pub(crate) async fn invalidate_after_write(
+        &self,
+        writer: &'static Function,
+        keys: Vec<String>,
+    ) {
+        let mut unfinished = Unfinished {
+            cache: self,
+            writer,
+            keys,
+            tried: false,
+        };
+        let deleted = self
+            .guarded(self.inner.backend.delete(&unfinished.keys))
+            .await;
+        match deleted {
+            Ok(_) => {
+                let keys = std::mem::take(&mut unfinished.keys);
+                self.inner
+                    .stats
+                    .record_n(Some(writer), Event::Invalidation, keys.len());
+            }
+            Err(error) => {
+                unfinished.tried = true;
+                if !matches!(error, CacheError::CircuitOpen) {
+                    self.inner.stats.record(Some(writer), Event::Error);
+                }
+                crate::limited!(
+                    self,
+                    warn!(keys = ?unfinished.keys, %error, "cache invalidation failed: retrying in the background")
+                );
+            }
+        }
+    }
+
+    /// Write-through (`#[cache_put]`): stores `value` under `key` with the
+    /// key's function's TTL, replacing any value or lease placeholder. If
+    /// that fails or is cut short, the key is invalidated instead (in the
+    /// background), so that the old value does not outlive the write.
+    pub(crate) async fn put_after_write<V: Serialize>(
+        &self,
+        writer: &'static Function,
+        key: CacheKey<V>,
+        value: &V,
+    ) {
+        let ttl = key.site().map_or(1, crate::site::Site::ttl_millis);
+        let redis_key = self.redis_key_of(key);
+        let mut unfinished = Unfinished {
+            cache: self,
+            writer,
+            keys: vec![redis_key],
+            tried: false,
+        };
+        let redis_key = &unfinished.keys[0];
+        let Some(bytes) = self.encode_for_store(Some(writer), redis_key, value) else {
+            // Not storable: at least the old value must go, before the
+            // write returns.
+            let keys = std::mem::take(&mut unfinished.keys);
+            return self.invalidate_after_write(writer, keys).await;
+        };
+        let stored = self
+            .guarded(self.inner.backend.set(redis_key, &bytes, ttl))
+            .await;
+        match stored {
+            Ok(()) => {
+                unfinished.keys.clear();
+                self.inner.stats.record(Some(writer), Event::Set);
+            }
+            Err(error) => {
+                if !matches!(error, CacheError::CircuitOpen) {
+                    self.inner.stats.record(Some(writer), Event::Error);
+                }
+                crate::limited!(
+                    self,
+                    warn!(key = %redis_key, %error, "cache put failed: invalidating the key in the background")
+                );
+            }
+        }
+    }
+}
+
+/// Keys a write still has to delete. Whatever is left when it drops (an
+/// error, a timeout, the writer's future dropped at an `.await`) goes to
+/// the janitor.
+struct Unfinished<'c> {
+    cache: &'c Cache,
+    writer: &'static Function,
+    keys: Vec<String>,
+    /// Whether an attempt failed already, so the first retry waits.
+    tried: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if !self.keys.is_empty() {
+            self.cache.tidy(Chore::Invalidate {
+                writer: Some(self.writer),
+                keys: std::mem::take(&mut self.keys),
+                tried: self.tried,
+            });
+        }
+    }
+}
