@@ -1,12 +1,17 @@
 //! Harness shared by the examples and the integration tests: a private
 //! `redis-server` on a free loopback port, without persistence, that a test
-//! can stop, restart, pause and inspect.
+//! can stop, restart, pause and inspect, and a [`FaultProxy`] to put
+//! between it and the cache.
 //!
 //! ```no_run
 //! let server = cache_harness::RedisServer::start();
 //! println!("redis at {}", server.url());
 //! // stopped and its files removed when `server` is dropped
 //! ```
+
+mod proxy;
+
+pub use proxy::{Fault, FaultProxy};
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};

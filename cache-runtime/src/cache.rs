@@ -311,6 +311,18 @@ impl Cache {
                 return Err(CacheError::CircuitOpen);
             }
         }
+        self.timed(operation).await
+    }
+
+    /// Runs a backend operation under the op timeout, without asking the
+    /// circuit breaker, and tells the breaker how it went: for the janitor,
+    /// whose one worker may pay a timeout without slowing any call, and
+    /// whose success closes the breaker as a probe's would.
+    pub(crate) async fn timed<T>(
+        &self,
+        operation: impl Future<Output = Result<T, CacheError>>,
+    ) -> Result<T, CacheError> {
+        let inner = &*self.inner;
         // The memory backend cannot stall, and needs no Tokio timer.
         let outcome = if inner.backend.as_memory().is_some() {
             operation.await

@@ -4,7 +4,9 @@
 //!
 //! One worker task per cache does all of it, from a bounded queue, so the
 //! tasks, retries and log lines an outage costs are bounded whatever the
-//! call rate. Chores that do not fit are dropped and counted: a lease then
+//! call rate. It does not wait for the circuit breaker: it pays the op
+//! timeout itself, one attempt at a time, so clean-up lands as soon as the
+//! backend answers again. Chores that do not fit are dropped and counted: a lease then
 //! expires by itself after its lease time; an invalidation is counted as
 //! lost and its entries stay until their TTL. The worker holds no strong
 //! reference to the cache: it ends when the cache is dropped.
@@ -30,8 +32,8 @@ const QUEUE: usize = 1024;
 const MAX_PENDING: usize = 16 * 1024;
 /// Pauses between attempts to give a lease back: short, because a live
 /// placeholder makes other callers compute (or wait).
-const FIRST_RELEASE_RETRY: Duration = Duration::from_millis(20);
-const LONGEST_RELEASE_RETRY: Duration = Duration::from_millis(500);
+const FIRST_RELEASE_RETRY: Duration = Duration::from_millis(10);
+const LONGEST_RELEASE_RETRY: Duration = Duration::from_millis(100);
 /// Pauses before the retries of an invalidation (7.7 s in all, past the
 /// circuit breaker's default cool-down).
 const INVALIDATION_RETRY_DELAYS: [Duration; 5] = [
@@ -250,7 +252,7 @@ impl Cache {
                     return None; // expired by itself
                 }
                 let delete = inner.backend.compare_and_delete(key, placeholder);
-                match self.guarded(delete).await {
+                match self.timed(delete).await {
                     Ok(deleted) => {
                         if deleted {
                             inner.stats.record(None, Event::Compensation);
@@ -265,7 +267,7 @@ impl Cache {
                 }
             }
             Chore::Invalidate { writer, keys, .. } => {
-                match self.guarded(inner.backend.delete(keys)).await {
+                match self.timed(inner.backend.delete(keys)).await {
                     Ok(_) => {
                         inner
                             .stats
@@ -276,9 +278,7 @@ impl Cache {
                         None
                     }
                     Err(error) => {
-                        if !matches!(error, CacheError::CircuitOpen) {
-                            inner.stats.record(*writer, Event::Error);
-                        }
+                        inner.stats.record(*writer, Event::Error);
                         match INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1) {
                             Some(delay) if retryable(&error) => Some(Instant::now() + *delay),
                             _ => {

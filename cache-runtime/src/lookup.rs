@@ -89,12 +89,19 @@ enum Garbage {
 
 /// What the caller does next.
 enum Step<V> {
-    Serve(V, Event),
-    Refresh(Refresh<V>),
+    /// Answer without a lease.
+    Done(Done<V>),
+    /// Claim the key: compute under its lease.
     Claim(Claim),
     /// A placeholder read without its TTL: read it again with it, to tell a
     /// live lease from a stray one.
     Recheck,
+}
+
+/// How a caller answers without claiming the key.
+enum Done<V> {
+    Serve(V, Event),
+    Refresh(Refresh<V>),
     Bypass,
 }
 
@@ -131,9 +138,9 @@ enum Claimed<'c, V> {
 }
 
 /// How coalescing ended.
-enum Coalesced<'c, V> {
-    Value(V),
-    Nothing,
+enum Coalesced<'c, R> {
+    /// Another caller's answer.
+    Answer(R),
     /// Compute; as the leader of this process's flight, or alone.
     Lead(Option<Leader<'c>>),
     /// The key's leaders keep failing: compute alone, through its gate.
@@ -170,11 +177,11 @@ impl Cache {
     {
         let read = self.read(site, &redis_key, site.tracks_freshness()).await;
         match self.classify::<S::Value>(site, &redis_key, read) {
-            Step::Serve(value, event) => {
+            Step::Done(Done::Serve(value, event)) => {
                 self.record(site, event);
                 S::from_hit(value)
             }
-            Step::Bypass => {
+            Step::Done(Done::Bypass) => {
                 self.record(site, Event::Bypass);
                 body.await
             }
@@ -200,40 +207,19 @@ impl Cache {
         let (mut gate, mut _permit) = (None, None);
         loop {
             let claim = match step {
-                Step::Serve(value, event) => {
+                Step::Claim(claim) => claim,
+                Step::Done(done) => {
                     look_again(leader);
-                    self.record(site, event);
-                    return S::from_hit(value);
-                }
-                Step::Refresh(refresh) => {
-                    look_again(leader);
-                    return self.refresh::<S, R, F>(site, key, refresh, body).await;
-                }
-                Step::Bypass => {
-                    look_again(leader);
-                    self.record(site, Event::Bypass);
-                    return body.await;
+                    return self.done::<S, R, F>(site, key, done, body).await;
                 }
                 Step::Recheck => {
                     step = self.reread(site, key).await;
                     continue;
                 }
-                Step::Claim(claim) => claim,
             };
             if leader.is_none() && gate.is_none() {
-                match self.coalesce::<S::Value>(site, key, &mut rounds).await {
-                    Coalesced::Value(value) => {
-                        self.record(site, Event::Coalesced);
-                        return S::from_hit(value);
-                    }
-                    Coalesced::Nothing => {
-                        if let Some(nothing) = S::nothing() {
-                            self.record(site, Event::Coalesced);
-                            return nothing;
-                        }
-                        step = self.reread(site, key).await;
-                        continue;
-                    }
+                match self.coalesce::<S, R>(site, key, &mut rounds).await {
+                    Coalesced::Answer(result) => return result,
                     Coalesced::Lead(me) => leader = me,
                     Coalesced::Gated => {
                         let at = self.inner.flights.gate(key);
@@ -255,6 +241,31 @@ impl Cache {
                         .await;
                 }
                 Claimed::Read(next) => step = next,
+            }
+        }
+    }
+
+    /// Answers a call that needs no lease.
+    async fn done<S, R, F>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        done: Done<S::Value>,
+        body: F,
+    ) -> R
+    where
+        S: Outcome<R>,
+        F: Future<Output = R>,
+    {
+        match done {
+            Done::Serve(value, event) => {
+                self.record(site, event);
+                S::from_hit(value)
+            }
+            Done::Refresh(refresh) => self.refresh::<S, R, F>(site, key, refresh, body).await,
+            Done::Bypass => {
+                self.record(site, Event::Bypass);
+                body.await
             }
         }
     }
@@ -357,7 +368,7 @@ impl Cache {
                 value_at,
                 freshness,
             } => (bytes, value_at, freshness),
-            Read::Unavailable => return Step::Bypass,
+            Read::Unavailable => return Step::Done(Done::Bypass),
             Read::Absent => return Step::Claim(Claim::IfAbsent),
             Read::Garbage(garbage) => return Step::Claim(Claim::Replace(garbage)),
             Read::Leased {
@@ -373,23 +384,23 @@ impl Cache {
                 let left = match ttl {
                     Ttl::Left(left) => Some(left),
                     Ttl::Forever => None,
-                    Ttl::Unknown => return Step::Serve(value, Event::Hit),
+                    Ttl::Unknown => return Step::Done(Done::Serve(value, Event::Hit)),
                 };
                 freshness.verdict(left, self.kept(site), site.early_refresh_beta())
             }
             _ => Verdict::Fresh,
         };
         let served = match verdict {
-            Verdict::Fresh => return Step::Serve(value, Event::Hit),
+            Verdict::Fresh => return Step::Done(Done::Serve(value, Event::Hit)),
             Verdict::RefreshEarly => Event::Hit,
             Verdict::Stale => Event::StaleHit,
         };
         bytes.truncate(value_at);
-        Step::Refresh(Refresh {
+        Step::Done(Done::Refresh(Refresh {
             old: value,
             header: bytes,
             served,
-        })
+        }))
     }
 
     /// The one place that decodes a value; failures are counted and logged.
@@ -414,12 +425,12 @@ impl Cache {
 
     /// With `single_flight`: joins this process's computation of `key`, or
     /// leads it.
-    async fn coalesce<V: DeserializeOwned>(
+    async fn coalesce<S: Outcome<R>, R>(
         &self,
         site: &'static Site,
         key: &str,
         rounds: &mut Rounds,
-    ) -> Coalesced<'_, V> {
+    ) -> Coalesced<'_, R> {
         if site.single_flight_mode() == SingleFlight::Off || rounds.looks >= MAX_LOOKS {
             return Coalesced::Lead(None);
         }
@@ -430,21 +441,26 @@ impl Cache {
             Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
             Role::Waiter(waiter) => waiter,
         };
-        match waiter.wait().await {
+        let answer = match waiter.wait().await {
             Handed::Value(bytes) => match self.decode(site, key, &bytes) {
-                Some(value) => Coalesced::Value(value),
-                None => Coalesced::Lead(None),
+                Some(value) => S::from_hit(value),
+                None => return Coalesced::Lead(None),
             },
-            Handed::Nothing => Coalesced::Nothing,
+            Handed::Nothing => match S::nothing() {
+                Some(nothing) => nothing,
+                None => return Coalesced::LookAgain,
+            },
             Handed::LookAgain => {
                 rounds.looks += 1;
-                Coalesced::LookAgain
+                return Coalesced::LookAgain;
             }
             Handed::Failed => {
                 rounds.failed_leaders += 1;
-                Coalesced::LookAgain
+                return Coalesced::LookAgain;
             }
-        }
+        };
+        self.record(site, Event::Coalesced);
+        Coalesced::Answer(answer)
     }
 
     /// Takes the lease on a missing key, or (distributed) waits for another

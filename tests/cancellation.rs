@@ -1,0 +1,431 @@
+//! Cancellation and partial failure, swept: thousands of cached calls of
+//! every option, with writes mixed in, each dropped at a random point (a
+//! request timeout), on `Cache::memory()` and on a real `redis-server`
+//! behind a fault proxy that cycles through latency, replies held after the
+//! commands were applied, stalls, blackholes and connection resets.
+//!
+//! Afterwards the invariants are checked, not single outcomes:
+//!
+//! - no lease placeholder or refresh lock is left once Redis is healthy and
+//!   every call has ended (leases are 30 s here, so a leak would show);
+//! - the circuit breaker closes within one cool-down of Redis being healthy;
+//! - no function serves a value older than the last write (no stale value
+//!   after quiescence), and no invalidation was lost;
+//! - the counters add up: every body run the cache started is a miss, a
+//!   refresh or a bypass, and every completed call recorded one outcome.
+//!
+//! `SWEEP_SECONDS` sets how long each sweep runs (CI: 4 s per backend).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cache_harness::{Fault, FaultProxy, RedisServer, raw, raw_connection};
+use cache_runtime::__private::{backend_ops, pending_chores};
+use cache_runtime::{Cache, Counts, invalidates, redis_cached};
+use serde::{Deserialize, Serialize};
+
+const IDS: u64 = 6;
+const OP_TIMEOUT: Duration = Duration::from_millis(50);
+const COOLDOWN: Duration = Duration::from_millis(300);
+const LEASE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Row {
+    id: u64,
+    version: u64,
+}
+
+#[derive(Debug, PartialEq)]
+struct DbError;
+
+/// Versioned rows; a row whose version is a multiple of 4 is absent.
+struct Db {
+    cache: Cache,
+    rows: Mutex<HashMap<u64, u64>>,
+    body_runs: AtomicU64,
+}
+
+fn present(version: u64) -> bool {
+    !version.is_multiple_of(4)
+}
+
+/// A random pause of up to `max_micros`, sometimes none.
+async fn pause(max_micros: u64) {
+    match fastrand::u8(..4) {
+        0 => {}
+        1 => tokio::task::yield_now().await,
+        _ => tokio::time::sleep(Duration::from_micros(fastrand::u64(..max_micros))).await,
+    }
+}
+
+impl Db {
+    fn new(cache: Cache) -> Db {
+        Db {
+            cache,
+            rows: Mutex::new((0..IDS).map(|id| (id, 1)).collect()),
+            body_runs: AtomicU64::new(0),
+        }
+    }
+
+    fn version(&self, id: u64) -> u64 {
+        self.rows.lock().unwrap()[&id]
+    }
+
+    async fn row(&self, id: u64) -> Row {
+        self.body_runs.fetch_add(1, Ordering::SeqCst);
+        pause(2_000).await;
+        let version = self.version(id);
+        pause(2_000).await;
+        Row { id, version }
+    }
+
+    #[redis_cached(key = "plain:<id>", ttl = 60, cache = self.cache)]
+    async fn plain(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "flight:<id>", ttl = 60, single_flight, cache = self.cache)]
+    async fn flight(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "dist:<id>", ttl = 60, single_flight = "distributed", cache = self.cache)]
+    async fn distributed(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "stale:<id>", ttl = "150ms", stale = "10s", cache = self.cache)]
+    async fn stale(&self, id: u64) -> Option<Row> {
+        Some(self.row(id).await).filter(|row| present(row.version))
+    }
+
+    #[redis_cached(key = "early:<id>", ttl = "250ms", early_refresh = 2.0, single_flight, cache = self.cache)]
+    async fn early(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    /// Commits last: a write dropped before that changed nothing, and one
+    /// that committed cannot be dropped before its invalidation is queued.
+    #[invalidates(
+        Self::plain(id),
+        Self::flight(id),
+        Self::distributed(id),
+        Self::stale(id),
+        Self::early(id),
+        cache = self.cache
+    )]
+    async fn write(&self, id: u64) -> Result<(), DbError> {
+        pause(1_000).await;
+        *self.rows.lock().unwrap().get_mut(&id).unwrap() += 1;
+        Ok(())
+    }
+
+    /// Each function's answer for `id`, as versions (`None`: absent).
+    async fn answers(&self, id: u64) -> [Option<u64>; 5] {
+        let version = |row: Result<Row, DbError>| row.ok().map(|r| r.version);
+        [
+            version(self.plain(id).await),
+            version(self.flight(id).await),
+            version(self.distributed(id).await),
+            self.stale(id).await.map(|r| r.version),
+            version(self.early(id).await),
+        ]
+    }
+}
+
+/// What the callers did.
+#[derive(Debug, Default)]
+struct Calls {
+    started: AtomicU64,
+    completed: AtomicU64,
+    dropped: AtomicU64,
+    writes: AtomicU64,
+}
+
+async fn one_call(db: &Db, calls: &Calls) {
+    let id = fastrand::u64(..IDS);
+    let call = async {
+        match fastrand::u8(..10) {
+            // Writes touch half the rows, so values of the others age and
+            // are refreshed.
+            0 if id < IDS / 2 => {
+                calls.writes.fetch_add(1, Ordering::SeqCst);
+                let _ = db.write(id).await;
+            }
+            0 => drop(db.plain(id).await),
+            1 | 2 => drop(db.plain(id).await),
+            3 | 4 => drop(db.flight(id).await),
+            5 => drop(db.distributed(id).await),
+            6 | 7 => {
+                let _ = db.stale(id).await;
+            }
+            _ => drop(db.early(id).await),
+        }
+    };
+    calls.started.fetch_add(1, Ordering::SeqCst);
+    // Half the calls have a request deadline that often cuts them short.
+    let finished = if fastrand::bool() {
+        let deadline = Duration::from_micros(fastrand::u64(..4_000));
+        tokio::time::timeout(deadline, call).await.is_ok()
+    } else {
+        call.await;
+        true
+    };
+    let counter = if finished {
+        &calls.completed
+    } else {
+        &calls.dropped
+    };
+    counter.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The faults the proxy cycles through, each for a while.
+const CHAOS: [(Fault, u64); 9] = [
+    (Fault::None, 250),
+    (Fault::Latency(Duration::from_millis(20)), 200),
+    (Fault::HoldReplies, 150),
+    (Fault::None, 200),
+    (Fault::Stall, 150),
+    (Fault::None, 200),
+    (Fault::Blackhole, 200),
+    (Fault::Latency(Duration::from_millis(70)), 150),
+    (Fault::None, 200),
+];
+
+fn sweep_length() -> Duration {
+    let seconds = std::env::var("SWEEP_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    Duration::from_secs(seconds)
+}
+
+/// Runs 16 callers for `length`, with the proxy's faults if there is one.
+/// Returns the counters at the end, with the test's own body-run count.
+async fn sweep(
+    db: Arc<Db>,
+    proxy: Option<Arc<FaultProxy>>,
+    length: Duration,
+) -> (Calls, Counts, u64) {
+    let calls = Arc::new(Calls::default());
+    let end = Instant::now() + length;
+    let chaos = proxy.map(|proxy| {
+        tokio::spawn(async move {
+            'cycles: loop {
+                for (fault, millis) in CHAOS {
+                    if Instant::now() >= end {
+                        break 'cycles;
+                    }
+                    proxy.set(fault);
+                    tokio::time::sleep(Duration::from_millis(millis)).await;
+                }
+                proxy.reset_connections();
+            }
+            proxy.set(Fault::None);
+        })
+    });
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            let (db, calls) = (db.clone(), calls.clone());
+            tokio::spawn(async move {
+                while Instant::now() < end {
+                    one_call(&db, &calls).await;
+                    pause(500).await;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    if let Some(chaos) = chaos {
+        chaos.await.unwrap();
+    }
+    let stats = db.cache.stats().total;
+    let body_runs = db.body_runs.load(Ordering::SeqCst);
+    let calls = Arc::try_unwrap(calls).unwrap();
+    (calls, stats, body_runs)
+}
+
+/// Every function's key for `id`, and its refresh lock's.
+fn keys(id: u64) -> Vec<String> {
+    let keys = [
+        Db::plain_cache_key(&id).into_string(),
+        Db::flight_cache_key(&id).into_string(),
+        Db::distributed_cache_key(&id).into_string(),
+        Db::stale_cache_key(&id).into_string(),
+        Db::early_cache_key(&id).into_string(),
+    ];
+    keys.iter()
+        .flat_map(|key| [key.clone(), format!("{key}\0refresh")])
+        .collect()
+}
+
+/// Lease placeholders and refresh locks in the cache right now.
+async fn leases_left(cache: &Cache) -> Vec<String> {
+    let mut left = Vec::new();
+    for id in 0..IDS {
+        for key in keys(id) {
+            if let Ok(Some(bytes)) = backend_ops(cache).get(&key).await
+                && bytes.starts_with(b"\0lease:")
+            {
+                left.push(key.replace('\0', "\\0"));
+            }
+        }
+    }
+    left
+}
+
+fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
+    let (started, completed, dropped) = (
+        calls.started.load(Ordering::SeqCst),
+        calls.completed.load(Ordering::SeqCst),
+        calls.dropped.load(Ordering::SeqCst),
+    );
+    println!(
+        "{name}: {started} calls ({} writes), {completed} completed, {dropped} dropped at a random point; \
+         {body_runs} body runs; hits {}, stale hits {}, coalesced {}, misses {}, refreshes {}, bypasses {}; \
+         errors {}, compensations {}, dropped sets {}, invalidations {}, lost invalidations {}",
+        calls.writes.load(Ordering::SeqCst),
+        stats.hits,
+        stats.stale_hits,
+        stats.coalesced,
+        stats.misses,
+        stats.refreshes,
+        stats.bypasses,
+        stats.errors,
+        stats.compensations,
+        stats.dropped_sets,
+        stats.invalidations,
+        stats.lost_invalidations,
+    );
+    assert_eq!(
+        body_runs,
+        stats.body_runs(),
+        "{name}: every body run is a miss, a refresh or a bypass"
+    );
+    let reads_started = started - calls.writes.load(Ordering::SeqCst);
+    assert!(
+        stats.calls() <= reads_started,
+        "{name}: {} outcomes for {reads_started} reads",
+        stats.calls()
+    );
+    assert!(dropped > started / 50, "{name}: the sweep did drop calls");
+    assert!(
+        stats.refreshes > 0 && stats.stale_hits > 0,
+        "{name}: refreshes were swept too"
+    );
+    assert_eq!(stats.lost_invalidations, 0, "{name}: no invalidation lost");
+}
+
+/// After the sweep: every function answers the latest version.
+async fn check_no_stale_value(name: &str, db: &Db) {
+    for id in 0..IDS {
+        let version = db.version(id);
+        let expected = present(version).then_some(version);
+        let answers = db.answers(id).await;
+        let plain = Some(version);
+        assert_eq!(
+            answers,
+            [plain, plain, plain, expected, plain],
+            "{name}: id {id} at version {version}"
+        );
+    }
+}
+
+async fn wait_until(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_on_redis_behind_a_fault_proxy() {
+    let server = RedisServer::start();
+    let proxy = Arc::new(FaultProxy::start(server.port()));
+    let cache = Cache::builder()
+        .url(proxy.url())
+        .op_timeout(OP_TIMEOUT)
+        .circuit_breaker(3, COOLDOWN)
+        .lease(LEASE)
+        .build()
+        .await
+        .unwrap();
+    let db = Arc::new(Db::new(cache.clone()));
+    let (calls, stats, body_runs) = sweep(db.clone(), Some(proxy.clone()), sweep_length()).await;
+    let healthy = Instant::now(); // the proxy passes everything from here
+    check_counters("redis behind the fault proxy", &calls, &stats, body_runs);
+
+    // The breaker closes within one cool-down: the first call that uses the
+    // cache (not a bypass) after Redis is healthy again.
+    let closed = wait_until(Duration::from_secs(5), async || {
+        let before = cache.stats().total.bypasses;
+        let _ = db.plain(0).await;
+        cache.stats().total.bypasses == before
+    })
+    .await
+    .map(|_| healthy.elapsed());
+    // Every placeholder and lock is given back: none outlives Redis being
+    // healthy by more than an op timeout and a retry of the janitor's.
+    let clean = wait_until(Duration::from_secs(5), async || {
+        leases_left(&cache).await.is_empty()
+    })
+    .await
+    .map(|_| healthy.elapsed());
+    // The janitor finishes its invalidation retries (up to ~8 s apart).
+    let idle = wait_until(Duration::from_secs(10), async || {
+        pending_chores(&cache) == 0
+    })
+    .await
+    .map(|_| healthy.elapsed());
+    let mut conn = raw_connection(&server).await;
+    let keys: Vec<Vec<u8>> = raw(&mut conn, &[b"KEYS", b"*"]).await;
+    println!(
+        "after the faults: breaker closed {closed:?} after Redis was healthy (cool-down {COOLDOWN:?}); \
+         no lease or lock left {clean:?} after; janitor idle {idle:?} after; {} keys in Redis; \
+         proxy connections {}",
+        keys.len(),
+        proxy.connections()
+    );
+    let closed = closed.expect("the breaker closed");
+    assert!(
+        closed <= COOLDOWN + 2 * OP_TIMEOUT + Duration::from_millis(200),
+        "{closed:?}"
+    );
+    let left = leases_left(&cache).await;
+    let clean = clean.unwrap_or_else(|| panic!("leases or locks left: {left:?}"));
+    assert!(
+        clean <= OP_TIMEOUT + Duration::from_millis(200),
+        "{clean:?}"
+    );
+    assert!(idle.is_some(), "the janitor finished");
+    check_no_stale_value("redis", &db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_on_the_memory_backend() {
+    let cache = Cache::builder()
+        .memory()
+        .lease(LEASE)
+        .build()
+        .await
+        .unwrap();
+    let db = Arc::new(Db::new(cache.clone()));
+    let (calls, stats, body_runs) = sweep(db.clone(), None, sweep_length()).await;
+    check_counters("memory", &calls, &stats, body_runs);
+    let left = leases_left(&cache).await;
+    println!(
+        "memory: leases or locks left after the sweep: {}",
+        left.len()
+    );
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(pending_chores(&cache), 0);
+    check_no_stale_value("memory", &db).await;
+}

@@ -1,0 +1,163 @@
+//! The backend contract (documented in `cache-runtime/src/backend.rs`),
+//! checked operation by operation on every backend: a real `redis-server`
+//! and `Cache::memory()`. Whatever the docs call "the same semantics" is
+//! asserted here, once, for both.
+
+use std::time::Duration;
+
+use cache_harness::on_both_backends;
+use cache_runtime::__private::backend_ops;
+use cache_runtime::Cache;
+
+/// Time for an expiry to pass on a shared, busy machine.
+const EXPIRED: Duration = Duration::from_millis(120);
+
+async fn get_returns_what_set_stored_byte_for_byte(cache: Cache) {
+    let ops = backend_ops(&cache);
+    assert_eq!(ops.get("k").await.unwrap(), None);
+    for value in [&b""[..], b"\0", b"\0lease:x", b"{\"a\":1}", &[0xff; 1000]] {
+        ops.set("k", value, 60_000).await.unwrap();
+        assert_eq!(ops.get("k").await.unwrap().as_deref(), Some(value));
+    }
+}
+
+async fn get_with_ttl_reports_the_time_left(cache: Cache) {
+    let ops = backend_ops(&cache);
+    assert_eq!(ops.get_with_ttl("k").await.unwrap(), None);
+    ops.set("k", b"v", 10_000).await.unwrap();
+    let (bytes, ttl) = ops.get_with_ttl("k").await.unwrap().unwrap();
+    assert_eq!(bytes, b"v");
+    let ttl = ttl.expect("an expiry");
+    assert!((9_000..=10_000).contains(&ttl), "{ttl}");
+}
+
+async fn values_expire_after_px(cache: Cache) {
+    let ops = backend_ops(&cache);
+    ops.set("k", b"v", 50).await.unwrap();
+    tokio::time::sleep(EXPIRED).await;
+    assert_eq!(ops.get("k").await.unwrap(), None);
+    assert_eq!(ops.get_with_ttl("k").await.unwrap(), None);
+}
+
+async fn set_if_absent_stores_only_on_an_absent_or_expired_key(cache: Cache) {
+    let ops = backend_ops(&cache);
+    assert!(ops.set_if_absent("k", b"one", 50).await.unwrap());
+    assert!(!ops.set_if_absent("k", b"two", 60_000).await.unwrap());
+    assert_eq!(ops.get("k").await.unwrap().as_deref(), Some(&b"one"[..]));
+    tokio::time::sleep(EXPIRED).await;
+    assert!(
+        ops.set_if_absent("k", b"three", 60_000).await.unwrap(),
+        "expired is absent"
+    );
+    assert_eq!(ops.get("k").await.unwrap().as_deref(), Some(&b"three"[..]));
+}
+
+async fn compare_and_set_compares_a_prefix(cache: Cache) {
+    let ops = backend_ops(&cache);
+    assert!(
+        !ops.compare_and_set("k", b"", b"x", 60_000).await.unwrap(),
+        "absent"
+    );
+    ops.set("k", b"header\nvalue", 60_000).await.unwrap();
+    assert!(
+        !ops.compare_and_set("k", b"other", b"x", 60_000)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !ops.compare_and_set("k", b"header\nvalue+", b"x", 60_000)
+            .await
+            .unwrap(),
+        "longer than the value"
+    );
+    assert_eq!(
+        ops.get("k").await.unwrap().as_deref(),
+        Some(&b"header\nvalue"[..])
+    );
+    assert!(
+        ops.compare_and_set("k", b"header\n", b"new", 5_000)
+            .await
+            .unwrap()
+    );
+    let (bytes, ttl) = ops.get_with_ttl("k").await.unwrap().unwrap();
+    assert_eq!(
+        (bytes.as_slice(), ttl.unwrap() <= 5_000),
+        (&b"new"[..], true),
+        "value and expiry replaced"
+    );
+    assert!(
+        ops.compare_and_set("k", b"new", b"exact", 60_000)
+            .await
+            .unwrap(),
+        "the whole value is a prefix"
+    );
+}
+
+async fn compare_and_delete_compares_a_prefix(cache: Cache) {
+    let ops = backend_ops(&cache);
+    assert!(!ops.compare_and_delete("k", b"a").await.unwrap(), "absent");
+    ops.set("k", b"abc", 60_000).await.unwrap();
+    assert!(!ops.compare_and_delete("k", b"b").await.unwrap());
+    assert!(!ops.compare_and_delete("k", b"abcd").await.unwrap());
+    assert!(ops.compare_and_delete("k", b"ab").await.unwrap());
+    assert_eq!(ops.get("k").await.unwrap(), None);
+}
+
+async fn compare_and_expire_sets_the_expiry_only_on_a_match(cache: Cache) {
+    let ops = backend_ops(&cache);
+    assert!(
+        !ops.compare_and_expire("k", b"a", 50).await.unwrap(),
+        "absent"
+    );
+    ops.set("k", b"abc", 60_000).await.unwrap();
+    assert!(!ops.compare_and_expire("k", b"x", 50).await.unwrap());
+    assert!(ops.get_with_ttl("k").await.unwrap().unwrap().1.unwrap() > 50_000);
+    assert!(ops.compare_and_expire("k", b"a", 50).await.unwrap());
+    assert_eq!(
+        ops.get("k").await.unwrap().as_deref(),
+        Some(&b"abc"[..]),
+        "the value stays"
+    );
+    tokio::time::sleep(EXPIRED).await;
+    assert_eq!(ops.get("k").await.unwrap(), None);
+}
+
+async fn delete_counts_the_keys_that_existed(cache: Cache) {
+    let ops = backend_ops(&cache);
+    ops.set("a", b"1", 60_000).await.unwrap();
+    ops.set("b", b"2", 60_000).await.unwrap();
+    let keys = ["a", "b", "c"].map(String::from);
+    assert_eq!(ops.delete(&keys).await.unwrap(), 2);
+    assert_eq!(ops.delete(&keys).await.unwrap(), 0);
+    assert_eq!(ops.get("a").await.unwrap(), None);
+}
+
+async fn check_succeeds_on_a_healthy_backend(cache: Cache) {
+    backend_ops(&cache).check().await.unwrap();
+}
+
+on_both_backends!(
+    get_returns_what_set_stored_byte_for_byte,
+    get_with_ttl_reports_the_time_left,
+    values_expire_after_px,
+    set_if_absent_stores_only_on_an_absent_or_expired_key,
+    compare_and_set_compares_a_prefix,
+    compare_and_delete_compares_a_prefix,
+    compare_and_expire_sets_the_expiry_only_on_a_match,
+    delete_counts_the_keys_that_existed,
+    check_succeeds_on_a_healthy_backend,
+);
+
+/// Only another client can leave a key without expiry; the backend says so.
+#[tokio::test]
+async fn a_key_without_expiry_has_no_ttl() {
+    let server = cache_harness::RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    server.command("SET k v").unwrap();
+    let (bytes, ttl) = backend_ops(&cache)
+        .get_with_ttl("k")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((bytes.as_slice(), ttl), (&b"v"[..], None));
+}
