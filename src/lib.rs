@@ -1,7 +1,7 @@
 //! Harness shared by the examples and the integration tests: a private
 //! `redis-server` on a free loopback port, without persistence, that a test
-//! can stop, restart, pause and inspect, and a [`FaultProxy`] to put
-//! between it and the cache.
+//! can stop, restart, pause and inspect, a [`FaultProxy`] to put between it
+//! and the cache, and a [`history`] checker for read-your-writes.
 //!
 //! ```no_run
 //! let server = cache_harness::RedisServer::start();
@@ -9,6 +9,7 @@
 //! // stopped and its files removed when `server` is dropped
 //! ```
 
+pub mod history;
 mod proxy;
 
 pub use proxy::{Fault, FaultProxy};

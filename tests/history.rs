@@ -1,0 +1,397 @@
+//! Read-your-writes, checked on recorded histories: tasks (and processes)
+//! read rows through cached functions of every option and write them
+//! through `#[invalidates]`, with random delays inside the bodies and random
+//! cancellations; every completed call is recorded with its start, end and
+//! the row version it saw or wrote. A read that started after a write had
+//! completed must return a version at least that new
+//! ([`cache_harness::history`]).
+//!
+//! A deliberately naive arm runs in the same harness: cache-aside as the
+//! tutorials write it (`GET`; on a miss read the row and `SET`; a write
+//! `DEL`s), with no lease. It must show stale reads, or the harness could
+//! not catch any.
+//!
+//! The database is a second `redis-server` (`INCR` writes a row), so that
+//! several processes share it. The multi-process test re-runs this test
+//! binary as workers: the `worker` test does nothing unless
+//! `HISTORY_WORKER` is set. `HISTORY_SECONDS` sets how long each run lasts.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cache_harness::history::{self, Event, History, Op};
+use cache_harness::{RedisServer, raw, raw_connection};
+use cache_runtime::{Cache, invalidates, redis_cached};
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+
+const ROWS: u64 = 4;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Row {
+    id: u64,
+    version: u64,
+}
+
+#[derive(Debug, PartialEq)]
+struct DbError;
+
+/// The read arms, by name.
+const ARMS: [&str; 6] = [
+    "plain",
+    "single_flight",
+    "distributed",
+    "stale",
+    "early_refresh",
+    "naive",
+];
+
+struct Store {
+    cache: Cache,
+    db: MultiplexedConnection,
+    /// The naive arm's own connection to the cache's Redis.
+    naive: MultiplexedConnection,
+    histories: BTreeMap<&'static str, History>,
+}
+
+/// A random pause of up to 2 ms, sometimes none.
+async fn pause() {
+    if fastrand::bool() {
+        tokio::time::sleep(Duration::from_micros(fastrand::u64(..2_000))).await;
+    }
+}
+
+impl Store {
+    async fn new(cache_url: &str, db_url: &str) -> Store {
+        let client = |url: &str| redis::Client::open(url).unwrap();
+        Store {
+            cache: Cache::connect(cache_url).await.unwrap(),
+            db: client(db_url)
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+            naive: client(cache_url)
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+            histories: ARMS
+                .iter()
+                .map(|arm| (*arm, History::default()))
+                .chain([("write", History::default())])
+                .collect(),
+        }
+    }
+
+    /// Reads the row from the database, then lingers.
+    async fn row(&self, id: u64) -> Row {
+        let version: Option<u64> = redis::cmd("GET")
+            .arg(format!("row:{id}"))
+            .query_async(&mut self.db.clone())
+            .await
+            .unwrap();
+        pause().await;
+        Row {
+            id,
+            version: version.unwrap_or(0),
+        }
+    }
+
+    #[redis_cached(key = "plain:<id>", ttl = 60, cache = self.cache)]
+    async fn plain(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "flight:<id>", ttl = 60, single_flight, cache = self.cache)]
+    async fn single_flight(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "dist:<id>", ttl = 60, single_flight = "distributed", cache = self.cache)]
+    async fn distributed(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "stale:<id>", ttl = "100ms", stale = "10s", single_flight, cache = self.cache)]
+    async fn stale(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "early:<id>", ttl = "200ms", early_refresh = 2.0, single_flight, cache = self.cache)]
+    async fn early_refresh(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    /// Cache-aside without a lease, as tutorials write it.
+    async fn naive(&self, id: u64) -> Row {
+        let key = format!("naive:{id}");
+        let mut conn = self.naive.clone();
+        let cached: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(row) = cached.and_then(|bytes| serde_json::from_slice(&bytes).ok()) {
+            return row;
+        }
+        let row = self.row(id).await;
+        let json = serde_json::to_vec(&row).unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(json)
+            .arg("EX")
+            .arg(60)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        row
+    }
+
+    /// Commits, then (the naive arm's own invalidation) deletes its key.
+    #[invalidates(
+        Self::plain(id),
+        Self::single_flight(id),
+        Self::distributed(id),
+        Self::stale(id),
+        Self::early_refresh(id),
+        cache = self.cache
+    )]
+    async fn write(&self, id: u64) -> Result<u64, DbError> {
+        pause().await;
+        let version: u64 = redis::cmd("INCR")
+            .arg(format!("row:{id}"))
+            .query_async(&mut self.db.clone())
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(format!("naive:{id}"))
+            .query_async(&mut self.naive.clone())
+            .await
+            .unwrap();
+        Ok(version)
+    }
+
+    async fn read(&self, arm: &str, id: u64) -> u64 {
+        let row = match arm {
+            "plain" => self.plain(id).await,
+            "single_flight" => self.single_flight(id).await,
+            "distributed" => self.distributed(id).await,
+            "stale" => self.stale(id).await,
+            "early_refresh" => self.early_refresh(id).await,
+            _ => Ok(self.naive(id).await),
+        };
+        row.map_or(0, |row| row.version)
+    }
+
+    /// One random operation, cancelled at a random point one time in four.
+    async fn operate(&self) {
+        let id = fastrand::u64(..ROWS);
+        let arm = if fastrand::u8(..8) == 0 {
+            "write"
+        } else {
+            ARMS[fastrand::usize(..ARMS.len())]
+        };
+        let start = history::now();
+        let operation = async {
+            if arm == "write" {
+                self.write(id).await.unwrap()
+            } else {
+                self.read(arm, id).await
+            }
+        };
+        let version = if fastrand::u8(..4) == 0 {
+            let deadline = Duration::from_micros(fastrand::u64(..3_000));
+            match tokio::time::timeout(deadline, operation).await {
+                Ok(version) => version,
+                Err(_) => return, // cancelled: not a completed operation
+            }
+        } else {
+            operation.await
+        };
+        let op = if arm == "write" { Op::Write } else { Op::Read };
+        self.histories[arm].record(op, id, start, version);
+    }
+
+    /// Runs `tasks` tasks of random operations for `length`.
+    async fn run(self: std::sync::Arc<Self>, tasks: usize, length: Duration) {
+        let end = Instant::now() + length;
+        let workers: Vec<_> = (0..tasks)
+            .map(|_| {
+                let store = self.clone();
+                tokio::spawn(async move {
+                    while Instant::now() < end {
+                        store.operate().await;
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    }
+
+    /// Every recorded event, by arm.
+    fn recorded(&self) -> Vec<Recorded> {
+        self.histories
+            .iter()
+            .flat_map(|(arm, history)| {
+                history.events().into_iter().map(|event| Recorded {
+                    arm: (*arm).to_owned(),
+                    event,
+                })
+            })
+            .collect()
+    }
+}
+
+/// An event with the arm that recorded it, as workers write them.
+#[derive(Debug, Serialize, Deserialize)]
+struct Recorded {
+    arm: String,
+    event: Event,
+}
+
+fn run_length() -> Duration {
+    let seconds = std::env::var("HISTORY_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    Duration::from_secs(seconds)
+}
+
+/// Checks each arm's reads against every write; prints the counts and
+/// returns stale reads by arm.
+fn check(name: &str, recorded: &[Recorded]) -> BTreeMap<String, usize> {
+    let writes: Vec<Event> = recorded
+        .iter()
+        .filter(|r| r.arm == "write")
+        .map(|r| r.event.clone())
+        .collect();
+    let mut stale = BTreeMap::new();
+    let mut line = format!("{name}: {} writes;", writes.len());
+    for arm in ARMS {
+        let mut events = writes.clone();
+        events.extend(
+            recorded
+                .iter()
+                .filter(|r| r.arm == arm)
+                .map(|r| r.event.clone()),
+        );
+        let verdict = history::read_your_writes(&events);
+        line.push_str(&format!(
+            " {arm} {} stale of {} reads;",
+            verdict.stale_reads, verdict.reads
+        ));
+        if arm != "naive" && verdict.stale_reads > 0 {
+            println!(
+                "{arm}: stale reads, e.g. (read, newest write before it): {:?}",
+                verdict.examples
+            );
+        }
+        stale.insert(arm.to_owned(), verdict.stale_reads);
+    }
+    println!("{line}");
+    stale
+}
+
+fn assert_ours_hold_and_naive_fails(name: &str, stale: &BTreeMap<String, usize>) {
+    for (arm, count) in stale {
+        if arm == "naive" {
+            assert!(
+                *count > 0,
+                "{name}: the naive arm shows the checker can fail"
+            );
+        } else {
+            assert_eq!(
+                *count, 0,
+                "{name}: {arm} read a value older than a completed write"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_in_one_process() {
+    let cache_server = RedisServer::start();
+    let db_server = RedisServer::start();
+    let store = std::sync::Arc::new(Store::new(&cache_server.url(), &db_server.url()).await);
+    store.clone().run(24, run_length()).await;
+    let stale = check("one process, 24 tasks", &store.recorded());
+    assert_ours_hold_and_naive_fails("one process", &stale);
+}
+
+/// Four processes (this one and three workers) share the cache and the
+/// database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_across_processes() {
+    let cache_server = RedisServer::start();
+    let db_server = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("history-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let length = run_length();
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            let out = dir.join(format!("worker-{i}.json"));
+            let child = Command::new(std::env::current_exe().unwrap())
+                .args(["worker", "--exact", "--nocapture", "--test-threads", "1"])
+                .env(
+                    "HISTORY_WORKER",
+                    format!(
+                        "{} {} {} {}",
+                        cache_server.url(),
+                        db_server.url(),
+                        out.display(),
+                        length.as_millis()
+                    ),
+                )
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            (child, out)
+        })
+        .collect();
+    let store = std::sync::Arc::new(Store::new(&cache_server.url(), &db_server.url()).await);
+    store.clone().run(8, length).await;
+    let mut recorded = store.recorded();
+    for (mut child, out) in workers {
+        assert!(child.wait().unwrap().success(), "a worker failed");
+        let text = std::fs::read_to_string(&out).unwrap();
+        recorded.extend(
+            text.lines()
+                .map(|line| serde_json::from_str::<Recorded>(line).unwrap()),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut conn = raw_connection(&db_server).await;
+    let rows: Vec<Option<u64>> = raw(
+        &mut conn,
+        &[b"MGET", b"row:0", b"row:1", b"row:2", b"row:3"],
+    )
+    .await;
+    println!("database rows after the run: {rows:?}");
+    let stale = check("4 processes x 8 tasks", &recorded);
+    assert_ours_hold_and_naive_fails("4 processes", &stale);
+}
+
+/// A worker process of `read_your_writes_holds_across_processes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker() {
+    let Ok(config) = std::env::var("HISTORY_WORKER") else {
+        return;
+    };
+    let parts: Vec<&str> = config.split(' ').collect();
+    let [cache_url, db_url, out, millis] = parts[..] else {
+        panic!("HISTORY_WORKER: {config}");
+    };
+    let store = std::sync::Arc::new(Store::new(cache_url, db_url).await);
+    store
+        .clone()
+        .run(8, Duration::from_millis(millis.parse().unwrap()))
+        .await;
+    let lines: Vec<String> = store
+        .recorded()
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    std::fs::write(out, lines.join("\n")).unwrap();
+}
