@@ -691,6 +691,76 @@ impl Logs {
     }
 }
 
+/// Redis hangs (SIGSTOP) while 16 callers read and write as fast as they
+/// can for 3 s: the tasks, queued clean-ups and log lines the cache spends
+/// stay bounded, however many calls there are.
+#[tokio::test]
+async fn an_outage_costs_bounded_tasks_chores_and_log_lines_whatever_the_call_rate() {
+    const RUN: Duration = Duration::from_secs(3);
+    let logs = Logs::default();
+    let _capture = logs.capture(); // one thread: every task's events
+    let server = RedisServer::start();
+    let cache = redis_cache(&server, |b| {
+        b.op_timeout(Duration::from_millis(50))
+            .circuit_breaker(3, Duration::from_millis(300))
+    })
+    .await;
+    let db = Arc::new(Db::new(cache.clone()));
+    db.get_user(1).await.unwrap();
+    server.freeze();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let (mut calls, mut most_tasks, mut most_chores) = (0u64, 0, 0);
+    let started = Instant::now();
+    while started.elapsed() < RUN {
+        let mut round = JoinSet::new();
+        for i in 0..16u64 {
+            let db = db.clone();
+            round.spawn(async move {
+                if i % 2 == 0 {
+                    db.touch_user(i).await.unwrap();
+                } else {
+                    db.get_user(i).await.unwrap();
+                }
+            });
+        }
+        most_tasks = most_tasks.max(metrics.num_alive_tasks());
+        while let Some(done) = round.join_next().await {
+            done.unwrap();
+        }
+        calls += 16;
+        most_chores = most_chores.max(cache_runtime::__private::pending_chores(&cache));
+    }
+    let lines = logs.text().lines().count();
+    server.thaw();
+    let thawed = Instant::now();
+    while cache_runtime::__private::pending_chores(&cache) > 0
+        && thawed.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let landed = thawed.elapsed();
+    let stats = cache.stats().total;
+    println!(
+        "Redis hung for {RUN:?} under 16 callers: {calls} calls; at most {most_tasks} tasks alive \
+         (16 callers + the cache's), at most {most_chores} clean-ups queued, {lines} log lines; \
+         {} bypasses; the queued invalidations landed {landed:?} after Redis answered again, \
+         {} lost",
+        stats.bypasses, stats.lost_invalidations
+    );
+    assert_eq!(stats.lost_invalidations, 0);
+    assert!(landed < Duration::from_secs(5), "{landed:?}");
+    assert!(calls > 10_000, "the callers ran at full speed");
+    assert!(
+        most_tasks <= 16 + 3,
+        "the janitor and a probe at most: {most_tasks}"
+    );
+    assert!(
+        most_chores <= 16 * 1024 + 1024,
+        "{most_chores} clean-ups queued"
+    );
+    assert!(lines <= 12 * 4, "{lines} log lines in {RUN:?}");
+}
+
 async fn hit_after_miss(url: &str) -> Counts {
     let db = Db::new(Cache::connect(url).await.unwrap());
     assert_eq!(db.get_user(1).await, Ok(user(1)));

@@ -43,6 +43,8 @@ struct Source {
     first_run: Mutex<Next>,
     gate: Notify,
     gated: AtomicBool,
+    /// Every body run fails (after its work).
+    failing: AtomicBool,
     running: AtomicUsize,
     most_running: AtomicUsize,
     /// When each body run started and ended.
@@ -58,6 +60,7 @@ impl Source {
             first_run: Mutex::new(Next::Succeed),
             gate: Notify::new(),
             gated: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
             running: AtomicUsize::new(0),
             most_running: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
@@ -81,6 +84,7 @@ impl Source {
         self.running.fetch_sub(1, Ordering::SeqCst);
         self.log.lock().unwrap().push((started, Instant::now()));
         match next {
+            _ if self.failing.load(Ordering::SeqCst) => Err(DbError),
             Next::Succeed => Ok(Report { id, generation }),
             Next::Fail => Err(DbError),
             Next::Panic => panic!("the leader's body panics"),
@@ -219,6 +223,78 @@ async fn a_failing_cancelled_or_panicking_leader_hands_over() {
         assert_eq!(runs, 2, "leader {what}: one more leader, not a stampede");
         assert_eq!(ok, callers - 1, "leader {what}: every waiter got the value");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_leaders_keep_failing_is_not_hit_by_every_waiter_at_once() {
+    let server = RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    let mut figures = Vec::new();
+    for coalesced in [true, false] {
+        let source = Source::new(cache.clone(), Duration::from_millis(20));
+        source.failing.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let results = stampede(100, || {
+            let source = source.clone();
+            async move {
+                if coalesced {
+                    source.flight(3).await
+                } else {
+                    source.plain(3).await
+                }
+            }
+        })
+        .await;
+        assert!(
+            results.iter().all(Result::is_err),
+            "each caller got its own error"
+        );
+        let most = source.most_running.load(Ordering::SeqCst);
+        println!(
+            "100 callers of a key whose body always fails (20 ms), {}: {} body runs, \
+             at most {most} at once, all answered in {:?}",
+            if coalesced {
+                "single_flight"
+            } else {
+                "no single_flight"
+            },
+            source.runs(),
+            started.elapsed()
+        );
+        figures.push(most);
+    }
+    assert!(
+        figures[0] <= 2,
+        "single_flight: after 3 failed leaders, at most 2 at a time"
+    );
+    assert!(
+        figures[1] > 50,
+        "without it, the failing database takes them all at once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_refresh_serves_the_old_value_without_a_refresh_storm() {
+    let server = RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    let source = Source::new(cache.clone(), Duration::ZERO);
+    assert_eq!(source.stale(5).await.unwrap().generation, 1);
+    tokio::time::sleep(Duration::from_millis(400)).await; // past the 300 ms TTL
+    source.failing.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_millis(2_500) {
+        let served = source.stale(5).await.unwrap();
+        assert_eq!(served.generation, 1, "stale-if-error: the old value");
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refreshes = source.runs() - 1;
+    println!(
+        "refresh failing for 2.5 s: {calls} calls, all served the old value; {refreshes} refresh attempts \
+         (one per second, not one per call)"
+    );
+    assert!((2..=4).contains(&refreshes), "{refreshes} refresh attempts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,23 +6,27 @@
 //! tasks, retries and log lines an outage costs are bounded whatever the
 //! call rate. It does not wait for the circuit breaker: it pays the op
 //! timeout itself, one attempt at a time, so clean-up lands as soon as the
-//! backend answers again. Chores that do not fit are dropped and counted: a lease then
-//! expires by itself after its lease time; an invalidation is counted as
-//! lost and its entries stay until their TTL. The worker holds no strong
-//! reference to the cache: it ends when the cache is dropped.
+//! backend answers again.
 //!
-//! On the in-process backend a chore cannot fail or stall, so it runs at
-//! once, in the caller.
+//! Invalidations are queued per key, and one queued invalidation of a key
+//! covers every write of that key until its next attempt starts: an outage
+//! costs one pending retry per distinct key, however many writes there are.
+//! A write that comes while its key's retries run out renews them.
+//!
+//! Chores that do not fit are dropped and counted: a lease then expires by
+//! itself after its lease time; an invalidation is counted as lost and its
+//! entry stays until its TTL. The worker holds no strong reference to the
+//! cache: it ends when the cache is dropped. On the in-process backend a
+//! chore cannot fail or stall, so it runs at once, in the caller.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Inner};
-use crate::error::CacheError;
 use crate::site::Function;
 use crate::stats::Event;
 
@@ -54,11 +58,11 @@ pub(crate) enum Chore {
         placeholder: Vec<u8>,
         until: Instant,
     },
-    /// Delete `keys` after a write. `tried`: the writer's own attempt
+    /// Delete `key` after a write. `tried`: the writer's own attempt
     /// failed, so the first retry waits.
     Invalidate {
         writer: Option<&'static Function>,
-        keys: Vec<String>,
+        key: String,
         tried: bool,
     },
 }
@@ -68,34 +72,75 @@ pub(crate) enum Chore {
 pub(crate) struct Janitor {
     queue: Mutex<Option<mpsc::Sender<Chore>>>,
     /// Chores submitted and not finished: 0 once everything is cleaned up.
-    pending: Arc<AtomicUsize>,
+    pending: AtomicUsize,
+    ledger: Mutex<Ledger>,
+}
+
+/// What the janitor has in hand, for callers to consult.
+#[derive(Debug, Default)]
+struct Ledger {
     /// Placeholders of this process's leases waiting to be given back: a
     /// caller that finds one knows its holder is gone and may take the
     /// lease over it at once, instead of computing without storing.
-    abandoned: Mutex<HashSet<Vec<u8>>>,
+    abandoned: HashSet<Vec<u8>>,
+    /// Keys with an invalidation queued, and whether a write asked for it
+    /// again since its last attempt started.
+    invalidating: HashMap<String, bool>,
 }
 
 impl Janitor {
-    /// Whether `placeholder` is a lease of this cache whose holder is gone.
-    pub(crate) fn is_abandoned(&self, placeholder: &[u8]) -> bool {
-        self.abandoned
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(placeholder)
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn abandon(&self, chore: &Chore, gone: bool) {
-        if let Chore::Release { placeholder, .. } = chore {
-            let mut abandoned = self
-                .abandoned
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if gone {
-                abandoned.remove(placeholder);
-            } else {
-                abandoned.insert(placeholder.clone());
+    /// Whether `placeholder` is a lease of this cache whose holder is gone.
+    pub(crate) fn is_abandoned(&self, placeholder: &[u8]) -> bool {
+        self.ledger().abandoned.contains(placeholder)
+    }
+
+    /// Enters a chore in the ledger; `false` if a queued one covers it.
+    fn enter(&self, chore: &Chore) -> bool {
+        let mut ledger = self.ledger();
+        match chore {
+            Chore::Release { placeholder, .. } => {
+                ledger.abandoned.insert(placeholder.clone());
+                true
+            }
+            Chore::Invalidate { key, .. } => match ledger.invalidating.get_mut(key) {
+                Some(asked_again) => {
+                    *asked_again = true;
+                    false
+                }
+                None => {
+                    ledger.invalidating.insert(key.clone(), false);
+                    true
+                }
+            },
+        }
+    }
+
+    /// Takes a finished or dropped chore out of the ledger.
+    fn strike(&self, chore: &Chore) {
+        let mut ledger = self.ledger();
+        match chore {
+            Chore::Release { placeholder, .. } => {
+                ledger.abandoned.remove(placeholder);
+            }
+            Chore::Invalidate { key, .. } => {
+                ledger.invalidating.remove(key);
             }
         }
+        drop(ledger);
+        self.pending.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether a write asked again for `key` since the flag was last reset;
+    /// resets it.
+    fn asked_again(&self, key: &str) -> bool {
+        self.ledger()
+            .invalidating
+            .get_mut(key)
+            .is_some_and(|asked| std::mem::take(asked))
     }
 }
 
@@ -112,18 +157,18 @@ impl Cache {
                         self.inner.stats.record(None, Event::Compensation);
                     }
                 }
-                Chore::Invalidate { writer, keys, .. } => {
-                    memory.delete(&keys);
-                    self.inner
-                        .stats
-                        .record_n(writer, Event::Invalidation, keys.len());
+                Chore::Invalidate { writer, key, .. } => {
+                    memory.delete(std::slice::from_ref(&key));
+                    self.inner.stats.record(writer, Event::Invalidation);
                 }
             }
             return;
         }
         let janitor = &self.inner.janitor;
+        if !janitor.enter(&chore) {
+            return;
+        }
         janitor.pending.fetch_add(1, Ordering::SeqCst);
-        janitor.abandon(&chore, false);
         let mut queue = janitor.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let chore = match queue.as_ref() {
             None => chore,
@@ -144,7 +189,7 @@ impl Cache {
         let (sender, receiver) = mpsc::channel(QUEUE);
         let _ = sender.try_send(chore);
         *queue = Some(sender);
-        runtime.spawn(work(Arc::downgrade(&self.inner), receiver));
+        runtime.spawn(work(std::sync::Arc::downgrade(&self.inner), receiver));
     }
 
     /// Chores submitted to the janitor and not finished yet.
@@ -153,15 +198,14 @@ impl Cache {
     }
 
     fn drop_chore(&self, chore: Chore, why: &'static str) {
-        self.inner.janitor.pending.fetch_sub(1, Ordering::SeqCst);
-        self.inner.janitor.abandon(&chore, true);
-        if let Chore::Invalidate { writer, keys, .. } = chore {
+        self.inner.janitor.strike(&chore);
+        if let Chore::Invalidate { writer, key, .. } = chore {
             self.inner.stats.record(writer, Event::LostInvalidation);
             crate::limited!(
                 self,
                 error!(
-                    ?keys,
-                    why, "cache invalidation lost: entries stay until their TTL"
+                    key,
+                    why, "cache invalidation lost: the entry stays until its TTL"
                 )
             );
         }
@@ -196,17 +240,16 @@ async fn work(cache: Weak<Inner>, mut queue: mpsc::Receiver<Chore>) {
                 cache.drop_chore(chore, "too many clean-ups are waiting");
                 continue;
             }
-            let due = match &chore {
-                Chore::Invalidate { tried: true, .. } => {
-                    Instant::now() + INVALIDATION_RETRY_DELAYS[0]
-                }
-                _ => Instant::now(),
-            };
-            let attempts = usize::from(matches!(chore, Chore::Invalidate { tried: true, .. }));
+            let tried = matches!(chore, Chore::Invalidate { tried: true, .. });
             pending.push(Pending {
                 chore,
-                due,
-                attempts,
+                due: Instant::now()
+                    + if tried {
+                        INVALIDATION_RETRY_DELAYS[0]
+                    } else {
+                        Duration::ZERO
+                    },
+                attempts: usize::from(tried),
             });
         }
         let mut i = 0;
@@ -222,8 +265,7 @@ async fn work(cache: Weak<Inner>, mut queue: mpsc::Receiver<Chore>) {
                 }
                 None => {
                     let done = pending.swap_remove(i);
-                    cache.inner.janitor.abandon(&done.chore, true);
-                    cache.inner.janitor.pending.fetch_sub(1, Ordering::SeqCst);
+                    cache.inner.janitor.strike(&done.chore);
                 }
             }
         }
@@ -259,33 +301,45 @@ impl Cache {
                         }
                         None
                     }
-                    Err(error) if retryable(&error) => {
+                    Err(error) if error.is_unavailable() => {
                         let pause = FIRST_RELEASE_RETRY * (1 << pending.attempts.min(5));
                         Some(Instant::now() + pause.min(LONGEST_RELEASE_RETRY))
                     }
                     Err(_) => None,
                 }
             }
-            Chore::Invalidate { writer, keys, .. } => {
-                match self.timed(inner.backend.delete(keys)).await {
+            Chore::Invalidate { writer, key, .. } => {
+                let janitor = &inner.janitor;
+                // Writes that asked until now are covered by this attempt,
+                // and a new one gets a whole retry window.
+                if janitor.asked_again(key) {
+                    pending.attempts = 1;
+                }
+                let delete = inner.backend.delete(std::slice::from_ref(key));
+                match self.timed(delete).await {
                     Ok(_) => {
-                        inner
-                            .stats
-                            .record_n(*writer, Event::Invalidation, keys.len());
+                        inner.stats.record(*writer, Event::Invalidation);
                         if pending.attempts > 1 {
-                            tracing::info!(?keys, "cache invalidation succeeded on retry");
+                            tracing::debug!(key, "cache invalidation succeeded on retry");
                         }
-                        None
+                        // A write during the attempt may have committed
+                        // after the DEL: once more.
+                        janitor.asked_again(key).then(Instant::now)
                     }
                     Err(error) => {
                         inner.stats.record(*writer, Event::Error);
-                        match INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1) {
-                            Some(delay) if retryable(&error) => Some(Instant::now() + *delay),
+                        let delay = INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1);
+                        match delay {
+                            Some(delay) if error.is_unavailable() => Some(Instant::now() + *delay),
+                            _ if janitor.asked_again(key) => {
+                                pending.attempts = 1;
+                                Some(Instant::now() + INVALIDATION_RETRY_DELAYS[0])
+                            }
                             _ => {
                                 inner.stats.record(*writer, Event::LostInvalidation);
                                 crate::limited!(
                                     self,
-                                    error!(?keys, %error, "cache invalidation lost after retries: entries stay until their TTL")
+                                    error!(key, %error, "cache invalidation lost after retries: the entry stays until its TTL")
                                 );
                                 None
                             }
@@ -295,10 +349,4 @@ impl Cache {
             }
         }
     }
-}
-
-/// Worth another try: the cache was unavailable or skipped, not an error
-/// reply about the key.
-fn retryable(error: &CacheError) -> bool {
-    error.is_unavailable()
 }

@@ -92,7 +92,9 @@ impl Cache {
         key: CacheKey<V>,
         value: &V,
     ) {
-        let ttl = key.site().map_or(1, crate::site::Site::ttl_millis);
+        // Generated targets carry their function's configuration; a key
+        // without one has no TTL to store with, so it is only invalidated.
+        let ttl = key.site().map(crate::site::Site::ttl_millis);
         let redis_key = self.redis_key_of(key);
         let mut unfinished = Unfinished {
             cache: self,
@@ -101,7 +103,8 @@ impl Cache {
             tried: false,
         };
         let redis_key = &unfinished.keys[0];
-        let Some(bytes) = self.encode_for_store(Some(writer), redis_key, value) else {
+        let encoded = ttl.and_then(|_| self.encode_for_store(Some(writer), redis_key, value));
+        let (Some(ttl), Some(bytes)) = (ttl, encoded) else {
             // Not storable: at least the old value must go, before the
             // write returns.
             let keys = std::mem::take(&mut unfinished.keys);
@@ -141,10 +144,10 @@ struct Unfinished<'c> {
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
-        if !self.keys.is_empty() {
+        for key in self.keys.drain(..) {
             self.cache.tidy(Chore::Invalidate {
                 writer: Some(self.writer),
-                keys: std::mem::take(&mut self.keys),
+                key,
                 tried: self.tried,
             });
         }
