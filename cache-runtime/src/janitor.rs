@@ -140,7 +140,7 @@ impl Janitor {
         self.ledger()
             .invalidating
             .get_mut(key)
-            .is_some_and(|asked| std::mem::take(asked))
+            .is_some_and(std::mem::take)
     }
 }
 
