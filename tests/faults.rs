@@ -637,7 +637,10 @@ async fn evictions_under_allkeys_lru_are_plain_misses() {
     );
     assert!(evicted.parse::<u64>().unwrap() > 0, "Redis evicted");
     assert!(db.queries() > first_pass, "evicted entries were misses");
-    assert!(stats.hits > 0, "what fits is still served");
+    // A sequential scan is LRU's worst case; the latest entries are there.
+    let queries = db.queries();
+    read_documents(&db, 595..600).await;
+    assert_eq!(db.queries(), queries, "what fits is still served");
     assert_eq!(stats.errors, 0, "an eviction is not an error");
 }
 

@@ -42,6 +42,8 @@ pub struct Output<'a> {
     /// `None` for a function without `->`, which returns `()`.
     pub ty: Option<&'a Type>,
     pub shape: Shape,
+    /// Whether it mentions `impl Trait`, which generated code cannot name.
+    pub impl_trait: bool,
 }
 
 impl<'a> AnnotatedFn<'a> {
@@ -69,10 +71,12 @@ impl<'a> AnnotatedFn<'a> {
             ReturnType::Default => Output {
                 ty: None,
                 shape: Shape::Plain,
+                impl_trait: false,
             },
             ReturnType::Type(_, ty) => Output {
                 ty: Some(ty),
                 shape: shape_of(ty),
+                impl_trait: crate::types::contains_impl_trait(ty),
             },
         };
         AnnotatedFn {

@@ -1,20 +1,16 @@
 //! Code generation. Glue only: build the key with the runtime's
-//! `KeyBuilder`, then hand the body to one runtime function.
-
-use std::collections::BTreeSet;
+//! `KeyBuilder`, then hand the body to one runtime function. Everything
+//! this module needs was resolved by `valid` (placeholders) and `types`
+//! (generics, nameable types).
 
 use proc_macro2::{Delimiter, Group, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::visit::Visit;
-use syn::{
-    Expr, GenericParam, Generics, Ident, ItemFn, LitStr, ReceiverKind, Type, WherePredicate,
-};
+use syn::{Expr, Ident, ItemFn, ReceiverKind, Type};
 
 use crate::args::{SingleFlight, WriteKind};
 use crate::ast::{AnnotatedFn, Param, Shape};
-use crate::template::{Segment, Template};
-use crate::valid::{Plan, PlannedTarget, WritePlan};
+use crate::valid::{Key, KeyFn, Part, Plan, PlannedTarget, Stub, WritePlan};
 
 /// The name of the generated key function: `get_user` → `get_user_cache_key`.
 pub fn key_fn_name(name: &Ident) -> Ident {
@@ -31,11 +27,23 @@ pub fn expand(plan: &Plan) -> TokenStream {
 }
 
 /// On error: the user's function unchanged plus the errors, so that callers
-/// of the function see no follow-on errors.
-pub fn fallback(item: &ItemFn, errors: syn::Error) -> TokenStream {
+/// of the function see no follow-on errors; for `#[redis_cached]`, also a
+/// stub of its key function, so that writers naming it see none either.
+pub fn fallback(item: &ItemFn, errors: syn::Error, stub: Option<&Stub>) -> TokenStream {
     let errors = errors.into_compile_error();
+    let stub = stub.map(|stub| {
+        let signature = key_fn_signature(&stub.func, &stub.key_fn, &stub.krate);
+        quote! {
+            #[doc(hidden)]
+            #[allow(unused_variables, clippy::all)]
+            #signature {
+                ::core::unimplemented!("`#[redis_cached]` did not compile")
+            }
+        }
+    });
     quote! {
         #item
+        #stub
         #errors
     }
 }
@@ -43,34 +51,16 @@ pub fn fallback(item: &ItemFn, errors: syn::Error) -> TokenStream {
 fn key_fn(plan: &Plan) -> TokenStream {
     let func = &plan.func;
     let krate = &plan.krate;
-    let vis = &func.item.vis;
-    let name = key_fn_name(func.name());
     let doc = format!(
         " The cache key of `{}` for these arguments, as `#[redis_cached(key = {:?})]` renders it.",
         func.name(),
-        plan.key.value()
+        plan.key.literal.value()
     );
-    let receiver = plan.uses_self.then(|| quote!(&self,));
-    let params = plan.key_params.iter().map(|Param { ident, ty, .. }| {
-        let ty = key_param_type(ty);
-        quote!(#ident: #ty)
-    });
-    let key_types: Vec<&Type> = plan.key_params.iter().map(|p| p.ty).collect();
-    let generics = generics_used_by(&func.item.sig.generics, &key_types);
-    let (impl_generics, _, where_clause) = generics.split_for_impl();
-    let value = cached_value_type(plan, &generics);
-
+    let signature = key_fn_signature(func, &plan.key_fn, krate);
     let site = Ident::new("REDIS_CACHED_SITE", Span::mixed_site());
     let builder = Ident::new("key", Span::mixed_site());
-    let capacity = plan.template.literal_len() + 8 * plan.key_params.len() + 4;
-    let steps = key_steps(
-        &plan.template,
-        func,
-        plan.key,
-        krate,
-        &builder,
-        ParamsAre::Borrowed,
-    );
+    let capacity = plan.key.capacity;
+    let steps = key_steps(&plan.key, krate, &builder, ParamsAre::Borrowed);
     let version = match plan.version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
         None => quote!(::core::option::Option::None),
@@ -90,7 +80,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
         #[doc = #doc]
         #[must_use]
         #[allow(clippy::trivially_copy_pass_by_ref, clippy::ref_option_ref)]
-        #vis fn #name #impl_generics (#receiver #(#params),*) -> #krate::CacheKey<#value> #where_clause {
+        #signature {
             // The function's static configuration travels with its keys, so
             // that `#[cache_put]` stores with this function's TTL.
             static #site: #krate::__private::Site = #krate::__private::Site::new(
@@ -108,6 +98,22 @@ fn key_fn(plan: &Plan) -> TokenStream {
     }
 }
 
+/// `vis fn <name>_cache_key<generics>(&self?, params…) -> CacheKey<V> where …`.
+fn key_fn_signature(func: &AnnotatedFn, key_fn: &KeyFn, krate: &syn::Path) -> TokenStream {
+    let vis = &func.item.vis;
+    let name = key_fn_name(func.name());
+    let receiver = key_fn.uses_self.then(|| quote!(&self,));
+    let params = key_fn.params.iter().map(|Param { ident, ty, .. }| {
+        let ty = key_param_type(ty);
+        quote!(#ident: #ty)
+    });
+    let (impl_generics, _, where_clause) = key_fn.generics.split_for_impl();
+    let value = cached_value_type(func, key_fn, krate);
+    quote! {
+        #vis fn #name #impl_generics (#receiver #(#params),*) -> #krate::CacheKey<#value> #where_clause
+    }
+}
+
 /// A key function takes each key parameter by reference: `u64` as `&u64`,
 /// but `&str` as `&str` (not `&&str`), so that a writer's `&(expr)` argument
 /// deref-coerces from `&String` or `&&str` alike.
@@ -121,37 +127,18 @@ fn key_param_type(ty: &Type) -> TokenStream {
 }
 
 /// The value type a key function's `CacheKey<V>` names: the cached part of
-/// the return type, or `Untyped` when the key function cannot name it (the
-/// return type mentions a generic parameter the key does not use, an elided
-/// lifetime, or `impl Trait`).
-fn cached_value_type(plan: &Plan, kept: &Generics) -> TokenStream {
-    let func = &plan.func;
-    let krate = &plan.krate;
-    let unit: Type = syn::parse_quote!(());
-    let ret_ty = func.output.ty.unwrap_or(&unit);
-    let declared: BTreeSet<String> = func
-        .item
-        .sig
-        .generics
-        .params
-        .iter()
-        .map(param_name)
-        .collect();
-    let kept: BTreeSet<String> = kept.params.iter().map(param_name).collect();
-    let nameable = !contains_impl_trait(ret_ty)
-        && !has_elided_lifetime(ret_ty)
-        && mentioned_names(|c| c.visit_type(ret_ty))
-            .iter()
-            .all(|n| !declared.contains(n) || kept.contains(n));
-    if !nameable {
+/// the return type, or `Untyped` when the key function cannot name it.
+fn cached_value_type(func: &AnnotatedFn, key_fn: &KeyFn, krate: &syn::Path) -> TokenStream {
+    if !key_fn.value_nameable {
         return quote!(#krate::Untyped);
     }
+    let unit: Type = syn::parse_quote!(());
+    let ret_ty = func.output.ty.unwrap_or(&unit);
     let shape = shape_ident(func.output.shape);
     // At the return type, like the other uses of the value type.
-    let span = ret_span(func);
     respan(
         quote!(<#krate::__private::#shape as #krate::__private::ValueOf<#ret_ty>>::Value),
-        span,
+        ret_span(func),
     )
 }
 
@@ -163,86 +150,67 @@ pub enum ParamsAre {
     Owned,
 }
 
-/// The `KeyBuilder` calls that render `template` into `builder`.
+/// The `KeyBuilder` calls that render `key` into `builder`.
 pub fn key_steps(
-    template: &Template,
-    func: &AnnotatedFn,
-    key: &LitStr,
+    key: &Key,
     krate: &syn::Path,
     builder: &Ident,
     params: ParamsAre,
 ) -> Vec<TokenStream> {
-    template
-        .segments
+    // Located at the key, where the field is named, but marked as macro
+    // output so that rustc does not suggest renaming the parameter.
+    let field_span = key.literal.span().resolved_at(Span::mixed_site());
+    let fields = |fields: &[String]| -> Vec<TokenStream> {
+        fields
+            .iter()
+            .map(|f| match f.parse::<u32>() {
+                Ok(index) => {
+                    let index = syn::Index {
+                        index,
+                        span: field_span,
+                    };
+                    quote!(.#index)
+                }
+                Err(_) => {
+                    let field = Ident::new(f, field_span);
+                    quote!(.#field)
+                }
+            })
+            .collect()
+    };
+    key.parts
         .iter()
-        .map(|segment| match segment {
-            Segment::Literal(text) => quote!(#builder.literal(#text);),
-            Segment::Placeholder(p) => {
-                // Spanned at the parameter so that a missing `KeyPart` impl is
-                // reported where the user can fix it.
-                let param = func.param(&p.root);
-                let span = if p.root == "self" {
-                    key.span()
-                } else {
-                    param.map_or_else(|| key.span(), |param| param.arg.span())
-                };
-                let root = if p.root == "self" {
-                    quote_spanned!(span=> self)
-                } else {
-                    let ident = Ident::new(&p.root, span);
-                    quote!(#ident)
-                };
-                // Located at the key, where the field is named, but marked as
-                // macro output so that rustc does not suggest renaming the parameter.
-                let field_span = key.span().resolved_at(Span::mixed_site());
-                let fields = p.fields.iter().map(|f| match f.parse::<u32>() {
-                    Ok(index) => {
-                        let index = syn::Index {
-                            index,
-                            span: field_span,
-                        };
-                        quote!(.#index)
-                    }
-                    Err(_) => {
-                        let field = Ident::new(f, field_span);
-                        quote!(.#field)
-                    }
-                });
-                let already_a_reference = params == ParamsAre::Borrowed
-                    || param.is_some_and(|param| is_shared_reference(param.ty));
-                let value = if p.fields.is_empty() && p.root != "self" && already_a_reference {
-                    quote!(#root)
-                } else {
-                    quote_spanned!(span=> &#root #(#fields)*)
-                };
-                quote_spanned!(span=> #krate::__private::KeyBuilder::part(&mut #builder, #value);)
-            }
+        .map(|part| {
+            // Spanned at the parameter so that a missing `KeyPart` impl is
+            // reported where the user can fix it.
+            let (span, value) = match part {
+                Part::Literal(text) => return quote!(#builder.literal(#text);),
+                Part::SelfField(path) => {
+                    let span = key.literal.span();
+                    let fields = fields(path);
+                    (span, quote_spanned!(span=> &self #(#fields)*))
+                }
+                Part::Param(param, path) => {
+                    let span = param.arg.span();
+                    let ident = Ident::new(&param.ident.to_string(), span);
+                    let already_a_reference =
+                        params == ParamsAre::Borrowed || is_shared_reference(param.ty);
+                    let value = if path.is_empty() && already_a_reference {
+                        quote!(#ident)
+                    } else {
+                        let fields = fields(path);
+                        quote_spanned!(span=> &#ident #(#fields)*)
+                    };
+                    (span, value)
+                }
+            };
+            quote_spanned!(span=> #krate::__private::KeyBuilder::part(&mut #builder, #value);)
         })
         .collect()
 }
 
 fn is_shared_reference(ty: &Type) -> bool {
     matches!(ty, Type::Reference(r) if r.mutability.is_none())
-}
-
-fn has_elided_lifetime(ty: &Type) -> bool {
-    struct Finder(bool);
-    impl<'ast> Visit<'ast> for Finder {
-        fn visit_type_reference(&mut self, r: &'ast syn::TypeReference) {
-            if r.lifetime.is_none() {
-                self.0 = true;
-            }
-            syn::visit::visit_type_reference(self, r);
-        }
-        fn visit_lifetime(&mut self, lifetime: &'ast syn::Lifetime) {
-            if lifetime.ident == "_" {
-                self.0 = true;
-            }
-        }
-    }
-    let mut finder = Finder(false);
-    finder.visit_type(ty);
-    finder.0
 }
 
 fn shape_ident(shape: Shape) -> Ident {
@@ -269,12 +237,13 @@ fn wrapper(plan: &Plan) -> TokenStream {
     let cache = Ident::new("cache", Span::mixed_site());
 
     let self_arg = plan
+        .key_fn
         .uses_self
         .then(|| match func.receiver.map(|r| &r.kind) {
             Some(ReceiverKind::Reference(..)) => quote!(self,),
             _ => quote!(&self,),
         });
-    let args = plan.key_params.iter().map(|p| {
+    let args = plan.key_fn.params.iter().map(|p| {
         let ident = p.ident;
         if is_shared_reference(p.ty) {
             quote!(#ident)
@@ -331,7 +300,7 @@ pub fn body_call(
     let ret_span = ret_span(func);
     let unit: Type = syn::parse_quote!(());
     let ret_ty = func.output.ty.unwrap_or(&unit);
-    let fake_return_edge = if contains_impl_trait(ret_ty) {
+    let fake_return_edge = if func.output.impl_trait {
         quote!()
     } else {
         // Pins the async block's output type to the declared return type, so
@@ -371,100 +340,6 @@ pub fn wrap(func: &AnnotatedFn, prelude: TokenStream, call: TokenStream) -> Toke
             #call
         }
     }
-}
-
-fn contains_impl_trait(ty: &Type) -> bool {
-    struct Finder(bool);
-    impl<'ast> Visit<'ast> for Finder {
-        fn visit_type_impl_trait(&mut self, _: &'ast syn::TypeImplTrait) {
-            self.0 = true;
-        }
-    }
-    let mut finder = Finder(false);
-    finder.visit_type(ty);
-    finder.0
-}
-
-/// Names (type, lifetime and const parameter names) that appear in some tokens.
-fn mentioned_names(visit: impl FnOnce(&mut NameCollector)) -> BTreeSet<String> {
-    let mut collector = NameCollector::default();
-    visit(&mut collector);
-    collector.0
-}
-
-#[derive(Default)]
-struct NameCollector(BTreeSet<String>);
-
-impl<'ast> Visit<'ast> for NameCollector {
-    fn visit_ident(&mut self, ident: &'ast Ident) {
-        self.0.insert(ident.to_string());
-    }
-    fn visit_lifetime(&mut self, lifetime: &'ast syn::Lifetime) {
-        self.0.insert(format!("'{}", lifetime.ident));
-    }
-}
-
-fn param_name(param: &GenericParam) -> String {
-    match param {
-        GenericParam::Lifetime(l) => format!("'{}", l.lifetime.ident),
-        GenericParam::Type(t) => t.ident.to_string(),
-        GenericParam::Const(c) => c.ident.to_string(),
-    }
-}
-
-/// The generics of the cached function restricted to the parameters that the
-/// key's types mention: a key function must not have a type parameter that
-/// its caller cannot infer (one used only by a skipped parameter).
-fn generics_used_by(generics: &Generics, types: &[&Type]) -> Generics {
-    let mut used = mentioned_names(|c| types.iter().for_each(|ty| c.visit_type(ty)));
-    // A kept parameter's bounds may mention further parameters (`T: Into<U>`).
-    loop {
-        let before = used.len();
-        for param in &generics.params {
-            if used.contains(&param_name(param)) {
-                used.extend(mentioned_names(|c| c.visit_generic_param(param)));
-            }
-        }
-        if let Some(where_clause) = &generics.where_clause {
-            for predicate in &where_clause.predicates {
-                if let WherePredicate::Type(p) = predicate
-                    && mentioned_names(|c| c.visit_type(&p.bounded_ty))
-                        .iter()
-                        .any(|n| used.contains(n))
-                {
-                    used.extend(mentioned_names(|c| c.visit_where_predicate(predicate)));
-                }
-            }
-        }
-        if used.len() == before {
-            break;
-        }
-    }
-    let declared: BTreeSet<String> = generics.params.iter().map(param_name).collect();
-    let mut kept = generics.clone();
-    kept.params = generics
-        .params
-        .iter()
-        .filter(|p| used.contains(&param_name(p)))
-        .cloned()
-        .collect();
-    if let Some(where_clause) = &mut kept.where_clause {
-        where_clause.predicates = where_clause
-            .predicates
-            .iter()
-            .filter(|predicate| {
-                mentioned_names(|c| c.visit_where_predicate(predicate))
-                    .iter()
-                    .all(|n| !declared.contains(n) || used.contains(n))
-            })
-            .cloned()
-            .collect();
-    }
-    if kept.params.is_empty() {
-        kept.lt_token = None;
-        kept.gt_token = None;
-    }
-    kept
 }
 
 /// Gives every token the same span, so that rustc reports an error about the
@@ -509,9 +384,7 @@ pub fn expand_write(plan: &WritePlan) -> TokenStream {
                     let call = key_fn_call(expr);
                     quote!(#call.untyped())
                 }
-                PlannedTarget::Template { template, key } => {
-                    template_key(func, template, key, krate)
-                }
+                PlannedTarget::Template(key) => template_key(key, krate),
             });
             let call = body_call(
                 func,
@@ -539,7 +412,7 @@ pub fn expand_write(plan: &WritePlan) -> TokenStream {
             let key_call = key_fn_call(target);
             let unit: Type = syn::parse_quote!(());
             let ret_ty = func.output.ty.unwrap_or(&unit);
-            let key_call = if contains_impl_trait(ret_ty) {
+            let key_call = if func.output.impl_trait {
                 key_call
             } else {
                 let check = respan(
@@ -608,15 +481,10 @@ fn generated_name(target: &Ident) -> Ident {
 
 /// `#[invalidates(key = "...")]`: the key rendered from the writer's own
 /// parameters, as an untyped `CacheKey`.
-fn template_key(
-    func: &AnnotatedFn,
-    template: &Template,
-    key: &LitStr,
-    krate: &syn::Path,
-) -> TokenStream {
+fn template_key(key: &Key, krate: &syn::Path) -> TokenStream {
     let builder = Ident::new("key", Span::mixed_site());
-    let capacity = template.literal_len() + 8 * template.placeholders().count() + 4;
-    let steps = key_steps(template, func, key, krate, &builder, ParamsAre::Owned);
+    let capacity = key.capacity;
+    let steps = key_steps(key, krate, &builder, ParamsAre::Owned);
     quote! {{
         let mut #builder = #krate::__private::KeyBuilder::new(#capacity, ::core::option::Option::None);
         #(#steps)*

@@ -4,13 +4,17 @@
 //!
 //! The pipeline, one module each: `args` (attribute arguments) → `template`
 //! (the key-template language, pure) → `ast` (the annotated fn as a typed
-//! model) → `valid` (every cross-check, all errors collected) → `expand` (glue).
+//! model) → `valid` (every cross-check, all errors collected, placeholders
+//! resolved; `types` for the generics and types the key function can name)
+//! → `expand` (glue). On error, `expand::fallback` emits the function
+//! unchanged, a stub of its key function and the errors.
 
 mod args;
 mod ast;
 mod ctxt;
 mod expand;
 mod template;
+mod types;
 mod valid;
 
 use proc_macro::TokenStream;
@@ -48,10 +52,12 @@ fn redis_cached_impl(
     let mut errors = ctxt::Errors::default();
     let args = args::Args::parse(args, &mut errors);
     let func = ast::AnnotatedFn::from_item(&item);
-    let plan = valid::validate(&args, func, &mut errors);
-    match (errors.finish(), plan) {
-        (Ok(()), Some(plan)) => expand::expand(&plan),
-        (result, _) => expand::fallback(&item, internal_or(result, "redis_cached")),
+    match (valid::validate(&args, func, &mut errors), errors.finish()) {
+        (Ok(plan), Ok(())) => expand::expand(&plan),
+        (Ok(_), result) => expand::fallback(&item, internal_or(result, "redis_cached"), None),
+        (Err(stub), result) => {
+            expand::fallback(&item, internal_or(result, "redis_cached"), Some(&stub))
+        }
     }
 }
 
@@ -85,7 +91,7 @@ fn write_impl(
     let plan = valid::validate_write(kind, &write_args, func, &mut errors);
     match (errors.finish(), plan) {
         (Ok(()), Some(plan)) => expand::expand_write(&plan),
-        (result, _) => expand::fallback(&item, internal_or(result, kind.attribute())),
+        (result, _) => expand::fallback(&item, internal_or(result, kind.attribute()), None),
     }
 }
 

@@ -1,20 +1,23 @@
 //! Every check that relates the arguments, the key template and the function
 //! to each other. All errors are collected; a `Plan` comes out only when there
-//! are none.
+//! are none, with every placeholder resolved to what it names, so that
+//! `expand` looks nothing up. With errors, a [`Stub`] comes out instead: the
+//! key function's signature, for a stub that keeps writers compiling.
 
 use proc_macro2::Span;
-use syn::{Expr, Ident, LitStr, Path};
+use syn::{Expr, Generics, Ident, LitStr, Path, Type};
 
 use crate::args::{Args, SingleFlight, Target, WriteArgs, WriteKind};
 use crate::ast::{AnnotatedFn, Param};
 use crate::ctxt::{Errors, did_you_mean, hint};
-use crate::template::{self, Template};
+use crate::template::{self, Segment, Template};
+use crate::types;
 
 /// A validated `#[redis_cached]`: everything `expand` needs, nothing it must check.
 pub struct Plan<'a> {
     pub func: AnnotatedFn<'a>,
-    pub template: Template,
-    pub key: &'a LitStr,
+    pub key: Key<'a>,
+    pub key_fn: KeyFn<'a>,
     pub ttl_millis: u64,
     pub jitter: f64,
     pub single_flight: SingleFlight,
@@ -23,17 +26,53 @@ pub struct Plan<'a> {
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
-    /// Parameters that appear in the key, in declaration order.
-    pub key_params: Vec<Param<'a>>,
-    /// Whether the template reads `<self...>`.
+}
+
+/// What is left of a `#[redis_cached]` with errors: enough for a stub
+/// `<fn>_cache_key`, so that a writer naming the function gets no
+/// follow-on error.
+pub struct Stub<'a> {
+    pub func: AnnotatedFn<'a>,
+    pub key_fn: KeyFn<'a>,
+    pub krate: Path,
+}
+
+/// A key template with every placeholder resolved.
+pub struct Key<'a> {
+    /// The template as written, for spans and docs.
+    pub literal: &'a LitStr,
+    pub parts: Vec<Part<'a>>,
+    /// A guess at the rendered length, to allocate once.
+    pub capacity: usize,
+}
+
+/// One piece of a resolved key.
+pub enum Part<'a> {
+    Literal(String),
+    /// `<self.field…>`.
+    SelfField(Vec<String>),
+    /// `<param>` or `<param.field…>`.
+    Param(Param<'a>, Vec<String>),
+}
+
+/// The signature of the generated `<fn>_cache_key`.
+pub struct KeyFn<'a> {
+    /// The parameters in the key, in declaration order.
+    pub params: Vec<Param<'a>>,
+    /// Whether it takes `&self` (the key reads `<self...>`).
     pub uses_self: bool,
+    /// The cached function's generics that the key's parameters need.
+    pub generics: Generics,
+    /// Whether it can name the cached value type in `CacheKey<V>` (else
+    /// `CacheKey<Untyped>`).
+    pub value_nameable: bool,
 }
 
 pub fn validate<'a>(
     args: &'a Args,
     func: AnnotatedFn<'a>,
     errors: &mut Errors,
-) -> Option<Plan<'a>> {
+) -> Result<Plan<'a>, Box<Stub<'a>>> {
     let sig = &func.item.sig;
     if sig.asyncness.is_none() {
         errors.spanned(
@@ -101,20 +140,42 @@ pub fn validate<'a>(
         }
     }
 
-    let key_params = func
+    // The key function's parameters: those in the key. For a stub, also
+    // those a misspelt placeholder meant ("did you mean"), and without a
+    // template, every parameter not skipped.
+    let key_params: Vec<Param<'a>> = func
         .params
         .iter()
-        .filter(|p| in_key.iter().any(|k| p.ident == k))
+        .filter(|p| match &template {
+            Some(_) => {
+                in_key.iter().any(|k| p.ident == k) || suggested.iter().any(|s| p.ident == s)
+            }
+            None => !args.skip.iter().any(|s| s == p.ident),
+        })
         .copied()
         .collect();
-    let (Some(template), Some(key), Some(ttl)) = (template, args.key.as_ref(), args.ttl.as_ref())
-    else {
-        return None;
-    };
-    Some(Plan {
-        func,
+    let key_fn = key_fn(&func, key_params, uses_self && func.receiver.is_some());
+    let krate = args
+        .krate
+        .clone()
+        .unwrap_or_else(|| syn::parse_quote!(::cache_runtime));
+    let (Some(template), Some(literal), Some(ttl), false) = (
         template,
+        args.key.as_ref(),
+        args.ttl.as_ref(),
+        errors.has_errors(),
+    ) else {
+        return Err(Box::new(Stub {
+            func,
+            key_fn,
+            krate,
+        }));
+    };
+    let key = resolve(&func, &template, literal);
+    Ok(Plan {
+        func,
         key,
+        key_fn,
         ttl_millis: ttl.millis,
         jitter: args.jitter.unwrap_or(0.0),
         single_flight: args.single_flight,
@@ -122,13 +183,48 @@ pub fn validate<'a>(
         early_refresh: args.early_refresh,
         version: args.version,
         cache: args.cache.as_ref(),
-        krate: args
-            .krate
-            .clone()
-            .unwrap_or_else(|| syn::parse_quote!(::cache_runtime)),
-        key_params,
-        uses_self,
+        krate,
     })
+}
+
+/// The key function's generics and value type, from its parameters.
+fn key_fn<'a>(func: &AnnotatedFn<'a>, params: Vec<Param<'a>>, uses_self: bool) -> KeyFn<'a> {
+    let declared = &func.item.sig.generics;
+    let types: Vec<&Type> = params.iter().map(|p| p.ty).collect();
+    let generics = types::used_by(declared, &types);
+    let unit: Type = syn::parse_quote!(());
+    let value_nameable = types::nameable(func.output.ty.unwrap_or(&unit), declared, &generics);
+    KeyFn {
+        params,
+        uses_self,
+        generics,
+        value_nameable,
+    }
+}
+
+/// The template's placeholders, resolved to what they name; placeholders
+/// that name nothing have been reported.
+fn resolve<'a>(func: &AnnotatedFn<'a>, template: &Template, literal: &'a LitStr) -> Key<'a> {
+    let parts: Vec<Part<'a>> = template
+        .segments
+        .iter()
+        .filter_map(|segment| match segment {
+            Segment::Literal(text) => Some(Part::Literal(text.clone())),
+            Segment::Placeholder(p) if p.root == "self" => Some(Part::SelfField(p.fields.clone())),
+            Segment::Placeholder(p) => func
+                .param(&p.root)
+                .map(|param| Part::Param(*param, p.fields.clone())),
+        })
+        .collect();
+    let values = parts
+        .iter()
+        .filter(|p| !matches!(p, Part::Literal(_)))
+        .count();
+    Key {
+        literal,
+        parts,
+        capacity: template.literal_len() + 8 * values + 4,
+    }
 }
 
 fn parse_template(key: &LitStr, errors: &mut Errors) -> Option<Template> {
@@ -265,12 +361,12 @@ pub struct WritePlan<'a> {
     pub krate: Path,
 }
 
-/// A target whose template, if any, has been checked.
+/// A target whose template, if any, has been checked and resolved.
 pub enum PlannedTarget<'a> {
     /// A call of the cached function; rustc checks it against `<fn>_cache_key`.
     Call(&'a Expr),
     /// A template over the writer's parameters.
-    Template { template: Template, key: &'a LitStr },
+    Template(Key<'a>),
 }
 
 pub fn validate_write<'a>(
@@ -321,7 +417,7 @@ pub fn validate_write<'a>(
             (WriteKind::Invalidates, Target::Template(key)) => {
                 if let Some(template) = parse_template(key, errors) {
                     resolve_placeholders(&func, &template, key, errors);
-                    targets.push(PlannedTarget::Template { template, key });
+                    targets.push(PlannedTarget::Template(resolve(&func, &template, key)));
                 }
             }
         }
