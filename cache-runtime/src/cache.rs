@@ -298,31 +298,43 @@ impl Cache {
     /// the breaker's cool-down over starts the probe in a task of its own
     /// and skips the cache, so no caller waits for the probe, and a caller
     /// dropped meanwhile cannot leave it pending.
-    pub(crate) async fn guarded<T>(
+    pub(crate) fn guarded<T>(
         &self,
         operation: impl Future<Output = Result<T, CacheError>>,
-    ) -> Result<T, CacheError> {
-        let inner = &*self.inner;
-        match inner.breaker.permit() {
-            Permit::Call => {}
-            Permit::Skip => return Err(CacheError::CircuitOpen),
-            Permit::Probe => {
-                self.probe();
-                return Err(CacheError::CircuitOpen);
-            }
-        }
-        self.timed(operation).await
+    ) -> impl Future<Output = Result<T, CacheError>> {
+        self.run(operation, true)
     }
 
     /// Runs a backend operation under the op timeout, without asking the
     /// circuit breaker, and tells the breaker how it went: for the janitor,
     /// whose one worker may pay a timeout without slowing any call, and
     /// whose success closes the breaker as a probe's would.
-    pub(crate) async fn timed<T>(
+    pub(crate) fn timed<T>(
         &self,
         operation: impl Future<Output = Result<T, CacheError>>,
+    ) -> impl Future<Output = Result<T, CacheError>> {
+        self.run(operation, false)
+    }
+
+    /// The one body of [`Cache::guarded`] and [`Cache::timed`]: they return
+    /// its future rather than await it, which would store the operation
+    /// twice in every caller's future.
+    async fn run<T>(
+        &self,
+        operation: impl Future<Output = Result<T, CacheError>>,
+        ask_breaker: bool,
     ) -> Result<T, CacheError> {
         let inner = &*self.inner;
+        if ask_breaker {
+            match inner.breaker.permit() {
+                Permit::Call => {}
+                Permit::Skip => return Err(CacheError::CircuitOpen),
+                Permit::Probe => {
+                    self.probe();
+                    return Err(CacheError::CircuitOpen);
+                }
+            }
+        }
         // The memory backend cannot stall, and needs no Tokio timer.
         let outcome = if inner.backend.as_memory().is_some() {
             operation.await
@@ -379,6 +391,7 @@ impl Cache {
     }
 
     /// Counts an event of a cached function.
+    #[inline]
     pub(crate) fn record(&self, site: &'static Site, event: Event) {
         self.inner.stats.record(Some(site.function()), event);
     }

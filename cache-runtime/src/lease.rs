@@ -208,7 +208,9 @@ impl<'c> HeldLease<'c> {
             .backend
             .compare_and_set(&self.key, &self.placeholder, stored, ttl);
         let outcome = cache.guarded(set).await;
-        self.armed = outcome.as_ref().is_err_and(CacheError::may_have_landed);
+        // Whatever failed (skipped by the breaker, an error reply, a
+        // timeout), the placeholder may still be there: give it back.
+        self.armed = outcome.is_err();
         cache.record_store(site, &self.key, outcome)
     }
 

@@ -176,17 +176,27 @@ impl Cache {
         F: Future<Output = R>,
     {
         let read = self.read(site, &redis_key, site.tracks_freshness()).await;
-        match self.classify::<S::Value>(site, &redis_key, read) {
-            Step::Done(Done::Serve(value, event)) => {
-                self.record(site, event);
-                S::from_hit(value)
-            }
-            Step::Done(Done::Bypass) => {
+        let step = match read {
+            // The common case, without the classify step's moves of the
+            // value: a plain value (no freshness header) served as it is.
+            Read::Value {
+                bytes,
+                value_at: 0,
+                freshness: None,
+            } => match self.decode::<S::Value>(site, &redis_key, &bytes) {
+                Some(value) => {
+                    self.record(site, Event::Hit);
+                    return S::from_hit(value);
+                }
+                None => Step::Claim(Claim::Replace(Garbage::Bytes(bytes))),
+            },
+            Read::Unavailable => {
                 self.record(site, Event::Bypass);
-                body.await
+                return body.await;
             }
-            step => Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await,
-        }
+            read => self.classify::<S::Value>(site, &redis_key, read),
+        };
+        Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await
     }
 
     /// Everything but a plain hit: misses, leases, single-flight, refreshes.
@@ -274,13 +284,24 @@ impl Cache {
     async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
         let backend = &self.inner.backend;
         let outcome = if with_ttl {
-            let stored = self.guarded(backend.get_with_ttl(key)).await;
+            // Boxed: the script's future would double the size of every
+            // plain hit's future, which is moved on each call.
+            let stored = Box::pin(self.guarded(backend.get_with_ttl(key))).await;
             stored.map(|s| s.map(|s| (s.bytes, s.ttl_millis.map_or(Ttl::Forever, Ttl::Left))))
         } else {
             let bytes = self.guarded(backend.get(key)).await;
             bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
         };
         match outcome {
+            // Lease placeholders and freshness headers start with byte 0 or
+            // 1, which no JSON value does: anything else is a plain value.
+            Ok(Some((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0 | 1)) => {
+                Read::Value {
+                    bytes,
+                    value_at: 0,
+                    freshness: None,
+                }
+            }
             Ok(Some((bytes, ttl))) => self.inspect(site, key, bytes, ttl),
             Ok(None) => Read::Absent,
             Err(CacheError::CircuitOpen) => Read::Unavailable,
@@ -313,19 +334,9 @@ impl Cache {
     /// What stored bytes are: a value (split from its header), someone's
     /// lease, or garbage (counted and logged).
     fn inspect(&self, site: &'static Site, key: &str, bytes: Vec<u8>, ttl: Ttl) -> Read {
-        let garbage = |what: &str| {
-            self.record(site, Event::Error);
-            crate::limited!(
-                self,
-                warn!(
-                    key,
-                    what, "not a cache entry: recomputing and overwriting it"
-                )
-            );
-        };
         match lease::inspect(&bytes) {
             Found::Placeholder if ttl == Ttl::Forever => {
-                garbage("a lease placeholder without expiry");
+                self.garbage(site, key, "a lease placeholder without expiry");
                 Read::Garbage(Garbage::Bytes(bytes))
             }
             // This process's own lease, whose holder is gone and whose
@@ -338,7 +349,7 @@ impl Cache {
                 ttl,
             },
             Found::Malformed => {
-                garbage("a malformed lease placeholder");
+                self.garbage(site, key, "a malformed lease placeholder");
                 Read::Garbage(Garbage::Bytes(bytes))
             }
             Found::Value => match freshness::split(&bytes) {
@@ -353,11 +364,22 @@ impl Cache {
                     freshness: Some((freshness, ttl)),
                 },
                 Err(freshness::MalformedHeader) => {
-                    garbage("a malformed freshness header");
+                    self.garbage(site, key, "a malformed freshness header");
                     Read::Garbage(Garbage::Bytes(bytes))
                 }
             },
         }
+    }
+
+    fn garbage(&self, site: &'static Site, key: &str, what: &str) {
+        self.record(site, Event::Error);
+        crate::limited!(
+            self,
+            warn!(
+                key,
+                what, "not a cache entry: recomputing and overwriting it"
+            )
+        );
     }
 
     /// The classify step: the one place where a read becomes a decision.

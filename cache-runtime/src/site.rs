@@ -36,11 +36,16 @@ impl Function {
     }
 
     /// This function's id: 1, 2, ... in the order functions are first used.
+    #[inline]
     pub(crate) fn id(&self) -> u32 {
-        let id = self.id.load(Ordering::Relaxed);
-        if id != 0 {
-            return id;
+        match self.id.load(Ordering::Relaxed) {
+            0 => self.assign_id(),
+            id => id,
         }
+    }
+
+    #[cold]
+    fn assign_id(&self) -> u32 {
         // Under the lock, so that ids and names stay in step.
         let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
         let id = self.id.load(Ordering::Relaxed);
