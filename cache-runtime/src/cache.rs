@@ -163,6 +163,8 @@ impl CacheBuilder {
     /// Builds the cache. Fails only on bad configuration (a malformed URL, a
     /// prefix with spaces): a Redis server that is down is not an error; calls
     /// run uncached until it is reachable. Call inside a Tokio runtime.
+    ///
+    /// Cancel safe: it holds nothing while it waits for the first contact.
     pub async fn build(mut self) -> Result<Cache, CacheError> {
         if let Some(prefix) = &self.prefix
             && (prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_graphic()))
@@ -228,6 +230,7 @@ impl CacheBuilder {
 impl Cache {
     /// Connects to Redis with the defaults (100 ms op timeout, JSON, no
     /// prefix). Fails only on a malformed URL; see [`CacheBuilder::build`].
+    /// Cancel safe.
     pub async fn connect(url: &str) -> Result<Cache, CacheError> {
         Cache::builder().url(url).build().await
     }

@@ -37,8 +37,18 @@
 //! takes `single_flight` (in process, or `"distributed"`), `stale` and
 //! `early_refresh`.
 //!
+//! # Cancellation
+//!
+//! Cached calls and writes are cancel safe: a call's future may be dropped
+//! at any `.await` (a request timeout, `select!`), and whatever it held (a
+//! lease, a refresh lock, single-flight leadership, an unfinished
+//! invalidation) is released; a cache command that timed out on the client
+//! is assumed to have landed and is compensated. A call that starts after a
+//! write's invalidation completed never returns a value read before it.
+//! The repository's `docs/ARCHITECTURE.md` states the whole contract.
+//!
 //! Module map: [`Cache`] (handle, builder, fail-open lookup), [`KeyPart`] and
-//! [`CacheKey`] (key rendering), [`Codec`], [`Stats`].
+//! [`CacheKey`] (key rendering), [`Codec`], [`Stats`], [`CacheError`].
 
 // Generated code names `::cache_runtime`; this lets the crate's own tests
 // use the macro.
@@ -102,7 +112,8 @@ pub use crate::stats::{Counts, Stats};
 ///
 /// A miss takes a lease on the key before it runs the body and stores the
 /// result only if no write invalidated the key meanwhile: see
-/// [`invalidates`].
+/// [`invalidates`]. The generated function is cancel safe: dropped at any
+/// `.await`, it gives back what it held (see the crate docs).
 ///
 /// A missing `KeyPart` impl is reported at the parameter, a value that is not
 /// `Serialize + DeserializeOwned` at the return type.
@@ -134,7 +145,8 @@ pub use cache_macros::redis_cached;
 /// If the cache cannot be reached, the write still returns without waiting
 /// more than one op timeout; the deletion is retried in the background for
 /// a few seconds (`errors`, then `invalidations` or `lost_invalidations` in
-/// [`Stats`]). If it is lost, the TTL bounds how long the old value is served.
+/// [`Stats`]), as it is when the write's future is dropped while deleting.
+/// If it is lost, the TTL bounds how long the old value is served.
 #[cfg(feature = "macros")]
 #[doc(inline)]
 pub use cache_macros::invalidates;
@@ -150,8 +162,10 @@ pub use cache_macros::invalidates;
 /// The value is what `#[redis_cached]` would cache from this function's
 /// return type (`Ok` of a `Result`, `Some` of an `Option`); it must be the
 /// target's cached type, or rustc reports `expected CacheKey<A>, found
-/// CacheKey<B>` at the target. An `Err` stores nothing. If the store fails,
-/// the key is invalidated instead (retried in the background).
+/// CacheKey<B>` at the target. An `Err` stores nothing; `None` (or
+/// `Ok(None)`) deletes the entry. If the store fails, times out or is cut
+/// short by a dropped future, the key is invalidated instead (retried in the
+/// background).
 ///
 /// Two writers of one row that race may leave the earlier value (the later
 /// `SET` wins, not the later database write); prefer [`invalidates`] when
