@@ -438,3 +438,60 @@ async fn writes_honour_the_cache_prefix() {
     let ttl: i64 = raw(&mut conn, &[b"TTL", b"app:user:2"]).await;
     assert!((55..=60).contains(&ttl), "the target's TTL: {ttl}");
 }
+
+/// The cache's background retries run on the Tokio runtime that first
+/// needed them. If that runtime shuts down while the cache lives on (a
+/// cache shared by several runtimes), its pending retries are given up and
+/// counted, and a later write of the same key is retried anew: it is not
+/// taken as covered by a retry that will never run.
+#[test]
+fn a_write_after_the_retrying_runtime_shut_down_is_still_invalidated() {
+    let server = RedisServer::start();
+    let proxy = cache_harness::FaultProxy::start(server.port());
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let users = first.block_on(async {
+        let cache = Cache::builder()
+            .url(proxy.url())
+            .op_timeout(Duration::from_millis(50))
+            .build()
+            .await
+            .unwrap();
+        let users = Users::new(cache);
+        users.get_user(1).await.unwrap(); // cached
+        proxy.set(cache_harness::Fault::Blackhole);
+        users.rename(1, "lost".into()).await.unwrap(); // its DEL is queued for a retry
+        users
+    });
+    drop(first); // the retry's runtime goes, the retry with it
+    proxy.set(cache_harness::Fault::None);
+
+    let second = runtime();
+    second.block_on(async {
+        users.rename(1, "Ada".into()).await.unwrap();
+        let started = Instant::now();
+        while users.get_user(1).await.unwrap().name != "Ada" {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the second write's invalidation was never made"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let writer = users.cache.stats().function("rename").unwrap();
+        println!(
+            "retry runtime shut down: the second write's invalidation landed after {:?}; \
+             lost invalidations counted {}",
+            started.elapsed(),
+            writer.lost_invalidations
+        );
+        assert_eq!(
+            writer.lost_invalidations, 1,
+            "the first write's retry, given up"
+        );
+    });
+}

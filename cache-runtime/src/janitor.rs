@@ -189,7 +189,11 @@ impl Cache {
         let (sender, receiver) = mpsc::channel(QUEUE);
         let _ = sender.try_send(chore);
         *queue = Some(sender);
-        runtime.spawn(work(std::sync::Arc::downgrade(&self.inner), receiver));
+        runtime.spawn(work(Worker {
+            cache: std::sync::Arc::downgrade(&self.inner),
+            queue: receiver,
+            pending: Vec::new(),
+        }));
     }
 
     /// Chores submitted to the janitor and not finished yet.
@@ -219,19 +223,51 @@ struct Pending {
     attempts: usize,
 }
 
-async fn work(cache: Weak<Inner>, mut queue: mpsc::Receiver<Chore>) {
-    let mut pending: Vec<Pending> = Vec::new();
+/// The worker's state. Dropped with the worker's task (its runtime shut
+/// down while the cache lives on), it takes its chores out of the ledger,
+/// so that a later write of their keys is queued anew, not taken as covered.
+struct Worker {
+    cache: Weak<Inner>,
+    queue: mpsc::Receiver<Chore>,
+    pending: Vec<Pending>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let Some(inner) = self.cache.upgrade() else {
+            return;
+        };
+        let cache = Cache { inner };
+        let queued = std::iter::from_fn(|| self.queue.try_recv().ok());
+        let chores: Vec<Chore> = self
+            .pending
+            .drain(..)
+            .map(|p| p.chore)
+            .chain(queued)
+            .collect();
+        for chore in chores {
+            cache.drop_chore(chore, "the runtime running the clean-up shut down");
+        }
+    }
+}
+
+/// Built before the task is spawned, so that a task dropped before its
+/// first poll still drops a `Worker`.
+async fn work(mut worker: Worker) {
     loop {
-        let next = pending.iter().map(|p| p.due).min();
+        let next = worker.pending.iter().map(|p| p.due).min();
         let received = tokio::select! {
-            chore = queue.recv() => match chore {
+            chore = worker.queue.recv() => match chore {
                 Some(chore) => Some(chore),
                 None => return, // the cache is gone
             },
             () = sleep_until(next) => None,
         };
-        let Some(inner) = cache.upgrade() else { return };
+        let Some(inner) = worker.cache.upgrade() else {
+            return;
+        };
         let cache = Cache { inner };
+        let Worker { queue, pending, .. } = &mut worker;
         for chore in received
             .into_iter()
             .chain(std::iter::from_fn(|| queue.try_recv().ok()))
