@@ -102,6 +102,12 @@ impl Source {
         self.load(id).await
     }
 
+    /// Id 0 does not exist: the answer is `None`.
+    #[redis_cached(key = "maybe:<id>", ttl = 60, single_flight, cache = self.cache)]
+    async fn maybe(&self, id: u64) -> Option<Report> {
+        self.load(id).await.ok().filter(|_| id != 0)
+    }
+
     #[redis_cached(key = "stale:<id>", ttl = "300ms", stale = "30s", cache = self.cache)]
     async fn stale(&self, id: u64) -> Result<Report, DbError> {
         self.load(id).await
@@ -295,6 +301,30 @@ async fn a_failing_refresh_serves_the_old_value_without_a_refresh_storm() {
          (one per second, not one per call)"
     );
     assert!((2..=4).contains(&refreshes), "{refreshes} refresh attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_given_a_leaders_answer_of_none() {
+    let server = RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    let source = Source::new(cache.clone(), Duration::from_millis(50));
+    let mut tasks = JoinSet::new();
+    for _ in 0..100 {
+        let source = source.clone();
+        tasks.spawn(async move { source.maybe(0).await });
+    }
+    let mut nones = 0;
+    while let Some(answer) = tasks.join_next().await {
+        nones += usize::from(answer.unwrap().is_none());
+    }
+    let counts = cache.stats().function("maybe").unwrap();
+    println!(
+        "100 concurrent lookups of an id that does not exist, single_flight: {} body run(s), \
+         {nones} got None, {} coalesced",
+        source.runs(),
+        counts.coalesced
+    );
+    assert_eq!((source.runs(), nones), (1, 100));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
