@@ -231,6 +231,23 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Calls `done` every `every` until it returns true, for at most `limit`;
+/// how long that took, or `None` if it never did.
+pub async fn wait_for(
+    limit: Duration,
+    every: Duration,
+    mut done: impl AsyncFnMut() -> bool,
+) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(every).await;
+    }
+    None
+}
+
 /// A plain connection to the server, bypassing the code under test.
 pub async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(server.url())

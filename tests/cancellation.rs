@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cache_harness::{Fault, FaultProxy, RedisServer, raw, raw_connection};
+use cache_harness::{Fault, FaultProxy, RedisServer, raw, raw_connection, wait_for};
 use cache_runtime::__private::{backend_ops, pending_chores};
 use cache_runtime::{Cache, Counts, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
@@ -335,16 +335,7 @@ async fn check_no_stale_value(name: &str, db: &Db) {
     }
 }
 
-async fn wait_until(limit: Duration, mut done: impl AsyncFnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if done().await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    None
-}
+const POLL: Duration = Duration::from_millis(5);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_on_redis_behind_a_fault_proxy() {
@@ -365,7 +356,7 @@ async fn sweep_on_redis_behind_a_fault_proxy() {
 
     // The breaker closes within one cool-down: the first call that uses the
     // cache (not a bypass) after Redis is healthy again.
-    let closed = wait_until(Duration::from_secs(5), async || {
+    let closed = wait_for(Duration::from_secs(5), POLL, async || {
         let before = cache.stats().total.bypasses;
         let _ = db.plain(0).await;
         cache.stats().total.bypasses == before
@@ -374,13 +365,13 @@ async fn sweep_on_redis_behind_a_fault_proxy() {
     .map(|_| healthy.elapsed());
     // Every placeholder and lock is given back: none outlives Redis being
     // healthy by more than an op timeout and a retry of the janitor's.
-    let clean = wait_until(Duration::from_secs(5), async || {
+    let clean = wait_for(Duration::from_secs(5), POLL, async || {
         leases_left(&cache).await.is_empty()
     })
     .await
     .map(|_| healthy.elapsed());
     // The janitor finishes its invalidation retries (up to ~8 s apart).
-    let idle = wait_until(Duration::from_secs(10), async || {
+    let idle = wait_for(Duration::from_secs(10), POLL, async || {
         pending_chores(&cache) == 0
     })
     .await

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cache_harness::{RedisServer, raw, raw_connection};
+use cache_harness::{RedisServer, raw, raw_connection, wait_for};
 use cache_runtime::{Cache, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -113,16 +113,12 @@ impl Table {
 
 /// Calls `get(id)` every 20 ms until one is a hit; the time it took.
 async fn time_to_first_hit(table: &Table, id: u64, limit: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    while started.elapsed() < limit {
+    wait_for(limit, Duration::from_millis(20), async || {
         let hits = table.cache.stats().total.hits;
         let _ = table.get(id).await;
-        if table.cache.stats().total.hits > hits {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
+        table.cache.stats().total.hits > hits
+    })
+    .await
 }
 
 /// 1. Redis stalls, the breaker opens; after the cool-down the next call
