@@ -65,7 +65,8 @@ enum Read {
         ttl: Ttl,
     },
     Absent,
-    /// Not ours (counted and logged): to be replaced.
+    /// Neither a value nor a live lease of another caller (counted and
+    /// logged, unless it is this process's own abandoned lease): replaced.
     Garbage(Garbage),
     /// The cache cannot be reached (counted and logged): run uncached.
     Unavailable,
