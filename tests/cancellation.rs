@@ -2,12 +2,15 @@
 //! every option, with writes mixed in, each dropped at a random point (a
 //! request timeout), on `Cache::memory()` and on a real `redis-server`
 //! behind a fault proxy that cycles through latency, replies held after the
-//! commands were applied, stalls, blackholes and connection resets.
+//! commands were applied, stalls, blackholes and connection resets; and the
+//! database itself fails in bursts, so that failed leaders, failing-key
+//! gates and failed refreshes are cut short too.
 //!
 //! Afterwards the invariants are checked, not single outcomes:
 //!
 //! - no lease placeholder or refresh lock is left once Redis is healthy and
-//!   every call has ended (leases are 30 s here, so a leak would show);
+//!   every call has ended (leases are 30 s here, so a leak would show), and
+//!   no single flight or gate is left in the process;
 //! - the circuit breaker closes within one cool-down of Redis being healthy;
 //! - no function serves a value older than the last write (no stale value
 //!   after quiescence), and no invalidation was lost;
@@ -17,12 +20,12 @@
 //! `SWEEP_SECONDS` sets how long each sweep runs (CI: 4 s per backend).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cache_harness::{Fault, FaultProxy, RedisServer, raw, raw_connection, wait_for};
-use cache_runtime::__private::{backend_ops, pending_chores};
+use cache_runtime::__private::{backend_ops, flights_in_use, pending_chores};
 use cache_runtime::{Cache, Counts, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +48,8 @@ struct Db {
     cache: Cache,
     rows: Mutex<HashMap<u64, u64>>,
     body_runs: AtomicU64,
+    /// The database answers `Err` while set.
+    failing: AtomicBool,
 }
 
 fn present(version: u64) -> bool {
@@ -66,6 +71,7 @@ impl Db {
             cache,
             rows: Mutex::new((0..IDS).map(|id| (id, 1)).collect()),
             body_runs: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -73,37 +79,40 @@ impl Db {
         self.rows.lock().unwrap()[&id]
     }
 
-    async fn row(&self, id: u64) -> Row {
+    async fn row(&self, id: u64) -> Result<Row, DbError> {
         self.body_runs.fetch_add(1, Ordering::SeqCst);
         pause(2_000).await;
         let version = self.version(id);
         pause(2_000).await;
-        Row { id, version }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(DbError);
+        }
+        Ok(Row { id, version })
     }
 
     #[redis_cached(key = "plain:<id>", ttl = 60, cache = self.cache)]
     async fn plain(&self, id: u64) -> Result<Row, DbError> {
-        Ok(self.row(id).await)
+        self.row(id).await
     }
 
     #[redis_cached(key = "flight:<id>", ttl = 60, single_flight, cache = self.cache)]
     async fn flight(&self, id: u64) -> Result<Row, DbError> {
-        Ok(self.row(id).await)
+        self.row(id).await
     }
 
     #[redis_cached(key = "dist:<id>", ttl = 60, single_flight = "distributed", cache = self.cache)]
     async fn distributed(&self, id: u64) -> Result<Row, DbError> {
-        Ok(self.row(id).await)
+        self.row(id).await
     }
 
     #[redis_cached(key = "stale:<id>", ttl = "150ms", stale = "10s", cache = self.cache)]
-    async fn stale(&self, id: u64) -> Option<Row> {
-        Some(self.row(id).await).filter(|row| present(row.version))
+    async fn stale(&self, id: u64) -> Result<Option<Row>, DbError> {
+        Ok(Some(self.row(id).await?).filter(|row| present(row.version)))
     }
 
     #[redis_cached(key = "early:<id>", ttl = "250ms", early_refresh = 2.0, single_flight, cache = self.cache)]
     async fn early(&self, id: u64) -> Result<Row, DbError> {
-        Ok(self.row(id).await)
+        self.row(id).await
     }
 
     /// Commits last: a write dropped before that changed nothing, and one
@@ -129,7 +138,7 @@ impl Db {
             version(self.plain(id).await),
             version(self.flight(id).await),
             version(self.distributed(id).await),
-            self.stale(id).await.map(|r| r.version),
+            self.stale(id).await.ok().flatten().map(|r| r.version),
             version(self.early(id).await),
         ]
     }
@@ -211,6 +220,19 @@ async fn sweep(
 ) -> (Calls, Counts, u64) {
     let calls = Arc::new(Calls::default());
     let end = Instant::now() + length;
+    // The database fails 120 ms of every 400, until 1.5 s before the end:
+    // a failed refresh holds its lock for a second on purpose.
+    let outages = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            while Instant::now() + Duration::from_millis(1_500) < end {
+                tokio::time::sleep(Duration::from_millis(280)).await;
+                db.failing.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(120)).await;
+                db.failing.store(false, Ordering::SeqCst);
+            }
+        })
+    };
     let chaos = proxy.map(|proxy| {
         tokio::spawn(async move {
             'cycles: loop {
@@ -240,12 +262,15 @@ async fn sweep(
     for worker in workers {
         worker.await.unwrap();
     }
+    outages.await.unwrap();
     if let Some(chaos) = chaos {
         chaos.await.unwrap();
     }
     let stats = db.cache.stats().total;
     let body_runs = db.body_runs.load(Ordering::SeqCst);
     let calls = Arc::try_unwrap(calls).unwrap();
+    let flights = flights_in_use(&db.cache);
+    assert_eq!(flights, 0, "a single flight or gate outlived its callers");
     (calls, stats, body_runs)
 }
 

@@ -132,6 +132,12 @@ pub fn pending_chores(cache: &Cache) -> usize {
     cache.pending_chores()
 }
 
+/// Single flights and failing-key gates in use: 0 once no call is under
+/// way, whatever ended the calls.
+pub fn flights_in_use(cache: &Cache) -> usize {
+    cache.inner.flights.len()
+}
+
 impl BackendOps<'_> {
     /// `get(key)`.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {

@@ -141,8 +141,8 @@ impl Flights {
         }
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// Flights and gates in use: 0 once no call is under way.
+    pub(crate) fn len(&self) -> usize {
         self.in_flight.len() + self.failing.len()
     }
 }
