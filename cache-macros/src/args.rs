@@ -21,6 +21,9 @@ const ARGUMENTS: &[&str] = &[
     "single_flight",
     "stale",
     "early_refresh",
+    "cache_none",
+    "none_ttl",
+    "batch",
     "version",
     "cache",
     "crate",
@@ -53,6 +56,12 @@ pub struct Args {
     pub stale_millis: Option<u64>,
     /// `early_refresh` (β = 1) or `early_refresh = β`.
     pub early_refresh: Option<f64>,
+    /// `cache_none`: the span of the flag, for errors.
+    pub cache_none: Option<proc_macro2::Span>,
+    /// `none_ttl = "5s"`, in milliseconds, and the span of its value.
+    pub none_ttl: Option<(u64, proc_macro2::Span)>,
+    /// `batch`: the span of the flag, for errors.
+    pub batch: Option<proc_macro2::Span>,
     pub version: Option<u32>,
     pub cache: Option<Expr>,
     pub krate: Option<Path>,
@@ -128,6 +137,25 @@ impl Args {
                         Some(1.0)
                     };
                 }
+                "cache_none" | "batch" if meta.input.peek(Token![=]) => {
+                    let help = if name == "cache_none" {
+                        "help: write `cache_none` to cache `None` for the TTL, or `none_ttl = \"5s\"` for a TTL of its own"
+                    } else {
+                        "help: write `batch`; the key's placeholder that names a collection is the batch"
+                    };
+                    errors.at(
+                        name_span,
+                        format!("`{name}` is a flag and takes no value\n{help}"),
+                    );
+                    return skip_value(meta.input);
+                }
+                "cache_none" => args.cache_none = Some(name_span),
+                "none_ttl" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    args.none_ttl = parse_duration("none_ttl", &value, errors)
+                        .map(|t| (t.millis, value.span()));
+                }
+                "batch" => args.batch = Some(name_span),
                 "version" => {
                     let lit: syn::LitInt = meta.value()?.parse()?;
                     match lit.base10_parse::<u32>() {

@@ -76,6 +76,9 @@ fn key_fn(plan: &Plan) -> TokenStream {
     .map(|mode| quote!(.single_flight(#krate::__private::SingleFlight::#mode)));
     let stale = plan.stale_millis.map(|millis| quote!(.stale(#millis)));
     let early_refresh = plan.early_refresh.map(|beta| quote!(.early_refresh(#beta)));
+    let cache_none = plan
+        .none_ttl_millis
+        .map(|millis| quote!(.cache_none(#millis)));
     quote! {
         #[doc = #doc]
         #[must_use]
@@ -87,7 +90,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
                 ::core::concat!(::core::module_path!(), "::", #fn_name),
                 #ttl,
                 #jitter,
-            )#single_flight #stale #early_refresh;
+            )#single_flight #stale #early_refresh #cache_none;
             let mut #builder = #krate::__private::KeyBuilder::new(
                 #capacity,
                 ::core::option::Option::Some(&#site),

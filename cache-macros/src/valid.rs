@@ -8,7 +8,7 @@ use proc_macro2::Span;
 use syn::{Expr, Generics, Ident, LitStr, Path, Type};
 
 use crate::args::{Args, SingleFlight, Target, WriteArgs, WriteKind};
-use crate::ast::{AnnotatedFn, Param};
+use crate::ast::{AnnotatedFn, Param, Shape};
 use crate::ctxt::{Errors, did_you_mean, hint};
 use crate::template::{self, Segment, Template};
 use crate::types;
@@ -23,6 +23,8 @@ pub struct Plan<'a> {
     pub single_flight: SingleFlight,
     pub stale_millis: Option<u64>,
     pub early_refresh: Option<f64>,
+    /// `cache_none` / `none_ttl`: how long an answer of `None` is cached.
+    pub none_ttl_millis: Option<u64>,
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
@@ -121,6 +123,7 @@ pub fn validate<'a>(
     } = placeholders;
 
     check_skip(&func, &args.skip, &in_key, errors);
+    check_negative(&func, args, errors);
 
     if template.is_some() {
         for param in &func.params {
@@ -181,6 +184,10 @@ pub fn validate<'a>(
         single_flight: args.single_flight,
         stale_millis: args.stale_millis,
         early_refresh: args.early_refresh,
+        none_ttl_millis: args
+            .none_ttl
+            .map(|(millis, _)| millis)
+            .or(args.cache_none.map(|_| ttl.millis)),
         version: args.version,
         cache: args.cache.as_ref(),
         krate,
@@ -313,6 +320,27 @@ fn unknown_placeholder(
         param_list(func)
     );
     (message, suggestion)
+}
+
+/// `cache_none` and `none_ttl` need a result with an answer of nothing.
+fn check_negative(func: &AnnotatedFn, args: &Args, errors: &mut Errors) {
+    let spans = args
+        .cache_none
+        .iter()
+        .map(|span| ("cache_none", *span))
+        .chain(args.none_ttl.iter().map(|(_, span)| ("none_ttl", *span)));
+    for (name, span) in spans {
+        if !matches!(func.output.shape, Shape::Option | Shape::ResultOption) {
+            errors.at(
+                span,
+                format!(
+                    "`{name}` caches an answer of `None`, but `{}` cannot return one\n\
+                     help: it applies to functions that return `Option<T>` or `Result<Option<T>, E>`",
+                    func.name()
+                ),
+            );
+        }
+    }
 }
 
 fn check_skip(func: &AnnotatedFn, skip: &[Ident], in_key: &[&str], errors: &mut Errors) {

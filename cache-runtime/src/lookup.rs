@@ -21,15 +21,13 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use serde::de::DeserializeOwned;
-
 use crate::cache::Cache;
 use crate::clock::px;
 use crate::error::CacheError;
 use crate::flight::{Handed, Landing, Leader, Role};
 use crate::freshness::{self, Freshness, Verdict};
 use crate::lease::{self, Found, HeldLease, Take, Taken};
-use crate::outcome::{Answer, Outcome};
+use crate::outcome::{Answer, NOTHING, Outcome};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 
@@ -89,9 +87,9 @@ enum Garbage {
 }
 
 /// What the caller does next.
-enum Step<V> {
+enum Step<R> {
     /// Answer without a lease.
-    Done(Done<V>),
+    Done(Done<R>),
     /// Claim the key: compute under its lease.
     Claim(Claim),
     /// A placeholder read without its TTL: read it again with it, to tell a
@@ -100,15 +98,16 @@ enum Step<V> {
 }
 
 /// How a caller answers without claiming the key.
-enum Done<V> {
-    Serve(V, Event),
-    Refresh(Refresh<V>),
+enum Done<R> {
+    Serve(R, Event),
+    Refresh(Refresh<R>),
     Bypass,
 }
 
 /// A value to recompute while others are served it.
-struct Refresh<V> {
-    old: V,
+struct Refresh<R> {
+    /// What a hit on the old entry returns.
+    old: R,
     /// Its freshness header: the refresh stores only over this very value.
     header: Vec<u8>,
     /// How a caller served the old value is counted.
@@ -132,10 +131,10 @@ enum Leased<'c> {
 }
 
 /// How a claim ended.
-enum Claimed<'c, V> {
+enum Claimed<'c, R> {
     Computing(Leased<'c>),
     /// The key changed, or a poll of another process's lease: go round.
-    Read(Step<V>),
+    Read(Step<R>),
 }
 
 /// How coalescing ended.
@@ -184,10 +183,10 @@ impl Cache {
                 bytes,
                 value_at: 0,
                 freshness: None,
-            } => match self.decode::<S::Value>(site, &redis_key, &bytes) {
-                Some(value) => {
+            } => match self.decode::<S, R>(site, &redis_key, &bytes) {
+                Some(result) => {
                     self.record(site, Event::Hit);
-                    return S::from_hit(value);
+                    return result;
                 }
                 None => Step::Claim(Claim::Replace(Garbage::Bytes(bytes))),
             },
@@ -195,7 +194,7 @@ impl Cache {
                 self.record(site, Event::Bypass);
                 return body.await;
             }
-            read => self.classify::<S::Value>(site, &redis_key, read),
+            read => self.classify::<S, R>(site, &redis_key, read),
         };
         Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await
     }
@@ -205,7 +204,7 @@ impl Cache {
         &self,
         site: &'static Site,
         key: &str,
-        mut step: Step<S::Value>,
+        mut step: Step<R>,
         body: F,
     ) -> R
     where
@@ -224,7 +223,7 @@ impl Cache {
                     return self.done::<S, R, F>(site, key, done, body).await;
                 }
                 Step::Recheck => {
-                    step = self.reread(site, key).await;
+                    step = self.reread::<S, R>(site, key).await;
                     continue;
                 }
             };
@@ -236,16 +235,16 @@ impl Cache {
                         let at = self.inner.flights.gate(key);
                         _permit = at.enter().await;
                         gate = Some(at);
-                        step = self.reread(site, key).await;
+                        step = self.reread::<S, R>(site, key).await;
                         continue;
                     }
                     Coalesced::LookAgain => {
-                        step = self.reread(site, key).await;
+                        step = self.reread::<S, R>(site, key).await;
                         continue;
                     }
                 }
             }
-            match self.claim(site, key, claim, &mut rounds).await {
+            match self.claim::<S, R>(site, key, claim, &mut rounds).await {
                 Claimed::Computing(lease) => {
                     return self
                         .compute::<S, R, F>(site, key, lease, leader, body)
@@ -257,21 +256,15 @@ impl Cache {
     }
 
     /// Answers a call that needs no lease.
-    async fn done<S, R, F>(
-        &self,
-        site: &'static Site,
-        key: &str,
-        done: Done<S::Value>,
-        body: F,
-    ) -> R
+    async fn done<S, R, F>(&self, site: &'static Site, key: &str, done: Done<R>, body: F) -> R
     where
         S: Outcome<R>,
         F: Future<Output = R>,
     {
         match done {
-            Done::Serve(value, event) => {
+            Done::Serve(result, event) => {
                 self.record(site, event);
-                S::from_hit(value)
+                result
             }
             Done::Refresh(refresh) => self.refresh::<S, R, F>(site, key, refresh, body).await,
             Done::Bypass => {
@@ -294,9 +287,10 @@ impl Cache {
             bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
         };
         match outcome {
-            // Lease placeholders and freshness headers start with byte 0 or
-            // 1, which no JSON value does: anything else is a plain value.
-            Ok(Some((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0 | 1)) => {
+            // Lease placeholders, freshness headers and negative entries
+            // start with byte 0, 1 or 2, which no JSON value does: anything
+            // else is a plain value.
+            Ok(Some((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0..=2)) => {
                 Read::Value {
                     bytes,
                     value_at: 0,
@@ -327,9 +321,9 @@ impl Cache {
         }
     }
 
-    async fn reread<V: DeserializeOwned>(&self, site: &'static Site, key: &str) -> Step<V> {
+    async fn reread<S: Outcome<R>, R>(&self, site: &'static Site, key: &str) -> Step<R> {
         let read = self.read(site, key, true).await;
-        self.classify(site, key, read)
+        self.classify::<S, R>(site, key, read)
     }
 
     /// What stored bytes are: a value (split from its header), someone's
@@ -384,7 +378,7 @@ impl Cache {
     }
 
     /// The classify step: the one place where a read becomes a decision.
-    fn classify<V: DeserializeOwned>(&self, site: &'static Site, key: &str, read: Read) -> Step<V> {
+    fn classify<S: Outcome<R>, R>(&self, site: &'static Site, key: &str, read: Read) -> Step<R> {
         let (mut bytes, value_at, freshness) = match read {
             Read::Value {
                 bytes,
@@ -399,7 +393,7 @@ impl Cache {
             } => return Step::Recheck,
             Read::Leased { placeholder, .. } => return Step::Claim(Claim::Foreign(placeholder)),
         };
-        let Some(value) = self.decode(site, key, &bytes[value_at..]) else {
+        let Some(value) = self.decode::<S, R>(site, key, &bytes[value_at..]) else {
             return Step::Claim(Claim::Replace(Garbage::Bytes(bytes)));
         };
         let verdict = match freshness {
@@ -426,15 +420,23 @@ impl Cache {
         }))
     }
 
-    /// The one place that decodes a value; failures are counted and logged.
-    fn decode<V: DeserializeOwned>(
-        &self,
-        site: &'static Site,
-        key: &str,
-        bytes: &[u8],
-    ) -> Option<V> {
+    /// The one place that decodes an entry into the result a hit returns;
+    /// failures are counted and logged. A negative entry is an answer of
+    /// nothing, for functions whose result has one (else garbage).
+    fn decode<S: Outcome<R>, R>(&self, site: &'static Site, key: &str, bytes: &[u8]) -> Option<R> {
+        if bytes == NOTHING {
+            let nothing = S::nothing();
+            if nothing.is_none() {
+                self.garbage(
+                    site,
+                    key,
+                    "a cached `None` for a function that cannot return one",
+                );
+            }
+            return nothing;
+        }
         match self.inner.codec.decode(bytes) {
-            Ok(value) => Some(value),
+            Ok(value) => Some(S::from_hit(value)),
             Err(error) => {
                 self.record(site, Event::Error);
                 crate::limited!(
@@ -465,8 +467,8 @@ impl Cache {
             Role::Waiter(waiter) => waiter,
         };
         let answer = match waiter.wait().await {
-            Handed::Value(bytes) => match self.decode(site, key, &bytes) {
-                Some(value) => S::from_hit(value),
+            Handed::Value(bytes) => match self.decode::<S, R>(site, key, &bytes) {
+                Some(result) => result,
                 None => return Coalesced::Lead(None),
             },
             Handed::Nothing => match S::nothing() {
@@ -488,13 +490,13 @@ impl Cache {
 
     /// Takes the lease on a missing key, or (distributed) waits for another
     /// process's value for at most one lease and then computes without it.
-    async fn claim<'c, V: DeserializeOwned>(
+    async fn claim<'c, S: Outcome<R>, R>(
         &'c self,
         site: &'static Site,
         key: &'c str,
         claim: Claim,
         rounds: &mut Rounds,
-    ) -> Claimed<'c, V> {
+    ) -> Claimed<'c, R> {
         let take = match claim {
             Claim::IfAbsent => Take::IfAbsent,
             Claim::Replace(Garbage::Bytes(seen)) => Take::Replacing(seen),
@@ -514,14 +516,14 @@ impl Cache {
                 *pause = (*pause * 2).min(LONGEST_POLL);
                 tokio::time::sleep(this_pause).await;
                 self.record(site, Event::LeasePoll);
-                return Claimed::Read(self.reread(site, key).await);
+                return Claimed::Read(self.reread::<S, R>(site, key).await);
             }
         };
         match HeldLease::take(self, site, key, take).await {
             Taken::Held(lease) => Claimed::Computing(Leased::Own(lease)),
             Taken::Occupied if rounds.rechecks < MAX_RECHECKS => {
                 rounds.rechecks += 1;
-                Claimed::Read(self.reread(site, key).await)
+                Claimed::Read(self.reread::<S, R>(site, key).await)
             }
             Taken::Occupied | Taken::Failed => Claimed::Computing(Leased::None),
         }
@@ -575,7 +577,7 @@ impl Cache {
         leader: Option<&Leader<'_>>,
         took: Duration,
     ) -> Landing {
-        let bytes = match S::answer(result) {
+        let entry = match S::answer(result) {
             Answer::Failed => {
                 if let Leased::Own(lease) = lease {
                     lease.give_back().await;
@@ -595,24 +597,40 @@ impl Cache {
         };
         // Read before the command that proves the answer fresh is sent.
         let fence = leader.map_or(0, Leader::fence);
-        let fresh = match (lease, &bytes) {
-            (Leased::Own(lease), Some(bytes)) => {
-                let (stored, ttl) = self.stored_form(site, bytes, took);
-                lease.fulfil(site, &stored, ttl).await
-            }
-            // Nothing to store: the lease goes back, and was still there
-            // only if no write came in between.
-            (Leased::Own(lease), None) => lease.give_back().await,
-            (Leased::Foreign(seen), _) => fence > 0 && self.still_holds(key, &seen).await,
-            (Leased::None, _) => false,
+        let fresh = match lease {
+            Leased::Own(lease) => match self.to_store(site, entry.as_deref()) {
+                Some((bytes, ttl)) => {
+                    let (stored, ttl) = self.stored_form(site, bytes, ttl, took);
+                    lease.fulfil(site, &stored, ttl).await
+                }
+                // Nothing to store: the lease goes back, and was still
+                // there only if no write came in between.
+                None => lease.give_back().await,
+            },
+            Leased::Foreign(seen) => fence > 0 && self.still_holds(key, &seen).await,
+            Leased::None => false,
         };
-        match (fresh, bytes) {
+        match (fresh, entry) {
             (false, _) => Landing::LookAgain,
             (true, Some(bytes)) => Landing::Value {
                 bytes: bytes.into(),
                 fence,
             },
             (true, None) => Landing::Nothing { fence },
+        }
+    }
+
+    /// What an answer stores, and for how long: an encoded value for the
+    /// TTL, or (`cache_none`) the negative entry for the `None` TTL; `None`
+    /// when nothing is stored.
+    pub(crate) fn to_store<'b>(
+        &self,
+        site: &Site,
+        value: Option<&'b [u8]>,
+    ) -> Option<(&'b [u8], u64)> {
+        match value {
+            Some(bytes) => Some((bytes, site.ttl_millis())),
+            None => site.none_ttl_millis().map(|ttl| (NOTHING, ttl)),
         }
     }
 
@@ -625,13 +643,13 @@ impl Cache {
 
     /// The bytes stored for an encoded value, and their TTL: with a
     /// freshness header, kept past the TTL, for `stale` and `early_refresh`.
-    fn stored_form<'b>(
+    pub(crate) fn stored_form<'b>(
         &self,
         site: &Site,
         bytes: &'b [u8],
+        ttl: u64,
         took: Duration,
     ) -> (Cow<'b, [u8]>, u64) {
-        let ttl = site.ttl_millis();
         if site.tracks_freshness() {
             let header = Freshness::new(took, self.inner.clock);
             (
@@ -667,7 +685,7 @@ impl Cache {
         &self,
         site: &'static Site,
         key: &str,
-        refresh: Refresh<S::Value>,
+        refresh: Refresh<R>,
         body: F,
     ) -> R
     where
@@ -676,14 +694,14 @@ impl Cache {
     {
         let Some(lock) = HeldLease::refresh_lock(self, key).await else {
             self.record(site, refresh.served);
-            return S::from_hit(refresh.old);
+            return refresh.old;
         };
         self.record(site, Event::Refresh);
         let started = Instant::now();
         let result = body.await;
         let took = started.elapsed();
         let backend = &self.inner.backend;
-        let stored = match S::answer(&result) {
+        let entry = match S::answer(&result) {
             Answer::Failed => {
                 crate::limited!(
                     self,
@@ -693,14 +711,20 @@ impl Cache {
                     )
                 );
                 lock.hold_for(REFRESH_RETRY_AFTER).await;
-                return S::from_hit(refresh.old);
+                return refresh.old;
             }
-            Answer::Value(value) => self.encode_for_store(Some(site.function()), key, value),
-            Answer::Nothing => None,
+            // A value that does not encode is removed, never stored as `None`.
+            Answer::Value(value) => self
+                .encode_for_store(Some(site.function()), key, value)
+                .map(|bytes| (Cow::Owned(bytes), site.ttl_millis())),
+            Answer::Nothing => site
+                .none_ttl_millis()
+                .map(|ttl| (Cow::Borrowed(NOTHING), ttl)),
         };
-        match stored {
-            Some(bytes) => {
-                let (stored, ttl) = self.stored_form(site, &bytes, took);
+        match &entry {
+            Some((bytes, ttl)) => {
+                let (bytes, ttl) = (&**bytes, *ttl);
+                let (stored, ttl) = self.stored_form(site, bytes, ttl, took);
                 let set = backend.compare_and_set(key, &refresh.header, &stored, ttl);
                 self.record_store(site, key, self.guarded(set).await);
             }

@@ -1,5 +1,13 @@
 //! Which part of a function's result is cached, chosen by the macro from the
-//! declared return type.
+//! declared return type, and how an answer of nothing is stored.
+//!
+//! # Negative entries
+//!
+//! With `cache_none` (or `none_ttl`), an answer of `None` / `Ok(None)` is
+//! stored as the five bytes `\x02none` (after the freshness header, if the
+//! function has one), which `redis-cli get` shows as `"\x02none"`. No
+//! encoded value reads the same: JSON never starts with byte 2, and a
+//! MessagePack value that does (the integer 2) is that one byte long.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -29,6 +37,9 @@ impl<T> ValueOf<T> for PlainShape {
     type Value = T;
 }
 
+/// How an answer of nothing (`None`) is stored; see the module docs.
+pub(crate) const NOTHING: &[u8] = b"\x02none";
+
 /// What a function's result says about the key.
 #[doc(hidden)]
 #[derive(Debug)]
@@ -54,6 +65,8 @@ pub trait Outcome<R> {
     /// The result for [`Answer::Nothing`], for callers given another
     /// caller's answer (`None` for types that have no such answer).
     fn nothing() -> Option<R>;
+    /// Whether `R` has an answer of nothing ([`Outcome::nothing`] is `Some`).
+    const HAS_NOTHING: bool;
 }
 
 /// `Result<T, E>`: `Ok` is cached, `Err` never.
@@ -74,6 +87,7 @@ impl<T: Serialize + DeserializeOwned, E> Outcome<Result<T, E>> for ResultShape {
     fn nothing() -> Option<Result<T, E>> {
         None
     }
+    const HAS_NOTHING: bool = false;
 }
 
 /// `Option<T>`: `Some` is cached; `None` is an answer.
@@ -91,6 +105,7 @@ impl<T: Serialize + DeserializeOwned> Outcome<Option<T>> for OptionShape {
     fn nothing() -> Option<Option<T>> {
         Some(None)
     }
+    const HAS_NOTHING: bool = true;
 }
 
 /// `Result<Option<T>, E>`: `Ok(Some)` is cached; `Ok(None)` is an answer.
@@ -112,6 +127,7 @@ impl<T: Serialize + DeserializeOwned, E> Outcome<Result<Option<T>, E>> for Resul
     fn nothing() -> Option<Result<Option<T>, E>> {
         Some(Ok(None))
     }
+    const HAS_NOTHING: bool = true;
 }
 
 /// Any other type: cached as is.
@@ -129,6 +145,7 @@ impl<T: Serialize + DeserializeOwned> Outcome<T> for PlainShape {
     fn nothing() -> Option<T> {
         None
     }
+    const HAS_NOTHING: bool = false;
 }
 
 /// Whether a write function's result means the write happened, so that its

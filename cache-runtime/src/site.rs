@@ -80,6 +80,9 @@ pub struct Site {
     single_flight: SingleFlight,
     stale_millis: u64,
     early_refresh_beta: f64,
+    /// `cache_none` / `none_ttl`: the TTL of a cached `None`; 0 when `None`
+    /// is not cached.
+    none_ttl_millis: u64,
 }
 
 /// `single_flight`: who shares one computation of a missing key.
@@ -104,7 +107,15 @@ impl Site {
             single_flight: SingleFlight::Off,
             stale_millis: 0,
             early_refresh_beta: 0.0,
+            none_ttl_millis: 0,
         }
+    }
+
+    /// `cache_none` (`millis` is the function's TTL) or `none_ttl = "5s"`:
+    /// an answer of `None` is cached for `millis`.
+    pub const fn cache_none(mut self, millis: u64) -> Self {
+        self.none_ttl_millis = millis;
+        self
     }
 
     /// `single_flight` / `single_flight = "distributed"`.
@@ -150,11 +161,21 @@ impl Site {
 
     /// The TTL for one write: the configured TTL spread by ±`jitter`, at least 1 ms.
     pub(crate) fn ttl_millis(&self) -> u64 {
+        self.jittered(self.ttl_millis)
+    }
+
+    /// The TTL for one write of an answer of `None`, if it is cached
+    /// (`cache_none`, `none_ttl`), spread like [`Site::ttl_millis`].
+    pub(crate) fn none_ttl_millis(&self) -> Option<u64> {
+        (self.none_ttl_millis > 0).then(|| self.jittered(self.none_ttl_millis))
+    }
+
+    fn jittered(&self, millis: u64) -> u64 {
         if self.jitter <= 0.0 {
-            return self.ttl_millis.max(1);
+            return millis.max(1);
         }
         let spread = self.jitter * (2.0 * fastrand::f64() - 1.0);
-        let ttl = self.ttl_millis as f64 * (1.0 + spread);
+        let ttl = millis as f64 * (1.0 + spread);
         (ttl.round() as u64).max(1)
     }
 }
