@@ -9,7 +9,7 @@ use syn::spanned::Spanned;
 use syn::{Expr, Ident, ItemFn, ReceiverKind, Type};
 
 use crate::args::{SingleFlight, WriteKind};
-use crate::ast::{AnnotatedFn, Param, Shape};
+use crate::ast::{AnnotatedFn, Asyncness, Param, Shape};
 use crate::valid::{Key, KeyFn, Part, Plan, PlannedTarget, Stub, WritePlan};
 
 /// The name of the generated key function: `get_user` → `get_user_cache_key`.
@@ -17,22 +17,43 @@ pub fn key_fn_name(name: &Ident) -> Ident {
     format_ident!("{}_cache_key", name)
 }
 
-pub fn expand(plan: &Plan) -> TokenStream {
-    let key_fn = key_fn(plan);
-    let wrapper = wrapper(plan);
-    quote! {
-        #key_fn
-        #wrapper
+/// What one attribute expands to, in parts: `#[cached_impl]` keeps the
+/// method in the trait impl and moves the other items to an inherent impl.
+pub struct Expansion {
+    /// The annotated fn, rewritten (or unchanged, on error).
+    pub method: TokenStream,
+    /// Items beside it: the key function (or its stub).
+    pub items: TokenStream,
+    /// `compile_error!`s.
+    pub errors: TokenStream,
+}
+
+impl Expansion {
+    /// Everything, in place of the annotated fn.
+    pub fn into_tokens(self) -> TokenStream {
+        let Expansion {
+            method,
+            items,
+            errors,
+        } = self;
+        quote!(#items #method #errors)
+    }
+}
+
+pub fn expand(plan: &Plan) -> Expansion {
+    Expansion {
+        method: wrapper(plan),
+        items: key_fn(plan),
+        errors: TokenStream::new(),
     }
 }
 
 /// On error: the user's function unchanged plus the errors, so that callers
 /// of the function see no follow-on errors; for `#[redis_cached]`, also a
 /// stub of its key function, so that writers naming it see none either.
-pub fn fallback(item: &ItemFn, errors: syn::Error, stub: Option<&Stub>) -> TokenStream {
-    let errors = errors.into_compile_error();
+pub fn fallback(item: &ItemFn, errors: syn::Error, stub: Option<&Stub>) -> Expansion {
     let stub = stub.map(|stub| {
-        let signature = key_fn_signature(&stub.func, &stub.key_fn, &stub.krate);
+        let signature = key_fn_signature(&stub.func, &stub.key_vis, &stub.key_fn, &stub.krate);
         quote! {
             #[doc(hidden)]
             #[allow(unused_variables, clippy::all)]
@@ -41,10 +62,10 @@ pub fn fallback(item: &ItemFn, errors: syn::Error, stub: Option<&Stub>) -> Token
             }
         }
     });
-    quote! {
-        #item
-        #stub
-        #errors
+    Expansion {
+        method: quote!(#item),
+        items: quote!(#stub),
+        errors: errors.into_compile_error(),
     }
 }
 
@@ -56,7 +77,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
         func.name(),
         plan.key.literal.value()
     );
-    let signature = key_fn_signature(func, &plan.key_fn, krate);
+    let signature = key_fn_signature(func, &plan.key_vis, &plan.key_fn, krate);
     let site = Ident::new("REDIS_CACHED_SITE", Span::mixed_site());
     let builder = Ident::new("key", Span::mixed_site());
     let capacity = plan.key.capacity;
@@ -102,8 +123,12 @@ fn key_fn(plan: &Plan) -> TokenStream {
 }
 
 /// `vis fn <name>_cache_key<generics>(&self?, params…) -> CacheKey<V> where …`.
-fn key_fn_signature(func: &AnnotatedFn, key_fn: &KeyFn, krate: &syn::Path) -> TokenStream {
-    let vis = &func.item.vis;
+fn key_fn_signature(
+    func: &AnnotatedFn,
+    vis: &syn::Visibility,
+    key_fn: &KeyFn,
+    krate: &syn::Path,
+) -> TokenStream {
     let name = key_fn_name(func.name());
     let receiver = key_fn.uses_self.then(|| quote!(&self,));
     let params = key_fn.params.iter().map(|Param { ident, ty, .. }| {
@@ -299,7 +324,7 @@ pub fn body_call(
     callee: TokenStream,
     leading_args: TokenStream,
 ) -> TokenStream {
-    let stmts = &func.item.block.stmts;
+    let stmts = func.body();
     let ret_span = ret_span(func);
     let unit: Type = syn::parse_quote!(());
     let ret_ty = func.output.ty.unwrap_or(&unit);
@@ -330,19 +355,69 @@ pub fn body_call(
     quote_spanned!(ret_span=> #callee #args .await)
 }
 
-/// The user's function with a new body: `prelude` (keys, cache), then `call`.
+/// The user's function with a new body: `prelude` (keys, cache), then
+/// `call`. For `#[async_trait]`'s output, the call goes back into a boxed
+/// `async move` block, last in the body, where `#[async_trait]` put it and
+/// `#[tracing::instrument]` looks for it.
 pub fn wrap(func: &AnnotatedFn, prelude: TokenStream, call: TokenStream) -> TokenStream {
     let item = func.item;
     let attrs = &item.attrs;
     let vis = &item.vis;
     let sig = &item.sig;
+    let body = match func.asyncness {
+        // Inside `let __ret = { ... }`, after `#[async_trait]` rebound the
+        // parameters (so that its rebindings are used) and `self` as
+        // `__self`.
+        Asyncness::AsyncTrait {
+            block,
+            ret_at: Some(at),
+        } => {
+            let prelude = if func.receiver.is_some() {
+                rename_self(prelude)
+            } else {
+                prelude
+            };
+            let stmts = block.block.stmts.iter().enumerate().map(|(i, stmt)| {
+                let syn::Stmt::Local(local) = stmt else {
+                    return quote!(#stmt);
+                };
+                if i != at {
+                    return quote!(#stmt);
+                }
+                let pat = &local.pat;
+                quote!(let #pat = { #prelude #call };)
+            });
+            quote!(::std::boxed::Box::pin(async move { #(#stmts)* }))
+        }
+        Asyncness::AsyncTrait { ret_at: None, .. } => {
+            quote!(#prelude ::std::boxed::Box::pin(async move { #call }))
+        }
+        Asyncness::Native | Asyncness::Not => quote!(#prelude #call),
+    };
     quote! {
         #(#attrs)*
         #vis #sig {
-            #prelude
-            #call
+            #body
         }
     }
+}
+
+/// `self` → `__self`, as `#[async_trait]` renames it inside its block.
+fn rename_self(tokens: TokenStream) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|token| match token {
+            TokenTree::Ident(ident) if ident == "self" => {
+                TokenTree::Ident(Ident::new("__self", ident.span()))
+            }
+            TokenTree::Group(group) => {
+                let mut renamed = Group::new(group.delimiter(), rename_self(group.stream()));
+                renamed.set_span(group.span());
+                TokenTree::Group(renamed)
+            }
+            other => other,
+        })
+        .collect()
 }
 
 /// Gives every token the same span, so that rustc reports an error about the
@@ -366,7 +441,15 @@ pub fn respan(tokens: TokenStream, span: Span) -> TokenStream {
 
 /// `#[invalidates]` / `#[cache_put]`: render the targets' keys, then hand the
 /// body to the runtime, which updates the cache once the write succeeded.
-pub fn expand_write(plan: &WritePlan) -> TokenStream {
+pub fn expand_write(plan: &WritePlan) -> Expansion {
+    Expansion {
+        method: write_wrapper(plan),
+        items: TokenStream::new(),
+        errors: TokenStream::new(),
+    }
+}
+
+fn write_wrapper(plan: &WritePlan) -> TokenStream {
     let func = &plan.func;
     let krate = &plan.krate;
     let name = func.name().to_string();

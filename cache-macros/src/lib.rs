@@ -13,6 +13,7 @@ mod args;
 mod ast;
 mod ctxt;
 mod expand;
+mod impls;
 mod template;
 mod types;
 mod valid;
@@ -24,6 +25,16 @@ use proc_macro::TokenStream;
 #[proc_macro_attribute]
 pub fn redis_cached(args: TokenStream, input: TokenStream) -> TokenStream {
     redis_cached_impl(args.into(), input.into()).into()
+}
+
+/// On an impl block, typically a trait impl (`impl UserRepo for Repo`):
+/// expands the `#[redis_cached]`, `#[invalidates]` and `#[cache_put]`
+/// methods inside it and puts their generated key functions in an inherent
+/// impl of the type, since a trait impl cannot hold them. Above or below
+/// `#[async_trait]`. See the `cache-runtime` documentation.
+#[proc_macro_attribute]
+pub fn cached_impl(args: TokenStream, input: TokenStream) -> TokenStream {
+    impls::expand(args.into(), input.into()).into()
 }
 
 /// Deletes the cache entries of other functions once this write succeeded
@@ -45,19 +56,35 @@ fn redis_cached_impl(
     args: proc_macro2::TokenStream,
     input: proc_macro2::TokenStream,
 ) -> proc_macro2::TokenStream {
-    let item = match parse_fn(input, "redis_cached") {
-        Ok(item) => item,
-        Err(unchanged) => return unchanged,
-    };
+    match parse_fn(input, "redis_cached") {
+        Ok(item) => redis_cached_parts(args, &item, valid::Context::default()).into_tokens(),
+        Err(unchanged) => unchanged,
+    }
+}
+
+/// `#[redis_cached]` on one fn, in parts; `context` says whether
+/// `#[cached_impl]` moves the key function out.
+fn redis_cached_parts(
+    args: proc_macro2::TokenStream,
+    item: &syn::ItemFn,
+    context: valid::Context,
+) -> expand::Expansion {
     let mut errors = ctxt::Errors::default();
     let args = args::Args::parse(args, &mut errors);
-    let func = ast::AnnotatedFn::from_item(&item);
-    match (valid::validate(&args, func, &mut errors), errors.finish()) {
+    let func = ast::AnnotatedFn::from_item(item);
+    // `#[async_trait]`'s output is in a trait impl, where a stub key
+    // function would be one more error.
+    let stub_fits = !matches!(func.asyncness, ast::Asyncness::AsyncTrait { .. })
+        || context.key_fn_moved.is_some();
+    match (
+        valid::validate(&args, func, context, &mut errors),
+        errors.finish(),
+    ) {
         (Ok(plan), Ok(())) => expand::expand(&plan),
-        (Ok(_), result) => expand::fallback(&item, internal_or(result, "redis_cached"), None),
-        (Err(stub), result) => {
-            expand::fallback(&item, internal_or(result, "redis_cached"), Some(&stub))
+        (Err(stub), result) if stub_fits => {
+            expand::fallback(item, internal_or(result, "redis_cached"), Some(&stub))
         }
+        (_, result) => expand::fallback(item, internal_or(result, "redis_cached"), None),
     }
 }
 
@@ -66,10 +93,18 @@ fn write_impl(
     args: proc_macro2::TokenStream,
     input: proc_macro2::TokenStream,
 ) -> proc_macro2::TokenStream {
-    let mut item = match parse_fn(input, kind.attribute()) {
-        Ok(item) => item,
-        Err(unchanged) => return unchanged,
-    };
+    match parse_fn(input, kind.attribute()) {
+        Ok(item) => write_parts(kind, args, item).into_tokens(),
+        Err(unchanged) => unchanged,
+    }
+}
+
+/// `#[invalidates]` or `#[cache_put]` on one fn, in parts.
+fn write_parts(
+    kind: args::WriteKind,
+    args: proc_macro2::TokenStream,
+    mut item: syn::ItemFn,
+) -> expand::Expansion {
     let mut errors = ctxt::Errors::default();
     let mut write_args = args::WriteArgs::default();
     write_args.parse(kind, args, &mut errors);
@@ -239,6 +274,59 @@ mod expansion_snapshots {
                 }
             },
         ));
+    }
+
+    fn expand_impl(item: proc_macro2::TokenStream) -> String {
+        let output = super::impls::expand(proc_macro2::TokenStream::new(), item);
+        let file: syn::File = syn::parse2(output).expect("the expansion parses as items");
+        prettyplease::unparse(&file)
+    }
+
+    #[test]
+    fn cached_impl_moves_key_functions_out_of_a_trait_impl() {
+        insta::assert_snapshot!(expand_impl(quote! {
+            impl<D: Db> UserRepo for Repo<D> {
+                #[redis_cached(key = "user:<id>", ttl = 60, cache_none, cache = self.cache)]
+                async fn get_user(&self, id: u64) -> Result<Option<User>, DbError> {
+                    self.db.user(id).await
+                }
+            }
+        }));
+    }
+
+    #[test]
+    fn cached_impl_below_async_trait_rewrites_its_boxed_future() {
+        // What `#[async_trait]` (0.1.89) makes of `get_user` before
+        // `#[cached_impl]` runs, when it is the outer attribute.
+        insta::assert_snapshot!(expand_impl(quote! {
+            impl UserRepo for Repo {
+                #[redis_cached(key = "<self.tenant>:user:<id>", ttl = 60)]
+                fn get_user<'life0, 'async_trait>(
+                    &'life0 self,
+                    id: u64,
+                ) -> ::core::pin::Pin<Box<
+                    dyn ::core::future::Future<Output = Result<User, DbError>>
+                        + ::core::marker::Send + 'async_trait
+                >>
+                where
+                    'life0: 'async_trait,
+                    Self: 'async_trait,
+                {
+                    Box::pin(async move {
+                        if let ::core::option::Option::Some(__ret) =
+                            ::core::option::Option::None::<Result<User, DbError>> {
+                            #[allow(unreachable_code)]
+                            return __ret;
+                        }
+                        let __self = self;
+                        let id = id;
+                        let __ret: Result<User, DbError> = { __self.db.user(id).await };
+                        #[allow(unreachable_code)]
+                        __ret
+                    })
+                }
+            }
+        }));
     }
 
     #[test]

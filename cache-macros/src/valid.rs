@@ -5,10 +5,10 @@
 //! key function's signature, for a stub that keeps writers compiling.
 
 use proc_macro2::Span;
-use syn::{Expr, Generics, Ident, LitStr, Path, Type};
+use syn::{Expr, Generics, Ident, LitStr, Path, Type, Visibility};
 
 use crate::args::{Args, SingleFlight, Target, WriteArgs, WriteKind};
-use crate::ast::{AnnotatedFn, Param, Shape};
+use crate::ast::{AnnotatedFn, Asyncness, Param, Shape};
 use crate::ctxt::{Errors, did_you_mean, hint};
 use crate::template::{self, Segment, Template};
 use crate::types;
@@ -16,6 +16,8 @@ use crate::types;
 /// A validated `#[redis_cached]`: everything `expand` needs, nothing it must check.
 pub struct Plan<'a> {
     pub func: AnnotatedFn<'a>,
+    /// The key function's visibility.
+    pub key_vis: Visibility,
     pub key: Key<'a>,
     pub key_fn: KeyFn<'a>,
     pub ttl_millis: u64,
@@ -35,6 +37,7 @@ pub struct Plan<'a> {
 /// follow-on error.
 pub struct Stub<'a> {
     pub func: AnnotatedFn<'a>,
+    pub key_vis: Visibility,
     pub key_fn: KeyFn<'a>,
     pub krate: Path,
 }
@@ -70,22 +73,46 @@ pub struct KeyFn<'a> {
     pub value_nameable: bool,
 }
 
+/// Where the annotated fn is being expanded.
+#[derive(Default)]
+pub struct Context {
+    /// By `#[cached_impl]`, which moves the key function to an inherent impl
+    /// of the type, with this visibility; else `None` (a free fn, or a method
+    /// whose key function stays beside it).
+    pub key_fn_moved: Option<Visibility>,
+}
+
 pub fn validate<'a>(
     args: &'a Args,
     func: AnnotatedFn<'a>,
+    context: Context,
     errors: &mut Errors,
 ) -> Result<Plan<'a>, Box<Stub<'a>>> {
     let sig = &func.item.sig;
-    if sig.asyncness.is_none() {
-        errors.spanned(
+    match func.asyncness {
+        Asyncness::Native => {}
+        Asyncness::AsyncTrait { .. } if context.key_fn_moved.is_some() => {}
+        Asyncness::AsyncTrait { .. } => errors.at(
+            Span::call_site(),
+            format!(
+                "`#[redis_cached]` on a method of a trait impl needs `#[cache_runtime::cached_impl]` on the impl block: \
+                 the generated `{}_cache_key` cannot be a member of the trait, so `#[cached_impl]` puts it in an inherent impl\n\
+                 help: add `#[cached_impl]` to the impl block, next to `#[async_trait]`",
+                sig.ident
+            ),
+        ),
+        Asyncness::Not => errors.spanned(
             sig.fn_token,
             format!(
                 "`#[redis_cached]` needs an `async fn`: reaching the cache is network I/O\n\
                  help: declare it as `async fn {}(...)`",
                 sig.ident
             ),
-        );
+        ),
     }
+    let key_vis = context
+        .key_fn_moved
+        .unwrap_or_else(|| func.item.vis.clone());
     if args.key.is_none() && !args.given.iter().any(|a| a == "key") {
         errors.at(
             Span::call_site(),
@@ -170,6 +197,7 @@ pub fn validate<'a>(
     ) else {
         return Err(Box::new(Stub {
             func,
+            key_vis,
             key_fn,
             krate,
         }));
@@ -177,6 +205,7 @@ pub fn validate<'a>(
     let key = resolve(&func, &template, literal);
     Ok(Plan {
         func,
+        key_vis,
         key,
         key_fn,
         ttl_millis: ttl.millis,
@@ -405,7 +434,7 @@ pub fn validate_write<'a>(
 ) -> Option<WritePlan<'a>> {
     let attribute = kind.attribute();
     let sig = &func.item.sig;
-    if sig.asyncness.is_none() {
+    if matches!(func.asyncness, Asyncness::Not) {
         errors.spanned(
             sig.fn_token,
             format!(

@@ -173,3 +173,34 @@ pub use cache_macros::invalidates;
 #[cfg(feature = "macros")]
 #[doc(inline)]
 pub use cache_macros::cache_put;
+
+/// Lets the methods of an impl block, typically a trait impl, use
+/// `#[redis_cached]`, `#[invalidates]` and `#[cache_put]`.
+///
+/// ```text
+/// #[cached_impl]
+/// impl UserRepo for SqliteRepo {
+///     #[redis_cached(key = "user:<id>", ttl = 60, cache_none)]
+///     async fn get_user(&self, id: u64) -> Result<Option<User>, DbError> { ... }
+///
+///     #[invalidates(Self::get_user(id))]
+///     async fn rename_user(&self, id: u64, name: &str) -> Result<(), DbError> { ... }
+/// }
+/// ```
+///
+/// A trait impl cannot hold the generated `<fn>_cache_key`, which the trait
+/// does not declare: `#[cached_impl]` expands the methods and puts their key
+/// functions in an inherent impl of the same type (`impl SqliteRepo { pub fn
+/// get_user_cache_key(..) }`, with the impl's generics), so that
+/// `Self::get_user_cache_key` and typed write targets work as in any impl.
+/// Without it, rustc reports `method get_user_cache_key is not a member of
+/// trait` (E0407) at the `#[redis_cached]` attribute.
+///
+/// It goes above or below `#[async_trait]`, and the methods may carry
+/// `#[tracing::instrument]` above or below their cache attribute. Native
+/// `async fn` in traits and generic impls (`impl<D: Db> UserRepo for
+/// Repo<D>`) work the same. The type must be local to the crate (an inherent
+/// impl is generated for it).
+#[cfg(feature = "macros")]
+#[doc(inline)]
+pub use cache_macros::cached_impl;
