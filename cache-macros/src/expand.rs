@@ -10,7 +10,7 @@ use syn::{Expr, Ident, ItemFn, ReceiverKind, Type};
 
 use crate::args::{SingleFlight, WriteKind};
 use crate::ast::{AnnotatedFn, Asyncness, Param, Shape};
-use crate::valid::{Key, KeyFn, Part, Plan, PlannedTarget, Stub, WritePlan};
+use crate::valid::{Batch, Key, KeyFn, Part, Plan, PlannedTarget, Stub, WritePlan};
 
 /// The name of the generated key function: `get_user` → `get_user_cache_key`.
 pub fn key_fn_name(name: &Ident) -> Ident {
@@ -163,9 +163,14 @@ fn cached_value_type(func: &AnnotatedFn, key_fn: &KeyFn, krate: &syn::Path) -> T
     let unit: Type = syn::parse_quote!(());
     let ret_ty = func.output.ty.unwrap_or(&unit);
     let shape = shape_ident(func.output.shape);
+    let value_of = if key_fn.batch {
+        quote!(BatchValueOf)
+    } else {
+        quote!(ValueOf)
+    };
     // At the return type, like the other uses of the value type.
     respan(
-        quote!(<#krate::__private::#shape as #krate::__private::ValueOf<#ret_ty>>::Value),
+        quote!(<#krate::__private::#shape as #krate::__private::#value_of<#ret_ty>>::Value),
         ret_span(func),
     )
 }
@@ -271,9 +276,17 @@ fn wrapper(plan: &Plan) -> TokenStream {
             Some(ReceiverKind::Reference(..)) => quote!(self,),
             _ => quote!(&self,),
         });
+    let batch_ident = plan.batch.map(|b| b.param.ident);
     let args = plan.key_fn.params.iter().map(|p| {
         let ident = p.ident;
-        if is_shared_reference(p.ty) {
+        if batch_ident == Some(ident) {
+            // The key closure's `&T`.
+            if is_shared_reference(p.ty) {
+                quote!(*#ident)
+            } else {
+                quote!(#ident)
+            }
+        } else if is_shared_reference(p.ty) {
             quote!(#ident)
         } else {
             quote!(&#ident)
@@ -286,6 +299,9 @@ fn wrapper(plan: &Plan) -> TokenStream {
     };
     let cache_arg = cache_binding(&cache, plan.cache, krate);
     let shape = shape_ident(func.output.shape);
+    if let Some(batch) = &plan.batch {
+        return batch_wrapper(plan, batch, &key_call, &cache_arg, &shape);
+    }
     let call = body_call(
         func,
         quote!(#krate::__private::cached::<#krate::__private::#shape, _, _, _>),
@@ -295,6 +311,73 @@ fn wrapper(plan: &Plan) -> TokenStream {
         func,
         quote! {
             let #key = #key_call;
+            #cache_arg
+        },
+        call,
+    )
+}
+
+/// A batch function: the keys of every id, then the body as a closure of
+/// the missing ids, rebound to the batch parameter's name and type.
+fn batch_wrapper(
+    plan: &Plan,
+    batch: &Batch,
+    key_call: &TokenStream,
+    cache_arg: &TokenStream,
+    shape: &Ident,
+) -> TokenStream {
+    let func = &plan.func;
+    let krate = &plan.krate;
+    let keys = Ident::new("keys", Span::mixed_site());
+    let cache = Ident::new("cache", Span::mixed_site());
+    let missing = Ident::new("missing", Span::mixed_site());
+    let owned = Ident::new("owned", Span::mixed_site());
+    let ids = batch.param.ident;
+    let element = batch.element;
+    let pat = &batch.param.arg.pat;
+    let collect = quote! {
+        ::core::iter::Iterator::collect(::core::iter::IntoIterator::into_iter(#missing))
+    };
+    let rebind = match batch.param.ty {
+        Type::Reference(r) => {
+            let inner = &r.elem;
+            match &**inner {
+                Type::Slice(_) => quote!(let #pat: &#inner = &#missing;),
+                _ => quote! {
+                    let #owned: #inner = #collect;
+                    let #pat: &#inner = &#owned;
+                },
+            }
+        }
+        Type::ImplTrait(_) => quote!(let #pat = #missing;),
+        ty => quote!(let #pat: #ty = #collect;),
+    };
+    let call = body_call_with(
+        func,
+        quote!(#krate::__private::cached_batch::<#krate::__private::#shape, _, _, _, _, _>),
+        quote!(#cache, #keys,),
+        quote!(move |#missing: ::std::vec::Vec<#element>|),
+        rebind,
+    );
+    // The parameter is only handed to `batch_keys`: its `mut` belongs to
+    // the rebinding in the body.
+    let mut sig = func.item.sig.clone();
+    for input in &mut sig.inputs {
+        if let syn::FnArg::Typed(arg) = input
+            && let syn::Pat::Ident(pat) = &mut *arg.pat
+            && pat.ident == *ids
+        {
+            pat.mutability = None;
+        }
+    }
+    wrap_as(
+        func,
+        &sig,
+        quote! {
+            let #keys = #krate::__private::batch_keys::<#element, _, _, _>(
+                #ids,
+                |#ids: &#element| #key_call,
+            );
             #cache_arg
         },
         call,
@@ -324,6 +407,24 @@ pub fn body_call(
     callee: TokenStream,
     leading_args: TokenStream,
 ) -> TokenStream {
+    body_call_with(
+        func,
+        callee,
+        leading_args,
+        TokenStream::new(),
+        TokenStream::new(),
+    )
+}
+
+/// [`body_call`], with the body given as `head async move { prologue body }`:
+/// a batch's body is a closure of the missing ids.
+fn body_call_with(
+    func: &AnnotatedFn,
+    callee: TokenStream,
+    leading_args: TokenStream,
+    head: TokenStream,
+    prologue: TokenStream,
+) -> TokenStream {
     let stmts = func.body();
     let ret_span = ret_span(func);
     let unit: Type = syn::parse_quote!(());
@@ -345,7 +446,8 @@ pub fn body_call(
     let mut args = Group::new(
         Delimiter::Parenthesis,
         quote! {
-            #leading_args async move {
+            #leading_args #head async move {
+                #prologue
                 #fake_return_edge
                 #(#stmts)*
             }
@@ -360,10 +462,19 @@ pub fn body_call(
 /// `async move` block, last in the body, where `#[async_trait]` put it and
 /// `#[tracing::instrument]` looks for it.
 pub fn wrap(func: &AnnotatedFn, prelude: TokenStream, call: TokenStream) -> TokenStream {
+    wrap_as(func, &func.item.sig, prelude, call)
+}
+
+/// [`wrap`] with another signature.
+fn wrap_as(
+    func: &AnnotatedFn,
+    sig: &syn::Signature,
+    prelude: TokenStream,
+    call: TokenStream,
+) -> TokenStream {
     let item = func.item;
     let attrs = &item.attrs;
     let vis = &item.vis;
-    let sig = &item.sig;
     let body = match func.asyncness {
         // Inside `let __ret = { ... }`, after `#[async_trait]` rebound the
         // parameters (so that its rebindings are used) and `self` as

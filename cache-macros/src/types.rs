@@ -20,6 +20,66 @@ pub fn contains_impl_trait(ty: &Type) -> bool {
     finder.0
 }
 
+/// `&T` → `T`, through parentheses and groups.
+pub fn strip_reference(mut ty: &Type) -> &Type {
+    loop {
+        match ty {
+            Type::Reference(r) => ty = &r.elem,
+            Type::Paren(p) => ty = &p.elem,
+            Type::Group(g) => ty = &g.elem,
+            other => return other,
+        }
+    }
+}
+
+/// Collections whose first type argument is the element type.
+const COLLECTIONS: &[&str] = &[
+    "Vec",
+    "VecDeque",
+    "HashSet",
+    "BTreeSet",
+    "IndexSet",
+    "SmallVec",
+    "LinkedList",
+];
+
+/// The element type of a batch parameter: `&[T]`, `Vec<T>`, `&Vec<T>`,
+/// `HashSet<T>`, ..., `impl IntoIterator<Item = T>`; `None` for anything
+/// else.
+pub fn element_type(ty: &Type) -> Option<&Type> {
+    match strip_reference(ty) {
+        Type::Slice(slice) => Some(&slice.elem),
+        Type::Array(array) => Some(&array.elem),
+        Type::Path(path) => {
+            let segment = path.path.segments.last()?;
+            if !COLLECTIONS.contains(&segment.ident.to_string().as_str()) {
+                return None;
+            }
+            let syn::PathArguments::AngleBracketed(args) = &segment.arguments else {
+                return None;
+            };
+            args.args.iter().find_map(|arg| match arg {
+                syn::GenericArgument::Type(ty) => Some(ty),
+                _ => None,
+            })
+        }
+        Type::ImplTrait(bounds) => bounds.bounds.iter().find_map(|bound| {
+            let syn::TypeParamBound::Trait(bound) = bound else {
+                return None;
+            };
+            let syn::PathArguments::AngleBracketed(args) = &bound.path.segments.last()?.arguments
+            else {
+                return None;
+            };
+            args.args.iter().find_map(|arg| match arg {
+                syn::GenericArgument::AssocType(assoc) if assoc.ident == "Item" => Some(&assoc.ty),
+                _ => None,
+            })
+        }),
+        _ => None,
+    }
+}
+
 /// Whether a type has a reference without a named lifetime, or `'_`.
 fn has_elided_lifetime(ty: &Type) -> bool {
     struct Finder(bool);
@@ -163,6 +223,24 @@ mod tests {
         let where_clause = kept.where_clause.unwrap().to_token_stream().to_string();
         assert_eq!(where_clause, "where K : Display");
         assert!(used_by(&declared, &[&ty("u64")]).params.is_empty());
+    }
+
+    #[test]
+    fn batch_element_types() {
+        let element = |src: &str| element_type(&ty(src)).map(|t| t.to_token_stream().to_string());
+        assert_eq!(element("&[u64]").as_deref(), Some("u64"));
+        assert_eq!(element("&'a Vec<String>").as_deref(), Some("String"));
+        assert_eq!(
+            element("std::collections::HashSet<Uuid>").as_deref(),
+            Some("Uuid")
+        );
+        assert_eq!(
+            element("impl IntoIterator<Item = u32> + Send").as_deref(),
+            Some("u32")
+        );
+        assert_eq!(element("Option<u64>"), None);
+        assert_eq!(element("&str"), None);
+        assert_eq!(element("u64"), None);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Plan<'a> {
     pub early_refresh: Option<f64>,
     /// `cache_none` / `none_ttl`: how long an answer of `None` is cached.
     pub none_ttl_millis: Option<u64>,
+    /// `batch`: the collection parameter whose elements are the ids.
+    pub batch: Option<Batch<'a>>,
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
@@ -40,6 +42,15 @@ pub struct Stub<'a> {
     pub key_vis: Visibility,
     pub key_fn: KeyFn<'a>,
     pub krate: Path,
+}
+
+/// The batch parameter of a `batch` function.
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    /// As declared (`ids: &[u64]`).
+    pub param: Param<'a>,
+    /// One id's type (`u64`).
+    pub element: &'a Type,
 }
 
 /// A key template with every placeholder resolved.
@@ -71,6 +82,9 @@ pub struct KeyFn<'a> {
     /// Whether it can name the cached value type in `CacheKey<V>` (else
     /// `CacheKey<Untyped>`).
     pub value_nameable: bool,
+    /// For a `batch` function: the key of one id, whose value type is one
+    /// map value.
+    pub batch: bool,
 }
 
 /// Where the annotated fn is being expanded.
@@ -151,6 +165,9 @@ pub fn validate<'a>(
 
     check_skip(&func, &args.skip, &in_key, errors);
     check_negative(&func, args, errors);
+    let batch = args
+        .batch
+        .and_then(|span| check_batch(&func, args, template.as_ref(), &in_key, span, errors));
 
     if template.is_some() {
         for param in &func.params {
@@ -182,9 +199,17 @@ pub fn validate<'a>(
             }
             None => !args.skip.iter().any(|s| s == p.ident),
         })
-        .copied()
+        // The key function of a batch takes one id.
+        .map(|p| match &batch {
+            Some(b) if b.param.ident == p.ident => Param {
+                ty: b.element,
+                ..*p
+            },
+            _ => *p,
+        })
         .collect();
-    let key_fn = key_fn(&func, key_params, uses_self && func.receiver.is_some());
+    let mut key_fn = key_fn(&func, key_params, uses_self && func.receiver.is_some());
+    key_fn.batch = batch.is_some();
     let krate = args
         .krate
         .clone()
@@ -202,7 +227,16 @@ pub fn validate<'a>(
             krate,
         }));
     };
-    let key = resolve(&func, &template, literal);
+    let mut key = resolve(&func, &template, literal);
+    if let Some(b) = &batch {
+        for part in &mut key.parts {
+            if let Part::Param(param, _) = part
+                && param.ident == b.param.ident
+            {
+                param.ty = b.element;
+            }
+        }
+    }
     Ok(Plan {
         func,
         key_vis,
@@ -217,6 +251,7 @@ pub fn validate<'a>(
             .none_ttl
             .map(|(millis, _)| millis)
             .or(args.cache_none.map(|_| ttl.millis)),
+        batch,
         version: args.version,
         cache: args.cache.as_ref(),
         krate,
@@ -235,6 +270,7 @@ fn key_fn<'a>(func: &AnnotatedFn<'a>, params: Vec<Param<'a>>, uses_self: bool) -
         uses_self,
         generics,
         value_nameable,
+        batch: false,
     }
 }
 
@@ -351,6 +387,76 @@ fn unknown_placeholder(
     (message, suggestion)
 }
 
+/// `batch`: exactly one placeholder names a collection parameter, bare;
+/// the result is a map (or a `Result` of one); no refresh options.
+fn check_batch<'a>(
+    func: &AnnotatedFn<'a>,
+    args: &Args,
+    template: Option<&Template>,
+    in_key: &[&str],
+    span: Span,
+    errors: &mut Errors,
+) -> Option<Batch<'a>> {
+    let mut ok = true;
+    if !matches!(func.output.shape, Shape::Result | Shape::Plain) {
+        ok = false;
+        errors.at(
+            span,
+            "a `batch` function returns a map of ids to values: `HashMap<Id, V>`, `BTreeMap<Id, V>`, or a `Result` of one",
+        );
+    }
+    if args.stale_millis.is_some() || args.early_refresh.is_some() {
+        ok = false;
+        errors.at(
+            span,
+            "`batch` does not refresh entries: remove `stale` and `early_refresh`, or cache the single lookup instead",
+        );
+    }
+    let collections: Vec<(&Param<'a>, &'a Type)> = func
+        .params
+        .iter()
+        .filter(|p| in_key.contains(&p.ident.to_string().as_str()))
+        .filter_map(|p| types::element_type(p.ty).map(|element| (p, element)))
+        .collect();
+    let [(param, element)] = collections[..] else {
+        errors.at(
+            span,
+            format!(
+                "`batch` needs exactly one placeholder that names a collection of ids, found {}\n\
+                 help: e.g. `key = \"user:<ids>\"` with `ids: &[u64]`, `Vec<u64>` or `impl IntoIterator<Item = u64>`",
+                collections.len()
+            ),
+        );
+        return None;
+    };
+    if matches!(types::strip_reference(param.ty), Type::Array(_)) {
+        ok = false;
+        errors.spanned(
+            param.arg,
+            "a `batch` parameter cannot be an array: the body is given the missing ids only\n\
+             help: take a slice, `&[T]`",
+        );
+    }
+    let with_fields = template.is_some_and(|t| {
+        t.placeholders()
+            .any(|p| *param.ident == p.root && !p.fields.is_empty())
+    });
+    if with_fields {
+        ok = false;
+        errors.at(
+            span,
+            format!(
+                "`<{}>` is the batch: each id renders as a whole, so it takes no `.field`",
+                param.ident
+            ),
+        );
+    }
+    ok.then_some(Batch {
+        param: *param,
+        element,
+    })
+}
+
 /// `cache_none` and `none_ttl` need a result with an answer of nothing.
 fn check_negative(func: &AnnotatedFn, args: &Args, errors: &mut Errors) {
     let spans = args
@@ -359,7 +465,9 @@ fn check_negative(func: &AnnotatedFn, args: &Args, errors: &mut Errors) {
         .map(|span| ("cache_none", *span))
         .chain(args.none_ttl.iter().map(|(_, span)| ("none_ttl", *span)));
     for (name, span) in spans {
-        if !matches!(func.output.shape, Shape::Option | Shape::ResultOption) {
+        // In a batch, an id the body does not return is the answer of nothing.
+        if args.batch.is_none() && !matches!(func.output.shape, Shape::Option | Shape::ResultOption)
+        {
             errors.at(
                 span,
                 format!(

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use crate::key::KeyBuilder;
 pub use crate::outcome::{
-    Answer, Completion, OptionShape, Outcome, PlainShape, ResultOptionShape, ResultShape, ValueOf,
+    Answer, BatchMap, BatchOutcome, BatchValueOf, Completion, OptionShape, Outcome, PlainShape,
+    ResultOptionShape, ResultShape, ValueOf,
 };
 pub use crate::site::{Function, SingleFlight, Site};
 use crate::{Cache, CacheError, CacheKey};
@@ -28,6 +29,55 @@ where
     };
     let redis_key = cache.redis_key_of(key);
     cache.get_or_compute::<S, R, F>(site, redis_key, body).await
+}
+
+/// The ids of a batch call, each with its key: `ids` is the batch
+/// parameter (a slice, a `Vec`, any `IntoIterator` of ids or of references
+/// to them), `key` the generated key function for one id.
+pub fn batch_keys<T, V, I, F>(ids: I, mut key: F) -> Vec<(T, CacheKey<V>)>
+where
+    T: Clone,
+    I: IntoIterator,
+    I::Item: std::borrow::Borrow<T>,
+    F: FnMut(&T) -> CacheKey<V>,
+{
+    ids.into_iter()
+        .map(|id| {
+            let id: T = std::borrow::Borrow::<T>::borrow(&id).clone();
+            let key = key(&id);
+            (id, key)
+        })
+        .collect()
+}
+
+/// The body of every `#[redis_cached(..., batch)]` function: serve the ids
+/// of `keys` from `cache` (or the installed cache) and run `body` once with
+/// the ids it did not have; see the `batch` module.
+pub async fn cached_batch<S, R, T, V, B, Fut>(
+    cache: Option<&Cache>,
+    keys: Vec<(T, CacheKey<V>)>,
+    body: B,
+) -> R
+where
+    S: BatchOutcome<R>,
+    S::Map: BatchMap<Key = T, Value = V>,
+    V: serde::Serialize + serde::de::DeserializeOwned,
+    T: Clone,
+    B: FnOnce(Vec<T>) -> Fut,
+    Fut: Future<Output = R>,
+{
+    let site = keys.first().and_then(|(_, key)| key.site());
+    let (Some(site), Some(cache)) = (site, site.and_then(|site| resolve(cache, site.function())))
+    else {
+        return body(keys.into_iter().map(|(id, _)| id).collect()).await;
+    };
+    let entries = keys
+        .into_iter()
+        .map(|(id, key)| (id, cache.redis_key_of(key)))
+        .collect();
+    cache
+        .get_or_compute_batch::<S, R, T, V, B, Fut>(site, entries, body)
+        .await
 }
 
 /// The body of every `#[invalidates]` function: run `body`, then, if it

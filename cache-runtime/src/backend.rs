@@ -9,6 +9,7 @@
 //! | operation | semantics |
 //! |---|---|
 //! | `get(key)` | the bytes under `key`, or `None` if absent or expired |
+//! | `get_many(keys)` | `get` of each key, in order, in one round trip (batch lookups) |
 //! | `get_with_ttl(key)` | the bytes and how long they have left, by the *server's* clock (`None`: no expiry) |
 //! | `set(key, value, px)` | store unconditionally, expiring after `px` ms |
 //! | `set_if_absent(key, value, px)` | store only if absent (an expired key is absent); whether it stored |
@@ -59,6 +60,16 @@ impl Backend {
         match self {
             Backend::Redis(r) => r.get(key).await,
             Backend::Memory(m) => Ok(m.get(key)),
+        }
+    }
+
+    pub(crate) async fn get_many(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        match self {
+            Backend::Redis(r) => r.get_many(keys).await,
+            Backend::Memory(m) => Ok(keys.iter().map(|key| m.get(key)).collect()),
         }
     }
 

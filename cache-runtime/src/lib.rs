@@ -55,6 +55,7 @@
 extern crate self as cache_runtime;
 
 mod backend;
+mod batch;
 mod breaker;
 mod cache;
 mod clock;
@@ -101,6 +102,8 @@ pub use crate::stats::{Counts, Stats};
 /// | `single_flight = "distributed"` | the same across processes, by waiting on the key's lease (at most one lease long). |
 /// | `stale = "30s"` | after the TTL, serve the old value for up to 30 s while one caller (across processes) recomputes it. |
 /// | `early_refresh` / `early_refresh = β` | XFetch: recompute before expiry with a probability that grows as expiry nears (β = 1). |
+/// | `cache_none` / `none_ttl = "5s"` | negative caching: an answer of `None` is cached too (for the TTL, or its own). |
+/// | `batch` | a batch lookup: the placeholder naming a collection of ids renders once per id; one `MGET`, the body runs with the missing ids only. |
 /// | `version = 2` | appended to the key (`:v2`), so a changed value type never decodes old entries. |
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |

@@ -123,7 +123,7 @@ enum Claim {
 }
 
 /// The lease a computation runs under.
-enum Leased<'c> {
+pub(crate) enum Leased<'c> {
     Own(HeldLease<'c>),
     /// Another caller's, as seen before computing.
     Foreign(Vec<u8>),
@@ -366,7 +366,7 @@ impl Cache {
         }
     }
 
-    fn garbage(&self, site: &'static Site, key: &str, what: &str) {
+    pub(crate) fn garbage(&self, site: &'static Site, key: &str, what: &str) {
         self.record(site, Event::Error);
         crate::limited!(
             self,
@@ -577,7 +577,21 @@ impl Cache {
         leader: Option<&Leader<'_>>,
         took: Duration,
     ) -> Landing {
-        let entry = match S::answer(result) {
+        self.settle_answer(site, key, S::answer(result), lease, leader, took)
+            .await
+    }
+
+    /// [`Cache::settle`] for one key's answer (a batch has one per key).
+    pub(crate) async fn settle_answer<V: serde::Serialize>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        answer: Answer<'_, V>,
+        lease: Leased<'_>,
+        leader: Option<&Leader<'_>>,
+        took: Duration,
+    ) -> Landing {
+        let entry = match answer {
             Answer::Failed => {
                 if let Leased::Own(lease) = lease {
                     lease.give_back().await;

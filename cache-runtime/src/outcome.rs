@@ -179,3 +179,89 @@ impl<R> Completion<R> for PlainShape {
         true
     }
 }
+
+/// The map a batch function returns (`HashMap` or `BTreeMap`): the ids it
+/// found and their values.
+#[doc(hidden)]
+pub trait BatchMap: Default {
+    /// The id (an element of the batch parameter).
+    type Key;
+    /// The cached value of one id.
+    type Value;
+    /// The value of `key`, if the body returned one.
+    fn lookup(&self, key: &Self::Key) -> Option<&Self::Value>;
+    /// Adds a cached value.
+    fn put(&mut self, key: Self::Key, value: Self::Value);
+}
+
+impl<K: Eq + std::hash::Hash, V, H: std::hash::BuildHasher + Default> BatchMap
+    for std::collections::HashMap<K, V, H>
+{
+    type Key = K;
+    type Value = V;
+    fn lookup(&self, key: &K) -> Option<&V> {
+        self.get(key)
+    }
+    fn put(&mut self, key: K, value: V) {
+        self.insert(key, value);
+    }
+}
+
+impl<K: Ord, V> BatchMap for std::collections::BTreeMap<K, V> {
+    type Key = K;
+    type Value = V;
+    fn lookup(&self, key: &K) -> Option<&V> {
+        self.get(key)
+    }
+    fn put(&mut self, key: K, value: V) {
+        self.insert(key, value);
+    }
+}
+
+/// Maps a batch function's return type `R` to its map: `Result<M, E>`
+/// (an `Err` caches nothing) or `M` itself.
+#[doc(hidden)]
+pub trait BatchOutcome<R> {
+    /// The map of ids to values.
+    type Map: BatchMap;
+    /// The map, or `None` when the body failed.
+    fn map_mut(result: &mut R) -> Option<&mut Self::Map>;
+    /// The result for a batch served from the cache alone.
+    fn from_map(map: Self::Map) -> R;
+}
+
+impl<M: BatchMap, E> BatchOutcome<Result<M, E>> for ResultShape {
+    type Map = M;
+    fn map_mut(result: &mut Result<M, E>) -> Option<&mut M> {
+        result.as_mut().ok()
+    }
+    fn from_map(map: M) -> Result<M, E> {
+        Ok(map)
+    }
+}
+
+impl<M: BatchMap> BatchOutcome<M> for PlainShape {
+    type Map = M;
+    fn map_mut(result: &mut M) -> Option<&mut M> {
+        Some(result)
+    }
+    fn from_map(map: M) -> M {
+        map
+    }
+}
+
+/// Names the value type of one id of a batch function's result, for its
+/// key function's `CacheKey<V>`.
+#[doc(hidden)]
+pub trait BatchValueOf<R> {
+    /// The cached value of one id.
+    type Value;
+}
+
+impl<M: BatchMap, E> BatchValueOf<Result<M, E>> for ResultShape {
+    type Value = M::Value;
+}
+
+impl<M: BatchMap> BatchValueOf<M> for PlainShape {
+    type Value = M::Value;
+}

@@ -18,6 +18,9 @@ use super::Stored;
 use crate::error::CacheError;
 
 /// `GET` and `PTTL` in one step: the remaining TTL by the server's clock.
+/// Keys per `MGET` of a batch lookup.
+const MGET_CHUNK: usize = 256;
+
 static GET_WITH_TTL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"local value = redis.call('GET', KEYS[1])
@@ -129,6 +132,33 @@ impl RedisBackend {
             .query_async(&mut self.conn())
             .await
             .map_err(CacheError::redis)
+    }
+
+    /// One `MGET` per [`MGET_CHUNK`] keys, pipelined: one round trip, and
+    /// no single command so long that it stalls the server.
+    pub(crate) async fn get_many(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for chunk in keys.chunks(MGET_CHUNK) {
+            pipe.cmd("MGET").arg(chunk);
+        }
+        let chunks: Vec<Vec<Option<Vec<u8>>>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(CacheError::redis)?;
+        let values: Vec<Option<Vec<u8>>> = chunks.into_iter().flatten().collect();
+        if values.len() != keys.len() {
+            return Err(CacheError::redis(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "MGET answered a different number of values than keys",
+            ))));
+        }
+        Ok(values)
     }
 
     pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {

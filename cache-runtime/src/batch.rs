@@ -1,0 +1,342 @@
+//! Batch lookups: `#[redis_cached(key = "user:<ids>", ttl = 60, batch)]` on
+//! `async fn get_users(ids: &[u64]) -> Result<HashMap<u64, User>, E>`.
+//!
+//! Each id's key is rendered as the single-key function's `<id>` would be,
+//! so batch and single lookups share entries, leases and invalidations.
+//!
+//! 1. **Read** every distinct key with one `MGET` (chunked and pipelined).
+//! 2. Serve what was found (values, and `cache_none`'s negative entries).
+//! 3. With `single_flight`, **coalesce** the missing ids with computations
+//!    in flight in this process, one key at a time in key order: an id
+//!    another caller computes is waited for, the others this batch leads.
+//!    Taking leaderships in one global order while waiting means that two
+//!    overlapping batches cannot wait for each other.
+//! 4. Take the **leases** of the ids it computes (sent together), run the
+//!    body **once with those ids only**, and settle each id's lease with
+//!    its answer exactly as a single lookup would: the value is stored only
+//!    if no write touched the key meanwhile; an id the body did not return
+//!    is an answer of nothing (stored as such with `cache_none`).
+//! 5. Merge the cached values into the body's map.
+//!
+//! A cache that cannot be read runs the body with every id (fail open).
+//! Stale values (`stale`, `early_refresh`) are not refreshed by a batch;
+//! the macro rejects those options with `batch`.
+
+use std::future::Future;
+use std::time::Instant;
+
+use futures_util::future::join_all;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::cache::Cache;
+use crate::error::CacheError;
+use crate::flight::{Handed, Landing, Leader, Role};
+use crate::lease::{self, Found, HeldLease, Take, Taken};
+use crate::lookup::Leased;
+use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
+use crate::site::{SingleFlight, Site};
+use crate::stats::Event;
+
+/// How often an id's handover may fail before the batch computes it
+/// without joining the flight.
+const MAX_HANDOVERS: u32 = 3;
+
+/// One distinct id of the batch that the cache did not answer.
+struct Missing<K> {
+    id: K,
+    /// Index into the batch's keys.
+    at: usize,
+    /// How to take its lease; `None` for another caller's live lease
+    /// (computed without storing).
+    take: Option<Take>,
+}
+
+impl Cache {
+    /// Serves the ids of `entries` from the cache and computes the others
+    /// with one call of `body`; see the module docs.
+    pub(crate) async fn get_or_compute_batch<S, R, K, V, B, Fut>(
+        &self,
+        site: &'static Site,
+        entries: Vec<(K, String)>,
+        body: B,
+    ) -> R
+    where
+        S: BatchOutcome<R>,
+        S::Map: BatchMap<Key = K, Value = V>,
+        V: Serialize + DeserializeOwned,
+        K: Clone,
+        B: FnOnce(Vec<K>) -> Fut,
+        Fut: Future<Output = R>,
+    {
+        // Distinct keys, first occurrence first.
+        let mut ids = Vec::with_capacity(entries.len());
+        let mut keys: Vec<String> = Vec::with_capacity(entries.len());
+        let mut seen = std::collections::HashSet::with_capacity(entries.len());
+        for (id, key) in entries {
+            if seen.insert(key.clone()) {
+                ids.push(id);
+                keys.push(key);
+            }
+        }
+        let read = self.guarded(self.inner.backend.get_many(&keys)).await;
+        let values = match read {
+            Ok(values) => values,
+            Err(error) => {
+                if !matches!(error, CacheError::CircuitOpen) {
+                    self.record(site, Event::Error);
+                    crate::limited!(
+                        self,
+                        warn!(%error, keys = keys.len(), "cache batch read failed: running uncached")
+                    );
+                }
+                for _ in &keys {
+                    self.record(site, Event::Bypass);
+                }
+                return body(ids).await;
+            }
+        };
+
+        let mut found: Vec<(K, V)> = Vec::new();
+        let mut missing = Vec::new();
+        for (at, (id, bytes)) in ids.into_iter().zip(values).enumerate() {
+            match self.classify_one::<V>(site, &keys[at], bytes) {
+                One::Value(value) => {
+                    self.record(site, Event::Hit);
+                    found.push((id, value));
+                }
+                One::Nothing => self.record(site, Event::Hit),
+                One::Claim(take) => missing.push(Missing { id, at, take }),
+            }
+        }
+
+        let mut leaders: Vec<Option<Leader<'_>>> = Vec::new();
+        if site.single_flight_mode() == SingleFlight::Off {
+            leaders.resize_with(missing.len(), || None);
+        } else {
+            // In key order, so that overlapping batches cannot wait for each
+            // other (see the module docs).
+            missing.sort_by(|a, b| keys[a.at].cmp(&keys[b.at]));
+            let mut computed = Vec::with_capacity(missing.len());
+            for one in missing {
+                match self.coalesce_one::<V>(site, &keys[one.at]).await {
+                    Coalesced::Value(value) => found.push((one.id, value)),
+                    Coalesced::Nothing => {}
+                    Coalesced::Lead(leader) => {
+                        leaders.push(leader);
+                        computed.push(one);
+                    }
+                }
+            }
+            missing = computed;
+        }
+        if missing.is_empty() {
+            let mut map = S::Map::default();
+            for (id, value) in found {
+                map.put(id, value);
+            }
+            return S::from_map(map);
+        }
+
+        let leases = join_all(missing.iter_mut().map(|one| {
+            let take = one.take.take();
+            let key = &keys[one.at];
+            async move {
+                let taken = match take {
+                    Some(take) => HeldLease::take(self, site, key, take).await,
+                    None => Taken::Occupied,
+                };
+                (taken, ())
+            }
+        }))
+        .await;
+        let mut computing: Vec<(Missing<K>, Taken<'_>, Option<Leader<'_>>)> =
+            Vec::with_capacity(missing.len());
+        let mut occupied = Vec::new();
+        for ((one, (taken, _)), leader) in missing.into_iter().zip(leases).zip(leaders) {
+            // Occupied: another caller's lease, seen by the `MGET` or by
+            // the `SET NX`.
+            if matches!(taken, Taken::Occupied) {
+                occupied.push((one, taken, leader));
+            } else {
+                computing.push((one, taken, leader));
+            }
+        }
+        // A key leased or filled by another caller since the `MGET` (a
+        // flight this batch waited for, another batch, another process):
+        // read once more, together; what is still leased is computed
+        // without storing.
+        if !occupied.is_empty() {
+            let again: Vec<String> = occupied
+                .iter()
+                .map(|(one, ..)| keys[one.at].clone())
+                .collect();
+            let values = self
+                .guarded(self.inner.backend.get_many(&again))
+                .await
+                .unwrap_or_else(|_| vec![None; again.len()]);
+            for ((one, taken, leader), bytes) in occupied.into_iter().zip(values) {
+                match bytes.map(|b| self.classify_one::<V>(site, &keys[one.at], Some(b))) {
+                    Some(One::Value(value)) => {
+                        self.record(site, Event::Hit);
+                        found.push((one.id, value));
+                        look_again(leader);
+                    }
+                    Some(One::Nothing) => {
+                        self.record(site, Event::Hit);
+                        look_again(leader);
+                    }
+                    _ => computing.push((one, taken, leader)),
+                }
+            }
+        }
+        if computing.is_empty() {
+            let mut map = S::Map::default();
+            for (id, value) in found {
+                map.put(id, value);
+            }
+            return S::from_map(map);
+        }
+
+        for _ in &computing {
+            self.record(site, Event::Miss);
+        }
+        let started = Instant::now();
+        let mut result = body(computing.iter().map(|(one, ..)| one.id.clone()).collect()).await;
+        let took = started.elapsed();
+
+        let map = S::map_mut(&mut result);
+        let (computing, leaders): (Vec<_>, Vec<_>) = computing
+            .into_iter()
+            .map(|(one, taken, leader)| ((one, taken), leader))
+            .unzip();
+        let settled = computing
+            .into_iter()
+            .zip(&leaders)
+            .map(|((one, taken), leader)| {
+                let answer = match &map {
+                    None => Answer::Failed,
+                    Some(map) => map.lookup(&one.id).map_or(Answer::Nothing, Answer::Value),
+                };
+                let lease = match taken {
+                    Taken::Held(lease) => Leased::Own(lease),
+                    Taken::Occupied | Taken::Failed => Leased::None,
+                };
+                let key = &keys[one.at];
+                async move {
+                    self.settle_answer(site, key, answer, lease, leader.as_ref(), took)
+                        .await
+                }
+            });
+        let landings = join_all(settled).await;
+        for (leader, landing) in leaders.into_iter().zip(landings) {
+            if let Some(leader) = leader {
+                leader.land(landing);
+            }
+        }
+        if let Some(map) = S::map_mut(&mut result) {
+            for (id, value) in found {
+                map.put(id, value);
+            }
+        }
+        result
+    }
+
+    /// What one key's bytes from the `MGET` mean for the batch.
+    fn classify_one<V: DeserializeOwned>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        bytes: Option<Vec<u8>>,
+    ) -> One<V> {
+        let Some(bytes) = bytes else {
+            return One::Claim(Some(Take::IfAbsent));
+        };
+        match lease::inspect(&bytes) {
+            // Someone's lease (its TTL unread): computed here without
+            // storing, as a single lookup does without "distributed".
+            Found::Placeholder if self.inner.janitor.is_abandoned(&bytes) => {
+                One::Claim(Some(Take::Replacing(bytes)))
+            }
+            Found::Placeholder => One::Claim(None),
+            Found::Malformed => {
+                self.garbage(site, key, "a malformed lease placeholder");
+                One::Claim(Some(Take::Replacing(bytes)))
+            }
+            Found::Value => {
+                let value_at = match crate::freshness::split(&bytes) {
+                    Ok(header) => header.map_or(0, |(_, at)| at),
+                    Err(_) => {
+                        self.garbage(site, key, "a malformed freshness header");
+                        return One::Claim(Some(Take::Replacing(bytes)));
+                    }
+                };
+                let value = &bytes[value_at..];
+                if value == NOTHING {
+                    return One::Nothing;
+                }
+                match self.inner.codec.decode(value) {
+                    Ok(value) => One::Value(value),
+                    Err(error) => {
+                        self.record(site, Event::Error);
+                        crate::limited!(
+                            self,
+                            warn!(key, %error, "undecodable cache entry: recomputing and overwriting it")
+                        );
+                        One::Claim(Some(Take::Replacing(bytes)))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Joins this process's computation of `key`, or leads it.
+    async fn coalesce_one<V: DeserializeOwned>(
+        &self,
+        site: &'static Site,
+        key: &str,
+    ) -> Coalesced<'_, V> {
+        for _ in 0..MAX_HANDOVERS {
+            let waiter = match self.inner.flights.join(key) {
+                Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
+                Role::Waiter(waiter) => waiter,
+            };
+            match waiter.wait().await {
+                Handed::Value(bytes) => {
+                    if let Ok(value) = self.inner.codec.decode(&bytes) {
+                        self.record(site, Event::Coalesced);
+                        return Coalesced::Value(value);
+                    }
+                }
+                Handed::Nothing => {
+                    self.record(site, Event::Coalesced);
+                    return Coalesced::Nothing;
+                }
+                Handed::LookAgain | Handed::Failed => {}
+            }
+        }
+        Coalesced::Lead(None)
+    }
+}
+
+/// A leader that did not compute tells its waiters to read the key.
+fn look_again(leader: Option<Leader<'_>>) {
+    if let Some(leader) = leader {
+        leader.land(Landing::LookAgain);
+    }
+}
+
+/// One key of a batch after its read.
+enum One<V> {
+    Value(V),
+    Nothing,
+    Claim(Option<Take>),
+}
+
+/// One missing key after coalescing.
+enum Coalesced<'c, V> {
+    Value(V),
+    Nothing,
+    /// Compute it: as the leader of its flight, or alone.
+    Lead(Option<Leader<'c>>),
+}
