@@ -281,3 +281,38 @@ async fn a_dead_redis_runs_the_body_with_every_id() {
     assert_eq!(users.len(), 3);
     assert_eq!(repo.max_reads_of_one_row(), 2, "ids 1 and 2 read again");
 }
+
+#[tokio::test]
+async fn a_batch_dropped_mid_body_leaves_no_lease_and_no_flight() {
+    use cache_runtime::__private::{flights_in_use, pending_chores};
+    let server = RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    let repo = Repo::new(cache.clone());
+    repo.query_ms.store(200, Ordering::SeqCst);
+    let ids: Vec<u64> = (500..510).collect();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(50),
+        repo.get_users_coalesced(ids.clone()),
+    );
+    assert!(
+        cut.await.is_err(),
+        "the request timeout dropped the batch mid-body"
+    );
+    let settled = cache_harness::wait_for(
+        Duration::from_secs(3),
+        Duration::from_millis(5),
+        async || pending_chores(&cache) == 0 && flights_in_use(&cache) == 0,
+    )
+    .await;
+    let mut conn = cache_harness::raw_connection(&server).await;
+    let mut left = 0;
+    for id in &ids {
+        let key = format!("user:{id}");
+        let stored: Option<Vec<u8>> =
+            cache_harness::raw(&mut conn, &[b"GET", key.as_bytes()]).await;
+        left += usize::from(stored.is_some());
+    }
+    println!("batch dropped mid-body: released after {settled:?}, {left} keys left");
+    assert!(settled.is_some());
+    assert_eq!(left, 0, "every lease placeholder was given back");
+}

@@ -131,11 +131,7 @@ impl Cache {
             missing = computed;
         }
         if missing.is_empty() {
-            let mut map = S::Map::default();
-            for (id, value) in found {
-                map.put(id, value);
-            }
-            return S::from_map(map);
+            return S::from_map(map_of(found));
         }
 
         let leases = join_all(missing.iter_mut().map(|one| {
@@ -191,11 +187,7 @@ impl Cache {
             }
         }
         if computing.is_empty() {
-            let mut map = S::Map::default();
-            for (id, value) in found {
-                map.put(id, value);
-            }
-            return S::from_map(map);
+            return S::from_map(map_of(found));
         }
 
         for _ in &computing {
@@ -275,16 +267,9 @@ impl Cache {
                 if value == NOTHING {
                     return One::Nothing;
                 }
-                match self.inner.codec.decode(value) {
-                    Ok(value) => One::Value(value),
-                    Err(error) => {
-                        self.record(site, Event::Error);
-                        crate::limited!(
-                            self,
-                            warn!(key, %error, "undecodable cache entry: recomputing and overwriting it")
-                        );
-                        One::Claim(Some(Take::Replacing(bytes)))
-                    }
+                match self.decode_value(site, key, value) {
+                    Some(value) => One::Value(value),
+                    None => One::Claim(Some(Take::Replacing(bytes))),
                 }
             }
         }
@@ -303,7 +288,7 @@ impl Cache {
             };
             match waiter.wait().await {
                 Handed::Value(bytes) => {
-                    if let Ok(value) = self.inner.codec.decode(&bytes) {
+                    if let Some(value) = self.decode_value(site, key, &bytes) {
                         self.record(site, Event::Coalesced);
                         return Coalesced::Value(value);
                     }
@@ -317,6 +302,15 @@ impl Cache {
         }
         Coalesced::Lead(None)
     }
+}
+
+/// The map of a batch served from the cache alone.
+fn map_of<M: BatchMap>(found: Vec<(M::Key, M::Value)>) -> M {
+    let mut map = M::default();
+    for (id, value) in found {
+        map.put(id, value);
+    }
+    map
 }
 
 /// A leader that did not compute tells its waiters to read the key.

@@ -435,8 +435,19 @@ impl Cache {
             }
             return nothing;
         }
+        self.decode_value(site, key, bytes).map(S::from_hit)
+    }
+
+    /// Decodes one encoded value (a batch decodes values without a result
+    /// around them); failures are counted and logged.
+    pub(crate) fn decode_value<V: serde::de::DeserializeOwned>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        bytes: &[u8],
+    ) -> Option<V> {
         match self.inner.codec.decode(bytes) {
-            Ok(value) => Some(S::from_hit(value)),
+            Ok(value) => Some(value),
             Err(error) => {
                 self.record(site, Event::Error);
                 crate::limited!(
