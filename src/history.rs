@@ -75,6 +75,14 @@ impl History {
             .push(event);
     }
 
+    /// Records an event completed elsewhere (merging histories).
+    pub fn record_event(&self, event: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(event);
+    }
+
     /// The events recorded so far.
     pub fn events(&self) -> Vec<Event> {
         self.events

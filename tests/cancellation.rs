@@ -1,5 +1,6 @@
 //! Cancellation and partial failure, swept: thousands of cached calls of
-//! every option, with writes mixed in, each dropped at a random point (a
+//! every option (negative caching and batch lookups included), with writes
+//! mixed in, each dropped at a random point (a
 //! request timeout), on `Cache::memory()` and on a real `redis-server`
 //! behind a fault proxy that cycles through latency, replies held after the
 //! commands were applied, stalls, blackholes and connection resets; and the
@@ -115,6 +116,34 @@ impl Db {
         self.row(id).await
     }
 
+    #[redis_cached(key = "none:<id>", ttl = 60, cache_none, single_flight, cache = self.cache)]
+    async fn none(&self, id: u64) -> Result<Option<Row>, DbError> {
+        Ok(Some(self.row(id).await?).filter(|row| present(row.version)))
+    }
+
+    #[redis_cached(key = "batch:<ids>", ttl = 60, none_ttl = "30s", single_flight, batch, cache = self.cache)]
+    async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+        self.rows(ids).await
+    }
+
+    /// One query for several rows: counted as one body run per id up
+    /// front, as the cache counts one miss per id.
+    async fn rows(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+        self.body_runs.fetch_add(ids.len() as u64, Ordering::SeqCst);
+        pause(2_000).await;
+        let rows = ids
+            .iter()
+            .map(|&id| (id, self.version(id)))
+            .filter(|&(_, version)| present(version))
+            .map(|(id, version)| (id, Row { id, version }))
+            .collect();
+        pause(2_000).await;
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(DbError);
+        }
+        Ok(rows)
+    }
+
     /// Commits last: a write dropped before that changed nothing, and one
     /// that committed cannot be dropped before its invalidation is queued.
     #[invalidates(
@@ -123,6 +152,8 @@ impl Db {
         Self::distributed(id),
         Self::stale(id),
         Self::early(id),
+        Self::none(id),
+        Self::batch(id),
         cache = self.cache
     )]
     async fn write(&self, id: u64) -> Result<(), DbError> {
@@ -132,7 +163,7 @@ impl Db {
     }
 
     /// Each function's answer for `id`, as versions (`None`: absent).
-    async fn answers(&self, id: u64) -> [Option<u64>; 5] {
+    async fn answers(&self, id: u64) -> [Option<u64>; 7] {
         let version = |row: Result<Row, DbError>| row.ok().map(|r| r.version);
         [
             version(self.plain(id).await),
@@ -140,6 +171,12 @@ impl Db {
             version(self.distributed(id).await),
             self.stale(id).await.ok().flatten().map(|r| r.version),
             version(self.early(id).await),
+            self.none(id).await.ok().flatten().map(|r| r.version),
+            self.batch(&[id])
+                .await
+                .ok()
+                .and_then(|mut rows| rows.remove(&id))
+                .map(|r| r.version),
         ]
     }
 }
@@ -151,12 +188,15 @@ struct Calls {
     completed: AtomicU64,
     dropped: AtomicU64,
     writes: AtomicU64,
+    /// A batch call records an outcome per distinct id: the ones beyond
+    /// the first.
+    extra_outcomes: AtomicU64,
 }
 
 async fn one_call(db: &Db, calls: &Calls) {
     let id = fastrand::u64(..IDS);
     let call = async {
-        match fastrand::u8(..10) {
+        match fastrand::u8(..12) {
             // Writes touch half the rows, so values of the others age and
             // are refreshed.
             0 if id < IDS / 2 => {
@@ -170,7 +210,18 @@ async fn one_call(db: &Db, calls: &Calls) {
             6 | 7 => {
                 let _ = db.stale(id).await;
             }
-            _ => drop(db.early(id).await),
+            8 | 9 => drop(db.early(id).await),
+            10 => drop(db.none(id).await),
+            _ => {
+                let ids: Vec<u64> = (0..fastrand::usize(1..=4))
+                    .map(|_| fastrand::u64(..IDS))
+                    .collect();
+                let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len() as u64;
+                calls
+                    .extra_outcomes
+                    .fetch_add(distinct - 1, Ordering::SeqCst);
+                drop(db.batch(&ids).await);
+            }
         }
     };
     calls.started.fetch_add(1, Ordering::SeqCst);
@@ -282,6 +333,8 @@ fn keys(id: u64) -> Vec<String> {
         Db::distributed_cache_key(&id).into_string(),
         Db::stale_cache_key(&id).into_string(),
         Db::early_cache_key(&id).into_string(),
+        Db::none_cache_key(&id).into_string(),
+        Db::batch_cache_key(&id).into_string(),
     ];
     keys.iter()
         .flat_map(|key| [key.clone(), format!("{key}\0refresh")])
@@ -331,7 +384,8 @@ fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
         stats.body_runs(),
         "{name}: every body run is a miss, a refresh or a bypass"
     );
-    let reads_started = started - calls.writes.load(Ordering::SeqCst);
+    let reads_started =
+        started - calls.writes.load(Ordering::SeqCst) + calls.extra_outcomes.load(Ordering::SeqCst);
     assert!(
         stats.calls() <= reads_started,
         "{name}: {} outcomes for {reads_started} reads",
@@ -354,7 +408,7 @@ async fn check_no_stale_value(name: &str, db: &Db) {
         let plain = Some(version);
         assert_eq!(
             answers,
-            [plain, plain, plain, expected, plain],
+            [plain, plain, plain, expected, plain, expected, expected],
             "{name}: id {id} at version {version}"
         );
     }

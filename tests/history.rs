@@ -16,7 +16,7 @@
 //! binary as workers: the `worker` test does nothing unless
 //! `HISTORY_WORKER` is set. `HISTORY_SECONDS` sets how long each run lasts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,12 +38,14 @@ struct Row {
 struct DbError;
 
 /// The read arms, by name.
-const ARMS: [&str; 6] = [
+const ARMS: [&str; 8] = [
     "plain",
     "single_flight",
     "distributed",
     "stale",
     "early_refresh",
+    "cache_none",
+    "batch",
     "naive",
 ];
 
@@ -122,6 +124,25 @@ impl Store {
         Ok(self.row(id).await)
     }
 
+    /// A row never written does not exist: `None`, cached.
+    #[redis_cached(key = "none:<id>", ttl = 60, cache_none, single_flight, cache = self.cache)]
+    async fn cache_none(&self, id: u64) -> Result<Option<Row>, DbError> {
+        Ok(Some(self.row(id).await).filter(|row| row.version > 0))
+    }
+
+    /// Batches: rows never written are absent (and cached as `None`).
+    #[redis_cached(key = "batch:<ids>", ttl = 60, cache_none, single_flight, batch, cache = self.cache)]
+    async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+        let mut rows = HashMap::new();
+        for &id in ids {
+            let row = self.row(id).await;
+            if row.version > 0 {
+                rows.insert(id, row);
+            }
+        }
+        Ok(rows)
+    }
+
     /// Cache-aside without a lease, as tutorials write it.
     async fn naive(&self, id: u64) -> Row {
         let key = format!("naive:{id}");
@@ -154,6 +175,8 @@ impl Store {
         Self::distributed(id),
         Self::stale(id),
         Self::early_refresh(id),
+        Self::cache_none(id),
+        Self::batch(id),
         cache = self.cache
     )]
     async fn write(&self, id: u64) -> Result<u64, DbError> {
@@ -178,6 +201,15 @@ impl Store {
             "distributed" => self.distributed(id).await,
             "stale" => self.stale(id).await,
             "early_refresh" => self.early_refresh(id).await,
+            "cache_none" => self
+                .cache_none(id)
+                .await
+                .map(|row| row.unwrap_or(Row { id, version: 0 })),
+            // The row read, with another one in the same batch.
+            "batch" => self
+                .batch(&[id, fastrand::u64(..ROWS)])
+                .await
+                .map(|mut rows| rows.remove(&id).unwrap_or(Row { id, version: 0 })),
             _ => Ok(self.naive(id).await),
         };
         row.map_or(0, |row| row.version)

@@ -76,6 +76,7 @@ pub struct CacheBuilder {
     max_value_size: usize,
     breaker_failures: u32,
     breaker_cooldown: Duration,
+    tcp_nodelay: bool,
     clock: WallClock,
 }
 #[derive(Debug, Clone)]
@@ -151,6 +152,21 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether the Redis connection sets `TCP_NODELAY`. Default `true`,
+    /// as Lettuce, go-redis, redis-py and hiredis do (the `redis` crate
+    /// alone does not). With Nagle's algorithm, a command written while an
+    /// earlier one is unacknowledged waits for that acknowledgement, which
+    /// the server sends with the earlier reply: concurrent calls on the
+    /// shared connection (a batch's leases, hits under load) pay an extra
+    /// round trip each on a real network. `false` suits only a Redis on
+    /// the same host, where coalescing small writes buys throughput (about
+    /// 5 to 15 % more hits per second at 16 concurrent callers on loopback
+    /// in `examples/bench.rs`).
+    pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
+        self.tcp_nodelay = nodelay;
+        self
+    }
+
     /// Plays a host whose wall clock is `offset_millis` ahead (or, if
     /// negative, behind). For tests: no decision of the cache reads the
     /// wall clock, and the clock-skew test checks that it stays so.
@@ -178,7 +194,7 @@ impl CacheBuilder {
                 Backend::Memory(MemoryBackend::new(capacity_bytes))
             }
             Some(BackendChoice::Url(url)) => {
-                let redis = RedisBackend::new(&url)?;
+                let redis = RedisBackend::new(&url, self.tcp_nodelay)?;
                 // Connect now so that the first calls are served, but never
                 // fail start-up on it.
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
@@ -246,6 +262,7 @@ impl Cache {
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
+            tcp_nodelay: true,
             clock: WallClock::default(),
         }
     }

@@ -11,8 +11,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, Script};
 
 use super::Stored;
 use crate::error::CacheError;
@@ -77,8 +77,17 @@ impl RedisBackend {
     /// Parses the URL and prepares a connection without opening it: the
     /// first command connects, so a server that is down does not stop the
     /// service from starting. Must be called inside a Tokio runtime.
-    pub(crate) fn new(url: &str) -> Result<Self, CacheError> {
-        let client = redis::Client::open(url).map_err(CacheError::invalid_url)?;
+    pub(crate) fn new(url: &str, nodelay: bool) -> Result<Self, CacheError> {
+        let info = url
+            .into_connection_info()
+            .map_err(CacheError::invalid_url)?;
+        // TCP_NODELAY by default: see `CacheBuilder::tcp_nodelay`. Found by
+        // examples/batch_bench.rs through a 1 ms proxy: a batch's ten
+        // concurrent lease commands went out one, then nine a round trip
+        // later.
+        let tcp = info.tcp_settings().clone().set_nodelay(nodelay);
+        let client =
+            redis::Client::open(info.set_tcp_settings(tcp)).map_err(CacheError::invalid_url)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         Ok(RedisBackend { client, conn })
     }
