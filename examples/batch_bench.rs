@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_harness::{Fault, FaultProxy, RedisServer, redis_server_available};
+use cache_harness::{Fault, FaultProxy};
 use cache_runtime::{Cache, redis_cached};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -237,17 +237,8 @@ fn median(samples: &mut [f64]) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
-    let _server;
-    let url = match std::env::var("REDIS_URL") {
-        Ok(url) => url,
-        Err(_) if redis_server_available() => {
-            let server = RedisServer::start();
-            let url = server.url();
-            _server = server;
-            url
-        }
-        Err(_) => return Err(cache_harness::INSTALL_HINT.into()),
-    };
+    // Keeps a private server alive until the end of main.
+    let (url, _server) = cache_harness::benchmark_redis()?;
     // redis://[user:password@]host:port[/db]
     let port: u16 = url
         .split_once("://")

@@ -31,7 +31,6 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_harness::{RedisServer, redis_server_available};
 use cache_runtime::{Cache, redis_cached};
 use cached::AsyncRedisCache;
 use cached::macros::concurrent_cached;
@@ -525,17 +524,8 @@ fn plot(path: &Path, hits: &[Vec<f64>]) -> Result<(), Error> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Error> {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
-    let _server;
-    let url = match std::env::var("REDIS_URL") {
-        Ok(url) => url,
-        Err(_) if redis_server_available() => {
-            let server = RedisServer::start();
-            let url = server.url();
-            _server = server;
-            url
-        }
-        Err(_) => return Err(cache_harness::INSTALL_HINT.into()),
-    };
+    // Keeps a private server alive until the end of main.
+    let (url, _server) = cache_harness::benchmark_redis()?;
     REDIS_URL.set(url.clone()).map_err(|_| "set once")?;
     let out_dir =
         std::env::var_os("BENCH_OUT").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);

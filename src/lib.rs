@@ -272,6 +272,19 @@ pub async fn raw<T: redis::FromRedisValue>(
         .unwrap_or_else(|e| panic!("raw {:?}: {e}", String::from_utf8_lossy(args[0])))
 }
 
+/// The Redis a benchmark runs on: `REDIS_URL` if set, otherwise a private
+/// `redis-server`, kept running as long as the returned handle lives.
+pub fn benchmark_redis() -> Result<(String, Option<RedisServer>), &'static str> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return Ok((url, None));
+    }
+    if !redis_server_available() {
+        return Err(INSTALL_HINT);
+    }
+    let server = RedisServer::start();
+    Ok((server.url(), Some(server)))
+}
+
 /// Where an example runs: `REDIS_URL` if set; otherwise a private
 /// `redis-server` if one is installed; otherwise the in-process cache.
 pub struct ExampleBackend {
