@@ -62,17 +62,13 @@ pub struct History {
 impl History {
     /// Records a completed operation.
     pub fn record(&self, op: Op, row: u64, start: u128, version: u64) {
-        let event = Event {
+        self.record_event(Event {
             op,
             row,
             start,
             end: now(),
             version,
-        };
-        self.events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(event);
+        });
     }
 
     /// Records an event completed elsewhere (merging histories).
