@@ -9,9 +9,11 @@
 //! // stopped and its files removed when `server` is dropped
 //! ```
 
+mod cluster;
 pub mod history;
 mod proxy;
 
+pub use cluster::{NODE_TIMEOUT_MS, RedisCluster};
 pub use proxy::{Fault, FaultProxy};
 
 use std::io::{BufRead, BufReader, Write};
@@ -205,10 +207,12 @@ impl Drop for RedisServer {
 }
 
 /// Defines, for each listed `async fn(Cache)`, one test on a private
-/// `redis-server` and one on `Cache::memory()`, in modules `redis_backend`
-/// and `memory_backend`. Use it at the top level of a test crate.
+/// `redis-server`, one on the test binary's shared local Redis Cluster
+/// ([`RedisCluster::shared`], with a key prefix of the test's own), and one
+/// on `Cache::memory()`, in modules `redis_backend`, `cluster_backend` and
+/// `memory_backend`. Use it at the top level of a test crate.
 #[macro_export]
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($test:ident),* $(,)?) => {
         mod redis_backend {
             $(
@@ -216,6 +220,15 @@ macro_rules! on_both_backends {
                 async fn $test() {
                     let server = $crate::RedisServer::start();
                     let cache = ::cache_runtime::Cache::connect(&server.url()).await.unwrap();
+                    super::$test(cache).await;
+                }
+            )*
+        }
+        mod cluster_backend {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let cache = $crate::cluster_cache(stringify!($test)).await;
                     super::$test(cache).await;
                 }
             )*
@@ -229,6 +242,19 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+/// A cache on the shared cluster whose keys start with `name` and a number
+/// of this process, so that tests in parallel (and earlier runs) never see
+/// each other's keys.
+pub async fn cluster_cache(name: &str) -> cache_runtime::Cache {
+    let cluster = RedisCluster::shared();
+    cache_runtime::Cache::builder()
+        .cluster(cluster.seeds())
+        .prefix(format!("{name}-{}", std::process::id()))
+        .build()
+        .await
+        .expect("the cluster's seed URLs parse")
 }
 
 /// Calls `done` every `every` until it returns true, for at most `limit`;
@@ -246,6 +272,122 @@ pub async fn wait_for(
         tokio::time::sleep(every).await;
     }
     None
+}
+
+/// Where a test's cache lives: a standalone server's URL, or a cluster's
+/// seed URLs. It has a text form, so that worker processes can be told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `redis://...` of one server.
+    Standalone(String),
+    /// Seed URLs of a Redis Cluster.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    /// The target of a standalone server.
+    pub fn server(server: &RedisServer) -> Target {
+        Target::Standalone(server.url())
+    }
+
+    /// The target of a cluster.
+    pub fn cluster(cluster: &RedisCluster) -> Target {
+        Target::Cluster(cluster.seeds())
+    }
+
+    /// A cache on the target, with the defaults and `prefix` if given.
+    pub async fn cache(&self, prefix: Option<&str>) -> cache_runtime::Cache {
+        let builder = match self {
+            Target::Standalone(url) => cache_runtime::Cache::builder().url(url),
+            Target::Cluster(seeds) => cache_runtime::Cache::builder().cluster(seeds.clone()),
+        };
+        let builder = match prefix {
+            Some(prefix) => builder.prefix(prefix),
+            None => builder,
+        };
+        builder.build().await.expect("the harness's URLs parse")
+    }
+
+    /// A plain connection to the target, bypassing the code under test.
+    pub async fn raw(&self) -> RawConnection {
+        match self {
+            Target::Standalone(url) => RawConnection::Standalone(
+                redis::Client::open(url.as_str())
+                    .expect("the harness's URL parses")
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect to the harness's redis-server"),
+            ),
+            Target::Cluster(seeds) => RawConnection::Cluster(
+                redis::cluster::ClusterClient::new(seeds.clone())
+                    .expect("the harness's URLs parse")
+                    .get_async_connection()
+                    .await
+                    .expect("connect to the harness's cluster"),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Standalone(url) => f.write_str(url),
+            Target::Cluster(seeds) => write!(f, "cluster:{}", seeds.join(",")),
+        }
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Target, Self::Err> {
+        Ok(match s.strip_prefix("cluster:") {
+            Some(seeds) => Target::Cluster(seeds.split(',').map(str::to_owned).collect()),
+            None => Target::Standalone(s.to_owned()),
+        })
+    }
+}
+
+/// A plain connection to a standalone server or a cluster; commands on it
+/// are routed by key on a cluster.
+#[derive(Clone)]
+pub enum RawConnection {
+    /// To one server.
+    Standalone(redis::aio::MultiplexedConnection),
+    /// To a cluster.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RawConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RawConnection::Standalone(c) => c.req_packed_command(cmd),
+            RawConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RawConnection::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            RawConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RawConnection::Standalone(c) => c.get_db(),
+            RawConnection::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// A plain connection to the server, bypassing the code under test.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_harness::{RedisServer, on_both_backends};
+use cache_harness::{RedisServer, on_every_backend};
 use cache_runtime::{Cache, invalidates, redis_cached};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -260,7 +260,7 @@ async fn overlapping_batches_compute_each_id_once(cache: Cache) {
     );
 }
 
-on_both_backends!(
+on_every_backend!(
     only_the_missing_ids_reach_the_body,
     batch_and_single_share_entries_and_invalidations,
     duplicate_ids_are_one_id,

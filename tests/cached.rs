@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use cache_harness::{RedisServer, on_both_backends, raw, raw_connection};
+use cache_harness::{RedisServer, on_every_backend, raw, raw_connection};
 use cache_runtime::{Cache, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -193,7 +193,7 @@ async fn hostile_strings_get_distinct_entries(cache: Cache) {
     assert_eq!(Repo::find_cache_key("a:b*").as_str(), "find:a%3Ab%2A");
 }
 
-on_both_backends!(
+on_every_backend!(
     hit_after_miss,
     err_is_not_cached,
     ttl_expires,

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cache_harness::{Fault, FaultProxy, RedisServer, raw, raw_connection, wait_for};
-use cache_runtime::__private::{backend_ops, flights_in_use, pending_chores};
+use cache_runtime::__private::{backend_ops, flights_in_use, pending_chores, refresh_lock_key};
 use cache_runtime::{Cache, Counts, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -337,7 +337,7 @@ fn keys(id: u64) -> Vec<String> {
         Db::batch_cache_key(&id).into_string(),
     ];
     keys.iter()
-        .flat_map(|key| [key.clone(), format!("{key}\0refresh")])
+        .flat_map(|key| [key.clone(), refresh_lock_key(key)])
         .collect()
 }
 

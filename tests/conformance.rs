@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cache_harness::on_both_backends;
+use cache_harness::on_every_backend;
 use cache_runtime::__private::backend_ops;
 use cache_runtime::Cache;
 
@@ -136,7 +136,7 @@ async fn check_succeeds_on_a_healthy_backend(cache: Cache) {
     backend_ops(&cache).check().await.unwrap();
 }
 
-on_both_backends!(
+on_every_backend!(
     get_returns_what_set_stored_byte_for_byte,
     get_with_ttl_reports_the_time_left,
     values_expire_after_px,

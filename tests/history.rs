@@ -11,6 +11,9 @@
 //! `DEL`s), with no lease. It must show stale reads, or the harness could
 //! not catch any.
 //!
+//! Each test runs on a standalone `redis-server` and on the test binary's
+//! local Redis Cluster, where the naive arm talks to the cluster too.
+//!
 //! The database is a second `redis-server` (`INCR` writes a row), so that
 //! several processes share it. The multi-process test re-runs this test
 //! binary as workers: the `worker` test does nothing unless
@@ -21,7 +24,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cache_harness::history::{self, Event, History, Op};
-use cache_harness::{RedisServer, raw, raw_connection};
+use cache_harness::{RawConnection, RedisCluster, RedisServer, Target, raw, raw_connection};
 use cache_runtime::{Cache, invalidates, redis_cached};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
@@ -53,7 +56,9 @@ struct Store {
     cache: Cache,
     db: MultiplexedConnection,
     /// The naive arm's own connection to the cache's Redis.
-    naive: MultiplexedConnection,
+    naive: RawConnection,
+    /// Of the cache's keys and the naive arm's.
+    prefix: String,
     histories: BTreeMap<&'static str, History>,
 }
 
@@ -65,18 +70,16 @@ async fn pause() {
 }
 
 impl Store {
-    async fn new(cache_url: &str, db_url: &str) -> Store {
-        let client = |url: &str| redis::Client::open(url).unwrap();
+    async fn new(target: &Target, db_url: &str, prefix: &str) -> Store {
         Store {
-            cache: Cache::connect(cache_url).await.unwrap(),
-            db: client(db_url)
+            cache: target.cache(Some(prefix)).await,
+            db: redis::Client::open(db_url)
+                .unwrap()
                 .get_multiplexed_async_connection()
                 .await
                 .unwrap(),
-            naive: client(cache_url)
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap(),
+            naive: target.raw().await,
+            prefix: prefix.to_owned(),
             histories: ARMS
                 .iter()
                 .map(|arm| (*arm, History::default()))
@@ -145,7 +148,7 @@ impl Store {
 
     /// Cache-aside without a lease, as tutorials write it.
     async fn naive(&self, id: u64) -> Row {
-        let key = format!("naive:{id}");
+        let key = format!("{}:naive:{id}", self.prefix);
         let mut conn = self.naive.clone();
         let cached: Option<Vec<u8>> = redis::cmd("GET")
             .arg(&key)
@@ -187,7 +190,7 @@ impl Store {
             .await
             .unwrap();
         let _: () = redis::cmd("DEL")
-            .arg(format!("naive:{id}"))
+            .arg(format!("{}:naive:{id}", self.prefix))
             .query_async(&mut self.naive.clone())
             .await
             .unwrap();
@@ -342,23 +345,30 @@ fn assert_ours_hold_and_naive_fails(name: &str, stale: &BTreeMap<String, usize>)
     }
 }
 
+async fn in_one_process(name: &str, target: &Target) {
+    let db_server = RedisServer::start();
+    let store = std::sync::Arc::new(Store::new(target, &db_server.url(), name).await);
+    store.clone().run(24, run_length()).await;
+    let stale = check(&format!("{name}: one process, 24 tasks"), &store.recorded());
+    assert_ours_hold_and_naive_fails(name, &stale);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_holds_in_one_process() {
     let cache_server = RedisServer::start();
-    let db_server = RedisServer::start();
-    let store = std::sync::Arc::new(Store::new(&cache_server.url(), &db_server.url()).await);
-    store.clone().run(24, run_length()).await;
-    let stale = check("one process, 24 tasks", &store.recorded());
-    assert_ours_hold_and_naive_fails("one process", &stale);
+    in_one_process("standalone", &Target::server(&cache_server)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_in_one_process_on_a_cluster() {
+    in_one_process("cluster", &Target::cluster(RedisCluster::shared())).await;
 }
 
 /// Four processes (this one and three workers) share the cache and the
 /// database.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_your_writes_holds_across_processes() {
-    let cache_server = RedisServer::start();
+async fn across_processes(name: &str, target: &Target) {
     let db_server = RedisServer::start();
-    let dir = std::env::temp_dir().join(format!("history-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("history-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let length = run_length();
     let workers: Vec<_> = (0..3)
@@ -369,8 +379,7 @@ async fn read_your_writes_holds_across_processes() {
                 .env(
                     "HISTORY_WORKER",
                     format!(
-                        "{} {} {} {}",
-                        cache_server.url(),
+                        "{target} {} {} {} {name}",
                         db_server.url(),
                         out.display(),
                         length.as_millis()
@@ -382,7 +391,7 @@ async fn read_your_writes_holds_across_processes() {
             (child, out)
         })
         .collect();
-    let store = std::sync::Arc::new(Store::new(&cache_server.url(), &db_server.url()).await);
+    let store = std::sync::Arc::new(Store::new(target, &db_server.url(), name).await);
     store.clone().run(8, length).await;
     let mut recorded = store.recorded();
     for (mut child, out) in workers {
@@ -400,9 +409,20 @@ async fn read_your_writes_holds_across_processes() {
         &[b"MGET", b"row:0", b"row:1", b"row:2", b"row:3"],
     )
     .await;
-    println!("database rows after the run: {rows:?}");
-    let stale = check("4 processes x 8 tasks", &recorded);
-    assert_ours_hold_and_naive_fails("4 processes", &stale);
+    println!("{name}: database rows after the run: {rows:?}");
+    let stale = check(&format!("{name}: 4 processes x 8 tasks"), &recorded);
+    assert_ours_hold_and_naive_fails(name, &stale);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_across_processes() {
+    let cache_server = RedisServer::start();
+    across_processes("standalone-4", &Target::server(&cache_server)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_across_processes_on_a_cluster() {
+    across_processes("cluster-4", &Target::cluster(RedisCluster::shared())).await;
 }
 
 /// A worker process of `read_your_writes_holds_across_processes`.
@@ -412,10 +432,11 @@ async fn worker() {
         return;
     };
     let parts: Vec<&str> = config.split(' ').collect();
-    let [cache_url, db_url, out, millis] = parts[..] else {
+    let [target, db_url, out, millis, prefix] = parts[..] else {
         panic!("HISTORY_WORKER: {config}");
     };
-    let store = std::sync::Arc::new(Store::new(cache_url, db_url).await);
+    let target: Target = target.parse().unwrap();
+    let store = std::sync::Arc::new(Store::new(&target, db_url, prefix).await);
     store
         .clone()
         .run(8, Duration::from_millis(millis.parse().unwrap()))

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cache_harness::{RedisServer, on_both_backends, raw, raw_connection};
+use cache_harness::{RedisServer, on_every_backend, raw, raw_connection};
 use cache_runtime::{Cache, invalidates, redis_cached};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -241,7 +241,7 @@ async fn a_function_without_none_recomputes_over_a_cached_none(cache: Cache) {
     assert_eq!(other.queries(), 1);
 }
 
-on_both_backends!(
+on_every_backend!(
     missing_ids_cost_one_query,
     concurrent_lookups_of_a_missing_id_share_one_query,
     a_write_replaces_the_cached_none,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use cache_harness::on_both_backends;
+use cache_harness::on_every_backend;
 use cache_runtime::{Cache, cache_put, cached_impl, invalidates, redis_cached};
 
 #[derive(Debug, PartialEq)]
@@ -147,4 +147,4 @@ async fn generic_native_impl(cache: Cache) {
     );
 }
 
-on_both_backends!(through_a_trait_object, generic_native_impl);
+on_every_backend!(through_a_trait_object, generic_native_impl);

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_harness::{RedisServer, on_both_backends, raw, raw_connection};
+use cache_harness::{RedisServer, on_every_backend, raw, raw_connection};
 use cache_runtime::{Cache, CacheBuilder, Counts, cache_put, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -273,7 +273,7 @@ async fn a_failed_body_releases_its_lease(cache: Cache) {
     );
 }
 
-on_both_backends!(
+on_every_backend!(
     invalidates_after_ok,
     err_invalidates_nothing,
     several_targets_and_repeated_attributes,

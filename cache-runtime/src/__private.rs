@@ -168,12 +168,18 @@ fn warn_not_installed(function: &Function) {
 
 /// The backend contract's operations on a cache's backend, under its op
 /// timeout and circuit breaker, for the conformance suite
-/// (`tests/conformance.rs`). See the `backend` module's docs.
+/// (`tests/conformance.rs`). See the `backend` module's docs. Keys get the
+/// cache's prefix, as cached functions' keys do.
 pub struct BackendOps<'a>(&'a Cache);
 
 /// A cache's backend operations; see [`BackendOps`].
 pub fn backend_ops(cache: &Cache) -> BackendOps<'_> {
     BackendOps(cache)
+}
+
+/// The key of `key`'s refresh lock (`stale`, `early_refresh`).
+pub fn refresh_lock_key(key: &str) -> String {
+    crate::key::refresh_lock_key(key)
 }
 
 /// Clean-ups (lease give-backs, invalidation retries) submitted to the
@@ -191,7 +197,9 @@ pub fn flights_in_use(cache: &Cache) -> usize {
 impl BackendOps<'_> {
     /// `get(key)`.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        self.0.guarded(self.0.inner.backend.get(key)).await
+        let key = self.0.prefixed(key);
+        let key = &*key;
+        self.0.guarded(key, self.0.inner.backend.get(key)).await
     }
 
     /// `get_with_ttl(key)`: the bytes and the milliseconds left (`None`: no
@@ -200,17 +208,21 @@ impl BackendOps<'_> {
         &self,
         key: &str,
     ) -> Result<Option<(Vec<u8>, Option<u64>)>, CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
         let stored = self
             .0
-            .guarded(self.0.inner.backend.get_with_ttl(key))
+            .guarded(key, self.0.inner.backend.get_with_ttl(key))
             .await?;
         Ok(stored.map(|s| (s.bytes, s.ttl_millis)))
     }
 
     /// `set(key, value, px)`.
     pub async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
         self.0
-            .guarded(self.0.inner.backend.set(key, value, px))
+            .guarded(key, self.0.inner.backend.set(key, value, px))
             .await
     }
 
@@ -221,8 +233,10 @@ impl BackendOps<'_> {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
         let set = self.0.inner.backend.set_if_absent(key, value, px);
-        self.0.guarded(set).await
+        self.0.guarded(key, set).await
     }
 
     /// `compare_and_set(key, prefix, value, px)`.
@@ -233,14 +247,18 @@ impl BackendOps<'_> {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
         let set = self.0.inner.backend.compare_and_set(key, prefix, value, px);
-        self.0.guarded(set).await
+        self.0.guarded(key, set).await
     }
 
     /// `compare_and_delete(key, prefix)`.
     pub async fn compare_and_delete(&self, key: &str, prefix: &[u8]) -> Result<bool, CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
         let delete = self.0.inner.backend.compare_and_delete(key, prefix);
-        self.0.guarded(delete).await
+        self.0.guarded(key, delete).await
     }
 
     /// `compare_and_expire(key, prefix, px)`.
@@ -250,17 +268,27 @@ impl BackendOps<'_> {
         prefix: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
         let expire = self.0.inner.backend.compare_and_expire(key, prefix, px);
-        self.0.guarded(expire).await
+        self.0.guarded(key, expire).await
     }
 
     /// `delete(keys)`.
     pub async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
-        self.0.guarded(self.0.inner.backend.delete(keys)).await
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| self.0.prefixed(k).into_owned())
+            .collect();
+        let keys = &keys[..];
+        let route = keys.first().map_or("", String::as_str);
+        self.0
+            .guarded(route, self.0.inner.backend.delete(keys))
+            .await
     }
 
     /// `check()`.
     pub async fn check(&self) -> Result<(), CacheError> {
-        self.0.inner.backend.check().await
+        self.0.inner.backend.check(&self.0.inner.breaker).await
     }
 }

@@ -1,4 +1,5 @@
-//! Where bytes are stored: Redis or process memory, behind one contract.
+//! Where bytes are stored: Redis (standalone, Sentinel or Cluster) or
+//! process memory, behind one contract.
 //!
 //! # The backend contract
 //!
@@ -25,13 +26,53 @@
 //! The memory backend never fails; the Redis backend fails with
 //! [`CacheError`], and `Cache` adds the op timeout and the circuit breaker.
 
+mod cluster;
+mod commands;
 mod memory;
 mod redis;
 
+#[cfg(test)]
+pub(crate) use self::cluster::slot_of;
+pub(crate) use self::cluster::{ClusterBackend, hash_tag};
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
 
+use std::sync::Arc;
+
+use crate::breaker::Breaker;
 use crate::error::CacheError;
+
+/// Parses a `redis://` (or, with the `tls` feature, `rediss://`) URL.
+pub(crate) fn connection_info(url: &str) -> Result<::redis::ConnectionInfo, CacheError> {
+    ::redis::IntoConnectionInfo::into_connection_info(url).map_err(CacheError::invalid_url)
+}
+
+/// Which circuit breaker guards an operation: the backend's one, or (on a
+/// cluster) the breaker of the primary that serves the key.
+pub(crate) enum BreakerRef<'a> {
+    Shared(&'a Arc<Breaker>),
+    Node(Arc<Breaker>),
+}
+
+impl BreakerRef<'_> {
+    pub(crate) fn to_arc(&self) -> Arc<Breaker> {
+        match self {
+            BreakerRef::Shared(breaker) => Arc::clone(breaker),
+            BreakerRef::Node(breaker) => breaker.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for BreakerRef<'_> {
+    type Target = Breaker;
+
+    fn deref(&self) -> &Breaker {
+        match self {
+            BreakerRef::Shared(breaker) => breaker,
+            BreakerRef::Node(breaker) => breaker,
+        }
+    }
+}
 
 /// Bytes read with their remaining time to live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,20 +86,52 @@ pub(crate) struct Stored {
 #[derive(Debug)]
 pub(crate) enum Backend {
     Redis(RedisBackend),
+    Cluster(ClusterBackend),
     Memory(MemoryBackend),
 }
 
 impl Backend {
-    pub(crate) async fn check(&self) -> Result<(), CacheError> {
+    /// The circuit breaker probe: whether `breaker`'s part of the backend
+    /// can be used again.
+    pub(crate) async fn check(&self, breaker: &Breaker) -> Result<(), CacheError> {
         match self {
             Backend::Redis(r) => r.check().await,
+            Backend::Cluster(c) => c.check(breaker.node()).await,
             Backend::Memory(_) => Ok(()),
+        }
+    }
+
+    /// The breaker of `key`'s part of the backend.
+    pub(crate) fn breaker<'a>(&self, shared: &'a Arc<Breaker>, key: &str) -> BreakerRef<'a> {
+        match self {
+            Backend::Cluster(c) => BreakerRef::Node(c.breaker_of(key)),
+            Backend::Redis(_) | Backend::Memory(_) => BreakerRef::Shared(shared),
+        }
+    }
+
+    /// Indices of `keys` grouped by the part of the backend that serves
+    /// them, with its breaker: one group, except on a cluster (by primary).
+    pub(crate) fn by_breaker<'a>(
+        &self,
+        shared: &'a Arc<Breaker>,
+        keys: &[String],
+    ) -> Vec<(BreakerRef<'a>, Vec<usize>)> {
+        match self {
+            Backend::Cluster(c) => c
+                .by_node(keys)
+                .into_iter()
+                .map(|(breaker, indices)| (BreakerRef::Node(breaker), indices))
+                .collect(),
+            Backend::Redis(_) | Backend::Memory(_) => {
+                vec![(BreakerRef::Shared(shared), (0..keys.len()).collect())]
+            }
         }
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
         match self {
             Backend::Redis(r) => r.get(key).await,
+            Backend::Cluster(c) => c.get(key).await,
             Backend::Memory(m) => Ok(m.get(key)),
         }
     }
@@ -69,6 +142,7 @@ impl Backend {
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
         match self {
             Backend::Redis(r) => r.get_many(keys).await,
+            Backend::Cluster(c) => c.get_many(keys).await,
             Backend::Memory(m) => Ok(keys.iter().map(|key| m.get(key)).collect()),
         }
     }
@@ -76,6 +150,7 @@ impl Backend {
     pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
         match self {
             Backend::Redis(r) => r.get_with_ttl(key).await,
+            Backend::Cluster(c) => c.get_with_ttl(key).await,
             Backend::Memory(m) => Ok(m.get_with_ttl(key)),
         }
     }
@@ -83,6 +158,7 @@ impl Backend {
     pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
         match self {
             Backend::Redis(r) => r.set(key, value, px).await,
+            Backend::Cluster(c) => c.set(key, value, px).await,
             Backend::Memory(m) => {
                 m.set(key, value, px);
                 Ok(())
@@ -98,6 +174,7 @@ impl Backend {
     ) -> Result<bool, CacheError> {
         match self {
             Backend::Redis(r) => r.set_if_absent(key, value, px).await,
+            Backend::Cluster(c) => c.set_if_absent(key, value, px).await,
             Backend::Memory(m) => Ok(m.set_if_absent(key, value, px)),
         }
     }
@@ -111,6 +188,7 @@ impl Backend {
     ) -> Result<bool, CacheError> {
         match self {
             Backend::Redis(r) => r.compare_and_set(key, prefix, value, px).await,
+            Backend::Cluster(c) => c.compare_and_set(key, prefix, value, px).await,
             Backend::Memory(m) => Ok(m.compare_and_set(key, prefix, value, px)),
         }
     }
@@ -122,6 +200,7 @@ impl Backend {
     ) -> Result<bool, CacheError> {
         match self {
             Backend::Redis(r) => r.compare_and_delete(key, prefix).await,
+            Backend::Cluster(c) => c.compare_and_delete(key, prefix).await,
             Backend::Memory(m) => Ok(m.compare_and_delete(key, prefix)),
         }
     }
@@ -134,6 +213,7 @@ impl Backend {
     ) -> Result<bool, CacheError> {
         match self {
             Backend::Redis(r) => r.compare_and_expire(key, prefix, px).await,
+            Backend::Cluster(c) => c.compare_and_expire(key, prefix, px).await,
             Backend::Memory(m) => Ok(m.compare_and_expire(key, prefix, px)),
         }
     }
@@ -141,6 +221,7 @@ impl Backend {
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
         match self {
             Backend::Redis(r) => r.delete(keys).await,
+            Backend::Cluster(c) => c.delete(keys).await,
             Backend::Memory(m) => Ok(m.delete(keys)),
         }
     }
@@ -149,7 +230,7 @@ impl Backend {
     pub(crate) fn as_memory(&self) -> Option<&MemoryBackend> {
         match self {
             Backend::Memory(m) => Some(m),
-            Backend::Redis(_) => None,
+            Backend::Redis(_) | Backend::Cluster(_) => None,
         }
     }
 }

@@ -79,7 +79,7 @@ impl Cache {
                 keys.push(key);
             }
         }
-        let read = self.guarded(self.inner.backend.get_many(&keys)).await;
+        let read = self.read_many(&keys).await;
         let values = match read {
             Ok(values) => values,
             Err(error) => {
@@ -168,7 +168,7 @@ impl Cache {
                 .map(|(one, ..)| keys[one.at].clone())
                 .collect();
             let values = self
-                .guarded(self.inner.backend.get_many(&again))
+                .read_many(&again)
                 .await
                 .unwrap_or_else(|_| vec![None; again.len()]);
             for ((one, taken, leader), bytes) in occupied.into_iter().zip(values) {

@@ -21,6 +21,10 @@ pub(crate) struct Breaker {
     /// Milliseconds since `epoch()` until which the breaker is open; 0 = closed.
     open_until: AtomicU64,
     probing: AtomicBool,
+    /// The Redis Cluster primary (`host:port`) this breaker is for; `None`
+    /// for the whole backend (standalone, Sentinel) or for cluster keys
+    /// whose primary is not known yet.
+    node: Option<String>,
 }
 
 fn now_millis() -> u64 {
@@ -42,13 +46,24 @@ pub(crate) enum Permit {
 
 impl Breaker {
     pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self::for_node((threshold, cooldown), None)
+    }
+
+    /// The breaker of one cluster primary.
+    pub(crate) fn for_node((threshold, cooldown): (u32, Duration), node: Option<String>) -> Self {
         Breaker {
             threshold: threshold.max(1),
             cooldown,
             consecutive_failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            node,
         }
+    }
+
+    /// The cluster primary this breaker is for, if any.
+    pub(crate) fn node(&self) -> Option<&str> {
+        self.node.as_deref()
     }
 
     pub(crate) fn permit(&self) -> Permit {
@@ -78,7 +93,12 @@ impl Breaker {
         if self.open_until.load(Ordering::Relaxed) != 0 {
             self.open_until.store(0, Ordering::Relaxed);
             self.probing.store(false, Ordering::Release);
-            tracing::info!("cache reachable again: circuit breaker closed");
+            match &self.node {
+                Some(node) => {
+                    tracing::info!(node, "cache node reachable again: circuit breaker closed");
+                }
+                None => tracing::info!("cache reachable again: circuit breaker closed"),
+            }
         }
     }
 

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use futures_util::future::join_all;
 use serde::Serialize;
 
-use crate::backend::{Backend, MemoryBackend, RedisBackend};
+use crate::backend::{Backend, BreakerRef, ClusterBackend, MemoryBackend, RedisBackend};
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
 use crate::codec::Codec;
@@ -56,7 +57,10 @@ pub(crate) struct Inner {
     pub(crate) lease: Duration,
     pub(crate) codec: Codec,
     max_value_size: usize,
-    pub(crate) breaker: Breaker,
+    /// The backend's circuit breaker; on a cluster, that of keys whose
+    /// primary is not known yet is the backend's own (see
+    /// [`Backend::breaker`]).
+    pub(crate) breaker: Arc<Breaker>,
     pub(crate) stats: Recorder,
     pub(crate) flights: Flights,
     pub(crate) janitor: Janitor,
@@ -82,6 +86,7 @@ pub struct CacheBuilder {
 #[derive(Debug, Clone)]
 enum BackendChoice {
     Url(String),
+    Cluster(Vec<String>),
     Memory { capacity_bytes: u64 },
 }
 
@@ -89,6 +94,27 @@ impl CacheBuilder {
     /// Use the Redis server at `url` (`redis://[user:password@]host:port[/db]`).
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.backend = Some(BackendChoice::Url(url.into()));
+        self
+    }
+
+    /// Use the Redis Cluster reached through these seed nodes
+    /// (`redis://[user:password@]host:port` each; one is enough, several
+    /// survive one being down at start). The cluster's topology is read
+    /// from them and followed as it changes (`MOVED`, `ASK`, failovers).
+    ///
+    /// Every key a call touches together is in one slot: a value and its
+    /// refresh lock share a hash tag, and a batch is split by slot. A
+    /// user's own `{tag}` in a key template pins keys to one slot, as in
+    /// Redis. The circuit breaker is per primary: a dead shard is skipped
+    /// while the others serve hits.
+    pub fn cluster<I, S>(mut self, seed_nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.backend = Some(BackendChoice::Cluster(
+            seed_nodes.into_iter().map(Into::into).collect(),
+        ));
         self
     }
 
@@ -215,15 +241,41 @@ impl CacheBuilder {
                 }
                 Backend::Redis(redis)
             }
+            Some(BackendChoice::Cluster(seeds)) => {
+                if seeds.is_empty() {
+                    return Err(CacheError::NoBackend);
+                }
+                let cluster = ClusterBackend::new(
+                    &seeds,
+                    self.tcp_nodelay,
+                    self.op_timeout,
+                    (self.breaker_failures, self.breaker_cooldown),
+                )?;
+                // Read the slot map now so that the first calls are
+                // served, but never fail start-up on it.
+                let first_contact = self.op_timeout.max(Duration::from_millis(500));
+                match tokio::time::timeout(first_contact, cluster.refresh()).await {
+                    Ok(Ok(())) => tracing::debug!("connected to the Redis Cluster"),
+                    outcome => {
+                        let reason = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {first_contact:?}"),
+                        };
+                        tracing::warn!(%reason, "Redis Cluster is not reachable yet; calls run uncached until it is");
+                        breaker.record_failure(true);
+                    }
+                }
+                Backend::Cluster(cluster)
+            }
         };
         Ok(self.assemble(backend, breaker))
     }
 
-    fn breaker(&self) -> Breaker {
-        Breaker::new(self.breaker_failures, self.breaker_cooldown)
+    fn breaker(&self) -> Arc<Breaker> {
+        Arc::new(Breaker::new(self.breaker_failures, self.breaker_cooldown))
     }
 
-    fn assemble(self, backend: Backend, breaker: Breaker) -> Cache {
+    fn assemble(self, backend: Backend, breaker: Arc<Breaker>) -> Cache {
         Cache {
             inner: Arc::new(Inner {
                 backend,
@@ -303,16 +355,24 @@ impl Cache {
         }
     }
 
+    /// `prefix:key`, or `key` itself without a prefix.
+    pub(crate) fn prefixed<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
+        match &self.inner.prefix {
+            Some(prefix) => std::borrow::Cow::Owned(format!("{prefix}:{key}")),
+            None => std::borrow::Cow::Borrowed(key),
+        }
+    }
+
     /// The codec values are stored with.
     pub fn codec(&self) -> Codec {
         self.inner.codec
     }
 
-    /// Runs a backend operation under the op timeout and the circuit
-    /// breaker: while the breaker is open the operation is not started and
-    /// the result is `Err(CircuitOpen)`. Only unavailability (I/O, timeout)
-    /// counts against Redis; an error reply such as `OOM` or `WRONGTYPE`
-    /// does not.
+    /// Runs a backend operation on `key` under the op timeout and the
+    /// circuit breaker of `key`'s part of the backend: while the breaker is
+    /// open the operation is not started and the result is
+    /// `Err(CircuitOpen)`. Only unavailability (I/O, timeout) counts
+    /// against Redis; an error reply such as `OOM` or `WRONGTYPE` does not.
     ///
     /// Cancel safe: a dropped operation holds nothing. The call that finds
     /// the breaker's cool-down over starts the probe in a task of its own
@@ -320,20 +380,87 @@ impl Cache {
     /// dropped meanwhile cannot leave it pending.
     pub(crate) fn guarded<T>(
         &self,
+        key: &str,
         operation: impl Future<Output = Result<T, CacheError>>,
     ) -> impl Future<Output = Result<T, CacheError>> {
-        self.run(operation, true)
+        let breaker = self.inner.backend.breaker(&self.inner.breaker, key);
+        self.run(breaker, operation, true)
     }
 
-    /// Runs a backend operation under the op timeout, without asking the
-    /// circuit breaker, and tells the breaker how it went: for the janitor,
-    /// whose one worker may pay a timeout without slowing any call, and
-    /// whose success closes the breaker as a probe's would.
+    /// Runs a backend operation on `key` under the op timeout, without
+    /// asking the circuit breaker, and tells the breaker how it went: for
+    /// the janitor, whose one worker may pay a timeout without slowing any
+    /// call, and whose success closes the breaker as a probe's would.
     pub(crate) fn timed<T>(
         &self,
+        key: &str,
         operation: impl Future<Output = Result<T, CacheError>>,
     ) -> impl Future<Output = Result<T, CacheError>> {
-        self.run(operation, false)
+        let breaker = self.inner.backend.breaker(&self.inner.breaker, key);
+        self.run(breaker, operation, false)
+    }
+
+    /// `GET` of many keys, each part of the backend (each cluster primary)
+    /// under its own breaker, concurrently. A part that failed reads as
+    /// absent, so its keys take the miss path, which fails open on its own;
+    /// only when every part failed is the error returned.
+    pub(crate) async fn read_many(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        let inner = &*self.inner;
+        let mut groups = inner.backend.by_breaker(&inner.breaker, keys);
+        if groups.len() == 1 {
+            let (breaker, _) = groups.pop().expect("one group");
+            return self.run(breaker, inner.backend.get_many(keys), true).await;
+        }
+        let reads = join_all(groups.into_iter().map(|(breaker, indices)| async move {
+            let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+            let read = self.run(breaker, inner.backend.get_many(&part), true).await;
+            (indices, read)
+        }))
+        .await;
+        let mut values = vec![None; keys.len()];
+        let mut last_error = None;
+        let mut any_read = false;
+        for (indices, read) in reads {
+            match read {
+                Ok(read) => {
+                    any_read = true;
+                    for (at, value) in indices.into_iter().zip(read) {
+                        values[at] = value;
+                    }
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        match last_error {
+            Some(error) if !any_read => Err(error),
+            _ => Ok(values),
+        }
+    }
+
+    /// `DEL` of many keys, each part of the backend (each cluster primary)
+    /// under its own breaker, concurrently. The keys whose part failed, and
+    /// the last error, so that only those are retried.
+    pub(crate) async fn delete_many(&self, keys: &[String]) -> (Vec<String>, Option<CacheError>) {
+        let inner = &*self.inner;
+        let groups = inner.backend.by_breaker(&inner.breaker, keys);
+        let deletes = join_all(groups.into_iter().map(|(breaker, indices)| async move {
+            let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+            let deleted = self.run(breaker, inner.backend.delete(&part), true).await;
+            (part, deleted)
+        }))
+        .await;
+        let mut failed = Vec::new();
+        let mut last_error = None;
+        for (part, deleted) in deletes {
+            if let Err(error) = deleted {
+                failed.extend(part);
+                last_error = Some(error);
+            }
+        }
+        (failed, last_error)
     }
 
     /// The one body of [`Cache::guarded`] and [`Cache::timed`]: they return
@@ -341,16 +468,17 @@ impl Cache {
     /// twice in every caller's future.
     async fn run<T>(
         &self,
+        breaker: BreakerRef<'_>,
         operation: impl Future<Output = Result<T, CacheError>>,
         ask_breaker: bool,
     ) -> Result<T, CacheError> {
         let inner = &*self.inner;
         if ask_breaker {
-            match inner.breaker.permit() {
+            match breaker.permit() {
                 Permit::Call => {}
                 Permit::Skip => return Err(CacheError::CircuitOpen),
                 Permit::Probe => {
-                    self.probe();
+                    self.probe(breaker.to_arc());
                     return Err(CacheError::CircuitOpen);
                 }
             }
@@ -366,35 +494,39 @@ impl Cache {
         };
         match &outcome {
             Err(error) if error.is_unavailable() => {
-                if inner.breaker.record_failure(false) {
-                    self.log_opening(error);
+                if breaker.record_failure(false) {
+                    self.log_opening(&breaker, error);
                 }
             }
-            _ => inner.breaker.record_success(),
+            _ => breaker.record_success(),
         }
         outcome
     }
 
-    /// Checks the backend in a task of its own, which settles the breaker.
-    fn probe(&self) {
+    /// Checks `breaker`'s part of the backend in a task of its own, which
+    /// settles the breaker.
+    fn probe(&self, breaker: Arc<Breaker>) {
         let inner = self.inner.clone();
+        let probing = breaker.clone();
         let probe = async move {
-            let slot = ProbeSlot::new(&inner.breaker);
-            let checked = tokio::time::timeout(inner.op_timeout, inner.backend.check()).await;
+            let breaker = probing;
+            let slot = ProbeSlot::new(&breaker);
+            let checked =
+                tokio::time::timeout(inner.op_timeout, inner.backend.check(&breaker)).await;
             let outcome = checked.unwrap_or(Err(CacheError::Timeout(inner.op_timeout)));
             if let Err(error) = &outcome {
-                tracing::debug!(%error, "circuit breaker probe failed: the cache stays skipped for another cool-down");
+                tracing::debug!(%error, node = breaker.node(), "circuit breaker probe failed: the cache stays skipped for another cool-down");
             }
             slot.settled(outcome.is_ok());
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(probe)),
             // Redis needs a runtime; without one the slot goes back at once.
-            Err(_) => drop(ProbeSlot::new(&self.inner.breaker)),
+            Err(_) => drop(ProbeSlot::new(&breaker)),
         }
     }
 
-    fn log_opening(&self, error: &CacheError) {
+    fn log_opening(&self, breaker: &Breaker, error: &CacheError) {
         if error.is_rejected_credentials() {
             if let Some(suppressed) = self.inner.log_limit.admit() {
                 log_rejected_credentials(error, suppressed);
@@ -404,6 +536,7 @@ impl Cache {
                 self,
                 warn!(
                     %error,
+                    node = breaker.node(),
                     "cache unavailable: skipping it for a moment (circuit breaker open); calls run uncached"
                 )
             );

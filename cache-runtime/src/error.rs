@@ -19,7 +19,9 @@ pub enum CacheError {
     #[error("invalid Redis URL: {0}")]
     InvalidUrl(#[source] BackendError),
     /// `Cache::builder()` was finished without `.url(...)` or `.memory()`.
-    #[error("no backend chosen: call `.url(\"redis://...\")` or `.memory()` on the builder")]
+    #[error(
+        "no backend chosen: call `.url(\"redis://...\")`, `.cluster([...])` with at least one seed node, or `.memory()` on the builder"
+    )]
     NoBackend,
     /// The key prefix is empty or contains spaces or non-printable characters.
     #[error("invalid key prefix {0:?}: use printable ASCII without spaces, e.g. \"myapp\"")]

@@ -330,7 +330,7 @@ impl Cache {
                     return None; // expired by itself
                 }
                 let delete = inner.backend.compare_and_delete(key, placeholder);
-                match self.timed(delete).await {
+                match self.timed(key, delete).await {
                     Ok(deleted) => {
                         if deleted {
                             inner.stats.record(None, Event::Compensation);
@@ -352,7 +352,7 @@ impl Cache {
                     pending.attempts = 1;
                 }
                 let delete = inner.backend.delete(std::slice::from_ref(key));
-                match self.timed(delete).await {
+                match self.timed(key, delete).await {
                     Ok(_) => {
                         inner.stats.record(*writer, Event::Invalidation);
                         if pending.attempts > 1 {

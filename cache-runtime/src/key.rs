@@ -415,6 +415,22 @@ fn bound_length(key: &mut String) {
     }
 }
 
+/// The companion key of `key` that holds its refresh lock (`stale`,
+/// `early_refresh`). No template renders a NUL byte, so it never collides
+/// with a real key. It is in `key`'s Redis Cluster slot, so that the value
+/// and its lock live and fail over together: a key with a hash tag keeps
+/// it, any other is wrapped in one (`{user:42}\0refresh` hashes as
+/// `user:42`). The one exception is a key with a `}` but no hash tag (a
+/// prefix or literal text with an unmatched brace), whose companion may be
+/// in another slot; the lock then works the same, on another node.
+pub(crate) fn refresh_lock_key(key: &str) -> String {
+    if crate::backend::hash_tag(key.as_bytes()).is_some() || key.contains('}') {
+        format!("{key}\0refresh")
+    } else {
+        format!("{{{key}}}\0refresh")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -508,5 +524,30 @@ mod tests {
             }
         }
         assert_eq!(render(&Tricky), "x%3A%2A");
+    }
+
+    #[test]
+    fn the_refresh_lock_is_in_the_slot_of_its_key() {
+        use crate::backend::slot_of;
+        for key in [
+            "user:42",
+            "svc:user:42",
+            "svc:{tenant}:user:42",
+            "a{b",
+            "{user}",
+            "x{y}z{w}",
+        ] {
+            let lock = refresh_lock_key(key);
+            assert!(lock.ends_with("\0refresh"), "{lock:?}");
+            assert_ne!(lock, key);
+            assert_eq!(
+                slot_of(lock.as_bytes()),
+                slot_of(key.as_bytes()),
+                "{key} -> {lock:?}"
+            );
+        }
+        // Unmatched `}` without a tag: appended, the slot may differ.
+        assert_eq!(refresh_lock_key("a}b"), "a}b\0refresh");
+        assert_eq!(refresh_lock_key("{}:user:42"), "{}:user:42\0refresh");
     }
 }

@@ -142,15 +142,15 @@ impl<'c> HeldLease<'c> {
         let taken = match &how {
             Take::IfAbsent => {
                 let set = inner.backend.set_if_absent(key, value, length);
-                cache.guarded(set).await
+                cache.guarded(key, set).await
             }
             Take::Replacing(seen) => {
                 let set = inner.backend.compare_and_set(key, seen, value, length);
-                cache.guarded(set).await
+                cache.guarded(key, set).await
             }
             Take::Overwriting => {
                 let set = inner.backend.set(key, value, length);
-                cache.guarded(set).await.map(|()| true)
+                cache.guarded(key, set).await.map(|()| true)
             }
         };
         match taken {
@@ -176,16 +176,16 @@ impl<'c> HeldLease<'c> {
     }
 
     /// The right to refresh `key` (stale or early), held by one caller
-    /// across processes: a lease on a companion key. No template renders a
-    /// NUL byte, so the companion never collides with a real key.
+    /// across processes: a lease on a companion key (see
+    /// [`crate::key::refresh_lock_key`]).
     pub(crate) async fn refresh_lock(cache: &'c Cache, key: &str) -> Option<Self> {
         let inner = &*cache.inner;
-        let lock_key = format!("{key}\0refresh");
+        let lock_key = crate::key::refresh_lock_key(key);
         let mut lock = Self::arm(cache, Cow::Owned(lock_key), inner.lease);
         let set = inner
             .backend
             .set_if_absent(&lock.key, &lock.placeholder, px(inner.lease));
-        match cache.guarded(set).await {
+        match cache.guarded(&lock.key, set).await {
             Ok(true) => Some(lock),
             Ok(false) => {
                 lock.armed = false;
@@ -207,7 +207,7 @@ impl<'c> HeldLease<'c> {
             .inner
             .backend
             .compare_and_set(&self.key, &self.placeholder, stored, ttl);
-        let outcome = cache.guarded(set).await;
+        let outcome = cache.guarded(&self.key, set).await;
         // Whatever failed (skipped by the breaker, an error reply, a
         // timeout), the placeholder may still be there: give it back.
         self.armed = outcome.is_err();
@@ -223,7 +223,7 @@ impl<'c> HeldLease<'c> {
             .inner
             .backend
             .compare_and_delete(&self.key, &self.placeholder);
-        match cache.guarded(delete).await {
+        match cache.guarded(&self.key, delete).await {
             Ok(deleted) => {
                 self.armed = false;
                 deleted
@@ -244,7 +244,7 @@ impl<'c> HeldLease<'c> {
                 .inner
                 .backend
                 .compare_and_expire(&self.key, &self.placeholder, px(pause));
-        if cache.guarded(expire).await.is_ok() {
+        if cache.guarded(&self.key, expire).await.is_ok() {
             self.armed = false;
         }
     }

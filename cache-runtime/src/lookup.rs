@@ -280,10 +280,10 @@ impl Cache {
         let outcome = if with_ttl {
             // Boxed: the script's future would double the size of every
             // plain hit's future, which is moved on each call.
-            let stored = Box::pin(self.guarded(backend.get_with_ttl(key))).await;
+            let stored = Box::pin(self.guarded(key, backend.get_with_ttl(key))).await;
             stored.map(|s| s.map(|s| (s.bytes, s.ttl_millis.map_or(Ttl::Forever, Ttl::Left))))
         } else {
-            let bytes = self.guarded(backend.get(key)).await;
+            let bytes = self.guarded(key, backend.get(key)).await;
             bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
         };
         match outcome {
@@ -662,7 +662,7 @@ impl Cache {
     /// Whether `key` still holds `placeholder` (another caller's lease seen
     /// before computing): then no write touched it in between.
     async fn still_holds(&self, key: &str, placeholder: &[u8]) -> bool {
-        let read = self.guarded(self.inner.backend.get(key)).await;
+        let read = self.guarded(key, self.inner.backend.get(key)).await;
         matches!(read, Ok(Some(bytes)) if bytes == placeholder)
     }
 
@@ -751,11 +751,11 @@ impl Cache {
                 let (bytes, ttl) = (&**bytes, *ttl);
                 let (stored, ttl) = self.stored_form(site, bytes, ttl, took);
                 let set = backend.compare_and_set(key, &refresh.header, &stored, ttl);
-                self.record_store(site, key, self.guarded(set).await);
+                self.record_store(site, key, self.guarded(key, set).await);
             }
             None => {
                 let remove = backend.compare_and_delete(key, &refresh.header);
-                if let Err(error) = self.guarded(remove).await
+                if let Err(error) = self.guarded(key, remove).await
                     && !matches!(error, CacheError::CircuitOpen)
                 {
                     self.record(site, Event::Error);

@@ -29,7 +29,10 @@ impl Cache {
     pub async fn invalidate<V>(&self, key: &CacheKey<V>) -> Result<bool, CacheError> {
         let redis_key = self.redis_key(key);
         let deleted = self
-            .guarded(self.inner.backend.delete(std::slice::from_ref(&redis_key)))
+            .guarded(
+                &redis_key,
+                self.inner.backend.delete(std::slice::from_ref(&redis_key)),
+            )
             .await;
         let stats = &self.inner.stats;
         match &deleted {
@@ -59,17 +62,17 @@ impl Cache {
             keys,
             tried: false,
         };
-        let deleted = self
-            .guarded(self.inner.backend.delete(&unfinished.keys))
-            .await;
-        match deleted {
-            Ok(_) => {
-                let keys = std::mem::take(&mut unfinished.keys);
-                self.inner
-                    .stats
-                    .record_n(Some(writer), Event::Invalidation, keys.len());
-            }
-            Err(error) => {
+        // On a cluster, each primary's keys are deleted under its own
+        // breaker: what failed is all that is left to retry.
+        let (failed, error) = self.delete_many(&unfinished.keys).await;
+        let done = unfinished.keys.len() - failed.len();
+        unfinished.keys = failed;
+        self.inner
+            .stats
+            .record_n(Some(writer), Event::Invalidation, done);
+        match error {
+            None => {}
+            Some(error) => {
                 unfinished.tried = true;
                 if !matches!(error, CacheError::CircuitOpen) {
                     self.inner.stats.record(Some(writer), Event::Error);
@@ -111,7 +114,7 @@ impl Cache {
             return self.invalidate_after_write(writer, keys).await;
         };
         let stored = self
-            .guarded(self.inner.backend.set(redis_key, &bytes, ttl))
+            .guarded(redis_key, self.inner.backend.set(redis_key, &bytes, ttl))
             .await;
         match stored {
             Ok(()) => {

@@ -1,63 +1,22 @@
 //! Redis standalone on the `redis` crate's `ConnectionManager`: one
 //! multiplexed connection, re-established by itself after Redis restarts.
-//! The compare operations of the backend contract are Lua scripts, each on
-//! one key, so they are atomic on the server.
+//! The commands themselves are in [`super::commands`].
 //!
 //! Commands of one connection are applied in the order they were sent, so a
 //! compensation sent after a command that timed out on the client lands
 //! after it, whenever that one lands.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, Script};
 
-use super::Stored;
+use super::{Stored, commands};
 use crate::error::CacheError;
 
-/// `GET` and `PTTL` in one step: the remaining TTL by the server's clock.
 /// Keys per `MGET` of a batch lookup.
 const MGET_CHUNK: usize = 256;
-
-static GET_WITH_TTL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local value = redis.call('GET', KEYS[1])
-          if not value then return false end
-          return {value, redis.call('PTTL', KEYS[1])}",
-    )
-});
-
-static COMPARE_AND_SET: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local current = redis.call('GET', KEYS[1])
-          if current and string.sub(current, 1, #ARGV[1]) == ARGV[1] then
-              return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-          end
-          return false",
-    )
-});
-
-static COMPARE_AND_DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local current = redis.call('GET', KEYS[1])
-          if current and string.sub(current, 1, #ARGV[1]) == ARGV[1] then
-              return redis.call('DEL', KEYS[1])
-          end
-          return 0",
-    )
-});
-
-static COMPARE_AND_EXPIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"local current = redis.call('GET', KEYS[1])
-          if current and string.sub(current, 1, #ARGV[1]) == ARGV[1] then
-              return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-          end
-          return 0",
-    )
-});
 
 pub(crate) struct RedisBackend {
     client: redis::Client,
@@ -78,9 +37,7 @@ impl RedisBackend {
     /// first command connects, so a server that is down does not stop the
     /// service from starting. Must be called inside a Tokio runtime.
     pub(crate) fn new(url: &str, nodelay: bool) -> Result<Self, CacheError> {
-        let info = url
-            .into_connection_info()
-            .map_err(CacheError::invalid_url)?;
+        let info = super::connection_info(url)?;
         // TCP_NODELAY by default: see `CacheBuilder::tcp_nodelay`. Found by
         // examples/batch_bench.rs through a 1 ms proxy: a batch's ten
         // concurrent lease commands went out one, then nine a round trip
@@ -113,10 +70,7 @@ impl RedisBackend {
     }
 
     pub(crate) async fn ping(&self) -> Result<(), CacheError> {
-        redis::cmd("PING")
-            .query_async::<()>(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)
+        commands::ping(&mut self.conn()).await
     }
 
     /// Whether Redis can be used again, for the circuit breaker's probe. A
@@ -136,11 +90,7 @@ impl RedisBackend {
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)
+        commands::get(&mut self.conn(), key).await
     }
 
     /// One `MGET` per [`MGET_CHUNK`] keys, pipelined: one round trip, and
@@ -149,8 +99,10 @@ impl RedisBackend {
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        match keys.len() {
+            0 => return Ok(Vec::new()),
+            n if n <= MGET_CHUNK => return commands::mget(&mut self.conn(), keys).await,
+            _ => {}
         }
         let mut pipe = redis::pipe();
         for chunk in keys.chunks(MGET_CHUNK) {
@@ -161,37 +113,16 @@ impl RedisBackend {
             .await
             .map_err(CacheError::redis)?;
         let values: Vec<Option<Vec<u8>>> = chunks.into_iter().flatten().collect();
-        if values.len() != keys.len() {
-            return Err(CacheError::redis(redis::RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "MGET answered a different number of values than keys",
-            ))));
-        }
+        commands::check_count(values.len(), keys.len())?;
         Ok(values)
     }
 
     pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
-        let reply: Option<(Vec<u8>, i64)> = GET_WITH_TTL
-            .key(key)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)?;
-        Ok(reply.map(|(bytes, pttl)| Stored {
-            bytes,
-            // -1: no expiry. (-2, gone, cannot follow a GET in one script.)
-            ttl_millis: u64::try_from(pttl).ok(),
-        }))
+        commands::get_with_ttl(&mut self.conn(), key).await
     }
 
     pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
-        redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("PX")
-            .arg(px)
-            .query_async::<()>(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)
+        commands::set(&mut self.conn(), key, value, px).await
     }
 
     pub(crate) async fn set_if_absent(
@@ -200,16 +131,7 @@ impl RedisBackend {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
-        let reply: Option<()> = redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(px)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)?;
-        Ok(reply.is_some())
+        commands::set_if_absent(&mut self.conn(), key, value, px).await
     }
 
     pub(crate) async fn compare_and_set(
@@ -219,15 +141,7 @@ impl RedisBackend {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
-        let reply: Option<()> = COMPARE_AND_SET
-            .key(key)
-            .arg(prefix)
-            .arg(value)
-            .arg(px)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)?;
-        Ok(reply.is_some())
+        commands::compare_and_set(&mut self.conn(), key, prefix, value, px).await
     }
 
     pub(crate) async fn compare_and_delete(
@@ -235,13 +149,7 @@ impl RedisBackend {
         key: &str,
         prefix: &[u8],
     ) -> Result<bool, CacheError> {
-        let deleted: u64 = COMPARE_AND_DELETE
-            .key(key)
-            .arg(prefix)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)?;
-        Ok(deleted > 0)
+        commands::compare_and_delete(&mut self.conn(), key, prefix).await
     }
 
     pub(crate) async fn compare_and_expire(
@@ -250,22 +158,11 @@ impl RedisBackend {
         prefix: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
-        let set: u64 = COMPARE_AND_EXPIRE
-            .key(key)
-            .arg(prefix)
-            .arg(px)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)?;
-        Ok(set > 0)
+        commands::compare_and_expire(&mut self.conn(), key, prefix, px).await
     }
 
     /// `DEL` of several keys in one round trip; how many existed.
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
-        redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)
+        commands::delete(&mut self.conn(), keys).await
     }
 }

@@ -1,0 +1,485 @@
+//! Redis Cluster on the `redis` crate's async cluster connection, which
+//! discovers the topology from the seed nodes, follows `MOVED` and `ASK`,
+//! and reconnects by itself.
+//!
+//! What this module adds is a map of slots to primaries of its own, so that
+//! the cache keeps one circuit breaker per primary: a dead or stalled shard
+//! opens its own breaker, and calls for keys of the other shards go on
+//! hitting. The map is read from `CLUSTER SLOTS` at start, by every breaker
+//! probe (a failed-over shard's slots then point at the promoted replica,
+//! whose breaker is closed), and again every few seconds while calls come.
+//! A stale map only misattributes failures to a breaker; where commands go
+//! is the cluster connection's business.
+//!
+//! Every command touches one slot. Multi-key operations (`MGET` of a batch,
+//! `DEL` of an invalidation) are split by slot here and sent concurrently;
+//! the cache splits them by primary first (see [`ClusterBackend::by_node`]),
+//! so that each primary's part runs under that primary's breaker and fails
+//! alone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use futures_util::future::join_all;
+use redis::Value;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+
+use super::{Stored, commands};
+use crate::breaker::Breaker;
+use crate::error::CacheError;
+
+const SLOTS: usize = 16384;
+const NO_NODE: u16 = u16::MAX;
+/// How old the slot map may get while calls come before it is read again.
+const REFRESH_EVERY: Duration = Duration::from_secs(5);
+
+/// The slot of a key, as Redis Cluster computes it: CRC16 (XMODEM) of the
+/// key's hash tag (the text between the first `{` and the next `}`, if not
+/// empty), or of the whole key.
+pub(crate) fn slot_of(key: &[u8]) -> u16 {
+    let hashed = hash_tag(key).unwrap_or(key);
+    crc16::State::<crc16::XMODEM>::calculate(hashed) % (SLOTS as u16)
+}
+
+/// The hash tag of a key, if it has one.
+pub(crate) fn hash_tag(key: &[u8]) -> Option<&[u8]> {
+    let open = key.iter().position(|&b| b == b'{')?;
+    let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+    let tag = &key[open + 1..open + 1 + close];
+    (!tag.is_empty()).then_some(tag)
+}
+
+/// Who serves which slot, with each primary's breaker.
+struct Topology {
+    /// Index into `nodes` of each slot's primary; [`NO_NODE`] if unknown.
+    slots: Box<[u16]>,
+    nodes: Vec<Arc<Breaker>>,
+}
+
+struct Shared {
+    conn: ClusterConnection,
+    topology: ArcSwap<Topology>,
+    /// The breaker of keys whose primary is not known (no map yet).
+    unknown: Arc<Breaker>,
+    breaker_config: (u32, Duration),
+    refreshing: AtomicBool,
+    /// When the map was last read, in ms since [`epoch`].
+    refreshed_at: AtomicU64,
+    op_timeout: Duration,
+}
+
+/// A Redis Cluster, through seed nodes.
+#[derive(Clone)]
+pub(crate) struct ClusterBackend {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ClusterBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBackend").finish_non_exhaustive()
+    }
+}
+
+fn epoch_millis() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ClusterBackend {
+    /// Parses the seed URLs and prepares the connection without waiting for
+    /// it: a cluster that is down does not stop the service from starting.
+    /// Must be called inside a Tokio runtime.
+    pub(crate) fn new(
+        seeds: &[String],
+        nodelay: bool,
+        op_timeout: Duration,
+        breaker_config: (u32, Duration),
+    ) -> Result<Self, CacheError> {
+        let mut infos = Vec::with_capacity(seeds.len());
+        for seed in seeds {
+            infos.push(super::connection_info(seed)?);
+        }
+        let Some(first) = infos.first() else {
+            return Err(CacheError::NoBackend);
+        };
+        let tcp = first.tcp_settings().clone().set_nodelay(nodelay);
+        let client = ClusterClientBuilder::new(infos)
+            .tcp_settings(tcp)
+            .connection_timeout(Duration::from_secs(1))
+            // A node that stopped answering (SIGSTOP, a hung host) must not
+            // hold the connection's slot refresh for long; the cache's op
+            // timeout bounds each call anyway.
+            .response_timeout(op_timeout.max(Duration::from_millis(250)))
+            .overall_response_timeout(None)
+            // Retries follow MOVED/ASK and wait out a failover; the op
+            // timeout cuts a call short, and the breaker paces the rest.
+            .retries(4)
+            .min_retry_wait(10)
+            .max_retry_wait(200)
+            .build()
+            .map_err(CacheError::invalid_url)?;
+        let conn = client.get_pending_async_connection_with_config(
+            redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(Duration::from_secs(1))
+                .set_response_timeout(op_timeout.max(Duration::from_millis(250))),
+        );
+        let breaker = |node: Option<String>| Arc::new(Breaker::for_node(breaker_config, node));
+        Ok(ClusterBackend {
+            shared: Arc::new(Shared {
+                conn,
+                topology: ArcSwap::from_pointee(Topology {
+                    slots: vec![NO_NODE; SLOTS].into_boxed_slice(),
+                    nodes: Vec::new(),
+                }),
+                unknown: breaker(None),
+                breaker_config,
+                refreshing: AtomicBool::new(false),
+                refreshed_at: AtomicU64::new(0),
+                op_timeout,
+            }),
+        })
+    }
+
+    fn conn(&self) -> ClusterConnection {
+        self.shared.conn.clone()
+    }
+
+    /// The breaker of the primary that serves `key`. Reads the slot map
+    /// again in the background when it is old.
+    pub(crate) fn breaker_of(&self, key: &str) -> Arc<Breaker> {
+        let shared = &*self.shared;
+        let refreshed_at = shared.refreshed_at.load(Ordering::Relaxed);
+        if epoch_millis().saturating_sub(refreshed_at) > REFRESH_EVERY.as_millis() as u64 {
+            self.refresh_in_background();
+        }
+        let topology = shared.topology.load();
+        let node = topology.slots[usize::from(slot_of(key.as_bytes()))];
+        match topology.nodes.get(usize::from(node)) {
+            Some(breaker) => breaker.clone(),
+            None => shared.unknown.clone(),
+        }
+    }
+
+    /// Indices of `keys` grouped by the primary that serves them, each
+    /// group with that primary's breaker.
+    pub(crate) fn by_node(&self, keys: &[String]) -> Vec<(Arc<Breaker>, Vec<usize>)> {
+        let topology = self.shared.topology.load();
+        let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+        for (at, key) in keys.iter().enumerate() {
+            let node = topology.slots[usize::from(slot_of(key.as_bytes()))];
+            groups.entry(node).or_default().push(at);
+        }
+        groups
+            .into_iter()
+            .map(|(node, indices)| {
+                let breaker = match topology.nodes.get(usize::from(node)) {
+                    Some(breaker) => breaker.clone(),
+                    None => self.shared.unknown.clone(),
+                };
+                (breaker, indices)
+            })
+            .collect()
+    }
+
+    fn refresh_in_background(&self) {
+        let shared = &*self.shared;
+        if shared
+            .refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            shared.refreshing.store(false, Ordering::Release);
+            return;
+        };
+        let backend = self.clone();
+        runtime.spawn(async move {
+            // The flag goes back however the task ends.
+            struct Done<'a>(&'a AtomicBool);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            let _done = Done(&backend.shared.refreshing);
+            let timeout = backend.shared.op_timeout.max(Duration::from_millis(500));
+            if let Ok(Err(error)) = tokio::time::timeout(timeout, backend.refresh()).await {
+                tracing::debug!(%error, "reading the cluster's slot map failed");
+            }
+        });
+    }
+
+    /// Reads `CLUSTER SLOTS` and replaces the map, keeping the breakers of
+    /// primaries that are still primaries.
+    pub(crate) async fn refresh(&self) -> Result<(), CacheError> {
+        let shared = &*self.shared;
+        let mut last_error = None;
+        // A random node may be the dead one: a few tries.
+        for _ in 0..3 {
+            let reply = self
+                .conn()
+                .route_command(
+                    redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                )
+                .await;
+            match reply {
+                Ok(value) => {
+                    let ranges = parse_cluster_slots(&value)?;
+                    let old = shared.topology.load();
+                    let mut nodes: Vec<Arc<Breaker>> = Vec::new();
+                    let mut slots = vec![NO_NODE; SLOTS].into_boxed_slice();
+                    for (start, end, addr) in ranges {
+                        let at = match nodes.iter().position(|b| b.node() == Some(&addr)) {
+                            Some(at) => at,
+                            None => {
+                                let kept = old.nodes.iter().find(|b| b.node() == Some(&addr));
+                                nodes.push(kept.cloned().unwrap_or_else(|| {
+                                    Arc::new(Breaker::for_node(shared.breaker_config, Some(addr)))
+                                }));
+                                nodes.len() - 1
+                            }
+                        };
+                        let at = u16::try_from(at).unwrap_or(NO_NODE);
+                        for slot in &mut slots[usize::from(start)..=usize::from(end)] {
+                            *slot = at;
+                        }
+                    }
+                    shared.topology.store(Arc::new(Topology { slots, nodes }));
+                    shared.refreshed_at.store(epoch_millis(), Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(CacheError::redis(last_error.unwrap_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no cluster node answered"))
+        })))
+    }
+
+    /// The breaker probe of one primary (`node`), or of the keys whose
+    /// primary is unknown (`None`): reads the slot map again, then pings
+    /// the primary if it still serves slots.
+    pub(crate) async fn check(&self, node: Option<&str>) -> Result<(), CacheError> {
+        let refreshed = self.refresh().await;
+        let Some(node) = node else {
+            return refreshed;
+        };
+        let topology = self.shared.topology.load();
+        if !topology.nodes.iter().any(|b| b.node() == Some(node)) {
+            // Failed over or resharded away: no key routes there any more.
+            return Ok(());
+        }
+        let (host, port) = node.rsplit_once(':').ok_or_else(|| {
+            CacheError::redis(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "node address without port",
+            )))
+        })?;
+        let port = port.parse().map_err(|_| {
+            CacheError::redis(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "node address with a bad port",
+            )))
+        })?;
+        self.conn()
+            .route_command(
+                redis::cmd("PING"),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port,
+                }),
+            )
+            .await
+            .map(drop)
+            .map_err(CacheError::redis)
+    }
+
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        commands::get(&mut self.conn(), key).await
+    }
+
+    /// One `MGET` per slot, concurrently.
+    pub(crate) async fn get_many(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        let groups = by_slot(keys);
+        let reads = join_all(groups.iter().map(|indices| async move {
+            let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+            commands::mget(&mut self.conn(), &group).await
+        }))
+        .await;
+        let mut values = vec![None; keys.len()];
+        for (indices, read) in groups.iter().zip(reads) {
+            for (&at, value) in indices.iter().zip(read?) {
+                values[at] = value;
+            }
+        }
+        Ok(values)
+    }
+
+    pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
+        commands::get_with_ttl(&mut self.conn(), key).await
+    }
+
+    pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
+        commands::set(&mut self.conn(), key, value, px).await
+    }
+
+    pub(crate) async fn set_if_absent(
+        &self,
+        key: &str,
+        value: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        commands::set_if_absent(&mut self.conn(), key, value, px).await
+    }
+
+    pub(crate) async fn compare_and_set(
+        &self,
+        key: &str,
+        prefix: &[u8],
+        value: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        commands::compare_and_set(&mut self.conn(), key, prefix, value, px).await
+    }
+
+    pub(crate) async fn compare_and_delete(
+        &self,
+        key: &str,
+        prefix: &[u8],
+    ) -> Result<bool, CacheError> {
+        commands::compare_and_delete(&mut self.conn(), key, prefix).await
+    }
+
+    pub(crate) async fn compare_and_expire(
+        &self,
+        key: &str,
+        prefix: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        commands::compare_and_expire(&mut self.conn(), key, prefix, px).await
+    }
+
+    /// One `DEL` per slot, concurrently; how many keys existed.
+    pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
+        let groups = by_slot(keys);
+        let deletes = join_all(groups.iter().map(|indices| async move {
+            let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+            commands::delete(&mut self.conn(), &group).await
+        }))
+        .await;
+        let mut existed = 0;
+        for deleted in deletes {
+            existed += deleted?;
+        }
+        Ok(existed)
+    }
+}
+
+/// Indices of `keys` grouped by slot.
+fn by_slot(keys: &[String]) -> Vec<Vec<usize>> {
+    let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
+    for (at, key) in keys.iter().enumerate() {
+        groups.entry(slot_of(key.as_bytes())).or_default().push(at);
+    }
+    groups.into_values().collect()
+}
+
+/// `(first slot, last slot, "host:port" of the primary)` of each range in
+/// a `CLUSTER SLOTS` reply. A malformed reply is an error, never a panic.
+fn parse_cluster_slots(value: &Value) -> Result<Vec<(u16, u16, String)>, CacheError> {
+    let malformed = || {
+        CacheError::redis(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "malformed CLUSTER SLOTS reply",
+        )))
+    };
+    let Value::Array(ranges) = value else {
+        return Err(malformed());
+    };
+    let mut parsed = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            return Err(malformed());
+        };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(primary))) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            return Err(malformed());
+        };
+        let host = match primary.first() {
+            Some(Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+            Some(Value::SimpleString(text)) => text.clone(),
+            _ => return Err(malformed()),
+        };
+        let Some(Value::Int(port)) = primary.get(1) else {
+            return Err(malformed());
+        };
+        let slot = |n: i64| u16::try_from(n).ok().filter(|&s| usize::from(s) < SLOTS);
+        let (Some(start), Some(end)) = (slot(*start), slot(*end)) else {
+            return Err(malformed());
+        };
+        if start > end {
+            return Err(malformed());
+        }
+        parsed.push((start, end, format!("{host}:{port}")));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_the_redis_cluster_specification() {
+        // Examples from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(slot_of(b"123456789"), 0x31C3 % 16384);
+        assert_eq!(slot_of(b"foo"), 12182);
+        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
+        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
+        assert_eq!(slot_of(b"foo{bar}{zap}"), slot_of(b"bar"));
+    }
+
+    #[test]
+    fn malformed_slot_replies_are_errors() {
+        let int = Value::Int;
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let good = Value::Array(vec![Value::Array(vec![
+            int(0),
+            int(5460),
+            Value::Array(vec![bulk("127.0.0.1"), int(7000), bulk("id")]),
+        ])]);
+        assert_eq!(
+            parse_cluster_slots(&good).unwrap(),
+            vec![(0, 5460, "127.0.0.1:7000".to_owned())]
+        );
+        for bad in [
+            Value::Nil,
+            Value::Array(vec![Value::Nil]),
+            Value::Array(vec![Value::Array(vec![int(0), int(99999), Value::Nil])]),
+            Value::Array(vec![Value::Array(vec![
+                int(10),
+                int(5),
+                Value::Array(vec![bulk("h"), int(1)]),
+            ])]),
+            Value::Array(vec![Value::Array(vec![
+                int(-1),
+                int(5),
+                Value::Array(vec![bulk("h"), int(1)]),
+            ])]),
+        ] {
+            assert!(parse_cluster_slots(&bad).is_err(), "{bad:?}");
+        }
+    }
+}
