@@ -28,6 +28,8 @@
 
 mod cluster;
 mod commands;
+
+pub(crate) use self::commands::Durability;
 mod memory;
 mod redis;
 
@@ -215,6 +217,34 @@ impl Backend {
             Backend::Redis(r) => r.compare_and_expire(key, prefix, px).await,
             Backend::Cluster(c) => c.compare_and_expire(key, prefix, px).await,
             Backend::Memory(m) => Ok(m.compare_and_expire(key, prefix, px)),
+        }
+    }
+
+    /// `set` of a write-through, which waits for replicas where
+    /// configured (`CacheBuilder::durable_writes`).
+    pub(crate) async fn set_durably(
+        &self,
+        key: &str,
+        value: &[u8],
+        px: u64,
+    ) -> Result<(), CacheError> {
+        match self {
+            Backend::Redis(r) => r.set_durably(key, value, px).await,
+            Backend::Cluster(c) => c.set_durably(key, value, px).await,
+            Backend::Memory(m) => {
+                m.set(key, value, px);
+                Ok(())
+            }
+        }
+    }
+
+    /// `delete` of an invalidation, which waits for replicas where
+    /// configured (`CacheBuilder::durable_writes`).
+    pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
+        match self {
+            Backend::Redis(r) => r.delete_durably(keys).await,
+            Backend::Cluster(c) => c.delete_durably(keys).await,
+            Backend::Memory(m) => Ok(m.delete(keys)),
         }
     }
 

@@ -79,7 +79,16 @@ impl Cache {
                 keys.push(key);
             }
         }
-        let read = self.read_many(&keys).await;
+        // A key this process still has to invalidate may hold the old
+        // value (see `Janitor::is_invalidating`): run uncached.
+        let read = if keys
+            .iter()
+            .any(|key| self.inner.janitor.is_invalidating(key))
+        {
+            Err(CacheError::CircuitOpen)
+        } else {
+            self.read_many(&keys).await
+        };
         let values = match read {
             Ok(values) => values,
             Err(error) => {

@@ -85,6 +85,11 @@ impl Breaker {
         }
     }
 
+    /// Whether the breaker is open or half-open (not closed).
+    pub(crate) fn is_open(&self) -> bool {
+        self.open_until.load(Ordering::Relaxed) != 0
+    }
+
     pub(crate) fn record_success(&self) {
         // Plain stores only when something changes: the hot path stays read-only.
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {

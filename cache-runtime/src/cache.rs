@@ -10,7 +10,9 @@ use arc_swap::ArcSwapOption;
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use crate::backend::{Backend, BreakerRef, ClusterBackend, MemoryBackend, RedisBackend};
+use crate::backend::{
+    Backend, BreakerRef, ClusterBackend, Durability, MemoryBackend, RedisBackend,
+};
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
 use crate::codec::Codec;
@@ -81,6 +83,7 @@ pub struct CacheBuilder {
     breaker_failures: u32,
     breaker_cooldown: Duration,
     tcp_nodelay: bool,
+    durability: Option<Durability>,
     clock: WallClock,
 }
 #[derive(Debug, Clone)]
@@ -193,6 +196,27 @@ impl CacheBuilder {
         self
     }
 
+    /// Makes writes (invalidations of `#[invalidates]` and
+    /// `Cache::invalidate`, stores of `#[cache_put]`) wait until `replicas`
+    /// replicas of the primary have them (`WAIT replicas timeout`), so
+    /// that a failover right after a write cannot bring the old value
+    /// back. Redis replicates asynchronously: without this, a `DEL`
+    /// acknowledged by a primary that dies before sending it on is lost,
+    /// and the promoted replica serves the old value until its TTL.
+    ///
+    /// A write that fewer replicas acknowledged within `timeout` is retried
+    /// in the background like one that failed, for a few seconds; the
+    /// write itself never waits longer than the op timeout, so keep
+    /// `timeout` below it. The cost is one replication round trip per
+    /// write (measured in the README). Off by default: with no replica,
+    /// every write would wait for `timeout`. What remains without it: a
+    /// write acknowledged in the last moments before a primary crashes can
+    /// be undone by its failover, until the entry's TTL.
+    pub fn durable_writes(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.durability = (replicas > 0).then_some(Durability { replicas, timeout });
+        self
+    }
+
     /// Plays a host whose wall clock is `offset_millis` ahead (or, if
     /// negative, behind). For tests: no decision of the cache reads the
     /// wall clock, and the clock-skew test checks that it stays so.
@@ -220,7 +244,7 @@ impl CacheBuilder {
                 Backend::Memory(MemoryBackend::new(capacity_bytes))
             }
             Some(BackendChoice::Url(url)) => {
-                let redis = RedisBackend::new(&url, self.tcp_nodelay)?;
+                let redis = RedisBackend::new(&url, self.tcp_nodelay, self.durability)?;
                 // Connect now so that the first calls are served, but never
                 // fail start-up on it.
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
@@ -250,6 +274,7 @@ impl CacheBuilder {
                     self.tcp_nodelay,
                     self.op_timeout,
                     (self.breaker_failures, self.breaker_cooldown),
+                    self.durability,
                 )?;
                 // Read the slot map now so that the first calls are
                 // served, but never fail start-up on it.
@@ -315,6 +340,7 @@ impl Cache {
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             tcp_nodelay: true,
+            durability: None,
             clock: WallClock::default(),
         }
     }
@@ -387,10 +413,14 @@ impl Cache {
         self.run(breaker, operation, true)
     }
 
-    /// Runs a backend operation on `key` under the op timeout, without
-    /// asking the circuit breaker, and tells the breaker how it went: for
-    /// the janitor, whose one worker may pay a timeout without slowing any
-    /// call, and whose success closes the breaker as a probe's would.
+    /// Runs a backend operation on `key` under the op timeout, for the
+    /// janitor, and tells the breaker how it went. It does not ask the
+    /// breaker (the janitor's one worker may pay a timeout without slowing
+    /// any call, and its success closes the breaker as a probe's would),
+    /// except on a cluster, where it does not call a primary whose breaker
+    /// is open (`Err(CircuitOpen)`, retried later): there, a command for a
+    /// dead primary makes the `redis` crate's cluster connection hold every
+    /// node's requests while it recovers.
     pub(crate) fn timed<T>(
         &self,
         key: &str,
@@ -448,7 +478,9 @@ impl Cache {
         let groups = inner.backend.by_breaker(&inner.breaker, keys);
         let deletes = join_all(groups.into_iter().map(|(breaker, indices)| async move {
             let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            let deleted = self.run(breaker, inner.backend.delete(&part), true).await;
+            let deleted = self
+                .run(breaker, inner.backend.delete_durably(&part), true)
+                .await;
             (part, deleted)
         }))
         .await;
@@ -473,6 +505,9 @@ impl Cache {
         ask_breaker: bool,
     ) -> Result<T, CacheError> {
         let inner = &*self.inner;
+        if !ask_breaker && breaker.is_open() && matches!(inner.backend, Backend::Cluster(_)) {
+            return Err(CacheError::CircuitOpen);
+        }
         if ask_breaker {
             match breaker.permit() {
                 Permit::Call => {}

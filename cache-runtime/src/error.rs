@@ -37,6 +37,17 @@ pub enum CacheError {
     /// being called for a moment.
     #[error("cache skipped: circuit breaker open after repeated failures")]
     CircuitOpen,
+    /// A write (an invalidation, a write-through) was applied by the
+    /// primary but not acknowledged by as many replicas as
+    /// `CacheBuilder::durable_writes` asks within its timeout: it would be
+    /// lost if that primary failed over now. Retried in the background.
+    #[error("cache write acknowledged by {acknowledged} replica(s), {wanted} wanted")]
+    NotReplicated {
+        /// Replicas that acknowledged the write.
+        acknowledged: u32,
+        /// Replicas asked for.
+        wanted: u32,
+    },
     /// A value could not be encoded or decoded.
     #[error("codec: {0}")]
     Codec(#[from] CodecError),
@@ -75,6 +86,12 @@ impl CacheError {
         matches!(self, CacheError::Redis(e) if e.is_rejected_credentials())
     }
 
+    /// A write the primary applied but not enough replicas acknowledged
+    /// (see [`CacheError::NotReplicated`]).
+    pub fn is_not_replicated(&self) -> bool {
+        matches!(self, CacheError::NotReplicated { .. })
+    }
+
     /// Whether the operation may have been applied although it failed: it
     /// timed out, or the connection broke after it was sent. Such a write
     /// is assumed to have landed and is compensated.
@@ -88,10 +105,42 @@ impl CacheError {
 }
 
 impl BackendError {
-    /// The connection failed: refused, dropped, timed out, or an I/O error.
+    /// The connection failed (refused, dropped, timed out, an I/O error),
+    /// or the server cannot serve the key for a moment: a cluster whose
+    /// topology is changing (`MOVED`/`ASK` left after the client's
+    /// retries, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, no connection to
+    /// the key's node), a demoted primary (`READONLY`), a server `LOADING`.
     pub fn is_unavailable(&self) -> bool {
         let e = &self.0;
-        e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+        e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+            || matches!(
+                e.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::Moved
+                        | redis::ServerErrorKind::Ask
+                        | redis::ServerErrorKind::TryAgain
+                        | redis::ServerErrorKind::ClusterDown
+                        | redis::ServerErrorKind::MasterDown
+                        | redis::ServerErrorKind::ReadOnly
+                        | redis::ServerErrorKind::BusyLoading
+                )
+            )
+            || matches!(
+                e.code(),
+                Some(
+                    "MOVED"
+                        | "ASK"
+                        | "TRYAGAIN"
+                        | "CLUSTERDOWN"
+                        | "MASTERDOWN"
+                        | "READONLY"
+                        | "LOADING"
+                )
+            )
     }
 
     /// Redis rejected the credentials (`WRONGPASS`, `NOAUTH`).

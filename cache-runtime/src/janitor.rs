@@ -73,6 +73,9 @@ pub(crate) struct Janitor {
     queue: Mutex<Option<mpsc::Sender<Chore>>>,
     /// Chores submitted and not finished: 0 once everything is cleaned up.
     pending: AtomicUsize,
+    /// Keys in `Ledger::invalidating`: readers look there only when it is
+    /// not 0, so the hot path costs one atomic load.
+    invalidating: AtomicUsize,
     ledger: Mutex<Ledger>,
 }
 
@@ -98,6 +101,16 @@ impl Janitor {
         self.ledger().abandoned.contains(placeholder)
     }
 
+    /// Whether a write of this process left `key` to be invalidated in
+    /// the background (its own attempt failed or timed out): until that
+    /// lands, the entry may be the old value, so readers of this process
+    /// skip it. Read-your-writes within a process then holds even when an
+    /// invalidation could not be delivered at once.
+    pub(crate) fn is_invalidating(&self, key: &str) -> bool {
+        self.invalidating.load(Ordering::SeqCst) != 0
+            && self.ledger().invalidating.contains_key(key)
+    }
+
     /// Enters a chore in the ledger; `false` if a queued one covers it.
     fn enter(&self, chore: &Chore) -> bool {
         let mut ledger = self.ledger();
@@ -113,6 +126,7 @@ impl Janitor {
                 }
                 None => {
                     ledger.invalidating.insert(key.clone(), false);
+                    self.invalidating.fetch_add(1, Ordering::SeqCst);
                     true
                 }
             },
@@ -127,7 +141,9 @@ impl Janitor {
                 ledger.abandoned.remove(placeholder);
             }
             Chore::Invalidate { key, .. } => {
-                ledger.invalidating.remove(key);
+                if ledger.invalidating.remove(key).is_some() {
+                    self.invalidating.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         }
         drop(ledger);
@@ -351,7 +367,7 @@ impl Cache {
                 if janitor.asked_again(key) {
                     pending.attempts = 1;
                 }
-                let delete = inner.backend.delete(std::slice::from_ref(key));
+                let delete = inner.backend.delete_durably(std::slice::from_ref(key));
                 match self.timed(key, delete).await {
                     Ok(_) => {
                         inner.stats.record(*writer, Event::Invalidation);
@@ -366,7 +382,9 @@ impl Cache {
                         inner.stats.record(*writer, Event::Error);
                         let delay = INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1);
                         match delay {
-                            Some(delay) if error.is_unavailable() => Some(Instant::now() + *delay),
+                            Some(delay) if error.is_unavailable() || error.is_not_replicated() => {
+                                Some(Instant::now() + *delay)
+                            }
                             _ if janitor.asked_again(key) => {
                                 pending.attempts = 1;
                                 Some(Instant::now() + INVALIDATION_RETRY_DELAYS[0])

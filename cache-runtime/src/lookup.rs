@@ -276,6 +276,9 @@ impl Cache {
 
     /// One read of the key, classified; failures are counted and logged here.
     async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
+        if self.inner.janitor.is_invalidating(key) {
+            return Read::Unavailable;
+        }
         let backend = &self.inner.backend;
         let outcome = if with_ttl {
             // Boxed: the script's future would double the size of every

@@ -31,7 +31,9 @@ impl Cache {
         let deleted = self
             .guarded(
                 &redis_key,
-                self.inner.backend.delete(std::slice::from_ref(&redis_key)),
+                self.inner
+                    .backend
+                    .delete_durably(std::slice::from_ref(&redis_key)),
             )
             .await;
         let stats = &self.inner.stats;
@@ -114,7 +116,10 @@ impl Cache {
             return self.invalidate_after_write(writer, keys).await;
         };
         let stored = self
-            .guarded(redis_key, self.inner.backend.set(redis_key, &bytes, ttl))
+            .guarded(
+                redis_key,
+                self.inner.backend.set_durably(redis_key, &bytes, ttl),
+            )
             .await;
         match stored {
             Ok(()) => {

@@ -27,9 +27,10 @@ use futures_util::future::join_all;
 use redis::Value;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
-use super::{Stored, commands};
+use super::Stored;
+use super::commands::{self, Durability};
 use crate::breaker::Breaker;
 use crate::error::CacheError;
 
@@ -37,6 +38,7 @@ const SLOTS: usize = 16384;
 const NO_NODE: u16 = u16::MAX;
 /// How old the slot map may get while calls come before it is read again.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
+const NEVER: u64 = u64::MAX;
 
 /// The slot of a key, as Redis Cluster computes it: CRC16 (XMODEM) of the
 /// key's hash tag (the text between the first `{` and the next `}`, if not
@@ -71,6 +73,10 @@ struct Shared {
     /// When the map was last read, in ms since [`epoch`].
     refreshed_at: AtomicU64,
     op_timeout: Duration,
+    /// With `durable_writes`: a cluster connection of their own for the
+    /// writes that `WAIT` for replicas, since `WAIT` blocks the node
+    /// connection it is sent on (and every hit queued behind it).
+    durable: Option<(ClusterConnection, Durability)>,
 }
 
 /// A Redis Cluster, through seed nodes.
@@ -99,6 +105,7 @@ impl ClusterBackend {
         nodelay: bool,
         op_timeout: Duration,
         breaker_config: (u32, Duration),
+        durability: Option<Durability>,
     ) -> Result<Self, CacheError> {
         let mut infos = Vec::with_capacity(seeds.len());
         for seed in seeds {
@@ -118,16 +125,20 @@ impl ClusterBackend {
             .overall_response_timeout(None)
             // Retries follow MOVED/ASK and wait out a failover; the op
             // timeout cuts a call short, and the breaker paces the rest.
-            .retries(4)
+            .retries(1)
             .min_retry_wait(10)
             .max_retry_wait(200)
             .build()
             .map_err(CacheError::invalid_url)?;
-        let conn = client.get_pending_async_connection_with_config(
-            redis::cluster::ClusterConfig::new()
-                .set_connection_timeout(Duration::from_secs(1))
-                .set_response_timeout(op_timeout.max(Duration::from_millis(250))),
-        );
+        let connect = || {
+            client.get_pending_async_connection_with_config(
+                redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(Duration::from_secs(1))
+                    .set_response_timeout(op_timeout.max(Duration::from_millis(250))),
+            )
+        };
+        let conn = connect();
+        let durable = durability.map(|durability| (connect(), durability));
         let breaker = |node: Option<String>| Arc::new(Breaker::for_node(breaker_config, node));
         Ok(ClusterBackend {
             shared: Arc::new(Shared {
@@ -139,8 +150,10 @@ impl ClusterBackend {
                 unknown: breaker(None),
                 breaker_config,
                 refreshing: AtomicBool::new(false),
-                refreshed_at: AtomicU64::new(0),
+                // Never: the first call reads the map if `build` could not.
+                refreshed_at: AtomicU64::new(NEVER),
                 op_timeout,
+                durable,
             }),
         })
     }
@@ -154,7 +167,9 @@ impl ClusterBackend {
     pub(crate) fn breaker_of(&self, key: &str) -> Arc<Breaker> {
         let shared = &*self.shared;
         let refreshed_at = shared.refreshed_at.load(Ordering::Relaxed);
-        if epoch_millis().saturating_sub(refreshed_at) > REFRESH_EVERY.as_millis() as u64 {
+        if refreshed_at == NEVER
+            || epoch_millis().saturating_sub(refreshed_at) > REFRESH_EVERY.as_millis() as u64
+        {
             self.refresh_in_background();
         }
         let topology = shared.topology.load();
@@ -372,10 +387,66 @@ impl ClusterBackend {
 
     /// One `DEL` per slot, concurrently; how many keys existed.
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
+        self.delete_with(&self.shared.conn, keys, None).await
+    }
+
+    /// [`ClusterBackend::delete`], each `DEL` followed by a `WAIT` on its
+    /// primary if configured.
+    pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
+        match &self.shared.durable {
+            Some((conn, durability)) => self.delete_with(conn, keys, Some(*durability)).await,
+            None => self.delete(keys).await,
+        }
+    }
+
+    /// [`ClusterBackend::set`], then a `WAIT` on the key's primary if
+    /// configured.
+    pub(crate) async fn set_durably(
+        &self,
+        key: &str,
+        value: &[u8],
+        px: u64,
+    ) -> Result<(), CacheError> {
+        let Some((conn, durability)) = &self.shared.durable else {
+            return self.set(key, value, px).await;
+        };
+        commands::set(&mut conn.clone(), key, value, px).await?;
+        Self::wait_replicated(conn, key, *durability).await
+    }
+
+    /// `WAIT` on the primary of `key` (where the write before it went: one
+    /// connection per node, so the same client).
+    async fn wait_replicated(
+        conn: &ClusterConnection,
+        key: &str,
+        durability: Durability,
+    ) -> Result<(), CacheError> {
+        let route = Route::with_key(key.as_bytes(), SlotAddr::Master);
+        let reply = conn
+            .clone()
+            .route_command(
+                commands::wait_cmd(durability),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+            )
+            .await
+            .map_err(CacheError::redis)?;
+        commands::check_replicated(&reply, durability)
+    }
+
+    async fn delete_with(
+        &self,
+        conn: &ClusterConnection,
+        keys: &[String],
+        durability: Option<Durability>,
+    ) -> Result<u64, CacheError> {
         let groups = by_slot(keys);
         let deletes = join_all(groups.iter().map(|indices| async move {
             let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            commands::delete(&mut self.conn(), &group).await
+            let existed = commands::delete(&mut conn.clone(), &group).await?;
+            if let Some(durability) = durability {
+                Self::wait_replicated(conn, &group[0], durability).await?;
+            }
+            Ok::<_, CacheError>(existed)
         }))
         .await;
         let mut existed = 0;
@@ -444,7 +515,8 @@ mod tests {
     #[test]
     fn slots_match_the_redis_cluster_specification() {
         // Examples from the Redis Cluster specification and `CLUSTER KEYSLOT`.
-        assert_eq!(slot_of(b"123456789"), 0x31C3 % 16384);
+        // CRC16/XMODEM check value of "123456789" is 0x31C3.
+        assert_eq!(slot_of(b"123456789"), 0x31C3);
         assert_eq!(slot_of(b"foo"), 12182);
         assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
         assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));

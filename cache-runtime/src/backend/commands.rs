@@ -218,6 +218,57 @@ pub(crate) async fn compare_and_expire(
     Ok(set > 0)
 }
 
+/// How many replicas must have a write (an invalidation, a write-through)
+/// before it counts as done: Redis replicates asynchronously, so a write
+/// that only its primary had is lost if that primary fails over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Durability {
+    pub(crate) replicas: u32,
+    pub(crate) timeout: std::time::Duration,
+}
+
+/// The `WAIT` command of [`Durability`].
+pub(crate) fn wait_cmd(durability: Durability) -> Cmd {
+    let millis = u64::try_from(durability.timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    redis::cmd("WAIT")
+        .arg(durability.replicas)
+        .arg(millis)
+        .to_owned()
+}
+
+/// Whether a `WAIT` reply shows enough replicas.
+pub(crate) fn check_replicated(
+    reply: &redis::Value,
+    durability: Durability,
+) -> Result<(), CacheError> {
+    let acknowledged = match reply {
+        redis::Value::Int(n) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    };
+    if acknowledged >= durability.replicas {
+        Ok(())
+    } else {
+        Err(CacheError::NotReplicated {
+            acknowledged,
+            wanted: durability.replicas,
+        })
+    }
+}
+
+/// `WAIT` on a connection to one server, after a write on it.
+pub(crate) async fn wait_replicated(
+    conn: &mut impl ConnectionLike,
+    durability: Option<Durability>,
+) -> Result<(), CacheError> {
+    let Some(durability) = durability else {
+        return Ok(());
+    };
+    let reply: redis::Value = query(conn, &wait_cmd(durability)).await?;
+    check_replicated(&reply, durability)
+}
+
 /// `DEL` of keys that a cluster keeps together (one slot), or of any keys on
 /// a standalone server; how many existed.
 pub(crate) async fn delete(

@@ -12,7 +12,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::{Stored, commands};
+use super::Stored;
+use super::commands::{self, Durability};
 use crate::error::CacheError;
 
 /// Keys per `MGET` of a batch lookup.
@@ -24,6 +25,10 @@ pub(crate) struct RedisBackend {
     /// credentials: a `ConnectionManager` whose connection attempt failed
     /// that way never tries again by itself.
     conn: ArcSwap<ConnectionManager>,
+    /// With `durable_writes`: a connection of their own for the writes
+    /// that `WAIT` for replicas, since `WAIT` blocks the connection it is
+    /// sent on (and every hit queued behind it).
+    durable: Option<(ConnectionManager, Durability)>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -36,7 +41,11 @@ impl RedisBackend {
     /// Parses the URL and prepares a connection without opening it: the
     /// first command connects, so a server that is down does not stop the
     /// service from starting. Must be called inside a Tokio runtime.
-    pub(crate) fn new(url: &str, nodelay: bool) -> Result<Self, CacheError> {
+    pub(crate) fn new(
+        url: &str,
+        nodelay: bool,
+        durability: Option<Durability>,
+    ) -> Result<Self, CacheError> {
         let info = super::connection_info(url)?;
         // TCP_NODELAY by default: see `CacheBuilder::tcp_nodelay`. Found by
         // examples/batch_bench.rs through a 1 ms proxy: a batch's ten
@@ -46,7 +55,15 @@ impl RedisBackend {
         let client =
             redis::Client::open(info.set_tcp_settings(tcp)).map_err(CacheError::invalid_url)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
-        Ok(RedisBackend { client, conn })
+        let durable = match durability {
+            Some(durability) => Some((Self::manager(&client)?, durability)),
+            None => None,
+        };
+        Ok(RedisBackend {
+            client,
+            conn,
+            durable,
+        })
     }
 
     fn manager(client: &redis::Client) -> Result<ConnectionManager, CacheError> {
@@ -164,5 +181,31 @@ impl RedisBackend {
     /// `DEL` of several keys in one round trip; how many existed.
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
         commands::delete(&mut self.conn(), keys).await
+    }
+
+    /// [`RedisBackend::delete`], then `WAIT` for replicas if configured.
+    pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
+        let Some((conn, durability)) = &self.durable else {
+            return self.delete(keys).await;
+        };
+        let mut conn = conn.clone();
+        let existed = commands::delete(&mut conn, keys).await?;
+        commands::wait_replicated(&mut conn, Some(*durability)).await?;
+        Ok(existed)
+    }
+
+    /// [`RedisBackend::set`], then `WAIT` for replicas if configured.
+    pub(crate) async fn set_durably(
+        &self,
+        key: &str,
+        value: &[u8],
+        px: u64,
+    ) -> Result<(), CacheError> {
+        let Some((conn, durability)) = &self.durable else {
+            return self.set(key, value, px).await;
+        };
+        let mut conn = conn.clone();
+        commands::set(&mut conn, key, value, px).await?;
+        commands::wait_replicated(&mut conn, Some(*durability)).await
     }
 }

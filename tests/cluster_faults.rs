@@ -1,0 +1,563 @@
+//! Faults of a real local Redis Cluster (3 primaries, 3 replicas) under a
+//! mixed load of reads and writes, checked on recorded histories
+//! ([`cache_harness::history`]):
+//!
+//! 1. **Failover**: one primary is killed (`SIGKILL`); its replica is
+//!    promoted. No call may fail, keys of the other shards keep hitting
+//!    throughout, and hits on the failed shard come back soon after the
+//!    promotion.
+//! 2. **Resharding**: a slot is migrated key by key (`MIGRATING` /
+//!    `IMPORTING` + `MIGRATE`, so calls meet `ASK`), then 1,000 slots move
+//!    with `redis-cli --cluster rebalance`-style `reshard` (calls meet `MOVED`).
+//! 3. **A stalled shard**: one primary is stopped (`SIGSTOP`): calls for
+//!    its keys are bounded by the op timeout and then bypass through its
+//!    breaker, while the other shards go on hitting.
+//!
+//! Writes do not wait for replicas (`CacheBuilder::durable_writes` is off):
+//! with it on, this load's hit ratio collapsed (see the README), which is
+//! still open. After each phase and at the end,
+//! every row is read through every function at rest and compared with the
+//! database: 0 stale values. A failed call is one that returned an error or
+//! took longer than [`REQUEST_TIMEOUT`] (the request timeout a service
+//! would have); none may fail.
+//!
+//! Three functions pin their keys to one shard each with a hash tag, so
+//! that their counters are the shards' counters. `CLUSTER_FAULT_SECONDS`
+//! sets the length of the failover phase (default 6 s; the figure
+//! is for 10).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cache_harness::RedisCluster;
+use cache_harness::history::{self, History, Op};
+use cache_runtime::{Cache, invalidates, redis_cached};
+use serde::{Deserialize, Serialize};
+
+const ROWS: u64 = 48;
+const TASKS: usize = 16;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// Hash tags of the three shards' functions: `{b}` is in slot 3300, `{c}`
+/// in 7365, `{a}` in 15495, one in each third of the slots, which is how
+/// `redis-cli --cluster create` assigns them to the three primaries.
+const PINNED: [(&str, &str); 3] = [("shard_a", "b"), ("shard_b", "c"), ("shard_c", "a")];
+
+/// Served and all calls of each function, sampled at an instant.
+type Sample = (Instant, BTreeMap<String, (u64, u64)>);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Row {
+    id: u64,
+    version: u64,
+}
+
+#[derive(Debug)]
+struct DbError;
+
+/// The database: versions by row, behind a lock, with a pause after each
+/// read so that reads and writes interleave.
+#[derive(Default)]
+struct Db {
+    rows: Mutex<HashMap<u64, u64>>,
+    reads: AtomicU64,
+}
+
+impl Db {
+    async fn read(&self, id: u64) -> Row {
+        let version = *self.rows.lock().unwrap().get(&id).unwrap_or(&0);
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        if fastrand::bool() {
+            tokio::time::sleep(Duration::from_micros(fastrand::u64(..1_000))).await;
+        }
+        Row { id, version }
+    }
+
+    fn write(&self, id: u64) -> u64 {
+        let mut rows = self.rows.lock().unwrap();
+        let version = rows.entry(id).or_insert(0);
+        *version += 1;
+        *version
+    }
+}
+
+struct Store {
+    cache: Cache,
+    db: Db,
+    histories: BTreeMap<&'static str, History>,
+    /// Calls that failed (an error, or longer than `REQUEST_TIMEOUT`).
+    failed: AtomicU64,
+    /// The slowest call of each function, in µs.
+    slowest: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+const ARMS: [&str; 5] = ["shard_a", "shard_b", "shard_c", "spread", "batch"];
+
+impl Store {
+    #[redis_cached(key = "{b}:row:<id>", ttl = 60, single_flight, cache = self.cache)]
+    async fn shard_a(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.db.read(id).await)
+    }
+
+    #[redis_cached(key = "{c}:row:<id>", ttl = 60, single_flight, cache = self.cache)]
+    async fn shard_b(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.db.read(id).await)
+    }
+
+    #[redis_cached(key = "{a}:row:<id>", ttl = 60, single_flight, cache = self.cache)]
+    async fn shard_c(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.db.read(id).await)
+    }
+
+    /// Keys spread over every slot, with the distributed lease and a stale
+    /// window.
+    #[redis_cached(key = "row:<id>", ttl = 60, stale = "30s", single_flight = "distributed", cache = self.cache)]
+    async fn spread(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.db.read(id).await)
+    }
+
+    /// Batches across slots (and so across shards).
+    #[redis_cached(key = "batch:<ids>", ttl = 60, batch, cache = self.cache)]
+    async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+        let mut rows = HashMap::new();
+        for &id in ids {
+            rows.insert(id, self.db.read(id).await);
+        }
+        Ok(rows)
+    }
+
+    #[invalidates(
+        Self::shard_a(id),
+        Self::shard_b(id),
+        Self::shard_c(id),
+        Self::spread(id),
+        Self::batch(id),
+        cache = self.cache
+    )]
+    async fn write(&self, id: u64) -> Result<u64, DbError> {
+        Ok(self.db.write(id))
+    }
+
+    async fn read(&self, arm: &str, id: u64) -> Result<u64, DbError> {
+        let row = match arm {
+            "shard_a" => self.shard_a(id).await?,
+            "shard_b" => self.shard_b(id).await?,
+            "shard_c" => self.shard_c(id).await?,
+            "spread" => self.spread(id).await?,
+            _ => {
+                let other = fastrand::u64(..ROWS);
+                let mut rows = self.batch(&[id, other, (id + 17) % ROWS]).await?;
+                rows.remove(&id).ok_or(DbError)?
+            }
+        };
+        Ok(row.version)
+    }
+
+    /// One random operation (a write one time in ten), recorded.
+    async fn operate(&self) {
+        let id = fastrand::u64(..ROWS);
+        let arm: &'static str = if fastrand::u8(..10) == 0 {
+            "write"
+        } else {
+            ARMS[fastrand::usize(..ARMS.len())]
+        };
+        let start = history::now();
+        let began = Instant::now();
+        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            if arm == "write" {
+                self.write(id).await
+            } else {
+                self.read(arm, id).await
+            }
+        })
+        .await;
+        let took = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+        {
+            let mut slowest = self.slowest.lock().unwrap();
+            let entry = slowest.entry(arm).or_default();
+            *entry = (*entry).max(took);
+        }
+        match outcome {
+            Ok(Ok(version)) => {
+                let op = if arm == "write" { Op::Write } else { Op::Read };
+                self.histories[arm].record(op, id, start, version);
+            }
+            _ => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Runs the load until `stop` is set.
+    fn start_load(
+        self: &Arc<Self>,
+        stop: &Arc<std::sync::atomic::AtomicBool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..TASKS)
+            .map(|_| {
+                let store = self.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        store.operate().await;
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Served calls and all calls of each function, now.
+    fn served(&self) -> BTreeMap<String, (u64, u64)> {
+        let stats = self.cache.stats();
+        ARMS.iter()
+            .map(|arm| {
+                let counts = stats
+                    .functions
+                    .iter()
+                    .find(|(name, _)| name.ends_with(arm))
+                    .map(|(_, c)| *c)
+                    .unwrap_or_default();
+                let served = counts.hits + counts.stale_hits + counts.coalesced;
+                ((*arm).to_owned(), (served, counts.calls()))
+            })
+            .collect()
+    }
+
+    /// Checks the history so far (every arm against every write) and every
+    /// row at rest; returns the stale reads and stale rows.
+    async fn check(&self, phase: &str) -> (usize, usize) {
+        let writes = self.histories["write"].events();
+        let mut stale = 0;
+        let mut line = format!("{phase}: {} writes;", writes.len());
+        for arm in ARMS {
+            let mut events = writes.clone();
+            events.extend(self.histories[arm].events());
+            let verdict = history::read_your_writes(&events);
+            line.push_str(&format!(
+                " {arm} {} stale of {};",
+                verdict.stale_reads, verdict.reads
+            ));
+            if verdict.stale_reads > 0 {
+                println!("{phase}: {arm} stale, e.g. {:?}", verdict.examples);
+            }
+            stale += verdict.stale_reads;
+        }
+        let mut at_rest = 0;
+        for id in 0..ROWS {
+            let truth = *self.db.rows.lock().unwrap().get(&id).unwrap_or(&0);
+            for arm in ARMS {
+                let seen = self.read(arm, id).await.unwrap_or(u64::MAX);
+                if seen != truth {
+                    at_rest += 1;
+                    println!("{phase}: at rest, {arm}({id}) = {seen}, database {truth}");
+                }
+            }
+        }
+        println!(
+            "{line} {at_rest} stale at rest; {} failed calls",
+            self.failed.load(Ordering::Relaxed)
+        );
+        (stale, at_rest)
+    }
+}
+
+fn phase_length() -> Duration {
+    let seconds = std::env::var("CLUSTER_FAULT_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    Duration::from_secs(seconds)
+}
+
+/// Samples the served counters every 100 ms until `stop`.
+async fn sample(store: Arc<Store>, stop: Arc<std::sync::atomic::AtomicBool>) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        samples.push((Instant::now(), store.served()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    samples
+}
+
+/// Hit ratio of `arm` between two instants, from the samples.
+fn ratio_between(samples: &[Sample], arm: &str, from: Instant, to: Instant) -> (f64, u64) {
+    let at = |t: Instant| {
+        samples
+            .iter()
+            .rfind(|(when, _)| *when <= t)
+            .or(samples.first())
+            .map(|(_, s)| s[arm])
+            .unwrap_or_default()
+    };
+    let (s0, c0) = at(from);
+    let (s1, c1) = at(to);
+    let calls = c1.saturating_sub(c0);
+    let ratio = if calls == 0 {
+        0.0
+    } else {
+        (s1 - s0) as f64 / calls as f64
+    };
+    (ratio, calls)
+}
+
+fn slot_of(cluster: &RedisCluster, key: &str) -> u16 {
+    cluster
+        .cli(cluster.primaries()[0], &["CLUSTER", "KEYSLOT", key])
+        .and_then(|s| s.parse().ok())
+        .expect("CLUSTER KEYSLOT")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_survives_failover_resharding_and_a_stalled_shard() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_test_writer()
+        .try_init();
+    let cluster = Arc::new(Mutex::new(RedisCluster::start()));
+    let seeds = cluster.lock().unwrap().seeds();
+    let cache = Cache::builder().cluster(seeds).build().await.unwrap();
+    let store = Arc::new(Store {
+        cache,
+        db: Db::default(),
+        histories: ARMS
+            .iter()
+            .chain(&["write"])
+            .map(|arm| (*arm, History::default()))
+            .collect(),
+        failed: AtomicU64::new(0),
+        slowest: Mutex::new(BTreeMap::new()),
+    });
+    let pinned_primary = |tag: &str| {
+        let cluster = cluster.lock().unwrap();
+        let slot = slot_of(&cluster, &format!("{{{tag}}}"));
+        (slot, cluster.primary_of_slot(slot).expect("a primary"))
+    };
+    let shards: Vec<(u16, u16)> = PINNED.iter().map(|(_, tag)| pinned_primary(tag)).collect();
+    let distinct: std::collections::BTreeSet<u16> = shards.iter().map(|s| s.1).collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "the three tags are on three primaries: {shards:?}"
+    );
+
+    // --- 1. Failover under load.
+    let length = phase_length();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = store.start_load(&stop);
+    let sampler = tokio::spawn(sample(store.clone(), stop.clone()));
+    tokio::time::sleep(length / 4).await;
+    let (slot_a, victim) = shards[0];
+    let killed_at = Instant::now();
+    cluster.lock().unwrap().kill(victim);
+    let promoted_at = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let primary = cluster.lock().unwrap().primary_of_slot(slot_a);
+                if primary.is_some_and(|p| p != victim) {
+                    return Instant::now();
+                }
+                assert!(Instant::now() < deadline, "no replica was promoted");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap()
+    };
+    let left = length.saturating_sub(killed_at.elapsed() + length / 4);
+    tokio::time::sleep(left.max(Duration::from_secs(2))).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let samples = sampler.await.unwrap();
+    let resumed = samples.windows(2).find_map(|pair| {
+        let [(_, before), (when, after)] = pair else {
+            return None;
+        };
+        (*when > promoted_at && after["shard_a"].0 > before["shard_a"].0).then_some(*when)
+    });
+    println!(
+        "failover: primary {victim} killed; replica promoted after {:.2} s",
+        (promoted_at - killed_at).as_secs_f64()
+    );
+    let started = samples.first().map_or(killed_at, |(t, _)| *t);
+    for (arm, _) in PINNED {
+        let (before, _) = ratio_between(&samples, arm, started, killed_at);
+        let (ratio, calls) = ratio_between(&samples, arm, killed_at, promoted_at);
+        println!(
+            "failover: {arm}: hit ratio {:.1} % before the kill, {:.1} % of {calls} calls during the outage",
+            before * 100.0,
+            ratio * 100.0
+        );
+    }
+    let resumed_after = resumed.map(|t| (t - promoted_at).as_secs_f64());
+    println!("failover: hits on the failed shard resumed {resumed_after:?} s after the promotion");
+    let (stale, at_rest) = store.check("failover").await;
+    assert_eq!(store.failed.load(Ordering::Relaxed), 0, "no call may fail");
+    assert_eq!((stale, at_rest), (0, 0), "no stale value");
+    for arm in ["shard_b", "shard_c"] {
+        let (ratio, calls) = ratio_between(&samples, arm, killed_at, promoted_at);
+        assert!(
+            calls > 0 && ratio > 0.2,
+            "{arm} kept hitting during the outage: {ratio}"
+        );
+    }
+    assert!(resumed.is_some(), "hits on the failed shard came back");
+
+    // --- 2. Resharding under load: one slot key by key (ASK), then many (MOVED).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = store.start_load(&stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (slot_b, from) = shards[1];
+    let to = shards[2].1;
+    let moved = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let cluster = cluster.lock().unwrap();
+            let migrated = migrate_slot(&cluster, slot_b, from, to);
+            let resharded = reshard(&cluster, to, from, 1000);
+            (migrated, resharded)
+        })
+        .await
+        .unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    println!(
+        "resharding: slot {slot_b} moved {from} -> {to} key by key ({} keys), then 1000 slots {to} -> {from}: {}",
+        moved.0, moved.1
+    );
+    let (stale, at_rest) = store.check("resharding").await;
+    assert_eq!(store.failed.load(Ordering::Relaxed), 0, "no call may fail");
+    assert_eq!((stale, at_rest), (0, 0), "no stale value");
+
+    // --- 3. A stalled shard (SIGSTOP) under load.
+    let (slot_c, stalled) = pinned_primary("a");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    store.slowest.lock().unwrap().clear();
+    let load = store.start_load(&stop);
+    let sampler = tokio::spawn(sample(store.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let frozen_at = Instant::now();
+    cluster.lock().unwrap().freeze(stalled);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let thawed_at = Instant::now();
+    cluster.lock().unwrap().thaw(stalled);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let samples = sampler.await.unwrap();
+    println!(
+        "stall: primary {stalled} (slot {slot_c}) stopped for {:?}",
+        thawed_at - frozen_at
+    );
+    for (arm, _) in PINNED {
+        let (ratio, calls) = ratio_between(&samples, arm, frozen_at, thawed_at);
+        println!(
+            "stall: while stopped {arm}: hit ratio {:.1} % of {calls} calls",
+            ratio * 100.0
+        );
+    }
+    println!(
+        "stall: slowest call by function (µs): {:?}",
+        store.slowest.lock().unwrap()
+    );
+    let (stale, at_rest) = store.check("stall").await;
+    assert_eq!(store.failed.load(Ordering::Relaxed), 0, "no call may fail");
+    assert_eq!((stale, at_rest), (0, 0), "no stale value");
+    for arm in ["shard_a", "shard_b"] {
+        let (ratio, calls) = ratio_between(&samples, arm, frozen_at, thawed_at);
+        assert!(
+            calls > 0 && ratio > 0.2,
+            "{arm} kept hitting during the stall: {ratio}"
+        );
+    }
+    println!(
+        "database reads in all: {}",
+        store.db.reads.load(Ordering::Relaxed)
+    );
+}
+
+/// Moves `slot` from primary `from` to `to` key by key, as `redis-cli
+/// --cluster reshard` does: `IMPORTING`/`MIGRATING`, `MIGRATE` in small
+/// steps (calls meanwhile get `ASK`), then `SETSLOT NODE` everywhere.
+fn migrate_slot(cluster: &RedisCluster, slot: u16, from: u16, to: u16) -> usize {
+    let id = |port| cluster.cli(port, &["CLUSTER", "MYID"]).expect("MYID");
+    let (from_id, to_id) = (id(from), id(to));
+    let slot_text = slot.to_string();
+    let ok = |port, args: &[&str]| {
+        let reply = cluster.cli(port, args);
+        assert_eq!(reply.as_deref(), Some("OK"), "{args:?} on {port}");
+    };
+    ok(
+        to,
+        &["CLUSTER", "SETSLOT", &slot_text, "IMPORTING", &from_id],
+    );
+    ok(
+        from,
+        &["CLUSTER", "SETSLOT", &slot_text, "MIGRATING", &to_id],
+    );
+    let mut moved = 0;
+    loop {
+        let keys = cluster
+            .cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot_text, "5"])
+            .unwrap_or_default();
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let to_port = to.to_string();
+        let mut args = vec![
+            "MIGRATE",
+            "127.0.0.1",
+            &to_port,
+            "",
+            "0",
+            "5000",
+            "REPLACE",
+            "KEYS",
+        ];
+        args.extend(keys.iter().copied());
+        let reply = cluster.cli(from, &args);
+        assert!(
+            matches!(reply.as_deref(), Some("OK" | "NOKEY")),
+            "MIGRATE: {reply:?}"
+        );
+        moved += keys.len();
+        // Let calls meet the half-moved slot.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for port in cluster.primaries() {
+        ok(port, &["CLUSTER", "SETSLOT", &slot_text, "NODE", &to_id]);
+    }
+    moved
+}
+
+/// `redis-cli --cluster reshard`: `slots` slots from `from` to `to`.
+fn reshard(cluster: &RedisCluster, from: u16, to: u16, slots: u32) -> String {
+    let id = |port| cluster.cli(port, &["CLUSTER", "MYID"]).expect("MYID");
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard", &format!("127.0.0.1:{to}")])
+        .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+        .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+        .args(["--cluster-pipeline", "10"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run redis-cli");
+    assert!(
+        out.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // redis-cli prints "Moving slot N from ..." twice per slot.
+    format!("{} slots moved", text.matches("Moving slot").count() / 2)
+}
