@@ -28,14 +28,13 @@
 
 mod cluster;
 mod commands;
-
-pub(crate) use self::commands::Durability;
 mod memory;
 mod redis;
 
 #[cfg(test)]
 pub(crate) use self::cluster::slot_of;
 pub(crate) use self::cluster::{ClusterBackend, hash_tag};
+pub(crate) use self::commands::Durability;
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
 
@@ -92,7 +91,55 @@ pub(crate) enum Backend {
     Memory(MemoryBackend),
 }
 
+/// A connection to Redis, standalone or Cluster: the single-key commands
+/// of the contract ([`commands`]) are sent on it the same way.
+pub(crate) enum Conn {
+    Standalone(::redis::aio::ConnectionManager),
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl ::redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Cmd,
+    ) -> ::redis::RedisFuture<'a, ::redis::Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 impl Backend {
+    /// A connection for a single-key command (a handle clone), or the
+    /// in-process backend.
+    fn connection(&self) -> Result<Conn, &MemoryBackend> {
+        match self {
+            Backend::Redis(r) => Ok(Conn::Standalone(r.conn())),
+            Backend::Cluster(c) => Ok(Conn::Cluster(c.conn())),
+            Backend::Memory(m) => Err(m),
+        }
+    }
+
     /// The circuit breaker probe: whether `breaker`'s part of the backend
     /// can be used again.
     pub(crate) async fn check(&self, breaker: &Breaker) -> Result<(), CacheError> {
@@ -131,10 +178,9 @@ impl Backend {
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        match self {
-            Backend::Redis(r) => r.get(key).await,
-            Backend::Cluster(c) => c.get(key).await,
-            Backend::Memory(m) => Ok(m.get(key)),
+        match self.connection() {
+            Ok(mut conn) => commands::get(&mut conn, key).await,
+            Err(m) => Ok(m.get(key)),
         }
     }
 
@@ -150,18 +196,16 @@ impl Backend {
     }
 
     pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
-        match self {
-            Backend::Redis(r) => r.get_with_ttl(key).await,
-            Backend::Cluster(c) => c.get_with_ttl(key).await,
-            Backend::Memory(m) => Ok(m.get_with_ttl(key)),
+        match self.connection() {
+            Ok(mut conn) => commands::get_with_ttl(&mut conn, key).await,
+            Err(m) => Ok(m.get_with_ttl(key)),
         }
     }
 
     pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
-        match self {
-            Backend::Redis(r) => r.set(key, value, px).await,
-            Backend::Cluster(c) => c.set(key, value, px).await,
-            Backend::Memory(m) => {
+        match self.connection() {
+            Ok(mut conn) => commands::set(&mut conn, key, value, px).await,
+            Err(m) => {
                 m.set(key, value, px);
                 Ok(())
             }
@@ -174,10 +218,9 @@ impl Backend {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
-        match self {
-            Backend::Redis(r) => r.set_if_absent(key, value, px).await,
-            Backend::Cluster(c) => c.set_if_absent(key, value, px).await,
-            Backend::Memory(m) => Ok(m.set_if_absent(key, value, px)),
+        match self.connection() {
+            Ok(mut conn) => commands::set_if_absent(&mut conn, key, value, px).await,
+            Err(m) => Ok(m.set_if_absent(key, value, px)),
         }
     }
 
@@ -188,10 +231,9 @@ impl Backend {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
-        match self {
-            Backend::Redis(r) => r.compare_and_set(key, prefix, value, px).await,
-            Backend::Cluster(c) => c.compare_and_set(key, prefix, value, px).await,
-            Backend::Memory(m) => Ok(m.compare_and_set(key, prefix, value, px)),
+        match self.connection() {
+            Ok(mut conn) => commands::compare_and_set(&mut conn, key, prefix, value, px).await,
+            Err(m) => Ok(m.compare_and_set(key, prefix, value, px)),
         }
     }
 
@@ -200,10 +242,9 @@ impl Backend {
         key: &str,
         prefix: &[u8],
     ) -> Result<bool, CacheError> {
-        match self {
-            Backend::Redis(r) => r.compare_and_delete(key, prefix).await,
-            Backend::Cluster(c) => c.compare_and_delete(key, prefix).await,
-            Backend::Memory(m) => Ok(m.compare_and_delete(key, prefix)),
+        match self.connection() {
+            Ok(mut conn) => commands::compare_and_delete(&mut conn, key, prefix).await,
+            Err(m) => Ok(m.compare_and_delete(key, prefix)),
         }
     }
 
@@ -213,10 +254,9 @@ impl Backend {
         prefix: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
-        match self {
-            Backend::Redis(r) => r.compare_and_expire(key, prefix, px).await,
-            Backend::Cluster(c) => c.compare_and_expire(key, prefix, px).await,
-            Backend::Memory(m) => Ok(m.compare_and_expire(key, prefix, px)),
+        match self.connection() {
+            Ok(mut conn) => commands::compare_and_expire(&mut conn, key, prefix, px).await,
+            Err(m) => Ok(m.compare_and_expire(key, prefix, px)),
         }
     }
 

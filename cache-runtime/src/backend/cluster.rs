@@ -29,7 +29,6 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
-use super::Stored;
 use super::commands::{self, Durability};
 use crate::breaker::Breaker;
 use crate::error::CacheError;
@@ -158,7 +157,7 @@ impl ClusterBackend {
         })
     }
 
-    fn conn(&self) -> ClusterConnection {
+    pub(crate) fn conn(&self) -> ClusterConnection {
         self.shared.conn.clone()
     }
 
@@ -317,10 +316,6 @@ impl ClusterBackend {
             .map_err(CacheError::redis)
     }
 
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        commands::get(&mut self.conn(), key).await
-    }
-
     /// One `MGET` per slot, concurrently.
     pub(crate) async fn get_many(
         &self,
@@ -339,50 +334,6 @@ impl ClusterBackend {
             }
         }
         Ok(values)
-    }
-
-    pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
-        commands::get_with_ttl(&mut self.conn(), key).await
-    }
-
-    pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
-        commands::set(&mut self.conn(), key, value, px).await
-    }
-
-    pub(crate) async fn set_if_absent(
-        &self,
-        key: &str,
-        value: &[u8],
-        px: u64,
-    ) -> Result<bool, CacheError> {
-        commands::set_if_absent(&mut self.conn(), key, value, px).await
-    }
-
-    pub(crate) async fn compare_and_set(
-        &self,
-        key: &str,
-        prefix: &[u8],
-        value: &[u8],
-        px: u64,
-    ) -> Result<bool, CacheError> {
-        commands::compare_and_set(&mut self.conn(), key, prefix, value, px).await
-    }
-
-    pub(crate) async fn compare_and_delete(
-        &self,
-        key: &str,
-        prefix: &[u8],
-    ) -> Result<bool, CacheError> {
-        commands::compare_and_delete(&mut self.conn(), key, prefix).await
-    }
-
-    pub(crate) async fn compare_and_expire(
-        &self,
-        key: &str,
-        prefix: &[u8],
-        px: u64,
-    ) -> Result<bool, CacheError> {
-        commands::compare_and_expire(&mut self.conn(), key, prefix, px).await
     }
 
     /// One `DEL` per slot, concurrently; how many keys existed.
@@ -408,7 +359,7 @@ impl ClusterBackend {
         px: u64,
     ) -> Result<(), CacheError> {
         let Some((conn, durability)) = &self.shared.durable else {
-            return self.set(key, value, px).await;
+            return commands::set(&mut self.conn(), key, value, px).await;
         };
         commands::set(&mut conn.clone(), key, value, px).await?;
         Self::wait_replicated(conn, key, *durability).await

@@ -12,7 +12,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::Stored;
 use super::commands::{self, Durability};
 use crate::error::CacheError;
 
@@ -82,7 +81,7 @@ impl RedisBackend {
     }
 
     /// A handle on the shared multiplexed connection (an `Arc` clone).
-    fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> ConnectionManager {
         ConnectionManager::clone(&self.conn.load())
     }
 
@@ -104,10 +103,6 @@ impl RedisBackend {
             Err(e) if e.is_unavailable() => self.ping().await,
             outcome => outcome,
         }
-    }
-
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        commands::get(&mut self.conn(), key).await
     }
 
     /// One `MGET` per [`MGET_CHUNK`] keys, pipelined: one round trip, and
@@ -134,50 +129,6 @@ impl RedisBackend {
         Ok(values)
     }
 
-    pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
-        commands::get_with_ttl(&mut self.conn(), key).await
-    }
-
-    pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
-        commands::set(&mut self.conn(), key, value, px).await
-    }
-
-    pub(crate) async fn set_if_absent(
-        &self,
-        key: &str,
-        value: &[u8],
-        px: u64,
-    ) -> Result<bool, CacheError> {
-        commands::set_if_absent(&mut self.conn(), key, value, px).await
-    }
-
-    pub(crate) async fn compare_and_set(
-        &self,
-        key: &str,
-        prefix: &[u8],
-        value: &[u8],
-        px: u64,
-    ) -> Result<bool, CacheError> {
-        commands::compare_and_set(&mut self.conn(), key, prefix, value, px).await
-    }
-
-    pub(crate) async fn compare_and_delete(
-        &self,
-        key: &str,
-        prefix: &[u8],
-    ) -> Result<bool, CacheError> {
-        commands::compare_and_delete(&mut self.conn(), key, prefix).await
-    }
-
-    pub(crate) async fn compare_and_expire(
-        &self,
-        key: &str,
-        prefix: &[u8],
-        px: u64,
-    ) -> Result<bool, CacheError> {
-        commands::compare_and_expire(&mut self.conn(), key, prefix, px).await
-    }
-
     /// `DEL` of several keys in one round trip; how many existed.
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
         commands::delete(&mut self.conn(), keys).await
@@ -202,7 +153,7 @@ impl RedisBackend {
         px: u64,
     ) -> Result<(), CacheError> {
         let Some((conn, durability)) = &self.durable else {
-            return self.set(key, value, px).await;
+            return commands::set(&mut self.conn(), key, value, px).await;
         };
         let mut conn = conn.clone();
         commands::set(&mut conn, key, value, px).await?;
