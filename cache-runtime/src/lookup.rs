@@ -567,9 +567,15 @@ impl Cache {
         F: Future<Output = R>,
     {
         self.record(site, Event::Miss);
+        // If this call is dropped during the body, the tuple drops in field
+        // order: the lease is marked abandoned before the flight's waiters
+        // are woken, so the one that leads next takes the lease over
+        // instead of computing beside a placeholder it cannot replace.
+        let held = (lease, leader);
         let started = Instant::now();
         let result = body.await;
         let took = started.elapsed();
+        let (lease, leader) = held;
         let landing = self
             .settle::<S, R>(site, key, &result, lease, leader.as_ref(), took)
             .await;
