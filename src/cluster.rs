@@ -2,161 +2,61 @@
 //! 3 replicas on free loopback ports, joined with
 //! `redis-cli --cluster create ... --cluster-replicas 1`.
 //!
-//! Each node runs under a small shell watchdog that kills it when the test
-//! process is gone, so a cluster kept in a `static` for the whole test
-//! binary ([`RedisCluster::shared`]) is torn down at exit, even after a
-//! panic or an abort.
+//! Each node runs under the watchdog of [`crate::node`], so a cluster kept
+//! in a `static` for the whole test binary ([`RedisCluster::shared`]) is
+//! torn down at exit, even after a panic or an abort.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::INSTALL_HINT;
+use crate::node::{Node, fastrand_port};
+use crate::tls::TlsFiles;
 
 /// How long a primary may be unreachable before the cluster fails it over.
 pub const NODE_TIMEOUT_MS: u64 = 1000;
-
-/// One `redis-server --cluster-enabled yes` process.
-struct Node {
-    port: u16,
-    dir: PathBuf,
-    /// The watchdog shell; the server is its child.
-    watchdog: Option<Child>,
-    /// The server's own pid, for signals.
-    pid: u32,
-}
 
 /// A running local cluster. Dropping it stops every node.
 pub struct RedisCluster {
     nodes: Vec<Node>,
     dir: PathBuf,
+    tls: bool,
 }
 
-/// Two free loopback ports: a node's and its cluster bus's (`port + 10000`).
-fn free_node_port() -> u16 {
-    for _ in 0..1000 {
-        let port = 20_000 + fastrand_port();
-        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && free(port + 10_000) {
-            return port;
+/// A cluster node's `redis-server` arguments.
+fn node_config(
+    port: u16,
+    dir: &std::path::Path,
+    tls: Option<&TlsFiles>,
+    extra: &[String],
+) -> Vec<String> {
+    let mut args = vec![
+        "--bind 127.0.0.1".to_owned(),
+        "--save ''".to_owned(),
+        "--appendonly no".to_owned(),
+        "--protected-mode no".to_owned(),
+        "--cluster-enabled yes".to_owned(),
+        "--cluster-config-file nodes.conf".to_owned(),
+        format!("--cluster-node-timeout {NODE_TIMEOUT_MS}"),
+        // Promote a replica however long it was cut off: tests kill
+        // primaries in quick succession.
+        "--cluster-replica-validity-factor 0".to_owned(),
+        format!("--dir {}", dir.display()),
+    ];
+    match tls {
+        // TLS only, the cluster bus included.
+        Some(tls) => {
+            args.push(format!(
+                "--port 0 --tls-port {port} --tls-cluster yes --tls-replication yes"
+            ));
+            args.extend(tls.server_args());
         }
+        None => args.push(format!("--port {port}")),
     }
-    panic!("no free loopback port pair for a cluster node");
-}
-
-fn fastrand_port() -> u16 {
-    // The nanoseconds of the clock mixed with a counter: enough spread for
-    // ports, without a random-number dependency in the harness library.
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::from(d.subsec_nanos()));
-    let mixed = (nanos ^ (u64::from(std::process::id()) << 16))
-        .wrapping_add(COUNTER.fetch_add(7919, Ordering::Relaxed))
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    u16::try_from((mixed >> 40) % 25_000).expect("below 25000")
-}
-
-impl Node {
-    fn start(root: &std::path::Path, extra_args: &[String]) -> Node {
-        let port = free_node_port();
-        let dir = root.join(port.to_string());
-        std::fs::create_dir_all(&dir).expect("create node dir");
-        let mut args = vec![
-            format!("--port {port}"),
-            "--bind 127.0.0.1".to_owned(),
-            "--save ''".to_owned(),
-            "--appendonly no".to_owned(),
-            "--protected-mode no".to_owned(),
-            "--cluster-enabled yes".to_owned(),
-            "--cluster-config-file nodes.conf".to_owned(),
-            format!("--cluster-node-timeout {NODE_TIMEOUT_MS}"),
-            // Promote a replica however long it was cut off: tests kill
-            // primaries in quick succession.
-            "--cluster-replica-validity-factor 0".to_owned(),
-            format!("--dir {}", dir.display()),
-        ];
-        args.extend(extra_args.iter().cloned());
-        let parent = std::process::id();
-        // The server in the background, its pid on stdout, then a watch on
-        // the test process: when it is gone, the server goes too.
-        let script = format!(
-            "redis-server {} >{}/log 2>&1 & server=$!; echo $server; \
-             while kill -0 {parent} 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 0.5; done; \
-             kill -CONT $server 2>/dev/null; kill -9 $server 2>/dev/null; \
-             if ! kill -0 {parent} 2>/dev/null; then rm -rf {dir}; rmdir {root} 2>/dev/null; fi",
-            args.join(" "),
-            dir.display(),
-            dir = dir.display(),
-            root = root.display(),
-        );
-        let mut watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start sh for redis-server: {e}"));
-        let mut line = String::new();
-        BufReader::new(watchdog.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .expect("read the server's pid");
-        let pid = line.trim().parse().expect("the watchdog prints the pid");
-        let node = Node {
-            port,
-            dir,
-            watchdog: Some(watchdog),
-            pid,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while node.cli(&["PING"]).as_deref() != Some("PONG") {
-            assert!(
-                Instant::now() < deadline,
-                "cluster node on port {port} did not start; see {}/log",
-                node.dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node
-    }
-
-    /// `redis-cli -p <port> <args>`: its trimmed output, `None` if it failed.
-    fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(format!("kill -{name} {}", self.pid))
-            .status()
-            .expect("run sh");
-        assert!(status.success(), "kill -{name} {} failed", self.pid);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut watchdog) = self.watchdog.take() {
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!("kill -CONT {0}; kill -9 {0}", self.pid))
-                .status();
-            let _ = watchdog.wait();
-        }
-    }
+    args.extend(extra.iter().cloned());
+    args
 }
 
 impl RedisCluster {
@@ -170,6 +70,17 @@ impl RedisCluster {
     /// Like [`RedisCluster::start`], with extra `redis-server` arguments for
     /// every node.
     pub fn start_with(extra_args: &[&str]) -> RedisCluster {
+        Self::launch(extra_args, None)
+    }
+
+    /// Like [`RedisCluster::start`], with TLS only (clients, replication
+    /// and the cluster bus), with certificates from `tls`: clients must
+    /// present one signed by its CA.
+    pub fn start_tls(tls: &TlsFiles) -> RedisCluster {
+        Self::launch(&[], Some(tls))
+    }
+
+    fn launch(extra_args: &[&str], tls: Option<&TlsFiles>) -> RedisCluster {
         assert!(crate::redis_server_available(), "{INSTALL_HINT}");
         let dir = std::env::temp_dir().join(format!(
             "cache-harness-cluster-{}-{}",
@@ -178,8 +89,21 @@ impl RedisCluster {
         ));
         std::fs::create_dir_all(&dir).expect("create cluster dir");
         let extra: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
-        let nodes: Vec<Node> = (0..6).map(|_| Node::start(&dir, &extra)).collect();
-        let cluster = RedisCluster { nodes, dir };
+        let cli_tls = tls.map(TlsFiles::cli_args).unwrap_or_default();
+        let nodes: Vec<Node> = (0..6)
+            .map(|_| {
+                Node::start(
+                    &dir,
+                    |port, dir| node_config(port, dir, tls, &extra),
+                    cli_tls.clone(),
+                )
+            })
+            .collect();
+        let cluster = RedisCluster {
+            nodes,
+            dir,
+            tls: tls.is_some(),
+        };
         let addresses: Vec<String> = cluster
             .nodes
             .iter()
@@ -190,6 +114,7 @@ impl RedisCluster {
             .arg("create")
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(&cli_tls)
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli (Debian package redis-tools, installed with redis-server)");
@@ -213,7 +138,10 @@ impl RedisCluster {
     pub fn seeds(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .map(|n| {
+                let scheme = if self.tls { "rediss" } else { "redis" };
+                format!("{scheme}://127.0.0.1:{}/", n.port)
+            })
             .collect()
     }
 
@@ -299,7 +227,9 @@ impl RedisCluster {
 
     fn any_cli(&self, args: &[&str]) -> Option<String> {
         self.nodes.iter().find_map(|n| {
-            n.watchdog.as_ref()?;
+            if !n.is_running() {
+                return None;
+            }
             n.cli(args)
         })
     }
@@ -330,7 +260,7 @@ impl RedisCluster {
     pub fn wait_until_stable(&self, limit: Duration) -> Duration {
         let started = Instant::now();
         loop {
-            let live: Vec<&Node> = self.nodes.iter().filter(|n| n.watchdog.is_some()).collect();
+            let live: Vec<&Node> = self.nodes.iter().filter(|n| n.is_running()).collect();
             let ok = live.iter().all(|n| {
                 n.cli(&["CLUSTER", "INFO"]).is_some_and(|info| {
                     info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")

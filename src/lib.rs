@@ -11,10 +11,15 @@
 
 mod cluster;
 pub mod history;
+mod node;
 mod proxy;
+mod sentinel;
+mod tls;
 
 pub use cluster::{NODE_TIMEOUT_MS, RedisCluster};
 pub use proxy::{Fault, FaultProxy};
+pub use sentinel::{RedisSentinel, SENTINEL_DOWN_AFTER_MS};
+pub use tls::{TlsFiles, TlsServer};
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};

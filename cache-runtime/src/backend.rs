@@ -30,6 +30,7 @@ mod cluster;
 mod commands;
 mod memory;
 mod redis;
+mod sentinel;
 
 #[cfg(test)]
 pub(crate) use self::cluster::slot_of;
@@ -37,6 +38,7 @@ pub(crate) use self::cluster::{ClusterBackend, hash_tag};
 pub(crate) use self::commands::Durability;
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
+pub(crate) use self::sentinel::SentinelBackend;
 
 use std::sync::Arc;
 
@@ -46,6 +48,69 @@ use crate::error::CacheError;
 /// Parses a `redis://` (or, with the `tls` feature, `rediss://`) URL.
 pub(crate) fn connection_info(url: &str) -> Result<::redis::ConnectionInfo, CacheError> {
     ::redis::IntoConnectionInfo::into_connection_info(url).map_err(CacheError::invalid_url)
+}
+
+/// Certificates for `rediss://` connections: a root CA to trust instead
+/// of the system's, and a client certificate for mutual TLS.
+#[cfg(feature = "tls")]
+pub(crate) type Tls = ::redis::TlsCertificates;
+
+/// Without the `tls` feature there are no certificates to give.
+#[cfg(not(feature = "tls"))]
+#[derive(Debug, Clone)]
+pub(crate) enum Tls {}
+
+/// Whether a URL asks for TLS (`rediss://`).
+pub(crate) fn tls_mode(info: &::redis::ConnectionInfo) -> Option<::redis::TlsMode> {
+    match info.addr() {
+        ::redis::ConnectionAddr::TcpTls { insecure, .. } => Some(if *insecure {
+            ::redis::TlsMode::Insecure
+        } else {
+            ::redis::TlsMode::Secure
+        }),
+        _ => None,
+    }
+}
+
+/// A client for one server, with the builder's certificates if any.
+pub(crate) fn client(
+    info: ::redis::ConnectionInfo,
+    tls: Option<&Tls>,
+) -> Result<::redis::Client, CacheError> {
+    match tls {
+        #[cfg(feature = "tls")]
+        Some(certificates) if tls_mode(&info).is_some() => {
+            ::redis::Client::build_with_tls(info, certificates.clone())
+        }
+        _ => ::redis::Client::open(info),
+    }
+    .map_err(CacheError::invalid_url)
+}
+
+/// The builder's certificates for a cluster's nodes.
+pub(crate) fn cluster_certificates(
+    builder: ::redis::cluster::ClusterClientBuilder,
+    tls: Option<&Tls>,
+) -> ::redis::cluster::ClusterClientBuilder {
+    match tls {
+        #[cfg(feature = "tls")]
+        Some(certificates) => builder.certs(certificates.clone()),
+        _ => builder,
+    }
+}
+
+/// The builder's certificates for the sentinels and the nodes they name.
+pub(crate) fn sentinel_certificates(
+    builder: ::redis::sentinel::SentinelClientBuilder,
+    tls: Option<&Tls>,
+) -> ::redis::sentinel::SentinelClientBuilder {
+    match tls {
+        #[cfg(feature = "tls")]
+        Some(certificates) => builder
+            .set_client_to_redis_certificates(certificates.clone())
+            .set_client_to_sentinel_certificates(certificates.clone()),
+        _ => builder,
+    }
 }
 
 /// Which circuit breaker guards an operation: the backend's one, or (on a
@@ -87,14 +152,16 @@ pub(crate) struct Stored {
 #[derive(Debug)]
 pub(crate) enum Backend {
     Redis(RedisBackend),
+    Sentinel(SentinelBackend),
     Cluster(ClusterBackend),
     Memory(MemoryBackend),
 }
 
-/// A connection to Redis, standalone or Cluster: the single-key commands
-/// of the contract ([`commands`]) are sent on it the same way.
+/// A connection to Redis, standalone, Sentinel or Cluster: the single-key
+/// commands of the contract ([`commands`]) are sent on it the same way.
 pub(crate) enum Conn {
     Standalone(::redis::aio::ConnectionManager),
+    Sentinel(self::sentinel::SentinelConn),
     Cluster(::redis::cluster_async::ClusterConnection),
 }
 
@@ -105,6 +172,7 @@ impl ::redis::aio::ConnectionLike for Conn {
     ) -> ::redis::RedisFuture<'a, ::redis::Value> {
         match self {
             Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -117,6 +185,7 @@ impl ::redis::aio::ConnectionLike for Conn {
     ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
         match self {
             Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -124,6 +193,7 @@ impl ::redis::aio::ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Standalone(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }
@@ -135,6 +205,7 @@ impl Backend {
     fn connection(&self) -> Result<Conn, &MemoryBackend> {
         match self {
             Backend::Redis(r) => Ok(Conn::Standalone(r.conn())),
+            Backend::Sentinel(s) => Ok(Conn::Sentinel(s.conn())),
             Backend::Cluster(c) => Ok(Conn::Cluster(c.conn())),
             Backend::Memory(m) => Err(m),
         }
@@ -145,6 +216,7 @@ impl Backend {
     pub(crate) async fn check(&self, breaker: &Breaker) -> Result<(), CacheError> {
         match self {
             Backend::Redis(r) => r.check().await,
+            Backend::Sentinel(s) => s.check().await,
             Backend::Cluster(c) => c.check(breaker.node()).await,
             Backend::Memory(_) => Ok(()),
         }
@@ -154,7 +226,9 @@ impl Backend {
     pub(crate) fn breaker<'a>(&self, shared: &'a Arc<Breaker>, key: &str) -> BreakerRef<'a> {
         match self {
             Backend::Cluster(c) => BreakerRef::Node(c.breaker_of(key)),
-            Backend::Redis(_) | Backend::Memory(_) => BreakerRef::Shared(shared),
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => {
+                BreakerRef::Shared(shared)
+            }
         }
     }
 
@@ -171,7 +245,7 @@ impl Backend {
                 .into_iter()
                 .map(|(breaker, indices)| (BreakerRef::Node(breaker), indices))
                 .collect(),
-            Backend::Redis(_) | Backend::Memory(_) => {
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => {
                 vec![(BreakerRef::Shared(shared), (0..keys.len()).collect())]
             }
         }
@@ -190,6 +264,7 @@ impl Backend {
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
         match self {
             Backend::Redis(r) => r.get_many(keys).await,
+            Backend::Sentinel(s) => s.get_many(keys).await,
             Backend::Cluster(c) => c.get_many(keys).await,
             Backend::Memory(m) => Ok(keys.iter().map(|key| m.get(key)).collect()),
         }
@@ -270,6 +345,7 @@ impl Backend {
     ) -> Result<(), CacheError> {
         match self {
             Backend::Redis(r) => r.set_durably(key, value, px).await,
+            Backend::Sentinel(s) => s.set_durably(key, value, px).await,
             Backend::Cluster(c) => c.set_durably(key, value, px).await,
             Backend::Memory(m) => {
                 m.set(key, value, px);
@@ -283,6 +359,7 @@ impl Backend {
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
         match self {
             Backend::Redis(r) => r.delete_durably(keys).await,
+            Backend::Sentinel(s) => s.delete_durably(keys).await,
             Backend::Cluster(c) => c.delete_durably(keys).await,
             Backend::Memory(m) => Ok(m.delete(keys)),
         }
@@ -291,6 +368,7 @@ impl Backend {
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
         match self {
             Backend::Redis(r) => r.delete(keys).await,
+            Backend::Sentinel(s) => s.delete(keys).await,
             Backend::Cluster(c) => c.delete(keys).await,
             Backend::Memory(m) => Ok(m.delete(keys)),
         }
@@ -300,7 +378,7 @@ impl Backend {
     pub(crate) fn as_memory(&self) -> Option<&MemoryBackend> {
         match self {
             Backend::Memory(m) => Some(m),
-            Backend::Redis(_) | Backend::Cluster(_) => None,
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Cluster(_) => None,
         }
     }
 }

@@ -11,7 +11,8 @@ use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::backend::{
-    Backend, BreakerRef, ClusterBackend, Durability, MemoryBackend, RedisBackend,
+    Backend, BreakerRef, ClusterBackend, Durability, MemoryBackend, RedisBackend, SentinelBackend,
+    Tls,
 };
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
@@ -84,13 +85,21 @@ pub struct CacheBuilder {
     breaker_cooldown: Duration,
     tcp_nodelay: bool,
     durability: Option<Durability>,
+    tls: Option<Tls>,
+    sentinel_fence: bool,
     clock: WallClock,
 }
 #[derive(Debug, Clone)]
 enum BackendChoice {
     Url(String),
+    Sentinel {
+        service: String,
+        sentinels: Vec<String>,
+    },
     Cluster(Vec<String>),
-    Memory { capacity_bytes: u64 },
+    Memory {
+        capacity_bytes: u64,
+    },
 }
 
 impl CacheBuilder {
@@ -119,6 +128,60 @@ impl CacheBuilder {
             seed_nodes.into_iter().map(Into::into).collect(),
         ));
         self
+    }
+
+    /// Use the primary of the Sentinel service `service` (the name in
+    /// `sentinel monitor <service> ...`), found through these sentinels
+    /// (`redis://host:26379` each) and followed through failovers: after
+    /// one, the next command asks the sentinels again and connects to the
+    /// new primary once it says it is one (`ROLE`). Replicas are never
+    /// read.
+    ///
+    /// The user, password and database in the first URL are those of the
+    /// Redis nodes (e.g. `redis://:secret@sentinel-1:26379/2`); the
+    /// sentinels are asked without credentials. `rediss://` URLs (feature
+    /// `tls`) make every connection TLS, to the sentinels and the nodes.
+    pub fn sentinel<I, S>(mut self, service: impl Into<String>, sentinels: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.backend = Some(BackendChoice::Sentinel {
+            service: service.into(),
+            sentinels: sentinels.into_iter().map(Into::into).collect(),
+        });
+        self
+    }
+
+    /// Trust this root certificate (PEM) for `rediss://` connections,
+    /// instead of the system's roots: for a private CA.
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_certificates().root_cert = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM) on `rediss://`
+    /// connections: mutual TLS (`tls-auth-clients yes` on the server).
+    #[cfg(feature = "tls")]
+    pub fn tls_client_certificate(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls_certificates().client_tls = Some(redis::ClientTlsConfig {
+            client_cert: certificate_pem.into(),
+            client_key: key_pem.into(),
+        });
+        self
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls_certificates(&mut self) -> &mut Tls {
+        self.tls.get_or_insert(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: None,
+        })
     }
 
     /// Keep entries in this process (moka), bounded to 256 MiB.
@@ -217,6 +280,15 @@ impl CacheBuilder {
         self
     }
 
+    /// Turns off the replay of recent invalidations on a new Sentinel
+    /// primary. For tests: the deployment test shows the stale reads a
+    /// failover causes without it.
+    #[doc(hidden)]
+    pub fn without_sentinel_fence(mut self) -> Self {
+        self.sentinel_fence = false;
+        self
+    }
+
     /// Plays a host whose wall clock is `offset_millis` ahead (or, if
     /// negative, behind). For tests: no decision of the cache reads the
     /// wall clock, and the clock-skew test checks that it stays so.
@@ -244,7 +316,8 @@ impl CacheBuilder {
                 Backend::Memory(MemoryBackend::new(capacity_bytes))
             }
             Some(BackendChoice::Url(url)) => {
-                let redis = RedisBackend::new(&url, self.tcp_nodelay, self.durability)?;
+                let redis =
+                    RedisBackend::new(&url, self.tcp_nodelay, self.durability, self.tls.as_ref())?;
                 // Connect now so that the first calls are served, but never
                 // fail start-up on it.
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
@@ -265,6 +338,29 @@ impl CacheBuilder {
                 }
                 Backend::Redis(redis)
             }
+            Some(BackendChoice::Sentinel { service, sentinels }) => {
+                let sentinel = SentinelBackend::new(
+                    &service,
+                    &sentinels,
+                    self.tcp_nodelay,
+                    self.durability,
+                    self.tls.as_ref(),
+                    self.sentinel_fence,
+                )?;
+                let first_contact = self.op_timeout.max(Duration::from_millis(500));
+                match tokio::time::timeout(first_contact, sentinel.connect()).await {
+                    Ok(Ok(())) => tracing::debug!(%service, "connected to the Sentinel primary"),
+                    outcome => {
+                        let reason = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {first_contact:?}"),
+                        };
+                        tracing::warn!(%service, %reason, "the Sentinel primary is not reachable yet; calls run uncached until it is");
+                        breaker.record_failure(true);
+                    }
+                }
+                Backend::Sentinel(sentinel)
+            }
             Some(BackendChoice::Cluster(seeds)) => {
                 if seeds.is_empty() {
                     return Err(CacheError::NoBackend);
@@ -275,6 +371,7 @@ impl CacheBuilder {
                     self.op_timeout,
                     (self.breaker_failures, self.breaker_cooldown),
                     self.durability,
+                    self.tls.as_ref(),
                 )?;
                 // Read the slot map now so that the first calls are
                 // served, but never fail start-up on it.
@@ -341,6 +438,8 @@ impl Cache {
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             tcp_nodelay: true,
             durability: None,
+            tls: None,
+            sentinel_fence: true,
             clock: WallClock::default(),
         }
     }

@@ -105,6 +105,7 @@ impl ClusterBackend {
         op_timeout: Duration,
         breaker_config: (u32, Duration),
         durability: Option<Durability>,
+        tls: Option<&super::Tls>,
     ) -> Result<Self, CacheError> {
         let mut infos = Vec::with_capacity(seeds.len());
         for seed in seeds {
@@ -114,7 +115,7 @@ impl ClusterBackend {
             return Err(CacheError::NoBackend);
         };
         let tcp = first.tcp_settings().clone().set_nodelay(nodelay);
-        let client = ClusterClientBuilder::new(infos)
+        let client = super::cluster_certificates(ClusterClientBuilder::new(infos), tls)
             .tcp_settings(tcp)
             .connection_timeout(Duration::from_secs(1))
             // A node that stopped answering (SIGSTOP, a hung host) must not

@@ -19,7 +19,9 @@ use crate::error::CacheError;
 const MGET_CHUNK: usize = 256;
 
 pub(crate) struct RedisBackend {
-    client: redis::Client,
+    /// Boxed: with TLS parameters it is most of this struct's size, and it
+    /// is used only to make a new connection manager.
+    client: Box<redis::Client>,
     /// Replaced by [`RedisBackend::check`] after Redis rejected the
     /// credentials: a `ConnectionManager` whose connection attempt failed
     /// that way never tries again by itself.
@@ -44,6 +46,7 @@ impl RedisBackend {
         url: &str,
         nodelay: bool,
         durability: Option<Durability>,
+        tls: Option<&super::Tls>,
     ) -> Result<Self, CacheError> {
         let info = super::connection_info(url)?;
         // TCP_NODELAY by default: see `CacheBuilder::tcp_nodelay`. Found by
@@ -51,15 +54,14 @@ impl RedisBackend {
         // concurrent lease commands went out one, then nine a round trip
         // later.
         let tcp = info.tcp_settings().clone().set_nodelay(nodelay);
-        let client =
-            redis::Client::open(info.set_tcp_settings(tcp)).map_err(CacheError::invalid_url)?;
+        let client = super::client(info.set_tcp_settings(tcp), tls)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         let durable = match durability {
             Some(durability) => Some((Self::manager(&client)?, durability)),
             None => None,
         };
         Ok(RedisBackend {
-            client,
+            client: Box::new(client),
             conn,
             durable,
         })
