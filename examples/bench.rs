@@ -18,13 +18,25 @@
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --release --example bench
 //! BENCH_QUICK=1 cargo run --release --example bench   # fewer rounds
 //! BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench   # A/B runs of the hot path
+//! BENCH_CLUSTER_ONLY=1 cargo run --release --example bench      # the cluster arms alone
 //! ```
 //!
 //! Prints a table with each arm's ratio to arm 2, and writes the same to
 //! `target/bench/bench.csv` and the hit-latency distributions to
 //! `target/bench/hit_latency.png` (`BENCH_OUT` to change the directory).
+//!
+//! Then the same on a local Redis Cluster (3 primaries, 3 replicas, started
+//! by the harness; `BENCH_NO_CLUSTER=1` skips it): hand-written cache-aside
+//! on the `redis` crate's cluster connection (C1) against `#[redis_cached]`
+//! on `Cache::builder().cluster(...)` (C2), and batches of 10 keys in 10
+//! slots: one `MGET` that the cluster connection splits by slot (C3)
+//! against `#[redis_cached(batch)]` (C4). It also reads each primary's
+//! CPU time per command from `INFO`, for what more hosts would give. Written
+//! to `target/bench/bench_cluster.csv`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::future::Future;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -161,10 +173,44 @@ const ARMS: [&str; 5] = [
     "4. cached crate",
 ];
 
+/// A set of arms measured side by side.
+trait ArmSet: Clone + Send + Sync + 'static {
+    /// The arms' names, in order.
+    fn names(&self) -> &'static [&'static str];
+    /// The arm that `arm`'s ratio is to (its hand-written counterpart).
+    fn reference(&self, arm: usize) -> usize;
+    /// One call of `arm` (0-based) for `id`.
+    fn call(
+        &self,
+        arm: usize,
+        id: u64,
+        stampede: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+impl ArmSet for Arms {
+    fn names(&self) -> &'static [&'static str] {
+        &ARMS
+    }
+
+    fn reference(&self, _arm: usize) -> usize {
+        1
+    }
+
+    fn call(
+        &self,
+        arm: usize,
+        id: u64,
+        stampede: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        self.call_arm(arm, id, stampede)
+    }
+}
+
 impl Arms {
     /// One call of `arm` (0-based) for `id`. `stampede` picks the
     /// `single_flight` variant of arm 3.
-    async fn call(&self, arm: usize, id: u64, stampede: bool) -> Result<(), Error> {
+    async fn call_arm(&self, arm: usize, id: u64, stampede: bool) -> Result<(), Error> {
         match arm {
             0 => {
                 let bytes: Option<Vec<u8>> = redis::cmd("GET")
@@ -242,9 +288,9 @@ impl From<DbError> for Error {
 
 // ----------------------------------------------------------------- measuring
 
-/// The arms in the order of round `round`: A B C D, B C D A, ...
-fn rotation(round: usize) -> impl Iterator<Item = usize> {
-    (0..ARMS.len()).map(move |i| (round + i) % ARMS.len())
+/// The `n` arms in the order of round `round`: A B C D, B C D A, ...
+fn rotation(round: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (round + i) % n)
 }
 
 /// How many warm keys the hit figures cycle through.
@@ -262,10 +308,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// that every call includes the same one wake-up across threads for every
 /// arm (a spawned task lands on the I/O thread or not by chance, which makes
 /// the distribution bimodal). Latencies in µs, sorted, per arm.
-async fn hit_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<Vec<f64>>, Error> {
-    let mut samples = vec![Vec::with_capacity(rounds * per_turn); ARMS.len()];
+async fn hit_latency<A: ArmSet>(
+    arms: &A,
+    rounds: usize,
+    per_turn: usize,
+) -> Result<Vec<Vec<f64>>, Error> {
+    let n = arms.names().len();
+    let mut samples = vec![Vec::with_capacity(rounds * per_turn); n];
     for round in 0..rounds {
-        for arm in rotation(round) {
+        for arm in rotation(round, n) {
             for i in 0..per_turn {
                 let id = i as u64 % WARM_KEYS;
                 let started = Instant::now();
@@ -282,21 +333,22 @@ async fn hit_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec<
 
 /// Hits from `concurrency` tasks for `turn` per arm and round. Per arm, the
 /// median over rounds of calls per second, and the median of the per-round
-/// ratios to arm 2 (each ratio compares turns a moment apart, so drift of
-/// the machine cancels out of it).
-async fn hit_throughput(
-    arms: &Arms,
+/// ratios to its reference arm (each ratio compares turns a moment apart,
+/// so drift of the machine cancels out of it).
+async fn hit_throughput<A: ArmSet>(
+    arms: &A,
     concurrency: usize,
     rounds: usize,
     turn: Duration,
 ) -> Result<(Vec<f64>, Vec<f64>), Error> {
-    let mut rates = vec![Vec::new(); ARMS.len()];
-    let mut ratios = vec![Vec::new(); ARMS.len()];
+    let n = arms.names().len();
+    let mut rates = vec![Vec::new(); n];
+    let mut ratios = vec![Vec::new(); n];
     for round in 0..rounds {
         let per_second = hit_throughput_round(arms, concurrency, round, turn).await?;
-        for arm in 0..ARMS.len() {
+        for arm in 0..n {
             rates[arm].push(per_second[arm]);
-            ratios[arm].push(per_second[arm] / per_second[1]);
+            ratios[arm].push(per_second[arm] / per_second[arms.reference(arm)]);
         }
     }
     let median = |mut v: Vec<f64>| {
@@ -310,14 +362,15 @@ async fn hit_throughput(
 }
 
 /// One round of [`hit_throughput`]: each arm in turn, calls per second.
-async fn hit_throughput_round(
-    arms: &Arms,
+async fn hit_throughput_round<A: ArmSet>(
+    arms: &A,
     concurrency: usize,
     round: usize,
     turn: Duration,
 ) -> Result<Vec<f64>, Error> {
-    let mut per_second = vec![0.0; ARMS.len()];
-    for arm in rotation(round) {
+    let n = arms.names().len();
+    let mut per_second = vec![0.0; n];
+    for arm in rotation(round, n) {
         let started = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for task in 0..concurrency {
@@ -350,7 +403,7 @@ async fn miss_latency(arms: &Arms, rounds: usize, per_turn: usize) -> Result<Vec
     let mut samples = vec![Vec::new(); ARMS.len()];
     let mut next_id = 1_000_000u64;
     for round in 0..rounds {
-        for arm in rotation(round) {
+        for arm in rotation(round, ARMS.len()) {
             for _ in 0..per_turn {
                 next_id += 1;
                 let started = Instant::now();
@@ -403,18 +456,20 @@ struct Row {
 }
 
 impl Row {
-    fn ratio(&self, arm: usize) -> f64 {
+    /// The ratio of `arm`'s figure to that of arm `reference`.
+    fn ratio(&self, arm: usize, reference: usize) -> f64 {
         match &self.ratios {
             Some(ratios) => ratios[arm],
-            None => self.values[arm] / self.values[1],
+            None => self.values[arm] / self.values[reference],
         }
     }
 }
 
-fn table(rows: &[Row]) -> String {
+fn table(rows: &[Row], arms: &impl ArmSet) -> String {
+    let names = arms.names();
     let mut out = String::new();
-    let _ = writeln!(out, "| figure | {} |", ARMS.join(" | "));
-    let _ = writeln!(out, "|---|{}", "---:|".repeat(ARMS.len()));
+    let _ = writeln!(out, "| figure | {} |", names.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(names.len()));
     for row in rows {
         let cells: Vec<String> = row
             .values
@@ -426,7 +481,8 @@ fn table(rows: &[Row]) -> String {
                 } else if row.unit == "runs" {
                     format!("{v:.0}")
                 } else {
-                    format!("{} ({:.2}×)", human(v, row.unit), row.ratio(arm))
+                    let ratio = row.ratio(arm, arms.reference(arm));
+                    format!("{} ({ratio:.2}×)", human(v, row.unit))
                 }
             })
             .collect();
@@ -444,7 +500,7 @@ fn human(value: f64, unit: &str) -> String {
     }
 }
 
-fn csv(rows: &[Row]) -> String {
+fn csv(rows: &[Row], arms: &impl ArmSet) -> String {
     let mut out = String::from("figure,unit,arm,value,ratio_to_hand_written,higher_is_better\n");
     for row in rows {
         for (arm, &value) in row.values.iter().enumerate() {
@@ -456,8 +512,8 @@ fn csv(rows: &[Row]) -> String {
                 "\"{}\",{},\"{}\",{value:.3},{:.4},{}",
                 row.metric,
                 row.unit,
-                ARMS[arm],
-                row.ratio(arm),
+                arms.names()[arm],
+                row.ratio(arm, arms.reference(arm)),
                 row.higher_is_better
             );
         }
@@ -530,6 +586,9 @@ async fn main() -> Result<(), Error> {
     let out_dir =
         std::env::var_os("BENCH_OUT").map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     std::fs::create_dir_all(&out_dir)?;
+    if std::env::var_os("BENCH_CLUSTER_ONLY").is_some() {
+        return cluster::run(quick, &out_dir).await;
+    }
 
     Cache::connect(&url).await?.install();
     let msgpack = Cache::builder()
@@ -551,7 +610,7 @@ async fn main() -> Result<(), Error> {
     // Warm every arm's keys (and the connection of arm 4, built lazily).
     arms.seed_floor(0..WARM_KEYS).await?;
     for round in 0..2 {
-        for arm in rotation(round) {
+        for arm in rotation(round, ARMS.len()) {
             for id in 0..WARM_KEYS {
                 arms.call(arm, id, false).await?;
             }
@@ -665,7 +724,7 @@ async fn main() -> Result<(), Error> {
         higher_is_better: false,
     });
 
-    let table = table(&rows);
+    let table = table(&rows, &arms);
     println!("\n{table}");
     println!(
         "Ratios are to arm 2 (hand-written). Latency: lower is better; throughput: higher is better."
@@ -678,9 +737,257 @@ async fn main() -> Result<(), Error> {
     );
 
     let csv_path = out_dir.join("bench.csv");
-    std::fs::write(&csv_path, csv(&rows))?;
+    std::fs::write(&csv_path, csv(&rows, &arms))?;
     let png_path = out_dir.join("hit_latency.png");
     plot(&png_path, &hits)?;
     println!("wrote {} and {}", csv_path.display(), png_path.display());
+
+    if std::env::var_os("BENCH_NO_CLUSTER").is_none() {
+        cluster::run(quick, &out_dir).await?;
+    }
     Ok(())
+}
+
+// ------------------------------------------------------------ the cluster
+
+/// The cluster arms: the same ~1 KB value on a local 3+3 Redis Cluster.
+mod cluster {
+    use super::*;
+    use cache_harness::RedisCluster;
+    use redis::cluster_async::ClusterConnection;
+
+    static CLUSTER_CACHE: OnceLock<Cache> = OnceLock::new();
+
+    fn cluster_cache() -> &'static Cache {
+        CLUSTER_CACHE.get().expect("set in run")
+    }
+
+    /// C2: this project on the cluster.
+    #[redis_cached(key = "bench:ours:<id>", ttl = 600, cache = cluster_cache())]
+    async fn ours(id: u64) -> Result<User, DbError> {
+        query(2, id).await
+    }
+
+    /// C4: a batch lookup on the cluster.
+    #[redis_cached(key = "bench:ours:<ids>", ttl = 600, batch, cache = cluster_cache())]
+    async fn ours_batch(ids: &[u64]) -> Result<HashMap<u64, User>, DbError> {
+        let mut users = HashMap::new();
+        for &id in ids {
+            users.insert(id, query(2, id).await?);
+        }
+        Ok(users)
+    }
+
+    pub(super) const NAMES: [&str; 4] = [
+        "C1. hand-written",
+        "C2. #[redis_cached]",
+        "C3. hand-written MGET of 10",
+        "C4. #[redis_cached(batch)] of 10",
+    ];
+
+    /// Keys of one batch: 10 ids 10 apart, so 10 different slots.
+    fn batch_ids(id: u64) -> Vec<u64> {
+        (0..10).map(|k| (id + k * 10) % WARM_KEYS).collect()
+    }
+
+    #[derive(Clone)]
+    pub(super) struct ClusterArms {
+        conn: ClusterConnection,
+    }
+
+    impl ArmSet for ClusterArms {
+        fn names(&self) -> &'static [&'static str] {
+            &NAMES
+        }
+
+        fn reference(&self, arm: usize) -> usize {
+            if arm < 2 { 0 } else { 2 }
+        }
+
+        fn call(
+            &self,
+            arm: usize,
+            id: u64,
+            _stampede: bool,
+        ) -> impl Future<Output = Result<(), Error>> + Send {
+            let this = self.clone();
+            async move {
+                match arm {
+                    0 => {
+                        black_box(this.hand_written(id).await?);
+                    }
+                    1 => {
+                        black_box(ours(id).await?);
+                    }
+                    2 => {
+                        black_box(this.hand_written_batch(&batch_ids(id)).await?);
+                    }
+                    _ => {
+                        black_box(ours_batch(&batch_ids(id)).await?);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    impl ClusterArms {
+        /// Cache-aside as the tutorials write it, on the cluster connection.
+        async fn hand_written(&self, id: u64) -> Result<User, Error> {
+            let mut conn = self.conn.clone();
+            let key = format!("bench:hand:{id}");
+            let cached: Option<Vec<u8>> =
+                redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+            if let Some(bytes) = cached
+                && let Ok(user) = serde_json::from_slice(&bytes)
+            {
+                return Ok(user);
+            }
+            let user = query(1, id).await?;
+            let bytes = serde_json::to_vec(&user)?;
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(bytes)
+                .arg("EX")
+                .arg(TTL_SECS)
+                .query_async::<()>(&mut conn)
+                .await?;
+            Ok(user)
+        }
+
+        /// One `MGET` (split by slot by the cluster connection), then each
+        /// miss computed and `SET`.
+        async fn hand_written_batch(&self, ids: &[u64]) -> Result<HashMap<u64, User>, Error> {
+            let mut conn = self.conn.clone();
+            let keys: Vec<String> = ids.iter().map(|id| format!("bench:hand:{id}")).collect();
+            let cached: Vec<Option<Vec<u8>>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
+            let mut users = HashMap::with_capacity(ids.len());
+            for ((&id, key), bytes) in ids.iter().zip(&keys).zip(cached) {
+                if let Some(user) = bytes.and_then(|b| serde_json::from_slice(&b).ok()) {
+                    users.insert(id, user);
+                    continue;
+                }
+                let user = query(1, id).await?;
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(serde_json::to_vec(&user)?)
+                    .arg("EX")
+                    .arg(TTL_SECS)
+                    .query_async::<()>(&mut conn)
+                    .await?;
+                users.insert(id, user);
+            }
+            Ok(users)
+        }
+    }
+
+    /// Seconds of CPU and commands processed so far, per primary.
+    fn server_work(cluster: &RedisCluster, primaries: &[u16]) -> Vec<(f64, u64)> {
+        primaries
+            .iter()
+            .map(|&port| {
+                let field = |section: &str, name: &str| -> f64 {
+                    cluster
+                        .cli(port, &["INFO", section])
+                        .unwrap_or_default()
+                        .lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0.0)
+                };
+                let cpu = field("cpu", "used_cpu_user") + field("cpu", "used_cpu_sys");
+                let commands = field("stats", "total_commands_processed") as u64;
+                (cpu, commands)
+            })
+            .collect()
+    }
+
+    pub(super) async fn run(quick: bool, out_dir: &Path) -> Result<(), Error> {
+        let cluster = tokio::task::spawn_blocking(RedisCluster::start).await?;
+        let seeds = cluster.seeds();
+        println!("\nRedis Cluster: 3 primaries, 3 replicas on this machine ({seeds:?})");
+        let cache = Cache::builder().cluster(seeds.clone()).build().await?;
+        CLUSTER_CACHE.set(cache).map_err(|_| "set once")?;
+        let client = redis::cluster::ClusterClient::new(seeds)?;
+        let arms = ClusterArms {
+            conn: client.get_async_connection().await?,
+        };
+        for round in 0..2 {
+            for arm in rotation(round, NAMES.len()) {
+                for id in 0..WARM_KEYS {
+                    arms.call(arm, id, false).await?;
+                }
+            }
+        }
+
+        let (rounds, per_turn) = if quick { (6, 300) } else { (20, 1000) };
+        let hits = hit_latency(&arms, rounds, per_turn).await?;
+        let mut rows = vec![
+            Row {
+                metric: "hit latency p50, c=1".into(),
+                unit: "µs",
+                values: hits.iter().map(|s| percentile(s, 0.50)).collect(),
+                ratios: None,
+                higher_is_better: false,
+            },
+            Row {
+                metric: "hit latency p99, c=1".into(),
+                unit: "µs",
+                values: hits.iter().map(|s| percentile(s, 0.99)).collect(),
+                ratios: None,
+                higher_is_better: false,
+            },
+        ];
+        let primaries = cluster.primaries();
+        let turn = Duration::from_millis(150);
+        let throughput_rounds = if quick { 6 } else { 30 };
+        let mut per_command = Vec::new();
+        for concurrency in [16, 64] {
+            let before = server_work(&cluster, &primaries);
+            let started = Instant::now();
+            let (per_second, ratios) =
+                hit_throughput(&arms, concurrency, throughput_rounds, turn).await?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let after = server_work(&cluster, &primaries);
+            let (cpu, commands) = before.iter().zip(&after).fold((0.0, 0), |acc, (b, a)| {
+                (acc.0 + (a.0 - b.0), acc.1 + (a.1 - b.1))
+            });
+            per_command.push((concurrency, cpu, commands, elapsed));
+            rows.push(Row {
+                metric: format!(
+                    "hit throughput, c={concurrency} (median of {throughput_rounds} rounds)"
+                ),
+                unit: "calls/s",
+                values: per_second,
+                ratios: Some(ratios),
+                higher_is_better: true,
+            });
+        }
+        println!("\n{}", table(&rows, &arms));
+        println!(
+            "Ratios: C2 to C1, C4 to C3. A batch call reads 10 keys in 10 slots on the 3 primaries."
+        );
+        for (concurrency, cpu, commands, elapsed) in per_command {
+            let micros = cpu * 1e6 / commands.max(1) as f64;
+            println!(
+                "c={concurrency}: the 3 primaries processed {commands} commands in {elapsed:.1} s \
+                 ({:.0}k/s) using {:.2} s of CPU: {micros:.1} µs of server CPU per command, \
+                 the primaries busy {:.0} % of one core together; one core per primary \
+                 would serve about {:.0}k commands/s each",
+                commands as f64 / elapsed / 1e3,
+                cpu,
+                cpu / elapsed * 100.0,
+                1e3 / micros.max(f64::MIN_POSITIVE),
+            );
+        }
+        println!(
+            "#[redis_cached] counters (cluster): {:?}",
+            cluster_cache().stats().total
+        );
+        let csv_path = out_dir.join("bench_cluster.csv");
+        std::fs::write(&csv_path, csv(&rows, &arms))?;
+        println!("wrote {}", csv_path.display());
+        Ok(())
+    }
 }

@@ -43,6 +43,10 @@ fn node_config(
         // Promote a replica however long it was cut off: tests kill
         // primaries in quick succession.
         "--cluster-replica-validity-factor 0".to_owned(),
+        // Replicas sync at once (Redis waits 5 s by default for more
+        // replicas to share one transfer): a write that waits for a replica
+        // must not find it still syncing when the test starts.
+        "--repl-diskless-sync-delay 0".to_owned(),
         format!("--dir {}", dir.display()),
     ];
     match tls {
@@ -264,6 +268,11 @@ impl RedisCluster {
             let ok = live.iter().all(|n| {
                 n.cli(&["CLUSTER", "INFO"]).is_some_and(|info| {
                     info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+                }) && n.cli(&["INFO", "replication"]).is_some_and(|info| {
+                    // A replica is in sync; a primary has no replica still syncing.
+                    !info.contains("master_link_status:down")
+                        && !info.contains("state=wait_bgsave")
+                        && !info.contains("state=send_bulk")
                 })
             });
             if ok {

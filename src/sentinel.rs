@@ -31,6 +31,8 @@ fn data_config(port: u16, dir: &Path, replica_of: Option<u16>) -> Vec<String> {
         "--save ''".to_owned(),
         "--appendonly no".to_owned(),
         "--protected-mode no".to_owned(),
+        // Sync a replica at once, not after Redis's default 5 s wait.
+        "--repl-diskless-sync-delay 0".to_owned(),
         format!("--dir {}", dir.display()),
     ];
     if let Some(primary) = replica_of {

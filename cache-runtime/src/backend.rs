@@ -114,31 +114,9 @@ pub(crate) fn sentinel_certificates(
 }
 
 /// Which circuit breaker guards an operation: the backend's one, or (on a
-/// cluster) the breaker of the primary that serves the key.
-pub(crate) enum BreakerRef<'a> {
-    Shared(&'a Arc<Breaker>),
-    Node(Arc<Breaker>),
-}
-
-impl BreakerRef<'_> {
-    pub(crate) fn to_arc(&self) -> Arc<Breaker> {
-        match self {
-            BreakerRef::Shared(breaker) => Arc::clone(breaker),
-            BreakerRef::Node(breaker) => breaker.clone(),
-        }
-    }
-}
-
-impl std::ops::Deref for BreakerRef<'_> {
-    type Target = Breaker;
-
-    fn deref(&self) -> &Breaker {
-        match self {
-            BreakerRef::Shared(breaker) => breaker,
-            BreakerRef::Node(breaker) => breaker,
-        }
-    }
-}
+/// cluster) the breaker of the primary that serves the key, borrowed from
+/// the backend (no reference count to contend on per call).
+pub(crate) type BreakerRef<'a> = &'a Arc<Breaker>;
 
 /// Bytes read with their remaining time to live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,30 +201,24 @@ impl Backend {
     }
 
     /// The breaker of `key`'s part of the backend.
-    pub(crate) fn breaker<'a>(&self, shared: &'a Arc<Breaker>, key: &str) -> BreakerRef<'a> {
+    pub(crate) fn breaker<'a>(&'a self, shared: &'a Arc<Breaker>, key: &str) -> BreakerRef<'a> {
         match self {
-            Backend::Cluster(c) => BreakerRef::Node(c.breaker_of(key)),
-            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => {
-                BreakerRef::Shared(shared)
-            }
+            Backend::Cluster(c) => c.breaker_of(key),
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => shared,
         }
     }
 
     /// Indices of `keys` grouped by the part of the backend that serves
     /// them, with its breaker: one group, except on a cluster (by primary).
     pub(crate) fn by_breaker<'a>(
-        &self,
+        &'a self,
         shared: &'a Arc<Breaker>,
         keys: &[String],
     ) -> Vec<(BreakerRef<'a>, Vec<usize>)> {
         match self {
-            Backend::Cluster(c) => c
-                .by_node(keys)
-                .into_iter()
-                .map(|(breaker, indices)| (BreakerRef::Node(breaker), indices))
-                .collect(),
+            Backend::Cluster(c) => c.by_node(keys),
             Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => {
-                vec![(BreakerRef::Shared(shared), (0..keys.len()).collect())]
+                vec![(shared, (0..keys.len()).collect())]
             }
         }
     }

@@ -588,7 +588,12 @@ impl Cache {
         for (part, deleted) in deletes {
             if let Err(error) = deleted {
                 failed.extend(part);
-                last_error = Some(error);
+                // The error that says least about what landed wins: the
+                // keys are marked landed only if every part reached its
+                // primary.
+                if !matches!(&last_error, Some(e) if !CacheError::is_not_replicated(e)) {
+                    last_error = Some(error);
+                }
             }
         }
         (failed, last_error)
@@ -612,7 +617,7 @@ impl Cache {
                 Permit::Call => {}
                 Permit::Skip => return Err(CacheError::CircuitOpen),
                 Permit::Probe => {
-                    self.probe(breaker.to_arc());
+                    self.probe(Arc::clone(breaker));
                     return Err(CacheError::CircuitOpen);
                 }
             }
@@ -629,7 +634,7 @@ impl Cache {
         match &outcome {
             Err(error) if error.is_unavailable() => {
                 if breaker.record_failure(false) {
-                    self.log_opening(&breaker, error);
+                    self.log_opening(breaker, error);
                 }
             }
             _ => breaker.record_success(),

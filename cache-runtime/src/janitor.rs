@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Inner};
+use crate::error::CacheError;
 use crate::site::Function;
 use crate::stats::Event;
 
@@ -64,6 +65,11 @@ pub(crate) enum Chore {
         writer: Option<&'static Function>,
         key: String,
         tried: bool,
+        /// The writer's `DEL` (or `SET`) reached the primary and only the
+        /// replicas' acknowledgement is missing (`durable_writes`): the
+        /// primary serves the right answer, so readers need not skip the
+        /// key while the retry makes it durable.
+        landed: bool,
     },
 }
 
@@ -73,8 +79,8 @@ pub(crate) struct Janitor {
     queue: Mutex<Option<mpsc::Sender<Chore>>>,
     /// Chores submitted and not finished: 0 once everything is cleaned up.
     pending: AtomicUsize,
-    /// Keys in `Ledger::invalidating`: readers look there only when it is
-    /// not 0, so the hot path costs one atomic load.
+    /// Keys in `Ledger::invalidating` that readers skip: readers look there
+    /// only when it is not 0, so the hot path costs one atomic load.
     invalidating: AtomicUsize,
     ledger: Mutex<Ledger>,
 }
@@ -86,9 +92,18 @@ struct Ledger {
     /// caller that finds one knows its holder is gone and may take the
     /// lease over it at once, instead of computing without storing.
     abandoned: HashSet<Vec<u8>>,
-    /// Keys with an invalidation queued, and whether a write asked for it
-    /// again since its last attempt started.
-    invalidating: HashMap<String, bool>,
+    /// Keys with an invalidation queued.
+    invalidating: HashMap<String, Queued>,
+}
+
+/// An invalidation in the ledger.
+#[derive(Debug, Default)]
+struct Queued {
+    /// A write asked for it again since its last attempt started.
+    asked_again: bool,
+    /// Readers of this process skip the key until it is done: the `DEL`
+    /// may not have reached the primary.
+    readers_skip: bool,
 }
 
 impl Janitor {
@@ -108,7 +123,28 @@ impl Janitor {
     /// invalidation could not be delivered at once.
     pub(crate) fn is_invalidating(&self, key: &str) -> bool {
         self.invalidating.load(Ordering::SeqCst) != 0
-            && self.ledger().invalidating.contains_key(key)
+            && self
+                .ledger()
+                .invalidating
+                .get(key)
+                .is_some_and(|queued| queued.readers_skip)
+    }
+
+    /// Sets whether readers skip a queued key, after a retry: they do if it
+    /// failed in a way that leaves open whether the primary that serves the
+    /// key has the `DEL`, and stop when a retry reached the primary (only
+    /// the replicas' acknowledgement was missing).
+    fn readers_skip(&self, key: &str, skip: bool) {
+        let mut ledger = self.ledger();
+        if let Some(queued) = ledger.invalidating.get_mut(key)
+            && std::mem::replace(&mut queued.readers_skip, skip) != skip
+        {
+            if skip {
+                self.invalidating.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.invalidating.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Enters a chore in the ledger; `false` if a queued one covers it.
@@ -119,17 +155,19 @@ impl Janitor {
                 ledger.abandoned.insert(placeholder.clone());
                 true
             }
-            Chore::Invalidate { key, .. } => match ledger.invalidating.get_mut(key) {
-                Some(asked_again) => {
-                    *asked_again = true;
-                    false
-                }
-                None => {
-                    ledger.invalidating.insert(key.clone(), false);
+            Chore::Invalidate { key, landed, .. } => {
+                let (queued, new) = match ledger.invalidating.get_mut(key) {
+                    Some(queued) => {
+                        queued.asked_again = true;
+                        (queued, false)
+                    }
+                    None => (ledger.invalidating.entry(key.clone()).or_default(), true),
+                };
+                if !landed && !std::mem::replace(&mut queued.readers_skip, true) {
                     self.invalidating.fetch_add(1, Ordering::SeqCst);
-                    true
                 }
-            },
+                new
+            }
         }
     }
 
@@ -141,7 +179,11 @@ impl Janitor {
                 ledger.abandoned.remove(placeholder);
             }
             Chore::Invalidate { key, .. } => {
-                if ledger.invalidating.remove(key).is_some() {
+                if ledger
+                    .invalidating
+                    .remove(key)
+                    .is_some_and(|queued| queued.readers_skip)
+                {
                     self.invalidating.fetch_sub(1, Ordering::SeqCst);
                 }
             }
@@ -156,7 +198,7 @@ impl Janitor {
         self.ledger()
             .invalidating
             .get_mut(key)
-            .is_some_and(std::mem::take)
+            .is_some_and(|queued| std::mem::take(&mut queued.asked_again))
     }
 }
 
@@ -380,6 +422,10 @@ impl Cache {
                     }
                     Err(error) => {
                         inner.stats.record(*writer, Event::Error);
+                        // An open breaker says nothing about this key.
+                        if !matches!(error, CacheError::CircuitOpen) {
+                            janitor.readers_skip(key, !error.is_not_replicated());
+                        }
                         let delay = INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1);
                         match delay {
                             Some(delay) if error.is_unavailable() || error.is_not_replicated() => {

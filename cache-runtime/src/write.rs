@@ -63,6 +63,7 @@ impl Cache {
             writer,
             keys,
             tried: false,
+            landed: false,
         };
         // On a cluster, each primary's keys are deleted under its own
         // breaker: what failed is all that is left to retry.
@@ -76,6 +77,7 @@ impl Cache {
             None => {}
             Some(error) => {
                 unfinished.tried = true;
+                unfinished.landed = error.is_not_replicated();
                 if !matches!(error, CacheError::CircuitOpen) {
                     self.inner.stats.record(Some(writer), Event::Error);
                 }
@@ -106,6 +108,7 @@ impl Cache {
             writer,
             keys: vec![redis_key],
             tried: false,
+            landed: false,
         };
         let redis_key = &unfinished.keys[0];
         let encoded = ttl.and_then(|_| self.encode_for_store(Some(writer), redis_key, value));
@@ -127,6 +130,9 @@ impl Cache {
                 self.inner.stats.record(Some(writer), Event::Set);
             }
             Err(error) => {
+                // Stored on the primary, not acknowledged by a replica: the
+                // primary serves the new value meanwhile.
+                unfinished.landed = error.is_not_replicated();
                 if !matches!(error, CacheError::CircuitOpen) {
                     self.inner.stats.record(Some(writer), Event::Error);
                 }
@@ -148,6 +154,8 @@ struct Unfinished<'c> {
     keys: Vec<String>,
     /// Whether an attempt failed already, so the first retry waits.
     tried: bool,
+    /// Whether that attempt reached the primary (see `Chore::Invalidate`).
+    landed: bool,
 }
 
 impl Drop for Unfinished<'_> {
@@ -157,6 +165,7 @@ impl Drop for Unfinished<'_> {
                 writer: Some(self.writer),
                 key,
                 tried: self.tried,
+                landed: self.landed,
             });
         }
     }

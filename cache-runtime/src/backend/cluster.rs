@@ -29,7 +29,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
-use super::commands::{self, Durability};
+use super::commands::{self, Durability, DurablePool};
 use crate::breaker::Breaker;
 use crate::error::CacheError;
 
@@ -55,16 +55,28 @@ pub(crate) fn hash_tag(key: &[u8]) -> Option<&[u8]> {
     (!tag.is_empty()).then_some(tag)
 }
 
-/// Who serves which slot, with each primary's breaker.
+/// Distinct primaries whose breakers one cache keeps (over its lifetime);
+/// keys of any more share the breaker of unknown primaries.
+const MAX_NODES: usize = 1024;
+
+/// Who serves which slot.
 struct Topology {
-    /// Index into `nodes` of each slot's primary; [`NO_NODE`] if unknown.
+    /// Index into [`Shared::breakers`] of each slot's primary; [`NO_NODE`]
+    /// if unknown.
     slots: Box<[u16]>,
-    nodes: Vec<Arc<Breaker>>,
+    /// The primaries now, as indices into [`Shared::breakers`].
+    nodes: Vec<u16>,
 }
 
 struct Shared {
     conn: ClusterConnection,
     topology: ArcSwap<Topology>,
+    /// One breaker per primary address ever seen, never moved or dropped
+    /// while the cache lives: a call borrows its breaker instead of
+    /// cloning an `Arc` that every core's calls would contend on.
+    breakers: Box<[OnceLock<Arc<Breaker>>]>,
+    /// Where each address's breaker is in `breakers`.
+    breaker_index: std::sync::Mutex<HashMap<String, u16>>,
     /// The breaker of keys whose primary is not known (no map yet).
     unknown: Arc<Breaker>,
     breaker_config: (u32, Duration),
@@ -75,7 +87,7 @@ struct Shared {
     /// With `durable_writes`: a cluster connection of their own for the
     /// writes that `WAIT` for replicas, since `WAIT` blocks the node
     /// connection it is sent on (and every hit queued behind it).
-    durable: Option<(ClusterConnection, Durability)>,
+    durable: Option<DurablePool<ClusterConnection>>,
 }
 
 /// A Redis Cluster, through seed nodes.
@@ -138,7 +150,12 @@ impl ClusterBackend {
             )
         };
         let conn = connect();
-        let durable = durability.map(|durability| (connect(), durability));
+        let durable = match durability {
+            Some(durability) => Some(DurablePool::new(durability, || {
+                Ok::<_, CacheError>(connect())
+            })?),
+            None => None,
+        };
         let breaker = |node: Option<String>| Arc::new(Breaker::for_node(breaker_config, node));
         Ok(ClusterBackend {
             shared: Arc::new(Shared {
@@ -147,6 +164,8 @@ impl ClusterBackend {
                     slots: vec![NO_NODE; SLOTS].into_boxed_slice(),
                     nodes: Vec::new(),
                 }),
+                breakers: (0..MAX_NODES).map(|_| OnceLock::new()).collect(),
+                breaker_index: std::sync::Mutex::new(HashMap::new()),
                 unknown: breaker(None),
                 breaker_config,
                 refreshing: AtomicBool::new(false),
@@ -164,25 +183,58 @@ impl ClusterBackend {
 
     /// The breaker of the primary that serves `key`. Reads the slot map
     /// again in the background when it is old.
-    pub(crate) fn breaker_of(&self, key: &str) -> Arc<Breaker> {
+    pub(crate) fn breaker_of(&self, key: &str) -> &Arc<Breaker> {
         let shared = &*self.shared;
-        let refreshed_at = shared.refreshed_at.load(Ordering::Relaxed);
+        self.refresh_if_old();
+        let node = shared.topology.load().slots[usize::from(slot_of(key.as_bytes()))];
+        self.breaker_at(node)
+    }
+
+    /// Reads the slot map again in the background when it is old.
+    fn refresh_if_old(&self) {
+        let refreshed_at = self.shared.refreshed_at.load(Ordering::Relaxed);
         if refreshed_at == NEVER
             || epoch_millis().saturating_sub(refreshed_at) > REFRESH_EVERY.as_millis() as u64
         {
             self.refresh_in_background();
         }
-        let topology = shared.topology.load();
-        let node = topology.slots[usize::from(slot_of(key.as_bytes()))];
-        match topology.nodes.get(usize::from(node)) {
-            Some(breaker) => breaker.clone(),
-            None => shared.unknown.clone(),
+    }
+
+    /// The breaker at `index` in the pool, or that of unknown primaries.
+    fn breaker_at(&self, index: u16) -> &Arc<Breaker> {
+        let shared = &*self.shared;
+        shared
+            .breakers
+            .get(usize::from(index))
+            .and_then(OnceLock::get)
+            .unwrap_or(&shared.unknown)
+    }
+
+    /// The pool index of the breaker of the primary at `addr`, made on
+    /// first sight; [`NO_NODE`] once the pool is full.
+    fn breaker_index(&self, addr: String) -> u16 {
+        let shared = &*self.shared;
+        let mut index = shared
+            .breaker_index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = index.len();
+        let Ok(at) = u16::try_from(next) else {
+            return NO_NODE;
+        };
+        if next >= MAX_NODES && !index.contains_key(&addr) {
+            return NO_NODE;
         }
+        let at = *index.entry(addr.clone()).or_insert(at);
+        shared.breakers[usize::from(at)]
+            .get_or_init(|| Arc::new(Breaker::for_node(shared.breaker_config, Some(addr))));
+        at
     }
 
     /// Indices of `keys` grouped by the primary that serves them, each
     /// group with that primary's breaker.
-    pub(crate) fn by_node(&self, keys: &[String]) -> Vec<(Arc<Breaker>, Vec<usize>)> {
+    pub(crate) fn by_node(&self, keys: &[String]) -> Vec<(&Arc<Breaker>, Vec<usize>)> {
+        self.refresh_if_old();
         let topology = self.shared.topology.load();
         let mut groups: HashMap<u16, Vec<usize>> = HashMap::new();
         for (at, key) in keys.iter().enumerate() {
@@ -191,13 +243,7 @@ impl ClusterBackend {
         }
         groups
             .into_iter()
-            .map(|(node, indices)| {
-                let breaker = match topology.nodes.get(usize::from(node)) {
-                    Some(breaker) => breaker.clone(),
-                    None => self.shared.unknown.clone(),
-                };
-                (breaker, indices)
-            })
+            .map(|(node, indices)| (self.breaker_at(node), indices))
             .collect()
     }
 
@@ -248,21 +294,13 @@ impl ClusterBackend {
             match reply {
                 Ok(value) => {
                     let ranges = parse_cluster_slots(&value)?;
-                    let old = shared.topology.load();
-                    let mut nodes: Vec<Arc<Breaker>> = Vec::new();
+                    let mut nodes: Vec<u16> = Vec::new();
                     let mut slots = vec![NO_NODE; SLOTS].into_boxed_slice();
                     for (start, end, addr) in ranges {
-                        let at = match nodes.iter().position(|b| b.node() == Some(&addr)) {
-                            Some(at) => at,
-                            None => {
-                                let kept = old.nodes.iter().find(|b| b.node() == Some(&addr));
-                                nodes.push(kept.cloned().unwrap_or_else(|| {
-                                    Arc::new(Breaker::for_node(shared.breaker_config, Some(addr)))
-                                }));
-                                nodes.len() - 1
-                            }
-                        };
-                        let at = u16::try_from(at).unwrap_or(NO_NODE);
+                        let at = self.breaker_index(addr);
+                        if !nodes.contains(&at) {
+                            nodes.push(at);
+                        }
                         for slot in &mut slots[usize::from(start)..=usize::from(end)] {
                             *slot = at;
                         }
@@ -288,7 +326,11 @@ impl ClusterBackend {
             return refreshed;
         };
         let topology = self.shared.topology.load();
-        if !topology.nodes.iter().any(|b| b.node() == Some(node)) {
+        if !topology
+            .nodes
+            .iter()
+            .any(|&at| self.breaker_at(at).node() == Some(node))
+        {
             // Failed over or resharded away: no key routes there any more.
             return Ok(());
         }
@@ -322,19 +364,14 @@ impl ClusterBackend {
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        let groups = by_slot(keys);
-        let reads = join_all(groups.iter().map(|indices| async move {
-            let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            commands::mget(&mut self.conn(), &group).await
-        }))
-        .await;
-        let mut values = vec![None; keys.len()];
-        for (indices, read) in groups.iter().zip(reads) {
-            for (&at, value) in indices.iter().zip(read?) {
-                values[at] = value;
-            }
+        // One `MGET`: the cluster connection splits it by slot, sends the
+        // parts to their nodes together and puts the replies back in
+        // order. Measured against one request per slot from here, in
+        // examples/bench.rs: fewer hand-offs to the connection's task.
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(values)
+        commands::mget(&mut self.conn(), keys).await
     }
 
     /// One `DEL` per slot, concurrently; how many keys existed.
@@ -346,7 +383,10 @@ impl ClusterBackend {
     /// primary if configured.
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
         match &self.shared.durable {
-            Some((conn, durability)) => self.delete_with(conn, keys, Some(*durability)).await,
+            Some(pool) => {
+                self.delete_with(&pool.pick(), keys, Some(pool.durability))
+                    .await
+            }
             None => self.delete(keys).await,
         }
     }
@@ -359,11 +399,12 @@ impl ClusterBackend {
         value: &[u8],
         px: u64,
     ) -> Result<(), CacheError> {
-        let Some((conn, durability)) = &self.shared.durable else {
+        let Some(pool) = &self.shared.durable else {
             return commands::set(&mut self.conn(), key, value, px).await;
         };
+        let conn = pool.pick();
         commands::set(&mut conn.clone(), key, value, px).await?;
-        Self::wait_replicated(conn, key, *durability).await
+        Self::wait_replicated(&conn, key, pool.durability).await
     }
 
     /// `WAIT` on the primary of `key` (where the write before it went: one
@@ -385,6 +426,9 @@ impl ClusterBackend {
         commands::check_replicated(&reply, durability)
     }
 
+    /// One `DEL` per slot, concurrently; then, if configured, one `WAIT`
+    /// on each primary they went to, which covers every write before it on
+    /// that node's connection.
     async fn delete_with(
         &self,
         conn: &ClusterConnection,
@@ -394,16 +438,31 @@ impl ClusterBackend {
         let groups = by_slot(keys);
         let deletes = join_all(groups.iter().map(|indices| async move {
             let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            let existed = commands::delete(&mut conn.clone(), &group).await?;
-            if let Some(durability) = durability {
-                Self::wait_replicated(conn, &group[0], durability).await?;
-            }
-            Ok::<_, CacheError>(existed)
+            commands::delete(&mut conn.clone(), &group).await
         }))
         .await;
         let mut existed = 0;
         for deleted in deletes {
             existed += deleted?;
+        }
+        if let Some(durability) = durability {
+            let topology = self.shared.topology.load();
+            let mut primaries: HashMap<u16, &String> = HashMap::new();
+            for indices in &groups {
+                let key = &keys[indices[0]];
+                primaries
+                    .entry(topology.slots[usize::from(slot_of(key.as_bytes()))])
+                    .or_insert(key);
+            }
+            let waits = join_all(
+                primaries
+                    .into_values()
+                    .map(|key| Self::wait_replicated(conn, key, durability)),
+            )
+            .await;
+            for waited in waits {
+                waited?;
+            }
         }
         Ok(existed)
     }

@@ -227,6 +227,43 @@ pub(crate) struct Durability {
     pub(crate) timeout: std::time::Duration,
 }
 
+/// Connections kept for writes that `WAIT` for replicas.
+pub(crate) const DURABLE_CONNECTIONS: usize = 4;
+
+/// The connections for durable writes, used in turn. Several, because
+/// `WAIT` blocks the connection it is sent on until the replicas answer:
+/// on one connection, concurrent writes queue behind each other's `WAIT`
+/// (the cause of the collapse first measured under the cluster fault
+/// load), and so does any command sent after them.
+pub(crate) struct DurablePool<C> {
+    conns: Box<[C]>,
+    next: std::sync::atomic::AtomicUsize,
+    pub(crate) durability: Durability,
+}
+
+impl<C: Clone> DurablePool<C> {
+    /// [`DURABLE_CONNECTIONS`] connections made by `connect`.
+    pub(crate) fn new<E>(
+        durability: Durability,
+        mut connect: impl FnMut() -> Result<C, E>,
+    ) -> Result<Self, E> {
+        let conns = (0..DURABLE_CONNECTIONS)
+            .map(|_| connect())
+            .collect::<Result<Vec<C>, E>>()?;
+        Ok(DurablePool {
+            conns: conns.into_boxed_slice(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+            durability,
+        })
+    }
+
+    /// The next connection, in turn.
+    pub(crate) fn pick(&self) -> C {
+        let at = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.conns[at % self.conns.len()].clone()
+    }
+}
+
 /// The `WAIT` command of [`Durability`].
 pub(crate) fn wait_cmd(durability: Durability) -> Cmd {
     let millis = u64::try_from(durability.timeout.as_millis())

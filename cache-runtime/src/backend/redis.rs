@@ -12,7 +12,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::commands::{self, Durability};
+use super::commands::{self, Durability, DurablePool};
 use crate::error::CacheError;
 
 /// Keys per `MGET` of a batch lookup.
@@ -29,7 +29,7 @@ pub(crate) struct RedisBackend {
     /// With `durable_writes`: a connection of their own for the writes
     /// that `WAIT` for replicas, since `WAIT` blocks the connection it is
     /// sent on (and every hit queued behind it).
-    durable: Option<(ConnectionManager, Durability)>,
+    durable: Option<DurablePool<ConnectionManager>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -57,7 +57,7 @@ impl RedisBackend {
         let client = super::client(info.set_tcp_settings(tcp), tls)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         let durable = match durability {
-            Some(durability) => Some((Self::manager(&client)?, durability)),
+            Some(durability) => Some(DurablePool::new(durability, || Self::manager(&client))?),
             None => None,
         };
         Ok(RedisBackend {
@@ -138,12 +138,12 @@ impl RedisBackend {
 
     /// [`RedisBackend::delete`], then `WAIT` for replicas if configured.
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
-        let Some((conn, durability)) = &self.durable else {
+        let Some(pool) = &self.durable else {
             return self.delete(keys).await;
         };
-        let mut conn = conn.clone();
+        let mut conn = pool.pick();
         let existed = commands::delete(&mut conn, keys).await?;
-        commands::wait_replicated(&mut conn, Some(*durability)).await?;
+        commands::wait_replicated(&mut conn, Some(pool.durability)).await?;
         Ok(existed)
     }
 
@@ -154,11 +154,11 @@ impl RedisBackend {
         value: &[u8],
         px: u64,
     ) -> Result<(), CacheError> {
-        let Some((conn, durability)) = &self.durable else {
+        let Some(pool) = &self.durable else {
             return commands::set(&mut self.conn(), key, value, px).await;
         };
-        let mut conn = conn.clone();
+        let mut conn = pool.pick();
         commands::set(&mut conn, key, value, px).await?;
-        commands::wait_replicated(&mut conn, Some(*durability)).await
+        commands::wait_replicated(&mut conn, Some(pool.durability)).await
     }
 }

@@ -45,7 +45,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
-use super::commands::{self, Durability};
+use super::commands::{self, Durability, DurablePool};
 use crate::error::CacheError;
 
 /// How far back the keys replayed on a new primary go; see the module docs.
@@ -120,8 +120,8 @@ impl Fence {
 struct Primary {
     address: String,
     conn: MultiplexedConnection,
-    /// With `durable_writes`: the connection for writes that `WAIT`.
-    durable: Option<MultiplexedConnection>,
+    /// With `durable_writes`: the connections for writes that `WAIT`.
+    durable: Option<DurablePool<MultiplexedConnection>>,
 }
 
 impl std::fmt::Debug for SentinelBackend {
@@ -204,6 +204,7 @@ impl SentinelBackend {
             resolver: self.resolver.clone(),
             primary: self.resolver.current.load_full(),
             durable: false,
+            picked: None,
         }
     }
 
@@ -329,11 +330,22 @@ impl Resolver {
             )));
         }
         let durable = match self.durability {
-            Some(_) => Some(
-                client
-                    .get_multiplexed_async_connection_with_config(&self.config)
-                    .await?,
-            ),
+            Some(durability) => {
+                let mut conns = Vec::new();
+                for _ in 0..commands::DURABLE_CONNECTIONS {
+                    conns.push(
+                        client
+                            .get_multiplexed_async_connection_with_config(&self.config)
+                            .await?,
+                    );
+                }
+                let mut conns = conns.into_iter();
+                Some(DurablePool::new(durability, || {
+                    conns.next().ok_or_else(|| {
+                        RedisError::from((redis::ErrorKind::Client, "no connection"))
+                    })
+                })?)
+            }
             None => None,
         };
         if self.connected_before.swap(true, Ordering::SeqCst) {
@@ -407,8 +419,11 @@ fn error_code(value: &Value) -> Option<&str> {
 pub(crate) struct SentinelConn {
     resolver: Arc<Resolver>,
     primary: Option<Arc<Primary>>,
-    /// Send on the primary's connection for durable writes.
+    /// Send on one of the primary's connections for durable writes, the
+    /// same for every command of this handle (a `WAIT` covers the writes
+    /// sent before it on its own connection only).
     durable: bool,
+    picked: Option<MultiplexedConnection>,
 }
 
 impl SentinelConn {
@@ -422,7 +437,7 @@ impl SentinelConn {
             }
         };
         let conn = match (&primary.durable, self.durable) {
-            (Some(durable), true) => durable.clone(),
+            (Some(pool), true) => self.picked.get_or_insert_with(|| pool.pick()).clone(),
             _ => primary.conn.clone(),
         };
         Ok((primary, conn))
