@@ -300,12 +300,17 @@ impl Target {
         Target::Cluster(cluster.seeds())
     }
 
-    /// A cache on the target, with the defaults and `prefix` if given.
-    pub async fn cache(&self, prefix: Option<&str>) -> cache_runtime::Cache {
-        let builder = match self {
+    /// A cache builder pointed at the target, to configure further.
+    pub fn builder(&self) -> cache_runtime::CacheBuilder {
+        match self {
             Target::Standalone(url) => cache_runtime::Cache::builder().url(url),
             Target::Cluster(seeds) => cache_runtime::Cache::builder().cluster(seeds.clone()),
-        };
+        }
+    }
+
+    /// A cache on the target, with the defaults and `prefix` if given.
+    pub async fn cache(&self, prefix: Option<&str>) -> cache_runtime::Cache {
+        let builder = self.builder();
         let builder = match prefix {
             Some(prefix) => builder.prefix(prefix),
             None => builder,

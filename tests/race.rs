@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_harness::{RedisServer, raw_connection};
+use cache_harness::{RawConnection, RedisCluster, RedisServer, Target};
 use cache_runtime::{Cache, invalidates, redis_cached};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,7 @@ impl Arm for Leased {
 
 /// Cache-aside as the tutorials write it. Test code only.
 struct Naive {
-    conn: redis::aio::MultiplexedConnection,
+    conn: RawConnection,
     db: Db,
 }
 
@@ -186,23 +186,21 @@ async fn stale_entries<A: Arm>(arm: Arc<A>) -> usize {
     stale
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_leave_no_stale_entry_where_naive_cache_aside_does() {
-    let server = RedisServer::start();
+/// Both arms at once on `target`: machine noise hits both alike.
+async fn race_on(target: Target, what: &str) {
     let leased = Arc::new(Leased {
-        cache: Cache::connect(&server.url()).await.unwrap(),
+        cache: target.cache(None).await,
         db: Db::default(),
     });
     let naive = Arc::new(Naive {
-        conn: raw_connection(&server).await,
+        conn: target.raw().await,
         db: Db::default(),
     });
-    // Both arms at once, on one server: machine noise hits both alike.
     let (leased_stale, naive_stale) =
         tokio::join!(stale_entries(leased.clone()), stale_entries(naive));
     let stats = leased.cache.stats();
     println!(
-        "stale-set race, {ROUNDS} rounds x ({READERS_PER_ROUND} readers + {WRITERS_PER_ROUND} writers) on {ROWS} rows, redis-server:"
+        "stale-set race, {ROUNDS} rounds x ({READERS_PER_ROUND} readers + {WRITERS_PER_ROUND} writers) on {ROWS} rows, {what}:"
     );
     println!("  #[redis_cached] + #[invalidates] (leases): {leased_stale} stale");
     println!("  naive GET / compute / SET PX / DEL:        {naive_stale} stale");
@@ -219,6 +217,18 @@ async fn leases_leave_no_stale_entry_where_naive_cache_aside_does() {
         stats.total.dropped_sets > 0,
         "the race never happened to the leased arm"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_leave_no_stale_entry_where_naive_cache_aside_does() {
+    let server = RedisServer::start();
+    race_on(Target::server(&server), "redis-server").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_leave_no_stale_entry_on_a_cluster_where_naive_cache_aside_does() {
+    let cluster = RedisCluster::shared();
+    race_on(Target::cluster(cluster), "a 3+3 Redis Cluster").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

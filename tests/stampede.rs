@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cache_harness::{RedisServer, raw, raw_connection};
+use cache_harness::{RedisCluster, RedisServer, Target, raw, raw_connection};
 use cache_runtime::{Cache, redis_cached};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -144,7 +144,17 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_cold_callers_cost_one_body_run_with_single_flight() {
     let server = RedisServer::start();
-    let cache = Cache::connect(&server.url()).await.unwrap();
+    thousand_cold_callers(&Target::server(&server), "redis-server").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_cold_callers_cost_one_body_run_with_single_flight_on_a_cluster() {
+    let target = Target::cluster(RedisCluster::shared());
+    thousand_cold_callers(&target, "a 3+3 Redis Cluster").await;
+}
+
+async fn thousand_cold_callers(target: &Target, what: &str) {
+    let cache = target.cache(Some("thousand")).await;
     let with = Source::new(cache.clone(), Duration::from_millis(50));
     let without = Source::new(cache.clone(), Duration::from_millis(50));
 
@@ -167,7 +177,7 @@ async fn a_thousand_cold_callers_cost_one_body_run_with_single_flight() {
 
     let stats = cache.stats();
     println!(
-        "1000 concurrent callers, one cold key, 50 ms body: single_flight: {} body runs (coalesced {}); without: {} body runs",
+        "1000 concurrent callers, one cold key, 50 ms body, {what}: single_flight: {} body runs (coalesced {}); without: {} body runs",
         with.runs(),
         stats.function("flight").unwrap().coalesced,
         without.runs()
@@ -350,7 +360,17 @@ async fn different_keys_never_wait_on_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_values_are_served_while_one_caller_refreshes() {
     let server = RedisServer::start();
-    let cache = Cache::connect(&server.url()).await.unwrap();
+    stale_while_refreshing(&Target::server(&server)).await;
+}
+
+/// On a cluster the refresh lock is in its key's slot (`{key}\0refresh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_values_are_served_while_one_caller_refreshes_on_a_cluster() {
+    stale_while_refreshing(&Target::cluster(RedisCluster::shared())).await;
+}
+
+async fn stale_while_refreshing(target: &Target) {
+    let cache = target.cache(Some("refreshing")).await;
     let source = Source::new(cache.clone(), Duration::ZERO);
     assert_eq!(source.stale(1).await.unwrap().generation, 1);
     tokio::time::sleep(Duration::from_millis(400)).await; // past the 300 ms TTL
@@ -480,8 +500,10 @@ async fn worker() {
         return;
     };
     let env = |name: &str| -> u64 { std::env::var(name).unwrap().parse().unwrap() };
-    let cache = Cache::builder()
-        .url(url)
+    let target: Target = url.parse().unwrap();
+    let cache = target
+        .builder()
+        .prefix(std::env::var("STAMPEDE_PREFIX").unwrap())
         .lease(Duration::from_millis(env("STAMPEDE_LEASE_MS")))
         .build()
         .await
@@ -518,10 +540,23 @@ impl Source {
     }
 }
 
-fn spawn_worker(url: &str, callers: usize, body_ms: u64, lease_ms: u64, start_at: u64) -> Child {
+/// Where and under which prefix the workers of one test meet.
+struct Meeting<'a> {
+    target: &'a Target,
+    prefix: &'a str,
+}
+
+fn spawn_worker(
+    at: &Meeting<'_>,
+    callers: usize,
+    body_ms: u64,
+    lease_ms: u64,
+    start_at: u64,
+) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "worker", "--nocapture", "--test-threads=1"])
-        .env("STAMPEDE_WORKER_URL", url)
+        .env("STAMPEDE_WORKER_URL", at.target.to_string())
+        .env("STAMPEDE_PREFIX", at.prefix)
         .env("STAMPEDE_CALLERS", callers.to_string())
         .env("STAMPEDE_BODY_MS", body_ms.to_string())
         .env("STAMPEDE_LEASE_MS", lease_ms.to_string())
@@ -557,17 +592,30 @@ fn unix_millis_in(delay: Duration) -> u64 {
 #[test]
 fn four_processes_of_250_callers_cost_one_body_run() {
     let server = RedisServer::start();
+    four_processes(&Target::server(&server), "redis-server");
+}
+
+#[test]
+fn four_processes_of_250_callers_cost_one_body_run_on_a_cluster() {
+    four_processes(&Target::cluster(RedisCluster::shared()), "a 3+3 Redis Cluster");
+}
+
+fn four_processes(target: &Target, what: &str) {
+    let at = Meeting {
+        target,
+        prefix: "four",
+    };
     // All workers start together, once every process is up.
     let start_at = unix_millis_in(Duration::from_millis(1_500));
     let workers: Vec<Child> = (0..4)
-        .map(|_| spawn_worker(&server.url(), 250, 50, 5_000, start_at))
+        .map(|_| spawn_worker(&at, 250, 50, 5_000, start_at))
         .collect();
     let reports: Vec<_> = workers.into_iter().map(worker_report).collect();
     let runs: u64 = reports.iter().map(|r| r["runs"]).sum();
     let ok: u64 = reports.iter().map(|r| r["ok"]).sum();
     let polls: Vec<u64> = reports.iter().map(|r| r["polls"]).collect();
     println!(
-        "4 processes x 250 callers, one cold key, 50 ms body: {runs} body run(s) in all, {ok} Ok, lease polls per process {polls:?}"
+        "4 processes x 250 callers, one cold key, 50 ms body, {what}: {runs} body run(s) in all, {ok} Ok, lease polls per process {polls:?}"
     );
     assert_eq!(ok, 1_000);
     assert_eq!(runs, 1, "one body run across all processes");
@@ -576,15 +624,32 @@ fn four_processes_of_250_callers_cost_one_body_run() {
 #[test]
 fn a_killed_lease_holder_is_taken_over_after_its_lease() {
     let server = RedisServer::start();
+    killed_lease_holder(&Target::server(&server), "redis-server");
+}
+
+#[test]
+fn a_killed_lease_holder_is_taken_over_after_its_lease_on_a_cluster() {
+    killed_lease_holder(&Target::cluster(RedisCluster::shared()), "a 3+3 Redis Cluster");
+}
+
+fn killed_lease_holder(target: &Target, what: &str) {
+    let at = Meeting {
+        target,
+        prefix: "killed",
+    };
     let lease = Duration::from_millis(1_000);
     let body = Duration::from_millis(100);
     // The holder computes for 30 s: it is killed long before.
-    let mut holder = spawn_worker(&server.url(), 1, 30_000, 1_000, 0);
+    let mut holder = spawn_worker(&at, 1, 30_000, 1_000, 0);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let mut conn = raw_connection(&server).await;
+        let mut conn = target.raw().await;
         for _ in 0..500 {
-            let held: Option<Vec<u8>> = raw(&mut conn, &[b"GET", b"dist:9"]).await;
+            let held: Option<Vec<u8>> = redis::cmd("GET")
+                .arg("killed:dist:9")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             if held.is_some_and(|bytes| bytes.starts_with(b"\0lease:")) {
                 return;
             }
@@ -594,7 +659,7 @@ fn a_killed_lease_holder_is_taken_over_after_its_lease() {
     });
     let started = Instant::now();
     let others: Vec<Child> = (0..3)
-        .map(|_| spawn_worker(&server.url(), 50, 100, 1_000, 0))
+        .map(|_| spawn_worker(&at, 50, 100, 1_000, 0))
         .collect();
     holder.kill().unwrap(); // SIGKILL: no chance to release the lease
     holder.wait().unwrap();
@@ -603,7 +668,7 @@ fn a_killed_lease_holder_is_taken_over_after_its_lease() {
     let runs: u64 = reports.iter().map(|r| r["runs"]).sum();
     let ok: u64 = reports.iter().map(|r| r["ok"]).sum();
     println!(
-        "lease holder SIGKILLed: 3 processes x 50 callers done in {elapsed:?} (lease {lease:?} + body {body:?}), {runs} body run(s), {ok} Ok"
+        "lease holder SIGKILLed, {what}: 3 processes x 50 callers done in {elapsed:?} (lease {lease:?} + body {body:?}), {runs} body run(s), {ok} Ok"
     );
     assert_eq!(ok, 150);
     assert_eq!(
