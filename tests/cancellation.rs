@@ -25,7 +25,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cache_harness::{Fault, FaultProxy, RedisServer, raw, raw_connection, wait_for};
+use cache_harness::{
+    Fault, FaultProxy, RedisCluster, RedisServer, Target, raw, raw_connection, wait_for,
+};
 use cache_runtime::__private::{backend_ops, flights_in_use, pending_chores, refresh_lock_key};
 use cache_runtime::{Cache, Counts, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
@@ -480,6 +482,39 @@ async fn sweep_on_redis_behind_a_fault_proxy() {
     );
     assert!(idle.is_some(), "the janitor finished");
     check_no_stale_value("redis", &db).await;
+}
+
+/// The same sweep on a local 3+3 cluster: calls dropped at random points
+/// and the database failing in bursts (no proxy: a cluster's clients follow
+/// the nodes' own addresses). Leases, locks, flights, counters and the
+/// final values are checked as on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_on_a_cluster() {
+    let cache = Target::cluster(RedisCluster::shared())
+        .builder()
+        .prefix("sweep")
+        .op_timeout(OP_TIMEOUT)
+        .circuit_breaker(3, COOLDOWN)
+        .lease(LEASE)
+        .build()
+        .await
+        .unwrap();
+    let db = Arc::new(Db::new(cache.clone()));
+    let (calls, stats, body_runs) = sweep(db.clone(), None, sweep_length()).await;
+    check_counters("cluster", &calls, &stats, body_runs);
+    let clean = wait_for(Duration::from_secs(5), POLL, async || {
+        leases_left(&cache).await.is_empty()
+    })
+    .await;
+    let left = leases_left(&cache).await;
+    println!("cluster: no lease or lock left {clean:?} after the sweep");
+    assert!(clean.is_some(), "leases or locks left: {left:?}");
+    let idle = wait_for(Duration::from_secs(10), POLL, async || {
+        pending_chores(&cache) == 0
+    })
+    .await;
+    assert!(idle.is_some(), "the janitor finished");
+    check_no_stale_value("cluster", &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
