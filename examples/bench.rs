@@ -243,24 +243,7 @@ impl Arms {
 
     /// Cache-aside as the tutorials write it.
     async fn hand_written(&self, id: u64) -> Result<User, Error> {
-        let mut conn = self.conn.clone();
-        let key = format!("bench:hand:{id}");
-        let cached: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-        if let Some(bytes) = cached
-            && let Ok(user) = serde_json::from_slice(&bytes)
-        {
-            return Ok(user);
-        }
-        let user = query(1, id).await?;
-        let bytes = serde_json::to_vec(&user)?;
-        redis::cmd("SET")
-            .arg(&key)
-            .arg(bytes)
-            .arg("EX")
-            .arg(TTL_SECS)
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(user)
+        hand_written(&mut self.conn.clone(), id).await
     }
 
     /// The bare `GET` arm reads what the hand-written arm stores.
@@ -284,6 +267,31 @@ impl From<DbError> for Error {
     fn from(e: DbError) -> Self {
         e.to_string().into()
     }
+}
+
+/// Cache-aside as the tutorials write it, on any connection (standalone
+/// or cluster): `GET`, decode; on a miss compute, encode, `SET EX`.
+async fn hand_written(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    id: u64,
+) -> Result<User, Error> {
+    let key = format!("bench:hand:{id}");
+    let cached: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+    if let Some(bytes) = cached
+        && let Ok(user) = serde_json::from_slice(&bytes)
+    {
+        return Ok(user);
+    }
+    let user = query(1, id).await?;
+    let bytes = serde_json::to_vec(&user)?;
+    redis::cmd("SET")
+        .arg(&key)
+        .arg(bytes)
+        .arg("EX")
+        .arg(TTL_SECS)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(user)
 }
 
 // ----------------------------------------------------------------- measuring
@@ -814,7 +822,7 @@ mod cluster {
             async move {
                 match arm {
                     0 => {
-                        black_box(this.hand_written(id).await?);
+                        black_box(hand_written(&mut this.conn.clone(), id).await?);
                     }
                     1 => {
                         black_box(ours(id).await?);
@@ -832,29 +840,6 @@ mod cluster {
     }
 
     impl ClusterArms {
-        /// Cache-aside as the tutorials write it, on the cluster connection.
-        async fn hand_written(&self, id: u64) -> Result<User, Error> {
-            let mut conn = self.conn.clone();
-            let key = format!("bench:hand:{id}");
-            let cached: Option<Vec<u8>> =
-                redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-            if let Some(bytes) = cached
-                && let Ok(user) = serde_json::from_slice(&bytes)
-            {
-                return Ok(user);
-            }
-            let user = query(1, id).await?;
-            let bytes = serde_json::to_vec(&user)?;
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(bytes)
-                .arg("EX")
-                .arg(TTL_SECS)
-                .query_async::<()>(&mut conn)
-                .await?;
-            Ok(user)
-        }
-
         /// One `MGET` (split by slot by the cluster connection), then each
         /// miss computed and `SET`.
         async fn hand_written_batch(&self, ids: &[u64]) -> Result<HashMap<u64, User>, Error> {

@@ -16,9 +16,10 @@
 //! assert_eq!(read_your_writes(&events).stale_reads, 1);
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +87,66 @@ impl History {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
+}
+
+/// The histories of a load: one per read arm (cached function), and the
+/// writes under [`WRITES`].
+pub type Histories = BTreeMap<&'static str, History>;
+
+/// The arm of [`Histories`] that holds the writes.
+pub const WRITES: &str = "write";
+
+/// Empty histories for `arms` and the writes.
+pub fn histories(arms: &[&'static str]) -> Histories {
+    arms.iter()
+        .chain(&[WRITES])
+        .map(|arm| (*arm, History::default()))
+        .collect()
+}
+
+/// Runs one operation of `arm` on `row`, as a service with a request
+/// `timeout` would, and records the version it returned (a write when `arm`
+/// is [`WRITES`]). `false` when it failed or ran past the timeout.
+pub async fn run_recorded<E>(
+    histories: &Histories,
+    arm: &'static str,
+    row: u64,
+    timeout: Duration,
+    operation: impl Future<Output = Result<u64, E>>,
+) -> bool {
+    let start = now();
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(Ok(version)) => {
+            let op = if arm == WRITES { Op::Write } else { Op::Read };
+            histories[arm].record(op, row, start, version);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Checks each read arm's history together with the writes; prints one
+/// line for `phase` (and examples of stale reads) and returns the stale
+/// reads in all.
+pub fn check_arms(phase: &str, histories: &Histories, arms: &[&str]) -> usize {
+    let writes = histories[WRITES].events();
+    let mut stale = 0;
+    let mut line = format!("{phase}: {} writes;", writes.len());
+    for arm in arms {
+        let mut events = writes.clone();
+        events.extend(histories[arm].events());
+        let verdict = read_your_writes(&events);
+        line.push_str(&format!(
+            " {arm} {} stale of {};",
+            verdict.stale_reads, verdict.reads
+        ));
+        if verdict.stale_reads > 0 {
+            println!("{phase}: {arm} stale, e.g. {:?}", verdict.examples);
+        }
+        stale += verdict.stale_reads;
+    }
+    println!("{line}");
+    stale
 }
 
 /// What the checker found.

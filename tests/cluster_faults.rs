@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cache_harness::RedisCluster;
-use cache_harness::history::{self, History, Op};
+use cache_harness::history::{self, Histories};
 use cache_runtime::{Cache, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +84,7 @@ impl Db {
 struct Store {
     cache: Cache,
     db: Db,
-    histories: BTreeMap<&'static str, History>,
+    histories: Histories,
     /// Calls that failed (an error, or longer than `REQUEST_TIMEOUT`).
     failed: AtomicU64,
     /// The slowest call of each function, in µs.
@@ -157,14 +157,13 @@ impl Store {
     async fn operate(&self) {
         let id = fastrand::u64(..ROWS);
         let arm: &'static str = if fastrand::u8(..10) == 0 {
-            "write"
+            history::WRITES
         } else {
             ARMS[fastrand::usize(..ARMS.len())]
         };
-        let start = history::now();
         let began = Instant::now();
-        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            if arm == "write" {
+        let done = history::run_recorded(&self.histories, arm, id, REQUEST_TIMEOUT, async {
+            if arm == history::WRITES {
                 self.write(id).await
             } else {
                 self.read(arm, id).await
@@ -177,14 +176,8 @@ impl Store {
             let entry = slowest.entry(arm).or_default();
             *entry = (*entry).max(took);
         }
-        match outcome {
-            Ok(Ok(version)) => {
-                let op = if arm == "write" { Op::Write } else { Op::Read };
-                self.histories[arm].record(op, id, start, version);
-            }
-            _ => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        if !done {
+            self.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -226,22 +219,7 @@ impl Store {
     /// Checks the history so far (every arm against every write) and every
     /// row at rest; returns the stale reads and stale rows.
     async fn check(&self, phase: &str) -> (usize, usize) {
-        let writes = self.histories["write"].events();
-        let mut stale = 0;
-        let mut line = format!("{phase}: {} writes;", writes.len());
-        for arm in ARMS {
-            let mut events = writes.clone();
-            events.extend(self.histories[arm].events());
-            let verdict = history::read_your_writes(&events);
-            line.push_str(&format!(
-                " {arm} {} stale of {};",
-                verdict.stale_reads, verdict.reads
-            ));
-            if verdict.stale_reads > 0 {
-                println!("{phase}: {arm} stale, e.g. {:?}", verdict.examples);
-            }
-            stale += verdict.stale_reads;
-        }
+        let stale = history::check_arms(phase, &self.histories, &ARMS);
         let mut at_rest = 0;
         for id in 0..ROWS {
             let truth = *self.db.rows.lock().unwrap().get(&id).unwrap_or(&0);
@@ -254,7 +232,7 @@ impl Store {
             }
         }
         println!(
-            "{line} {at_rest} stale at rest; {} failed calls",
+            "{phase}: {at_rest} stale at rest; {} failed calls",
             self.failed.load(Ordering::Relaxed)
         );
         (stale, at_rest)
@@ -324,11 +302,7 @@ async fn the_cache_survives_failover_resharding_and_a_stalled_shard() {
     let store = Arc::new(Store {
         cache,
         db: Db::default(),
-        histories: ARMS
-            .iter()
-            .chain(&["write"])
-            .map(|arm| (*arm, History::default()))
-            .collect(),
+        histories: history::histories(&ARMS),
         failed: AtomicU64::new(0),
         slowest: Mutex::new(BTreeMap::new()),
     });

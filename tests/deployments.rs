@@ -13,12 +13,12 @@
 //! `SENTINEL_FAULT_SECONDS` sets the length of the load around the
 //! failover (default 6 s).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cache_harness::history::{self, History, Op};
+use cache_harness::history::{self, Histories};
 use cache_harness::{RedisCluster, RedisSentinel, TlsFiles, TlsServer};
 use cache_runtime::{Cache, cache_put, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
@@ -41,7 +41,7 @@ struct DbError;
 struct Store {
     cache: Cache,
     rows: Mutex<HashMap<u64, u64>>,
-    histories: BTreeMap<&'static str, History>,
+    histories: Histories,
     failed: AtomicU64,
     db_reads: AtomicU64,
 }
@@ -51,11 +51,7 @@ impl Store {
         Arc::new(Store {
             cache,
             rows: Mutex::new(HashMap::new()),
-            histories: ARMS
-                .iter()
-                .chain(&["write"])
-                .map(|arm| (*arm, History::default()))
-                .collect(),
+            histories: history::histories(&ARMS),
             failed: AtomicU64::new(0),
             db_reads: AtomicU64::new(0),
         })
@@ -127,27 +123,20 @@ impl Store {
     async fn operate(&self) {
         let id = fastrand::u64(..ROWS);
         let arm: &'static str = if fastrand::u8(..10) == 0 {
-            "write"
+            history::WRITES
         } else {
             ARMS[fastrand::usize(..ARMS.len())]
         };
-        let start = history::now();
-        let outcome = tokio::time::timeout(REQUEST_TIMEOUT, async {
-            if arm == "write" {
+        let done = history::run_recorded(&self.histories, arm, id, REQUEST_TIMEOUT, async {
+            if arm == history::WRITES {
                 self.write(id).await
             } else {
                 self.read(arm, id).await
             }
         })
         .await;
-        match outcome {
-            Ok(Ok(version)) => {
-                let op = if arm == "write" { Op::Write } else { Op::Read };
-                self.histories[arm].record(op, id, start, version);
-            }
-            _ => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
-            }
+        if !done {
+            self.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -170,22 +159,7 @@ impl Store {
 
     /// Stale reads in the history, and stale rows read at rest.
     async fn check(&self, phase: &str) -> (usize, usize) {
-        let writes = self.histories["write"].events();
-        let mut stale = 0;
-        let mut line = format!("{phase}: {} writes;", writes.len());
-        for arm in ARMS {
-            let mut events = writes.clone();
-            events.extend(self.histories[arm].events());
-            let verdict = history::read_your_writes(&events);
-            line.push_str(&format!(
-                " {arm} {} stale of {};",
-                verdict.stale_reads, verdict.reads
-            ));
-            if verdict.stale_reads > 0 {
-                println!("{phase}: {arm} stale, e.g. {:?}", verdict.examples);
-            }
-            stale += verdict.stale_reads;
-        }
+        let stale = history::check_arms(phase, &self.histories, &ARMS);
         let mut at_rest = 0;
         for id in 0..ROWS {
             let truth = *self.rows.lock().unwrap().get(&id).unwrap_or(&0);
@@ -198,7 +172,7 @@ impl Store {
             }
         }
         println!(
-            "{line} {at_rest} stale at rest; {} failed calls",
+            "{phase}: {at_rest} stale at rest; {} failed calls",
             self.failed.load(Ordering::Relaxed)
         );
         (stale, at_rest)

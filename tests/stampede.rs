@@ -597,7 +597,10 @@ fn four_processes_of_250_callers_cost_one_body_run() {
 
 #[test]
 fn four_processes_of_250_callers_cost_one_body_run_on_a_cluster() {
-    four_processes(&Target::cluster(RedisCluster::shared()), "a 3+3 Redis Cluster");
+    four_processes(
+        &Target::cluster(RedisCluster::shared()),
+        "a 3+3 Redis Cluster",
+    );
 }
 
 fn four_processes(target: &Target, what: &str) {
@@ -629,7 +632,10 @@ fn a_killed_lease_holder_is_taken_over_after_its_lease() {
 
 #[test]
 fn a_killed_lease_holder_is_taken_over_after_its_lease_on_a_cluster() {
-    killed_lease_holder(&Target::cluster(RedisCluster::shared()), "a 3+3 Redis Cluster");
+    killed_lease_holder(
+        &Target::cluster(RedisCluster::shared()),
+        "a 3+3 Redis Cluster",
+    );
 }
 
 fn killed_lease_holder(target: &Target, what: &str) {
