@@ -47,6 +47,16 @@
 //! write's invalidation completed never returns a value read before it.
 //! The repository's `docs/ARCHITECTURE.md` states the whole contract.
 //!
+//! # Deployments
+//!
+//! One [`Cache`] handle for each: a standalone server
+//! ([`CacheBuilder::url`]), a Redis Cluster ([`CacheBuilder::cluster`], one
+//! circuit breaker per primary), or the primary of a Sentinel service
+//! ([`CacheBuilder::sentinel`], followed through failovers). With the `tls`
+//! feature, `rediss://` URLs work on all three (rustls), with a private CA
+//! and client certificates (`CacheBuilder::tls_root_certificate`,
+//! `CacheBuilder::tls_client_certificate`).
+//!
 //! Module map: [`Cache`] (handle, builder, fail-open lookup), [`KeyPart`] and
 //! [`CacheKey`] (key rendering), [`Codec`], [`Stats`], [`CacheError`].
 
