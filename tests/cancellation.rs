@@ -26,7 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cache_harness::{
-    Fault, FaultProxy, RedisCluster, RedisServer, Target, raw, raw_connection, wait_for,
+    Fault, FaultProxy, RedisCluster, RedisSentinel, RedisServer, Target, raw, raw_connection,
+    wait_for,
 };
 use cache_runtime::__private::{backend_ops, flights_in_use, pending_chores, refresh_lock_key};
 use cache_runtime::{Cache, Counts, invalidates, redis_cached};
@@ -490,8 +491,33 @@ async fn sweep_on_redis_behind_a_fault_proxy() {
 /// final values are checked as on one server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sweep_on_a_cluster() {
-    let cache = Target::cluster(RedisCluster::shared())
-        .builder()
+    let builder = Target::cluster(RedisCluster::shared()).builder();
+    sweep_without_proxy("cluster", builder, sweep_length()).await;
+}
+
+/// The same on a Sentinel deployment (1 primary, 1 replica, 3 sentinels)
+/// through a `SENTINEL FAILOVER` (about 11 s, so this sweep runs 14 s): the
+/// backend drops the old primary, resolves the new one in a task of its
+/// own and replays its recent invalidations there, while calls are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_on_sentinel_through_a_failover() {
+    let deployment = Arc::new(RedisSentinel::start());
+    let builder = Cache::builder().sentinel(RedisSentinel::SERVICE, deployment.sentinel_urls());
+    let failover = {
+        let deployment = deployment.clone();
+        tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            deployment.failover(Duration::from_secs(30))
+        })
+    };
+    let length = sweep_length().max(Duration::from_secs(14));
+    sweep_without_proxy("sentinel", builder, length).await;
+    let took = failover.await.unwrap();
+    println!("sentinel: the failover took {took:?}, within the sweep");
+}
+
+async fn sweep_without_proxy(name: &str, builder: cache_runtime::CacheBuilder, length: Duration) {
+    let cache = builder
         .prefix("sweep")
         .op_timeout(OP_TIMEOUT)
         .circuit_breaker(3, COOLDOWN)
@@ -500,21 +526,21 @@ async fn sweep_on_a_cluster() {
         .await
         .unwrap();
     let db = Arc::new(Db::new(cache.clone()));
-    let (calls, stats, body_runs) = sweep(db.clone(), None, sweep_length()).await;
-    check_counters("cluster", &calls, &stats, body_runs);
+    let (calls, stats, body_runs) = sweep(db.clone(), None, length).await;
+    check_counters(name, &calls, &stats, body_runs);
     let clean = wait_for(Duration::from_secs(5), POLL, async || {
         leases_left(&cache).await.is_empty()
     })
     .await;
     let left = leases_left(&cache).await;
-    println!("cluster: no lease or lock left {clean:?} after the sweep");
+    println!("{name}: no lease or lock left {clean:?} after the sweep");
     assert!(clean.is_some(), "leases or locks left: {left:?}");
     let idle = wait_for(Duration::from_secs(10), POLL, async || {
         pending_chores(&cache) == 0
     })
     .await;
     assert!(idle.is_some(), "the janitor finished");
-    check_no_stale_value("cluster", &db).await;
+    check_no_stale_value(name, &db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
