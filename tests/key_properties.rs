@@ -93,6 +93,13 @@ proptest! {
         for value in [value, tricky] {
             let key = one_cache_key(&value).into_string();
             let rendered = key.strip_prefix("one:").unwrap();
+            // An over-long key keeps its first bytes and ends in `:#` and
+            // the SHA-256 of the whole (see `Keys` in the README): the
+            // readable part is what must hold no structure character.
+            let rendered = match rendered.rsplit_once(":#") {
+                Some((head, hash)) if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => head,
+                _ => rendered,
+            };
             for forbidden in [':', '*', '?', '[', ']', '{', '}'] {
                 prop_assert!(!rendered.contains(forbidden), "{:?} rendered {:?}", value, rendered);
             }
