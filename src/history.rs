@@ -149,6 +149,30 @@ pub fn check_arms(phase: &str, histories: &Histories, arms: &[&str]) -> usize {
     stale
 }
 
+/// Reads every row through every arm at rest (no load running) and
+/// compares it with `truth(row)`; prints each difference for `phase` and
+/// returns how many there were.
+pub async fn stale_at_rest(
+    phase: &str,
+    rows: u64,
+    arms: &[&'static str],
+    truth: impl Fn(u64) -> u64,
+    read: impl AsyncFn(&'static str, u64) -> u64,
+) -> usize {
+    let mut stale = 0;
+    for row in 0..rows {
+        let truth = truth(row);
+        for &arm in arms {
+            let seen = read(arm, row).await;
+            if seen != truth {
+                stale += 1;
+                println!("{phase}: at rest, {arm}({row}) = {seen}, database {truth}");
+            }
+        }
+    }
+    stale
+}
+
 /// What the checker found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verdict {

@@ -220,17 +220,14 @@ impl Store {
     /// row at rest; returns the stale reads and stale rows.
     async fn check(&self, phase: &str) -> (usize, usize) {
         let stale = history::check_arms(phase, &self.histories, &ARMS);
-        let mut at_rest = 0;
-        for id in 0..ROWS {
-            let truth = *self.db.rows.lock().unwrap().get(&id).unwrap_or(&0);
-            for arm in ARMS {
-                let seen = self.read(arm, id).await.unwrap_or(u64::MAX);
-                if seen != truth {
-                    at_rest += 1;
-                    println!("{phase}: at rest, {arm}({id}) = {seen}, database {truth}");
-                }
-            }
-        }
+        let at_rest = history::stale_at_rest(
+            phase,
+            ROWS,
+            &ARMS,
+            |id| *self.db.rows.lock().unwrap().get(&id).unwrap_or(&0),
+            async |arm, id| self.read(arm, id).await.unwrap_or(u64::MAX),
+        )
+        .await;
         println!(
             "{phase}: {at_rest} stale at rest; {} failed calls",
             self.failed.load(Ordering::Relaxed)

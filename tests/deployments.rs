@@ -160,17 +160,14 @@ impl Store {
     /// Stale reads in the history, and stale rows read at rest.
     async fn check(&self, phase: &str) -> (usize, usize) {
         let stale = history::check_arms(phase, &self.histories, &ARMS);
-        let mut at_rest = 0;
-        for id in 0..ROWS {
-            let truth = *self.rows.lock().unwrap().get(&id).unwrap_or(&0);
-            for arm in ARMS {
-                let seen = self.read(arm, id).await.unwrap_or(u64::MAX);
-                if seen != truth {
-                    at_rest += 1;
-                    println!("{phase}: at rest, {arm}({id}) = {seen}, database {truth}");
-                }
-            }
-        }
+        let at_rest = history::stale_at_rest(
+            phase,
+            ROWS,
+            &ARMS,
+            |id| *self.rows.lock().unwrap().get(&id).unwrap_or(&0),
+            async |arm, id| self.read(arm, id).await.unwrap_or(u64::MAX),
+        )
+        .await;
         println!(
             "{phase}: {at_rest} stale at rest; {} failed calls",
             self.failed.load(Ordering::Relaxed)
@@ -396,17 +393,26 @@ async fn sentinel_serves_the_primary_and_follows_a_failover_under_load() {
     );
 }
 
+/// A cache from `builder` that trusts `ca` and presents `client`'s
+/// certificate if given.
+async fn over_tls(
+    builder: cache_runtime::CacheBuilder,
+    ca: &TlsFiles,
+    client: Option<&TlsFiles>,
+) -> Cache {
+    let builder = builder.tls_root_certificate(ca.ca_pem());
+    let builder = match client {
+        Some(tls) => builder.tls_client_certificate(tls.client_cert_pem(), tls.client_key_pem()),
+        None => builder,
+    };
+    builder.build().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_on_a_standalone_server_and_fail_open_without_a_client_certificate() {
     let tls = TlsFiles::generate();
     let server = TlsServer::start(&tls);
-    let cache = Cache::builder()
-        .url(server.url())
-        .tls_root_certificate(tls.ca_pem())
-        .tls_client_certificate(tls.client_cert_pem(), tls.client_key_pem())
-        .build()
-        .await
-        .unwrap();
+    let cache = over_tls(Cache::builder().url(server.url()), &tls, Some(&tls)).await;
     let store = Store::new(cache);
     round_trips(&store).await;
     assert_eq!(
@@ -418,12 +424,7 @@ async fn mutual_tls_on_a_standalone_server_and_fail_open_without_a_client_certif
 
     // The server requires a client certificate: without one the handshake
     // fails, and calls run uncached instead of failing.
-    let refused = Cache::builder()
-        .url(server.url())
-        .tls_root_certificate(tls.ca_pem())
-        .build()
-        .await
-        .unwrap();
+    let refused = over_tls(Cache::builder().url(server.url()), &tls, None).await;
     let store = Store::new(refused);
     for _ in 0..3 {
         assert_eq!(store.row(9).await.unwrap().version, 0);
@@ -435,13 +436,7 @@ async fn mutual_tls_on_a_standalone_server_and_fail_open_without_a_client_certif
 
     // A CA that did not sign the server's certificate is refused too.
     let other = TlsFiles::generate();
-    let untrusted = Cache::builder()
-        .url(server.url())
-        .tls_root_certificate(other.ca_pem())
-        .tls_client_certificate(tls.client_cert_pem(), tls.client_key_pem())
-        .build()
-        .await
-        .unwrap();
+    let untrusted = over_tls(Cache::builder().url(server.url()), &other, Some(&tls)).await;
     let store = Store::new(untrusted);
     assert_eq!(store.row(9).await.unwrap().version, 0);
     assert_eq!(store.cache.stats().function("row").unwrap().hits, 0);
@@ -451,13 +446,7 @@ async fn mutual_tls_on_a_standalone_server_and_fail_open_without_a_client_certif
 async fn mutual_tls_on_a_cluster() {
     let tls = TlsFiles::generate();
     let cluster = RedisCluster::start_tls(&tls);
-    let cache = Cache::builder()
-        .cluster(cluster.seeds())
-        .tls_root_certificate(tls.ca_pem())
-        .tls_client_certificate(tls.client_cert_pem(), tls.client_key_pem())
-        .build()
-        .await
-        .unwrap();
+    let cache = over_tls(Cache::builder().cluster(cluster.seeds()), &tls, Some(&tls)).await;
     let store = Store::new(cache);
     round_trips(&store).await;
     // Keys on every shard: a batch of 24 rows spans the three primaries.

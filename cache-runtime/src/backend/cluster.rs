@@ -150,12 +150,10 @@ impl ClusterBackend {
             )
         };
         let conn = connect();
-        let durable = match durability {
-            Some(durability) => Some(DurablePool::new(durability, || {
-                Ok::<_, CacheError>(connect())
-            })?),
-            None => None,
-        };
+        let durable = durability.map(|durability| {
+            let conns = (0..commands::DURABLE_CONNECTIONS).map(|_| connect());
+            DurablePool::new(durability, conns.collect())
+        });
         let breaker = |node: Option<String>| Arc::new(Breaker::for_node(breaker_config, node));
         Ok(ClusterBackend {
             shared: Arc::new(Shared {

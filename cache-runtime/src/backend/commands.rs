@@ -242,19 +242,15 @@ pub(crate) struct DurablePool<C> {
 }
 
 impl<C: Clone> DurablePool<C> {
-    /// [`DURABLE_CONNECTIONS`] connections made by `connect`.
-    pub(crate) fn new<E>(
-        durability: Durability,
-        mut connect: impl FnMut() -> Result<C, E>,
-    ) -> Result<Self, E> {
-        let conns = (0..DURABLE_CONNECTIONS)
-            .map(|_| connect())
-            .collect::<Result<Vec<C>, E>>()?;
-        Ok(DurablePool {
+    /// A pool of `conns` ([`DURABLE_CONNECTIONS`] of them, as the
+    /// backends make it); at least one.
+    pub(crate) fn new(durability: Durability, conns: Vec<C>) -> Self {
+        debug_assert!(!conns.is_empty(), "a pool of no connection");
+        DurablePool {
             conns: conns.into_boxed_slice(),
             next: std::sync::atomic::AtomicUsize::new(0),
             durability,
-        })
+        }
     }
 
     /// The next connection, in turn.

@@ -57,7 +57,12 @@ impl RedisBackend {
         let client = super::client(info.set_tcp_settings(tcp), tls)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         let durable = match durability {
-            Some(durability) => Some(DurablePool::new(durability, || Self::manager(&client))?),
+            Some(durability) => {
+                let conns = (0..commands::DURABLE_CONNECTIONS)
+                    .map(|_| Self::manager(&client))
+                    .collect::<Result<_, _>>()?;
+                Some(DurablePool::new(durability, conns))
+            }
             None => None,
         };
         Ok(RedisBackend {

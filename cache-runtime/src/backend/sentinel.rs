@@ -339,12 +339,7 @@ impl Resolver {
                             .await?,
                     );
                 }
-                let mut conns = conns.into_iter();
-                Some(DurablePool::new(durability, || {
-                    conns.next().ok_or_else(|| {
-                        RedisError::from((redis::ErrorKind::Client, "no connection"))
-                    })
-                })?)
+                Some(DurablePool::new(durability, conns))
             }
             None => None,
         };
