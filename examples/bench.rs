@@ -403,6 +403,37 @@ async fn hit_throughput_round<A: ArmSet>(
     Ok(per_second)
 }
 
+/// `BENCH_PROFILE_ARM=N`: arm N alone at c=64 for 10 s, for `perf record`
+/// of one arm's hot path; `None` when unset.
+async fn profile_arm<A: ArmSet>(arms: &A) -> Result<Option<()>, Error> {
+    let Some(arm) = std::env::var("BENCH_PROFILE_ARM")
+        .ok()
+        .and_then(|a| a.parse::<usize>().ok())
+    else {
+        return Ok(None);
+    };
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..64u64 {
+        let arms = arms.clone();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while started.elapsed() < Duration::from_secs(10) {
+                arms.call(arm, (task + n) % WARM_KEYS, false).await?;
+                n += 1;
+            }
+            Ok::<u64, Error>(n)
+        });
+    }
+    let mut calls = 0;
+    while let Some(done) = tasks.join_next().await {
+        calls += done??;
+    }
+    let rate = calls as f64 / started.elapsed().as_secs_f64();
+    println!("{}: {rate:.0} calls/s alone at c=64", arms.names()[arm]);
+    Ok(Some(()))
+}
+
 /// Misses with an instant query: each call on a key never seen, from the
 /// main task. Latencies in µs, sorted, per arm (the floor arm reads a
 /// missing key).
@@ -786,12 +817,25 @@ mod cluster {
         Ok(users)
     }
 
-    pub(super) const NAMES: [&str; 4] = [
+    pub(super) const NAMES: [&str; 6] = [
         "C1. hand-written",
+        "C1b. hand-written, bounded",
         "C2. #[redis_cached]",
         "C3. hand-written MGET of 10",
+        "C3b. hand-written MGET, bounded",
         "C4. #[redis_cached(batch)] of 10",
     ];
+
+    /// The bounds a cache call has, given to the bounded hand-written
+    /// arms: the cache's default op timeout around each call, and the
+    /// per-node response timeout its cluster connection is built with (so
+    /// that a stalled node cannot hold the connection's slot refresh).
+    const OP_TIMEOUT: Duration = Duration::from_millis(100);
+    const NODE_TIMEOUT: Duration = Duration::from_millis(250);
+
+    async fn bounded<T>(call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        tokio::time::timeout(OP_TIMEOUT, call).await?
+    }
 
     /// Keys of one batch: 10 ids 10 apart, so 10 different slots.
     fn batch_ids(id: u64) -> Vec<u64> {
@@ -801,6 +845,8 @@ mod cluster {
     #[derive(Clone)]
     pub(super) struct ClusterArms {
         conn: ClusterConnection,
+        /// With [`NODE_TIMEOUT`], for the bounded arms.
+        bounded: ClusterConnection,
     }
 
     impl ArmSet for ClusterArms {
@@ -809,7 +855,7 @@ mod cluster {
         }
 
         fn reference(&self, arm: usize) -> usize {
-            if arm < 2 { 0 } else { 2 }
+            if arm < 3 { 0 } else { 3 }
         }
 
         fn call(
@@ -825,10 +871,20 @@ mod cluster {
                         black_box(hand_written(&mut this.conn.clone(), id).await?);
                     }
                     1 => {
-                        black_box(ours(id).await?);
+                        let mut conn = this.bounded.clone();
+                        black_box(bounded(hand_written(&mut conn, id)).await?);
                     }
                     2 => {
-                        black_box(this.hand_written_batch(&batch_ids(id)).await?);
+                        black_box(ours(id).await?);
+                    }
+                    3 => {
+                        let ids = batch_ids(id);
+                        black_box(this.hand_written_batch(this.conn.clone(), &ids).await?);
+                    }
+                    4 => {
+                        let ids = batch_ids(id);
+                        let call = this.hand_written_batch(this.bounded.clone(), &ids);
+                        black_box(bounded(call).await?);
                     }
                     _ => {
                         black_box(ours_batch(&batch_ids(id)).await?);
@@ -842,8 +898,11 @@ mod cluster {
     impl ClusterArms {
         /// One `MGET` (split by slot by the cluster connection), then each
         /// miss computed and `SET`.
-        async fn hand_written_batch(&self, ids: &[u64]) -> Result<HashMap<u64, User>, Error> {
-            let mut conn = self.conn.clone();
+        async fn hand_written_batch(
+            &self,
+            mut conn: ClusterConnection,
+            ids: &[u64],
+        ) -> Result<HashMap<u64, User>, Error> {
             let keys: Vec<String> = ids.iter().map(|id| format!("bench:hand:{id}")).collect();
             let cached: Vec<Option<Vec<u8>>> =
                 redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
@@ -894,9 +953,13 @@ mod cluster {
         println!("\nRedis Cluster: 3 primaries, 3 replicas on this machine ({seeds:?})");
         let cache = Cache::builder().cluster(seeds.clone()).build().await?;
         CLUSTER_CACHE.set(cache).map_err(|_| "set once")?;
-        let client = redis::cluster::ClusterClient::new(seeds)?;
+        let client = redis::cluster::ClusterClient::new(seeds.clone())?;
+        let bounded = redis::cluster::ClusterClientBuilder::new(seeds)
+            .response_timeout(NODE_TIMEOUT)
+            .build()?;
         let arms = ClusterArms {
             conn: client.get_async_connection().await?,
+            bounded: bounded.get_async_connection().await?,
         };
         for round in 0..2 {
             for arm in rotation(round, NAMES.len()) {
@@ -906,6 +969,21 @@ mod cluster {
             }
         }
 
+        if profile_arm(&arms).await?.is_some() {
+            return Ok(());
+        }
+        if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
+            for concurrency in [16, 64] {
+                let (_, ratios) =
+                    hit_throughput(&arms, concurrency, 30, Duration::from_millis(150)).await?;
+                println!(
+                    "c={concurrency}: median per-round ratio to C1: C1b {:.3}×, C2 {:.3}×; \
+                     to C3: C3b {:.3}×, C4 {:.3}×",
+                    ratios[1], ratios[2], ratios[4], ratios[5]
+                );
+            }
+            return Ok(());
+        }
         let (rounds, per_turn) = if quick { (6, 300) } else { (20, 1000) };
         let hits = hit_latency(&arms, rounds, per_turn).await?;
         let mut rows = vec![
@@ -951,8 +1029,21 @@ mod cluster {
         }
         println!("\n{}", table(&rows, &arms));
         println!(
-            "Ratios: C2 to C1, C4 to C3. A batch call reads 10 keys in 10 slots on the 3 primaries."
+            "Ratios: C1b and C2 to C1, C3b and C4 to C3. A batch call reads 10 keys in 10 slots \
+             on the 3 primaries. The bounded arms pay what a cache call's bounds cost: a Tokio \
+             timer of {OP_TIMEOUT:?} per call and one of {NODE_TIMEOUT:?} per node request."
         );
+        for row in rows
+            .iter()
+            .filter(|r| r.unit == "calls/s" && r.ratios.is_some())
+        {
+            println!(
+                "{}: C2 to C1b {:.3}×, C4 to C3b {:.3}× (ratios of the medians)",
+                row.metric,
+                row.values[2] / row.values[1],
+                row.values[5] / row.values[4]
+            );
+        }
         for (concurrency, cpu, commands, elapsed) in per_command {
             let micros = cpu * 1e6 / commands.max(1) as f64;
             println!(

@@ -573,21 +573,11 @@ impl Cache {
     /// under its own breaker, concurrently. The keys whose part failed, and
     /// the last error, so that only those are retried.
     pub(crate) async fn delete_many(&self, keys: &[String]) -> (Vec<String>, Option<CacheError>) {
-        let inner = &*self.inner;
-        let groups = inner.backend.by_breaker(&inner.breaker, keys);
-        let deletes = join_all(groups.into_iter().map(|(breaker, indices)| async move {
-            let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            let deleted = self
-                .run(breaker, inner.backend.delete_durably(&part), true)
-                .await;
-            (part, deleted)
-        }))
-        .await;
         let mut failed = Vec::new();
         let mut last_error = None;
-        for (part, deleted) in deletes {
+        for (indices, deleted) in self.delete_parts(keys, true).await {
             if let Err(error) = deleted {
-                failed.extend(part);
+                failed.extend(indices.into_iter().map(|at| keys[at].clone()));
                 // The error that says least about what landed wins: the
                 // keys are marked landed only if every part reached its
                 // primary.
@@ -597,6 +587,27 @@ impl Cache {
             }
         }
         (failed, last_error)
+    }
+
+    /// `DEL` of many keys (durably, if so configured), each part of the
+    /// backend under its own breaker (asked as [`Cache::guarded`] does, or
+    /// not, as [`Cache::timed`]), concurrently: the indices of each part's
+    /// keys in `keys`, with its outcome.
+    pub(crate) async fn delete_parts(
+        &self,
+        keys: &[String],
+        ask_breaker: bool,
+    ) -> Vec<(Vec<usize>, Result<u64, CacheError>)> {
+        let inner = &*self.inner;
+        let groups = inner.backend.by_breaker(&inner.breaker, keys);
+        join_all(groups.into_iter().map(|(breaker, indices)| async move {
+            let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+            let deleted = self
+                .run(breaker, inner.backend.delete_durably(&part), ask_breaker)
+                .await;
+            (indices, deleted)
+        }))
+        .await
     }
 
     /// The one body of [`Cache::guarded`] and [`Cache::timed`]: they return
@@ -610,6 +621,12 @@ impl Cache {
     ) -> Result<T, CacheError> {
         let inner = &*self.inner;
         if !ask_breaker && breaker.is_open() && matches!(inner.backend, Backend::Cluster(_)) {
+            // The janitor may be the only one left calling for this
+            // primary (its keys' readers skip them while it retries): it
+            // starts the probe once the cool-down is over.
+            if breaker.permit() == Permit::Probe {
+                self.probe(Arc::clone(breaker));
+            }
             return Err(CacheError::CircuitOpen);
         }
         if ask_breaker {

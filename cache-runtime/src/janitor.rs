@@ -5,7 +5,8 @@
 //! One worker task per cache does all of it, from a bounded queue, so the
 //! tasks, retries and log lines an outage costs are bounded whatever the
 //! call rate. It does not wait for the circuit breaker: it pays the op
-//! timeout itself, one attempt at a time, so clean-up lands as soon as the
+//! timeout itself, one attempt at a time (the invalidations that are due
+//! go together, one `DEL` per slot), so clean-up lands as soon as the
 //! backend answers again.
 //!
 //! Invalidations are queued per key, and one queued invalidation of a key
@@ -35,6 +36,13 @@ use crate::stats::Event;
 const QUEUE: usize = 1024;
 /// Chores the worker keeps for later retries.
 const MAX_PENDING: usize = 16 * 1024;
+/// How often an invalidation for a cluster primary whose breaker is open
+/// looks again, and for how long at most (its readers in this process skip
+/// the key meanwhile; the pending chores stay bounded by [`MAX_PENDING`]).
+const WHILE_A_SHARD_IS_DOWN: Duration = Duration::from_millis(100);
+const LONGEST_WAIT_FOR_A_SHARD: Duration = Duration::from_secs(60);
+/// Invalidations retried together, in one `DEL` per slot.
+const INVALIDATION_BATCH: usize = 256;
 /// Pauses between attempts to give a lease back: short, because a live
 /// placeholder makes other callers compute (or wait).
 const FIRST_RELEASE_RETRY: Duration = Duration::from_millis(10);
@@ -279,6 +287,8 @@ struct Pending {
     chore: Chore,
     due: Instant,
     attempts: usize,
+    /// When the worker took it in.
+    since: Instant,
 }
 
 /// The worker's state. Dropped with the worker's task (its runtime shut
@@ -344,15 +354,18 @@ async fn work(mut worker: Worker) {
                         Duration::ZERO
                     },
                 attempts: usize::from(tried),
+                since: Instant::now(),
             });
         }
+        cache.invalidate_due(pending).await;
         let mut i = 0;
         while i < pending.len() {
-            if pending[i].due > Instant::now() {
+            if pending[i].due > Instant::now() || !matches!(pending[i].chore, Chore::Release { .. })
+            {
                 i += 1;
                 continue;
             }
-            match cache.attempt(&mut pending[i]).await {
+            match cache.release(&mut pending[i]).await {
                 Some(next) => {
                     pending[i].due = next;
                     i += 1;
@@ -374,76 +387,137 @@ async fn sleep_until(due: Option<Instant>) {
 }
 
 impl Cache {
-    /// One attempt at a chore: when to try again, or `None` when done.
-    async fn attempt(&self, pending: &mut Pending) -> Option<Instant> {
+    /// One attempt at giving a lease back: when to try again, or `None`
+    /// when done.
+    async fn release(&self, pending: &mut Pending) -> Option<Instant> {
         pending.attempts += 1;
         let inner = &*self.inner;
-        match &pending.chore {
-            Chore::Release {
-                key,
-                placeholder,
-                until,
-            } => {
-                if Instant::now() >= *until {
-                    return None; // expired by itself
+        let Chore::Release {
+            key,
+            placeholder,
+            until,
+        } = &pending.chore
+        else {
+            return None;
+        };
+        if Instant::now() >= *until {
+            return None; // expired by itself
+        }
+        let delete = inner.backend.compare_and_delete(key, placeholder);
+        match self.timed(key, delete).await {
+            Ok(deleted) => {
+                if deleted {
+                    inner.stats.record(None, Event::Compensation);
                 }
-                let delete = inner.backend.compare_and_delete(key, placeholder);
-                match self.timed(key, delete).await {
-                    Ok(deleted) => {
-                        if deleted {
-                            inner.stats.record(None, Event::Compensation);
-                        }
-                        None
+                None
+            }
+            Err(error) if error.is_unavailable() => {
+                let pause = FIRST_RELEASE_RETRY * (1 << pending.attempts.min(5));
+                Some(Instant::now() + pause.min(LONGEST_RELEASE_RETRY))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// One attempt at every invalidation that is due, [`INVALIDATION_BATCH`]
+    /// keys at a time, as one `DEL` per slot (and one `WAIT` per primary
+    /// with `durable_writes`) instead of one each: after an outage, many
+    /// keys are due at once, and their readers skip them until they land.
+    /// Each part of the backend (each cluster primary) fails alone. Takes
+    /// the finished ones out of `pending`.
+    async fn invalidate_due(&self, pending: &mut Vec<Pending>) {
+        let now = Instant::now();
+        let due: Vec<usize> = (0..pending.len())
+            .filter(|&at| {
+                pending[at].due <= now && matches!(pending[at].chore, Chore::Invalidate { .. })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for batch in due.chunks(INVALIDATION_BATCH) {
+            let janitor = &self.inner.janitor;
+            let mut keys = Vec::with_capacity(batch.len());
+            for &at in batch {
+                let pending = &mut pending[at];
+                pending.attempts += 1;
+                if let Chore::Invalidate { key, .. } = &pending.chore {
+                    // Writes that asked until now are covered by this
+                    // attempt, and a new one gets a whole retry window.
+                    if janitor.asked_again(key) {
+                        pending.attempts = 1;
                     }
-                    Err(error) if error.is_unavailable() => {
-                        let pause = FIRST_RELEASE_RETRY * (1 << pending.attempts.min(5));
-                        Some(Instant::now() + pause.min(LONGEST_RELEASE_RETRY))
-                    }
-                    Err(_) => None,
+                    keys.push(key.clone());
                 }
             }
-            Chore::Invalidate { writer, key, .. } => {
-                let janitor = &inner.janitor;
-                // Writes that asked until now are covered by this attempt,
-                // and a new one gets a whole retry window.
-                if janitor.asked_again(key) {
-                    pending.attempts = 1;
-                }
-                let delete = inner.backend.delete_durably(std::slice::from_ref(key));
-                match self.timed(key, delete).await {
-                    Ok(_) => {
-                        inner.stats.record(*writer, Event::Invalidation);
-                        if pending.attempts > 1 {
-                            tracing::debug!(key, "cache invalidation succeeded on retry");
-                        }
-                        // A write during the attempt may have committed
-                        // after the DEL: once more.
-                        janitor.asked_again(key).then(Instant::now)
+            for (indices, outcome) in self.delete_parts(&keys, false).await {
+                for at in indices {
+                    let pending = &mut pending[batch[at]];
+                    match self.settle_invalidation(pending, outcome.as_ref().map(drop)) {
+                        Some(next) => pending.due = next,
+                        None => done.push(batch[at]),
                     }
-                    Err(error) => {
-                        inner.stats.record(*writer, Event::Error);
-                        // An open breaker says nothing about this key.
-                        if !matches!(error, CacheError::CircuitOpen) {
-                            janitor.readers_skip(key, !error.is_not_replicated());
-                        }
-                        let delay = INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1);
-                        match delay {
-                            Some(delay) if error.is_unavailable() || error.is_not_replicated() => {
-                                Some(Instant::now() + *delay)
-                            }
-                            _ if janitor.asked_again(key) => {
-                                pending.attempts = 1;
-                                Some(Instant::now() + INVALIDATION_RETRY_DELAYS[0])
-                            }
-                            _ => {
-                                inner.stats.record(*writer, Event::LostInvalidation);
-                                crate::limited!(
-                                    self,
-                                    error!(key, %error, "cache invalidation lost after retries: the entry stays until its TTL")
-                                );
-                                None
-                            }
-                        }
+                }
+            }
+        }
+        // Highest first, so that each removal leaves the others in place.
+        done.sort_unstable();
+        for at in done.into_iter().rev() {
+            let finished = pending.swap_remove(at);
+            self.inner.janitor.strike(&finished.chore);
+        }
+    }
+
+    /// What an attempt at an invalidation leads to: when to try again, or
+    /// `None` when done (or lost, counted and logged).
+    fn settle_invalidation(
+        &self,
+        pending: &mut Pending,
+        outcome: Result<(), &CacheError>,
+    ) -> Option<Instant> {
+        let inner = &*self.inner;
+        let janitor = &inner.janitor;
+        let Chore::Invalidate { writer, key, .. } = &pending.chore else {
+            return None;
+        };
+        match outcome {
+            Ok(()) => {
+                inner.stats.record(*writer, Event::Invalidation);
+                if pending.attempts > 1 {
+                    tracing::debug!(key, "cache invalidation succeeded on retry");
+                }
+                // A write during the attempt may have committed after the
+                // DEL: once more.
+                janitor.asked_again(key).then(Instant::now)
+            }
+            // A cluster primary's open breaker: nothing was sent, so the
+            // attempt is not counted, and the next one comes soon after
+            // the shard is back (or failed over and the slot map says so),
+            // instead of at the end of a back-off.
+            Err(CacheError::CircuitOpen) if pending.since.elapsed() < LONGEST_WAIT_FOR_A_SHARD => {
+                pending.attempts -= 1;
+                Some(Instant::now() + WHILE_A_SHARD_IS_DOWN)
+            }
+            Err(error) => {
+                inner.stats.record(*writer, Event::Error);
+                // An open breaker says nothing about this key.
+                if !matches!(error, CacheError::CircuitOpen) {
+                    janitor.readers_skip(key, !error.is_not_replicated());
+                }
+                let delay = INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1);
+                match delay {
+                    Some(delay) if error.is_unavailable() || error.is_not_replicated() => {
+                        Some(Instant::now() + *delay)
+                    }
+                    _ if janitor.asked_again(key) => {
+                        pending.attempts = 1;
+                        Some(Instant::now() + INVALIDATION_RETRY_DELAYS[0])
+                    }
+                    _ => {
+                        inner.stats.record(*writer, Event::LostInvalidation);
+                        crate::limited!(
+                            self,
+                            error!(key, %error, "cache invalidation lost after retries: the entry stays until its TTL")
+                        );
+                        None
                     }
                 }
             }

@@ -66,6 +66,9 @@ struct Topology {
     slots: Box<[u16]>,
     /// The primaries now, as indices into [`Shared::breakers`].
     nodes: Vec<u16>,
+    /// How many replicas `CLUSTER SLOTS` listed with each primary (by
+    /// index), which leaves out replicas the cluster marked as failed.
+    replicas: HashMap<u16, u32>,
 }
 
 struct Shared {
@@ -161,6 +164,7 @@ impl ClusterBackend {
                 topology: ArcSwap::from_pointee(Topology {
                     slots: vec![NO_NODE; SLOTS].into_boxed_slice(),
                     nodes: Vec::new(),
+                    replicas: HashMap::new(),
                 }),
                 breakers: (0..MAX_NODES).map(|_| OnceLock::new()).collect(),
                 breaker_index: std::sync::Mutex::new(HashMap::new()),
@@ -293,17 +297,23 @@ impl ClusterBackend {
                 Ok(value) => {
                     let ranges = parse_cluster_slots(&value)?;
                     let mut nodes: Vec<u16> = Vec::new();
+                    let mut replicas = HashMap::new();
                     let mut slots = vec![NO_NODE; SLOTS].into_boxed_slice();
-                    for (start, end, addr) in ranges {
-                        let at = self.breaker_index(addr);
+                    for range in ranges {
+                        let at = self.breaker_index(range.primary);
                         if !nodes.contains(&at) {
                             nodes.push(at);
                         }
-                        for slot in &mut slots[usize::from(start)..=usize::from(end)] {
+                        replicas.insert(at, range.replicas);
+                        for slot in &mut slots[usize::from(range.start)..=usize::from(range.end)] {
                             *slot = at;
                         }
                     }
-                    shared.topology.store(Arc::new(Topology { slots, nodes }));
+                    shared.topology.store(Arc::new(Topology {
+                        slots,
+                        nodes,
+                        replicas,
+                    }));
                     shared.refreshed_at.store(epoch_millis(), Ordering::Relaxed);
                     return Ok(());
                 }
@@ -381,10 +391,7 @@ impl ClusterBackend {
     /// primary if configured.
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
         match &self.shared.durable {
-            Some(pool) => {
-                self.delete_with(&pool.pick(), keys, Some(pool.durability))
-                    .await
-            }
+            Some(pool) => self.delete_with(&pool.pick(), keys, Some(pool)).await,
             None => self.delete(keys).await,
         }
     }
@@ -402,26 +409,41 @@ impl ClusterBackend {
         };
         let conn = pool.pick();
         commands::set(&mut conn.clone(), key, value, px).await?;
-        Self::wait_replicated(&conn, key, pool.durability).await
+        self.wait_replicated(&conn, key, pool).await
     }
 
     /// `WAIT` on the primary of `key` (where the write before it went: one
     /// connection per node, so the same client).
     async fn wait_replicated(
+        &self,
         conn: &ClusterConnection,
         key: &str,
-        durability: Durability,
+        pool: &DurablePool<ClusterConnection>,
     ) -> Result<(), CacheError> {
-        let route = Route::with_key(key.as_bytes(), SlotAddr::Master);
-        let reply = conn
-            .clone()
-            .route_command(
-                commands::wait_cmd(durability),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-            )
-            .await
-            .map_err(CacheError::redis)?;
-        commands::check_replicated(&reply, durability)
+        // A primary the slot map lists with fewer replicas than asked for
+        // (a failover left it none, say) is waited on for those it has.
+        // The map is the cluster's view (`CLUSTER SLOTS`, which leaves out
+        // failed replicas), not the primary's own: a primary whose replica
+        // was just promoted away from it also lists no replica itself, and
+        // must not be excused (its write is then retried on the new
+        // primary). The hole left: the map already names the new primary
+        // while the `redis` crate's own map still sends the write to the
+        // old one, in the milliseconds before the old one hears of it.
+        self.refresh_if_old();
+        let mut durability = pool.durability;
+        let topology = self.shared.topology.load();
+        let node = topology.slots[usize::from(slot_of(key.as_bytes()))];
+        if let Some(&listed) = topology.replicas.get(&node) {
+            durability.replicas = durability.replicas.min(listed);
+        }
+        if durability.replicas == 0 {
+            return Ok(());
+        }
+        let mut on_primary = OnPrimaryOf {
+            conn: conn.clone(),
+            key,
+        };
+        commands::wait_replicated(&mut on_primary, Some(durability), None).await
     }
 
     /// One `DEL` per slot, concurrently; then, if configured, one `WAIT`
@@ -431,7 +453,7 @@ impl ClusterBackend {
         &self,
         conn: &ClusterConnection,
         keys: &[String],
-        durability: Option<Durability>,
+        durable: Option<&DurablePool<ClusterConnection>>,
     ) -> Result<u64, CacheError> {
         let groups = by_slot(keys);
         let deletes = join_all(groups.iter().map(|indices| async move {
@@ -443,7 +465,7 @@ impl ClusterBackend {
         for deleted in deletes {
             existed += deleted?;
         }
-        if let Some(durability) = durability {
+        if let Some(pool) = durable {
             let topology = self.shared.topology.load();
             let mut primaries: HashMap<u16, &String> = HashMap::new();
             for indices in &groups {
@@ -455,7 +477,7 @@ impl ClusterBackend {
             let waits = join_all(
                 primaries
                     .into_values()
-                    .map(|key| Self::wait_replicated(conn, key, durability)),
+                    .map(|key| self.wait_replicated(conn, key, pool)),
             )
             .await;
             for waited in waits {
@@ -477,7 +499,18 @@ fn by_slot(keys: &[String]) -> Vec<Vec<usize>> {
 
 /// `(first slot, last slot, "host:port" of the primary)` of each range in
 /// a `CLUSTER SLOTS` reply. A malformed reply is an error, never a panic.
-fn parse_cluster_slots(value: &Value) -> Result<Vec<(u16, u16, String)>, CacheError> {
+/// One range of a `CLUSTER SLOTS` reply.
+#[derive(Debug, PartialEq, Eq)]
+struct SlotRange {
+    start: u16,
+    end: u16,
+    /// `host:port`.
+    primary: String,
+    /// How many replicas are listed after the primary.
+    replicas: u32,
+}
+
+fn parse_cluster_slots(value: &Value) -> Result<Vec<SlotRange>, CacheError> {
     let malformed = || {
         CacheError::redis(redis::RedisError::from((
             redis::ErrorKind::UnexpectedReturnType,
@@ -512,9 +545,53 @@ fn parse_cluster_slots(value: &Value) -> Result<Vec<(u16, u16, String)>, CacheEr
         if start > end {
             return Err(malformed());
         }
-        parsed.push((start, end, format!("{host}:{port}")));
+        parsed.push(SlotRange {
+            start,
+            end,
+            primary: format!("{host}:{port}"),
+            replicas: u32::try_from(fields.len().saturating_sub(3)).unwrap_or(u32::MAX),
+        });
     }
     Ok(parsed)
+}
+
+/// A cluster connection that sends every command to the primary of one
+/// key, so that the commands shared with the single-server backends
+/// (`WAIT`, then `ROLE`) run there unchanged.
+struct OnPrimaryOf<'a> {
+    conn: ClusterConnection,
+    key: &'a str,
+}
+
+impl OnPrimaryOf<'_> {
+    fn node(&self) -> SingleNodeRoutingInfo {
+        let route = Route::with_key(self.key.as_bytes(), SlotAddr::Master);
+        SingleNodeRoutingInfo::SpecificNode(route)
+    }
+}
+
+impl redis::aio::ConnectionLike for OnPrimaryOf<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        let routing = RoutingInfo::SingleNode(self.node());
+        Box::pin(self.conn.route_command(cmd.clone(), routing))
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        let node = self.node();
+        Box::pin(
+            self.conn
+                .route_pipeline(pipeline.clone(), offset, count, node),
+        )
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
 }
 
 #[cfg(test)]
@@ -536,14 +613,27 @@ mod tests {
     fn malformed_slot_replies_are_errors() {
         let int = Value::Int;
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let good = Value::Array(vec![Value::Array(vec![
-            int(0),
-            int(5460),
-            Value::Array(vec![bulk("127.0.0.1"), int(7000), bulk("id")]),
-        ])]);
+        let node = |port| Value::Array(vec![bulk("127.0.0.1"), int(port), bulk("id")]);
+        let good = Value::Array(vec![
+            Value::Array(vec![int(0), int(5460), node(7000), node(7003)]),
+            Value::Array(vec![int(5461), int(10922), node(7001)]),
+        ]);
         assert_eq!(
             parse_cluster_slots(&good).unwrap(),
-            vec![(0, 5460, "127.0.0.1:7000".to_owned())]
+            vec![
+                SlotRange {
+                    start: 0,
+                    end: 5460,
+                    primary: "127.0.0.1:7000".to_owned(),
+                    replicas: 1
+                },
+                SlotRange {
+                    start: 5461,
+                    end: 10922,
+                    primary: "127.0.0.1:7001".to_owned(),
+                    replicas: 0
+                }
+            ]
         );
         for bad in [
             Value::Nil,

@@ -239,6 +239,9 @@ pub(crate) struct DurablePool<C> {
     conns: Box<[C]>,
     next: std::sync::atomic::AtomicUsize,
     pub(crate) durability: Durability,
+    /// Whether the primary these connections write to lacks replicas
+    /// (used on Sentinel only: see [`all_replicas_have_it`]).
+    pub(crate) short_of_replicas: ShortOfReplicas,
 }
 
 impl<C: Clone> DurablePool<C> {
@@ -250,6 +253,7 @@ impl<C: Clone> DurablePool<C> {
             conns: conns.into_boxed_slice(),
             next: std::sync::atomic::AtomicUsize::new(0),
             durability,
+            short_of_replicas: ShortOfReplicas::default(),
         }
     }
 
@@ -290,16 +294,151 @@ pub(crate) fn check_replicated(
     }
 }
 
-/// `WAIT` on a connection to one server, after a write on it.
+/// After a `WAIT` that came back short (`short`, a
+/// [`CacheError::NotReplicated`]): whether every replica the primary has
+/// now acknowledged the write, from the primary's `ROLE` reply. Then the
+/// write is as durable as that primary can make it: a replica that attaches
+/// later copies the primary's data, the write included.
+///
+/// The primary's own word is not enough on its own: a primary whose
+/// replica was just promoted away from it (a failover it has not heard of
+/// yet) also lists no replica, and a write it takes then is lost. So this
+/// is used only where something else covers that case: on Sentinel, the
+/// fence, which deletes the recent writes' keys on the new primary.
+pub(crate) fn all_replicas_have_it(
+    short: CacheError,
+    role: &redis::Value,
+) -> Result<(), CacheError> {
+    let CacheError::NotReplicated { acknowledged, .. } = short else {
+        return Err(short);
+    };
+    match connected_replicas(role) {
+        Some(connected) if acknowledged >= connected => Ok(()),
+        _ => Err(short),
+    }
+}
+
+/// The number of replicas in a primary's `ROLE` reply
+/// (`["master", offset, [[ip, port, offset], ...]]`); `None` for a replica's
+/// reply or one that does not parse.
+fn connected_replicas(role: &redis::Value) -> Option<u32> {
+    use redis::Value::{Array, BulkString, SimpleString};
+    let Array(parts) = role else {
+        return None;
+    };
+    let is_master = match parts.first()? {
+        BulkString(name) => name == b"master",
+        SimpleString(name) => name == "master",
+        _ => false,
+    };
+    match (is_master, parts.get(2)?) {
+        (true, Array(replicas)) => u32::try_from(replicas.len()).ok(),
+        _ => None,
+    }
+}
+
+/// How long writes to a primary found short of replicas (see
+/// [`all_replicas_have_it`]) skip `WAIT` before one of them asks again:
+/// without this, every write to a primary that a failover left without a
+/// replica would wait the whole `WAIT` timeout, and so would the writes
+/// queued behind it on the same connection, until the op timeout cut them
+/// all short.
+const SHORT_OF_REPLICAS_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether one primary was found short of replicas: its writes then skip
+/// `WAIT` until one write, alone, has asked again. The hole this leaves on
+/// top of [`all_replicas_have_it`]'s: a replica that attaches meanwhile may
+/// lack a write made in that second when its primary fails.
+#[derive(Debug, Default)]
+pub(crate) struct ShortOfReplicas(std::sync::Mutex<Option<Short>>);
+
+#[derive(Debug)]
+struct Short {
+    /// Until when writes skip `WAIT`.
+    until: std::time::Instant,
+    /// Since when one write has been asking again (the others skip
+    /// meanwhile, for as long again at most, should it never answer).
+    asking: Option<std::time::Instant>,
+}
+
+impl ShortOfReplicas {
+    fn state(&self) -> std::sync::MutexGuard<'_, Option<Short>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a write skips `WAIT` now; `false` for the one write that
+    /// asks again.
+    fn skips_wait(&self) -> bool {
+        let mut state = self.state();
+        let Some(short) = state.as_mut() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let someone_asks = short
+            .asking
+            .is_some_and(|since| now < since + SHORT_OF_REPLICAS_FOR);
+        if now < short.until || someone_asks {
+            return true;
+        }
+        short.asking = Some(now);
+        false
+    }
+
+    /// The primary answered a short `WAIT` with every replica it has.
+    fn note(&self) {
+        let until = std::time::Instant::now() + SHORT_OF_REPLICAS_FOR;
+        *self.state() = Some(Short {
+            until,
+            asking: None,
+        });
+    }
+
+    /// The primary has the replicas asked for, or one lags: every write
+    /// waits again.
+    fn forget(&self) {
+        *self.state() = None;
+    }
+}
+
+/// `WAIT` on a connection to one server, after a write on it. With
+/// `short_of_replicas` (the state of that primary), a short reply is
+/// checked with `ROLE` (see [`all_replicas_have_it`]); without, it is a
+/// [`CacheError::NotReplicated`].
 pub(crate) async fn wait_replicated(
     conn: &mut impl ConnectionLike,
     durability: Option<Durability>,
+    short_of_replicas: Option<&ShortOfReplicas>,
 ) -> Result<(), CacheError> {
     let Some(durability) = durability else {
         return Ok(());
     };
+    if short_of_replicas.is_some_and(ShortOfReplicas::skips_wait) {
+        return Ok(());
+    }
     let reply: redis::Value = query(conn, &wait_cmd(durability)).await?;
-    check_replicated(&reply, durability)
+    let checked = check_replicated(&reply, durability);
+    let Some(short_of_replicas) = short_of_replicas else {
+        return checked;
+    };
+    match checked {
+        Err(short @ CacheError::NotReplicated { .. }) => {
+            let role: redis::Value = query(conn, &redis::cmd("ROLE")).await?;
+            let enough = all_replicas_have_it(short, &role);
+            match enough {
+                Ok(()) => short_of_replicas.note(),
+                Err(_) => short_of_replicas.forget(),
+            }
+            enough
+        }
+        checked => {
+            if checked.is_ok() {
+                short_of_replicas.forget();
+            }
+            checked
+        }
+    }
 }
 
 /// `DEL` of keys that a cluster keeps together (one slot), or of any keys on
@@ -309,4 +448,85 @@ pub(crate) async fn delete(
     keys: &[String],
 ) -> Result<u64, CacheError> {
     query(conn, redis::cmd("DEL").arg(keys)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::Value::{Array, BulkString, Int};
+
+    use super::*;
+
+    fn short(acknowledged: u32) -> CacheError {
+        CacheError::NotReplicated {
+            acknowledged,
+            wanted: 1,
+        }
+    }
+
+    fn primary_with(replicas: usize) -> redis::Value {
+        let replica = Array(vec![
+            BulkString(b"127.0.0.1".to_vec()),
+            BulkString(b"7001".to_vec()),
+            BulkString(b"42".to_vec()),
+        ]);
+        Array(vec![
+            BulkString(b"master".to_vec()),
+            Int(42),
+            Array(vec![replica; replicas]),
+        ])
+    }
+
+    #[test]
+    fn a_short_wait_is_enough_when_every_connected_replica_acknowledged() {
+        assert!(all_replicas_have_it(short(0), &primary_with(0)).is_ok());
+        assert!(all_replicas_have_it(short(1), &primary_with(1)).is_ok());
+        assert!(all_replicas_have_it(short(0), &primary_with(1)).is_err());
+        assert!(all_replicas_have_it(short(1), &primary_with(2)).is_err());
+    }
+
+    #[test]
+    fn one_write_at_a_time_asks_a_primary_short_of_replicas_again() {
+        let short = ShortOfReplicas::default();
+        assert!(!short.skips_wait(), "not known to be short");
+        short.note();
+        assert!(short.skips_wait());
+        // Past the skip window, one write asks; the others skip meanwhile.
+        short.state().as_mut().unwrap().until = std::time::Instant::now();
+        assert!(!short.skips_wait(), "this write asks again");
+        assert!(short.skips_wait(), "the others skip while it asks");
+        // An asker that never answered (dropped) gives way after a while.
+        short.state().as_mut().unwrap().asking =
+            Some(std::time::Instant::now() - SHORT_OF_REPLICAS_FOR);
+        assert!(!short.skips_wait());
+        short.forget();
+        assert!(!short.skips_wait());
+        assert!(!short.skips_wait(), "every write waits again");
+    }
+
+    #[test]
+    fn a_replica_or_an_unreadable_role_keeps_the_write_unreplicated() {
+        let replica = Array(vec![
+            BulkString(b"slave".to_vec()),
+            BulkString(b"127.0.0.1".to_vec()),
+            Int(7000),
+            BulkString(b"connected".to_vec()),
+            Int(42),
+        ]);
+        for role in [
+            replica,
+            Int(3),
+            Array(vec![]),
+            Array(vec![BulkString(b"master".to_vec())]),
+        ] {
+            assert!(matches!(
+                all_replicas_have_it(short(0), &role),
+                Err(CacheError::NotReplicated { .. })
+            ));
+        }
+        let timeout = CacheError::Timeout(std::time::Duration::from_millis(1));
+        assert!(matches!(
+            all_replicas_have_it(timeout, &primary_with(0)),
+            Err(CacheError::Timeout(_))
+        ));
+    }
 }

@@ -148,7 +148,7 @@ impl RedisBackend {
         };
         let mut conn = pool.pick();
         let existed = commands::delete(&mut conn, keys).await?;
-        commands::wait_replicated(&mut conn, Some(pool.durability)).await?;
+        commands::wait_replicated(&mut conn, Some(pool.durability), None).await?;
         Ok(existed)
     }
 
@@ -164,6 +164,6 @@ impl RedisBackend {
         };
         let mut conn = pool.pick();
         commands::set(&mut conn, key, value, px).await?;
-        commands::wait_replicated(&mut conn, Some(pool.durability)).await
+        commands::wait_replicated(&mut conn, Some(pool.durability), None).await
     }
 }

@@ -263,7 +263,7 @@ impl SentinelBackend {
         let mut conn = self.conn();
         conn.durable = true;
         let existed = commands::delete(&mut conn, keys).await?;
-        commands::wait_replicated(&mut conn, Some(durability)).await?;
+        conn.wait_replicated(Some(durability)).await?;
         Ok(existed)
     }
 
@@ -282,7 +282,7 @@ impl SentinelBackend {
         let mut conn = self.conn();
         conn.durable = self.resolver.durability.is_some();
         commands::set(&mut conn, key, value, px).await?;
-        commands::wait_replicated(&mut conn, self.resolver.durability).await
+        conn.wait_replicated(self.resolver.durability).await
     }
 }
 
@@ -422,6 +422,24 @@ pub(crate) struct SentinelConn {
 }
 
 impl SentinelConn {
+    /// `WAIT` on the primary this handle wrote to.
+    async fn wait_replicated(&mut self, durability: Option<Durability>) -> Result<(), CacheError> {
+        let Some(primary) = self.primary.clone() else {
+            return Ok(()); // nothing was written
+        };
+        let Some(pool) = &primary.durable else {
+            return Ok(());
+        };
+        // The fence covers a write that a primary took after its replica
+        // was promoted away: it may count the replicas it has left.
+        let short = self
+            .resolver
+            .fence
+            .enabled
+            .then_some(&pool.short_of_replicas);
+        commands::wait_replicated(self, durability, short).await
+    }
+
     async fn target(&mut self) -> RedisResult<(Arc<Primary>, MultiplexedConnection)> {
         let primary = match &self.primary {
             Some(primary) => primary.clone(),
