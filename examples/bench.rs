@@ -19,7 +19,12 @@
 //! BENCH_QUICK=1 cargo run --release --example bench   # fewer rounds
 //! BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench   # A/B runs of the hot path
 //! BENCH_CLUSTER_ONLY=1 cargo run --release --example bench      # the cluster arms alone
+//! BENCH_CLUSTER_ONLY=1 BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench
+//! BENCH_CLUSTER_ONLY=1 BENCH_PROFILE_ARM=2 perf record -g target/release/examples/bench
 //! ```
+//!
+//! `BENCH_PROFILE_ARM=N` runs cluster arm N (0-based) alone at c=64 for
+//! 10 s, for a profiler.
 //!
 //! Prints a table with each arm's ratio to arm 2, and writes the same to
 //! `target/bench/bench.csv` and the hit-latency distributions to
@@ -30,7 +35,10 @@
 //! on the `redis` crate's cluster connection (C1) against `#[redis_cached]`
 //! on `Cache::builder().cluster(...)` (C2), and batches of 10 keys in 10
 //! slots: one `MGET` that the cluster connection splits by slot (C3)
-//! against `#[redis_cached(batch)]` (C4). It also reads each primary's
+//! against `#[redis_cached(batch)]` (C4). C1b and C3b are C1 and C3 with
+//! the bounds a cache call has (the op timeout around the call, and the
+//! cluster connection's per-node response timeout), to show what those
+//! cost apart from the cache's own work. It also reads each primary's
 //! CPU time per command from `INFO`, for what more hosts would give. Written
 //! to `target/bench/bench_cluster.csv`.
 

@@ -412,7 +412,7 @@ pub async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConn
 /// One raw command with binary arguments, e.g. to plant garbage under a key.
 /// Panics on an error reply: a test's own set-up must not fail silently.
 pub async fn raw<T: redis::FromRedisValue>(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     args: &[&[u8]],
 ) -> T {
     let mut cmd = redis::cmd(std::str::from_utf8(args[0]).expect("command names are UTF-8"));

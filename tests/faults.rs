@@ -1,7 +1,10 @@
 //! Fault injection: what a cached call does when Redis dies, stalls, holds
 //! garbage, runs out of memory or rejects the password, and what it does with
 //! huge values and hostile keys. Every test runs real `redis-server`
-//! processes that it kills, pauses, freezes or misconfigures itself.
+//! processes that it kills, pauses, freezes or misconfigures itself. The
+//! tests of garbage, large values and hostile keys also run on a real local
+//! Redis Cluster, shared by this file's tests; the cluster's own faults
+//! (failover, resharding, a stalled shard) are in `cluster_faults.rs`.
 //!
 //! The README's "Failure behaviour" section is written from these tests'
 //! output (`cargo test --test faults -- --nocapture --test-threads 1`).
@@ -12,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cache_harness::{RedisServer, raw, raw_connection};
+use cache_harness::{RawConnection, RedisCluster, RedisServer, Target, raw, raw_connection};
 use cache_runtime::{
     Cache, CacheBuilder, Counts, KEPT_WHEN_HASHED, MAX_KEY_LEN, cache_put, invalidates,
     redis_cached,
@@ -387,7 +390,7 @@ async fn sigstop_costs_at_most_one_timeout_per_call_then_none() {
 // ------------------------------------------------------------------ garbage
 
 /// Reads the value stored under `key`, without a freshness header.
-async fn stored_user(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<User> {
+async fn stored_user(conn: &mut RawConnection, key: &str) -> Option<User> {
     let bytes: Option<Vec<u8>> = raw(conn, &[b"GET", key.as_bytes()]).await;
     let bytes = bytes?;
     let json = match bytes.iter().position(|&b| b == b'\n') {
@@ -397,11 +400,47 @@ async fn stored_user(conn: &mut redis::aio::MultiplexedConnection, key: &str) ->
     serde_json::from_slice(json).ok()
 }
 
+// The tests of bad data and odd sizes run on a standalone server and on
+// the shared cluster (under a prefix of their own there, as tests in
+// parallel share it).
+
+/// A cache on `target` under `prefix`, configured further by `configure`;
+/// `key` gives the Redis key of a template-rendered key.
+async fn cache_on(
+    target: &Target,
+    prefix: &str,
+    configure: fn(CacheBuilder) -> CacheBuilder,
+) -> (Cache, impl Fn(&str) -> String) {
+    let cache = configure(target.builder().prefix(prefix))
+        .build()
+        .await
+        .unwrap();
+    let prefix = prefix.to_owned();
+    (cache, move |key: &str| format!("{prefix}:{key}"))
+}
+
+/// A name for a test's keys on the shared cluster, unique to this process.
+fn on_the_cluster(test: &str) -> (Target, String) {
+    let target = Target::cluster(RedisCluster::shared());
+    (target, format!("{test}-{}", std::process::id()))
+}
+
 #[tokio::test]
 async fn garbage_in_a_key_is_a_miss_and_is_overwritten() {
     let server = RedisServer::start();
-    let db = Db::new(Cache::connect(&server.url()).await.unwrap());
-    let mut conn = raw_connection(&server).await;
+    garbage_in_a_key(&Target::server(&server), "garbage").await;
+}
+
+#[tokio::test]
+async fn garbage_in_a_key_is_a_miss_and_is_overwritten_on_a_cluster() {
+    let (target, prefix) = on_the_cluster("garbage");
+    garbage_in_a_key(&target, &prefix).await;
+}
+
+async fn garbage_in_a_key(target: &Target, prefix: &str) {
+    let (cache, key_of) = cache_on(target, prefix, |b| b).await;
+    let db = Db::new(cache);
+    let mut conn = target.raw().await;
     let mut rng = fastrand::Rng::with_seed(5);
     let real = serde_json::to_vec(&user(3)).unwrap();
     let mut garbage: Vec<(String, Vec<u8>)> = (0..20)
@@ -433,7 +472,8 @@ async fn garbage_in_a_key_is_a_miss_and_is_overwritten() {
 
     for (what, bytes) in &garbage {
         for (key, id) in [("user:3", 3), ("fresh:3", 3)] {
-            raw::<()>(&mut conn, &[b"SET", key.as_bytes(), bytes]).await;
+            let stored = key_of(key);
+            raw::<()>(&mut conn, &[b"SET", stored.as_bytes(), bytes]).await;
             let queries = db.queries();
             let got = if key == "user:3" {
                 db.get_user(id).await
@@ -443,16 +483,17 @@ async fn garbage_in_a_key_is_a_miss_and_is_overwritten() {
             assert_eq!(got, Ok(user(id)), "{what} under {key}");
             assert_eq!(db.queries(), queries + 1, "{what} under {key}: a miss");
             assert_eq!(
-                stored_user(&mut conn, key).await,
+                stored_user(&mut conn, &stored).await,
                 Some(user(id)),
                 "{what} under {key}: overwritten"
             );
         }
     }
     // A key of another Redis type (WRONGTYPE) is also just a miss.
-    raw::<()>(&mut conn, &[b"LPUSH", b"user:4", b"x"]).await;
+    let list = key_of("user:4");
+    raw::<()>(&mut conn, &[b"LPUSH", list.as_bytes(), b"x"]).await;
     assert_eq!(db.get_user(4).await, Ok(user(4)));
-    assert_eq!(stored_user(&mut conn, "user:4").await, Some(user(4)));
+    assert_eq!(stored_user(&mut conn, &list).await, Some(user(4)));
 
     let queries = db.queries();
     assert_eq!(db.get_user(3).await, Ok(user(3)));
@@ -475,9 +516,19 @@ async fn garbage_in_a_key_is_a_miss_and_is_overwritten() {
 #[tokio::test]
 async fn large_values_round_trip() {
     let server = RedisServer::start();
+    large_values(&Target::server(&server), "large").await;
+}
+
+#[tokio::test]
+async fn large_values_round_trip_on_a_cluster() {
+    let (target, prefix) = on_the_cluster("large");
+    large_values(&target, &prefix).await;
+}
+
+async fn large_values(target: &Target, prefix: &str) {
     // A 16 MiB value takes longer than the default 100 ms op timeout in a
     // debug build; the README says to raise it for large values.
-    let cache = redis_cache(&server, |b| b.op_timeout(Duration::from_secs(5))).await;
+    let (cache, _) = cache_on(target, prefix, |b| b.op_timeout(Duration::from_secs(5))).await;
     let db = Db::new(cache);
     for (id, size) in [(1, 1 << 20), (16, 16 << 20)] {
         db.document_sizes.lock().unwrap().insert(id, size);
@@ -503,27 +554,38 @@ async fn large_values_round_trip() {
 #[tokio::test]
 async fn values_above_the_size_limit_are_served_but_not_cached() {
     let server = RedisServer::start();
-    let cache = redis_cache(&server, |b| {
+    values_above_the_size_limit(&Target::server(&server), "limit").await;
+}
+
+#[tokio::test]
+async fn values_above_the_size_limit_are_served_but_not_cached_on_a_cluster() {
+    let (target, prefix) = on_the_cluster("limit");
+    values_above_the_size_limit(&target, &prefix).await;
+}
+
+async fn values_above_the_size_limit(target: &Target, prefix: &str) {
+    let (cache, key_of) = cache_on(target, prefix, |b| {
         b.op_timeout(Duration::from_secs(5)).max_value_size(1 << 20)
     })
     .await;
     let db = Db::new(cache);
-    let mut conn = raw_connection(&server).await;
+    let mut conn = target.raw().await;
+    let (doc7, doc8) = (key_of("doc:7"), key_of("doc:8"));
     db.document_sizes.lock().unwrap().insert(7, 16 << 20);
     for _ in 0..2 {
         assert_eq!(db.document(7).await.unwrap().len(), 16 << 20);
     }
     assert_eq!(db.queries(), 2, "not cached: both calls ran the query");
-    let exists: u64 = raw(&mut conn, &[b"EXISTS", b"doc:7"]).await;
+    let exists: u64 = raw(&mut conn, &[b"EXISTS", doc7.as_bytes()]).await;
     assert_eq!(exists, 0, "no value and no placeholder left behind");
 
     // A write-through of an oversized value drops the old entry instead.
     db.document_sizes.lock().unwrap().insert(8, 100);
     db.document(8).await.unwrap();
-    let exists: u64 = raw(&mut conn, &[b"EXISTS", b"doc:8"]).await;
+    let exists: u64 = raw(&mut conn, &[b"EXISTS", doc8.as_bytes()]).await;
     assert_eq!(exists, 1);
     db.resize_document(8, 16 << 20).await.unwrap();
-    let exists: u64 = raw(&mut conn, &[b"EXISTS", b"doc:8"]).await;
+    let exists: u64 = raw(&mut conn, &[b"EXISTS", doc8.as_bytes()]).await;
     assert_eq!(
         exists, 0,
         "the old 100-byte document is not served after the write"
@@ -544,8 +606,19 @@ async fn values_above_the_size_limit_are_served_but_not_cached() {
 #[tokio::test]
 async fn hostile_keys_get_distinct_bounded_entries() {
     let server = RedisServer::start();
-    let db = Db::new(Cache::connect(&server.url()).await.unwrap());
-    let mut conn = raw_connection(&server).await;
+    hostile_keys(&Target::server(&server), "hostile").await;
+}
+
+#[tokio::test]
+async fn hostile_keys_get_distinct_bounded_entries_on_a_cluster() {
+    let (target, prefix) = on_the_cluster("hostile");
+    hostile_keys(&target, &prefix).await;
+}
+
+async fn hostile_keys(target: &Target, prefix: &str) {
+    let (cache, key_of) = cache_on(target, prefix, |b| b).await;
+    let db = Db::new(cache);
+    let mut conn = target.raw().await;
     let long = "q".repeat(10 * 1024);
     let texts: Vec<String> = [
         ":", "*", "{", "}", "{user}", "\n", "\r\n", " ", "", "a:b", "a%3Ab", "%", "user:1", "\0",
@@ -588,8 +661,11 @@ async fn hostile_keys_get_distinct_bounded_entries() {
         "one entry per input: no two share a key"
     );
 
-    let keys: Vec<String> = raw(&mut conn, &[b"KEYS", b"*"]).await;
-    let longest = keys.iter().map(String::len).max().unwrap_or(0);
+    // On a cluster, KEYS goes to every primary and the replies are joined.
+    let pattern = key_of("*");
+    let keys: Vec<String> = raw(&mut conn, &[b"KEYS", pattern.as_bytes()]).await;
+    let unprefixed = key_of("").len();
+    let longest = keys.iter().map(|k| k.len() - unprefixed).max().unwrap_or(0);
     let stats = db.cache.stats().total;
     println!(
         "hostile keys: {} inputs (up to 10 KiB) -> {} keys in Redis, longest {longest} bytes; {stats:?}",
