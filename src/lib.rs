@@ -18,7 +18,7 @@ mod tls;
 
 pub use cluster::{NODE_TIMEOUT_MS, RedisCluster};
 pub use proxy::{Fault, FaultProxy};
-pub use sentinel::{RedisSentinel, SENTINEL_DOWN_AFTER_MS};
+pub use sentinel::{RedisSentinel, SENTINEL_DOWN_AFTER_MS, Secured};
 pub use tls::{TlsFiles, TlsServer};
 
 use std::io::{BufRead, BufReader, Write};

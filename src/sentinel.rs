@@ -12,21 +12,45 @@ use std::time::{Duration, Instant};
 
 use crate::INSTALL_HINT;
 use crate::node::{Node, fastrand_port};
+use crate::tls::TlsFiles;
 
 /// How long the sentinels wait before they call an unanswering primary
 /// down (`down-after-milliseconds`).
 pub const SENTINEL_DOWN_AFTER_MS: u64 = 1000;
+
+/// TLS everywhere (clients, replication, sentinels) and passwords on the
+/// nodes and on the sentinels, for [`RedisSentinel::start_secured`].
+#[derive(Clone, Copy)]
+pub struct Secured<'a> {
+    /// Certificates; clients must present one signed by its CA.
+    pub tls: &'a TlsFiles,
+    /// `requirepass` (and `masterauth`) of the primary and the replica.
+    pub node_password: &'a str,
+    /// `requirepass` of the sentinels.
+    pub sentinel_password: &'a str,
+}
 
 /// A running primary, replica and three sentinels. Dropping it stops them.
 pub struct RedisSentinel {
     data: Vec<Node>,
     sentinels: Vec<Node>,
     dir: PathBuf,
+    /// `redis` or `rediss` (TLS).
+    scheme: &'static str,
 }
 
-fn data_config(port: u16, dir: &Path, replica_of: Option<u16>) -> Vec<String> {
+fn data_config(
+    port: u16,
+    dir: &Path,
+    replica_of: Option<u16>,
+    secured: Option<Secured>,
+) -> Vec<String> {
+    let listen = match secured {
+        Some(_) => format!("--port 0 --tls-port {port}"),
+        None => format!("--port {port}"),
+    };
     let mut args = vec![
-        format!("--port {port}"),
+        listen,
         "--bind 127.0.0.1".to_owned(),
         "--save ''".to_owned(),
         "--appendonly no".to_owned(),
@@ -38,21 +62,50 @@ fn data_config(port: u16, dir: &Path, replica_of: Option<u16>) -> Vec<String> {
     if let Some(primary) = replica_of {
         args.push(format!("--replicaof 127.0.0.1 {primary}"));
     }
+    if let Some(secured) = secured {
+        args.extend(secured.tls.server_args());
+        args.push("--tls-replication yes".to_owned());
+        args.push(format!("--requirepass {}", secured.node_password));
+        args.push(format!("--masterauth {}", secured.node_password));
+    }
     args
 }
 
-fn sentinel_config(port: u16, dir: &Path, primary: u16) -> Vec<String> {
+fn sentinel_config(port: u16, dir: &Path, primary: u16, secured: Option<Secured>) -> Vec<String> {
     // Sentinel rewrites its configuration file: it must be a file of its own.
     let file = dir.join("sentinel.conf");
-    let config = format!(
-        "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+    let service = RedisSentinel::SERVICE;
+    let mut config = match secured {
+        // Sentinels talk to the nodes and to each other over TLS too
+        // (`tls-replication`), with the nodes' and their own passwords.
+        Some(secured) => {
+            let path = |name: &str| secured.tls.dir().join(name).display().to_string();
+            format!(
+                "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients yes\ntls-replication yes\n\
+                 requirepass {password}\nsentinel sentinel-pass {password}\n",
+                path("server.crt"),
+                path("server.key"),
+                path("ca.crt"),
+                password = secured.sentinel_password,
+            )
+        }
+        None => format!("port {port}\n"),
+    };
+    config.push_str(&format!(
+        "bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
          sentinel monitor {service} 127.0.0.1 {primary} 2\n\
          sentinel down-after-milliseconds {service} {SENTINEL_DOWN_AFTER_MS}\n\
          sentinel failover-timeout {service} 5000\n\
          sentinel parallel-syncs {service} 1\n",
         dir = dir.display(),
-        service = RedisSentinel::SERVICE,
-    );
+    ));
+    if let Some(secured) = secured {
+        config.push_str(&format!(
+            "sentinel auth-pass {service} {}\n",
+            secured.node_password
+        ));
+    }
     std::fs::write(&file, config).expect("write sentinel.conf");
     vec![file.display().to_string(), "--sentinel".to_owned()]
 }
@@ -65,26 +118,57 @@ impl RedisSentinel {
     /// and every sentinel knows the replica and the two other sentinels
     /// (so that a failover can be agreed).
     pub fn start() -> RedisSentinel {
+        Self::launch(None)
+    }
+
+    /// Like [`RedisSentinel::start`], with TLS only and passwords
+    /// everywhere (see [`Secured`]).
+    pub fn start_secured(secured: Secured) -> RedisSentinel {
+        Self::launch(Some(secured))
+    }
+
+    fn launch(secured: Option<Secured>) -> RedisSentinel {
         assert!(crate::redis_server_available(), "{INSTALL_HINT}");
+        // `redis-cli` arguments for the nodes and for the sentinels.
+        let cli = |password: Option<&str>| -> Vec<String> {
+            match (secured, password) {
+                (Some(secured), Some(password)) => {
+                    let mut args = secured.tls.cli_args();
+                    args.extend([
+                        "--no-auth-warning".to_owned(),
+                        "-a".to_owned(),
+                        password.to_owned(),
+                    ]);
+                    args
+                }
+                _ => Vec::new(),
+            }
+        };
+        let node_cli = cli(secured.map(|s| s.node_password));
+        let sentinel_cli = cli(secured.map(|s| s.sentinel_password));
         let dir = std::env::temp_dir().join(format!(
             "cache-harness-sentinel-{}-{}",
             std::process::id(),
             fastrand_port()
         ));
         std::fs::create_dir_all(&dir).expect("create the sentinel dir");
-        let primary = Node::start(&dir, |port, dir| data_config(port, dir, None), Vec::new());
+        let primary = Node::start(
+            &dir,
+            |port, dir| data_config(port, dir, None, secured),
+            node_cli.clone(),
+        );
         let primary_port = primary.port;
         let replica = Node::start(
             &dir,
-            |port, dir| data_config(port, dir, Some(primary_port)),
-            Vec::new(),
+            |port, dir| data_config(port, dir, Some(primary_port), secured),
+            node_cli,
         );
         let sentinels = (0..3)
             .map(|_| {
                 Node::start(
                     &dir,
-                    |port, dir| sentinel_config(port, dir, primary_port),
-                    Vec::new(),
+                    |port, dir| sentinel_config(port, dir, primary_port, secured),
+                    sentinel_cli.clone(),
                 )
             })
             .collect();
@@ -92,6 +176,7 @@ impl RedisSentinel {
             data: vec![primary, replica],
             sentinels,
             dir,
+            scheme: if secured.is_some() { "rediss" } else { "redis" },
         };
         deployment.wait_until_ready(Duration::from_secs(30));
         deployment
@@ -104,11 +189,12 @@ impl RedisSentinel {
         SHARED.get_or_init(RedisSentinel::start)
     }
 
-    /// Sentinel URLs for `Cache::builder().sentinel(SERVICE, ...)`.
+    /// Sentinel URLs for `Cache::builder().sentinel(SERVICE, ...)`
+    /// (`rediss://` for a deployment started with TLS).
     pub fn sentinel_urls(&self) -> Vec<String> {
         self.sentinels
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}/", n.port))
+            .map(|n| format!("{}://127.0.0.1:{}/", self.scheme, n.port))
             .collect()
     }
 

@@ -9,6 +9,9 @@
 //!   3+3 cluster (`--tls-cluster yes`): certificates made at test time; a
 //!   cache without the client certificate is refused by the server and
 //!   runs uncached (fail-open), never failing a call.
+//! - **Sentinel over TLS with passwords**: a TLS-only Sentinel deployment
+//!   whose nodes and sentinels require passwords, through a failover; a
+//!   cache without the sentinels' password runs uncached.
 //!
 //! `SENTINEL_FAULT_SECONDS` sets the length of the load around the
 //! failover (default 6 s).
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cache_harness::history::{self, Histories};
-use cache_harness::{RedisCluster, RedisSentinel, TlsFiles, TlsServer};
+use cache_harness::{RedisCluster, RedisSentinel, Secured, TlsFiles, TlsServer};
 use cache_runtime::{Cache, cache_put, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -460,4 +463,80 @@ async fn mutual_tls_on_a_cluster() {
         "the second batch is all hits, from every shard over TLS"
     );
     println!("tls cluster: {:?}", store.cache.stats().function("batch"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_with_passwords_follows_a_failover() {
+    const NODES: &str = "node-secret";
+    const SENTINELS: &str = "sentinel-secret";
+    let tls = TlsFiles::generate();
+    let deployment = RedisSentinel::start_secured(Secured {
+        tls: &tls,
+        node_password: NODES,
+        sentinel_password: SENTINELS,
+    });
+    // The nodes' password rides in the URLs; the sentinels' is separate.
+    let urls: Vec<String> = deployment
+        .sentinel_urls()
+        .iter()
+        .map(|url| url.replace("rediss://", &format!("rediss://:{NODES}@")))
+        .collect();
+    assert!(urls[0].starts_with("rediss://"), "{urls:?}");
+    let secured = |password: Option<&str>| {
+        let builder = Cache::builder().sentinel(RedisSentinel::SERVICE, urls.clone());
+        match password {
+            Some(password) => builder.sentinel_password(password),
+            None => builder,
+        }
+    };
+    let store = Store::new(over_tls(secured(Some(SENTINELS)), &tls, Some(&tls)).await);
+    round_trips(&store).await;
+    println!(
+        "sentinel over TLS with passwords: {:?}",
+        store.cache.stats().function("row")
+    );
+
+    let took = tokio::task::block_in_place(|| deployment.failover(Duration::from_secs(30)));
+    println!("sentinel over TLS: SENTINEL FAILOVER took {took:?}");
+    // Writes and hits go on, on the new primary, over TLS.
+    store.write(1).await.unwrap();
+    let written = store.rows.lock().unwrap()[&1];
+    let hits_before = store.cache.stats().function("row").unwrap().hits;
+    let started = Instant::now();
+    loop {
+        assert_eq!(
+            store.row(1).await.unwrap().version,
+            written,
+            "read your write"
+        );
+        if store.cache.stats().function("row").unwrap().hits > hits_before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no hit on the new primary"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "sentinel over TLS: hits again {:?} after the failover",
+        started.elapsed()
+    );
+
+    // Sentinels asked without their password, or with a wrong one, refuse:
+    // calls run uncached.
+    for password in [None, Some("wrong")] {
+        let refused = Store::new(over_tls(secured(password), &tls, Some(&tls)).await);
+        for _ in 0..3 {
+            refused.row(9).await.unwrap();
+        }
+        let row = refused.cache.stats().function("row").unwrap();
+        println!("sentinel password {password:?}: {row:?}");
+        assert_eq!(row.hits, 0, "never served from the cache");
+        assert_eq!(
+            refused.db_reads.load(Ordering::Relaxed),
+            3,
+            "every call ran"
+        );
+    }
 }

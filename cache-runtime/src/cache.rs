@@ -11,8 +11,8 @@ use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::backend::{
-    Backend, BreakerRef, ClusterBackend, Durability, MemoryBackend, RedisBackend, SentinelBackend,
-    Tls,
+    Backend, BreakerRef, ClusterBackend, Durability, MemoryBackend, RedisBackend, SentinelAuth,
+    SentinelBackend, Tls,
 };
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
@@ -86,6 +86,7 @@ pub struct CacheBuilder {
     tcp_nodelay: bool,
     durability: Option<Durability>,
     tls: Option<Tls>,
+    sentinel_auth: Option<SentinelAuth>,
     sentinel_fence: bool,
     clock: WallClock,
 }
@@ -139,8 +140,10 @@ impl CacheBuilder {
     ///
     /// The user, password and database in the first URL are those of the
     /// Redis nodes (e.g. `redis://:secret@sentinel-1:26379/2`); the
-    /// sentinels are asked without credentials. `rediss://` URLs (feature
-    /// `tls`) make every connection TLS, to the sentinels and the nodes.
+    /// sentinels are asked without credentials unless
+    /// [`CacheBuilder::sentinel_password`] or [`CacheBuilder::sentinel_user`]
+    /// gives theirs. `rediss://` URLs (feature `tls`) make every
+    /// connection TLS, to the sentinels and the nodes.
     pub fn sentinel<I, S>(mut self, service: impl Into<String>, sentinels: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -149,6 +152,31 @@ impl CacheBuilder {
         self.backend = Some(BackendChoice::Sentinel {
             service: service.into(),
             sentinels: sentinels.into_iter().map(Into::into).collect(),
+        });
+        self
+    }
+
+    /// The password of the sentinels themselves (`requirepass` in their
+    /// `sentinel.conf`), for [`CacheBuilder::sentinel`]. The nodes'
+    /// credentials stay in the URLs.
+    pub fn sentinel_password(mut self, password: impl Into<String>) -> Self {
+        self.sentinel_auth = Some(SentinelAuth {
+            username: None,
+            password: password.into(),
+        });
+        self
+    }
+
+    /// An ACL user and its password on the sentinels, for
+    /// [`CacheBuilder::sentinel`].
+    pub fn sentinel_user(
+        mut self,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.sentinel_auth = Some(SentinelAuth {
+            username: Some(username.into()),
+            password: password.into(),
         });
         self
     }
@@ -345,6 +373,7 @@ impl CacheBuilder {
                     self.tcp_nodelay,
                     self.durability,
                     self.tls.as_ref(),
+                    self.sentinel_auth.as_ref(),
                     self.sentinel_fence,
                 )?;
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
@@ -439,6 +468,7 @@ impl Cache {
             tcp_nodelay: true,
             durability: None,
             tls: None,
+            sentinel_auth: None,
             sentinel_fence: true,
             clock: WallClock::default(),
         }

@@ -46,6 +46,22 @@ use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType}
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use super::commands::{self, Durability, DurablePool};
+
+/// The credentials of the sentinels themselves (not of the nodes).
+#[derive(Clone)]
+pub(crate) struct SentinelAuth {
+    pub(crate) username: Option<String>,
+    pub(crate) password: String,
+}
+
+impl std::fmt::Debug for SentinelAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("SentinelAuth")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
 use crate::error::CacheError;
 
 /// How far back the keys replayed on a new primary go; see the module docs.
@@ -135,15 +151,16 @@ impl std::fmt::Debug for SentinelBackend {
 impl SentinelBackend {
     /// Checks the sentinel URLs without connecting: the first command
     /// connects. The user, password and database of the first URL are
-    /// those of the Redis nodes; the sentinels are asked without
-    /// credentials. A `rediss://` URL makes every connection TLS, to the
-    /// sentinels and to the nodes, with the builder's certificates.
+    /// those of the Redis nodes; the sentinels get `auth`, if any. A
+    /// `rediss://` URL makes every connection TLS, to the sentinels and to
+    /// the nodes, with the builder's certificates.
     pub(crate) fn new(
         service: &str,
         sentinels: &[String],
         nodelay: bool,
         durability: Option<Durability>,
         tls: Option<&super::Tls>,
+        auth: Option<&SentinelAuth>,
         fence: bool,
     ) -> Result<Self, CacheError> {
         let infos = sentinels
@@ -168,6 +185,12 @@ impl SentinelBackend {
         }
         if let Some(password) = settings.password() {
             builder = builder.set_client_to_redis_password(password);
+        }
+        if let Some(auth) = auth {
+            if let Some(username) = &auth.username {
+                builder = builder.set_client_to_sentinel_username(username);
+            }
+            builder = builder.set_client_to_sentinel_password(&auth.password);
         }
         if let Some(mode) = super::tls_mode(first) {
             builder = builder
