@@ -109,7 +109,7 @@ pub use crate::stats::{Counts, Stats};
 /// | `skip(a, b)` | parameters deliberately left out of the key. Every other parameter must be in it. |
 /// | `jitter = 0.1` | spread each TTL by up to ±10% so entries written together expire apart. |
 /// | `single_flight` | concurrent misses of one key in this process run the body once; the others decode its value. |
-/// | `single_flight = "distributed"` | the same across processes, by waiting on the key's lease (at most one lease long). |
+/// | `single_flight = "distributed"` | the same across processes, by waiting on the key's lease (at most one lease per holder, three in all). |
 /// | `stale = "30s"` | after the TTL, serve the old value for up to 30 s while one caller (across processes) recomputes it. |
 /// | `early_refresh` / `early_refresh = β` | XFetch: recompute before expiry with a probability that grows as expiry nears (β = 1). |
 /// | `cache_none` / `none_ttl = "5s"` | negative caching: an answer of `None` is cached too (for the TTL, or its own). |

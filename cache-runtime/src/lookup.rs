@@ -155,9 +155,24 @@ struct Rounds {
     looks: u32,
     rechecks: u32,
     /// While waiting for another process (distributed): when to give up,
-    /// and the next pause.
-    wait: Option<(Instant, Duration)>,
+    /// the next pause, and the placeholder waited on.
+    wait: Option<Wait>,
 }
+
+/// A wait for another process's value: at most one lease per holder. A
+/// holder that took over from a dead one gets a lease of its own: the
+/// callers that waited on the dead one wait on it too, instead of giving
+/// up on the dead one's clock and computing beside it. In all, at most
+/// [`HOLDERS_WAITED_ON`] leases.
+struct Wait {
+    give_up: Instant,
+    pause: Duration,
+    placeholder: Vec<u8>,
+    last_call: Instant,
+}
+
+/// How many leases' worth a caller waits for other processes at most.
+const HOLDERS_WAITED_ON: u32 = 3;
 
 impl Cache {
     /// Serves `redis_key` from the cache or runs `body`; see the module docs.
@@ -230,6 +245,15 @@ impl Cache {
             if leader.is_none() && gate.is_none() {
                 match self.coalesce::<S, R>(site, key, &mut rounds).await {
                     Coalesced::Answer(result) => return result,
+                    // The placeholder this call read may be that of a
+                    // flight of this process that ended between the read
+                    // and the join: its value is stored now, so the new
+                    // leader reads once more before it computes.
+                    Coalesced::Lead(Some(me)) if matches!(claim, Claim::Foreign(_)) => {
+                        leader = Some(me);
+                        step = self.reread::<S, R>(site, key).await;
+                        continue;
+                    }
                     Coalesced::Lead(me) => leader = me,
                     Coalesced::Gated => {
                         let at = self.inner.flights.gate(key);
@@ -520,14 +544,23 @@ impl Cache {
                     return Claimed::Computing(Leased::Foreign(placeholder));
                 }
                 let lease = self.inner.lease;
-                let (give_up, pause) = rounds
-                    .wait
-                    .get_or_insert((Instant::now() + lease + lease / 10, FIRST_POLL));
-                if Instant::now() >= *give_up {
+                let one_lease = lease + lease / 10;
+                let wait = rounds.wait.get_or_insert_with(|| Wait {
+                    give_up: Instant::now() + one_lease,
+                    pause: FIRST_POLL,
+                    placeholder: placeholder.clone(),
+                    last_call: Instant::now() + one_lease * HOLDERS_WAITED_ON,
+                });
+                if wait.placeholder != placeholder {
+                    wait.give_up = (Instant::now() + one_lease).min(wait.last_call);
+                    wait.pause = FIRST_POLL;
+                    wait.placeholder.clone_from(&placeholder);
+                }
+                if Instant::now() >= wait.give_up {
                     return Claimed::Computing(Leased::Foreign(placeholder));
                 }
-                let this_pause = *pause;
-                *pause = (*pause * 2).min(LONGEST_POLL);
+                let this_pause = wait.pause;
+                wait.pause = (wait.pause * 2).min(LONGEST_POLL);
                 tokio::time::sleep(this_pause).await;
                 self.record(site, Event::LeasePoll);
                 return Claimed::Read(self.reread::<S, R>(site, key).await);
