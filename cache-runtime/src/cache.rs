@@ -560,9 +560,11 @@ impl Cache {
     }
 
     /// `GET` of many keys, each part of the backend (each cluster primary)
-    /// under its own breaker, concurrently. A part that failed reads as
-    /// absent, so its keys take the miss path, which fails open on its own;
-    /// only when every part failed is the error returned.
+    /// under its own breaker: the parts whose breaker is closed in one
+    /// request, and if that fails, each of them alone. A part that failed
+    /// or was skipped reads as absent, so its keys take the miss path,
+    /// which fails open on its own; only when every part failed is the
+    /// error returned.
     pub(crate) async fn read_many(
         &self,
         keys: &[String],
@@ -573,13 +575,48 @@ impl Cache {
             let (breaker, _) = groups.pop().expect("one group");
             return self.run(breaker, inner.backend.get_many(keys), true).await;
         }
+        // Several primaries. Those whose breaker lets calls through are
+        // read together, as one request that the cluster connection splits
+        // by slot (three requests for three primaries measured 10 % fewer
+        // batches per second); the keys of the others read as absent.
+        groups.retain(|(breaker, _)| match breaker.permit() {
+            Permit::Call => true,
+            Permit::Skip => false,
+            Permit::Probe => {
+                self.probe(Arc::clone(breaker));
+                false
+            }
+        });
+        if groups.is_empty() {
+            return Err(CacheError::CircuitOpen);
+        }
+        let mut values = vec![None; keys.len()];
+        let together: Vec<usize> = groups
+            .iter()
+            .flat_map(|(_, at)| at.iter().copied())
+            .collect();
+        let part: Vec<String> = together.iter().map(|&at| keys[at].clone()).collect();
+        if let Ok(Ok(read)) =
+            tokio::time::timeout(inner.op_timeout, inner.backend.get_many(&part)).await
+        {
+            for (breaker, _) in &groups {
+                breaker.record_success();
+            }
+            for (at, value) in together.into_iter().zip(read) {
+                values[at] = value;
+            }
+            return Ok(values);
+        }
+        // Which primary failed is not known: each part again, on its own
+        // and under its breaker, so that the failure counts where it
+        // belongs and the other parts still serve. A batch that meets a
+        // stalled primary before its breaker opens waits two op timeouts.
         let reads = join_all(groups.into_iter().map(|(breaker, indices)| async move {
             let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
             let read = self.run(breaker, inner.backend.get_many(&part), true).await;
             (indices, read)
         }))
         .await;
-        let mut values = vec![None; keys.len()];
         let mut last_error = None;
         let mut any_read = false;
         for (indices, read) in reads {
