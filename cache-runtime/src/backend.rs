@@ -201,6 +201,18 @@ impl Backend {
     }
 
     /// The breaker of `key`'s part of the backend.
+    /// A number that changes whenever a key may have moved to another
+    /// primary: on a cluster, each time the slot map changes owners (a
+    /// failover, a resharding); 0 elsewhere (Sentinel's failovers are
+    /// covered by its fence, which deletes recent writes' keys on the new
+    /// primary before it is used).
+    pub(crate) fn primaries_epoch(&self) -> u64 {
+        match self {
+            Backend::Cluster(c) => c.primaries_epoch(),
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => 0,
+        }
+    }
+
     pub(crate) fn breaker<'a>(&'a self, shared: &'a Arc<Breaker>, key: &str) -> BreakerRef<'a> {
         match self {
             Backend::Cluster(c) => c.breaker_of(key),

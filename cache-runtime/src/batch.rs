@@ -81,10 +81,10 @@ impl Cache {
         }
         // A key this process still has to invalidate may hold the old
         // value (see `Janitor::is_invalidating`): run uncached.
-        let read = if keys
-            .iter()
-            .any(|key| self.inner.janitor.is_invalidating(key))
-        {
+        let read = if keys.iter().any(|key| {
+            let epoch = self.inner.backend.primaries_epoch();
+            self.inner.janitor.is_invalidating(key, epoch)
+        }) {
             Err(CacheError::CircuitOpen)
         } else {
             self.read_many(&keys).await

@@ -76,8 +76,12 @@ pub(crate) enum Chore {
         /// The writer's `DEL` (or `SET`) reached the primary and only the
         /// replicas' acknowledgement is missing (`durable_writes`): the
         /// primary serves the right answer, so readers need not skip the
-        /// key while the retry makes it durable.
-        landed: bool,
+        /// key while the retry makes it durable, as long as that primary
+        /// still serves it. The number is the backend's
+        /// [`primaries_epoch`](crate::backend::Backend::primaries_epoch)
+        /// when the write was sent: once the slot map changes (a failover
+        /// may have promoted a replica without the write), readers skip.
+        landed: Option<u64>,
     },
 }
 
@@ -87,8 +91,8 @@ pub(crate) struct Janitor {
     queue: Mutex<Option<mpsc::Sender<Chore>>>,
     /// Chores submitted and not finished: 0 once everything is cleaned up.
     pending: AtomicUsize,
-    /// Keys in `Ledger::invalidating` that readers skip: readers look there
-    /// only when it is not 0, so the hot path costs one atomic load.
+    /// Keys in `Ledger::invalidating`: readers look there only when it is
+    /// not 0, so the hot path costs one atomic load.
     invalidating: AtomicUsize,
     ledger: Mutex<Ledger>,
 }
@@ -112,6 +116,10 @@ struct Queued {
     /// Readers of this process skip the key until it is done: the `DEL`
     /// may not have reached the primary.
     readers_skip: bool,
+    /// The `DEL` reached the primary under this epoch of the backend's
+    /// primaries (see `Chore::Invalidate::landed`); readers skip the key
+    /// under any other.
+    landed: Option<u64>,
 }
 
 impl Janitor {
@@ -129,29 +137,23 @@ impl Janitor {
     /// lands, the entry may be the old value, so readers of this process
     /// skip it. Read-your-writes within a process then holds even when an
     /// invalidation could not be delivered at once.
-    pub(crate) fn is_invalidating(&self, key: &str) -> bool {
+    /// `epoch`: the backend's primaries epoch now.
+    pub(crate) fn is_invalidating(&self, key: &str, epoch: u64) -> bool {
         self.invalidating.load(Ordering::SeqCst) != 0
-            && self
-                .ledger()
-                .invalidating
-                .get(key)
-                .is_some_and(|queued| queued.readers_skip)
+            && self.ledger().invalidating.get(key).is_some_and(|queued| {
+                queued.readers_skip || queued.landed.is_some_and(|landed| landed != epoch)
+            })
     }
 
     /// Sets whether readers skip a queued key, after a retry: they do if it
     /// failed in a way that leaves open whether the primary that serves the
-    /// key has the `DEL`, and stop when a retry reached the primary (only
-    /// the replicas' acknowledgement was missing).
-    fn readers_skip(&self, key: &str, skip: bool) {
-        let mut ledger = self.ledger();
-        if let Some(queued) = ledger.invalidating.get_mut(key)
-            && std::mem::replace(&mut queued.readers_skip, skip) != skip
-        {
-            if skip {
-                self.invalidating.fetch_add(1, Ordering::SeqCst);
-            } else {
-                self.invalidating.fetch_sub(1, Ordering::SeqCst);
-            }
+    /// key has the `DEL` (`landed: None`), and stop when a retry reached the
+    /// primary under `landed` (only the replicas' acknowledgement was
+    /// missing).
+    fn readers_skip(&self, key: &str, landed: Option<u64>) {
+        if let Some(queued) = self.ledger().invalidating.get_mut(key) {
+            queued.readers_skip = landed.is_none();
+            queued.landed = landed;
         }
     }
 
@@ -169,10 +171,20 @@ impl Janitor {
                         queued.asked_again = true;
                         (queued, false)
                     }
-                    None => (ledger.invalidating.entry(key.clone()).or_default(), true),
+                    None => {
+                        self.invalidating.fetch_add(1, Ordering::SeqCst);
+                        (ledger.invalidating.entry(key.clone()).or_default(), true)
+                    }
                 };
-                if !landed && !std::mem::replace(&mut queued.readers_skip, true) {
-                    self.invalidating.fetch_add(1, Ordering::SeqCst);
+                match landed {
+                    // Two writes that landed under different epochs: the
+                    // readers skip under both.
+                    Some(epoch) if !queued.readers_skip => match queued.landed {
+                        Some(earlier) if earlier != *epoch => queued.readers_skip = true,
+                        _ => queued.landed = Some(*epoch),
+                    },
+                    Some(_) => {}
+                    None => queued.readers_skip = true,
                 }
                 new
             }
@@ -187,11 +199,7 @@ impl Janitor {
                 ledger.abandoned.remove(placeholder);
             }
             Chore::Invalidate { key, .. } => {
-                if ledger
-                    .invalidating
-                    .remove(key)
-                    .is_some_and(|queued| queued.readers_skip)
-                {
+                if ledger.invalidating.remove(key).is_some() {
                     self.invalidating.fetch_sub(1, Ordering::SeqCst);
                 }
             }
@@ -448,10 +456,11 @@ impl Cache {
                     keys.push(key.clone());
                 }
             }
+            let epoch = self.inner.backend.primaries_epoch();
             for (indices, outcome) in self.delete_parts(&keys, false).await {
                 for at in indices {
                     let pending = &mut pending[batch[at]];
-                    match self.settle_invalidation(pending, outcome.as_ref().map(drop)) {
+                    match self.settle_invalidation(pending, outcome.as_ref().map(drop), epoch) {
                         Some(next) => pending.due = next,
                         None => done.push(batch[at]),
                     }
@@ -466,12 +475,14 @@ impl Cache {
         }
     }
 
-    /// What an attempt at an invalidation leads to: when to try again, or
-    /// `None` when done (or lost, counted and logged).
+    /// What an attempt at an invalidation, sent under the primaries'
+    /// `epoch`, leads to: when to try again, or `None` when done (or lost,
+    /// counted and logged).
     fn settle_invalidation(
         &self,
         pending: &mut Pending,
         outcome: Result<(), &CacheError>,
+        epoch: u64,
     ) -> Option<Instant> {
         let inner = &*self.inner;
         let janitor = &inner.janitor;
@@ -500,7 +511,7 @@ impl Cache {
                 inner.stats.record(*writer, Event::Error);
                 // An open breaker says nothing about this key.
                 if !matches!(error, CacheError::CircuitOpen) {
-                    janitor.readers_skip(key, !error.is_not_replicated());
+                    janitor.readers_skip(key, error.is_not_replicated().then_some(epoch));
                 }
                 let delay = INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1);
                 match delay {
@@ -522,5 +533,51 @@ impl Cache {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalidate(key: &str, landed: Option<u64>) -> Chore {
+        Chore::Invalidate {
+            writer: None,
+            key: key.to_owned(),
+            tried: true,
+            landed,
+        }
+    }
+
+    #[test]
+    fn readers_skip_a_landed_key_once_the_primaries_changed() {
+        let janitor = Janitor::default();
+        assert!(!janitor.is_invalidating("k", 0), "nothing queued");
+        // Reached its primary under epoch 3: the primary serves the write.
+        assert!(janitor.enter(&invalidate("k", Some(3))));
+        assert!(!janitor.is_invalidating("k", 3));
+        // A slot map later, the key may be on a replica promoted without it.
+        assert!(janitor.is_invalidating("k", 4));
+        // A retry that reached the new primary (still unreplicated).
+        janitor.readers_skip("k", Some(4));
+        assert!(!janitor.is_invalidating("k", 4));
+        // A retry that failed in a way that leaves the primary unknown.
+        janitor.readers_skip("k", None);
+        assert!(janitor.is_invalidating("k", 4));
+        janitor.strike(&invalidate("k", None));
+        assert!(!janitor.is_invalidating("k", 4));
+        assert_eq!(janitor.invalidating.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_write_that_did_not_land_makes_readers_skip_whatever_came_before() {
+        let janitor = Janitor::default();
+        assert!(janitor.enter(&invalidate("k", Some(1))));
+        assert!(!janitor.enter(&invalidate("k", None)), "covered by the queued one");
+        assert!(janitor.is_invalidating("k", 1));
+        // Two landed writes under different maps: skip under both.
+        assert!(janitor.enter(&invalidate("j", Some(1))));
+        assert!(!janitor.enter(&invalidate("j", Some(2))));
+        assert!(janitor.is_invalidating("j", 1) && janitor.is_invalidating("j", 2));
     }
 }

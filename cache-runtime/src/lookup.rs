@@ -300,7 +300,11 @@ impl Cache {
 
     /// One read of the key, classified; failures are counted and logged here.
     async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
-        if self.inner.janitor.is_invalidating(key) {
+        let inner = &*self.inner;
+        if inner
+            .janitor
+            .is_invalidating(key, inner.backend.primaries_epoch())
+        {
             return Read::Unavailable;
         }
         let backend = &self.inner.backend;

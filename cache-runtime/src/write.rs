@@ -63,8 +63,10 @@ impl Cache {
             writer,
             keys,
             tried: false,
-            landed: false,
+            landed: None,
         };
+        // Read before the write is sent: see `Chore::Invalidate::landed`.
+        let epoch = self.inner.backend.primaries_epoch();
         // On a cluster, each primary's keys are deleted under its own
         // breaker: what failed is all that is left to retry.
         let (failed, error) = self.delete_many(&unfinished.keys).await;
@@ -77,7 +79,7 @@ impl Cache {
             None => {}
             Some(error) => {
                 unfinished.tried = true;
-                unfinished.landed = error.is_not_replicated();
+                unfinished.landed = error.is_not_replicated().then_some(epoch);
                 if !matches!(error, CacheError::CircuitOpen) {
                     self.inner.stats.record(Some(writer), Event::Error);
                 }
@@ -108,7 +110,7 @@ impl Cache {
             writer,
             keys: vec![redis_key],
             tried: false,
-            landed: false,
+            landed: None,
         };
         let redis_key = &unfinished.keys[0];
         let encoded = ttl.and_then(|_| self.encode_for_store(Some(writer), redis_key, value));
@@ -118,6 +120,7 @@ impl Cache {
             let keys = std::mem::take(&mut unfinished.keys);
             return self.invalidate_after_write(writer, keys).await;
         };
+        let epoch = self.inner.backend.primaries_epoch();
         let stored = self
             .guarded(
                 redis_key,
@@ -132,7 +135,7 @@ impl Cache {
             Err(error) => {
                 // Stored on the primary, not acknowledged by a replica: the
                 // primary serves the new value meanwhile.
-                unfinished.landed = error.is_not_replicated();
+                unfinished.landed = error.is_not_replicated().then_some(epoch);
                 if !matches!(error, CacheError::CircuitOpen) {
                     self.inner.stats.record(Some(writer), Event::Error);
                 }
@@ -154,8 +157,9 @@ struct Unfinished<'c> {
     keys: Vec<String>,
     /// Whether an attempt failed already, so the first retry waits.
     tried: bool,
-    /// Whether that attempt reached the primary (see `Chore::Invalidate`).
-    landed: bool,
+    /// Whether that attempt reached the primary, and under which slot map
+    /// (see `Chore::Invalidate`).
+    landed: Option<u64>,
 }
 
 impl Drop for Unfinished<'_> {

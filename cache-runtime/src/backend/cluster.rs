@@ -83,6 +83,8 @@ struct Shared {
     /// The breaker of keys whose primary is not known (no map yet).
     unknown: Arc<Breaker>,
     breaker_config: (u32, Duration),
+    /// Counts the slot maps that moved a slot to another primary.
+    epoch: AtomicU64,
     refreshing: AtomicBool,
     /// When the map was last read, in ms since [`epoch`].
     refreshed_at: AtomicU64,
@@ -170,6 +172,7 @@ impl ClusterBackend {
                 breaker_index: std::sync::Mutex::new(HashMap::new()),
                 unknown: breaker(None),
                 breaker_config,
+                epoch: AtomicU64::new(0),
                 refreshing: AtomicBool::new(false),
                 // Never: the first call reads the map if `build` could not.
                 refreshed_at: AtomicU64::new(NEVER),
@@ -177,6 +180,11 @@ impl ClusterBackend {
                 durable,
             }),
         })
+    }
+
+    /// See [`super::Backend::primaries_epoch`].
+    pub(crate) fn primaries_epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::SeqCst)
     }
 
     pub(crate) fn conn(&self) -> ClusterConnection {
@@ -309,11 +317,15 @@ impl ClusterBackend {
                             *slot = at;
                         }
                     }
-                    shared.topology.store(Arc::new(Topology {
+                    let previous = shared.topology.swap(Arc::new(Topology {
                         slots,
                         nodes,
                         replicas,
                     }));
+                    let topology = shared.topology.load();
+                    if previous.slots != topology.slots {
+                        shared.epoch.fetch_add(1, Ordering::SeqCst);
+                    }
                     shared.refreshed_at.store(epoch_millis(), Ordering::Relaxed);
                     return Ok(());
                 }
