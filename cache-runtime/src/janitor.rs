@@ -267,6 +267,7 @@ impl Cache {
             cache: std::sync::Arc::downgrade(&self.inner),
             queue: receiver,
             pending: Vec::new(),
+            epoch: self.inner.backend.primaries_epoch(),
         }));
     }
 
@@ -306,6 +307,8 @@ struct Worker {
     cache: Weak<Inner>,
     queue: mpsc::Receiver<Chore>,
     pending: Vec<Pending>,
+    /// The backend's primaries epoch when last looked at.
+    epoch: u64,
 }
 
 impl Drop for Worker {
@@ -331,7 +334,16 @@ impl Drop for Worker {
 /// first poll still drops a `Worker`.
 async fn work(mut worker: Worker) {
     loop {
-        let next = worker.pending.iter().map(|p| p.due).min();
+        let mut next = worker.pending.iter().map(|p| p.due).min();
+        if worker
+            .pending
+            .iter()
+            .any(|p| matches!(p.chore, Chore::Invalidate { .. }))
+        {
+            // Looks at the primaries now and then (below).
+            let soon = Instant::now() + WHILE_A_SHARD_IS_DOWN;
+            next = Some(next.map_or(soon, |next| next.min(soon)));
+        }
         let received = tokio::select! {
             chore = worker.queue.recv() => match chore {
                 Some(chore) => Some(chore),
@@ -343,7 +355,24 @@ async fn work(mut worker: Worker) {
             return;
         };
         let cache = Cache { inner };
-        let Worker { queue, pending, .. } = &mut worker;
+        let Worker {
+            queue,
+            pending,
+            epoch,
+            ..
+        } = &mut worker;
+        // A key moved to another primary (a failover, say): its
+        // invalidation is retried at once there, instead of at the end of
+        // its back-off, as its readers skip it until then.
+        let now_epoch = cache.inner.backend.primaries_epoch();
+        if std::mem::replace(epoch, now_epoch) != now_epoch {
+            let now = Instant::now();
+            for pending in pending.iter_mut() {
+                if matches!(pending.chore, Chore::Invalidate { .. }) {
+                    pending.due = pending.due.min(now);
+                }
+            }
+        }
         for chore in received
             .into_iter()
             .chain(std::iter::from_fn(|| queue.try_recv().ok()))
@@ -573,7 +602,10 @@ mod tests {
     fn a_write_that_did_not_land_makes_readers_skip_whatever_came_before() {
         let janitor = Janitor::default();
         assert!(janitor.enter(&invalidate("k", Some(1))));
-        assert!(!janitor.enter(&invalidate("k", None)), "covered by the queued one");
+        assert!(
+            !janitor.enter(&invalidate("k", None)),
+            "covered by the queued one"
+        );
         assert!(janitor.is_invalidating("k", 1));
         // Two landed writes under different maps: skip under both.
         assert!(janitor.enter(&invalidate("j", Some(1))));

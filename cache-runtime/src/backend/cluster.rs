@@ -66,9 +66,8 @@ struct Topology {
     slots: Box<[u16]>,
     /// The primaries now, as indices into [`Shared::breakers`].
     nodes: Vec<u16>,
-    /// How many replicas `CLUSTER SLOTS` listed with each primary (by
-    /// index), which leaves out replicas the cluster marked as failed.
-    replicas: HashMap<u16, u32>,
+    /// The primaries' node ids, with their indices.
+    ids: HashMap<String, u16>,
 }
 
 struct Shared {
@@ -85,6 +84,10 @@ struct Shared {
     breaker_config: (u32, Duration),
     /// Counts the slot maps that moved a slot to another primary.
     epoch: AtomicU64,
+    /// How many replicas each primary has (by index), from `CLUSTER
+    /// NODES`, read after each slot map; a primary missing here has an
+    /// unknown number.
+    replicas: ArcSwap<HashMap<u16, u32>>,
     refreshing: AtomicBool,
     /// When the map was last read, in ms since [`epoch`].
     refreshed_at: AtomicU64,
@@ -132,33 +135,43 @@ impl ClusterBackend {
             return Err(CacheError::NoBackend);
         };
         let tcp = first.tcp_settings().clone().set_nodelay(nodelay);
-        let client = super::cluster_certificates(ClusterClientBuilder::new(infos), tls)
-            .tcp_settings(tcp)
-            .connection_timeout(Duration::from_secs(1))
-            // A node that stopped answering (SIGSTOP, a hung host) must not
-            // hold the connection's slot refresh for long; the cache's op
-            // timeout bounds each call anyway.
-            .response_timeout(op_timeout.max(Duration::from_millis(250)))
-            .overall_response_timeout(None)
-            // Retries follow MOVED/ASK and wait out a failover; the op
-            // timeout cuts a call short, and the breaker paces the rest.
-            .retries(1)
-            .min_retry_wait(10)
-            .max_retry_wait(200)
-            .build()
-            .map_err(CacheError::invalid_url)?;
-        let connect = || {
+        let client = |retries| {
+            super::cluster_certificates(ClusterClientBuilder::new(infos.clone()), tls)
+                .tcp_settings(tcp.clone())
+                .connection_timeout(Duration::from_secs(1))
+                // A node that stopped answering (SIGSTOP, a hung host) must
+                // not hold the connection's slot refresh for long; the
+                // cache's op timeout bounds each call anyway.
+                .response_timeout(op_timeout.max(Duration::from_millis(250)))
+                .overall_response_timeout(None)
+                // Retries follow MOVED/ASK and wait out a failover; the op
+                // timeout cuts a call short, and the breaker paces the rest.
+                .retries(retries)
+                .min_retry_wait(10)
+                .max_retry_wait(200)
+                .build()
+                .map_err(CacheError::invalid_url)
+        };
+        let connect = |client: &redis::cluster::ClusterClient| {
             client.get_pending_async_connection_with_config(
                 redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(Duration::from_secs(1))
                     .set_response_timeout(op_timeout.max(Duration::from_millis(250))),
             )
         };
-        let conn = connect();
-        let durable = durability.map(|durability| {
-            let conns = (0..commands::DURABLE_CONNECTIONS).map(|_| connect());
-            DurablePool::new(durability, conns.collect())
-        });
+        let conn = connect(&client(1)?);
+        let durable = match durability {
+            // Their writes are retried by the janitor, which goes through
+            // its connections in turn: each must follow a failover's MOVED
+            // (after trying the dead primary) by itself, or every retry
+            // meets another connection that has not yet.
+            Some(durability) => {
+                let client = client(3)?;
+                let conns = (0..commands::DURABLE_CONNECTIONS).map(|_| connect(&client));
+                Some(DurablePool::new(durability, conns.collect()))
+            }
+            None => None,
+        };
         let breaker = |node: Option<String>| Arc::new(Breaker::for_node(breaker_config, node));
         Ok(ClusterBackend {
             shared: Arc::new(Shared {
@@ -166,13 +179,14 @@ impl ClusterBackend {
                 topology: ArcSwap::from_pointee(Topology {
                     slots: vec![NO_NODE; SLOTS].into_boxed_slice(),
                     nodes: Vec::new(),
-                    replicas: HashMap::new(),
+                    ids: HashMap::new(),
                 }),
                 breakers: (0..MAX_NODES).map(|_| OnceLock::new()).collect(),
                 breaker_index: std::sync::Mutex::new(HashMap::new()),
                 unknown: breaker(None),
                 breaker_config,
                 epoch: AtomicU64::new(0),
+                replicas: ArcSwap::from_pointee(HashMap::new()),
                 refreshing: AtomicBool::new(false),
                 // Never: the first call reads the map if `build` could not.
                 refreshed_at: AtomicU64::new(NEVER),
@@ -305,28 +319,31 @@ impl ClusterBackend {
                 Ok(value) => {
                     let ranges = parse_cluster_slots(&value)?;
                     let mut nodes: Vec<u16> = Vec::new();
-                    let mut replicas = HashMap::new();
+                    let mut ids = HashMap::new();
                     let mut slots = vec![NO_NODE; SLOTS].into_boxed_slice();
                     for range in ranges {
                         let at = self.breaker_index(range.primary);
                         if !nodes.contains(&at) {
                             nodes.push(at);
                         }
-                        replicas.insert(at, range.replicas);
+                        if let Some(id) = range.id {
+                            ids.insert(id, at);
+                        }
                         for slot in &mut slots[usize::from(range.start)..=usize::from(range.end)] {
                             *slot = at;
                         }
                     }
-                    let previous = shared.topology.swap(Arc::new(Topology {
-                        slots,
-                        nodes,
-                        replicas,
-                    }));
+                    let previous = shared
+                        .topology
+                        .swap(Arc::new(Topology { slots, nodes, ids }));
                     let topology = shared.topology.load();
                     if previous.slots != topology.slots {
                         shared.epoch.fetch_add(1, Ordering::SeqCst);
                     }
                     shared.refreshed_at.store(epoch_millis(), Ordering::Relaxed);
+                    if shared.durable.is_some() {
+                        self.count_replicas_in_background();
+                    }
                     return Ok(());
                 }
                 Err(error) => last_error = Some(error),
@@ -335,6 +352,56 @@ impl ClusterBackend {
         Err(CacheError::redis(last_error.unwrap_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::Io, "no cluster node answered"))
         })))
+    }
+
+    /// Reads how many replicas each primary has, in a task of its own (the
+    /// breaker probe that read the slot map does not wait for it). Until it
+    /// lands, a primary that the last count does not know is waited on for
+    /// every replica asked for.
+    fn count_replicas_in_background(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = self.clone();
+        runtime.spawn(async move {
+            let limit = backend.shared.op_timeout.max(Duration::from_millis(500));
+            let Ok(Some(counts)) = tokio::time::timeout(limit, backend.replica_counts()).await
+            else {
+                return;
+            };
+            let topology = backend.shared.topology.load();
+            let replicas = topology
+                .ids
+                .iter()
+                .map(|(id, &at)| (at, counts.get(id).copied().unwrap_or(0)))
+                .collect();
+            backend.shared.replicas.store(Arc::new(replicas));
+        });
+    }
+
+    /// How many replicas each primary has (by node id), as `CLUSTER NODES`
+    /// of a random node lists them; `None` if no node answered.
+    ///
+    /// Not `CLUSTER SLOTS`, which leaves out a replica whose replication
+    /// offset its peers have not heard of yet (0 in a new cluster), nor
+    /// only the replicas in good health: a replica that was marked failed
+    /// can come back and be promoted, so it counts until it is forgotten.
+    async fn replica_counts(&self) -> Option<HashMap<String, u32>> {
+        let reply = self
+            .conn()
+            .route_command(
+                redis::cmd("CLUSTER").arg("NODES").to_owned(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+            .ok()?;
+        let text = match reply {
+            Value::BulkString(bytes) => String::from_utf8(bytes).ok()?,
+            Value::VerbatimString { text, .. } => text,
+            Value::SimpleString(text) => text,
+            _ => return None,
+        };
+        Some(parse_replica_counts(&text))
     }
 
     /// The breaker probe of one primary (`node`), or of the keys whose
@@ -432,20 +499,20 @@ impl ClusterBackend {
         key: &str,
         pool: &DurablePool<ClusterConnection>,
     ) -> Result<(), CacheError> {
-        // A primary the slot map lists with fewer replicas than asked for
-        // (a failover left it none, say) is waited on for those it has.
-        // The map is the cluster's view (`CLUSTER SLOTS`, which leaves out
-        // failed replicas), not the primary's own: a primary whose replica
-        // was just promoted away from it also lists no replica itself, and
-        // must not be excused (its write is then retried on the new
-        // primary). The hole left: the map already names the new primary
-        // while the `redis` crate's own map still sends the write to the
-        // old one, in the milliseconds before the old one hears of it.
+        // A primary with fewer replicas than asked for (a failover left it
+        // none, say) is waited on for those it has. The count is the
+        // cluster's view (`CLUSTER NODES`, see `replica_counts`), not the
+        // primary's own: a primary whose replica was just promoted away
+        // from it lists no replica itself, and must not be excused (its
+        // write is then retried on the new primary). The hole left: the
+        // map already names the new primary while the `redis` crate's own
+        // map still sends the write to the old one, in the milliseconds
+        // before the old one hears of it.
         self.refresh_if_old();
         let mut durability = pool.durability;
         let topology = self.shared.topology.load();
         let node = topology.slots[usize::from(slot_of(key.as_bytes()))];
-        if let Some(&listed) = topology.replicas.get(&node) {
+        if let Some(&listed) = self.shared.replicas.load().get(&node) {
             durability.replicas = durability.replicas.min(listed);
         }
         if durability.replicas == 0 {
@@ -518,8 +585,23 @@ struct SlotRange {
     end: u16,
     /// `host:port`.
     primary: String,
-    /// How many replicas are listed after the primary.
-    replicas: u32,
+    /// The primary's node id, if the reply has it.
+    id: Option<String>,
+}
+
+/// The replicas of each primary (by node id) in a `CLUSTER NODES` reply:
+/// the lines whose fourth field (the primary's id) is not `-`.
+fn parse_replica_counts(text: &str) -> HashMap<String, u32> {
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        if let Some(primary) = fields.nth(3)
+            && primary != "-"
+        {
+            *counts.entry(primary.to_owned()).or_default() += 1;
+        }
+    }
+    counts
 }
 
 fn parse_cluster_slots(value: &Value) -> Result<Vec<SlotRange>, CacheError> {
@@ -557,11 +639,16 @@ fn parse_cluster_slots(value: &Value) -> Result<Vec<SlotRange>, CacheError> {
         if start > end {
             return Err(malformed());
         }
+        let id = match primary.get(2) {
+            Some(Value::BulkString(bytes)) => String::from_utf8(bytes.clone()).ok(),
+            Some(Value::SimpleString(text)) => Some(text.clone()),
+            _ => None,
+        };
         parsed.push(SlotRange {
             start,
             end,
             primary: format!("{host}:{port}"),
-            replicas: u32::try_from(fields.len().saturating_sub(3)).unwrap_or(u32::MAX),
+            id,
         });
     }
     Ok(parsed)
@@ -622,10 +709,33 @@ mod tests {
     }
 
     #[test]
+    fn replicas_are_counted_by_primary_whatever_their_health() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 slave a1 0 0 1 connected
+d4 127.0.0.1:7004@17004 slave,fail a1 0 0 1 disconnected
+e5 127.0.0.1:7002@17002 master,fail - 0 0 3 disconnected
+";
+        let counts = parse_replica_counts(nodes);
+        assert_eq!(counts.get("a1"), Some(&2), "a failed replica counts");
+        assert_eq!(counts.get("b2"), None, "no replica");
+        assert_eq!(counts.len(), 1);
+        assert!(parse_replica_counts("").is_empty());
+        assert!(parse_replica_counts("garbage\n\n x y").is_empty());
+    }
+
+    #[test]
     fn malformed_slot_replies_are_errors() {
         let int = Value::Int;
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let node = |port| Value::Array(vec![bulk("127.0.0.1"), int(port), bulk("id")]);
+        let node = |port: i64| {
+            Value::Array(vec![
+                bulk("127.0.0.1"),
+                int(port),
+                bulk(&format!("id{port}")),
+            ])
+        };
         let good = Value::Array(vec![
             Value::Array(vec![int(0), int(5460), node(7000), node(7003)]),
             Value::Array(vec![int(5461), int(10922), node(7001)]),
@@ -637,13 +747,13 @@ mod tests {
                     start: 0,
                     end: 5460,
                     primary: "127.0.0.1:7000".to_owned(),
-                    replicas: 1
+                    id: Some("id7000".to_owned()),
                 },
                 SlotRange {
                     start: 5461,
                     end: 10922,
                     primary: "127.0.0.1:7001".to_owned(),
-                    replicas: 0
+                    id: Some("id7001".to_owned()),
                 }
             ]
         );
