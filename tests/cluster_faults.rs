@@ -22,6 +22,10 @@
 //! took longer than [`REQUEST_TIMEOUT`] (the request timeout a service
 //! would have); none may fail.
 //!
+//! Then, on a third cluster, what `durable_writes` is for: a failover that
+//! loses the `DEL`s a plain cache's writes sent (see
+//! [`lost_invalidations`]), and not those of a durable one.
+//!
 //! Three functions pin their keys to one shard each with a hash tag, so
 //! that their counters are the shards' counters. `CLUSTER_FAULT_SECONDS`
 //! sets the length of the failover phase (default 6 s; the figure
