@@ -425,16 +425,33 @@ fn on_the_cluster(test: &str) -> (Target, String) {
     (target, format!("{test}-{}", std::process::id()))
 }
 
-#[tokio::test]
-async fn garbage_in_a_key_is_a_miss_and_is_overwritten() {
-    let server = RedisServer::start();
-    garbage_in_a_key(&Target::server(&server), "garbage").await;
+/// Each `test` on a private standalone server, and `test_on_a_cluster` on
+/// the shared cluster: `body(target, prefix)`.
+macro_rules! on_a_server_and_a_cluster {
+    ($($test:ident, $on_a_cluster:ident: $body:ident($prefix:literal);)*) => {$(
+        #[tokio::test]
+        async fn $test() {
+            let server = RedisServer::start();
+            $body(&Target::server(&server), $prefix).await;
+        }
+
+        #[tokio::test]
+        async fn $on_a_cluster() {
+            let (target, prefix) = on_the_cluster($prefix);
+            $body(&target, &prefix).await;
+        }
+    )*};
 }
 
-#[tokio::test]
-async fn garbage_in_a_key_is_a_miss_and_is_overwritten_on_a_cluster() {
-    let (target, prefix) = on_the_cluster("garbage");
-    garbage_in_a_key(&target, &prefix).await;
+on_a_server_and_a_cluster! {
+    garbage_in_a_key_is_a_miss_and_is_overwritten,
+    garbage_in_a_key_is_a_miss_and_is_overwritten_on_a_cluster: garbage_in_a_key("garbage");
+    large_values_round_trip, large_values_round_trip_on_a_cluster: large_values("large");
+    values_above_the_size_limit_are_served_but_not_cached,
+    values_above_the_size_limit_are_served_but_not_cached_on_a_cluster:
+        values_above_the_size_limit("limit");
+    hostile_keys_get_distinct_bounded_entries,
+    hostile_keys_get_distinct_bounded_entries_on_a_cluster: hostile_keys("hostile");
 }
 
 async fn garbage_in_a_key(target: &Target, prefix: &str) {
@@ -513,18 +530,6 @@ async fn garbage_in_a_key(target: &Target, prefix: &str) {
 
 // -------------------------------------------------------------- large values
 
-#[tokio::test]
-async fn large_values_round_trip() {
-    let server = RedisServer::start();
-    large_values(&Target::server(&server), "large").await;
-}
-
-#[tokio::test]
-async fn large_values_round_trip_on_a_cluster() {
-    let (target, prefix) = on_the_cluster("large");
-    large_values(&target, &prefix).await;
-}
-
 async fn large_values(target: &Target, prefix: &str) {
     // A 16 MiB value takes longer than the default 100 ms op timeout in a
     // debug build; the README says to raise it for large values.
@@ -549,18 +554,6 @@ async fn large_values(target: &Target, prefix: &str) {
         );
     }
     assert_eq!(db.cache.stats().total.oversized, 0);
-}
-
-#[tokio::test]
-async fn values_above_the_size_limit_are_served_but_not_cached() {
-    let server = RedisServer::start();
-    values_above_the_size_limit(&Target::server(&server), "limit").await;
-}
-
-#[tokio::test]
-async fn values_above_the_size_limit_are_served_but_not_cached_on_a_cluster() {
-    let (target, prefix) = on_the_cluster("limit");
-    values_above_the_size_limit(&target, &prefix).await;
 }
 
 async fn values_above_the_size_limit(target: &Target, prefix: &str) {
@@ -602,18 +595,6 @@ async fn values_above_the_size_limit(target: &Target, prefix: &str) {
 }
 
 // ------------------------------------------------------------- hostile keys
-
-#[tokio::test]
-async fn hostile_keys_get_distinct_bounded_entries() {
-    let server = RedisServer::start();
-    hostile_keys(&Target::server(&server), "hostile").await;
-}
-
-#[tokio::test]
-async fn hostile_keys_get_distinct_bounded_entries_on_a_cluster() {
-    let (target, prefix) = on_the_cluster("hostile");
-    hostile_keys(&target, &prefix).await;
-}
 
 async fn hostile_keys(target: &Target, prefix: &str) {
     let (cache, key_of) = cache_on(target, prefix, |b| b).await;
