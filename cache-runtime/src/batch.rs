@@ -81,9 +81,11 @@ impl Cache {
         }
         // A key this process still has to invalidate may hold the old
         // value (see `Janitor::is_invalidating`): run uncached.
+        let backend = &self.inner.backend;
         let read = if keys.iter().any(|key| {
-            let epoch = self.inner.backend.primaries_epoch();
-            self.inner.janitor.is_invalidating(key, epoch)
+            self.inner
+                .janitor
+                .is_invalidating(key, || backend.primaries_epoch())
         }) {
             Err(CacheError::CircuitOpen)
         } else {

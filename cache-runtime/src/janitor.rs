@@ -137,12 +137,16 @@ impl Janitor {
     /// lands, the entry may be the old value, so readers of this process
     /// skip it. Read-your-writes within a process then holds even when an
     /// invalidation could not be delivered at once.
-    /// `epoch`: the backend's primaries epoch now.
-    pub(crate) fn is_invalidating(&self, key: &str, epoch: u64) -> bool {
-        self.invalidating.load(Ordering::SeqCst) != 0
-            && self.ledger().invalidating.get(key).is_some_and(|queued| {
-                queued.readers_skip || queued.landed.is_some_and(|landed| landed != epoch)
-            })
+    /// `epoch`: the backend's primaries epoch now, asked for only when
+    /// something is queued.
+    pub(crate) fn is_invalidating(&self, key: &str, epoch: impl FnOnce() -> u64) -> bool {
+        if self.invalidating.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let epoch = epoch();
+        self.ledger().invalidating.get(key).is_some_and(|queued| {
+            queued.readers_skip || queued.landed.is_some_and(|landed| landed != epoch)
+        })
     }
 
     /// Sets whether readers skip a queued key, after a retry: they do if it
@@ -267,7 +271,8 @@ impl Cache {
             cache: std::sync::Arc::downgrade(&self.inner),
             queue: receiver,
             pending: Vec::new(),
-            epoch: self.inner.backend.primaries_epoch(),
+            epoch: matches!(self.inner.backend, crate::backend::Backend::Cluster(_))
+                .then(|| self.inner.backend.primaries_epoch()),
         }));
     }
 
@@ -307,8 +312,9 @@ struct Worker {
     cache: Weak<Inner>,
     queue: mpsc::Receiver<Chore>,
     pending: Vec<Pending>,
-    /// The backend's primaries epoch when last looked at.
-    epoch: u64,
+    /// The backend's primaries epoch when last looked at; `None` for a
+    /// backend whose primaries do not move under it (not a cluster).
+    epoch: Option<u64>,
 }
 
 impl Drop for Worker {
@@ -335,10 +341,11 @@ impl Drop for Worker {
 async fn work(mut worker: Worker) {
     loop {
         let mut next = worker.pending.iter().map(|p| p.due).min();
-        if worker
-            .pending
-            .iter()
-            .any(|p| matches!(p.chore, Chore::Invalidate { .. }))
+        if worker.epoch.is_some()
+            && worker
+                .pending
+                .iter()
+                .any(|p| matches!(p.chore, Chore::Invalidate { .. }))
         {
             // Looks at the primaries now and then (below).
             let soon = Instant::now() + WHILE_A_SHARD_IS_DOWN;
@@ -365,7 +372,8 @@ async fn work(mut worker: Worker) {
         // invalidation is retried at once there, instead of at the end of
         // its back-off, as its readers skip it until then.
         let now_epoch = cache.inner.backend.primaries_epoch();
-        if std::mem::replace(epoch, now_epoch) != now_epoch {
+        if epoch.is_some_and(|seen| seen != now_epoch) {
+            *epoch = Some(now_epoch);
             let now = Instant::now();
             for pending in pending.iter_mut() {
                 if matches!(pending.chore, Chore::Invalidate { .. }) {
@@ -581,20 +589,20 @@ mod tests {
     #[test]
     fn readers_skip_a_landed_key_once_the_primaries_changed() {
         let janitor = Janitor::default();
-        assert!(!janitor.is_invalidating("k", 0), "nothing queued");
+        assert!(!janitor.is_invalidating("k", || 0), "nothing queued");
         // Reached its primary under epoch 3: the primary serves the write.
         assert!(janitor.enter(&invalidate("k", Some(3))));
-        assert!(!janitor.is_invalidating("k", 3));
+        assert!(!janitor.is_invalidating("k", || 3));
         // A slot map later, the key may be on a replica promoted without it.
-        assert!(janitor.is_invalidating("k", 4));
+        assert!(janitor.is_invalidating("k", || 4));
         // A retry that reached the new primary (still unreplicated).
         janitor.readers_skip("k", Some(4));
-        assert!(!janitor.is_invalidating("k", 4));
+        assert!(!janitor.is_invalidating("k", || 4));
         // A retry that failed in a way that leaves the primary unknown.
         janitor.readers_skip("k", None);
-        assert!(janitor.is_invalidating("k", 4));
+        assert!(janitor.is_invalidating("k", || 4));
         janitor.strike(&invalidate("k", None));
-        assert!(!janitor.is_invalidating("k", 4));
+        assert!(!janitor.is_invalidating("k", || 4));
         assert_eq!(janitor.invalidating.load(Ordering::SeqCst), 0);
     }
 
@@ -606,10 +614,10 @@ mod tests {
             !janitor.enter(&invalidate("k", None)),
             "covered by the queued one"
         );
-        assert!(janitor.is_invalidating("k", 1));
+        assert!(janitor.is_invalidating("k", || 1));
         // Two landed writes under different maps: skip under both.
         assert!(janitor.enter(&invalidate("j", Some(1))));
         assert!(!janitor.enter(&invalidate("j", Some(2))));
-        assert!(janitor.is_invalidating("j", 1) && janitor.is_invalidating("j", 2));
+        assert!(janitor.is_invalidating("j", || 1) && janitor.is_invalidating("j", || 2));
     }
 }

@@ -303,7 +303,7 @@ impl Cache {
         let inner = &*self.inner;
         if inner
             .janitor
-            .is_invalidating(key, inner.backend.primaries_epoch())
+            .is_invalidating(key, || inner.backend.primaries_epoch())
         {
             return Read::Unavailable;
         }
