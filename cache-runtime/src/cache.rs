@@ -543,9 +543,10 @@ impl Cache {
     }
 
     /// Runs a backend operation on `key` under the op timeout, for the
-    /// janitor, and tells the breaker how it went. It does not ask the
-    /// breaker (the janitor's one worker may pay a timeout without slowing
-    /// any call, and its success closes the breaker as a probe's would),
+    /// janitor, and tells the breaker when it succeeded. It does not ask
+    /// the breaker (the janitor may pay a timeout without slowing any call,
+    /// and its success closes the breaker as a probe's would), nor count
+    /// its failures (see `Cache::run`),
     /// except on a cluster, where it does not call a primary whose breaker
     /// is open (`Err(CircuitOpen)`, retried later): there, a command for a
     /// dead primary makes the `redis` crate's cluster connection hold every
@@ -642,7 +643,7 @@ impl Cache {
     pub(crate) async fn delete_many(&self, keys: &[String]) -> (Vec<String>, Option<CacheError>) {
         let mut failed = Vec::new();
         let mut last_error = None;
-        for (indices, deleted) in self.delete_parts(keys, true).await {
+        for (indices, deleted) in self.delete_parts(keys).await {
             if let Err(error) = deleted {
                 failed.extend(indices.into_iter().map(|at| keys[at].clone()));
                 // The error that says least about what landed wins: the
@@ -657,20 +658,15 @@ impl Cache {
     }
 
     /// `DEL` of many keys (durably, if so configured), each part of the
-    /// backend under its own breaker (asked as [`Cache::guarded`] does, or
-    /// not, as [`Cache::timed`]), concurrently: the indices of each part's
-    /// keys in `keys`, with its outcome.
-    pub(crate) async fn delete_parts(
-        &self,
-        keys: &[String],
-        ask_breaker: bool,
-    ) -> Vec<(Vec<usize>, Result<u64, CacheError>)> {
+    /// backend under its own breaker, concurrently: the indices of each
+    /// part's keys in `keys`, with its outcome.
+    async fn delete_parts(&self, keys: &[String]) -> Vec<(Vec<usize>, Result<u64, CacheError>)> {
         let inner = &*self.inner;
         let groups = inner.backend.by_breaker(&inner.breaker, keys);
         join_all(groups.into_iter().map(|(breaker, indices)| async move {
             let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
             let deleted = self
-                .run(breaker, inner.backend.delete_durably(&part), ask_breaker)
+                .run(breaker, inner.backend.delete_durably(&part), true)
                 .await;
             (indices, deleted)
         }))
@@ -716,8 +712,13 @@ impl Cache {
             }
         };
         match &outcome {
+            // The janitor's failures are not counted: after an outage its
+            // attempts go many at once (on a cluster, on connections of
+            // their own that catch up with a failover by themselves), and
+            // they would open a breaker that the callers' own calls find
+            // closed. Callers' failures open it when the backend is down.
             Err(error) if error.is_unavailable() => {
-                if breaker.record_failure(false) {
+                if ask_breaker && breaker.record_failure(false) {
                     self.log_opening(breaker, error);
                 }
             }

@@ -6,8 +6,8 @@
 //! tasks, retries and log lines an outage costs are bounded whatever the
 //! call rate. It does not wait for the circuit breaker: it pays the op
 //! timeout itself, one attempt at a time (the invalidations that are due
-//! go together, one `DEL` per slot), so clean-up lands as soon as the
-//! backend answers again.
+//! go concurrently), so clean-up lands as soon as the backend answers
+//! again.
 //!
 //! Invalidations are queued per key, and one queued invalidation of a key
 //! covers every write of that key until its next attempt starts: an outage
@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Inner};
@@ -41,7 +42,7 @@ const MAX_PENDING: usize = 16 * 1024;
 /// the key meanwhile; the pending chores stay bounded by [`MAX_PENDING`]).
 const WHILE_A_SHARD_IS_DOWN: Duration = Duration::from_millis(100);
 const LONGEST_WAIT_FOR_A_SHARD: Duration = Duration::from_secs(60);
-/// Invalidations retried together, in one `DEL` per slot.
+/// Invalidations retried concurrently.
 const INVALIDATION_BATCH: usize = 256;
 /// Pauses between attempts to give a lease back: short, because a live
 /// placeholder makes other callers compute (or wait).
@@ -465,11 +466,12 @@ impl Cache {
     }
 
     /// One attempt at every invalidation that is due, [`INVALIDATION_BATCH`]
-    /// keys at a time, as one `DEL` per slot (and one `WAIT` per primary
-    /// with `durable_writes`) instead of one each: after an outage, many
-    /// keys are due at once, and their readers skip them until they land.
-    /// Each part of the backend (each cluster primary) fails alone. Takes
-    /// the finished ones out of `pending`.
+    /// keys at a time, concurrently: after an outage many keys are due at
+    /// once, and their readers skip them until they land. Each key fails
+    /// alone (one key per `DEL`: a `DEL` of many would fail for all of them
+    /// when one slot's part fails, as it keeps doing while a cluster
+    /// connection catches up with a failover). Takes the finished ones out
+    /// of `pending`.
     async fn invalidate_due(&self, pending: &mut Vec<Pending>) {
         let now = Instant::now();
         let due: Vec<usize> = (0..pending.len())
@@ -494,13 +496,17 @@ impl Cache {
                 }
             }
             let epoch = self.inner.backend.primaries_epoch();
-            for (indices, outcome) in self.delete_parts(&keys, false).await {
-                for at in indices {
-                    let pending = &mut pending[batch[at]];
-                    match self.settle_invalidation(pending, outcome.as_ref().map(drop), epoch) {
-                        Some(next) => pending.due = next,
-                        None => done.push(batch[at]),
-                    }
+            let backend = &self.inner.backend;
+            let outcomes = join_all(
+                keys.iter()
+                    .map(|key| self.timed(key, backend.delete_durably(std::slice::from_ref(key)))),
+            )
+            .await;
+            for (&at, outcome) in batch.iter().zip(outcomes) {
+                let pending = &mut pending[at];
+                match self.settle_invalidation(pending, outcome.as_ref().map(drop), epoch) {
+                    Some(next) => pending.due = next,
+                    None => done.push(at),
                 }
             }
         }
