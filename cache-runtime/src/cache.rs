@@ -543,10 +543,9 @@ impl Cache {
     }
 
     /// Runs a backend operation on `key` under the op timeout, for the
-    /// janitor, and tells the breaker when it succeeded. It does not ask
-    /// the breaker (the janitor may pay a timeout without slowing any call,
-    /// and its success closes the breaker as a probe's would), nor count
-    /// its failures (see `Cache::run`),
+    /// janitor, and tells the breaker how it went. It does not ask the
+    /// breaker (the janitor's one worker may pay a timeout without slowing
+    /// any call, and its success closes the breaker as a probe's would),
     /// except on a cluster, where it does not call a primary whose breaker
     /// is open (`Err(CircuitOpen)`, retried later): there, a command for a
     /// dead primary makes the `redis` crate's cluster connection hold every
@@ -712,13 +711,8 @@ impl Cache {
             }
         };
         match &outcome {
-            // The janitor's failures are not counted: after an outage its
-            // attempts go many at once (on a cluster, on connections of
-            // their own that catch up with a failover by themselves), and
-            // they would open a breaker that the callers' own calls find
-            // closed. Callers' failures open it when the backend is down.
             Err(error) if error.is_unavailable() => {
-                if ask_breaker && breaker.record_failure(false) {
+                if breaker.record_failure(false) {
                     self.log_opening(breaker, error);
                 }
             }

@@ -5,9 +5,8 @@
 //! One worker task per cache does all of it, from a bounded queue, so the
 //! tasks, retries and log lines an outage costs are bounded whatever the
 //! call rate. It does not wait for the circuit breaker: it pays the op
-//! timeout itself, one attempt at a time (the invalidations that are due
-//! go concurrently), so clean-up lands as soon as the backend answers
-//! again.
+//! timeout itself, one attempt at a time, so clean-up lands as soon as the
+//! backend answers again.
 //!
 //! Invalidations are queued per key, and one queued invalidation of a key
 //! covers every write of that key until its next attempt starts: an outage
@@ -25,7 +24,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
 use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Inner};
@@ -42,8 +40,6 @@ const MAX_PENDING: usize = 16 * 1024;
 /// the key meanwhile; the pending chores stay bounded by [`MAX_PENDING`]).
 const WHILE_A_SHARD_IS_DOWN: Duration = Duration::from_millis(100);
 const LONGEST_WAIT_FOR_A_SHARD: Duration = Duration::from_secs(60);
-/// Invalidations retried concurrently.
-const INVALIDATION_BATCH: usize = 256;
 /// Pauses between attempts to give a lease back: short, because a live
 /// placeholder makes other callers compute (or wait).
 const FIRST_RELEASE_RETRY: Duration = Duration::from_millis(10);
@@ -465,13 +461,12 @@ impl Cache {
         }
     }
 
-    /// One attempt at every invalidation that is due, [`INVALIDATION_BATCH`]
-    /// keys at a time, concurrently: after an outage many keys are due at
-    /// once, and their readers skip them until they land. Each key fails
-    /// alone (one key per `DEL`: a `DEL` of many would fail for all of them
+    /// One attempt at every invalidation that is due, one key after the
+    /// other: each key fails alone (a `DEL` of many fails for all of them
     /// when one slot's part fails, as it keeps doing while a cluster
-    /// connection catches up with a failover). Takes the finished ones out
-    /// of `pending`.
+    /// connection catches up with a failover), and a burst of attempts
+    /// would hold the cluster connection's requests while it re-reads the
+    /// slots. Takes the finished ones out of `pending`.
     async fn invalidate_due(&self, pending: &mut Vec<Pending>) {
         let now = Instant::now();
         let due: Vec<usize> = (0..pending.len())
@@ -480,34 +475,26 @@ impl Cache {
             })
             .collect();
         let mut done = Vec::new();
-        for batch in due.chunks(INVALIDATION_BATCH) {
-            let janitor = &self.inner.janitor;
-            let mut keys = Vec::with_capacity(batch.len());
-            for &at in batch {
-                let pending = &mut pending[at];
-                pending.attempts += 1;
-                if let Chore::Invalidate { key, .. } = &pending.chore {
-                    // Writes that asked until now are covered by this
-                    // attempt, and a new one gets a whole retry window.
-                    if janitor.asked_again(key) {
-                        pending.attempts = 1;
-                    }
-                    keys.push(key.clone());
-                }
+        let janitor = &self.inner.janitor;
+        let backend = &self.inner.backend;
+        for at in due {
+            let pending = &mut pending[at];
+            pending.attempts += 1;
+            let Chore::Invalidate { key, .. } = &pending.chore else {
+                continue;
+            };
+            // Writes that asked until now are covered by this attempt, and
+            // a new one gets a whole retry window.
+            if janitor.asked_again(key) {
+                pending.attempts = 1;
             }
-            let epoch = self.inner.backend.primaries_epoch();
-            let backend = &self.inner.backend;
-            let outcomes = join_all(
-                keys.iter()
-                    .map(|key| self.timed(key, backend.delete_durably(std::slice::from_ref(key)))),
-            )
-            .await;
-            for (&at, outcome) in batch.iter().zip(outcomes) {
-                let pending = &mut pending[at];
-                match self.settle_invalidation(pending, outcome.as_ref().map(drop), epoch) {
-                    Some(next) => pending.due = next,
-                    None => done.push(at),
-                }
+            let epoch = backend.primaries_epoch();
+            let deleted = self
+                .timed(key, backend.delete_durably(std::slice::from_ref(key)))
+                .await;
+            match self.settle_invalidation(pending, deleted.as_ref().map(drop), epoch) {
+                Some(next) => pending.due = next,
+                None => done.push(at),
             }
         }
         // Highest first, so that each removal leaves the others in place.
