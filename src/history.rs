@@ -47,6 +47,16 @@ pub struct Event {
     pub version: u64,
 }
 
+/// How long a test's load runs: `var` seconds from the environment (so a
+/// long run can be asked for), or `default` seconds.
+pub fn seconds_from_env(var: &str, default: u64) -> Duration {
+    let seconds = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    Duration::from_secs(seconds)
+}
+
 /// Now, in ns since the epoch.
 pub fn now() -> u128 {
     SystemTime::now()

@@ -259,11 +259,7 @@ const CHAOS: [(Fault, u64); 9] = [
 ];
 
 fn sweep_length() -> Duration {
-    let seconds = std::env::var("SWEEP_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    Duration::from_secs(seconds)
+    cache_harness::history::seconds_from_env("SWEEP_SECONDS", 4)
 }
 
 /// Runs 16 callers for `length`, with the proxy's faults if there is one.

@@ -243,11 +243,7 @@ impl Store {
 }
 
 fn phase_length() -> Duration {
-    let seconds = std::env::var("CLUSTER_FAULT_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
-    Duration::from_secs(seconds)
+    cache_harness::history::seconds_from_env("CLUSTER_FAULT_SECONDS", 6)
 }
 
 /// Samples the served counters every 100 ms until `stop`.

@@ -180,11 +180,7 @@ impl Store {
 }
 
 fn phase_length() -> Duration {
-    let seconds = std::env::var("SENTINEL_FAULT_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
-    Duration::from_secs(seconds)
+    cache_harness::history::seconds_from_env("SENTINEL_FAULT_SECONDS", 6)
 }
 
 /// Cached calls, invalidations and a write-through on `store`'s cache:

@@ -287,11 +287,7 @@ struct Recorded {
 }
 
 fn run_length() -> Duration {
-    let seconds = std::env::var("HISTORY_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    Duration::from_secs(seconds)
+    cache_harness::history::seconds_from_env("HISTORY_SECONDS", 3)
 }
 
 /// Checks each arm's reads against every write; prints the counts and

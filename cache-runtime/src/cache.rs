@@ -579,6 +579,7 @@ impl Cache {
         // read together, as one request that the cluster connection splits
         // by slot (three requests for three primaries measured 10 % fewer
         // batches per second); the keys of the others read as absent.
+        let all = groups.len();
         groups.retain(|(breaker, _)| match breaker.permit() {
             Permit::Call => true,
             Permit::Skip => false,
@@ -590,23 +591,38 @@ impl Cache {
         if groups.is_empty() {
             return Err(CacheError::CircuitOpen);
         }
-        let mut values = vec![None; keys.len()];
-        let together: Vec<usize> = groups
-            .iter()
-            .flat_map(|(_, at)| at.iter().copied())
-            .collect();
-        let part: Vec<String> = together.iter().map(|&at| keys[at].clone()).collect();
+        // The keys' places when a part was skipped; when none was (the
+        // usual case), the keys are read as they are, without a copy.
+        let together: Option<Vec<usize>> = (groups.len() < all).then(|| {
+            groups
+                .iter()
+                .flat_map(|(_, at)| at.iter().copied())
+                .collect()
+        });
+        let copied: Vec<String>;
+        let part = match &together {
+            None => keys,
+            Some(together) => {
+                copied = together.iter().map(|&at| keys[at].clone()).collect();
+                &copied[..]
+            }
+        };
         if let Ok(Ok(read)) =
-            tokio::time::timeout(inner.op_timeout, inner.backend.get_many(&part)).await
+            tokio::time::timeout(inner.op_timeout, inner.backend.get_many(part)).await
         {
             for (breaker, _) in &groups {
                 breaker.record_success();
             }
+            let Some(together) = together else {
+                return Ok(read);
+            };
+            let mut values = vec![None; keys.len()];
             for (at, value) in together.into_iter().zip(read) {
                 values[at] = value;
             }
             return Ok(values);
         }
+        let mut values = vec![None; keys.len()];
         // Which primary failed is not known: each part again, on its own
         // and under its breaker, so that the failure counts where it
         // belongs and the other parts still serve. A batch that meets a

@@ -446,18 +446,14 @@ impl ClusterBackend {
             .map_err(CacheError::redis)
     }
 
-    /// One `MGET` per slot, concurrently.
+    /// One `MGET`, which the cluster connection splits by slot, sends to
+    /// the nodes together and puts back in order. Measured against one
+    /// request per slot from here, in examples/bench.rs: fewer hand-offs
+    /// to the connection's task.
     pub(crate) async fn get_many(
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        // One `MGET`: the cluster connection splits it by slot, sends the
-        // parts to their nodes together and puts the replies back in
-        // order. Measured against one request per slot from here, in
-        // examples/bench.rs: fewer hand-offs to the connection's task.
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
         commands::mget(&mut self.conn(), keys).await
     }
 

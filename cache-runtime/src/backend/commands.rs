@@ -124,11 +124,14 @@ pub(crate) async fn get(
 }
 
 /// `MGET` of keys that a cluster keeps together (one slot), or of any keys
-/// on a standalone server.
+/// on a standalone server; no command for no key (`MGET` needs one).
 pub(crate) async fn mget(
     conn: &mut impl ConnectionLike,
     keys: &[String],
 ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
     let values: Vec<Option<Vec<u8>>> = query(conn, redis::cmd("MGET").arg(keys)).await?;
     check_count(values.len(), keys.len())?;
     Ok(values)

@@ -118,10 +118,8 @@ impl RedisBackend {
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        match keys.len() {
-            0 => return Ok(Vec::new()),
-            n if n <= MGET_CHUNK => return commands::mget(&mut self.conn(), keys).await,
-            _ => {}
+        if keys.len() <= MGET_CHUNK {
+            return commands::mget(&mut self.conn(), keys).await;
         }
         let mut pipe = redis::pipe();
         for chunk in keys.chunks(MGET_CHUNK) {

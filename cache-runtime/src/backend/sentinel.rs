@@ -264,9 +264,6 @@ impl SentinelBackend {
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
         commands::mget(&mut self.conn(), keys).await
     }
 
