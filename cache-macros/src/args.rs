@@ -24,6 +24,7 @@ const ARGUMENTS: &[&str] = &[
     "cache_none",
     "none_ttl",
     "batch",
+    "local",
     "version",
     "cache",
     "crate",
@@ -62,6 +63,8 @@ pub struct Args {
     pub none_ttl: Option<(u64, proc_macro2::Span)>,
     /// `batch`: the span of the flag, for errors.
     pub batch: Option<proc_macro2::Span>,
+    /// `local = "5s"`, in milliseconds.
+    pub local_millis: Option<u64>,
     pub version: Option<u32>,
     pub cache: Option<Expr>,
     pub krate: Option<Path>,
@@ -156,6 +159,10 @@ impl Args {
                         .map(|t| (t.millis, value.span()));
                 }
                 "batch" => args.batch = Some(name_span),
+                "local" => {
+                    args.local_millis =
+                        parse_duration("local", &meta.value()?.parse()?, errors).map(|t| t.millis);
+                }
                 "version" => {
                     let lit: syn::LitInt = meta.value()?.parse()?;
                     match lit.base10_parse::<u32>() {

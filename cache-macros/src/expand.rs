@@ -100,6 +100,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
     let cache_none = plan
         .none_ttl_millis
         .map(|millis| quote!(.cache_none(#millis)));
+    let local = plan.local_millis.map(|millis| quote!(.local(#millis)));
     quote! {
         #[doc = #doc]
         #[must_use]
@@ -111,7 +112,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
                 ::core::concat!(::core::module_path!(), "::", #fn_name),
                 #ttl,
                 #jitter,
-            )#single_flight #stale #early_refresh #cache_none;
+            )#single_flight #stale #early_refresh #cache_none #local;
             let mut #builder = #krate::__private::KeyBuilder::new(
                 #capacity,
                 ::core::option::Option::Some(&#site),
@@ -302,9 +303,16 @@ fn wrapper(plan: &Plan) -> TokenStream {
     if let Some(batch) = &plan.batch {
         return batch_wrapper(plan, batch, &key_call, &cache_arg, &shape);
     }
+    // With a local tier, the value must be `Clone`: the entry point's
+    // bound says so at the return type.
+    let entry = if plan.local_millis.is_some() {
+        quote!(cached_local)
+    } else {
+        quote!(cached)
+    };
     let call = body_call(
         func,
-        quote!(#krate::__private::cached::<#krate::__private::#shape, _, _, _>),
+        quote!(#krate::__private::#entry::<#krate::__private::#shape, _, _, _>),
         quote!(#cache, #key,),
     );
     wrap(

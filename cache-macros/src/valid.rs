@@ -29,6 +29,8 @@ pub struct Plan<'a> {
     pub none_ttl_millis: Option<u64>,
     /// `batch`: the collection parameter whose elements are the ids.
     pub batch: Option<Batch<'a>>,
+    /// `local = "5s"`: how long a copy stays in process memory.
+    pub local_millis: Option<u64>,
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
@@ -252,6 +254,7 @@ pub fn validate<'a>(
             .map(|(millis, _)| millis)
             .or(args.cache_none.map(|_| ttl.millis)),
         batch,
+        local_millis: args.local_millis,
         version: args.version,
         cache: args.cache.as_ref(),
         krate,
@@ -410,6 +413,13 @@ fn check_batch<'a>(
         errors.at(
             span,
             "`batch` does not refresh entries: remove `stale` and `early_refresh`, or cache the single lookup instead",
+        );
+    }
+    if args.local_millis.is_some() {
+        ok = false;
+        errors.at(
+            span,
+            "`batch` does not keep local copies yet: remove `local`; the single lookup with `local` shares the batch's entries",
         );
     }
     let collections: Vec<(&Param<'a>, &'a Type)> = func

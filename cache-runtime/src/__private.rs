@@ -31,6 +31,27 @@ where
     cache.get_or_compute::<S, R, F>(site, redis_key, body).await
 }
 
+/// The body of every `#[redis_cached(..., local = "...")]` function:
+/// [`cached`], with a copy of the value kept in process memory. The value
+/// must be `Clone` (a local hit returns a clone of the copy).
+pub async fn cached_local<S, R, V, F>(cache: Option<&Cache>, key: CacheKey<V>, body: F) -> R
+where
+    S: Outcome<R>,
+    S::Value: Clone + Send + Sync + 'static,
+    F: Future<Output = R>,
+{
+    let Some(site) = key.site() else {
+        return body.await;
+    };
+    let Some(cache) = resolve(cache, site.function()) else {
+        return body.await;
+    };
+    let redis_key = cache.redis_key_of(key);
+    cache
+        .get_or_compute_local::<S, R, F>(site, redis_key, body)
+        .await
+}
+
 /// The ids of a batch call, each with its key: `ids` is the batch
 /// parameter (a slice, a `Vec`, any `IntoIterator` of ids or of references
 /// to them), `key` the generated key function for one id.

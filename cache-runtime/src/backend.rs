@@ -45,6 +45,15 @@ use std::sync::Arc;
 use crate::breaker::Breaker;
 use crate::error::CacheError;
 
+/// `get_with_ttl` on a connection of the caller's (the local tier's
+/// tracking connection).
+pub(crate) async fn get_with_ttl_on(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Result<Option<Stored>, CacheError> {
+    commands::get_with_ttl(conn, key).await
+}
+
 /// Parses a `redis://` (or, with the `tls` feature, `rediss://`) URL.
 pub(crate) fn connection_info(url: &str) -> Result<::redis::ConnectionInfo, CacheError> {
     ::redis::IntoConnectionInfo::into_connection_info(url).map_err(CacheError::invalid_url)

@@ -21,14 +21,18 @@ use crate::error::CacheError;
 use crate::flight::Flights;
 use crate::janitor::Janitor;
 use crate::key::CacheKey;
+use crate::local::LocalTier;
 use crate::log_limit::LogLimit;
 use crate::site::Site;
 use crate::stats::{Event, Recorder, Stats};
+use crate::tracking::Tracking;
 
 const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
 const DEFAULT_BREAKER_FAILURES: u32 = 5;
 const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 const DEFAULT_MEMORY_CAPACITY: u64 = 256 * 1024 * 1024;
+/// The local tier's bound; see [`CacheBuilder::local_capacity`].
+const DEFAULT_LOCAL_CAPACITY: u64 = 64 * 1024 * 1024;
 const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_VALUE_SIZE: usize = 32 * 1024 * 1024;
 
@@ -69,6 +73,10 @@ pub(crate) struct Inner {
     pub(crate) janitor: Janitor,
     pub(crate) log_limit: LogLimit,
     pub(crate) clock: WallClock,
+    /// The local tier (`local = "..."` functions) and its tracking
+    /// connection; `None` where it is not offered (the memory backend,
+    /// which is local already).
+    pub(crate) local: Option<Arc<Tracking>>,
 }
 
 /// Configures a [`Cache`]; from [`Cache::builder`].
@@ -89,6 +97,7 @@ pub struct CacheBuilder {
     sentinel_auth: Option<SentinelAuth>,
     sentinel_fence: bool,
     clock: WallClock,
+    local_capacity: u64,
 }
 #[derive(Debug, Clone)]
 enum BackendChoice {
@@ -223,6 +232,17 @@ impl CacheBuilder {
         self.backend = Some(BackendChoice::Memory {
             capacity_bytes: bytes,
         });
+        self
+    }
+
+    /// Bounds the local tier (functions with `local = "..."`) to about
+    /// `bytes`: each copy weighs its key, its encoded value and 96 bytes;
+    /// the least recently and frequently used copies are evicted past the
+    /// bound (moka). The decoded value's own size in memory is usually
+    /// within a small factor of its encoded size, so leave headroom.
+    /// Default 64 MiB.
+    pub fn local_capacity(mut self, bytes: u64) -> Self {
+        self.local_capacity = bytes;
         self
     }
 
@@ -427,6 +447,13 @@ impl CacheBuilder {
     }
 
     fn assemble(self, backend: Backend, breaker: Arc<Breaker>) -> Cache {
+        let local = match &backend {
+            Backend::Redis(redis) => Some(Arc::new(Tracking::new(
+                Arc::new(LocalTier::new(self.local_capacity)),
+                redis.tracking_client(),
+            ))),
+            Backend::Sentinel(_) | Backend::Cluster(_) | Backend::Memory(_) => None,
+        };
         Cache {
             inner: Arc::new(Inner {
                 backend,
@@ -441,6 +468,7 @@ impl CacheBuilder {
                 janitor: Janitor::default(),
                 log_limit: LogLimit::default(),
                 clock: self.clock,
+                local,
             }),
         }
     }
@@ -471,6 +499,7 @@ impl Cache {
             sentinel_auth: None,
             sentinel_fence: true,
             clock: WallClock::default(),
+            local_capacity: DEFAULT_LOCAL_CAPACITY,
         }
     }
 
@@ -499,7 +528,11 @@ impl Cache {
 
     /// A snapshot of the counters, in total and per function.
     pub fn stats(&self) -> Stats {
-        self.inner.stats.snapshot()
+        let mut stats = self.inner.stats.snapshot();
+        if let Some(local) = &self.inner.local {
+            stats.local = local.tier().stats();
+        }
+        stats
     }
 
     /// The key as stored in Redis: `prefix:key`, or the key itself.

@@ -76,11 +76,13 @@ mod freshness;
 mod janitor;
 mod key;
 mod lease;
+mod local;
 mod log_limit;
 mod lookup;
 mod outcome;
 mod site;
 mod stats;
+mod tracking;
 mod write;
 
 pub(crate) use log_limit::limited;
@@ -92,6 +94,7 @@ pub use crate::cache::{Cache, CacheBuilder};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
+pub use crate::local::LocalStats;
 pub use crate::stats::{Counts, Stats};
 
 /// Caches an `async fn`'s result (cache-aside).

@@ -27,6 +27,7 @@ use crate::error::CacheError;
 use crate::flight::{Handed, Landing, Leader, Role};
 use crate::freshness::{self, Freshness, Verdict};
 use crate::lease::{self, Found, HeldLease, Take, Taken};
+use crate::local::LocalHit;
 use crate::outcome::{Answer, NOTHING, Outcome};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
@@ -56,6 +57,8 @@ enum Read {
         bytes: Vec<u8>,
         value_at: usize,
         freshness: Option<(Freshness, Ttl)>,
+        /// How long the key has left (known for reads with their TTL).
+        ttl: Ttl,
     },
     /// A lease placeholder with a TTL (or not yet known to have one).
     Leased {
@@ -84,6 +87,22 @@ enum Garbage {
     Bytes(Vec<u8>),
     /// `GET` fails on it (`WRONGTYPE`): overwritten.
     Unreadable,
+}
+
+/// A decoded entry: a value (with how it becomes the result), or an answer
+/// of nothing (`cache_none`).
+pub(crate) enum Entry<V, R> {
+    Value(V, fn(V) -> R),
+    Nothing(R),
+}
+
+impl<V, R> Entry<V, R> {
+    fn into_result(self) -> R {
+        match self {
+            Entry::Value(value, from_hit) => from_hit(value),
+            Entry::Nothing(nothing) => nothing,
+        }
+    }
 }
 
 /// What the caller does next.
@@ -198,6 +217,7 @@ impl Cache {
                 bytes,
                 value_at: 0,
                 freshness: None,
+                ..
             } => match self.decode::<S, R>(site, &redis_key, &bytes) {
                 Some(result) => {
                     self.record(site, Event::Hit);
@@ -211,6 +231,66 @@ impl Cache {
             }
             read => self.classify::<S, R>(site, &redis_key, read),
         };
+        Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await
+    }
+
+    /// [`Cache::get_or_compute`] of a function with a local tier (`local =
+    /// "5s"`): a copy held in this process answers without Redis; else
+    /// the key is read on the tracking connection, and a fresh value
+    /// found there is kept (see [`crate::local`]) for at most the
+    /// function's `local` time and never past its freshness.
+    pub(crate) async fn get_or_compute_local<S, R, F>(
+        &self,
+        site: &'static Site,
+        redis_key: String,
+        body: F,
+    ) -> R
+    where
+        S: Outcome<R>,
+        S::Value: Clone + Send + Sync + 'static,
+        F: Future<Output = R>,
+    {
+        let Some(tracking) = &self.inner.local else {
+            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
+        };
+        let tier = tracking.tier();
+        match tier.get::<S::Value>(&redis_key) {
+            Some(LocalHit::Value(value)) => {
+                self.record(site, Event::LocalHit);
+                return S::from_hit(value);
+            }
+            Some(LocalHit::Nothing) => {
+                if let Some(nothing) = S::nothing() {
+                    self.record(site, Event::LocalHit);
+                    return nothing;
+                }
+            }
+            None => {}
+        }
+        let Some(conn) = tracking.live() else {
+            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
+        };
+        // Taken before the read is sent: see `crate::local`.
+        let ticket = tier.ticket(&redis_key);
+        let read = Box::pin(self.read_tracked(site, &redis_key, &conn)).await;
+        if let Read::Unavailable = read {
+            self.record(site, Event::Bypass);
+            return body.await;
+        }
+        let local_for = site.local_millis();
+        let step =
+            self.classify_keeping::<S, R>(site, &redis_key, read, |entry, fresh_for, encoded| {
+                let value = match entry {
+                    Entry::Value(value, _) => Some(value.clone()),
+                    Entry::Nothing(_) => None,
+                };
+                let keep_for = Duration::from_millis(local_for.min(fresh_for));
+                tier.fill(ticket, &redis_key, value, encoded, keep_for);
+            });
+        if let Step::Done(Done::Serve(result, event)) = step {
+            self.record(site, event);
+            return result;
+        }
         Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await
     }
 
@@ -317,6 +397,41 @@ impl Cache {
             let bytes = self.guarded(key, backend.get(key)).await;
             bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
         };
+        self.found(site, key, outcome)
+    }
+
+    /// [`Cache::read`] with its TTL, on the local tier's tracking
+    /// connection: from now on the server tells this process when `key`
+    /// changes.
+    async fn read_tracked(
+        &self,
+        site: &'static Site,
+        key: &str,
+        conn: &redis::aio::MultiplexedConnection,
+    ) -> Read {
+        let inner = &*self.inner;
+        if inner
+            .janitor
+            .is_invalidating(key, || inner.backend.primaries_epoch())
+        {
+            return Read::Unavailable;
+        }
+        let mut conn = conn.clone();
+        let stored = self
+            .guarded(key, crate::backend::get_with_ttl_on(&mut conn, key))
+            .await;
+        let outcome =
+            stored.map(|s| s.map(|s| (s.bytes, s.ttl_millis.map_or(Ttl::Forever, Ttl::Left))));
+        self.found(site, key, outcome)
+    }
+
+    /// What a read's outcome is; failures are counted and logged here.
+    fn found(
+        &self,
+        site: &'static Site,
+        key: &str,
+        outcome: Result<Option<(Vec<u8>, Ttl)>, CacheError>,
+    ) -> Read {
         match outcome {
             // Lease placeholders, freshness headers and negative entries
             // start with byte 0, 1 or 2, which no JSON value does: anything
@@ -326,6 +441,7 @@ impl Cache {
                     bytes,
                     value_at: 0,
                     freshness: None,
+                    ttl: Ttl::Unknown,
                 }
             }
             Ok(Some((bytes, ttl))) => self.inspect(site, key, bytes, ttl),
@@ -383,11 +499,13 @@ impl Cache {
                     bytes,
                     value_at: 0,
                     freshness: None,
+                    ttl,
                 },
                 Ok(Some((freshness, value_at))) => Read::Value {
                     bytes,
                     value_at,
                     freshness: Some((freshness, ttl)),
+                    ttl,
                 },
                 Err(freshness::MalformedHeader) => {
                     self.garbage(site, key, "a malformed freshness header");
@@ -410,12 +528,26 @@ impl Cache {
 
     /// The classify step: the one place where a read becomes a decision.
     fn classify<S: Outcome<R>, R>(&self, site: &'static Site, key: &str, read: Read) -> Step<R> {
-        let (mut bytes, value_at, freshness) = match read {
+        self.classify_keeping::<S, R>(site, key, read, |_, _, _| {})
+    }
+
+    /// [`Cache::classify`], showing a fresh entry to `keep` before it is
+    /// served, with how long it stays fresh in milliseconds (0: unknown)
+    /// and its encoded length: the local tier keeps a copy of it.
+    fn classify_keeping<S: Outcome<R>, R>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        read: Read,
+        keep: impl FnOnce(&Entry<S::Value, R>, u64, usize),
+    ) -> Step<R> {
+        let (mut bytes, value_at, freshness, ttl) = match read {
             Read::Value {
                 bytes,
                 value_at,
                 freshness,
-            } => (bytes, value_at, freshness),
+                ttl,
+            } => (bytes, value_at, freshness, ttl),
             Read::Unavailable => return Step::Done(Done::Bypass),
             Read::Absent => return Step::Claim(Claim::IfAbsent),
             Read::Garbage(garbage) => return Step::Claim(Claim::Replace(garbage)),
@@ -424,28 +556,40 @@ impl Cache {
             } => return Step::Recheck,
             Read::Leased { placeholder, .. } => return Step::Claim(Claim::Foreign(placeholder)),
         };
-        let Some(value) = self.decode::<S, R>(site, key, &bytes[value_at..]) else {
+        let Some(entry) = self.decode_entry::<S, R>(site, key, &bytes[value_at..]) else {
             return Step::Claim(Claim::Replace(Garbage::Bytes(bytes)));
         };
-        let verdict = match freshness {
+        let (verdict, fresh_for) = match freshness {
             Some((freshness, ttl)) if site.tracks_freshness() => {
                 let left = match ttl {
                     Ttl::Left(left) => Some(left),
                     Ttl::Forever => None,
-                    Ttl::Unknown => return Step::Done(Done::Serve(value, Event::Hit)),
+                    Ttl::Unknown => {
+                        return Step::Done(Done::Serve(entry.into_result(), Event::Hit));
+                    }
                 };
-                freshness.verdict(left, self.kept(site), site.early_refresh_beta())
+                let kept = self.kept(site);
+                let fresh_for = left.map_or(0, |left| left.saturating_sub(kept));
+                let verdict = freshness.verdict(left, kept, site.early_refresh_beta());
+                (verdict, fresh_for)
             }
-            _ => Verdict::Fresh,
+            _ => match ttl {
+                Ttl::Left(left) => (Verdict::Fresh, left),
+                Ttl::Forever => (Verdict::Fresh, u64::MAX),
+                Ttl::Unknown => (Verdict::Fresh, 0),
+            },
         };
         let served = match verdict {
-            Verdict::Fresh => return Step::Done(Done::Serve(value, Event::Hit)),
+            Verdict::Fresh => {
+                keep(&entry, fresh_for, bytes.len() - value_at);
+                return Step::Done(Done::Serve(entry.into_result(), Event::Hit));
+            }
             Verdict::RefreshEarly => Event::Hit,
             Verdict::Stale => Event::StaleHit,
         };
         bytes.truncate(value_at);
         Step::Done(Done::Refresh(Refresh {
-            old: value,
+            old: entry.into_result(),
             header: bytes,
             served,
         }))
@@ -455,6 +599,17 @@ impl Cache {
     /// failures are counted and logged. A negative entry is an answer of
     /// nothing, for functions whose result has one (else garbage).
     fn decode<S: Outcome<R>, R>(&self, site: &'static Site, key: &str, bytes: &[u8]) -> Option<R> {
+        self.decode_entry::<S, R>(site, key, bytes)
+            .map(Entry::into_result)
+    }
+
+    /// [`Cache::decode`], keeping the value apart from its result.
+    fn decode_entry<S: Outcome<R>, R>(
+        &self,
+        site: &'static Site,
+        key: &str,
+        bytes: &[u8],
+    ) -> Option<Entry<S::Value, R>> {
         if bytes == NOTHING {
             let nothing = S::nothing();
             if nothing.is_none() {
@@ -464,9 +619,10 @@ impl Cache {
                     "a cached `None` for a function that cannot return one",
                 );
             }
-            return nothing;
+            return nothing.map(Entry::Nothing);
         }
-        self.decode_value(site, key, bytes).map(S::from_hit)
+        self.decode_value(site, key, bytes)
+            .map(|value| Entry::Value(value, S::from_hit))
     }
 
     /// Decodes one encoded value (a batch decodes values without a result

@@ -83,6 +83,8 @@ pub struct Site {
     /// `cache_none` / `none_ttl`: the TTL of a cached `None`; 0 when `None`
     /// is not cached.
     none_ttl_millis: u64,
+    /// `local = "5s"`: how long a copy stays in process memory at most.
+    local_millis: u64,
 }
 
 /// `single_flight`: who shares one computation of a missing key.
@@ -108,7 +110,14 @@ impl Site {
             stale_millis: 0,
             early_refresh_beta: 0.0,
             none_ttl_millis: 0,
+            local_millis: 0,
         }
+    }
+
+    /// `local = "5s"`: keep a copy in process memory for at most `millis`.
+    pub const fn local(mut self, millis: u64) -> Self {
+        self.local_millis = millis;
+        self
     }
 
     /// `cache_none` (`millis` is the function's TTL) or `none_ttl = "5s"`:
@@ -144,6 +153,11 @@ impl Site {
 
     pub(crate) fn single_flight_mode(&self) -> SingleFlight {
         self.single_flight
+    }
+
+    /// `local = "..."`, in milliseconds (0 without a local tier).
+    pub(crate) fn local_millis(&self) -> u64 {
+        self.local_millis
     }
 
     pub(crate) fn stale_millis(&self) -> u64 {

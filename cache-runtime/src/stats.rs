@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::local::LocalStats;
 use crate::site::Function;
 
 macro_rules! counters {
@@ -44,6 +45,9 @@ macro_rules! counters {
 counters! {
     /// Calls answered from the cache.
     Hit => hits,
+    /// Calls answered from the local tier (`local = "..."`), without
+    /// Redis; not counted in `hits`.
+    LocalHit => local_hits,
     /// Calls that ran the body because the key was absent, undecodable or
     /// leased by another caller.
     Miss => misses,
@@ -92,7 +96,7 @@ impl Counts {
     /// stale_hits + coalesced) / (that + misses + refreshes)`, or 0 when
     /// nothing was looked up. Bypasses, which never looked, are left out.
     pub fn hit_ratio(&self) -> f64 {
-        let served = self.hits + self.stale_hits + self.coalesced;
+        let served = self.hits + self.local_hits + self.stale_hits + self.coalesced;
         let lookups = served + self.misses + self.refreshes;
         if lookups == 0 {
             0.0
@@ -104,7 +108,7 @@ impl Counts {
     /// Calls that recorded an outcome: every completed cached call, and
     /// cancelled ones that got as far as choosing how to answer.
     pub fn calls(&self) -> u64 {
-        self.hits + self.stale_hits + self.coalesced + self.body_runs()
+        self.hits + self.local_hits + self.stale_hits + self.coalesced + self.body_runs()
     }
 
     /// Body runs the cache started: `misses + refreshes + bypasses`.
@@ -120,6 +124,8 @@ pub struct Stats {
     pub total: Counts,
     /// Per annotated function, by its path (`my_crate::users::get_user`).
     pub functions: BTreeMap<&'static str, Counts>,
+    /// The local tier's size and invalidations (all zero without one).
+    pub local: LocalStats,
 }
 
 impl Stats {
@@ -201,7 +207,11 @@ impl Recorder {
                 functions.entry(name).or_default().add(&counts);
             }
         }
-        Stats { total, functions }
+        Stats {
+            total,
+            functions,
+            local: LocalStats::default(),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::janitor::Chore;
 use crate::key::CacheKey;
+use crate::local::LocalTier;
 use crate::site::Function;
 use crate::stats::Event;
 
@@ -28,6 +29,7 @@ impl Cache {
     /// else.
     pub async fn invalidate<V>(&self, key: &CacheKey<V>) -> Result<bool, CacheError> {
         let redis_key = self.redis_key(key);
+        let _local = self.drop_local(std::slice::from_ref(&redis_key));
         let deleted = self
             .guarded(
                 &redis_key,
@@ -58,6 +60,9 @@ impl Cache {
         writer: &'static Function,
         keys: Vec<String>,
     ) {
+        // Declared first, so that it drops after `unfinished` has queued
+        // what is left: see `Cache::drop_local`.
+        let _local = self.drop_local(&keys);
         let mut unfinished = Unfinished {
             cache: self,
             writer,
@@ -105,6 +110,9 @@ impl Cache {
         // without one has no TTL to store with, so it is only invalidated.
         let ttl = key.site().map(crate::site::Site::ttl_millis);
         let redis_key = self.redis_key_of(key);
+        // Declared first, so that it drops after `unfinished` has queued
+        // what is left: see `Cache::drop_local`.
+        let _local = self.drop_local(std::slice::from_ref(&redis_key));
         let mut unfinished = Unfinished {
             cache: self,
             writer,
@@ -144,6 +152,38 @@ impl Cache {
                     warn!(key = %redis_key, %error, "cache put failed: invalidating the key in the background")
                 );
             }
+        }
+    }
+}
+
+impl Cache {
+    /// Drops this process's local copies of the keys a write is about to
+    /// change, now and again when the returned guard drops (the write
+    /// returned, failed or was cancelled): a read of this process that
+    /// started before the write landed and keeps its copy after it would
+    /// serve the old value (see [`crate::local`]).
+    fn drop_local(&self, keys: &[String]) -> Option<LocalDrop<'_>> {
+        let tier = self.inner.local.as_deref()?.tier();
+        for key in keys {
+            tier.invalidate(key.as_bytes());
+        }
+        Some(LocalDrop {
+            tier,
+            keys: keys.to_vec(),
+        })
+    }
+}
+
+/// Drops local copies of a write's keys once the write is over.
+struct LocalDrop<'c> {
+    tier: &'c LocalTier,
+    keys: Vec<String>,
+}
+
+impl Drop for LocalDrop<'_> {
+    fn drop(&mut self) {
+        for key in &self.keys {
+            self.tier.invalidate(key.as_bytes());
         }
     }
 }

@@ -30,6 +30,8 @@ pub(crate) struct RedisBackend {
     /// that `WAIT` for replicas, since `WAIT` blocks the connection it is
     /// sent on (and every hit queued behind it).
     durable: Option<DurablePool<ConnectionManager>>,
+    /// The same server in RESP3, for the local tier's tracking connection.
+    tracking_client: Box<redis::Client>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -54,7 +56,9 @@ impl RedisBackend {
         // concurrent lease commands went out one, then nine a round trip
         // later.
         let tcp = info.tcp_settings().clone().set_nodelay(nodelay);
-        let client = super::client(info.set_tcp_settings(tcp), tls)?;
+        let info = info.set_tcp_settings(tcp);
+        let tracking_client = Box::new(super::client(crate::tracking::resp3(info.clone()), tls)?);
+        let client = super::client(info, tls)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         let durable = match durability {
             Some(durability) => {
@@ -69,6 +73,7 @@ impl RedisBackend {
             client: Box::new(client),
             conn,
             durable,
+            tracking_client,
         })
     }
 
@@ -85,6 +90,11 @@ impl RedisBackend {
             .set_response_timeout(None);
         ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(CacheError::invalid_url)
+    }
+
+    /// A client for the local tier's tracking connection (RESP3).
+    pub(crate) fn tracking_client(&self) -> redis::Client {
+        redis::Client::clone(&self.tracking_client)
     }
 
     /// A handle on the shared multiplexed connection (an `Arc` clone).

@@ -1,0 +1,264 @@
+//! The local tier (`#[redis_cached(local = "5s")]`): decoded copies of
+//! entries in process memory, dropped when the server says their key
+//! changed.
+//!
+//! # How a copy stays right
+//!
+//! A copy is only ever made of a value read on the *tracking connection*
+//! (see [`crate::tracking`]): a connection on which the server remembers
+//! the keys read and sends an invalidation for each of them when it
+//! changes, whoever changed it (another process, `redis-cli`, expiry,
+//! eviction, `FLUSHDB`).
+//!
+//! The read's reply and the invalidation of its key can cross: the reply
+//! is handed to the caller, the invalidation is handled by the connection
+//! before the caller stores its copy. So every fill takes a [`Ticket`]
+//! *before* its read is sent: the count of invalidations of the key's
+//! bucket, and the tier's epoch (bumped when every copy is dropped).
+//! The fill stores its copy, then looks at both again; if either moved it
+//! removes what it stored. An invalidation bumps the count before it
+//! removes the key, so either the fill sees the bump or the invalidation
+//! removes the fill's copy: a copy that raced with its key's invalidation
+//! never stays. (A bump of another key of the same bucket only costs a
+//! copy, never correctness.)
+//!
+//! When the tracking connection is lost (or found dead by its heartbeat),
+//! invalidations may have been missed: every copy is dropped and the
+//! epoch bumped before the next connection is used. The writing
+//! process drops its own copies of the keys it writes, before and after
+//! the write, so read-your-writes holds exactly within a process.
+
+use std::any::Any;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+
+/// Buckets of the invalidation counts: a fill is refused when any key of
+/// its bucket was invalidated during its read, so more buckets mean fewer
+/// needless refusals under a heavy write load.
+const BUCKETS: usize = 4096;
+
+/// What one copy costs beyond its key and encoded value, for the weigher:
+/// moka's entry, the `Arc` and the decoded value's own headers, roughly.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// One decoded copy: `Option<V>` behind `Any`, `None` being a cached
+/// answer of nothing.
+#[derive(Clone)]
+struct Copy {
+    value: Arc<dyn Any + Send + Sync>,
+    /// What it weighs, by its encoded length (see `local_capacity`).
+    weight: u32,
+    /// The tier's epoch when its read was sent: a copy of an older epoch
+    /// is never served, whenever moka gets round to dropping it.
+    epoch: u64,
+    ttl: Duration,
+    expires_at: Instant,
+}
+
+struct PerCopyTtl;
+
+impl Expiry<String, Copy> for PerCopyTtl {
+    fn expire_after_create(&self, _key: &String, copy: &Copy, _now: Instant) -> Option<Duration> {
+        Some(copy.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &String,
+        copy: &Copy,
+        _now: Instant,
+        _remaining: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(copy.ttl)
+    }
+}
+
+/// Permission to keep a copy of one read, taken before the read is sent;
+/// see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    bucket: usize,
+    invalidations: u64,
+    epoch: u64,
+}
+
+/// What a lookup of the local tier found.
+pub(crate) enum LocalHit<V> {
+    Value(V),
+    /// A cached answer of nothing (`cache_none`).
+    Nothing,
+}
+
+/// The copies of one `Cache`, with the counts that keep them right.
+pub(crate) struct LocalTier {
+    copies: moka::sync::Cache<String, Copy>,
+    hasher: std::hash::RandomState,
+    buckets: Box<[AtomicU64]>,
+    /// Bumped when every copy is dropped at once.
+    epoch: AtomicU64,
+    invalidations: AtomicU64,
+    flushes: AtomicU64,
+    capacity: u64,
+}
+
+impl std::fmt::Debug for LocalTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTier")
+            .field("entries", &self.copies.entry_count())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The local tier's size and what dropped its copies, from
+/// [`Cache::stats`](crate::Cache::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalStats {
+    /// Copies held.
+    pub entries: u64,
+    /// What they weigh: keys and encoded values, plus a fixed overhead per
+    /// copy (see [`CacheBuilder::local_capacity`](crate::CacheBuilder::local_capacity)).
+    pub bytes: u64,
+    /// The bound on `bytes`.
+    pub capacity: u64,
+    /// Copies dropped because their key changed: an invalidation from the
+    /// server, or a write of this process.
+    pub invalidations: u64,
+    /// Times every copy was dropped at once: the tracking connection was
+    /// lost, the deployment failed over, or the database was flushed.
+    pub flushes: u64,
+}
+
+impl LocalTier {
+    pub(crate) fn new(capacity: u64) -> Self {
+        let copies = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .weigher(|_key: &String, copy: &Copy| copy.weight)
+            .expire_after(PerCopyTtl)
+            .build();
+        LocalTier {
+            copies,
+            hasher: std::hash::RandomState::new(),
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            capacity,
+        }
+    }
+
+    /// The copy of `key`, if one is held and live, and of type `V` (two
+    /// functions with one key template but different value types do not
+    /// share copies: the other's copy is a miss).
+    pub(crate) fn get<V: Clone + 'static>(&self, key: &str) -> Option<LocalHit<V>> {
+        let copy = self.copies.get(key)?;
+        // moka may hand out a copy in the instant it expires, or in the
+        // instant after `invalidate_all`.
+        if copy.expires_at <= Instant::now() || copy.epoch != self.epoch.load(Ordering::Acquire) {
+            return None;
+        }
+        match copy.value.downcast_ref::<Option<V>>()? {
+            Some(value) => Some(LocalHit::Value(value.clone())),
+            None => Some(LocalHit::Nothing),
+        }
+    }
+
+    /// A ticket for a read of `key` on the tracking connection, taken
+    /// before the read is sent.
+    pub(crate) fn ticket(&self, key: &str) -> Ticket {
+        let bucket = self.bucket_of(key.as_bytes());
+        Ticket {
+            bucket,
+            invalidations: self.buckets[bucket].load(Ordering::SeqCst),
+            epoch: self.epoch.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Keeps a copy of what a read with `ticket` found, for `ttl`, unless
+    /// the key (or the whole tier) was invalidated since the ticket was
+    /// taken. `value` is `None` for a cached answer of nothing; `encoded`
+    /// is the entry's length in Redis, for its weight.
+    pub(crate) fn fill<V: Send + Sync + 'static>(
+        &self,
+        ticket: Ticket,
+        key: &str,
+        value: Option<V>,
+        encoded: usize,
+        ttl: Duration,
+    ) {
+        if ttl.is_zero() || !self.valid(ticket) {
+            return;
+        }
+        let weight = u32::try_from(key.len() + encoded + ENTRY_OVERHEAD).unwrap_or(u32::MAX);
+        if u64::from(weight) > self.capacity {
+            return;
+        }
+        self.copies.insert(
+            key.to_owned(),
+            Copy {
+                value: Arc::new(value),
+                weight,
+                epoch: ticket.epoch,
+                ttl,
+                expires_at: Instant::now() + ttl,
+            },
+        );
+        // Looked at after the insert: see the module docs.
+        if !self.valid(ticket) {
+            self.copies.invalidate(key);
+        }
+    }
+
+    fn valid(&self, ticket: Ticket) -> bool {
+        self.buckets[ticket.bucket].load(Ordering::SeqCst) == ticket.invalidations
+            && self.epoch.load(Ordering::SeqCst) == ticket.epoch
+    }
+
+    /// `key` changed: its copy goes, and fills of its bucket in flight are
+    /// refused.
+    pub(crate) fn invalidate(&self, key: &[u8]) {
+        let bucket = self.bucket_of(key);
+        self.buckets[bucket].fetch_add(1, Ordering::SeqCst);
+        let Ok(key) = std::str::from_utf8(key) else {
+            // Not a key of this cache (its keys are ASCII).
+            return;
+        };
+        if self.copies.remove(key).is_some() {
+            self.invalidations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Every copy goes, and every fill in flight is refused: the tracking
+    /// connection was lost (a read still on it fails: it is closed, or no
+    /// longer handed out), or the server dropped every key (`FLUSHDB`).
+    pub(crate) fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.copies.invalidate_all();
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sizes and counts, with moka's pending bookkeeping done first.
+    pub(crate) fn stats(&self) -> LocalStats {
+        self.copies.run_pending_tasks();
+        LocalStats {
+            entries: self.copies.entry_count(),
+            bytes: self.copies.weighted_size(),
+            capacity: self.capacity,
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// By the key's bytes, so that a key named by the server (bytes) and
+    /// one of ours (`str`, which hashes differently) agree.
+    fn bucket_of(&self, key: &[u8]) -> usize {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write(key);
+        (hasher.finish() as usize) % BUCKETS
+    }
+}

@@ -1,0 +1,212 @@
+//! The tracking connection of the local tier: a RESP3 connection with
+//! `CLIENT TRACKING ON`, on which the local tier's reads are sent, so that
+//! the server sends an invalidation for every key read on it when that
+//! key changes (any write, expiry, eviction, `FLUSHDB`).
+//!
+//! Why not the `redis` crate's client-side cache (`cache-aio`): it keeps
+//! the *replies*, so each hit would still decode the value (microseconds
+//! for a 1 KB JSON value, where a local hit must take well under one); it
+//! is bounded by a number of replies, not bytes; it has one TTL per
+//! connection where each function has its own; and it leaves no room for
+//! a fill to be refused when it raced with its key's invalidation. This
+//! module uses the crate's building blocks instead: a multiplexed RESP3
+//! connection and its push messages, handled as they are read, in order.
+//!
+//! The connection is opened on the first read of a `local` function and
+//! kept by a background task that sends a `PING` every second: when the
+//! connection is lost (the server closed it, `CLIENT KILL`, a restart) or
+//! stops answering, every local copy is dropped (invalidations may have
+//! been missed) and a new connection is opened and tracked before it is
+//! used again. The task ends with the cache.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::Notify;
+
+use crate::local::LocalTier;
+
+/// Between two heartbeats of the tracking connection, and how long one
+/// may take: a connection that stopped answering is given up after about
+/// twice this.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// First and longest pause between two attempts to open the connection.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LONGEST_RETRY: Duration = Duration::from_secs(2);
+
+/// The tracking connection of one cache, opened on first use.
+pub(crate) struct Tracking {
+    tier: Arc<LocalTier>,
+    /// A client of the server the reads go to, speaking RESP3.
+    client: redis::Client,
+    live: ArcSwapOption<MultiplexedConnection>,
+    started: AtomicBool,
+}
+
+impl std::fmt::Debug for Tracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracking")
+            .field("live", &self.live.load().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tracking {
+    /// `client` must speak RESP3 (see [`resp3`]).
+    pub(crate) fn new(tier: Arc<LocalTier>, client: redis::Client) -> Self {
+        Tracking {
+            tier,
+            client,
+            live: ArcSwapOption::empty(),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn tier(&self) -> &LocalTier {
+        &self.tier
+    }
+
+    /// The connection to read on, if it is open and tracked; the first
+    /// call starts the task that opens and keeps it (inside a Tokio
+    /// runtime, as every cached call is).
+    pub(crate) fn live(self: &Arc<Self>) -> Option<Arc<MultiplexedConnection>> {
+        if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(keep(Arc::downgrade(self)));
+        }
+        self.live.load_full()
+    }
+
+    /// Opens a RESP3 connection whose pushes go to the local tier, and
+    /// turns tracking on.
+    async fn open(&self, lost: Arc<Notify>) -> redis::RedisResult<MultiplexedConnection> {
+        let sink = Sink {
+            tier: self.tier.clone(),
+            lost,
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(None)
+            .set_push_sender(sink);
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(conn)
+    }
+}
+
+/// The same server, spoken to in RESP3 (push messages need it).
+pub(crate) fn resp3(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(redis::ProtocolVersion::RESP3);
+    info.set_redis_settings(settings)
+}
+
+/// Opens the tracking connection, publishes it, watches it, and when it is
+/// lost drops every local copy and opens another; until the cache is gone.
+async fn keep(tracking: Weak<Tracking>) {
+    let mut pause = FIRST_RETRY;
+    let mut warned = false;
+    loop {
+        let lost = Arc::new(Notify::new());
+        let opened = {
+            let Some(this) = tracking.upgrade() else {
+                return;
+            };
+            let opened = this.open(lost.clone()).await;
+            match opened {
+                Ok(conn) => {
+                    this.live.store(Some(Arc::new(conn.clone())));
+                    tracing::debug!("local tier: tracking connection open");
+                    Some(conn)
+                }
+                Err(error) => {
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(%error, "local tier: no tracking connection (CLIENT TRACKING needs Redis 6 or later and RESP3); local copies are not kept until there is one");
+                    }
+                    None
+                }
+            }
+        };
+        let Some(conn) = opened else {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(LONGEST_RETRY);
+            continue;
+        };
+        pause = FIRST_RETRY;
+        warned = false;
+        let dead = watch(conn, &lost).await;
+        let Some(this) = tracking.upgrade() else {
+            return;
+        };
+        // No longer handed out before the copies go: a fill read on it
+        // after the flush would be kept.
+        this.live.store(None);
+        // A lost connection was flushed by its push already, as it was read.
+        if dead {
+            this.tier.flush();
+        }
+        tracing::debug!("local tier: tracking connection lost; every local copy dropped");
+    }
+}
+
+/// Waits until the connection is lost (`false`: its loss was pushed) or
+/// stops answering its heartbeat (`true`).
+async fn watch(mut conn: MultiplexedConnection, lost: &Notify) -> bool {
+    loop {
+        tokio::select! {
+            () = lost.notified() => return false,
+            () = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(HEARTBEAT, ping.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => {}
+            _ => return true,
+        }
+    }
+}
+
+/// Where the connection's push messages go, as they are read: in order
+/// with the replies, so an invalidation is handled before any reply read
+/// after it is handed out.
+struct Sink {
+    tier: Arc<LocalTier>,
+    lost: Arc<Notify>,
+}
+
+impl redis::aio::AsyncPushSender for Sink {
+    fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
+        match info.kind {
+            PushKind::Invalidate => match info.data.first() {
+                Some(Value::Array(keys)) => {
+                    for key in keys {
+                        if let Value::BulkString(key) = key {
+                            self.tier.invalidate(key);
+                        }
+                    }
+                }
+                // After FLUSHDB / FLUSHALL the server names no key.
+                Some(Value::Nil) => self.tier.flush(),
+                _ => {}
+            },
+            PushKind::Disconnection => {
+                self.tier.flush();
+                self.lost.notify_one();
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,350 @@
+//! The local tier (`local = "..."`): copies in process memory that the
+//! server keeps right. Every kind of change to a key on the server drops
+//! the copy (a write of another cache, `SET`/`DEL` from another client,
+//! expiry, eviction, `FLUSHDB`); a lost tracking connection or a restarted
+//! server drops every copy; the writing process drops its own copies
+//! before its write returns; memory stays within `local_capacity`. A
+//! naive local tier (test code: moka with a TTL, nothing else) serves the
+//! stale values that these tests show the real one does not.
+//!
+//! All on real `redis-server`s; several processes in `tests/local_processes.rs`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_harness::{RedisServer, raw, raw_connection};
+use cache_runtime::{Cache, invalidates, redis_cached};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Row {
+    id: u64,
+    version: u64,
+}
+
+/// A table whose rows have versions, read through a cached function with a
+/// local tier.
+struct Repo {
+    cache: Cache,
+    version: AtomicU64,
+    queries: AtomicU64,
+}
+
+impl Repo {
+    fn new(cache: Cache) -> Self {
+        Repo {
+            cache,
+            version: AtomicU64::new(1),
+            queries: AtomicU64::new(0),
+        }
+    }
+
+    #[redis_cached(key = "row:<id>", ttl = 60, local = "10s", cache = self.cache)]
+    async fn get(&self, id: u64) -> Result<Row, String> {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        Ok(Row {
+            id,
+            version: self.version.load(Ordering::SeqCst),
+        })
+    }
+
+    #[invalidates(Self::get(id), cache = self.cache)]
+    async fn bump(&self, id: u64) -> Result<(), String> {
+        let _ = id;
+        self.version.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Reads `id` until it is answered locally (tracking is opened on first
+/// use, and the first read of a key computes it).
+async fn warm(repo: &Repo, id: u64) {
+    let hits = repo.cache.stats().total.local_hits;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while repo.cache.stats().total.local_hits == hits {
+        assert!(Instant::now() < deadline, "no local hit within 5 s");
+        repo.get(id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How long until `get(id)` stops answering `version`, polled every 100 µs.
+async fn until_dropped(repo: &Repo, id: u64, version: u64) -> Duration {
+    let started = Instant::now();
+    loop {
+        let row = repo.get(id).await.unwrap();
+        if row.version != version {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the local copy of row {id} outlived its change for 3 s"
+        );
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_local_hit_sends_nothing_to_redis() {
+    let server = RedisServer::start();
+    let repo = Repo::new(Cache::connect(&server.url()).await.unwrap());
+    warm(&repo, 1).await;
+    let mut conn = raw_connection(&server).await;
+    let before: String = raw(&mut conn, &[b"INFO", b"stats"]).await;
+    let commands = |info: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    for _ in 0..1000 {
+        assert_eq!(repo.get(1).await.unwrap().version, 1);
+    }
+    let after: String = raw(&mut conn, &[b"INFO", b"stats"]).await;
+    // The INFO itself, and at most one heartbeat PING of the tracking
+    // connection per second.
+    let sent = commands(&after) - commands(&before);
+    println!("1000 local hits: {sent} commands processed by Redis meanwhile");
+    assert!(sent <= 3, "{sent} commands for 1000 local hits");
+    let stats = repo.cache.stats();
+    assert!(stats.total.local_hits >= 1000);
+    assert_eq!(repo.queries.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.local.entries, 1);
+    assert!(stats.local.bytes > 0);
+}
+
+/// Every kind of change on the server reaches the copy: the copy is gone
+/// within the delivery delay printed, where a naive local tier would serve
+/// the old version until its TTL.
+#[tokio::test]
+async fn every_kind_of_server_change_drops_the_copy() {
+    let server = RedisServer::start();
+    let repo = Repo::new(Cache::connect(&server.url()).await.unwrap());
+    let other = Repo::new(Cache::connect(&server.url()).await.unwrap());
+    let mut conn = raw_connection(&server).await;
+    let mut naive = NaiveLocal::default();
+    let changes: [(&str, u64); 6] = [
+        ("#[invalidates] of another cache", 1),
+        ("SET from another client", 2),
+        ("DEL from another client", 3),
+        ("expiry", 4),
+        ("FLUSHDB", 5),
+        ("eviction", 6),
+    ];
+    for (change, id) in changes {
+        warm(&repo, id).await;
+        let version = repo.get(id).await.unwrap().version;
+        naive.fill(id, version);
+        repo.version.fetch_add(1, Ordering::SeqCst);
+        let key = format!("row:{id}");
+        match change {
+            "#[invalidates] of another cache" => other.bump(id).await.unwrap(),
+            "SET from another client" => {
+                let row = format!("{{\"id\":{id},\"version\":0}}");
+                raw::<()>(&mut conn, &[b"SET", key.as_bytes(), row.as_bytes()]).await;
+            }
+            "DEL from another client" => raw::<()>(&mut conn, &[b"DEL", key.as_bytes()]).await,
+            "expiry" => raw::<()>(&mut conn, &[b"PEXPIRE", key.as_bytes(), b"20"]).await,
+            "FLUSHDB" => raw::<()>(&mut conn, &[b"FLUSHDB"]).await,
+            "eviction" => {
+                // Any key may be evicted once memory is short: fill until
+                // this one is.
+                raw::<()>(
+                    &mut conn,
+                    &[b"CONFIG", b"SET", b"maxmemory-policy", b"allkeys-random"],
+                )
+                .await;
+                let used: String = raw(&mut conn, &[b"INFO", b"memory"]).await;
+                let used: u64 = used
+                    .lines()
+                    .find_map(|l| l.strip_prefix("used_memory:"))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap();
+                let limit = (used + 4 * 1024 * 1024).to_string();
+                raw::<()>(
+                    &mut conn,
+                    &[b"CONFIG", b"SET", b"maxmemory", limit.as_bytes()],
+                )
+                .await;
+                let filler = vec![b'x'; 16 * 1024];
+                for n in 0..2000u32 {
+                    let exists: u64 = raw(&mut conn, &[b"EXISTS", key.as_bytes()]).await;
+                    if exists == 0 {
+                        break;
+                    }
+                    let name = format!("filler:{n}");
+                    raw::<()>(&mut conn, &[b"SET", name.as_bytes(), &filler]).await;
+                }
+                let exists: u64 = raw(&mut conn, &[b"EXISTS", key.as_bytes()]).await;
+                assert_eq!(exists, 0, "the key was never evicted");
+                raw::<()>(&mut conn, &[b"CONFIG", b"SET", b"maxmemory", b"0"]).await;
+            }
+            _ => unreachable!(),
+        }
+        let took = until_dropped(&repo, id, version).await;
+        let stats = repo.cache.stats().local;
+        println!(
+            "{change:32} local copy dropped after {took:?} ({} invalidations, {} flushes so far)",
+            stats.invalidations, stats.flushes
+        );
+        assert_eq!(
+            naive.get(id),
+            Some(version),
+            "the naive tier still serves version {version}"
+        );
+    }
+    let stats = repo.cache.stats();
+    println!(
+        "local: {} invalidations, {} flushes",
+        stats.local.invalidations, stats.local.flushes
+    );
+    assert!(
+        stats.local.invalidations >= 5,
+        "every change but FLUSHDB drops one copy"
+    );
+    assert!(stats.local.flushes >= 1, "FLUSHDB drops every copy");
+}
+
+/// Read-your-writes in one process is exact: right after the write
+/// returns, the next read sees it, with no wait for the server's message.
+#[tokio::test]
+async fn the_writer_never_reads_its_old_copy() {
+    let server = RedisServer::start();
+    let repo = Repo::new(Cache::connect(&server.url()).await.unwrap());
+    warm(&repo, 1).await;
+    for _ in 0..500 {
+        let before = repo.get(1).await.unwrap().version;
+        repo.bump(1).await.unwrap();
+        let after = repo.get(1).await.unwrap().version;
+        assert!(after > before, "read {after} after writing past {before}");
+        // And a local hit again before the next write, most of the time.
+        repo.get(1).await.unwrap();
+    }
+    let stats = repo.cache.stats();
+    println!(
+        "500 writes: {} local hits, {} Redis hits, {} misses",
+        stats.total.local_hits, stats.total.hits, stats.total.misses
+    );
+    assert!(stats.total.local_hits > 0);
+}
+
+/// `CLIENT KILL` of the tracking connection, and a restart of Redis: every
+/// copy goes, so a change made while the tracking connection was down is
+/// never hidden by a copy.
+#[tokio::test]
+async fn a_lost_tracking_connection_drops_every_copy() {
+    let mut server = RedisServer::start();
+    let repo = Repo::new(Cache::connect(&server.url()).await.unwrap());
+    let mut conn = raw_connection(&server).await;
+    for id in 1..=10 {
+        warm(&repo, id).await;
+    }
+    let flushes = repo.cache.stats().local.flushes;
+    let clients: String = raw(&mut conn, &[b"CLIENT", b"LIST"]).await;
+    let tracking = clients
+        .lines()
+        .find(|l| l.contains(" flags=t "))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .expect("a client with tracking on")
+        .to_owned();
+    // The change lands in the same instant as the kill: it is one the
+    // tracking connection can no longer report.
+    repo.version.fetch_add(1, Ordering::SeqCst);
+    let mut pipe = redis::pipe();
+    pipe.cmd("CLIENT").arg("KILL").arg("ID").arg(&tracking);
+    pipe.cmd("SET").arg("row:3").arg("{\"id\":3,\"version\":0}");
+    pipe.query_async::<()>(&mut conn).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while repo.cache.stats().local.flushes == flushes {
+        assert!(Instant::now() < deadline, "no flush after CLIENT KILL");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(repo.get(3).await.unwrap().version, 0, "the SET is seen");
+    assert_eq!(repo.cache.stats().local.entries, 0);
+    // Tracking comes back by itself.
+    warm(&repo, 4).await;
+
+    server.restart();
+    let flushes = repo.cache.stats().local.flushes;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while repo.cache.stats().local.flushes == flushes {
+        assert!(Instant::now() < deadline, "no flush after a restart");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The restarted server is empty: the next read computes the current
+    // version, not the copy's.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let row = repo.get(4).await.unwrap();
+        assert!(row.version >= 2, "served the copy from before the restart");
+        if repo.cache.stats().total.local_hits > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Blob {
+    bytes: String,
+}
+
+/// Many more keys than fit: the local tier stays within its bound.
+#[tokio::test]
+async fn memory_stays_within_local_capacity() {
+    #[redis_cached(key = "blob:<id>", ttl = 60, local = "60s")]
+    async fn blob(id: u64) -> Blob {
+        Blob {
+            bytes: format!("{id:0>1000}"),
+        }
+    }
+    let server = RedisServer::start();
+    let capacity = 1024 * 1024;
+    let cache = Cache::builder()
+        .url(server.url())
+        .local_capacity(capacity)
+        .build()
+        .await
+        .unwrap();
+    cache.install();
+    let keys = 20_000u64;
+    let mut largest = 0;
+    for round in 0..2 {
+        for id in 0..keys {
+            blob(id).await;
+            if id % 1000 == 0 {
+                largest = largest.max(cache.stats().local.bytes);
+            }
+        }
+        let stats = cache.stats();
+        println!(
+            "round {round}: {keys} keys of ~1 KB: {} copies, {} bytes held (bound {capacity}), at most {largest} seen",
+            stats.local.entries, stats.local.bytes
+        );
+    }
+    let stats = cache.stats();
+    assert!(stats.local.entries > 0, "copies were kept");
+    assert!(largest <= capacity, "{largest} bytes > {capacity}");
+    assert!(stats.local.entries < keys / 10);
+}
+
+/// A naive local tier as a hand-written one would be: a TTL, nothing else.
+#[derive(Default)]
+struct NaiveLocal {
+    copies: std::collections::HashMap<u64, (u64, Instant)>,
+}
+
+impl NaiveLocal {
+    fn fill(&mut self, id: u64, version: u64) {
+        self.copies
+            .insert(id, (version, Instant::now() + Duration::from_secs(10)));
+    }
+
+    fn get(&self, id: u64) -> Option<u64> {
+        self.copies
+            .get(&id)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(v, _)| *v)
+    }
+}
