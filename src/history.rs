@@ -195,6 +195,10 @@ pub struct Verdict {
     pub stale_reads: usize,
     /// A few of them: the read, and the newest write it should have seen.
     pub examples: Vec<(Event, Event)>,
+    /// The longest a stale read started after the first write it missed
+    /// had completed, in ns (0 without stale reads): how late the read
+    /// was, e.g. the delivery time of an invalidation to a local tier.
+    pub max_lag_ns: u128,
 }
 
 /// Checks read-your-writes over a whole history; see the module docs.
@@ -235,6 +239,11 @@ pub fn read_your_writes(events: &[Event]) -> Verdict {
             && read.version < write.version
         {
             verdict.stale_reads += 1;
+            // The running newest versions grow: the first write the read
+            // missed is the first whose newest is past what it read.
+            let missed = completed.partition_point(|(_, w)| w.version <= read.version);
+            let lag = read.start.saturating_sub(completed[missed].0);
+            verdict.max_lag_ns = verdict.max_lag_ns.max(lag);
             if verdict.examples.len() < 5 {
                 verdict.examples.push((read.clone(), write.clone()));
             }
