@@ -24,7 +24,7 @@
 //! ```
 //!
 //! `BENCH_PROFILE_ARM=N` runs cluster arm N (0-based) alone at c=64 for
-//! 10 s, for a profiler.
+//! 10 s, for a profiler (the local tier's arm N with `BENCH_LOCAL_ONLY=1`).
 //!
 //! Prints a table with each arm's ratio to arm 2, and writes the same to
 //! `target/bench/bench.csv` and the hit-latency distributions to
@@ -51,7 +51,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_runtime::{Cache, redis_cached};
+use cache_runtime::{Cache, invalidates, redis_cached};
 use cached::AsyncRedisCache;
 use cached::macros::concurrent_cached;
 use serde::{Deserialize, Serialize};
@@ -636,6 +636,9 @@ async fn main() -> Result<(), Error> {
     if std::env::var_os("BENCH_CLUSTER_ONLY").is_some() {
         return cluster::run(quick, &out_dir).await;
     }
+    if std::env::var_os("BENCH_LOCAL_ONLY").is_some() {
+        return local_tier::run(&url, quick, &out_dir).await;
+    }
 
     Cache::connect(&url).await?.install();
     let msgpack = Cache::builder()
@@ -789,10 +792,286 @@ async fn main() -> Result<(), Error> {
     plot(&png_path, &hits)?;
     println!("wrote {} and {}", csv_path.display(), png_path.display());
 
+    local_tier::run(&url, quick, &out_dir).await?;
     if std::env::var_os("BENCH_NO_CLUSTER").is_none() {
         cluster::run(quick, &out_dir).await?;
     }
     Ok(())
+}
+
+// --------------------------------------------------------- the local tier
+
+/// The local tier (`local = "..."`) against the hand-written Redis arm and
+/// against moka used by hand with the same TTL (the physical floor of an
+/// in-process copy: a hash lookup and a clone).
+mod local_tier {
+    use super::*;
+
+    static LOCAL_CACHE: OnceLock<Cache> = OnceLock::new();
+
+    fn local_cache() -> &'static Cache {
+        LOCAL_CACHE.get().expect("set in run")
+    }
+
+    /// L3: this project with a local tier.
+    #[redis_cached(key = "bench:local:<id>", ttl = 600, local = "60s", cache = local_cache())]
+    async fn ours_local(id: u64) -> Result<User, DbError> {
+        query(2, id).await
+    }
+
+    /// The hot-key workload without a local tier.
+    #[redis_cached(key = "bench:zipf:<id>", ttl = 600, single_flight, cache = local_cache())]
+    async fn zipf_redis(id: u64) -> Result<User, DbError> {
+        query(2, id).await
+    }
+
+    /// The hot-key workload with a local tier.
+    #[redis_cached(key = "bench:zipf-local:<id>", ttl = 600, local = "60s", single_flight, cache = local_cache())]
+    async fn zipf_local(id: u64) -> Result<User, DbError> {
+        query(2, id).await
+    }
+
+    /// A write of the hot-key workload.
+    #[invalidates(zipf_redis(id), zipf_local(id), cache = local_cache())]
+    async fn zipf_write(id: u64) -> Result<(), DbError> {
+        black_box(id);
+        Ok(())
+    }
+
+    /// Commands Redis has processed so far.
+    async fn commands_processed(
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> Result<u64, Error> {
+        let info: String = redis::cmd("INFO").arg("stats").query_async(conn).await?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| "no total_commands_processed in INFO".into())
+    }
+
+    /// The hot-key workload: 64 tasks, ids Zipf-distributed (s = 1.1) over
+    /// 10 000 keys, 5 % writes; without and with the local tier in turns.
+    /// Requests per second and Redis commands per request, per arm.
+    async fn hot_keys(
+        conn: &mut redis::aio::MultiplexedConnection,
+        rounds: usize,
+        turn: Duration,
+    ) -> Result<[(f64, f64); 2], Error> {
+        use rand::rngs::SmallRng;
+        use rand::{RngExt, SeedableRng};
+        use rand_distr::{Distribution, Zipf};
+        let zipf = Zipf::new(10_000.0, 1.1)?;
+        let mut totals = [(0u64, 0u64, Duration::ZERO); 2];
+        for round in 0..rounds {
+            for arm in rotation(round, 2) {
+                let before = commands_processed(conn).await?;
+                let started = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for task in 0..64u64 {
+                    tasks.spawn(async move {
+                        let mut rng = SmallRng::seed_from_u64(round as u64 * 1000 + task);
+                        let mut n = 0u64;
+                        while started.elapsed() < turn {
+                            let id = zipf.sample(&mut rng) as u64;
+                            if rng.random_bool(0.05) {
+                                zipf_write(id).await?;
+                            } else if arm == 0 {
+                                black_box(zipf_redis(id).await?);
+                            } else {
+                                black_box(zipf_local(id).await?);
+                            }
+                            n += 1;
+                            // A local hit never yields: let the other
+                            // tasks (and the connection) run.
+                            if n % 64 == 0 {
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        Ok::<u64, Error>(n)
+                    });
+                }
+                let mut requests = 0;
+                while let Some(done) = tasks.join_next().await {
+                    requests += done??;
+                }
+                let elapsed = started.elapsed();
+                // The INFO itself is one command.
+                let commands = commands_processed(conn).await? - before - 1;
+                totals[arm].0 += requests;
+                totals[arm].1 += commands;
+                totals[arm].2 += elapsed;
+            }
+        }
+        Ok(totals.map(|(requests, commands, elapsed)| {
+            (
+                requests as f64 / elapsed.as_secs_f64(),
+                commands as f64 / requests as f64,
+            )
+        }))
+    }
+
+    pub(super) const NAMES: [&str; 3] = [
+        "L1. hand-written (Redis)",
+        "L2. moka by hand",
+        "L3. #[redis_cached(local)]",
+    ];
+
+    #[derive(Clone)]
+    pub(super) struct LocalArms {
+        conn: redis::aio::MultiplexedConnection,
+        moka: moka::sync::Cache<u64, User>,
+    }
+
+    impl ArmSet for LocalArms {
+        fn names(&self) -> &'static [&'static str] {
+            &NAMES
+        }
+
+        fn reference(&self, _arm: usize) -> usize {
+            0
+        }
+
+        fn call(
+            &self,
+            arm: usize,
+            id: u64,
+            _stampede: bool,
+        ) -> impl Future<Output = Result<(), Error>> + Send {
+            self.call_arm(arm, id)
+        }
+    }
+
+    impl LocalArms {
+        async fn call_arm(&self, arm: usize, id: u64) -> Result<(), Error> {
+            match arm {
+                0 => {
+                    black_box(hand_written(&mut self.conn.clone(), id).await?);
+                }
+                1 => {
+                    // As a user writes it: the copy, else Redis, kept.
+                    let user = match self.moka.get(&id) {
+                        Some(user) => user,
+                        None => {
+                            let user = hand_written(&mut self.conn.clone(), id).await?;
+                            self.moka.insert(id, user.clone());
+                            user
+                        }
+                    };
+                    black_box(user);
+                }
+                _ => {
+                    black_box(ours_local(id).await?);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    pub(super) async fn run(url: &str, quick: bool, out_dir: &Path) -> Result<(), Error> {
+        let cache = Cache::connect(url).await?;
+        LOCAL_CACHE.set(cache).map_err(|_| "set once")?;
+        let arms = LocalArms {
+            conn: redis::Client::open(url)?
+                .get_multiplexed_async_connection()
+                .await?,
+            moka: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
+        };
+        // Warm: the first read of a key computes it, the next one keeps a
+        // copy (once the tracking connection is open).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while local_cache().stats().local.entries < WARM_KEYS {
+            if Instant::now() > deadline {
+                return Err("the local tier kept no copies within 5 s".into());
+            }
+            for arm in 0..NAMES.len() {
+                for id in 0..WARM_KEYS {
+                    arms.call(arm, id, false).await?;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if profile_arm(&arms).await?.is_some() {
+            return Ok(());
+        }
+        let (rounds, per_turn) = if quick { (6, 1000) } else { (20, 5000) };
+        let hits = hit_latency(&arms, rounds, per_turn).await?;
+        let mut rows = vec![
+            Row {
+                metric: "hit latency p50, c=1".into(),
+                unit: "µs",
+                values: hits.iter().map(|s| percentile(s, 0.50)).collect(),
+                ratios: None,
+                higher_is_better: false,
+            },
+            Row {
+                metric: "hit latency p99, c=1".into(),
+                unit: "µs",
+                values: hits.iter().map(|s| percentile(s, 0.99)).collect(),
+                ratios: None,
+                higher_is_better: false,
+            },
+        ];
+        let throughput_rounds = if quick { 6 } else { 20 };
+        let (per_second, ratios) =
+            hit_throughput(&arms, 64, throughput_rounds, Duration::from_millis(150)).await?;
+        rows.push(Row {
+            metric: format!("hit throughput, c=64 (median of {throughput_rounds} rounds)"),
+            unit: "calls/s",
+            values: per_second,
+            ratios: Some(ratios),
+            higher_is_better: true,
+        });
+        println!("\nLocal tier, on the same Redis and value:\n");
+        println!("{}", table(&rows, &arms));
+        println!(
+            "Ratios are to L1 (hand-written, one Redis GET per hit). L3 against L2 (moka by hand): \
+             hit latency p50 {:.2}×, throughput c=64 {:.2}×",
+            rows[0].values[2] / rows[0].values[1],
+            rows[2].values[2] / rows[2].values[1],
+        );
+        let counts = local_cache().stats();
+        println!(
+            "L3 counters: {} local hits, {} Redis hits, {} misses; {} copies, {} bytes",
+            counts.total.local_hits,
+            counts.total.hits,
+            counts.total.misses,
+            counts.local.entries,
+            counts.local.bytes
+        );
+        let csv_path = out_dir.join("bench_local.csv");
+        std::fs::write(&csv_path, csv(&rows, &arms))?;
+        println!("wrote {}", csv_path.display());
+
+        let (rounds, turn) = if quick {
+            (2, Duration::from_millis(500))
+        } else {
+            (4, Duration::from_secs(1))
+        };
+        let [(redis_rate, redis_commands), (local_rate, local_commands)] =
+            hot_keys(&mut arms.conn.clone(), rounds, turn).await?;
+        println!(
+            "\nHot keys (Zipf s = 1.1 over 10 000 keys, 5 % writes, c=64, {rounds} interleaved rounds of {turn:?}):\n\
+             | arm | requests/s | Redis commands per request |\n|---|---:|---:|\n\
+             | #[redis_cached] | {} | {redis_commands:.2} |\n\
+             | #[redis_cached(local)] | {} ({:.2}×) | {local_commands:.2} |",
+            human(redis_rate, "calls/s"),
+            human(local_rate, "calls/s"),
+            local_rate / redis_rate,
+        );
+        let stats = local_cache().stats();
+        for name in ["zipf_redis", "zipf_local"] {
+            let c = stats.function(name).unwrap_or_default();
+            println!(
+                "{name}: {} local hits, {} Redis hits, {} misses, {} coalesced, {} bypasses",
+                c.local_hits, c.hits, c.misses, c.coalesced, c.bypasses
+            );
+        }
+        println!("local tier: {:?}", stats.local);
+        Ok(())
+    }
 }
 
 // ------------------------------------------------------------ the cluster
