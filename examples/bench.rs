@@ -883,7 +883,7 @@ mod local_tier {
                             n += 1;
                             // A local hit never yields: let the other
                             // tasks (and the connection) run.
-                            if n % 64 == 0 {
+                            if n.is_multiple_of(64) {
                                 tokio::task::yield_now().await;
                             }
                         }
