@@ -348,3 +348,197 @@ impl NaiveLocal {
             .map(|(v, _)| *v)
     }
 }
+
+/// A row read by every process through a local tier; written by one.
+struct Delivery {
+    cache: Cache,
+    db: redis::aio::MultiplexedConnection,
+}
+
+impl Delivery {
+    async fn new(url: &str) -> Delivery {
+        Delivery {
+            cache: Cache::connect(url).await.unwrap(),
+            db: redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        }
+    }
+
+    #[redis_cached(key = "delivery:<id>", ttl = 60, local = "30s", single_flight, cache = self.cache)]
+    async fn row(&self, id: u64) -> Result<u64, String> {
+        let version: Option<u64> = raw(
+            &mut self.db.clone(),
+            &[b"GET", format!("db:{id}").as_bytes()],
+        )
+        .await;
+        Ok(version.unwrap_or(0))
+    }
+
+    #[invalidates(Self::row(id), cache = self.cache)]
+    async fn write(&self, id: u64) -> Result<u64, String> {
+        Ok(raw(
+            &mut self.db.clone(),
+            &[b"INCR", format!("db:{id}").as_bytes()],
+        )
+        .await)
+    }
+}
+
+fn history_length() -> Duration {
+    cache_harness::history::seconds_from_env("LOCAL_SECONDS", 6)
+}
+
+/// Rows of the delivery test, each polled by a task of its own in every
+/// reader process.
+const DELIVERY_ROWS: u64 = 20;
+
+/// Wall-clock nanoseconds: comparable between processes of one machine.
+fn wall_nanos() -> u128 {
+    cache_harness::history::now()
+}
+
+/// Every write of one process reaches the local tier of three others, each
+/// busy reading: for each write and each reader, the time from the write's
+/// return to the reader's first read of the new version (delivery of the
+/// invalidation, the reader noticing, and its read from Redis). Prints the
+/// distribution. Writes go on for `LOCAL_SECONDS` (default 6) or until
+/// `LOCAL_WRITES` (default 5000), one every millisecond or so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidations_reach_every_process() {
+    let server = RedisServer::start();
+    let writes: usize = std::env::var("LOCAL_WRITES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5000);
+    let spacing = Duration::from_millis(1);
+    let warmup = Duration::from_millis(1000);
+    let length = warmup + history_length() + Duration::from_millis(500);
+    let until = wall_nanos() + length.as_nanos();
+    let dir = std::env::temp_dir().join(format!("local-delivery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let readers: Vec<_> = (0..3)
+        .map(|i| {
+            let out = dir.join(format!("reader-{i}.txt"));
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "delivery_reader",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads",
+                    "1",
+                ])
+                .env(
+                    "LOCAL_READER",
+                    format!("{} {} {until}", server.url(), out.display()),
+                )
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            (child, out)
+        })
+        .collect();
+    let writer = Delivery::new(&server.url()).await;
+    tokio::time::sleep(warmup).await;
+    let mut written = Vec::with_capacity(writes);
+    // Writes stop in time for the readers to see the last ones.
+    let last_write = until - Duration::from_millis(500).as_nanos();
+    for n in 0..writes {
+        if wall_nanos() > last_write {
+            break;
+        }
+        let id = n as u64 % DELIVERY_ROWS;
+        let version = writer.write(id).await.unwrap();
+        written.push((id, version, wall_nanos()));
+        tokio::time::sleep(spacing).await;
+    }
+    // The readers spin on both cores: the writer gets its turns late.
+    assert!(written.len() >= 300, "only {} writes", written.len());
+    let mut delays = Vec::new();
+    let mut missed = 0;
+    for (mut child, out) in readers {
+        assert!(child.wait().unwrap().success(), "a reader failed");
+        let seen: Vec<(u64, u64, u128)> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let mut parts = line.split(' ').map(|p| p.parse::<u128>().unwrap());
+                let mut next = || parts.next().unwrap();
+                (next() as u64, next() as u64, next())
+            })
+            .collect();
+        for &(id, version, end) in &written {
+            let first = seen
+                .iter()
+                .filter(|(i, v, _)| *i == id && *v >= version)
+                .map(|(_, _, at)| *at)
+                .min();
+            match first {
+                Some(at) => delays.push(Duration::from_nanos(at.saturating_sub(end) as u64)),
+                None => missed += 1,
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    delays.sort();
+    let at = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "{} writes x 3 reader processes ({} deliveries): the new version seen after p50 {:?}, p99 {:?}, max {:?}; {missed} never seen",
+        written.len(),
+        delays.len(),
+        at(0.50),
+        at(0.99),
+        at(1.0)
+    );
+    assert_eq!(missed, 0, "a reader never saw a write");
+    assert!(
+        at(1.0) < Duration::from_secs(1),
+        "a write took {:?} to reach a reader",
+        at(1.0)
+    );
+}
+
+/// A reader process of `invalidations_reach_every_process`: one task per
+/// row reads it as fast as it can and notes each new version it sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_reader() {
+    let Ok(config) = std::env::var("LOCAL_READER") else {
+        return;
+    };
+    let parts: Vec<&str> = config.split(' ').collect();
+    let [url, out, until] = parts[..] else {
+        panic!("LOCAL_READER: {config}");
+    };
+    let until: u128 = until.parse().unwrap();
+    let reader = std::sync::Arc::new(Delivery::new(url).await);
+    let tasks: Vec<_> = (0..DELIVERY_ROWS)
+        .map(|id| {
+            let reader = reader.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut last = None;
+                while wall_nanos() < until {
+                    let version = reader.row(id).await.unwrap();
+                    if last != Some(version) {
+                        last = Some(version);
+                        seen.push(format!("{id} {version} {}", wall_nanos()));
+                    }
+                    tokio::task::yield_now().await;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut lines = Vec::new();
+    for task in tasks {
+        lines.extend(task.await.unwrap());
+    }
+    let counts = reader.cache.stats().total;
+    println!(
+        "reader: {} local hits, {} Redis hits",
+        counts.local_hits, counts.hits
+    );
+    std::fs::write(out, lines.join("\n")).unwrap();
+}
