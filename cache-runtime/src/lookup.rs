@@ -251,6 +251,9 @@ impl Cache {
         F: Future<Output = R>,
     {
         let Some(tracking) = &self.inner.local else {
+            if self.inner.backend.as_memory().is_none() {
+                warn_no_local_tier(site);
+            }
             return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
         };
         let tier = tracking.tier();
@@ -734,6 +737,20 @@ impl Cache {
             }
             Taken::Occupied | Taken::Failed => Claimed::Computing(Leased::None),
         }
+    }
+}
+
+/// `local` on a deployment without a local tier yet (Sentinel, Cluster):
+/// said once per process.
+#[cold]
+fn warn_no_local_tier(site: &'static Site) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            function = site.function().name(),
+            "`local` needs a standalone Redis server for now: on Sentinel and Cluster, \
+             local functions read Redis on every call"
+        );
     }
 }
 
