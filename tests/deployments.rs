@@ -9,6 +9,9 @@
 //!   3+3 cluster (`--tls-cluster yes`): certificates made at test time; a
 //!   cache without the client certificate is refused by the server and
 //!   runs uncached (fail-open), never failing a call.
+//! - The **local tier** (`local = "10s"`) through the failover: its copies
+//!   are read on a tracking connection to the primary in use, dropped when
+//!   the cache moves to another primary, and checked with the rest.
 //! - **Sentinel over TLS with passwords**: a TLS-only Sentinel deployment
 //!   whose nodes and sentinels require passwords, through a failover; a
 //!   cache without the sentinels' password runs uncached.
@@ -30,7 +33,7 @@ const ROWS: u64 = 32;
 const TASKS: usize = 16;
 /// A call slower than this failed, as a service's request timeout would say.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
-const ARMS: [&str; 3] = ["row", "spread", "batch"];
+const ARMS: [&str; 4] = ["row", "spread", "batch", "local"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {
@@ -88,7 +91,13 @@ impl Store {
         Ok(rows)
     }
 
-    #[invalidates(Self::row(id), Self::spread(id), Self::batch(id), cache = self.cache)]
+    /// With a local tier, kept right through the failover.
+    #[redis_cached(key = "local:<id>", ttl = 60, local = "10s", single_flight, cache = self.cache)]
+    async fn local(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.db_read(id).await)
+    }
+
+    #[invalidates(Self::row(id), Self::spread(id), Self::batch(id), Self::local(id), cache = self.cache)]
     async fn write(&self, id: u64) -> Result<u64, DbError> {
         let mut rows = self.rows.lock().unwrap();
         let version = rows.entry(id).or_insert(0);
@@ -114,6 +123,7 @@ impl Store {
         let row = match arm {
             "row" => self.row(id).await?,
             "spread" => self.spread(id).await?,
+            "local" => self.local(id).await?,
             _ => {
                 let mut rows = self.batch(&[id, (id + 7) % ROWS]).await?;
                 rows.remove(&id).ok_or(DbError)?
@@ -154,7 +164,7 @@ impl Store {
                 .map(|(_, c)| *c)
                 .unwrap_or_default();
             (
-                served + counts.hits + counts.stale_hits + counts.coalesced,
+                served + counts.hits + counts.local_hits + counts.stale_hits + counts.coalesced,
                 calls + counts.calls(),
             )
         })
@@ -373,6 +383,16 @@ async fn sentinel_serves_the_primary_and_follows_a_failover_under_load() {
         took.as_secs_f64(),
         longest_gap.as_secs_f64() * 1000.0,
         resumed,
+    );
+    let stats = store.cache.stats();
+    println!(
+        "sentinel failover: local tier {:?}; {} local hits",
+        stats.local,
+        stats.function("local").map_or(0, |c| c.local_hits)
+    );
+    assert!(
+        stats.local.flushes >= 1,
+        "moving to the new primary dropped every local copy"
     );
     let (stale, at_rest) = store.check("sentinel failover").await;
     let (naive_stale, _) = naive.check("sentinel failover, without the fence").await;

@@ -38,7 +38,7 @@ pub(crate) use self::cluster::{ClusterBackend, hash_tag};
 pub(crate) use self::commands::Durability;
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
-pub(crate) use self::sentinel::{SentinelAuth, SentinelBackend};
+pub(crate) use self::sentinel::{PrimaryInUse, SentinelAuth, SentinelBackend};
 
 use std::sync::Arc;
 

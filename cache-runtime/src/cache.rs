@@ -25,7 +25,7 @@ use crate::local::LocalTier;
 use crate::log_limit::LogLimit;
 use crate::site::Site;
 use crate::stats::{Event, Recorder, Stats};
-use crate::tracking::Tracking;
+use crate::tracking::{Source, Tracking};
 
 const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
 const DEFAULT_BREAKER_FAILURES: u32 = 5;
@@ -447,13 +447,17 @@ impl CacheBuilder {
     }
 
     fn assemble(self, backend: Backend, breaker: Arc<Breaker>) -> Cache {
-        let local = match &backend {
-            Backend::Redis(redis) => Some(Arc::new(Tracking::new(
-                Arc::new(LocalTier::new(self.local_capacity)),
-                redis.tracking_client(),
-            ))),
-            Backend::Sentinel(_) | Backend::Cluster(_) | Backend::Memory(_) => None,
+        let source = match &backend {
+            Backend::Redis(redis) => Some(Source::Server(Box::new(redis.tracking_client()))),
+            Backend::Sentinel(sentinel) => Some(Source::Sentinel(sentinel.clone())),
+            Backend::Cluster(_) | Backend::Memory(_) => None,
         };
+        let local = source.map(|source| {
+            Arc::new(Tracking::new(
+                Arc::new(LocalTier::new(self.local_capacity)),
+                source,
+            ))
+        });
         Cache {
             inner: Arc::new(Inner {
                 backend,

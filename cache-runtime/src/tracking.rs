@@ -28,21 +28,43 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 
+use crate::backend::{PrimaryInUse, SentinelBackend};
+use crate::error::CacheError;
 use crate::local::LocalTier;
 
 /// Between two heartbeats of the tracking connection, and how long one
 /// may take: a connection that stopped answering is given up after about
 /// twice this.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How often the connection's anchor (a Sentinel primary) is looked at.
+const ANCHOR_CHECK: Duration = Duration::from_millis(100);
 /// First and longest pause between two attempts to open the connection.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LONGEST_RETRY: Duration = Duration::from_secs(2);
 
+/// Where the tracking connection goes.
+pub(crate) enum Source {
+    /// A standalone server: a client of it speaking RESP3 (boxed: with
+    /// TLS parameters it is large).
+    Server(Box<redis::Client>),
+    /// The primary of a Sentinel service, whichever it is: the connection
+    /// is opened to the primary in use, and given up (every copy dropped)
+    /// as soon as the cache moves to another one.
+    Sentinel(SentinelBackend),
+}
+
+/// What a tracking connection is good for as long as it lasts.
+enum Anchor {
+    /// The server itself.
+    Server,
+    /// While this primary is the one in use.
+    Primary(PrimaryInUse),
+}
+
 /// The tracking connection of one cache, opened on first use.
 pub(crate) struct Tracking {
     tier: Arc<LocalTier>,
-    /// A client of the server the reads go to, speaking RESP3.
-    client: redis::Client,
+    source: Source,
     live: ArcSwapOption<MultiplexedConnection>,
     started: AtomicBool,
 }
@@ -56,11 +78,11 @@ impl std::fmt::Debug for Tracking {
 }
 
 impl Tracking {
-    /// `client` must speak RESP3 (see [`resp3`]).
-    pub(crate) fn new(tier: Arc<LocalTier>, client: redis::Client) -> Self {
+    /// A [`Source::Server`] client must speak RESP3 (see [`resp3`]).
+    pub(crate) fn new(tier: Arc<LocalTier>, source: Source) -> Self {
         Tracking {
             tier,
-            client,
+            source,
             live: ArcSwapOption::empty(),
             started: AtomicBool::new(false),
         }
@@ -80,9 +102,9 @@ impl Tracking {
         self.live.load_full()
     }
 
-    /// Opens a RESP3 connection whose pushes go to the local tier, and
-    /// turns tracking on.
-    async fn open(&self, lost: Arc<Notify>) -> redis::RedisResult<MultiplexedConnection> {
+    /// Opens a RESP3 connection whose pushes go to the local tier, checks
+    /// that it reaches a primary, and turns tracking on.
+    async fn open(&self, lost: Arc<Notify>) -> Result<(MultiplexedConnection, Anchor), CacheError> {
         let sink = Sink {
             tier: self.tier.clone(),
             lost,
@@ -91,16 +113,46 @@ impl Tracking {
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None)
             .set_push_sender(sink);
-        let mut conn = self
-            .client
+        let (client, anchor) = match &self.source {
+            Source::Server(client) => (redis::Client::clone(client), Anchor::Server),
+            Source::Sentinel(sentinel) => {
+                let (client, primary) = sentinel.tracking_client().await?;
+                (client, Anchor::Primary(primary))
+            }
+        };
+        let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+            .await
+            .map_err(CacheError::redis)?;
+        if let Anchor::Primary(_) = anchor {
+            // A replica is never read: Sentinel may name the new primary
+            // before it has taken the role.
+            let role: Vec<Value> = redis::cmd("ROLE")
+                .query_async(&mut conn)
+                .await
+                .map_err(CacheError::redis)?;
+            if !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") {
+                return Err(CacheError::redis(redis::RedisError::from((
+                    redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+                    "the node Sentinel named as primary says it is not one",
+                ))));
+            }
+        }
         redis::cmd("CLIENT")
             .arg("TRACKING")
             .arg("ON")
             .query_async::<()>(&mut conn)
-            .await?;
-        Ok(conn)
+            .await
+            .map_err(CacheError::redis)?;
+        Ok((conn, anchor))
+    }
+
+    /// Whether a connection opened for `anchor` may still be used.
+    fn holds(&self, anchor: &Anchor) -> bool {
+        match (&self.source, anchor) {
+            (Source::Sentinel(sentinel), Anchor::Primary(primary)) => sentinel.is_in_use(primary),
+            _ => true,
+        }
     }
 }
 
@@ -126,10 +178,10 @@ async fn keep(tracking: Weak<Tracking>) {
             };
             let opened = this.open(lost.clone()).await;
             match opened {
-                Ok(conn) => {
+                Ok((conn, anchor)) => {
                     this.live.store(Some(Arc::new(conn.clone())));
                     tracing::debug!("local tier: tracking connection open");
-                    Some(conn)
+                    Some((conn, anchor))
                 }
                 Err(error) => {
                     if !warned {
@@ -140,14 +192,14 @@ async fn keep(tracking: Weak<Tracking>) {
                 }
             }
         };
-        let Some(conn) = opened else {
+        let Some((conn, anchor)) = opened else {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(LONGEST_RETRY);
             continue;
         };
         pause = FIRST_RETRY;
         warned = false;
-        let dead = watch(conn, &lost).await;
+        let dead = watch(&tracking, conn, &anchor, &lost).await;
         let Some(this) = tracking.upgrade() else {
             return;
         };
@@ -162,14 +214,30 @@ async fn keep(tracking: Weak<Tracking>) {
     }
 }
 
-/// Waits until the connection is lost (`false`: its loss was pushed) or
-/// stops answering its heartbeat (`true`).
-async fn watch(mut conn: MultiplexedConnection, lost: &Notify) -> bool {
+/// Waits until the connection is lost (`false`: its loss was pushed),
+/// stops answering its heartbeat, or its anchor gives way (a Sentinel
+/// failover): `true`. Ends when the cache is gone.
+async fn watch(
+    tracking: &Weak<Tracking>,
+    mut conn: MultiplexedConnection,
+    anchor: &Anchor,
+    lost: &Notify,
+) -> bool {
+    let mut since_ping = Duration::ZERO;
     loop {
         tokio::select! {
             () = lost.notified() => return false,
-            () = tokio::time::sleep(HEARTBEAT) => {}
+            () = tokio::time::sleep(ANCHOR_CHECK) => {}
         }
+        match tracking.upgrade() {
+            Some(this) if this.holds(anchor) => {}
+            _ => return true,
+        }
+        since_ping += ANCHOR_CHECK;
+        if since_ping < HEARTBEAT {
+            continue;
+        }
+        since_ping = Duration::ZERO;
         let ping = redis::cmd("PING");
         match tokio::time::timeout(HEARTBEAT, ping.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => {}

@@ -72,6 +72,7 @@ pub(crate) const FENCE_KEYS: usize = 100_000;
 const REPLAY_CHUNK: usize = 512;
 
 /// How to reach a service's primary through its sentinels.
+#[derive(Clone)]
 pub(crate) struct SentinelBackend {
     resolver: Arc<Resolver>,
 }
@@ -85,6 +86,8 @@ struct Resolver {
     db: i64,
     durability: Option<Durability>,
     current: ArcSwapOption<Primary>,
+    /// The nodes' certificates, for the local tier's tracking connection.
+    tls: Option<super::Tls>,
     /// Whether a primary was connected before: the next one gets the fence.
     connected_before: AtomicBool,
     fence: Fence,
@@ -132,9 +135,15 @@ impl Fence {
     }
 }
 
+/// The primary a local tier's tracking connection was opened to: its
+/// copies are good only while this is still the primary in use.
+pub(crate) struct PrimaryInUse(Arc<Primary>);
+
 /// The primary in use, and its connections.
 struct Primary {
     address: String,
+    /// How it was reached (address, credentials, database, TLS mode).
+    client_info: redis::ConnectionInfo,
     conn: MultiplexedConnection,
     /// With `durable_writes`: the connections for writes that `WAIT`.
     durable: Option<DurablePool<MultiplexedConnection>>,
@@ -211,6 +220,7 @@ impl SentinelBackend {
                 db,
                 durability,
                 current: ArcSwapOption::empty(),
+                tls: tls.cloned(),
                 connected_before: AtomicBool::new(false),
                 fence: Fence {
                     enabled: fence,
@@ -265,6 +275,28 @@ impl SentinelBackend {
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
         commands::mget(&mut self.conn(), keys).await
+    }
+
+    /// For the local tier's tracking connection: a RESP3 client of the
+    /// primary in use (resolved first if none is), and which primary that
+    /// is. The caller checks `ROLE` on its own connection.
+    pub(crate) async fn tracking_client(
+        &self,
+    ) -> Result<(redis::Client, PrimaryInUse), CacheError> {
+        let primary = self.resolver.primary().await.map_err(CacheError::redis)?;
+        let info = crate::tracking::resp3(primary.client_info.clone());
+        let client = super::client(info, self.resolver.tls.as_ref())?;
+        Ok((client, PrimaryInUse(primary)))
+    }
+
+    /// Whether `primary` is still the primary in use: after a failover
+    /// (or any reconnection) the local tier drops its copies.
+    pub(crate) fn is_in_use(&self, primary: &PrimaryInUse) -> bool {
+        self.resolver
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, &primary.0))
     }
 
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
@@ -370,6 +402,7 @@ impl Resolver {
         }
         Ok(Primary {
             address,
+            client_info: client.get_connection_info().clone(),
             conn,
             durable,
         })
