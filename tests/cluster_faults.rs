@@ -97,7 +97,7 @@ struct Store {
     slowest: Mutex<BTreeMap<&'static str, u64>>,
 }
 
-const ARMS: [&str; 5] = ["shard_a", "shard_b", "shard_c", "spread", "batch"];
+const ARMS: [&str; 6] = ["shard_a", "shard_b", "shard_c", "spread", "batch", "local"];
 
 impl Store {
     #[redis_cached(key = "{b}:row:<id>", ttl = 60, single_flight, cache = self.cache)]
@@ -122,6 +122,13 @@ impl Store {
         Ok(self.db.read(id).await)
     }
 
+    /// A local tier, tracked on every primary, through failovers and
+    /// resharding.
+    #[redis_cached(key = "local:<id>", ttl = 60, local = "10s", single_flight, cache = self.cache)]
+    async fn local(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.db.read(id).await)
+    }
+
     /// Batches across slots (and so across shards).
     #[redis_cached(key = "batch:<ids>", ttl = 60, batch, cache = self.cache)]
     async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
@@ -138,6 +145,7 @@ impl Store {
         Self::shard_c(id),
         Self::spread(id),
         Self::batch(id),
+        Self::local(id),
         cache = self.cache
     )]
     async fn write(&self, id: u64) -> Result<u64, DbError> {
@@ -150,6 +158,7 @@ impl Store {
             "shard_b" => self.shard_b(id).await?,
             "shard_c" => self.shard_c(id).await?,
             "spread" => self.spread(id).await?,
+            "local" => self.local(id).await?,
             _ => {
                 let other = fastrand::u64(..ROWS);
                 let mut rows = self.batch(&[id, other, (id + 17) % ROWS]).await?;
@@ -216,7 +225,7 @@ impl Store {
                     .find(|(name, _)| name.ends_with(arm))
                     .map(|(_, c)| *c)
                     .unwrap_or_default();
-                let served = counts.hits + counts.stale_hits + counts.coalesced;
+                let served = counts.hits + counts.local_hits + counts.stale_hits + counts.coalesced;
                 ((*arm).to_owned(), (served, counts.calls()))
             })
             .collect()
@@ -605,6 +614,16 @@ async fn faults(durable: bool) {
     println!(
         "database reads in all: {}",
         store.db.reads.load(Ordering::Relaxed)
+    );
+    let stats = store.cache.stats();
+    println!(
+        "local tier through the three faults: {} local hits; {:?}",
+        stats.function("local").map_or(0, |c| c.local_hits),
+        stats.local
+    );
+    assert!(
+        stats.local.flushes >= 1,
+        "the failover and the resharding dropped every local copy"
     );
 }
 

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_harness::{RedisServer, raw, raw_connection};
+use cache_harness::{RedisCluster, RedisServer, Target, raw, raw_connection};
 use cache_runtime::{Cache, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
@@ -203,6 +203,54 @@ async fn every_kind_of_server_change_drops_the_copy() {
         "every change but FLUSHDB drops one copy"
     );
     assert!(stats.local.flushes >= 1, "FLUSHDB drops every copy");
+}
+
+/// The same on the shared Redis Cluster: each primary tracks the keys
+/// read on a connection to it, so a change on any shard reaches the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_change_reaches_the_copy_on_a_cluster() {
+    let target = Target::cluster(RedisCluster::shared());
+    let prefix = format!("local-{}", std::process::id());
+    let repo = Repo::new(target.cache(Some(&prefix)).await);
+    let other = Repo::new(target.cache(Some(&prefix)).await);
+    let mut conn = target.raw().await;
+    // Ids whose keys fall on every shard, four changes each.
+    for id in 1..=12u64 {
+        warm(&repo, id).await;
+        let version = repo.get(id).await.unwrap().version;
+        repo.version.fetch_add(1, Ordering::SeqCst);
+        let key = format!("{prefix}:row:{id}");
+        let change = match id % 4 {
+            0 => {
+                other.bump(id).await.unwrap();
+                "#[invalidates] of another cache"
+            }
+            1 => {
+                let row = format!("{{\"id\":{id},\"version\":0}}");
+                raw::<()>(&mut conn, &[b"SET", key.as_bytes(), row.as_bytes()]).await;
+                "SET from another client"
+            }
+            2 => {
+                raw::<()>(&mut conn, &[b"DEL", key.as_bytes()]).await;
+                "DEL from another client"
+            }
+            _ => {
+                raw::<()>(&mut conn, &[b"PEXPIRE", key.as_bytes(), b"20"]).await;
+                "expiry"
+            }
+        };
+        let took = until_dropped(&repo, id, version).await;
+        println!("cluster, {change:32} local copy of row {id} dropped after {took:?}");
+    }
+    let stats = repo.cache.stats();
+    println!(
+        "cluster: {:?}; {} local hits",
+        stats.local, stats.total.local_hits
+    );
+    assert!(
+        stats.local.invalidations >= 12,
+        "every change dropped its copy"
+    );
 }
 
 /// Read-your-writes in one process is exact: right after the write

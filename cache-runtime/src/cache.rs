@@ -447,17 +447,19 @@ impl CacheBuilder {
     }
 
     fn assemble(self, backend: Backend, breaker: Arc<Breaker>) -> Cache {
-        let source = match &backend {
-            Backend::Redis(redis) => Some(Source::Server(Box::new(redis.tracking_client()))),
-            Backend::Sentinel(sentinel) => Some(Source::Sentinel(sentinel.clone())),
-            Backend::Cluster(_) | Backend::Memory(_) => None,
-        };
-        let local = source.map(|source| {
-            Arc::new(Tracking::new(
-                Arc::new(LocalTier::new(self.local_capacity)),
-                source,
-            ))
-        });
+        let tier = || Arc::new(LocalTier::new(self.local_capacity));
+        let local = match &backend {
+            Backend::Redis(redis) => Some(Tracking::new(
+                tier(),
+                Source::Server(Box::new(redis.tracking_client())),
+            )),
+            Backend::Sentinel(sentinel) => {
+                Some(Tracking::new(tier(), Source::Sentinel(sentinel.clone())))
+            }
+            Backend::Cluster(cluster) => Some(Tracking::cluster(tier(), cluster.clone())),
+            Backend::Memory(_) => None,
+        }
+        .map(Arc::new);
         Cache {
             inner: Arc::new(Inner {
                 backend,

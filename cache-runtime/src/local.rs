@@ -57,6 +57,9 @@ struct Copy {
     /// The tier's epoch when its read was sent: a copy of an older epoch
     /// is never served, whenever moka gets round to dropping it.
     epoch: u64,
+    /// The deployment's primaries epoch then (a cluster's slot map): a
+    /// copy made under another map is never served either.
+    primaries: u64,
     expires_at: Instant,
 }
 
@@ -67,6 +70,7 @@ pub(crate) struct Ticket {
     bucket: usize,
     invalidations: u64,
     epoch: u64,
+    primaries: u64,
 }
 
 /// What a lookup of the local tier found.
@@ -138,13 +142,17 @@ impl LocalTier {
         }
     }
 
-    /// The copy of `key`, if one is held and live, and of type `V` (two
+    /// The copy of `key`, if one is held and live, made under the
+    /// deployment's current `primaries` epoch, and of type `V` (two
     /// functions with one key template but different value types do not
     /// share copies: the other's copy is a miss).
-    pub(crate) fn get<V: Clone + 'static>(&self, key: &str) -> Option<LocalHit<V>> {
+    pub(crate) fn get<V: Clone + 'static>(&self, key: &str, primaries: u64) -> Option<LocalHit<V>> {
         let copy = self.copies.get(key)?;
         // moka may hand out a copy in the instant after `invalidate_all`.
-        if copy.epoch != self.epoch.load(Ordering::Acquire) || copy.expires_at <= Instant::now() {
+        if copy.epoch != self.epoch.load(Ordering::Acquire)
+            || copy.primaries != primaries
+            || copy.expires_at <= Instant::now()
+        {
             return None;
         }
         match copy.value.downcast_ref::<Option<V>>()? {
@@ -153,14 +161,15 @@ impl LocalTier {
         }
     }
 
-    /// A ticket for a read of `key` on the tracking connection, taken
-    /// before the read is sent.
-    pub(crate) fn ticket(&self, key: &str) -> Ticket {
+    /// A ticket for a read of `key` on the tracking connection under the
+    /// deployment's `primaries` epoch, taken before the read is sent.
+    pub(crate) fn ticket(&self, key: &str, primaries: u64) -> Ticket {
         let bucket = self.bucket_of(key.as_bytes());
         Ticket {
             bucket,
             invalidations: self.buckets[bucket].load(Ordering::SeqCst),
             epoch: self.epoch.load(Ordering::SeqCst),
+            primaries,
         }
     }
 
@@ -189,6 +198,7 @@ impl LocalTier {
                 value: Arc::new(value),
                 weight,
                 epoch: ticket.epoch,
+                primaries: ticket.primaries,
                 expires_at: Instant::now() + ttl.min(LONGEST_COPY),
             },
         );

@@ -251,13 +251,13 @@ impl Cache {
         F: Future<Output = R>,
     {
         let Some(tracking) = &self.inner.local else {
-            if self.inner.backend.as_memory().is_none() {
-                warn_no_local_tier(site);
-            }
+            // The memory backend is local already.
             return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
         };
         let tier = tracking.tier();
-        match tier.get::<S::Value>(&redis_key) {
+        // On a cluster, copies made under another slot map are not served.
+        let primaries = self.inner.backend.primaries_epoch();
+        match tier.get::<S::Value>(&redis_key, primaries) {
             Some(LocalHit::Value(value)) => {
                 self.record(site, Event::LocalHit);
                 return S::from_hit(value);
@@ -270,11 +270,11 @@ impl Cache {
             }
             None => {}
         }
-        let Some(conn) = tracking.live() else {
+        let Some(conn) = tracking.live(&redis_key) else {
             return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
         };
         // Taken before the read is sent: see `crate::local`.
-        let ticket = tier.ticket(&redis_key);
+        let ticket = tier.ticket(&redis_key, primaries);
         let read = Box::pin(self.read_tracked(site, &redis_key, &conn)).await;
         if let Read::Unavailable = read {
             self.record(site, Event::Bypass);
@@ -737,20 +737,6 @@ impl Cache {
             }
             Taken::Occupied | Taken::Failed => Claimed::Computing(Leased::None),
         }
-    }
-}
-
-/// `local` on a deployment without a local tier yet (Sentinel, Cluster):
-/// said once per process.
-#[cold]
-fn warn_no_local_tier(site: &'static Site) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        tracing::warn!(
-            function = site.function().name(),
-            "`local` needs a standalone Redis server for now: on Sentinel and Cluster, \
-             local functions read Redis on every call"
-        );
     }
 }
 

@@ -19,8 +19,9 @@
 //! been missed) and a new connection is opened and tracked before it is
 //! used again. The task ends with the cache.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -28,7 +29,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 
-use crate::backend::{PrimaryInUse, SentinelBackend};
+use crate::backend::{ClusterBackend, PrimaryInUse, SentinelBackend};
 use crate::error::CacheError;
 use crate::local::LocalTier;
 
@@ -51,6 +52,14 @@ pub(crate) enum Source {
     /// is opened to the primary in use, and given up (every copy dropped)
     /// as soon as the cache moves to another one.
     Sentinel(SentinelBackend),
+    /// A cluster primary, as long as the slot map is the one it was
+    /// opened under: when a slot moves, every copy is dropped and the
+    /// connection closed (the next read opens one for the new map).
+    ClusterNode {
+        client: Box<redis::Client>,
+        cluster: ClusterBackend,
+        epoch: u64,
+    },
 }
 
 /// What a tracking connection is good for as long as it lasts.
@@ -59,21 +68,32 @@ enum Anchor {
     Server,
     /// While this primary is the one in use.
     Primary(PrimaryInUse),
+    /// While the cluster's slot map has not moved a slot.
+    SlotMap(u64),
 }
 
-/// The tracking connection of one cache, opened on first use.
+/// The local tier of one cache, and the tracking connections that keep it
+/// right: one (standalone, Sentinel) or one per primary (Cluster).
 pub(crate) struct Tracking {
     tier: Arc<LocalTier>,
-    source: Source,
-    live: ArcSwapOption<MultiplexedConnection>,
-    started: AtomicBool,
+    kind: Kind,
+}
+
+enum Kind {
+    One(Arc<Connection>),
+    /// On a cluster, the key's primary is read on a tracking connection of
+    /// its own; connections opened under an older slot map are replaced.
+    Cluster {
+        cluster: ClusterBackend,
+        nodes: Mutex<HashMap<String, Arc<Connection>>>,
+        /// The slot map whose change last dropped every copy.
+        flushed_for: AtomicU64,
+    },
 }
 
 impl std::fmt::Debug for Tracking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tracking")
-            .field("live", &self.live.load().is_some())
-            .finish_non_exhaustive()
+        f.debug_struct("Tracking").finish_non_exhaustive()
     }
 }
 
@@ -81,10 +101,20 @@ impl Tracking {
     /// A [`Source::Server`] client must speak RESP3 (see [`resp3`]).
     pub(crate) fn new(tier: Arc<LocalTier>, source: Source) -> Self {
         Tracking {
+            kind: Kind::One(Arc::new(Connection::new(tier.clone(), source))),
             tier,
-            source,
-            live: ArcSwapOption::empty(),
-            started: AtomicBool::new(false),
+        }
+    }
+
+    /// The local tier of a cluster, tracked on each primary.
+    pub(crate) fn cluster(tier: Arc<LocalTier>, cluster: ClusterBackend) -> Self {
+        Tracking {
+            tier,
+            kind: Kind::Cluster {
+                cluster,
+                nodes: Mutex::new(HashMap::new()),
+                flushed_for: AtomicU64::new(0),
+            },
         }
     }
 
@@ -92,10 +122,76 @@ impl Tracking {
         &self.tier
     }
 
-    /// The connection to read on, if it is open and tracked; the first
-    /// call starts the task that opens and keeps it (inside a Tokio
-    /// runtime, as every cached call is).
-    pub(crate) fn live(self: &Arc<Self>) -> Option<Arc<MultiplexedConnection>> {
+    /// The tracking connection to read `key` on, if it is open and
+    /// tracked; the first call for a connection starts the task that opens
+    /// and keeps it (inside a Tokio runtime, as every cached call is).
+    pub(crate) fn live(&self, key: &str) -> Option<Arc<MultiplexedConnection>> {
+        match &self.kind {
+            Kind::One(connection) => connection.live(),
+            Kind::Cluster {
+                cluster,
+                nodes,
+                flushed_for,
+            } => {
+                let addr = cluster.node_of(key)?;
+                let epoch = cluster.primaries_epoch();
+                let connection = {
+                    let mut nodes = nodes.lock().unwrap_or_else(PoisonError::into_inner);
+                    match nodes.get(&addr) {
+                        Some(connection) if connection.epoch() == Some(epoch) => connection.clone(),
+                        found => {
+                            if found.is_some() && flushed_for.swap(epoch, Ordering::SeqCst) != epoch
+                            {
+                                // The copies of the old map are never
+                                // served again: free their memory now.
+                                self.tier.flush();
+                            }
+                            let client = cluster.node_client(&addr).ok()?;
+                            let source = Source::ClusterNode {
+                                client: Box::new(client),
+                                cluster: cluster.clone(),
+                                epoch,
+                            };
+                            let connection = Arc::new(Connection::new(self.tier.clone(), source));
+                            nodes.insert(addr, connection.clone());
+                            connection
+                        }
+                    }
+                };
+                connection.live()
+            }
+        }
+    }
+}
+
+/// One tracking connection, opened on first use and kept by a task.
+struct Connection {
+    tier: Arc<LocalTier>,
+    source: Source,
+    live: ArcSwapOption<MultiplexedConnection>,
+    started: AtomicBool,
+}
+
+impl Connection {
+    fn new(tier: Arc<LocalTier>, source: Source) -> Self {
+        Connection {
+            tier,
+            source,
+            live: ArcSwapOption::empty(),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    /// The slot map a cluster node's connection was opened under.
+    fn epoch(&self) -> Option<u64> {
+        match &self.source {
+            Source::ClusterNode { epoch, .. } => Some(*epoch),
+            Source::Server(_) | Source::Sentinel(_) => None,
+        }
+    }
+
+    /// The connection to read on, if it is open and tracked.
+    fn live(self: &Arc<Self>) -> Option<Arc<MultiplexedConnection>> {
         if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
             tokio::spawn(keep(Arc::downgrade(self)));
         }
@@ -118,6 +214,9 @@ impl Tracking {
             Source::Sentinel(sentinel) => {
                 let (client, primary) = sentinel.tracking_client().await?;
                 (client, Anchor::Primary(primary))
+            }
+            Source::ClusterNode { client, epoch, .. } => {
+                (redis::Client::clone(client), Anchor::SlotMap(*epoch))
             }
         };
         let mut conn = client
@@ -151,6 +250,9 @@ impl Tracking {
     fn holds(&self, anchor: &Anchor) -> bool {
         match (&self.source, anchor) {
             (Source::Sentinel(sentinel), Anchor::Primary(primary)) => sentinel.is_in_use(primary),
+            (Source::ClusterNode { cluster, .. }, Anchor::SlotMap(epoch)) => {
+                cluster.primaries_epoch() == *epoch
+            }
             _ => true,
         }
     }
@@ -166,8 +268,9 @@ pub(crate) fn resp3(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
 }
 
 /// Opens the tracking connection, publishes it, watches it, and when it is
-/// lost drops every local copy and opens another; until the cache is gone.
-async fn keep(tracking: Weak<Tracking>) {
+/// lost drops every local copy and opens another; until the cache is gone
+/// (or, for a cluster node, the slot map it was opened under).
+async fn keep(tracking: Weak<Connection>) {
     let mut pause = FIRST_RETRY;
     let mut warned = false;
     loop {
@@ -186,7 +289,11 @@ async fn keep(tracking: Weak<Tracking>) {
                 Err(error) => {
                     if !warned {
                         warned = true;
-                        tracing::warn!(%error, "local tier: no tracking connection (CLIENT TRACKING needs Redis 6 or later and RESP3); local copies are not kept until there is one");
+                        if error.is_unavailable() {
+                            tracing::warn!(%error, "local tier: no tracking connection yet; local copies are not kept until there is one");
+                        } else {
+                            tracing::warn!(%error, "local tier: the server refused client-side caching (it needs Redis 6 or later, RESP3 and CLIENT TRACKING); local copies are not kept");
+                        }
                     }
                     None
                 }
@@ -210,6 +317,12 @@ async fn keep(tracking: Weak<Tracking>) {
         if dead {
             this.tier.flush();
         }
+        if let Source::ClusterNode { .. } = this.source
+            && !this.holds(&anchor)
+        {
+            // Replaced by a connection for the new slot map on next use.
+            return;
+        }
         tracing::debug!("local tier: tracking connection lost; every local copy dropped");
     }
 }
@@ -218,7 +331,7 @@ async fn keep(tracking: Weak<Tracking>) {
 /// stops answering its heartbeat, or its anchor gives way (a Sentinel
 /// failover): `true`. Ends when the cache is gone.
 async fn watch(
-    tracking: &Weak<Tracking>,
+    tracking: &Weak<Connection>,
     mut conn: MultiplexedConnection,
     anchor: &Anchor,
     lost: &Notify,

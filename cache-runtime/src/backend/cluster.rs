@@ -96,6 +96,10 @@ struct Shared {
     /// writes that `WAIT` for replicas, since `WAIT` blocks the node
     /// connection it is sent on (and every hit queued behind it).
     durable: Option<DurablePool<ClusterConnection>>,
+    /// The first seed (credentials, TLS mode), for connections of the
+    /// local tier to one node; and the builder's certificates.
+    node_template: redis::ConnectionInfo,
+    tls: Option<super::Tls>,
 }
 
 /// A Redis Cluster, through seed nodes.
@@ -192,8 +196,49 @@ impl ClusterBackend {
                 refreshed_at: AtomicU64::new(NEVER),
                 op_timeout,
                 durable,
+                node_template: first.clone().set_tcp_settings(tcp),
+                tls: tls.cloned(),
             }),
         })
+    }
+
+    /// The address (`host:port`) of the primary that serves `key`, if the
+    /// slot map is known.
+    pub(crate) fn node_of(&self, key: &str) -> Option<String> {
+        self.breaker_of(key).node().map(str::to_owned)
+    }
+
+    /// A RESP3 client of the node at `addr` (`host:port`), with the seeds'
+    /// credentials and TLS, for the local tier's tracking connection to it.
+    pub(crate) fn node_client(&self, addr: &str) -> Result<redis::Client, CacheError> {
+        let shared = &*self.shared;
+        let malformed = || {
+            CacheError::invalid_url(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a node address in the slot map is not host:port",
+            )))
+        };
+        let (host, port) = addr.rsplit_once(':').ok_or_else(malformed)?;
+        let port: u16 = port.parse().map_err(|_| malformed())?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let address = match shared.node_template.addr() {
+            redis::ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => redis::ConnectionAddr::Tcp(host, port),
+        };
+        let info = crate::tracking::resp3(shared.node_template.clone().set_addr(address));
+        super::client(info, shared.tls.as_ref())
     }
 
     /// See [`super::Backend::primaries_epoch`].
