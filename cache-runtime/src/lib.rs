@@ -117,7 +117,7 @@ pub use crate::stats::{Counts, Stats};
 /// | `early_refresh` / `early_refresh = β` | XFetch: recompute before expiry with a probability that grows as expiry nears (β = 1). |
 /// | `cache_none` / `none_ttl = "5s"` | negative caching: an answer of `None` is cached too (for the TTL, or its own). |
 /// | `batch` | a batch lookup: the placeholder naming a collection of ids renders once per id; one `MGET`, the body runs with the missing ids only. |
-/// | `local = "5s"` | keep a decoded copy in process memory for at most 5 s (never past the entry's freshness), dropped by the server's invalidation when the key changes anywhere; the value must be `Clone`. Redis standalone (6 or later). |
+/// | `local = "5s"` | keep a decoded copy in process memory for at most 5 s (never past the entry's freshness), dropped by the server's invalidation when the key changes anywhere; the value must be `Clone`. Redis 6 or later. |
 /// | `version = 2` | appended to the key (`:v2`), so a changed value type never decodes old entries. |
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |
