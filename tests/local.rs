@@ -9,6 +9,7 @@
 //!
 //! All on real `redis-server`s; several processes in `tests/local_processes.rs`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,15 @@ impl Repo {
             id,
             version: self.version.load(Ordering::SeqCst),
         })
+    }
+
+    /// A batch of the same rows: the copies single lookups made answer
+    /// their ids.
+    #[redis_cached(key = "row:<ids>", ttl = 60, batch, local = "10s", cache = self.cache)]
+    async fn get_many(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, String> {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        let version = self.version.load(Ordering::SeqCst);
+        Ok(ids.iter().map(|&id| (id, Row { id, version })).collect())
     }
 
     #[invalidates(Self::get(id), cache = self.cache)]
@@ -251,6 +261,49 @@ async fn every_kind_of_change_reaches_the_copy_on_a_cluster() {
         stats.local.invalidations >= 12,
         "every change dropped its copy"
     );
+}
+
+/// A batch answers from the copies single lookups made, and the others
+/// from Redis or the body; a copy dropped by a change is not used.
+#[tokio::test]
+async fn a_batch_uses_the_local_copies() {
+    let server = RedisServer::start();
+    let repo = Repo::new(Cache::connect(&server.url()).await.unwrap());
+    for id in 1..=4 {
+        warm(&repo, id).await;
+    }
+    repo.get(5).await.unwrap(); // in Redis, no copy yet
+    let queries = repo.queries.load(Ordering::SeqCst);
+    let rows = repo.get_many(&[1, 2, 3, 4, 5, 6]).await.unwrap();
+    assert_eq!(rows.len(), 6);
+    assert_eq!(
+        repo.queries.load(Ordering::SeqCst),
+        queries + 1,
+        "one body run, for id 6"
+    );
+    let batch = repo.cache.stats().function("get_many").unwrap();
+    println!(
+        "batch of 6: {} local hits, {} Redis hits, {} misses",
+        batch.local_hits, batch.hits, batch.misses
+    );
+    assert_eq!((batch.local_hits, batch.hits, batch.misses), (4, 1, 1));
+
+    // A change from another client drops the copy of row 2: the batch
+    // reads it from Redis (or computes it) instead.
+    let mut conn = raw_connection(&server).await;
+    raw::<()>(&mut conn, &[b"SET", b"row:2", b"{\"id\":2,\"version\":7}"]).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let rows = repo.get_many(&[1, 2]).await.unwrap();
+        if rows[&2].version == 7 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batch kept serving the old copy of row 2"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
 }
 
 /// Read-your-writes in one process is exact: right after the write

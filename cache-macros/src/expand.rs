@@ -360,9 +360,14 @@ fn batch_wrapper(
         Type::ImplTrait(_) => quote!(let #pat = #missing;),
         ty => quote!(let #pat: #ty = #collect;),
     };
+    let entry = if plan.local_millis.is_some() {
+        quote!(cached_batch_local)
+    } else {
+        quote!(cached_batch)
+    };
     let call = body_call_with(
         func,
-        quote!(#krate::__private::cached_batch::<#krate::__private::#shape, _, _, _, _, _>),
+        quote!(#krate::__private::#entry::<#krate::__private::#shape, _, _, _, _, _>),
         quote!(#cache, #keys,),
         quote!(move |#missing: ::std::vec::Vec<#element>|),
         rebind,

@@ -415,13 +415,6 @@ fn check_batch<'a>(
             "`batch` does not refresh entries: remove `stale` and `early_refresh`, or cache the single lookup instead",
         );
     }
-    if args.local_millis.is_some() {
-        ok = false;
-        errors.at(
-            span,
-            "`batch` does not keep local copies yet: remove `local`; the single lookup with `local` shares the batch's entries",
-        );
-    }
     let collections: Vec<(&Param<'a>, &'a Type)> = func
         .params
         .iter()

@@ -101,6 +101,36 @@ where
         .await
 }
 
+/// The body of every `#[redis_cached(..., batch, local = "...")]`
+/// function: [`cached_batch`], answering first the ids whose copies this
+/// process holds. The value must be `Clone`.
+pub async fn cached_batch_local<S, R, T, V, B, Fut>(
+    cache: Option<&Cache>,
+    keys: Vec<(T, CacheKey<V>)>,
+    body: B,
+) -> R
+where
+    S: BatchOutcome<R>,
+    S::Map: BatchMap<Key = T, Value = V>,
+    V: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+    T: Clone,
+    B: FnOnce(Vec<T>) -> Fut,
+    Fut: Future<Output = R>,
+{
+    let site = keys.first().and_then(|(_, key)| key.site());
+    let (Some(site), Some(cache)) = (site, site.and_then(|site| resolve(cache, site.function())))
+    else {
+        return body(keys.into_iter().map(|(id, _)| id).collect()).await;
+    };
+    let entries = keys
+        .into_iter()
+        .map(|(id, key)| (id, cache.redis_key_of(key)))
+        .collect();
+    cache
+        .get_or_compute_batch_local::<S, R, T, V, B, Fut>(site, entries, body)
+        .await
+}
+
 /// The body of every `#[invalidates]` function: run `body`, then, if it
 /// succeeded, delete `keys` (rendered before `body` ran).
 pub async fn invalidating<S, R, F, const N: usize>(

@@ -33,10 +33,25 @@ use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::flight::{Handed, Landing, Leader, Role};
 use crate::lease::{self, Found, HeldLease, Take, Taken};
+use crate::local::LocalHit;
 use crate::lookup::Leased;
 use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
+
+/// Distinct keys, first occurrence first, with their ids.
+fn distinct<K>(entries: Vec<(K, String)>) -> (Vec<K>, Vec<String>) {
+    let mut ids = Vec::with_capacity(entries.len());
+    let mut keys: Vec<String> = Vec::with_capacity(entries.len());
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
+    for (id, key) in entries {
+        if seen.insert(key.clone()) {
+            ids.push(id);
+            keys.push(key);
+        }
+    }
+    (ids, keys)
+}
 
 /// How often an id's handover may fail before the batch computes it
 /// without joining the flight.
@@ -69,16 +84,79 @@ impl Cache {
         B: FnOnce(Vec<K>) -> Fut,
         Fut: Future<Output = R>,
     {
-        // Distinct keys, first occurrence first.
-        let mut ids = Vec::with_capacity(entries.len());
-        let mut keys: Vec<String> = Vec::with_capacity(entries.len());
-        let mut seen = std::collections::HashSet::with_capacity(entries.len());
-        for (id, key) in entries {
-            if seen.insert(key.clone()) {
-                ids.push(id);
-                keys.push(key);
+        let (ids, keys) = distinct(entries);
+        self.batch_from_redis::<S, R, K, V, B, Fut>(site, ids, keys, Vec::new(), body)
+            .await
+    }
+
+    /// [`Cache::get_or_compute_batch`] of a function with a local tier:
+    /// the copies this process holds (made by single lookups of the same
+    /// keys) answer their ids, and the others are looked up in Redis as
+    /// usual. A batch makes no copies itself: its `MGET` is not sent on
+    /// the tracking connection, and does not say how long each entry has
+    /// left.
+    pub(crate) async fn get_or_compute_batch_local<S, R, K, V, B, Fut>(
+        &self,
+        site: &'static Site,
+        entries: Vec<(K, String)>,
+        body: B,
+    ) -> R
+    where
+        S: BatchOutcome<R>,
+        S::Map: BatchMap<Key = K, Value = V>,
+        V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        K: Clone,
+        B: FnOnce(Vec<K>) -> Fut,
+        Fut: Future<Output = R>,
+    {
+        let (ids, keys) = distinct(entries);
+        let Some(tracking) = &self.inner.local else {
+            return self
+                .batch_from_redis::<S, R, K, V, B, Fut>(site, ids, keys, Vec::new(), body)
+                .await;
+        };
+        let tier = tracking.tier();
+        let primaries = self.inner.backend.primaries_epoch();
+        let mut found = Vec::new();
+        let (mut rest_ids, mut rest_keys) = (Vec::new(), Vec::new());
+        for (id, key) in ids.into_iter().zip(keys) {
+            match tier.get::<V>(&key, primaries) {
+                Some(LocalHit::Value(value)) => {
+                    self.record(site, Event::LocalHit);
+                    found.push((id, value));
+                }
+                Some(LocalHit::Nothing) => self.record(site, Event::LocalHit),
+                None => {
+                    rest_ids.push(id);
+                    rest_keys.push(key);
+                }
             }
         }
+        if rest_keys.is_empty() {
+            return S::from_map(map_of(found));
+        }
+        self.batch_from_redis::<S, R, K, V, B, Fut>(site, rest_ids, rest_keys, found, body)
+            .await
+    }
+
+    /// Steps 1 to 5 of the module docs for distinct `keys` (of `ids`), with
+    /// the values already `found` for other ids.
+    async fn batch_from_redis<S, R, K, V, B, Fut>(
+        &self,
+        site: &'static Site,
+        ids: Vec<K>,
+        keys: Vec<String>,
+        mut found: Vec<(K, V)>,
+        body: B,
+    ) -> R
+    where
+        S: BatchOutcome<R>,
+        S::Map: BatchMap<Key = K, Value = V>,
+        V: Serialize + DeserializeOwned,
+        K: Clone,
+        B: FnOnce(Vec<K>) -> Fut,
+        Fut: Future<Output = R>,
+    {
         // A key this process still has to invalidate may hold the old
         // value (see `Janitor::is_invalidating`): run uncached.
         let backend = &self.inner.backend;
@@ -104,11 +182,21 @@ impl Cache {
                 for _ in &keys {
                     self.record(site, Event::Bypass);
                 }
-                return body(ids).await;
+                if found.is_empty() {
+                    return body(ids).await;
+                }
+                // The body runs for the ids not answered locally; the
+                // local answers join its map.
+                let mut result = body(ids).await;
+                if let Some(map) = S::map_mut(&mut result) {
+                    for (id, value) in found {
+                        map.put(id, value);
+                    }
+                }
+                return result;
             }
         };
 
-        let mut found: Vec<(K, V)> = Vec::new();
         let mut missing = Vec::new();
         for (at, (id, bytes)) in ids.into_iter().zip(values).enumerate() {
             match self.classify_one::<V>(site, &keys[at], bytes) {

@@ -23,9 +23,10 @@ async fn b(id: u64) -> u64 {
     id
 }
 
+/// A batch's value must be `Clone` too.
 #[redis_cached(key = "c:<ids>", ttl = 60, batch, local = "5s")]
-async fn c(ids: &[u64]) -> HashMap<u64, u64> {
-    ids.iter().map(|&id| (id, id)).collect()
+async fn c(ids: &[u64]) -> HashMap<u64, Report> {
+    ids.iter().map(|&id| (id, Report { rows: vec![id] })).collect()
 }
 
 fn main() {}
