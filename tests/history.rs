@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use cache_harness::history::{self, Event, History, Op};
 use cache_harness::{RawConnection, RedisCluster, RedisServer, Target, raw, raw_connection};
-use cache_runtime::{Cache, invalidates, redis_cached};
+use cache_runtime::{Cache, LocalInvalidation, invalidates, redis_cached};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 
@@ -41,7 +41,7 @@ struct Row {
 struct DbError;
 
 /// The read arms, by name.
-const ARMS: [&str; 10] = [
+const ARMS: [&str; 11] = [
     "plain",
     "single_flight",
     "distributed",
@@ -50,6 +50,7 @@ const ARMS: [&str; 10] = [
     "cache_none",
     "batch",
     "local",
+    "local_broadcast",
     "naive",
     "naive_local",
 ];
@@ -61,6 +62,8 @@ const NAIVE: [&str; 2] = ["naive", "naive_local"];
 
 struct Store {
     cache: Cache,
+    /// A cache whose local tier is kept right by broadcast, not tracking.
+    broadcast: Cache,
     db: MultiplexedConnection,
     /// The naive arm's own connection to the cache's Redis.
     naive: RawConnection,
@@ -82,6 +85,13 @@ impl Store {
     async fn new(target: &Target, db_url: &str, prefix: &str) -> Store {
         Store {
             cache: target.cache(Some(prefix)).await,
+            broadcast: target
+                .builder()
+                .prefix(format!("{prefix}-bc"))
+                .local_invalidation(LocalInvalidation::Broadcast)
+                .build()
+                .await
+                .unwrap(),
             db: redis::Client::open(db_url)
                 .unwrap()
                 .get_multiplexed_async_connection()
@@ -162,6 +172,12 @@ impl Store {
         Ok(self.row(id).await)
     }
 
+    /// A local tier kept right by the caches' broadcasts.
+    #[redis_cached(key = "local:<id>", ttl = 60, local = "5s", single_flight, cache = self.broadcast)]
+    async fn local_broadcast(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
     /// A local tier as a hand-written one would be: a copy for 5 s.
     async fn naive_local(&self, id: u64) -> Result<Row, DbError> {
         if let Some((row, until)) = self.naive_local.lock().unwrap().get(&id)
@@ -222,6 +238,11 @@ impl Store {
             .query_async(&mut self.db.clone())
             .await
             .unwrap();
+        // The broadcast arm's cache is another `Cache`: invalidated here.
+        let _ = self
+            .broadcast
+            .invalidate(&Self::local_broadcast_cache_key(&id))
+            .await;
         let _: () = redis::cmd("DEL")
             .arg(format!("{}:naive:{id}", self.prefix))
             .query_async(&mut self.naive.clone())
@@ -247,6 +268,7 @@ impl Store {
                 .await
                 .map(|mut rows| rows.remove(&id).unwrap_or(Row { id, version: 0 })),
             "local" => self.local(id).await,
+            "local_broadcast" => self.local_broadcast(id).await,
             "naive_local" => self.naive_local(id).await,
             _ => Ok(self.naive(id).await),
         };
@@ -338,6 +360,15 @@ impl Store {
         let counts = self.cache.stats().function("local").unwrap_or_default();
         println!(
             "{name}: local arm in this process: {} local hits, {} Redis hits, {} misses; {stale} stale at rest",
+            counts.local_hits, counts.hits, counts.misses
+        );
+        let counts = self
+            .broadcast
+            .stats()
+            .function("local_broadcast")
+            .unwrap_or_default();
+        println!(
+            "{name}: local_broadcast arm in this process: {} local hits, {} Redis hits, {} misses",
             counts.local_hits, counts.hits, counts.misses
         );
         assert_eq!(stale, 0, "{name}: the local tier is stale at rest");
@@ -436,7 +467,7 @@ fn assert_ours_hold_and_naive_fail(name: &str, stale: &BTreeMap<String, Stale>, 
                 count.reads > 0,
                 "{name}: the {arm} arm shows the checker can fail"
             );
-        } else if arm == "local" && processes > 1 {
+        } else if arm.starts_with("local") && processes > 1 {
             assert!(
                 count.max_lag <= LOCAL_LAG_BOUND,
                 "{name}: a local read was {:?} late",

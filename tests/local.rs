@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_harness::{RedisCluster, RedisServer, Target, raw, raw_connection};
-use cache_runtime::{Cache, invalidates, redis_cached};
+use cache_runtime::{Cache, LocalInvalidation, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -304,6 +304,79 @@ async fn a_batch_uses_the_local_copies() {
         );
         tokio::time::sleep(Duration::from_micros(200)).await;
     }
+}
+
+/// Where the server cannot track (a proxy), the caches announce their
+/// writes on a pub/sub channel: another cache's write drops the copy; a
+/// change made without the cache is not announced, and the copy lives on
+/// (for up to its `local` time); a lost subscription drops every copy.
+#[tokio::test]
+async fn a_broadcast_keeps_copies_right_without_tracking() {
+    let server = RedisServer::start();
+    let build = || {
+        Cache::builder()
+            .url(server.url())
+            .prefix("bc")
+            .local_invalidation(LocalInvalidation::Broadcast)
+            .build()
+    };
+    let writer = Repo::new(build().await.unwrap());
+    let reader = Repo::new(build().await.unwrap());
+    let mut conn = raw_connection(&server).await;
+    warm(&reader, 1).await;
+    let clients: String = raw(&mut conn, &[b"CLIENT", b"LIST"]).await;
+    assert!(!clients.contains(" flags=t "), "no tracking: {clients}");
+    assert!(clients.contains(" flags=P "), "a subscriber: {clients}");
+
+    // Another cache's write: announced, the copy goes.
+    let version = reader.get(1).await.unwrap().version;
+    reader.version.fetch_add(1, Ordering::SeqCst);
+    writer.bump(1).await.unwrap();
+    let took = until_dropped(&reader, 1, version).await;
+    println!("broadcast: another cache's write dropped the copy after {took:?}");
+
+    // A change made without the cache is not announced.
+    warm(&reader, 2).await;
+    let version = reader.get(2).await.unwrap().version;
+    raw::<()>(
+        &mut conn,
+        &[b"SET", b"bc:row:2", b"{\"id\":2,\"version\":0}"],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        reader.get(2).await.unwrap().version,
+        version,
+        "a change without the cache is not seen until the copy's time is up"
+    );
+
+    // The subscription is lost: every copy goes.
+    let flushes = reader.cache.stats().local.flushes;
+    let clients: String = raw(&mut conn, &[b"CLIENT", b"LIST"]).await;
+    let subscribers: Vec<String> = clients
+        .lines()
+        .filter(|l| l.contains(" flags=P "))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    for id in &subscribers {
+        raw::<()>(&mut conn, &[b"CLIENT", b"KILL", b"ID", id.as_bytes()]).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while reader.cache.stats().local.flushes == flushes {
+        assert!(
+            Instant::now() < deadline,
+            "no flush after the subscription was lost"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        reader.get(2).await.unwrap().version,
+        0,
+        "the SET is seen now"
+    );
+    // And the subscription comes back by itself.
+    warm(&reader, 3).await;
 }
 
 /// Read-your-writes in one process is exact: right after the write

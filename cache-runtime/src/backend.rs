@@ -367,6 +367,15 @@ impl Backend {
         }
     }
 
+    /// `PUBLISH` on the cache's connection (the local tier's broadcast);
+    /// nothing on the memory backend.
+    pub(crate) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), CacheError> {
+        match self.connection() {
+            Ok(mut conn) => commands::publish(&mut conn, channel, message).await,
+            Err(_) => Ok(()),
+        }
+    }
+
     /// The in-process backend, whose operations complete without awaiting.
     pub(crate) fn as_memory(&self) -> Option<&MemoryBackend> {
         match self {

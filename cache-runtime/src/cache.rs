@@ -21,7 +21,7 @@ use crate::error::CacheError;
 use crate::flight::Flights;
 use crate::janitor::Janitor;
 use crate::key::CacheKey;
-use crate::local::LocalTier;
+use crate::local::{LocalInvalidation, LocalTier};
 use crate::log_limit::LogLimit;
 use crate::site::Site;
 use crate::stats::{Event, Recorder, Stats};
@@ -98,6 +98,7 @@ pub struct CacheBuilder {
     sentinel_fence: bool,
     clock: WallClock,
     local_capacity: u64,
+    local_invalidation: LocalInvalidation,
 }
 #[derive(Debug, Clone)]
 enum BackendChoice {
@@ -243,6 +244,19 @@ impl CacheBuilder {
     /// Default 64 MiB.
     pub fn local_capacity(mut self, bytes: u64) -> Self {
         self.local_capacity = bytes;
+        self
+    }
+
+    /// How the local tier learns that a key changed: from the server
+    /// ([`LocalInvalidation::Tracking`], the default), or from the other
+    /// processes' announcements on a pub/sub channel
+    /// ([`LocalInvalidation::Broadcast`]), for deployments where the
+    /// server cannot track (a proxy). The channel is
+    /// `<prefix>:local-invalidations` (`cache-runtime:local-invalidations`
+    /// without a prefix): every process that caches the same keys must use
+    /// the same mode and prefix.
+    pub fn local_invalidation(mut self, mode: LocalInvalidation) -> Self {
+        self.local_invalidation = mode;
         self
     }
 
@@ -448,16 +462,31 @@ impl CacheBuilder {
 
     fn assemble(self, backend: Backend, breaker: Arc<Breaker>) -> Cache {
         let tier = || Arc::new(LocalTier::new(self.local_capacity));
-        let local = match &backend {
-            Backend::Redis(redis) => Some(Tracking::new(
+        let channel = match self.local_invalidation {
+            LocalInvalidation::Tracking => None,
+            LocalInvalidation::Broadcast => Some(format!(
+                "{}:local-invalidations",
+                self.prefix.as_deref().unwrap_or("cache-runtime")
+            )),
+        };
+        let local = match (&backend, channel) {
+            (Backend::Redis(redis), channel) => Some(Tracking::new(
                 tier(),
                 Source::Server(Box::new(redis.tracking_client())),
+                channel,
             )),
-            Backend::Sentinel(sentinel) => {
-                Some(Tracking::new(tier(), Source::Sentinel(sentinel.clone())))
-            }
-            Backend::Cluster(cluster) => Some(Tracking::cluster(tier(), cluster.clone())),
-            Backend::Memory(_) => None,
+            (Backend::Sentinel(sentinel), channel) => Some(Tracking::new(
+                tier(),
+                Source::Sentinel(sentinel.clone()),
+                channel,
+            )),
+            (Backend::Cluster(cluster), None) => Some(Tracking::cluster(tier(), cluster.clone())),
+            (Backend::Cluster(cluster), Some(channel)) => Some(Tracking::new(
+                tier(),
+                Source::AnyNode(cluster.clone()),
+                Some(channel),
+            )),
+            (Backend::Memory(_), _) => None,
         }
         .map(Arc::new);
         Cache {
@@ -506,6 +535,7 @@ impl Cache {
             sentinel_fence: true,
             clock: WallClock::default(),
             local_capacity: DEFAULT_LOCAL_CAPACITY,
+            local_invalidation: LocalInvalidation::Tracking,
         }
     }
 

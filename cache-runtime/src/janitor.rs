@@ -492,6 +492,9 @@ impl Cache {
             let deleted = self
                 .timed(key, backend.delete_durably(std::slice::from_ref(key)))
                 .await;
+            if deleted.is_ok() {
+                self.announce(std::slice::from_ref(key)).await;
+            }
             match self.settle_invalidation(pending, deleted.as_ref().map(drop), epoch) {
                 Some(next) => pending.due = next,
                 None => done.push(at),

@@ -94,7 +94,7 @@ pub use crate::cache::{Cache, CacheBuilder};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
-pub use crate::local::LocalStats;
+pub use crate::local::{LocalInvalidation, LocalStats};
 pub use crate::stats::{Counts, Stats};
 
 /// Caches an `async fn`'s result (cache-aside).

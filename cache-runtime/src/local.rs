@@ -63,6 +63,24 @@ struct Copy {
     expires_at: Instant,
 }
 
+/// How the local tier learns that a key changed; see
+/// [`CacheBuilder::local_invalidation`](crate::CacheBuilder::local_invalidation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LocalInvalidation {
+    /// The server says so (RESP3 client-side caching, `CLIENT TRACKING`):
+    /// any change to a key, whoever made it, drops every process's copy.
+    #[default]
+    Tracking,
+    /// Every cache sharing the key prefix publishes the keys it writes on
+    /// a pub/sub channel, and drops the copies of the keys the others
+    /// publish. For deployments where `CLIENT TRACKING` is not available
+    /// (a proxy in front of Redis). Changes made without the cache
+    /// (`redis-cli`, expiry, eviction, `FLUSHDB`) are not announced: a copy
+    /// can outlive them for up to its function's `local` time.
+    Broadcast,
+}
+
 /// Permission to keep a copy of one read, taken before the read is sent;
 /// see the module docs.
 #[derive(Debug, Clone, Copy)]

@@ -31,6 +31,7 @@ use crate::local::LocalHit;
 use crate::outcome::{Answer, NOTHING, Outcome};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
+use crate::tracking::Via;
 
 /// How many failed leaders a waiter sits through before it computes on its
 /// own, through the key's gate.
@@ -270,12 +271,15 @@ impl Cache {
             }
             None => {}
         }
-        let Some(conn) = tracking.live(&redis_key) else {
+        let Some(via) = tracking.live(&redis_key) else {
             return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
         };
         // Taken before the read is sent: see `crate::local`.
         let ticket = tier.ticket(&redis_key, primaries);
-        let read = Box::pin(self.read_tracked(site, &redis_key, &conn)).await;
+        let read = match &via {
+            Via::Tracked(conn) => Box::pin(self.read_tracked(site, &redis_key, conn)).await,
+            Via::Shared => Box::pin(self.read(site, &redis_key, true)).await,
+        };
         if let Read::Unavailable = read {
             self.record(site, Event::Bypass);
             return body.await;

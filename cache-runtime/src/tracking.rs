@@ -37,6 +37,10 @@ use crate::local::LocalTier;
 /// may take: a connection that stopped answering is given up after about
 /// twice this.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Between the keys of one broadcast message (`Cache::announce` joins them
+/// with it): no key of the cache holds it (key parts are escaped).
+const BROADCAST_SEPARATOR: u8 = b'\n';
+
 /// How often the connection's anchor (a Sentinel primary) is looked at.
 const ANCHOR_CHECK: Duration = Duration::from_millis(100);
 /// First and longest pause between two attempts to open the connection.
@@ -60,6 +64,19 @@ pub(crate) enum Source {
         cluster: ClusterBackend,
         epoch: u64,
     },
+    /// Any node of a cluster (for a broadcast's subscription: a cluster
+    /// delivers every `PUBLISH` to every node): the primary of the
+    /// channel's slot when the connection is opened.
+    AnyNode(ClusterBackend),
+}
+
+/// Where a local function's read is sent so that its copy may be kept.
+pub(crate) enum Via {
+    /// On the tracking connection, which the server tracks.
+    Tracked(Arc<MultiplexedConnection>),
+    /// On the cache's own connection: with a broadcast, what matters is
+    /// that the subscription is live.
+    Shared,
 }
 
 /// What a tracking connection is good for as long as it lasts.
@@ -98,10 +115,12 @@ impl std::fmt::Debug for Tracking {
 }
 
 impl Tracking {
-    /// A [`Source::Server`] client must speak RESP3 (see [`resp3`]).
-    pub(crate) fn new(tier: Arc<LocalTier>, source: Source) -> Self {
+    /// A [`Source::Server`] client must speak RESP3 (see [`resp3`]). With
+    /// a `channel`, the connection subscribes to it (a broadcast) instead
+    /// of tracking.
+    pub(crate) fn new(tier: Arc<LocalTier>, source: Source, channel: Option<String>) -> Self {
         Tracking {
-            kind: Kind::One(Arc::new(Connection::new(tier.clone(), source))),
+            kind: Kind::One(Arc::new(Connection::new(tier.clone(), source, channel))),
             tier,
         }
     }
@@ -122,12 +141,28 @@ impl Tracking {
         &self.tier
     }
 
-    /// The tracking connection to read `key` on, if it is open and
-    /// tracked; the first call for a connection starts the task that opens
-    /// and keeps it (inside a Tokio runtime, as every cached call is).
-    pub(crate) fn live(&self, key: &str) -> Option<Arc<MultiplexedConnection>> {
+    /// The broadcast channel, if the tier is kept right by one.
+    pub(crate) fn channel(&self) -> Option<&str> {
         match &self.kind {
-            Kind::One(connection) => connection.live(),
+            Kind::One(connection) => connection.channel.as_deref(),
+            Kind::Cluster { .. } => None,
+        }
+    }
+
+    /// Where to read `key` so that its copy may be kept, if the tracking
+    /// connection (or the broadcast's subscription) is open; the first
+    /// call for a connection starts the task that opens and keeps it
+    /// (inside a Tokio runtime, as every cached call is).
+    pub(crate) fn live(&self, key: &str) -> Option<Via> {
+        match &self.kind {
+            Kind::One(connection) => {
+                let conn = connection.live()?;
+                Some(if connection.channel.is_some() {
+                    Via::Shared
+                } else {
+                    Via::Tracked(conn)
+                })
+            }
             Kind::Cluster {
                 cluster,
                 nodes,
@@ -152,13 +187,14 @@ impl Tracking {
                                 cluster: cluster.clone(),
                                 epoch,
                             };
-                            let connection = Arc::new(Connection::new(self.tier.clone(), source));
+                            let connection =
+                                Arc::new(Connection::new(self.tier.clone(), source, None));
                             nodes.insert(addr, connection.clone());
                             connection
                         }
                     }
                 };
-                connection.live()
+                connection.live().map(Via::Tracked)
             }
         }
     }
@@ -168,15 +204,18 @@ impl Tracking {
 struct Connection {
     tier: Arc<LocalTier>,
     source: Source,
+    /// A broadcast's channel, subscribed to instead of tracking.
+    channel: Option<String>,
     live: ArcSwapOption<MultiplexedConnection>,
     started: AtomicBool,
 }
 
 impl Connection {
-    fn new(tier: Arc<LocalTier>, source: Source) -> Self {
+    fn new(tier: Arc<LocalTier>, source: Source, channel: Option<String>) -> Self {
         Connection {
             tier,
             source,
+            channel,
             live: ArcSwapOption::empty(),
             started: AtomicBool::new(false),
         }
@@ -186,7 +225,7 @@ impl Connection {
     fn epoch(&self) -> Option<u64> {
         match &self.source {
             Source::ClusterNode { epoch, .. } => Some(*epoch),
-            Source::Server(_) | Source::Sentinel(_) => None,
+            Source::Server(_) | Source::Sentinel(_) | Source::AnyNode(_) => None,
         }
     }
 
@@ -204,6 +243,7 @@ impl Connection {
         let sink = Sink {
             tier: self.tier.clone(),
             lost,
+            channel: self.channel.clone(),
         };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
@@ -217,6 +257,11 @@ impl Connection {
             }
             Source::ClusterNode { client, epoch, .. } => {
                 (redis::Client::clone(client), Anchor::SlotMap(*epoch))
+            }
+            Source::AnyNode(cluster) => {
+                let channel = self.channel.as_deref().unwrap_or_default();
+                let addr = cluster.node_of(channel).ok_or(CacheError::CircuitOpen)?;
+                (cluster.node_client(&addr)?, Anchor::Server)
             }
         };
         let mut conn = client
@@ -237,12 +282,17 @@ impl Connection {
                 ))));
             }
         }
-        redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(CacheError::redis)?;
+        match &self.channel {
+            Some(channel) => conn.subscribe(channel).await,
+            None => {
+                redis::cmd("CLIENT")
+                    .arg("TRACKING")
+                    .arg("ON")
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        }
+        .map_err(CacheError::redis)?;
         Ok((conn, anchor))
     }
 
@@ -365,6 +415,8 @@ async fn watch(
 struct Sink {
     tier: Arc<LocalTier>,
     lost: Arc<Notify>,
+    /// A broadcast's channel: its messages name keys that changed.
+    channel: Option<String>,
 }
 
 impl redis::aio::AsyncPushSender for Sink {
@@ -382,6 +434,15 @@ impl redis::aio::AsyncPushSender for Sink {
                 Some(Value::Nil) => self.tier.flush(),
                 _ => {}
             },
+            PushKind::Message => {
+                if let [Value::BulkString(channel), Value::BulkString(keys)] = &info.data[..]
+                    && self.channel.as_deref().map(str::as_bytes) == Some(&channel[..])
+                {
+                    for key in keys.split(|&b| b == BROADCAST_SEPARATOR) {
+                        self.tier.invalidate(key);
+                    }
+                }
+            }
             PushKind::Disconnection => {
                 self.tier.flush();
                 self.lost.notify_one();

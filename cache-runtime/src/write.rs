@@ -17,6 +17,7 @@ use crate::key::CacheKey;
 use crate::local::LocalTier;
 use crate::site::Function;
 use crate::stats::Event;
+use crate::tracking::Tracking;
 
 impl Cache {
     /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`,
@@ -38,6 +39,7 @@ impl Cache {
                     .delete_durably(std::slice::from_ref(&redis_key)),
             )
             .await;
+        self.announce(std::slice::from_ref(&redis_key)).await;
         let stats = &self.inner.stats;
         match &deleted {
             Ok(_) => stats.record(None, Event::Invalidation),
@@ -75,6 +77,7 @@ impl Cache {
         // On a cluster, each primary's keys are deleted under its own
         // breaker: what failed is all that is left to retry.
         let (failed, error) = self.delete_many(&unfinished.keys).await;
+        self.announce(&unfinished.keys).await;
         let done = unfinished.keys.len() - failed.len();
         unfinished.keys = failed;
         self.inner
@@ -135,6 +138,7 @@ impl Cache {
                 self.inner.backend.set_durably(redis_key, &bytes, ttl),
             )
             .await;
+        self.announce(&unfinished.keys).await;
         match stored {
             Ok(()) => {
                 unfinished.keys.clear();
@@ -157,6 +161,36 @@ impl Cache {
 }
 
 impl Cache {
+    /// With a broadcast local tier ([`crate::LocalInvalidation::Broadcast`]):
+    /// tells the other processes that `keys` were written, once the write
+    /// was sent (whether or not it landed: a needless announcement only
+    /// costs them a copy). If it cannot be sent, their copies of these
+    /// keys live until their `local` time.
+    pub(crate) async fn announce(&self, keys: &[String]) {
+        let Some(channel) = self.inner.local.as_deref().and_then(Tracking::channel) else {
+            return;
+        };
+        if keys.is_empty() {
+            return;
+        }
+        // Split by `Sink` at `BROADCAST_SEPARATOR`.
+        let message = keys.join("\n");
+        let sent = self
+            .guarded(
+                channel,
+                self.inner.backend.publish(channel, message.as_bytes()),
+            )
+            .await;
+        if let Err(error) = sent
+            && !matches!(error, CacheError::CircuitOpen)
+        {
+            crate::limited!(
+                self,
+                warn!(%error, keys = keys.len(), "local tier broadcast failed: other processes keep their copies of these keys for up to their `local` time")
+            );
+        }
+    }
+
     /// Drops this process's local copies of the keys a write is about to
     /// change, now and again when the returned guard drops (the write
     /// returned, failed or was cancelled): a read of this process that

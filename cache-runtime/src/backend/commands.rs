@@ -446,6 +446,16 @@ pub(crate) async fn wait_replicated(
 
 /// `DEL` of keys that a cluster keeps together (one slot), or of any keys on
 /// a standalone server; how many existed.
+/// `PUBLISH` of the local tier's broadcast.
+pub(crate) async fn publish(
+    conn: &mut impl ConnectionLike,
+    channel: &str,
+    message: &[u8],
+) -> Result<(), CacheError> {
+    let _receivers: i64 = query(conn, redis::cmd("PUBLISH").arg(channel).arg(message)).await?;
+    Ok(())
+}
+
 pub(crate) async fn delete(
     conn: &mut impl ConnectionLike,
     keys: &[String],
