@@ -512,6 +512,20 @@ impl Row {
     }
 }
 
+/// The p50 and p99 rows of sorted hit latencies, per arm.
+fn latency_rows(hits: &[Vec<f64>]) -> Vec<Row> {
+    [(50, 0.50), (99, 0.99)]
+        .into_iter()
+        .map(|(name, p)| Row {
+            metric: format!("hit latency p{name}, c=1"),
+            unit: "µs",
+            values: hits.iter().map(|s| percentile(s, p)).collect(),
+            ratios: None,
+            higher_is_better: false,
+        })
+        .collect()
+}
+
 fn table(rows: &[Row], arms: &impl ArmSet) -> String {
     let names = arms.names();
     let mut out = String::new();
@@ -684,22 +698,7 @@ async fn main() -> Result<(), Error> {
     let (rounds, per_turn) = if quick { (6, 300) } else { (20, 1000) };
     let hits = hit_latency(&arms, rounds, per_turn).await?;
     println!("hit latency: {} samples per arm", hits[0].len());
-    let mut rows = vec![
-        Row {
-            metric: "hit latency p50, c=1".into(),
-            unit: "µs",
-            values: hits.iter().map(|s| percentile(s, 0.50)).collect(),
-            ratios: None,
-            higher_is_better: false,
-        },
-        Row {
-            metric: "hit latency p99, c=1".into(),
-            unit: "µs",
-            values: hits.iter().map(|s| percentile(s, 0.99)).collect(),
-            ratios: None,
-            higher_is_better: false,
-        },
-    ];
+    let mut rows = latency_rows(&hits);
 
     rows.push(Row {
         metric: "hit throughput, c=1 (1 / mean latency)".into(),
@@ -998,22 +997,7 @@ mod local_tier {
         }
         let (rounds, per_turn) = if quick { (6, 1000) } else { (20, 5000) };
         let hits = hit_latency(&arms, rounds, per_turn).await?;
-        let mut rows = vec![
-            Row {
-                metric: "hit latency p50, c=1".into(),
-                unit: "µs",
-                values: hits.iter().map(|s| percentile(s, 0.50)).collect(),
-                ratios: None,
-                higher_is_better: false,
-            },
-            Row {
-                metric: "hit latency p99, c=1".into(),
-                unit: "µs",
-                values: hits.iter().map(|s| percentile(s, 0.99)).collect(),
-                ratios: None,
-                higher_is_better: false,
-            },
-        ];
+        let mut rows = latency_rows(&hits);
         let throughput_rounds = if quick { 6 } else { 20 };
         let (per_second, ratios) =
             hit_throughput(&arms, 64, throughput_rounds, Duration::from_millis(150)).await?;
@@ -1273,22 +1257,7 @@ mod cluster {
         }
         let (rounds, per_turn) = if quick { (6, 300) } else { (20, 1000) };
         let hits = hit_latency(&arms, rounds, per_turn).await?;
-        let mut rows = vec![
-            Row {
-                metric: "hit latency p50, c=1".into(),
-                unit: "µs",
-                values: hits.iter().map(|s| percentile(s, 0.50)).collect(),
-                ratios: None,
-                higher_is_better: false,
-            },
-            Row {
-                metric: "hit latency p99, c=1".into(),
-                unit: "µs",
-                values: hits.iter().map(|s| percentile(s, 0.99)).collect(),
-                ratios: None,
-                higher_is_better: false,
-            },
-        ];
+        let mut rows = latency_rows(&hits);
         let primaries = cluster.primaries();
         let turn = Duration::from_millis(150);
         let throughput_rounds = if quick { 6 } else { 30 };

@@ -20,15 +20,12 @@ where
     S: Outcome<R>,
     F: Future<Output = R>,
 {
-    let Some(site) = key.site() else {
-        // Generated keys always carry their function's site.
-        return body.await;
-    };
-    let Some(cache) = resolve(cache, site.function()) else {
-        return body.await;
-    };
-    let redis_key = cache.redis_key_of(key);
-    cache.get_or_compute::<S, R, F>(site, redis_key, body).await
+    match resolve_key(cache, key) {
+        Some((site, cache, redis_key)) => {
+            cache.get_or_compute::<S, R, F>(site, redis_key, body).await
+        }
+        None => body.await,
+    }
 }
 
 /// The body of every `#[redis_cached(..., local = "...")]` function:
@@ -40,16 +37,27 @@ where
     S::Value: Clone + Send + Sync + 'static,
     F: Future<Output = R>,
 {
-    let Some(site) = key.site() else {
-        return body.await;
-    };
-    let Some(cache) = resolve(cache, site.function()) else {
-        return body.await;
-    };
+    match resolve_key(cache, key) {
+        Some((site, cache, redis_key)) => {
+            cache
+                .get_or_compute_local::<S, R, F>(site, redis_key, body)
+                .await
+        }
+        None => body.await,
+    }
+}
+
+/// A key's function, the cache to use and the Redis key; `None` without a
+/// cache installed (or a key without its function's site, which generated
+/// keys always have).
+fn resolve_key<'c, V>(
+    cache: Option<&'c Cache>,
+    key: CacheKey<V>,
+) -> Option<(&'static Site, Cow<'c, Cache>, String)> {
+    let site = key.site()?;
+    let cache = resolve(cache, site.function())?;
     let redis_key = cache.redis_key_of(key);
-    cache
-        .get_or_compute_local::<S, R, F>(site, redis_key, body)
-        .await
+    Some((site, cache, redis_key))
 }
 
 /// The ids of a batch call, each with its key: `ids` is the batch
@@ -87,18 +95,33 @@ where
     B: FnOnce(Vec<T>) -> Fut,
     Fut: Future<Output = R>,
 {
+    match batch_entries(cache, keys) {
+        Ok((site, cache, entries)) => {
+            cache
+                .get_or_compute_batch::<S, R, T, V, B, Fut>(site, entries, body)
+                .await
+        }
+        Err(ids) => body(ids).await,
+    }
+}
+
+/// A batch's function, cache and Redis keys; or, without a cache (or a
+/// site), its ids for the body to run uncached.
+#[allow(clippy::type_complexity)]
+fn batch_entries<'c, T, V>(
+    cache: Option<&'c Cache>,
+    keys: Vec<(T, CacheKey<V>)>,
+) -> Result<(&'static Site, Cow<'c, Cache>, Vec<(T, String)>), Vec<T>> {
     let site = keys.first().and_then(|(_, key)| key.site());
     let (Some(site), Some(cache)) = (site, site.and_then(|site| resolve(cache, site.function())))
     else {
-        return body(keys.into_iter().map(|(id, _)| id).collect()).await;
+        return Err(keys.into_iter().map(|(id, _)| id).collect());
     };
     let entries = keys
         .into_iter()
         .map(|(id, key)| (id, cache.redis_key_of(key)))
         .collect();
-    cache
-        .get_or_compute_batch::<S, R, T, V, B, Fut>(site, entries, body)
-        .await
+    Ok((site, cache, entries))
 }
 
 /// The body of every `#[redis_cached(..., batch, local = "...")]`
@@ -117,18 +140,14 @@ where
     B: FnOnce(Vec<T>) -> Fut,
     Fut: Future<Output = R>,
 {
-    let site = keys.first().and_then(|(_, key)| key.site());
-    let (Some(site), Some(cache)) = (site, site.and_then(|site| resolve(cache, site.function())))
-    else {
-        return body(keys.into_iter().map(|(id, _)| id).collect()).await;
-    };
-    let entries = keys
-        .into_iter()
-        .map(|(id, key)| (id, cache.redis_key_of(key)))
-        .collect();
-    cache
-        .get_or_compute_batch_local::<S, R, T, V, B, Fut>(site, entries, body)
-        .await
+    match batch_entries(cache, keys) {
+        Ok((site, cache, entries)) => {
+            cache
+                .get_or_compute_batch_local::<S, R, T, V, B, Fut>(site, entries, body)
+                .await
+        }
+        Err(ids) => body(ids).await,
+    }
 }
 
 /// The body of every `#[invalidates]` function: run `body`, then, if it
