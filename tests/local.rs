@@ -379,6 +379,80 @@ async fn a_broadcast_keeps_copies_right_without_tracking() {
     warm(&reader, 3).await;
 }
 
+/// An answer of nothing (`cache_none`) is kept locally like a value, and
+/// dropped like one.
+#[tokio::test]
+async fn a_cached_none_is_kept_and_dropped_locally() {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    #[redis_cached(key = "none:<id>", ttl = 60, local = "10s", cache_none, skip(cache), cache = cache)]
+    async fn find(cache: &Cache, id: u64) -> Option<Row> {
+        let _ = cache;
+        CALLS.fetch_add(1, Ordering::SeqCst);
+        (id > 1_000).then_some(Row { id, version: 1 })
+    }
+    let server = RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.stats().total.local_hits == 0 {
+        assert!(Instant::now() < deadline, "no local hit");
+        assert_eq!(find(&cache, 7).await, None);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(CALLS.load(Ordering::SeqCst), 1, "the None was cached");
+    cache.invalidate(&find_cache_key(&7)).await.unwrap();
+    assert_eq!(find(&cache, 7).await, None);
+    assert_eq!(
+        CALLS.load(Ordering::SeqCst),
+        2,
+        "the invalidation reached the local copy"
+    );
+}
+
+/// With `stale`, a copy lives only while the entry is fresh: after the
+/// TTL, calls go to Redis, which serves the stale value while one caller
+/// refreshes it.
+#[tokio::test]
+async fn a_copy_never_outlives_the_entrys_freshness() {
+    static VERSION: AtomicU64 = AtomicU64::new(1);
+    #[redis_cached(key = "fresh:<id>", ttl = "300ms", stale = "10s", local = "10s", skip(cache), cache = cache)]
+    async fn fresh(cache: &Cache, id: u64) -> Row {
+        let _ = cache;
+        Row {
+            id,
+            version: VERSION.load(Ordering::SeqCst),
+        }
+    }
+    let server = RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cache.stats().total.local_hits == 0 {
+        assert!(Instant::now() < deadline, "no local hit");
+        fresh(&cache, 1).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    VERSION.store(2, Ordering::SeqCst);
+    // Past the TTL: the copy is gone, the stale value comes from Redis,
+    // and a refresh brings version 2.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let local_hits = cache.stats().total.local_hits;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while fresh(&cache, 1).await.version != 2 {
+        assert!(Instant::now() < deadline, "the refresh never landed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = cache.stats().total;
+    println!(
+        "stale + local: {} local hits after the TTL, {} stale hits, {} refreshes",
+        stats.local_hits - local_hits,
+        stats.stale_hits,
+        stats.refreshes
+    );
+    assert!(
+        stats.stale_hits + stats.refreshes >= 1,
+        "Redis served the stale value"
+    );
+}
+
 /// Read-your-writes in one process is exact: right after the write
 /// returns, the next read sees it, with no wait for the server's message.
 #[tokio::test]
@@ -467,8 +541,9 @@ struct Blob {
 /// Many more keys than fit: the local tier stays within its bound.
 #[tokio::test]
 async fn memory_stays_within_local_capacity() {
-    #[redis_cached(key = "blob:<id>", ttl = 60, local = "60s")]
-    async fn blob(id: u64) -> Blob {
+    #[redis_cached(key = "blob:<id>", ttl = 60, local = "60s", skip(cache), cache = cache)]
+    async fn blob(cache: &Cache, id: u64) -> Blob {
+        let _ = cache;
         Blob {
             bytes: format!("{id:0>1000}"),
         }
@@ -481,12 +556,11 @@ async fn memory_stays_within_local_capacity() {
         .build()
         .await
         .unwrap();
-    cache.install();
     let keys = 20_000u64;
     let mut largest = 0;
     for round in 0..2 {
         for id in 0..keys {
-            blob(id).await;
+            blob(&cache, id).await;
             if id % 1000 == 0 {
                 largest = largest.max(cache.stats().local.bytes);
             }
