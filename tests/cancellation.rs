@@ -125,6 +125,12 @@ impl Db {
         Ok(Some(self.row(id).await?).filter(|row| present(row.version)))
     }
 
+    /// With a local tier (copies dropped by the server's invalidations).
+    #[redis_cached(key = "local:<id>", ttl = 60, local = "5s", single_flight, cache = self.cache)]
+    async fn local(&self, id: u64) -> Result<Row, DbError> {
+        self.row(id).await
+    }
+
     #[redis_cached(key = "batch:<ids>", ttl = 60, none_ttl = "30s", single_flight, batch, cache = self.cache)]
     async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
         self.rows(ids).await
@@ -158,6 +164,7 @@ impl Db {
         Self::early(id),
         Self::none(id),
         Self::batch(id),
+        Self::local(id),
         cache = self.cache
     )]
     async fn write(&self, id: u64) -> Result<(), DbError> {
@@ -167,7 +174,7 @@ impl Db {
     }
 
     /// Each function's answer for `id`, as versions (`None`: absent).
-    async fn answers(&self, id: u64) -> [Option<u64>; 7] {
+    async fn answers(&self, id: u64) -> [Option<u64>; 8] {
         let version = |row: Result<Row, DbError>| row.ok().map(|r| r.version);
         [
             version(self.plain(id).await),
@@ -181,6 +188,7 @@ impl Db {
                 .ok()
                 .and_then(|mut rows| rows.remove(&id))
                 .map(|r| r.version),
+            version(self.local(id).await),
         ]
     }
 }
@@ -208,7 +216,8 @@ async fn one_call(db: &Db, calls: &Calls) {
                 let _ = db.write(id).await;
             }
             0 => drop(db.plain(id).await),
-            1 | 2 => drop(db.plain(id).await),
+            1 => drop(db.plain(id).await),
+            2 => drop(db.local(id).await),
             3 | 4 => drop(db.flight(id).await),
             5 => drop(db.distributed(id).await),
             6 | 7 => {
@@ -364,10 +373,11 @@ fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
     );
     println!(
         "{name}: {started} calls ({} writes), {completed} completed, {dropped} dropped at a random point; \
-         {body_runs} body runs; hits {}, stale hits {}, coalesced {}, misses {}, refreshes {}, bypasses {}; \
+         {body_runs} body runs; hits {}, local hits {}, stale hits {}, coalesced {}, misses {}, refreshes {}, bypasses {}; \
          errors {}, compensations {}, dropped sets {}, invalidations {}, lost invalidations {}",
         calls.writes.load(Ordering::SeqCst),
         stats.hits,
+        stats.local_hits,
         stats.stale_hits,
         stats.coalesced,
         stats.misses,
@@ -408,7 +418,9 @@ async fn check_no_stale_value(name: &str, db: &Db) {
         let plain = Some(version);
         assert_eq!(
             answers,
-            [plain, plain, plain, expected, plain, expected, expected],
+            [
+                plain, plain, plain, expected, plain, expected, expected, plain
+            ],
             "{name}: id {id} at version {version}"
         );
     }
