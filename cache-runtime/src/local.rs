@@ -100,7 +100,7 @@ pub(crate) enum LocalHit<V> {
 
 /// The copies of one `Cache`, with the counts that keep them right.
 pub(crate) struct LocalTier {
-    copies: moka::sync::Cache<String, Copy>,
+    copies: moka::sync::Cache<String, Copy, foldhash::fast::RandomState>,
     hasher: std::hash::RandomState,
     buckets: Box<[AtomicU64]>,
     /// Bumped when every copy is dropped at once.
@@ -148,7 +148,7 @@ impl LocalTier {
             // per-entry expiry costs a hit about a third more (measured in
             // examples/bench.rs); each copy's own end is checked on a hit.
             .time_to_live(LONGEST_COPY)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         LocalTier {
             copies,
             hasher: std::hash::RandomState::new(),

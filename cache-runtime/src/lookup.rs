@@ -252,8 +252,9 @@ impl Cache {
         F: Future<Output = R>,
     {
         let Some(tracking) = &self.inner.local else {
-            // The memory backend is local already.
-            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
+            // The memory backend is local already. Boxed, as every path
+            // but a local hit: the future of a local hit stays small.
+            return Box::pin(self.get_or_compute::<S, R, F>(site, redis_key, body)).await;
         };
         let tier = tracking.tier();
         // On a cluster, copies made under another slot map are not served.
@@ -272,7 +273,7 @@ impl Cache {
             None => {}
         }
         let Some(via) = tracking.live(&redis_key) else {
-            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
+            return Box::pin(self.get_or_compute::<S, R, F>(site, redis_key, body)).await;
         };
         // Taken before the read is sent: see `crate::local`.
         let ticket = tier.ticket(&redis_key, primaries);
