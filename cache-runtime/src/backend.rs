@@ -367,6 +367,50 @@ impl Backend {
         }
     }
 
+    /// Where a `SCAN` of every key must run: the server, or (on a
+    /// cluster) each primary by address.
+    pub(crate) fn scan_targets(&self) -> Vec<Option<String>> {
+        match self {
+            Backend::Cluster(c) => c.primaries().into_iter().map(Some).collect(),
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => vec![None],
+        }
+    }
+
+    /// One step of `SCAN cursor MATCH pattern` on `target` (see
+    /// [`Backend::scan_targets`]); the memory backend answers every key
+    /// that starts with `prefix` at once.
+    pub(crate) async fn scan(
+        &self,
+        target: Option<&str>,
+        cursor: u64,
+        pattern: &str,
+        prefix: &str,
+    ) -> Result<(u64, Vec<String>), CacheError> {
+        const COUNT: usize = 1000;
+        match (self, target) {
+            (Backend::Cluster(c), Some(addr)) => c.scan_node(addr, cursor, pattern, COUNT).await,
+            (Backend::Memory(m), _) => Ok((0, m.keys_with_prefix(prefix))),
+            _ => match self.connection() {
+                Ok(mut conn) => commands::scan(&mut conn, cursor, pattern, COUNT).await,
+                Err(m) => Ok((0, m.keys_with_prefix(prefix))),
+            },
+        }
+    }
+
+    /// `UNLINK` of keys (`DEL` that frees their memory in the background);
+    /// how many existed.
+    pub(crate) async fn unlink(&self, keys: &[String]) -> Result<u64, CacheError> {
+        match self {
+            Backend::Redis(_) => match self.connection() {
+                Ok(mut conn) => commands::unlink(&mut conn, keys).await,
+                Err(m) => Ok(m.delete(keys)),
+            },
+            Backend::Sentinel(s) => s.unlink(keys).await,
+            Backend::Cluster(c) => c.unlink(keys).await,
+            Backend::Memory(m) => Ok(m.delete(keys)),
+        }
+    }
+
     /// `PUBLISH` on the cache's connection (the local tier's broadcast);
     /// nothing on the memory backend.
     pub(crate) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), CacheError> {

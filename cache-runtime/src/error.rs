@@ -51,6 +51,12 @@ pub enum CacheError {
     /// A value could not be encoded or decoded.
     #[error("codec: {0}")]
     Codec(#[from] CodecError),
+    /// `Cache::clear` on a cache without a key prefix: its entries cannot
+    /// be told from other keys of the database.
+    #[error(
+        "Cache::clear needs a key prefix (`CacheBuilder::prefix`): without one, the cache's entries cannot be told from the database's other keys; use `clear_prefix` with a template's literal start instead"
+    )]
+    ClearWithoutPrefix,
 }
 
 /// An error from the Redis server or the connection to it. Opaque: ask it

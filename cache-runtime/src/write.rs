@@ -55,6 +55,62 @@ impl Cache {
         deleted.map(|n| n > 0)
     }
 
+    /// Deletes every entry of this cache: the keys under its prefix, on
+    /// every primary of a cluster (`SCAN` + `UNLINK`, never `FLUSHDB`).
+    /// Returns how many there were. Fails with
+    /// [`CacheError::ClearWithoutPrefix`] when the cache has no prefix.
+    ///
+    /// Lease placeholders go too, so values being computed from data read
+    /// before the clear are not stored. This process's local copies are
+    /// dropped; other processes' are dropped by the server (or the
+    /// broadcast). Each step is bounded by the op timeout; the whole
+    /// takes one round trip per thousand keys or so.
+    ///
+    /// Cancel safe: dropping the future stops the clear where it is.
+    pub async fn clear(&self) -> Result<u64, CacheError> {
+        if self.prefixed("").is_empty() {
+            return Err(CacheError::ClearWithoutPrefix);
+        }
+        self.clear_prefix("").await
+    }
+
+    /// Deletes every entry whose key starts with `prefix` (after the
+    /// cache's own prefix): `clear_prefix("user:")` deletes every entry of
+    /// `#[redis_cached(key = "user:<id>", ...)]` (every `version` too) and
+    /// of any other template that starts with `user:`. `*`, `?`, `[` and
+    /// `\` in `prefix` are matched as themselves. See [`Cache::clear`].
+    pub async fn clear_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+        let start = self.prefixed(prefix).into_owned();
+        let pattern = format!("{}*", glob_escape(&start));
+        let backend = &self.inner.backend;
+        let timeout = self.inner.op_timeout;
+        let mut deleted = 0;
+        for target in backend.scan_targets() {
+            let mut cursor = 0;
+            loop {
+                let scan = backend.scan(target.as_deref(), cursor, &pattern, &start);
+                let (next, keys) = within(timeout, scan).await?;
+                // SCAN's pattern is matched by the server; the memory
+                // backend filters exactly.
+                let keys: Vec<String> =
+                    keys.into_iter().filter(|k| k.starts_with(&start)).collect();
+                if !keys.is_empty() {
+                    let _local = self.drop_local(&keys);
+                    deleted += within(timeout, backend.unlink(&keys)).await?;
+                    self.inner
+                        .stats
+                        .record_n(None, Event::Invalidation, keys.len());
+                    self.announce(&keys).await;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// After a successful write: deletes `keys`, waiting at most one op
     /// timeout; what is left is retried in the background.
     pub(crate) async fn invalidate_after_write(
@@ -206,6 +262,28 @@ impl Cache {
             keys: keys.to_vec(),
         })
     }
+}
+
+/// `operation`, or a timeout error after `timeout`.
+async fn within<T>(
+    timeout: std::time::Duration,
+    operation: impl std::future::Future<Output = Result<T, CacheError>>,
+) -> Result<T, CacheError> {
+    tokio::time::timeout(timeout, operation)
+        .await
+        .unwrap_or(Err(CacheError::Timeout(timeout)))
+}
+
+/// `text` as a `SCAN MATCH` pattern that matches it literally.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 /// Drops local copies of a write's keys once the write is over.

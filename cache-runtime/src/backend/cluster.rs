@@ -202,6 +202,64 @@ impl ClusterBackend {
         })
     }
 
+    /// The addresses (`host:port`) of the primaries now, for a `SCAN` of
+    /// each.
+    pub(crate) fn primaries(&self) -> Vec<String> {
+        let topology = self.shared.topology.load();
+        topology
+            .nodes
+            .iter()
+            .filter_map(|&at| self.breaker_at(at).node().map(str::to_owned))
+            .collect()
+    }
+
+    /// One `SCAN` step on the primary at `addr`.
+    pub(crate) async fn scan_node(
+        &self,
+        addr: &str,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<String>), CacheError> {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse().ok()?)))
+            .ok_or_else(|| {
+                CacheError::redis(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "node address without a port",
+                )))
+            })?;
+        let reply = self
+            .conn()
+            .route_command(
+                commands::scan_cmd(cursor, pattern, count),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port,
+                }),
+            )
+            .await
+            .map_err(CacheError::redis)?;
+        redis::FromRedisValue::from_redis_value(reply)
+            .map_err(|e| CacheError::redis(redis::RedisError::from(e)))
+    }
+
+    /// `UNLINK` of keys in any slots: one per slot, sent together.
+    pub(crate) async fn unlink(&self, keys: &[String]) -> Result<u64, CacheError> {
+        let groups = by_slot(keys);
+        let unlinks = join_all(groups.iter().map(|indices| async move {
+            let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+            commands::unlink(&mut self.conn(), &group).await
+        }))
+        .await;
+        let mut existed = 0;
+        for unlinked in unlinks {
+            existed += unlinked?;
+        }
+        Ok(existed)
+    }
+
     /// The address (`host:port`) of the primary that serves `key`, if the
     /// slot map is known.
     pub(crate) fn node_of(&self, key: &str) -> Option<String> {

@@ -446,6 +446,39 @@ pub(crate) async fn wait_replicated(
 
 /// `DEL` of keys that a cluster keeps together (one slot), or of any keys on
 /// a standalone server; how many existed.
+/// `UNLINK` of several keys (freed in the background); how many existed.
+pub(crate) async fn unlink(
+    conn: &mut impl ConnectionLike,
+    keys: &[String],
+) -> Result<u64, CacheError> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    query(conn, redis::cmd("UNLINK").arg(keys)).await
+}
+
+/// One step of `SCAN cursor MATCH pattern COUNT count`: the next cursor
+/// (0 when done) and the keys found.
+pub(crate) fn scan_cmd(cursor: u64, pattern: &str, count: usize) -> Cmd {
+    let mut cmd = redis::cmd("SCAN");
+    cmd.arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(count);
+    cmd
+}
+
+/// [`scan_cmd`] on a connection.
+pub(crate) async fn scan(
+    conn: &mut impl ConnectionLike,
+    cursor: u64,
+    pattern: &str,
+    count: usize,
+) -> Result<(u64, Vec<String>), CacheError> {
+    query(conn, &scan_cmd(cursor, pattern, count)).await
+}
+
 /// `PUBLISH` of the local tier's broadcast.
 pub(crate) async fn publish(
     conn: &mut impl ConnectionLike,

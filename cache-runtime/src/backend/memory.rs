@@ -69,6 +69,15 @@ impl MemoryBackend {
             .filter(|e| e.expires_at > Instant::now())
     }
 
+    /// The keys that start with `prefix`.
+    pub(crate) fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| String::clone(&key))
+            .collect()
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.live(key).map(|e| e.bytes.to_vec())
     }

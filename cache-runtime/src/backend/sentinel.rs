@@ -299,6 +299,12 @@ impl SentinelBackend {
             .is_some_and(|current| Arc::ptr_eq(current, &primary.0))
     }
 
+    /// `UNLINK`, noted for the fence like a `DEL`.
+    pub(crate) async fn unlink(&self, keys: &[String]) -> Result<u64, CacheError> {
+        self.resolver.fence.note(keys);
+        commands::unlink(&mut self.conn(), keys).await
+    }
+
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
         // Noted before it is sent: a `DEL` whose reply is lost may have
         // landed on a primary that is about to lose it.
