@@ -63,7 +63,9 @@ pub(crate) struct Inner {
     pub(crate) op_timeout: Duration,
     pub(crate) lease: Duration,
     pub(crate) codec: Codec,
-    max_value_size: usize,
+    pub(crate) max_value_size: usize,
+    /// `compress_above`: encoded values longer than this are compressed.
+    pub(crate) compress_above: Option<usize>,
     /// The backend's circuit breaker; on a cluster, that of keys whose
     /// primary is not known yet is the backend's own (see
     /// [`Backend::breaker`]).
@@ -89,6 +91,7 @@ pub struct CacheBuilder {
     lease: Duration,
     codec: Codec,
     max_value_size: usize,
+    compress_above: Option<usize>,
     breaker_failures: u32,
     breaker_cooldown: Duration,
     tcp_nodelay: bool,
@@ -289,6 +292,19 @@ impl CacheBuilder {
     /// 16 MiB value needs more than the default 100 ms.
     pub fn max_value_size(mut self, bytes: usize) -> Self {
         self.max_value_size = bytes;
+        self
+    }
+
+    /// Compress encoded values longer than `bytes` (lz4): large values
+    /// cost Redis memory, network time and, on a cluster, one node's
+    /// bandwidth. Off by default. Compressed entries describe themselves,
+    /// so caches with and without compression read each other's entries;
+    /// an uncompressed entry stays readable in `redis-cli`. A value that
+    /// does not shrink is stored as it is. Measured in
+    /// `examples/compression.rs` (README, "Compression"): a 64 KB JSON
+    /// value compresses 16× in about 10 µs and decompresses in about 3 µs.
+    pub fn compress_above(mut self, bytes: usize) -> Self {
+        self.compress_above = Some(bytes);
         self
     }
 
@@ -497,6 +513,7 @@ impl CacheBuilder {
                 lease: self.lease,
                 codec: self.codec,
                 max_value_size: self.max_value_size,
+                compress_above: self.compress_above,
                 breaker,
                 stats: Recorder::default(),
                 flights: Flights::default(),
@@ -526,6 +543,7 @@ impl Cache {
             lease: DEFAULT_LEASE,
             codec: Codec::default(),
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            compress_above: None,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             tcp_nodelay: true,
@@ -889,7 +907,12 @@ impl Cache {
     ) -> Option<Vec<u8>> {
         let inner = &*self.inner;
         match inner.codec.encode(value) {
-            Ok(bytes) if bytes.len() <= inner.max_value_size => Some(bytes),
+            Ok(bytes) if bytes.len() <= inner.max_value_size => match inner.compress_above {
+                Some(above) if bytes.len() > above => {
+                    Some(crate::compression::compress(&bytes).unwrap_or(bytes))
+                }
+                _ => Some(bytes),
+            },
             Ok(bytes) => {
                 inner.stats.record(function, Event::Oversized);
                 crate::limited!(

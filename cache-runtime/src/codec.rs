@@ -32,6 +32,10 @@ pub enum CodecError {
     #[cfg(feature = "msgpack")]
     #[error("MessagePack decode: {0}")]
     MessagePackDecode(#[from] rmp_serde::decode::Error),
+    /// A compressed entry (`CacheBuilder::compress_above`) did not
+    /// decompress.
+    #[error("compression: {0}")]
+    Compression(&'static str),
 }
 
 impl Codec {

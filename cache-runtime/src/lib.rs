@@ -70,6 +70,7 @@ mod breaker;
 mod cache;
 mod clock;
 mod codec;
+mod compression;
 mod error;
 mod flight;
 mod freshness;

@@ -641,7 +641,13 @@ impl Cache {
         key: &str,
         bytes: &[u8],
     ) -> Option<V> {
-        match self.inner.codec.decode(bytes) {
+        let decoded = if crate::compression::is_compressed(bytes) {
+            crate::compression::decompress(bytes, self.inner.max_value_size)
+                .and_then(|value| self.inner.codec.decode(&value))
+        } else {
+            self.inner.codec.decode(bytes)
+        };
+        match decoded {
             Ok(value) => Some(value),
             Err(error) => {
                 self.record(site, Event::Error);
