@@ -18,6 +18,7 @@
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --release --example bench
 //! BENCH_QUICK=1 cargo run --release --example bench   # fewer rounds
 //! BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench   # A/B runs of the hot path
+//! BENCH_TRACING_AB=1 cargo run --release --example bench   # what the call spans cost
 //! BENCH_CLUSTER_ONLY=1 cargo run --release --example bench      # the cluster arms alone
 //! BENCH_CLUSTER_ONLY=1 BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench
 //! BENCH_CLUSTER_ONLY=1 BENCH_PROFILE_ARM=2 perf record -g target/release/examples/bench
@@ -491,6 +492,59 @@ async fn stampede(arms: &Arms, callers: usize) -> Result<Vec<(u64, f64)>, Error>
 
 // ------------------------------------------------------------------- output
 
+/// `BENCH_TRACING_AB=1`: what the call spans cost. Hits of arm 3 (c=1,
+/// from the main task, so a thread-local default dispatcher covers them)
+/// with no subscriber, with one at `info` (the spans are `debug`: off),
+/// and with one at `debug` writing to nowhere; interleaved rounds.
+async fn tracing_ab(arms: &Arms, rounds: usize) -> Result<(), Error> {
+    use tracing::level_filters::LevelFilter;
+    let subscriber = |level: LevelFilter| {
+        tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_writer(std::io::sink)
+                .finish(),
+        )
+    };
+    let dispatchers = [
+        ("no subscriber", tracing::Dispatch::none()),
+        (
+            "subscriber at info (spans off)",
+            subscriber(LevelFilter::INFO),
+        ),
+        (
+            "subscriber at debug (spans on)",
+            subscriber(LevelFilter::DEBUG),
+        ),
+    ];
+    let mut samples = vec![Vec::new(); dispatchers.len()];
+    for round in 0..rounds {
+        for at in rotation(round, dispatchers.len()) {
+            let _default = tracing::dispatcher::set_default(&dispatchers[at].1);
+            for i in 0..2_000u64 {
+                let started = Instant::now();
+                arms.call(2, i % WARM_KEYS, false).await?;
+                samples[at].push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
+    let p50: Vec<f64> = samples
+        .into_iter()
+        .map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            percentile(&s, 0.5)
+        })
+        .collect();
+    for (at, (name, _)) in dispatchers.iter().enumerate() {
+        println!(
+            "hit latency p50 with {name}: {:.1} µs ({:.3}× no subscriber)",
+            p50[at],
+            p50[at] / p50[0]
+        );
+    }
+    Ok(())
+}
+
 /// One row of the table: a figure per arm (NaN where it does not apply).
 struct Row {
     metric: String,
@@ -679,6 +733,10 @@ async fn main() -> Result<(), Error> {
                 arms.call(arm, id, false).await?;
             }
         }
+    }
+
+    if std::env::var_os("BENCH_TRACING_AB").is_some() {
+        return tracing_ab(&arms, if quick { 6 } else { 20 }).await;
     }
 
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {

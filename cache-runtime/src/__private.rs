@@ -5,6 +5,8 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tracing::Instrument;
+
 pub use crate::key::KeyBuilder;
 pub use crate::outcome::{
     Answer, BatchMap, BatchOutcome, BatchValueOf, Completion, OptionShape, Outcome, PlainShape,
@@ -22,7 +24,13 @@ where
 {
     match resolve_key(cache, key) {
         Some((site, cache, redis_key)) => {
-            cache.get_or_compute::<S, R, F>(site, redis_key, body).await
+            let span = cache.call_span(site, &redis_key);
+            if span.is_disabled() {
+                return cache.get_or_compute::<S, R, F>(site, redis_key, body).await;
+            }
+            Box::pin(cache.get_or_compute::<S, R, F>(site, redis_key, body))
+                .instrument(span)
+                .await
         }
         None => body.await,
     }
@@ -39,8 +47,14 @@ where
 {
     match resolve_key(cache, key) {
         Some((site, cache, redis_key)) => {
-            cache
-                .get_or_compute_local::<S, R, F>(site, redis_key, body)
+            let span = cache.call_span(site, &redis_key);
+            if span.is_disabled() {
+                return cache
+                    .get_or_compute_local::<S, R, F>(site, redis_key, body)
+                    .await;
+            }
+            Box::pin(cache.get_or_compute_local::<S, R, F>(site, redis_key, body))
+                .instrument(span)
                 .await
         }
         None => body.await,
@@ -97,8 +111,10 @@ where
 {
     match batch_entries(cache, keys) {
         Ok((site, cache, entries)) => {
+            let span = cache.batch_span(site, entries.len());
             cache
                 .get_or_compute_batch::<S, R, T, V, B, Fut>(site, entries, body)
+                .instrument(span)
                 .await
         }
         Err(ids) => body(ids).await,
@@ -142,8 +158,10 @@ where
 {
     match batch_entries(cache, keys) {
         Ok((site, cache, entries)) => {
+            let span = cache.batch_span(site, entries.len());
             cache
                 .get_or_compute_batch_local::<S, R, T, V, B, Fut>(site, entries, body)
+                .instrument(span)
                 .await
         }
         Err(ids) => body(ids).await,

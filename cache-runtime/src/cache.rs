@@ -66,6 +66,8 @@ pub(crate) struct Inner {
     pub(crate) max_value_size: usize,
     /// `compress_above`: encoded values longer than this are compressed.
     pub(crate) compress_above: Option<usize>,
+    /// `trace_keys`: whether call spans carry the key.
+    pub(crate) trace_keys: bool,
     /// The backend's circuit breaker; on a cluster, that of keys whose
     /// primary is not known yet is the backend's own (see
     /// [`Backend::breaker`]).
@@ -92,6 +94,7 @@ pub struct CacheBuilder {
     codec: Codec,
     max_value_size: usize,
     compress_above: Option<usize>,
+    trace_keys: bool,
     breaker_failures: u32,
     breaker_cooldown: Duration,
     tcp_nodelay: bool,
@@ -308,6 +311,14 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether the `debug` span of each cached call carries its Redis key
+    /// (`cache.key`). Off by default: keys can hold personal data (an
+    /// email, a user id) that a tracing backend should not receive.
+    pub fn trace_keys(mut self, on: bool) -> Self {
+        self.trace_keys = on;
+        self
+    }
+
     /// How values are encoded. Default [`Codec::Json`].
     pub fn codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
@@ -514,6 +525,7 @@ impl CacheBuilder {
                 codec: self.codec,
                 max_value_size: self.max_value_size,
                 compress_above: self.compress_above,
+                trace_keys: self.trace_keys,
                 breaker,
                 stats: Recorder::default(),
                 flights: Flights::default(),
@@ -544,6 +556,7 @@ impl Cache {
             codec: Codec::default(),
             max_value_size: DEFAULT_MAX_VALUE_SIZE,
             compress_above: None,
+            trace_keys: false,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             tcp_nodelay: true,
@@ -868,6 +881,50 @@ impl Cache {
     #[inline]
     pub(crate) fn record(&self, site: &'static Site, event: Event) {
         self.inner.stats.record(Some(site.function()), event);
+        // A static check when `debug` is off: nothing else on the hot path.
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && let Some(outcome) = event.outcome()
+        {
+            tracing::Span::current().record("outcome", outcome);
+        }
+    }
+
+    /// The span of one cached call (`debug`, see the README's "Tracing"),
+    /// or a disabled one when `debug` is off for this crate.
+    pub(crate) fn call_span(&self, site: &'static Site, key: &str) -> tracing::Span {
+        let span = tracing::debug_span!(
+            "cache.call",
+            function = site.function().name(),
+            outcome = tracing::field::Empty,
+            "db.system.name" = self.db_system(),
+            "db.operation.name" = "GET",
+            "cache.key" = tracing::field::Empty,
+        );
+        if self.inner.trace_keys && !span.is_disabled() {
+            span.record("cache.key", key);
+        }
+        span
+    }
+
+    /// The span of one batch call: no single outcome (each id has its
+    /// own, in the counters).
+    pub(crate) fn batch_span(&self, site: &'static Site, ids: usize) -> tracing::Span {
+        tracing::debug_span!(
+            "cache.batch",
+            function = site.function().name(),
+            "cache.batch.size" = ids,
+            "db.system.name" = self.db_system(),
+            "db.operation.name" = "MGET",
+        )
+    }
+
+    /// OpenTelemetry's `db.system.name` of the backend.
+    fn db_system(&self) -> &'static str {
+        if self.inner.backend.as_memory().is_some() {
+            "memory"
+        } else {
+            "redis"
+        }
     }
 
     /// Counts and logs how a compare-and-set store ended; whether it stored.

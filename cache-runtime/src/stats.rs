@@ -91,6 +91,23 @@ counters! {
 
 type Slots = [AtomicU64; EVENTS];
 
+impl Event {
+    /// The outcome a cached call's span reports (its `outcome` field),
+    /// for the events that are one.
+    pub(crate) fn outcome(self) -> Option<&'static str> {
+        Some(match self {
+            Event::Hit => "hit",
+            Event::LocalHit => "local",
+            Event::StaleHit => "stale",
+            Event::Coalesced => "coalesced",
+            Event::Miss => "miss",
+            Event::Refresh => "refresh",
+            Event::Bypass => "bypass",
+            _ => return None,
+        })
+    }
+}
+
 impl Counts {
     /// Share of lookups answered without running the body: `(hits +
     /// stale_hits + coalesced) / (that + misses + refreshes)`, or 0 when
