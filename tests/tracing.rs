@@ -13,9 +13,12 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 
+/// A span's name and fields.
+type Captured = (String, BTreeMap<String, String>);
+
 /// Every span's name and fields, by span id.
 #[derive(Clone, Default)]
-struct Spans(Arc<Mutex<HashMap<u64, (String, BTreeMap<String, String>)>>>);
+struct Spans(Arc<Mutex<HashMap<u64, Captured>>>);
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
 
