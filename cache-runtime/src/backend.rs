@@ -368,11 +368,14 @@ impl Backend {
     }
 
     /// Where a `SCAN` of every key must run: the server, or (on a
-    /// cluster) each primary by address.
-    pub(crate) fn scan_targets(&self) -> Vec<Option<String>> {
+    /// cluster) each primary by address, from a slot map read now.
+    pub(crate) async fn scan_targets(&self) -> Result<Vec<Option<String>>, CacheError> {
         match self {
-            Backend::Cluster(c) => c.primaries().into_iter().map(Some).collect(),
-            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => vec![None],
+            Backend::Cluster(c) => {
+                c.refresh().await?;
+                Ok(c.primaries().into_iter().map(Some).collect())
+            }
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => Ok(vec![None]),
         }
     }
 

@@ -85,7 +85,7 @@ impl Cache {
         let backend = &self.inner.backend;
         let timeout = self.inner.op_timeout;
         let mut deleted = 0;
-        for target in backend.scan_targets() {
+        for target in within(timeout, backend.scan_targets()).await? {
             let mut cursor = 0;
             loop {
                 let scan = backend.scan(target.as_deref(), cursor, &pattern, &start);
