@@ -24,13 +24,17 @@ where
 {
     match resolve_key(cache, key) {
         Some((site, cache, redis_key)) => {
+            let timer = CallTimer::start(site);
             let span = cache.call_span(site, &redis_key);
-            if span.is_disabled() {
-                return cache.get_or_compute::<S, R, F>(site, redis_key, body).await;
-            }
-            Box::pin(cache.get_or_compute::<S, R, F>(site, redis_key, body))
-                .instrument(span)
-                .await
+            let result = if span.is_disabled() {
+                cache.get_or_compute::<S, R, F>(site, redis_key, body).await
+            } else {
+                Box::pin(cache.get_or_compute::<S, R, F>(site, redis_key, body))
+                    .instrument(span)
+                    .await
+            };
+            timer.finish();
+            result
         }
         None => body.await,
     }
@@ -47,17 +51,50 @@ where
 {
     match resolve_key(cache, key) {
         Some((site, cache, redis_key)) => {
+            let timer = CallTimer::start(site);
             let span = cache.call_span(site, &redis_key);
-            if span.is_disabled() {
-                return cache
+            let result = if span.is_disabled() {
+                cache
                     .get_or_compute_local::<S, R, F>(site, redis_key, body)
-                    .await;
-            }
-            Box::pin(cache.get_or_compute_local::<S, R, F>(site, redis_key, body))
-                .instrument(span)
-                .await
+                    .await
+            } else {
+                Box::pin(cache.get_or_compute_local::<S, R, F>(site, redis_key, body))
+                    .instrument(span)
+                    .await
+            };
+            timer.finish();
+            result
         }
         None => body.await,
+    }
+}
+
+/// With the `metrics` feature, how long a cached call took
+/// (`cache_call_duration_seconds`); nothing without it.
+struct CallTimer {
+    #[cfg(feature = "metrics")]
+    started: (&'static Site, std::time::Instant),
+}
+
+impl CallTimer {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn start(site: &'static Site) -> CallTimer {
+        CallTimer {
+            #[cfg(feature = "metrics")]
+            started: (site, std::time::Instant::now()),
+        }
+    }
+
+    /// The call completed (a cancelled one is not observed).
+    fn finish(self) {
+        #[cfg(feature = "metrics")]
+        {
+            let (site, started) = self.started;
+            let function = site.function();
+            function
+                .metrics
+                .observe(function, started.elapsed().as_secs_f64());
+        }
     }
 }
 

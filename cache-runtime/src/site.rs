@@ -19,6 +19,9 @@ pub struct Function {
     /// A small number unique to this function in the process, assigned on
     /// first use: where its counters are, without a map lookup per call.
     id: AtomicU32,
+    /// Its `metrics` counters by event, registered on first use.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::stats::MetricHandles,
 }
 
 impl Function {
@@ -27,6 +30,8 @@ impl Function {
         Function {
             name,
             id: AtomicU32::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: crate::stats::MetricHandles::new(),
         }
     }
 

@@ -91,7 +91,91 @@ counters! {
 
 type Slots = [AtomicU64; EVENTS];
 
+/// A function's `metrics` counters, one per event, registered with the
+/// installed recorder the first time the event happens (install the
+/// exporter before the first cached call).
+#[cfg(feature = "metrics")]
+#[derive(Debug)]
+pub(crate) struct MetricHandles {
+    counters: [OnceLock<metrics::Counter>; EVENTS],
+    duration: OnceLock<metrics::Histogram>,
+}
+
+#[cfg(feature = "metrics")]
+impl MetricHandles {
+    pub(crate) const fn new() -> Self {
+        MetricHandles {
+            counters: [const { OnceLock::new() }; EVENTS],
+            duration: OnceLock::new(),
+        }
+    }
+
+    /// A completed cached call of `function` took `seconds`.
+    pub(crate) fn observe(&self, function: &'static Function, seconds: f64) {
+        self.duration
+            .get_or_init(|| {
+                metrics::histogram!("cache_call_duration_seconds", "function" => function.name())
+            })
+            .record(seconds);
+    }
+
+    fn add(&self, function: &'static Function, event: Event, n: u64) {
+        self.counters[event as usize]
+            .get_or_init(|| {
+                let (name, outcome) = event.metric();
+                match outcome {
+                    Some(outcome) => metrics::counter!(
+                        name,
+                        "function" => function.name(),
+                        "outcome" => outcome
+                    ),
+                    None => metrics::counter!(name, "function" => function.name()),
+                }
+            })
+            .increment(n);
+    }
+}
+
+/// The local tier's size, to `metrics` (every second, from the tracking
+/// connection's heartbeat).
+#[cfg(feature = "metrics")]
+pub(crate) fn export_local(local: &crate::local::LocalStats) {
+    metrics::gauge!("cache_local_bytes").set(local.bytes as f64);
+    metrics::gauge!("cache_local_entries").set(local.entries as f64);
+}
+
+/// An event of no function (e.g. `Cache::invalidate`), to `metrics`.
+#[cfg(feature = "metrics")]
+fn export_unattributed(event: Event, n: u64) {
+    let (name, outcome) = event.metric();
+    match outcome {
+        Some(outcome) => metrics::counter!(name, "outcome" => outcome).increment(n),
+        None => metrics::counter!(name).increment(n),
+    }
+}
+
 impl Event {
+    /// The `metrics` counter this event bumps, and its `outcome` label for
+    /// the calls' outcomes. Documented in the README's "Metrics" table.
+    #[cfg(feature = "metrics")]
+    fn metric(self) -> (&'static str, Option<&'static str>) {
+        if let Some(outcome) = self.outcome() {
+            return ("cache_calls_total", Some(outcome));
+        }
+        let name = match self {
+            Event::Error => "cache_errors_total",
+            Event::Set => "cache_sets_total",
+            Event::Invalidation => "cache_invalidations_total",
+            Event::DroppedSet => "cache_dropped_sets_total",
+            Event::LostInvalidation => "cache_lost_invalidations_total",
+            Event::LeasePoll => "cache_lease_polls_total",
+            Event::Oversized => "cache_oversized_total",
+            Event::Compensation => "cache_compensations_total",
+            _ => "cache_other_events_total",
+        };
+        (name, None)
+    }
+
     /// The outcome a cached call's span reports (its `outcome` field),
     /// for the events that are one.
     pub(crate) fn outcome(self) -> Option<&'static str> {
@@ -207,6 +291,11 @@ impl Recorder {
             Some(&chunk[id % CHUNK])
         });
         slots.unwrap_or(&self.unattributed)[event as usize].fetch_add(n as u64, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        match function {
+            Some(function) => function.metrics.add(function, event, n as u64),
+            None => export_unattributed(event, n as u64),
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Stats {

@@ -401,6 +401,10 @@ async fn watch(
             continue;
         }
         since_ping = Duration::ZERO;
+        #[cfg(feature = "metrics")]
+        if let Some(this) = tracking.upgrade() {
+            crate::stats::export_local(&this.tier.stats());
+        }
         let ping = redis::cmd("PING");
         match tokio::time::timeout(HEARTBEAT, ping.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => {}
