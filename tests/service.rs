@@ -16,6 +16,8 @@ mod db;
 mod http;
 #[path = "../examples/service/load.rs"]
 mod load;
+#[path = "../examples/service/observe.rs"]
+mod observe;
 #[path = "../examples/service/plain.rs"]
 mod plain;
 
@@ -99,13 +101,53 @@ async fn short_run(cache_at: &CacheAt, label: &str) -> Vec<Report> {
             cached: true,
         },
     ];
+    let (stop_watching, stopped) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(observe::watch_hit_ratios(
+        Duration::from_millis(200),
+        stopped,
+    ));
     let reports = load::run(&config, &arms, cache_at, &db).await.unwrap();
+    let scraped = reqwest::get(format!("http://{on}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let _ = stop_watching.send(true);
+    for warning in watcher.await.unwrap() {
+        println!("{label}: hit-ratio watch: {warning}");
+    }
+    check_metrics(&scraped);
     for server in [off_server, naive_server, on_server] {
         server.abort();
     }
     db.remove().await;
     println!("{label}:\n{}", load::table(&reports));
     reports
+}
+
+/// `GET /metrics`: the cache's counters, by function and outcome, when
+/// built with the `metrics` feature (the README's test command has it).
+fn check_metrics(scraped: &str) {
+    if observe::prometheus().is_none() {
+        assert!(
+            scraped.contains("built without the `metrics` feature"),
+            "{scraped}"
+        );
+        return;
+    }
+    let calls: Vec<&str> = scraped
+        .lines()
+        .filter(|l| l.starts_with("cache_calls_total{"))
+        .collect();
+    println!("/metrics, cache_calls_total: {calls:#?}");
+    assert!(
+        calls
+            .iter()
+            .any(|l| l.contains("outcome=\"hit\"") && l.contains("function=\"")),
+        "hits by function in /metrics: {scraped}"
+    );
+    assert!(scraped.contains("cache_call_duration_seconds"), "{scraped}");
 }
 
 fn check(reports: &[Report]) {
@@ -146,6 +188,8 @@ fn check(reports: &[Report]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_service_serves_no_stale_read_and_fewer_queries() {
+    // Before the first cached call, so that every counter reaches it.
+    observe::prometheus();
     let server = RedisServer::start();
     check(&short_run(&CacheAt::Redis(server.url()), "redis-server").await);
     check(&short_run(&CacheAt::Memory, "Cache::memory()").await);

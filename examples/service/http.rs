@@ -3,7 +3,8 @@
 //!
 //! - `GET /users/{id}`: the user, or 404;
 //! - `GET /users?ids=1,2,3`: the users among the ids that exist, by id;
-//! - `PUT /users/{id}` with `{"name": "..."}`: the row as written, or 404.
+//! - `PUT /users/{id}` with `{"name": "..."}`: the row as written, or 404;
+//! - `GET /metrics`: the cache's metrics, in Prometheus's text format.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub fn router(repo: Repo) -> Router {
     Router::new()
         .route("/users", get(users))
         .route("/users/{id}", get(user).put(rename))
+        .route("/metrics", get(|| async { crate::observe::render() }))
         .with_state(repo)
 }
 

@@ -20,11 +20,17 @@
 //! `SERVICE_CONCURRENCY` (default 32) the concurrent clients;
 //! `SERVICE_DB_LATENCY_MS` (default 1) the simulated network distance to the
 //! database, added to every SQL query (0: SQLite as it is, in process).
+//!
+//! With `--features metrics`, the service serves `GET /metrics` (the
+//! cache's counters in Prometheus's text format) and the run ends with an
+//! excerpt of it; a function whose hit ratio stays below 70 % is warned
+//! about in either case.
 
 mod cached;
 mod db;
 mod http;
 mod load;
+mod observe;
 mod plain;
 
 use std::sync::Arc;
@@ -58,6 +64,10 @@ async fn main() -> Result<(), Error> {
         rounds: 2,
     };
 
+    // Before the first cached call, so that every counter reaches it.
+    let exporting = observe::prometheus().is_some();
+    let (stop_watching, stopped) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(observe::watch_hit_ratios(Duration::from_secs(1), stopped));
     let backend = example_backend().await?;
     let cache_at = match &backend.url {
         Some(url) => CacheAt::Redis(url.clone()),
@@ -99,9 +109,40 @@ async fn main() -> Result<(), Error> {
         },
     ];
     let reports = load::run(&config, &arms, &cache_at, &db).await?;
+    let scraped = reqwest::get(format!("http://{on}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let _ = stop_watching.send(true);
+    let warnings = watcher.await?;
     off_server.abort();
     on_server.abort();
     print!("{}", load::table(&reports));
+
+    if exporting {
+        println!("\nGET /metrics of the cached service (the cache's lines, excerpt):");
+        for line in scraped
+            .lines()
+            .filter(|l| {
+                l.starts_with("cache_calls_total")
+                    || l.starts_with("cache_call_duration_seconds_count")
+            })
+            .take(12)
+        {
+            println!("  {line}");
+        }
+    }
+    match warnings.len() {
+        0 => println!(
+            "\nno cached function stayed below a {:.0} % hit ratio",
+            observe::LOW_HIT_RATIO * 100.0
+        ),
+        _ => {
+            for warning in &warnings {
+                println!("warning: {warning}");
+            }
+        }
+    }
 
     let stale: usize = reports.iter().map(|r| r.stale_reads).sum();
     let wrong: u64 = reports.iter().map(|r| r.wrong_answers).sum();
