@@ -44,6 +44,9 @@ fn row(id: u64) -> User {
     }
 }
 
+/// One decoder of the benchmark's value.
+type Decode = fn(&[u8]) -> User;
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -52,7 +55,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let bytes = serde_json::to_vec(&row(7))?;
-    let decoders: [(&str, fn(&[u8]) -> User); 3] = [
+    let decoders: [(&str, Decode); 3] = [
         ("serde_json", |b| {
             serde_json::from_slice(b).expect("decodes")
         }),
