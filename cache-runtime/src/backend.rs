@@ -414,6 +414,29 @@ impl Backend {
         }
     }
 
+    /// A command of the user's own (`Cache::command`); the memory backend
+    /// has no Redis to send it to.
+    pub(crate) async fn query<T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &::redis::Cmd,
+    ) -> Result<T, CacheError> {
+        match self.connection() {
+            Ok(mut conn) => cmd.query_async(&mut conn).await.map_err(CacheError::redis),
+            Err(_) => Err(CacheError::NotRedis),
+        }
+    }
+
+    /// A pipeline of the user's own (`Cache::pipeline`).
+    pub(crate) async fn query_pipeline<T: ::redis::FromRedisValue>(
+        &self,
+        pipe: &::redis::Pipeline,
+    ) -> Result<T, CacheError> {
+        match self.connection() {
+            Ok(mut conn) => pipe.query_async(&mut conn).await.map_err(CacheError::redis),
+            Err(_) => Err(CacheError::NotRedis),
+        }
+    }
+
     /// `PUBLISH` on the cache's connection (the local tier's broadcast);
     /// nothing on the memory backend.
     pub(crate) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), CacheError> {

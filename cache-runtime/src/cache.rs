@@ -618,6 +618,41 @@ impl Cache {
         }
     }
 
+    /// Sends a command of your own on the cache's connection (a lock, a
+    /// rate limit, a session: see `examples/patterns.rs`), so that a
+    /// service reuses one connection to Redis. It goes through the same
+    /// fail-open guards as the cache's own commands: it fails at once with
+    /// [`CacheError::CircuitOpen`] while the circuit breaker is open, and
+    /// with [`CacheError::Timeout`] after the op timeout (the command may
+    /// still land); its connection failures count toward the breaker.
+    /// Keys are used as given (no prefix). On a cluster the command goes
+    /// to its first key's node. Fails with [`CacheError::NotRedis`] on the
+    /// in-process backend. Use the re-exported [`redis`](crate::redis)
+    /// crate to build commands, so that the versions match.
+    ///
+    /// Cancel safe in the sense of the `redis` crate: a dropped call may
+    /// or may not have been applied.
+    pub async fn command<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, CacheError> {
+        let inner = &*self.inner;
+        self.run(&inner.breaker, inner.backend.query(cmd), true)
+            .await
+    }
+
+    /// [`Cache::command`] for a pipeline (`redis::pipe()`, with
+    /// `.atomic()` for `MULTI`/`EXEC`). On a cluster every command of it
+    /// must be for keys of one slot.
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, CacheError> {
+        let inner = &*self.inner;
+        self.run(&inner.breaker, inner.backend.query_pipeline(pipe), true)
+            .await
+    }
+
     /// The codec values are stored with.
     pub fn codec(&self) -> Codec {
         self.inner.codec

@@ -57,6 +57,10 @@ pub enum CacheError {
         "Cache::clear needs a key prefix (`CacheBuilder::prefix`): without one, the cache's entries cannot be told from the database's other keys; use `clear_prefix` with a template's literal start instead"
     )]
     ClearWithoutPrefix,
+    /// `Cache::command` or `Cache::pipeline` on the in-process backend:
+    /// there is no Redis to send them to.
+    #[error("Cache::command needs a Redis backend; this cache keeps its entries in process memory")]
+    NotRedis,
 }
 
 /// An error from the Redis server or the connection to it. Opaque: ask it
