@@ -627,8 +627,9 @@ impl Cache {
     /// still land); its connection failures count toward the breaker.
     /// Keys are used as given (no prefix). On a cluster the command goes
     /// to its first key's node. Fails with [`CacheError::NotRedis`] on the
-    /// in-process backend. Use the re-exported [`redis`](crate::redis)
-    /// crate to build commands, so that the versions match.
+    /// in-process backend. Build commands with [`crate::redis`] (the
+    /// `redis` crate's `cmd` and `pipe`, re-exported), so that the
+    /// versions match.
     ///
     /// Cancel safe in the sense of the `redis` crate: a dropped call may
     /// or may not have been applied.

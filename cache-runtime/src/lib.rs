@@ -97,9 +97,11 @@ pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
 pub use crate::local::{LocalInvalidation, LocalStats};
 pub use crate::stats::{Counts, Stats};
-/// The `redis` crate at the version the cache uses, to build the commands
-/// of [`Cache::command`] and [`Cache::pipeline`].
-pub use redis;
+/// What [`Cache::command`] and [`Cache::pipeline`] take and give back,
+/// from the `redis` crate at the version the cache uses.
+pub mod redis {
+    pub use ::redis::{Cmd, FromRedisValue, Pipeline, ToRedisArgs, Value, cmd, pipe};
+}
 
 /// Caches an `async fn`'s result (cache-aside).
 ///
