@@ -12,37 +12,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// The benchmark's cached row (`examples/bench.rs`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct User {
-    id: u64,
-    name: String,
-    email: String,
-    bio: String,
-    tags: Vec<String>,
-    scores: Vec<u32>,
-    created_at: u64,
-    active: bool,
-}
-
-fn row(id: u64) -> User {
-    User {
-        id,
-        name: format!("User Number {id}"),
-        email: format!("user{id}@example.com"),
-        bio: "Writes Rust services that put Redis in front of a slow database. ".repeat(10),
-        tags: ["rust", "redis", "cache", "tokio", "serde"]
-            .map(String::from)
-            .to_vec(),
-        scores: (0..40).map(|i| (i * 7919 + id as u32) % 1000).collect(),
-        created_at: 1_700_000_000 + id,
-        active: id.is_multiple_of(2),
-    }
-}
+use cache_harness::bench_data::{User, row};
 
 /// One decoder of the benchmark's value.
 type Decode = fn(&[u8]) -> User;

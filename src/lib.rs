@@ -9,6 +9,7 @@
 //! // stopped and its files removed when `server` is dropped
 //! ```
 
+pub mod bench_data;
 mod cluster;
 pub mod history;
 mod node;

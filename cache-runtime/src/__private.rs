@@ -24,17 +24,9 @@ where
 {
     match resolve_key(cache, key) {
         Some((site, cache, redis_key)) => {
-            let timer = CallTimer::start(site);
             let span = cache.call_span(site, &redis_key);
-            let result = if span.is_disabled() {
-                cache.get_or_compute::<S, R, F>(site, redis_key, body).await
-            } else {
-                Box::pin(cache.get_or_compute::<S, R, F>(site, redis_key, body))
-                    .instrument(span)
-                    .await
-            };
-            timer.finish();
-            result
+            let call = cache.get_or_compute::<S, R, F>(site, redis_key, body);
+            observed(site, span, call).await
         }
         None => body.await,
     }
@@ -51,22 +43,26 @@ where
 {
     match resolve_key(cache, key) {
         Some((site, cache, redis_key)) => {
-            let timer = CallTimer::start(site);
             let span = cache.call_span(site, &redis_key);
-            let result = if span.is_disabled() {
-                cache
-                    .get_or_compute_local::<S, R, F>(site, redis_key, body)
-                    .await
-            } else {
-                Box::pin(cache.get_or_compute_local::<S, R, F>(site, redis_key, body))
-                    .instrument(span)
-                    .await
-            };
-            timer.finish();
-            result
+            let call = cache.get_or_compute_local::<S, R, F>(site, redis_key, body);
+            observed(site, span, call).await
         }
         None => body.await,
     }
+}
+
+/// Runs a cached call in its span (boxed only when the span is enabled,
+/// so that a call without tracing keeps its small future), timed for
+/// `metrics`.
+async fn observed<R>(site: &'static Site, span: tracing::Span, call: impl Future<Output = R>) -> R {
+    let timer = CallTimer::start(site);
+    let result = if span.is_disabled() {
+        call.await
+    } else {
+        Box::pin(call).instrument(span).await
+    };
+    timer.finish();
+    result
 }
 
 /// With the `metrics` feature, how long a cached call took
