@@ -247,17 +247,13 @@ impl ClusterBackend {
 
     /// `UNLINK` of keys in any slots: one per slot, sent together.
     pub(crate) async fn unlink(&self, keys: &[String]) -> Result<u64, CacheError> {
-        let groups = by_slot(keys);
-        let unlinks = join_all(groups.iter().map(|indices| async move {
-            let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            commands::unlink(&mut self.conn(), &group).await
-        }))
-        .await;
-        let mut existed = 0;
-        for unlinked in unlinks {
-            existed += unlinked?;
-        }
-        Ok(existed)
+        remove_by_slot(
+            &self.shared.conn,
+            commands::Removal::Unlink,
+            keys,
+            &by_slot(keys),
+        )
+        .await
     }
 
     /// The address (`host:port`) of the primary that serves `key`, if the
@@ -634,15 +630,7 @@ impl ClusterBackend {
         durable: Option<&DurablePool<ClusterConnection>>,
     ) -> Result<u64, CacheError> {
         let groups = by_slot(keys);
-        let deletes = join_all(groups.iter().map(|indices| async move {
-            let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            commands::delete(&mut conn.clone(), &group).await
-        }))
-        .await;
-        let mut existed = 0;
-        for deleted in deletes {
-            existed += deleted?;
-        }
+        let existed = remove_by_slot(conn, commands::Removal::Del, keys, &groups).await?;
         if let Some(pool) = durable {
             let topology = self.shared.topology.load();
             let mut primaries: HashMap<u16, &String> = HashMap::new();
@@ -664,6 +652,26 @@ impl ClusterBackend {
         }
         Ok(existed)
     }
+}
+
+/// `DEL` or `UNLINK` of `keys`, one command per slot group, sent
+/// together; how many existed.
+async fn remove_by_slot(
+    conn: &ClusterConnection,
+    how: commands::Removal,
+    keys: &[String],
+    groups: &[Vec<usize>],
+) -> Result<u64, CacheError> {
+    let removals = join_all(groups.iter().map(|indices| async move {
+        let group: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+        commands::remove(&mut conn.clone(), how, &group).await
+    }))
+    .await;
+    let mut existed = 0;
+    for removed in removals {
+        existed += removed?;
+    }
+    Ok(existed)
 }
 
 /// Indices of `keys` grouped by slot.

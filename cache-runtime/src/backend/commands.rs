@@ -451,10 +451,31 @@ pub(crate) async fn unlink(
     conn: &mut impl ConnectionLike,
     keys: &[String],
 ) -> Result<u64, CacheError> {
+    remove(conn, Removal::Unlink, keys).await
+}
+
+/// How keys are removed: `DEL`, or `UNLINK` (memory freed in the background).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Removal {
+    Del,
+    Unlink,
+}
+
+/// `DEL` or `UNLINK` of several keys; how many existed. No command for no
+/// key.
+pub(crate) async fn remove(
+    conn: &mut impl ConnectionLike,
+    how: Removal,
+    keys: &[String],
+) -> Result<u64, CacheError> {
     if keys.is_empty() {
         return Ok(0);
     }
-    query(conn, redis::cmd("UNLINK").arg(keys)).await
+    let name = match how {
+        Removal::Del => "DEL",
+        Removal::Unlink => "UNLINK",
+    };
+    query(conn, redis::cmd(name).arg(keys)).await
 }
 
 /// One step of `SCAN cursor MATCH pattern COUNT count`: the next cursor
@@ -493,7 +514,7 @@ pub(crate) async fn delete(
     conn: &mut impl ConnectionLike,
     keys: &[String],
 ) -> Result<u64, CacheError> {
-    query(conn, redis::cmd("DEL").arg(keys)).await
+    remove(conn, Removal::Del, keys).await
 }
 
 #[cfg(test)]
