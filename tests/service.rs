@@ -148,6 +148,10 @@ fn check_metrics(scraped: &str) {
         "hits by function in /metrics: {scraped}"
     );
     assert!(scraped.contains("cache_call_duration_seconds"), "{scraped}");
+    assert!(
+        scraped.contains("cache_operation_duration_seconds_count{operation=\"get\"}"),
+        "{scraped}"
+    );
 }
 
 fn check(reports: &[Report]) {

@@ -44,6 +44,7 @@ use std::sync::Arc;
 
 use crate::breaker::Breaker;
 use crate::error::CacheError;
+use crate::stats::{Operation, OperationTimer};
 
 /// `get_with_ttl` on a connection of the caller's (the local tier's
 /// tracking connection).
@@ -51,6 +52,7 @@ pub(crate) async fn get_with_ttl_on(
     conn: &mut ::redis::aio::MultiplexedConnection,
     key: &str,
 ) -> Result<Option<Stored>, CacheError> {
+    let _timer = OperationTimer::start(Operation::GetWithTtl, true);
     commands::get_with_ttl(conn, key).await
 }
 
@@ -187,6 +189,13 @@ impl ::redis::aio::ConnectionLike for Conn {
 }
 
 impl Backend {
+    /// Times `operation` for the `metrics` feature's histogram (Redis
+    /// round trips only).
+    #[inline]
+    fn timer(&self, operation: Operation) -> OperationTimer {
+        OperationTimer::start(operation, !matches!(self, Backend::Memory(_)))
+    }
+
     /// A connection for a single-key command (a handle clone), or the
     /// in-process backend.
     fn connection(&self) -> Result<Conn, &MemoryBackend> {
@@ -245,6 +254,7 @@ impl Backend {
     }
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let _timer = self.timer(Operation::Get);
         match self.connection() {
             Ok(mut conn) => commands::get(&mut conn, key).await,
             Err(m) => Ok(m.get(key)),
@@ -255,6 +265,7 @@ impl Backend {
         &self,
         keys: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        let _timer = self.timer(Operation::GetMany);
         match self {
             Backend::Redis(r) => r.get_many(keys).await,
             Backend::Sentinel(s) => s.get_many(keys).await,
@@ -264,6 +275,7 @@ impl Backend {
     }
 
     pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
+        let _timer = self.timer(Operation::GetWithTtl);
         match self.connection() {
             Ok(mut conn) => commands::get_with_ttl(&mut conn, key).await,
             Err(m) => Ok(m.get_with_ttl(key)),
@@ -271,6 +283,7 @@ impl Backend {
     }
 
     pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
+        let _timer = self.timer(Operation::Set);
         match self.connection() {
             Ok(mut conn) => commands::set(&mut conn, key, value, px).await,
             Err(m) => {
@@ -286,6 +299,7 @@ impl Backend {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
+        let _timer = self.timer(Operation::SetIfAbsent);
         match self.connection() {
             Ok(mut conn) => commands::set_if_absent(&mut conn, key, value, px).await,
             Err(m) => Ok(m.set_if_absent(key, value, px)),
@@ -299,6 +313,7 @@ impl Backend {
         value: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
+        let _timer = self.timer(Operation::CompareAndSet);
         match self.connection() {
             Ok(mut conn) => commands::compare_and_set(&mut conn, key, prefix, value, px).await,
             Err(m) => Ok(m.compare_and_set(key, prefix, value, px)),
@@ -310,6 +325,7 @@ impl Backend {
         key: &str,
         prefix: &[u8],
     ) -> Result<bool, CacheError> {
+        let _timer = self.timer(Operation::CompareAndDelete);
         match self.connection() {
             Ok(mut conn) => commands::compare_and_delete(&mut conn, key, prefix).await,
             Err(m) => Ok(m.compare_and_delete(key, prefix)),
@@ -322,6 +338,7 @@ impl Backend {
         prefix: &[u8],
         px: u64,
     ) -> Result<bool, CacheError> {
+        let _timer = self.timer(Operation::CompareAndExpire);
         match self.connection() {
             Ok(mut conn) => commands::compare_and_expire(&mut conn, key, prefix, px).await,
             Err(m) => Ok(m.compare_and_expire(key, prefix, px)),
@@ -336,6 +353,7 @@ impl Backend {
         value: &[u8],
         px: u64,
     ) -> Result<(), CacheError> {
+        let _timer = self.timer(Operation::Set);
         match self {
             Backend::Redis(r) => r.set_durably(key, value, px).await,
             Backend::Sentinel(s) => s.set_durably(key, value, px).await,
@@ -350,6 +368,7 @@ impl Backend {
     /// `delete` of an invalidation, which waits for replicas where
     /// configured (`CacheBuilder::durable_writes`).
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
+        let _timer = self.timer(Operation::Delete);
         match self {
             Backend::Redis(r) => r.delete_durably(keys).await,
             Backend::Sentinel(s) => s.delete_durably(keys).await,
@@ -359,6 +378,7 @@ impl Backend {
     }
 
     pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
+        let _timer = self.timer(Operation::Delete);
         match self {
             Backend::Redis(r) => r.delete(keys).await,
             Backend::Sentinel(s) => s.delete(keys).await,
@@ -389,6 +409,7 @@ impl Backend {
         pattern: &str,
         prefix: &str,
     ) -> Result<(u64, Vec<String>), CacheError> {
+        let _timer = self.timer(Operation::Scan);
         const COUNT: usize = 1000;
         match (self, target) {
             (Backend::Cluster(c), Some(addr)) => c.scan_node(addr, cursor, pattern, COUNT).await,
@@ -403,6 +424,7 @@ impl Backend {
     /// `UNLINK` of keys (`DEL` that frees their memory in the background);
     /// how many existed.
     pub(crate) async fn unlink(&self, keys: &[String]) -> Result<u64, CacheError> {
+        let _timer = self.timer(Operation::Unlink);
         match self {
             Backend::Redis(_) => match self.connection() {
                 Ok(mut conn) => commands::unlink(&mut conn, keys).await,
@@ -420,6 +442,7 @@ impl Backend {
         &self,
         cmd: &::redis::Cmd,
     ) -> Result<T, CacheError> {
+        let _timer = self.timer(Operation::Command);
         match self.connection() {
             Ok(mut conn) => cmd.query_async(&mut conn).await.map_err(CacheError::redis),
             Err(_) => Err(CacheError::NotRedis),
@@ -431,6 +454,7 @@ impl Backend {
         &self,
         pipe: &::redis::Pipeline,
     ) -> Result<T, CacheError> {
+        let _timer = self.timer(Operation::Pipeline);
         match self.connection() {
             Ok(mut conn) => pipe.query_async(&mut conn).await.map_err(CacheError::redis),
             Err(_) => Err(CacheError::NotRedis),
@@ -440,6 +464,7 @@ impl Backend {
     /// `PUBLISH` on the cache's connection (the local tier's broadcast);
     /// nothing on the memory backend.
     pub(crate) async fn publish(&self, channel: &str, message: &[u8]) -> Result<(), CacheError> {
+        let _timer = self.timer(Operation::Publish);
         match self.connection() {
             Ok(mut conn) => commands::publish(&mut conn, channel, message).await,
             Err(_) => Ok(()),

@@ -126,8 +126,10 @@ async fn main() -> Result<(), Error> {
             .filter(|l| {
                 l.starts_with("cache_calls_total")
                     || l.starts_with("cache_call_duration_seconds_count")
+                    || (l.starts_with("cache_operation_duration_seconds")
+                        && (l.contains("quantile=\"0.5\"") || l.contains("quantile=\"0.99\"")))
             })
-            .take(12)
+            .take(24)
         {
             println!("  {line}");
         }
