@@ -29,7 +29,8 @@
 //! Three functions pin their keys to one shard each with a hash tag, so
 //! that their counters are the shards' counters. `CLUSTER_FAULT_SECONDS`
 //! sets the length of the failover phase (default 6 s; the figure
-//! is for 10).
+//! is for 10). `CLUSTER_FAULTS_DEBUG=1` prints the cache's `debug` events
+//! too (every failed operation with its node, every slot map change).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,7 +51,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 const PINNED: [(&str, &str); 3] = [("shard_a", "b"), ("shard_b", "c"), ("shard_c", "a")];
 
 /// Served and all calls of each function, sampled at an instant.
-type Sample = (Instant, BTreeMap<String, (u64, u64)>);
+/// Per arm: calls served from the cache, calls, and calls that skipped it
+/// (an open breaker, a key whose invalidation is being retried).
+type Sample = (Instant, BTreeMap<String, (u64, u64, u64)>);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {
@@ -215,7 +218,7 @@ impl Store {
     }
 
     /// Served calls and all calls of each function, now.
-    fn served(&self) -> BTreeMap<String, (u64, u64)> {
+    fn served(&self) -> BTreeMap<String, (u64, u64, u64)> {
         let stats = self.cache.stats();
         ARMS.iter()
             .map(|arm| {
@@ -226,7 +229,7 @@ impl Store {
                     .map(|(_, c)| *c)
                     .unwrap_or_default();
                 let served = counts.hits + counts.local_hits + counts.stale_hits + counts.coalesced;
-                ((*arm).to_owned(), (served, counts.calls()))
+                ((*arm).to_owned(), (served, counts.calls(), counts.bypasses))
             })
             .collect()
     }
@@ -265,8 +268,9 @@ async fn sample(store: Arc<Store>, stop: Arc<std::sync::atomic::AtomicBool>) -> 
     samples
 }
 
-/// Hit ratio of `arm` between two instants, from the samples.
-fn ratio_between(samples: &[Sample], arm: &str, from: Instant, to: Instant) -> (f64, u64) {
+/// Hit ratio of `arm` between two instants, from the samples, with the
+/// number of calls and the share of them that skipped the cache.
+fn ratio_between(samples: &[Sample], arm: &str, from: Instant, to: Instant) -> (f64, u64, f64) {
     let at = |t: Instant| {
         samples
             .iter()
@@ -275,15 +279,17 @@ fn ratio_between(samples: &[Sample], arm: &str, from: Instant, to: Instant) -> (
             .map(|(_, s)| s[arm])
             .unwrap_or_default()
     };
-    let (s0, c0) = at(from);
-    let (s1, c1) = at(to);
+    let (s0, c0, b0) = at(from);
+    let (s1, c1, b1) = at(to);
     let calls = c1.saturating_sub(c0);
-    let ratio = if calls == 0 {
-        0.0
-    } else {
-        (s1 - s0) as f64 / calls as f64
+    let share = |n: u64| {
+        if calls == 0 {
+            0.0
+        } else {
+            n as f64 / calls as f64
+        }
     };
-    (ratio, calls)
+    (share(s1 - s0), calls, share(b1 - b0))
 }
 
 fn slot_of(cluster: &RedisCluster, key: &str) -> u16 {
@@ -298,7 +304,11 @@ fn slot_of(cluster: &RedisCluster, key: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cache_survives_failover_resharding_and_a_stalled_shard() {
     let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(if std::env::var_os("CLUSTER_FAULTS_DEBUG").is_some() {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        })
         .with_test_writer()
         .try_init();
     println!("--- writes without WAIT (the default)");
@@ -511,12 +521,13 @@ async fn faults(durable: bool) {
     );
     let started = samples.first().map_or(killed_at, |(t, _)| *t);
     for (arm, _) in PINNED {
-        let (before, _) = ratio_between(&samples, arm, started, killed_at);
-        let (ratio, calls) = ratio_between(&samples, arm, killed_at, promoted_at);
+        let (before, _, _) = ratio_between(&samples, arm, started, killed_at);
+        let (ratio, calls, skipped) = ratio_between(&samples, arm, killed_at, promoted_at);
         println!(
-            "failover: {arm}: hit ratio {:.1} % before the kill, {:.1} % of {calls} calls during the outage",
+            "failover: {arm}: hit ratio {:.1} % before the kill, {:.1} % of {calls} calls during the outage ({:.1} % skipped the cache)",
             before * 100.0,
-            ratio * 100.0
+            ratio * 100.0,
+            skipped * 100.0
         );
     }
     let resumed_after = resumed.map(|t| (t - promoted_at).as_secs_f64());
@@ -529,11 +540,16 @@ async fn faults(durable: bool) {
     let (stale, at_rest) = store.check("failover").await;
     assert_eq!(store.failed.load(Ordering::Relaxed), 0, "no call may fail");
     assert_eq!((stale, at_rest), (0, 0), "no stale value");
+    // Every node answers CLUSTERDOWN for a moment (until the promotion):
+    // those calls run uncached. The rest must hit, and must not skip the
+    // cache because of another shard's breaker or the cluster client
+    // replacing their connections (before that was fixed: 34 to 47 %
+    // hits, and under CPU load about 60 % of the calls skipped it).
     for arm in ["shard_b", "shard_c"] {
-        let (ratio, calls) = ratio_between(&samples, arm, killed_at, promoted_at);
+        let (ratio, calls, skipped) = ratio_between(&samples, arm, killed_at, promoted_at);
         assert!(
-            calls > 0 && ratio > 0.2,
-            "{arm} kept hitting during the outage: {ratio}"
+            calls > 0 && ratio > 0.3 && skipped < 0.5,
+            "{arm} kept hitting during the outage: {ratio} ({skipped} skipped the cache)"
         );
     }
     assert!(resumed.is_some(), "hits on the failed shard came back");
@@ -591,10 +607,11 @@ async fn faults(durable: bool) {
         thawed_at - frozen_at
     );
     for (arm, _) in PINNED {
-        let (ratio, calls) = ratio_between(&samples, arm, frozen_at, thawed_at);
+        let (ratio, calls, skipped) = ratio_between(&samples, arm, frozen_at, thawed_at);
         println!(
-            "stall: while stopped {arm}: hit ratio {:.1} % of {calls} calls",
-            ratio * 100.0
+            "stall: while stopped {arm}: hit ratio {:.1} % of {calls} calls ({:.1} % skipped the cache)",
+            ratio * 100.0,
+            skipped * 100.0
         );
     }
     println!(
@@ -605,10 +622,10 @@ async fn faults(durable: bool) {
     assert_eq!(store.failed.load(Ordering::Relaxed), 0, "no call may fail");
     assert_eq!((stale, at_rest), (0, 0), "no stale value");
     for arm in ["shard_a", "shard_b"] {
-        let (ratio, calls) = ratio_between(&samples, arm, frozen_at, thawed_at);
+        let (ratio, calls, skipped) = ratio_between(&samples, arm, frozen_at, thawed_at);
         assert!(
-            calls > 0 && ratio > 0.2,
-            "{arm} kept hitting during the stall: {ratio}"
+            calls > 0 && ratio > 0.2 && skipped < 0.2,
+            "{arm} kept hitting during the stall: {ratio} ({skipped} skipped the cache)"
         );
     }
     println!(

@@ -3,6 +3,15 @@
 //! `cooldown`; then one probe is let through, and its outcome closes or
 //! re-opens the breaker.
 //!
+//! Failures are counted as independent events: when a connection drops,
+//! every command in flight on it fails at the same moment (the `redis`
+//! crate's cluster client replaces all its connections when it reconnects
+//! to the seed nodes, the healthy primaries' too), and that is one
+//! failure, not one per command. So a failure that is not a timeout counts
+//! only if no other failure was counted since its operation started
+//! ([`Breaker::failures_counted`] noted at the start). Timeouts count one
+//! each: every one of them cost its caller the whole op timeout.
+//!
 //! The probe belongs to the breaker, not to the call that triggered it: it
 //! runs in its own task (see `Cache::guarded`), so a caller dropped by a
 //! request timeout cannot leave it pending. Should the probe itself end
@@ -18,6 +27,8 @@ pub(crate) struct Breaker {
     threshold: u32,
     cooldown: Duration,
     consecutive_failures: AtomicU32,
+    /// Failures counted since the breaker was made; see the module docs.
+    counted: AtomicU64,
     /// Milliseconds since `epoch()` until which the breaker is open; 0 = closed.
     open_until: AtomicU64,
     probing: AtomicBool,
@@ -55,6 +66,7 @@ impl Breaker {
             threshold: threshold.max(1),
             cooldown,
             consecutive_failures: AtomicU32::new(0),
+            counted: AtomicU64::new(0),
             open_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             node,
@@ -107,8 +119,27 @@ impl Breaker {
         }
     }
 
+    /// How many failures have been counted so far: noted when an operation
+    /// starts, for [`Breaker::record_failure_of`].
+    pub(crate) fn failures_counted(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed)
+    }
+
+    /// The failure of an operation that started when
+    /// [`Breaker::failures_counted`] was `started`: not counted when it is
+    /// not a timeout and another failure was counted meanwhile (both came
+    /// from one broken connection). Returns true when it opened the
+    /// breaker.
+    pub(crate) fn record_failure_of(&self, started: u64, timed_out: bool) -> bool {
+        if !timed_out && self.counted.load(Ordering::Relaxed) != started {
+            return false;
+        }
+        self.record_failure(false)
+    }
+
     /// Returns true when this failure opened the breaker.
     pub(crate) fn record_failure(&self, probe: bool) -> bool {
+        self.counted.fetch_add(1, Ordering::Relaxed);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if probe || failures >= self.threshold {
             let was_open = self.open_until.load(Ordering::Relaxed) != 0;
@@ -192,6 +223,29 @@ mod tests {
         assert_eq!(b.permit(), Permit::Probe, "the slot came back");
         ProbeSlot::new(&b).settled(true);
         assert_eq!(b.permit(), Permit::Call);
+    }
+
+    #[test]
+    fn commands_failing_together_are_one_failure_but_timeouts_count_each() {
+        let b = Breaker::new(3, Duration::from_secs(60));
+        // Thirty commands in flight on a connection that drops.
+        let started = b.failures_counted();
+        for _ in 0..30 {
+            assert!(!b.record_failure_of(started, false));
+        }
+        assert_eq!(b.permit(), Permit::Call, "one broken connection");
+        // Commands sent after it fail too: the node is down.
+        let started = b.failures_counted();
+        assert!(!b.record_failure_of(started, false));
+        let started = b.failures_counted();
+        assert!(b.record_failure_of(started, false), "third failure opens");
+
+        // Three concurrent calls that each waited the op timeout.
+        let b = Breaker::new(3, Duration::from_secs(60));
+        let started = b.failures_counted();
+        assert!(!b.record_failure_of(started, true));
+        assert!(!b.record_failure_of(started, true));
+        assert!(b.record_failure_of(started, true), "a stall opens at once");
     }
 
     #[test]

@@ -853,6 +853,7 @@ impl Cache {
                 }
             }
         }
+        let started = breaker.failures_counted();
         // The memory backend cannot stall, and needs no Tokio timer.
         let outcome = if inner.backend.as_memory().is_some() {
             operation.await
@@ -864,7 +865,11 @@ impl Cache {
         };
         match &outcome {
             Err(error) if error.is_unavailable() => {
-                if breaker.record_failure(false) {
+                // Every failure, unlike the limited warnings: which node
+                // failed how, when a breaker opens where it should not.
+                tracing::debug!(node = breaker.node(), %error, "cache operation failed");
+                let timed_out = matches!(error, CacheError::Timeout(_));
+                if error.counts_for_breaker() && breaker.record_failure_of(started, timed_out) {
                     self.log_opening(breaker, error);
                 }
             }

@@ -102,6 +102,21 @@ impl CacheError {
         matches!(self, CacheError::NotReplicated { .. })
     }
 
+    /// Whether this failure counts toward the circuit breaker: the node
+    /// could not be reached or did not answer in time, or it rejected the
+    /// credentials. A refusal ([`BackendError::is_refusal`]) does not: the
+    /// node answered at once, and skipping it would only make calls bypass
+    /// the cache past the moment it serves again (a `CLUSTERDOWN` on every
+    /// node while one primary is being replaced opened the breakers of all
+    /// of them for a cool-down).
+    pub(crate) fn counts_for_breaker(&self) -> bool {
+        match self {
+            CacheError::Timeout(_) | CacheError::CircuitOpen => true,
+            CacheError::Redis(e) => e.is_unreachable() || e.is_rejected_credentials(),
+            _ => false,
+        }
+    }
+
     /// Whether the operation may have been applied although it failed: it
     /// timed out, or the connection broke after it was sent. Such a write
     /// is assumed to have landed and is compensated.
@@ -116,41 +131,56 @@ impl CacheError {
 
 impl BackendError {
     /// The connection failed (refused, dropped, timed out, an I/O error),
-    /// or the server cannot serve the key for a moment: a cluster whose
-    /// topology is changing (`MOVED`/`ASK` left after the client's
-    /// retries, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, no connection to
-    /// the key's node), a demoted primary (`READONLY`), a server `LOADING`.
+    /// or the server cannot serve the key for a moment
+    /// ([`BackendError::is_refusal`]).
     pub fn is_unavailable(&self) -> bool {
+        self.is_unreachable() || self.is_refusal()
+    }
+
+    /// The node could not be reached, or did not answer: the connection
+    /// was refused, dropped or timed out, an I/O error, or the cluster
+    /// client has no connection to the key's node.
+    pub fn is_unreachable(&self) -> bool {
         let e = &self.0;
         e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.kind() == redis::ErrorKind::ClusterConnectionNotFound
-            || matches!(
-                e.kind(),
-                redis::ErrorKind::Server(
-                    redis::ServerErrorKind::Moved
-                        | redis::ServerErrorKind::Ask
-                        | redis::ServerErrorKind::TryAgain
-                        | redis::ServerErrorKind::ClusterDown
-                        | redis::ServerErrorKind::MasterDown
-                        | redis::ServerErrorKind::ReadOnly
-                        | redis::ServerErrorKind::BusyLoading
-                )
+    }
+
+    /// The server answered, but cannot serve the key for a moment: a
+    /// cluster whose topology is changing (`MOVED`/`ASK` left after the
+    /// client's retries, `TRYAGAIN`), a cluster with a primary down and not
+    /// yet replaced (`CLUSTERDOWN`, which every node answers with
+    /// `cluster-require-full-coverage yes`, the default), a replica without
+    /// its primary (`MASTERDOWN`), a demoted primary (`READONLY`), a
+    /// server `LOADING` its data.
+    pub fn is_refusal(&self) -> bool {
+        let e = &self.0;
+        matches!(
+            e.kind(),
+            redis::ErrorKind::Server(
+                redis::ServerErrorKind::Moved
+                    | redis::ServerErrorKind::Ask
+                    | redis::ServerErrorKind::TryAgain
+                    | redis::ServerErrorKind::ClusterDown
+                    | redis::ServerErrorKind::MasterDown
+                    | redis::ServerErrorKind::ReadOnly
+                    | redis::ServerErrorKind::BusyLoading
             )
-            || matches!(
-                e.code(),
-                Some(
-                    "MOVED"
-                        | "ASK"
-                        | "TRYAGAIN"
-                        | "CLUSTERDOWN"
-                        | "MASTERDOWN"
-                        | "READONLY"
-                        | "LOADING"
-                )
+        ) || matches!(
+            e.code(),
+            Some(
+                "MOVED"
+                    | "ASK"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "MASTERDOWN"
+                    | "READONLY"
+                    | "LOADING"
             )
+        )
     }
 
     /// Redis rejected the credentials (`WRONGPASS`, `NOAUTH`).

@@ -100,6 +100,16 @@ struct Shared {
     /// local tier to one node; and the builder's certificates.
     node_template: redis::ConnectionInfo,
     tls: Option<super::Tls>,
+    /// The seed nodes' addresses (`host:port`), where the slot map is read
+    /// before there is one.
+    seeds: Vec<String>,
+    /// A connection of our own to each node we send control commands to
+    /// (`CLUSTER SLOTS`, `CLUSTER NODES`, the breakers' `PING`, `SCAN`),
+    /// made on first use and dropped when a command on it fails. Never
+    /// the cluster connection: see [`ClusterBackend::control`].
+    control: std::sync::Mutex<HashMap<String, redis::aio::MultiplexedConnection>>,
+    /// Where the next slot map read starts among the candidates.
+    next_reader: AtomicU64,
 }
 
 /// A Redis Cluster, through seed nodes.
@@ -139,6 +149,9 @@ impl ClusterBackend {
             return Err(CacheError::NoBackend);
         };
         let tcp = first.tcp_settings().clone().set_nodelay(nodelay);
+        let retry_wait = u64::try_from(op_timeout.as_millis() / 4)
+            .unwrap_or(u64::MAX)
+            .clamp(20, 200);
         let client = |retries| {
             super::cluster_certificates(ClusterClientBuilder::new(infos.clone()), tls)
                 .tcp_settings(tcp.clone())
@@ -148,11 +161,15 @@ impl ClusterBackend {
                 // cache's op timeout bounds each call anyway.
                 .response_timeout(op_timeout.max(Duration::from_millis(250)))
                 .overall_response_timeout(None)
-                // Retries follow MOVED/ASK and wait out a failover; the op
-                // timeout cuts a call short, and the breaker paces the rest.
+                // Retries follow MOVED/ASK at once. Those of a refusal
+                // (`CLUSTERDOWN`, `TRYAGAIN`) wait first, at most a quarter
+                // of the op timeout: a longer wait turned the refusal into
+                // the op timeout, which counts toward the breaker, and a
+                // healthy primary's breaker opened because another
+                // primary was being replaced.
                 .retries(retries)
                 .min_retry_wait(10)
-                .max_retry_wait(200)
+                .max_retry_wait(retry_wait)
                 .build()
                 .map_err(CacheError::invalid_url)
         };
@@ -198,6 +215,12 @@ impl ClusterBackend {
                 durable,
                 node_template: first.clone().set_tcp_settings(tcp),
                 tls: tls.cloned(),
+                seeds: infos
+                    .iter()
+                    .filter_map(|info| address_of(info.addr()))
+                    .collect(),
+                control: std::sync::Mutex::new(HashMap::new()),
+                next_reader: AtomicU64::new(0),
             }),
         })
     }
@@ -221,26 +244,9 @@ impl ClusterBackend {
         pattern: &str,
         count: usize,
     ) -> Result<(u64, Vec<String>), CacheError> {
-        let (host, port) = addr
-            .rsplit_once(':')
-            .and_then(|(host, port)| Some((host, port.parse().ok()?)))
-            .ok_or_else(|| {
-                CacheError::redis(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "node address without a port",
-                )))
-            })?;
         let reply = self
-            .conn()
-            .route_command(
-                commands::scan_cmd(cursor, pattern, count),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_owned(),
-                    port,
-                }),
-            )
-            .await
-            .map_err(CacheError::redis)?;
+            .control(addr, &commands::scan_cmd(cursor, pattern, count))
+            .await?;
         redis::FromRedisValue::from_redis_value(reply)
             .map_err(|e| CacheError::redis(redis::RedisError::from(e)))
     }
@@ -265,6 +271,13 @@ impl ClusterBackend {
     /// A RESP3 client of the node at `addr` (`host:port`), with the seeds'
     /// credentials and TLS, for the local tier's tracking connection to it.
     pub(crate) fn node_client(&self, addr: &str) -> Result<redis::Client, CacheError> {
+        let info = crate::tracking::resp3(self.node_info(addr)?);
+        super::client(info, self.shared.tls.as_ref())
+    }
+
+    /// How to reach the node at `addr` (`host:port`) on a connection of its
+    /// own, with the seeds' credentials and TLS.
+    fn node_info(&self, addr: &str) -> Result<redis::ConnectionInfo, CacheError> {
         let shared = &*self.shared;
         let malformed = || {
             CacheError::invalid_url(redis::RedisError::from((
@@ -291,8 +304,7 @@ impl ClusterBackend {
             },
             _ => redis::ConnectionAddr::Tcp(host, port),
         };
-        let info = crate::tracking::resp3(shared.node_template.clone().set_addr(address));
-        super::client(info, shared.tls.as_ref())
+        Ok(shared.node_template.clone().set_addr(address))
     }
 
     /// See [`super::Backend::primaries_epoch`].
@@ -405,14 +417,10 @@ impl ClusterBackend {
     pub(crate) async fn refresh(&self) -> Result<(), CacheError> {
         let shared = &*self.shared;
         let mut last_error = None;
-        // A random node may be the dead one: a few tries.
-        for _ in 0..3 {
+        // One node may be the dead one: a few tries, each on another.
+        for addr in self.map_readers(2) {
             let reply = self
-                .conn()
-                .route_command(
-                    redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-                )
+                .control(&addr, redis::cmd("CLUSTER").arg("SLOTS"))
                 .await;
             match reply {
                 Ok(value) => {
@@ -438,6 +446,12 @@ impl ClusterBackend {
                     let topology = shared.topology.load();
                     if previous.slots != topology.slots {
                         shared.epoch.fetch_add(1, Ordering::SeqCst);
+                        let unmapped = topology.slots.iter().filter(|&&n| n == NO_NODE).count();
+                        tracing::debug!(
+                            primaries = topology.nodes.len(),
+                            unmapped,
+                            "the cluster's slot map changed"
+                        );
                     }
                     shared.refreshed_at.store(epoch_millis(), Ordering::Relaxed);
                     if shared.durable.is_some() {
@@ -448,9 +462,113 @@ impl ClusterBackend {
                 Err(error) => last_error = Some(error),
             }
         }
-        Err(CacheError::redis(last_error.unwrap_or_else(|| {
-            redis::RedisError::from((redis::ErrorKind::Io, "no cluster node answered"))
-        })))
+        Err(last_error.unwrap_or_else(|| {
+            CacheError::redis(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no cluster node answered",
+            )))
+        }))
+    }
+
+    /// Nodes to read the slot map from, in order: up to `n` primaries of
+    /// the map in use, those with a closed breaker first and a different
+    /// first one each time, then the seeds that are not among them (all
+    /// there is before the first map, and a way back should every known
+    /// primary be gone).
+    fn map_readers(&self, n: usize) -> Vec<String> {
+        let shared = &*self.shared;
+        let topology = shared.topology.load();
+        let mut primaries: Vec<(bool, String)> = topology
+            .nodes
+            .iter()
+            .filter_map(|&at| {
+                let breaker = self.breaker_at(at);
+                Some((breaker.is_open(), breaker.node()?.to_owned()))
+            })
+            .collect();
+        let turn = shared.next_reader.fetch_add(1, Ordering::Relaxed);
+        if !primaries.is_empty() {
+            let len = primaries.len() as u64;
+            primaries.rotate_left(usize::try_from(turn % len).unwrap_or(0));
+        }
+        // A stable sort: the rotation holds among the healthy and the rest.
+        primaries.sort_by_key(|(open, _)| *open);
+        let mut readers: Vec<String> = primaries
+            .into_iter()
+            .map(|(_, addr)| addr)
+            .take(n)
+            .collect();
+        for seed in &shared.seeds {
+            if !readers.contains(seed) {
+                readers.push(seed.clone());
+            }
+        }
+        readers
+    }
+
+    /// Sends a control command to the node at `addr` on a connection of
+    /// our own (made on first use, dropped when a command on it fails).
+    ///
+    /// Not through the cluster connection, routed by address or to a
+    /// random node: when that connection has no link to the chosen node
+    /// (it died, or its link is being repaired), the command fails with
+    /// `ClusterConnectionNotFound`, on which the `redis` crate reconnects
+    /// to the seed nodes and replaces every connection, the healthy
+    /// primaries' too. Their commands in flight then fail, and while a
+    /// stalled seed holds that reconnection, every shard waits. A breaker's
+    /// probe of a dead primary did that once a second, and opened the
+    /// breakers of the healthy ones.
+    async fn control(&self, addr: &str, cmd: &redis::Cmd) -> Result<Value, CacheError> {
+        let shared = &*self.shared;
+        let held = shared
+            .control
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(addr)
+            .cloned();
+        let mut conn = match held {
+            Some(conn) => conn,
+            None => {
+                let client = super::client(self.node_info(addr)?, shared.tls.as_ref())?;
+                let timeout = Some(shared.op_timeout.max(Duration::from_millis(250)));
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(timeout)
+                    .set_response_timeout(timeout);
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(CacheError::redis)?;
+                shared
+                    .control
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(addr.to_owned(), conn.clone());
+                conn
+            }
+        };
+        // Dropped mid-command (a caller's timeout), the connection is
+        // forgotten too: its reply may still be on the way.
+        let forget = ForgetOnDrop {
+            control: &shared.control,
+            addr,
+            armed: true,
+        };
+        match cmd.query_async::<Value>(&mut conn).await {
+            Ok(value) => {
+                forget.disarm();
+                Ok(value)
+            }
+            Err(error)
+                if error.is_unrecoverable_error() || error.is_io_error() || error.is_timeout() =>
+            {
+                Err(CacheError::redis(error))
+            }
+            Err(error) => {
+                // An error reply: the connection is fine.
+                forget.disarm();
+                Err(CacheError::redis(error))
+            }
+        }
     }
 
     /// Reads how many replicas each primary has, in a task of its own (the
@@ -486,14 +604,17 @@ impl ClusterBackend {
     /// only the replicas in good health: a replica that was marked failed
     /// can come back and be promoted, so it counts until it is forgotten.
     async fn replica_counts(&self) -> Option<HashMap<String, u32>> {
-        let reply = self
-            .conn()
-            .route_command(
-                redis::cmd("CLUSTER").arg("NODES").to_owned(),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
-            .await
-            .ok()?;
+        let mut reply = None;
+        for addr in self.map_readers(2) {
+            if let Ok(value) = self
+                .control(&addr, redis::cmd("CLUSTER").arg("NODES"))
+                .await
+            {
+                reply = Some(value);
+                break;
+            }
+        }
+        let reply = reply?;
         let text = match reply {
             Value::BulkString(bytes) => String::from_utf8(bytes).ok()?,
             Value::VerbatimString { text, .. } => text,
@@ -520,29 +641,8 @@ impl ClusterBackend {
             // Failed over or resharded away: no key routes there any more.
             return Ok(());
         }
-        let (host, port) = node.rsplit_once(':').ok_or_else(|| {
-            CacheError::redis(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "node address without port",
-            )))
-        })?;
-        let port = port.parse().map_err(|_| {
-            CacheError::redis(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "node address with a bad port",
-            )))
-        })?;
-        self.conn()
-            .route_command(
-                redis::cmd("PING"),
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.to_owned(),
-                    port,
-                }),
-            )
-            .await
-            .map(drop)
-            .map_err(CacheError::redis)
+        // On a connection of our own: see `control`.
+        self.control(node, &redis::cmd("PING")).await.map(drop)
     }
 
     /// One `MGET`, which the cluster connection splits by slot, sends to
@@ -709,6 +809,41 @@ fn parse_replica_counts(text: &str) -> HashMap<String, u32> {
         }
     }
     counts
+}
+
+/// Forgets a control connection unless disarmed: see
+/// [`ClusterBackend::control`].
+struct ForgetOnDrop<'a> {
+    control: &'a std::sync::Mutex<HashMap<String, redis::aio::MultiplexedConnection>>,
+    addr: &'a str,
+    armed: bool,
+}
+
+impl ForgetOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.control
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(self.addr);
+        }
+    }
+}
+
+/// `host:port` of a TCP address (brackets kept off IPv6 hosts, as in
+/// `CLUSTER SLOTS`); `None` for a Unix socket.
+fn address_of(addr: &redis::ConnectionAddr) -> Option<String> {
+    match addr {
+        redis::ConnectionAddr::Tcp(host, port)
+        | redis::ConnectionAddr::TcpTls { host, port, .. } => Some(format!("{host}:{port}")),
+        _ => None,
+    }
 }
 
 fn parse_cluster_slots(value: &Value) -> Result<Vec<SlotRange>, CacheError> {
