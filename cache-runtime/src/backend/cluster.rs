@@ -553,22 +553,15 @@ impl ClusterBackend {
             addr,
             armed: true,
         };
-        match cmd.query_async::<Value>(&mut conn).await {
-            Ok(value) => {
-                forget.disarm();
-                Ok(value)
-            }
-            Err(error)
-                if error.is_unrecoverable_error() || error.is_io_error() || error.is_timeout() =>
-            {
-                Err(CacheError::redis(error))
-            }
-            Err(error) => {
-                // An error reply: the connection is fine.
-                forget.disarm();
-                Err(CacheError::redis(error))
-            }
+        let reply = cmd.query_async::<Value>(&mut conn).await;
+        // An error reply leaves the connection fine; a broken one goes.
+        let broken = reply
+            .as_ref()
+            .is_err_and(|e| e.is_unrecoverable_error() || e.is_io_error() || e.is_timeout());
+        if !broken {
+            forget.disarm();
         }
+        reply.map_err(CacheError::redis)
     }
 
     /// Reads how many replicas each primary has, in a task of its own (the
