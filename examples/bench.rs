@@ -581,6 +581,8 @@ fn table(rows: &[Row], arms: &impl ArmSet) -> String {
 
 fn human(value: f64, unit: &str) -> String {
     match unit {
+        // Local hits take a fraction of a microsecond.
+        "µs" if value < 10.0 => format!("{value:.2} µs"),
         "µs" => format!("{value:.1} µs"),
         "ms" => format!("{value:.0} ms"),
         "calls/s" => format!("{:.0}k/s", value / 1e3),

@@ -41,21 +41,37 @@ where
     S::Value: Clone + Send + Sync + 'static,
     F: Future<Output = R>,
 {
-    match resolve_key(cache, key) {
-        Some((site, cache, redis_key)) => {
-            let span = cache.call_span(site, &redis_key);
-            let call = cache.get_or_compute_local::<S, R, F>(site, redis_key, body);
-            observed(site, span, call).await
-        }
-        None => body.await,
+    let Some((site, cache, redis_key)) = resolve_key(cache, key) else {
+        return body.await;
+    };
+    let span = cache.call_span(site, &redis_key);
+    let timer = CallTimer::start(site);
+    // A local hit awaits nothing: it is answered here, and the future of
+    // the path that reads Redis, boxed, is built only on a miss (moving
+    // a future as large as that one on every hit costs a local hit
+    // about a fifth of its time).
+    if let Some(answer) = span.in_scope(|| cache.local_hit::<S, R>(site, &redis_key)) {
+        timer.finish();
+        crate::key::recycle(redis_key);
+        return answer;
     }
+    let call = cache.get_or_compute_local::<S, R, F>(site, redis_key, body);
+    Box::pin(observed_with(span, timer, call)).await
 }
 
 /// Runs a cached call in its span (boxed only when the span is enabled,
 /// so that a call without tracing keeps its small future), timed for
 /// `metrics`.
 async fn observed<R>(site: &'static Site, span: tracing::Span, call: impl Future<Output = R>) -> R {
-    let timer = CallTimer::start(site);
+    observed_with(span, CallTimer::start(site), call).await
+}
+
+/// [`observed`] with the timer started already.
+async fn observed_with<R>(
+    span: tracing::Span,
+    timer: CallTimer,
+    call: impl Future<Output = R>,
+) -> R {
     let result = if span.is_disabled() {
         call.await
     } else {

@@ -1035,7 +1035,15 @@ impl Cache {
     /// The Redis key, consuming the rendered key (no copy without a prefix).
     pub(crate) fn redis_key_of<V>(&self, key: CacheKey<V>) -> String {
         match &self.inner.prefix {
-            Some(_) => self.redis_key(&key),
+            Some(prefix) => {
+                let key = key.into_string();
+                let mut redis_key = crate::key::buffer(prefix.len() + 1 + key.len());
+                redis_key.push_str(prefix);
+                redis_key.push(':');
+                redis_key.push_str(&key);
+                crate::key::recycle(key);
+                redis_key
+            }
             None => key.into_string(),
         }
     }

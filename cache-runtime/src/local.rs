@@ -31,8 +31,9 @@
 use std::any::Any;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
+use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Buckets of the invalidation counts: a fill is refused when any key of
 /// its bucket was invalidated during its read, so more buckets mean fewer
@@ -60,7 +61,27 @@ struct Copy {
     /// The deployment's primaries epoch then (a cluster's slot map): a
     /// copy made under another map is never served either.
     primaries: u64,
-    expires_at: Instant,
+    expires_at: quanta::Instant,
+}
+
+/// The clock of the copies' ends. `quanta` reads the CPU's time-stamp
+/// counter where that is reliable (the OS clock cost a local hit about a
+/// tenth of its time, measured in examples/bench.rs), and the OS clock
+/// where it is not.
+fn now() -> quanta::Instant {
+    quanta::Instant::now()
+}
+
+/// `quanta` calibrates its clock on first use, for up to 200 ms: on a
+/// thread of its own when the first tier is made, rather than on a
+/// runtime worker at the first fill.
+fn calibrate_clock() {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("cache-runtime-clock".to_owned())
+            .spawn(now);
+    });
 }
 
 /// How the local tier learns that a key changed; see
@@ -141,6 +162,7 @@ pub struct LocalStats {
 
 impl LocalTier {
     pub(crate) fn new(capacity: u64) -> Self {
+        calibrate_clock();
         let copies = moka::sync::Cache::builder()
             .max_capacity(capacity)
             .weigher(|_key: &String, copy: &Copy| copy.weight)
@@ -169,7 +191,7 @@ impl LocalTier {
         // moka may hand out a copy in the instant after `invalidate_all`.
         if copy.epoch != self.epoch.load(Ordering::Acquire)
             || copy.primaries != primaries
-            || copy.expires_at <= Instant::now()
+            || copy.expires_at <= now()
         {
             return None;
         }
@@ -217,7 +239,7 @@ impl LocalTier {
                 weight,
                 epoch: ticket.epoch,
                 primaries: ticket.primaries,
-                expires_at: Instant::now() + ttl.min(LONGEST_COPY),
+                expires_at: now() + ttl.min(LONGEST_COPY),
             },
         );
         // Looked at after the insert: see the module docs.

@@ -235,11 +235,32 @@ impl Cache {
         Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await
     }
 
-    /// [`Cache::get_or_compute`] of a function with a local tier (`local =
-    /// "5s"`): a copy held in this process answers without Redis; else
-    /// the key is read on the tracking connection, and a fresh value
-    /// found there is kept (see [`crate::local`]) for at most the
-    /// function's `local` time and never past its freshness.
+    /// The answer of a copy held in this process for a function with a
+    /// local tier (`local = "5s"`), counted as a local hit; `None` when
+    /// none is held (or the cache has no local tier: the memory backend is
+    /// local already). Synchronous, so that a local hit never builds the
+    /// future of the path that reads Redis.
+    pub(crate) fn local_hit<S, R>(&self, site: &'static Site, redis_key: &str) -> Option<R>
+    where
+        S: Outcome<R>,
+        S::Value: Clone + Send + Sync + 'static,
+    {
+        let tracking = self.inner.local.as_ref()?;
+        // On a cluster, copies made under another slot map are not served.
+        let primaries = self.inner.backend.primaries_epoch();
+        let answer = match tracking.tier().get::<S::Value>(redis_key, primaries)? {
+            LocalHit::Value(value) => S::from_hit(value),
+            LocalHit::Nothing => S::nothing()?,
+        };
+        self.record(site, Event::LocalHit);
+        Some(answer)
+    }
+
+    /// [`Cache::get_or_compute`] of a function with a local tier after
+    /// [`Cache::local_hit`] found no copy: the key is read on the tracking
+    /// connection, and a fresh value found there is kept (see
+    /// [`crate::local`]) for at most the function's `local` time and never
+    /// past its freshness.
     pub(crate) async fn get_or_compute_local<S, R, F>(
         &self,
         site: &'static Site,
@@ -252,34 +273,18 @@ impl Cache {
         F: Future<Output = R>,
     {
         let Some(tracking) = &self.inner.local else {
-            // The memory backend is local already. Boxed, as every path
-            // but a local hit: the future of a local hit stays small.
-            return Box::pin(self.get_or_compute::<S, R, F>(site, redis_key, body)).await;
+            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
         };
         let tier = tracking.tier();
-        // On a cluster, copies made under another slot map are not served.
         let primaries = self.inner.backend.primaries_epoch();
-        match tier.get::<S::Value>(&redis_key, primaries) {
-            Some(LocalHit::Value(value)) => {
-                self.record(site, Event::LocalHit);
-                return S::from_hit(value);
-            }
-            Some(LocalHit::Nothing) => {
-                if let Some(nothing) = S::nothing() {
-                    self.record(site, Event::LocalHit);
-                    return nothing;
-                }
-            }
-            None => {}
-        }
         let Some(via) = tracking.live(&redis_key) else {
-            return Box::pin(self.get_or_compute::<S, R, F>(site, redis_key, body)).await;
+            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
         };
         // Taken before the read is sent: see `crate::local`.
         let ticket = tier.ticket(&redis_key, primaries);
         let read = match &via {
-            Via::Tracked(conn) => Box::pin(self.read_tracked(site, &redis_key, conn)).await,
-            Via::Shared => Box::pin(self.read(site, &redis_key, true)).await,
+            Via::Tracked(conn) => self.read_tracked(site, &redis_key, conn).await,
+            Via::Shared => self.read(site, &redis_key, true).await,
         };
         if let Read::Unavailable = read {
             self.record(site, Event::Bypass);
@@ -299,7 +304,8 @@ impl Cache {
             self.record(site, event);
             return result;
         }
-        Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await
+        self.after_read::<S, R, F>(site, &redis_key, step, body)
+            .await
     }
 
     /// Everything but a plain hit: misses, leases, single-flight, refreshes.
