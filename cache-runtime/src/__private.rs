@@ -49,7 +49,7 @@ where
     // A local hit awaits nothing: it is answered here, and the future of
     // the path that reads Redis, boxed, is built only on a miss (moving
     // a future as large as that one on every hit costs a local hit
-    // about a fifth of its time).
+    // about a tenth of its time).
     if let Some(answer) = span.in_scope(|| cache.local_hit::<S, R>(site, &redis_key)) {
         timer.finish();
         crate::key::recycle(redis_key);
