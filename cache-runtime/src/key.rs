@@ -220,7 +220,7 @@ pub(crate) fn buffer(capacity: usize) -> String {
 /// Keeps the buffer of a key the caller is done with for this thread's
 /// next key.
 pub(crate) fn recycle(mut key: String) {
-    if key.capacity() <= SPARE_CAPACITY {
+    if (1..=SPARE_CAPACITY).contains(&key.capacity()) {
         key.clear();
         // During thread teardown the buffer is simply freed.
         let _ = SPARE.try_with(|spare| spare.set(key));
