@@ -22,6 +22,7 @@
 //! BENCH_CLUSTER_ONLY=1 cargo run --release --example bench      # the cluster arms alone
 //! BENCH_CLUSTER_ONLY=1 BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench
 //! BENCH_CLUSTER_ONLY=1 BENCH_PROFILE_ARM=2 perf record -g target/release/examples/bench
+//! BENCH_CLUSTER_ONLY=1 BENCH_NAGLE=1 cargo run --release --example bench  # TCP_NODELAY off
 //! ```
 //!
 //! `BENCH_PROFILE_ARM=N` runs cluster arm N (0-based) alone at c=64 for
@@ -1255,10 +1256,29 @@ mod cluster {
         let cluster = tokio::task::spawn_blocking(RedisCluster::start).await?;
         let seeds = cluster.seeds();
         println!("\nRedis Cluster: 3 primaries, 3 replicas on this machine ({seeds:?})");
-        let cache = Cache::builder().cluster(seeds.clone()).build().await?;
+        // Every arm on the same TCP settings, so that the comparison is of
+        // the cache layer: the cache's default (`TCP_NODELAY`), or with
+        // `BENCH_NAGLE=1` Nagle's algorithm (the `redis` crate's default)
+        // in all of them. On loopback Nagle coalesces the writes of
+        // concurrent calls, which raises throughput here and costs a
+        // round trip across a network.
+        let nodelay = std::env::var_os("BENCH_NAGLE").is_none();
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(nodelay);
+        println!(
+            "TCP_NODELAY {} in every arm",
+            if nodelay { "on" } else { "off (BENCH_NAGLE)" }
+        );
+        let cache = Cache::builder()
+            .cluster(seeds.clone())
+            .tcp_nodelay(nodelay)
+            .build()
+            .await?;
         CLUSTER_CACHE.set(cache).map_err(|_| "set once")?;
-        let client = redis::cluster::ClusterClient::new(seeds.clone())?;
+        let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+            .tcp_settings(tcp.clone())
+            .build()?;
         let bounded = redis::cluster::ClusterClientBuilder::new(seeds)
+            .tcp_settings(tcp)
             .response_timeout(NODE_TIMEOUT)
             .build()?;
         let arms = ClusterArms {
