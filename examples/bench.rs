@@ -142,6 +142,27 @@ async fn cached_crate(id: u64) -> Result<User, DbError> {
     query(4, id).await
 }
 
+/// Whether every arm's connection sets `TCP_NODELAY`: the cache's default,
+/// unless `BENCH_NAGLE=1` turns it off in all of them (the `redis` crate's
+/// default). On loopback Nagle's algorithm coalesces the writes of
+/// concurrent calls, which raises throughput here and costs a round trip
+/// across a network; the arms share one setting so that the comparison is
+/// of the cache layer. (The `cached` crate's arm opens its own connection
+/// with the crate's default.)
+fn nodelay() -> bool {
+    std::env::var_os("BENCH_NAGLE").is_none()
+}
+
+/// A hand-written arm's connection, with [`nodelay`]'s setting.
+async fn hand_connection(url: &str) -> Result<redis::aio::MultiplexedConnection, Error> {
+    use redis::IntoConnectionInfo;
+    let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(nodelay());
+    let info = url.into_connection_info()?.set_tcp_settings(tcp);
+    Ok(redis::Client::open(info)?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
 /// The four arms, and the connection arms 1 and 2 share.
 #[derive(Clone)]
 struct Arms {
@@ -684,21 +705,28 @@ async fn main() -> Result<(), Error> {
         return local_tier::run(&url, quick, &out_dir).await;
     }
 
-    Cache::connect(&url).await?.install();
+    Cache::builder()
+        .url(url.as_str())
+        .tcp_nodelay(nodelay())
+        .build()
+        .await?
+        .install();
     let msgpack = Cache::builder()
         .url(url.as_str())
+        .tcp_nodelay(nodelay())
         .codec(cache_runtime::Codec::MessagePack)
         .build()
         .await?;
     MSGPACK_CACHE.set(msgpack).map_err(|_| "set once")?;
-    let client = redis::Client::open(url.as_str())?;
     let arms = Arms {
-        conn: client.get_multiplexed_async_connection().await?,
+        conn: hand_connection(&url).await?,
     };
     let value_size = serde_json::to_vec(&row(1))?.len();
     println!(
-        "Redis at {url}; value {value_size} bytes of JSON; {} rounds, arms interleaved",
-        if quick { "quick" } else { "full" }
+        "Redis at {url}; value {value_size} bytes of JSON; {} rounds, arms interleaved; \
+         TCP_NODELAY {}",
+        if quick { "quick" } else { "full" },
+        if nodelay() { "on" } else { "off (BENCH_NAGLE)" }
     );
 
     // Warm every arm's keys (and the connection of arm 4, built lazily).
@@ -1001,12 +1029,14 @@ mod local_tier {
     }
 
     pub(super) async fn run(url: &str, quick: bool, out_dir: &Path) -> Result<(), Error> {
-        let cache = Cache::connect(url).await?;
+        let cache = Cache::builder()
+            .url(url)
+            .tcp_nodelay(nodelay())
+            .build()
+            .await?;
         LOCAL_CACHE.set(cache).map_err(|_| "set once")?;
         let arms = LocalArms {
-            conn: redis::Client::open(url)?
-                .get_multiplexed_async_connection()
-                .await?,
+            conn: hand_connection(url).await?,
             moka: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(60))
@@ -1256,13 +1286,8 @@ mod cluster {
         let cluster = tokio::task::spawn_blocking(RedisCluster::start).await?;
         let seeds = cluster.seeds();
         println!("\nRedis Cluster: 3 primaries, 3 replicas on this machine ({seeds:?})");
-        // Every arm on the same TCP settings, so that the comparison is of
-        // the cache layer: the cache's default (`TCP_NODELAY`), or with
-        // `BENCH_NAGLE=1` Nagle's algorithm (the `redis` crate's default)
-        // in all of them. On loopback Nagle coalesces the writes of
-        // concurrent calls, which raises throughput here and costs a
-        // round trip across a network.
-        let nodelay = std::env::var_os("BENCH_NAGLE").is_none();
+        // Every arm on the same TCP settings: see `nodelay`.
+        let nodelay = nodelay();
         let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(nodelay);
         println!(
             "TCP_NODELAY {} in every arm",
