@@ -74,6 +74,9 @@ struct Store {
     naive_local: std::sync::Mutex<HashMap<u64, (Row, Instant)>>,
 }
 
+/// How long the naive arm waits between reading a row and storing it.
+const NAIVE_STORE_DELAY: Duration = Duration::from_millis(10);
+
 /// A random pause of up to 2 ms, sometimes none.
 async fn pause() {
     if fastrand::bool() {
@@ -194,7 +197,10 @@ impl Store {
         Ok(row)
     }
 
-    /// Cache-aside without a lease, as tutorials write it.
+    /// Cache-aside without a lease, as tutorials write it, by a reader that
+    /// is slow to store (as any reader under load is): a write that lands
+    /// between its read of the row and its `SET` is undone. Without the
+    /// wait, the window is a few microseconds, and a run could miss it.
     async fn naive(&self, id: u64) -> Row {
         let key = format!("{}:naive:{id}", self.prefix);
         let mut conn = self.naive.clone();
@@ -207,6 +213,7 @@ impl Store {
             return row;
         }
         let row = self.row(id).await;
+        tokio::time::sleep(NAIVE_STORE_DELAY).await;
         let json = serde_json::to_vec(&row).unwrap();
         let _: () = redis::cmd("SET")
             .arg(&key)
