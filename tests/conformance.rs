@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use cache_harness::on_every_backend;
-use cache_runtime::__private::backend_ops;
+use cache_runtime::__private::{Fetched, backend_ops};
 use cache_runtime::Cache;
 
 /// Time for an expiry to pass on a shared, busy machine.
@@ -15,10 +15,71 @@ const EXPIRED: Duration = Duration::from_millis(120);
 async fn get_returns_what_set_stored_byte_for_byte(cache: Cache) {
     let ops = backend_ops(&cache);
     assert_eq!(ops.get("k").await.unwrap(), None);
-    for value in [&b""[..], b"\0", b"\0lease:x", b"{\"a\":1}", &[0xff; 1000]] {
+    for value in [&b"\0"[..], b"\0lease:x", b"{\"a\":1}", &[0xff; 1000]] {
         ops.set("k", value, 60_000).await.unwrap();
         assert_eq!(ops.get("k").await.unwrap().as_deref(), Some(value));
     }
+    // `get` cannot tell an empty value from none (the cache never stores
+    // one); `get_with_ttl` can.
+    ops.set("k", b"", 60_000).await.unwrap();
+    assert_eq!(ops.get("k").await.unwrap(), None);
+    let (bytes, _) = ops.get_with_ttl("k").await.unwrap().unwrap();
+    assert!(bytes.is_empty());
+}
+
+async fn reads_stop_at_their_limit(cache: Cache) {
+    let ops = backend_ops(&cache);
+    ops.set("big", &[b'x'; 101], 60_000).await.unwrap();
+    ops.set("fits", &[b'y'; 100], 60_000).await.unwrap();
+    assert_eq!(
+        ops.get_limited("big", 100).await.unwrap(),
+        Fetched::TooLarge
+    );
+    assert_eq!(
+        ops.get_limited("fits", 100).await.unwrap(),
+        Fetched::Found(vec![b'y'; 100])
+    );
+    assert_eq!(ops.get_limited("none", 100).await.unwrap(), Fetched::Absent);
+    assert_eq!(
+        ops.get_with_ttl_limited("big", 100).await.unwrap(),
+        Fetched::TooLarge
+    );
+    assert!(matches!(
+        ops.get_with_ttl_limited("fits", 100).await.unwrap(),
+        Fetched::Found((bytes, Some(_))) if bytes.len() == 100
+    ));
+    let expected = vec![
+        Fetched::Found(vec![b'y'; 100]),
+        Fetched::TooLarge,
+        Fetched::Absent,
+    ];
+    // On a cluster, three slots.
+    let keys = ["fits", "big", "none"].map(String::from);
+    assert_eq!(ops.get_many(&keys, 100).await.unwrap(), expected);
+    // One slot on a cluster: the keys of one hash tag.
+    let tagged = ["{t}fits", "{t}big", "{t}none"].map(String::from);
+    ops.set("{t}big", &[b'x'; 101], 60_000).await.unwrap();
+    ops.set("{t}fits", &[b'y'; 100], 60_000).await.unwrap();
+    assert_eq!(ops.get_many(&tagged, 100).await.unwrap(), expected);
+}
+
+async fn set_if_longer_replaces_only_a_value_past_the_limit(cache: Cache) {
+    let ops = backend_ops(&cache);
+    assert!(
+        !ops.set_if_longer("k", 3, b"new", 60_000).await.unwrap(),
+        "absent"
+    );
+    ops.set("k", b"abc", 60_000).await.unwrap();
+    assert!(!ops.set_if_longer("k", 3, b"new", 60_000).await.unwrap());
+    assert_eq!(ops.get("k").await.unwrap().as_deref(), Some(&b"abc"[..]));
+    ops.set("k", b"abcd", 60_000).await.unwrap();
+    assert!(ops.set_if_longer("k", 3, b"new", 5_000).await.unwrap());
+    let (bytes, ttl) = ops.get_with_ttl("k").await.unwrap().unwrap();
+    assert_eq!(
+        (bytes.as_slice(), ttl.unwrap() <= 5_000),
+        (&b"new"[..], true),
+        "value and expiry replaced"
+    );
 }
 
 async fn get_with_ttl_reports_the_time_left(cache: Cache) {
@@ -138,12 +199,14 @@ async fn check_succeeds_on_a_healthy_backend(cache: Cache) {
 
 on_every_backend!(
     get_returns_what_set_stored_byte_for_byte,
+    reads_stop_at_their_limit,
     get_with_ttl_reports_the_time_left,
     values_expire_after_px,
     set_if_absent_stores_only_on_an_absent_or_expired_key,
     compare_and_set_compares_a_prefix,
     compare_and_delete_compares_a_prefix,
     compare_and_expire_sets_the_expiry_only_on_a_match,
+    set_if_longer_replaces_only_a_value_past_the_limit,
     delete_counts_the_keys_that_existed,
     check_succeeds_on_a_healthy_backend,
 );

@@ -844,6 +844,8 @@ async fn password_and_acl_user_in_the_url_work() {
         ">apppw",
         "~*",
         "+get",
+        "+getrange",
+        "+strlen",
         "+set",
         "+del",
         "+evalsha",
@@ -863,7 +865,7 @@ async fn password_and_acl_user_in_the_url_work() {
     let fresh = db.cache.stats().total;
     stats.errors += fresh.errors;
     println!(
-        "ACL user with +get +set +del +evalsha +eval +script|load +ping +pttl +pexpire: {stats:?}; \
+        "ACL user with +get +getrange +strlen +set +del +evalsha +eval +script|load +ping +pttl +pexpire: {stats:?}; \
          a stale function: {fresh:?}"
     );
     assert_eq!((stats.errors, fresh.hits), (0, 1), "ACL user: {stats:?}");

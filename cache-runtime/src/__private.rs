@@ -331,27 +331,88 @@ pub fn flights_in_use(cache: &Cache) -> usize {
     cache.inner.flights.len()
 }
 
-impl BackendOps<'_> {
-    /// `get(key)`.
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
-        let key = self.0.prefixed(key);
-        let key = &*key;
-        self.0.guarded(key, self.0.inner.backend.get(key)).await
-    }
+pub use crate::backend::Fetched;
 
-    /// `get_with_ttl(key)`: the bytes and the milliseconds left (`None`: no
-    /// expiry).
-    pub async fn get_with_ttl(
+/// A read limit that any value is within.
+const WHOLE: usize = i64::MAX as usize;
+
+impl BackendOps<'_> {
+    /// `get(key, limit)`.
+    pub async fn get_limited(
         &self,
         key: &str,
-    ) -> Result<Option<(Vec<u8>, Option<u64>)>, CacheError> {
+        limit: usize,
+    ) -> Result<Fetched<Vec<u8>>, CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
+        self.0
+            .guarded(key, self.0.inner.backend.get(key, limit))
+            .await
+    }
+
+    /// `get(key)` without a limit, `None` when absent.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        Ok(match self.get_limited(key, WHOLE).await? {
+            Fetched::Found(bytes) => Some(bytes),
+            Fetched::Absent | Fetched::TooLarge => None,
+        })
+    }
+
+    /// `get_with_ttl(key, limit)`: the bytes and the milliseconds left
+    /// (`None`: no expiry).
+    pub async fn get_with_ttl_limited(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Fetched<(Vec<u8>, Option<u64>)>, CacheError> {
         let key = self.0.prefixed(key);
         let key = &*key;
         let stored = self
             .0
-            .guarded(key, self.0.inner.backend.get_with_ttl(key))
+            .guarded(key, self.0.inner.backend.get_with_ttl(key, limit))
             .await?;
         Ok(stored.map(|s| (s.bytes, s.ttl_millis)))
+    }
+
+    /// `get_with_ttl(key)` without a limit, `None` when absent.
+    pub async fn get_with_ttl(
+        &self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, Option<u64>)>, CacheError> {
+        Ok(match self.get_with_ttl_limited(key, WHOLE).await? {
+            Fetched::Found(read) => Some(read),
+            Fetched::Absent | Fetched::TooLarge => None,
+        })
+    }
+
+    /// `get_many(keys, limit)`.
+    pub async fn get_many(
+        &self,
+        keys: &[String],
+        limit: usize,
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        let keys: Vec<String> = keys
+            .iter()
+            .map(|k| self.0.prefixed(k).into_owned())
+            .collect();
+        let route = keys.first().map_or("", String::as_str);
+        self.0
+            .guarded(route, self.0.inner.backend.get_many(&keys, limit))
+            .await
+    }
+
+    /// `set_if_longer(key, limit, value, px)`.
+    pub async fn set_if_longer(
+        &self,
+        key: &str,
+        limit: usize,
+        value: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        let key = self.0.prefixed(key);
+        let key = &*key;
+        let set = self.0.inner.backend.set_if_longer(key, limit, value, px);
+        self.0.guarded(key, set).await
     }
 
     /// `set(key, value, px)`.

@@ -9,20 +9,29 @@
 //!
 //! | operation | semantics |
 //! |---|---|
-//! | `get(key)` | the bytes under `key`, or `None` if absent or expired |
-//! | `get_many(keys)` | `get` of each key, in order, in one round trip (batch lookups) |
-//! | `get_with_ttl(key)` | the bytes and how long they have left, by the *server's* clock (`None`: no expiry) |
+//! | `get(key, limit)` | the bytes under `key`; absent if absent, expired or empty; `TooLarge`, without transferring them, if longer than `limit` |
+//! | `get_many(keys, limit)` | `get` of each key, in order, in one round trip (batch lookups) |
+//! | `get_with_ttl(key, limit)` | the bytes (an empty value too) and how long they have left, by the *server's* clock (`None`: no expiry); `TooLarge` as `get` |
 //! | `set(key, value, px)` | store unconditionally, expiring after `px` ms |
 //! | `set_if_absent(key, value, px)` | store only if absent (an expired key is absent); whether it stored |
 //! | `compare_and_set(key, prefix, value, px)` | replace only if the current value starts with `prefix`; whether it did |
 //! | `compare_and_delete(key, prefix)` | delete only if the current value starts with `prefix`; whether it did |
 //! | `compare_and_expire(key, prefix, px)` | reset the expiry to `px` ms only if the value starts with `prefix`; whether it did |
+//! | `set_if_longer(key, limit, value, px)` | replace only if the current value is longer than `limit` bytes (one too large to read); whether it did |
 //! | `delete(keys)` | delete every key; how many existed |
 //! | `check()` | whether the backend can be used (the circuit breaker's probe) |
 //!
 //! Each operation is atomic with respect to the others on the same key.
 //! Expiry is the backend's own: no decision of the cache reads a host's
 //! wall clock. Values are arbitrary bytes (NUL included). `px` is at least 1.
+//!
+//! Reads stop at a limit (the cache's `max_value_size` and room for its
+//! headers), so that one entry that is too large, written by someone else
+//! or by a cache with a larger limit, costs one short reply instead of a
+//! transfer that holds the connection past every call's op timeout. `get`
+//! is `GETRANGE key 0 limit`, which costs the server what `GET` does and
+//! answers an empty string for a missing key: the cache never stores an
+//! empty value, and `get_with_ttl` (a script) tells the two apart.
 //! The memory backend never fails; the Redis backend fails with
 //! [`CacheError`], and `Cache` adds the op timeout and the circuit breaker.
 
@@ -51,9 +60,10 @@ use crate::stats::{Operation, OperationTimer};
 pub(crate) async fn get_with_ttl_on(
     conn: &mut ::redis::aio::MultiplexedConnection,
     key: &str,
-) -> Result<Option<Stored>, CacheError> {
+    limit: usize,
+) -> Result<Fetched<Stored>, CacheError> {
     let _timer = OperationTimer::start(Operation::GetWithTtl, true);
-    commands::get_with_ttl(conn, key).await
+    commands::get_with_ttl(conn, key, limit).await
 }
 
 /// Parses a `redis://` (or, with the `tls` feature, `rediss://`) URL.
@@ -128,6 +138,28 @@ pub(crate) fn sentinel_certificates(
 /// cluster) the breaker of the primary that serves the key, borrowed from
 /// the backend (no reference count to contend on per call).
 pub(crate) type BreakerRef<'a> = &'a Arc<Breaker>;
+
+/// What a read found under one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched<T> {
+    /// No value (see the module docs for `get` and empty values).
+    Absent,
+    /// The value.
+    Found(T),
+    /// A value longer than the read's limit: not transferred.
+    TooLarge,
+}
+
+impl<T> Fetched<T> {
+    /// The value, changed by `f`.
+    pub(crate) fn map<U>(self, f: impl FnOnce(T) -> U) -> Fetched<U> {
+        match self {
+            Fetched::Absent => Fetched::Absent,
+            Fetched::Found(value) => Fetched::Found(f(value)),
+            Fetched::TooLarge => Fetched::TooLarge,
+        }
+    }
+}
 
 /// Bytes read with their remaining time to live.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,32 +285,55 @@ impl Backend {
         }
     }
 
-    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+    pub(crate) async fn get(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Fetched<Vec<u8>>, CacheError> {
         let _timer = self.timer(Operation::Get);
         match self.connection() {
-            Ok(mut conn) => commands::get(&mut conn, key).await,
-            Err(m) => Ok(m.get(key)),
+            Ok(mut conn) => commands::get(&mut conn, key, limit).await,
+            Err(m) => Ok(m.get(key, limit)),
         }
     }
 
     pub(crate) async fn get_many(
         &self,
         keys: &[String],
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+        limit: usize,
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
         let _timer = self.timer(Operation::GetMany);
         match self {
-            Backend::Redis(r) => r.get_many(keys).await,
-            Backend::Sentinel(s) => s.get_many(keys).await,
-            Backend::Cluster(c) => c.get_many(keys).await,
-            Backend::Memory(m) => Ok(keys.iter().map(|key| m.get(key)).collect()),
+            Backend::Redis(r) => r.get_many(keys, limit).await,
+            Backend::Sentinel(s) => commands::get_many(&mut s.conn(), keys, limit).await,
+            Backend::Cluster(c) => c.get_many(keys, limit).await,
+            Backend::Memory(m) => Ok(keys.iter().map(|key| m.get(key, limit)).collect()),
         }
     }
 
-    pub(crate) async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>, CacheError> {
+    pub(crate) async fn get_with_ttl(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Fetched<Stored>, CacheError> {
         let _timer = self.timer(Operation::GetWithTtl);
         match self.connection() {
-            Ok(mut conn) => commands::get_with_ttl(&mut conn, key).await,
-            Err(m) => Ok(m.get_with_ttl(key)),
+            Ok(mut conn) => commands::get_with_ttl(&mut conn, key, limit).await,
+            Err(m) => Ok(m.get_with_ttl(key, limit)),
+        }
+    }
+
+    pub(crate) async fn set_if_longer(
+        &self,
+        key: &str,
+        limit: usize,
+        value: &[u8],
+        px: u64,
+    ) -> Result<bool, CacheError> {
+        let _timer = self.timer(Operation::SetIfLonger);
+        match self.connection() {
+            Ok(mut conn) => commands::set_if_longer(&mut conn, key, limit, value, px).await,
+            Err(m) => Ok(m.set_if_longer(key, limit, value, px)),
         }
     }
 

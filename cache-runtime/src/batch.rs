@@ -4,7 +4,8 @@
 //! Each id's key is rendered as the single-key function's `<id>` would be,
 //! so batch and single lookups share entries, leases and invalidations.
 //!
-//! 1. **Read** every distinct key with one `MGET` (chunked and pipelined).
+//! 1. **Read** every distinct key in one round trip (a pipeline of
+//!    `GETRANGE`s that stop at the read limit; per slot on a cluster).
 //! 2. Serve what was found (values, and `cache_none`'s negative entries).
 //! 3. With `single_flight`, **coalesce** the missing ids with computations
 //!    in flight in this process, one key at a time in key order: an id
@@ -18,7 +19,9 @@
 //!    is an answer of nothing (stored as such with `cache_none`).
 //! 5. Merge the cached values into the body's map.
 //!
-//! A cache that cannot be read runs the body with every id (fail open).
+//! A cache that cannot be read runs the body with every id (fail open);
+//! with `single_flight`, still coalesced with this process's other callers
+//! of each id, as a single lookup is (see [`crate::flight`]).
 //! Stale values (`stale`, `early_refresh`) are not refreshed by a batch;
 //! the macro rejects those options with `batch`.
 
@@ -29,12 +32,13 @@ use futures_util::future::join_all;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::error::CacheError;
-use crate::flight::{Handed, Landing, Leader, Role};
+use crate::flight::{Handed, Joiner, Landing, Leader, Role};
 use crate::lease::{self, Found, HeldLease, Take, Taken};
 use crate::local::LocalHit;
-use crate::lookup::Leased;
+use crate::lookup::{Leased, Run};
 use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
@@ -92,7 +96,7 @@ impl Cache {
     /// [`Cache::get_or_compute_batch`] of a function with a local tier:
     /// the copies this process holds (made by single lookups of the same
     /// keys) answer their ids, and the others are looked up in Redis as
-    /// usual. A batch makes no copies itself: its `MGET` is not sent on
+    /// usual. A batch makes no copies itself: its read is not sent on
     /// the tracking connection, and does not say how long each entry has
     /// left.
     pub(crate) async fn get_or_compute_batch_local<S, R, K, V, B, Fut>(
@@ -157,18 +161,24 @@ impl Cache {
         B: FnOnce(Vec<K>) -> Fut,
         Fut: Future<Output = R>,
     {
+        let began = Instant::now();
         // A key this process still has to invalidate may hold the old
         // value (see `Janitor::is_invalidating`): run uncached.
         let backend = &self.inner.backend;
-        let read = if keys.iter().any(|key| {
+        let pending_write = keys.iter().any(|key| {
             self.inner
                 .janitor
                 .is_invalidating(key, || backend.primaries_epoch())
-        }) {
+        });
+        let read = if pending_write {
             Err(CacheError::CircuitOpen)
         } else {
             self.read_many(&keys).await
         };
+        let coalescing = site.single_flight_mode() != SingleFlight::Off;
+        // Whether the cache could not be read: then nothing is leased or
+        // stored, and each id's callers in this process still coalesce.
+        let mut uncached = false;
         let values = match read {
             Ok(values) => values,
             Err(error) => {
@@ -179,26 +189,35 @@ impl Cache {
                         warn!(%error, keys = keys.len(), "cache batch read failed: running uncached")
                     );
                 }
-                for _ in &keys {
-                    self.record(site, Event::Bypass);
-                }
-                if found.is_empty() {
-                    return body(ids).await;
-                }
-                // The body runs for the ids not answered locally; the
-                // local answers join its map.
-                let mut result = body(ids).await;
-                if let Some(map) = S::map_mut(&mut result) {
-                    for (id, value) in found {
-                        map.put(id, value);
+                if coalescing {
+                    uncached = true;
+                    vec![Fetched::Absent; keys.len()]
+                } else {
+                    for _ in &keys {
+                        self.record(site, Event::Bypass);
                     }
+                    if found.is_empty() {
+                        return body(ids).await;
+                    }
+                    // The body runs for the ids not answered locally; the
+                    // local answers join its map.
+                    let mut result = body(ids).await;
+                    if let Some(map) = S::map_mut(&mut result) {
+                        for (id, value) in found {
+                            map.put(id, value);
+                        }
+                    }
+                    return result;
                 }
-                return result;
             }
         };
 
         let mut missing = Vec::new();
         for (at, (id, bytes)) in ids.into_iter().zip(values).enumerate() {
+            if uncached {
+                missing.push(Missing { id, at, take: None });
+                continue;
+            }
             match self.classify_one::<V>(site, &keys[at], bytes) {
                 One::Value(value) => {
                     self.record(site, Event::Hit);
@@ -210,15 +229,17 @@ impl Cache {
         }
 
         let mut leaders: Vec<Option<Leader<'_>>> = Vec::new();
-        if site.single_flight_mode() == SingleFlight::Off {
-            leaders.resize_with(missing.len(), || None);
-        } else {
+        if coalescing {
             // In key order, so that overlapping batches cannot wait for each
             // other (see the module docs).
             missing.sort_by(|a, b| keys[a.at].cmp(&keys[b.at]));
             let mut computed = Vec::with_capacity(missing.len());
+            let joiner = Joiner {
+                began,
+                takes_proof: !pending_write,
+            };
             for one in missing {
-                match self.coalesce_one::<V>(site, &keys[one.at]).await {
+                match self.coalesce_one::<V>(site, &keys[one.at], joiner).await {
                     Coalesced::Value(value) => found.push((one.id, value)),
                     Coalesced::Nothing => {}
                     Coalesced::Lead(leader) => {
@@ -228,6 +249,8 @@ impl Cache {
                 }
             }
             missing = computed;
+        } else {
+            leaders.resize_with(missing.len(), || None);
         }
         if missing.is_empty() {
             return S::from_map(map_of(found));
@@ -239,6 +262,7 @@ impl Cache {
             async move {
                 let taken = match take {
                     Some(take) => HeldLease::take(self, site, key, take).await,
+                    None if uncached => Taken::Failed,
                     None => Taken::Occupied,
                 };
                 (taken, ())
@@ -249,7 +273,7 @@ impl Cache {
             Vec::with_capacity(missing.len());
         let mut occupied = Vec::new();
         for ((one, (taken, _)), leader) in missing.into_iter().zip(leases).zip(leaders) {
-            // Occupied: another caller's lease, seen by the `MGET` or by
+            // Occupied: another caller's lease, seen by the first read or by
             // the `SET NX`.
             if matches!(taken, Taken::Occupied) {
                 occupied.push((one, taken, leader));
@@ -257,7 +281,7 @@ impl Cache {
                 computing.push((one, taken, leader));
             }
         }
-        // A key leased or filled by another caller since the `MGET` (a
+        // A key leased or filled by another caller since the first read (a
         // flight this batch waited for, another batch, another process):
         // read once more, together; what is still leased is computed
         // without storing.
@@ -269,19 +293,25 @@ impl Cache {
             let values = self
                 .read_many(&again)
                 .await
-                .unwrap_or_else(|_| vec![None; again.len()]);
-            for ((one, taken, leader), bytes) in occupied.into_iter().zip(values) {
-                match bytes.map(|b| self.classify_one::<V>(site, &keys[one.at], Some(b))) {
-                    Some(One::Value(value)) => {
+                .unwrap_or_else(|_| vec![Fetched::Absent; again.len()]);
+            for ((one, taken, leader), fetched) in occupied.into_iter().zip(values) {
+                let read = match fetched {
+                    Fetched::Found(bytes) => {
+                        self.classify_one::<V>(site, &keys[one.at], Fetched::Found(bytes))
+                    }
+                    Fetched::Absent | Fetched::TooLarge => One::Claim(None),
+                };
+                match read {
+                    One::Value(value) => {
                         self.record(site, Event::Hit);
                         found.push((one.id, value));
                         look_again(leader);
                     }
-                    Some(One::Nothing) => {
+                    One::Nothing => {
                         self.record(site, Event::Hit);
                         look_again(leader);
                     }
-                    _ => computing.push((one, taken, leader)),
+                    One::Claim(_) => computing.push((one, taken, leader)),
                 }
             }
         }
@@ -290,11 +320,10 @@ impl Cache {
         }
 
         for _ in &computing {
-            self.record(site, Event::Miss);
+            self.record(site, if uncached { Event::Bypass } else { Event::Miss });
         }
-        let started = Instant::now();
-        let mut result = body(computing.iter().map(|(one, ..)| one.id.clone()).collect()).await;
-        let took = started.elapsed();
+        let ids = computing.iter().map(|(one, ..)| one.id.clone()).collect();
+        let (mut result, run) = Run::time(body(ids)).await;
 
         let map = S::map_mut(&mut result);
         let (computing, leaders): (Vec<_>, Vec<_>) = computing
@@ -311,11 +340,12 @@ impl Cache {
                 };
                 let lease = match taken {
                     Taken::Held(lease) => Leased::Own(lease),
+                    _ if uncached => Leased::Uncached,
                     Taken::Occupied | Taken::Failed => Leased::None,
                 };
                 let key = &keys[one.at];
                 async move {
-                    self.settle_answer(site, key, answer, lease, leader.as_ref(), took)
+                    self.settle_answer(site, key, answer, lease, leader.as_ref(), run)
                         .await
                 }
             });
@@ -333,15 +363,20 @@ impl Cache {
         result
     }
 
-    /// What one key's bytes from the `MGET` mean for the batch.
+    /// What one key's read means for the batch.
     fn classify_one<V: DeserializeOwned>(
         &self,
         site: &'static Site,
         key: &str,
-        bytes: Option<Vec<u8>>,
+        fetched: Fetched<Vec<u8>>,
     ) -> One<V> {
-        let Some(bytes) = bytes else {
-            return One::Claim(Some(Take::IfAbsent));
+        let bytes = match fetched {
+            Fetched::Found(bytes) => bytes,
+            Fetched::Absent => return One::Claim(Some(Take::IfAbsent)),
+            Fetched::TooLarge => {
+                self.garbage(site, key, "an entry larger than max_value_size");
+                return One::Claim(Some(Take::ReplacingTooLarge));
+            }
         };
         match lease::inspect(&bytes) {
             // Someone's lease (its TTL unread): computed here without
@@ -379,9 +414,10 @@ impl Cache {
         &self,
         site: &'static Site,
         key: &str,
+        joiner: Joiner,
     ) -> Coalesced<'_, V> {
         for _ in 0..MAX_HANDOVERS {
-            let waiter = match self.inner.flights.join(key) {
+            let waiter = match self.inner.flights.join(key, joiner) {
                 Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
                 Role::Waiter(waiter) => waiter,
             };

@@ -11,8 +11,8 @@ use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::backend::{
-    Backend, BreakerRef, ClusterBackend, Durability, MemoryBackend, RedisBackend, SentinelAuth,
-    SentinelBackend, Tls,
+    Backend, BreakerRef, ClusterBackend, Durability, Fetched, MemoryBackend, RedisBackend,
+    SentinelAuth, SentinelBackend, Tls,
 };
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
@@ -34,7 +34,11 @@ const DEFAULT_MEMORY_CAPACITY: u64 = 256 * 1024 * 1024;
 /// The local tier's bound; see [`CacheBuilder::local_capacity`].
 const DEFAULT_LOCAL_CAPACITY: u64 = 64 * 1024 * 1024;
 const DEFAULT_LEASE: Duration = Duration::from_secs(10);
-const DEFAULT_MAX_VALUE_SIZE: usize = 32 * 1024 * 1024;
+/// The bytes a 1 Gbit/s link carries in a millisecond.
+const GIGABIT_BYTES_PER_MILLI: u128 = 125_000;
+/// Room past `max_value_size` in a read's limit, for the headers the cache
+/// adds (freshness, compression).
+const READ_HEADROOM: usize = 256;
 
 static INSTALLED: ArcSwapOption<Inner> = ArcSwapOption::const_empty();
 
@@ -64,6 +68,9 @@ pub(crate) struct Inner {
     pub(crate) lease: Duration,
     pub(crate) codec: Codec,
     pub(crate) max_value_size: usize,
+    /// The most bytes a read transfers: `max_value_size` and room for the
+    /// cache's headers; a longer entry is not read, but replaced.
+    pub(crate) read_limit: usize,
     /// `compress_above`: encoded values longer than this are compressed.
     pub(crate) compress_above: Option<usize>,
     /// `trace_keys`: whether call spans carry the key.
@@ -92,7 +99,7 @@ pub struct CacheBuilder {
     op_timeout: Duration,
     lease: Duration,
     codec: Codec,
-    max_value_size: usize,
+    max_value_size: Option<usize>,
     compress_above: Option<usize>,
     trace_keys: bool,
     breaker_failures: u32,
@@ -290,11 +297,18 @@ impl CacheBuilder {
     /// The largest encoded value that is stored, in bytes. A larger one is
     /// returned to its caller but not cached (counted as `oversized`, logged
     /// at `warn`); a `#[cache_put]` of one deletes the key instead, so the
-    /// old value does not outlive the write. Default 32 MiB. Transferring a
-    /// value must fit in the op timeout: at a few hundred MB/s on a LAN, a
-    /// 16 MiB value needs more than the default 100 ms.
+    /// old value does not outlive the write.
+    ///
+    /// Reads stop at the same limit: an entry larger than that (written by
+    /// another program, or by a cache with a larger limit) is not
+    /// transferred, is counted as an error of its function and is replaced
+    /// by the next call, and never opens the circuit breaker. A value the
+    /// cache stores must be read back within the op timeout, so the default
+    /// follows it: what a 1 Gbit/s link carries in a third of the op
+    /// timeout, about 4 MB with the default 100 ms. A limit that needs more
+    /// than the op timeout at 1 Gbit/s is logged at `warn` by `build`.
     pub fn max_value_size(mut self, bytes: usize) -> Self {
-        self.max_value_size = bytes;
+        self.max_value_size = Some(bytes);
         self
     }
 
@@ -463,16 +477,25 @@ impl CacheBuilder {
                     self.durability,
                     self.tls.as_ref(),
                 )?;
-                // Read the slot map now so that the first calls are
-                // served, but never fail start-up on it.
+                // Read the slot map and connect to every primary now, so
+                // that the first calls are served, but never fail start-up
+                // on it. Once a node has answered, the connections get
+                // longer: TLS handshakes with every node of a busy cluster
+                // are slow, and would otherwise be paid by the first calls.
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
-                match tokio::time::timeout(first_contact, cluster.refresh()).await {
-                    Ok(Ok(())) => tracing::debug!("connected to the Redis Cluster"),
-                    outcome => {
-                        let reason = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer within {first_contact:?}"),
-                        };
+                let connecting = self.op_timeout.max(Duration::from_secs(3));
+                let contact = async {
+                    tokio::time::timeout(first_contact, cluster.refresh())
+                        .await
+                        .map_err(|_| CacheError::Timeout(first_contact))??;
+                    tokio::time::timeout(connecting, cluster.warm_up())
+                        .await
+                        .map_err(|_| CacheError::Timeout(connecting))?
+                };
+                match contact.await {
+                    Ok(()) => tracing::debug!("connected to the Redis Cluster"),
+                    Err(error) => {
+                        let reason = error.to_string();
                         tracing::warn!(%reason, "Redis Cluster is not reachable yet; calls run uncached until it is");
                         breaker.record_failure(true);
                     }
@@ -487,7 +510,25 @@ impl CacheBuilder {
         Arc::new(Breaker::new(self.breaker_failures, self.breaker_cooldown))
     }
 
+    /// The bytes a 1 Gbit/s link carries in `share` of the op timeout.
+    fn gigabit_bytes(&self, share: u128) -> usize {
+        let bytes = self.op_timeout.as_millis() * GIGABIT_BYTES_PER_MILLI / share;
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
     fn assemble(self, backend: Backend, breaker: Arc<Breaker>) -> Cache {
+        let max_value_size = self.max_value_size.unwrap_or_else(|| self.gigabit_bytes(3));
+        if let Some(bytes) = self.max_value_size
+            && bytes > self.gigabit_bytes(1)
+            && backend.as_memory().is_none()
+        {
+            tracing::warn!(
+                max_value_size = bytes,
+                op_timeout = ?self.op_timeout,
+                "max_value_size is more than a 1 Gbit/s link carries within the op timeout: \
+                 reading such a value back would time out"
+            );
+        }
         let tier = || Arc::new(LocalTier::new(self.local_capacity));
         let channel = match self.local_invalidation {
             LocalInvalidation::Tracking => None,
@@ -523,12 +564,13 @@ impl CacheBuilder {
                 op_timeout: self.op_timeout,
                 lease: self.lease,
                 codec: self.codec,
-                max_value_size: self.max_value_size,
+                max_value_size,
+                read_limit: max_value_size.saturating_add(READ_HEADROOM),
                 compress_above: self.compress_above,
                 trace_keys: self.trace_keys,
                 breaker,
                 stats: Recorder::default(),
-                flights: Flights::default(),
+                flights: Flights::new(self.op_timeout * 2),
                 janitor: Janitor::default(),
                 log_limit: LogLimit::default(),
                 clock: self.clock,
@@ -554,7 +596,7 @@ impl Cache {
             op_timeout: DEFAULT_OP_TIMEOUT,
             lease: DEFAULT_LEASE,
             codec: Codec::default(),
-            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            max_value_size: None,
             compress_above: None,
             trace_keys: false,
             breaker_failures: DEFAULT_BREAKER_FAILURES,
@@ -695,7 +737,7 @@ impl Cache {
         self.run(breaker, operation, false)
     }
 
-    /// `GET` of many keys, each part of the backend (each cluster primary)
+    /// A read of many keys, each part of the backend (each cluster primary)
     /// under its own breaker: the parts whose breaker is closed in one
     /// request, and if that fails, each of them alone. A part that failed
     /// or was skipped reads as absent, so its keys take the miss path,
@@ -704,12 +746,15 @@ impl Cache {
     pub(crate) async fn read_many(
         &self,
         keys: &[String],
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
         let inner = &*self.inner;
+        let limit = inner.read_limit;
         let mut groups = inner.backend.by_breaker(&inner.breaker, keys);
         if groups.len() == 1 {
             let (breaker, _) = groups.pop().expect("one group");
-            return self.run(breaker, inner.backend.get_many(keys), true).await;
+            return self
+                .run(breaker, inner.backend.get_many(keys, limit), true)
+                .await;
         }
         // Several primaries. Those whose breaker lets calls through are
         // read together, as one request that the cluster connection splits
@@ -744,7 +789,7 @@ impl Cache {
             }
         };
         if let Ok(Ok(read)) =
-            tokio::time::timeout(inner.op_timeout, inner.backend.get_many(part)).await
+            tokio::time::timeout(inner.op_timeout, inner.backend.get_many(part, limit)).await
         {
             for (breaker, _) in &groups {
                 breaker.record_success();
@@ -752,20 +797,22 @@ impl Cache {
             let Some(together) = together else {
                 return Ok(read);
             };
-            let mut values = vec![None; keys.len()];
+            let mut values = vec![Fetched::Absent; keys.len()];
             for (at, value) in together.into_iter().zip(read) {
                 values[at] = value;
             }
             return Ok(values);
         }
-        let mut values = vec![None; keys.len()];
+        let mut values = vec![Fetched::Absent; keys.len()];
         // Which primary failed is not known: each part again, on its own
         // and under its breaker, so that the failure counts where it
         // belongs and the other parts still serve. A batch that meets a
         // stalled primary before its breaker opens waits two op timeouts.
         let reads = join_all(groups.into_iter().map(|(breaker, indices)| async move {
             let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
-            let read = self.run(breaker, inner.backend.get_many(&part), true).await;
+            let read = self
+                .run(breaker, inner.backend.get_many(&part, limit), true)
+                .await;
             (indices, read)
         }))
         .await;
@@ -1104,6 +1151,34 @@ mod tests {
         );
         assert_eq!(cache.codec(), codec);
         assert_eq!(cache.redis_key(&value_cache_key(&3)), "t:value:3");
+    }
+
+    #[test]
+    fn the_default_max_value_size_can_be_read_within_the_op_timeout_at_a_gigabit() {
+        let size = |builder: crate::CacheBuilder| builder.memory().assemble_for_test();
+        assert_eq!(
+            size(Cache::builder()),
+            4_166_666,
+            "a third of 100 ms at 1 Gbit/s"
+        );
+        assert_eq!(
+            size(Cache::builder().op_timeout(std::time::Duration::from_millis(300))),
+            12_500_000
+        );
+        assert_eq!(size(Cache::builder().max_value_size(1 << 20)), 1 << 20);
+    }
+
+    impl crate::CacheBuilder {
+        /// The `max_value_size` a cache built from this builder has.
+        fn assemble_for_test(self) -> usize {
+            let breaker = self.breaker();
+            let cache = self.assemble(
+                crate::backend::Backend::Memory(crate::backend::MemoryBackend::new(1 << 20)),
+                breaker,
+            );
+            assert_eq!(cache.inner.read_limit, cache.inner.max_value_size + 256);
+            cache.inner.max_value_size
+        }
     }
 
     #[tokio::test]

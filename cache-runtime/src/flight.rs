@@ -10,15 +10,38 @@
 //! # Writes fence the flight
 //!
 //! A caller that starts after a write's invalidation completed must not be
-//! handed a value computed from data read before it. A leader therefore
-//! hands its value over only when the cache proves that no write touched
-//! the key during its computation (its compare-and-set over its own lease
-//! succeeded, or the key still holds the same foreign lease it saw), and
-//! only to the waiters that joined *before* it sent that proof: each waiter
-//! draws a ticket, the leader reads the ticket count (its fence) just
-//! before sending, and a later ticket is told to look again (it reads the
-//! key itself, usually a hit). A waiter that joined later may have started
-//! after the write, and the proof came too early to cover it.
+//! handed a value computed from data read before it. A waiter is handed the
+//! leader's answer when one of two things shows that it cannot have:
+//!
+//! - **Its call began before the body did.** Any write whose invalidation
+//!   had completed when the waiter started had landed in the database
+//!   before the body read it. This needs nothing from the cache, so it
+//!   holds whatever the cache answers: a read that timed out, a breaker
+//!   that is open, a server that is down or not connected yet. That is what
+//!   keeps a burst of callers to one database query when the cache fails.
+//! - **The cache proved that no write touched the key during the
+//!   computation** (the leader's compare-and-set over its own lease
+//!   succeeded, or the key still holds the same foreign lease it saw), and
+//!   the waiter joined *before* that proof was sent: each waiter draws a
+//!   ticket, the leader reads the ticket count (its fence) just before
+//!   sending, and a later ticket is not covered. A waiter whose own read
+//!   found a write of this process still to be delivered takes no proof:
+//!   that write's `DEL` may not have reached the server the proof came
+//!   from.
+//!
+//! Anyone else is told to look again (it reads the key itself, usually a
+//! hit; with the cache unavailable, it joins the next flight, whose body
+//! starts after it did). So while the cache cannot be asked, the callers
+//! of a key in this process cost at most one body run at a time.
+//!
+//! # Landed answers linger
+//!
+//! A caller whose read was slow (a burst that makes the cache's reads time
+//! out) may come to the flight after it landed, though it began before the
+//! body did. So an answer stays in the map for a moment after it landed
+//! (twice the op timeout, the longest a read takes, and within a bound on
+//! the bytes kept), for the callers that began before its body started;
+//! anyone else who comes to a landed flight leads a new one.
 //!
 //! # Failing keys
 //!
@@ -27,8 +50,10 @@
 //! at a time run the body for that key: a failing database is not hit by
 //! every waiter at once.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -36,21 +61,41 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 /// Body runs at once for a key whose leaders keep failing.
 pub(crate) const FAILING_RUNS: usize = 2;
+/// The most encoded bytes that landed answers keep lingering at once.
+const LINGERING_BYTES: usize = 16 * 1024 * 1024;
 
 /// How one computation ended, as its waiters see it.
 #[derive(Debug, Clone)]
 pub(crate) enum Landing {
     /// Still computing.
     Pending,
-    /// The encoded value, good for tickets up to `fence`.
-    Value { bytes: Arc<[u8]>, fence: u64 },
-    /// The answer "nothing" (`None`), good for tickets up to `fence`.
-    Nothing { fence: u64 },
-    /// A value the leader could not prove fresh, or found in the cache:
+    /// The encoded value, for the waiters it covers.
+    Value { bytes: Arc<[u8]>, cover: Cover },
+    /// The answer "nothing" (`None`), for the waiters it covers.
+    Nothing { cover: Cover },
+    /// A value the leader found in the cache, or could not hand over:
     /// read the key again.
     LookAgain,
     /// The body failed (`Err`), or the leader was cancelled or panicked.
     Failed,
+}
+
+/// Which waiters an answer is good for; see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cover {
+    /// When the body that computed it started.
+    pub(crate) body_started: Instant,
+    /// Tickets up to this one are covered by the cache's proof that no
+    /// write touched the key meanwhile; 0 without a proof.
+    pub(crate) fence: u64,
+}
+
+/// Who joins a flight: when its call began, and whether the cache's proof
+/// covers it (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Joiner {
+    pub(crate) began: Instant,
+    pub(crate) takes_proof: bool,
 }
 
 /// What a waiter is handed.
@@ -68,12 +113,30 @@ struct Flight {
     tickets: Arc<AtomicU64>,
 }
 
-/// The computations in flight, by Redis key, and the keys whose leaders
-/// keep failing.
-#[derive(Debug, Default)]
+/// The computations in flight (and those that landed a moment ago), by
+/// Redis key, and the keys whose leaders keep failing.
+#[derive(Debug)]
 pub(crate) struct Flights {
     in_flight: DashMap<String, Flight>,
     failing: DashMap<String, Arc<Semaphore>>,
+    /// How long a landed answer lingers.
+    linger: Duration,
+    lingering: Mutex<Lingering>,
+}
+
+/// The landed flights still in the map, oldest first.
+#[derive(Debug, Default)]
+struct Lingering {
+    queue: VecDeque<Landed>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Landed {
+    until: Instant,
+    key: String,
+    landing: watch::Receiver<Landing>,
+    bytes: usize,
 }
 
 /// What a caller that missed does.
@@ -91,39 +154,110 @@ pub(crate) struct Leader<'a> {
     key: String,
     landing: watch::Sender<Landing>,
     tickets: Arc<AtomicU64>,
+    /// Landed: its flight lingers or has ended already.
+    landed: bool,
 }
 
 /// A caller waiting for a leader, with its ticket.
 pub(crate) struct Waiter {
     landing: watch::Receiver<Landing>,
     ticket: u64,
+    joiner: Joiner,
 }
 
 impl Flights {
-    /// Leads the computation of `key`, or joins the one in flight.
-    pub(crate) fn join(&self, key: &str) -> Role<'_> {
-        match self.in_flight.entry(key.to_owned()) {
+    /// Flights whose answers linger for `linger` after they landed.
+    pub(crate) fn new(linger: Duration) -> Self {
+        Flights {
+            in_flight: DashMap::new(),
+            failing: DashMap::new(),
+            linger,
+            lingering: Mutex::new(Lingering::default()),
+        }
+    }
+
+    /// Leads the computation of `key`, or joins the one in flight, or takes
+    /// the answer of one that landed a moment ago if it covers `joiner`.
+    pub(crate) fn join(&self, key: &str, joiner: Joiner) -> Role<'_> {
+        let flight = match self.in_flight.entry(key.to_owned()) {
             Entry::Occupied(flight) => {
-                let flight = flight.get();
-                Role::Waiter(Waiter {
-                    landing: flight.landing.clone(),
-                    ticket: flight.tickets.fetch_add(1, Ordering::SeqCst) + 1,
-                })
+                let landed = match &*flight.get().landing.borrow() {
+                    Landing::Pending => None,
+                    Landing::Value { cover, .. } | Landing::Nothing { cover } => {
+                        Some(joiner.began < cover.body_started)
+                    }
+                    Landing::LookAgain | Landing::Failed => Some(false),
+                };
+                match landed {
+                    // In flight, or landed with an answer for this caller
+                    // (the wait returns at once).
+                    None | Some(true) => {
+                        let flight = flight.get();
+                        return Role::Waiter(Waiter {
+                            landing: flight.landing.clone(),
+                            ticket: flight.tickets.fetch_add(1, Ordering::SeqCst) + 1,
+                            joiner,
+                        });
+                    }
+                    // Landed, not for this caller: it leads the next flight.
+                    Some(false) => Entry::Occupied(flight),
+                }
             }
-            Entry::Vacant(slot) => {
-                let (landing, waiters) = watch::channel(Landing::Pending);
-                let tickets = Arc::new(AtomicU64::new(0));
-                slot.insert(Flight {
-                    landing: waiters,
-                    tickets: tickets.clone(),
-                });
-                Role::Leader(Leader {
-                    flights: self,
-                    key: key.to_owned(),
-                    landing,
-                    tickets,
-                })
-            }
+            vacant => vacant,
+        };
+        let (landing, waiters) = watch::channel(Landing::Pending);
+        let tickets = Arc::new(AtomicU64::new(0));
+        drop(flight.insert_entry(Flight {
+            landing: waiters,
+            tickets: tickets.clone(),
+        }));
+        Role::Leader(Leader {
+            flights: self,
+            key: key.to_owned(),
+            landing,
+            tickets,
+            landed: false,
+        })
+    }
+
+    /// Keeps a landed flight with an answer of `bytes` in the map for a
+    /// moment, if the bound on lingering bytes allows; whether it does.
+    /// Every landing calls it, so that those whose moment is over go.
+    fn linger(&self, key: &str, landing: &watch::Sender<Landing>, bytes: Option<usize>) -> bool {
+        let now = Instant::now();
+        let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+        self.sweep(&mut lingering, now);
+        let Some(bytes) = bytes else {
+            return false;
+        };
+        if self.linger.is_zero() || lingering.bytes + bytes > LINGERING_BYTES {
+            return false;
+        }
+        lingering.bytes += bytes;
+        lingering.queue.push_back(Landed {
+            until: now + self.linger,
+            key: key.to_owned(),
+            landing: landing.subscribe(),
+            bytes,
+        });
+        true
+    }
+
+    /// Removes the landed flights whose moment is over (unless a new flight
+    /// of their key replaced them already).
+    fn sweep(&self, lingering: &mut Lingering, now: Instant) {
+        while lingering
+            .queue
+            .front()
+            .is_some_and(|landed| landed.until <= now)
+        {
+            let Some(landed) = lingering.queue.pop_front() else {
+                break;
+            };
+            lingering.bytes -= landed.bytes;
+            self.in_flight.remove_if(&landed.key, |_, flight| {
+                flight.landing.same_channel(&landed.landing)
+            });
         }
     }
 
@@ -141,9 +275,15 @@ impl Flights {
         }
     }
 
-    /// Flights and gates in use: 0 once no call is under way.
+    /// Flights and gates in use: 0 once no call is under way (landed
+    /// answers that linger are not in use).
     pub(crate) fn len(&self) -> usize {
-        self.in_flight.len() + self.failing.len()
+        let pending = self
+            .in_flight
+            .iter()
+            .filter(|flight| matches!(*flight.landing.borrow(), Landing::Pending))
+            .count();
+        pending + self.failing.len()
     }
 }
 
@@ -154,10 +294,19 @@ impl Leader<'_> {
         self.tickets.load(Ordering::SeqCst)
     }
 
-    /// Ends the flight, then hands the outcome to the waiters: in this order,
-    /// so that a woken waiter that looks again cannot join this flight.
-    pub(crate) fn land(self, landing: Landing) {
-        self.end();
+    /// Hands the outcome to the waiters. An answer lingers for a moment
+    /// (see the module docs); any other outcome ends the flight first, so
+    /// that a woken waiter that looks again cannot join this flight.
+    pub(crate) fn land(mut self, landing: Landing) {
+        let bytes = match &landing {
+            Landing::Value { bytes, .. } => Some(bytes.len()),
+            Landing::Nothing { .. } => Some(0),
+            Landing::Pending | Landing::LookAgain | Landing::Failed => None,
+        };
+        self.landed = true;
+        if !self.flights.linger(&self.key, &self.landing, bytes) {
+            self.end();
+        }
         self.landing.send_replace(landing);
     }
 
@@ -174,7 +323,9 @@ impl Drop for Leader<'_> {
     fn drop(&mut self) {
         // Cancelled or panicked before landing: the channel closes after
         // this, which releases the waiters.
-        self.end();
+        if !self.landed {
+            self.end();
+        }
     }
 }
 
@@ -185,10 +336,13 @@ impl Waiter {
             .landing
             .wait_for(|landing| !matches!(landing, Landing::Pending))
             .await;
-        let covered = |fence: u64| self.ticket <= fence;
+        let joiner = self.joiner;
+        let covered = |cover: &Cover| {
+            joiner.began < cover.body_started || (joiner.takes_proof && self.ticket <= cover.fence)
+        };
         match landed.as_deref() {
-            Ok(Landing::Value { bytes, fence }) if covered(*fence) => Handed::Value(bytes.clone()),
-            Ok(Landing::Nothing { fence }) if covered(*fence) => Handed::Nothing,
+            Ok(Landing::Value { bytes, cover }) if covered(cover) => Handed::Value(bytes.clone()),
+            Ok(Landing::Nothing { cover }) if covered(cover) => Handed::Nothing,
             Ok(Landing::Value { .. } | Landing::Nothing { .. } | Landing::LookAgain) => {
                 Handed::LookAgain
             }
@@ -226,72 +380,188 @@ impl Drop for Gate<'_> {
 mod tests {
     use super::*;
 
+    /// A caller that began long ago and takes the proof.
+    fn early() -> Joiner {
+        Joiner {
+            began: Instant::now(),
+            takes_proof: true,
+        }
+    }
+
     fn leader(flights: &Flights) -> Leader<'_> {
-        match flights.join("k") {
+        match flights.join("k", early()) {
             Role::Leader(leader) => leader,
             Role::Waiter(_) => panic!("expected to lead"),
         }
     }
 
-    fn waiter(flights: &Flights) -> Waiter {
-        match flights.join("k") {
+    fn waiter(flights: &Flights, joiner: Joiner) -> Waiter {
+        match flights.join("k", joiner) {
             Role::Waiter(waiter) => waiter,
             Role::Leader(_) => panic!("expected to wait"),
         }
     }
 
+    /// A cover for a body that started just now, with a proof up to `fence`.
+    fn proved(fence: u64) -> Cover {
+        Cover {
+            body_started: Instant::now(),
+            fence,
+        }
+    }
+
+    fn value(bytes: &[u8], cover: Cover) -> Landing {
+        Landing::Value {
+            bytes: Arc::from(bytes),
+            cover,
+        }
+    }
+
     #[tokio::test]
     async fn waiters_get_the_leaders_value_and_the_flight_ends() {
-        let flights = Flights::default();
+        let flights = Flights::new(Duration::from_secs(1));
         let leader = leader(&flights);
-        let waiter = waiter(&flights);
+        let waiter = waiter(&flights, early());
         assert!(
-            matches!(flights.join("other"), Role::Leader(_)),
+            matches!(flights.join("other", early()), Role::Leader(_)),
             "keys are independent"
         );
         let waiting = tokio::spawn(waiter.wait());
         let fence = leader.fence();
-        leader.land(Landing::Value {
-            bytes: Arc::from(&b"42"[..]),
-            fence,
-        });
+        leader.land(value(b"42", proved(fence)));
         assert_eq!(waiting.await.unwrap(), Handed::Value(Arc::from(&b"42"[..])));
         assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]
-    async fn a_waiter_that_joined_after_the_fence_looks_again() {
-        let flights = Flights::default();
+    async fn a_waiter_that_began_after_the_body_needs_the_proof() {
+        let flights = Flights::new(Duration::from_secs(1));
         let leader = leader(&flights);
-        let early = waiter(&flights);
+        let body_started = Instant::now();
+        let later = || Joiner {
+            began: body_started + std::time::Duration::from_millis(1),
+            takes_proof: true,
+        };
+        let proved_early = waiter(&flights, later());
         let fence = leader.fence();
-        let late = waiter(&flights); // joined after the proof was sent
-        leader.land(Landing::Value {
-            bytes: Arc::from(&b"1"[..]),
-            fence,
+        let after_the_proof = waiter(&flights, later());
+        let not_trusting = waiter(
+            &flights,
+            Joiner {
+                takes_proof: false,
+                ..later()
+            },
+        );
+        leader.land(value(
+            b"1",
+            Cover {
+                body_started,
+                fence,
+            },
+        ));
+        assert_eq!(
+            proved_early.wait().await,
+            Handed::Value(Arc::from(&b"1"[..]))
+        );
+        assert_eq!(after_the_proof.wait().await, Handed::LookAgain);
+        assert_eq!(not_trusting.wait().await, Handed::LookAgain);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_began_before_the_body_needs_no_proof() {
+        let flights = Flights::new(Duration::from_secs(1));
+        let began = Instant::now();
+        let leader = leader(&flights);
+        let waiting = waiter(
+            &flights,
+            Joiner {
+                began,
+                takes_proof: false,
+            },
+        );
+        let body_started = began + std::time::Duration::from_millis(1);
+        // No proof: the cache could not be asked.
+        leader.land(Landing::Nothing {
+            cover: Cover {
+                body_started,
+                fence: 0,
+            },
         });
-        assert_eq!(early.wait().await, Handed::Value(Arc::from(&b"1"[..])));
-        assert_eq!(late.wait().await, Handed::LookAgain);
+        assert_eq!(waiting.wait().await, Handed::Nothing);
+    }
+
+    #[tokio::test]
+    async fn a_landed_answer_lingers_for_callers_that_began_before_its_body() {
+        let flights = Flights::new(Duration::from_secs(60));
+        let slow_reader = early();
+        let leader = leader(&flights);
+        let body_started = Instant::now();
+        leader.land(value(
+            b"7",
+            Cover {
+                body_started,
+                fence: 0,
+            },
+        ));
+        assert_eq!(
+            flights.len(),
+            0,
+            "a lingering answer is not a flight in use"
+        );
+        // Its read was slow: it comes after the landing.
+        match flights.join("k", slow_reader) {
+            Role::Waiter(waiter) => {
+                assert_eq!(waiter.wait().await, Handed::Value(Arc::from(&b"7"[..])));
+            }
+            Role::Leader(_) => panic!("the lingering answer covers it"),
+        }
+        let late = Joiner {
+            began: body_started + Duration::from_millis(1),
+            takes_proof: true,
+        };
+        assert!(
+            matches!(flights.join("k", late), Role::Leader(_)),
+            "a caller that began after the body leads the next flight"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lingering_answer_goes_after_its_moment() {
+        let flights = Flights::new(Duration::from_millis(10));
+        let slow_reader = early();
+        leader(&flights).land(value(b"7", proved(0)));
+        std::thread::sleep(Duration::from_millis(20));
+        // Swept by the next landing.
+        let other = match flights.join("other", early()) {
+            Role::Leader(leader) => leader,
+            Role::Waiter(_) => panic!("a new key"),
+        };
+        other.land(Landing::Failed);
+        assert!(
+            flights.in_flight.is_empty(),
+            "nothing lingers past its moment"
+        );
+        assert!(matches!(flights.join("k", slow_reader), Role::Leader(_)));
     }
 
     #[tokio::test]
     async fn a_failed_or_dropped_leader_releases_its_waiters() {
-        let flights = Flights::default();
+        let flights = Flights::new(Duration::from_secs(1));
         let leader_one = leader(&flights);
-        let waiting = waiter(&flights);
+        let waiting = waiter(&flights, early());
         leader_one.land(Landing::Failed);
         assert_eq!(waiting.wait().await, Handed::Failed);
 
         let leader_two = leader(&flights);
-        let waiting = waiter(&flights);
+        let waiting = waiter(&flights, early());
         drop(leader_two);
         assert_eq!(waiting.wait().await, Handed::Failed);
-        assert!(matches!(flights.join("k"), Role::Leader(_)));
+        assert!(matches!(flights.join("k", early()), Role::Leader(_)));
     }
 
     #[tokio::test]
     async fn a_gate_admits_a_few_at_a_time_and_leaves_no_entry() {
-        let flights = Flights::default();
+        let flights = Flights::new(Duration::from_secs(1));
         let gates: Vec<Gate<'_>> = (0..3).map(|_| flights.gate("k")).collect();
         let mut permits = Vec::new();
         for gate in &gates[..FAILING_RUNS] {

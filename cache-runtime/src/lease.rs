@@ -96,6 +96,8 @@ pub(crate) enum Take {
     Replacing(Vec<u8>),
     /// The key holds something `GET` cannot read (`WRONGTYPE`): overwrite.
     Overwriting,
+    /// The key holds a value too large to read: replace it if it still is.
+    ReplacingTooLarge,
 }
 
 /// How taking a lease ended.
@@ -151,6 +153,12 @@ impl<'c> HeldLease<'c> {
             Take::Overwriting => {
                 let set = inner.backend.set(key, value, length);
                 cache.guarded(key, set).await.map(|()| true)
+            }
+            Take::ReplacingTooLarge => {
+                let set = inner
+                    .backend
+                    .set_if_longer(key, inner.read_limit, value, length);
+                cache.guarded(key, set).await
             }
         };
         match taken {

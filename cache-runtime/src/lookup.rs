@@ -21,10 +21,11 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use crate::backend::{Fetched, Stored};
 use crate::cache::Cache;
 use crate::clock::px;
 use crate::error::CacheError;
-use crate::flight::{Handed, Landing, Leader, Role};
+use crate::flight::{Cover, Handed, Joiner, Landing, Leader, Role};
 use crate::freshness::{self, Freshness, Verdict};
 use crate::lease::{self, Found, HeldLease, Take, Taken};
 use crate::local::LocalHit;
@@ -70,8 +71,12 @@ enum Read {
     /// Neither a value nor a live lease of another caller (counted and
     /// logged, unless it is this process's own abandoned lease): replaced.
     Garbage(Garbage),
-    /// The cache cannot be reached (counted and logged): run uncached.
-    Unavailable,
+    /// The cache cannot be reached (counted and logged), or (`pending_write`)
+    /// this process still has to deliver an invalidation of the key: run
+    /// uncached, coalesced with this process's other callers of the key.
+    Unavailable {
+        pending_write: bool,
+    },
 }
 
 /// How long a key has left, by the server's clock.
@@ -83,11 +88,21 @@ enum Ttl {
     Forever,
 }
 
+impl Ttl {
+    /// A value read with its TTL, as bytes and how long they have left.
+    fn of(stored: Stored) -> (Vec<u8>, Ttl) {
+        let ttl = stored.ttl_millis.map_or(Ttl::Forever, Ttl::Left);
+        (stored.bytes, ttl)
+    }
+}
+
 enum Garbage {
     /// Replaced only if the key still holds these bytes.
     Bytes(Vec<u8>),
     /// `GET` fails on it (`WRONGTYPE`): overwritten.
     Unreadable,
+    /// Longer than a read transfers: replaced only if it still is.
+    TooLarge,
 }
 
 /// A decoded entry: a value (with how it becomes the result), or an answer
@@ -121,7 +136,6 @@ enum Step<R> {
 enum Done<R> {
     Serve(R, Event),
     Refresh(Refresh<R>),
-    Bypass,
 }
 
 /// A value to recompute while others are served it.
@@ -140,6 +154,10 @@ enum Claim {
     Replace(Garbage),
     /// Another caller's live lease, by its placeholder.
     Foreign(Vec<u8>),
+    /// Nothing: the cache could not be read (see [`Read::Unavailable`]).
+    Uncached {
+        pending_write: bool,
+    },
 }
 
 /// The lease a computation runs under.
@@ -148,6 +166,28 @@ pub(crate) enum Leased<'c> {
     /// Another caller's, as seen before computing.
     Foreign(Vec<u8>),
     None,
+    /// None, because the cache could not be read: the body's run counts
+    /// as a bypass, not a miss.
+    Uncached,
+}
+
+/// When a computation's body ran: its start says which of the flight's
+/// waiters its answer covers (see [`crate::flight`]), its length feeds
+/// early refresh.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Run {
+    pub(crate) started: Instant,
+    pub(crate) took: Duration,
+}
+
+impl Run {
+    /// Runs `body`, timing it.
+    pub(crate) async fn time<T>(body: impl Future<Output = T>) -> (T, Run) {
+        let started = Instant::now();
+        let output = body.await;
+        let took = started.elapsed();
+        (output, Run { started, took })
+    }
 }
 
 /// How a claim ended.
@@ -169,14 +209,27 @@ enum Coalesced<'c, R> {
 }
 
 /// What a caller went through so far.
-#[derive(Default)]
 struct Rounds {
+    /// When the call began, before its first read: see [`Joiner`].
+    began: Instant,
     failed_leaders: u32,
     looks: u32,
     rechecks: u32,
     /// While waiting for another process (distributed): when to give up,
     /// the next pause, and the placeholder waited on.
     wait: Option<Wait>,
+}
+
+impl Rounds {
+    fn new(began: Instant) -> Self {
+        Rounds {
+            began,
+            failed_leaders: 0,
+            looks: 0,
+            rechecks: 0,
+            wait: None,
+        }
+    }
 }
 
 /// A wait for another process's value: at most one lease per holder. A
@@ -210,6 +263,7 @@ impl Cache {
         S: Outcome<R>,
         F: Future<Output = R>,
     {
+        let began = Instant::now();
         let read = self.read(site, &redis_key, site.tracks_freshness()).await;
         let step = match read {
             // The common case, without the classify step's moves of the
@@ -226,13 +280,13 @@ impl Cache {
                 }
                 None => Step::Claim(Claim::Replace(Garbage::Bytes(bytes))),
             },
-            Read::Unavailable => {
+            Read::Unavailable { .. } if site.single_flight_mode() == SingleFlight::Off => {
                 self.record(site, Event::Bypass);
                 return body.await;
             }
             read => self.classify::<S, R>(site, &redis_key, read),
         };
-        Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body)).await
+        Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body, began)).await
     }
 
     /// The answer of a copy held in this process for a function with a
@@ -282,11 +336,14 @@ impl Cache {
         };
         // Taken before the read is sent: see `crate::local`.
         let ticket = tier.ticket(&redis_key, primaries);
+        let began = Instant::now();
         let read = match &via {
             Via::Tracked(conn) => self.read_tracked(site, &redis_key, conn).await,
             Via::Shared => self.read(site, &redis_key, true).await,
         };
-        if let Read::Unavailable = read {
+        if let Read::Unavailable { .. } = read
+            && site.single_flight_mode() == SingleFlight::Off
+        {
             self.record(site, Event::Bypass);
             return body.await;
         }
@@ -304,7 +361,7 @@ impl Cache {
             self.record(site, event);
             return result;
         }
-        self.after_read::<S, R, F>(site, &redis_key, step, body)
+        self.after_read::<S, R, F>(site, &redis_key, step, body, began)
             .await
     }
 
@@ -315,12 +372,13 @@ impl Cache {
         key: &str,
         mut step: Step<R>,
         body: F,
+        began: Instant,
     ) -> R
     where
         S: Outcome<R>,
         F: Future<Output = R>,
     {
-        let mut rounds = Rounds::default();
+        let mut rounds = Rounds::new(began);
         let mut leader = None;
         // Declared in this order so that the permit drops before its gate.
         let (mut gate, mut _permit) = (None, None);
@@ -337,7 +395,16 @@ impl Cache {
                 }
             };
             if leader.is_none() && gate.is_none() {
-                match self.coalesce::<S, R>(site, key, &mut rounds).await {
+                let takes_proof = !matches!(
+                    claim,
+                    Claim::Uncached {
+                        pending_write: true
+                    }
+                );
+                match self
+                    .coalesce::<S, R>(site, key, &mut rounds, takes_proof)
+                    .await
+                {
                     Coalesced::Answer(result) => return result,
                     // The placeholder this call read may be that of a
                     // flight of this process that ended between the read
@@ -385,10 +452,6 @@ impl Cache {
                 result
             }
             Done::Refresh(refresh) => self.refresh::<S, R, F>(site, key, refresh, body).await,
-            Done::Bypass => {
-                self.record(site, Event::Bypass);
-                body.await
-            }
         }
     }
 
@@ -399,16 +462,19 @@ impl Cache {
             .janitor
             .is_invalidating(key, || inner.backend.primaries_epoch())
         {
-            return Read::Unavailable;
+            return Read::Unavailable {
+                pending_write: true,
+            };
         }
         let backend = &self.inner.backend;
         let outcome = if with_ttl {
             // Boxed: the script's future would double the size of every
             // plain hit's future, which is moved on each call.
-            let stored = Box::pin(self.guarded(key, backend.get_with_ttl(key))).await;
-            stored.map(|s| s.map(|s| (s.bytes, s.ttl_millis.map_or(Ttl::Forever, Ttl::Left))))
+            let read = backend.get_with_ttl(key, inner.read_limit);
+            let stored = Box::pin(self.guarded(key, read)).await;
+            stored.map(|s| s.map(Ttl::of))
         } else {
-            let bytes = self.guarded(key, backend.get(key)).await;
+            let bytes = self.guarded(key, backend.get(key, inner.read_limit)).await;
             bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
         };
         self.found(site, key, outcome)
@@ -428,14 +494,13 @@ impl Cache {
             .janitor
             .is_invalidating(key, || inner.backend.primaries_epoch())
         {
-            return Read::Unavailable;
+            return Read::Unavailable {
+                pending_write: true,
+            };
         }
         let mut conn = conn.clone();
-        let stored = self
-            .guarded(key, crate::backend::get_with_ttl_on(&mut conn, key))
-            .await;
-        let outcome =
-            stored.map(|s| s.map(|s| (s.bytes, s.ttl_millis.map_or(Ttl::Forever, Ttl::Left))));
+        let read = crate::backend::get_with_ttl_on(&mut conn, key, inner.read_limit);
+        let outcome = self.guarded(key, read).await.map(|s| s.map(Ttl::of));
         self.found(site, key, outcome)
     }
 
@@ -444,13 +509,13 @@ impl Cache {
         &self,
         site: &'static Site,
         key: &str,
-        outcome: Result<Option<(Vec<u8>, Ttl)>, CacheError>,
+        outcome: Result<Fetched<(Vec<u8>, Ttl)>, CacheError>,
     ) -> Read {
         match outcome {
             // Lease placeholders, freshness headers and negative entries
             // start with byte 0, 1 or 2, which no JSON value does: anything
             // else is a plain value.
-            Ok(Some((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0..=2)) => {
+            Ok(Fetched::Found((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0..=2)) => {
                 Read::Value {
                     bytes,
                     value_at: 0,
@@ -458,16 +523,34 @@ impl Cache {
                     ttl: Ttl::Unknown,
                 }
             }
-            Ok(Some((bytes, ttl))) => self.inspect(site, key, bytes, ttl),
-            Ok(None) => Read::Absent,
-            Err(CacheError::CircuitOpen) => Read::Unavailable,
+            Ok(Fetched::Found((bytes, ttl))) => self.inspect(site, key, bytes, ttl),
+            Ok(Fetched::Absent) => Read::Absent,
+            // Not transferred: counted against its function, never against
+            // the server's breaker, and replaced by this call.
+            Ok(Fetched::TooLarge) => {
+                self.record(site, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(
+                        key,
+                        read_limit = self.inner.read_limit,
+                        "cache entry larger than max_value_size: not read; recomputing and replacing it"
+                    )
+                );
+                Read::Garbage(Garbage::TooLarge)
+            }
+            Err(CacheError::CircuitOpen) => Read::Unavailable {
+                pending_write: false,
+            },
             Err(error) if error.is_unavailable() => {
                 self.record(site, Event::Error);
                 crate::limited!(
                     self,
                     warn!(key, %error, "cache read failed: running uncached")
                 );
-                Read::Unavailable
+                Read::Unavailable {
+                    pending_write: false,
+                }
             }
             // An error reply about this key (e.g. WRONGTYPE: someone stored a
             // list there) is bad data like an undecodable value: overwrite it.
@@ -562,7 +645,9 @@ impl Cache {
                 freshness,
                 ttl,
             } => (bytes, value_at, freshness, ttl),
-            Read::Unavailable => return Step::Done(Done::Bypass),
+            Read::Unavailable { pending_write } => {
+                return Step::Claim(Claim::Uncached { pending_write });
+            }
             Read::Absent => return Step::Claim(Claim::IfAbsent),
             Read::Garbage(garbage) => return Step::Claim(Claim::Replace(garbage)),
             Read::Leased {
@@ -667,12 +752,13 @@ impl Cache {
     }
 
     /// With `single_flight`: joins this process's computation of `key`, or
-    /// leads it.
+    /// leads it. `takes_proof`: see [`Joiner`].
     async fn coalesce<S: Outcome<R>, R>(
         &self,
         site: &'static Site,
         key: &str,
         rounds: &mut Rounds,
+        takes_proof: bool,
     ) -> Coalesced<'_, R> {
         if site.single_flight_mode() == SingleFlight::Off || rounds.looks >= MAX_LOOKS {
             return Coalesced::Lead(None);
@@ -680,7 +766,11 @@ impl Cache {
         if rounds.failed_leaders >= MAX_HANDOVERS {
             return Coalesced::Gated;
         }
-        let waiter = match self.inner.flights.join(key) {
+        let joiner = Joiner {
+            began: rounds.began,
+            takes_proof,
+        };
+        let waiter = match self.inner.flights.join(key, joiner) {
             Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
             Role::Waiter(waiter) => waiter,
         };
@@ -716,9 +806,11 @@ impl Cache {
         rounds: &mut Rounds,
     ) -> Claimed<'c, R> {
         let take = match claim {
+            Claim::Uncached { .. } => return Claimed::Computing(Leased::Uncached),
             Claim::IfAbsent => Take::IfAbsent,
             Claim::Replace(Garbage::Bytes(seen)) => Take::Replacing(seen),
             Claim::Replace(Garbage::Unreadable) => Take::Overwriting,
+            Claim::Replace(Garbage::TooLarge) => Take::ReplacingTooLarge,
             Claim::Foreign(placeholder) => {
                 if site.single_flight_mode() != SingleFlight::Distributed {
                     return Claimed::Computing(Leased::Foreign(placeholder));
@@ -779,18 +871,21 @@ impl Cache {
         S: Outcome<R>,
         F: Future<Output = R>,
     {
-        self.record(site, Event::Miss);
+        let uncached = matches!(lease, Leased::Uncached);
+        self.record(site, if uncached { Event::Bypass } else { Event::Miss });
         // If this call is dropped during the body, the tuple drops in field
         // order: the lease is marked abandoned before the flight's waiters
         // are woken, so the one that leads next takes the lease over
         // instead of computing beside a placeholder it cannot replace.
         let held = (lease, leader);
-        let started = Instant::now();
-        let result = body.await;
-        let took = started.elapsed();
+        let (result, run) = Run::time(body).await;
         let (lease, leader) = held;
+        if uncached && leader.is_none() {
+            // Nothing to store and nobody to hand the answer to.
+            return result;
+        }
         let landing = self
-            .settle::<S, R>(site, key, &result, lease, leader.as_ref(), took)
+            .settle::<S, R>(site, key, &result, lease, leader.as_ref(), run)
             .await;
         if let Some(leader) = leader {
             leader.land(landing);
@@ -808,9 +903,9 @@ impl Cache {
         result: &R,
         lease: Leased<'_>,
         leader: Option<&Leader<'_>>,
-        took: Duration,
+        run: Run,
     ) -> Landing {
-        self.settle_answer(site, key, S::answer(result), lease, leader, took)
+        self.settle_answer(site, key, S::answer(result), lease, leader, run)
             .await
     }
 
@@ -822,7 +917,7 @@ impl Cache {
         answer: Answer<'_, V>,
         lease: Leased<'_>,
         leader: Option<&Leader<'_>>,
-        took: Duration,
+        run: Run,
     ) -> Landing {
         let entry = match answer {
             Answer::Failed => {
@@ -847,7 +942,7 @@ impl Cache {
         let fresh = match lease {
             Leased::Own(lease) => match self.to_store(site, entry.as_deref()) {
                 Some((bytes, ttl)) => {
-                    let (stored, ttl) = self.stored_form(site, bytes, ttl, took);
+                    let (stored, ttl) = self.stored_form(site, bytes, ttl, run.took);
                     lease.fulfil(site, &stored, ttl).await
                 }
                 // Nothing to store: the lease goes back, and was still
@@ -855,15 +950,18 @@ impl Cache {
                 None => lease.give_back().await,
             },
             Leased::Foreign(seen) => fence > 0 && self.still_holds(key, &seen).await,
-            Leased::None => false,
+            Leased::None | Leased::Uncached => false,
         };
-        match (fresh, entry) {
-            (false, _) => Landing::LookAgain,
-            (true, Some(bytes)) => Landing::Value {
+        let cover = Cover {
+            body_started: run.started,
+            fence: if fresh { fence } else { 0 },
+        };
+        match entry {
+            Some(bytes) => Landing::Value {
                 bytes: bytes.into(),
-                fence,
+                cover,
             },
-            (true, None) => Landing::Nothing { fence },
+            None => Landing::Nothing { cover },
         }
     }
 
@@ -884,8 +982,8 @@ impl Cache {
     /// Whether `key` still holds `placeholder` (another caller's lease seen
     /// before computing): then no write touched it in between.
     async fn still_holds(&self, key: &str, placeholder: &[u8]) -> bool {
-        let read = self.guarded(key, self.inner.backend.get(key)).await;
-        matches!(read, Ok(Some(bytes)) if bytes == placeholder)
+        let read = self.inner.backend.get(key, self.inner.read_limit);
+        matches!(self.guarded(key, read).await, Ok(Fetched::Found(bytes)) if bytes == placeholder)
     }
 
     /// The bytes stored for an encoded value, and their TTL: with a
@@ -944,9 +1042,7 @@ impl Cache {
             return refresh.old;
         };
         self.record(site, Event::Refresh);
-        let started = Instant::now();
-        let result = body.await;
-        let took = started.elapsed();
+        let (result, run) = Run::time(body).await;
         let backend = &self.inner.backend;
         let entry = match S::answer(&result) {
             Answer::Failed => {
@@ -971,7 +1067,7 @@ impl Cache {
         match &entry {
             Some((bytes, ttl)) => {
                 let (bytes, ttl) = (&**bytes, *ttl);
-                let (stored, ttl) = self.stored_form(site, bytes, ttl, took);
+                let (stored, ttl) = self.stored_form(site, bytes, ttl, run.took);
                 let set = backend.compare_and_set(key, &refresh.header, &stored, ttl);
                 self.record_store(site, key, self.guarded(key, set).await);
             }

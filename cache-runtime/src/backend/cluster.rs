@@ -29,6 +29,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
+use super::Fetched;
 use super::commands::{self, Durability, DurablePool};
 use crate::breaker::Breaker;
 use crate::error::CacheError;
@@ -617,6 +618,32 @@ impl ClusterBackend {
         Some(parse_replica_counts(&text))
     }
 
+    /// Makes the cluster connection's links to every primary (TCP, TLS
+    /// handshake, `AUTH`), and those of the durable connections: a `PING`
+    /// to all primaries through each. `build` waits for it, so that the
+    /// first calls do not pay for connecting within their op timeout (a
+    /// debug build's TLS handshakes with six nodes took longer than that).
+    pub(crate) async fn warm_up(&self) -> Result<(), CacheError> {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+        let every_primary = || {
+            RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            ))
+        };
+        let mut conns = vec![self.shared.conn.clone()];
+        if let Some(pool) = &self.shared.durable {
+            conns.extend(pool.all().iter().cloned());
+        }
+        let pings = conns.into_iter().map(|mut conn| async move {
+            conn.route_command(redis::cmd("PING"), every_primary())
+                .await
+                .map(drop)
+                .map_err(CacheError::redis)
+        });
+        futures_util::future::try_join_all(pings).await.map(drop)
+    }
+
     /// The breaker probe of one primary (`node`), or of the keys whose
     /// primary is unknown (`None`): reads the slot map again, then pings
     /// the primary if it still serves slots.
@@ -638,15 +665,30 @@ impl ClusterBackend {
         self.control(node, &redis::cmd("PING")).await.map(drop)
     }
 
-    /// One `MGET`, which the cluster connection splits by slot, sends to
-    /// the nodes together and puts back in order. Measured against one
-    /// request per slot from here, in examples/bench.rs: fewer hand-offs
-    /// to the connection's task.
+    /// One pipeline of `GETRANGE`s per slot (a cluster pipeline stays in
+    /// one slot), sent together; the values back in the keys' order.
     pub(crate) async fn get_many(
         &self,
         keys: &[String],
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        commands::mget(&mut self.conn(), keys).await
+        limit: usize,
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        let groups = by_slot(keys);
+        if groups.len() == 1 {
+            return commands::get_many(&mut self.conn(), keys, limit).await;
+        }
+        let reads = join_all(groups.into_iter().map(|indices| async move {
+            let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
+            let read = commands::get_many(&mut self.conn(), &part, limit).await;
+            (indices, read)
+        }))
+        .await;
+        let mut values = vec![Fetched::Absent; keys.len()];
+        for (indices, read) in reads {
+            for (at, value) in indices.into_iter().zip(read?) {
+                values[at] = value;
+            }
+        }
+        Ok(values)
     }
 
     /// One `DEL` per slot, concurrently; how many keys existed.

@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, FromRedisValue, ToRedisArgs};
 
-use super::Stored;
+use super::{Fetched, Stored};
 use crate::error::CacheError;
 
 /// A single-key Lua script, with its SHA1 computed once.
@@ -33,11 +33,23 @@ impl LuaScript {
 }
 
 /// `GET` and `PTTL` in one step: the remaining TTL by the server's clock.
+/// A value longer than `ARGV[1]` bytes is not sent: the answer is 1.
 static GET_WITH_TTL: LazyLock<LuaScript> = LazyLock::new(|| {
     LuaScript::new(
-        r"local value = redis.call('GET', KEYS[1])
+        r"if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return 1 end
+          local value = redis.call('GET', KEYS[1])
           if not value then return false end
           return {value, redis.call('PTTL', KEYS[1])}",
+    )
+});
+
+/// Replaces a value longer than `ARGV[1]` bytes (one too large to read).
+static SET_IF_LONGER: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
+        r"if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then
+              return redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+          end
+          return false",
     )
 });
 
@@ -116,25 +128,58 @@ pub(crate) async fn ping(conn: &mut impl ConnectionLike) -> Result<(), CacheErro
     query(conn, &redis::cmd("PING")).await
 }
 
+/// The read of [`get`]: `GETRANGE key 0 limit`, at most `limit + 1` bytes,
+/// so that a value too large to read is never transferred (a 64 MiB value
+/// holds the shared connection, and every call queued behind it, for
+/// longer than the op timeout). It costs the server what `GET` does.
+fn get_cmd(key: &str, limit: usize) -> Cmd {
+    redis::cmd("GETRANGE").arg(key).arg(0).arg(limit).to_owned()
+}
+
+/// What [`get_cmd`] answered: an empty string is no key (`GETRANGE` does
+/// not tell them apart; the cache never stores an empty value).
+fn fetched(bytes: Vec<u8>, limit: usize) -> Fetched<Vec<u8>> {
+    match bytes.len() {
+        0 => Fetched::Absent,
+        len if len > limit => Fetched::TooLarge,
+        _ => Fetched::Found(bytes),
+    }
+}
+
 pub(crate) async fn get(
     conn: &mut impl ConnectionLike,
     key: &str,
-) -> Result<Option<Vec<u8>>, CacheError> {
-    query(conn, redis::cmd("GET").arg(key)).await
+    limit: usize,
+) -> Result<Fetched<Vec<u8>>, CacheError> {
+    let bytes: Vec<u8> = query(conn, &get_cmd(key, limit)).await?;
+    Ok(fetched(bytes, limit))
 }
 
-/// `MGET` of keys that a cluster keeps together (one slot), or of any keys
-/// on a standalone server; no command for no key (`MGET` needs one).
-pub(crate) async fn mget(
+/// [`get`] of many keys in one pipeline, on a standalone server or (keys
+/// of one slot) a cluster node. A key `GETRANGE` fails on (`WRONGTYPE`:
+/// someone stored a list there) reads as absent, as it would in `MGET`.
+pub(crate) async fn get_many(
     conn: &mut impl ConnectionLike,
     keys: &[String],
-) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
+    limit: usize,
+) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let values: Vec<Option<Vec<u8>>> = query(conn, redis::cmd("MGET").arg(keys)).await?;
-    check_count(values.len(), keys.len())?;
-    Ok(values)
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for key in keys {
+        pipe.add_command(get_cmd(key, limit));
+    }
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await.map_err(CacheError::redis)?;
+    check_count(replies.len(), keys.len())?;
+    Ok(replies
+        .into_iter()
+        .map(|reply| match Vec::<u8>::from_redis_value(reply) {
+            Ok(bytes) => fetched(bytes, limit),
+            Err(_) => Fetched::Absent,
+        })
+        .collect())
 }
 
 /// A reply with a different number of values than keys asked for is
@@ -145,20 +190,42 @@ pub(crate) fn check_count(values: usize, keys: usize) -> Result<(), CacheError> 
     }
     Err(CacheError::redis(redis::RedisError::from((
         redis::ErrorKind::UnexpectedReturnType,
-        "MGET answered a different number of values than keys",
+        "a batch read answered a different number of values than keys",
     ))))
 }
 
 pub(crate) async fn get_with_ttl(
     conn: &mut impl ConnectionLike,
     key: &str,
-) -> Result<Option<Stored>, CacheError> {
-    let reply: Option<(Vec<u8>, i64)> = eval(conn, &GET_WITH_TTL, key, &[]).await?;
-    Ok(reply.map(|(bytes, pttl)| Stored {
-        bytes,
-        // -1: no expiry. (-2, gone, cannot follow a GET in one script.)
-        ttl_millis: u64::try_from(pttl).ok(),
-    }))
+    limit: usize,
+) -> Result<Fetched<Stored>, CacheError> {
+    let reply: redis::Value = eval(conn, &GET_WITH_TTL, key, &[&limit]).await?;
+    match reply {
+        redis::Value::Nil => Ok(Fetched::Absent),
+        redis::Value::Int(_) => Ok(Fetched::TooLarge),
+        reply => {
+            let (bytes, pttl): (Vec<u8>, i64) =
+                FromRedisValue::from_redis_value(reply).map_err(|e| CacheError::redis(e.into()))?;
+            Ok(Fetched::Found(Stored {
+                bytes,
+                // -1: no expiry. (-2, gone, cannot follow a GET in one script.)
+                ttl_millis: u64::try_from(pttl).ok(),
+            }))
+        }
+    }
+}
+
+/// Replaces the value under `key` only if it is longer than `limit` bytes;
+/// whether it did.
+pub(crate) async fn set_if_longer(
+    conn: &mut impl ConnectionLike,
+    key: &str,
+    limit: usize,
+    value: &[u8],
+    px: u64,
+) -> Result<bool, CacheError> {
+    let reply: Option<()> = eval(conn, &SET_IF_LONGER, key, &[&limit, &value, &px]).await?;
+    Ok(reply.is_some())
 }
 
 pub(crate) async fn set(
@@ -258,6 +325,11 @@ impl<C: Clone> DurablePool<C> {
             durability,
             short_of_replicas: ShortOfReplicas::default(),
         }
+    }
+
+    /// Every connection of the pool.
+    pub(crate) fn all(&self) -> &[C] {
+        &self.conns
     }
 
     /// The next connection, in turn.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use moka::Expiry;
 use moka::ops::compute::{CompResult, Op};
 
-use super::Stored;
+use super::{Fetched, Stored};
 use crate::clock::millis;
 
 #[derive(Clone)]
@@ -78,17 +78,26 @@ impl MemoryBackend {
             .collect()
     }
 
-    pub(crate) fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.live(key).map(|e| e.bytes.to_vec())
+    pub(crate) fn get(&self, key: &str, limit: usize) -> Fetched<Vec<u8>> {
+        match self.live(key) {
+            Some(e) if e.bytes.is_empty() => Fetched::Absent,
+            Some(e) if e.bytes.len() > limit => Fetched::TooLarge,
+            Some(e) => Fetched::Found(e.bytes.to_vec()),
+            None => Fetched::Absent,
+        }
     }
 
-    pub(crate) fn get_with_ttl(&self, key: &str) -> Option<Stored> {
-        self.live(key).map(|e| Stored {
-            bytes: e.bytes.to_vec(),
-            ttl_millis: Some(millis(
-                e.expires_at.saturating_duration_since(Instant::now()),
-            )),
-        })
+    pub(crate) fn get_with_ttl(&self, key: &str, limit: usize) -> Fetched<Stored> {
+        match self.live(key) {
+            Some(e) if e.bytes.len() > limit => Fetched::TooLarge,
+            Some(e) => Fetched::Found(Stored {
+                bytes: e.bytes.to_vec(),
+                ttl_millis: Some(millis(
+                    e.expires_at.saturating_duration_since(Instant::now()),
+                )),
+            }),
+            None => Fetched::Absent,
+        }
     }
 
     // Every write goes through `and_compute_with`, moka's per-key lock, so
@@ -130,6 +139,14 @@ impl MemoryBackend {
             Some(current) if current.bytes.starts_with(prefix) => {
                 Op::Put(Entry::new(current.bytes.clone(), px))
             }
+            _ => Op::Nop,
+        });
+        put(&outcome)
+    }
+
+    pub(crate) fn set_if_longer(&self, key: &str, limit: usize, value: &[u8], px: u64) -> bool {
+        let outcome = self.compute(key, |current| match current {
+            Some(current) if current.bytes.len() > limit => Op::Put(Entry::new(value.into(), px)),
             _ => Op::Nop,
         });
         put(&outcome)

@@ -12,11 +12,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::Fetched;
 use super::commands::{self, Durability, DurablePool};
 use crate::error::CacheError;
-
-/// Keys per `MGET` of a batch lookup.
-const MGET_CHUNK: usize = 256;
 
 pub(crate) struct RedisBackend {
     /// Boxed: with TLS parameters it is most of this struct's size, and it
@@ -122,26 +120,13 @@ impl RedisBackend {
         }
     }
 
-    /// One `MGET` per [`MGET_CHUNK`] keys, pipelined: one round trip, and
-    /// no single command so long that it stalls the server.
+    /// One `GETRANGE` per key, pipelined: one round trip.
     pub(crate) async fn get_many(
         &self,
         keys: &[String],
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        if keys.len() <= MGET_CHUNK {
-            return commands::mget(&mut self.conn(), keys).await;
-        }
-        let mut pipe = redis::pipe();
-        for chunk in keys.chunks(MGET_CHUNK) {
-            pipe.cmd("MGET").arg(chunk);
-        }
-        let chunks: Vec<Vec<Option<Vec<u8>>>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(CacheError::redis)?;
-        let values: Vec<Option<Vec<u8>>> = chunks.into_iter().flatten().collect();
-        commands::check_count(values.len(), keys.len())?;
-        Ok(values)
+        limit: usize,
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        commands::get_many(&mut self.conn(), keys, limit).await
     }
 
     /// `DEL` of several keys in one round trip; how many existed.

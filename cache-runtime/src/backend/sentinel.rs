@@ -270,13 +270,6 @@ impl SentinelBackend {
         }
     }
 
-    pub(crate) async fn get_many(
-        &self,
-        keys: &[String],
-    ) -> Result<Vec<Option<Vec<u8>>>, CacheError> {
-        commands::mget(&mut self.conn(), keys).await
-    }
-
     /// For the local tier's tracking connection: a RESP3 client of the
     /// primary in use (resolved first if none is), and which primary that
     /// is. The caller checks `ROLE` on its own connection.
