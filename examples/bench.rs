@@ -19,6 +19,7 @@
 //! BENCH_QUICK=1 cargo run --release --example bench   # fewer rounds
 //! BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench   # A/B runs of the hot path
 //! BENCH_TRACING_AB=1 cargo run --release --example bench   # what the call spans cost
+//! BENCH_READ_AB=1 cargo run --release --example bench   # GET against the cache's GETRANGE
 //! BENCH_CLUSTER_ONLY=1 cargo run --release --example bench      # the cluster arms alone
 //! BENCH_CLUSTER_ONLY=1 BENCH_THROUGHPUT_ONLY=1 cargo run --release --example bench
 //! BENCH_CLUSTER_ONLY=1 BENCH_PROFILE_ARM=2 perf record -g target/release/examples/bench
@@ -540,6 +541,58 @@ async fn tracing_ab(arms: &Arms, rounds: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// `BENCH_READ_AB=1`: a hit's Redis command, `GET` against the `GETRANGE
+/// key 0 <limit>` the cache sends (so that an entry too large to read is
+/// never transferred), on one connection, arms interleaved.
+#[derive(Clone)]
+struct ReadArms {
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl ArmSet for ReadArms {
+    fn names(&self) -> &'static [&'static str] {
+        &["GET", "GETRANGE key 0 <4 MB>"]
+    }
+
+    fn reference(&self, _arm: usize) -> usize {
+        0
+    }
+
+    async fn call(&self, arm: usize, id: u64, _stampede: bool) -> Result<(), Error> {
+        let key = format!("bench:raw:{id}");
+        let mut cmd = redis::cmd(if arm == 0 { "GET" } else { "GETRANGE" });
+        cmd.arg(key);
+        if arm == 1 {
+            cmd.arg(0).arg(4_166_922);
+        }
+        let bytes: Option<Vec<u8>> = cmd.query_async(&mut self.conn.clone()).await?;
+        black_box(bytes);
+        Ok(())
+    }
+}
+
+async fn read_ab(arms: &ReadArms, quick: bool) -> Result<(), Error> {
+    let hits = hit_latency(arms, if quick { 6 } else { 20 }, 1000).await?;
+    for (at, name) in arms.names().iter().enumerate() {
+        println!(
+            "{name}: hit latency p50 {:.1} µs, p99 {:.1} µs ({:.3}× GET at p50)",
+            percentile(&hits[at], 0.5),
+            percentile(&hits[at], 0.99),
+            percentile(&hits[at], 0.5) / percentile(&hits[0], 0.5)
+        );
+    }
+    for concurrency in [16, 64] {
+        let rounds = if quick { 6 } else { 30 };
+        let (per_second, ratios) =
+            hit_throughput(arms, concurrency, rounds, Duration::from_millis(150)).await?;
+        println!(
+            "c={concurrency}: GET {:.0}/s, GETRANGE {:.0}/s; median per-round ratio {:.3}×",
+            per_second[0], per_second[1], ratios[1]
+        );
+    }
+    Ok(())
+}
+
 /// One row of the table: a figure per arm (NaN where it does not apply).
 struct Row {
     metric: String,
@@ -741,6 +794,12 @@ async fn main() -> Result<(), Error> {
 
     if std::env::var_os("BENCH_TRACING_AB").is_some() {
         return tracing_ab(&arms, if quick { 6 } else { 20 }).await;
+    }
+    if std::env::var_os("BENCH_READ_AB").is_some() {
+        let reads = ReadArms {
+            conn: arms.conn.clone(),
+        };
+        return read_ab(&reads, quick).await;
     }
 
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {

@@ -1,4 +1,4 @@
-//! Batch lookups (`batch`): one `MGET` for every id, the body once with the
+//! Batch lookups (`batch`): one read for every id, the body once with the
 //! missing ids only, entries shared with the single-key function, leases,
 //! negative caching and single-flight across overlapping batches. On a real
 //! `redis-server` and on `Cache::memory()`.

@@ -114,12 +114,12 @@ async fn each_call_has_a_span_with_its_outcome() {
     let first = &calls[0];
     assert!(first["function"].ends_with("::user"), "{first:?}");
     assert_eq!(first["db.system.name"], "redis");
-    assert_eq!(first["db.operation.name"], "GET");
+    assert_eq!(first["db.operation.name"], "GETRANGE");
     assert!(!first.contains_key("cache.key"), "keys only when asked for");
     let batches = spans.named("cache.batch");
     assert_eq!(batches.len(), 1);
     assert_eq!(batches[0]["cache.batch.size"], "3");
-    assert_eq!(batches[0]["db.operation.name"], "MGET");
+    assert_eq!(batches[0]["db.operation.name"], "BATCH GETRANGE");
 
     // Asked for: the key is on the span.
     let keyed = Users {

@@ -477,25 +477,29 @@ impl CacheBuilder {
                     self.durability,
                     self.tls.as_ref(),
                 )?;
-                // Read the slot map and connect to every primary now, so
+                // Read the slot map and connect to the primaries now, so
                 // that the first calls are served, but never fail start-up
-                // on it. Once a node has answered, the connections get
-                // longer: TLS handshakes with every node of a busy cluster
-                // are slow, and would otherwise be paid by the first calls.
+                // on it. Once a node has answered, connecting gets longer:
+                // TLS handshakes with every node of a busy cluster are
+                // slow, and would otherwise be paid by the first calls.
                 let first_contact = self.op_timeout.max(Duration::from_millis(500));
                 let connecting = self.op_timeout.max(Duration::from_secs(3));
-                let contact = async {
-                    tokio::time::timeout(first_contact, cluster.refresh())
-                        .await
-                        .map_err(|_| CacheError::Timeout(first_contact))??;
-                    tokio::time::timeout(connecting, cluster.warm_up())
-                        .await
-                        .map_err(|_| CacheError::Timeout(connecting))?
-                };
-                match contact.await {
-                    Ok(()) => tracing::debug!("connected to the Redis Cluster"),
-                    Err(error) => {
-                        let reason = error.to_string();
+                match tokio::time::timeout(first_contact, cluster.refresh()).await {
+                    Ok(Ok(())) => match tokio::time::timeout(connecting, cluster.warm_up()).await {
+                        Ok(Ok(())) => tracing::debug!("connected to the Redis Cluster"),
+                        outcome => {
+                            let reason = match outcome {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => format!("not all connected within {connecting:?}"),
+                            };
+                            tracing::warn!(%reason, "Redis Cluster answered, but connecting to its primaries is slow; the first calls may run uncached");
+                        }
+                    },
+                    outcome => {
+                        let reason = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => format!("no answer within {first_contact:?}"),
+                        };
                         tracing::warn!(%reason, "Redis Cluster is not reachable yet; calls run uncached until it is");
                         breaker.record_failure(true);
                     }
@@ -565,12 +569,15 @@ impl CacheBuilder {
                 lease: self.lease,
                 codec: self.codec,
                 max_value_size,
-                read_limit: max_value_size.saturating_add(READ_HEADROOM),
+                // `GETRANGE` takes a signed 64-bit end.
+                read_limit: max_value_size
+                    .saturating_add(READ_HEADROOM)
+                    .min(i64::MAX as usize),
                 compress_above: self.compress_above,
                 trace_keys: self.trace_keys,
                 breaker,
                 stats: Recorder::default(),
-                flights: Flights::new(self.op_timeout * 2),
+                flights: Flights::new(self.op_timeout.saturating_mul(2)),
                 janitor: Janitor::default(),
                 log_limit: LogLimit::default(),
                 clock: self.clock,
@@ -985,7 +992,7 @@ impl Cache {
             function = site.function().name(),
             outcome = tracing::field::Empty,
             "db.system.name" = self.db_system(),
-            "db.operation.name" = "GET",
+            "db.operation.name" = "GETRANGE",
             "cache.key" = tracing::field::Empty,
         );
         if self.inner.trace_keys && !span.is_disabled() {
@@ -1002,7 +1009,7 @@ impl Cache {
             function = site.function().name(),
             "cache.batch.size" = ids,
             "db.system.name" = self.db_system(),
-            "db.operation.name" = "MGET",
+            "db.operation.name" = "BATCH GETRANGE",
         )
     }
 

@@ -96,6 +96,13 @@ impl CacheError {
         matches!(self, CacheError::Redis(e) if e.is_rejected_credentials())
     }
 
+    /// The key holds another type than a string (`WRONGTYPE`: someone
+    /// stored a list there): an error about that key's data, which the
+    /// cache overwrites.
+    pub(crate) fn is_wrong_type(&self) -> bool {
+        matches!(self, CacheError::Redis(e) if e.code() == Some("WRONGTYPE"))
+    }
+
     /// A write the primary applied but not enough replicas acknowledged
     /// (see [`CacheError::NotReplicated`]).
     pub fn is_not_replicated(&self) -> bool {

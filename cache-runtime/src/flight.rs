@@ -61,8 +61,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 /// Body runs at once for a key whose leaders keep failing.
 pub(crate) const FAILING_RUNS: usize = 2;
-/// The most encoded bytes that landed answers keep lingering at once.
+/// The most bytes that landed answers keep lingering at once (their
+/// encoded values, keys and [`LANDED_OVERHEAD`] each).
 const LINGERING_BYTES: usize = 16 * 1024 * 1024;
+/// What a lingering answer weighs besides its value and key.
+const LANDED_OVERHEAD: usize = 128;
 
 /// How one computation ended, as its waiters see it.
 #[derive(Debug, Clone)]
@@ -179,6 +182,11 @@ impl Flights {
     /// Leads the computation of `key`, or joins the one in flight, or takes
     /// the answer of one that landed a moment ago if it covers `joiner`.
     pub(crate) fn join(&self, key: &str, joiner: Joiner) -> Role<'_> {
+        // Answers whose moment is over go, even when nothing lands for a
+        // while; a caller that finds the queue busy leaves it to the other.
+        if let Ok(mut lingering) = self.lingering.try_lock() {
+            self.sweep(&mut lingering, Instant::now());
+        }
         let flight = match self.in_flight.entry(key.to_owned()) {
             Entry::Occupied(flight) => {
                 let landed = match &*flight.get().landing.borrow() {
@@ -227,7 +235,11 @@ impl Flights {
         let now = Instant::now();
         let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
         self.sweep(&mut lingering, now);
-        let Some(bytes) = bytes else {
+        let Some(value) = bytes else {
+            return false;
+        };
+        let bytes = value + key.len() + LANDED_OVERHEAD;
+        let Some(until) = now.checked_add(self.linger) else {
             return false;
         };
         if self.linger.is_zero() || lingering.bytes + bytes > LINGERING_BYTES {
@@ -235,7 +247,7 @@ impl Flights {
         }
         lingering.bytes += bytes;
         lingering.queue.push_back(Landed {
-            until: now + self.linger,
+            until,
             key: key.to_owned(),
             landing: landing.subscribe(),
             bytes,

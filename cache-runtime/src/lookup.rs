@@ -552,15 +552,28 @@ impl Cache {
                     pending_write: false,
                 }
             }
-            // An error reply about this key (e.g. WRONGTYPE: someone stored a
-            // list there) is bad data like an undecodable value: overwrite it.
-            Err(error) => {
+            // Someone stored a list there: bad data like an undecodable
+            // value, overwritten.
+            Err(error) if error.is_wrong_type() => {
                 self.record(site, Event::Error);
                 crate::limited!(
                     self,
                     warn!(key, %error, "unreadable cache entry: recomputing and overwriting it")
                 );
                 Read::Garbage(Garbage::Unreadable)
+            }
+            // Any other error reply (`NOPERM` from an ACL, `ERR`): counted
+            // and logged, and the call runs uncached; nothing is
+            // overwritten on the strength of a refusal.
+            Err(error) => {
+                self.record(site, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(key, %error, "cache read refused: running uncached")
+                );
+                Read::Unavailable {
+                    pending_write: false,
+                }
             }
         }
     }
@@ -779,9 +792,11 @@ impl Cache {
                 Some(result) => result,
                 None => return Coalesced::Lead(None),
             },
+            // A batch's answer that this function cannot return (the id
+            // was not in the batch's map): it computes on its own.
             Handed::Nothing => match S::nothing() {
                 Some(nothing) => nothing,
-                None => return Coalesced::LookAgain,
+                None => return Coalesced::Lead(None),
             },
             Handed::LookAgain => {
                 rounds.looks += 1;
@@ -925,6 +940,13 @@ impl Cache {
                     lease.give_back().await;
                 }
                 return Landing::Failed;
+            }
+            // Nothing is stored: the bytes are only for the waiters.
+            Answer::Value(value) if matches!(lease, Leased::Uncached) => {
+                match self.inner.codec.encode(value) {
+                    Ok(bytes) => Some(bytes),
+                    Err(_) => return Landing::LookAgain,
+                }
             }
             Answer::Value(value) => {
                 let Some(bytes) = self.encode_for_store(Some(site.function()), key, value) else {

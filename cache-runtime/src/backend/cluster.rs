@@ -618,11 +618,12 @@ impl ClusterBackend {
         Some(parse_replica_counts(&text))
     }
 
-    /// Makes the cluster connection's links to every primary (TCP, TLS
+    /// Makes the cluster connection's links to the primaries (TCP, TLS
     /// handshake, `AUTH`), and those of the durable connections: a `PING`
-    /// to all primaries through each. `build` waits for it, so that the
-    /// first calls do not pay for connecting within their op timeout (a
-    /// debug build's TLS handshakes with six nodes took longer than that).
+    /// to all primaries through each (the `redis` crate sends it to the
+    /// primaries of its slot map). `build` waits for it, so that the first
+    /// calls do not pay for connecting within their op timeout (a debug
+    /// build's TLS handshakes with six nodes took longer than that).
     pub(crate) async fn warm_up(&self) -> Result<(), CacheError> {
         use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
         let every_primary = || {

@@ -156,8 +156,9 @@ pub(crate) async fn get(
 }
 
 /// [`get`] of many keys in one pipeline, on a standalone server or (keys
-/// of one slot) a cluster node. A key `GETRANGE` fails on (`WRONGTYPE`:
-/// someone stored a list there) reads as absent, as it would in `MGET`.
+/// of one slot) a cluster node. A key `GETRANGE` fails on with `WRONGTYPE`
+/// (someone stored a list there) reads as absent, as it would in `MGET`;
+/// any other error reply (`LOADING`, `NOPERM`, ...) fails the read.
 pub(crate) async fn get_many(
     conn: &mut impl ConnectionLike,
     keys: &[String],
@@ -173,13 +174,18 @@ pub(crate) async fn get_many(
     }
     let replies: Vec<redis::Value> = pipe.query_async(conn).await.map_err(CacheError::redis)?;
     check_count(replies.len(), keys.len())?;
-    Ok(replies
+    replies
         .into_iter()
-        .map(|reply| match Vec::<u8>::from_redis_value(reply) {
-            Ok(bytes) => fetched(bytes, limit),
-            Err(_) => Fetched::Absent,
+        .map(|reply| match reply {
+            redis::Value::ServerError(error) if error.code() == "WRONGTYPE" => Ok(Fetched::Absent),
+            reply => {
+                let reply = reply.extract_error().map_err(CacheError::redis)?;
+                let bytes =
+                    Vec::<u8>::from_redis_value(reply).map_err(|e| CacheError::redis(e.into()))?;
+                Ok(fetched(bytes, limit))
+            }
         })
-        .collect())
+        .collect()
 }
 
 /// A reply with a different number of values than keys asked for is
