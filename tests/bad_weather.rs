@@ -332,8 +332,10 @@ async fn an_entry_too_large_to_read_harms_only_its_own_key() {
     assert_eq!(limited.errors, 1, "counted once, then replaced");
     assert!(limited.left < 100, "replaced by a good entry");
     assert_eq!(limited.healthy_hits, 5, "the others are not harmed");
+    // Without one, the reads transfer the entry (all of it, unless a
+    // timed-out read's connection is dropped first).
     assert!(
-        unlimited.sent >= 64 << 20,
+        unlimited.sent > 2 * limited.sent,
         "without a limit the entry is transferred: {}",
         unlimited.sent
     );

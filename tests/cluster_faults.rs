@@ -502,8 +502,23 @@ async fn faults(durable: bool) {
         .await
         .unwrap()
     };
-    let left = length.saturating_sub(killed_at.elapsed() + length / 4);
-    tokio::time::sleep(left.max(Duration::from_secs(2))).await;
+    // The load goes on for the rest of the phase, and until the failed
+    // shard hits again (at most 20 s): about a second after the promotion
+    // (the breaker's cool-down and a slot map), longer on a busy machine.
+    let hits_of_a = || {
+        store
+            .cache
+            .stats()
+            .function("shard_a")
+            .map_or(0, |counts| counts.hits)
+    };
+    let at_promotion = hits_of_a();
+    let phase_end = Instant::now() + length.saturating_sub(killed_at.elapsed() + length / 4);
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < phase_end || (hits_of_a() == at_promotion && Instant::now() < give_up) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // a sample after it
     stop.store(true, Ordering::Relaxed);
     for task in load {
         task.await.unwrap();

@@ -28,6 +28,11 @@ use crate::stats::{Event, Recorder, Stats};
 use crate::tracking::{Source, Tracking};
 
 const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long `build` waits for the first contact (connecting, a TLS
+/// handshake, a first reply), so that the first calls do not pay for it
+/// within their op timeout: a debug build's TLS handshakes on a busy
+/// machine took more than 500 ms. A server that is down refuses at once.
+const FIRST_CONTACT: Duration = Duration::from_secs(2);
 const DEFAULT_BREAKER_FAILURES: u32 = 5;
 const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
 const DEFAULT_MEMORY_CAPACITY: u64 = 256 * 1024 * 1024;
@@ -403,7 +408,11 @@ impl CacheBuilder {
 
     /// Builds the cache. Fails only on bad configuration (a malformed URL, a
     /// prefix with spaces): a Redis server that is down is not an error; calls
-    /// run uncached until it is reachable. Call inside a Tokio runtime.
+    /// run uncached until it is reachable. It connects first (on a cluster,
+    /// to every primary; TLS handshakes included), waiting at most 2 s (or
+    /// the op timeout if longer; a cluster that answered, 3 s more for its
+    /// primaries), so that the first calls are served instead of paying
+    /// for connecting within their op timeout. Call inside a Tokio runtime.
     ///
     /// Cancel safe: it holds nothing while it waits for the first contact.
     pub async fn build(mut self) -> Result<Cache, CacheError> {
@@ -423,7 +432,7 @@ impl CacheBuilder {
                     RedisBackend::new(&url, self.tcp_nodelay, self.durability, self.tls.as_ref())?;
                 // Connect now so that the first calls are served, but never
                 // fail start-up on it.
-                let first_contact = self.op_timeout.max(Duration::from_millis(500));
+                let first_contact = self.op_timeout.max(FIRST_CONTACT);
                 match tokio::time::timeout(first_contact, redis.ping()).await {
                     Ok(Ok(())) => tracing::debug!("connected to Redis"),
                     Ok(Err(error)) if error.is_rejected_credentials() => {
@@ -451,7 +460,7 @@ impl CacheBuilder {
                     self.sentinel_auth.as_ref(),
                     self.sentinel_fence,
                 )?;
-                let first_contact = self.op_timeout.max(Duration::from_millis(500));
+                let first_contact = self.op_timeout.max(FIRST_CONTACT);
                 match tokio::time::timeout(first_contact, sentinel.connect()).await {
                     Ok(Ok(())) => tracing::debug!(%service, "connected to the Sentinel primary"),
                     outcome => {
@@ -482,7 +491,7 @@ impl CacheBuilder {
                 // on it. Once a node has answered, connecting gets longer:
                 // TLS handshakes with every node of a busy cluster are
                 // slow, and would otherwise be paid by the first calls.
-                let first_contact = self.op_timeout.max(Duration::from_millis(500));
+                let first_contact = self.op_timeout.max(FIRST_CONTACT);
                 let connecting = self.op_timeout.max(Duration::from_secs(3));
                 match tokio::time::timeout(first_contact, cluster.refresh()).await {
                     Ok(Ok(())) => match tokio::time::timeout(connecting, cluster.warm_up()).await {
