@@ -334,8 +334,9 @@ async fn sweep(
     (calls, stats, body_runs)
 }
 
-/// Every function's key for `id`, and its refresh lock's.
-fn keys(id: u64) -> Vec<String> {
+/// Every function's key for `id`, and its refresh lock's, as `backend_ops`
+/// takes them (under the cache's prefix).
+fn keys(cache: &Cache, id: u64) -> Vec<String> {
     let keys = [
         Db::plain_cache_key(&id).into_string(),
         Db::flight_cache_key(&id).into_string(),
@@ -345,8 +346,21 @@ fn keys(id: u64) -> Vec<String> {
         Db::none_cache_key(&id).into_string(),
         Db::batch_cache_key(&id).into_string(),
     ];
+    // `prefix:`, or nothing.
+    let plain = Db::plain_cache_key(&id);
+    let full = cache.redis_key(&plain);
+    let prefix = full
+        .strip_suffix(plain.as_str())
+        .expect("a prefix, then the key");
     keys.iter()
-        .flat_map(|key| [key.clone(), refresh_lock_key(key)])
+        .flat_map(|key| {
+            let lock = refresh_lock_key(cache, &format!("{prefix}{key}"));
+            let lock = lock
+                .strip_prefix(prefix)
+                .expect("the refresh lock is under the cache's prefix")
+                .to_owned();
+            [key.clone(), lock]
+        })
         .collect()
 }
 
@@ -354,7 +368,7 @@ fn keys(id: u64) -> Vec<String> {
 async fn leases_left(cache: &Cache) -> Vec<String> {
     let mut left = Vec::new();
     for id in 0..IDS {
-        for key in keys(id) {
+        for key in keys(cache, id) {
             if let Ok(Some(bytes)) = backend_ops(cache).get(&key).await
                 && bytes.starts_with(b"\0lease:")
             {

@@ -2,8 +2,8 @@
 //! cache's prefix, on every primary of a cluster, never `FLUSHDB`. They
 //! delete exactly the matching entries (a glob character in the prefix is
 //! matched as itself), leave other caches' keys and foreign keys alone,
-//! drop this process's local copies, and refuse to clear a cache without a
-//! prefix. On a real `redis-server`, the shared local cluster and in memory.
+//! drop this process's local copies, and refuse any clear on a cache
+//! without a prefix. On a real `redis-server`, the shared local cluster and in memory.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -114,12 +114,41 @@ async fn clear_on_a_server() {
         let exists: u64 = raw(&mut conn, &[b"EXISTS", key.as_bytes()]).await;
         assert_eq!(exists, 1, "{key} is not the cache's");
     }
+}
 
-    let unprefixed = Cache::connect(&server.url()).await.unwrap();
+/// A cache without a prefix, as `Cache::connect(url)` builds it, on a
+/// database that other applications share: no clear may touch their keys.
+#[tokio::test]
+async fn a_cache_without_a_prefix_clears_nothing() {
+    let server = RedisServer::start();
+    let mut conn = raw_connection(&server).await;
+    let theirs = ["session:abc", "ratelimit:7", "s", "user:1", "queue:jobs"];
+    for key in theirs {
+        raw::<()>(&mut conn, &[b"SET", key.as_bytes(), b"x"]).await;
+    }
+    let app = App::new(Cache::connect(&server.url()).await.unwrap());
+    app.user(1).await; // the cache's own entry is `user:1` too: indistinguishable
+    app.user(2).await;
+    for attempt in ["", "s", "user:", "*"] {
+        assert!(
+            matches!(
+                app.cache.clear_prefix(attempt).await,
+                Err(CacheError::ClearWithoutPrefix)
+            ),
+            "clear_prefix({attempt:?}) without a cache prefix"
+        );
+    }
     assert!(matches!(
-        unprefixed.clear().await,
+        app.cache.clear().await,
         Err(CacheError::ClearWithoutPrefix)
     ));
+    let left: u64 = raw(&mut conn, &[b"DBSIZE"]).await;
+    for key in theirs {
+        let exists: u64 = raw(&mut conn, &[b"EXISTS", key.as_bytes()]).await;
+        assert_eq!(exists, 1, "{key} is another application's");
+    }
+    println!("no prefix: clear and clear_prefix refused; {left} keys left in the database");
+    assert_eq!(left, theirs.len() as u64 + 1, "theirs, and user:2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

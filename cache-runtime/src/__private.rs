@@ -314,9 +314,9 @@ pub fn backend_ops(cache: &Cache) -> BackendOps<'_> {
     BackendOps(cache)
 }
 
-/// The key of `key`'s refresh lock (`stale`, `early_refresh`).
-pub fn refresh_lock_key(key: &str) -> String {
-    crate::key::refresh_lock_key(key)
+/// The key of `key`'s refresh lock (`stale`, `early_refresh`) in `cache`.
+pub fn refresh_lock_key(cache: &Cache, key: &str) -> String {
+    crate::key::refresh_lock_key(cache.prefix(), key)
 }
 
 /// Clean-ups (lease give-backs, invalidation retries) submitted to the

@@ -668,6 +668,16 @@ impl Cache {
         }
     }
 
+    /// Whether the cache has a key prefix of its own.
+    pub(crate) fn has_prefix(&self) -> bool {
+        self.inner.prefix.is_some()
+    }
+
+    /// The cache's key prefix, if it has one.
+    pub(crate) fn prefix(&self) -> Option<&str> {
+        self.inner.prefix.as_deref()
+    }
+
     /// `prefix:key`, or `key` itself without a prefix.
     pub(crate) fn prefixed<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
         match &self.inner.prefix {

@@ -51,10 +51,10 @@ pub enum CacheError {
     /// A value could not be encoded or decoded.
     #[error("codec: {0}")]
     Codec(#[from] CodecError),
-    /// `Cache::clear` on a cache without a key prefix: its entries cannot
-    /// be told from other keys of the database.
+    /// `Cache::clear` or `Cache::clear_prefix` on a cache without a key
+    /// prefix: its entries cannot be told from the database's other keys.
     #[error(
-        "Cache::clear needs a key prefix (`CacheBuilder::prefix`): without one, the cache's entries cannot be told from the database's other keys; use `clear_prefix` with a template's literal start instead"
+        "Cache::clear and Cache::clear_prefix need a key prefix (`CacheBuilder::prefix`): without one, the cache's entries cannot be told from the other keys of the database (sessions, rate limits, other services' caches)"
     )]
     ClearWithoutPrefix,
     /// `Cache::command` or `Cache::pipeline` on the in-process backend:

@@ -469,11 +469,18 @@ fn bound_length(key: &mut String) {
 /// `user:42`). The one exception is a key with a `}` but no hash tag (a
 /// prefix or literal text with an unmatched brace), whose companion may be
 /// in another slot; the lock then works the same, on another node.
-pub(crate) fn refresh_lock_key(key: &str) -> String {
+///
+/// It starts with the cache's `prefix` (`app:{app:user:42}\0refresh`), as
+/// every key the cache touches does: an ACL user fenced to `~app:*` may
+/// take it, and `SCAN app:*` finds it.
+pub(crate) fn refresh_lock_key(prefix: Option<&str>, key: &str) -> String {
     if crate::backend::hash_tag(key.as_bytes()).is_some() || key.contains('}') {
         format!("{key}\0refresh")
     } else {
-        format!("{{{key}}}\0refresh")
+        match prefix {
+            Some(prefix) => format!("{prefix}:{{{key}}}\0refresh"),
+            None => format!("{{{key}}}\0refresh"),
+        }
     }
 }
 
@@ -621,17 +628,24 @@ mod tests {
             "{user}",
             "x{y}z{w}",
         ] {
-            let lock = refresh_lock_key(key);
-            assert!(lock.ends_with("\0refresh"), "{lock:?}");
-            assert_ne!(lock, key);
-            assert_eq!(
-                slot_of(lock.as_bytes()),
-                slot_of(key.as_bytes()),
-                "{key} -> {lock:?}"
-            );
+            for prefix in [None, Some("svc")] {
+                let lock = refresh_lock_key(prefix, key);
+                assert!(lock.ends_with("\0refresh"), "{lock:?}");
+                assert_ne!(lock, key);
+                assert_eq!(
+                    slot_of(lock.as_bytes()),
+                    slot_of(key.as_bytes()),
+                    "{key} -> {lock:?}"
+                );
+            }
         }
+        // Under the cache's prefix, as the key is.
+        assert_eq!(
+            refresh_lock_key(Some("svc"), "svc:user:42"),
+            "svc:{svc:user:42}\0refresh"
+        );
         // Unmatched `}` without a tag: appended, the slot may differ.
-        assert_eq!(refresh_lock_key("a}b"), "a}b\0refresh");
-        assert_eq!(refresh_lock_key("{}:user:42"), "{}:user:42\0refresh");
+        assert_eq!(refresh_lock_key(None, "a}b"), "a}b\0refresh");
+        assert_eq!(refresh_lock_key(None, "{}:user:42"), "{}:user:42\0refresh");
     }
 }

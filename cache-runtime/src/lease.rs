@@ -186,9 +186,18 @@ impl<'c> HeldLease<'c> {
     /// The right to refresh `key` (stale or early), held by one caller
     /// across processes: a lease on a companion key (see
     /// [`crate::key::refresh_lock_key`]).
-    pub(crate) async fn refresh_lock(cache: &'c Cache, key: &str) -> Option<Self> {
+    ///
+    /// A lock the cache failed to take (an outage, or a refusal such as
+    /// `NOPERM` from an ACL, `READONLY` or `OOM`) is counted as an error of
+    /// `site` and logged, like any other cache error, never taken for
+    /// another caller's lock.
+    pub(crate) async fn refresh_lock(
+        cache: &'c Cache,
+        site: &'static Site,
+        key: &str,
+    ) -> Option<Self> {
         let inner = &*cache.inner;
-        let lock_key = crate::key::refresh_lock_key(key);
+        let lock_key = crate::key::refresh_lock_key(cache.prefix(), key);
         let mut lock = Self::arm(cache, Cow::Owned(lock_key), inner.lease);
         let set = inner
             .backend
@@ -201,6 +210,13 @@ impl<'c> HeldLease<'c> {
             }
             Err(error) => {
                 lock.armed = error.may_have_landed();
+                if !matches!(error, CacheError::CircuitOpen) {
+                    cache.record(site, Event::Error);
+                    crate::limited!(
+                        cache,
+                        warn!(key, %error, "cache refresh lock failed: serving the old value")
+                    );
+                }
                 None
             }
         }

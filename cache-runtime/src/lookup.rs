@@ -1059,7 +1059,7 @@ impl Cache {
         S: Outcome<R>,
         F: Future<Output = R>,
     {
-        let Some(lock) = HeldLease::refresh_lock(self, key).await else {
+        let Some(lock) = HeldLease::refresh_lock(self, site, key).await else {
             self.record(site, refresh.served);
             return refresh.old;
         };

@@ -68,9 +68,6 @@ impl Cache {
     ///
     /// Cancel safe: dropping the future stops the clear where it is.
     pub async fn clear(&self) -> Result<u64, CacheError> {
-        if self.prefixed("").is_empty() {
-            return Err(CacheError::ClearWithoutPrefix);
-        }
         self.clear_prefix("").await
     }
 
@@ -79,7 +76,16 @@ impl Cache {
     /// `#[redis_cached(key = "user:<id>", ...)]` (every `version` too) and
     /// of any other template that starts with `user:`. `*`, `?`, `[` and
     /// `\` in `prefix` are matched as themselves. See [`Cache::clear`].
+    ///
+    /// Fails with [`CacheError::ClearWithoutPrefix`] when the cache has no
+    /// prefix, whatever `prefix` is: a Redis database is shared (sessions,
+    /// rate limits, other services' caches), and without a prefix of its
+    /// own the cache cannot tell its entries from their keys
+    /// (`clear_prefix("s")` would delete anyone's `s*`).
     pub async fn clear_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+        if !self.has_prefix() {
+            return Err(CacheError::ClearWithoutPrefix);
+        }
         let start = self.prefixed(prefix).into_owned();
         let pattern = format!("{}*", glob_escape(&start));
         let backend = &self.inner.backend;
