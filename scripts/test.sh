@@ -16,4 +16,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 redis-server --version
 
-cargo test --workspace --all-features "$@"
+# Every test binary runs even when one fails, so that a run shows every
+# failure; the exit status is non-zero if any test failed.
+cargo test --workspace --all-features --no-fail-fast "$@"
