@@ -1,8 +1,8 @@
-//! The seeds' other Redis patterns, done right, on the cache's own
+//! Three Redis patterns as tutorials teach them, done right, on the cache's own
 //! connection (`Cache::command`, which fails fast while the cache's
 //! circuit breaker is open and is bounded by its op timeout):
 //!
-//! - a **lock**: `SET key token NX PX ttl` in one command (the seeds'
+//! - a **lock**: `SET key token NX PX ttl` in one command (the tutorials'
 //!   `SETNX` then `EXPIRE` leaves a lock without expiry if the process dies
 //!   between them), released by a compare-and-delete script, so a holder
 //!   whose lock expired cannot release the next holder's;

@@ -1,6 +1,6 @@
-//! The seeds' lock, rate limit and session, done right on the cache's
+//! A lock, a rate limit and a session as Redis tutorials write them, done right on the cache's
 //! connection (`examples/patterns.rs`), against a real `redis-server`; and
-//! the seeds' own lock release (a plain `DEL`), which frees another
+//! the tutorials' own lock release (a plain `DEL`), which frees another
 //! holder's lock.
 
 #[path = "../examples/patterns.rs"]
@@ -80,7 +80,7 @@ async fn an_expired_holder_cannot_release_the_next_ones_lock() {
             .is_none(),
         "the second still holds it"
     );
-    // The seeds' release, a plain DEL, would have freed the second's lock.
+    // The tutorials' release, a plain DEL, would have freed the second's lock.
     let mut conn = raw_connection(&server).await;
     let deleted: u64 = raw(&mut conn, &[b"DEL", b"lock:report"]).await;
     assert_eq!(deleted, 1, "the naive release deletes whoever holds it");
