@@ -1,6 +1,7 @@
 //! Inside a tenant's fence: a shared Redis gives each application an ACL
 //! user fenced to its own key prefix and channels
-//! (`~app:* &app:* +@all -@dangerous`). With `prefix("app")` and that user,
+//! (`~app:* &app:* +@all -@dangerous`, and `+role`, which writes ask to
+//! learn how many replicas to wait for). With `prefix("app")` and that user,
 //! every option of the cache keeps to the fence: values, leases, refresh
 //! locks, batches, the local tier (tracking and broadcast), invalidations,
 //! write-through and clearing. The server's `ACL LOG` stays empty and no
@@ -15,7 +16,15 @@ use cache_runtime::{Cache, CacheBuilder, LocalInvalidation, cache_put, invalidat
 use serde::{Deserialize, Serialize};
 
 /// The fence, as the README gives it.
-const FENCE: [&str; 6] = [">apppw", "~app:*", "&app:*", "+@all", "-@dangerous", "on"];
+const FENCE: [&str; 7] = [
+    ">apppw",
+    "~app:*",
+    "&app:*",
+    "+@all",
+    "-@dangerous",
+    "+role",
+    "on",
+];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {

@@ -477,7 +477,7 @@ async fn sweep_on_redis_behind_a_fault_proxy() {
     })
     .await
     .map(|_| healthy.elapsed());
-    // The janitor finishes its invalidation retries (up to ~8 s apart).
+    // The janitor finishes its invalidation retries (every 250 ms).
     let idle = wait_for(Duration::from_secs(10), POLL, async || {
         pending_chores(&cache) == 0
     })

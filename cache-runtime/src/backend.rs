@@ -44,16 +44,35 @@ mod sentinel;
 #[cfg(test)]
 pub(crate) use self::cluster::slot_of;
 pub(crate) use self::cluster::{ClusterBackend, hash_tag};
-pub(crate) use self::commands::Durability;
+pub(crate) use self::commands::{Durability, Wanted};
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
 pub(crate) use self::sentinel::{PrimaryInUse, SentinelAuth, SentinelBackend};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::breaker::Breaker;
 use crate::error::CacheError;
 use crate::stats::{Operation, OperationTimer};
+
+/// The longest expiry (ms) this process has stored a value with, or read
+/// a cached function of (lease placeholders and locks, which never become
+/// values with their own expiry, are not counted): no entry of those lives longer, which bounds how
+/// long a cache that lost track of an invalidation must distrust its
+/// entries (see `janitor::Suspect`).
+static LONGEST_PX: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn note_px(px: u64) {
+    if px > LONGEST_PX.load(Ordering::Relaxed) {
+        LONGEST_PX.fetch_max(px, Ordering::Relaxed);
+    }
+}
+
+/// See [`LONGEST_PX`].
+pub(crate) fn longest_px() -> u64 {
+    LONGEST_PX.load(Ordering::Relaxed)
+}
 
 /// `get_with_ttl` on a connection of the caller's (the local tier's
 /// tracking connection).
@@ -331,6 +350,7 @@ impl Backend {
         px: u64,
     ) -> Result<bool, CacheError> {
         let _timer = self.timer(Operation::SetIfLonger);
+        note_px(px);
         match self.connection() {
             Ok(mut conn) => commands::set_if_longer(&mut conn, key, limit, value, px).await,
             Err(m) => Ok(m.set_if_longer(key, limit, value, px)),
@@ -339,6 +359,7 @@ impl Backend {
 
     pub(crate) async fn set(&self, key: &str, value: &[u8], px: u64) -> Result<(), CacheError> {
         let _timer = self.timer(Operation::Set);
+        note_px(px);
         match self.connection() {
             Ok(mut conn) => commands::set(&mut conn, key, value, px).await,
             Err(m) => {
@@ -369,6 +390,7 @@ impl Backend {
         px: u64,
     ) -> Result<bool, CacheError> {
         let _timer = self.timer(Operation::CompareAndSet);
+        note_px(px);
         match self.connection() {
             Ok(mut conn) => commands::compare_and_set(&mut conn, key, prefix, value, px).await,
             Err(m) => Ok(m.compare_and_set(key, prefix, value, px)),
@@ -401,7 +423,7 @@ impl Backend {
     }
 
     /// `set` of a write-through, which waits for replicas where
-    /// configured (`CacheBuilder::durable_writes`).
+    /// configured (`CacheBuilder::write_durability`).
     pub(crate) async fn set_durably(
         &self,
         key: &str,
@@ -409,6 +431,7 @@ impl Backend {
         px: u64,
     ) -> Result<(), CacheError> {
         let _timer = self.timer(Operation::Set);
+        note_px(px);
         match self {
             Backend::Redis(r) => r.set_durably(key, value, px).await,
             Backend::Sentinel(s) => s.set_durably(key, value, px).await,
@@ -421,7 +444,7 @@ impl Backend {
     }
 
     /// `delete` of an invalidation, which waits for replicas where
-    /// configured (`CacheBuilder::durable_writes`).
+    /// configured (`CacheBuilder::write_durability`).
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
         let _timer = self.timer(Operation::Delete);
         match self {

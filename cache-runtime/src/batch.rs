@@ -162,6 +162,7 @@ impl Cache {
         Fut: Future<Output = R>,
     {
         let began = Instant::now();
+        crate::backend::note_px(site.longest_expiry_millis());
         // A key this process still has to invalidate may hold the old
         // value (see `Janitor::is_invalidating`): run uncached.
         let backend = &self.inner.backend;

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::backend::{
     Backend, BreakerRef, ClusterBackend, Durability, Fetched, MemoryBackend, RedisBackend,
-    SentinelAuth, SentinelBackend, Tls,
+    SentinelAuth, SentinelBackend, Tls, Wanted,
 };
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
@@ -95,6 +95,56 @@ pub(crate) struct Inner {
     pub(crate) local: Option<Arc<Tracking>>,
 }
 
+/// How many replicas a write waits for before it counts as done; see
+/// [`CacheBuilder::write_durability`].
+///
+/// A write that waited is one that a failover cannot undo: the replica
+/// that is promoted has it. What it costs is one replication round trip
+/// per write (`WAIT`, on connections of its own so that reads never queue
+/// behind it); reads pay nothing. The figures are in the crate's README
+/// (`cargo test --release --test deployments -- --nocapture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum WriteDurability {
+    /// Every replica the write's primary has (the default). A primary
+    /// without replicas (a standalone server, say) pays nothing per write:
+    /// it is asked (`ROLE`) at most once a second of writes. On a cluster,
+    /// the replicas counted are those the cluster lists for the primary
+    /// (`CLUSTER NODES`); a replica that has died and that the primary no
+    /// longer lists is not waited for.
+    ///
+    /// A `WAIT` that comes back short asks the primary's `ROLE`: a write
+    /// that every replica it still has acknowledged is done (a replica that
+    /// died is not waited for), and for a second its writes wait for those
+    /// only. An ACL that refuses `ROLE` (grant `+role`) leaves a standalone
+    /// or Sentinel primary's writes waiting for no replica, with a warning.
+    ///
+    /// What it leaves open: a replica that attached in the last second
+    /// (on a cluster, since the last slot map, read every 5 s under load)
+    /// may lack a write if its primary fails right then; a primary cut off
+    /// from its replica for longer than its `repl-timeout` (60 s by
+    /// default) stops counting it; a primary whose replica was promoted
+    /// away from it, in the second its word is trusted; on a cluster, the
+    /// milliseconds in which the `redis` crate still sends to a primary
+    /// that a failover has just replaced.
+    #[default]
+    AllReplicas,
+    /// At least this many replicas, whatever the primary has: a write to a
+    /// primary with fewer is retried in the background until it has them
+    /// (on Sentinel, those it has do, as the fence covers the rest; on a
+    /// cluster, at most those it lists), and this process reads it from
+    /// the primary meanwhile. Run at least this many replicas: otherwise
+    /// every write waits out `replica_wait` and stays pending.
+    /// `AtLeast(0)` is [`WriteDurability::PrimaryOnly`].
+    AtLeast(u32),
+    /// The opt-out: a write is done when its primary has it. Saves one
+    /// replication round trip per write; a write acknowledged in the last
+    /// moments before its primary crashes can then be undone by the
+    /// failover, until the entry's TTL. On Sentinel, the fence (the keys
+    /// written in the last 30 s deleted on a new primary) still covers it.
+    PrimaryOnly,
+}
+
 /// Configures a [`Cache`]; from [`Cache::builder`].
 #[derive(Debug, Clone)]
 #[must_use]
@@ -110,7 +160,8 @@ pub struct CacheBuilder {
     breaker_failures: u32,
     breaker_cooldown: Duration,
     tcp_nodelay: bool,
-    durability: Option<Durability>,
+    durability: WriteDurability,
+    replica_wait: Option<Duration>,
     tls: Option<Tls>,
     sentinel_auth: Option<SentinelAuth>,
     sentinel_fence: bool,
@@ -367,24 +418,25 @@ impl CacheBuilder {
         self
     }
 
-    /// Makes writes (invalidations of `#[invalidates]` and
-    /// `Cache::invalidate`, stores of `#[cache_put]`) wait until `replicas`
-    /// replicas of the primary have them (`WAIT replicas timeout`), so
-    /// that a failover right after a write cannot bring the old value
-    /// back. Redis replicates asynchronously: without this, a `DEL`
-    /// acknowledged by a primary that dies before sending it on is lost,
-    /// and the promoted replica serves the old value until its TTL.
-    ///
-    /// A write that fewer replicas acknowledged within `timeout` is retried
-    /// in the background like one that failed, for a few seconds; the
-    /// write itself never waits longer than the op timeout, so keep
-    /// `timeout` below it. The cost is one replication round trip per
-    /// write (measured in the README). Off by default: with no replica,
-    /// every write would wait for `timeout`. What remains without it: a
-    /// write acknowledged in the last moments before a primary crashes can
-    /// be undone by its failover, until the entry's TTL.
-    pub fn durable_writes(mut self, replicas: u32, timeout: Duration) -> Self {
-        self.durability = (replicas > 0).then_some(Durability { replicas, timeout });
+    /// How many replicas a write (an invalidation of `#[invalidates]` or
+    /// `Cache::invalidate`, a store of `#[cache_put]`) waits for before it
+    /// counts as done. Default [`WriteDurability::AllReplicas`]: Redis
+    /// replicates asynchronously, so a `DEL` that only its primary had is
+    /// lost if that primary fails over, and the promoted replica serves
+    /// the old value until its TTL. See [`WriteDurability`] for what each
+    /// setting costs and keeps.
+    pub fn write_durability(mut self, durability: WriteDurability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How long a write waits for its replicas (`WAIT`'s timeout) under
+    /// [`CacheBuilder::write_durability`]. Default half the op timeout. A
+    /// write whose replicas did not all answer in time is retried in the
+    /// background until they do; the write itself never waits longer than
+    /// the op timeout, so keep this below it.
+    pub fn replica_wait(mut self, timeout: Duration) -> Self {
+        self.replica_wait = Some(timeout);
         self
     }
 
@@ -404,6 +456,17 @@ impl CacheBuilder {
     pub fn wall_clock_offset(mut self, offset_millis: i64) -> Self {
         self.clock = WallClock { offset_millis };
         self
+    }
+
+    /// What the backends wait for after a write.
+    fn durability(&self) -> Option<Durability> {
+        let wanted = match self.durability {
+            WriteDurability::AllReplicas => Wanted::All,
+            WriteDurability::AtLeast(0) | WriteDurability::PrimaryOnly => return None,
+            WriteDurability::AtLeast(n) => Wanted::AtLeast(n),
+        };
+        let timeout = self.replica_wait.unwrap_or(self.op_timeout / 2);
+        Some(Durability { wanted, timeout })
     }
 
     /// Builds the cache. Fails only on bad configuration (a malformed URL, a
@@ -428,8 +491,12 @@ impl CacheBuilder {
                 Backend::Memory(MemoryBackend::new(capacity_bytes))
             }
             Some(BackendChoice::Url(url)) => {
-                let redis =
-                    RedisBackend::new(&url, self.tcp_nodelay, self.durability, self.tls.as_ref())?;
+                let redis = RedisBackend::new(
+                    &url,
+                    self.tcp_nodelay,
+                    self.durability(),
+                    self.tls.as_ref(),
+                )?;
                 // Connect now so that the first calls are served, but never
                 // fail start-up on it.
                 let first_contact = self.op_timeout.max(FIRST_CONTACT);
@@ -455,7 +522,7 @@ impl CacheBuilder {
                     &service,
                     &sentinels,
                     self.tcp_nodelay,
-                    self.durability,
+                    self.durability(),
                     self.tls.as_ref(),
                     self.sentinel_auth.as_ref(),
                     self.sentinel_fence,
@@ -483,7 +550,7 @@ impl CacheBuilder {
                     self.tcp_nodelay,
                     self.op_timeout,
                     (self.breaker_failures, self.breaker_cooldown),
-                    self.durability,
+                    self.durability(),
                     self.tls.as_ref(),
                 )?;
                 // Read the slot map and connect to the primaries now, so
@@ -618,7 +685,8 @@ impl Cache {
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             tcp_nodelay: true,
-            durability: None,
+            durability: WriteDurability::AllReplicas,
+            replica_wait: None,
             tls: None,
             sentinel_auth: None,
             sentinel_fence: true,
@@ -965,7 +1033,11 @@ impl Cache {
             if let Err(error) = &outcome {
                 tracing::debug!(%error, node = breaker.node(), "circuit breaker probe failed: the cache stays skipped for another cool-down");
             }
-            slot.settled(outcome.is_ok());
+            let healthy = outcome.is_ok();
+            slot.settled(healthy);
+            if healthy {
+                inner.janitor.backend_back();
+            }
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(probe)),

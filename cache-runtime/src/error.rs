@@ -39,7 +39,7 @@ pub enum CacheError {
     CircuitOpen,
     /// A write (an invalidation, a write-through) was applied by the
     /// primary but not acknowledged by as many replicas as
-    /// `CacheBuilder::durable_writes` asks within its timeout: it would be
+    /// `CacheBuilder::write_durability` asks within its timeout: it would be
     /// lost if that primary failed over now. Retried in the background.
     #[error("cache write acknowledged by {acknowledged} replica(s), {wanted} wanted")]
     NotReplicated {

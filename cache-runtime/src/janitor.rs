@@ -2,22 +2,36 @@
 //! a call that was dropped or whose command timed out (and may still land),
 //! and retrying an invalidation the write could not finish.
 //!
-//! One worker task per cache does all of it, from a bounded queue, so the
-//! tasks, retries and log lines an outage costs are bounded whatever the
-//! call rate. It does not wait for the circuit breaker: it pays the op
-//! timeout itself, one attempt at a time, so clean-up lands as soon as the
-//! backend answers again.
+//! One worker task per cache does all of it, with at most [`MAX_PENDING`]
+//! chores, so the tasks, retries and log lines an outage costs are bounded
+//! whatever the call rate. Off a cluster it does not wait for the circuit
+//! breaker: it pays the op timeout itself, one attempt at a time (one for
+//! every key while the server does not answer), so clean-up lands as soon
+//! as the backend answers again; on a cluster it skips a primary whose
+//! breaker is open, and starts its probe.
 //!
 //! Invalidations are queued per key, and one queued invalidation of a key
 //! covers every write of that key until its next attempt starts: an outage
 //! costs one pending retry per distinct key, however many writes there are.
-//! A write that comes while its key's retries run out renews them.
 //!
-//! Chores that do not fit are dropped and counted: a lease then expires by
-//! itself after its lease time; an invalidation is counted as lost and its
-//! entry stays until its TTL. The worker holds no strong reference to the
-//! cache: it ends when the cache is dropped. On the in-process backend a
-//! chore cannot fail or stall, so it runs at once, in the caller.
+//! An invalidation is kept until it is delivered, however long the backend
+//! is away (a restart from its AOF or RDB file brings back the entries it
+//! had): readers of this process skip its key until then, and once the
+//! backend answers again the key is deleted within a few hundred
+//! milliseconds, before it is read from there. Only an error that no retry can mend (an ACL that
+//! refuses `DEL`) gives one up, counted as lost and logged.
+//!
+//! At most [`MAX_PENDING`] chores are kept (about 300 bytes each). A lease
+//! that does not fit expires by itself after its lease time. An
+//! invalidation that does not fit makes the whole cache suspect (see
+//! [`Suspect`]): readers of this process skip every key until every entry
+//! that may predate it is gone. The worker holds no strong reference to
+//! the cache: it ends when the cache is dropped. On the in-process backend
+//! a chore cannot fail or stall, so it runs at once, in the caller.
+//!
+//! What this cannot cover: invalidations pending in a process that exits
+//! (or crashes) before the backend is back; their entries stay until their
+//! TTL.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,28 +45,28 @@ use crate::error::CacheError;
 use crate::site::Function;
 use crate::stats::Event;
 
-/// Chores waiting to be picked up by the worker.
-const QUEUE: usize = 1024;
-/// Chores the worker keeps for later retries.
-const MAX_PENDING: usize = 16 * 1024;
-/// How often an invalidation for a cluster primary whose breaker is open
-/// looks again, and for how long at most (its readers in this process skip
-/// the key meanwhile; the pending chores stay bounded by [`MAX_PENDING`]).
+/// Chores kept at most, queued and waiting for a retry: distinct keys for
+/// invalidations (a key's writes share one).
+pub(crate) const MAX_PENDING: usize = 64 * 1024;
+/// How often an invalidation whose breaker is open (the backend, or its
+/// cluster primary, is down) looks again: nothing is sent meanwhile, and
+/// its readers in this process skip the key.
 const WHILE_A_SHARD_IS_DOWN: Duration = Duration::from_millis(100);
-const LONGEST_WAIT_FOR_A_SHARD: Duration = Duration::from_secs(60);
+/// How often a suspect cache tries to clear its entries (see [`Suspect`]).
+const CLEAR_RETRY: Duration = Duration::from_secs(1);
 /// Pauses between attempts to give a lease back: short, because a live
 /// placeholder makes other callers compute (or wait).
 const FIRST_RELEASE_RETRY: Duration = Duration::from_millis(10);
 const LONGEST_RELEASE_RETRY: Duration = Duration::from_millis(100);
-/// Pauses before the retries of an invalidation (7.7 s in all, past the
-/// circuit breaker's default cool-down).
-const INVALIDATION_RETRY_DELAYS: [Duration; 5] = [
-    Duration::from_millis(200),
-    Duration::from_millis(500),
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(4),
-];
+/// The pause before each retry of an invalidation, until it is
+/// delivered: short, so that a backend that comes back has its keys
+/// deleted at once (readers skip them until then), and cheap, since off a
+/// cluster an unreachable backend holds back every key's retry behind one
+/// attempt (`invalidate_due`).
+const INVALIDATION_RETRY: Duration = Duration::from_millis(250);
+/// Retries of an invalidation that failed in a way no retry mends (a
+/// refusal) before it is given up.
+const HOPELESS_ATTEMPTS: usize = 3;
 
 /// Something to do for a call that can no longer do it itself.
 #[derive(Debug)]
@@ -71,7 +85,7 @@ pub(crate) enum Chore {
         key: String,
         tried: bool,
         /// The writer's `DEL` (or `SET`) reached the primary and only the
-        /// replicas' acknowledgement is missing (`durable_writes`): the
+        /// replicas' acknowledgement is missing (`write_durability`): the
         /// primary serves the right answer, so readers need not skip the
         /// key while the retry makes it durable, as long as that primary
         /// still serves it. The number is the backend's
@@ -85,13 +99,47 @@ pub(crate) enum Chore {
 /// The queue of one cache's chores, and its worker.
 #[derive(Debug, Default)]
 pub(crate) struct Janitor {
-    queue: Mutex<Option<mpsc::Sender<Chore>>>,
+    /// Unbounded: what bounds the chores is [`MAX_PENDING`], checked
+    /// before one is sent.
+    queue: Mutex<Option<mpsc::UnboundedSender<Chore>>>,
     /// Chores submitted and not finished: 0 once everything is cleaned up.
     pending: AtomicUsize,
-    /// Keys in `Ledger::invalidating`: readers look there only when it is
-    /// not 0, so the hot path costs one atomic load.
+    /// Keys in `Ledger::invalidating`, plus one while the cache is
+    /// [`Suspect`]: readers look further only when it is not 0, so the hot
+    /// path costs one atomic load.
     invalidating: AtomicUsize,
     ledger: Mutex<Ledger>,
+    /// Wakes the worker when the cache becomes [`Suspect`], or when a
+    /// breaker's probe found the backend back.
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Set with a wake when the backend is back: every pending invalidation
+    /// is due at once, so that a returning server has them before readers
+    /// stop skipping their keys (instead of at the end of their back-off).
+    retry_now: std::sync::atomic::AtomicBool,
+}
+
+/// An invalidation did not fit in [`MAX_PENDING`]: its key is not known
+/// any more, so readers of this process skip every key until every entry
+/// that may predate it is gone: once the longest expiry this process has
+/// stored with or read a function with (see [`crate::backend::longest_px`])
+/// has run out since the overflow, or, with a cache prefix, sooner, when a
+/// [`Cache::clear`] started after the overflow has finished (tried every
+/// [`CLEAR_RETRY`]). Calls run uncached meanwhile (still coalesced):
+/// slower, never served a value older than a write. What it cannot know:
+/// without a prefix, entries of a longer TTL that only other programs (or
+/// other versions of this one) store.
+#[derive(Debug, Clone, Copy)]
+struct Suspect {
+    /// The last overflow: a clear must start after it.
+    since: Instant,
+}
+
+impl Suspect {
+    /// When every entry that may predate it has expired.
+    fn until(self) -> Instant {
+        let longest = Duration::from_millis(crate::backend::longest_px());
+        self.since + longest + Duration::from_secs(1)
+    }
 }
 
 /// What the janitor has in hand, for callers to consult.
@@ -103,6 +151,7 @@ struct Ledger {
     abandoned: HashSet<Vec<u8>>,
     /// Keys with an invalidation queued.
     invalidating: HashMap<String, Queued>,
+    suspect: Option<Suspect>,
 }
 
 /// An invalidation in the ledger.
@@ -141,9 +190,57 @@ impl Janitor {
             return false;
         }
         let epoch = epoch();
-        self.ledger().invalidating.get(key).is_some_and(|queued| {
+        let mut ledger = self.ledger();
+        if let Some(suspect) = ledger.suspect {
+            // Its time may run out while the worker is busy elsewhere.
+            if Instant::now() < suspect.until() {
+                return true;
+            }
+            ledger.suspect = None;
+            self.invalidating.fetch_sub(1, Ordering::SeqCst);
+        }
+        ledger.invalidating.get(key).is_some_and(|queued| {
             queued.readers_skip || queued.landed.is_some_and(|landed| landed != epoch)
         })
+    }
+
+    /// A breaker's probe found the backend (or a cluster primary) back.
+    pub(crate) fn backend_back(&self) {
+        if self.invalidating.load(Ordering::SeqCst) > 0 {
+            self.retry_now.store(true, Ordering::SeqCst);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether the cache is [`Suspect`].
+    pub(crate) fn is_suspect(&self) -> bool {
+        self.ledger().suspect.is_some()
+    }
+
+    /// An invalidation did not fit: the cache is [`Suspect`] from now.
+    fn suspect(&self) {
+        let mut ledger = self.ledger();
+        if ledger.suspect.is_none() {
+            self.invalidating.fetch_add(1, Ordering::SeqCst);
+        }
+        ledger.suspect = Some(Suspect {
+            since: Instant::now(),
+        });
+    }
+
+    /// Ends the suspicion if nothing overflowed since `cleared` (when a
+    /// clear that has finished started) or if its time has run out.
+    fn clear_suspicion(&self, cleared: Option<Instant>) {
+        let mut ledger = self.ledger();
+        let Some(suspect) = ledger.suspect else {
+            return;
+        };
+        let over = cleared.is_some_and(|started| suspect.since < started)
+            || Instant::now() >= suspect.until();
+        if over {
+            ledger.suspect = None;
+            self.invalidating.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Sets whether readers skip a queued key, after a retry: they do if it
@@ -240,6 +337,11 @@ impl Cache {
             return;
         }
         let janitor = &self.inner.janitor;
+        if janitor.pending.load(Ordering::SeqCst) >= MAX_PENDING {
+            // Not entered: a queued invalidation of its key covers it
+            // only until its next attempt starts.
+            return self.overflow(chore);
+        }
         if !janitor.enter(&chore) {
             return;
         }
@@ -247,13 +349,9 @@ impl Cache {
         let mut queue = janitor.queue.lock().unwrap_or_else(PoisonError::into_inner);
         let chore = match queue.as_ref() {
             None => chore,
-            Some(sender) => match sender.try_send(chore) {
+            Some(sender) => match sender.send(chore) {
                 Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(chore)) => {
-                    drop(queue);
-                    return self.drop_chore(chore, "the clean-up queue is full");
-                }
-                Err(mpsc::error::TrySendError::Closed(chore)) => chore,
+                Err(mpsc::error::SendError(chore)) => chore,
             },
         };
         // No worker yet, or its runtime has shut down: start one here.
@@ -261,13 +359,15 @@ impl Cache {
             drop(queue);
             return self.drop_chore(chore, "no Tokio runtime to run it");
         };
-        let (sender, receiver) = mpsc::channel(QUEUE);
-        let _ = sender.try_send(chore);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let _ = sender.send(chore);
         *queue = Some(sender);
         runtime.spawn(work(Worker {
             cache: std::sync::Arc::downgrade(&self.inner),
             queue: receiver,
             pending: Vec::new(),
+            clear_due: None,
+            wake: janitor.wake.clone(),
             epoch: matches!(self.inner.backend, crate::backend::Backend::Cluster(_))
                 .then(|| self.inner.backend.primaries_epoch()),
         }));
@@ -276,6 +376,27 @@ impl Cache {
     /// Chores submitted to the janitor and not finished yet.
     pub(crate) fn pending_chores(&self) -> usize {
         self.inner.janitor.pending.load(Ordering::SeqCst)
+    }
+
+    /// A chore that does not fit in [`MAX_PENDING`]: a lease expires by
+    /// itself; an invalidation makes the cache [`Suspect`].
+    fn overflow(&self, chore: Chore) {
+        let Chore::Invalidate { writer, key, .. } = chore else {
+            return;
+        };
+        self.inner.stats.record(writer, Event::Error);
+        self.inner.janitor.suspect();
+        crate::limited!(
+            self,
+            error!(
+                key,
+                pending = MAX_PENDING,
+                "too many cache invalidations are waiting for the backend: every key is read \
+                 uncached until the entries that may predate them are gone"
+            )
+        );
+        // The worker clears (with a prefix) or waits.
+        self.inner.janitor.wake.notify_one();
     }
 
     fn drop_chore(&self, chore: Chore, why: &'static str) {
@@ -298,8 +419,6 @@ struct Pending {
     chore: Chore,
     due: Instant,
     attempts: usize,
-    /// When the worker took it in.
-    since: Instant,
 }
 
 /// The worker's state. Dropped with the worker's task (its runtime shut
@@ -307,8 +426,13 @@ struct Pending {
 /// so that a later write of their keys is queued anew, not taken as covered.
 struct Worker {
     cache: Weak<Inner>,
-    queue: mpsc::Receiver<Chore>,
+    queue: mpsc::UnboundedReceiver<Chore>,
     pending: Vec<Pending>,
+    /// While the cache is [`Suspect`] and has a prefix: when to try
+    /// clearing it next.
+    clear_due: Option<Instant>,
+    /// [`Janitor::wake`].
+    wake: std::sync::Arc<tokio::sync::Notify>,
     /// The backend's primaries epoch when last looked at; `None` for a
     /// backend whose primaries do not move under it (not a cluster).
     epoch: Option<u64>,
@@ -337,7 +461,21 @@ impl Drop for Worker {
 /// first poll still drops a `Worker`.
 async fn work(mut worker: Worker) {
     loop {
-        let mut next = worker.pending.iter().map(|p| p.due).min();
+        let Some(inner) = worker.cache.upgrade() else {
+            return;
+        };
+        // While a clear is to come, it goes first (see below), and the
+        // invalidations wait for it.
+        let cache = Cache { inner };
+        let clearing = cache.has_prefix() && cache.inner.janitor.is_suspect();
+        let suspect = suspicion_due(&cache, worker.clear_due);
+        drop(cache);
+        let mut next = worker
+            .pending
+            .iter()
+            .filter(|p| !(clearing && matches!(p.chore, Chore::Invalidate { .. })))
+            .map(|p| p.due)
+            .min();
         if worker.epoch.is_some()
             && worker
                 .pending
@@ -348,12 +486,18 @@ async fn work(mut worker: Worker) {
             let soon = Instant::now() + WHILE_A_SHARD_IS_DOWN;
             next = Some(next.map_or(soon, |next| next.min(soon)));
         }
+        next = match (next, suspect) {
+            (Some(next), Some(due)) => Some(next.min(due)),
+            (next, due) => next.or(due),
+        };
+        let wake = worker.wake.notified();
         let received = tokio::select! {
             chore = worker.queue.recv() => match chore {
                 Some(chore) => Some(chore),
                 None => return, // the cache is gone
             },
             () = sleep_until(next) => None,
+            () = wake => None,
         };
         let Some(inner) = worker.cache.upgrade() else {
             return;
@@ -363,8 +507,18 @@ async fn work(mut worker: Worker) {
             queue,
             pending,
             epoch,
+            clear_due,
             ..
         } = &mut worker;
+        if cache.inner.janitor.retry_now.swap(false, Ordering::SeqCst) {
+            let now = Instant::now();
+            *clear_due = None;
+            for pending in pending.iter_mut() {
+                if matches!(pending.chore, Chore::Invalidate { .. }) {
+                    pending.due = pending.due.min(now);
+                }
+            }
+        }
         // A key moved to another primary (a failover, say): its
         // invalidation is retried at once there, instead of at the end of
         // its back-off, as its readers skip it until then.
@@ -383,7 +537,9 @@ async fn work(mut worker: Worker) {
             .chain(std::iter::from_fn(|| queue.try_recv().ok()))
         {
             if pending.len() >= MAX_PENDING {
-                cache.drop_chore(chore, "too many clean-ups are waiting");
+                // Submitters that raced past the bound together.
+                cache.inner.janitor.strike(&chore);
+                cache.overflow(chore);
                 continue;
             }
             let tried = matches!(chore, Chore::Invalidate { tried: true, .. });
@@ -391,15 +547,19 @@ async fn work(mut worker: Worker) {
                 chore,
                 due: Instant::now()
                     + if tried {
-                        INVALIDATION_RETRY_DELAYS[0]
+                        INVALIDATION_RETRY
                     } else {
                         Duration::ZERO
                     },
                 attempts: usize::from(tried),
-                since: Instant::now(),
             });
         }
-        cache.invalidate_due(pending).await;
+        // First: until it is done, every key is read uncached; and it
+        // deletes what the pending invalidations would (they follow).
+        cache.end_suspicion(clear_due).await;
+        if !(cache.has_prefix() && cache.inner.janitor.is_suspect()) {
+            cache.invalidate_due(pending).await;
+        }
         let mut i = 0;
         while i < pending.len() {
             if pending[i].due > Instant::now() || !matches!(pending[i].chore, Chore::Release { .. })
@@ -421,6 +581,17 @@ async fn work(mut worker: Worker) {
     }
 }
 
+/// When the worker should look at the cache's [`Suspect`] state next, if
+/// it is suspect: when its time runs out, or (with a prefix) when the
+/// next clear is due, if sooner.
+fn suspicion_due(cache: &Cache, clear_due: Option<Instant>) -> Option<Instant> {
+    let until = cache.inner.janitor.ledger().suspect?.until();
+    if !cache.has_prefix() {
+        return Some(until);
+    }
+    Some(until.min(clear_due.unwrap_or_else(Instant::now)))
+}
+
 async fn sleep_until(due: Option<Instant>) {
     match due {
         Some(due) => tokio::time::sleep_until(due.into()).await,
@@ -429,6 +600,44 @@ async fn sleep_until(due: Option<Instant>) {
 }
 
 impl Cache {
+    /// Ends the cache's [`Suspect`] state when it may: with a prefix, by
+    /// clearing every entry (tried again after [`CLEAR_RETRY`] if it
+    /// fails); without, once its time has run out.
+    async fn end_suspicion(&self, clear_due: &mut Option<Instant>) {
+        let janitor = &self.inner.janitor;
+        janitor.clear_suspicion(None);
+        if !janitor.is_suspect() {
+            *clear_due = None;
+            return;
+        }
+        if !self.has_prefix() || clear_due.is_some_and(|due| due > Instant::now()) {
+            return;
+        }
+        let started = Instant::now();
+        match self.clear().await {
+            Ok(cleared) => {
+                janitor.clear_suspicion(Some(started));
+                *clear_due = None;
+                tracing::warn!(
+                    cleared,
+                    "cache cleared after too many invalidations waited for the backend; \
+                     keys are read from the cache again"
+                );
+            }
+            Err(error) => {
+                *clear_due = Some(Instant::now() + CLEAR_RETRY);
+                if error.is_unavailable() {
+                    tracing::debug!(%error, "the suspect cache could not be cleared yet");
+                } else {
+                    crate::limited!(
+                        self,
+                        warn!(%error, "the cache cannot clear its entries (an ACL without SCAN or UNLINK?): every key is read uncached until its longest TTL has run out")
+                    );
+                }
+            }
+        }
+    }
+
     /// One attempt at giving a lease back: when to try again, or `None`
     /// when done.
     async fn release(&self, pending: &mut Pending) -> Option<Instant> {
@@ -477,8 +686,17 @@ impl Cache {
         let mut done = Vec::new();
         let janitor = &self.inner.janitor;
         let backend = &self.inner.backend;
+        // Off a cluster, every key is on the one primary: once it is found
+        // unreachable (or its replicas lagging), the other keys wait with
+        // the first (one attempt per retry delay, not one per key).
+        let one_primary = !matches!(backend, crate::backend::Backend::Cluster(_));
+        let mut unreachable_until = None;
         for at in due {
             let pending = &mut pending[at];
+            if let Some(next) = unreachable_until {
+                pending.due = next;
+                continue;
+            }
             pending.attempts += 1;
             let Chore::Invalidate { key, .. } = &pending.chore else {
                 continue;
@@ -495,8 +713,17 @@ impl Cache {
             if deleted.is_ok() {
                 self.announce(std::slice::from_ref(key)).await;
             }
+            let unreachable = one_primary
+                && deleted
+                    .as_ref()
+                    .is_err_and(|e| e.is_unavailable() || e.is_not_replicated());
             match self.settle_invalidation(pending, deleted.as_ref().map(drop), epoch) {
-                Some(next) => pending.due = next,
+                Some(next) => {
+                    pending.due = next;
+                    if unreachable {
+                        unreachable_until = Some(next);
+                    }
+                }
                 None => done.push(at),
             }
         }
@@ -532,38 +759,36 @@ impl Cache {
                 // DEL: once more.
                 janitor.asked_again(key).then(Instant::now)
             }
-            // A cluster primary's open breaker: nothing was sent, so the
-            // attempt is not counted, and the next one comes soon after
-            // the shard is back (or failed over and the slot map says so),
-            // instead of at the end of a back-off.
-            Err(CacheError::CircuitOpen) if pending.since.elapsed() < LONGEST_WAIT_FOR_A_SHARD => {
+            // An open breaker (the backend's, or a cluster primary's):
+            // nothing was sent, so the attempt is not counted, and the next
+            // one comes soon after the backend is back (or, on a cluster,
+            // failed over and the slot map says so), instead of at the end
+            // of a back-off.
+            Err(CacheError::CircuitOpen) => {
                 pending.attempts -= 1;
                 Some(Instant::now() + WHILE_A_SHARD_IS_DOWN)
             }
             Err(error) => {
                 inner.stats.record(*writer, Event::Error);
-                // An open breaker says nothing about this key.
-                if !matches!(error, CacheError::CircuitOpen) {
-                    janitor.readers_skip(key, error.is_not_replicated().then_some(epoch));
+                janitor.readers_skip(key, error.is_not_replicated().then_some(epoch));
+                let delay = INVALIDATION_RETRY;
+                if error.is_unavailable() || error.is_not_replicated() {
+                    // Kept until delivered: see the module docs.
+                    return Some(Instant::now() + delay);
                 }
-                let delay = INVALIDATION_RETRY_DELAYS.get(pending.attempts - 1);
-                match delay {
-                    Some(delay) if error.is_unavailable() || error.is_not_replicated() => {
-                        Some(Instant::now() + *delay)
-                    }
-                    _ if janitor.asked_again(key) => {
-                        pending.attempts = 1;
-                        Some(Instant::now() + INVALIDATION_RETRY_DELAYS[0])
-                    }
-                    _ => {
-                        inner.stats.record(*writer, Event::LostInvalidation);
-                        crate::limited!(
-                            self,
-                            error!(key, %error, "cache invalidation lost after retries: the entry stays until its TTL")
-                        );
-                        None
-                    }
+                if pending.attempts < HOPELESS_ATTEMPTS {
+                    return Some(Instant::now() + delay);
                 }
+                if janitor.asked_again(key) {
+                    pending.attempts = 1;
+                    return Some(Instant::now() + INVALIDATION_RETRY);
+                }
+                inner.stats.record(*writer, Event::LostInvalidation);
+                crate::limited!(
+                    self,
+                    error!(key, %error, "cache invalidation refused by the backend: the entry stays until its TTL")
+                );
+                None
             }
         }
     }
@@ -599,6 +824,29 @@ mod tests {
         assert!(janitor.is_invalidating("k", || 4));
         janitor.strike(&invalidate("k", None));
         assert!(!janitor.is_invalidating("k", || 4));
+        assert_eq!(janitor.invalidating.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_suspect_cache_skips_every_key_until_its_suspicion_ends() {
+        let janitor = Janitor::default();
+        janitor.suspect();
+        assert!(janitor.is_invalidating("any", || 0));
+        let before = Instant::now() - Duration::from_millis(1);
+        janitor.clear_suspicion(Some(before));
+        assert!(janitor.is_suspect(), "a clear begun before the overflow");
+        std::thread::sleep(Duration::from_millis(1));
+        janitor.clear_suspicion(Some(Instant::now()));
+        assert!(!janitor.is_invalidating("any", || 0), "cleared since");
+        assert_eq!(janitor.invalidating.load(Ordering::SeqCst), 0);
+        // Or once the longest expiry stored with has run out.
+        janitor.suspect();
+        janitor.clear_suspicion(None);
+        assert!(janitor.is_suspect(), "within a second at least");
+        let long_ago = Instant::now() - Duration::from_millis(crate::backend::longest_px() + 1001);
+        janitor.ledger().suspect.as_mut().unwrap().since = long_ago;
+        janitor.clear_suspicion(None);
+        assert!(!janitor.is_suspect());
         assert_eq!(janitor.invalidating.load(Ordering::SeqCst), 0);
     }
 

@@ -91,7 +91,7 @@ pub(crate) use log_limit::limited;
 #[doc(hidden)]
 pub mod __private;
 
-pub use crate::cache::{Cache, CacheBuilder};
+pub use crate::cache::{Cache, CacheBuilder, WriteDurability};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
@@ -166,10 +166,12 @@ pub use cache_macros::redis_cached;
 /// the old data before this write cannot store it afterwards.
 ///
 /// If the cache cannot be reached, the write still returns without waiting
-/// more than one op timeout; the deletion is retried in the background for
-/// a few seconds (`errors`, then `invalidations` or `lost_invalidations` in
-/// [`Stats`]), as it is when the write's future is dropped while deleting.
-/// If it is lost, the TTL bounds how long the old value is served.
+/// more than one op timeout; the deletion is retried in the background
+/// until it is delivered (`errors`, then `invalidations` in [`Stats`]), as
+/// it is when the write's future is dropped while deleting, and this
+/// process does not read the key meanwhile. Only a refusal no retry mends
+/// (an ACL without `DEL`) gives it up (`lost_invalidations`); the TTL then
+/// bounds how long the old value is served.
 #[cfg(feature = "macros")]
 #[doc(inline)]
 pub use cache_macros::invalidates;

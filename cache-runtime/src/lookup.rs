@@ -457,6 +457,7 @@ impl Cache {
 
     /// One read of the key, classified; failures are counted and logged here.
     async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
+        crate::backend::note_px(site.longest_expiry_millis());
         let inner = &*self.inner;
         if inner
             .janitor
@@ -489,6 +490,7 @@ impl Cache {
         key: &str,
         conn: &redis::aio::MultiplexedConnection,
     ) -> Read {
+        crate::backend::note_px(site.longest_expiry_millis());
         let inner = &*self.inner;
         if inner
             .janitor

@@ -178,6 +178,13 @@ impl Site {
         self.stale_millis > 0 || self.early_refresh_beta > 0.0
     }
 
+    /// The longest expiry an entry of this function is stored with, about:
+    /// its TTL at the top of its jitter, plus its stale window.
+    pub(crate) fn longest_expiry_millis(&self) -> u64 {
+        let ttl = self.ttl_millis.max(self.none_ttl_millis) as f64 * (1.0 + self.jitter.max(0.0));
+        (ttl.ceil() as u64).saturating_add(self.stale_millis)
+    }
+
     /// The TTL for one write: the configured TTL spread by ±`jitter`, at least 1 ms.
     pub(crate) fn ttl_millis(&self) -> u64 {
         self.jittered(self.ttl_millis)

@@ -83,8 +83,9 @@ counters! {
     /// key while they were being computed: each one is a stale value that
     /// the lease kept out of the cache.
     DroppedSet => dropped_sets,
-    /// Invalidations given up after their retries failed (cache down, or
-    /// the retry queue full): the entries stay until their TTL.
+    /// Invalidations given up: refused by the server (an ACL without `DEL`),
+    /// or still pending when the runtime running them shut down. The
+    /// entries stay until their TTL.
     LostInvalidation => lost_invalidations,
     /// Reads made while waiting for another process's value
     /// (`single_flight = "distributed"`), bounded by the lease.

@@ -4,8 +4,8 @@
 //! A write never fails or waits longer than one op timeout because of the
 //! cache. What it could not finish (the cache was down, the command timed
 //! out and may or may not have landed, or the writer's future was dropped
-//! while it waited) goes to the janitor, which retries the deletion for a
-//! few seconds; an invalidation retried after it had landed deletes at
+//! while it waited) goes to the janitor, which retries the deletion until
+//! it is delivered; an invalidation retried after it had landed deletes at
 //! worst a newer value, which is a miss, never a stale read.
 
 use serde::Serialize;
@@ -23,33 +23,51 @@ impl Cache {
     /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`,
     /// including a lease placeholder, so that a value being computed from
     /// data read before now is not stored. Returns whether an entry was
-    /// there. Unlike a `#[invalidates]` write, a failure is returned to the
-    /// caller and not retried.
+    /// there. A failure is returned, and the deletion is retried in the
+    /// background as a `#[invalidates]` write's is, until it is delivered
+    /// (readers of this process skip the key meanwhile).
     ///
-    /// Cancel safe: dropping the future may leave the key in place, nothing
-    /// else.
+    /// Cancel safe: dropping the future leaves the deletion to the
+    /// background, as a failure does.
     pub async fn invalidate<V>(&self, key: &CacheKey<V>) -> Result<bool, CacheError> {
         let redis_key = self.redis_key(key);
+        // Declared first, so that it drops after `unfinished` has queued
+        // what is left: see `Cache::drop_local`.
         let _local = self.drop_local(std::slice::from_ref(&redis_key));
+        let mut unfinished = Unfinished {
+            cache: self,
+            writer: None,
+            keys: vec![redis_key],
+            tried: false,
+            landed: None,
+        };
+        let redis_key = &unfinished.keys[0];
+        let epoch = self.inner.backend.primaries_epoch();
         let deleted = self
             .guarded(
-                &redis_key,
+                redis_key,
                 self.inner
                     .backend
-                    .delete_durably(std::slice::from_ref(&redis_key)),
+                    .delete_durably(std::slice::from_ref(redis_key)),
             )
             .await;
-        self.announce(std::slice::from_ref(&redis_key)).await;
+        self.announce(std::slice::from_ref(redis_key)).await;
         let stats = &self.inner.stats;
         match &deleted {
-            Ok(_) => stats.record(None, Event::Invalidation),
-            Err(CacheError::CircuitOpen) => {}
-            Err(e) => {
-                stats.record(None, Event::Error);
-                crate::limited!(
-                    self,
-                    warn!(key = %redis_key, error = %e, "cache invalidation failed")
-                );
+            Ok(_) => {
+                stats.record(None, Event::Invalidation);
+                unfinished.keys.clear();
+            }
+            Err(error) => {
+                unfinished.tried = true;
+                unfinished.landed = error.is_not_replicated().then_some(epoch);
+                if !matches!(error, CacheError::CircuitOpen) {
+                    stats.record(None, Event::Error);
+                    crate::limited!(
+                        self,
+                        warn!(key = %redis_key, %error, "cache invalidation failed: retrying in the background")
+                    );
+                }
             }
         }
         deleted.map(|n| n > 0)
@@ -129,7 +147,7 @@ impl Cache {
         let _local = self.drop_local(&keys);
         let mut unfinished = Unfinished {
             cache: self,
-            writer,
+            writer: Some(writer),
             keys,
             tried: false,
             landed: None,
@@ -180,7 +198,7 @@ impl Cache {
         let _local = self.drop_local(std::slice::from_ref(&redis_key));
         let mut unfinished = Unfinished {
             cache: self,
-            writer,
+            writer: Some(writer),
             keys: vec![redis_key],
             tried: false,
             landed: None,
@@ -311,7 +329,8 @@ impl Drop for LocalDrop<'_> {
 /// the janitor.
 struct Unfinished<'c> {
     cache: &'c Cache,
-    writer: &'static Function,
+    /// `None` for `Cache::invalidate`.
+    writer: Option<&'static Function>,
     keys: Vec<String>,
     /// Whether an attempt failed already, so the first retry waits.
     tried: bool,
@@ -324,7 +343,7 @@ impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         for key in self.keys.drain(..) {
             self.cache.tidy(Chore::Invalidate {
-                writer: Some(self.writer),
+                writer: self.writer,
                 key,
                 tried: self.tried,
                 landed: self.landed,

@@ -30,7 +30,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::Fetched;
-use super::commands::{self, Durability, DurablePool};
+use super::commands::{self, Durability, DurablePool, ReplicaCount, Wanted};
 use crate::breaker::Breaker;
 use crate::error::CacheError;
 
@@ -89,11 +89,14 @@ struct Shared {
     /// NODES`, read after each slot map; a primary missing here has an
     /// unknown number.
     replicas: ArcSwap<HashMap<u16, u32>>,
+    /// What each primary (by index) last said of its replicas, for writes
+    /// that wait for them (empty otherwise).
+    roles: Box<[ReplicaCount]>,
     refreshing: AtomicBool,
     /// When the map was last read, in ms since [`epoch`].
     refreshed_at: AtomicU64,
     op_timeout: Duration,
-    /// With `durable_writes`: a cluster connection of their own for the
+    /// Unless writes are acknowledged by the primary only: a cluster connection of their own for the
     /// writes that `WAIT` for replicas, since `WAIT` blocks the node
     /// connection it is sent on (and every hit queued behind it).
     durable: Option<DurablePool<ClusterConnection>>,
@@ -204,6 +207,11 @@ impl ClusterBackend {
                     ids: HashMap::new(),
                 }),
                 breakers: (0..MAX_NODES).map(|_| OnceLock::new()).collect(),
+                roles: if durable.is_some() {
+                    (0..MAX_NODES).map(|_| ReplicaCount::default()).collect()
+                } else {
+                    Box::default()
+                },
                 breaker_index: std::sync::Mutex::new(HashMap::new()),
                 unknown: breaker(None),
                 breaker_config,
@@ -730,30 +738,36 @@ impl ClusterBackend {
         key: &str,
         pool: &DurablePool<ClusterConnection>,
     ) -> Result<(), CacheError> {
-        // A primary with fewer replicas than asked for (a failover left it
-        // none, say) is waited on for those it has. The count is the
-        // cluster's view (`CLUSTER NODES`, see `replica_counts`), not the
-        // primary's own: a primary whose replica was just promoted away
-        // from it lists no replica itself, and must not be excused (its
-        // write is then retried on the new primary). The hole left: the
-        // map already names the new primary while the `redis` crate's own
-        // map still sends the write to the old one, in the milliseconds
-        // before the old one hears of it.
+        // How many replicas to wait for is the cluster's view (`CLUSTER
+        // NODES`, see `replica_counts`), not the primary's own: a primary
+        // whose replica was just promoted away from it lists no replica
+        // itself. The primary's word lowers it only after a short `WAIT`
+        // with `Wanted::All` (a replica that died is not waited for). The
+        // hole left: the map already names the new primary while the
+        // `redis` crate's own map still sends the write to the old one, in
+        // the milliseconds before the old one hears of it.
         self.refresh_if_old();
-        let mut durability = pool.durability;
-        let topology = self.shared.topology.load();
+        let shared = &*self.shared;
+        let topology = shared.topology.load();
         let node = topology.slots[usize::from(slot_of(key.as_bytes()))];
-        if let Some(&listed) = self.shared.replicas.load().get(&node) {
-            durability.replicas = durability.replicas.min(listed);
-        }
-        if durability.replicas == 0 {
-            return Ok(());
-        }
+        // A primary not in the map yet is asked on every write.
+        let unmapped = ReplicaCount::default();
+        let replicas = match shared.roles.get(usize::from(node)) {
+            Some(replicas) => replicas,
+            None if shared.roles.is_empty() => return Ok(()), // writes do not wait
+            None => &unmapped,
+        };
+        let asked = commands::Asked {
+            durability: pool.durability,
+            replicas,
+            listed: shared.replicas.load().get(&node).copied(),
+            trust_role: pool.durability.wanted == Wanted::All,
+        };
         let mut on_primary = OnPrimaryOf {
             conn: conn.clone(),
             key,
         };
-        commands::wait_replicated(&mut on_primary, Some(durability), None).await
+        commands::wait_replicated(&mut on_primary, asked).await
     }
 
     /// One `DEL` per slot, concurrently; then, if configured, one `WAIT`

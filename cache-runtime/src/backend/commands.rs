@@ -299,8 +299,19 @@ pub(crate) async fn compare_and_expire(
 /// that only its primary had is lost if that primary fails over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Durability {
-    pub(crate) replicas: u32,
+    pub(crate) wanted: Wanted,
+    /// `WAIT`'s timeout.
     pub(crate) timeout: std::time::Duration,
+}
+
+/// The replicas a write waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wanted {
+    /// Every replica its primary has (see [`wait_replicated`]); none for a
+    /// primary without replicas.
+    All,
+    /// At least this many (more than 0).
+    AtLeast(u32),
 }
 
 /// Connections kept for writes that `WAIT` for replicas.
@@ -315,9 +326,10 @@ pub(crate) struct DurablePool<C> {
     conns: Box<[C]>,
     next: std::sync::atomic::AtomicUsize,
     pub(crate) durability: Durability,
-    /// Whether the primary these connections write to lacks replicas
-    /// (used on Sentinel only: see [`all_replicas_have_it`]).
-    pub(crate) short_of_replicas: ShortOfReplicas,
+    /// How many replicas the primary these connections write to has, as
+    /// it last said (standalone and Sentinel; a cluster keeps one per
+    /// primary).
+    pub(crate) replicas: ReplicaCount,
 }
 
 impl<C: Clone> DurablePool<C> {
@@ -329,7 +341,7 @@ impl<C: Clone> DurablePool<C> {
             conns: conns.into_boxed_slice(),
             next: std::sync::atomic::AtomicUsize::new(0),
             durability,
-            short_of_replicas: ShortOfReplicas::default(),
+            replicas: ReplicaCount::default(),
         }
     }
 
@@ -345,58 +357,12 @@ impl<C: Clone> DurablePool<C> {
     }
 }
 
-/// The `WAIT` command of [`Durability`].
-pub(crate) fn wait_cmd(durability: Durability) -> Cmd {
-    let millis = u64::try_from(durability.timeout.as_millis())
+/// The `WAIT` command for `replicas`.
+fn wait_cmd(replicas: u32, timeout: std::time::Duration) -> Cmd {
+    let millis = u64::try_from(timeout.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    redis::cmd("WAIT")
-        .arg(durability.replicas)
-        .arg(millis)
-        .to_owned()
-}
-
-/// Whether a `WAIT` reply shows enough replicas.
-pub(crate) fn check_replicated(
-    reply: &redis::Value,
-    durability: Durability,
-) -> Result<(), CacheError> {
-    let acknowledged = match reply {
-        redis::Value::Int(n) => u32::try_from(*n).unwrap_or(0),
-        _ => 0,
-    };
-    if acknowledged >= durability.replicas {
-        Ok(())
-    } else {
-        Err(CacheError::NotReplicated {
-            acknowledged,
-            wanted: durability.replicas,
-        })
-    }
-}
-
-/// After a `WAIT` that came back short (`short`, a
-/// [`CacheError::NotReplicated`]): whether every replica the primary has
-/// now acknowledged the write, from the primary's `ROLE` reply. Then the
-/// write is as durable as that primary can make it: a replica that attaches
-/// later copies the primary's data, the write included.
-///
-/// The primary's own word is not enough on its own: a primary whose
-/// replica was just promoted away from it (a failover it has not heard of
-/// yet) also lists no replica, and a write it takes then is lost. So this
-/// is used only where something else covers that case: on Sentinel, the
-/// fence, which deletes the recent writes' keys on the new primary.
-pub(crate) fn all_replicas_have_it(
-    short: CacheError,
-    role: &redis::Value,
-) -> Result<(), CacheError> {
-    let CacheError::NotReplicated { acknowledged, .. } = short else {
-        return Err(short);
-    };
-    match connected_replicas(role) {
-        Some(connected) if acknowledged >= connected => Ok(()),
-        _ => Err(short),
-    }
+    redis::cmd("WAIT").arg(replicas).arg(millis).to_owned()
 }
 
 /// The number of replicas in a primary's `ROLE` reply
@@ -418,107 +384,143 @@ fn connected_replicas(role: &redis::Value) -> Option<u32> {
     }
 }
 
-/// How long writes to a primary found short of replicas (see
-/// [`all_replicas_have_it`]) skip `WAIT` before one of them asks again:
-/// without this, every write to a primary that a failover left without a
-/// replica would wait the whole `WAIT` timeout, and so would the writes
-/// queued behind it on the same connection, until the op timeout cut them
-/// all short.
-const SHORT_OF_REPLICAS_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a primary's word on its replicas (`ROLE`) is trusted: a write
+/// within it waits for that many (none: no `WAIT`) without asking again.
+/// The hole it leaves: a replica that attached since may lack a write
+/// made meanwhile, if its primary fails right then and it is promoted.
+pub(crate) const REPLICAS_TRUSTED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Whether one primary was found short of replicas: its writes then skip
-/// `WAIT` until one write, alone, has asked again. The hole this leaves on
-/// top of [`all_replicas_have_it`]'s: a replica that attaches meanwhile may
-/// lack a write made in that second when its primary fails.
+/// What one primary last said of its replicas (`ROLE`), and when.
 #[derive(Debug, Default)]
-pub(crate) struct ShortOfReplicas(std::sync::Mutex<Option<Short>>);
+pub(crate) struct ReplicaCount(std::sync::Mutex<Option<(u32, std::time::Instant)>>);
 
-#[derive(Debug)]
-struct Short {
-    /// Until when writes skip `WAIT`.
-    until: std::time::Instant,
-    /// Since when one write has been asking again (the others skip
-    /// meanwhile, for as long again at most, should it never answer).
-    asking: Option<std::time::Instant>,
-}
-
-impl ShortOfReplicas {
-    fn state(&self) -> std::sync::MutexGuard<'_, Option<Short>> {
+impl ReplicaCount {
+    fn state(&self) -> std::sync::MutexGuard<'_, Option<(u32, std::time::Instant)>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether a write skips `WAIT` now; `false` for the one write that
-    /// asks again.
-    fn skips_wait(&self) -> bool {
-        let mut state = self.state();
-        let Some(short) = state.as_mut() else {
-            return false;
-        };
-        let now = std::time::Instant::now();
-        let someone_asks = short
-            .asking
-            .is_some_and(|since| now < since + SHORT_OF_REPLICAS_FOR);
-        if now < short.until || someone_asks {
-            return true;
-        }
-        short.asking = Some(now);
-        false
+    /// The count, if said within [`REPLICAS_TRUSTED_FOR`].
+    pub(crate) fn known(&self) -> Option<u32> {
+        let state = *self.state();
+        state.and_then(|(count, at)| (at.elapsed() < REPLICAS_TRUSTED_FOR).then_some(count))
     }
 
-    /// The primary answered a short `WAIT` with every replica it has.
-    fn note(&self) {
-        let until = std::time::Instant::now() + SHORT_OF_REPLICAS_FOR;
-        *self.state() = Some(Short {
-            until,
-            asking: None,
-        });
-    }
-
-    /// The primary has the replicas asked for, or one lags: every write
-    /// waits again.
-    fn forget(&self) {
-        *self.state() = None;
+    fn note(&self, count: u32) {
+        *self.state() = Some((count, std::time::Instant::now()));
     }
 }
 
-/// `WAIT` on a connection to one server, after a write on it. With
-/// `short_of_replicas` (the state of that primary), a short reply is
-/// checked with `ROLE` (see [`all_replicas_have_it`]); without, it is a
-/// [`CacheError::NotReplicated`].
+/// Whom a `WAIT` after a write on one primary asks for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Asked<'a> {
+    pub(crate) durability: Durability,
+    /// The primary's count, as it said lately.
+    pub(crate) replicas: &'a ReplicaCount,
+    /// How many replicas the cluster lists for this primary (`CLUSTER
+    /// NODES`); `None` off a cluster, or a primary it does not list yet.
+    pub(crate) listed: Option<u32>,
+    /// Whether the primary's own word (`ROLE`) may lower what is waited
+    /// for. It may not be enough on its own: a primary whose replica was
+    /// just promoted away from it (a failover it has not heard of yet)
+    /// lists no replica either, and a write it takes then is lost. With
+    /// [`Wanted::All`] that is the bargain (documented at
+    /// `WriteDurability::AllReplicas`); with [`Wanted::AtLeast`] only where
+    /// something else covers that case: on Sentinel, the fence, which
+    /// deletes the recent writes' keys on a new primary.
+    pub(crate) trust_role: bool,
+}
+
+/// `WAIT` on a connection to one primary, after a write on it: done once
+/// the replicas asked for have the write.
+///
+/// With [`Wanted::All`]: as many as the cluster lists for that primary, or
+/// (off a cluster, or not listed) as the primary's `ROLE` says, asked at
+/// most once per [`REPLICAS_TRUSTED_FOR`]; none, no `WAIT`. A short reply
+/// asks `ROLE` again: a write that every replica the primary still has
+/// acknowledged is done (one that died is not waited for, and one that
+/// attaches later copies the primary's data, the write included).
 pub(crate) async fn wait_replicated(
     conn: &mut impl ConnectionLike,
-    durability: Option<Durability>,
-    short_of_replicas: Option<&ShortOfReplicas>,
+    asked: Asked<'_>,
 ) -> Result<(), CacheError> {
-    let Some(durability) = durability else {
-        return Ok(());
+    let Asked {
+        durability,
+        replicas,
+        listed,
+        trust_role,
+    } = asked;
+    let mut wanted = match durability.wanted {
+        Wanted::AtLeast(n) => listed.map_or(n, |listed| n.min(listed)),
+        Wanted::All => match listed {
+            Some(listed) => listed,
+            None => match replicas.known() {
+                Some(known) => known,
+                None => role_count(conn, replicas).await?.unwrap_or(0),
+            },
+        },
     };
-    if short_of_replicas.is_some_and(ShortOfReplicas::skips_wait) {
+    if trust_role && let Some(known) = replicas.known() {
+        wanted = wanted.min(known);
+    }
+    if wanted == 0 {
         return Ok(());
     }
-    let reply: redis::Value = query(conn, &wait_cmd(durability)).await?;
-    let checked = check_replicated(&reply, durability);
-    let Some(short_of_replicas) = short_of_replicas else {
-        return checked;
+    let reply: redis::Value = query(conn, &wait_cmd(wanted, durability.timeout)).await?;
+    let acknowledged = match reply {
+        redis::Value::Int(n) => u32::try_from(n).unwrap_or(0),
+        _ => 0,
     };
-    match checked {
-        Err(short @ CacheError::NotReplicated { .. }) => {
-            let role: redis::Value = query(conn, &redis::cmd("ROLE")).await?;
-            let enough = all_replicas_have_it(short, &role);
-            match enough {
-                Ok(()) => short_of_replicas.note(),
-                Err(_) => short_of_replicas.forget(),
-            }
-            enough
+    if acknowledged >= wanted {
+        return Ok(());
+    }
+    if trust_role
+        && role_count(conn, replicas)
+            .await?
+            .is_some_and(|count| acknowledged >= count)
+    {
+        return Ok(());
+    }
+    Err(CacheError::NotReplicated {
+        acknowledged,
+        wanted,
+    })
+}
+
+/// Asks the primary how many replicas it has (`ROLE`), and notes it;
+/// `None` if an ACL refuses `ROLE`. That is noted as none (so asked again
+/// a second later), with a warning: the caller's first `WAIT` then waits
+/// for no replica (off a cluster, where nothing else says how many), and
+/// a short `WAIT` is not excused.
+pub(crate) async fn role_count(
+    conn: &mut impl ConnectionLike,
+    replicas: &ReplicaCount,
+) -> Result<Option<u32>, CacheError> {
+    let role: redis::Value = match query(conn, &redis::cmd("ROLE")).await {
+        Ok(role) => role,
+        Err(CacheError::Redis(e)) if e.code() == Some("NOPERM") => {
+            replicas.note(0);
+            tracing::warn!(
+                error = %e,
+                "the cache's ACL user may not run ROLE: writes cannot learn how many replicas to \
+                 wait for, and a failover can undo them; grant it +role"
+            );
+            return Ok(None);
         }
-        checked => {
-            if checked.is_ok() {
-                short_of_replicas.forget();
-            }
-            checked
+        Err(e) => return Err(e),
+    };
+    match connected_replicas(&role) {
+        Some(count) => {
+            replicas.note(count);
+            Ok(Some(count))
         }
+        // A replica: the write before it failed already (`READONLY`), or
+        // this is a write that went to a node demoted since.
+        None => Err(CacheError::redis(redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "the node written to says it is not a primary",
+        )))),
     }
 }
 
@@ -601,13 +603,6 @@ mod tests {
 
     use super::*;
 
-    fn short(acknowledged: u32) -> CacheError {
-        CacheError::NotReplicated {
-            acknowledged,
-            wanted: 1,
-        }
-    }
-
     fn primary_with(replicas: usize) -> redis::Value {
         let replica = Array(vec![
             BulkString(b"127.0.0.1".to_vec()),
@@ -622,34 +617,14 @@ mod tests {
     }
 
     #[test]
-    fn a_short_wait_is_enough_when_every_connected_replica_acknowledged() {
-        assert!(all_replicas_have_it(short(0), &primary_with(0)).is_ok());
-        assert!(all_replicas_have_it(short(1), &primary_with(1)).is_ok());
-        assert!(all_replicas_have_it(short(0), &primary_with(1)).is_err());
-        assert!(all_replicas_have_it(short(1), &primary_with(2)).is_err());
+    fn a_primary_s_role_counts_its_connected_replicas() {
+        for n in [0, 1, 3] {
+            assert_eq!(connected_replicas(&primary_with(n)), Some(n as u32));
+        }
     }
 
     #[test]
-    fn one_write_at_a_time_asks_a_primary_short_of_replicas_again() {
-        let short = ShortOfReplicas::default();
-        assert!(!short.skips_wait(), "not known to be short");
-        short.note();
-        assert!(short.skips_wait());
-        // Past the skip window, one write asks; the others skip meanwhile.
-        short.state().as_mut().unwrap().until = std::time::Instant::now();
-        assert!(!short.skips_wait(), "this write asks again");
-        assert!(short.skips_wait(), "the others skip while it asks");
-        // An asker that never answered (dropped) gives way after a while.
-        short.state().as_mut().unwrap().asking =
-            Some(std::time::Instant::now() - SHORT_OF_REPLICAS_FOR);
-        assert!(!short.skips_wait());
-        short.forget();
-        assert!(!short.skips_wait());
-        assert!(!short.skips_wait(), "every write waits again");
-    }
-
-    #[test]
-    fn a_replica_or_an_unreadable_role_keeps_the_write_unreplicated() {
+    fn a_replica_or_an_unreadable_role_counts_nothing() {
         let replica = Array(vec![
             BulkString(b"slave".to_vec()),
             BulkString(b"127.0.0.1".to_vec()),
@@ -663,15 +638,17 @@ mod tests {
             Array(vec![]),
             Array(vec![BulkString(b"master".to_vec())]),
         ] {
-            assert!(matches!(
-                all_replicas_have_it(short(0), &role),
-                Err(CacheError::NotReplicated { .. })
-            ));
+            assert_eq!(connected_replicas(&role), None, "{role:?}");
         }
-        let timeout = CacheError::Timeout(std::time::Duration::from_millis(1));
-        assert!(matches!(
-            all_replicas_have_it(timeout, &primary_with(0)),
-            Err(CacheError::Timeout(_))
-        ));
+    }
+
+    #[test]
+    fn a_primary_s_word_on_its_replicas_is_trusted_for_a_second() {
+        let count = ReplicaCount::default();
+        assert_eq!(count.known(), None, "never asked");
+        count.note(2);
+        assert_eq!(count.known(), Some(2));
+        *count.state() = Some((0, std::time::Instant::now() - REPLICAS_TRUSTED_FOR));
+        assert_eq!(count.known(), None, "asked too long ago");
     }
 }

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::Fetched;
-use super::commands::{self, Durability, DurablePool};
+use super::commands::{self, Durability, DurablePool, Wanted};
 use crate::error::CacheError;
 
 pub(crate) struct RedisBackend {
@@ -24,7 +24,7 @@ pub(crate) struct RedisBackend {
     /// credentials: a `ConnectionManager` whose connection attempt failed
     /// that way never tries again by itself.
     conn: ArcSwap<ConnectionManager>,
-    /// With `durable_writes`: a connection of their own for the writes
+    /// Unless writes are acknowledged by the primary only: connections of their own for the writes
     /// that `WAIT` for replicas, since `WAIT` blocks the connection it is
     /// sent on (and every hit queued behind it).
     durable: Option<DurablePool<ConnectionManager>>,
@@ -136,12 +136,12 @@ impl RedisBackend {
 
     /// [`RedisBackend::delete`], then `WAIT` for replicas if configured.
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {
-        let Some(pool) = &self.durable else {
+        let Some(pool) = self.waits().await? else {
             return self.delete(keys).await;
         };
         let mut conn = pool.pick();
         let existed = commands::delete(&mut conn, keys).await?;
-        commands::wait_replicated(&mut conn, Some(pool.durability), None).await?;
+        commands::wait_replicated(&mut conn, Self::asked(pool)).await?;
         Ok(existed)
     }
 
@@ -152,11 +152,46 @@ impl RedisBackend {
         value: &[u8],
         px: u64,
     ) -> Result<(), CacheError> {
-        let Some(pool) = &self.durable else {
+        let Some(pool) = self.waits().await? else {
             return commands::set(&mut self.conn(), key, value, px).await;
         };
         let mut conn = pool.pick();
         commands::set(&mut conn, key, value, px).await?;
-        commands::wait_replicated(&mut conn, Some(pool.durability), None).await
+        commands::wait_replicated(&mut conn, Self::asked(pool)).await
+    }
+
+    /// The connections for a write that waits for replicas; `None` when
+    /// it waits for none. With `Wanted::All`, the server is asked first
+    /// (`ROLE`, on the shared connection, at most once per second of
+    /// writes): one without replicas gets its writes on the shared
+    /// connection, and the durable ones are never opened.
+    async fn waits(&self) -> Result<Option<&DurablePool<ConnectionManager>>, CacheError> {
+        let Some(pool) = &self.durable else {
+            return Ok(None);
+        };
+        if pool.durability.wanted == Wanted::All {
+            let count = match pool.replicas.known() {
+                Some(count) => count,
+                None => commands::role_count(&mut self.conn(), &pool.replicas)
+                    .await?
+                    .unwrap_or(0),
+            };
+            if count == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(pool))
+    }
+
+    /// What a `WAIT` on the server asks for. Its own word on its replicas
+    /// is all there is to go by: no failover moves its data elsewhere
+    /// behind its back (Sentinel's does, see `SentinelBackend`).
+    fn asked(pool: &DurablePool<ConnectionManager>) -> commands::Asked<'_> {
+        commands::Asked {
+            durability: pool.durability,
+            replicas: &pool.replicas,
+            listed: None,
+            trust_role: pool.durability.wanted == Wanted::All,
+        }
     }
 }

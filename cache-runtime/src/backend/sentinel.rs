@@ -45,7 +45,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
-use super::commands::{self, Durability, DurablePool};
+use super::commands::{self, Durability, DurablePool, Wanted};
 
 /// The credentials of the sentinels themselves (not of the nodes).
 #[derive(Clone)]
@@ -145,7 +145,8 @@ struct Primary {
     /// How it was reached (address, credentials, database, TLS mode).
     client_info: redis::ConnectionInfo,
     conn: MultiplexedConnection,
-    /// With `durable_writes`: the connections for writes that `WAIT`.
+    /// Unless writes are acknowledged by the primary only: the connections
+    /// for writes that `WAIT`.
     durable: Option<DurablePool<MultiplexedConnection>>,
 }
 
@@ -479,17 +480,18 @@ impl SentinelConn {
         let Some(primary) = self.primary.clone() else {
             return Ok(()); // nothing was written
         };
-        let Some(pool) = &primary.durable else {
+        let (Some(pool), Some(durability)) = (&primary.durable, durability) else {
             return Ok(());
         };
         // The fence covers a write that a primary took after its replica
-        // was promoted away: it may count the replicas it has left.
-        let short = self
-            .resolver
-            .fence
-            .enabled
-            .then_some(&pool.short_of_replicas);
-        commands::wait_replicated(self, durability, short).await
+        // was promoted away: its own word on its replicas may count.
+        let asked = commands::Asked {
+            durability,
+            replicas: &pool.replicas,
+            listed: None,
+            trust_role: self.resolver.fence.enabled || durability.wanted == Wanted::All,
+        };
+        commands::wait_replicated(self, asked).await
     }
 
     async fn target(&mut self) -> RedisResult<(Arc<Primary>, MultiplexedConnection)> {
