@@ -60,6 +60,11 @@ fn distinct<K>(entries: Vec<(K, String)>) -> (Vec<K>, Vec<String>) {
 /// How often an id's handover may fail before the batch computes it
 /// without joining the flight.
 const MAX_HANDOVERS: u32 = 3;
+/// How many flights whose answer was not for it an id may sit through: one
+/// whose body had started before the batch began, then the next, whose
+/// body starts after the batch joined it, covers it (more only where a
+/// flight failed in between); a bound all the same.
+const MAX_LATER: u32 = 4;
 
 /// One distinct id of the batch that the cache did not answer.
 struct Missing<K> {
@@ -417,7 +422,8 @@ impl Cache {
         key: &str,
         joiner: Joiner,
     ) -> Coalesced<'_, V> {
-        for _ in 0..MAX_HANDOVERS {
+        let (mut handovers, mut later) = (0, 0);
+        while handovers < MAX_HANDOVERS && later < MAX_LATER {
             let waiter = match self.inner.flights.join(key, joiner) {
                 Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
                 Role::Waiter(waiter) => waiter,
@@ -433,7 +439,9 @@ impl Cache {
                     self.record(site, Event::Coalesced);
                     return Coalesced::Nothing;
                 }
-                Handed::LookAgain | Handed::Failed => {}
+                // Not a failed leader: the next flight covers this caller.
+                Handed::Later => later += 1,
+                Handed::LookAgain | Handed::Failed => handovers += 1,
             }
         }
         Coalesced::Lead(None)

@@ -106,6 +106,10 @@ pub(crate) struct Joiner {
 pub(crate) enum Handed {
     Value(Arc<[u8]>),
     Nothing,
+    /// The leader's answer, not for this caller (its call began after the
+    /// leader's body started, and no proof covers it): the next flight,
+    /// whose body starts after this caller joined it, is.
+    Later,
     LookAgain,
     Failed,
 }
@@ -355,9 +359,8 @@ impl Waiter {
         match landed.as_deref() {
             Ok(Landing::Value { bytes, cover }) if covered(cover) => Handed::Value(bytes.clone()),
             Ok(Landing::Nothing { cover }) if covered(cover) => Handed::Nothing,
-            Ok(Landing::Value { .. } | Landing::Nothing { .. } | Landing::LookAgain) => {
-                Handed::LookAgain
-            }
+            Ok(Landing::Value { .. } | Landing::Nothing { .. }) => Handed::Later,
+            Ok(Landing::LookAgain) => Handed::LookAgain,
             Ok(Landing::Pending | Landing::Failed) | Err(_) => Handed::Failed,
         }
     }
@@ -475,8 +478,8 @@ mod tests {
             proved_early.wait().await,
             Handed::Value(Arc::from(&b"1"[..]))
         );
-        assert_eq!(after_the_proof.wait().await, Handed::LookAgain);
-        assert_eq!(not_trusting.wait().await, Handed::LookAgain);
+        assert_eq!(after_the_proof.wait().await, Handed::Later);
+        assert_eq!(not_trusting.wait().await, Handed::Later);
     }
 
     #[tokio::test]

@@ -800,7 +800,7 @@ impl Cache {
                 Some(nothing) => nothing,
                 None => return Coalesced::Lead(None),
             },
-            Handed::LookAgain => {
+            Handed::LookAgain | Handed::Later => {
                 rounds.looks += 1;
                 return Coalesced::LookAgain;
             }
