@@ -6,7 +6,7 @@
 //! decompress, measured in rounds with the arms interleaved.
 //!
 //! ```text
-//! cargo run --release --example compression
+//! cargo run --release -p cache-harness --example compression
 //! ```
 
 use std::hint::black_box;

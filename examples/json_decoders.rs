@@ -6,7 +6,7 @@
 //! cache-aside hit (GET + `serde_json` decode).
 //!
 //! ```text
-//! cargo run --release --example json_decoders
+//! cargo run --release -p cache-harness --example json_decoders
 //! ```
 
 use std::hint::black_box;

@@ -18,6 +18,7 @@
 //! `tests/patterns.rs` runs each against a real `redis-server`.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use cache_runtime::{Cache, CacheError, redis};
@@ -32,7 +33,12 @@ pub struct Lock {
 /// Takes the lock `name` for at most `ttl`, if no one holds it.
 pub async fn lock(cache: &Cache, name: &str, ttl: Duration) -> Result<Option<Lock>, CacheError> {
     let key = format!("lock:{name}");
-    let token = format!("{:032x}", fastrand::u128(..));
+    // Unique to this holder: two `RandomState`s never share their keys.
+    let token = format!(
+        "{:016x}{:016x}",
+        RandomState::new().hash_one(&key),
+        RandomState::new().hash_one(&key)
+    );
     let taken: Option<String> = cache
         .command(
             redis::cmd("SET")
@@ -134,7 +140,7 @@ pub async fn load_session(
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let backend = cache_harness::example_backend().await?;
+    let backend = cache_examples::example_backend().await?;
     let Some(url) = backend.url else {
         println!("these patterns need Redis: {}", backend.description);
         return Ok(());
@@ -152,11 +158,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         println!("released: {}", held.release(&cache).await?);
     }
 
-    let allowed = futures_util::future::join_all(
-        (0..8).map(|_| allow(&cache, "client-42", 5, Duration::from_secs(1))),
-    )
-    .await;
-    let allowed = allowed
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let cache = cache.clone();
+        calls.spawn(async move { allow(&cache, "client-42", 5, Duration::from_secs(1)).await });
+    }
+    let allowed = calls
+        .join_all()
+        .await
         .into_iter()
         .filter(|a| matches!(a, Ok(true)))
         .count();

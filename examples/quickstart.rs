@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use cache_harness::example_backend;
-use cache_runtime::redis_cached;
+use cache_examples::example_backend;
+use cache_runtime::{Cache, redis, redis_cached};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,8 +65,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cold = start.elapsed();
     println!("cold call: {user:?}");
 
-    if let Some(url) = &backend.url {
-        show_stored_entry(url).await?;
+    if backend.url.is_some() {
+        show_stored_entry(&cache).await?;
     }
 
     let mut warm = Vec::with_capacity(WARM_CALLS);
@@ -112,14 +112,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// What `redis-cli get user:42` and `redis-cli ttl user:42` would show.
-async fn show_stored_entry(url: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let mut conn = redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?;
+/// What `redis-cli get user:42` and `redis-cli ttl user:42` would show,
+/// read with the cache's own connection (`Cache::command`).
+async fn show_stored_entry(cache: &Cache) -> Result<(), Box<dyn std::error::Error>> {
     let key = get_user_cache_key(&42).into_string();
-    let value: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-    let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut conn).await?;
+    let value: String = cache.command(redis::cmd("GET").arg(&key)).await?;
+    let ttl: i64 = cache.command(redis::cmd("TTL").arg(&key)).await?;
     println!("redis-cli get {key}  ->  {value}");
     println!("redis-cli ttl {key}  ->  {ttl}");
     Ok(())

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use cache_harness::example_backend;
+use cache_examples::example_backend;
 use cache_runtime::redis_cached;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;

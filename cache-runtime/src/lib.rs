@@ -58,7 +58,8 @@
 //! `CacheBuilder::tls_client_certificate`).
 //!
 //! Module map: [`Cache`] (handle, builder, fail-open lookup), [`KeyPart`] and
-//! [`CacheKey`] (key rendering), [`Codec`], [`Stats`], [`CacheError`].
+//! [`CacheKey`] (key rendering), [`Codec`], [`Stats`], [`CacheError`]; the
+//! [`guide`], one page per concern.
 
 // Generated code names `::cache_runtime`; this lets the crate's own tests
 // use the macro.
@@ -90,6 +91,30 @@ pub(crate) use log_limit::limited;
 
 #[doc(hidden)]
 pub mod __private;
+
+/// The guide: how each part works, what it promises with the default
+/// settings, and what it leaves open. One page per concern; the code in
+/// them is illustrative (`ignore`d), the crate docs' examples compile.
+pub mod guide {
+    #[doc = include_str!("guide/writes.md")]
+    pub mod writes {}
+    #[doc = include_str!("guide/stampede.md")]
+    pub mod stampede {}
+    #[doc = include_str!("guide/batches.md")]
+    pub mod batches {}
+    #[doc = include_str!("guide/keys.md")]
+    pub mod keys {}
+    #[doc = include_str!("guide/traits.md")]
+    pub mod traits {}
+    #[doc = include_str!("guide/local.md")]
+    pub mod local {}
+    #[doc = include_str!("guide/failures.md")]
+    pub mod failures {}
+    #[doc = include_str!("guide/deployments.md")]
+    pub mod deployments {}
+    #[doc = include_str!("guide/operations.md")]
+    pub mod operations {}
+}
 
 pub use crate::cache::{Cache, CacheBuilder, WriteDurability};
 pub use crate::codec::{Codec, CodecError};

@@ -12,8 +12,8 @@
 //! port if one is installed; otherwise the in-process cache.
 //!
 //! ```text
-//! cargo run --release --example service
-//! SERVICE_SECONDS=10 SERVICE_DB_LATENCY_MS=0 cargo run --release --example service
+//! cargo run --release -p cache-harness --example service
+//! SERVICE_SECONDS=10 SERVICE_DB_LATENCY_MS=0 cargo run --release -p cache-harness --example service
 //! ```
 //!
 //! `SERVICE_SECONDS` (default 4) is each arm's time per round, in 2 rounds;
@@ -36,7 +36,7 @@ mod plain;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_harness::example_backend;
+use cache_examples::example_backend;
 
 use crate::db::Db;
 use crate::load::{Arm, CacheAt, Config, Error};
