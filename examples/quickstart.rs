@@ -59,6 +59,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cache = backend.cache.clone();
     cache.install();
     println!("backend: {}", backend.description);
+    // A run a moment ago (on `REDIS_URL`) left the entry: start cold.
+    let _ = cache.invalidate(&get_user_cache_key(&42)).await;
 
     let start = Instant::now();
     let user = get_user(42).await?;

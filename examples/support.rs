@@ -3,7 +3,8 @@
 //! the in-process cache. Not part of what an example shows: a service
 //! connects to its own Redis with `Cache::connect(url)`.
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,19 +32,18 @@ pub async fn example_backend() -> Result<ExampleBackend, CacheError> {
             _server: None,
         });
     }
-    if let Some(server) = PrivateServer::start() {
-        let url = format!("redis://127.0.0.1:{}/", server.port);
-        return Ok(ExampleBackend {
-            cache: Cache::connect(&url).await?,
-            description: format!("private redis-server at {url}"),
-            url: Some(url),
-            _server: Some(server),
-        });
+    match PrivateServer::start().await {
+        Ok(server) => {
+            let url = format!("redis://127.0.0.1:{}/", server.port);
+            return Ok(ExampleBackend {
+                cache: Cache::connect(&url).await?,
+                description: format!("private redis-server at {url}"),
+                url: Some(url),
+                _server: Some(server),
+            });
+        }
+        Err(why) => println!("{why}: using the in-process cache (Cache::memory())"),
     }
-    println!(
-        "redis-server is not installed and REDIS_URL is unset: using the in-process cache \
-         (Cache::memory()); `apt-get install redis-server` to run on Redis"
-    );
     Ok(ExampleBackend {
         cache: Cache::memory(),
         description: "in-process memory".to_owned(),
@@ -59,11 +59,11 @@ struct PrivateServer {
 }
 
 impl PrivateServer {
-    /// `None` when `redis-server` is not installed or does not start.
-    fn start() -> Option<PrivateServer> {
+    /// Starts one and waits until it answers `PING`; why not, otherwise.
+    async fn start() -> Result<PrivateServer, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .ok()?
+            .map_err(|e| format!("no free loopback port ({e})"))?
             .port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -71,20 +71,39 @@ impl PrivateServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .ok()?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "redis-server is not installed and REDIS_URL is unset \
+                     (`apt-get install redis-server` to run on Redis)"
+                        .to_owned()
+                }
+                _ => format!("redis-server did not start ({e})"),
+            })?;
         let mut server = PrivateServer { port, child };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(server);
+            // Exited first (the port was taken meanwhile, say): whatever
+            // answers on the port is not ours.
+            if let Ok(Some(status)) = server.child.try_wait() {
+                return Err(format!("redis-server exited at start ({status})"));
             }
-            if matches!(server.child.try_wait(), Ok(Some(_))) {
-                return None;
+            if server.answers_ping() {
+                return Ok(server);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let _ = server.child.kill();
-        None
+        Err("redis-server did not answer within 10 s".to_owned())
+    }
+
+    fn answers_ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
     }
 }
 

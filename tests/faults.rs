@@ -7,7 +7,7 @@
 //! (failover, resharding, a stalled shard) are in `cluster_faults.rs`.
 //!
 //! The README's "Failure behaviour" section is written from these tests'
-//! output (`cargo test --test faults -- --nocapture --test-threads 1`).
+//! output (`cargo test -p cache-harness --test faults -- --nocapture --test-threads 1`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

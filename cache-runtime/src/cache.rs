@@ -101,8 +101,8 @@ pub(crate) struct Inner {
 /// A write that waited is one that a failover cannot undo: the replica
 /// that is promoted has it. What it costs is one replication round trip
 /// per write (`WAIT`, on connections of its own so that reads never queue
-/// behind it); reads pay nothing. The figures are in the crate's README
-/// (`cargo test --release --test deployments -- --nocapture`).
+/// behind it); reads pay nothing. The figures are in the guide's
+/// [deployments](crate::guide::deployments) page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum WriteDurability {
@@ -374,7 +374,7 @@ impl CacheBuilder {
     /// so caches with and without compression read each other's entries;
     /// an uncompressed entry stays readable in `redis-cli`. A value that
     /// does not shrink is stored as it is. Measured in
-    /// `examples/compression.rs` (README, "Compression"): a 64 KB JSON
+    /// `examples/compression.rs` (the guide's [operations](crate::guide::operations) page): a 64 KB JSON
     /// value compresses 16× in about 10 µs and decompresses in about 3 µs.
     pub fn compress_above(mut self, bytes: usize) -> Self {
         self.compress_above = Some(bytes);
@@ -1075,7 +1075,7 @@ impl Cache {
         }
     }
 
-    /// The span of one cached call (`debug`, see the README's "Tracing"),
+    /// The span of one cached call (`debug`, see the guide's operations page),
     /// or a disabled one when `debug` is off for this crate.
     pub(crate) fn call_span(&self, site: &'static Site, key: &str) -> tracing::Span {
         let span = tracing::debug_span!(

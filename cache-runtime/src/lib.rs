@@ -195,8 +195,9 @@ pub use cache_macros::redis_cached;
 /// until it is delivered (`errors`, then `invalidations` in [`Stats`]), as
 /// it is when the write's future is dropped while deleting, and this
 /// process does not read the key meanwhile. Only a refusal no retry mends
-/// (an ACL without `DEL`) gives it up (`lost_invalidations`); the TTL then
-/// bounds how long the old value is served.
+/// (an ACL without `DEL`), or the shutdown of the runtime running the
+/// retries, gives it up (`lost_invalidations`); the TTL then bounds how
+/// long the old value is served.
 #[cfg(feature = "macros")]
 #[doc(inline)]
 pub use cache_macros::invalidates;

@@ -194,7 +194,7 @@ impl Operation {
     #[cfg(feature = "metrics")]
     const ALL: usize = Operation::Pipeline as usize + 1;
 
-    /// The `operation` label, documented in the README's "Metrics" table.
+    /// The `operation` label, documented in the guide's operations page.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) const fn label(self) -> &'static str {
         match self {
@@ -286,7 +286,7 @@ fn export_unattributed(event: Event, n: u64) {
 
 impl Event {
     /// The `metrics` counter this event bumps, and its `outcome` label for
-    /// the calls' outcomes. Documented in the README's "Metrics" table.
+    /// the calls' outcomes. Documented in the guide's operations page.
     #[cfg(feature = "metrics")]
     fn metric(self) -> (&'static str, Option<&'static str>) {
         if let Some(outcome) = self.outcome() {
