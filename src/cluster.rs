@@ -248,6 +248,18 @@ impl RedisCluster {
         node.stop();
     }
 
+    /// Starts a killed node again on its port, with its data directory:
+    /// with persistence (`--appendonly yes` in [`RedisCluster::start_with`])
+    /// it comes back with what it had, and rejoins with its `nodes.conf`.
+    pub fn restart(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("node");
+        node.restart();
+    }
+
     /// Stops a node (SIGSTOP): it keeps its sockets and answers nothing.
     pub fn freeze(&self, port: u16) {
         self.node(port).signal("STOP");

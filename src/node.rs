@@ -20,6 +20,10 @@ pub(crate) struct Node {
     pid: u32,
     /// `redis-cli` arguments for a TLS node (`--tls --cacert ...`).
     cli_tls: Vec<String>,
+    /// Its `redis-server` arguments and the cluster's directory, to start
+    /// it again ([`Node::restart`]).
+    args: Vec<String>,
+    root: PathBuf,
 }
 
 /// Two free loopback ports: a node's and its cluster bus's (`port + 10000`).
@@ -79,6 +83,32 @@ impl Node {
         let dir = root.join(port.to_string());
         std::fs::create_dir_all(&dir).expect("create node dir");
         let args = config(port, &dir);
+        Self::spawn(root, port, dir, args, cli_tls)
+    }
+
+    /// Starts the node again on its port and directory, with its
+    /// arguments (a node with persistence comes back with its data, and a
+    /// cluster node with its `nodes.conf`), after [`Node::stop`].
+    pub(crate) fn restart(&mut self) {
+        assert!(!self.is_running(), "stop the node first");
+        let node = Self::spawn(
+            &self.root.clone(),
+            self.port,
+            self.dir.clone(),
+            self.args.clone(),
+            self.cli_tls.clone(),
+        )
+        .unwrap_or_else(|why| panic!("{why}"));
+        *self = node;
+    }
+
+    fn spawn(
+        root: &Path,
+        port: u16,
+        dir: PathBuf,
+        args: Vec<String>,
+        cli_tls: Vec<String>,
+    ) -> Result<Node, String> {
         let parent = std::process::id();
         // The server in the background, its pid on stdout, then a watch on
         // the test process: when it is gone, the server goes too.
@@ -111,6 +141,8 @@ impl Node {
             watchdog: Some(watchdog),
             pid,
             cli_tls,
+            args,
+            root: root.to_owned(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while node.cli(&["PING"]).as_deref() != Some("PONG") {
