@@ -437,3 +437,42 @@ pub fn benchmark_redis() -> Result<(String, Option<RedisServer>), &'static str> 
     let server = RedisServer::start();
     Ok((server.url(), Some(server)))
 }
+
+/// What waiting for replicas costs a write: `Cache::invalidate` of
+/// `key(round % 20)`, 400 times on each cache (one with
+/// `WriteDurability::PrimaryOnly`, one with the defaults), interleaved;
+/// prints p50 and p99 of each and their ratio for `deployment`. A write
+/// whose replica answered late is an error, retried in the background:
+/// counted, not a failure.
+pub async fn print_write_cost<V>(
+    deployment: &str,
+    primary_only: &cache_runtime::Cache,
+    default: &cache_runtime::Cache,
+    key: impl Fn(u64) -> cache_runtime::CacheKey<V>,
+) {
+    let arms = [primary_only, default];
+    let mut samples = [Vec::new(), Vec::new()];
+    let mut errors = [0, 0];
+    for round in 0..400usize {
+        for arm in [round % 2, 1 - round % 2] {
+            let key = key(round as u64 % 20);
+            let started = Instant::now();
+            errors[arm] += usize::from(arms[arm].invalidate(&key).await.is_err());
+            samples[arm].push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let [plain, durable] = samples.map(|mut s| {
+        s.sort_by(f64::total_cmp);
+        (s[s.len() / 2], s[s.len() * 99 / 100])
+    });
+    println!(
+        "write cost on {deployment} (Cache::invalidate, 400 each, interleaved): PrimaryOnly p50 \
+         {:.0} µs, p99 {:.0} µs; the default (AllReplicas, 1 replica): p50 {:.0} µs ({:.2}×), \
+         p99 {:.0} µs; errors {errors:?}",
+        plain.0,
+        plain.1,
+        durable.0,
+        durable.0 / plain.0,
+        durable.1
+    );
+}

@@ -388,7 +388,10 @@ async fn lost_invalidations() {
         )
     });
     // Before the rows are cached: its invalidations delete them.
-    write_cost(&arms[0].1.cache, &arms[1].1.cache).await;
+    cache_harness::print_write_cost("a cluster", &arms[0].1.cache, &arms[1].1.cache, |id| {
+        Pinned::row_cache_key(&id)
+    })
+    .await;
     for (_, arm) in &arms {
         for id in 0..ROWS {
             arm.row(id).await.unwrap();
@@ -452,37 +455,6 @@ async fn lost_invalidations() {
     assert!(
         stale[0] > 0,
         "the opted-out cache's DELs were lost with the primary: the test can fail"
-    );
-}
-
-/// `Cache::invalidate` of one key, 400 times on each cache, interleaved:
-/// p50 and p99 of each, printed, not asserted (a write whose replica
-/// answered late is an error, retried in the background, and counted).
-async fn write_cost(primary_only: &Cache, default: &Cache) {
-    let arms = [primary_only, default];
-    let mut samples = [Vec::new(), Vec::new()];
-    let mut errors = [0, 0];
-    for round in 0..400usize {
-        for arm in [round % 2, 1 - round % 2] {
-            let key = Pinned::row_cache_key(&(round as u64 % 20));
-            let started = Instant::now();
-            errors[arm] += usize::from(arms[arm].invalidate(&key).await.is_err());
-            samples[arm].push(started.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    let [plain, durable] = samples.map(|mut s| {
-        s.sort_by(f64::total_cmp);
-        (s[s.len() / 2], s[s.len() * 99 / 100])
-    });
-    println!(
-        "write cost on a cluster (Cache::invalidate, 400 each, interleaved): PrimaryOnly p50 \
-         {:.0} µs, p99 {:.0} µs; the default (AllReplicas, 1 replica): p50 {:.0} µs ({:.2}×), \
-         p99 {:.0} µs; errors {errors:?}",
-        plain.0,
-        plain.1,
-        durable.0,
-        durable.0 / plain.0,
-        durable.1
     );
 }
 

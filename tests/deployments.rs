@@ -235,34 +235,10 @@ async fn write_cost(deployment: &RedisSentinel) {
         builder.build()
     };
     let arms = [build(false).await.unwrap(), build(true).await.unwrap()];
-    let mut samples = [Vec::new(), Vec::new()];
-    // A write whose replica answered late is an error, retried in the
-    // background: counted, not a failure of the test.
-    let mut errors = [0, 0];
-    for round in 0..400u64 {
-        for arm in [round % 2, 1 - round % 2] {
-            let cache = &arms[usize::try_from(arm).unwrap()];
-            let key = Store::row_cache_key(&(round % ROWS));
-            let started = Instant::now();
-            errors[usize::try_from(arm).unwrap()] +=
-                usize::from(cache.invalidate(&key).await.is_err());
-            samples[usize::try_from(arm).unwrap()].push(started.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    let [plain, durable] = samples.map(|mut s| {
-        s.sort_by(f64::total_cmp);
-        (s[s.len() / 2], s[s.len() * 99 / 100])
-    });
-    println!(
-        "write cost (Cache::invalidate, 400 each, interleaved): PrimaryOnly p50 {:.0} µs, \
-         p99 {:.0} µs; the default (AllReplicas, 1 replica): p50 {:.0} µs ({:.2}×), p99 {:.0} µs; \
-         errors {errors:?}",
-        plain.0,
-        plain.1,
-        durable.0,
-        durable.0 / plain.0,
-        durable.1
-    );
+    cache_harness::print_write_cost("Sentinel", &arms[0], &arms[1], |id| {
+        Store::row_cache_key(&(id % ROWS))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,6 +183,40 @@ async fn read_for(store: &Store, length: Duration) {
     }
 }
 
+/// After the server (or shard) came back at `back_at`: reads every row,
+/// racing the deliveries (until its invalidation is delivered, a row is
+/// read uncached), until none is pending, then for a second more; checks
+/// both arms' histories and prints the figures of `phase`. The stale
+/// reads of the cache and of the hand-written arm, and the cache's totals.
+async fn read_through_the_return(
+    store: &Store,
+    phase: &str,
+    back_at: Instant,
+) -> ([usize; 2], cache_runtime::Counts) {
+    while cache_runtime::__private::pending_chores(&store.cache) > 0 {
+        assert!(
+            back_at.elapsed() < Duration::from_secs(30),
+            "the invalidations were not delivered"
+        );
+        store.read_all().await;
+    }
+    let delivered = back_at.elapsed();
+    read_for(store, Duration::from_secs(1)).await;
+    let stale = [
+        history::check_arms(phase, &store.histories, &["cache"]),
+        history::check_arms(phase, &store.histories, &["naive"]),
+    ];
+    let total = store.cache.stats().total;
+    println!(
+        "{phase}: invalidations delivered {:.2} s after the return; cache {} stale reads, \
+         hand-written {} stale reads; {total:?}",
+        delivered.as_secs_f64(),
+        stale[0],
+        stale[1],
+    );
+    (stale, total)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_from_the_aof_never_brings_back_an_invalidated_entry() {
     let mut server = persistent();
@@ -208,30 +242,7 @@ async fn a_restart_from_the_aof_never_brings_back_an_invalidated_entry() {
         down_at.elapsed().as_secs_f64()
     );
     let back_at = Instant::now();
-    // Reads race the deliveries: until its invalidation is delivered, a
-    // row is read uncached.
-    while cache_runtime::__private::pending_chores(&store.cache) > 0 {
-        assert!(
-            back_at.elapsed() < Duration::from_secs(20),
-            "the invalidations were not delivered"
-        );
-        store.read_all().await;
-    }
-    let delivered = back_at.elapsed();
-    read_for(&store, Duration::from_secs(1)).await;
-
-    let stale = [
-        history::check_arms("restart", &store.histories, &["cache"]),
-        history::check_arms("restart", &store.histories, &["naive"]),
-    ];
-    let total = store.cache.stats().total;
-    println!(
-        "restart: invalidations delivered {:.2} s after the server came back; cache {} stale \
-         reads, hand-written {} stale reads; {total:?}",
-        delivered.as_secs_f64(),
-        stale[0],
-        stale[1],
-    );
+    let (stale, total) = read_through_the_return(&store, "restart", back_at).await;
     let at_rest = history::stale_at_rest(
         "restart",
         ROWS,
@@ -349,27 +360,7 @@ async fn a_cluster_shard_back_from_its_aof_never_serves_an_invalidated_entry() {
         down_at.elapsed().as_secs_f64()
     );
     tokio::task::block_in_place(|| cluster.wait_until_stable(Duration::from_secs(30)));
-    while cache_runtime::__private::pending_chores(&store.cache) > 0 {
-        assert!(
-            back_at.elapsed() < Duration::from_secs(30),
-            "the invalidations were not delivered"
-        );
-        store.read_all().await;
-    }
-    let delivered = back_at.elapsed();
-    read_for(&store, Duration::from_secs(1)).await;
-    let stale = [
-        history::check_arms("cluster restart", &store.histories, &["cache"]),
-        history::check_arms("cluster restart", &store.histories, &["naive"]),
-    ];
-    let total = store.cache.stats().total;
-    println!(
-        "cluster restart: invalidations delivered {:.2} s after the shard came back; cache {} \
-         stale reads, hand-written {} stale reads; {total:?}",
-        delivered.as_secs_f64(),
-        stale[0],
-        stale[1],
-    );
+    let (stale, total) = read_through_the_return(&store, "cluster restart", back_at).await;
     assert_eq!(stale[0], 0, "no write undone");
     assert_eq!(total.lost_invalidations, 0, "{total:?}");
     assert!(
