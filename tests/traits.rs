@@ -148,3 +148,89 @@ async fn generic_native_impl(cache: Cache) {
 }
 
 on_every_backend!(through_a_trait_object, generic_native_impl);
+
+/// A second implementation of the same trait in the same module: its
+/// methods have the same names as `SqlRepo`'s.
+pub struct ReplicaRepo {
+    table: Table,
+    cache: Cache,
+}
+
+#[cached_impl]
+#[async_trait]
+impl UserRepo for ReplicaRepo {
+    #[redis_cached(key = "replica:user:<id>", ttl = 60, cache = self.cache)]
+    async fn get_user(&self, id: u64) -> Result<Option<String>, DbError> {
+        Ok(self.table.select(id))
+    }
+
+    #[invalidates(Self::get_user(id), cache = self.cache)]
+    async fn rename(&self, id: u64, name: &str) -> Result<(), DbError> {
+        self.table.update(id, name);
+        Ok(())
+    }
+
+    #[cache_put(Self::get_user(id), cache = self.cache)]
+    async fn upsert(&self, id: u64, name: String) -> Result<Option<String>, DbError> {
+        self.table.update(id, &name);
+        Ok(Some(name))
+    }
+
+    fn queries(&self) -> u64 {
+        self.table.queries.load(Ordering::SeqCst)
+    }
+}
+
+/// Statistics name a method after its impl, so two implementations of one
+/// trait in one module are counted apart; write functions are listed
+/// apart from cached ones, whose hit ratios they would skew.
+#[tokio::test]
+async fn stats_count_each_impl_apart_and_writers_apart() {
+    let cache = Cache::memory();
+    let sql = SqlRepo {
+        table: Table::default(),
+        cache: cache.clone(),
+    };
+    let replica = ReplicaRepo {
+        table: Table::default(),
+        cache: cache.clone(),
+    };
+    for _ in 0..3 {
+        sql.get_user(1).await.unwrap();
+    }
+    replica.get_user(1).await.unwrap();
+    sql.rename(1, "ada").await.unwrap();
+    replica.upsert(1, "grace".into()).await.unwrap();
+
+    let stats = cache.stats();
+    println!(
+        "functions: {:?}",
+        stats.functions.keys().collect::<Vec<_>>()
+    );
+    println!("writers: {:?}", stats.writers.keys().collect::<Vec<_>>());
+    let sql_reads = stats.functions["traits::<SqlRepo as UserRepo>::get_user"];
+    let replica_reads = stats.functions["traits::<ReplicaRepo as UserRepo>::get_user"];
+    assert_eq!((sql_reads.misses, sql_reads.hits), (1, 2));
+    assert_eq!((replica_reads.misses, replica_reads.hits), (1, 0));
+    assert_eq!(
+        stats.writers["traits::<SqlRepo as UserRepo>::rename"].invalidations,
+        1
+    );
+    assert_eq!(
+        stats.writers["traits::<ReplicaRepo as UserRepo>::upsert"].sets,
+        1
+    );
+    assert!(
+        stats
+            .functions
+            .keys()
+            .all(|name| name.ends_with("::get_user")),
+        "no write function among the cached ones"
+    );
+    // By its last segments, as before.
+    assert_eq!(
+        stats.function("<SqlRepo as UserRepo>::get_user"),
+        Some(sql_reads)
+    );
+    assert_eq!(stats.function("get_user").unwrap().calls(), 4);
+}

@@ -86,7 +86,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
         Some(v) => quote!(::core::option::Option::Some(#v)),
         None => quote!(::core::option::Option::None),
     };
-    let fn_name = func.name().to_string();
+    let fn_name = &plan.stats_name;
     let ttl = plan.ttl_millis;
     let jitter = plan.jitter;
     let single_flight = match plan.single_flight {
@@ -315,14 +315,41 @@ fn wrapper(plan: &Plan) -> TokenStream {
         quote!(#krate::__private::#entry::<#krate::__private::#shape, _, _, _>),
         quote!(#cache, #key,),
     );
+    let checks = value_checks(plan, &shape, "ValueOf");
     wrap(
         func,
         quote! {
+            #checks
             let #key = #key_call;
             #cache_arg
         },
         call,
     )
+}
+
+/// `<V as Cacheable>::CACHEABLE` (and, with a local tier, `V::clone`),
+/// spanned at the return type, where `V` is the cached value (`ValueOf`,
+/// or `BatchValueOf` for a batch): a value that is not
+/// `Serialize + DeserializeOwned` (or not `Clone`) is reported there, with
+/// `Cacheable`'s message, and the runtime call's own bounds on the same span
+/// add nothing (rustc reports an unmet trait once per span).
+fn value_checks(plan: &Plan, shape: &Ident, value_of: &str) -> TokenStream {
+    let func = &plan.func;
+    let krate = &plan.krate;
+    let Some(ret_ty) = func.output.ty.filter(|_| !func.output.impl_trait) else {
+        return TokenStream::new();
+    };
+    let span = ret_span(func);
+    let value_of = Ident::new(value_of, span);
+    let value = quote_spanned!(span=> <#krate::__private::#shape as #krate::__private::#value_of<#ret_ty>>::Value);
+    let clone = plan
+        .local_millis
+        .is_some()
+        .then(|| quote_spanned!(span=> let _ = <#value as ::core::clone::Clone>::clone;));
+    quote_spanned! {span=>
+        let () = <#value as #krate::Cacheable>::CACHEABLE;
+        #clone
+    }
 }
 
 /// A batch function: the keys of every id, then the body as a closure of
@@ -383,10 +410,12 @@ fn batch_wrapper(
             pat.mutability = None;
         }
     }
+    let checks = value_checks(plan, shape, "BatchValueOf");
     wrap_as(
         func,
         &sig,
         quote! {
+            #checks
             let #keys = #krate::__private::batch_keys::<#element, _, _, _>(
                 #ids,
                 |#ids: &#element| #key_call,
@@ -576,13 +605,13 @@ pub fn expand_write(plan: &WritePlan) -> Expansion {
 fn write_wrapper(plan: &WritePlan) -> TokenStream {
     let func = &plan.func;
     let krate = &plan.krate;
-    let name = func.name().to_string();
+    let name = &plan.stats_name;
     let site = Ident::new("REDIS_CACHED_SITE", Span::mixed_site());
     let cache = Ident::new("cache", Span::mixed_site());
     let cache_arg = cache_binding(&cache, plan.cache, krate);
     let shape = shape_ident(func.output.shape);
     let site_decl = quote! {
-        static #site: #krate::__private::Function = #krate::__private::Function::new(
+        static #site: #krate::__private::Function = #krate::__private::Function::writer(
             ::core::concat!(::core::module_path!(), "::", #name),
         );
     };

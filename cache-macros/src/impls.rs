@@ -61,6 +61,16 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
     // In a trait impl, methods are as visible as the trait: so are their
     // key functions. Elsewhere the key function keeps its method's.
     let is_trait_impl = item.trait_.is_some();
+    // Statistics name a method after its type (and trait), so that two
+    // impls' methods of one name in one module are counted apart.
+    let owner = match &item.trait_ {
+        Some((trait_path, _)) => format!(
+            "<{} as {}>",
+            crate::types::text(&item.self_ty),
+            crate::types::text(trait_path)
+        ),
+        None => crate::types::text(&item.self_ty),
+    };
     let mut moved = Vec::new();
     // The attributes' paths as the user wrote them: named again below, so
     // that the user's `use cache_runtime::redis_cached` is not reported as
@@ -112,9 +122,10 @@ pub fn expand(args: TokenStream, input: TokenStream) -> TokenStream {
                     &func,
                     Context {
                         key_fn_moved: Some(key_vis),
+                        owner: Some(owner.clone()),
                     },
                 ),
-                Ours::Write(kind) => crate::write_parts(kind, args, func),
+                Ours::Write(kind) => crate::write_parts(kind, args, func, Some(&owner)),
             };
             moved.push(items);
             errors.extend(these);

@@ -94,16 +94,18 @@ fn write_impl(
     input: proc_macro2::TokenStream,
 ) -> proc_macro2::TokenStream {
     match parse_fn(input, kind.attribute()) {
-        Ok(item) => write_parts(kind, args, item).into_tokens(),
+        Ok(item) => write_parts(kind, args, item, None).into_tokens(),
         Err(unchanged) => unchanged,
     }
 }
 
-/// `#[invalidates]` or `#[cache_put]` on one fn, in parts.
+/// `#[invalidates]` or `#[cache_put]` on one fn, in parts; `owner` is the
+/// impl's type under `#[cached_impl]`, for statistics.
 fn write_parts(
     kind: args::WriteKind,
     args: proc_macro2::TokenStream,
     mut item: syn::ItemFn,
+    owner: Option<&str>,
 ) -> expand::Expansion {
     let mut errors = ctxt::Errors::default();
     let mut write_args = args::WriteArgs::default();
@@ -123,7 +125,7 @@ fn write_parts(
         }
     }
     let func = ast::AnnotatedFn::from_item(&item);
-    let plan = valid::validate_write(kind, &write_args, func, &mut errors);
+    let plan = valid::validate_write(kind, &write_args, func, owner, &mut errors);
     match (errors.finish(), plan) {
         (Ok(()), Some(plan)) => expand::expand_write(&plan),
         (result, _) => expand::fallback(&item, internal_or(result, kind.attribute()), None),

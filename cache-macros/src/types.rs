@@ -80,6 +80,36 @@ pub fn element_type(ty: &Type) -> Option<&Type> {
     }
 }
 
+/// For a `batch` function's map (the return type, or its `Result`'s `Ok`
+/// type): the type itself when it is plainly not a map (a list, a set, a
+/// slice, an array or a tuple), so that the error is said at the user's
+/// type rather than as an unmet bound of the runtime.
+pub fn not_a_map(map: &Type) -> Option<&Type> {
+    match strip_reference(map) {
+        Type::Slice(_) | Type::Array(_) | Type::Tuple(_) => Some(map),
+        Type::Path(path) => {
+            let ident = path.path.segments.last()?.ident.to_string();
+            (COLLECTIONS.contains(&ident.as_str()) || ident == "BinaryHeap").then_some(map)
+        }
+        _ => None,
+    }
+}
+
+/// A type as the user wrote it, spaced as Rust code usually is
+/// (`Vec<Product>`, not `Vec < Product >`), for messages.
+pub fn text(ty: &impl quote::ToTokens) -> String {
+    let raw = ty.to_token_stream().to_string();
+    raw.replace(" < ", "<")
+        .replace(" <", "<")
+        .replace("< ", "<")
+        .replace(" >", ">")
+        .replace(" , ", ", ")
+        .replace(" :: ", "::")
+        .replace(":: ", "::")
+        .replace("& ", "&")
+        .replace(" ;", ";")
+}
+
 /// Whether a type has a reference without a named lifetime, or `'_`.
 fn has_elided_lifetime(ty: &Type) -> bool {
     struct Finder(bool);

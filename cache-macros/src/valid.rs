@@ -34,6 +34,8 @@ pub struct Plan<'a> {
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
+    /// The function as statistics name it, after the module path.
+    pub stats_name: String,
 }
 
 /// What is left of a `#[redis_cached]` with errors: enough for a stub
@@ -96,6 +98,9 @@ pub struct Context {
     /// of the type, with this visibility; else `None` (a free fn, or a method
     /// whose key function stays beside it).
     pub key_fn_moved: Option<Visibility>,
+    /// By `#[cached_impl]`: the impl's type as statistics name it (`Repo`,
+    /// `<Repo as UserRepo>`), between the module path and the method.
+    pub owner: Option<String>,
 }
 
 pub fn validate<'a>(
@@ -105,6 +110,7 @@ pub fn validate<'a>(
     errors: &mut Errors,
 ) -> Result<Plan<'a>, Box<Stub<'a>>> {
     let sig = &func.item.sig;
+    let stats_name = stats_name(context.owner.as_deref(), func.name());
     match func.asyncness {
         Asyncness::Native => {}
         Asyncness::AsyncTrait { .. } if context.key_fn_moved.is_some() => {}
@@ -258,7 +264,16 @@ pub fn validate<'a>(
         version: args.version,
         cache: args.cache.as_ref(),
         krate,
+        stats_name,
     })
+}
+
+/// `name`, or `Owner::name` for a method of an impl under `#[cached_impl]`.
+fn stats_name(owner: Option<&str>, name: &syn::Ident) -> String {
+    match owner {
+        Some(owner) => format!("{owner}::{name}"),
+        None => name.to_string(),
+    }
 }
 
 /// The key function's generics and value type, from its parameters.
@@ -432,6 +447,20 @@ fn check_batch<'a>(
         );
         return None;
     };
+    if let Some((ty, list)) = batch_map(func).and_then(|ty| Some((ty, types::not_a_map(ty)?))) {
+        ok = false;
+        let value = list_value(list).map_or_else(|| "V".to_owned(), types::text);
+        errors.spanned(
+            ty,
+            format!(
+                "a `batch` function returns a map from each id to its value, not `{list}`\n\
+                 help: return `HashMap<{id}, {value}>` or `BTreeMap<{id}, {value}>` (or a `Result` of one); \
+                 the body leaves out the ids it did not find",
+                list = types::text(list),
+                id = types::text(element),
+            ),
+        );
+    }
     if matches!(types::strip_reference(param.ty), Type::Array(_)) {
         ok = false;
         errors.spanned(
@@ -458,6 +487,50 @@ fn check_batch<'a>(
         param: *param,
         element,
     })
+}
+
+/// The map type of a batch function: its return type, or the `Ok` type of
+/// its `Result`.
+fn batch_map<'a>(func: &AnnotatedFn<'a>) -> Option<&'a Type> {
+    let ty = func.output.ty?;
+    match func.output.shape {
+        Shape::Plain => Some(ty),
+        Shape::Result => first_type_argument(ty),
+        Shape::Option | Shape::ResultOption => None,
+    }
+}
+
+/// The element of a list, slice or array type, for the help line.
+fn list_value(list: &Type) -> Option<&Type> {
+    match types::strip_reference(list) {
+        Type::Slice(slice) => Some(&slice.elem),
+        Type::Array(array) => Some(&array.elem),
+        // A set's element is an id, not a value.
+        Type::Path(path)
+            if path
+                .path
+                .segments
+                .last()
+                .is_some_and(|s| !s.ident.to_string().ends_with("Set")) =>
+        {
+            first_type_argument(list)
+        }
+        _ => None,
+    }
+}
+
+/// `T` of `Name<T, ...>`.
+fn first_type_argument(ty: &Type) -> Option<&Type> {
+    let Type::Path(path) = types::strip_reference(ty) else {
+        return None;
+    };
+    match &path.path.segments.last()?.arguments {
+        syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
+            syn::GenericArgument::Type(ty) => Some(ty),
+            _ => None,
+        }),
+        _ => None,
+    }
 }
 
 /// `cache_none` and `none_ttl` need a result with an answer of nothing.
@@ -523,6 +596,8 @@ fn check_skip(func: &AnnotatedFn, skip: &[Ident], in_key: &[&str], errors: &mut 
 /// A validated `#[invalidates]` or `#[cache_put]`.
 pub struct WritePlan<'a> {
     pub kind: WriteKind,
+    /// The function as statistics name it, after the module path.
+    pub stats_name: String,
     pub func: AnnotatedFn<'a>,
     pub targets: Vec<PlannedTarget<'a>>,
     pub cache: Option<&'a Expr>,
@@ -541,6 +616,7 @@ pub fn validate_write<'a>(
     kind: WriteKind,
     args: &'a WriteArgs,
     func: AnnotatedFn<'a>,
+    owner: Option<&str>,
     errors: &mut Errors,
 ) -> Option<WritePlan<'a>> {
     let attribute = kind.attribute();
@@ -595,6 +671,7 @@ pub fn validate_write<'a>(
     }
     Some(WritePlan {
         kind,
+        stats_name: stats_name(owner, func.name()),
         func,
         targets,
         cache: args.cache.as_ref(),

@@ -28,7 +28,8 @@
 //!
 //! `Result<T, E>` caches `Ok` only; `Option<T>` caches `Some`;
 //! `Result<Option<T>, E>` caches `Ok(Some)`; anything else is cached as is.
-//! The cached type needs `Serialize + DeserializeOwned`, not `Clone`.
+//! The cached type needs `Serialize + DeserializeOwned` ([`Cacheable`]), not
+//! `Clone`.
 //!
 //! Writes keep the cache right: [`invalidates`] deletes entries after a
 //! successful write and [`cache_put`] stores the written value. Every miss
@@ -93,8 +94,8 @@ pub(crate) use log_limit::limited;
 pub mod __private;
 
 /// The guide: how each part works, what it promises with the default
-/// settings, and what it leaves open. One page per concern; the code in
-/// them is illustrative (`ignore`d), the crate docs' examples compile.
+/// settings, and what it leaves open. One page per concern; their examples
+/// compile as doctests (those that need a server are `no_run`).
 pub mod guide {
     #[doc = include_str!("guide/writes.md")]
     pub mod writes {}
@@ -121,6 +122,7 @@ pub use crate::codec::{Codec, CodecError};
 pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
 pub use crate::local::{LocalInvalidation, LocalStats};
+pub use crate::outcome::Cacheable;
 pub use crate::stats::{Counts, Stats};
 /// What [`Cache::command`] and [`Cache::pipeline`] take and give back,
 /// from the `redis` crate at the version the cache uses.
@@ -164,7 +166,8 @@ pub mod redis {
 /// `.await`, it gives back what it held (see the crate docs).
 ///
 /// A missing `KeyPart` impl is reported at the parameter, a value that is not
-/// `Serialize + DeserializeOwned` at the return type.
+/// [`Cacheable`] at the return type, and a `batch` function that does not
+/// return a map at its return type.
 #[cfg(feature = "macros")]
 #[doc(inline)]
 pub use cache_macros::redis_cached;

@@ -12,6 +12,23 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// A type that a cached function can return: implemented for every type
+/// that is `Serialize` and `DeserializeOwned` (serde's derives give both).
+/// It exists so that a value that is not says so at the function's return
+/// type; there is nothing to implement.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be cached: it must be `serde::Serialize` and `serde::Deserialize`",
+    label = "the cached value",
+    note = "derive both on the type: `#[derive(serde::Serialize, serde::Deserialize)]`, or cache a type that has them"
+)]
+pub trait Cacheable {
+    /// Names the check in generated code.
+    #[doc(hidden)]
+    const CACHEABLE: () = ();
+}
+
+impl<T: Serialize + DeserializeOwned> Cacheable for T {}
+
 /// Names the cached part of a return type, without requiring anything of
 /// it: the generated key function's `CacheKey<V>` names `V` this way, so a
 /// value that is not `Serialize` is reported once, at the cached call.
@@ -183,6 +200,11 @@ impl<R> Completion<R> for PlainShape {
 /// The map a batch function returns (`HashMap` or `BTreeMap`): the ids it
 /// found and their values.
 #[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "a `batch` function returns a map from each id to its value, not `{Self}`",
+    label = "not a `HashMap` or a `BTreeMap`",
+    note = "return `HashMap<Id, V>` or `BTreeMap<Id, V>` (or a `Result` of one); the body leaves out the ids it did not find"
+)]
 pub trait BatchMap: Default {
     /// The id (an element of the batch parameter).
     type Key;

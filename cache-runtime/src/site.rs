@@ -7,8 +7,9 @@ use std::sync::{Mutex, PoisonError};
 
 /// The next [`Function::id`]; ids start at 1 so that 0 can mean "not yet".
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
-/// Function names by id, for statistics.
-static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+/// Function names by id, and whether each is a write function, for
+/// statistics.
+static NAMES: Mutex<Vec<(&'static str, bool)>> = Mutex::new(Vec::new());
 
 /// An annotated function (`#[redis_cached]`, `#[invalidates]`,
 /// `#[cache_put]`) as statistics know it: its path and a small id.
@@ -16,6 +17,9 @@ static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
 #[derive(Debug)]
 pub struct Function {
     name: &'static str,
+    /// `#[invalidates]` / `#[cache_put]`: its counters are
+    /// [`Stats::writers`](crate::Stats::writers), not lookups.
+    writer: bool,
     /// A small number unique to this function in the process, assigned on
     /// first use: where its counters are, without a map lookup per call.
     id: AtomicU32,
@@ -25,10 +29,23 @@ pub struct Function {
 }
 
 impl Function {
-    /// Made by generated code: `module::path::fn_name`.
+    /// A cached function's, made by generated code: `module::path::fn_name`
+    /// (`module::Type::method`, `module::<Type as Trait>::method`).
     pub const fn new(name: &'static str) -> Self {
         Function {
             name,
+            writer: false,
+            id: AtomicU32::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: crate::stats::MetricHandles::new(),
+        }
+    }
+
+    /// A write function's (`#[invalidates]`, `#[cache_put]`).
+    pub const fn writer(name: &'static str) -> Self {
+        Function {
+            name,
+            writer: true,
             id: AtomicU32::new(0),
             #[cfg(feature = "metrics")]
             metrics: crate::stats::MetricHandles::new(),
@@ -58,20 +75,21 @@ impl Function {
             return id;
         }
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        names.resize(id as usize + 1, "");
-        names[id as usize] = self.name;
+        names.resize(id as usize + 1, ("", false));
+        names[id as usize] = (self.name, self.writer);
         self.id.store(id, Ordering::Relaxed);
         id
     }
 
-    /// The name of the function with id `id`.
-    pub(crate) fn name_of(id: u32) -> &'static str {
+    /// The name of the function with id `id`, and whether it is a write
+    /// function.
+    pub(crate) fn name_of(id: u32) -> (&'static str, bool) {
         NAMES
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(id as usize)
             .copied()
-            .unwrap_or("")
+            .unwrap_or(("", false))
     }
 }
 
@@ -226,12 +244,12 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_distinct() {
-        static A: Function = Function::new("a");
+        static A: Function = Function::writer("a");
         static B: Site = Site::new("b", 1, 0.0);
         let a = A.id();
         assert_eq!(A.id(), a);
         assert_ne!(B.function().id(), a);
-        assert_eq!(Function::name_of(a), "a");
-        assert_eq!(Function::name_of(B.function().id()), "b");
+        assert_eq!(Function::name_of(a), ("a", true));
+        assert_eq!(Function::name_of(B.function().id()), ("b", false));
     }
 }

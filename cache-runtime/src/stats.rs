@@ -353,18 +353,26 @@ impl Counts {
 pub struct Stats {
     /// All operations of the cache.
     pub total: Counts,
-    /// Per annotated function, by its path (`my_crate::users::get_user`).
+    /// Per cached function (`#[redis_cached]`), by its path
+    /// (`my_crate::users::get_user`; a method as `my_crate::users::Repo::get_user`
+    /// or `my_crate::users::<Repo as UserRepo>::get_user` when its impl
+    /// block has `#[cached_impl]`).
     pub functions: BTreeMap<&'static str, Counts>,
+    /// Per write function (`#[invalidates]`, `#[cache_put]`), by its path:
+    /// the keys it deleted or stored, and the failures. Kept apart from
+    /// [`functions`](Stats::functions), whose hit ratios they would skew.
+    pub writers: BTreeMap<&'static str, Counts>,
     /// The local tier's size and invalidations (all zero without one).
     pub local: LocalStats,
 }
 
 impl Stats {
-    /// The counters of one function, by its full path or by its name alone
-    /// (`"get_user"` matches `my_crate::users::get_user`).
+    /// The counters of one function (cached or write), by its full path
+    /// or by its last segments (`"get_user"` and `"Repo::get_user"` match
+    /// `my_crate::users::Repo::get_user`).
     pub fn function(&self, name: &str) -> Option<Counts> {
         let mut found: Option<Counts> = None;
-        for (path, counts) in &self.functions {
+        for (path, counts) in self.functions.iter().chain(&self.writers) {
             let by_name = path
                 .strip_suffix(name)
                 .is_some_and(|rest| rest.ends_with("::"));
@@ -432,6 +440,7 @@ impl Recorder {
     pub(crate) fn snapshot(&self) -> Stats {
         let mut total = Counts::load_striped(&self.unattributed);
         let mut functions: BTreeMap<&'static str, Counts> = BTreeMap::new();
+        let mut writers: BTreeMap<&'static str, Counts> = BTreeMap::new();
         for (c, chunk) in self.functions.iter().enumerate() {
             let Some(chunk) = chunk.get() else { continue };
             for (slot, slots) in chunk.iter().enumerate() {
@@ -440,13 +449,15 @@ impl Recorder {
                     continue;
                 }
                 total.add(&counts);
-                let name = Function::name_of((c * CHUNK + slot) as u32);
-                functions.entry(name).or_default().add(&counts);
+                let (name, writer) = Function::name_of((c * CHUNK + slot) as u32);
+                let by_name = if writer { &mut writers } else { &mut functions };
+                by_name.entry(name).or_default().add(&counts);
             }
         }
         Stats {
             total,
             functions,
+            writers,
             local: LocalStats::default(),
         }
     }
