@@ -1,4 +1,4 @@
-//! Harness shared by the examples and the integration tests: a private
+//! Harness shared by the integration tests, the benchmarks and the service: a private
 //! `redis-server` on a free loopback port, without persistence, that a test
 //! can stop, restart, pause and inspect, a [`FaultProxy`] to put between it
 //! and the cache, and a [`history`] checker for read-your-writes.
@@ -9,7 +9,6 @@
 //! // stopped and its files removed when `server` is dropped
 //! ```
 
-pub mod bench_data;
 mod cluster;
 pub mod history;
 mod node;

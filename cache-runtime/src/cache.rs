@@ -374,7 +374,7 @@ impl CacheBuilder {
     /// so caches with and without compression read each other's entries;
     /// an uncompressed entry stays readable in `redis-cli`. A value that
     /// does not shrink is stored as it is. Measured in
-    /// `examples/compression.rs` (the guide's [operations](crate::guide::operations) page): a 64 KB JSON
+    /// `bench/src/bin/compression.rs` (the guide's [operations](crate::guide::operations) page): a 64 KB JSON
     /// value compresses 16× in about 10 µs and decompresses in about 3 µs.
     pub fn compress_above(mut self, bytes: usize) -> Self {
         self.compress_above = Some(bytes);
@@ -412,7 +412,7 @@ impl CacheBuilder {
     /// round trip each on a real network. `false` suits only a Redis on
     /// the same host, where coalescing small writes buys throughput (about
     /// 5 to 15 % more hits per second at 16 concurrent callers on loopback
-    /// in `examples/bench.rs`).
+    /// in `bench/src/bin/bench.rs`).
     pub fn tcp_nodelay(mut self, nodelay: bool) -> Self {
         self.tcp_nodelay = nodelay;
         self

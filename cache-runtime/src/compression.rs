@@ -9,7 +9,7 @@
 //! reads compressed ones. `redis-cli get` of an uncompressed entry stays
 //! readable JSON.
 //!
-//! Why lz4 and not zstd (`cargo run --release -p cache-harness --example compression`, JSON
+//! Why lz4 and not zstd (`cargo run --release -p cache-bench --bin compression`, JSON
 //! rows of a users table): on 64 KB, lz4 compresses in 9.5 µs and
 //! decompresses in 3.2 µs (16.5×), zstd level 1 in 19.4 and 7.8 µs
 //! (33.7×); on 1 KB, 0.4 and 0.1 µs against 2.8 and 1.4 µs. A cache

@@ -66,7 +66,7 @@ struct Copy {
 
 /// The clock of the copies' ends. `quanta` reads the CPU's time-stamp
 /// counter where that is reliable (the OS clock cost a local hit about a
-/// tenth of its time, measured in examples/bench.rs), and the OS clock
+/// tenth of its time, measured in bench/src/bin/bench.rs), and the OS clock
 /// where it is not.
 fn now() -> quanta::Instant {
     quanta::Instant::now()
@@ -168,7 +168,7 @@ impl LocalTier {
             .weigher(|_key: &String, copy: &Copy| copy.weight)
             // One TTL for every copy, the longest a copy may live: moka's
             // per-entry expiry costs a hit about a third more (measured in
-            // examples/bench.rs); each copy's own end is checked on a hit.
+            // bench/src/bin/bench.rs); each copy's own end is checked on a hit.
             .time_to_live(LONGEST_COPY)
             .build_with_hasher(foldhash::fast::RandomState::default());
         LocalTier {

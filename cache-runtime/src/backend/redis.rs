@@ -50,7 +50,7 @@ impl RedisBackend {
     ) -> Result<Self, CacheError> {
         let info = super::connection_info(url)?;
         // TCP_NODELAY by default: see `CacheBuilder::tcp_nodelay`. Found by
-        // examples/batch_bench.rs through a 1 ms proxy: a batch's ten
+        // bench/src/bin/batch_bench.rs through a 1 ms proxy: a batch's ten
         // concurrent lease commands went out one, then nine a round trip
         // later.
         let tcp = info.tcp_settings().clone().set_nodelay(nodelay);

@@ -24,6 +24,7 @@ use rand_distr::{Distribution, Zipf};
 
 use crate::db::{Db, User};
 
+/// Any failure of a run.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// How much load, of what shape.
@@ -74,19 +75,25 @@ impl CacheAt {
 /// What one arm did over all its rounds.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// The arm's name.
     pub name: &'static str,
+    /// Requests completed.
     pub requests: u64,
     /// Requests that failed (transport error or a 5xx).
     pub failed: u64,
+    /// Time under load.
     pub seconds: f64,
     /// Request latencies, ms, sorted.
     pub latencies: Vec<f64>,
     /// The same by kind of request (`KINDS`), sorted.
     pub latencies_by_kind: [Vec<f64>; 4],
+    /// SQL queries the database ran.
     pub sql_queries: u64,
-    /// Lookups answered by the cache, and all lookups (cached arms).
+    /// Lookups answered by the cache (cached arms).
     pub served: u64,
+    /// All lookups (cached arms).
     pub lookups: u64,
+    /// Reads checked against the renames.
     pub reads: usize,
     /// Reads older than a rename that had completed before they started.
     pub stale_reads: usize,
@@ -98,18 +105,22 @@ pub struct Report {
 }
 
 impl Report {
+    /// Requests per second.
     pub fn requests_per_second(&self) -> f64 {
         self.requests as f64 / self.seconds.max(1e-9)
     }
 
+    /// A latency percentile (`p` in 0..=1), ms.
     pub fn percentile(&self, p: f64) -> f64 {
         percentile(&self.latencies, p)
     }
 
+    /// SQL queries per second.
     pub fn sql_per_second(&self) -> f64 {
         self.sql_queries as f64 / self.seconds.max(1e-9)
     }
 
+    /// Served / lookups, for the cached arms.
     pub fn hit_ratio(&self) -> Option<f64> {
         (self.lookups > 0).then(|| self.served as f64 / self.lookups as f64)
     }

@@ -1,4 +1,4 @@
-//! The service example (`examples/service/`), short: the same axum + SQLite
+//! The service example (`src/`), short: the same axum + SQLite
 //! service served uncached, cached by attributes, and cached by a naive
 //! repository that renames around the cache, under one load generator
 //! (real HTTP over loopback). The cached arm must serve no stale read and
@@ -8,19 +8,6 @@
 //! One test runs both backends in turn: the cached repositories use the
 //! installed cache, which is process-wide.
 
-#[path = "../examples/service/cached.rs"]
-mod cached;
-#[path = "../examples/service/db.rs"]
-mod db;
-#[path = "../examples/service/http.rs"]
-mod http;
-#[path = "../examples/service/load.rs"]
-mod load;
-#[path = "../examples/service/observe.rs"]
-mod observe;
-#[path = "../examples/service/plain.rs"]
-mod plain;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +15,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cache_harness::RedisServer;
 
-use crate::db::{Db, RepoError, User, UserRepo};
-use crate::load::{Arm, CacheAt, Config, Report};
+use cache_service::db::{Db, RepoError, User, UserRepo};
+use cache_service::load::{Arm, CacheAt, Config, Report};
+use cache_service::{cached, http, load, observe, plain};
 
 /// The naive arm (test code only): reads through the cached repository,
 /// renames through the plain one, so nothing invalidates.
@@ -217,8 +205,8 @@ fn cached_repository_is_the_plain_one_plus_attributes() {
             .map(str::to_owned)
             .collect()
     };
-    let plain = include_str!("../examples/service/plain.rs");
-    let cached = include_str!("../examples/service/cached.rs");
+    let plain = include_str!("../src/plain.rs");
+    let cached = include_str!("../src/cached.rs");
     assert_eq!(code(cached, true), code(plain, false));
     assert_ne!(
         code(cached, false),

@@ -1,6 +1,6 @@
 //! What an operator of the service watches: the cache's metrics in
 //! Prometheus's text format (`GET /metrics`, with the `metrics` feature:
-//! `cargo run --release -p cache-harness --features metrics --example service`), and a
+//! `cargo run --release -p cache-service --features metrics`), and a
 //! warning in the log when a cached function's hit ratio stays below 70 %,
 //! where a cache is mostly overhead.
 
@@ -41,7 +41,7 @@ pub fn render() -> String {
     if let Some(handle) = prometheus() {
         return handle.render();
     }
-    "# built without the `metrics` feature: cargo run --release -p cache-harness --features metrics --example service\n"
+    "# built without the `metrics` feature: cargo run --release -p cache-service --features metrics\n"
         .to_owned()
 }
 

@@ -1,5 +1,5 @@
 //! The value the benchmarks cache: a row of a users table, about 1 KB of
-//! JSON (`examples/bench.rs`, `examples/json_decoders.rs`).
+//! JSON (`src/bin/bench.rs`, `src/bin/json_decoders.rs`).
 
 use serde::{Deserialize, Serialize};
 

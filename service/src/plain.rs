@@ -1,25 +1,21 @@
-//! The same repository with caching: `plain.rs` plus attributes, nothing
-//! else changed (a test checks it). Single and batch lookups share the
-//! entries `user:<id>`, ids that do not exist are cached for 5 s, and a
-//! rename deletes the entry after its `UPDATE` commits.
+//! The repository as the team wrote it, before caching. `cached.rs` is this
+//! file with attributes added and nothing else changed (a test checks it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use cache_runtime::{cached_impl, invalidates, redis_cached};
 
 use crate::db::{Db, RepoError, User, UserRepo, user_from_row};
 
 /// `UserRepo` on SQLite.
 pub struct SqliteUserRepo {
+    /// The database it reads and writes.
     pub db: Arc<Db>,
 }
 
-#[cached_impl]
 #[async_trait]
 impl UserRepo for SqliteUserRepo {
-    #[redis_cached(key = "user:<id>", ttl = 60, none_ttl = "5s", single_flight)]
     async fn user(&self, id: i64) -> Result<Option<User>, RepoError> {
         let row = sqlx::query("SELECT id, name, email, version FROM users WHERE id = ?")
             .bind(id)
@@ -28,7 +24,6 @@ impl UserRepo for SqliteUserRepo {
         Ok(row.as_ref().map(user_from_row).transpose()?)
     }
 
-    #[redis_cached(key = "user:<ids>", ttl = 60, none_ttl = "5s", batch)]
     async fn users(&self, ids: &[i64]) -> Result<HashMap<i64, User>, RepoError> {
         if ids.is_empty() {
             return Ok(HashMap::new());
@@ -49,7 +44,6 @@ impl UserRepo for SqliteUserRepo {
         Ok(users)
     }
 
-    #[invalidates(Self::user(id))]
     async fn rename(&self, id: i64, name: &str) -> Result<Option<User>, RepoError> {
         let row = sqlx::query(
             "UPDATE users SET name = ?, version = version + 1 WHERE id = ? \

@@ -18,8 +18,8 @@
 //! (rotating order).
 //!
 //! ```text
-//! cargo run --release -p cache-harness --example batch_bench
-//! BENCH_QUICK=1 cargo run --release -p cache-harness --example batch_bench
+//! cargo run --release -p cache-bench --bin batch_bench
+//! BENCH_QUICK=1 cargo run --release -p cache-bench --bin batch_bench
 //! ```
 
 use std::collections::HashMap;

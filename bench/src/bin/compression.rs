@@ -6,7 +6,7 @@
 //! decompress, measured in rounds with the arms interleaved.
 //!
 //! ```text
-//! cargo run --release -p cache-harness --example compression
+//! cargo run --release -p cache-bench --bin compression
 //! ```
 
 use std::hint::black_box;

@@ -21,9 +21,13 @@ use sqlx::sqlite::{
 /// A row of `users`. `version` goes up by one on every write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
+    /// The primary key.
     pub id: i64,
+    /// Changed by renames.
     pub name: String,
+    /// Unique.
     pub email: String,
+    /// Up by one on every write.
     pub version: i64,
 }
 

@@ -12,8 +12,8 @@
 //! port if one is installed; otherwise the in-process cache.
 //!
 //! ```text
-//! cargo run --release -p cache-harness --example service
-//! SERVICE_SECONDS=10 SERVICE_DB_LATENCY_MS=0 cargo run --release -p cache-harness --example service
+//! cargo run --release -p cache-service
+//! SERVICE_SECONDS=10 SERVICE_DB_LATENCY_MS=0 cargo run --release -p cache-service
 //! ```
 //!
 //! `SERVICE_SECONDS` (default 4) is each arm's time per round, in 2 rounds;
@@ -26,20 +26,14 @@
 //! excerpt of it; a function whose hit ratio stays below 70 % is warned
 //! about in either case.
 
-mod cached;
-mod db;
-mod http;
-mod load;
-mod observe;
-mod plain;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use cache_examples::example_backend;
 
-use crate::db::Db;
-use crate::load::{Arm, CacheAt, Config, Error};
+use cache_service::db::Db;
+use cache_service::load::{Arm, CacheAt, Config, Error};
+use cache_service::{cached, http, load, observe, plain};
 
 fn env_number(name: &str, default: u64) -> Result<u64, Error> {
     match std::env::var(name) {

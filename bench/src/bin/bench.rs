@@ -14,16 +14,16 @@
 //! a shared machine hits all arms alike.
 //!
 //! ```text
-//! cargo run --release -p cache-harness --example bench            # private redis-server
-//! REDIS_URL=redis://127.0.0.1:6379 cargo run --release -p cache-harness --example bench
-//! BENCH_QUICK=1 cargo run --release -p cache-harness --example bench   # fewer rounds
-//! BENCH_THROUGHPUT_ONLY=1 cargo run --release -p cache-harness --example bench   # A/B runs of the hot path
-//! BENCH_TRACING_AB=1 cargo run --release -p cache-harness --example bench   # what the call spans cost
-//! BENCH_READ_AB=1 cargo run --release -p cache-harness --example bench   # GET against the cache's GETRANGE
-//! BENCH_CLUSTER_ONLY=1 cargo run --release -p cache-harness --example bench      # the cluster arms alone
-//! BENCH_CLUSTER_ONLY=1 BENCH_THROUGHPUT_ONLY=1 cargo run --release -p cache-harness --example bench
-//! BENCH_CLUSTER_ONLY=1 BENCH_PROFILE_ARM=2 perf record -g target/release/examples/bench
-//! BENCH_CLUSTER_ONLY=1 BENCH_NAGLE=1 cargo run --release -p cache-harness --example bench  # TCP_NODELAY off
+//! cargo run --release -p cache-bench --bin bench            # private redis-server
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --release -p cache-bench --bin bench
+//! BENCH_QUICK=1 cargo run --release -p cache-bench --bin bench   # fewer rounds
+//! BENCH_THROUGHPUT_ONLY=1 cargo run --release -p cache-bench --bin bench   # A/B runs of the hot path
+//! BENCH_TRACING_AB=1 cargo run --release -p cache-bench --bin bench   # what the call spans cost
+//! BENCH_READ_AB=1 cargo run --release -p cache-bench --bin bench   # GET against the cache's GETRANGE
+//! BENCH_CLUSTER_ONLY=1 cargo run --release -p cache-bench --bin bench      # the cluster arms alone
+//! BENCH_CLUSTER_ONLY=1 BENCH_THROUGHPUT_ONLY=1 cargo run --release -p cache-bench --bin bench
+//! BENCH_CLUSTER_ONLY=1 BENCH_PROFILE_ARM=2 perf record -g target/release/bench
+//! BENCH_CLUSTER_ONLY=1 BENCH_NAGLE=1 cargo run --release -p cache-bench --bin bench  # TCP_NODELAY off
 //! ```
 //!
 //! `BENCH_PROFILE_ARM=N` runs cluster arm N (0-based) alone at c=64 for
@@ -62,7 +62,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 // ------------------------------------------------------------------ the data
 
-use cache_harness::bench_data::{User, row};
+use cache_bench::{User, row};
 
 #[derive(Debug)]
 struct DbError;

@@ -1,12 +1,12 @@
 //! Whether a faster JSON decoder is worth adopting: `serde_json` against
 //! `sonic-rs` and `simd-json` on the benchmark's ~1 KB value
-//! (`examples/bench.rs`), decoding the same bytes in interleaved rounds;
+//! (`bench/src/bin/bench.rs`), decoding the same bytes in interleaved rounds;
 //! then what the best one would change in a Redis hit, measured in the
 //! same run with a bare `GET` of those bytes and the hand-written
 //! cache-aside hit (GET + `serde_json` decode).
 //!
 //! ```text
-//! cargo run --release -p cache-harness --example json_decoders
+//! cargo run --release -p cache-bench --bin json_decoders
 //! ```
 
 use std::hint::black_box;
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-use cache_harness::bench_data::{User, row};
+use cache_bench::{User, row};
 
 /// One decoder of the benchmark's value.
 type Decode = fn(&[u8]) -> User;
