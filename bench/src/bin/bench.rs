@@ -1227,8 +1227,34 @@ mod cluster {
     const OP_TIMEOUT: Duration = Duration::from_millis(100);
     const NODE_TIMEOUT: Duration = Duration::from_millis(250);
 
-    async fn bounded<T>(call: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
-        tokio::time::timeout(OP_TIMEOUT, call).await?
+    /// Calls the bounded arms gave up at [`OP_TIMEOUT`] and answered from
+    /// the database instead, as a cache call fails open.
+    pub(super) static TIMED_OUT: AtomicU64 = AtomicU64::new(0);
+
+    /// `call` within [`OP_TIMEOUT`]; past it, `fallback` (the query), as a
+    /// cache call would run its body. A timed-out call is counted, not an
+    /// error: on a loaded 2-core machine the tail of 64 callers passes
+    /// 100 ms, and a benchmark that stopped there measured nothing.
+    async fn bounded<T, F: Future<Output = Result<T, Error>>>(
+        call: impl Future<Output = Result<T, Error>>,
+        fallback: impl FnOnce() -> F,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(OP_TIMEOUT, call).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                TIMED_OUT.fetch_add(1, Ordering::Relaxed);
+                fallback().await
+            }
+        }
+    }
+
+    /// The database's answer for a batch, for a bounded arm that timed out.
+    async fn query_batch(ids: &[u64]) -> Result<HashMap<u64, User>, Error> {
+        let mut users = HashMap::with_capacity(ids.len());
+        for &id in ids {
+            users.insert(id, query(1, id).await?);
+        }
+        Ok(users)
     }
 
     /// Keys of one batch: 10 ids 10 apart, so 10 different slots.
@@ -1266,7 +1292,8 @@ mod cluster {
                     }
                     1 => {
                         let mut conn = this.bounded.clone();
-                        black_box(bounded(hand_written(&mut conn, id)).await?);
+                        let call = hand_written(&mut conn, id);
+                        black_box(bounded(call, || async { Ok(query(1, id).await?) }).await?);
                     }
                     2 => {
                         black_box(ours(id).await?);
@@ -1278,7 +1305,7 @@ mod cluster {
                     4 => {
                         let ids = batch_ids(id);
                         let call = this.hand_written_batch(this.bounded.clone(), &ids);
-                        black_box(bounded(call).await?);
+                        black_box(bounded(call, || query_batch(&ids)).await?);
                     }
                     _ => {
                         black_box(ours_batch(&batch_ids(id)).await?);
@@ -1424,7 +1451,9 @@ mod cluster {
         println!(
             "Ratios: C1b and C2 to C1, C3b and C4 to C3. A batch call reads 10 keys in 10 slots \
              on the 3 primaries. The bounded arms pay what a cache call's bounds cost: a Tokio \
-             timer of {OP_TIMEOUT:?} per call and one of {NODE_TIMEOUT:?} per node request."
+             timer of {OP_TIMEOUT:?} per call and one of {NODE_TIMEOUT:?} per node request; \
+             {} of their calls passed {OP_TIMEOUT:?} and were answered by the query instead.",
+            TIMED_OUT.load(Ordering::Relaxed)
         );
         for row in rows
             .iter()
