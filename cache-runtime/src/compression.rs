@@ -9,12 +9,10 @@
 //! reads compressed ones. `redis-cli get` of an uncompressed entry stays
 //! readable JSON.
 //!
-//! Why lz4 and not zstd (`cargo run --release -p cache-bench --bin compression`, JSON
-//! rows of a users table): on 64 KB, lz4 compresses in 9.5 µs and
-//! decompresses in 3.2 µs (16.5×), zstd level 1 in 19.4 and 7.8 µs
-//! (33.7×); on 1 KB, 0.4 and 0.1 µs against 2.8 and 1.4 µs. A cache
-//! decompresses on every hit, so lz4's speed on the sizes worth
-//! compressing wins over zstd's ratio, and it needs no C library.
+//! Why lz4 and not zstd: see the table on the guide's
+//! [operations](crate::guide::operations) page. A cache decompresses on
+//! every hit, so lz4's speed on the sizes worth compressing wins over
+//! zstd's ratio, and it needs no C library.
 
 use crate::codec::CodecError;
 
