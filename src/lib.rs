@@ -252,10 +252,20 @@ macro_rules! on_every_backend {
 /// A cache on the shared cluster whose keys start with `name` and a number
 /// of this process, so that tests in parallel (and earlier runs) never see
 /// each other's keys.
+///
+/// Its op timeout (1 s) and replica wait (500 ms) are longer than the
+/// defaults (100 ms, 50 ms): the suites that use it check what a call or a
+/// write does, on two cores shared by a dozen tests in parallel, where a
+/// replica's acknowledgement sometimes takes longer than 50 ms. A write
+/// that is not acknowledged in time is retried in the background and its
+/// key read uncached until then (correct, but not what these suites
+/// count); `cluster_faults.rs` tests that on the defaults.
 pub async fn cluster_cache(name: &str) -> cache_runtime::Cache {
     let cluster = RedisCluster::shared();
     cache_runtime::Cache::builder()
         .cluster(cluster.seeds())
+        .op_timeout(Duration::from_secs(1))
+        .replica_wait(Duration::from_millis(500))
         .prefix(format!("{name}-{}", std::process::id()))
         .build()
         .await
