@@ -284,7 +284,7 @@ async fn a_dead_redis_runs_the_body_with_every_id() {
 
 #[tokio::test]
 async fn a_batch_dropped_mid_body_leaves_no_lease_and_no_flight() {
-    use cache_runtime::__private::{flights_in_use, pending_chores};
+    use cache_runtime::testing::{flights_in_use, pending_chores};
     let server = RedisServer::start();
     let cache = Cache::connect(&server.url()).await.unwrap();
     let repo = Repo::new(cache.clone());

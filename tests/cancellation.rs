@@ -29,7 +29,7 @@ use cache_harness::{
     Fault, FaultProxy, RedisCluster, RedisSentinel, RedisServer, Target, raw, raw_connection,
     wait_for,
 };
-use cache_runtime::__private::{backend_ops, flights_in_use, pending_chores, refresh_lock_key};
+use cache_runtime::testing::{backend_ops, flights_in_use, pending_chores, refresh_lock_key};
 use cache_runtime::{Cache, Counts, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 

@@ -433,7 +433,7 @@ async fn lost_invalidations() {
     });
     let durable = &arms[1].1;
     let drained = Instant::now();
-    while cache_runtime::__private::pending_chores(&durable.cache) > 0 {
+    while cache_runtime::testing::pending_chores(&durable.cache) > 0 {
         assert!(
             drained.elapsed() < Duration::from_secs(20),
             "the durable cache's retries did not land"
@@ -560,7 +560,7 @@ async fn faults(durable: bool) {
     println!(
         "failover: counters of shard_a: {:?}; clean-ups pending: {}",
         store.cache.stats().function("shard_a"),
-        cache_runtime::__private::pending_chores(&store.cache)
+        cache_runtime::testing::pending_chores(&store.cache)
     );
     println!("failover: hits on the failed shard resumed {resumed_after:?} s after the promotion");
     let (stale, at_rest) = store.check("failover").await;

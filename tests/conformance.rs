@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use cache_harness::on_every_backend;
-use cache_runtime::__private::{Fetched, backend_ops};
 use cache_runtime::Cache;
+use cache_runtime::testing::{Fetched, backend_ops};
 
 /// Time for an expiry to pass on a shared, busy machine.
 const EXPIRED: Duration = Duration::from_millis(120);

@@ -788,12 +788,12 @@ async fn an_outage_costs_bounded_tasks_chores_and_log_lines_whatever_the_call_ra
             done.unwrap();
         }
         calls += 16;
-        most_chores = most_chores.max(cache_runtime::__private::pending_chores(&cache));
+        most_chores = most_chores.max(cache_runtime::testing::pending_chores(&cache));
     }
     let lines = logs.text().lines().count();
     server.thaw();
     let thawed = Instant::now();
-    while cache_runtime::__private::pending_chores(&cache) > 0
+    while cache_runtime::testing::pending_chores(&cache) > 0
         && thawed.elapsed() < Duration::from_secs(10)
     {
         tokio::time::sleep(Duration::from_millis(10)).await;

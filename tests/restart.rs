@@ -193,7 +193,7 @@ async fn read_through_the_return(
     phase: &str,
     back_at: Instant,
 ) -> ([usize; 2], cache_runtime::Counts) {
-    while cache_runtime::__private::pending_chores(&store.cache) > 0 {
+    while cache_runtime::testing::pending_chores(&store.cache) > 0 {
         assert!(
             back_at.elapsed() < Duration::from_secs(30),
             "the invalidations were not delivered"

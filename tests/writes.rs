@@ -385,7 +385,7 @@ async fn a_write_while_redis_is_down_succeeds_without_waiting() {
     tokio::time::sleep(Duration::from_secs(9)).await;
     let writer = users.cache.stats().function("rename").unwrap();
     assert_eq!((writer.invalidations, writer.lost_invalidations), (0, 0));
-    assert!(cache_runtime::__private::pending_chores(&users.cache) >= 1);
+    assert!(cache_runtime::testing::pending_chores(&users.cache) >= 1);
     server.restart();
     let (writer, waited) = writer_stats_once(&users, "rename", |c| c.invalidations > 0).await;
     println!(

@@ -41,9 +41,7 @@ mod memory;
 mod redis;
 mod sentinel;
 
-#[cfg(test)]
-pub(crate) use self::cluster::slot_of;
-pub(crate) use self::cluster::{ClusterBackend, hash_tag};
+pub(crate) use self::cluster::ClusterBackend;
 pub(crate) use self::commands::{Durability, Wanted};
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
@@ -237,6 +235,15 @@ impl ::redis::aio::ConnectionLike for Conn {
             Conn::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// The same server, spoken to in RESP3 (push messages need it).
+pub(crate) fn resp3(info: ::redis::ConnectionInfo) -> ::redis::ConnectionInfo {
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(::redis::ProtocolVersion::RESP3);
+    info.set_redis_settings(settings)
 }
 
 impl Backend {
@@ -451,16 +458,6 @@ impl Backend {
             Backend::Redis(r) => r.delete_durably(keys).await,
             Backend::Sentinel(s) => s.delete_durably(keys).await,
             Backend::Cluster(c) => c.delete_durably(keys).await,
-            Backend::Memory(m) => Ok(m.delete(keys)),
-        }
-    }
-
-    pub(crate) async fn delete(&self, keys: &[String]) -> Result<u64, CacheError> {
-        let _timer = self.timer(Operation::Delete);
-        match self {
-            Backend::Redis(r) => r.delete(keys).await,
-            Backend::Sentinel(s) => s.delete(keys).await,
-            Backend::Cluster(c) => c.delete(keys).await,
             Backend::Memory(m) => Ok(m.delete(keys)),
         }
     }

@@ -442,6 +442,7 @@ impl CacheBuilder {
     /// Turns off the replay of recent invalidations on a new Sentinel
     /// primary. For tests: the deployment test shows the stale reads a
     /// failover causes without it.
+    #[cfg(feature = "__testing")]
     #[doc(hidden)]
     pub fn without_sentinel_fence(mut self) -> Self {
         self.sentinel_fence = false;
@@ -451,6 +452,7 @@ impl CacheBuilder {
     /// Plays a host whose wall clock is `offset_millis` ahead (or, if
     /// negative, behind). For tests: no decision of the cache reads the
     /// wall clock, and the clock-skew test checks that it stays so.
+    #[cfg(feature = "__testing")]
     #[doc(hidden)]
     pub fn wall_clock_offset(mut self, offset_millis: i64) -> Self {
         self.clock = WallClock { offset_millis };
@@ -1143,7 +1145,7 @@ impl Cache {
     /// cannot be encoded or is larger than the configured maximum.
     pub(crate) fn encode_for_store<V: Serialize + ?Sized>(
         &self,
-        function: Option<&'static crate::site::Function>,
+        function: Option<&'static crate::stats::Function>,
         key: &str,
         value: &V,
     ) -> Option<Vec<u8>> {

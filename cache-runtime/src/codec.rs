@@ -17,21 +17,32 @@ pub enum Codec {
     MessagePack,
 }
 
-/// A value could not be encoded or decoded.
+/// A value could not be encoded or decoded. The codec library's own error
+/// is its `source()`: no type of `serde_json` or `rmp-serde` is part of
+/// this API.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CodecError {
-    /// JSON encoding or decoding failed.
-    #[error("JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    /// MessagePack encoding failed.
-    #[cfg(feature = "msgpack")]
-    #[error("MessagePack encode: {0}")]
-    MessagePackEncode(#[from] rmp_serde::encode::Error),
-    /// MessagePack decoding failed.
-    #[cfg(feature = "msgpack")]
-    #[error("MessagePack decode: {0}")]
-    MessagePackDecode(#[from] rmp_serde::decode::Error),
+    /// The value could not be encoded (its `Serialize` impl failed, or the
+    /// codec cannot represent it, such as a JSON map with non-string keys).
+    #[error("{codec:?} encoding failed: {source}")]
+    Encode {
+        /// The codec.
+        codec: Codec,
+        /// The codec library's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The bytes are not a value of the type in this codec (written by
+    /// another codec or another version of the type, or garbage).
+    #[error("{codec:?} decoding failed: {source}")]
+    Decode {
+        /// The codec.
+        codec: Codec,
+        /// The codec library's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A compressed entry (`CacheBuilder::compress_above`) did not
     /// decompress.
     #[error("compression: {0}")]
@@ -41,19 +52,27 @@ pub enum CodecError {
 impl Codec {
     /// Encodes a value.
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>, CodecError> {
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| CodecError::Encode {
+            codec: self,
+            source,
+        };
         match self {
-            Codec::Json => Ok(serde_json::to_vec(value)?),
+            Codec::Json => serde_json::to_vec(value).map_err(|e| failed(e.into())),
             #[cfg(feature = "msgpack")]
-            Codec::MessagePack => Ok(rmp_serde::to_vec_named(value)?),
+            Codec::MessagePack => rmp_serde::to_vec_named(value).map_err(|e| failed(e.into())),
         }
     }
 
     /// Decodes a value; any malformed input is an error, never a panic.
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| CodecError::Decode {
+            codec: self,
+            source,
+        };
         match self {
-            Codec::Json => Ok(serde_json::from_slice(bytes)?),
+            Codec::Json => serde_json::from_slice(bytes).map_err(|e| failed(e.into())),
             #[cfg(feature = "msgpack")]
-            Codec::MessagePack => Ok(rmp_serde::from_slice(bytes)?),
+            Codec::MessagePack => rmp_serde::from_slice(bytes).map_err(|e| failed(e.into())),
         }
     }
 }

@@ -117,11 +117,7 @@ impl CacheError {
     /// node while one primary is being replaced opened the breakers of all
     /// of them for a cool-down).
     pub(crate) fn counts_for_breaker(&self) -> bool {
-        match self {
-            CacheError::Timeout(_) | CacheError::CircuitOpen => true,
-            CacheError::Redis(e) => e.is_unreachable() || e.is_rejected_credentials(),
-            _ => false,
-        }
+        self.is_unavailable() && !matches!(self, CacheError::Redis(e) if e.is_refusal())
     }
 
     /// Whether the operation may have been applied although it failed: it

@@ -293,6 +293,7 @@ impl Flights {
 
     /// Flights and gates in use: 0 once no call is under way (landed
     /// answers that linger are not in use).
+    #[cfg(any(test, feature = "__testing"))]
     pub(crate) fn len(&self) -> usize {
         let pending = self
             .in_flight

@@ -42,8 +42,8 @@ use tokio::sync::mpsc;
 
 use crate::cache::{Cache, Inner};
 use crate::error::CacheError;
-use crate::site::Function;
 use crate::stats::Event;
+use crate::stats::Function;
 
 /// Chores kept at most, queued and waiting for a retry: distinct keys for
 /// invalidations (a key's writes share one).
@@ -374,6 +374,7 @@ impl Cache {
     }
 
     /// Chores submitted to the janitor and not finished yet.
+    #[cfg(feature = "__testing")]
     pub(crate) fn pending_chores(&self) -> usize {
         self.inner.janitor.pending.load(Ordering::SeqCst)
     }

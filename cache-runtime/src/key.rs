@@ -474,7 +474,7 @@ fn bound_length(key: &mut String) {
 /// every key the cache touches does: an ACL user fenced to `~app:*` may
 /// take it, and `SCAN app:*` finds it.
 pub(crate) fn refresh_lock_key(prefix: Option<&str>, key: &str) -> String {
-    if crate::backend::hash_tag(key.as_bytes()).is_some() || key.contains('}') {
+    if crate::slot::hash_tag(key.as_bytes()).is_some() || key.contains('}') {
         format!("{key}\0refresh")
     } else {
         match prefix {
@@ -619,7 +619,7 @@ mod tests {
 
     #[test]
     fn the_refresh_lock_is_in_the_slot_of_its_key() {
-        use crate::backend::slot_of;
+        use crate::slot::slot_of;
         for key in [
             "user:42",
             "svc:user:42",

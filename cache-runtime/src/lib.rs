@@ -84,6 +84,7 @@ mod log_limit;
 mod lookup;
 mod outcome;
 mod site;
+mod slot;
 mod stats;
 mod tracking;
 mod write;
@@ -92,6 +93,9 @@ pub(crate) use log_limit::limited;
 
 #[doc(hidden)]
 pub mod __private;
+#[cfg(feature = "__testing")]
+#[doc(hidden)]
+pub mod testing;
 
 /// The guide: how each part works, what it promises with the default
 /// settings, and what it leaves open. One page per concern; their examples

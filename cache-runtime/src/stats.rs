@@ -11,11 +11,98 @@
 //! number of body runs the cache started.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use crate::local::LocalStats;
-use crate::site::Function;
+
+/// The next [`Function::id`]; ids start at 1 so that 0 can mean "not yet".
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+/// Function names by id, and whether each is a write function, for
+/// statistics.
+static NAMES: Mutex<Vec<(&'static str, bool)>> = Mutex::new(Vec::new());
+
+/// An annotated function (`#[redis_cached]`, `#[invalidates]`,
+/// `#[cache_put]`) as statistics know it: its path and a small id.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Function {
+    name: &'static str,
+    /// `#[invalidates]` / `#[cache_put]`: its counters are
+    /// [`Stats::writers`](crate::Stats::writers), not lookups.
+    writer: bool,
+    /// A small number unique to this function in the process, assigned on
+    /// first use: where its counters are, without a map lookup per call.
+    id: AtomicU32,
+    /// Its `metrics` counters by event, registered on first use.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::stats::MetricHandles,
+}
+
+impl Function {
+    /// A cached function's, made by generated code: `module::path::fn_name`
+    /// (`module::Type::method`, `module::<Type as Trait>::method`).
+    pub const fn new(name: &'static str) -> Self {
+        Function {
+            name,
+            writer: false,
+            id: AtomicU32::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: crate::stats::MetricHandles::new(),
+        }
+    }
+
+    /// A write function's (`#[invalidates]`, `#[cache_put]`).
+    pub const fn writer(name: &'static str) -> Self {
+        Function {
+            name,
+            writer: true,
+            id: AtomicU32::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: crate::stats::MetricHandles::new(),
+        }
+    }
+
+    /// `module::path::fn_name`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// This function's id: 1, 2, ... in the order functions are first used.
+    #[inline]
+    pub(crate) fn id(&self) -> u32 {
+        match self.id.load(Ordering::Relaxed) {
+            0 => self.assign_id(),
+            id => id,
+        }
+    }
+
+    #[cold]
+    fn assign_id(&self) -> u32 {
+        // Under the lock, so that ids and names stay in step.
+        let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = self.id.load(Ordering::Relaxed);
+        if id != 0 {
+            return id;
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        names.resize(id as usize + 1, ("", false));
+        names[id as usize] = (self.name, self.writer);
+        self.id.store(id, Ordering::Relaxed);
+        id
+    }
+
+    /// The name of the function with id `id`, and whether it is a write
+    /// function.
+    pub(crate) fn name_of(id: u32) -> (&'static str, bool) {
+        NAMES
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id as usize)
+            .copied()
+            .unwrap_or(("", false))
+    }
+}
 
 macro_rules! counters {
     ($( $(#[doc = $doc:literal])* $event:ident => $field:ident, )*) => {
@@ -350,6 +437,7 @@ impl Counts {
 
 /// A snapshot of a cache's counters, from [`Cache::stats`](crate::Cache::stats).
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Stats {
     /// All operations of the cache.
     pub total: Counts,

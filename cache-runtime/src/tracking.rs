@@ -115,7 +115,7 @@ impl std::fmt::Debug for Tracking {
 }
 
 impl Tracking {
-    /// A [`Source::Server`] client must speak RESP3 (see [`resp3`]). With
+    /// A [`Source::Server`] client must speak RESP3 (see `backend::resp3`). With
     /// a `channel`, the connection subscribes to it (a broadcast) instead
     /// of tracking.
     pub(crate) fn new(tier: Arc<LocalTier>, source: Source, channel: Option<String>) -> Self {
@@ -306,15 +306,6 @@ impl Connection {
             _ => true,
         }
     }
-}
-
-/// The same server, spoken to in RESP3 (push messages need it).
-pub(crate) fn resp3(info: redis::ConnectionInfo) -> redis::ConnectionInfo {
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(redis::ProtocolVersion::RESP3);
-    info.set_redis_settings(settings)
 }
 
 /// Opens the tracking connection, publishes it, watches it, and when it is

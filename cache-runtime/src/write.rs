@@ -15,8 +15,8 @@ use crate::error::CacheError;
 use crate::janitor::Chore;
 use crate::key::CacheKey;
 use crate::local::LocalTier;
-use crate::site::Function;
 use crate::stats::Event;
+use crate::stats::Function;
 use crate::tracking::Tracking;
 
 impl Cache {

@@ -33,28 +33,12 @@ use super::Fetched;
 use super::commands::{self, Durability, DurablePool, ReplicaCount, Wanted};
 use crate::breaker::Breaker;
 use crate::error::CacheError;
+use crate::slot::{SLOTS, slot_of};
 
-const SLOTS: usize = 16384;
 const NO_NODE: u16 = u16::MAX;
 /// How old the slot map may get while calls come before it is read again.
 const REFRESH_EVERY: Duration = Duration::from_secs(5);
 const NEVER: u64 = u64::MAX;
-
-/// The slot of a key, as Redis Cluster computes it: CRC16 (XMODEM) of the
-/// key's hash tag (the text between the first `{` and the next `}`, if not
-/// empty), or of the whole key.
-pub(crate) fn slot_of(key: &[u8]) -> u16 {
-    let hashed = hash_tag(key).unwrap_or(key);
-    crc16::State::<crc16::XMODEM>::calculate(hashed) % (SLOTS as u16)
-}
-
-/// The hash tag of a key, if it has one.
-pub(crate) fn hash_tag(key: &[u8]) -> Option<&[u8]> {
-    let open = key.iter().position(|&b| b == b'{')?;
-    let close = key[open + 1..].iter().position(|&b| b == b'}')?;
-    let tag = &key[open + 1..open + 1 + close];
-    (!tag.is_empty()).then_some(tag)
-}
 
 /// Distinct primaries whose breakers one cache keeps (over its lifetime);
 /// keys of any more share the breaker of unknown primaries.
@@ -280,7 +264,7 @@ impl ClusterBackend {
     /// A RESP3 client of the node at `addr` (`host:port`), with the seeds'
     /// credentials and TLS, for the local tier's tracking connection to it.
     pub(crate) fn node_client(&self, addr: &str) -> Result<redis::Client, CacheError> {
-        let info = crate::tracking::resp3(self.node_info(addr)?);
+        let info = super::resp3(self.node_info(addr)?);
         super::client(info, self.shared.tls.as_ref())
     }
 
@@ -988,17 +972,6 @@ impl redis::aio::ConnectionLike for OnPrimaryOf<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_match_the_redis_cluster_specification() {
-        // Examples from the Redis Cluster specification and `CLUSTER KEYSLOT`.
-        // CRC16/XMODEM check value of "123456789" is 0x31C3.
-        assert_eq!(slot_of(b"123456789"), 0x31C3);
-        assert_eq!(slot_of(b"foo"), 12182);
-        assert_eq!(slot_of(b"{user1000}.following"), slot_of(b"user1000"));
-        assert_eq!(slot_of(b"foo{{bar}}zap"), slot_of(b"{bar"));
-        assert_eq!(slot_of(b"foo{bar}{zap}"), slot_of(b"bar"));
-    }
 
     #[test]
     fn replicas_are_counted_by_primary_whatever_their_health() {

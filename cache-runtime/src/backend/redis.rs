@@ -55,7 +55,7 @@ impl RedisBackend {
         // later.
         let tcp = info.tcp_settings().clone().set_nodelay(nodelay);
         let info = info.set_tcp_settings(tcp);
-        let tracking_client = Box::new(super::client(crate::tracking::resp3(info.clone()), tls)?);
+        let tracking_client = Box::new(super::client(super::resp3(info.clone()), tls)?);
         let client = super::client(info, tls)?;
         let conn = ArcSwap::from_pointee(Self::manager(&client)?);
         let durable = match durability {

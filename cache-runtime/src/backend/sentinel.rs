@@ -278,7 +278,7 @@ impl SentinelBackend {
         &self,
     ) -> Result<(redis::Client, PrimaryInUse), CacheError> {
         let primary = self.resolver.primary().await.map_err(CacheError::redis)?;
-        let info = crate::tracking::resp3(primary.client_info.clone());
+        let info = super::resp3(primary.client_info.clone());
         let client = super::client(info, self.resolver.tls.as_ref())?;
         Ok((client, PrimaryInUse(primary)))
     }
