@@ -42,13 +42,29 @@ mod redis;
 mod sentinel;
 
 pub(crate) use self::cluster::ClusterBackend;
+
+/// How every Redis backend connects, settled once by `CacheBuilder`.
+pub(crate) struct ConnectOptions<'a> {
+    /// `TCP_NODELAY` (`CacheBuilder::tcp_nodelay`).
+    pub(crate) nodelay: bool,
+    /// What writes wait for (`CacheBuilder::write_durability`).
+    pub(crate) durability: Option<Durability>,
+    /// `rediss://` settings (feature `tls`).
+    pub(crate) tls: Option<&'a Tls>,
+    /// The op timeout: a cluster's clients answer within it.
+    pub(crate) op_timeout: Duration,
+    /// Failures before a breaker opens, and its cool-down: a cluster keeps
+    /// one breaker per primary.
+    pub(crate) breaker: (u32, Duration),
+}
 pub(crate) use self::commands::{Durability, Wanted};
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
-pub(crate) use self::sentinel::{PrimaryInUse, SentinelAuth, SentinelBackend};
+pub(crate) use self::sentinel::{PrimaryInUse, SentinelAuth, SentinelBackend, SentinelService};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::breaker::Breaker;
 use crate::error::CacheError;

@@ -11,8 +11,8 @@ use futures_util::future::join_all;
 use serde::Serialize;
 
 use crate::backend::{
-    Backend, BreakerRef, ClusterBackend, Durability, Fetched, MemoryBackend, RedisBackend,
-    SentinelAuth, SentinelBackend, Tls, Wanted,
+    Backend, BreakerRef, ClusterBackend, ConnectOptions, Durability, Fetched, MemoryBackend,
+    RedisBackend, SentinelAuth, SentinelBackend, SentinelService, Tls, Wanted,
 };
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
@@ -486,84 +486,58 @@ impl CacheBuilder {
             return Err(CacheError::InvalidPrefix(prefix.clone()));
         }
         let breaker = self.breaker();
+        let options = ConnectOptions {
+            nodelay: self.tcp_nodelay,
+            durability: self.durability(),
+            tls: self.tls.as_ref(),
+            op_timeout: self.op_timeout,
+            breaker: (self.breaker_failures, self.breaker_cooldown),
+        };
+        // Connect now so that the first calls are served, but never fail
+        // start-up on it: see `first_contact`.
+        let first_contact_within = self.op_timeout.max(FIRST_CONTACT);
         let backend = match self.backend.take() {
             None => return Err(CacheError::NoBackend),
             Some(BackendChoice::Memory { capacity_bytes }) => {
                 Backend::Memory(MemoryBackend::new(capacity_bytes))
             }
             Some(BackendChoice::Url(url)) => {
-                let redis = RedisBackend::new(
-                    &url,
-                    self.tcp_nodelay,
-                    self.durability(),
-                    self.tls.as_ref(),
-                )?;
-                // Connect now so that the first calls are served, but never
-                // fail start-up on it.
-                let first_contact = self.op_timeout.max(FIRST_CONTACT);
-                match tokio::time::timeout(first_contact, redis.ping()).await {
-                    Ok(Ok(())) => tracing::debug!("connected to Redis"),
-                    Ok(Err(error)) if error.is_rejected_credentials() => {
-                        log_rejected_credentials(&error, 0);
-                        breaker.record_failure(true);
-                    }
-                    outcome => {
-                        let reason = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer within {first_contact:?}"),
-                        };
-                        tracing::warn!(%reason, "Redis is not reachable yet; calls run uncached until it is");
-                        breaker.record_failure(true);
-                    }
-                }
+                let redis = RedisBackend::new(&url, &options)?;
+                first_contact("Redis", &breaker, first_contact_within, redis.ping()).await;
                 Backend::Redis(redis)
             }
             Some(BackendChoice::Sentinel { service, sentinels }) => {
-                let sentinel = SentinelBackend::new(
-                    &service,
-                    &sentinels,
-                    self.tcp_nodelay,
-                    self.durability(),
-                    self.tls.as_ref(),
-                    self.sentinel_auth.as_ref(),
-                    self.sentinel_fence,
-                )?;
-                let first_contact = self.op_timeout.max(FIRST_CONTACT);
-                match tokio::time::timeout(first_contact, sentinel.connect()).await {
-                    Ok(Ok(())) => tracing::debug!(%service, "connected to the Sentinel primary"),
-                    outcome => {
-                        let reason = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer within {first_contact:?}"),
-                        };
-                        tracing::warn!(%service, %reason, "the Sentinel primary is not reachable yet; calls run uncached until it is");
-                        breaker.record_failure(true);
-                    }
-                }
+                let named = SentinelService {
+                    name: &service,
+                    sentinels: &sentinels,
+                    auth: self.sentinel_auth.as_ref(),
+                    fence: self.sentinel_fence,
+                };
+                let sentinel = SentinelBackend::new(&named, &options)?;
+                let contact = sentinel.connect();
+                first_contact(
+                    "the Sentinel primary",
+                    &breaker,
+                    first_contact_within,
+                    contact,
+                )
+                .await;
                 Backend::Sentinel(sentinel)
             }
             Some(BackendChoice::Cluster(seeds)) => {
                 if seeds.is_empty() {
                     return Err(CacheError::NoBackend);
                 }
-                let cluster = ClusterBackend::new(
-                    &seeds,
-                    self.tcp_nodelay,
-                    self.op_timeout,
-                    (self.breaker_failures, self.breaker_cooldown),
-                    self.durability(),
-                    self.tls.as_ref(),
-                )?;
-                // Read the slot map and connect to the primaries now, so
-                // that the first calls are served, but never fail start-up
-                // on it. Once a node has answered, connecting gets longer:
-                // TLS handshakes with every node of a busy cluster are
-                // slow, and would otherwise be paid by the first calls.
-                let first_contact = self.op_timeout.max(FIRST_CONTACT);
-                let connecting = self.op_timeout.max(Duration::from_secs(3));
-                match tokio::time::timeout(first_contact, cluster.refresh()).await {
-                    Ok(Ok(())) => match tokio::time::timeout(connecting, cluster.warm_up()).await {
-                        Ok(Ok(())) => tracing::debug!("connected to the Redis Cluster"),
+                let cluster = ClusterBackend::new(&seeds, &options)?;
+                // The slot map first; then every primary. Once a node has
+                // answered, connecting gets longer: TLS handshakes with
+                // every node of a busy cluster are slow, and would
+                // otherwise be paid by the first calls.
+                let refresh = cluster.refresh();
+                if first_contact("Redis Cluster", &breaker, first_contact_within, refresh).await {
+                    let connecting = self.op_timeout.max(Duration::from_secs(3));
+                    match tokio::time::timeout(connecting, cluster.warm_up()).await {
+                        Ok(Ok(())) => tracing::debug!("connected to every primary"),
                         outcome => {
                             let reason = match outcome {
                                 Ok(Err(e)) => e.to_string(),
@@ -571,14 +545,6 @@ impl CacheBuilder {
                             };
                             tracing::warn!(%reason, "Redis Cluster answered, but connecting to its primaries is slow; the first calls may run uncached");
                         }
-                    },
-                    outcome => {
-                        let reason = match outcome {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => format!("no answer within {first_contact:?}"),
-                        };
-                        tracing::warn!(%reason, "Redis Cluster is not reachable yet; calls run uncached until it is");
-                        breaker.record_failure(true);
                     }
                 }
                 Backend::Cluster(cluster)
@@ -1193,6 +1159,34 @@ impl Cache {
             None => key.into_string(),
         }
     }
+}
+
+/// Waits for a new backend's first answer (`contact`), at most `within`.
+/// Start-up never fails on it: a cache whose server does not answer yet
+/// starts with its breaker open and runs calls uncached until the server
+/// does. Whether it answered.
+async fn first_contact(
+    what: &'static str,
+    breaker: &Breaker,
+    within: Duration,
+    contact: impl Future<Output = Result<(), CacheError>>,
+) -> bool {
+    match tokio::time::timeout(within, contact).await {
+        Ok(Ok(())) => {
+            tracing::debug!(what, "connected");
+            return true;
+        }
+        Ok(Err(error)) if error.is_rejected_credentials() => log_rejected_credentials(&error, 0),
+        outcome => {
+            let reason = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {within:?}"),
+            };
+            tracing::warn!(%reason, "{what} is not reachable yet; calls run uncached until it is");
+        }
+    }
+    breaker.record_failure(true);
+    false
 }
 
 fn log_rejected_credentials(error: &CacheError, suppressed: u64) {

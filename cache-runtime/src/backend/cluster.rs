@@ -30,7 +30,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 use super::Fetched;
-use super::commands::{self, Durability, DurablePool, ReplicaCount, Wanted};
+use super::commands::{self, DurablePool, ReplicaCount, Wanted};
 use crate::breaker::Breaker;
 use crate::error::CacheError;
 use crate::slot::{SLOTS, slot_of};
@@ -123,12 +123,15 @@ impl ClusterBackend {
     /// Must be called inside a Tokio runtime.
     pub(crate) fn new(
         seeds: &[String],
-        nodelay: bool,
-        op_timeout: Duration,
-        breaker_config: (u32, Duration),
-        durability: Option<Durability>,
-        tls: Option<&super::Tls>,
+        options: &super::ConnectOptions<'_>,
     ) -> Result<Self, CacheError> {
+        let super::ConnectOptions {
+            nodelay,
+            durability,
+            tls,
+            op_timeout,
+            breaker: breaker_config,
+        } = *options;
         let mut infos = Vec::with_capacity(seeds.len());
         for seed in seeds {
             infos.push(super::connection_info(seed)?);

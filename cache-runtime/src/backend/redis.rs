@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::Fetched;
-use super::commands::{self, Durability, DurablePool, Wanted};
+use super::commands::{self, DurablePool, Wanted};
 use crate::error::CacheError;
 
 pub(crate) struct RedisBackend {
@@ -42,12 +42,13 @@ impl RedisBackend {
     /// Parses the URL and prepares a connection without opening it: the
     /// first command connects, so a server that is down does not stop the
     /// service from starting. Must be called inside a Tokio runtime.
-    pub(crate) fn new(
-        url: &str,
-        nodelay: bool,
-        durability: Option<Durability>,
-        tls: Option<&super::Tls>,
-    ) -> Result<Self, CacheError> {
+    pub(crate) fn new(url: &str, options: &super::ConnectOptions<'_>) -> Result<Self, CacheError> {
+        let super::ConnectOptions {
+            nodelay,
+            durability,
+            tls,
+            ..
+        } = *options;
         let info = super::connection_info(url)?;
         // TCP_NODELAY by default: see `CacheBuilder::tcp_nodelay`. Found by
         // bench/src/bin/batch_bench.rs through a 1 ms proxy: a batch's ten

@@ -47,6 +47,19 @@ use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Redis
 
 use super::commands::{self, Durability, DurablePool, Wanted};
 
+/// A Sentinel service as `CacheBuilder::sentinel` names it.
+#[derive(Clone, Copy)]
+pub(crate) struct SentinelService<'a> {
+    /// The service name the sentinels monitor (`mymaster`).
+    pub(crate) name: &'a str,
+    /// The sentinels' URLs.
+    pub(crate) sentinels: &'a [String],
+    /// The sentinels' own credentials, if any.
+    pub(crate) auth: Option<&'a SentinelAuth>,
+    /// Whether a new primary gets the fence (off only in tests).
+    pub(crate) fence: bool,
+}
+
 /// The credentials of the sentinels themselves (not of the nodes).
 #[derive(Clone)]
 pub(crate) struct SentinelAuth {
@@ -165,14 +178,21 @@ impl SentinelBackend {
     /// `rediss://` URL makes every connection TLS, to the sentinels and to
     /// the nodes, with the builder's certificates.
     pub(crate) fn new(
-        service: &str,
-        sentinels: &[String],
-        nodelay: bool,
-        durability: Option<Durability>,
-        tls: Option<&super::Tls>,
-        auth: Option<&SentinelAuth>,
-        fence: bool,
+        service: &SentinelService<'_>,
+        options: &super::ConnectOptions<'_>,
     ) -> Result<Self, CacheError> {
+        let SentinelService {
+            name: service,
+            sentinels,
+            auth,
+            fence,
+        } = *service;
+        let super::ConnectOptions {
+            nodelay,
+            durability,
+            tls,
+            ..
+        } = *options;
         let infos = sentinels
             .iter()
             .map(|url| super::connection_info(url))
