@@ -35,7 +35,7 @@ use serde::de::DeserializeOwned;
 use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::error::CacheError;
-use crate::flight::{Handed, Joiner, Landing, Leader, Role};
+use crate::flight::{Handed, Joiner, Leader, Role, look_again};
 use crate::lease::{self, Found, HeldLease, Take, Taken};
 use crate::local::LocalHit;
 use crate::lookup::{Leased, Run};
@@ -455,13 +455,6 @@ fn map_of<M: BatchMap>(found: Vec<(M::Key, M::Value)>) -> M {
         map.put(id, value);
     }
     map
-}
-
-/// A leader that did not compute tells its waiters to read the key.
-fn look_again(leader: Option<Leader<'_>>) {
-    if let Some(leader) = leader {
-        leader.land(Landing::LookAgain);
-    }
 }
 
 /// One key of a batch after its read.

@@ -864,19 +864,35 @@ impl Cache {
             }
             return Ok(values);
         }
-        let mut values = vec![Fetched::Absent; keys.len()];
         // Which primary failed is not known: each part again, on its own
         // and under its breaker, so that the failure counts where it
         // belongs and the other parts still serve. A batch that meets a
         // stalled primary before its breaker opens waits two op timeouts.
+        self.read_parts(keys, groups).await
+    }
+
+    /// [`Cache::read_many`] of each part of `keys` (`groups`: the places of
+    /// one primary's keys, with its breaker) on its own, concurrently; the
+    /// keys of a part that failed read as absent, unless all failed.
+    async fn read_parts(
+        &self,
+        keys: &[String],
+        groups: Vec<(BreakerRef<'_>, Vec<usize>)>,
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        let inner = &*self.inner;
         let reads = join_all(groups.into_iter().map(|(breaker, indices)| async move {
             let part: Vec<String> = indices.iter().map(|&at| keys[at].clone()).collect();
             let read = self
-                .run(breaker, inner.backend.get_many(&part, limit), true)
+                .run(
+                    breaker,
+                    inner.backend.get_many(&part, inner.read_limit),
+                    true,
+                )
                 .await;
             (indices, read)
         }))
         .await;
+        let mut values = vec![Fetched::Absent; keys.len()];
         let mut last_error = None;
         let mut any_read = false;
         for (indices, read) in reads {

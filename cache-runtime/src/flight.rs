@@ -304,6 +304,14 @@ impl Flights {
     }
 }
 
+/// A leader that found the value (or did not compute) tells its waiters,
+/// if it leads any, to read the key themselves.
+pub(crate) fn look_again(leader: Option<Leader<'_>>) {
+    if let Some(leader) = leader {
+        leader.land(Landing::LookAgain);
+    }
+}
+
 impl Leader<'_> {
     /// The tickets drawn so far. Read it just before sending the command
     /// whose success proves the value fresh, and land with it.

@@ -465,32 +465,7 @@ async fn work(mut worker: Worker) {
         let Some(inner) = worker.cache.upgrade() else {
             return;
         };
-        // While a clear is to come, it goes first (see below), and the
-        // invalidations wait for it.
-        let cache = Cache { inner };
-        let clearing = cache.has_prefix() && cache.inner.janitor.is_suspect();
-        let suspect = suspicion_due(&cache, worker.clear_due);
-        drop(cache);
-        let mut next = worker
-            .pending
-            .iter()
-            .filter(|p| !(clearing && matches!(p.chore, Chore::Invalidate { .. })))
-            .map(|p| p.due)
-            .min();
-        if worker.epoch.is_some()
-            && worker
-                .pending
-                .iter()
-                .any(|p| matches!(p.chore, Chore::Invalidate { .. }))
-        {
-            // Looks at the primaries now and then (below).
-            let soon = Instant::now() + WHILE_A_SHARD_IS_DOWN;
-            next = Some(next.map_or(soon, |next| next.min(soon)));
-        }
-        next = match (next, suspect) {
-            (Some(next), Some(due)) => Some(next.min(due)),
-            (next, due) => next.or(due),
-        };
+        let next = worker.next_due(&Cache { inner });
         let wake = worker.wake.notified();
         let received = tokio::select! {
             chore = worker.queue.recv() => match chore {
@@ -504,47 +479,83 @@ async fn work(mut worker: Worker) {
             return;
         };
         let cache = Cache { inner };
-        let Worker {
-            queue,
-            pending,
-            epoch,
-            clear_due,
-            ..
-        } = &mut worker;
-        if cache.inner.janitor.retry_now.swap(false, Ordering::SeqCst) {
-            let now = Instant::now();
-            *clear_due = None;
-            for pending in pending.iter_mut() {
-                if matches!(pending.chore, Chore::Invalidate { .. }) {
-                    pending.due = pending.due.min(now);
-                }
-            }
+        worker.hurry_when_told(&cache);
+        worker.admit(&cache, received);
+        // First: until it is done, every key is read uncached; and it
+        // deletes what the pending invalidations would (they follow).
+        cache.end_suspicion(&mut worker.clear_due).await;
+        if !(cache.has_prefix() && cache.inner.janitor.is_suspect()) {
+            cache.invalidate_due(&mut worker.pending).await;
         }
-        // A key moved to another primary (a failover, say): its
-        // invalidation is retried at once there, instead of at the end of
-        // its back-off, as its readers skip it until then.
+        release_due(&cache, &mut worker.pending).await;
+    }
+}
+
+impl Worker {
+    /// When the next chore is due: the earliest pending one (invalidations
+    /// wait while a clear is to come: it goes first), a look at the
+    /// primaries now and then while invalidations wait on a cluster, and
+    /// the end of a [`Suspect`] state.
+    fn next_due(&self, cache: &Cache) -> Option<Instant> {
+        let clearing = cache.has_prefix() && cache.inner.janitor.is_suspect();
+        let suspect = suspicion_due(cache, self.clear_due);
+        let is_invalidation = |p: &&Pending| matches!(p.chore, Chore::Invalidate { .. });
+        let mut next = self
+            .pending
+            .iter()
+            .filter(|p| !(clearing && is_invalidation(p)))
+            .map(|p| p.due)
+            .min();
+        if self.epoch.is_some() && self.pending.iter().any(|p| is_invalidation(&p)) {
+            let soon = Instant::now() + WHILE_A_SHARD_IS_DOWN;
+            next = Some(next.map_or(soon, |next| next.min(soon)));
+        }
+        match (next, suspect) {
+            (Some(next), Some(due)) => Some(next.min(due)),
+            (next, due) => next.or(due),
+        }
+    }
+
+    /// Pending invalidations are retried at once when the backend came
+    /// back (a breaker's probe succeeded), and when a key moved to another
+    /// primary (a failover, say): there, instead of at the end of their
+    /// back-off, as their readers skip the keys until then.
+    fn hurry_when_told(&mut self, cache: &Cache) {
+        let back = cache.inner.janitor.retry_now.swap(false, Ordering::SeqCst);
+        if back {
+            self.clear_due = None;
+        }
         let now_epoch = cache.inner.backend.primaries_epoch();
-        if epoch.is_some_and(|seen| seen != now_epoch) {
-            *epoch = Some(now_epoch);
+        let moved = self.epoch.is_some_and(|seen| seen != now_epoch);
+        if moved {
+            self.epoch = Some(now_epoch);
+        }
+        if back || moved {
             let now = Instant::now();
-            for pending in pending.iter_mut() {
+            for pending in &mut self.pending {
                 if matches!(pending.chore, Chore::Invalidate { .. }) {
                     pending.due = pending.due.min(now);
                 }
             }
         }
+    }
+
+    /// Takes `received` and whatever else is queued into the pending
+    /// chores, up to [`MAX_PENDING`].
+    fn admit(&mut self, cache: &Cache, received: Option<Chore>) {
+        let queue = &mut self.queue;
         for chore in received
             .into_iter()
             .chain(std::iter::from_fn(|| queue.try_recv().ok()))
         {
-            if pending.len() >= MAX_PENDING {
+            if self.pending.len() >= MAX_PENDING {
                 // Submitters that raced past the bound together.
                 cache.inner.janitor.strike(&chore);
                 cache.overflow(chore);
                 continue;
             }
             let tried = matches!(chore, Chore::Invalidate { tried: true, .. });
-            pending.push(Pending {
+            self.pending.push(Pending {
                 chore,
                 due: Instant::now()
                     + if tried {
@@ -555,28 +566,26 @@ async fn work(mut worker: Worker) {
                 attempts: usize::from(tried),
             });
         }
-        // First: until it is done, every key is read uncached; and it
-        // deletes what the pending invalidations would (they follow).
-        cache.end_suspicion(clear_due).await;
-        if !(cache.has_prefix() && cache.inner.janitor.is_suspect()) {
-            cache.invalidate_due(pending).await;
+    }
+}
+
+/// Gives back the leases whose release is due; those that are done leave
+/// `pending`.
+async fn release_due(cache: &Cache, pending: &mut Vec<Pending>) {
+    let mut i = 0;
+    while i < pending.len() {
+        if pending[i].due > Instant::now() || !matches!(pending[i].chore, Chore::Release { .. }) {
+            i += 1;
+            continue;
         }
-        let mut i = 0;
-        while i < pending.len() {
-            if pending[i].due > Instant::now() || !matches!(pending[i].chore, Chore::Release { .. })
-            {
+        match cache.release(&mut pending[i]).await {
+            Some(next) => {
+                pending[i].due = next;
                 i += 1;
-                continue;
             }
-            match cache.release(&mut pending[i]).await {
-                Some(next) => {
-                    pending[i].due = next;
-                    i += 1;
-                }
-                None => {
-                    let done = pending.swap_remove(i);
-                    cache.inner.janitor.strike(&done.chore);
-                }
+            None => {
+                let done = pending.swap_remove(i);
+                cache.inner.janitor.strike(&done.chore);
             }
         }
     }

@@ -25,7 +25,7 @@ use crate::backend::{Fetched, Stored};
 use crate::cache::Cache;
 use crate::clock::px;
 use crate::error::CacheError;
-use crate::flight::{Cover, Handed, Joiner, Landing, Leader, Role};
+use crate::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::freshness::{self, Freshness, Verdict};
 use crate::lease::{self, Found, HeldLease, Take, Taken};
 use crate::local::LocalHit;
@@ -863,14 +863,6 @@ impl Cache {
             }
             Taken::Occupied | Taken::Failed => Claimed::Computing(Leased::None),
         }
-    }
-}
-
-/// A leader that found the value (or stopped computing) tells its waiters
-/// to read the key themselves.
-fn look_again(leader: Option<Leader<'_>>) {
-    if let Some(leader) = leader {
-        leader.land(Landing::LookAgain);
     }
 }
 

@@ -117,6 +117,51 @@ fn epoch_millis() -> u64 {
     u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A cluster client for `seeds`: TCP and TLS settings, timeouts bounded by
+/// the op timeout, and `retries` (`MOVED`/`ASK` followed at once, a refusal
+/// after a short wait).
+fn cluster_client(
+    seeds: &[redis::ConnectionInfo],
+    tcp: &redis::io::tcp::TcpSettings,
+    tls: Option<&super::Tls>,
+    op_timeout: Duration,
+    retries: u32,
+) -> Result<redis::cluster::ClusterClient, CacheError> {
+    let retry_wait = u64::try_from(op_timeout.as_millis() / 4)
+        .unwrap_or(u64::MAX)
+        .clamp(20, 200);
+    super::cluster_certificates(ClusterClientBuilder::new(seeds.to_vec()), tls)
+        .tcp_settings(tcp.clone())
+        .connection_timeout(Duration::from_secs(1))
+        // A node that stopped answering (SIGSTOP, a hung host) must not
+        // hold the connection's slot refresh for long; the cache's op
+        // timeout bounds each call anyway.
+        .response_timeout(op_timeout.max(Duration::from_millis(250)))
+        .overall_response_timeout(None)
+        // Retries follow MOVED/ASK at once. Those of a refusal
+        // (`CLUSTERDOWN`, `TRYAGAIN`) wait first, at most a quarter of the
+        // op timeout: a longer wait turned the refusal into the op timeout,
+        // which counts toward the breaker, and a healthy primary's breaker
+        // opened because another primary was being replaced.
+        .retries(retries)
+        .min_retry_wait(10)
+        .max_retry_wait(retry_wait)
+        .build()
+        .map_err(CacheError::invalid_url)
+}
+
+/// A connection of `client` that connects on first use.
+fn pending_connection(
+    client: &redis::cluster::ClusterClient,
+    op_timeout: Duration,
+) -> ClusterConnection {
+    client.get_pending_async_connection_with_config(
+        redis::cluster::ClusterConfig::new()
+            .set_connection_timeout(Duration::from_secs(1))
+            .set_response_timeout(op_timeout.max(Duration::from_millis(250))),
+    )
+}
+
 impl ClusterBackend {
     /// Parses the seed URLs and prepares the connection without waiting for
     /// it: a cluster that is down does not stop the service from starting.
@@ -140,37 +185,9 @@ impl ClusterBackend {
             return Err(CacheError::NoBackend);
         };
         let tcp = first.tcp_settings().clone().set_nodelay(nodelay);
-        let retry_wait = u64::try_from(op_timeout.as_millis() / 4)
-            .unwrap_or(u64::MAX)
-            .clamp(20, 200);
-        let client = |retries| {
-            super::cluster_certificates(ClusterClientBuilder::new(infos.clone()), tls)
-                .tcp_settings(tcp.clone())
-                .connection_timeout(Duration::from_secs(1))
-                // A node that stopped answering (SIGSTOP, a hung host) must
-                // not hold the connection's slot refresh for long; the
-                // cache's op timeout bounds each call anyway.
-                .response_timeout(op_timeout.max(Duration::from_millis(250)))
-                .overall_response_timeout(None)
-                // Retries follow MOVED/ASK at once. Those of a refusal
-                // (`CLUSTERDOWN`, `TRYAGAIN`) wait first, at most a quarter
-                // of the op timeout: a longer wait turned the refusal into
-                // the op timeout, which counts toward the breaker, and a
-                // healthy primary's breaker opened because another
-                // primary was being replaced.
-                .retries(retries)
-                .min_retry_wait(10)
-                .max_retry_wait(retry_wait)
-                .build()
-                .map_err(CacheError::invalid_url)
-        };
-        let connect = |client: &redis::cluster::ClusterClient| {
-            client.get_pending_async_connection_with_config(
-                redis::cluster::ClusterConfig::new()
-                    .set_connection_timeout(Duration::from_secs(1))
-                    .set_response_timeout(op_timeout.max(Duration::from_millis(250))),
-            )
-        };
+        let client = |retries| cluster_client(&infos, &tcp, tls, op_timeout, retries);
+        let connect =
+            |client: &redis::cluster::ClusterClient| pending_connection(client, op_timeout);
         let conn = connect(&client(1)?);
         let durable = match durability {
             // Their writes are retried by the janitor, which goes through
