@@ -1,0 +1,445 @@
+//! The `Cache` handle: backend, prefix, timeouts, circuit breaker, codec and
+//! statistics. Its builder is in `builder.rs`; the operation runner (op
+//! timeout, circuit breaker and probe around every backend call) in
+//! `runner.rs`. The read path is in [`crate::lookup`], the write path in
+//! [`crate::write`], the lease protocol in [`crate::lease`].
+
+mod builder;
+mod runner;
+
+pub use self::builder::{CacheBuilder, WriteDurability};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::backend::{
+    Backend, BreakerRef, ClusterBackend, ConnectOptions, Durability, Fetched, MemoryBackend,
+    RedisBackend, SentinelAuth, SentinelBackend, SentinelService, Tls, Wanted,
+};
+use crate::breaker::{Breaker, Permit, ProbeSlot};
+use crate::clock::WallClock;
+use crate::codec::Codec;
+use crate::error::CacheError;
+use crate::flight::Flights;
+use crate::janitor::Janitor;
+use crate::key::CacheKey;
+use crate::local::{LocalInvalidation, LocalTier};
+use crate::log_limit::LogLimit;
+use crate::site::Site;
+use crate::stats::{Event, Recorder, Stats};
+use crate::tracking::{Source, Tracking};
+
+const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long `build` waits for the first contact (connecting, a TLS
+/// handshake, a first reply), so that the first calls do not pay for it
+/// within their op timeout: a debug build's TLS handshakes on a busy
+/// machine took more than 500 ms. A server that is down refuses at once.
+const FIRST_CONTACT: Duration = Duration::from_secs(2);
+const DEFAULT_BREAKER_FAILURES: u32 = 5;
+const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(1);
+const DEFAULT_MEMORY_CAPACITY: u64 = 256 * 1024 * 1024;
+/// The local tier's bound; see [`CacheBuilder::local_capacity`].
+const DEFAULT_LOCAL_CAPACITY: u64 = 64 * 1024 * 1024;
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// The bytes a 1 Gbit/s link carries in a millisecond.
+const GIGABIT_BYTES_PER_MILLI: u128 = 125_000;
+/// Room past `max_value_size` in a read's limit, for the headers the cache
+/// adds (freshness, compression).
+const READ_HEADROOM: usize = 256;
+
+static INSTALLED: ArcSwapOption<Inner> = ArcSwapOption::const_empty();
+
+/// A handle to a cache: Redis or in-process memory. Cheap to clone; clones
+/// share the connection, the circuit breaker and the statistics.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), cache_runtime::CacheError> {
+/// use cache_runtime::Cache;
+///
+/// // `Cache::connect("redis://127.0.0.1:6379").await?` for Redis.
+/// let cache = Cache::memory();
+/// cache.install(); // the default for every #[redis_cached] function
+/// assert_eq!(cache.stats().total.hits, 0);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Cache {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) backend: Backend,
+    prefix: Option<String>,
+    pub(crate) op_timeout: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) codec: Codec,
+    pub(crate) max_value_size: usize,
+    /// The most bytes a read transfers: `max_value_size` and room for the
+    /// cache's headers; a longer entry is not read, but replaced.
+    pub(crate) read_limit: usize,
+    /// `compress_above`: encoded values longer than this are compressed.
+    pub(crate) compress_above: Option<usize>,
+    /// `trace_keys`: whether call spans carry the key.
+    pub(crate) trace_keys: bool,
+    /// The backend's circuit breaker; on a cluster, that of keys whose
+    /// primary is not known yet is the backend's own (see
+    /// [`Backend::breaker`]).
+    pub(crate) breaker: Arc<Breaker>,
+    pub(crate) stats: Recorder,
+    pub(crate) flights: Flights,
+    pub(crate) janitor: Janitor,
+    pub(crate) log_limit: LogLimit,
+    pub(crate) clock: WallClock,
+    /// The local tier (`local = "..."` functions) and its tracking
+    /// connection; `None` where it is not offered (the memory backend,
+    /// which is local already).
+    pub(crate) local: Option<Arc<Tracking>>,
+}
+
+impl Cache {
+    /// Connects to Redis with the defaults (100 ms op timeout, JSON, no
+    /// prefix). Fails only on a malformed URL; see [`CacheBuilder::build`].
+    /// Cancel safe.
+    pub async fn connect(url: &str) -> Result<Cache, CacheError> {
+        Cache::builder().url(url).build().await
+    }
+
+    /// A builder for a cache with non-default settings.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::new()
+    }
+
+    /// An in-process cache (256 MiB) with the same semantics as Redis, for
+    /// tests and single-process services.
+    pub fn memory() -> Cache {
+        let builder = Cache::builder();
+        let breaker = builder.breaker();
+        builder.assemble(
+            Backend::Memory(MemoryBackend::new(DEFAULT_MEMORY_CAPACITY)),
+            breaker,
+        )
+    }
+
+    /// Makes this cache the process-wide default of `#[redis_cached]`
+    /// functions that have no `cache = ...` argument, replacing any cache
+    /// installed before.
+    pub fn install(&self) {
+        INSTALLED.store(Some(self.inner.clone()));
+    }
+
+    /// The installed cache, if any.
+    pub fn installed() -> Option<Cache> {
+        INSTALLED.load_full().map(|inner| Cache { inner })
+    }
+
+    /// A snapshot of the counters, in total and per function.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.inner.stats.snapshot();
+        if let Some(local) = &self.inner.local {
+            stats.local = local.tier().stats();
+        }
+        stats
+    }
+
+    /// The key as stored in Redis: `prefix:key`, or the key itself.
+    pub fn redis_key<V>(&self, key: &CacheKey<V>) -> String {
+        match &self.inner.prefix {
+            Some(prefix) => format!("{prefix}:{key}"),
+            None => key.as_str().to_owned(),
+        }
+    }
+
+    /// Whether the cache has a key prefix of its own.
+    pub(crate) fn has_prefix(&self) -> bool {
+        self.inner.prefix.is_some()
+    }
+
+    /// The cache's key prefix, if it has one.
+    pub(crate) fn prefix(&self) -> Option<&str> {
+        self.inner.prefix.as_deref()
+    }
+
+    /// `prefix:key`, or `key` itself without a prefix.
+    pub(crate) fn prefixed<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
+        match &self.inner.prefix {
+            Some(prefix) => std::borrow::Cow::Owned(format!("{prefix}:{key}")),
+            None => std::borrow::Cow::Borrowed(key),
+        }
+    }
+
+    /// Sends a command of your own on the cache's connection (a lock, a
+    /// rate limit, a session: see `examples/patterns.rs`), so that a
+    /// service reuses one connection to Redis. It goes through the same
+    /// fail-open guards as the cache's own commands: it fails at once with
+    /// [`CacheError::CircuitOpen`] while the circuit breaker is open, and
+    /// with [`CacheError::Timeout`] after the op timeout (the command may
+    /// still land); its connection failures count toward the breaker.
+    /// Keys are used as given (no prefix). On a cluster the command goes
+    /// to its first key's node. Fails with [`CacheError::NotRedis`] on the
+    /// in-process backend. Build commands with [`crate::redis`] (the
+    /// `redis` crate's `cmd` and `pipe`, re-exported), so that the
+    /// versions match.
+    ///
+    /// Cancel safe in the sense of the `redis` crate: a dropped call may
+    /// or may not have been applied.
+    pub async fn command<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, CacheError> {
+        let inner = &*self.inner;
+        self.run(&inner.breaker, inner.backend.query(cmd), true)
+            .await
+    }
+
+    /// [`Cache::command`] for a pipeline (`redis::pipe()`, with
+    /// `.atomic()` for `MULTI`/`EXEC`). On a cluster every command of it
+    /// must be for keys of one slot.
+    pub async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, CacheError> {
+        let inner = &*self.inner;
+        self.run(&inner.breaker, inner.backend.query_pipeline(pipe), true)
+            .await
+    }
+
+    /// The codec values are stored with.
+    pub fn codec(&self) -> Codec {
+        self.inner.codec
+    }
+}
+
+impl Cache {
+    /// Counts an event of a cached function.
+    #[inline]
+    pub(crate) fn record(&self, site: &'static Site, event: Event) {
+        self.inner.stats.record(Some(site.function()), event);
+        // A static check when `debug` is off: nothing else on the hot path.
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && let Some(outcome) = event.outcome()
+        {
+            tracing::Span::current().record("outcome", outcome);
+        }
+    }
+
+    /// The span of one cached call (`debug`, see the guide's operations page),
+    /// or a disabled one when `debug` is off for this crate.
+    pub(crate) fn call_span(&self, site: &'static Site, key: &str) -> tracing::Span {
+        let span = tracing::debug_span!(
+            "cache.call",
+            function = site.function().name(),
+            outcome = tracing::field::Empty,
+            "db.system.name" = self.db_system(),
+            "db.operation.name" = "GETRANGE",
+            "cache.key" = tracing::field::Empty,
+        );
+        if self.inner.trace_keys && !span.is_disabled() {
+            span.record("cache.key", key);
+        }
+        span
+    }
+
+    /// The span of one batch call: no single outcome (each id has its
+    /// own, in the counters).
+    pub(crate) fn batch_span(&self, site: &'static Site, ids: usize) -> tracing::Span {
+        tracing::debug_span!(
+            "cache.batch",
+            function = site.function().name(),
+            "cache.batch.size" = ids,
+            "db.system.name" = self.db_system(),
+            "db.operation.name" = "BATCH GETRANGE",
+        )
+    }
+
+    /// OpenTelemetry's `db.system.name` of the backend.
+    fn db_system(&self) -> &'static str {
+        if self.inner.backend.as_memory().is_some() {
+            "memory"
+        } else {
+            "redis"
+        }
+    }
+
+    /// Counts and logs how a compare-and-set store ended; whether it stored.
+    pub(crate) fn record_store(
+        &self,
+        site: &'static Site,
+        key: &str,
+        outcome: Result<bool, CacheError>,
+    ) -> bool {
+        match outcome {
+            Ok(true) => {
+                self.record(site, Event::Set);
+                true
+            }
+            Ok(false) => {
+                self.record(site, Event::DroppedSet);
+                tracing::debug!(key, "key invalidated while computing: value not stored");
+                false
+            }
+            // The breaker's opening was counted when it opened.
+            Err(CacheError::CircuitOpen) => false,
+            Err(error) => {
+                self.record(site, Event::Error);
+                crate::limited!(self, warn!(key, %error, "cache write failed"));
+                false
+            }
+        }
+    }
+
+    /// Encodes a value to be stored, or `None` (counted and logged) when it
+    /// cannot be encoded or is larger than the configured maximum.
+    pub(crate) fn encode_for_store<V: Serialize + ?Sized>(
+        &self,
+        function: Option<&'static crate::stats::Function>,
+        key: &str,
+        value: &V,
+    ) -> Option<Vec<u8>> {
+        let inner = &*self.inner;
+        match inner.codec.encode(value) {
+            Ok(bytes) if bytes.len() <= inner.max_value_size => match inner.compress_above {
+                Some(above) if bytes.len() > above => {
+                    Some(crate::compression::compress(&bytes).unwrap_or(bytes))
+                }
+                _ => Some(bytes),
+            },
+            Ok(bytes) => {
+                inner.stats.record(function, Event::Oversized);
+                crate::limited!(
+                    self,
+                    warn!(
+                        key,
+                        size = bytes.len(),
+                        max_value_size = inner.max_value_size,
+                        "value larger than the cache's max_value_size: not cached"
+                    )
+                );
+                None
+            }
+            Err(error) => {
+                inner.stats.record(function, Event::Error);
+                crate::limited!(self, warn!(key, %error, "cache value could not be encoded"));
+                None
+            }
+        }
+    }
+
+    /// The Redis key, consuming the rendered key (no copy without a prefix).
+    pub(crate) fn redis_key_of<V>(&self, key: CacheKey<V>) -> String {
+        match &self.inner.prefix {
+            Some(prefix) => {
+                let key = key.into_string();
+                let mut redis_key = crate::key::buffer(prefix.len() + 1 + key.len());
+                redis_key.push_str(prefix);
+                redis_key.push(':');
+                redis_key.push_str(&key);
+                crate::key::recycle(key);
+                redis_key
+            }
+            None => key.into_string(),
+        }
+    }
+}
+
+pub(crate) fn log_rejected_credentials(error: &CacheError, suppressed: u64) {
+    tracing::error!(
+        suppressed,
+        %error,
+        "Redis rejected the credentials (user and password in the URL): calls run uncached until it accepts them"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use crate::{Cache, Codec, redis_cached};
+
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Value {
+        n: u32,
+        label: String,
+    }
+
+    #[redis_cached(key = "value:<n>", ttl = 60, skip(cache), cache = cache)]
+    async fn value(cache: &Cache, n: u32) -> Value {
+        RUNS.fetch_add(1, Ordering::SeqCst);
+        Value {
+            n,
+            label: format!("n{n}"),
+        }
+    }
+
+    async fn round_trip(codec: Codec) {
+        let cache = Cache::builder()
+            .memory()
+            .codec(codec)
+            .prefix("t")
+            .build()
+            .await
+            .unwrap();
+        let before = RUNS.load(Ordering::SeqCst);
+        assert_eq!(value(&cache, 3).await.label, "n3");
+        assert_eq!(
+            value(&cache, 3).await,
+            Value {
+                n: 3,
+                label: "n3".into()
+            }
+        );
+        assert_eq!(
+            RUNS.load(Ordering::SeqCst) - before,
+            1,
+            "{codec:?}: second call is a hit"
+        );
+        assert_eq!(cache.codec(), codec);
+        assert_eq!(cache.redis_key(&value_cache_key(&3)), "t:value:3");
+    }
+
+    #[test]
+    fn the_default_max_value_size_can_be_read_within_the_op_timeout_at_a_gigabit() {
+        let size = |builder: crate::CacheBuilder| builder.memory().assemble_for_test();
+        assert_eq!(
+            size(Cache::builder()),
+            4_166_666,
+            "a third of 100 ms at 1 Gbit/s"
+        );
+        assert_eq!(
+            size(Cache::builder().op_timeout(std::time::Duration::from_millis(300))),
+            12_500_000
+        );
+        assert_eq!(size(Cache::builder().max_value_size(1 << 20)), 1 << 20);
+    }
+
+    impl crate::CacheBuilder {
+        /// The `max_value_size` a cache built from this builder has.
+        fn assemble_for_test(self) -> usize {
+            let breaker = self.breaker();
+            let cache = self.assemble(
+                crate::backend::Backend::Memory(crate::backend::MemoryBackend::new(1 << 20)),
+                breaker,
+            );
+            assert_eq!(cache.inner.read_limit, cache.inner.max_value_size + 256);
+            cache.inner.max_value_size
+        }
+    }
+
+    #[tokio::test]
+    async fn json_codec_round_trips_through_a_cached_call() {
+        round_trip(Codec::Json).await;
+    }
+
+    #[cfg(feature = "msgpack")]
+    #[tokio::test]
+    async fn msgpack_codec_round_trips_through_a_cached_call() {
+        round_trip(Codec::MessagePack).await;
+    }
+}
