@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::Instrument;
 
 pub use crate::key::KeyBuilder;
-pub use crate::outcome::{
+pub use crate::read::outcome::{
     Answer, BatchMap, BatchOutcome, BatchValueOf, Completion, OptionShape, Outcome, PlainShape,
     ResultOptionShape, ResultShape, ValueOf,
 };
-pub use crate::site::{SingleFlight, Site};
+pub use crate::read::site::{SingleFlight, Site};
 pub use crate::stats::Function;
 use crate::{Cache, CacheKey};
 

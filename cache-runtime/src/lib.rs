@@ -67,26 +67,18 @@
 extern crate self as cache_runtime;
 
 mod backend;
-mod batch;
 mod breaker;
 mod cache;
 mod clock;
 mod codec;
 mod compression;
 mod error;
-mod flight;
-mod freshness;
-mod janitor;
 mod key;
-mod lease;
 mod local;
 mod log_limit;
-mod lookup;
-mod outcome;
-mod site;
+mod read;
 mod slot;
 mod stats;
-mod tracking;
 mod write;
 
 pub(crate) use log_limit::limited;
@@ -125,9 +117,9 @@ pub use crate::cache::{Cache, CacheBuilder, WriteDurability};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
-pub use crate::local::{LocalInvalidation, LocalStats};
-pub use crate::outcome::Cacheable;
-pub use crate::stats::{Counts, Stats};
+pub use crate::local::LocalInvalidation;
+pub use crate::read::outcome::Cacheable;
+pub use crate::stats::{Counts, LocalStats, Stats};
 /// What [`Cache::command`] and [`Cache::pipeline`] take and give back,
 /// from the `redis` crate at the version the cache uses.
 pub mod redis {

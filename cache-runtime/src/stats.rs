@@ -14,8 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use crate::local::LocalStats;
-
 /// The next [`Function::id`]; ids start at 1 so that 0 can mean "not yet".
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 /// Function names by id, and whether each is a write function, for
@@ -356,7 +354,7 @@ impl Drop for OperationTimer {
 /// The local tier's size, to `metrics` (every second, from the tracking
 /// connection's heartbeat).
 #[cfg(feature = "metrics")]
-pub(crate) fn export_local(local: &crate::local::LocalStats) {
+pub(crate) fn export_local(local: &LocalStats) {
     metrics::gauge!("cache_local_bytes").set(local.bytes as f64);
     metrics::gauge!("cache_local_entries").set(local.entries as f64);
 }
@@ -433,6 +431,26 @@ impl Counts {
     pub fn body_runs(&self) -> u64 {
         self.misses + self.refreshes + self.bypasses
     }
+}
+
+/// The local tier's size and what dropped its copies, from
+/// [`Cache::stats`](crate::Cache::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalStats {
+    /// Copies held.
+    pub entries: u64,
+    /// What they weigh: keys and encoded values, plus a fixed overhead per
+    /// copy (see [`CacheBuilder::local_capacity`](crate::CacheBuilder::local_capacity)).
+    pub bytes: u64,
+    /// The bound on `bytes`.
+    pub capacity: u64,
+    /// Copies dropped because their key changed: an invalidation from the
+    /// server, or a write of this process.
+    pub invalidations: u64,
+    /// Times every copy was dropped at once: the tracking connection was
+    /// lost, the deployment failed over, or the database was flushed.
+    pub flushes: u64,
 }
 
 /// A snapshot of a cache's counters, from [`Cache::stats`](crate::Cache::stats).

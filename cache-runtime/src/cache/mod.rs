@@ -1,8 +1,8 @@
 //! The `Cache` handle: backend, prefix, timeouts, circuit breaker, codec and
 //! statistics. Its builder is in `builder.rs`; the operation runner (op
 //! timeout, circuit breaker and probe around every backend call) in
-//! `runner.rs`. The read path is in [`crate::lookup`], the write path in
-//! [`crate::write`], the lease protocol in [`crate::lease`].
+//! `runner.rs`. The read path is in [`crate::read::lookup`], the write path in
+//! [`crate::write`], the lease protocol in [`crate::write::lease`].
 
 mod builder;
 mod runner;
@@ -25,14 +25,14 @@ use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::clock::WallClock;
 use crate::codec::Codec;
 use crate::error::CacheError;
-use crate::flight::Flights;
-use crate::janitor::Janitor;
 use crate::key::CacheKey;
+use crate::local::tracking::{Source, Tracking};
 use crate::local::{LocalInvalidation, LocalTier};
 use crate::log_limit::LogLimit;
-use crate::site::Site;
+use crate::read::flight::Flights;
+use crate::read::site::Site;
 use crate::stats::{Event, Recorder, Stats};
-use crate::tracking::{Source, Tracking};
+use crate::write::janitor::Janitor;
 
 const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long `build` waits for the first contact (connecting, a TLS

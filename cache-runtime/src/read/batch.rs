@@ -21,7 +21,7 @@
 //!
 //! A cache that cannot be read runs the body with every id (fail open);
 //! with `single_flight`, still coalesced with this process's other callers
-//! of each id, as a single lookup is (see [`crate::flight`]).
+//! of each id, as a single lookup is (see [`crate::read::flight`]).
 //! Stale values (`stale`, `early_refresh`) are not refreshed by a batch;
 //! the macro rejects those options with `batch`.
 
@@ -35,13 +35,13 @@ use serde::de::DeserializeOwned;
 use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::error::CacheError;
-use crate::flight::{Handed, Joiner, Leader, Role, look_again};
-use crate::lease::{self, Found, HeldLease, Take, Taken};
 use crate::local::LocalHit;
-use crate::lookup::{Leased, Run};
-use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
-use crate::site::{SingleFlight, Site};
+use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
+use crate::read::lookup::{Leased, Run};
+use crate::read::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
+use crate::read::site::{SingleFlight, Site};
 use crate::stats::Event;
+use crate::write::lease::{self, Found, HeldLease, Take, Taken};
 
 /// Distinct keys, first occurrence first, with their ids.
 fn distinct<K>(entries: Vec<(K, String)>) -> (Vec<K>, Vec<String>) {
@@ -396,7 +396,7 @@ impl Cache {
                 One::Claim(Some(Take::Replacing(bytes)))
             }
             Found::Value => {
-                let value_at = match crate::freshness::split(&bytes) {
+                let value_at = match crate::read::freshness::split(&bytes) {
                     Ok(header) => header.map_or(0, |(_, at)| at),
                     Err(_) => {
                         self.garbage(site, key, "a malformed freshness header");

@@ -5,7 +5,7 @@
 //! # How a copy stays right
 //!
 //! A copy is only ever made of a value read on the *tracking connection*
-//! (see [`crate::tracking`]): a connection on which the server remembers
+//! (see [`crate::local::tracking`]): a connection on which the server remembers
 //! the keys read and sends an invalidation for each of them when it
 //! changes, whoever changed it (another process, `redis-cli`, expiry,
 //! eviction, `FLUSHDB`).
@@ -28,12 +28,16 @@
 //! process drops its own copies of the keys it writes, before and after
 //! the write, so read-your-writes holds exactly within a process.
 
+pub(crate) mod tracking;
+
 use std::any::Any;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::stats::LocalStats;
 
 /// Buckets of the invalidation counts: a fill is refused when any key of
 /// its bucket was invalidated during its read, so more buckets mean fewer
@@ -138,26 +142,6 @@ impl std::fmt::Debug for LocalTier {
             .field("capacity", &self.capacity)
             .finish_non_exhaustive()
     }
-}
-
-/// The local tier's size and what dropped its copies, from
-/// [`Cache::stats`](crate::Cache::stats).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LocalStats {
-    /// Copies held.
-    pub entries: u64,
-    /// What they weigh: keys and encoded values, plus a fixed overhead per
-    /// copy (see [`CacheBuilder::local_capacity`](crate::CacheBuilder::local_capacity)).
-    pub bytes: u64,
-    /// The bound on `bytes`.
-    pub capacity: u64,
-    /// Copies dropped because their key changed: an invalidation from the
-    /// server, or a write of this process.
-    pub invalidations: u64,
-    /// Times every copy was dropped at once: the tracking connection was
-    /// lost, the deployment failed over, or the database was flushed.
-    pub flushes: u64,
 }
 
 impl LocalTier {

@@ -7,10 +7,10 @@
 //!    another caller).
 //! 2. To claim, first **coalesce** (`single_flight`): join the computation
 //!    in flight in this process, or lead it.
-//! 3. Take the key's **lease** (see [`crate::lease`]), or with
+//! 3. Take the key's **lease** (see [`crate::write::lease`]), or with
 //!    `single_flight = "distributed"` wait for another process's value.
 //! 4. **Compute**: run the body, store its value over the lease, and hand it
-//!    to the waiters if the store proved it fresh (see [`crate::flight`]).
+//!    to the waiters if the store proved it fresh (see [`crate::read::flight`]).
 //!
 //! Any cache failure runs the body and is counted, never returned. Every
 //! piece of state a call takes (lease, refresh lock, flight leadership, a
@@ -25,14 +25,14 @@ use crate::backend::{Fetched, Stored};
 use crate::cache::Cache;
 use crate::clock::px;
 use crate::error::CacheError;
-use crate::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
-use crate::freshness::{self, Freshness, Verdict};
-use crate::lease::{self, Found, HeldLease, Take, Taken};
 use crate::local::LocalHit;
-use crate::outcome::{Answer, NOTHING, Outcome};
-use crate::site::{SingleFlight, Site};
+use crate::local::tracking::Via;
+use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
+use crate::read::freshness::{self, Freshness, Verdict};
+use crate::read::outcome::{Answer, NOTHING, Outcome};
+use crate::read::site::{SingleFlight, Site};
 use crate::stats::Event;
-use crate::tracking::Via;
+use crate::write::lease::{self, Found, HeldLease, Take, Taken};
 
 /// How many failed leaders a waiter sits through before it computes on its
 /// own, through the key's gate.
@@ -172,7 +172,7 @@ pub(crate) enum Leased<'c> {
 }
 
 /// When a computation's body ran: its start says which of the flight's
-/// waiters its answer covers (see [`crate::flight`]), its length feeds
+/// waiters its answer covers (see [`crate::read::flight`]), its length feeds
 /// early refresh.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Run {
@@ -904,7 +904,7 @@ impl Cache {
 
     /// Stores the body's value over the lease (or gives the lease back) and
     /// says what the waiters get: the value only if the cache proved that no
-    /// write touched the key meanwhile (see [`crate::flight`]).
+    /// write touched the key meanwhile (see [`crate::read::flight`]).
     async fn settle<S: Outcome<R>, R>(
         &self,
         site: &'static Site,

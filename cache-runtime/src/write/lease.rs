@@ -44,9 +44,9 @@ use std::time::{Duration, Instant};
 use crate::cache::Cache;
 use crate::clock::px;
 use crate::error::CacheError;
-use crate::janitor::Chore;
-use crate::site::Site;
+use crate::read::site::Site;
 use crate::stats::Event;
+use crate::write::janitor::Chore;
 
 const MARK: &[u8] = b"\0lease:";
 const TOKEN_HEX_DIGITS: usize = 32;

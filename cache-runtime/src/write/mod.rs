@@ -8,16 +8,19 @@
 //! it is delivered; an invalidation retried after it had landed deletes at
 //! worst a newer value, which is a miss, never a stale read.
 
+pub(crate) mod janitor;
+pub(crate) mod lease;
+
 use serde::Serialize;
 
 use crate::cache::Cache;
 use crate::error::CacheError;
-use crate::janitor::Chore;
 use crate::key::CacheKey;
 use crate::local::LocalTier;
+use crate::local::tracking::Tracking;
 use crate::stats::Event;
 use crate::stats::Function;
-use crate::tracking::Tracking;
+use crate::write::janitor::Chore;
 
 impl Cache {
     /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`,
@@ -191,7 +194,7 @@ impl Cache {
     ) {
         // Generated targets carry their function's configuration; a key
         // without one has no TTL to store with, so it is only invalidated.
-        let ttl = key.site().map(crate::site::Site::ttl_millis);
+        let ttl = key.site().map(crate::read::site::Site::ttl_millis);
         let redis_key = self.redis_key_of(key);
         // Declared first, so that it drops after `unfinished` has queued
         // what is left: see `Cache::drop_local`.

@@ -1,0 +1,18 @@
+//! The read path: a cached call from its key to its answer.
+//!
+//! - [`lookup`]: one key. Read, classify what was found (a value, fresh or
+//!   stale; a negative entry; a lease; garbage), coalesce with the calls in
+//!   flight, take the lease, compute, store.
+//! - [`batch`]: many keys in one call, over the same steps.
+//! - [`flight`]: single flight, the computations in flight by key.
+//! - [`freshness`]: the header of a value that is served stale or
+//!   refreshed early.
+//! - [`outcome`]: which part of a function's result is cached.
+//! - [`site`]: what generated code knows about a cached function.
+
+pub(crate) mod batch;
+pub(crate) mod flight;
+pub(crate) mod freshness;
+pub(crate) mod lookup;
+pub(crate) mod outcome;
+pub(crate) mod site;
