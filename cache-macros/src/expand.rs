@@ -316,10 +316,11 @@ fn wrapper(plan: &Plan) -> TokenStream {
         quote!(#cache, #key,),
     );
     let checks = value_checks(plan, &shape, "ValueOf");
-    wrap(
+    wrap_as(
         func,
+        &func.item.sig,
+        checks,
         quote! {
-            #checks
             let #key = #key_call;
             #cache_arg
         },
@@ -414,8 +415,8 @@ fn batch_wrapper(
     wrap_as(
         func,
         &sig,
+        checks,
         quote! {
-            #checks
             let #keys = #krate::__private::batch_keys::<#element, _, _, _>(
                 #ids,
                 |#ids: &#element| #key_call,
@@ -504,13 +505,17 @@ fn body_call_with(
 /// `async move` block, last in the body, where `#[async_trait]` put it and
 /// `#[tracing::instrument]` looks for it.
 pub fn wrap(func: &AnnotatedFn, prelude: TokenStream, call: TokenStream) -> TokenStream {
-    wrap_as(func, &func.item.sig, prelude, call)
+    wrap_as(func, &func.item.sig, TokenStream::new(), prelude, call)
 }
 
-/// [`wrap`] with another signature.
+/// [`wrap`] with another signature, and `checks` (of the return type, see
+/// [`value_checks`]) before the prelude. The checks are not renamed with
+/// the prelude under `#[async_trait]`: they name the user's return type,
+/// whose `self::` paths must stay as written.
 fn wrap_as(
     func: &AnnotatedFn,
     sig: &syn::Signature,
+    checks: TokenStream,
     prelude: TokenStream,
     call: TokenStream,
 ) -> TokenStream {
@@ -538,14 +543,14 @@ fn wrap_as(
                     return quote!(#stmt);
                 }
                 let pat = &local.pat;
-                quote!(let #pat = { #prelude #call };)
+                quote!(let #pat = { #checks #prelude #call };)
             });
             quote!(::std::boxed::Box::pin(async move { #(#stmts)* }))
         }
         Asyncness::AsyncTrait { ret_at: None, .. } => {
-            quote!(#prelude ::std::boxed::Box::pin(async move { #call }))
+            quote!(#checks #prelude ::std::boxed::Box::pin(async move { #call }))
         }
-        Asyncness::Native | Asyncness::Not => quote!(#prelude #call),
+        Asyncness::Native | Asyncness::Not => quote!(#checks #prelude #call),
     };
     quote! {
         #(#attrs)*

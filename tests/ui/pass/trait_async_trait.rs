@@ -126,3 +126,30 @@ async fn main() {
     let below = Below { tenant: "t".into(), cache: Cache::memory() };
     assert_eq!(below.get_user_cache_key(&1).as_str(), "t:user:1");
 }
+
+pub mod models {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub struct Profile {
+        pub id: u64,
+    }
+}
+
+#[async_trait]
+pub trait Profiles: Send + Sync {
+    async fn profile(&self, id: u64) -> Result<self::models::Profile, DbError>;
+}
+
+pub struct ProfileRepo {
+    cache: Cache,
+}
+
+// `#[async_trait]` expands first and renames the receiver to `__self`; a
+// return type named by a `self::` path stays as written.
+#[async_trait]
+#[cached_impl]
+impl Profiles for ProfileRepo {
+    #[redis_cached(key = "profile:<id>", ttl = 60, cache = self.cache)]
+    async fn profile(&self, id: u64) -> Result<self::models::Profile, DbError> {
+        Ok(self::models::Profile { id })
+    }
+}
