@@ -77,7 +77,7 @@ struct Shared {
     /// that wait for them (empty otherwise).
     roles: Box<[ReplicaCount]>,
     refreshing: AtomicBool,
-    /// When the map was last read, in ms since [`epoch`].
+    /// When the map was last read, in ms since [`epoch_millis`]'s epoch.
     refreshed_at: AtomicU64,
     op_timeout: Duration,
     /// Unless writes are acknowledged by the primary only: a cluster connection of their own for the
@@ -718,7 +718,7 @@ impl ClusterBackend {
         }
     }
 
-    /// [`ClusterBackend::set`], then a `WAIT` on the key's primary if
+    /// [`commands::set`], then a `WAIT` on the key's primary if
     /// configured.
     pub(crate) async fn set_durably(
         &self,

@@ -146,7 +146,7 @@ impl RedisBackend {
         Ok(existed)
     }
 
-    /// [`RedisBackend::set`], then `WAIT` for replicas if configured.
+    /// [`commands::set`], then `WAIT` for replicas if configured.
     pub(crate) async fn set_durably(
         &self,
         key: &str,
