@@ -238,7 +238,7 @@ fn unwrap_groups(mut ty: &Type) -> &Type {
 }
 
 /// The last path segment of a type and its first generic type argument.
-fn last_segment(ty: &Type) -> Option<(&Ident, Option<&Type>)> {
+pub(crate) fn last_segment(ty: &Type) -> Option<(&Ident, Option<&Type>)> {
     let Type::Path(path) = unwrap_groups(ty) else {
         return None;
     };

@@ -506,31 +506,16 @@ fn list_value(list: &Type) -> Option<&Type> {
         Type::Slice(slice) => Some(&slice.elem),
         Type::Array(array) => Some(&array.elem),
         // A set's element is an id, not a value.
-        Type::Path(path)
-            if path
-                .path
-                .segments
-                .last()
-                .is_some_and(|s| !s.ident.to_string().ends_with("Set")) =>
-        {
-            first_type_argument(list)
-        }
-        _ => None,
+        list => match crate::ast::last_segment(list)? {
+            (ident, _) if ident.to_string().ends_with("Set") => None,
+            (_, first) => first,
+        },
     }
 }
 
 /// `T` of `Name<T, ...>`.
 fn first_type_argument(ty: &Type) -> Option<&Type> {
-    let Type::Path(path) = types::strip_reference(ty) else {
-        return None;
-    };
-    match &path.path.segments.last()?.arguments {
-        syn::PathArguments::AngleBracketed(args) => args.args.iter().find_map(|arg| match arg {
-            syn::GenericArgument::Type(ty) => Some(ty),
-            _ => None,
-        }),
-        _ => None,
-    }
+    crate::ast::last_segment(types::strip_reference(ty))?.1
 }
 
 /// `cache_none` and `none_ttl` need a result with an answer of nothing.
