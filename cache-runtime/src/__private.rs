@@ -3,11 +3,15 @@
 
 use std::borrow::Cow;
 use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::Instrument;
 
 pub use crate::key::KeyBuilder;
+use crate::read::batch::{BatchCall, ErasedBatch, TypedBatch};
+use crate::read::call::Lookup;
+use crate::read::call::{Encoded, Erased, Typed};
 pub use crate::read::outcome::{
     Answer, BatchMap, BatchOutcome, BatchValueOf, Completion, OptionShape, Outcome, PlainShape,
     ResultOptionShape, ResultShape, ValueOf,
@@ -18,19 +22,17 @@ use crate::{Cache, CacheKey};
 
 /// The body of every `#[redis_cached]` function: serve `key` from `cache`
 /// (or the installed cache) or run `body`, failing open on any cache trouble.
+///
+/// Only this shell is compiled for each cached function: the read path
+/// behind [`Erased`] is compiled once (see `read::call`).
 pub async fn cached<S, R, V, F>(cache: Option<&Cache>, key: CacheKey<V>, body: F) -> R
 where
     S: Outcome<R>,
     F: Future<Output = R>,
 {
-    match resolve_key(cache, key) {
-        Some((site, cache, redis_key)) => {
-            let span = cache.call_span(site, &redis_key);
-            let call = cache.get_or_compute::<S, R, F>(site, redis_key, body);
-            observed(site, span, call).await
-        }
-        None => body.await,
-    }
+    let mut call = pin!(Typed::<S, S::Value, R, F>::new(body));
+    let answered = Lookup::run(cache, key.untyped(), Erased::new(call.as_mut())).await;
+    call.answer(answered)
 }
 
 /// The body of every `#[redis_cached(..., local = "...")]` function:
@@ -42,86 +44,20 @@ where
     S::Value: Clone + Send + Sync + 'static,
     F: Future<Output = R>,
 {
-    let Some((site, cache, redis_key)) = resolve_key(cache, key) else {
+    let Some(lookup) = Lookup::new(cache, key.untyped()) else {
         return body.await;
     };
-    let span = cache.call_span(site, &redis_key);
-    let timer = CallTimer::start(site);
     // A local hit awaits nothing: it is answered here, and the future of
     // the path that reads Redis, boxed, is built only on a miss (moving
     // a future as large as that one on every hit costs a local hit
     // about a tenth of its time).
-    if let Some(answer) = span.in_scope(|| cache.local_hit::<S, R>(site, &redis_key)) {
-        timer.finish();
-        crate::key::recycle(redis_key);
-        return answer;
-    }
-    let call = cache.get_or_compute_local::<S, R, F>(site, redis_key, body);
-    Box::pin(observed_with(span, timer, call)).await
-}
-
-/// Runs a cached call in its span (boxed only when the span is enabled,
-/// so that a call without tracing keeps its small future), timed for
-/// `metrics`.
-async fn observed<R>(site: &'static Site, span: tracing::Span, call: impl Future<Output = R>) -> R {
-    observed_with(span, CallTimer::start(site), call).await
-}
-
-/// [`observed`] with the timer started already.
-async fn observed_with<R>(
-    span: tracing::Span,
-    timer: CallTimer,
-    call: impl Future<Output = R>,
-) -> R {
-    let result = if span.is_disabled() {
-        call.await
-    } else {
-        Box::pin(call).instrument(span).await
+    let lookup = match lookup.local_hit(Cache::local_hit::<S, R>) {
+        Ok(answer) => return answer,
+        Err(lookup) => lookup,
     };
-    timer.finish();
-    result
-}
-
-/// With the `metrics` feature, how long a cached call took
-/// (`cache_call_duration_seconds`); nothing without it.
-struct CallTimer {
-    #[cfg(feature = "metrics")]
-    started: (&'static Site, std::time::Instant),
-}
-
-impl CallTimer {
-    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    fn start(site: &'static Site) -> CallTimer {
-        CallTimer {
-            #[cfg(feature = "metrics")]
-            started: (site, std::time::Instant::now()),
-        }
-    }
-
-    /// The call completed (a cancelled one is not observed).
-    fn finish(self) {
-        #[cfg(feature = "metrics")]
-        {
-            let (site, started) = self.started;
-            let function = site.function();
-            function
-                .metrics
-                .observe(function, started.elapsed().as_secs_f64());
-        }
-    }
-}
-
-/// A key's function, the cache to use and the Redis key; `None` without a
-/// cache installed (or a key without its function's site, which generated
-/// keys always have).
-fn resolve_key<'c, V>(
-    cache: Option<&'c Cache>,
-    key: CacheKey<V>,
-) -> Option<(&'static Site, Cow<'c, Cache>, String)> {
-    let site = key.site()?;
-    let cache = resolve(cache, site.function())?;
-    let redis_key = cache.redis_key_of(key);
-    Some((site, cache, redis_key))
+    let mut call = pin!(Typed::<S, S::Value, R, F>::with_local(body));
+    let answered = lookup.run_local(Erased::new(call.as_mut())).await;
+    call.answer(answered)
 }
 
 /// The ids of a batch call, each with its key: `ids` is the batch
@@ -159,35 +95,7 @@ where
     B: FnOnce(Vec<T>) -> Fut,
     Fut: Future<Output = R>,
 {
-    match batch_entries(cache, keys) {
-        Ok((site, cache, entries)) => {
-            let span = cache.batch_span(site, entries.len());
-            cache
-                .get_or_compute_batch::<S, R, T, V, B, Fut>(site, entries, body)
-                .instrument(span)
-                .await
-        }
-        Err(ids) => body(ids).await,
-    }
-}
-
-/// A batch's function, cache and Redis keys; or, without a cache (or a
-/// site), its ids for the body to run uncached.
-#[allow(clippy::type_complexity)]
-fn batch_entries<'c, T, V>(
-    cache: Option<&'c Cache>,
-    keys: Vec<(T, CacheKey<V>)>,
-) -> Result<(&'static Site, Cow<'c, Cache>, Vec<(T, String)>), Vec<T>> {
-    let site = keys.first().and_then(|(_, key)| key.site());
-    let (Some(site), Some(cache)) = (site, site.and_then(|site| resolve(cache, site.function())))
-    else {
-        return Err(keys.into_iter().map(|(id, _)| id).collect());
-    };
-    let entries = keys
-        .into_iter()
-        .map(|(id, key)| (id, cache.redis_key_of(key)))
-        .collect();
-    Ok((site, cache, entries))
+    batch::<S, R, T, V, B, Fut>(cache, keys, body, None).await
 }
 
 /// The body of every `#[redis_cached(..., batch, local = "...")]`
@@ -206,16 +114,75 @@ where
     B: FnOnce(Vec<T>) -> Fut,
     Fut: Future<Output = R>,
 {
-    match batch_entries(cache, keys) {
-        Ok((site, cache, entries)) => {
-            let span = cache.batch_span(site, entries.len());
-            cache
-                .get_or_compute_batch_local::<S, R, T, V, B, Fut>(site, entries, body)
-                .instrument(span)
-                .await
-        }
-        Err(ids) => body(ids).await,
-    }
+    let local: LocalAnswers<T, V> = crate::read::batch::local_answers::<T, V>;
+    batch::<S, R, T, V, B, Fut>(cache, keys, body, Some(local)).await
+}
+
+/// How a batch with a local tier answers the ids whose copies this
+/// process holds (see `read::batch::local_answers`).
+type LocalAnswers<K, V> =
+    fn(&Cache, &'static Site, Vec<K>, Vec<String>, &mut Vec<(K, V)>) -> (Vec<K>, Vec<String>);
+
+/// [`cached_batch`], with `local` answering ids from process memory first.
+async fn batch<S, R, T, V, B, Fut>(
+    cache: Option<&Cache>,
+    keys: Vec<(T, CacheKey<V>)>,
+    body: B,
+    local: Option<LocalAnswers<T, V>>,
+) -> R
+where
+    S: BatchOutcome<R>,
+    S::Map: BatchMap<Key = T, Value = V>,
+    V: serde::Serialize + serde::de::DeserializeOwned,
+    T: Clone,
+    B: FnOnce(Vec<T>) -> Fut,
+    Fut: Future<Output = R>,
+{
+    let (ids, keys): (Vec<T>, Vec<CacheKey>) = keys
+        .into_iter()
+        .map(|(id, key)| (id, key.untyped()))
+        .unzip();
+    let Some((site, cache, keys)) = batch_keys_of(cache, keys) else {
+        return body(ids).await;
+    };
+    let (ids, keys) = crate::read::batch::distinct(ids.into_iter().zip(keys).collect());
+    let span = cache.batch_span(site, keys.len());
+    let mut found = Vec::new();
+    let (ids, keys) = match local {
+        Some(answers) => span.in_scope(|| answers(&cache, site, ids, keys, &mut found)),
+        None => (ids, keys),
+    };
+    let mut call = pin!(TypedBatch::<S, R, T, V, B, Fut>::new(ids, body, found));
+    let erased = Erased::holding(call.as_mut() as Pin<&mut dyn BatchCall>);
+    lookup_batch(&cache, site, keys, erased)
+        .instrument(span)
+        .await;
+    call.answer()
+}
+
+/// A batch's function, cache and Redis keys; `None` without a cache (or
+/// a site).
+fn batch_keys_of(
+    cache: Option<&Cache>,
+    keys: Vec<CacheKey>,
+) -> Option<(&'static Site, Cow<'_, Cache>, Vec<String>)> {
+    let site = keys.first()?.site()?;
+    let cache = resolve(cache, site.function())?;
+    let keys = keys
+        .into_iter()
+        .map(|key| cache.redis_key_of(key))
+        .collect();
+    Some((site, cache, keys))
+}
+
+/// [`Cache::lookup_batch`], compiled once.
+async fn lookup_batch(
+    cache: &Cache,
+    site: &'static Site,
+    keys: Vec<String>,
+    mut call: ErasedBatch<'_>,
+) {
+    cache.lookup_batch(site, keys, &mut call).await;
 }
 
 /// The body of every `#[invalidates]` function: run `body`, then, if it
@@ -231,16 +198,21 @@ where
     F: Future<Output = R>,
 {
     let result = body.await;
-    if S::succeeded(&result)
-        && let Some(cache) = resolve(cache, writer)
-    {
+    if S::succeeded(&result) {
+        invalidate(cache, writer, Vec::from(keys)).await;
+    }
+    result
+}
+
+/// The keys of a write that succeeded, deleted.
+async fn invalidate(cache: Option<&Cache>, writer: &'static Function, keys: Vec<CacheKey>) {
+    if let Some(cache) = resolve(cache, writer) {
         let keys = keys
             .into_iter()
             .map(|key| cache.redis_key_of(key))
             .collect();
         cache.invalidate_after_write(writer, keys).await;
     }
-    result
 }
 
 /// The body of every `#[cache_put]` function: run `body`, then store the
@@ -263,13 +235,8 @@ where
     if !matches!(answer, Answer::Failed)
         && let Some(cache) = resolve(cache, writer)
     {
-        match answer {
-            Answer::Value(value) => cache.put_after_write(writer, key, value).await,
-            _ => {
-                let keys = vec![cache.redis_key_of(key)];
-                cache.invalidate_after_write(writer, keys).await;
-            }
-        }
+        let encoded = Encoded::of(cache.codec(), answer);
+        cache.put_after_write(writer, key.untyped(), encoded).await;
     }
     result
 }
@@ -282,7 +249,7 @@ pub fn put_key<S: ValueOf<R>, R>(key: CacheKey<S::Value>) -> CacheKey<S::Value> 
 }
 
 /// The given cache, else the installed one, else `None` (warned once).
-fn resolve<'a>(cache: Option<&'a Cache>, function: &Function) -> Option<Cow<'a, Cache>> {
+pub(crate) fn resolve<'a>(cache: Option<&'a Cache>, function: &Function) -> Option<Cow<'a, Cache>> {
     if let Some(cache) = cache {
         return Some(Cow::Borrowed(cache));
     }

@@ -429,7 +429,18 @@ impl KeyBuilder {
 
     /// The finished key; `version = N` appends `:vN`. Bounded to
     /// [`MAX_KEY_LEN`] (see the module docs).
-    pub fn finish<V>(mut self, version: Option<u32>) -> CacheKey<V> {
+    pub fn finish<V>(self, version: Option<u32>) -> CacheKey<V> {
+        let key = self.finish_untyped(version);
+        CacheKey {
+            key: key.key,
+            site: key.site,
+            value: PhantomData,
+        }
+    }
+
+    /// [`KeyBuilder::finish`], compiled once rather than for each value
+    /// type.
+    fn finish_untyped(mut self, version: Option<u32>) -> CacheKey {
         if let Some(version) = version {
             let _ = write!(self.buf, ":v{version}");
         }

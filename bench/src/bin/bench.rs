@@ -804,7 +804,7 @@ async fn main() -> Result<(), Error> {
 
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
         // For profiling and A/B runs of the hot path.
-        for concurrency in [16, 64] {
+        for concurrency in [1, 16, 64] {
             let (_, ratios) =
                 hit_throughput(&arms, concurrency, 30, Duration::from_millis(150)).await?;
             let ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.3}×")).collect();

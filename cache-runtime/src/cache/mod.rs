@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::join_all;
-use serde::Serialize;
 
 use crate::backend::{
     Backend, BreakerRef, ClusterBackend, ConnectOptions, Durability, Fetched, MemoryBackend,
@@ -293,16 +292,17 @@ impl Cache {
         }
     }
 
-    /// Encodes a value to be stored, or `None` (counted and logged) when it
-    /// cannot be encoded or is larger than the configured maximum.
-    pub(crate) fn encode_for_store<V: Serialize + ?Sized>(
+    /// An encoded value as it is stored (compressed above the threshold),
+    /// or `None` (counted and logged) when it could not be encoded or is
+    /// larger than the configured maximum.
+    pub(crate) fn fit_for_store(
         &self,
         function: Option<&'static crate::stats::Function>,
         key: &str,
-        value: &V,
+        encoded: Result<Vec<u8>, crate::codec::CodecError>,
     ) -> Option<Vec<u8>> {
         let inner = &*self.inner;
-        match inner.codec.encode(value) {
+        match encoded {
             Ok(bytes) if bytes.len() <= inner.max_value_size => match inner.compress_above {
                 Some(above) if bytes.len() > above => {
                     Some(crate::compression::compress(&bytes).unwrap_or(bytes))
@@ -331,7 +331,7 @@ impl Cache {
     }
 
     /// The Redis key, consuming the rendered key (no copy without a prefix).
-    pub(crate) fn redis_key_of<V>(&self, key: CacheKey<V>) -> String {
+    pub(crate) fn redis_key_of(&self, key: CacheKey) -> String {
         match &self.inner.prefix {
             Some(prefix) => {
                 let key = key.into_string();

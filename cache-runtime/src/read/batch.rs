@@ -24,8 +24,17 @@
 //! of each id, as a single lookup is (see [`crate::read::flight`]).
 //! Stale values (`stale`, `early_refresh`) are not refreshed by a batch;
 //! the macro rejects those options with `batch`.
+//!
+//! A batch goes through the single lookup's steps where they are the
+//! same: what a read found ([`Cache::found`]), decoding, the lease, the
+//! settling of each answer. Like a single lookup, it is compiled once:
+//! [`TypedBatch`] is the typed half (the ids, the body, the values found),
+//! behind [`BatchCall`].
 
 use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::future::join_all;
@@ -34,17 +43,162 @@ use serde::de::DeserializeOwned;
 
 use crate::backend::Fetched;
 use crate::cache::Cache;
+use crate::codec::{Codec, CodecError};
 use crate::error::CacheError;
 use crate::local::LocalHit;
+use crate::read::call::{Encoded, Erased};
 use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
-use crate::read::lookup::{Leased, Run};
+use crate::read::lookup::{Leased, Read, Run, Ttl};
 use crate::read::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
 use crate::read::site::{SingleFlight, Site};
 use crate::stats::Event;
-use crate::write::lease::{self, Found, HeldLease, Take, Taken};
+use crate::write::lease::{HeldLease, Take, Taken};
+
+/// How often an id's handover may fail before the batch computes it
+/// without joining the flight.
+const MAX_HANDOVERS: u32 = 3;
+/// How many flights whose answer was not for it an id may sit through: one
+/// whose body had started before the batch began, then the next, whose
+/// body starts after the batch joined it, covers it (more only where a
+/// flight failed in between); a bound all the same.
+const MAX_LATER: u32 = 4;
+
+/// One batch call, as the read path sees it; ids are named by their
+/// index in the batch's distinct keys.
+pub(crate) trait BatchCall {
+    /// Decodes the value of the id at `at` (decompressed already) as found.
+    fn decode(
+        self: Pin<&mut Self>,
+        at: usize,
+        codec: Codec,
+        bytes: &[u8],
+    ) -> Result<(), CodecError>;
+    /// Polls the body, called with the ids at `ats` on the first poll.
+    fn poll_body(self: Pin<&mut Self>, ats: &[usize], cx: &mut Context<'_>) -> Poll<()>;
+    /// The body's answer for the id at `at`, encoded.
+    fn encode_answer(self: Pin<&mut Self>, at: usize, codec: Codec) -> Encoded;
+}
+
+pub(crate) type ErasedBatch<'a> = Erased<'a, dyn BatchCall + 'a>;
+
+/// Runs the body of `call` with the ids at `ats`.
+async fn run_body(call: &mut ErasedBatch<'_>, ats: &[usize]) {
+    std::future::poll_fn(|cx| call.pinned().poll_body(ats, cx)).await;
+}
+
+pin_project_lite::pin_project! {
+    /// A batch call of one function: the distinct ids it looks up, the
+    /// body, the values found for them, and the body's output.
+    pub(crate) struct TypedBatch<S, R, K, V, B, Fut> {
+        ids: Vec<K>,
+        body: Option<B>,
+        #[pin]
+        running: Option<Fut>,
+        output: Option<R>,
+        found: Vec<(K, V)>,
+        shape: PhantomData<fn() -> S>,
+    }
+}
+
+impl<S, R, K, V, B, Fut> TypedBatch<S, R, K, V, B, Fut>
+where
+    S: BatchOutcome<R>,
+    S::Map: BatchMap<Key = K, Value = V>,
+    V: Serialize + DeserializeOwned,
+    K: Clone,
+    B: FnOnce(Vec<K>) -> Fut,
+    Fut: Future<Output = R>,
+{
+    /// A batch of distinct `ids`, with the values `found` already (in
+    /// process memory) for other ids.
+    pub(crate) fn new(ids: Vec<K>, body: B, found: Vec<(K, V)>) -> Self {
+        TypedBatch {
+            ids,
+            body: Some(body),
+            running: None,
+            output: None,
+            found,
+            shape: PhantomData,
+        }
+    }
+
+    /// The batch's result: the body's, with the values found merged
+    /// into its map; without a body run, a map of the values found.
+    pub(crate) fn answer(self: Pin<&mut Self>) -> R {
+        let this = self.project();
+        let found = std::mem::take(this.found);
+        let Some(mut result) = this.output.take() else {
+            let mut map = S::Map::default();
+            for (id, value) in found {
+                map.put(id, value);
+            }
+            return S::from_map(map);
+        };
+        if let Some(map) = S::map_mut(&mut result) {
+            for (id, value) in found {
+                map.put(id, value);
+            }
+        }
+        result
+    }
+}
+
+impl<S, R, K, V, B, Fut> BatchCall for TypedBatch<S, R, K, V, B, Fut>
+where
+    S: BatchOutcome<R>,
+    S::Map: BatchMap<Key = K, Value = V>,
+    V: Serialize + DeserializeOwned,
+    K: Clone,
+    B: FnOnce(Vec<K>) -> Fut,
+    Fut: Future<Output = R>,
+{
+    fn decode(
+        self: Pin<&mut Self>,
+        at: usize,
+        codec: Codec,
+        bytes: &[u8],
+    ) -> Result<(), CodecError> {
+        let this = self.project();
+        let value = codec.decode::<V>(bytes)?;
+        this.found.push((this.ids[at].clone(), value));
+        Ok(())
+    }
+
+    fn poll_body(self: Pin<&mut Self>, ats: &[usize], cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.output.is_some() {
+            return Poll::Ready(());
+        }
+        if this.running.is_none() {
+            let Some(body) = this.body.take() else {
+                return Poll::Ready(());
+            };
+            let ids = ats.iter().map(|&at| this.ids[at].clone()).collect();
+            this.running.set(Some(body(ids)));
+        }
+        let Some(running) = this.running.as_mut().as_pin_mut() else {
+            return Poll::Ready(());
+        };
+        let output = std::task::ready!(running.poll(cx));
+        this.running.set(None);
+        *this.output = Some(output);
+        Poll::Ready(())
+    }
+
+    fn encode_answer(self: Pin<&mut Self>, at: usize, codec: Codec) -> Encoded {
+        let this = self.project();
+        let answer = match this.output.as_mut().and_then(S::map_mut) {
+            None => Answer::Failed,
+            Some(map) => map
+                .lookup(&this.ids[at])
+                .map_or(Answer::Nothing, Answer::Value),
+        };
+        Encoded::of(codec, answer)
+    }
+}
 
 /// Distinct keys, first occurrence first, with their ids.
-fn distinct<K>(entries: Vec<(K, String)>) -> (Vec<K>, Vec<String>) {
+pub(crate) fn distinct<K>(entries: Vec<(K, String)>) -> (Vec<K>, Vec<String>) {
     let mut ids = Vec::with_capacity(entries.len());
     let mut keys: Vec<String> = Vec::with_capacity(entries.len());
     let mut seen = std::collections::HashSet::with_capacity(entries.len());
@@ -57,18 +211,42 @@ fn distinct<K>(entries: Vec<(K, String)>) -> (Vec<K>, Vec<String>) {
     (ids, keys)
 }
 
-/// How often an id's handover may fail before the batch computes it
-/// without joining the flight.
-const MAX_HANDOVERS: u32 = 3;
-/// How many flights whose answer was not for it an id may sit through: one
-/// whose body had started before the batch began, then the next, whose
-/// body starts after the batch joined it, covers it (more only where a
-/// flight failed in between); a bound all the same.
-const MAX_LATER: u32 = 4;
+/// For a function with a local tier: the ids whose copies this process
+/// holds (made by single lookups of the same keys) are answered into
+/// `found`; the others are returned, to be looked up in Redis as usual.
+/// A batch makes no copies itself: its read is not sent on the tracking
+/// connection, and does not say how long each entry has left.
+pub(crate) fn local_answers<K, V: Clone + Send + Sync + 'static>(
+    cache: &Cache,
+    site: &'static Site,
+    ids: Vec<K>,
+    keys: Vec<String>,
+    found: &mut Vec<(K, V)>,
+) -> (Vec<K>, Vec<String>) {
+    let Some(tracking) = &cache.inner.local else {
+        return (ids, keys);
+    };
+    let tier = tracking.tier();
+    let primaries = cache.inner.backend.primaries_epoch();
+    let (mut rest_ids, mut rest_keys) = (Vec::new(), Vec::new());
+    for (id, key) in ids.into_iter().zip(keys) {
+        match tier.get::<V>(&key, primaries) {
+            Some(LocalHit::Value(value)) => {
+                cache.record(site, Event::LocalHit);
+                found.push((id, value));
+            }
+            Some(LocalHit::Nothing) => cache.record(site, Event::LocalHit),
+            None => {
+                rest_ids.push(id);
+                rest_keys.push(key);
+            }
+        }
+    }
+    (rest_ids, rest_keys)
+}
 
-/// One distinct id of the batch that the cache did not answer.
-struct Missing<K> {
-    id: K,
+/// One distinct key of the batch that the cache did not answer.
+struct Missing {
     /// Index into the batch's keys.
     at: usize,
     /// How to take its lease; `None` for another caller's live lease
@@ -76,117 +254,97 @@ struct Missing<K> {
     take: Option<Take>,
 }
 
+/// A key the batch computes, with its lease and its flight.
+struct Computing<'c> {
+    at: usize,
+    taken: Taken<'c>,
+    leader: Option<Leader<'c>>,
+}
+
+/// What the batch's first read gave.
+enum BatchRead {
+    Values(Vec<Fetched<Vec<u8>>>),
+    /// The cache could not be read (or a key of it has an invalidation of
+    /// this process still to deliver): with `single_flight`, every id is
+    /// computed without a lease and coalesced; without, the body runs.
+    Unavailable {
+        pending_write: bool,
+    },
+}
+
 impl Cache {
-    /// Serves the ids of `entries` from the cache and computes the others
-    /// with one call of `body`; see the module docs.
-    pub(crate) async fn get_or_compute_batch<S, R, K, V, B, Fut>(
+    /// Serves the distinct `keys` of `call` from the cache and computes
+    /// the others with one call of its body; see the module docs.
+    pub(crate) async fn lookup_batch(
         &self,
         site: &'static Site,
-        entries: Vec<(K, String)>,
-        body: B,
-    ) -> R
-    where
-        S: BatchOutcome<R>,
-        S::Map: BatchMap<Key = K, Value = V>,
-        V: Serialize + DeserializeOwned,
-        K: Clone,
-        B: FnOnce(Vec<K>) -> Fut,
-        Fut: Future<Output = R>,
-    {
-        let (ids, keys) = distinct(entries);
-        self.batch_from_redis::<S, R, K, V, B, Fut>(site, ids, keys, Vec::new(), body)
-            .await
-    }
-
-    /// [`Cache::get_or_compute_batch`] of a function with a local tier:
-    /// the copies this process holds (made by single lookups of the same
-    /// keys) answer their ids, and the others are looked up in Redis as
-    /// usual. A batch makes no copies itself: its read is not sent on
-    /// the tracking connection, and does not say how long each entry has
-    /// left.
-    pub(crate) async fn get_or_compute_batch_local<S, R, K, V, B, Fut>(
-        &self,
-        site: &'static Site,
-        entries: Vec<(K, String)>,
-        body: B,
-    ) -> R
-    where
-        S: BatchOutcome<R>,
-        S::Map: BatchMap<Key = K, Value = V>,
-        V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
-        K: Clone,
-        B: FnOnce(Vec<K>) -> Fut,
-        Fut: Future<Output = R>,
-    {
-        let (ids, keys) = distinct(entries);
-        let Some(tracking) = &self.inner.local else {
-            return self
-                .batch_from_redis::<S, R, K, V, B, Fut>(site, ids, keys, Vec::new(), body)
-                .await;
-        };
-        let tier = tracking.tier();
-        let primaries = self.inner.backend.primaries_epoch();
-        let mut found = Vec::new();
-        let (mut rest_ids, mut rest_keys) = (Vec::new(), Vec::new());
-        for (id, key) in ids.into_iter().zip(keys) {
-            match tier.get::<V>(&key, primaries) {
-                Some(LocalHit::Value(value)) => {
-                    self.record(site, Event::LocalHit);
-                    found.push((id, value));
-                }
-                Some(LocalHit::Nothing) => self.record(site, Event::LocalHit),
-                None => {
-                    rest_ids.push(id);
-                    rest_keys.push(key);
-                }
-            }
-        }
-        if rest_keys.is_empty() {
-            return S::from_map(map_of(found));
-        }
-        self.batch_from_redis::<S, R, K, V, B, Fut>(site, rest_ids, rest_keys, found, body)
-            .await
-    }
-
-    /// Steps 1 to 5 of the module docs for distinct `keys` (of `ids`), with
-    /// the values already `found` for other ids.
-    async fn batch_from_redis<S, R, K, V, B, Fut>(
-        &self,
-        site: &'static Site,
-        ids: Vec<K>,
         keys: Vec<String>,
-        mut found: Vec<(K, V)>,
-        body: B,
-    ) -> R
-    where
-        S: BatchOutcome<R>,
-        S::Map: BatchMap<Key = K, Value = V>,
-        V: Serialize + DeserializeOwned,
-        K: Clone,
-        B: FnOnce(Vec<K>) -> Fut,
-        Fut: Future<Output = R>,
-    {
+        call: &mut ErasedBatch<'_>,
+    ) {
+        if keys.is_empty() {
+            return;
+        }
         let began = Instant::now();
+        let coalescing = site.single_flight_mode() != SingleFlight::Off;
+        let (missing, uncached, pending_write) = match self.read_batch(site, &keys).await {
+            BatchRead::Values(values) => {
+                (self.classify_batch(site, &keys, values, call), false, false)
+            }
+            BatchRead::Unavailable { pending_write } if coalescing => {
+                let missing = (0..keys.len())
+                    .map(|at| Missing { at, take: None })
+                    .collect();
+                (missing, true, pending_write)
+            }
+            BatchRead::Unavailable { .. } => {
+                for _ in &keys {
+                    self.record(site, Event::Bypass);
+                }
+                let all: Vec<usize> = (0..keys.len()).collect();
+                return run_body(call, &all).await;
+            }
+        };
+        let (missing, leaders) = if coalescing {
+            let joiner = Joiner {
+                began,
+                takes_proof: !pending_write,
+            };
+            self.coalesce_batch(site, &keys, missing, joiner, call)
+                .await
+        } else {
+            let leaders = missing.iter().map(|_| None).collect();
+            (missing, leaders)
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let computing = self
+            .lease_batch(site, &keys, missing, leaders, uncached, call)
+            .await;
+        if !computing.is_empty() {
+            self.compute_batch(site, &keys, computing, uncached, call)
+                .await;
+        }
+    }
+
+    /// Step 1: one read of every key, unless one of them has an
+    /// invalidation of this process still to deliver (see
+    /// `Janitor::is_invalidating`); a failure is counted and logged.
+    async fn read_batch(&self, site: &'static Site, keys: &[String]) -> BatchRead {
         crate::backend::note_px(site.longest_expiry_millis());
-        // A key this process still has to invalidate may hold the old
-        // value (see `Janitor::is_invalidating`): run uncached.
         let backend = &self.inner.backend;
         let pending_write = keys.iter().any(|key| {
             self.inner
                 .janitor
                 .is_invalidating(key, || backend.primaries_epoch())
         });
-        let read = if pending_write {
-            Err(CacheError::CircuitOpen)
-        } else {
-            self.read_many(&keys).await
-        };
-        let coalescing = site.single_flight_mode() != SingleFlight::Off;
-        // Whether the cache could not be read: then nothing is leased or
-        // stored, and each id's callers in this process still coalesce.
-        let mut uncached = false;
-        let values = match read {
-            Ok(values) => values,
+        if pending_write {
+            return BatchRead::Unavailable {
+                pending_write: true,
+            };
+        }
+        match self.read_many(keys).await {
+            Ok(values) => BatchRead::Values(values),
             Err(error) => {
                 if !matches!(error, CacheError::CircuitOpen) {
                     self.record(site, Event::Error);
@@ -195,165 +353,232 @@ impl Cache {
                         warn!(%error, keys = keys.len(), "cache batch read failed: running uncached")
                     );
                 }
-                if coalescing {
-                    uncached = true;
-                    vec![Fetched::Absent; keys.len()]
-                } else {
-                    for _ in &keys {
-                        self.record(site, Event::Bypass);
-                    }
-                    if found.is_empty() {
-                        return body(ids).await;
-                    }
-                    // The body runs for the ids not answered locally; the
-                    // local answers join its map.
-                    let mut result = body(ids).await;
-                    if let Some(map) = S::map_mut(&mut result) {
-                        for (id, value) in found {
-                            map.put(id, value);
-                        }
-                    }
-                    return result;
+                BatchRead::Unavailable {
+                    pending_write: false,
                 }
             }
-        };
+        }
+    }
 
+    /// Step 2: serves what the read found (decoded into `call`, counted as
+    /// hits); the rest is missing.
+    fn classify_batch(
+        &self,
+        site: &'static Site,
+        keys: &[String],
+        values: Vec<Fetched<Vec<u8>>>,
+        call: &mut ErasedBatch<'_>,
+    ) -> Vec<Missing> {
         let mut missing = Vec::new();
-        for (at, (id, bytes)) in ids.into_iter().zip(values).enumerate() {
-            if uncached {
-                missing.push(Missing { id, at, take: None });
-                continue;
-            }
-            match self.classify_one::<V>(site, &keys[at], bytes) {
-                One::Value(value) => {
-                    self.record(site, Event::Hit);
-                    found.push((id, value));
-                }
-                One::Nothing => self.record(site, Event::Hit),
-                One::Claim(take) => missing.push(Missing { id, at, take }),
+        for (at, fetched) in values.into_iter().enumerate() {
+            match self.classify_one(site, &keys[at], at, fetched, call) {
+                None => self.record(site, Event::Hit),
+                Some(take) => missing.push(Missing { at, take }),
             }
         }
+        missing
+    }
 
-        let mut leaders: Vec<Option<Leader<'_>>> = Vec::new();
-        if coalescing {
-            // In key order, so that overlapping batches cannot wait for each
-            // other (see the module docs).
-            missing.sort_by(|a, b| keys[a.at].cmp(&keys[b.at]));
-            let mut computed = Vec::with_capacity(missing.len());
-            let joiner = Joiner {
-                began,
-                takes_proof: !pending_write,
+    /// What one key's read means for the batch, through the single
+    /// lookup's classification of what was found: `None` when it was
+    /// served (a value decoded into `call`, or a negative entry), else
+    /// how to take its lease (`Some(None)`: another caller's lease,
+    /// computed here without storing).
+    fn classify_one(
+        &self,
+        site: &'static Site,
+        key: &str,
+        at: usize,
+        fetched: Fetched<Vec<u8>>,
+        call: &mut ErasedBatch<'_>,
+    ) -> Option<Option<Take>> {
+        let read = self.found(site, key, Ok(fetched.map(|bytes| (bytes, Ttl::Unknown))));
+        match read {
+            Read::Value {
+                bytes, value_at, ..
+            } => {
+                let value = &bytes[value_at..];
+                if value == NOTHING {
+                    return None;
+                }
+                let codec = self.inner.codec;
+                let decoded = self.decoding(value, |value| call.pinned().decode(at, codec, value));
+                match self.decoded(site, key, decoded) {
+                    Some(()) => None,
+                    None => Some(Some(Take::Replacing(bytes))),
+                }
+            }
+            Read::Absent => Some(Some(Take::IfAbsent)),
+            Read::Garbage(garbage) => Some(Some(garbage.take())),
+            // Someone's lease (its TTL unread): computed here without
+            // storing, as a single lookup does without "distributed".
+            Read::Leased { .. } | Read::Unavailable { .. } => Some(None),
+        }
+    }
+
+    /// Step 3: each missing key joins this process's computation of it,
+    /// or leads it, one key at a time in key order, so that overlapping
+    /// batches cannot wait for each other (see the module docs). Returns
+    /// the keys the batch computes, with their flights.
+    async fn coalesce_batch<'c>(
+        &'c self,
+        site: &'static Site,
+        keys: &'c [String],
+        mut missing: Vec<Missing>,
+        joiner: Joiner,
+        call: &mut ErasedBatch<'_>,
+    ) -> (Vec<Missing>, Vec<Option<Leader<'c>>>) {
+        missing.sort_by(|a, b| keys[a.at].cmp(&keys[b.at]));
+        let (mut computed, mut leaders) = (Vec::new(), Vec::new());
+        for one in missing {
+            if let Some(leader) = self
+                .coalesce_one(site, &keys[one.at], one.at, joiner, call)
+                .await
+            {
+                leaders.push(leader);
+                computed.push(one);
+            }
+        }
+        (computed, leaders)
+    }
+
+    /// Joins this process's computation of the key at `at` (its value
+    /// decoded into `call`: `None`), or leads it (`Some`, with the flight
+    /// when it joined one).
+    async fn coalesce_one<'c>(
+        &'c self,
+        site: &'static Site,
+        key: &'c str,
+        at: usize,
+        joiner: Joiner,
+        call: &mut ErasedBatch<'_>,
+    ) -> Option<Option<Leader<'c>>> {
+        let (mut handovers, mut later) = (0, 0);
+        while handovers < MAX_HANDOVERS && later < MAX_LATER {
+            let waiter = match self.inner.flights.join(key, joiner) {
+                Role::Leader(leader) => return Some(Some(leader)),
+                Role::Waiter(waiter) => waiter,
             };
-            for one in missing {
-                match self.coalesce_one::<V>(site, &keys[one.at], joiner).await {
-                    Coalesced::Value(value) => found.push((one.id, value)),
-                    Coalesced::Nothing => {}
-                    Coalesced::Lead(leader) => {
-                        leaders.push(leader);
-                        computed.push(one);
+            match waiter.wait().await {
+                Handed::Value(bytes) => {
+                    let codec = self.inner.codec;
+                    let decoded =
+                        self.decoding(&bytes, |value| call.pinned().decode(at, codec, value));
+                    if self.decoded(site, key, decoded).is_some() {
+                        self.record(site, Event::Coalesced);
+                        return None;
                     }
                 }
+                Handed::Nothing => {
+                    self.record(site, Event::Coalesced);
+                    return None;
+                }
+                // Not a failed leader: the next flight covers this caller.
+                Handed::Later => later += 1,
+                Handed::LookAgain | Handed::Failed => handovers += 1,
             }
-            missing = computed;
-        } else {
-            leaders.resize_with(missing.len(), || None);
         }
-        if missing.is_empty() {
-            return S::from_map(map_of(found));
-        }
+        Some(None)
+    }
 
+    /// Step 4: the leases of the keys the batch computes, taken together.
+    /// A key leased or filled by another caller since the first read (a
+    /// flight this batch waited for, another batch, another process) is
+    /// read once more, together: served if it holds an answer now,
+    /// computed without storing if it is still leased.
+    async fn lease_batch<'c>(
+        &'c self,
+        site: &'static Site,
+        keys: &'c [String],
+        mut missing: Vec<Missing>,
+        leaders: Vec<Option<Leader<'c>>>,
+        uncached: bool,
+        call: &mut ErasedBatch<'_>,
+    ) -> Vec<Computing<'c>> {
         let leases = join_all(missing.iter_mut().map(|one| {
             let take = one.take.take();
             let key = &keys[one.at];
             async move {
-                let taken = match take {
+                match take {
                     Some(take) => HeldLease::take(self, site, key, take).await,
                     None if uncached => Taken::Failed,
                     None => Taken::Occupied,
-                };
-                (taken, ())
+                }
             }
         }))
         .await;
-        let mut computing: Vec<(Missing<K>, Taken<'_>, Option<Leader<'_>>)> =
-            Vec::with_capacity(missing.len());
+        let mut computing = Vec::with_capacity(missing.len());
         let mut occupied = Vec::new();
-        for ((one, (taken, _)), leader) in missing.into_iter().zip(leases).zip(leaders) {
-            // Occupied: another caller's lease, seen by the first read or by
-            // the `SET NX`.
-            if matches!(taken, Taken::Occupied) {
-                occupied.push((one, taken, leader));
+        for ((one, taken), leader) in missing.into_iter().zip(leases).zip(leaders) {
+            let key = Computing {
+                at: one.at,
+                taken,
+                leader,
+            };
+            if matches!(key.taken, Taken::Occupied) {
+                occupied.push(key);
             } else {
-                computing.push((one, taken, leader));
+                computing.push(key);
             }
         }
-        // A key leased or filled by another caller since the first read (a
-        // flight this batch waited for, another batch, another process):
-        // read once more, together; what is still leased is computed
-        // without storing.
-        if !occupied.is_empty() {
-            let again: Vec<String> = occupied
-                .iter()
-                .map(|(one, ..)| keys[one.at].clone())
-                .collect();
-            let values = self
-                .read_many(&again)
-                .await
-                .unwrap_or_else(|_| vec![Fetched::Absent; again.len()]);
-            for ((one, taken, leader), fetched) in occupied.into_iter().zip(values) {
-                let read = match fetched {
-                    Fetched::Found(bytes) => {
-                        self.classify_one::<V>(site, &keys[one.at], Fetched::Found(bytes))
-                    }
-                    Fetched::Absent | Fetched::TooLarge => One::Claim(None),
-                };
-                match read {
-                    One::Value(value) => {
-                        self.record(site, Event::Hit);
-                        found.push((one.id, value));
-                        look_again(leader);
-                    }
-                    One::Nothing => {
-                        self.record(site, Event::Hit);
-                        look_again(leader);
-                    }
-                    One::Claim(_) => computing.push((one, taken, leader)),
-                }
+        if occupied.is_empty() {
+            return computing;
+        }
+        let again: Vec<String> = occupied.iter().map(|one| keys[one.at].clone()).collect();
+        let values = self
+            .read_many(&again)
+            .await
+            .unwrap_or_else(|_| vec![Fetched::Absent; again.len()]);
+        for (one, fetched) in occupied.into_iter().zip(values) {
+            let served = match fetched {
+                Fetched::Found(_) => self
+                    .classify_one(site, &keys[one.at], one.at, fetched, call)
+                    .is_none(),
+                Fetched::Absent | Fetched::TooLarge => false,
+            };
+            if served {
+                self.record(site, Event::Hit);
+                look_again(one.leader);
+            } else {
+                computing.push(one);
             }
         }
-        if computing.is_empty() {
-            return S::from_map(map_of(found));
-        }
+        computing
+    }
 
+    /// Step 4, then: runs the body once with the ids computed, and settles
+    /// each one's lease with its answer exactly as a single lookup would.
+    async fn compute_batch(
+        &self,
+        site: &'static Site,
+        keys: &[String],
+        computing: Vec<Computing<'_>>,
+        uncached: bool,
+        call: &mut ErasedBatch<'_>,
+    ) {
         for _ in &computing {
             self.record(site, if uncached { Event::Bypass } else { Event::Miss });
         }
-        let ids = computing.iter().map(|(one, ..)| one.id.clone()).collect();
-        let (mut result, run) = Run::time(body(ids)).await;
-
-        let map = S::map_mut(&mut result);
-        let (computing, leaders): (Vec<_>, Vec<_>) = computing
-            .into_iter()
-            .map(|(one, taken, leader)| ((one, taken), leader))
-            .unzip();
-        let settled = computing
+        let ats: Vec<usize> = computing.iter().map(|one| one.at).collect();
+        let ((), run) = Run::time(run_body(call, &ats)).await;
+        let codec = self.inner.codec;
+        let mut leaders = Vec::with_capacity(computing.len());
+        let mut settling = Vec::with_capacity(computing.len());
+        for one in computing {
+            let answer = call.pinned().encode_answer(one.at, codec);
+            let lease = match one.taken {
+                Taken::Held(lease) => Leased::Own(lease),
+                _ if uncached => Leased::Uncached,
+                Taken::Occupied | Taken::Failed => Leased::None,
+            };
+            settling.push((&keys[one.at], answer, lease));
+            leaders.push(one.leader);
+        }
+        let settled = settling
             .into_iter()
             .zip(&leaders)
-            .map(|((one, taken), leader)| {
-                let answer = match &map {
-                    None => Answer::Failed,
-                    Some(map) => map.lookup(&one.id).map_or(Answer::Nothing, Answer::Value),
-                };
-                let lease = match taken {
-                    Taken::Held(lease) => Leased::Own(lease),
-                    _ if uncached => Leased::Uncached,
-                    Taken::Occupied | Taken::Failed => Leased::None,
-                };
-                let key = &keys[one.at];
-                async move {
-                    self.settle_answer(site, key, answer, lease, leader.as_ref(), run)
-                        .await
-                }
+            .map(|((key, answer, lease), leader)| {
+                self.settle(site, key, answer, lease, leader.as_ref(), run)
             });
         let landings = join_all(settled).await;
         for (leader, landing) in leaders.into_iter().zip(landings) {
@@ -361,113 +586,5 @@ impl Cache {
                 leader.land(landing);
             }
         }
-        if let Some(map) = S::map_mut(&mut result) {
-            for (id, value) in found {
-                map.put(id, value);
-            }
-        }
-        result
     }
-
-    /// What one key's read means for the batch.
-    fn classify_one<V: DeserializeOwned>(
-        &self,
-        site: &'static Site,
-        key: &str,
-        fetched: Fetched<Vec<u8>>,
-    ) -> One<V> {
-        let bytes = match fetched {
-            Fetched::Found(bytes) => bytes,
-            Fetched::Absent => return One::Claim(Some(Take::IfAbsent)),
-            Fetched::TooLarge => {
-                self.garbage(site, key, "an entry larger than max_value_size");
-                return One::Claim(Some(Take::ReplacingTooLarge));
-            }
-        };
-        match lease::inspect(&bytes) {
-            // Someone's lease (its TTL unread): computed here without
-            // storing, as a single lookup does without "distributed".
-            Found::Placeholder if self.inner.janitor.is_abandoned(&bytes) => {
-                One::Claim(Some(Take::Replacing(bytes)))
-            }
-            Found::Placeholder => One::Claim(None),
-            Found::Malformed => {
-                self.garbage(site, key, "a malformed lease placeholder");
-                One::Claim(Some(Take::Replacing(bytes)))
-            }
-            Found::Value => {
-                let value_at = match crate::read::freshness::split(&bytes) {
-                    Ok(header) => header.map_or(0, |(_, at)| at),
-                    Err(_) => {
-                        self.garbage(site, key, "a malformed freshness header");
-                        return One::Claim(Some(Take::Replacing(bytes)));
-                    }
-                };
-                let value = &bytes[value_at..];
-                if value == NOTHING {
-                    return One::Nothing;
-                }
-                match self.decode_value(site, key, value) {
-                    Some(value) => One::Value(value),
-                    None => One::Claim(Some(Take::Replacing(bytes))),
-                }
-            }
-        }
-    }
-
-    /// Joins this process's computation of `key`, or leads it.
-    async fn coalesce_one<V: DeserializeOwned>(
-        &self,
-        site: &'static Site,
-        key: &str,
-        joiner: Joiner,
-    ) -> Coalesced<'_, V> {
-        let (mut handovers, mut later) = (0, 0);
-        while handovers < MAX_HANDOVERS && later < MAX_LATER {
-            let waiter = match self.inner.flights.join(key, joiner) {
-                Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
-                Role::Waiter(waiter) => waiter,
-            };
-            match waiter.wait().await {
-                Handed::Value(bytes) => {
-                    if let Some(value) = self.decode_value(site, key, &bytes) {
-                        self.record(site, Event::Coalesced);
-                        return Coalesced::Value(value);
-                    }
-                }
-                Handed::Nothing => {
-                    self.record(site, Event::Coalesced);
-                    return Coalesced::Nothing;
-                }
-                // Not a failed leader: the next flight covers this caller.
-                Handed::Later => later += 1,
-                Handed::LookAgain | Handed::Failed => handovers += 1,
-            }
-        }
-        Coalesced::Lead(None)
-    }
-}
-
-/// The map of a batch served from the cache alone.
-fn map_of<M: BatchMap>(found: Vec<(M::Key, M::Value)>) -> M {
-    let mut map = M::default();
-    for (id, value) in found {
-        map.put(id, value);
-    }
-    map
-}
-
-/// One key of a batch after its read.
-enum One<V> {
-    Value(V),
-    Nothing,
-    Claim(Option<Take>),
-}
-
-/// One missing key after coalescing.
-enum Coalesced<'c, V> {
-    Value(V),
-    Nothing,
-    /// Compute it: as the leader of its flight, or alone.
-    Lead(Option<Leader<'c>>),
 }

@@ -24,12 +24,14 @@ use std::time::{Duration, Instant};
 use crate::backend::{Fetched, Stored};
 use crate::cache::Cache;
 use crate::clock::px;
+use crate::codec::CodecError;
 use crate::error::CacheError;
-use crate::local::LocalHit;
 use crate::local::tracking::Via;
+use crate::local::{LocalHit, LocalTier, Ticket};
+use crate::read::call::{Answered, Encoded, Erased};
 use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::read::freshness::{self, Freshness, Verdict};
-use crate::read::outcome::{Answer, NOTHING, Outcome};
+use crate::read::outcome::{NOTHING, Outcome};
 use crate::read::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::write::lease::{self, Found, HeldLease, Take, Taken};
@@ -52,7 +54,7 @@ const LONGEST_POLL: Duration = Duration::from_millis(50);
 const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What one read of the key found.
-enum Read {
+pub(crate) enum Read {
     /// The stored bytes, kept whole so a hit copies nothing: from `value_at`
     /// the encoded value; before it a freshness header, if any.
     Value {
@@ -81,7 +83,7 @@ enum Read {
 
 /// How long a key has left, by the server's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ttl {
+pub(crate) enum Ttl {
     /// Read with a plain `GET`.
     Unknown,
     Left(u64),
@@ -96,7 +98,7 @@ impl Ttl {
     }
 }
 
-enum Garbage {
+pub(crate) enum Garbage {
     /// Replaced only if the key still holds these bytes.
     Bytes(Vec<u8>),
     /// `GET` fails on it (`WRONGTYPE`): overwritten.
@@ -105,26 +107,21 @@ enum Garbage {
     TooLarge,
 }
 
-/// A decoded entry: a value (with how it becomes the result), or an answer
-/// of nothing (`cache_none`).
-pub(crate) enum Entry<V, R> {
-    Value(V, fn(V) -> R),
-    Nothing(R),
-}
-
-impl<V, R> Entry<V, R> {
-    fn into_result(self) -> R {
+impl Garbage {
+    /// How a lease is taken over it.
+    pub(crate) fn take(self) -> Take {
         match self {
-            Entry::Value(value, from_hit) => from_hit(value),
-            Entry::Nothing(nothing) => nothing,
+            Garbage::Bytes(seen) => Take::Replacing(seen),
+            Garbage::Unreadable => Take::Overwriting,
+            Garbage::TooLarge => Take::ReplacingTooLarge,
         }
     }
 }
 
 /// What the caller does next.
-enum Step<R> {
+enum Step {
     /// Answer without a lease.
-    Done(Done<R>),
+    Done(Done),
     /// Claim the key: compute under its lease.
     Claim(Claim),
     /// A placeholder read without its TTL: read it again with it, to tell a
@@ -132,16 +129,15 @@ enum Step<R> {
     Recheck,
 }
 
-/// How a caller answers without claiming the key.
-enum Done<R> {
-    Serve(R, Event),
-    Refresh(Refresh<R>),
+/// How a caller answers without claiming the key: with the entry it
+/// decoded (counted as the event).
+enum Done {
+    Serve(Event),
+    Refresh(Refresh),
 }
 
-/// A value to recompute while others are served it.
-struct Refresh<R> {
-    /// What a hit on the old entry returns.
-    old: R,
+/// A value to recompute while others are served it (the decoded answer).
+struct Refresh {
     /// Its freshness header: the refresh stores only over this very value.
     header: Vec<u8>,
     /// How a caller served the old value is counted.
@@ -191,16 +187,16 @@ impl Run {
 }
 
 /// How a claim ended.
-enum Claimed<'c, R> {
+enum Claimed<'c> {
     Computing(Leased<'c>),
     /// The key changed, or a poll of another process's lease: go round.
-    Read(Step<R>),
+    Read(Step),
 }
 
 /// How coalescing ended.
-enum Coalesced<'c, R> {
-    /// Another caller's answer.
-    Answer(R),
+enum Coalesced<'c> {
+    /// Another caller's answer, decoded.
+    Answer,
     /// Compute; as the leader of this process's flight, or alone.
     Lead(Option<Leader<'c>>),
     /// The key's leaders keep failing: compute alone, through its gate.
@@ -248,47 +244,6 @@ struct Wait {
 const HOLDERS_WAITED_ON: u32 = 3;
 
 impl Cache {
-    /// Serves `redis_key` from the cache or runs `body`; see the module docs.
-    ///
-    /// A hit (and an unavailable cache) is answered here; everything else
-    /// in a boxed future, so that the future of a hit stays small (it is
-    /// moved on every call).
-    pub(crate) async fn get_or_compute<S, R, F>(
-        &self,
-        site: &'static Site,
-        redis_key: String,
-        body: F,
-    ) -> R
-    where
-        S: Outcome<R>,
-        F: Future<Output = R>,
-    {
-        let began = Instant::now();
-        let read = self.read(site, &redis_key, site.tracks_freshness()).await;
-        let step = match read {
-            // The common case, without the classify step's moves of the
-            // value: a plain value (no freshness header) served as it is.
-            Read::Value {
-                bytes,
-                value_at: 0,
-                freshness: None,
-                ..
-            } => match self.decode::<S, R>(site, &redis_key, &bytes) {
-                Some(result) => {
-                    self.record(site, Event::Hit);
-                    return result;
-                }
-                None => Step::Claim(Claim::Replace(Garbage::Bytes(bytes))),
-            },
-            Read::Unavailable { .. } if site.single_flight_mode() == SingleFlight::Off => {
-                self.record(site, Event::Bypass);
-                return body.await;
-            }
-            read => self.classify::<S, R>(site, &redis_key, read),
-        };
-        Box::pin(self.after_read::<S, R, F>(site, &redis_key, step, body, began)).await
-    }
-
     /// The answer of a copy held in this process for a function with a
     /// local tier (`local = "5s"`), counted as a local hit; `None` when
     /// none is held (or the cache has no local tier: the memory backend is
@@ -310,30 +265,60 @@ impl Cache {
         Some(answer)
     }
 
-    /// [`Cache::get_or_compute`] of a function with a local tier after
-    /// [`Cache::local_hit`] found no copy: the key is read on the tracking
-    /// connection, and a fresh value found there is kept (see
-    /// [`crate::local`]) for at most the function's `local` time and never
-    /// past its freshness.
-    pub(crate) async fn get_or_compute_local<S, R, F>(
+    /// The read path of one key. A hit (and an unavailable cache) is
+    /// answered here; everything else in a boxed future, so that the
+    /// future of a hit stays small.
+    pub(crate) async fn lookup(
         &self,
         site: &'static Site,
         redis_key: String,
-        body: F,
-    ) -> R
-    where
-        S: Outcome<R>,
-        S::Value: Clone + Send + Sync + 'static,
-        F: Future<Output = R>,
-    {
-        let Some(tracking) = &self.inner.local else {
-            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
+        call: &mut Erased<'_>,
+    ) -> Answered {
+        let began = Instant::now();
+        let read = self.read(site, &redis_key, site.tracks_freshness()).await;
+        let step = match read {
+            // The common case, without the classify step's moves of the
+            // value: a plain value (no freshness header) served as it is.
+            Read::Value {
+                bytes,
+                value_at: 0,
+                freshness: None,
+                ..
+            } => {
+                if self.decode(site, &redis_key, &bytes, call) {
+                    self.record(site, Event::Hit);
+                    return Answered::Decoded;
+                }
+                Step::Claim(Claim::Replace(Garbage::Bytes(bytes)))
+            }
+            Read::Unavailable { .. } if site.single_flight_mode() == SingleFlight::Off => {
+                self.record(site, Event::Bypass);
+                call.run_body().await;
+                return Answered::Body;
+            }
+            read => self.classify(site, &redis_key, read, call, None),
         };
-        let tier = tracking.tier();
+        Box::pin(self.after_read(site, &redis_key, step, call, began)).await
+    }
+
+    /// [`Cache::lookup`] of a function with a local tier: the key is read
+    /// on the tracking connection, and a fresh value found there is kept
+    /// (see [`crate::local`]) for at most the function's `local` time and
+    /// never past its freshness.
+    pub(crate) async fn lookup_local(
+        &self,
+        site: &'static Site,
+        redis_key: String,
+        call: &mut Erased<'_>,
+    ) -> Answered {
+        let Some(tracking) = &self.inner.local else {
+            return self.lookup(site, redis_key, call).await;
+        };
         let primaries = self.inner.backend.primaries_epoch();
         let Some(via) = tracking.live(&redis_key) else {
-            return self.get_or_compute::<S, R, F>(site, redis_key, body).await;
+            return self.lookup(site, redis_key, call).await;
         };
+        let tier = tracking.tier();
         // Taken before the read is sent: see `crate::local`.
         let ticket = tier.ticket(&redis_key, primaries);
         let began = Instant::now();
@@ -345,39 +330,32 @@ impl Cache {
             && site.single_flight_mode() == SingleFlight::Off
         {
             self.record(site, Event::Bypass);
-            return body.await;
+            call.run_body().await;
+            return Answered::Body;
         }
-        let local_for = site.local_millis();
-        let step =
-            self.classify_keeping::<S, R>(site, &redis_key, read, |entry, fresh_for, encoded| {
-                let value = match entry {
-                    Entry::Value(value, _) => Some(value.clone()),
-                    Entry::Nothing(_) => None,
-                };
-                let keep_for = Duration::from_millis(local_for.min(fresh_for));
-                tier.fill(ticket, &redis_key, value, encoded, keep_for);
-            });
-        if let Step::Done(Done::Serve(result, event)) = step {
+        let keep = Keep {
+            tier,
+            ticket,
+            local_for: site.local_millis(),
+        };
+        let step = self.classify(site, &redis_key, read, call, Some(keep));
+        if let Step::Done(Done::Serve(event)) = step {
             self.record(site, event);
-            return result;
+            return Answered::Decoded;
         }
-        self.after_read::<S, R, F>(site, &redis_key, step, body, began)
-            .await
+        // Boxed as in `lookup`: this future is part of every call's.
+        Box::pin(self.after_read(site, &redis_key, step, call, began)).await
     }
 
     /// Everything but a plain hit: misses, leases, single-flight, refreshes.
-    async fn after_read<S, R, F>(
+    async fn after_read(
         &self,
         site: &'static Site,
         key: &str,
-        mut step: Step<R>,
-        body: F,
+        mut step: Step,
+        call: &mut Erased<'_>,
         began: Instant,
-    ) -> R
-    where
-        S: Outcome<R>,
-        F: Future<Output = R>,
-    {
+    ) -> Answered {
         let mut rounds = Rounds::new(began);
         let mut leader = None;
         // Declared in this order so that the permit drops before its gate.
@@ -387,10 +365,10 @@ impl Cache {
                 Step::Claim(claim) => claim,
                 Step::Done(done) => {
                     look_again(leader);
-                    return self.done::<S, R, F>(site, key, done, body).await;
+                    return self.done(site, key, done, call).await;
                 }
                 Step::Recheck => {
-                    step = self.reread::<S, R>(site, key).await;
+                    step = self.reread(site, key, call).await;
                     continue;
                 }
             };
@@ -402,17 +380,17 @@ impl Cache {
                     }
                 );
                 match self
-                    .coalesce::<S, R>(site, key, &mut rounds, takes_proof)
+                    .coalesce(site, key, &mut rounds, takes_proof, call)
                     .await
                 {
-                    Coalesced::Answer(result) => return result,
+                    Coalesced::Answer => return Answered::Decoded,
                     // The placeholder this call read may be that of a
                     // flight of this process that ended between the read
                     // and the join: its value is stored now, so the new
                     // leader reads once more before it computes.
                     Coalesced::Lead(Some(me)) if matches!(claim, Claim::Foreign(_)) => {
                         leader = Some(me);
-                        step = self.reread::<S, R>(site, key).await;
+                        step = self.reread(site, key, call).await;
                         continue;
                     }
                     Coalesced::Lead(me) => leader = me,
@@ -420,20 +398,18 @@ impl Cache {
                         let at = self.inner.flights.gate(key);
                         _permit = at.enter().await;
                         gate = Some(at);
-                        step = self.reread::<S, R>(site, key).await;
+                        step = self.reread(site, key, call).await;
                         continue;
                     }
                     Coalesced::LookAgain => {
-                        step = self.reread::<S, R>(site, key).await;
+                        step = self.reread(site, key, call).await;
                         continue;
                     }
                 }
             }
-            match self.claim::<S, R>(site, key, claim, &mut rounds).await {
+            match self.claim(site, key, claim, &mut rounds, call).await {
                 Claimed::Computing(lease) => {
-                    return self
-                        .compute::<S, R, F>(site, key, lease, leader, body)
-                        .await;
+                    return self.compute(site, key, lease, leader, call).await;
                 }
                 Claimed::Read(next) => step = next,
             }
@@ -441,17 +417,19 @@ impl Cache {
     }
 
     /// Answers a call that needs no lease.
-    async fn done<S, R, F>(&self, site: &'static Site, key: &str, done: Done<R>, body: F) -> R
-    where
-        S: Outcome<R>,
-        F: Future<Output = R>,
-    {
+    async fn done(
+        &self,
+        site: &'static Site,
+        key: &str,
+        done: Done,
+        call: &mut Erased<'_>,
+    ) -> Answered {
         match done {
-            Done::Serve(result, event) => {
+            Done::Serve(event) => {
                 self.record(site, event);
-                result
+                Answered::Decoded
             }
-            Done::Refresh(refresh) => self.refresh::<S, R, F>(site, key, refresh, body).await,
+            Done::Refresh(refresh) => self.refresh(site, key, refresh, call).await,
         }
     }
 
@@ -507,7 +485,7 @@ impl Cache {
     }
 
     /// What a read's outcome is; failures are counted and logged here.
-    fn found(
+    pub(crate) fn found(
         &self,
         site: &'static Site,
         key: &str,
@@ -580,9 +558,9 @@ impl Cache {
         }
     }
 
-    async fn reread<S: Outcome<R>, R>(&self, site: &'static Site, key: &str) -> Step<R> {
+    async fn reread(&self, site: &'static Site, key: &str, call: &mut Erased<'_>) -> Step {
         let read = self.read(site, key, true).await;
-        self.classify::<S, R>(site, key, read)
+        self.classify(site, key, read, call, None)
     }
 
     /// What stored bytes are: a value (split from its header), someone's
@@ -639,20 +617,18 @@ impl Cache {
     }
 
     /// The classify step: the one place where a read becomes a decision.
-    fn classify<S: Outcome<R>, R>(&self, site: &'static Site, key: &str, read: Read) -> Step<R> {
-        self.classify_keeping::<S, R>(site, key, read, |_, _, _| {})
-    }
-
-    /// [`Cache::classify`], showing a fresh entry to `keep` before it is
-    /// served, with how long it stays fresh in milliseconds (0: unknown)
-    /// and its encoded length: the local tier keeps a copy of it.
-    fn classify_keeping<S: Outcome<R>, R>(
+    /// A value it serves or refreshes is decoded into `call`; with `keep`
+    /// (a function with a local tier), a fresh one is kept in process
+    /// memory before it is served, so that the one place that decides
+    /// what a read means also decides what is copied.
+    fn classify(
         &self,
         site: &'static Site,
         key: &str,
         read: Read,
-        keep: impl FnOnce(&Entry<S::Value, R>, u64, usize),
-    ) -> Step<R> {
+        call: &mut Erased<'_>,
+        keep: Option<Keep<'_>>,
+    ) -> Step {
         let (mut bytes, value_at, freshness, ttl) = match read {
             Read::Value {
                 bytes,
@@ -670,17 +646,15 @@ impl Cache {
             } => return Step::Recheck,
             Read::Leased { placeholder, .. } => return Step::Claim(Claim::Foreign(placeholder)),
         };
-        let Some(entry) = self.decode_entry::<S, R>(site, key, &bytes[value_at..]) else {
+        if !self.decode(site, key, &bytes[value_at..], call) {
             return Step::Claim(Claim::Replace(Garbage::Bytes(bytes)));
-        };
+        }
         let (verdict, fresh_for) = match freshness {
             Some((freshness, ttl)) if site.tracks_freshness() => {
                 let left = match ttl {
                     Ttl::Left(left) => Some(left),
                     Ttl::Forever => None,
-                    Ttl::Unknown => {
-                        return Step::Done(Done::Serve(entry.into_result(), Event::Hit));
-                    }
+                    Ttl::Unknown => return Step::Done(Done::Serve(Event::Hit)),
                 };
                 let kept = self.kept(site);
                 let fresh_for = left.map_or(0, |left| left.saturating_sub(kept));
@@ -695,64 +669,65 @@ impl Cache {
         };
         let served = match verdict {
             Verdict::Fresh => {
-                keep(&entry, fresh_for, bytes.len() - value_at);
-                return Step::Done(Done::Serve(entry.into_result(), Event::Hit));
+                if let Some(keep) = keep {
+                    let keep_for = Duration::from_millis(keep.local_for.min(fresh_for));
+                    let encoded = bytes.len() - value_at;
+                    call.call()
+                        .keep_local(keep.tier, keep.ticket, key, encoded, keep_for);
+                }
+                return Step::Done(Done::Serve(Event::Hit));
             }
             Verdict::RefreshEarly => Event::Hit,
             Verdict::Stale => Event::StaleHit,
         };
         bytes.truncate(value_at);
         Step::Done(Done::Refresh(Refresh {
-            old: entry.into_result(),
             header: bytes,
             served,
         }))
     }
 
-    /// The one place that decodes an entry into the result a hit returns;
-    /// failures are counted and logged. A negative entry is an answer of
-    /// nothing, for functions whose result has one (else garbage).
-    fn decode<S: Outcome<R>, R>(&self, site: &'static Site, key: &str, bytes: &[u8]) -> Option<R> {
-        self.decode_entry::<S, R>(site, key, bytes)
-            .map(Entry::into_result)
-    }
-
-    /// [`Cache::decode`], keeping the value apart from its result.
-    fn decode_entry<S: Outcome<R>, R>(
-        &self,
-        site: &'static Site,
-        key: &str,
-        bytes: &[u8],
-    ) -> Option<Entry<S::Value, R>> {
+    /// The one place that decodes an entry into a call's answer; failures
+    /// are counted and logged. A negative entry is an answer of nothing,
+    /// for functions whose result has one (else garbage).
+    fn decode(&self, site: &'static Site, key: &str, bytes: &[u8], call: &mut Erased<'_>) -> bool {
         if bytes == NOTHING {
-            let nothing = S::nothing();
-            if nothing.is_none() {
+            let nothing = call.call().decode_nothing();
+            if !nothing {
                 self.garbage(
                     site,
                     key,
                     "a cached `None` for a function that cannot return one",
                 );
             }
-            return nothing.map(Entry::Nothing);
+            return nothing;
         }
-        self.decode_value(site, key, bytes)
-            .map(|value| Entry::Value(value, S::from_hit))
+        let codec = self.inner.codec;
+        let decoded = self.decoding(bytes, |bytes| call.call().decode(codec, bytes));
+        self.decoded(site, key, decoded).is_some()
     }
 
-    /// Decodes one encoded value (a batch decodes values without a result
-    /// around them); failures are counted and logged.
-    pub(crate) fn decode_value<V: serde::de::DeserializeOwned>(
+    /// `decode` over `bytes`, decompressed first if they are compressed.
+    pub(crate) fn decoding<T>(
+        &self,
+        bytes: &[u8],
+        decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
+    ) -> Result<T, CodecError> {
+        if crate::compression::is_compressed(bytes) {
+            let value = crate::compression::decompress(bytes, self.inner.max_value_size)?;
+            decode(&value)
+        } else {
+            decode(bytes)
+        }
+    }
+
+    /// A decoded value; a failure is counted and logged.
+    pub(crate) fn decoded<T>(
         &self,
         site: &'static Site,
         key: &str,
-        bytes: &[u8],
-    ) -> Option<V> {
-        let decoded = if crate::compression::is_compressed(bytes) {
-            crate::compression::decompress(bytes, self.inner.max_value_size)
-                .and_then(|value| self.inner.codec.decode(&value))
-        } else {
-            self.inner.codec.decode(bytes)
-        };
+        decoded: Result<T, CodecError>,
+    ) -> Option<T> {
         match decoded {
             Ok(value) => Some(value),
             Err(error) => {
@@ -768,13 +743,14 @@ impl Cache {
 
     /// With `single_flight`: joins this process's computation of `key`, or
     /// leads it. `takes_proof`: see [`Joiner`].
-    async fn coalesce<S: Outcome<R>, R>(
+    async fn coalesce(
         &self,
         site: &'static Site,
         key: &str,
         rounds: &mut Rounds,
         takes_proof: bool,
-    ) -> Coalesced<'_, R> {
+        call: &mut Erased<'_>,
+    ) -> Coalesced<'_> {
         if site.single_flight_mode() == SingleFlight::Off || rounds.looks >= MAX_LOOKS {
             return Coalesced::Lead(None);
         }
@@ -789,17 +765,19 @@ impl Cache {
             Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
             Role::Waiter(waiter) => waiter,
         };
-        let answer = match waiter.wait().await {
-            Handed::Value(bytes) => match self.decode::<S, R>(site, key, &bytes) {
-                Some(result) => result,
-                None => return Coalesced::Lead(None),
-            },
+        match waiter.wait().await {
+            Handed::Value(bytes) => {
+                if !self.decode(site, key, &bytes, call) {
+                    return Coalesced::Lead(None);
+                }
+            }
             // A batch's answer that this function cannot return (the id
             // was not in the batch's map): it computes on its own.
-            Handed::Nothing => match S::nothing() {
-                Some(nothing) => nothing,
-                None => return Coalesced::Lead(None),
-            },
+            Handed::Nothing => {
+                if !call.call().decode_nothing() {
+                    return Coalesced::Lead(None);
+                }
+            }
             Handed::LookAgain | Handed::Later => {
                 rounds.looks += 1;
                 return Coalesced::LookAgain;
@@ -808,26 +786,25 @@ impl Cache {
                 rounds.failed_leaders += 1;
                 return Coalesced::LookAgain;
             }
-        };
+        }
         self.record(site, Event::Coalesced);
-        Coalesced::Answer(answer)
+        Coalesced::Answer
     }
 
     /// Takes the lease on a missing key, or (distributed) waits for another
     /// process's value for at most one lease and then computes without it.
-    async fn claim<'c, S: Outcome<R>, R>(
+    async fn claim<'c>(
         &'c self,
         site: &'static Site,
         key: &'c str,
         claim: Claim,
         rounds: &mut Rounds,
-    ) -> Claimed<'c, R> {
+        call: &mut Erased<'_>,
+    ) -> Claimed<'c> {
         let take = match claim {
             Claim::Uncached { .. } => return Claimed::Computing(Leased::Uncached),
             Claim::IfAbsent => Take::IfAbsent,
-            Claim::Replace(Garbage::Bytes(seen)) => Take::Replacing(seen),
-            Claim::Replace(Garbage::Unreadable) => Take::Overwriting,
-            Claim::Replace(Garbage::TooLarge) => Take::ReplacingTooLarge,
+            Claim::Replace(garbage) => garbage.take(),
             Claim::Foreign(placeholder) => {
                 if site.single_flight_mode() != SingleFlight::Distributed {
                     return Claimed::Computing(Leased::Foreign(placeholder));
@@ -852,14 +829,14 @@ impl Cache {
                 wait.pause = (wait.pause * 2).min(LONGEST_POLL);
                 tokio::time::sleep(this_pause).await;
                 self.record(site, Event::LeasePoll);
-                return Claimed::Read(self.reread::<S, R>(site, key).await);
+                return Claimed::Read(self.reread(site, key, call).await);
             }
         };
         match HeldLease::take(self, site, key, take).await {
             Taken::Held(lease) => Claimed::Computing(Leased::Own(lease)),
             Taken::Occupied if rounds.rechecks < MAX_RECHECKS => {
                 rounds.rechecks += 1;
-                Claimed::Read(self.reread::<S, R>(site, key).await)
+                Claimed::Read(self.reread(site, key, call).await)
             }
             Taken::Occupied | Taken::Failed => Claimed::Computing(Leased::None),
         }
@@ -868,18 +845,14 @@ impl Cache {
 
 impl Cache {
     /// Runs the body on a miss and settles the lease with its result.
-    async fn compute<S, R, F>(
+    async fn compute(
         &self,
         site: &'static Site,
         key: &str,
         lease: Leased<'_>,
         leader: Option<Leader<'_>>,
-        body: F,
-    ) -> R
-    where
-        S: Outcome<R>,
-        F: Future<Output = R>,
-    {
+        call: &mut Erased<'_>,
+    ) -> Answered {
         let uncached = matches!(lease, Leased::Uncached);
         self.record(site, if uncached { Event::Bypass } else { Event::Miss });
         // If this call is dropped during the body, the tuple drops in field
@@ -887,63 +860,49 @@ impl Cache {
         // are woken, so the one that leads next takes the lease over
         // instead of computing beside a placeholder it cannot replace.
         let held = (lease, leader);
-        let (result, run) = Run::time(body).await;
+        let ((), run) = Run::time(call.run_body()).await;
         let (lease, leader) = held;
         if uncached && leader.is_none() {
             // Nothing to store and nobody to hand the answer to.
-            return result;
+            return Answered::Body;
         }
+        let answer = call.encode_output(self.inner.codec);
         let landing = self
-            .settle::<S, R>(site, key, &result, lease, leader.as_ref(), run)
+            .settle(site, key, answer, lease, leader.as_ref(), run)
             .await;
         if let Some(leader) = leader {
             leader.land(landing);
         }
-        result
+        Answered::Body
     }
 
-    /// Stores the body's value over the lease (or gives the lease back) and
+    /// Stores a body's answer over the lease (or gives the lease back) and
     /// says what the waiters get: the value only if the cache proved that no
-    /// write touched the key meanwhile (see [`crate::read::flight`]).
-    async fn settle<S: Outcome<R>, R>(
+    /// write touched the key meanwhile (see [`crate::read::flight`]). A
+    /// batch settles one answer per key.
+    pub(crate) async fn settle(
         &self,
         site: &'static Site,
         key: &str,
-        result: &R,
-        lease: Leased<'_>,
-        leader: Option<&Leader<'_>>,
-        run: Run,
-    ) -> Landing {
-        self.settle_answer(site, key, S::answer(result), lease, leader, run)
-            .await
-    }
-
-    /// [`Cache::settle`] for one key's answer (a batch has one per key).
-    pub(crate) async fn settle_answer<V: serde::Serialize>(
-        &self,
-        site: &'static Site,
-        key: &str,
-        answer: Answer<'_, V>,
+        answer: Encoded,
         lease: Leased<'_>,
         leader: Option<&Leader<'_>>,
         run: Run,
     ) -> Landing {
         let entry = match answer {
-            Answer::Failed => {
+            Encoded::Failed => {
                 if let Leased::Own(lease) = lease {
                     lease.give_back().await;
                 }
                 return Landing::Failed;
             }
             // Nothing is stored: the bytes are only for the waiters.
-            Answer::Value(value) if matches!(lease, Leased::Uncached) => {
-                match self.inner.codec.encode(value) {
-                    Ok(bytes) => Some(bytes),
-                    Err(_) => return Landing::LookAgain,
-                }
-            }
-            Answer::Value(value) => {
-                let Some(bytes) = self.encode_for_store(Some(site.function()), key, value) else {
+            Encoded::Value(encoded) if matches!(lease, Leased::Uncached) => match encoded {
+                Ok(bytes) => Some(bytes),
+                Err(_) => return Landing::LookAgain,
+            },
+            Encoded::Value(encoded) => {
+                let Some(bytes) = self.fit_for_store(Some(site.function()), key, encoded) else {
                     if let Leased::Own(lease) = lease {
                         lease.give_back().await;
                     }
@@ -951,7 +910,7 @@ impl Cache {
                 };
                 Some(bytes)
             }
-            Answer::Nothing => None,
+            Encoded::Nothing => None,
         };
         // Read before the command that proves the answer fresh is sent.
         let fence = leader.map_or(0, Leader::fence);
@@ -1042,26 +1001,22 @@ impl Cache {
     /// removes it; a failure serves the old value (stale-if-error) and
     /// holds the lock for a moment, so that the failure is not retried by
     /// every caller.
-    async fn refresh<S, R, F>(
+    async fn refresh(
         &self,
         site: &'static Site,
         key: &str,
-        refresh: Refresh<R>,
-        body: F,
-    ) -> R
-    where
-        S: Outcome<R>,
-        F: Future<Output = R>,
-    {
+        refresh: Refresh,
+        call: &mut Erased<'_>,
+    ) -> Answered {
         let Some(lock) = HeldLease::refresh_lock(self, site, key).await else {
             self.record(site, refresh.served);
-            return refresh.old;
+            return Answered::Decoded;
         };
         self.record(site, Event::Refresh);
-        let (result, run) = Run::time(body).await;
+        let ((), run) = Run::time(call.run_body()).await;
         let backend = &self.inner.backend;
-        let entry = match S::answer(&result) {
-            Answer::Failed => {
+        let entry = match call.encode_output(self.inner.codec) {
+            Encoded::Failed => {
                 crate::limited!(
                     self,
                     warn!(
@@ -1070,13 +1025,13 @@ impl Cache {
                     )
                 );
                 lock.hold_for(REFRESH_RETRY_AFTER).await;
-                return refresh.old;
+                return Answered::Decoded;
             }
             // A value that does not encode is removed, never stored as `None`.
-            Answer::Value(value) => self
-                .encode_for_store(Some(site.function()), key, value)
+            Encoded::Value(encoded) => self
+                .fit_for_store(Some(site.function()), key, encoded)
                 .map(|bytes| (Cow::Owned(bytes), site.ttl_millis())),
-            Answer::Nothing => site
+            Encoded::Nothing => site
                 .none_ttl_millis()
                 .map(|ttl| (Cow::Borrowed(NOTHING), ttl)),
         };
@@ -1097,6 +1052,16 @@ impl Cache {
             }
         }
         lock.give_back().await;
-        result
+        Answered::Body
     }
+}
+
+/// Where a read of a function with a local tier keeps a fresh value: see
+/// [`Cache::classify`].
+#[derive(Clone, Copy)]
+struct Keep<'t> {
+    tier: &'t LocalTier,
+    ticket: Ticket,
+    /// The function's `local` time, in milliseconds.
+    local_for: u64,
 }

@@ -4,6 +4,8 @@
 //!   stale; a negative entry; a lease; garbage), coalesce with the calls in
 //!   flight, take the lease, compute, store.
 //! - [`batch`]: many keys in one call, over the same steps.
+//! - [`call`]: the typed half of a call, behind the interface that lets
+//!   the read path be compiled once.
 //! - [`flight`]: single flight, the computations in flight by key.
 //! - [`freshness`]: the header of a value that is served stale or
 //!   refreshed early.
@@ -11,6 +13,7 @@
 //! - [`site`]: what generated code knows about a cached function.
 
 pub(crate) mod batch;
+pub(crate) mod call;
 pub(crate) mod flight;
 pub(crate) mod freshness;
 pub(crate) mod lookup;

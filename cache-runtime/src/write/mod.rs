@@ -11,13 +11,12 @@
 pub(crate) mod janitor;
 pub(crate) mod lease;
 
-use serde::Serialize;
-
 use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::key::CacheKey;
 use crate::local::LocalTier;
 use crate::local::tracking::Tracking;
+use crate::read::call::Encoded;
 use crate::stats::Event;
 use crate::stats::Function;
 use crate::write::janitor::Chore;
@@ -182,20 +181,26 @@ impl Cache {
         }
     }
 
-    /// Write-through (`#[cache_put]`): stores `value` under `key` with the
+    /// Write-through (`#[cache_put]`): stores the encoded `answer` under `key` with the
     /// key's function's TTL, replacing any value or lease placeholder. If
     /// that fails or is cut short, the key is invalidated instead (in the
     /// background), so that the old value does not outlive the write.
-    pub(crate) async fn put_after_write<V: Serialize>(
+    pub(crate) async fn put_after_write(
         &self,
         writer: &'static Function,
-        key: CacheKey<V>,
-        value: &V,
+        key: CacheKey,
+        answer: Encoded,
     ) {
         // Generated targets carry their function's configuration; a key
         // without one has no TTL to store with, so it is only invalidated.
         let ttl = key.site().map(crate::read::site::Site::ttl_millis);
         let redis_key = self.redis_key_of(key);
+        let encoded = match answer {
+            Encoded::Value(encoded) => encoded,
+            Encoded::Nothing | Encoded::Failed => {
+                return self.invalidate_after_write(writer, vec![redis_key]).await;
+            }
+        };
         // Declared first, so that it drops after `unfinished` has queued
         // what is left: see `Cache::drop_local`.
         let _local = self.drop_local(std::slice::from_ref(&redis_key));
@@ -207,7 +212,7 @@ impl Cache {
             landed: None,
         };
         let redis_key = &unfinished.keys[0];
-        let encoded = ttl.and_then(|_| self.encode_for_store(Some(writer), redis_key, value));
+        let encoded = ttl.and_then(|_| self.fit_for_store(Some(writer), redis_key, encoded));
         let (Some(ttl), Some(bytes)) = (ttl, encoded) else {
             // Not storable: at least the old value must go, before the
             // write returns.
