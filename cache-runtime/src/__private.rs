@@ -4,19 +4,19 @@
 use std::borrow::Cow;
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::Instrument;
 
 pub use crate::key::KeyBuilder;
-use crate::read::batch::{BatchCall, ErasedBatch, TypedBatch};
-use crate::read::call::Lookup;
-use crate::read::call::{Encoded, Erased, Typed};
-pub use crate::read::outcome::{
+use crate::outcome::Encoded;
+pub use crate::outcome::{
     Answer, BatchMap, BatchOutcome, BatchValueOf, Completion, OptionShape, Outcome, PlainShape,
     ResultOptionShape, ResultShape, ValueOf,
 };
-pub use crate::read::site::{SingleFlight, Site};
+use crate::read::batch::{BatchCall, ErasedBatch, TypedBatch};
+use crate::read::call::Lookup;
+use crate::read::call::{Erased, Typed};
+pub use crate::site::{SingleFlight, Site};
 pub use crate::stats::Function;
 use crate::{Cache, CacheKey};
 
@@ -167,7 +167,7 @@ fn batch_keys_of(
     keys: Vec<CacheKey>,
 ) -> Option<(&'static Site, Cow<'_, Cache>, Vec<String>)> {
     let site = keys.first()?.site()?;
-    let cache = resolve(cache, site.function())?;
+    let cache = Cache::resolve(cache, site.function())?;
     let keys = keys
         .into_iter()
         .map(|key| cache.redis_key_of(key))
@@ -206,7 +206,7 @@ where
 
 /// The keys of a write that succeeded, deleted.
 async fn invalidate(cache: Option<&Cache>, writer: &'static Function, keys: Vec<CacheKey>) {
-    if let Some(cache) = resolve(cache, writer) {
+    if let Some(cache) = Cache::resolve(cache, writer) {
         let keys = keys
             .into_iter()
             .map(|key| cache.redis_key_of(key))
@@ -233,7 +233,7 @@ where
     let result = body.await;
     let answer = S::answer(&result);
     if !matches!(answer, Answer::Failed)
-        && let Some(cache) = resolve(cache, writer)
+        && let Some(cache) = Cache::resolve(cache, writer)
     {
         let encoded = Encoded::of(cache.codec(), answer);
         cache.put_after_write(writer, key.untyped(), encoded).await;
@@ -246,27 +246,4 @@ where
 /// `expected CacheKey<A>, found CacheKey<B>`, at the target.
 pub fn put_key<S: ValueOf<R>, R>(key: CacheKey<S::Value>) -> CacheKey<S::Value> {
     key
-}
-
-/// The given cache, else the installed one, else `None` (warned once).
-pub(crate) fn resolve<'a>(cache: Option<&'a Cache>, function: &Function) -> Option<Cow<'a, Cache>> {
-    if let Some(cache) = cache {
-        return Some(Cow::Borrowed(cache));
-    }
-    let installed = Cache::installed();
-    if installed.is_none() {
-        warn_not_installed(function);
-    }
-    installed.map(Cow::Owned)
-}
-
-fn warn_not_installed(function: &Function) {
-    static WARNED: AtomicBool = AtomicBool::new(false);
-    if !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            function = function.name(),
-            "no cache installed: #[redis_cached] functions run uncached; \
-             call `Cache::connect(url).await?.install()` at start-up"
-        );
-    }
 }

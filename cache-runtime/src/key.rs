@@ -22,7 +22,7 @@ use std::sync::Arc;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 use sha2::{Digest, Sha256};
 
-use crate::read::site::Site;
+use crate::site::Site;
 
 /// Bytes that are escaped in rendered values: all but `A-Z a-z 0-9 - _ . ~`.
 const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC

@@ -76,7 +76,9 @@ mod error;
 mod key;
 mod local;
 mod log_limit;
+mod outcome;
 mod read;
+mod site;
 mod slot;
 mod stats;
 mod write;
@@ -118,7 +120,7 @@ pub use crate::codec::{Codec, CodecError};
 pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
 pub use crate::local::LocalInvalidation;
-pub use crate::read::outcome::Cacheable;
+pub use crate::outcome::Cacheable;
 pub use crate::stats::{Counts, LocalStats, Stats};
 /// What [`Cache::command`] and [`Cache::pipeline`] take and give back,
 /// from the `redis` crate at the version the cache uses.

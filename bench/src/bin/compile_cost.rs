@@ -144,7 +144,7 @@ pub async fn get_{i}(db: &Db, id: u64) -> Result<Row{i}, DbError> {{
 
 #[cfg_attr(feature = "cached", cache_runtime::invalidates(get_{i}(id)))]
 pub async fn set_{i}(db: &Db, id: u64, name: String) -> Result<(), DbError> {{
-    let _ = (db, name);
+    let _ = (db, id, name);
     tokio::task::yield_now().await;
     Ok(())
 }}

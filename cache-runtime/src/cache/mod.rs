@@ -9,8 +9,10 @@ mod runner;
 
 pub use self::builder::{CacheBuilder, WriteDurability};
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -29,8 +31,8 @@ use crate::local::tracking::{Source, Tracking};
 use crate::local::{LocalInvalidation, LocalTier};
 use crate::log_limit::LogLimit;
 use crate::read::flight::Flights;
-use crate::read::site::Site;
-use crate::stats::{Event, Recorder, Stats};
+use crate::site::Site;
+use crate::stats::{Event, Function, Recorder, Stats};
 use crate::write::janitor::Janitor;
 
 const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
@@ -135,6 +137,30 @@ impl Cache {
     /// The installed cache, if any.
     pub fn installed() -> Option<Cache> {
         INSTALLED.load_full().map(|inner| Cache { inner })
+    }
+
+    /// The cache a call of `function` uses: the given one, else the
+    /// installed one, else `None` (warned once: the function runs
+    /// uncached).
+    pub(crate) fn resolve<'a>(
+        cache: Option<&'a Cache>,
+        function: &Function,
+    ) -> Option<Cow<'a, Cache>> {
+        if let Some(cache) = cache {
+            return Some(Cow::Borrowed(cache));
+        }
+        let installed = Cache::installed();
+        if installed.is_none() {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    function = function.name(),
+                    "no cache installed: #[redis_cached] functions run uncached; \
+                     call `Cache::connect(url).await?.install()` at start-up"
+                );
+            }
+        }
+        installed.map(Cow::Owned)
     }
 
     /// A snapshot of the counters, in total and per function.

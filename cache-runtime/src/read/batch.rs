@@ -46,11 +46,12 @@ use crate::cache::Cache;
 use crate::codec::{Codec, CodecError};
 use crate::error::CacheError;
 use crate::local::LocalHit;
-use crate::read::call::{Encoded, Erased};
+use crate::outcome::Encoded;
+use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
+use crate::read::call::Erased;
 use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
 use crate::read::lookup::{Leased, Read, Run, Ttl};
-use crate::read::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
-use crate::read::site::{SingleFlight, Site};
+use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::write::lease::{HeldLease, Take, Taken};
 

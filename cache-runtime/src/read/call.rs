@@ -22,28 +22,8 @@ use crate::cache::Cache;
 use crate::codec::{Codec, CodecError};
 use crate::key::CacheKey;
 use crate::local::{LocalTier, Ticket};
-use crate::read::outcome::{Answer, Outcome};
-use crate::read::site::Site;
-
-/// What a body's output says about the key, with its value encoded.
-pub(crate) enum Encoded {
-    Value(Result<Vec<u8>, CodecError>),
-    /// An answer that there is nothing (`None`).
-    Nothing,
-    /// The body failed (`Err`).
-    Failed,
-}
-
-impl Encoded {
-    /// `answer`, encoded with `codec`.
-    pub(crate) fn of<V: Serialize>(codec: Codec, answer: Answer<'_, V>) -> Encoded {
-        match answer {
-            Answer::Value(value) => Encoded::Value(codec.encode(value)),
-            Answer::Nothing => Encoded::Nothing,
-            Answer::Failed => Encoded::Failed,
-        }
-    }
-}
+use crate::outcome::{Encoded, Outcome};
+use crate::site::Site;
 
 /// Which of its answers a call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +137,7 @@ impl<'c> Lookup<'c> {
     /// function's site, which generated keys always have).
     pub(crate) fn new(cache: Option<&'c Cache>, key: CacheKey) -> Option<Self> {
         let site = key.site()?;
-        let cache = crate::__private::resolve(cache, site.function())?;
+        let cache = Cache::resolve(cache, site.function())?;
         let redis_key = cache.redis_key_of(key);
         let span = cache.call_span(site, &redis_key);
         Some(Lookup {

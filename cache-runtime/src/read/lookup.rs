@@ -28,11 +28,12 @@ use crate::codec::CodecError;
 use crate::error::CacheError;
 use crate::local::tracking::Via;
 use crate::local::{LocalHit, LocalTier, Ticket};
-use crate::read::call::{Answered, Encoded, Erased};
+use crate::outcome::Encoded;
+use crate::outcome::{NOTHING, Outcome};
+use crate::read::call::{Answered, Erased};
 use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::read::freshness::{self, Freshness, Verdict};
-use crate::read::outcome::{NOTHING, Outcome};
-use crate::read::site::{SingleFlight, Site};
+use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::write::lease::{self, Found, HeldLease, Take, Taken};
 

@@ -9,13 +9,9 @@
 //! - [`flight`]: single flight, the computations in flight by key.
 //! - [`freshness`]: the header of a value that is served stale or
 //!   refreshed early.
-//! - [`outcome`]: which part of a function's result is cached.
-//! - [`site`]: what generated code knows about a cached function.
 
 pub(crate) mod batch;
 pub(crate) mod call;
 pub(crate) mod flight;
 pub(crate) mod freshness;
 pub(crate) mod lookup;
-pub(crate) mod outcome;
-pub(crate) mod site;

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use crate::cache::Cache;
 use crate::clock::px;
 use crate::error::CacheError;
-use crate::read::site::Site;
+use crate::site::Site;
 use crate::stats::Event;
 use crate::write::janitor::Chore;
 

@@ -16,7 +16,7 @@ use crate::error::CacheError;
 use crate::key::CacheKey;
 use crate::local::LocalTier;
 use crate::local::tracking::Tracking;
-use crate::read::call::Encoded;
+use crate::outcome::Encoded;
 use crate::stats::Event;
 use crate::stats::Function;
 use crate::write::janitor::Chore;
@@ -193,7 +193,7 @@ impl Cache {
     ) {
         // Generated targets carry their function's configuration; a key
         // without one has no TTL to store with, so it is only invalidated.
-        let ttl = key.site().map(crate::read::site::Site::ttl_millis);
+        let ttl = key.site().map(crate::site::Site::ttl_millis);
         let redis_key = self.redis_key_of(key);
         let encoded = match answer {
             Encoded::Value(encoded) => encoded,

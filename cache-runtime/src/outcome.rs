@@ -70,6 +70,26 @@ pub enum Answer<'a, V> {
     Failed,
 }
 
+/// What a body's output says about the key, with its value encoded.
+pub(crate) enum Encoded {
+    Value(Result<Vec<u8>, crate::codec::CodecError>),
+    /// An answer that there is nothing (`None`).
+    Nothing,
+    /// The body failed (`Err`).
+    Failed,
+}
+
+impl Encoded {
+    /// `answer`, encoded with `codec`.
+    pub(crate) fn of<V: Serialize>(codec: crate::codec::Codec, answer: Answer<'_, V>) -> Encoded {
+        match answer {
+            Answer::Value(value) => Encoded::Value(codec.encode(value)),
+            Answer::Nothing => Encoded::Nothing,
+            Answer::Failed => Encoded::Failed,
+        }
+    }
+}
+
 /// Maps a return type `R` to the value that is stored and back.
 #[doc(hidden)]
 pub trait Outcome<R> {
