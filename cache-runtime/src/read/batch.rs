@@ -330,16 +330,9 @@ impl Cache {
 
     /// Step 1: one read of every key, unless one of them has an
     /// invalidation of this process still to deliver (see
-    /// `Janitor::is_invalidating`); a failure is counted and logged.
+    /// [`Cache::pending_write`]); a failure is counted and logged.
     async fn read_batch(&self, site: &'static Site, keys: &[String]) -> BatchRead {
-        crate::backend::note_px(site.longest_expiry_millis());
-        let backend = &self.inner.backend;
-        let pending_write = keys.iter().any(|key| {
-            self.inner
-                .janitor
-                .is_invalidating(key, || backend.primaries_epoch())
-        });
-        if pending_write {
+        if keys.iter().any(|key| self.pending_write(site, key)) {
             return BatchRead::Unavailable {
                 pending_write: true,
             };

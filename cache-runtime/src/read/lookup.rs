@@ -434,18 +434,26 @@ impl Cache {
         }
     }
 
-    /// One read of the key, classified; failures are counted and logged here.
-    async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
+    /// Whether this process still has to deliver an invalidation of `key`
+    /// (see `Janitor::is_invalidating`): then the key may hold the old
+    /// value, and the call runs uncached. Notes the function's expiry for
+    /// the read to come.
+    pub(crate) fn pending_write(&self, site: &Site, key: &str) -> bool {
         crate::backend::note_px(site.longest_expiry_millis());
         let inner = &*self.inner;
-        if inner
+        inner
             .janitor
             .is_invalidating(key, || inner.backend.primaries_epoch())
-        {
+    }
+
+    /// One read of the key, classified; failures are counted and logged here.
+    async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
+        if self.pending_write(site, key) {
             return Read::Unavailable {
                 pending_write: true,
             };
         }
+        let inner = &*self.inner;
         let backend = &self.inner.backend;
         let outcome = if with_ttl {
             // Boxed: the script's future would double the size of every
@@ -469,16 +477,12 @@ impl Cache {
         key: &str,
         conn: &redis::aio::MultiplexedConnection,
     ) -> Read {
-        crate::backend::note_px(site.longest_expiry_millis());
-        let inner = &*self.inner;
-        if inner
-            .janitor
-            .is_invalidating(key, || inner.backend.primaries_epoch())
-        {
+        if self.pending_write(site, key) {
             return Read::Unavailable {
                 pending_write: true,
             };
         }
+        let inner = &*self.inner;
         let mut conn = conn.clone();
         let read = crate::backend::get_with_ttl_on(&mut conn, key, inner.read_limit);
         let outcome = self.guarded(key, read).await.map(|s| s.map(Ttl::of));
