@@ -585,3 +585,83 @@ async fn sweep_on_the_memory_backend() {
     assert_eq!(pending_chores(&cache), 0);
     check_no_stale_value("memory", &db).await;
 }
+
+/// A body whose call is cancelled while it runs (say it holds a database
+/// connection), and the waiters of its flight.
+struct Held {
+    cache: Cache,
+    /// Set while a body holds what it holds: from its start until its drop
+    /// has finished.
+    holding: AtomicBool,
+    /// Bodies that started while another still held.
+    overlaps: AtomicU64,
+    runs: AtomicU64,
+}
+
+/// What a body holds; giving it back takes 50 ms.
+struct Holding<'a>(&'a AtomicBool);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        std::thread::sleep(Duration::from_millis(50));
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Held {
+    #[redis_cached(key = "held:<id>", ttl = 60, single_flight, cache = self.cache)]
+    async fn value(&self, id: u64) -> Result<u64, DbError> {
+        if self.holding.swap(true, Ordering::SeqCst) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        let holding = Holding(&self.holding);
+        let first = self.runs.fetch_add(1, Ordering::SeqCst) == 0;
+        // The first body never ends on its own: its call is cancelled.
+        let run = if first { 3_600_000 } else { 5 };
+        tokio::time::sleep(Duration::from_millis(run)).await;
+        drop(holding);
+        Ok(id)
+    }
+}
+
+/// A cancelled call's body is dropped before anything the call took is
+/// given back: the flight's waiters, told that their leader is gone, never
+/// start a body while the cancelled one still holds what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_body_is_dropped_before_its_waiters_lead() {
+    let held = Arc::new(Held {
+        cache: Cache::memory(),
+        holding: AtomicBool::new(false),
+        overlaps: AtomicU64::new(0),
+        runs: AtomicU64::new(0),
+    });
+    let leader = tokio::spawn({
+        let held = held.clone();
+        async move { held.value(1).await }
+    });
+    let started = wait_for(
+        Duration::from_secs(5),
+        Duration::from_millis(1),
+        async || held.runs.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    assert!(started.is_some(), "the first body did not start");
+    let waiters: Vec<_> = (0..8)
+        .map(|_| {
+            let held = held.clone();
+            tokio::spawn(async move { held.value(1).await })
+        })
+        .collect();
+    // Long enough for every waiter to join the flight.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap(), Ok(1));
+    }
+    let overlaps = held.overlaps.load(Ordering::SeqCst);
+    let runs = held.runs.load(Ordering::SeqCst);
+    println!(
+        "{runs} body runs; {overlaps} started while the cancelled body was still being dropped"
+    );
+    assert_eq!(overlaps, 0);
+}

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 
 use tracing::Instrument;
 
@@ -13,7 +13,7 @@ pub use crate::outcome::{
     Answer, BatchMap, BatchOutcome, BatchValueOf, Completion, OptionShape, Outcome, PlainShape,
     ResultOptionShape, ResultShape, ValueOf,
 };
-use crate::read::batch::{BatchCall, ErasedBatch, TypedBatch};
+use crate::read::batch::{ErasedBatch, TypedBatch};
 use crate::read::call::Lookup;
 use crate::read::call::{Erased, Typed};
 pub use crate::site::{SingleFlight, Site};
@@ -145,15 +145,15 @@ where
     let Some((site, cache, keys)) = batch_keys_of(cache, keys) else {
         return body(ids).await;
     };
-    let (ids, keys) = crate::read::batch::distinct(ids.into_iter().zip(keys).collect());
     let span = cache.batch_span(site, keys.len());
+    let (ids, keys) = crate::read::batch::distinct(ids.into_iter().zip(keys).collect());
     let mut found = Vec::new();
     let (ids, keys) = match local {
         Some(answers) => span.in_scope(|| answers(&cache, site, ids, keys, &mut found)),
         None => (ids, keys),
     };
     let mut call = pin!(TypedBatch::<S, R, T, V, B, Fut>::new(ids, body, found));
-    let erased = Erased::holding(call.as_mut() as Pin<&mut dyn BatchCall>);
+    let erased = Erased::batch(call.as_mut());
     lookup_batch(&cache, site, keys, erased)
         .instrument(span)
         .await;

@@ -102,8 +102,6 @@ pub trait Outcome<R> {
     /// The result for [`Answer::Nothing`], for callers given another
     /// caller's answer (`None` for types that have no such answer).
     fn nothing() -> Option<R>;
-    /// Whether `R` has an answer of nothing ([`Outcome::nothing`] is `Some`).
-    const HAS_NOTHING: bool;
 }
 
 /// `Result<T, E>`: `Ok` is cached, `Err` never.
@@ -124,7 +122,6 @@ impl<T: Serialize + DeserializeOwned, E> Outcome<Result<T, E>> for ResultShape {
     fn nothing() -> Option<Result<T, E>> {
         None
     }
-    const HAS_NOTHING: bool = false;
 }
 
 /// `Option<T>`: `Some` is cached; `None` is an answer.
@@ -142,7 +139,6 @@ impl<T: Serialize + DeserializeOwned> Outcome<Option<T>> for OptionShape {
     fn nothing() -> Option<Option<T>> {
         Some(None)
     }
-    const HAS_NOTHING: bool = true;
 }
 
 /// `Result<Option<T>, E>`: `Ok(Some)` is cached; `Ok(None)` is an answer.
@@ -164,7 +160,6 @@ impl<T: Serialize + DeserializeOwned, E> Outcome<Result<Option<T>, E>> for Resul
     fn nothing() -> Option<Result<Option<T>, E>> {
         Some(Ok(None))
     }
-    const HAS_NOTHING: bool = true;
 }
 
 /// Any other type: cached as is.
@@ -182,7 +177,6 @@ impl<T: Serialize + DeserializeOwned> Outcome<T> for PlainShape {
     fn nothing() -> Option<T> {
         None
     }
-    const HAS_NOTHING: bool = false;
 }
 
 /// Whether a write function's result means the write happened, so that its

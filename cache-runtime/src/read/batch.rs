@@ -74,17 +74,32 @@ pub(crate) trait BatchCall {
         codec: Codec,
         bytes: &[u8],
     ) -> Result<(), CodecError>;
-    /// Polls the body, called with the ids at `ats` on the first poll.
+    /// Polls the body, called with the ids at `ats` on the first poll;
+    /// it is dropped when it completes.
     fn poll_body(self: Pin<&mut Self>, ats: &[usize], cx: &mut Context<'_>) -> Poll<()>;
+    /// Drops the body where it stands (its run was cancelled).
+    fn drop_body(self: Pin<&mut Self>);
     /// The body's answer for the id at `at`, encoded.
     fn encode_answer(self: Pin<&mut Self>, at: usize, codec: Codec) -> Encoded;
 }
 
 pub(crate) type ErasedBatch<'a> = Erased<'a, dyn BatchCall + 'a>;
 
-/// Runs the body of `call` with the ids at `ats`.
+/// Runs the body of `call` with the ids at `ats`; if this future is
+/// dropped first, the body is dropped with it, before the leases and
+/// flights of its ids are given back (see `Erased::run_body`).
 async fn run_body(call: &mut ErasedBatch<'_>, ats: &[usize]) {
-    std::future::poll_fn(|cx| call.pinned().poll_body(ats, cx)).await;
+    let running = Running(call);
+    std::future::poll_fn(|cx| running.0.pinned().poll_body(ats, cx)).await;
+}
+
+/// A batch's body being run, dropped if the run is.
+struct Running<'r, 'a>(&'r mut ErasedBatch<'a>);
+
+impl Drop for Running<'_, '_> {
+    fn drop(&mut self) {
+        self.0.pinned().drop_body();
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -184,6 +199,12 @@ where
         this.running.set(None);
         *this.output = Some(output);
         Poll::Ready(())
+    }
+
+    fn drop_body(self: Pin<&mut Self>) {
+        let mut this = self.project();
+        this.running.set(None);
+        *this.body = None;
     }
 
     fn encode_answer(self: Pin<&mut Self>, at: usize, codec: Codec) -> Encoded {

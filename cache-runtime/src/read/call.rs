@@ -42,8 +42,11 @@ pub(crate) trait Call {
     /// Takes the answer of nothing (`None`) as the answer; `false` if the
     /// function's result has no such answer.
     fn decode_nothing(self: Pin<&mut Self>) -> bool;
-    /// Polls the body, keeping its output.
+    /// Polls the body, keeping its output; the body is dropped when it
+    /// completes.
     fn poll_body(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()>;
+    /// Drops the body where it stands (its run was cancelled).
+    fn drop_body(self: Pin<&mut Self>);
     /// The body's output, encoded ([`Encoded::Failed`] before it is done).
     fn encode_output(&self, codec: Codec) -> Encoded;
     /// Whether the call has the answer (see [`Typed::answer`]).
@@ -73,16 +76,19 @@ pub(crate) struct Erased<'a, C: ?Sized + 'a = dyn Call + 'a>(Pin<&'a mut C>);
 // only if the body and the result are `Send`. This is what keeps the read
 // path one non-generic state machine while a cached function's future
 // stays exactly as `Send` as its body.
-unsafe impl<C: ?Sized> Send for Erased<'_, C> {}
+unsafe impl Send for Erased<'_, dyn Call + '_> {}
+// SAFETY: as above, for a batch's `TypedBatch`.
+unsafe impl Send for Erased<'_, dyn crate::read::batch::BatchCall + '_> {}
 
 impl<'a, C: ?Sized + 'a> Erased<'a, C> {
-    /// Holds `call` (unsized already, e.g. a `Pin<&mut dyn BatchCall>`).
-    pub(crate) fn holding(call: Pin<&'a mut C>) -> Self {
-        Erased(call)
-    }
-
     pub(crate) fn pinned(&mut self) -> Pin<&mut C> {
         self.0.as_mut()
+    }
+}
+
+impl<'a> Erased<'a, dyn crate::read::batch::BatchCall + 'a> {
+    pub(crate) fn batch<C: crate::read::batch::BatchCall + 'a>(call: Pin<&'a mut C>) -> Self {
+        Erased(call)
     }
 }
 
@@ -95,16 +101,13 @@ impl<'a> Erased<'a> {
         self.0.as_mut()
     }
 
-    /// Runs the body to completion.
+    /// Runs the body to completion. If this future is dropped first, the
+    /// body is dropped with it: before anything the caller took earlier
+    /// (a lease, a flight's leadership) is given back, as when the body
+    /// was a local of the read path.
     pub(crate) async fn run_body(&mut self) {
-        // The closure borrows the whole `Erased` (a closure that named
-        // `self.0` would capture only that field, which is not `Send`).
-        let this = self;
-        std::future::poll_fn(move |cx| this.poll_body(cx)).await;
-    }
-
-    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.as_mut().poll_body(cx)
+        let mut running = Running(self);
+        std::future::poll_fn(|cx| running.poll(cx)).await;
     }
 
     pub(crate) fn encode_output(&self, codec: Codec) -> Encoded {
@@ -119,6 +122,21 @@ impl<'a> Erased<'a> {
         }
         self.run_body().await;
         Answered::Body
+    }
+}
+
+/// A body being run, dropped if the run is.
+struct Running<'r, 'a>(&'r mut Erased<'a>);
+
+impl Running<'_, '_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.0.as_mut().poll_body(cx)
+    }
+}
+
+impl Drop for Running<'_, '_> {
+    fn drop(&mut self) {
+        self.0.0.as_mut().drop_body();
     }
 }
 
@@ -156,32 +174,26 @@ impl<'c> Lookup<'c> {
         key: CacheKey,
         mut call: Erased<'_>,
     ) -> Answered {
-        match Lookup::new(cache, key) {
-            Some(lookup) => lookup.serve(&mut call, false).await,
-            None => {
-                call.run_body().await;
-                Answered::Body
-            }
-        }
+        let Some(lookup) = Lookup::new(cache, key) else {
+            call.run_body().await;
+            return Answered::Body;
+        };
+        let (site, cache, redis_key, span, timer) = lookup.into_parts();
+        let answered = observed(span, cache.lookup(site, redis_key, &mut call)).await;
+        finish(&mut call, answered, timer).await
     }
 
-    /// The read path in the call's span, its answer made sure of.
-    async fn serve(self, call: &mut Erased<'_>, local: bool) -> Answered {
-        let Lookup {
-            site,
-            cache,
-            redis_key,
-            span,
-            timer,
-        } = self;
-        let answered = if local {
-            observed(span, cache.lookup_local(site, redis_key, call)).await
-        } else {
-            observed(span, cache.lookup(site, redis_key, call)).await
-        };
-        let answered = call.ensure(answered).await;
-        timer.finish();
-        answered
+    #[allow(clippy::type_complexity)]
+    fn into_parts(
+        self,
+    ) -> (
+        &'static Site,
+        Cow<'c, Cache>,
+        String,
+        tracing::Span,
+        CallTimer,
+    ) {
+        (self.site, self.cache, self.redis_key, self.span, self.timer)
     }
 
     /// A copy held in this process (see [`Cache::local_hit`]), answered
@@ -207,8 +219,21 @@ impl<'c> Lookup<'c> {
     /// [`Lookup::run`] of a function with a local tier after
     /// [`Lookup::local_hit`] found no copy; boxed (see `cached_local`).
     pub(crate) async fn run_local(self, mut call: Erased<'_>) -> Answered {
-        Box::pin(self.serve(&mut call, true)).await
+        Box::pin(async move {
+            let (site, cache, redis_key, span, timer) = self.into_parts();
+            let answered = observed(span, cache.lookup_local(site, redis_key, &mut call)).await;
+            finish(&mut call, answered, timer).await
+        })
+        .await
     }
+}
+
+/// A lookup's answer, made sure of (see [`Erased::ensure`]), and its
+/// call timed.
+async fn finish(call: &mut Erased<'_>, answered: Answered, timer: CallTimer) -> Answered {
+    let answered = call.ensure(answered).await;
+    timer.finish();
+    answered
 }
 
 /// Runs a cached call in its span (boxed only when the span is enabled,
@@ -250,10 +275,10 @@ impl CallTimer {
     }
 }
 
-/// A decoded answer.
-enum Decoded<V> {
+/// A decoded answer: a value, or the result that says there is nothing.
+enum Decoded<V, R> {
     Value(V),
-    Nothing,
+    Nothing(R),
 }
 
 /// How a function with a local tier keeps a copy of a value.
@@ -264,10 +289,9 @@ pin_project_lite::pin_project! {
     /// result `R` with the cached value `V`.
     pub(crate) struct Typed<S, V, R, F> {
         #[pin]
-        body: F,
-        ran: bool,
+        body: Option<F>,
         output: Option<R>,
-        decoded: Option<Decoded<V>>,
+        decoded: Option<Decoded<V, R>>,
         fill: Option<Fill<V>>,
         shape: PhantomData<fn() -> S>,
     }
@@ -281,8 +305,7 @@ where
 {
     pub(crate) fn new(body: F) -> Self {
         Typed {
-            body,
-            ran: false,
+            body: Some(body),
             output: None,
             decoded: None,
             fill: None,
@@ -308,9 +331,9 @@ where
     pub(crate) fn answer(self: Pin<&mut Self>, answered: Answered) -> R {
         let this = self.project();
         let answer = match answered {
-            Answered::Decoded => this.decoded.take().and_then(|decoded| match decoded {
-                Decoded::Value(value) => Some(S::from_hit(value)),
-                Decoded::Nothing => S::nothing(),
+            Answered::Decoded => this.decoded.take().map(|decoded| match decoded {
+                Decoded::Value(value) => S::from_hit(value),
+                Decoded::Nothing(nothing) => nothing,
             }),
             Answered::Body => this.output.take(),
         };
@@ -331,21 +354,26 @@ where
     }
 
     fn decode_nothing(self: Pin<&mut Self>) -> bool {
-        if S::HAS_NOTHING {
-            *self.project().decoded = Some(Decoded::Nothing);
-        }
-        S::HAS_NOTHING
+        let Some(nothing) = S::nothing() else {
+            return false;
+        };
+        *self.project().decoded = Some(Decoded::Nothing(nothing));
+        true
     }
 
     fn poll_body(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        if *this.ran {
+        let mut this = self.project();
+        let Some(body) = this.body.as_mut().as_pin_mut() else {
             return Poll::Ready(());
-        }
-        let output = std::task::ready!(this.body.poll(cx));
+        };
+        let output = std::task::ready!(body.poll(cx));
+        this.body.set(None);
         *this.output = Some(output);
-        *this.ran = true;
         Poll::Ready(())
+    }
+
+    fn drop_body(self: Pin<&mut Self>) {
+        self.project().body.set(None);
     }
 
     fn encode_output(&self, codec: Codec) -> Encoded {
@@ -357,11 +385,7 @@ where
 
     fn has(&self, answered: Answered) -> bool {
         match answered {
-            Answered::Decoded => match &self.decoded {
-                Some(Decoded::Value(_)) => true,
-                Some(Decoded::Nothing) => S::HAS_NOTHING,
-                None => false,
-            },
+            Answered::Decoded => self.decoded.is_some(),
             Answered::Body => self.output.is_some(),
         }
     }
@@ -379,7 +403,7 @@ where
         };
         let value = match decoded {
             Decoded::Value(value) => Some(value),
-            Decoded::Nothing => None,
+            Decoded::Nothing(_) => None,
         };
         fill(tier, ticket, key, value, encoded, keep_for);
     }

@@ -344,8 +344,8 @@ impl Cache {
             self.record(site, event);
             return Answered::Decoded;
         }
-        // Boxed as in `lookup`: this future is part of every call's.
-        Box::pin(self.after_read(site, &redis_key, step, call, began)).await
+        // Not boxed: this whole future is (see `Lookup::run_local`).
+        self.after_read(site, &redis_key, step, call, began).await
     }
 
     /// Everything but a plain hit: misses, leases, single-flight, refreshes.
