@@ -24,7 +24,7 @@ use crate::{Cache, CacheKey};
 /// (or the installed cache) or run `body`, failing open on any cache trouble.
 ///
 /// Only this shell is compiled for each cached function: the read path
-/// behind [`Erased`] is compiled once (see `read::call`).
+/// behind it is compiled once (see `read::call`).
 pub async fn cached<S, R, V, F>(cache: Option<&Cache>, key: CacheKey<V>, body: F) -> R
 where
     S: Outcome<R>,
