@@ -74,8 +74,11 @@ struct Store {
     naive_local: std::sync::Mutex<HashMap<u64, (Row, Instant)>>,
 }
 
-/// How long the naive arm waits between reading a row and storing it.
-const NAIVE_STORE_DELAY: Duration = Duration::from_millis(10);
+/// How long the naive arm waits, after reading a row, for a write of it
+/// to land, and then for that write's invalidation to finish, before it
+/// stores the row it read.
+const NAIVE_WAIT_FOR_WRITE: Duration = Duration::from_millis(200);
+const NAIVE_STORE_DELAY: Duration = Duration::from_millis(50);
 
 /// A random pause of up to 2 ms, sometimes none.
 async fn pause() {
@@ -200,7 +203,11 @@ impl Store {
     /// Cache-aside without a lease, as tutorials write it, by a reader that
     /// is slow to store (as any reader under load is): a write that lands
     /// between its read of the row and its `SET` is undone. Without the
-    /// wait, the window is a few microseconds, and a run could miss it.
+    /// wait, the window is a few microseconds, and a run could miss it; a
+    /// fixed wait was missed too, on a machine busy enough that few writes
+    /// ran at all. So the reader waits (a bounded time) for a write of its
+    /// row to land, then for its invalidation to finish, and stores the
+    /// row it read before: whenever a write comes, it is undone.
     async fn naive(&self, id: u64) -> Row {
         let key = format!("{}:naive:{id}", self.prefix);
         let mut conn = self.naive.clone();
@@ -213,6 +220,10 @@ impl Store {
             return row;
         }
         let row = self.row(id).await;
+        let waited = Instant::now();
+        while waited.elapsed() < NAIVE_WAIT_FOR_WRITE && self.row(id).await.version == row.version {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         tokio::time::sleep(NAIVE_STORE_DELAY).await;
         let json = serde_json::to_vec(&row).unwrap();
         let _: () = redis::cmd("SET")
