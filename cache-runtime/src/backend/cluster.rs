@@ -281,7 +281,7 @@ impl ClusterBackend {
         self.breaker_of(key).node().map(str::to_owned)
     }
 
-    /// A RESP3 client of the node at `addr` (`host:port`), with the seeds'
+    /// A RESP3 client of the node at `addr` (`host:port`), with the seed nodes'
     /// credentials and TLS, for the local tier's tracking connection to it.
     pub(crate) fn node_client(&self, addr: &str) -> Result<redis::Client, CacheError> {
         let info = super::resp3(self.node_info(addr)?);
@@ -289,7 +289,7 @@ impl ClusterBackend {
     }
 
     /// How to reach the node at `addr` (`host:port`) on a connection of its
-    /// own, with the seeds' credentials and TLS.
+    /// own, with the seed nodes' credentials and TLS.
     fn node_info(&self, addr: &str) -> Result<redis::ConnectionInfo, CacheError> {
         let shared = &*self.shared;
         let malformed = || {
@@ -485,7 +485,7 @@ impl ClusterBackend {
 
     /// Nodes to read the slot map from, in order: up to `n` primaries of
     /// the map in use, those with a closed breaker first and a different
-    /// first one each time, then the seeds that are not among them (all
+    /// first one each time, then the seed nodes that are not among them (all
     /// there is before the first map, and a way back should every known
     /// primary be gone).
     fn map_readers(&self, n: usize) -> Vec<String> {
