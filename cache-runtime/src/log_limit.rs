@@ -44,7 +44,7 @@ impl LogLimit {
 /// if the cache's log limit admits it, with a `suppressed` field.
 macro_rules! limited {
     ($cache:expr, $level:ident!($($arg:tt)+)) => {
-        if let Some(suppressed) = $cache.inner.log_limit.admit() {
+        if let Some(suppressed) = $cache.log_limit().admit() {
             ::tracing::$level!(suppressed, $($arg)+);
         }
     };

@@ -30,7 +30,7 @@ pub fn pending_chores(cache: &Cache) -> usize {
 /// Single flights and failing-key gates in use: 0 once no call is under
 /// way, whatever ended the calls.
 pub fn flights_in_use(cache: &Cache) -> usize {
-    cache.inner.flights.len()
+    cache.flights().len()
 }
 
 pub use crate::backend::Fetched;
@@ -47,9 +47,7 @@ impl BackendOps<'_> {
     ) -> Result<Fetched<Vec<u8>>, CacheError> {
         let key = self.0.prefixed(key);
         let key = &*key;
-        self.0
-            .guarded(key, self.0.inner.backend.get(key, limit))
-            .await
+        self.0.guarded(key, self.0.backend().get(key, limit)).await
     }
 
     /// `get(key)` without a limit, `None` when absent.
@@ -71,7 +69,7 @@ impl BackendOps<'_> {
         let key = &*key;
         let stored = self
             .0
-            .guarded(key, self.0.inner.backend.get_with_ttl(key, limit))
+            .guarded(key, self.0.backend().get_with_ttl(key, limit))
             .await?;
         Ok(stored.map(|s| (s.bytes, s.ttl_millis)))
     }
@@ -99,7 +97,7 @@ impl BackendOps<'_> {
             .collect();
         let route = keys.first().map_or("", String::as_str);
         self.0
-            .guarded(route, self.0.inner.backend.get_many(&keys, limit))
+            .guarded(route, self.0.backend().get_many(&keys, limit))
             .await
     }
 
@@ -113,7 +111,7 @@ impl BackendOps<'_> {
     ) -> Result<bool, CacheError> {
         let key = self.0.prefixed(key);
         let key = &*key;
-        let set = self.0.inner.backend.set_if_longer(key, limit, value, px);
+        let set = self.0.backend().set_if_longer(key, limit, value, px);
         self.0.guarded(key, set).await
     }
 
@@ -122,7 +120,7 @@ impl BackendOps<'_> {
         let key = self.0.prefixed(key);
         let key = &*key;
         self.0
-            .guarded(key, self.0.inner.backend.set(key, value, px))
+            .guarded(key, self.0.backend().set(key, value, px))
             .await
     }
 
@@ -135,7 +133,7 @@ impl BackendOps<'_> {
     ) -> Result<bool, CacheError> {
         let key = self.0.prefixed(key);
         let key = &*key;
-        let set = self.0.inner.backend.set_if_absent(key, value, px);
+        let set = self.0.backend().set_if_absent(key, value, px);
         self.0.guarded(key, set).await
     }
 
@@ -149,7 +147,7 @@ impl BackendOps<'_> {
     ) -> Result<bool, CacheError> {
         let key = self.0.prefixed(key);
         let key = &*key;
-        let set = self.0.inner.backend.compare_and_set(key, prefix, value, px);
+        let set = self.0.backend().compare_and_set(key, prefix, value, px);
         self.0.guarded(key, set).await
     }
 
@@ -157,7 +155,7 @@ impl BackendOps<'_> {
     pub async fn compare_and_delete(&self, key: &str, prefix: &[u8]) -> Result<bool, CacheError> {
         let key = self.0.prefixed(key);
         let key = &*key;
-        let delete = self.0.inner.backend.compare_and_delete(key, prefix);
+        let delete = self.0.backend().compare_and_delete(key, prefix);
         self.0.guarded(key, delete).await
     }
 
@@ -170,7 +168,7 @@ impl BackendOps<'_> {
     ) -> Result<bool, CacheError> {
         let key = self.0.prefixed(key);
         let key = &*key;
-        let expire = self.0.inner.backend.compare_and_expire(key, prefix, px);
+        let expire = self.0.backend().compare_and_expire(key, prefix, px);
         self.0.guarded(key, expire).await
     }
 
@@ -184,12 +182,12 @@ impl BackendOps<'_> {
         let keys = &keys[..];
         let route = keys.first().map_or("", String::as_str);
         self.0
-            .guarded(route, self.0.inner.backend.delete_durably(keys))
+            .guarded(route, self.0.backend().delete_durably(keys))
             .await
     }
 
     /// `check()`.
     pub async fn check(&self) -> Result<(), CacheError> {
-        self.0.inner.backend.check(&self.0.inner.breaker).await
+        self.0.backend().check(self.0.breaker()).await
     }
 }

@@ -541,17 +541,19 @@ impl CacheBuilder {
         Cache {
             inner: Arc::new(Inner {
                 backend,
-                prefix: self.prefix,
-                op_timeout: self.op_timeout,
-                lease: self.lease,
-                codec: self.codec,
-                max_value_size,
-                // `GETRANGE` takes a signed 64-bit end.
-                read_limit: max_value_size
-                    .saturating_add(READ_HEADROOM)
-                    .min(i64::MAX as usize),
-                compress_above: self.compress_above,
-                trace_keys: self.trace_keys,
+                settings: Settings {
+                    prefix: self.prefix,
+                    op_timeout: self.op_timeout,
+                    lease: self.lease,
+                    codec: self.codec,
+                    max_value_size,
+                    // `GETRANGE` takes a signed 64-bit end.
+                    read_limit: max_value_size
+                        .saturating_add(READ_HEADROOM)
+                        .min(i64::MAX as usize),
+                    compress_above: self.compress_above,
+                    trace_keys: self.trace_keys,
+                },
                 breaker,
                 stats: Recorder::default(),
                 flights: Flights::new(self.op_timeout.saturating_mul(2)),

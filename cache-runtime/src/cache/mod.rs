@@ -11,8 +11,8 @@ pub use self::builder::{CacheBuilder, WriteDurability};
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -70,13 +70,35 @@ static INSTALLED: ArcSwapOption<Inner> = ArcSwapOption::const_empty();
 /// ```
 #[derive(Clone, Debug)]
 pub struct Cache {
-    pub(crate) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
+/// What a cache is made of. Private to this module: the rest of the crate
+/// reaches each part through its accessor on [`Cache`], so that what a
+/// module uses of the cache can be read from its calls.
 #[derive(Debug)]
-pub(crate) struct Inner {
-    pub(crate) backend: Backend,
-    prefix: Option<String>,
+struct Inner {
+    backend: Backend,
+    /// The backend's circuit breaker; on a cluster, that of keys whose
+    /// primary is not known yet is the backend's own (see
+    /// [`Backend::breaker`]).
+    breaker: Arc<Breaker>,
+    settings: Settings,
+    stats: Recorder,
+    flights: Flights,
+    janitor: Janitor,
+    log_limit: LogLimit,
+    clock: WallClock,
+    /// The local tier (`local = "..."` functions) and its tracking
+    /// connection; `None` where it is not offered (the memory backend,
+    /// which is local already).
+    local: Option<Arc<Tracking>>,
+}
+
+/// A cache's settings, fixed when it is built.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) prefix: Option<String>,
     pub(crate) op_timeout: Duration,
     pub(crate) lease: Duration,
     pub(crate) codec: Codec,
@@ -88,19 +110,62 @@ pub(crate) struct Inner {
     pub(crate) compress_above: Option<usize>,
     /// `trace_keys`: whether call spans carry the key.
     pub(crate) trace_keys: bool,
-    /// The backend's circuit breaker; on a cluster, that of keys whose
-    /// primary is not known yet is the backend's own (see
-    /// [`Backend::breaker`]).
-    pub(crate) breaker: Arc<Breaker>,
-    pub(crate) stats: Recorder,
-    pub(crate) flights: Flights,
-    pub(crate) janitor: Janitor,
-    pub(crate) log_limit: LogLimit,
-    pub(crate) clock: WallClock,
-    /// The local tier (`local = "..."` functions) and its tracking
-    /// connection; `None` where it is not offered (the memory backend,
-    /// which is local already).
-    pub(crate) local: Option<Arc<Tracking>>,
+}
+
+/// A handle that does not keep its cache alive: the janitor's worker holds
+/// one, so that it ends with the cache.
+#[derive(Debug)]
+pub(crate) struct WeakCache(Weak<Inner>);
+
+impl WeakCache {
+    /// The cache, if it is still alive.
+    pub(crate) fn upgrade(&self) -> Option<Cache> {
+        self.0.upgrade().map(|inner| Cache { inner })
+    }
+}
+
+/// The parts of a cache, for the modules that implement its paths.
+impl Cache {
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    pub(crate) fn breaker(&self) -> &Arc<Breaker> {
+        &self.inner.breaker
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// The counters' recorder ([`Cache::stats`] is their snapshot).
+    pub(crate) fn recorder(&self) -> &Recorder {
+        &self.inner.stats
+    }
+
+    pub(crate) fn flights(&self) -> &Flights {
+        &self.inner.flights
+    }
+
+    pub(crate) fn janitor(&self) -> &Janitor {
+        &self.inner.janitor
+    }
+
+    pub(crate) fn log_limit(&self) -> &LogLimit {
+        &self.inner.log_limit
+    }
+
+    pub(crate) fn clock(&self) -> WallClock {
+        self.inner.clock
+    }
+
+    pub(crate) fn local(&self) -> Option<&Tracking> {
+        self.inner.local.as_deref()
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakCache {
+        WeakCache(Arc::downgrade(&self.inner))
+    }
 }
 
 impl Cache {
@@ -174,7 +239,7 @@ impl Cache {
 
     /// The key as stored in Redis: `prefix:key`, or the key itself.
     pub fn redis_key<V>(&self, key: &CacheKey<V>) -> String {
-        match &self.inner.prefix {
+        match &self.inner.settings.prefix {
             Some(prefix) => format!("{prefix}:{key}"),
             None => key.as_str().to_owned(),
         }
@@ -182,17 +247,17 @@ impl Cache {
 
     /// Whether the cache has a key prefix of its own.
     pub(crate) fn has_prefix(&self) -> bool {
-        self.inner.prefix.is_some()
+        self.inner.settings.prefix.is_some()
     }
 
     /// The cache's key prefix, if it has one.
     pub(crate) fn prefix(&self) -> Option<&str> {
-        self.inner.prefix.as_deref()
+        self.inner.settings.prefix.as_deref()
     }
 
     /// `prefix:key`, or `key` itself without a prefix.
     pub(crate) fn prefixed<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
-        match &self.inner.prefix {
+        match &self.inner.settings.prefix {
             Some(prefix) => std::borrow::Cow::Owned(format!("{prefix}:{key}")),
             None => std::borrow::Cow::Borrowed(key),
         }
@@ -236,7 +301,7 @@ impl Cache {
 
     /// The codec values are stored with.
     pub fn codec(&self) -> Codec {
-        self.inner.codec
+        self.inner.settings.codec
     }
 }
 
@@ -264,7 +329,7 @@ impl Cache {
             "db.operation.name" = "GETRANGE",
             "cache.key" = tracing::field::Empty,
         );
-        if self.inner.trace_keys && !span.is_disabled() {
+        if self.inner.settings.trace_keys && !span.is_disabled() {
             span.record("cache.key", key);
         }
         span
@@ -329,12 +394,14 @@ impl Cache {
     ) -> Option<Vec<u8>> {
         let inner = &*self.inner;
         match encoded {
-            Ok(bytes) if bytes.len() <= inner.max_value_size => match inner.compress_above {
-                Some(above) if bytes.len() > above => {
-                    Some(crate::compression::compress(&bytes).unwrap_or(bytes))
+            Ok(bytes) if bytes.len() <= inner.settings.max_value_size => {
+                match inner.settings.compress_above {
+                    Some(above) if bytes.len() > above => {
+                        Some(crate::compression::compress(&bytes).unwrap_or(bytes))
+                    }
+                    _ => Some(bytes),
                 }
-                _ => Some(bytes),
-            },
+            }
             Ok(bytes) => {
                 inner.stats.record(function, Event::Oversized);
                 crate::limited!(
@@ -342,7 +409,7 @@ impl Cache {
                     warn!(
                         key,
                         size = bytes.len(),
-                        max_value_size = inner.max_value_size,
+                        max_value_size = inner.settings.max_value_size,
                         "value larger than the cache's max_value_size: not cached"
                     )
                 );
@@ -358,7 +425,7 @@ impl Cache {
 
     /// The Redis key, consuming the rendered key (no copy without a prefix).
     pub(crate) fn redis_key_of(&self, key: CacheKey) -> String {
-        match &self.inner.prefix {
+        match &self.inner.settings.prefix {
             Some(prefix) => {
                 let key = key.into_string();
                 let mut redis_key = crate::key::buffer(prefix.len() + 1 + key.len());
@@ -453,8 +520,11 @@ mod tests {
                 crate::backend::Backend::Memory(crate::backend::MemoryBackend::new(1 << 20)),
                 breaker,
             );
-            assert_eq!(cache.inner.read_limit, cache.inner.max_value_size + 256);
-            cache.inner.max_value_size
+            assert_eq!(
+                cache.inner.settings.read_limit,
+                cache.inner.settings.max_value_size + 256
+            );
+            cache.inner.settings.max_value_size
         }
     }
 

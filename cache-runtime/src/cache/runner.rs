@@ -53,7 +53,7 @@ impl Cache {
         keys: &[String],
     ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
         let inner = &*self.inner;
-        let limit = inner.read_limit;
+        let limit = inner.settings.read_limit;
         let mut groups = inner.backend.by_breaker(&inner.breaker, keys);
         if groups.len() == 1 {
             let (breaker, _) = groups.pop().expect("one group");
@@ -93,8 +93,11 @@ impl Cache {
                 &copied[..]
             }
         };
-        if let Ok(Ok(read)) =
-            tokio::time::timeout(inner.op_timeout, inner.backend.get_many(part, limit)).await
+        if let Ok(Ok(read)) = tokio::time::timeout(
+            inner.settings.op_timeout,
+            inner.backend.get_many(part, limit),
+        )
+        .await
         {
             for (breaker, _) in &groups {
                 breaker.record_success();
@@ -129,7 +132,7 @@ impl Cache {
             let read = self
                 .run(
                     breaker,
-                    inner.backend.get_many(&part, inner.read_limit),
+                    inner.backend.get_many(&part, inner.settings.read_limit),
                     true,
                 )
                 .await;
@@ -226,9 +229,9 @@ impl Cache {
         let outcome = if inner.backend.as_memory().is_some() {
             operation.await
         } else {
-            match tokio::time::timeout(inner.op_timeout, operation).await {
+            match tokio::time::timeout(inner.settings.op_timeout, operation).await {
                 Ok(outcome) => outcome,
-                Err(_) => Err(CacheError::Timeout(inner.op_timeout)),
+                Err(_) => Err(CacheError::Timeout(inner.settings.op_timeout)),
             }
         };
         match &outcome {
@@ -255,8 +258,9 @@ impl Cache {
             let breaker = probing;
             let slot = ProbeSlot::new(&breaker);
             let checked =
-                tokio::time::timeout(inner.op_timeout, inner.backend.check(&breaker)).await;
-            let outcome = checked.unwrap_or(Err(CacheError::Timeout(inner.op_timeout)));
+                tokio::time::timeout(inner.settings.op_timeout, inner.backend.check(&breaker))
+                    .await;
+            let outcome = checked.unwrap_or(Err(CacheError::Timeout(inner.settings.op_timeout)));
             if let Err(error) = &outcome {
                 tracing::debug!(%error, node = breaker.node(), "circuit breaker probe failed: the cache stays skipped for another cool-down");
             }

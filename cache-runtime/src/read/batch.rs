@@ -245,11 +245,11 @@ pub(crate) fn local_answers<K, V: Clone + Send + Sync + 'static>(
     keys: Vec<String>,
     found: &mut Vec<(K, V)>,
 ) -> (Vec<K>, Vec<String>) {
-    let Some(tracking) = &cache.inner.local else {
+    let Some(tracking) = cache.local() else {
         return (ids, keys);
     };
     let tier = tracking.tier();
-    let primaries = cache.inner.backend.primaries_epoch();
+    let primaries = cache.backend().primaries_epoch();
     let (mut rest_ids, mut rest_keys) = (Vec::new(), Vec::new());
     for (id, key) in ids.into_iter().zip(keys) {
         match tier.get::<V>(&key, primaries) {
@@ -416,7 +416,7 @@ impl Cache {
                 if value == NOTHING {
                     return None;
                 }
-                let codec = self.inner.codec;
+                let codec = self.settings().codec;
                 let decoded = self.decoding(value, |value| call.pinned().decode(at, codec, value));
                 match self.decoded(site, key, decoded) {
                     Some(()) => None,
@@ -470,13 +470,13 @@ impl Cache {
     ) -> Option<Option<Leader<'c>>> {
         let (mut handovers, mut later) = (0, 0);
         while handovers < MAX_HANDOVERS && later < MAX_LATER {
-            let waiter = match self.inner.flights.join(key, joiner) {
+            let waiter = match self.flights().join(key, joiner) {
                 Role::Leader(leader) => return Some(Some(leader)),
                 Role::Waiter(waiter) => waiter,
             };
             match waiter.wait().await {
                 Handed::Value(bytes) => {
-                    let codec = self.inner.codec;
+                    let codec = self.settings().codec;
                     let decoded =
                         self.decoding(&bytes, |value| call.pinned().decode(at, codec, value));
                     if self.decoded(site, key, decoded).is_some() {
@@ -576,7 +576,7 @@ impl Cache {
         }
         let ats: Vec<usize> = computing.iter().map(|one| one.at).collect();
         let ((), run) = Run::time(run_body(call, &ats)).await;
-        let codec = self.inner.codec;
+        let codec = self.settings().codec;
         let mut leaders = Vec::with_capacity(computing.len());
         let mut settling = Vec::with_capacity(computing.len());
         for one in computing {

@@ -255,9 +255,9 @@ impl Cache {
         S: Outcome<R>,
         S::Value: Clone + Send + Sync + 'static,
     {
-        let tracking = self.inner.local.as_ref()?;
+        let tracking = self.local()?;
         // On a cluster, copies made under another slot map are not served.
-        let primaries = self.inner.backend.primaries_epoch();
+        let primaries = self.backend().primaries_epoch();
         let answer = match tracking.tier().get::<S::Value>(redis_key, primaries)? {
             LocalHit::Value(value) => S::from_hit(value),
             LocalHit::Nothing => S::nothing()?,
@@ -312,10 +312,10 @@ impl Cache {
         redis_key: String,
         call: &mut Erased<'_>,
     ) -> Answered {
-        let Some(tracking) = &self.inner.local else {
+        let Some(tracking) = self.local() else {
             return self.lookup(site, redis_key, call).await;
         };
-        let primaries = self.inner.backend.primaries_epoch();
+        let primaries = self.backend().primaries_epoch();
         let Some(via) = tracking.live(&redis_key) else {
             return self.lookup(site, redis_key, call).await;
         };
@@ -396,7 +396,7 @@ impl Cache {
                     }
                     Coalesced::Lead(me) => leader = me,
                     Coalesced::Gated => {
-                        let at = self.inner.flights.gate(key);
+                        let at = self.flights().gate(key);
                         _permit = at.enter().await;
                         gate = Some(at);
                         step = self.reread(site, key, call).await;
@@ -440,10 +440,8 @@ impl Cache {
     /// the read to come.
     pub(crate) fn pending_write(&self, site: &Site, key: &str) -> bool {
         crate::backend::note_px(site.longest_expiry_millis());
-        let inner = &*self.inner;
-        inner
-            .janitor
-            .is_invalidating(key, || inner.backend.primaries_epoch())
+        self.janitor()
+            .is_invalidating(key, || self.backend().primaries_epoch())
     }
 
     /// One read of the key, classified; failures are counted and logged here.
@@ -453,16 +451,17 @@ impl Cache {
                 pending_write: true,
             };
         }
-        let inner = &*self.inner;
-        let backend = &self.inner.backend;
+        let backend = self.backend();
         let outcome = if with_ttl {
             // Boxed: the script's future would double the size of every
             // plain hit's future, which is moved on each call.
-            let read = backend.get_with_ttl(key, inner.read_limit);
+            let read = backend.get_with_ttl(key, self.settings().read_limit);
             let stored = Box::pin(self.guarded(key, read)).await;
             stored.map(|s| s.map(Ttl::of))
         } else {
-            let bytes = self.guarded(key, backend.get(key, inner.read_limit)).await;
+            let bytes = self
+                .guarded(key, backend.get(key, self.settings().read_limit))
+                .await;
             bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
         };
         self.found(site, key, outcome)
@@ -482,9 +481,8 @@ impl Cache {
                 pending_write: true,
             };
         }
-        let inner = &*self.inner;
         let mut conn = conn.clone();
-        let read = crate::backend::get_with_ttl_on(&mut conn, key, inner.read_limit);
+        let read = crate::backend::get_with_ttl_on(&mut conn, key, self.settings().read_limit);
         let outcome = self.guarded(key, read).await.map(|s| s.map(Ttl::of));
         self.found(site, key, outcome)
     }
@@ -518,7 +516,7 @@ impl Cache {
                     self,
                     warn!(
                         key,
-                        read_limit = self.inner.read_limit,
+                        read_limit = self.settings().read_limit,
                         "cache entry larger than max_value_size: not read; recomputing and replacing it"
                     )
                 );
@@ -578,7 +576,7 @@ impl Cache {
             }
             // This process's own lease, whose holder is gone and whose
             // release is on its way: take the lease over it.
-            Found::Placeholder if self.inner.janitor.is_abandoned(&bytes) => {
+            Found::Placeholder if self.janitor().is_abandoned(&bytes) => {
                 Read::Garbage(Garbage::Bytes(bytes))
             }
             Found::Placeholder => Read::Leased {
@@ -707,7 +705,7 @@ impl Cache {
             }
             return nothing;
         }
-        let codec = self.inner.codec;
+        let codec = self.settings().codec;
         let decoded = self.decoding(bytes, |bytes| call.call().decode(codec, bytes));
         self.decoded(site, key, decoded).is_some()
     }
@@ -719,7 +717,7 @@ impl Cache {
         decode: impl FnOnce(&[u8]) -> Result<T, CodecError>,
     ) -> Result<T, CodecError> {
         if crate::compression::is_compressed(bytes) {
-            let value = crate::compression::decompress(bytes, self.inner.max_value_size)?;
+            let value = crate::compression::decompress(bytes, self.settings().max_value_size)?;
             decode(&value)
         } else {
             decode(bytes)
@@ -766,7 +764,7 @@ impl Cache {
             began: rounds.began,
             takes_proof,
         };
-        let waiter = match self.inner.flights.join(key, joiner) {
+        let waiter = match self.flights().join(key, joiner) {
             Role::Leader(leader) => return Coalesced::Lead(Some(leader)),
             Role::Waiter(waiter) => waiter,
         };
@@ -814,7 +812,7 @@ impl Cache {
                 if site.single_flight_mode() != SingleFlight::Distributed {
                     return Claimed::Computing(Leased::Foreign(placeholder));
                 }
-                let lease = self.inner.lease;
+                let lease = self.settings().lease;
                 let one_lease = lease + lease / 10;
                 let wait = rounds.wait.get_or_insert_with(|| Wait {
                     give_up: Instant::now() + one_lease,
@@ -871,7 +869,7 @@ impl Cache {
             // Nothing to store and nobody to hand the answer to.
             return Answered::Body;
         }
-        let answer = call.encode_output(self.inner.codec);
+        let answer = call.encode_output(self.settings().codec);
         let landing = self
             .settle(site, key, answer, lease, leader.as_ref(), run)
             .await;
@@ -962,7 +960,7 @@ impl Cache {
     /// Whether `key` still holds `placeholder` (another caller's lease seen
     /// before computing): then no write touched it in between.
     async fn still_holds(&self, key: &str, placeholder: &[u8]) -> bool {
-        let read = self.inner.backend.get(key, self.inner.read_limit);
+        let read = self.backend().get(key, self.settings().read_limit);
         matches!(self.guarded(key, read).await, Ok(Fetched::Found(bytes)) if bytes == placeholder)
     }
 
@@ -976,7 +974,7 @@ impl Cache {
         took: Duration,
     ) -> (Cow<'b, [u8]>, u64) {
         if site.tracks_freshness() {
-            let header = Freshness::new(took, self.inner.clock);
+            let header = Freshness::new(took, self.clock());
             (
                 header.wrap(bytes).into(),
                 ttl.saturating_add(self.kept(site)),
@@ -992,7 +990,7 @@ impl Cache {
     /// are served the old value.
     fn kept(&self, site: &Site) -> u64 {
         let grace = if site.early_refresh_beta().is_some() {
-            px(self.inner.lease)
+            px(self.settings().lease)
         } else {
             0
         };
@@ -1019,8 +1017,8 @@ impl Cache {
         };
         self.record(site, Event::Refresh);
         let ((), run) = Run::time(call.run_body()).await;
-        let backend = &self.inner.backend;
-        let entry = match call.encode_output(self.inner.codec) {
+        let backend = self.backend();
+        let entry = match call.encode_output(self.settings().codec) {
             Encoded::Failed => {
                 crate::limited!(
                     self,

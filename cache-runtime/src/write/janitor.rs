@@ -35,12 +35,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::cache::{Cache, Inner};
+use crate::cache::{Cache, WeakCache};
 use crate::error::CacheError;
 use crate::stats::Event;
 use crate::stats::Function;
@@ -319,24 +319,24 @@ impl Janitor {
 impl Cache {
     /// Hands a chore to the janitor; see the module docs.
     pub(crate) fn tidy(&self, chore: Chore) {
-        if let Some(memory) = self.inner.backend.as_memory() {
+        if let Some(memory) = self.backend().as_memory() {
             // Cannot fail: no retry, no task.
             match chore {
                 Chore::Release {
                     key, placeholder, ..
                 } => {
                     if memory.compare_and_delete(&key, &placeholder) {
-                        self.inner.stats.record(None, Event::Compensation);
+                        self.recorder().record(None, Event::Compensation);
                     }
                 }
                 Chore::Invalidate { writer, key, .. } => {
                     memory.delete(std::slice::from_ref(&key));
-                    self.inner.stats.record(writer, Event::Invalidation);
+                    self.recorder().record(writer, Event::Invalidation);
                 }
             }
             return;
         }
-        let janitor = &self.inner.janitor;
+        let janitor = &self.janitor();
         if janitor.pending.load(Ordering::SeqCst) >= MAX_PENDING {
             // Not entered: a queued invalidation of its key covers it
             // only until its next attempt starts.
@@ -363,20 +363,20 @@ impl Cache {
         let _ = sender.send(chore);
         *queue = Some(sender);
         runtime.spawn(work(Worker {
-            cache: std::sync::Arc::downgrade(&self.inner),
+            cache: self.downgrade(),
             queue: receiver,
             pending: Vec::new(),
             clear_due: None,
             wake: janitor.wake.clone(),
-            epoch: matches!(self.inner.backend, crate::backend::Backend::Cluster(_))
-                .then(|| self.inner.backend.primaries_epoch()),
+            epoch: matches!(self.backend(), crate::backend::Backend::Cluster(_))
+                .then(|| self.backend().primaries_epoch()),
         }));
     }
 
     /// Chores submitted to the janitor and not finished yet.
     #[cfg(feature = "__testing")]
     pub(crate) fn pending_chores(&self) -> usize {
-        self.inner.janitor.pending.load(Ordering::SeqCst)
+        self.janitor().pending.load(Ordering::SeqCst)
     }
 
     /// A chore that does not fit in [`MAX_PENDING`]: a lease expires by
@@ -385,8 +385,8 @@ impl Cache {
         let Chore::Invalidate { writer, key, .. } = chore else {
             return;
         };
-        self.inner.stats.record(writer, Event::Error);
-        self.inner.janitor.suspect();
+        self.recorder().record(writer, Event::Error);
+        self.janitor().suspect();
         crate::limited!(
             self,
             error!(
@@ -397,13 +397,13 @@ impl Cache {
             )
         );
         // The worker clears (with a prefix) or waits.
-        self.inner.janitor.wake.notify_one();
+        self.janitor().wake.notify_one();
     }
 
     fn drop_chore(&self, chore: Chore, why: &'static str) {
-        self.inner.janitor.strike(&chore);
+        self.janitor().strike(&chore);
         if let Chore::Invalidate { writer, key, .. } = chore {
-            self.inner.stats.record(writer, Event::LostInvalidation);
+            self.recorder().record(writer, Event::LostInvalidation);
             crate::limited!(
                 self,
                 error!(
@@ -426,7 +426,7 @@ struct Pending {
 /// down while the cache lives on), it takes its chores out of the ledger,
 /// so that a later write of their keys is queued anew, not taken as covered.
 struct Worker {
-    cache: Weak<Inner>,
+    cache: WeakCache,
     queue: mpsc::UnboundedReceiver<Chore>,
     pending: Vec<Pending>,
     /// While the cache is [`Suspect`] and has a prefix: when to try
@@ -441,10 +441,9 @@ struct Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let Some(inner) = self.cache.upgrade() else {
+        let Some(cache) = self.cache.upgrade() else {
             return;
         };
-        let cache = Cache { inner };
         let queued = std::iter::from_fn(|| self.queue.try_recv().ok());
         let chores: Vec<Chore> = self
             .pending
@@ -462,10 +461,11 @@ impl Drop for Worker {
 /// first poll still drops a `Worker`.
 async fn work(mut worker: Worker) {
     loop {
-        let Some(inner) = worker.cache.upgrade() else {
+        let Some(cache) = worker.cache.upgrade() else {
             return;
         };
-        let next = worker.next_due(&Cache { inner });
+        let next = worker.next_due(&cache);
+        drop(cache);
         let wake = worker.wake.notified();
         let received = tokio::select! {
             chore = worker.queue.recv() => match chore {
@@ -475,16 +475,15 @@ async fn work(mut worker: Worker) {
             () = sleep_until(next) => None,
             () = wake => None,
         };
-        let Some(inner) = worker.cache.upgrade() else {
+        let Some(cache) = worker.cache.upgrade() else {
             return;
         };
-        let cache = Cache { inner };
         worker.hurry_when_told(&cache);
         worker.admit(&cache, received);
         // First: until it is done, every key is read uncached; and it
         // deletes what the pending invalidations would (they follow).
         cache.end_suspicion(&mut worker.clear_due).await;
-        if !(cache.has_prefix() && cache.inner.janitor.is_suspect()) {
+        if !(cache.has_prefix() && cache.janitor().is_suspect()) {
             cache.invalidate_due(&mut worker.pending).await;
         }
         release_due(&cache, &mut worker.pending).await;
@@ -497,7 +496,7 @@ impl Worker {
     /// primaries now and then while invalidations wait on a cluster, and
     /// the end of a [`Suspect`] state.
     fn next_due(&self, cache: &Cache) -> Option<Instant> {
-        let clearing = cache.has_prefix() && cache.inner.janitor.is_suspect();
+        let clearing = cache.has_prefix() && cache.janitor().is_suspect();
         let suspect = suspicion_due(cache, self.clear_due);
         let is_invalidation = |p: &&Pending| matches!(p.chore, Chore::Invalidate { .. });
         let mut next = self
@@ -521,11 +520,11 @@ impl Worker {
     /// primary (a failover, say): there, instead of at the end of their
     /// back-off, as their readers skip the keys until then.
     fn hurry_when_told(&mut self, cache: &Cache) {
-        let back = cache.inner.janitor.retry_now.swap(false, Ordering::SeqCst);
+        let back = cache.janitor().retry_now.swap(false, Ordering::SeqCst);
         if back {
             self.clear_due = None;
         }
-        let now_epoch = cache.inner.backend.primaries_epoch();
+        let now_epoch = cache.backend().primaries_epoch();
         let moved = self.epoch.is_some_and(|seen| seen != now_epoch);
         if moved {
             self.epoch = Some(now_epoch);
@@ -550,7 +549,7 @@ impl Worker {
         {
             if self.pending.len() >= MAX_PENDING {
                 // Submitters that raced past the bound together.
-                cache.inner.janitor.strike(&chore);
+                cache.janitor().strike(&chore);
                 cache.overflow(chore);
                 continue;
             }
@@ -585,7 +584,7 @@ async fn release_due(cache: &Cache, pending: &mut Vec<Pending>) {
             }
             None => {
                 let done = pending.swap_remove(i);
-                cache.inner.janitor.strike(&done.chore);
+                cache.janitor().strike(&done.chore);
             }
         }
     }
@@ -595,7 +594,7 @@ async fn release_due(cache: &Cache, pending: &mut Vec<Pending>) {
 /// it is suspect: when its time runs out, or (with a prefix) when the
 /// next clear is due, if sooner.
 fn suspicion_due(cache: &Cache, clear_due: Option<Instant>) -> Option<Instant> {
-    let until = cache.inner.janitor.ledger().suspect?.until();
+    let until = cache.janitor().ledger().suspect?.until();
     if !cache.has_prefix() {
         return Some(until);
     }
@@ -614,7 +613,7 @@ impl Cache {
     /// clearing every entry (tried again after [`CLEAR_RETRY`] if it
     /// fails); without, once its time has run out.
     async fn end_suspicion(&self, clear_due: &mut Option<Instant>) {
-        let janitor = &self.inner.janitor;
+        let janitor = &self.janitor();
         janitor.clear_suspicion(None);
         if !janitor.is_suspect() {
             *clear_due = None;
@@ -652,7 +651,6 @@ impl Cache {
     /// when done.
     async fn release(&self, pending: &mut Pending) -> Option<Instant> {
         pending.attempts += 1;
-        let inner = &*self.inner;
         let Chore::Release {
             key,
             placeholder,
@@ -664,11 +662,11 @@ impl Cache {
         if Instant::now() >= *until {
             return None; // expired by itself
         }
-        let delete = inner.backend.compare_and_delete(key, placeholder);
+        let delete = self.backend().compare_and_delete(key, placeholder);
         match self.timed(key, delete).await {
             Ok(deleted) => {
                 if deleted {
-                    inner.stats.record(None, Event::Compensation);
+                    self.recorder().record(None, Event::Compensation);
                 }
                 None
             }
@@ -694,8 +692,8 @@ impl Cache {
             })
             .collect();
         let mut done = Vec::new();
-        let janitor = &self.inner.janitor;
-        let backend = &self.inner.backend;
+        let janitor = &self.janitor();
+        let backend = &self.backend();
         // Off a cluster, every key is on the one primary: once it is found
         // unreachable (or its replicas lagging), the other keys wait with
         // the first (one attempt per retry delay, not one per key).
@@ -741,7 +739,7 @@ impl Cache {
         done.sort_unstable();
         for at in done.into_iter().rev() {
             let finished = pending.swap_remove(at);
-            self.inner.janitor.strike(&finished.chore);
+            self.janitor().strike(&finished.chore);
         }
     }
 
@@ -754,14 +752,13 @@ impl Cache {
         outcome: Result<(), &CacheError>,
         epoch: u64,
     ) -> Option<Instant> {
-        let inner = &*self.inner;
-        let janitor = &inner.janitor;
+        let janitor = &self.janitor();
         let Chore::Invalidate { writer, key, .. } = &pending.chore else {
             return None;
         };
         match outcome {
             Ok(()) => {
-                inner.stats.record(*writer, Event::Invalidation);
+                self.recorder().record(*writer, Event::Invalidation);
                 if pending.attempts > 1 {
                     tracing::debug!(key, "cache invalidation succeeded on retry");
                 }
@@ -779,7 +776,7 @@ impl Cache {
                 Some(Instant::now() + WHILE_A_SHARD_IS_DOWN)
             }
             Err(error) => {
-                inner.stats.record(*writer, Event::Error);
+                self.recorder().record(*writer, Event::Error);
                 janitor.readers_skip(key, error.is_not_replicated().then_some(epoch));
                 let delay = INVALIDATION_RETRY;
                 if error.is_unavailable() || error.is_not_replicated() {
@@ -793,7 +790,7 @@ impl Cache {
                     pending.attempts = 1;
                     return Some(Instant::now() + INVALIDATION_RETRY);
                 }
-                inner.stats.record(*writer, Event::LostInvalidation);
+                self.recorder().record(*writer, Event::LostInvalidation);
                 crate::limited!(
                     self,
                     error!(key, %error, "cache invalidation refused by the backend: the entry stays until its TTL")

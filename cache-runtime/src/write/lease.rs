@@ -81,7 +81,7 @@ pub(crate) fn inspect(bytes: &[u8]) -> Found {
 /// A new placeholder with a fresh random token.
 fn placeholder(cache: &Cache) -> Vec<u8> {
     let token = fastrand::u128(..);
-    let at = cache.inner.clock.now_millis();
+    let at = cache.clock().now_millis();
     let mut bytes = MARK.to_vec();
     bytes.extend_from_slice(format!("{token:032x}:{at}").as_bytes());
     bytes
@@ -138,26 +138,26 @@ impl<'c> HeldLease<'c> {
         key: &'c str,
         how: Take,
     ) -> Taken<'c> {
-        let inner = &*cache.inner;
-        let mut lease = Self::arm(cache, Cow::Borrowed(key), inner.lease);
-        let (value, length) = (&lease.placeholder[..], px(inner.lease));
+        let mut lease = Self::arm(cache, Cow::Borrowed(key), cache.settings().lease);
+        let (value, length) = (&lease.placeholder[..], px(cache.settings().lease));
         let taken = match &how {
             Take::IfAbsent => {
-                let set = inner.backend.set_if_absent(key, value, length);
+                let set = cache.backend().set_if_absent(key, value, length);
                 cache.guarded(key, set).await
             }
             Take::Replacing(seen) => {
-                let set = inner.backend.compare_and_set(key, seen, value, length);
+                let set = cache.backend().compare_and_set(key, seen, value, length);
                 cache.guarded(key, set).await
             }
             Take::Overwriting => {
-                let set = inner.backend.set(key, value, length);
+                let set = cache.backend().set(key, value, length);
                 cache.guarded(key, set).await.map(|()| true)
             }
             Take::ReplacingTooLarge => {
-                let set = inner
-                    .backend
-                    .set_if_longer(key, inner.read_limit, value, length);
+                let set =
+                    cache
+                        .backend()
+                        .set_if_longer(key, cache.settings().read_limit, value, length);
                 cache.guarded(key, set).await
             }
         };
@@ -196,12 +196,12 @@ impl<'c> HeldLease<'c> {
         site: &'static Site,
         key: &str,
     ) -> Option<Self> {
-        let inner = &*cache.inner;
         let lock_key = crate::key::refresh_lock_key(cache.prefix(), key);
-        let mut lock = Self::arm(cache, Cow::Owned(lock_key), inner.lease);
-        let set = inner
-            .backend
-            .set_if_absent(&lock.key, &lock.placeholder, px(inner.lease));
+        let mut lock = Self::arm(cache, Cow::Owned(lock_key), cache.settings().lease);
+        let set =
+            cache
+                .backend()
+                .set_if_absent(&lock.key, &lock.placeholder, px(cache.settings().lease));
         match cache.guarded(&lock.key, set).await {
             Ok(true) => Some(lock),
             Ok(false) => {
@@ -228,8 +228,7 @@ impl<'c> HeldLease<'c> {
     pub(crate) async fn fulfil(mut self, site: &'static Site, stored: &[u8], ttl: u64) -> bool {
         let cache = self.cache;
         let set = cache
-            .inner
-            .backend
+            .backend()
             .compare_and_set(&self.key, &self.placeholder, stored, ttl);
         let outcome = cache.guarded(&self.key, set).await;
         // Whatever failed (skipped by the breaker, an error reply, a
@@ -244,8 +243,7 @@ impl<'c> HeldLease<'c> {
     pub(crate) async fn give_back(mut self) -> bool {
         let cache = self.cache;
         let delete = cache
-            .inner
-            .backend
+            .backend()
             .compare_and_delete(&self.key, &self.placeholder);
         match cache.guarded(&self.key, delete).await {
             Ok(deleted) => {
@@ -263,11 +261,9 @@ impl<'c> HeldLease<'c> {
     pub(crate) async fn hold_for(mut self, pause: Duration) {
         let cache = self.cache;
         let pause = pause.min(self.expires.saturating_duration_since(Instant::now()));
-        let expire =
-            cache
-                .inner
-                .backend
-                .compare_and_expire(&self.key, &self.placeholder, px(pause));
+        let expire = cache
+            .backend()
+            .compare_and_expire(&self.key, &self.placeholder, px(pause));
         if cache.guarded(&self.key, expire).await.is_ok() {
             self.armed = false;
         }

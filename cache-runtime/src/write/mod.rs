@@ -44,17 +44,16 @@ impl Cache {
             landed: None,
         };
         let redis_key = &unfinished.keys[0];
-        let epoch = self.inner.backend.primaries_epoch();
+        let epoch = self.backend().primaries_epoch();
         let deleted = self
             .guarded(
                 redis_key,
-                self.inner
-                    .backend
+                self.backend()
                     .delete_durably(std::slice::from_ref(redis_key)),
             )
             .await;
         self.announce(std::slice::from_ref(redis_key)).await;
-        let stats = &self.inner.stats;
+        let stats = &self.recorder();
         match &deleted {
             Ok(_) => {
                 stats.record(None, Event::Invalidation);
@@ -108,8 +107,8 @@ impl Cache {
         }
         let start = self.prefixed(prefix).into_owned();
         let pattern = format!("{}*", glob_escape(&start));
-        let backend = &self.inner.backend;
-        let timeout = self.inner.op_timeout;
+        let backend = &self.backend();
+        let timeout = self.settings().op_timeout;
         let mut deleted = 0;
         for target in within(timeout, backend.scan_targets()).await? {
             let mut cursor = 0;
@@ -123,8 +122,7 @@ impl Cache {
                 if !keys.is_empty() {
                     let _local = self.drop_local(&keys);
                     deleted += within(timeout, backend.unlink(&keys)).await?;
-                    self.inner
-                        .stats
+                    self.recorder()
                         .record_n(None, Event::Invalidation, keys.len());
                     self.announce(&keys).await;
                 }
@@ -155,15 +153,14 @@ impl Cache {
             landed: None,
         };
         // Read before the write is sent: see `Chore::Invalidate::landed`.
-        let epoch = self.inner.backend.primaries_epoch();
+        let epoch = self.backend().primaries_epoch();
         // On a cluster, each primary's keys are deleted under its own
         // breaker: what failed is all that is left to retry.
         let (failed, error) = self.delete_many(&unfinished.keys).await;
         self.announce(&unfinished.keys).await;
         let done = unfinished.keys.len() - failed.len();
         unfinished.keys = failed;
-        self.inner
-            .stats
+        self.recorder()
             .record_n(Some(writer), Event::Invalidation, done);
         match error {
             None => {}
@@ -171,7 +168,7 @@ impl Cache {
                 unfinished.tried = true;
                 unfinished.landed = error.is_not_replicated().then_some(epoch);
                 if !matches!(error, CacheError::CircuitOpen) {
-                    self.inner.stats.record(Some(writer), Event::Error);
+                    self.recorder().record(Some(writer), Event::Error);
                 }
                 crate::limited!(
                     self,
@@ -219,25 +216,25 @@ impl Cache {
             let keys = std::mem::take(&mut unfinished.keys);
             return self.invalidate_after_write(writer, keys).await;
         };
-        let epoch = self.inner.backend.primaries_epoch();
+        let epoch = self.backend().primaries_epoch();
         let stored = self
             .guarded(
                 redis_key,
-                self.inner.backend.set_durably(redis_key, &bytes, ttl),
+                self.backend().set_durably(redis_key, &bytes, ttl),
             )
             .await;
         self.announce(&unfinished.keys).await;
         match stored {
             Ok(()) => {
                 unfinished.keys.clear();
-                self.inner.stats.record(Some(writer), Event::Set);
+                self.recorder().record(Some(writer), Event::Set);
             }
             Err(error) => {
                 // Stored on the primary, not acknowledged by a replica: the
                 // primary serves the new value meanwhile.
                 unfinished.landed = error.is_not_replicated().then_some(epoch);
                 if !matches!(error, CacheError::CircuitOpen) {
-                    self.inner.stats.record(Some(writer), Event::Error);
+                    self.recorder().record(Some(writer), Event::Error);
                 }
                 crate::limited!(
                     self,
@@ -255,7 +252,7 @@ impl Cache {
     /// costs them a copy). If it cannot be sent, their copies of these
     /// keys live until their `local` time.
     pub(crate) async fn announce(&self, keys: &[String]) {
-        let Some(channel) = self.inner.local.as_deref().and_then(Tracking::channel) else {
+        let Some(channel) = self.local().and_then(Tracking::channel) else {
             return;
         };
         if keys.is_empty() {
@@ -264,10 +261,7 @@ impl Cache {
         // Split by `Sink` at `BROADCAST_SEPARATOR`.
         let message = keys.join("\n");
         let sent = self
-            .guarded(
-                channel,
-                self.inner.backend.publish(channel, message.as_bytes()),
-            )
+            .guarded(channel, self.backend().publish(channel, message.as_bytes()))
             .await;
         if let Err(error) = sent
             && !matches!(error, CacheError::CircuitOpen)
@@ -285,7 +279,7 @@ impl Cache {
     /// started before the write landed and keeps its copy after it would
     /// serve the old value (see [`crate::local`]).
     fn drop_local(&self, keys: &[String]) -> Option<LocalDrop<'_>> {
-        let tier = self.inner.local.as_deref()?.tier();
+        let tier = self.local()?.tier();
         for key in keys {
             tier.invalidate(key.as_bytes());
         }
