@@ -25,6 +25,7 @@ const ARGUMENTS: &[&str] = &[
     "none_ttl",
     "batch",
     "local",
+    "tags",
     "version",
     "cache",
     "crate",
@@ -63,8 +64,13 @@ pub struct Args {
     pub none_ttl: Option<(u64, proc_macro2::Span)>,
     /// `batch`: the span of the flag, for errors.
     pub batch: Option<proc_macro2::Span>,
-    /// `local = "5s"`, in milliseconds.
+    /// `local = "5s"`, in milliseconds, and the span of the argument.
     pub local_millis: Option<u64>,
+    pub local_span: Option<proc_macro2::Span>,
+    /// `tags = ["org:<org_id>", ...]`: templates, checked like the key's.
+    pub tags: Vec<LitStr>,
+    /// The span of `tags`, for errors.
+    pub tags_span: Option<proc_macro2::Span>,
     pub version: Option<u32>,
     pub cache: Option<Expr>,
     pub krate: Option<Path>,
@@ -159,7 +165,12 @@ impl Args {
                         .map(|t| (t.millis, value.span()));
                 }
                 "batch" => args.batch = Some(name_span),
+                "tags" => {
+                    args.tags_span = Some(name_span);
+                    args.tags = parse_tags(&meta.value()?.parse()?, errors);
+                }
                 "local" => {
+                    args.local_span = Some(name_span);
                     args.local_millis =
                         parse_duration("local", &meta.value()?.parse()?, errors).map(|t| t.millis);
                 }
@@ -278,6 +289,28 @@ fn parse_duration(name: &str, expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
     Some(Ttl { millis })
 }
 
+/// `tags = ["org:<org_id>", "members"]`: string literals in brackets.
+fn parse_tags(expr: &Expr, errors: &mut Errors) -> Vec<LitStr> {
+    let help = "help: write the tags as templates in brackets, e.g. `tags = [\"org:<org_id>\", \"members\"]`";
+    let Expr::Array(array) = expr else {
+        errors.spanned(expr, format!("`tags` must be a list of string literals\n{help}"));
+        return Vec::new();
+    };
+    let mut tags = Vec::new();
+    for element in &array.elems {
+        match element {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(tag), ..
+            }) => tags.push(tag.clone()),
+            other => errors.spanned(other, format!("a tag must be a string literal\n{help}")),
+        }
+    }
+    if array.elems.is_empty() {
+        errors.spanned(array, format!("`tags` is empty\nhelp: leave it out, or {}", &help[6..]));
+    }
+    tags
+}
+
 /// A float or integer literal.
 fn number(expr: &Expr) -> Option<f64> {
     match expr {
@@ -337,7 +370,7 @@ impl WriteKind {
     }
 }
 
-const WRITE_ARGUMENTS: &[&str] = &["key", "cache", "crate"];
+const WRITE_ARGUMENTS: &[&str] = &["key", "tag", "cache", "crate"];
 
 /// One target of `#[invalidates(...)]` or `#[cache_put(...)]`.
 pub enum Target {
@@ -347,6 +380,9 @@ pub enum Target {
     Call(Expr),
     /// `key = "user:<id>"`: a template over the writer's own parameters.
     Template(LitStr),
+    /// `tag = "org:<org_id>"`: a tag's template over the writer's own
+    /// parameters (`#[invalidates]` only).
+    Tag(LitStr),
 }
 
 /// The arguments of the write attributes: targets, then `cache = expr` and
@@ -412,6 +448,10 @@ impl WriteArgs {
                 Some(lit) => self.targets.push(Target::Template(lit.clone())),
                 None => errors.spanned(value, "`key` must be a string literal, e.g. `key = \"user:<id>\"`"),
             },
+            Some("tag") => match string {
+                Some(lit) => self.targets.push(Target::Tag(lit.clone())),
+                None => errors.spanned(value, "`tag` must be a string literal, e.g. `tag = \"org:<org_id>\"`"),
+            },
             // A repeated attribute may repeat the same `cache` or `crate`.
             Some("cache") => match &self.cache {
                 Some(seen) if !same_tokens(seen, value) => errors.spanned(
@@ -450,7 +490,7 @@ impl WriteArgs {
                 errors.spanned(
                     &assign.left,
                     format!(
-                        "unknown argument{name}{hint}\nhelp: `#[{}]` takes cached-function calls such as `get_user(id)`, and `key = \"...\"`, `cache = ...`, `crate = \"...\"`",
+                        "unknown argument{name}{hint}\nhelp: `#[{}]` takes cached-function calls such as `get_user(id)`, and `key = \"...\"`, `tag = \"...\"`, `cache = ...`, `crate = \"...\"`",
                         kind.attribute()
                     ),
                 );

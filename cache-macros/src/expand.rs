@@ -82,6 +82,14 @@ fn key_fn(plan: &Plan) -> TokenStream {
     let builder = Ident::new("key", Span::mixed_site());
     let capacity = plan.key.capacity;
     let steps = key_steps(&plan.key, krate, &builder, ParamsAre::Borrowed);
+    let tags = plan.tags.iter().map(|tag| {
+        let capacity = tag.capacity;
+        let steps = key_steps(tag, krate, &builder, ParamsAre::Borrowed);
+        quote! {
+            #krate::__private::KeyBuilder::tag(&mut #builder, #capacity);
+            #(#steps)*
+        }
+    });
     let version = match plan.version {
         Some(v) => quote!(::core::option::Option::Some(#v)),
         None => quote!(::core::option::Option::None),
@@ -118,6 +126,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
                 ::core::option::Option::Some(&#site),
             );
             #(#steps)*
+            #(#tags)*
             #builder.finish(#version)
         }
     }
@@ -628,7 +637,8 @@ fn write_wrapper(plan: &WritePlan) -> TokenStream {
                     let call = key_fn_call(expr);
                     quote!(#call.untyped())
                 }
-                PlannedTarget::Template(key) => template_key(key, krate),
+                PlannedTarget::Template(key) => template_key(key, krate, false),
+                PlannedTarget::Tag(tag) => template_key(tag, krate, true),
             });
             let call = body_call(
                 func,
@@ -725,12 +735,17 @@ fn generated_name(target: &Ident) -> Ident {
 
 /// `#[invalidates(key = "...")]`: the key rendered from the writer's own
 /// parameters, as an untyped `CacheKey`.
-fn template_key(key: &Key, krate: &syn::Path) -> TokenStream {
+fn template_key(key: &Key, krate: &syn::Path, tag: bool) -> TokenStream {
     let builder = Ident::new("key", Span::mixed_site());
     let capacity = key.capacity;
     let steps = key_steps(key, krate, &builder, ParamsAre::Owned);
+    let new = if tag {
+        quote!(#krate::__private::KeyBuilder::new_tag(#capacity))
+    } else {
+        quote!(#krate::__private::KeyBuilder::new(#capacity, ::core::option::Option::None))
+    };
     quote! {{
-        let mut #builder = #krate::__private::KeyBuilder::new(#capacity, ::core::option::Option::None);
+        let mut #builder = #new;
         #(#steps)*
         #builder.finish::<#krate::Untyped>(::core::option::Option::None)
     }}

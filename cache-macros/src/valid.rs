@@ -31,6 +31,8 @@ pub struct Plan<'a> {
     pub batch: Option<Batch<'a>>,
     /// `local = "5s"`: how long a copy stays in process memory.
     pub local_millis: Option<u64>,
+    /// `tags = [...]`, resolved like the key.
+    pub tags: Vec<Key<'a>>,
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
@@ -171,6 +173,7 @@ pub fn validate<'a>(
         uses_self,
     } = placeholders;
 
+    let tags = check_tags(&func, args, &in_key, uses_self, errors);
     check_skip(&func, &args.skip, &in_key, errors);
     check_negative(&func, args, errors);
     let batch = args
@@ -261,11 +264,68 @@ pub fn validate<'a>(
             .or(args.cache_none.map(|_| ttl.millis)),
         batch,
         local_millis: args.local_millis,
+        tags,
         version: args.version,
         cache: args.cache.as_ref(),
         krate,
         stats_name,
     })
+}
+
+/// `tags = [...]`: each a template over the parameters the key names (two
+/// calls that share an entry must share its tags); not yet with `local`
+/// or `batch`.
+fn check_tags<'a>(
+    func: &AnnotatedFn<'a>,
+    args: &'a Args,
+    in_key: &[&str],
+    key_uses_self: bool,
+    errors: &mut Errors,
+) -> Vec<Key<'a>> {
+    let Some(span) = args.tags_span else {
+        return Vec::new();
+    };
+    if args.local_span.is_some() {
+        errors.at(
+            span,
+            "`tags` cannot be combined with `local` yet: a tag's invalidation does not reach the copies in process memory\n\
+             help: remove `local`, or invalidate the function's keys instead of a tag",
+        );
+    }
+    if let Some(batch) = args.batch {
+        errors.at(
+            batch,
+            "`tags` cannot be combined with `batch` yet\n\
+             help: tag the single-key function, or invalidate the batch's keys",
+        );
+    }
+    let mut tags = Vec::new();
+    for literal in &args.tags {
+        let Some(template) = parse_template(literal, errors) else {
+            continue;
+        };
+        let found = resolve_placeholders(func, &template, literal, errors);
+        for name in &found.in_key {
+            if !in_key.contains(name) {
+                errors.spanned(
+                    literal,
+                    format!(
+                        "tag placeholder `<{name}>` names `{name}`, which is not in the key: calls that share one entry would carry different tags\n\
+                         help: a tag can only name parameters the key names; add `<{name}>` to the key, or tag by what the key holds"
+                    ),
+                );
+            }
+        }
+        if found.uses_self && !key_uses_self {
+            errors.spanned(
+                literal,
+                "this tag reads `self`, but the key does not: calls that share one entry would carry different tags\n\
+                 help: a tag can only name what the key names",
+            );
+        }
+        tags.push(resolve(func, &template, literal));
+    }
+    tags
 }
 
 /// `name`, or `Owner::name` for a method of an impl under `#[cached_impl]`.
@@ -595,6 +655,8 @@ pub enum PlannedTarget<'a> {
     Call(&'a Expr),
     /// A template over the writer's parameters.
     Template(Key<'a>),
+    /// A tag's template over the writer's parameters.
+    Tag(Key<'a>),
 }
 
 pub fn validate_write<'a>(
@@ -632,6 +694,11 @@ pub fn validate_write<'a>(
     let mut targets = Vec::new();
     for (i, target) in args.targets.iter().enumerate() {
         match (kind, target) {
+            (WriteKind::CachePut, Target::Tag(tag)) => errors.spanned(
+                tag,
+                "`#[cache_put]` stores one entry; a tag is invalidated\n\
+                 help: add `#[invalidates(tag = \"...\")]` beside it",
+            ),
             (WriteKind::CachePut, _) if i > 0 => errors.spanned(
                 target_tokens(target),
                 "`#[cache_put]` stores one value under one key: give it one target\n\
@@ -643,6 +710,12 @@ pub fn validate_write<'a>(
                  help: e.g. `#[cache_put(get_user(id))]`",
             ),
             (_, Target::Call(expr)) => targets.push(PlannedTarget::Call(expr)),
+            (WriteKind::Invalidates, Target::Tag(tag)) => {
+                if let Some(template) = parse_template(tag, errors) {
+                    resolve_placeholders(&func, &template, tag, errors);
+                    targets.push(PlannedTarget::Tag(resolve(&func, &template, tag)));
+                }
+            }
             (WriteKind::Invalidates, Target::Template(key)) => {
                 if let Some(template) = parse_template(key, errors) {
                     resolve_placeholders(&func, &template, key, errors);
@@ -670,6 +743,6 @@ pub fn validate_write<'a>(
 fn target_tokens(target: &Target) -> proc_macro2::TokenStream {
     match target {
         Target::Call(expr) => quote::quote!(#expr),
-        Target::Template(key) => quote::quote!(#key),
+        Target::Template(key) | Target::Tag(key) => quote::quote!(#key),
     }
 }

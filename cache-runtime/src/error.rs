@@ -61,6 +61,11 @@ pub enum CacheError {
     /// there is no Redis to send them to.
     #[error("Cache::command needs a Redis backend; this cache keeps its entries in process memory")]
     NotRedis,
+    /// A tag's key holds something other than a tag's token (another
+    /// application's data, or a tag invalidated again while its token was
+    /// being made): the entries of that tag are read uncached for now.
+    #[error("cache tag {0:?} could not be read: its key holds no token")]
+    NotATag(String),
 }
 
 /// An error from the Redis server or the connection to it. Opaque: ask it

@@ -54,6 +54,9 @@ const NONE_MARK: &str = "%_";
 pub struct CacheKey<V = Untyped> {
     key: String,
     site: Option<&'static Site>,
+    /// The function's tags for these arguments (`tags = [...]`), as tag
+    /// keys (see [`crate::tag`]); empty for an untagged function.
+    tags: Vec<String>,
     value: PhantomData<fn() -> V>,
 }
 
@@ -69,8 +72,15 @@ impl CacheKey {
         CacheKey {
             key: key.into(),
             site: None,
+            tags: Vec::new(),
             value: PhantomData,
         }
+    }
+
+    /// The key that stands for a tag: deleting it invalidates every entry
+    /// stored with the tag (see [`Cache::invalidate_tag`](crate::Cache::invalidate_tag)).
+    pub(crate) fn of_tag(tag: &str) -> Self {
+        CacheKey::new(crate::tag::tag_key(tag))
     }
 }
 
@@ -91,8 +101,20 @@ impl<V> CacheKey<V> {
         CacheKey {
             key: self.key,
             site: self.site,
+            tags: self.tags,
             value: PhantomData,
         }
+    }
+
+    /// The tags an entry under this key is stored with (`tags = [...]` on
+    /// its function), as written in its template: `["org:42", "members"]`.
+    pub fn tags(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.tags.iter().map(|tag| crate::tag::tag_of(tag))
+    }
+
+    /// The tag keys, taken out (the key is about to be consumed).
+    pub(crate) fn take_tags(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.tags)
     }
 
     /// The generated function's static configuration, if the key came from one.
@@ -107,6 +129,7 @@ impl<V> Clone for CacheKey<V> {
         CacheKey {
             key: self.key.clone(),
             site: self.site,
+            tags: self.tags.clone(),
             value: PhantomData,
         }
     }
@@ -405,6 +428,9 @@ impl KeyPart for uuid::Uuid {
 pub struct KeyBuilder {
     buf: String,
     site: Option<&'static Site>,
+    /// With `tags = [...]`: the key (first) and the tags finished so far,
+    /// while `buf` holds the tag being written.
+    done: Vec<String>,
 }
 
 impl KeyBuilder {
@@ -414,7 +440,23 @@ impl KeyBuilder {
         KeyBuilder {
             buf: buffer(capacity),
             site,
+            done: Vec::new(),
         }
+    }
+
+    /// A builder of a tag's key, for `#[invalidates(tag = "...")]`.
+    pub fn new_tag(capacity: usize) -> Self {
+        let mut builder = KeyBuilder::new(capacity + crate::tag::MARK.len(), None);
+        builder.buf.push_str(crate::tag::MARK);
+        builder
+    }
+
+    /// Ends the key (or the tag before), and begins a tag of the key's
+    /// function (`tags = [...]`), written like the key.
+    pub fn tag(&mut self, capacity: usize) {
+        let mut tag = String::with_capacity(capacity + crate::tag::MARK.len());
+        tag.push_str(crate::tag::MARK);
+        self.done.push(std::mem::replace(&mut self.buf, tag));
     }
 
     /// Template text, checked at compile time, written as is.
@@ -434,20 +476,37 @@ impl KeyBuilder {
         CacheKey {
             key: key.key,
             site: key.site,
+            tags: key.tags,
             value: PhantomData,
         }
     }
 
     /// [`KeyBuilder::finish`], compiled once rather than for each value
     /// type.
-    fn finish_untyped(mut self, version: Option<u32>) -> CacheKey {
+    fn finish_untyped(self, version: Option<u32>) -> CacheKey {
+        let (mut key, tags) = if self.done.is_empty() {
+            (self.buf, Vec::new())
+        } else {
+            let mut parts = self.done;
+            parts.push(self.buf);
+            let key = parts.remove(0);
+            (key, parts)
+        };
         if let Some(version) = version {
-            let _ = write!(self.buf, ":v{version}");
+            let _ = write!(key, ":v{version}");
         }
-        bound_length(&mut self.buf);
+        bound_length(&mut key);
+        let tags = tags
+            .into_iter()
+            .map(|mut tag| {
+                bound_length(&mut tag);
+                tag
+            })
+            .collect();
         CacheKey {
-            key: self.buf,
+            key,
             site: self.site,
+            tags,
             value: PhantomData,
         }
     }

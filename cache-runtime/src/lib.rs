@@ -81,6 +81,7 @@ mod read;
 mod site;
 mod slot;
 mod stats;
+mod tag;
 mod write;
 
 pub(crate) use log_limit::limited;

@@ -593,7 +593,7 @@ impl Cache {
             .into_iter()
             .zip(&leaders)
             .map(|((key, answer, lease), leader)| {
-                self.settle(site, key, answer, lease, leader.as_ref(), run)
+                self.settle(site, key, answer, lease, leader.as_ref(), run, None)
             });
         let landings = join_all(settled).await;
         for (leader, landing) in leaders.into_iter().zip(landings) {

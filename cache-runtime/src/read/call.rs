@@ -24,6 +24,7 @@ use crate::key::CacheKey;
 use crate::local::{LocalTier, Ticket};
 use crate::outcome::{Encoded, Outcome};
 use crate::site::Site;
+use crate::tag::Tagging;
 
 /// Which of its answers a call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +66,11 @@ pub(crate) trait Call {
 
 /// A call held by the read path: a [`Call`], or a batch's
 /// [`BatchCall`](crate::read::batch::BatchCall).
-pub(crate) struct Erased<'a, C: ?Sized + 'a = dyn Call + 'a>(Pin<&'a mut C>);
+pub(crate) struct Erased<'a, C: ?Sized + 'a = dyn Call + 'a> {
+    call: Pin<&'a mut C>,
+    /// A tagged function's tags (see [`crate::tag`]).
+    tagging: Option<Box<Tagging>>,
+}
 
 // SAFETY: an `Erased` borrows a `Typed` (or a `TypedBatch`) that lives in
 // the future of the cached call itself (`__private::cached` and its
@@ -82,23 +87,38 @@ unsafe impl Send for Erased<'_, dyn crate::read::batch::BatchCall + '_> {}
 
 impl<'a, C: ?Sized + 'a> Erased<'a, C> {
     pub(crate) fn pinned(&mut self) -> Pin<&mut C> {
-        self.0.as_mut()
+        self.call.as_mut()
+    }
+
+    /// The call's tags, if its function has any.
+    pub(crate) fn tagging(&self) -> Option<&Tagging> {
+        self.tagging.as_deref()
+    }
+
+    pub(crate) fn tagging_mut(&mut self) -> Option<&mut Tagging> {
+        self.tagging.as_deref_mut()
     }
 }
 
 impl<'a> Erased<'a, dyn crate::read::batch::BatchCall + 'a> {
     pub(crate) fn batch<C: crate::read::batch::BatchCall + 'a>(call: Pin<&'a mut C>) -> Self {
-        Erased(call)
+        Erased {
+            call,
+            tagging: None,
+        }
     }
 }
 
 impl<'a> Erased<'a> {
     pub(crate) fn new<C: Call + 'a>(call: Pin<&'a mut C>) -> Self {
-        Erased(call)
+        Erased {
+            call,
+            tagging: None,
+        }
     }
 
     pub(crate) fn call(&mut self) -> Pin<&mut (dyn Call + 'a)> {
-        self.0.as_mut()
+        self.call.as_mut()
     }
 
     /// Runs the body to completion. If this future is dropped first, the
@@ -111,13 +131,13 @@ impl<'a> Erased<'a> {
     }
 
     pub(crate) fn encode_output(&self, codec: Codec) -> Encoded {
-        self.0.encode_output(codec)
+        self.call.encode_output(codec)
     }
 
     /// `answered`, if the call has it; else the body's output, the body
     /// run if it has not yet.
     async fn ensure(&mut self, answered: Answered) -> Answered {
-        if self.0.has(answered) {
+        if self.call.has(answered) {
             return answered;
         }
         self.run_body().await;
@@ -130,13 +150,13 @@ struct Running<'r, 'a>(&'r mut Erased<'a>);
 
 impl Running<'_, '_> {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.0.as_mut().poll_body(cx)
+        self.0.call.as_mut().poll_body(cx)
     }
 }
 
 impl Drop for Running<'_, '_> {
     fn drop(&mut self) {
-        self.0.0.as_mut().drop_body();
+        self.0.call.as_mut().drop_body();
     }
 }
 
@@ -146,6 +166,7 @@ pub(crate) struct Lookup<'c> {
     site: &'static Site,
     cache: Cow<'c, Cache>,
     redis_key: String,
+    tagging: Option<Box<Tagging>>,
     span: tracing::Span,
     timer: CallTimer,
 }
@@ -153,15 +174,17 @@ pub(crate) struct Lookup<'c> {
 impl<'c> Lookup<'c> {
     /// `None` without a cache installed (or for a key without its
     /// function's site, which generated keys always have).
-    pub(crate) fn new(cache: Option<&'c Cache>, key: CacheKey) -> Option<Self> {
+    pub(crate) fn new(cache: Option<&'c Cache>, mut key: CacheKey) -> Option<Self> {
         let site = key.site()?;
         let cache = Cache::resolve(cache, site.function())?;
+        let tagging = Tagging::of(&cache, &mut key);
         let redis_key = cache.redis_key_of(key);
         let span = cache.call_span(site, &redis_key);
         Some(Lookup {
             site,
             cache,
             redis_key,
+            tagging,
             span,
             timer: CallTimer::start(site),
         })
@@ -178,7 +201,8 @@ impl<'c> Lookup<'c> {
             call.run_body().await;
             return Answered::Body;
         };
-        let (site, cache, redis_key, span, timer) = lookup.into_parts();
+        let (site, cache, redis_key, tagging, span, timer) = lookup.into_parts();
+        call.tagging = tagging;
         let answered = observed(span, cache.lookup(site, redis_key, &mut call)).await;
         finish(&mut call, answered, timer).await
     }
@@ -190,10 +214,18 @@ impl<'c> Lookup<'c> {
         &'static Site,
         Cow<'c, Cache>,
         String,
+        Option<Box<Tagging>>,
         tracing::Span,
         CallTimer,
     ) {
-        (self.site, self.cache, self.redis_key, self.span, self.timer)
+        (
+            self.site,
+            self.cache,
+            self.redis_key,
+            self.tagging,
+            self.span,
+            self.timer,
+        )
     }
 
     /// A copy held in this process (see [`Cache::local_hit`]), answered
@@ -220,7 +252,8 @@ impl<'c> Lookup<'c> {
     /// [`Lookup::local_hit`] found no copy; boxed (see `cached_local`).
     pub(crate) async fn run_local(self, mut call: Erased<'_>) -> Answered {
         Box::pin(async move {
-            let (site, cache, redis_key, span, timer) = self.into_parts();
+            let (site, cache, redis_key, tagging, span, timer) = self.into_parts();
+            call.tagging = tagging;
             let answered = observed(span, cache.lookup_local(site, redis_key, &mut call)).await;
             finish(&mut call, answered, timer).await
         })

@@ -35,6 +35,7 @@ use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_aga
 use crate::read::freshness::{self, Freshness, Verdict};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
+use crate::tag::Tagging;
 use crate::write::lease::{self, Found, HeldLease, Take, Taken};
 
 /// How many failed leaders a waiter sits through before it computes on its
@@ -276,7 +277,9 @@ impl Cache {
         call: &mut Erased<'_>,
     ) -> Answered {
         let began = Instant::now();
-        let read = self.read(site, &redis_key, site.tracks_freshness()).await;
+        let read = self
+            .read_entry(site, &redis_key, site.tracks_freshness(), call)
+            .await;
         let step = match read {
             // The common case, without the classify step's moves of the
             // value: a plain value (no freshness header) served as it is.
@@ -315,6 +318,11 @@ impl Cache {
         let Some(tracking) = self.local() else {
             return self.lookup(site, redis_key, call).await;
         };
+        if call.tagging().is_some() {
+            // The macro refuses `local` with `tags`: a tag's invalidation
+            // does not reach local copies yet.
+            return self.lookup(site, redis_key, call).await;
+        }
         let primaries = self.backend().primaries_epoch();
         let Some(via) = tracking.live(&redis_key) else {
             return self.lookup(site, redis_key, call).await;
@@ -444,6 +452,44 @@ impl Cache {
             .is_invalidating(key, || self.backend().primaries_epoch())
     }
 
+    /// [`Cache::read`], and for a tagged function its tags' tokens beside
+    /// it (see [`crate::tag`]): an entry stored with other tokens than its
+    /// tags hold now is replaced, as garbage is (not counted as such: it
+    /// was invalidated).
+    async fn read_entry(
+        &self,
+        site: &'static Site,
+        key: &str,
+        with_ttl: bool,
+        call: &mut Erased<'_>,
+    ) -> Read {
+        let Some(tagging) = call.tagging_mut() else {
+            return self.read(site, key, with_ttl).await;
+        };
+        Box::pin(async move {
+            if tagging.keys().iter().any(|tag| self.pending_write(site, tag)) {
+                return Read::Unavailable {
+                    pending_write: true,
+                };
+            }
+            let (read, tokens) = futures_util::future::join(
+                self.read(site, key, with_ttl),
+                self.read_tokens(site, tagging),
+            )
+            .await;
+            match read {
+                _ if !tokens => Read::Unavailable {
+                    pending_write: false,
+                },
+                Read::Value { bytes, .. } if !tagging.stamped(&bytes) => {
+                    Read::Garbage(Garbage::Bytes(bytes))
+                }
+                read => read,
+            }
+        })
+        .await
+    }
+
     /// One read of the key, classified; failures are counted and logged here.
     async fn read(&self, site: &'static Site, key: &str, with_ttl: bool) -> Read {
         if self.pending_write(site, key) {
@@ -495,10 +541,10 @@ impl Cache {
         outcome: Result<Fetched<(Vec<u8>, Ttl)>, CacheError>,
     ) -> Read {
         match outcome {
-            // Lease placeholders, freshness headers and negative entries
-            // start with byte 0, 1 or 2, which no JSON value does: anything
-            // else is a plain value.
-            Ok(Fetched::Found((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0..=2)) => {
+            // Lease placeholders, freshness headers, negative entries and
+            // tag headers start with byte 0, 1, 2 or 3, which no JSON value
+            // does: anything else is a plain value.
+            Ok(Fetched::Found((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0..=3)) => {
                 Read::Value {
                     bytes,
                     value_at: 0,
@@ -562,7 +608,7 @@ impl Cache {
     }
 
     async fn reread(&self, site: &'static Site, key: &str, call: &mut Erased<'_>) -> Step {
-        let read = self.read(site, key, true).await;
+        let read = self.read_entry(site, key, true, call).await;
         self.classify(site, key, read, call, None)
     }
 
@@ -587,24 +633,43 @@ impl Cache {
                 self.garbage(site, key, "a malformed lease placeholder");
                 Read::Garbage(Garbage::Bytes(bytes))
             }
-            Found::Value => match freshness::split(&bytes) {
-                Ok(None) => Read::Value {
-                    bytes,
-                    value_at: 0,
-                    freshness: None,
-                    ttl,
-                },
-                Ok(Some((freshness, value_at))) => Read::Value {
-                    bytes,
-                    value_at,
-                    freshness: Some((freshness, ttl)),
-                    ttl,
-                },
-                Err(freshness::MalformedHeader) => {
-                    self.garbage(site, key, "a malformed freshness header");
-                    Read::Garbage(Garbage::Bytes(bytes))
-                }
+            Found::Value => {
+                let Some(tags) = crate::tag::header_len(&bytes) else {
+                    self.garbage(site, key, "a malformed tag header");
+                    return Read::Garbage(Garbage::Bytes(bytes));
+                };
+                self.inspect_value(site, key, bytes, tags, ttl)
+            }
+        }
+    }
+
+    /// A value's bytes after its tag header (the first `tags` bytes): a
+    /// freshness header, if any, then the encoded value.
+    fn inspect_value(
+        &self,
+        site: &'static Site,
+        key: &str,
+        bytes: Vec<u8>,
+        tags: usize,
+        ttl: Ttl,
+    ) -> Read {
+        match freshness::split(&bytes[tags..]) {
+            Ok(None) => Read::Value {
+                bytes,
+                value_at: tags,
+                freshness: None,
+                ttl,
             },
+            Ok(Some((freshness, value_at))) => Read::Value {
+                bytes,
+                value_at: tags + value_at,
+                freshness: Some((freshness, ttl)),
+                ttl,
+            },
+            Err(freshness::MalformedHeader) => {
+                self.garbage(site, key, "a malformed freshness header");
+                Read::Garbage(Garbage::Bytes(bytes))
+            }
         }
     }
 
@@ -871,7 +936,7 @@ impl Cache {
         }
         let answer = call.encode_output(self.settings().codec);
         let landing = self
-            .settle(site, key, answer, lease, leader.as_ref(), run)
+            .settle(site, key, answer, lease, leader.as_ref(), run, call.tagging())
             .await;
         if let Some(leader) = leader {
             leader.land(landing);
@@ -891,6 +956,7 @@ impl Cache {
         lease: Leased<'_>,
         leader: Option<&Leader<'_>>,
         run: Run,
+        tagging: Option<&Tagging>,
     ) -> Landing {
         let entry = match answer {
             Encoded::Failed => {
@@ -917,10 +983,11 @@ impl Cache {
         };
         // Read before the command that proves the answer fresh is sent.
         let fence = leader.map_or(0, Leader::fence);
-        let fresh = match lease {
+        let stamp = tagging.map_or(&[][..], Tagging::stamp);
+        let mut fresh = match lease {
             Leased::Own(lease) => match self.to_store(site, entry.as_deref()) {
                 Some((bytes, ttl)) => {
-                    let (stored, ttl) = self.stored_form(site, bytes, ttl, run.took);
+                    let (stored, ttl) = self.stored_form(site, stamp, bytes, ttl, run.took);
                     lease.fulfil(site, &stored, ttl).await
                 }
                 // Nothing to store: the lease goes back, and was still
@@ -930,6 +997,14 @@ impl Cache {
             Leased::Foreign(seen) => fence > 0 && self.still_holds(key, &seen).await,
             Leased::None | Leased::Uncached => false,
         };
+        // The proof covers the key; a tagged answer needs its tags
+        // unchanged too (see `crate::tag`), when someone waits for it.
+        if let Some(tagging) = tagging
+            && fresh
+            && fence > 0
+        {
+            fresh = self.tokens_unchanged(tagging).await;
+        }
         let cover = Cover {
             body_started: run.started,
             fence: if fresh { fence } else { 0 },
@@ -969,11 +1044,12 @@ impl Cache {
     pub(crate) fn stored_form<'b>(
         &self,
         site: &Site,
+        stamp: &[u8],
         bytes: &'b [u8],
         ttl: u64,
         took: Duration,
     ) -> (Cow<'b, [u8]>, u64) {
-        if site.tracks_freshness() {
+        let (bytes, ttl): (Cow<'b, [u8]>, u64) = if site.tracks_freshness() {
             let header = Freshness::new(took, self.clock());
             (
                 header.wrap(bytes).into(),
@@ -981,7 +1057,14 @@ impl Cache {
             )
         } else {
             (bytes.into(), ttl)
+        };
+        if stamp.is_empty() {
+            return (bytes, ttl);
         }
+        let mut stamped = Vec::with_capacity(stamp.len() + bytes.len());
+        stamped.extend_from_slice(stamp);
+        stamped.extend_from_slice(&bytes);
+        (stamped.into(), ttl)
     }
 
     /// How long past its TTL a value with a freshness header stays stored:
@@ -1041,7 +1124,8 @@ impl Cache {
         match &entry {
             Some((bytes, ttl)) => {
                 let (bytes, ttl) = (&**bytes, *ttl);
-                let (stored, ttl) = self.stored_form(site, bytes, ttl, run.took);
+                let stamp = call.tagging().map_or(&[][..], Tagging::stamp);
+                let (stored, ttl) = self.stored_form(site, stamp, bytes, ttl, run.took);
                 let set = backend.compare_and_set(key, &refresh.header, &stored, ttl);
                 self.record_store(site, key, self.guarded(key, set).await);
             }

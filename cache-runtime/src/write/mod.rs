@@ -190,7 +190,12 @@ impl Cache {
     ) {
         // Generated targets carry their function's configuration; a key
         // without one has no TTL to store with, so it is only invalidated.
-        let ttl = key.site().map(crate::site::Site::ttl_millis);
+        // So is the key of a tagged function: its entry would need its
+        // tags' tokens read before the write's body ran.
+        let ttl = key
+            .site()
+            .filter(|_| key.tags().len() == 0)
+            .map(crate::site::Site::ttl_millis);
         let redis_key = self.redis_key_of(key);
         let encoded = match answer {
             Encoded::Value(encoded) => encoded,

@@ -1,0 +1,276 @@
+//! Tags: invalidating a group of entries (`tags = ["org:<org_id>"]`,
+//! `#[invalidates(tag = "...")]`, [`Cache::invalidate_tag`]).
+//!
+//! # A tag is a key with a token
+//!
+//! Each tag has a key of its own, `<prefix>:\0tag:<tag>` (no template
+//! renders a NUL byte, so it never collides with an entry), that holds a
+//! random token. An entry of a tagged function is stored with the tokens
+//! its tags had *before its body ran*, in a header line:
+//!
+//! ```text
+//! \x03tags:<token> org:42 <token> members\n{"id":7,...}
+//! ```
+//!
+//! and a read serves it only while every one of its tags still holds the
+//! token it was stored with. Invalidating a tag deletes its key, which is
+//! exactly a key invalidation: durable where the deployment is replicated,
+//! retried until delivered, its readers in this process skipping the tag
+//! meanwhile, local copies dropped, on every deployment. The entries of
+//! the tag are left where they are, and die as misses.
+//!
+//! Why this keeps the promise of a key invalidation: once the tag's key is
+//! deleted, nothing holds its old token any more, and a token is never
+//! made again (64 random bits); the first reader after the deletion makes
+//! a new one (`SET NX`) before its body runs. A computation that read the
+//! database before the invalidation had read the tag's old token before
+//! that, and its value, stored with the old token, is never served. A tag
+//! key that the server evicts or expires has the same effect: misses,
+//! never a stale answer. No clock is compared.
+//!
+//! In-process single flight needs one step more: a leader's compare-and-set
+//! over its lease proves that no *key* invalidation came in between, not a
+//! tag's. So a tagged leader reads its tags once more after storing, and
+//! hands its value to waiters that joined after its body began only if
+//! every token is still the one it stored with (see
+//! [`crate::read::flight`]).
+//!
+//! # What it costs
+//!
+//! A hit of a tagged function reads its tags' tokens beside the entry (one
+//! request more, sent with the entry's read, not after it); a miss adds the
+//! same read of the tokens after the store, and a `SET NX` per tag that
+//! has no token yet. Untagged functions pay nothing.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::backend::Fetched;
+use crate::cache::Cache;
+use crate::error::CacheError;
+use crate::key::CacheKey;
+use crate::site::Site;
+use crate::stats::Event;
+
+/// What a tag's key starts with (after the cache's prefix).
+pub(crate) const MARK: &str = "\0tag:";
+/// What a stored entry's tag header starts with. No encoded value starts
+/// with byte 3 but the MessagePack integer 3, which is one byte long.
+const HEADER: &[u8] = b"\x03tags:";
+/// How often a reader tries to make a tag's token that keeps being
+/// invalidated between its `SET NX` and its `GET`.
+const MAKE_ATTEMPTS: usize = 3;
+/// How long a tag's token lives at least: a token that expires turns its
+/// entries into misses, so it outlives the entries stored with it by far.
+const SHORTEST_TOKEN_LIFE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A tag's key (before the cache's prefix).
+pub(crate) fn tag_key(tag: &str) -> String {
+    let mut key = String::with_capacity(MARK.len() + tag.len());
+    key.push_str(MARK);
+    key.push_str(tag);
+    key
+}
+
+/// The tag a tag key (before or after the cache's prefix) stands for.
+pub(crate) fn tag_of(key: &str) -> &str {
+    key.find(MARK).map_or(key, |at| &key[at + MARK.len()..])
+}
+
+/// How many bytes of `bytes` are a tag header (0 without one), or `None`
+/// for a header without its end: garbage.
+pub(crate) fn header_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() <= 1 || !bytes.starts_with(HEADER) {
+        return Some(0);
+    }
+    let newline = bytes.iter().position(|&b| b == b'\n')?;
+    Some(newline + 1)
+}
+
+/// The tags of one call of a tagged function: their Redis keys, and what
+/// the last read found them to hold.
+#[derive(Debug)]
+pub(crate) struct Tagging {
+    /// The tags' Redis keys, in the order of the function's `tags`.
+    keys: Vec<String>,
+    /// Their tokens, as the last read found (or made) them.
+    tokens: Vec<Vec<u8>>,
+    /// The header an entry stored now carries (empty before a read).
+    stamp: Vec<u8>,
+}
+
+impl Tagging {
+    /// The tags of `key`'s function for these arguments, as Redis keys of
+    /// `cache`; `None` for an untagged function.
+    pub(crate) fn of(cache: &Cache, key: &mut CacheKey) -> Option<Box<Tagging>> {
+        let tags = key.take_tags();
+        if tags.is_empty() {
+            return None;
+        }
+        let keys = tags
+            .into_iter()
+            .map(|tag| cache.redis_key_of(CacheKey::new(tag)))
+            .collect();
+        Some(Box::new(Tagging {
+            keys,
+            tokens: Vec::new(),
+            stamp: Vec::new(),
+        }))
+    }
+
+    /// The tags' Redis keys.
+    pub(crate) fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    /// The header to store an entry with: the tokens read last.
+    pub(crate) fn stamp(&self) -> &[u8] {
+        &self.stamp
+    }
+
+    /// Whether `bytes` were stored with the tokens read last.
+    pub(crate) fn stamped(&self, bytes: &[u8]) -> bool {
+        !self.stamp.is_empty() && bytes.starts_with(&self.stamp)
+    }
+
+    fn set_tokens(&mut self, tokens: Vec<Vec<u8>>) {
+        let mut stamp = HEADER.to_vec();
+        for (at, (key, token)) in self.keys.iter().zip(&tokens).enumerate() {
+            if at > 0 {
+                stamp.push(b' ');
+            }
+            stamp.extend_from_slice(token);
+            stamp.push(b' ');
+            stamp.extend_from_slice(tag_of(key).as_bytes());
+        }
+        stamp.push(b'\n');
+        self.stamp = stamp;
+        self.tokens = tokens;
+    }
+}
+
+impl Cache {
+    /// Invalidates every entry stored with `tag` (`tags = ["org:<org_id>"]`
+    /// on a function renders `org:42` for `org_id = 42`), in every process:
+    /// once this returns, no call that starts afterwards is answered with a
+    /// value computed before it, from any function carrying the tag. It is
+    /// a key invalidation of the tag's own key, with its guarantees (see
+    /// [`Cache::invalidate`]); the tagged entries stay until they expire,
+    /// and are never served.
+    ///
+    /// ```
+    /// # #[tokio::main] async fn main() -> Result<(), cache_runtime::CacheError> {
+    /// let cache = cache_runtime::Cache::memory();
+    /// cache.invalidate_tag("org:42").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// Cancel safe, as [`Cache::invalidate`] is.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<(), CacheError> {
+        self.invalidate(&CacheKey::of_tag(tag)).await.map(drop)
+    }
+
+    /// Reads the tags' tokens, making those that have none, into
+    /// `tagging`; `false` (counted and logged) when the cache could not
+    /// tell them.
+    pub(crate) async fn read_tokens(&self, site: &'static Site, tagging: &mut Tagging) -> bool {
+        match self.tokens(site, &tagging.keys).await {
+            Ok(tokens) => {
+                tagging.set_tokens(tokens);
+                true
+            }
+            Err(CacheError::CircuitOpen) => false,
+            Err(error) => {
+                self.record(site, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(%error, "cache tags could not be read: running uncached")
+                );
+                false
+            }
+        }
+    }
+
+    /// Whether every tag still holds the token read last: no tag was
+    /// invalidated since.
+    pub(crate) async fn tokens_unchanged(&self, tagging: &Tagging) -> bool {
+        if tagging.tokens.is_empty() {
+            return false;
+        }
+        match self.read_many(&tagging.keys).await {
+            Ok(read) => read
+                .into_iter()
+                .zip(&tagging.tokens)
+                .all(|(now, then)| matches!(now, Fetched::Found(now) if &now == then)),
+            Err(_) => false,
+        }
+    }
+
+    async fn tokens(&self, site: &Site, keys: &[String]) -> Result<Vec<Vec<u8>>, CacheError> {
+        let read = self.read_many(keys).await?;
+        let life = SHORTEST_TOKEN_LIFE
+            .as_millis()
+            .max(u128::from(site.longest_expiry_millis()) * 2);
+        let life = u64::try_from(life).unwrap_or(u64::MAX);
+        let mut tokens = Vec::with_capacity(keys.len());
+        for (key, found) in keys.iter().zip(read) {
+            let token = match found {
+                Fetched::Found(token) => token,
+                Fetched::TooLarge => return Err(CacheError::NotATag(tag_of(key).to_owned())),
+                Fetched::Absent => self.make_token(key, life).await?,
+            };
+            tokens.push(token);
+        }
+        Ok(tokens)
+    }
+
+    /// A new token for a tag that has none (or the one another caller
+    /// made first). A tag invalidated again between the two steps is
+    /// tried again, a few times.
+    async fn make_token(&self, key: &str, life: u64) -> Result<Vec<u8>, CacheError> {
+        for _ in 0..MAKE_ATTEMPTS {
+            let mut token = String::with_capacity(16);
+            let _ = write!(token, "{:016x}", fastrand::u64(..));
+            let token = token.into_bytes();
+            let made = self.backend().set_if_absent(key, &token, life);
+            if self.guarded(key, made).await? {
+                return Ok(token);
+            }
+            let read = self.backend().get(key, self.settings().read_limit);
+            match self.guarded(key, read).await? {
+                Fetched::Found(token) => return Ok(token),
+                Fetched::TooLarge => break,
+                Fetched::Absent => {}
+            }
+        }
+        Err(CacheError::NotATag(tag_of(key).to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_is_told_from_a_value() {
+        assert_eq!(header_len(b"\x03"), Some(0), "the MessagePack integer 3");
+        assert_eq!(header_len(b"{\"a\":1}"), Some(0));
+        assert_eq!(header_len(b"\x03tags:0a org:1\n{}"), Some(16));
+        assert_eq!(header_len(b"\x03tags:0a org:1"), None);
+    }
+
+    #[test]
+    fn a_stamp_names_each_tag_with_its_token() {
+        let mut tagging = Tagging {
+            keys: vec!["app:\0tag:org:42".into(), "\0tag:members".into()],
+            tokens: Vec::new(),
+            stamp: Vec::new(),
+        };
+        assert!(!tagging.stamped(b"\x03tags:\n"), "nothing read yet");
+        tagging.set_tokens(vec![b"00ff".to_vec(), b"0a0b".to_vec()]);
+        assert_eq!(tagging.stamp(), b"\x03tags:00ff org:42 0a0b members\n");
+        assert!(tagging.stamped(b"\x03tags:00ff org:42 0a0b members\n{}"));
+        assert!(!tagging.stamped(b"\x03tags:00fe org:42 0a0b members\n{}"));
+        assert_eq!(tag_of("app:\0tag:org:42"), "org:42");
+    }
+}

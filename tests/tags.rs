@@ -1,0 +1,444 @@
+//! Tags: a group of entries invalidated at once, with every guarantee of a
+//! key invalidation.
+//!
+//! The race test is `race.rs`'s stale-set race over a tag: readers of
+//! many entries of one organisation miss and read the organisation's
+//! version; writers bump it and invalidate the organisation's tag. After
+//! each round every entry must show the current version. The naive arm is
+//! tags as they are usually written by hand (and by several caching
+//! libraries): a Redis set per tag that lists its entries' keys, filled on
+//! each store (`SADD`) and deleted with them on invalidation (`SMEMBERS`,
+//! `DEL`). A reader that computed before the invalidation and stores
+//! after it leaves its stale entry behind; and a store whose `SADD` comes
+//! between an invalidation's `SMEMBERS` and its `DEL` of the set drops out
+//! of the tag for good, so that no later invalidation reaches it (which is
+//! why nearly every naive entry ends up stale).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cache_harness::{RawConnection, RedisCluster, RedisServer, Target};
+use cache_runtime::{Cache, invalidates, redis_cached};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+const ROUNDS: usize = 1_000;
+const ORGS: u64 = 2;
+const MEMBERS: u64 = 3;
+const READERS_PER_ROUND: usize = 6;
+const WRITERS_PER_ROUND: usize = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Member {
+    org: u64,
+    user: u64,
+    /// The organisation's version when the member was read.
+    version: u64,
+}
+
+/// The "database": a version per organisation.
+#[derive(Default)]
+struct Db {
+    versions: Mutex<HashMap<u64, u64>>,
+}
+
+impl Db {
+    fn version(&self, org: u64) -> u64 {
+        *self.versions.lock().unwrap().get(&org).unwrap_or(&0)
+    }
+
+    async fn read(&self, org: u64, user: u64) -> Member {
+        let member = Member {
+            org,
+            user,
+            version: self.version(org),
+        };
+        pause(2_000).await;
+        member
+    }
+
+    async fn write(&self, org: u64) {
+        pause(1_000).await;
+        *self.versions.lock().unwrap().entry(org).or_default() += 1;
+    }
+}
+
+async fn pause(max_micros: u64) {
+    tokio::time::sleep(Duration::from_micros(fastrand::u64(0..=max_micros))).await;
+}
+
+trait Arm: Send + Sync + 'static {
+    fn db(&self) -> &Db;
+    fn read(&self, org: u64, user: u64) -> impl Future<Output = Member> + Send;
+    /// Updates the organisation, then invalidates its tag.
+    fn write(&self, org: u64) -> impl Future<Output = ()> + Send;
+    /// Drops every entry, as expiry would.
+    fn evict(&self, org: u64) -> impl Future<Output = ()> + Send;
+}
+
+/// This project: `tags = ["org:<org>"]`.
+struct Tagged {
+    cache: Cache,
+    db: Db,
+}
+
+impl Tagged {
+    #[redis_cached(key = "tagged:member:<org>:<user>", ttl = 60, tags = ["org:<org>"], cache = self.cache)]
+    async fn member(&self, org: u64, user: u64) -> Member {
+        self.db.read(org, user).await
+    }
+
+    #[invalidates(tag = "org:<org>", cache = self.cache)]
+    async fn update_org(&self, org: u64) {
+        self.db.write(org).await;
+    }
+}
+
+impl Arm for Tagged {
+    fn db(&self) -> &Db {
+        &self.db
+    }
+    fn read(&self, org: u64, user: u64) -> impl Future<Output = Member> + Send {
+        self.member(org, user)
+    }
+    fn write(&self, org: u64) -> impl Future<Output = ()> + Send {
+        self.update_org(org)
+    }
+    async fn evict(&self, org: u64) {
+        self.cache.invalidate_tag(&format!("org:{org}")).await.unwrap();
+    }
+}
+
+/// Tags as a set of keys per tag. Test code only.
+struct Naive {
+    conn: RawConnection,
+    db: Db,
+}
+
+impl Naive {
+    fn key(org: u64, user: u64) -> String {
+        format!("naive:member:{{{org}}}:{user}")
+    }
+    fn tag(org: u64) -> String {
+        format!("naive:tag:{{{org}}}")
+    }
+}
+
+impl Arm for Naive {
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    async fn read(&self, org: u64, user: u64) -> Member {
+        let mut conn = self.conn.clone();
+        let key = Self::key(org, user);
+        let cached: Option<String> = conn.get(&key).await.unwrap();
+        if let Some(json) = cached {
+            return serde_json::from_str(&json).unwrap();
+        }
+        let member = self.db.read(org, user).await;
+        let json = serde_json::to_string(&member).unwrap();
+        let _: () = conn.pset_ex(&key, json, 60_000).await.unwrap();
+        let _: () = conn.sadd(Self::tag(org), &key).await.unwrap();
+        member
+    }
+
+    async fn write(&self, org: u64) {
+        self.db.write(org).await;
+        self.evict(org).await;
+    }
+
+    async fn evict(&self, org: u64) {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = conn.smembers(Self::tag(org)).await.unwrap();
+        if !keys.is_empty() {
+            let _: () = conn.del(keys).await.unwrap();
+        }
+        let _: () = conn.del(Self::tag(org)).await.unwrap();
+    }
+}
+
+/// Runs the rounds; returns how many stale entries were found after them.
+async fn stale_entries<A: Arm>(arm: Arc<A>) -> usize {
+    let mut stale = 0;
+    for _ in 0..ROUNDS {
+        for org in 0..ORGS {
+            arm.evict(org).await;
+        }
+        let mut tasks = JoinSet::new();
+        for _ in 0..READERS_PER_ROUND {
+            let arm = arm.clone();
+            let (org, user) = (fastrand::u64(0..ORGS), fastrand::u64(0..MEMBERS));
+            tasks.spawn(async move {
+                arm.read(org, user).await;
+            });
+        }
+        for _ in 0..WRITERS_PER_ROUND {
+            let arm = arm.clone();
+            let org = fastrand::u64(0..ORGS);
+            tasks.spawn(async move { arm.write(org).await });
+        }
+        while tasks.join_next().await.is_some() {}
+        for org in 0..ORGS {
+            for user in 0..MEMBERS {
+                if arm.read(org, user).await.version != arm.db().version(org) {
+                    stale += 1;
+                }
+            }
+        }
+    }
+    stale
+}
+
+async fn race_on(target: Target, what: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_test_writer()
+        .try_init();
+    let tagged = Arc::new(Tagged {
+        cache: target.cache(Some("tags")).await,
+        db: Db::default(),
+    });
+    let naive = Arc::new(Naive {
+        conn: target.raw().await,
+        db: Db::default(),
+    });
+    let (tagged_stale, naive_stale) =
+        tokio::join!(stale_entries(tagged.clone()), stale_entries(naive));
+    let stats = tagged.cache.stats();
+    println!(
+        "stale-set race over a tag, {ROUNDS} rounds x ({READERS_PER_ROUND} readers + {WRITERS_PER_ROUND} writers) on {ORGS} orgs x {MEMBERS} members, {what}:"
+    );
+    println!("  tags = [\"org:<org>\"] + #[invalidates(tag = ...)]: {tagged_stale} stale");
+    println!("  naive set of keys per tag (SADD / SMEMBERS + DEL): {naive_stale} stale");
+    println!(
+        "  tagged arm: {} hits, {} misses, {} sets, {} errors",
+        stats.total.hits, stats.total.misses, stats.total.sets, stats.total.errors
+    );
+    assert!(
+        naive_stale > 0,
+        "the naive arm never went stale: the harness cannot detect the race"
+    );
+    assert_eq!(tagged_stale, 0, "a tag invalidation left a stale value behind");
+    assert_eq!(stats.total.errors, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_invalidation_leaves_no_stale_entry_where_a_set_of_keys_does() {
+    let server = RedisServer::start();
+    race_on(Target::server(&server), "redis-server").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_invalidation_leaves_no_stale_entry_on_a_cluster() {
+    let cluster = RedisCluster::shared();
+    race_on(Target::cluster(cluster), "a 3+3 Redis Cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_invalidation_leaves_no_stale_entry_on_the_memory_backend() {
+    let tagged = Arc::new(Tagged {
+        cache: Cache::memory(),
+        db: Db::default(),
+    });
+    let stale = stale_entries(tagged).await;
+    println!("stale-set race over a tag on Cache::memory(): {stale} stale");
+    assert_eq!(stale, 0);
+}
+
+// One tag over two functions, and a function without it.
+
+static MEMBER_RUNS: AtomicU32 = AtomicU32::new(0);
+static COUNT_RUNS: AtomicU32 = AtomicU32::new(0);
+static PLAIN_RUNS: AtomicU32 = AtomicU32::new(0);
+
+#[redis_cached(key = "member:<org_id>:<user_id>", ttl = 60, tags = ["org:<org_id>", "members"], cache = cache, skip(cache))]
+async fn member(cache: &Cache, org_id: u64, user_id: u64) -> Result<(u64, u64), String> {
+    MEMBER_RUNS.fetch_add(1, Ordering::SeqCst);
+    Ok((org_id, user_id))
+}
+
+#[redis_cached(key = "member_count:<org_id>", ttl = 60, tags = ["org:<org_id>"], cache = cache, skip(cache))]
+async fn member_count(cache: &Cache, org_id: u64) -> u64 {
+    COUNT_RUNS.fetch_add(1, Ordering::SeqCst);
+    org_id * 10
+}
+
+#[redis_cached(key = "org_name:<org_id>", ttl = 60, cache = cache, skip(cache))]
+async fn org_name(cache: &Cache, org_id: u64) -> String {
+    PLAIN_RUNS.fetch_add(1, Ordering::SeqCst);
+    format!("org {org_id}")
+}
+
+#[invalidates(tag = "org:<org_id>", cache = cache)]
+async fn delete_org(cache: &Cache, org_id: u64) -> Result<(), String> {
+    let _ = (cache, org_id);
+    Ok(())
+}
+
+#[invalidates(tag = "org:<org_id>", cache = cache)]
+async fn failed_delete(cache: &Cache, org_id: u64) -> Result<(), String> {
+    let _ = (cache, org_id);
+    Err("the database said no".into())
+}
+
+fn runs() -> [u32; 3] {
+    [&MEMBER_RUNS, &COUNT_RUNS, &PLAIN_RUNS].map(|runs| runs.load(Ordering::SeqCst))
+}
+
+/// Calls each function of org 1 and 2 once; what ran.
+async fn call_all(cache: &Cache) -> [u32; 3] {
+    let before = runs();
+    for org in [1, 2] {
+        assert_eq!(member(cache, org, 7).await, Ok((org, 7)));
+        assert_eq!(member_count(cache, org).await, org * 10);
+        assert_eq!(org_name(cache, org).await, format!("org {org}"));
+    }
+    let after = runs();
+    [0, 1, 2].map(|i| after[i] - before[i])
+}
+
+async fn one_tag_many_functions(cache: &Cache) {
+    // Serialised: the run counters are shared by the backends' tests.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
+    assert_eq!(call_all(cache).await, [2, 2, 2], "cold");
+    assert_eq!(call_all(cache).await, [0, 0, 0], "hits");
+    delete_org(cache, 1).await.unwrap();
+    assert_eq!(
+        call_all(cache).await,
+        [1, 1, 0],
+        "org 1's tagged entries, nothing else"
+    );
+    failed_delete(cache, 2).await.unwrap_err();
+    assert_eq!(call_all(cache).await, [0, 0, 0], "a failed write invalidates nothing");
+    cache.invalidate_tag("members").await.unwrap();
+    assert_eq!(call_all(cache).await, [2, 0, 0], "every member, of any org");
+    assert_eq!(
+        member_cache_key(&1, &7).tags().collect::<Vec<_>>(),
+        ["org:1", "members"]
+    );
+    assert_eq!(cache.stats().total.errors, 0);
+}
+
+#[tokio::test]
+async fn a_tag_reaches_every_function_that_carries_it_on_redis() {
+    let server = RedisServer::start();
+    let cache = Target::server(&server).cache(Some("app")).await;
+    one_tag_many_functions(&cache).await;
+    // The entry is readable JSON after its tag header.
+    let mut conn = Target::server(&server).raw().await;
+    let raw: Vec<u8> = conn.get("app:member:1:7").await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    assert!(raw.starts_with("\x03tags:"), "{raw:?}");
+    assert!(raw.ends_with(" org:1 ") || raw.contains(" org:1 "), "{raw:?}");
+    assert!(raw.ends_with("\n{\"Ok\":[1,7]}") || raw.ends_with("\n[1,7]"), "{raw:?}");
+}
+
+#[tokio::test]
+async fn a_tag_reaches_every_function_that_carries_it_on_a_cluster() {
+    let cache = Target::cluster(RedisCluster::shared())
+        .cache(Some("tagcluster"))
+        .await;
+    one_tag_many_functions(&cache).await;
+}
+
+#[tokio::test]
+async fn a_tag_reaches_every_function_that_carries_it_in_memory() {
+    one_tag_many_functions(&Cache::memory()).await;
+}
+
+// Single flight: a caller that starts after a tag's invalidation returned
+// never joins a computation that read the database before it.
+
+struct Flight {
+    cache: Cache,
+    version: AtomicU32,
+    entered: Notify,
+    release: Notify,
+    runs: AtomicU32,
+}
+
+impl Flight {
+    #[redis_cached(key = "flight:<id>", ttl = 60, tags = ["flight"], single_flight, cache = self.cache)]
+    async fn read(&self, id: u64) -> u32 {
+        let _ = id;
+        let version = self.version.load(Ordering::SeqCst);
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.entered.notify_one();
+        self.release.notified().await;
+        version
+    }
+}
+
+async fn a_waiter_after_the_invalidation_is_not_handed_the_old_value(cache: Cache) {
+    let flight = Arc::new(Flight {
+        cache,
+        version: AtomicU32::new(1),
+        entered: Notify::new(),
+        release: Notify::new(),
+        runs: AtomicU32::new(0),
+    });
+    let leader = tokio::spawn({
+        let flight = flight.clone();
+        async move { flight.read(1).await }
+    });
+    flight.entered.notified().await;
+    // The write lands while the leader's body holds the old version.
+    flight.version.store(2, Ordering::SeqCst);
+    flight.cache.invalidate_tag("flight").await.unwrap();
+    let late = tokio::spawn({
+        let flight = flight.clone();
+        async move { flight.read(1).await }
+    });
+    // Let the late caller join the flight (or start its own body).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    flight.release.notify_waiters();
+    assert_eq!(leader.await.unwrap(), 1, "began before the write");
+    // A late caller that ran its own body waits for the release too.
+    let late = loop {
+        flight.release.notify_waiters();
+        if late.is_finished() {
+            break late.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    println!(
+        "a caller that began after the tag's invalidation got version {late}; bodies run: {}",
+        flight.runs.load(Ordering::SeqCst)
+    );
+    assert_eq!(late, 2, "handed a value computed before the invalidation");
+    // And the leader's value, stored with the tag's old token, is not served.
+    assert_eq!(flight.read_quick().await, 2);
+}
+
+impl Flight {
+    /// A read whose body does not wait: a hit, or the current version.
+    async fn read_quick(&self) -> u32 {
+        let reader = self.read(1);
+        tokio::pin!(reader);
+        loop {
+            tokio::select! {
+                version = &mut reader => return version,
+                () = tokio::time::sleep(Duration::from_millis(5)) => self.release.notify_waiters(),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_after_a_tag_invalidation_is_not_joined_on_redis() {
+    let server = RedisServer::start();
+    let cache = Target::server(&server).cache(Some("flight")).await;
+    a_waiter_after_the_invalidation_is_not_handed_the_old_value(cache).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flight_after_a_tag_invalidation_is_not_joined_in_memory() {
+    a_waiter_after_the_invalidation_is_not_handed_the_old_value(Cache::memory()).await;
+}

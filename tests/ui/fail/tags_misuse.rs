@@ -1,0 +1,48 @@
+use std::collections::HashMap;
+
+use cache_runtime::{cache_put, invalidates, redis_cached};
+
+struct Db;
+
+/// A tag may only name what the key names: `org_id` is skipped.
+#[redis_cached(key = "member:<user_id>", ttl = 60, tags = ["org:<org_id>"], skip(db, org_id))]
+async fn member(db: &Db, org_id: u64, user_id: u64) -> u64 {
+    let _ = (db, org_id);
+    user_id
+}
+
+/// An unknown placeholder, with a suggestion; and a tag that is no string.
+#[redis_cached(key = "team:<team_id>", ttl = 60, tags = ["team:<teamid>", 7])]
+async fn team(team_id: u64) -> u64 {
+    team_id
+}
+
+/// Not a list; and not yet with `local` or `batch`.
+#[redis_cached(key = "a:<id>", ttl = 60, tags = "a")]
+async fn a(id: u64) -> u64 {
+    id
+}
+
+#[redis_cached(key = "b:<id>", ttl = 60, tags = ["b"], local = "5s")]
+async fn b(id: u64) -> u64 {
+    id
+}
+
+#[redis_cached(key = "c:<ids>", ttl = 60, tags = ["c"], batch)]
+async fn c(ids: &[u64]) -> HashMap<u64, u64> {
+    ids.iter().map(|&id| (id, id)).collect()
+}
+
+/// A write's tag is checked against the writer's parameters.
+#[invalidates(tag = "org:<org>")]
+async fn delete_org(org_id: u64) {
+    let _ = org_id;
+}
+
+/// `#[cache_put]` stores one entry; it does not invalidate a tag.
+#[cache_put(team(team_id), tag = "team:<team_id>")]
+async fn rename_team(team_id: u64) -> u64 {
+    team_id
+}
+
+fn main() {}
