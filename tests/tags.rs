@@ -442,3 +442,80 @@ async fn a_flight_after_a_tag_invalidation_is_not_joined_on_redis() {
 async fn a_flight_after_a_tag_invalidation_is_not_joined_in_memory() {
     a_waiter_after_the_invalidation_is_not_handed_the_old_value(Cache::memory()).await;
 }
+
+// The local tier: a tag's invalidation drops the copies of every process,
+// tracked by the server or announced on a broadcast.
+
+static LOCAL_RUNS: AtomicU32 = AtomicU32::new(0);
+
+#[redis_cached(key = "local_member:<org_id>:<user_id>", ttl = 60, local = "60s", tags = ["org:<org_id>"], cache = cache, skip(cache))]
+async fn local_member(cache: &Cache, org_id: u64, user_id: u64) -> (u64, u64, u32) {
+    let run = LOCAL_RUNS.fetch_add(1, Ordering::SeqCst);
+    (org_id, user_id, run)
+}
+
+/// How long until `reader`'s call of `local_member` shows a new run (it
+/// dropped its copy), polling every millisecond; `None` after 5 s.
+async fn until_dropped(reader: &Cache, seen: (u64, u64, u32)) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if local_member(reader, seen.0, seen.1).await != seen {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    None
+}
+
+async fn local_copies_follow_their_tags(writer: Cache, reader: Cache, how: &str) {
+    let seen = local_member(&reader, 5, 1).await;
+    assert_eq!(local_member(&reader, 5, 1).await, seen);
+    let before = reader.stats().total.local_hits;
+    assert_eq!(local_member(&reader, 5, 1).await, seen);
+    assert_eq!(reader.stats().total.local_hits, before + 1, "a local hit");
+    // Another process's invalidation of the tag.
+    writer.invalidate_tag("org:5").await.unwrap();
+    let took = until_dropped(&reader, seen).await;
+    println!("{how}: another process's tag invalidation reached the local copy in {took:?}");
+    assert!(took.is_some(), "{how}: the copy outlived its tag's invalidation");
+    // The reader's own invalidation: gone before it returns.
+    let seen = local_member(&reader, 5, 1).await;
+    assert_eq!(local_member(&reader, 5, 1).await, seen);
+    reader.invalidate_tag("org:5").await.unwrap();
+    assert_ne!(local_member(&reader, 5, 1).await, seen, "{how}: read after own write");
+    // Another org's tag leaves the copy alone.
+    let seen = local_member(&reader, 5, 1).await;
+    writer.invalidate_tag("org:6").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(local_member(&reader, 5, 1).await, seen, "{how}");
+}
+
+#[tokio::test]
+async fn a_tag_invalidation_drops_local_copies_by_tracking() {
+    let server = RedisServer::start();
+    let target = Target::server(&server);
+    let (writer, reader) = (target.cache(Some("lt")).await, target.cache(Some("lt")).await);
+    local_copies_follow_their_tags(writer, reader, "tracking").await;
+}
+
+#[tokio::test]
+async fn a_tag_invalidation_drops_local_copies_by_broadcast() {
+    let server = RedisServer::start();
+    let build = || {
+        Cache::builder()
+            .url(server.url())
+            .prefix("lb")
+            .local_invalidation(cache_runtime::LocalInvalidation::Broadcast)
+            .build()
+    };
+    local_copies_follow_their_tags(build().await.unwrap(), build().await.unwrap(), "broadcast")
+        .await;
+}
+
+#[tokio::test]
+async fn a_tag_invalidation_drops_local_copies_on_a_cluster() {
+    let cluster = RedisCluster::shared();
+    let target = Target::cluster(cluster);
+    let (writer, reader) = (target.cache(Some("lc")).await, target.cache(Some("lc")).await);
+    local_copies_follow_their_tags(writer, reader, "cluster").await;
+}

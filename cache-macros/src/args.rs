@@ -64,9 +64,8 @@ pub struct Args {
     pub none_ttl: Option<(u64, proc_macro2::Span)>,
     /// `batch`: the span of the flag, for errors.
     pub batch: Option<proc_macro2::Span>,
-    /// `local = "5s"`, in milliseconds, and the span of the argument.
+    /// `local = "5s"`, in milliseconds.
     pub local_millis: Option<u64>,
-    pub local_span: Option<proc_macro2::Span>,
     /// `tags = ["org:<org_id>", ...]`: templates, checked like the key's.
     pub tags: Vec<LitStr>,
     /// The span of `tags`, for errors.
@@ -170,7 +169,6 @@ impl Args {
                     args.tags = parse_tags(&meta.value()?.parse()?, errors);
                 }
                 "local" => {
-                    args.local_span = Some(name_span);
                     args.local_millis =
                         parse_duration("local", &meta.value()?.parse()?, errors).map(|t| t.millis);
                 }

@@ -273,8 +273,7 @@ pub fn validate<'a>(
 }
 
 /// `tags = [...]`: each a template over the parameters the key names (two
-/// calls that share an entry must share its tags); not yet with `local`
-/// or `batch`.
+/// calls that share an entry must share its tags); not yet with `batch`.
 fn check_tags<'a>(
     func: &AnnotatedFn<'a>,
     args: &'a Args,
@@ -282,15 +281,8 @@ fn check_tags<'a>(
     key_uses_self: bool,
     errors: &mut Errors,
 ) -> Vec<Key<'a>> {
-    let Some(span) = args.tags_span else {
+    if args.tags_span.is_none() {
         return Vec::new();
-    };
-    if args.local_span.is_some() {
-        errors.at(
-            span,
-            "`tags` cannot be combined with `local` yet: a tag's invalidation does not reach the copies in process memory\n\
-             help: remove `local`, or invalidate the function's keys instead of a tag",
-        );
     }
     if let Some(batch) = args.batch {
         errors.at(

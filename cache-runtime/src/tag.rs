@@ -49,6 +49,7 @@ use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::key::CacheKey;
+use crate::local::tracking::Via;
 use crate::site::Site;
 use crate::stats::Event;
 
@@ -171,24 +172,65 @@ impl Cache {
     }
 
     /// Reads the tags' tokens, making those that have none, into
-    /// `tagging`; `false` (counted and logged) when the cache could not
-    /// tell them.
-    pub(crate) async fn read_tokens(&self, site: &'static Site, tagging: &mut Tagging) -> bool {
-        match self.tokens(site, &tagging.keys).await {
-            Ok(tokens) => {
+    /// `tagging` (on the tracking connections `vias`, one per tag, for a
+    /// function with a local tier); `None` (counted and logged) when the
+    /// cache could not tell them, else whether every token was read where
+    /// `vias` say (none had to be made).
+    pub(crate) async fn read_tokens(
+        &self,
+        site: &'static Site,
+        tagging: &mut Tagging,
+        vias: Option<&[Via]>,
+    ) -> Option<bool> {
+        let read = match vias {
+            None => self.read_many(&tagging.keys).await,
+            Some(vias) => self.read_via(&tagging.keys, vias).await,
+        };
+        let tokens = match read {
+            Ok(read) => self.tokens(site, &tagging.keys, read).await,
+            Err(error) => Err(error),
+        };
+        match tokens {
+            Ok((tokens, made)) => {
                 tagging.set_tokens(tokens);
-                true
+                Some(!made)
             }
-            Err(CacheError::CircuitOpen) => false,
+            Err(CacheError::CircuitOpen) => None,
             Err(error) => {
                 self.record(site, Event::Error);
                 crate::limited!(
                     self,
                     warn!(%error, "cache tags could not be read: running uncached")
                 );
-                false
+                None
             }
         }
+    }
+
+    /// Each tag key read on its tracking connection (or, with a
+    /// broadcast, the cache's own), concurrently.
+    async fn read_via(
+        &self,
+        keys: &[String],
+        vias: &[Via],
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        let limit = self.settings().read_limit;
+        let reads = keys.iter().zip(vias).map(|(key, via)| async move {
+            match via {
+                Via::Tracked(conn) => {
+                    let mut conn = (**conn).clone();
+                    let read = crate::backend::get_with_ttl_on(&mut conn, key, limit);
+                    let read = self.guarded(key, read).await?;
+                    Ok(match read {
+                        Fetched::Found(stored) => Fetched::Found(stored.bytes),
+                        Fetched::Absent => Fetched::Absent,
+                        Fetched::TooLarge => Fetched::TooLarge,
+                    })
+                }
+                Via::Shared => self.guarded(key, self.backend().get(key, limit)).await,
+            }
+        });
+        futures_util::future::join_all(reads).await.into_iter().collect()
     }
 
     /// Whether every tag still holds the token read last: no tag was
@@ -206,8 +248,15 @@ impl Cache {
         }
     }
 
-    async fn tokens(&self, site: &Site, keys: &[String]) -> Result<Vec<Vec<u8>>, CacheError> {
-        let read = self.read_many(keys).await?;
+    /// The tokens `read` found, and those made for the tags that had
+    /// none; whether any was made.
+    async fn tokens(
+        &self,
+        site: &Site,
+        keys: &[String],
+        read: Vec<Fetched<Vec<u8>>>,
+    ) -> Result<(Vec<Vec<u8>>, bool), CacheError> {
+        let mut made = false;
         let life = SHORTEST_TOKEN_LIFE
             .as_millis()
             .max(u128::from(site.longest_expiry_millis()) * 2);
@@ -217,11 +266,14 @@ impl Cache {
             let token = match found {
                 Fetched::Found(token) => token,
                 Fetched::TooLarge => return Err(CacheError::NotATag(tag_of(key).to_owned())),
-                Fetched::Absent => self.make_token(key, life).await?,
+                Fetched::Absent => {
+                    made = true;
+                    self.make_token(key, life).await?
+                }
             };
             tokens.push(token);
         }
-        Ok(tokens)
+        Ok((tokens, made))
     }
 
     /// A new token for a tag that has none (or the one another caller

@@ -22,6 +22,13 @@
 //! never stays. (A bump of another key of the same bucket only costs a
 //! copy, never correctness.)
 //!
+//! A copy of a tagged function's entry (see [`crate::tag`]) also holds a
+//! [`TagTicket`] per tag, taken with its ticket: the tags' keys are read
+//! on the tracking connection beside the entry, so the server says when
+//! one is invalidated, which bumps its bucket's count; a copy whose tags'
+//! counts moved is never served. (A bump of another key of a tag's bucket
+//! costs the copy, never correctness.)
+//!
 //! When the tracking connection is lost (or found dead by its heartbeat),
 //! invalidations may have been missed: every copy is dropped and the
 //! epoch bumped before the next connection is used. The writing
@@ -66,6 +73,8 @@ struct Copy {
     /// copy made under another map is never served either.
     primaries: u64,
     expires_at: quanta::Instant,
+    /// Its tags' counts when its read was sent (empty without tags).
+    tags: Arc<[TagTicket]>,
 }
 
 /// The clock of the copies' ends. `quanta` reads the CPU's time-stamp
@@ -114,6 +123,14 @@ pub(crate) struct Ticket {
     invalidations: u64,
     epoch: u64,
     primaries: u64,
+}
+
+/// A tag's place in the invalidation counts, taken with a copy's
+/// [`Ticket`]: see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TagTicket {
+    bucket: usize,
+    invalidations: u64,
 }
 
 /// What a lookup of the local tier found.
@@ -176,6 +193,7 @@ impl LocalTier {
         if copy.epoch != self.epoch.load(Ordering::Acquire)
             || copy.primaries != primaries
             || copy.expires_at <= now()
+            || !self.tags_valid(&copy.tags)
         {
             return None;
         }
@@ -197,19 +215,40 @@ impl LocalTier {
         }
     }
 
-    /// Keeps a copy of what a read with `ticket` found, for `ttl`, unless
-    /// the key (or the whole tier) was invalidated since the ticket was
-    /// taken. `value` is `None` for a cached answer of nothing; `encoded`
-    /// is the entry's length in Redis, for its weight.
+    /// The tickets of the tags (by their Redis keys) of a read about to
+    /// be sent.
+    pub(crate) fn tag_tickets(&self, tags: &[String]) -> Arc<[TagTicket]> {
+        tags.iter()
+            .map(|tag| {
+                let bucket = self.bucket_of(tag.as_bytes());
+                TagTicket {
+                    bucket,
+                    invalidations: self.buckets[bucket].load(Ordering::SeqCst),
+                }
+            })
+            .collect()
+    }
+
+    fn tags_valid(&self, tags: &[TagTicket]) -> bool {
+        tags.iter()
+            .all(|tag| self.buckets[tag.bucket].load(Ordering::SeqCst) == tag.invalidations)
+    }
+
+    /// Keeps a copy of what a read with `ticket` (and `tags`) found, for
+    /// `ttl`, unless the key, one of its tags or the whole tier was
+    /// invalidated since the ticket was taken. `value` is `None` for a
+    /// cached answer of nothing; `encoded` is the entry's length in Redis,
+    /// for its weight.
     pub(crate) fn fill<V: Send + Sync + 'static>(
         &self,
         ticket: Ticket,
+        tags: &Arc<[TagTicket]>,
         key: &str,
         value: Option<V>,
         encoded: usize,
         ttl: Duration,
     ) {
-        if ttl.is_zero() || !self.valid(ticket) {
+        if ttl.is_zero() || !self.valid(ticket) || !self.tags_valid(tags) {
             return;
         }
         let weight = u32::try_from(key.len() + encoded + ENTRY_OVERHEAD).unwrap_or(u32::MAX);
@@ -224,10 +263,11 @@ impl LocalTier {
                 epoch: ticket.epoch,
                 primaries: ticket.primaries,
                 expires_at: now() + ttl.min(LONGEST_COPY),
+                tags: tags.clone(),
             },
         );
         // Looked at after the insert: see the module docs.
-        if !self.valid(ticket) {
+        if !self.valid(ticket) || !self.tags_valid(tags) {
             self.copies.invalidate(key);
         }
     }

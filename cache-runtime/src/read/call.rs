@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use tracing::Instrument;
 use crate::cache::Cache;
 use crate::codec::{Codec, CodecError};
 use crate::key::CacheKey;
-use crate::local::{LocalTier, Ticket};
+use crate::local::{LocalTier, TagTicket, Ticket};
 use crate::outcome::{Encoded, Outcome};
 use crate::site::Site;
 use crate::tag::Tagging;
@@ -58,6 +59,7 @@ pub(crate) trait Call {
         &self,
         tier: &LocalTier,
         ticket: Ticket,
+        tags: &Arc<[TagTicket]>,
         key: &str,
         encoded: usize,
         keep_for: Duration,
@@ -315,7 +317,7 @@ enum Decoded<V, R> {
 }
 
 /// How a function with a local tier keeps a copy of a value.
-type Fill<V> = fn(&LocalTier, Ticket, &str, Option<&V>, usize, Duration);
+type Fill<V> = fn(&LocalTier, Ticket, &Arc<[TagTicket]>, &str, Option<&V>, usize, Duration);
 
 pin_project_lite::pin_project! {
     /// A cached call of one function: its body, `S` the shape of its
@@ -353,8 +355,8 @@ where
         V: Clone + Send + Sync + 'static,
     {
         let mut call = Typed::new(body);
-        call.fill = Some(|tier, ticket, key, value, encoded, keep_for| {
-            tier.fill(ticket, key, value.cloned(), encoded, keep_for);
+        call.fill = Some(|tier, ticket, tags, key, value, encoded, keep_for| {
+            tier.fill(ticket, tags, key, value.cloned(), encoded, keep_for);
         });
         call
     }
@@ -427,6 +429,7 @@ where
         &self,
         tier: &LocalTier,
         ticket: Ticket,
+        tags: &Arc<[TagTicket]>,
         key: &str,
         encoded: usize,
         keep_for: Duration,
@@ -438,6 +441,6 @@ where
             Decoded::Value(value) => Some(value),
             Decoded::Nothing(_) => None,
         };
-        fill(tier, ticket, key, value, encoded, keep_for);
+        fill(tier, ticket, tags, key, value, encoded, keep_for);
     }
 }

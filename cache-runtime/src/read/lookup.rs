@@ -27,7 +27,7 @@ use crate::clock::px;
 use crate::codec::CodecError;
 use crate::error::CacheError;
 use crate::local::tracking::Via;
-use crate::local::{LocalHit, LocalTier, Ticket};
+use crate::local::{LocalHit, LocalTier, TagTicket, Ticket};
 use crate::outcome::Encoded;
 use crate::outcome::{NOTHING, Outcome};
 use crate::read::call::{Answered, Erased};
@@ -318,23 +318,33 @@ impl Cache {
         let Some(tracking) = self.local() else {
             return self.lookup(site, redis_key, call).await;
         };
-        if call.tagging().is_some() {
-            // The macro refuses `local` with `tags`: a tag's invalidation
-            // does not reach local copies yet.
-            return self.lookup(site, redis_key, call).await;
-        }
         let primaries = self.backend().primaries_epoch();
         let Some(via) = tracking.live(&redis_key) else {
             return self.lookup(site, redis_key, call).await;
         };
+        // A tagged function's tags are read where the server tracks them
+        // too (see `crate::local`).
+        let mut tag_vias = Vec::new();
+        for tag in call.tagging().map_or(&[][..], Tagging::keys) {
+            match tracking.live(tag) {
+                Some(via) => tag_vias.push(via),
+                None => return self.lookup(site, redis_key, call).await,
+            }
+        }
         let tier = tracking.tier();
         // Taken before the read is sent: see `crate::local`.
         let ticket = tier.ticket(&redis_key, primaries);
+        let tags = tier.tag_tickets(call.tagging().map_or(&[][..], Tagging::keys));
         let began = Instant::now();
-        let read = match &via {
-            Via::Tracked(conn) => self.read_tracked(site, &redis_key, conn).await,
-            Via::Shared => self.read(site, &redis_key, true).await,
+        let entry = async {
+            match &via {
+                Via::Tracked(conn) => self.read_tracked(site, &redis_key, conn).await,
+                Via::Shared => self.read(site, &redis_key, true).await,
+            }
         };
+        let (read, tracked) = self
+            .read_entry_with(site, entry, Some(&tag_vias), call)
+            .await;
         if let Read::Unavailable { .. } = read
             && site.single_flight_mode() == SingleFlight::Off
         {
@@ -342,12 +352,13 @@ impl Cache {
             call.run_body().await;
             return Answered::Body;
         }
-        let keep = Keep {
+        let keep = tracked.then_some(Keep {
             tier,
             ticket,
+            tags,
             local_for: site.local_millis(),
-        };
-        let step = self.classify(site, &redis_key, read, call, Some(keep));
+        });
+        let step = self.classify(site, &redis_key, read, call, keep);
         if let Step::Done(Done::Serve(event)) = step {
             self.record(site, event);
             return Answered::Decoded;
@@ -463,31 +474,48 @@ impl Cache {
         with_ttl: bool,
         call: &mut Erased<'_>,
     ) -> Read {
-        let Some(tagging) = call.tagging_mut() else {
+        if call.tagging().is_none() {
             return self.read(site, key, with_ttl).await;
+        }
+        let entry = self.read(site, key, with_ttl);
+        Box::pin(self.read_entry_with(site, entry, None, call))
+            .await
+            .0
+    }
+
+    /// `entry`, the read of a tagged function's entry, with its tags'
+    /// tokens read beside it (on the tracking connections `vias`, for a
+    /// function with a local tier) and checked against the entry; and
+    /// whether every tag is tracked where it was read (`vias`). An
+    /// untagged function's read is `entry` as it is.
+    async fn read_entry_with(
+        &self,
+        site: &'static Site,
+        entry: impl Future<Output = Read>,
+        vias: Option<&[Via]>,
+        call: &mut Erased<'_>,
+    ) -> (Read, bool) {
+        let Some(tagging) = call.tagging_mut() else {
+            return (entry.await, true);
         };
-        Box::pin(async move {
-            if tagging.keys().iter().any(|tag| self.pending_write(site, tag)) {
-                return Read::Unavailable {
-                    pending_write: true,
-                };
+        if tagging.keys().iter().any(|tag| self.pending_write(site, tag)) {
+            let pending = Read::Unavailable {
+                pending_write: true,
+            };
+            return (pending, false);
+        }
+        let (read, tokens) =
+            futures_util::future::join(entry, self.read_tokens(site, tagging, vias)).await;
+        let read = match read {
+            _ if tokens.is_none() => Read::Unavailable {
+                pending_write: false,
+            },
+            Read::Value { bytes, .. } if !tagging.stamped(&bytes) => {
+                Read::Garbage(Garbage::Bytes(bytes))
             }
-            let (read, tokens) = futures_util::future::join(
-                self.read(site, key, with_ttl),
-                self.read_tokens(site, tagging),
-            )
-            .await;
-            match read {
-                _ if !tokens => Read::Unavailable {
-                    pending_write: false,
-                },
-                Read::Value { bytes, .. } if !tagging.stamped(&bytes) => {
-                    Read::Garbage(Garbage::Bytes(bytes))
-                }
-                read => read,
-            }
-        })
-        .await
+            read => read,
+        };
+        (read, tokens == Some(true))
     }
 
     /// One read of the key, classified; failures are counted and logged here.
@@ -740,8 +768,14 @@ impl Cache {
                 if let Some(keep) = keep {
                     let keep_for = Duration::from_millis(keep.local_for.min(fresh_for));
                     let encoded = bytes.len() - value_at;
-                    call.call()
-                        .keep_local(keep.tier, keep.ticket, key, encoded, keep_for);
+                    call.call().keep_local(
+                        keep.tier,
+                        keep.ticket,
+                        &keep.tags,
+                        key,
+                        encoded,
+                        keep_for,
+                    );
                 }
                 return Step::Done(Done::Serve(Event::Hit));
             }
@@ -1145,10 +1179,11 @@ impl Cache {
 
 /// Where a read of a function with a local tier keeps a fresh value: see
 /// [`Cache::classify`].
-#[derive(Clone, Copy)]
 struct Keep<'t> {
     tier: &'t LocalTier,
     ticket: Ticket,
+    /// The tickets of its tags, if it has any.
+    tags: std::sync::Arc<[TagTicket]>,
     /// The function's `local` time, in milliseconds.
     local_for: u64,
 }
