@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cache_harness::{RawConnection, RedisCluster, RedisServer, Target};
-use cache_runtime::{Cache, invalidates, redis_cached};
+use cache_runtime::{Cache, cache_put, invalidates, redis_cached};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -281,6 +281,12 @@ async fn delete_org(cache: &Cache, org_id: u64) -> Result<(), String> {
     Ok(())
 }
 
+#[cache_put(member(org_id, user_id), cache = cache)]
+async fn put_member(cache: &Cache, org_id: u64, user_id: u64) -> Result<(u64, u64), String> {
+    let _ = cache;
+    Ok((org_id, user_id + 100))
+}
+
 #[invalidates(tag = "org:<org_id>", cache = cache)]
 async fn failed_delete(cache: &Cache, org_id: u64) -> Result<(), String> {
     let _ = (cache, org_id);
@@ -319,6 +325,13 @@ async fn one_tag_many_functions(cache: &Cache) {
     assert_eq!(call_all(cache).await, [0, 0, 0], "a failed write invalidates nothing");
     cache.invalidate_tag("members").await.unwrap();
     assert_eq!(call_all(cache).await, [2, 0, 0], "every member, of any org");
+    // A write-through stores the value with its tags' tokens.
+    put_member(cache, 1, 7).await.unwrap();
+    let before = runs();
+    assert_eq!(member(cache, 1, 7).await, Ok((1, 107)));
+    assert_eq!(runs(), before, "the put's value, a hit");
+    delete_org(cache, 1).await.unwrap();
+    assert_eq!(member(cache, 1, 7).await, Ok((1, 7)), "and the tag reaches it");
     assert_eq!(
         member_cache_key(&1, &7).tags().collect::<Vec<_>>(),
         ["org:1", "members"]

@@ -230,13 +230,23 @@ where
     S: Outcome<R>,
     F: Future<Output = R>,
 {
+    let mut key = key.untyped();
+    // A tagged entry is stored with its tags' tokens as they were before
+    // the write's body ran (see `crate::tag`).
+    let tagged = key.tags().len() > 0;
+    let tagging = match Cache::resolve(cache, writer) {
+        Some(cache) if tagged => cache.tokens_for_put(&mut key).await,
+        _ => None,
+    };
     let result = body.await;
     let answer = S::answer(&result);
     if !matches!(answer, Answer::Failed)
         && let Some(cache) = Cache::resolve(cache, writer)
     {
         let encoded = Encoded::of(cache.codec(), answer);
-        cache.put_after_write(writer, key.untyped(), encoded).await;
+        cache
+            .put_after_write(writer, key, encoded, tagging.as_deref())
+            .await;
     }
     result
 }

@@ -171,6 +171,19 @@ impl Cache {
         self.invalidate(&CacheKey::of_tag(tag)).await.map(drop)
     }
 
+    /// The tags of a `#[cache_put]` target's key, taken out of it, with
+    /// their tokens read before the write's body runs; with no tokens
+    /// (the entry is then invalidated, not stored) when they could not be
+    /// read.
+    pub(crate) async fn tokens_for_put(&self, key: &mut CacheKey) -> Option<Box<Tagging>> {
+        let site = key.site()?;
+        let mut tagging = Tagging::of(self, key)?;
+        if self.read_tokens(site, &mut tagging, None).await.is_none() {
+            tagging.stamp.clear();
+        }
+        Some(tagging)
+    }
+
     /// Reads the tags' tokens, making those that have none, into
     /// `tagging` (on the tracking connections `vias`, one per tag, for a
     /// function with a local tier); `None` (counted and logged) when the

@@ -19,6 +19,7 @@ use crate::local::tracking::Tracking;
 use crate::outcome::Encoded;
 use crate::stats::Event;
 use crate::stats::Function;
+use crate::tag::Tagging;
 use crate::write::janitor::Chore;
 
 impl Cache {
@@ -187,14 +188,17 @@ impl Cache {
         writer: &'static Function,
         key: CacheKey,
         answer: Encoded,
+        tagging: Option<&Tagging>,
     ) {
         // Generated targets carry their function's configuration; a key
         // without one has no TTL to store with, so it is only invalidated.
-        // So is the key of a tagged function: its entry would need its
-        // tags' tokens read before the write's body ran.
+        // So is the key of a tagged function whose tags' tokens could not
+        // be read before the write's body ran.
+        let stamp = tagging.map_or(&[][..], Tagging::stamp);
+        let untold = key.tags().len() > 0 || tagging.is_some_and(|_| stamp.is_empty());
         let ttl = key
             .site()
-            .filter(|_| key.tags().len() == 0)
+            .filter(|_| !untold)
             .map(crate::site::Site::ttl_millis);
         let redis_key = self.redis_key_of(key);
         let encoded = match answer {
@@ -214,7 +218,12 @@ impl Cache {
             landed: None,
         };
         let redis_key = &unfinished.keys[0];
-        let encoded = ttl.and_then(|_| self.fit_for_store(Some(writer), redis_key, encoded));
+        let encoded = ttl
+            .and_then(|_| self.fit_for_store(Some(writer), redis_key, encoded))
+            .map(|bytes| match stamp {
+                [] => bytes,
+                stamp => [stamp, &bytes].concat(),
+            });
         let (Some(ttl), Some(bytes)) = (ttl, encoded) else {
             // Not storable: at least the old value must go, before the
             // write returns.
