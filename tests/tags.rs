@@ -110,7 +110,10 @@ impl Arm for Tagged {
         self.update_org(org)
     }
     async fn evict(&self, org: u64) {
-        self.cache.invalidate_tag(&format!("org:{org}")).await.unwrap();
+        self.cache
+            .invalidate_tag(&format!("org:{org}"))
+            .await
+            .unwrap();
     }
 }
 
@@ -224,7 +227,10 @@ async fn race_on(target: Target, what: &str) {
         naive_stale > 0,
         "the naive arm never went stale: the harness cannot detect the race"
     );
-    assert_eq!(tagged_stale, 0, "a tag invalidation left a stale value behind");
+    assert_eq!(
+        tagged_stale, 0,
+        "a tag invalidation left a stale value behind"
+    );
     assert_eq!(stats.total.errors, 0);
 }
 
@@ -322,7 +328,11 @@ async fn one_tag_many_functions(cache: &Cache) {
         "org 1's tagged entries, nothing else"
     );
     failed_delete(cache, 2).await.unwrap_err();
-    assert_eq!(call_all(cache).await, [0, 0, 0], "a failed write invalidates nothing");
+    assert_eq!(
+        call_all(cache).await,
+        [0, 0, 0],
+        "a failed write invalidates nothing"
+    );
     cache.invalidate_tag("members").await.unwrap();
     assert_eq!(call_all(cache).await, [2, 0, 0], "every member, of any org");
     // A write-through stores the value with its tags' tokens.
@@ -331,7 +341,11 @@ async fn one_tag_many_functions(cache: &Cache) {
     assert_eq!(member(cache, 1, 7).await, Ok((1, 107)));
     assert_eq!(runs(), before, "the put's value, a hit");
     delete_org(cache, 1).await.unwrap();
-    assert_eq!(member(cache, 1, 7).await, Ok((1, 7)), "and the tag reaches it");
+    assert_eq!(
+        member(cache, 1, 7).await,
+        Ok((1, 7)),
+        "and the tag reaches it"
+    );
     assert_eq!(
         member_cache_key(&1, &7).tags().collect::<Vec<_>>(),
         ["org:1", "members"]
@@ -349,8 +363,14 @@ async fn a_tag_reaches_every_function_that_carries_it_on_redis() {
     let raw: Vec<u8> = conn.get("app:member:1:7").await.unwrap();
     let raw = String::from_utf8(raw).unwrap();
     assert!(raw.starts_with("\x03tags:"), "{raw:?}");
-    assert!(raw.ends_with(" org:1 ") || raw.contains(" org:1 "), "{raw:?}");
-    assert!(raw.ends_with("\n{\"Ok\":[1,7]}") || raw.ends_with("\n[1,7]"), "{raw:?}");
+    assert!(
+        raw.ends_with(" org:1 ") || raw.contains(" org:1 "),
+        "{raw:?}"
+    );
+    assert!(
+        raw.ends_with("\n{\"Ok\":[1,7]}") || raw.ends_with("\n[1,7]"),
+        "{raw:?}"
+    );
 }
 
 #[tokio::test]
@@ -490,12 +510,19 @@ async fn local_copies_follow_their_tags(writer: Cache, reader: Cache, how: &str)
     writer.invalidate_tag("org:5").await.unwrap();
     let took = until_dropped(&reader, seen).await;
     println!("{how}: another process's tag invalidation reached the local copy in {took:?}");
-    assert!(took.is_some(), "{how}: the copy outlived its tag's invalidation");
+    assert!(
+        took.is_some(),
+        "{how}: the copy outlived its tag's invalidation"
+    );
     // The reader's own invalidation: gone before it returns.
     let seen = local_member(&reader, 5, 1).await;
     assert_eq!(local_member(&reader, 5, 1).await, seen);
     reader.invalidate_tag("org:5").await.unwrap();
-    assert_ne!(local_member(&reader, 5, 1).await, seen, "{how}: read after own write");
+    assert_ne!(
+        local_member(&reader, 5, 1).await,
+        seen,
+        "{how}: read after own write"
+    );
     // Another org's tag leaves the copy alone.
     let seen = local_member(&reader, 5, 1).await;
     writer.invalidate_tag("org:6").await.unwrap();
@@ -507,7 +534,10 @@ async fn local_copies_follow_their_tags(writer: Cache, reader: Cache, how: &str)
 async fn a_tag_invalidation_drops_local_copies_by_tracking() {
     let server = RedisServer::start();
     let target = Target::server(&server);
-    let (writer, reader) = (target.cache(Some("lt")).await, target.cache(Some("lt")).await);
+    let (writer, reader) = (
+        target.cache(Some("lt")).await,
+        target.cache(Some("lt")).await,
+    );
     local_copies_follow_their_tags(writer, reader, "tracking").await;
 }
 
@@ -529,6 +559,70 @@ async fn a_tag_invalidation_drops_local_copies_by_broadcast() {
 async fn a_tag_invalidation_drops_local_copies_on_a_cluster() {
     let cluster = RedisCluster::shared();
     let target = Target::cluster(cluster);
-    let (writer, reader) = (target.cache(Some("lc")).await, target.cache(Some("lc")).await);
+    let (writer, reader) = (
+        target.cache(Some("lc")).await,
+        target.cache(Some("lc")).await,
+    );
     local_copies_follow_their_tags(writer, reader, "cluster").await;
+}
+
+// A batch carries its tags per id.
+
+static BATCH_RUNS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+#[redis_cached(key = "bm:<org_id>:<user_ids>", ttl = 60, batch, single_flight, tags = ["org:<org_id>", "user:<user_ids>"], cache = cache, skip(cache))]
+async fn batch_members(
+    cache: &Cache,
+    org_id: u64,
+    user_ids: &[u64],
+) -> Result<HashMap<u64, (u64, u64)>, String> {
+    BATCH_RUNS.lock().unwrap().extend_from_slice(user_ids);
+    Ok(user_ids.iter().map(|&id| (id, (org_id, id))).collect())
+}
+
+/// The ids the batch's body ran with, sorted.
+async fn batch_ran(cache: &Cache, org_id: u64) -> Vec<u64> {
+    BATCH_RUNS.lock().unwrap().clear();
+    let found = batch_members(cache, org_id, &[1, 2, 3]).await.unwrap();
+    assert_eq!(found.len(), 3);
+    assert!(found.iter().all(|(&id, &value)| value == (org_id, id)));
+    let mut ran = std::mem::take(&mut *BATCH_RUNS.lock().unwrap());
+    ran.sort_unstable();
+    ran
+}
+
+async fn batches_follow_their_tags(cache: &Cache) {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
+    cache.invalidate_tag("org:3").await.unwrap();
+    assert_eq!(batch_ran(cache, 3).await, [1, 2, 3], "cold");
+    assert_eq!(batch_ran(cache, 3).await, [0u64; 0], "hits");
+    cache.invalidate_tag("user:2").await.unwrap();
+    assert_eq!(batch_ran(cache, 3).await, [2], "one id's tag");
+    cache.invalidate_tag("org:3").await.unwrap();
+    assert_eq!(batch_ran(cache, 3).await, [1, 2, 3], "every id's tag");
+    assert_eq!(
+        batch_members_cache_key(&3, &2).tags().collect::<Vec<_>>(),
+        ["org:3", "user:2"]
+    );
+    assert_eq!(cache.stats().total.errors, 0);
+}
+
+#[tokio::test]
+async fn a_batch_carries_its_tags_per_id_on_redis() {
+    let server = RedisServer::start();
+    batches_follow_their_tags(&Target::server(&server).cache(Some("bt")).await).await;
+}
+
+#[tokio::test]
+async fn a_batch_carries_its_tags_per_id_on_a_cluster() {
+    let cache = Target::cluster(RedisCluster::shared())
+        .cache(Some("btc"))
+        .await;
+    batches_follow_their_tags(&cache).await;
+}
+
+#[tokio::test]
+async fn a_batch_carries_its_tags_per_id_in_memory() {
+    batches_follow_their_tags(&Cache::memory()).await;
 }

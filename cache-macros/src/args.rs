@@ -291,7 +291,10 @@ fn parse_duration(name: &str, expr: &Expr, errors: &mut Errors) -> Option<Ttl> {
 fn parse_tags(expr: &Expr, errors: &mut Errors) -> Vec<LitStr> {
     let help = "help: write the tags as templates in brackets, e.g. `tags = [\"org:<org_id>\", \"members\"]`";
     let Expr::Array(array) = expr else {
-        errors.spanned(expr, format!("`tags` must be a list of string literals\n{help}"));
+        errors.spanned(
+            expr,
+            format!("`tags` must be a list of string literals\n{help}"),
+        );
         return Vec::new();
     };
     let mut tags = Vec::new();
@@ -304,7 +307,10 @@ fn parse_tags(expr: &Expr, errors: &mut Errors) -> Vec<LitStr> {
         }
     }
     if array.elems.is_empty() {
-        errors.spanned(array, format!("`tags` is empty\nhelp: leave it out, or {}", &help[6..]));
+        errors.spanned(
+            array,
+            format!("`tags` is empty\nhelp: leave it out, or {}", &help[6..]),
+        );
     }
     tags
 }

@@ -239,8 +239,14 @@ pub fn validate<'a>(
         }));
     };
     let mut key = resolve(&func, &template, literal);
+    let mut tags = tags;
     if let Some(b) = &batch {
-        for part in &mut key.parts {
+        // The key function of a batch renders one id.
+        for part in key
+            .parts
+            .iter_mut()
+            .chain(tags.iter_mut().flat_map(|t| &mut t.parts))
+        {
             if let Part::Param(param, _) = part
                 && param.ident == b.param.ident
             {
@@ -273,7 +279,8 @@ pub fn validate<'a>(
 }
 
 /// `tags = [...]`: each a template over the parameters the key names (two
-/// calls that share an entry must share its tags); not yet with `batch`.
+/// calls that share an entry must share its tags). A batch's tags are
+/// rendered per id, as its keys are.
 fn check_tags<'a>(
     func: &AnnotatedFn<'a>,
     args: &'a Args,
@@ -283,13 +290,6 @@ fn check_tags<'a>(
 ) -> Vec<Key<'a>> {
     if args.tags_span.is_none() {
         return Vec::new();
-    }
-    if let Some(batch) = args.batch {
-        errors.at(
-            batch,
-            "`tags` cannot be combined with `batch` yet\n\
-             help: tag the single-key function, or invalidate the batch's keys",
-        );
     }
     let mut tags = Vec::new();
     for literal in &args.tags {

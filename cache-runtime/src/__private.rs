@@ -18,7 +18,9 @@ use crate::read::call::Lookup;
 use crate::read::call::{Erased, Typed};
 pub use crate::site::{SingleFlight, Site};
 pub use crate::stats::Function;
+use crate::tag::Tagging;
 use crate::{Cache, CacheKey};
+use std::collections::HashMap;
 
 /// The body of every `#[redis_cached]` function: serve `key` from `cache`
 /// (or the installed cache) or run `body`, failing open on any cache trouble.
@@ -142,7 +144,7 @@ where
         .into_iter()
         .map(|(id, key)| (id, key.untyped()))
         .unzip();
-    let Some((site, cache, keys)) = batch_keys_of(cache, keys) else {
+    let Some((site, cache, keys, mut tags)) = batch_keys_of(cache, keys) else {
         return body(ids).await;
     };
     let span = cache.batch_span(site, keys.len());
@@ -154,25 +156,43 @@ where
     };
     let mut call = pin!(TypedBatch::<S, R, T, V, B, Fut>::new(ids, body, found));
     let erased = Erased::batch(call.as_mut());
-    lookup_batch(&cache, site, keys, erased)
+    let tags = match tags.is_empty() {
+        true => Vec::new(),
+        false => keys.iter().map(|key| tags.remove(key)).collect(),
+    };
+    lookup_batch(&cache, site, keys, tags, erased)
         .instrument(span)
         .await;
     call.answer()
 }
 
-/// A batch's function, cache and Redis keys; `None` without a cache (or
-/// a site).
+/// A batch's function, cache and Redis keys, with the tags of each key
+/// of a tagged function; `None` without a cache (or a site).
+#[allow(clippy::type_complexity)]
 fn batch_keys_of(
     cache: Option<&Cache>,
     keys: Vec<CacheKey>,
-) -> Option<(&'static Site, Cow<'_, Cache>, Vec<String>)> {
+) -> Option<(
+    &'static Site,
+    Cow<'_, Cache>,
+    Vec<String>,
+    HashMap<String, Box<Tagging>>,
+)> {
     let site = keys.first()?.site()?;
     let cache = Cache::resolve(cache, site.function())?;
+    let mut tags = HashMap::new();
     let keys = keys
         .into_iter()
-        .map(|key| cache.redis_key_of(key))
+        .map(|mut key| {
+            let tagging = Tagging::of(&cache, &mut key);
+            let key = cache.redis_key_of(key);
+            if let Some(tagging) = tagging {
+                tags.insert(key.clone(), tagging);
+            }
+            key
+        })
         .collect();
-    Some((site, cache, keys))
+    Some((site, cache, keys, tags))
 }
 
 /// [`Cache::lookup_batch`], compiled once.
@@ -180,9 +200,10 @@ async fn lookup_batch(
     cache: &Cache,
     site: &'static Site,
     keys: Vec<String>,
+    tags: Vec<Option<Box<Tagging>>>,
     mut call: ErasedBatch<'_>,
 ) {
-    cache.lookup_batch(site, keys, &mut call).await;
+    cache.lookup_batch(site, keys, tags, &mut call).await;
 }
 
 /// The body of every `#[invalidates]` function: run `body`, then, if it

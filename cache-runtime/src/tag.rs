@@ -220,6 +220,54 @@ impl Cache {
         }
     }
 
+    /// [`Cache::read_tokens`] for the keys of a batch, each tag read once
+    /// however many keys carry it; `false` when the cache could not tell
+    /// them.
+    pub(crate) async fn read_batch_tokens(
+        &self,
+        site: &'static Site,
+        taggings: &mut [Option<Box<Tagging>>],
+    ) -> bool {
+        let mut keys: Vec<String> = taggings
+            .iter()
+            .flatten()
+            .flat_map(|tagging| tagging.keys.iter().cloned())
+            .collect();
+        if keys.is_empty() {
+            return true;
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let read = match self.read_many(&keys).await {
+            Ok(read) => self.tokens(site, &keys, read).await,
+            Err(error) => Err(error),
+        };
+        let tokens = match read {
+            Ok((tokens, _)) => tokens,
+            Err(CacheError::CircuitOpen) => return false,
+            Err(error) => {
+                self.record(site, Event::Error);
+                crate::limited!(
+                    self,
+                    warn!(%error, "cache tags could not be read: running uncached")
+                );
+                return false;
+            }
+        };
+        for tagging in taggings.iter_mut().flatten() {
+            let mine = tagging
+                .keys
+                .iter()
+                .map(|key| {
+                    let at = keys.binary_search(key).unwrap_or_default();
+                    tokens[at].clone()
+                })
+                .collect();
+            tagging.set_tokens(mine);
+        }
+        true
+    }
+
     /// Each tag key read on its tracking connection (or, with a
     /// broadcast, the cache's own), concurrently.
     async fn read_via(
@@ -243,7 +291,10 @@ impl Cache {
                 Via::Shared => self.guarded(key, self.backend().get(key, limit)).await,
             }
         });
-        futures_util::future::join_all(reads).await.into_iter().collect()
+        futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Whether every tag still holds the token read last: no tag was

@@ -53,6 +53,7 @@ use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
 use crate::read::lookup::{Leased, Read, Run, Ttl};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
+use crate::tag::Tagging;
 use crate::write::lease::{HeldLease, Take, Taken};
 
 /// How often an id's handover may fail before the batch computes it
@@ -301,16 +302,23 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: Vec<String>,
+        mut tags: Vec<Option<Box<Tagging>>>,
         call: &mut ErasedBatch<'_>,
     ) {
         if keys.is_empty() {
             return;
         }
+        // Untagged functions: no tags, and no vector of them either.
+        if tags.is_empty() {
+            tags.resize_with(keys.len(), || None);
+        }
+        let tags = &mut tags[..];
         let began = Instant::now();
         let coalescing = site.single_flight_mode() != SingleFlight::Off;
-        let (missing, uncached, pending_write) = match self.read_batch(site, &keys).await {
+        let (missing, uncached, pending_write) = match self.read_batch(site, &keys, tags).await {
             BatchRead::Values(values) => {
-                (self.classify_batch(site, &keys, values, call), false, false)
+                let missing = self.classify_batch(site, &keys, tags, values, call);
+                (missing, false, false)
             }
             BatchRead::Unavailable { pending_write } if coalescing => {
                 let missing = (0..keys.len())
@@ -340,11 +348,12 @@ impl Cache {
         if missing.is_empty() {
             return;
         }
+        let tags = &*tags;
         let computing = self
-            .lease_batch(site, &keys, missing, leaders, uncached, call)
+            .lease_batch(site, &keys, tags, missing, leaders, uncached, call)
             .await;
         if !computing.is_empty() {
-            self.compute_batch(site, &keys, computing, uncached, call)
+            self.compute_batch(site, &keys, tags, computing, uncached, call)
                 .await;
         }
     }
@@ -352,13 +361,31 @@ impl Cache {
     /// Step 1: one read of every key, unless one of them has an
     /// invalidation of this process still to deliver (see
     /// [`Cache::pending_write`]); a failure is counted and logged.
-    async fn read_batch(&self, site: &'static Site, keys: &[String]) -> BatchRead {
-        if keys.iter().any(|key| self.pending_write(site, key)) {
+    async fn read_batch(
+        &self,
+        site: &'static Site,
+        keys: &[String],
+        tags: &mut [Option<Box<Tagging>>],
+    ) -> BatchRead {
+        let tag_keys = tags.iter().flatten().flat_map(|tagging| tagging.keys());
+        if keys
+            .iter()
+            .chain(tag_keys)
+            .any(|key| self.pending_write(site, key))
+        {
             return BatchRead::Unavailable {
                 pending_write: true,
             };
         }
-        match self.read_many(keys).await {
+        let (read, tokens) =
+            futures_util::future::join(self.read_many(keys), self.read_batch_tokens(site, tags))
+                .await;
+        if !tokens {
+            return BatchRead::Unavailable {
+                pending_write: false,
+            };
+        }
+        match read {
             Ok(values) => BatchRead::Values(values),
             Err(error) => {
                 if !matches!(error, CacheError::CircuitOpen) {
@@ -381,12 +408,13 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: &[String],
+        tags: &[Option<Box<Tagging>>],
         values: Vec<Fetched<Vec<u8>>>,
         call: &mut ErasedBatch<'_>,
     ) -> Vec<Missing> {
         let mut missing = Vec::new();
         for (at, fetched) in values.into_iter().enumerate() {
-            match self.classify_one(site, &keys[at], at, fetched, call) {
+            match self.classify_one(site, &keys[at], tags[at].as_deref(), at, fetched, call) {
                 None => self.record(site, Event::Hit),
                 Some(take) => missing.push(Missing { at, take }),
             }
@@ -398,17 +426,22 @@ impl Cache {
     /// lookup's classification of what was found: `None` when it was
     /// served (a value decoded into `call`, or a negative entry), else
     /// how to take its lease (`Some(None)`: another caller's lease,
-    /// computed here without storing).
+    /// computed here without storing). A tagged key's value is served
+    /// only if it was stored with the tokens its tags hold now.
     fn classify_one(
         &self,
         site: &'static Site,
         key: &str,
+        tagging: Option<&Tagging>,
         at: usize,
         fetched: Fetched<Vec<u8>>,
         call: &mut ErasedBatch<'_>,
     ) -> Option<Option<Take>> {
         let read = self.found(site, key, Ok(fetched.map(|bytes| (bytes, Ttl::Unknown))));
         match read {
+            Read::Value { bytes, .. } if tagging.is_some_and(|t| !t.stamped(&bytes)) => {
+                Some(Some(Take::Replacing(bytes)))
+            }
             Read::Value {
                 bytes, value_at, ..
             } => {
@@ -501,10 +534,12 @@ impl Cache {
     /// flight this batch waited for, another batch, another process) is
     /// read once more, together: served if it holds an answer now,
     /// computed without storing if it is still leased.
+    #[allow(clippy::too_many_arguments)]
     async fn lease_batch<'c>(
         &'c self,
         site: &'static Site,
         keys: &'c [String],
+        tags: &[Option<Box<Tagging>>],
         mut missing: Vec<Missing>,
         leaders: Vec<Option<Leader<'c>>>,
         uncached: bool,
@@ -547,7 +582,14 @@ impl Cache {
         for (one, fetched) in occupied.into_iter().zip(values) {
             let served = match fetched {
                 Fetched::Found(_) => self
-                    .classify_one(site, &keys[one.at], one.at, fetched, call)
+                    .classify_one(
+                        site,
+                        &keys[one.at],
+                        tags[one.at].as_deref(),
+                        one.at,
+                        fetched,
+                        call,
+                    )
                     .is_none(),
                 Fetched::Absent | Fetched::TooLarge => false,
             };
@@ -567,6 +609,7 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: &[String],
+        tags: &[Option<Box<Tagging>>],
         computing: Vec<Computing<'_>>,
         uncached: bool,
         call: &mut ErasedBatch<'_>,
@@ -586,15 +629,16 @@ impl Cache {
                 _ if uncached => Leased::Uncached,
                 Taken::Occupied | Taken::Failed => Leased::None,
             };
-            settling.push((&keys[one.at], answer, lease));
+            settling.push((&keys[one.at], tags[one.at].as_deref(), answer, lease));
             leaders.push(one.leader);
         }
-        let settled = settling
-            .into_iter()
-            .zip(&leaders)
-            .map(|((key, answer, lease), leader)| {
-                self.settle(site, key, answer, lease, leader.as_ref(), run, None)
-            });
+        let settled =
+            settling
+                .into_iter()
+                .zip(&leaders)
+                .map(|((key, tagging, answer, lease), leader)| {
+                    self.settle(site, key, answer, lease, leader.as_ref(), run, tagging)
+                });
         let landings = join_all(settled).await;
         for (leader, landing) in leaders.into_iter().zip(landings) {
             if let Some(leader) = leader {

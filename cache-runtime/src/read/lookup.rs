@@ -498,7 +498,11 @@ impl Cache {
         let Some(tagging) = call.tagging_mut() else {
             return (entry.await, true);
         };
-        if tagging.keys().iter().any(|tag| self.pending_write(site, tag)) {
+        if tagging
+            .keys()
+            .iter()
+            .any(|tag| self.pending_write(site, tag))
+        {
             let pending = Read::Unavailable {
                 pending_write: true,
             };
@@ -970,7 +974,15 @@ impl Cache {
         }
         let answer = call.encode_output(self.settings().codec);
         let landing = self
-            .settle(site, key, answer, lease, leader.as_ref(), run, call.tagging())
+            .settle(
+                site,
+                key,
+                answer,
+                lease,
+                leader.as_ref(),
+                run,
+                call.tagging(),
+            )
             .await;
         if let Some(leader) = leader {
             leader.land(landing);

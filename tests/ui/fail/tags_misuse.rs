@@ -17,20 +17,21 @@ async fn team(team_id: u64) -> u64 {
     team_id
 }
 
-/// Not a list; and not yet with `local` or `batch`.
+/// Not a list; an empty list.
 #[redis_cached(key = "a:<id>", ttl = 60, tags = "a")]
 async fn a(id: u64) -> u64 {
     id
 }
 
-#[redis_cached(key = "b:<id>", ttl = 60, tags = ["b"], local = "5s")]
+#[redis_cached(key = "b:<id>", ttl = 60, tags = [])]
 async fn b(id: u64) -> u64 {
     id
 }
 
-#[redis_cached(key = "c:<ids>", ttl = 60, tags = ["c"], batch)]
-async fn c(ids: &[u64]) -> HashMap<u64, u64> {
-    ids.iter().map(|&id| (id, id)).collect()
+/// A batch's tag names what its key names too.
+#[redis_cached(key = "c:<ids>", ttl = 60, tags = ["c:<ids>", "group:<group>"], batch, skip(group))]
+async fn c(ids: &[u64], group: u64) -> HashMap<u64, u64> {
+    ids.iter().map(|&id| (id, id + group)).collect()
 }
 
 /// A write's tag is checked against the writer's parameters.
