@@ -350,7 +350,10 @@ async fn one_tag_many_functions(cache: &Cache) {
         member_cache_key(&1, &7).tags().collect::<Vec<_>>(),
         ["org:1", "members"]
     );
-    assert_eq!(cache.stats().total.errors, 0);
+    let stats = cache.stats();
+    assert_eq!(stats.total.errors, 0);
+    assert_eq!(stats.total.tag_invalidations, 3, "two by writes, one by hand");
+    assert_eq!(stats.total.invalidations, 0);
 }
 
 #[tokio::test]

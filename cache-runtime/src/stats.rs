@@ -164,6 +164,9 @@ counters! {
     Set => sets,
     /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`).
     Invalidation => invalidations,
+    /// Tags invalidated (`#[invalidates(tag = ...)]`,
+    /// `Cache::invalidate_tag`); not counted in `invalidations`.
+    TagInvalidation => tag_invalidations,
     /// Computed values that were not stored because a write invalidated the
     /// key while they were being computed: each one is a stale value that
     /// the lease kept out of the cache.
@@ -381,6 +384,7 @@ impl Event {
             Event::Error => "cache_errors_total",
             Event::Set => "cache_sets_total",
             Event::Invalidation => "cache_invalidations_total",
+            Event::TagInvalidation => "cache_tag_invalidations_total",
             Event::DroppedSet => "cache_dropped_sets_total",
             Event::LostInvalidation => "cache_lost_invalidations_total",
             Event::LeasePoll => "cache_lease_polls_total",

@@ -73,6 +73,15 @@ pub(crate) fn tag_key(tag: &str) -> String {
     key
 }
 
+/// What deleting `key` counts as: a tag's or an entry's invalidation.
+pub(crate) fn invalidation_of(key: &str) -> Event {
+    if key.contains(MARK) {
+        Event::TagInvalidation
+    } else {
+        Event::Invalidation
+    }
+}
+
 /// The tag a tag key (before or after the cache's prefix) stands for.
 pub(crate) fn tag_of(key: &str) -> &str {
     key.find(MARK).map_or(key, |at| &key[at + MARK.len()..])

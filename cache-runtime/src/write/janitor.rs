@@ -331,7 +331,8 @@ impl Cache {
                 }
                 Chore::Invalidate { writer, key, .. } => {
                     memory.delete(std::slice::from_ref(&key));
-                    self.recorder().record(writer, Event::Invalidation);
+                    self.recorder()
+                        .record(writer, crate::tag::invalidation_of(&key));
                 }
             }
             return;
@@ -758,7 +759,8 @@ impl Cache {
         };
         match outcome {
             Ok(()) => {
-                self.recorder().record(*writer, Event::Invalidation);
+                self.recorder()
+                    .record(*writer, crate::tag::invalidation_of(key));
                 if pending.attempts > 1 {
                     tracing::debug!(key, "cache invalidation succeeded on retry");
                 }

@@ -57,7 +57,7 @@ impl Cache {
         let stats = &self.recorder();
         match &deleted {
             Ok(_) => {
-                stats.record(None, Event::Invalidation);
+                stats.record(None, crate::tag::invalidation_of(redis_key));
                 unfinished.keys.clear();
             }
             Err(error) => {
@@ -159,10 +159,11 @@ impl Cache {
         // breaker: what failed is all that is left to retry.
         let (failed, error) = self.delete_many(&unfinished.keys).await;
         self.announce(&unfinished.keys).await;
-        let done = unfinished.keys.len() - failed.len();
+        for key in unfinished.keys.iter().filter(|key| !failed.contains(key)) {
+            self.recorder()
+                .record(Some(writer), crate::tag::invalidation_of(key));
+        }
         unfinished.keys = failed;
-        self.recorder()
-            .record_n(Some(writer), Event::Invalidation, done);
         match error {
             None => {}
             Some(error) => {
