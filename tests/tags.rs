@@ -629,3 +629,166 @@ async fn a_batch_carries_its_tags_per_id_on_a_cluster() {
 async fn a_batch_carries_its_tags_per_id_in_memory() {
     batches_follow_their_tags(&Cache::memory()).await;
 }
+
+// Losing a tag's bookkeeping (eviction, expiry) makes its entries misses,
+// never valid again.
+
+static LOST_VERSION: AtomicU32 = AtomicU32::new(0);
+
+#[redis_cached(key = "lost:<id>", ttl = 60, tags = ["lost"], cache = cache, skip(cache))]
+async fn lost(cache: &Cache, id: u64) -> u32 {
+    let _ = (cache, id);
+    LOST_VERSION.load(Ordering::SeqCst)
+}
+
+/// Tags as versions (`INCR` on invalidation, the version stored with the
+/// entry, a missing version read as 0), the way they are often written by
+/// hand. Test code only.
+async fn naive_versioned_read(conn: &mut RawConnection, version: u32) -> u32 {
+    let (entry, tag): (Option<String>, Option<u64>) = redis::pipe()
+        .get("naive-v:entry")
+        .get("naive-v:tag")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let tag = tag.unwrap_or(0);
+    if let Some(entry) = entry
+        && let Some((stamp, value)) = entry.split_once(':')
+        && stamp.parse::<u64>().ok() == Some(tag)
+    {
+        return value.parse().unwrap();
+    }
+    let _: () = conn
+        .set("naive-v:entry", format!("{tag}:{version}"))
+        .await
+        .unwrap();
+    version
+}
+
+#[tokio::test]
+async fn a_lost_tag_makes_its_entries_misses_where_a_lost_version_revives_them() {
+    let server = RedisServer::start();
+    let target = Target::server(&server);
+    let cache = target.cache(Some("lost")).await;
+    let mut conn = target.raw().await;
+    LOST_VERSION.store(1, Ordering::SeqCst);
+    assert_eq!(lost(&cache, 1).await, 1);
+    assert_eq!(naive_versioned_read(&mut conn, 1).await, 1);
+    // A write: version 2, then the tag's invalidation.
+    LOST_VERSION.store(2, Ordering::SeqCst);
+    cache.invalidate_tag("lost").await.unwrap();
+    let _: () = conn.incr("naive-v:tag", 1).await.unwrap();
+    // The server evicts the tags' bookkeeping (as `allkeys-lru` may).
+    let tag_keys: Vec<String> = conn.keys("lost:*tag*").await.unwrap();
+    let _: () = conn.del("naive-v:tag").await.unwrap();
+    for key in &tag_keys {
+        let _: () = conn.del(key).await.unwrap();
+    }
+    let ours = lost(&cache, 1).await;
+    let naive = naive_versioned_read(&mut conn, 2).await;
+    println!(
+        "after a write and the loss of the tag's bookkeeping: tokens serve version {ours}, naive versions serve version {naive} (current: 2)"
+    );
+    assert_eq!(naive, 1, "the naive arm revived the old entry");
+    assert_eq!(ours, 2);
+}
+
+/// Under `maxmemory` with `allkeys-lru`, entries and tag tokens are
+/// evicted while readers and writers run: no read returns an old version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_under_load_never_revives_an_invalidated_entry() {
+    let server =
+        RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"]);
+    let cache = Target::server(&server).cache(Some("ev")).await;
+    let db = Arc::new(EvictionDb::default());
+    let mut stale = 0;
+    let mut reads = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < deadline {
+        let mut tasks = JoinSet::new();
+        for _ in 0..16 {
+            let (cache, db) = (cache.clone(), db.clone());
+            tasks.spawn(async move {
+                let (org, user) = (fastrand::u64(0..200), fastrand::u64(0..50));
+                let started = db.invalidated(org);
+                let got = evicted_member(&cache, &db, org, user).await;
+                // Older than a write whose invalidation had returned when
+                // the call began: stale.
+                u32::from(got.version < started)
+            });
+        }
+        for _ in 0..2 {
+            let (cache, db) = (cache.clone(), db.clone());
+            tasks.spawn(async move {
+                let org = fastrand::u64(0..200);
+                let version = db.bump(org);
+                cache.invalidate_tag(&format!("org:{org}")).await.unwrap();
+                db.invalidated_up_to(org, version);
+                0
+            });
+        }
+        while let Some(found) = tasks.join_next().await {
+            stale += found.unwrap();
+            reads += 1;
+        }
+    }
+    let mut conn = Target::server(&server).raw().await;
+    let info: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await.unwrap();
+    let evicted: u64 = info
+        .lines()
+        .find_map(|line| line.strip_prefix("evicted_keys:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let stats = cache.stats();
+    println!(
+        "maxmemory 3mb allkeys-lru: {reads} calls, {evicted} keys evicted, {stale} stale; {} hits, {} misses, {} errors",
+        stats.total.hits, stats.total.misses, stats.total.errors
+    );
+    assert!(evicted > 0, "nothing was evicted: the test shows nothing");
+    assert!(stats.total.hits > 0);
+    assert_eq!(stale, 0);
+}
+
+#[derive(Default)]
+struct EvictionDb {
+    versions: Mutex<HashMap<u64, u32>>,
+    /// Per org, the newest version whose tag invalidation has returned.
+    invalidated: Mutex<HashMap<u64, u32>>,
+}
+
+impl EvictionDb {
+    fn version(&self, org: u64) -> u32 {
+        *self.versions.lock().unwrap().get(&org).unwrap_or(&0)
+    }
+    fn bump(&self, org: u64) -> u32 {
+        let mut versions = self.versions.lock().unwrap();
+        let version = versions.entry(org).or_default();
+        *version += 1;
+        *version
+    }
+    fn invalidated(&self, org: u64) -> u32 {
+        *self.invalidated.lock().unwrap().get(&org).unwrap_or(&0)
+    }
+    fn invalidated_up_to(&self, org: u64, version: u32) {
+        let mut invalidated = self.invalidated.lock().unwrap();
+        let seen = invalidated.entry(org).or_default();
+        *seen = (*seen).max(version);
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Padded {
+    version: u32,
+    padding: String,
+}
+
+#[redis_cached(key = "ev:<org>:<user>", ttl = 600, tags = ["org:<org>"], cache = cache, skip(cache, db))]
+async fn evicted_member(cache: &Cache, db: &EvictionDb, org: u64, user: u64) -> Padded {
+    let _ = (cache, user);
+    let version = db.version(org);
+    pause(500).await;
+    Padded {
+        version,
+        padding: "x".repeat(2_000),
+    }
+}
