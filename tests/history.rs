@@ -40,8 +40,9 @@ struct Row {
 #[derive(Debug, PartialEq)]
 struct DbError;
 
-/// The read arms, by name.
-const ARMS: [&str; 11] = [
+/// The read arms, by name. The `tag_` arms are invalidated by the row's
+/// tag only (`tags = ["row:<id>"]`, `#[invalidates(tag = "row:<id>")]`).
+const ARMS: [&str; 16] = [
     "plain",
     "single_flight",
     "distributed",
@@ -51,14 +52,19 @@ const ARMS: [&str; 11] = [
     "batch",
     "local",
     "local_broadcast",
+    "tag_flight",
+    "tag_stale",
+    "tag_batch",
+    "local_tagged",
     "naive",
     "naive_local",
+    "naive_tags",
 ];
 
 /// Arms that may read stale values: the naive ones, which must, and (across
 /// processes) the local tier, within the time the server's invalidation
 /// takes to reach another process.
-const NAIVE: [&str; 2] = ["naive", "naive_local"];
+const NAIVE: [&str; 3] = ["naive", "naive_local", "naive_tags"];
 
 struct Store {
     cache: Cache,
@@ -184,6 +190,72 @@ impl Store {
         Ok(self.row(id).await)
     }
 
+    #[redis_cached(key = "tflight:<id>", ttl = 60, tags = ["row:<id>", "rows"], single_flight, cache = self.cache)]
+    async fn tag_flight(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "tstale:<id>", ttl = "100ms", stale = "10s", tags = ["row:<id>"], single_flight, cache = self.cache)]
+    async fn tag_stale(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "tbatch:<ids>", ttl = 60, tags = ["row:<ids>"], cache_none, single_flight, batch, cache = self.cache)]
+    async fn tag_batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+        let mut rows = HashMap::new();
+        for &id in ids {
+            let row = self.row(id).await;
+            if row.version > 0 {
+                rows.insert(id, row);
+            }
+        }
+        Ok(rows)
+    }
+
+    #[redis_cached(key = "tlocal:<id>", ttl = 60, local = "5s", tags = ["row:<id>"], single_flight, cache = self.cache)]
+    async fn local_tagged(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    /// Tags as a set of keys per tag (`SADD` on store; a write's
+    /// `SMEMBERS` + `DEL`), by a reader slow to store, as [`Store::naive`].
+    async fn naive_tags(&self, id: u64) -> Row {
+        let key = format!("{}:naive-tagged:{{{id}}}", self.prefix);
+        let mut conn = self.naive.clone();
+        let cached: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some(row) = cached.and_then(|bytes| serde_json::from_slice(&bytes).ok()) {
+            return row;
+        }
+        let row = self.row(id).await;
+        let waited = Instant::now();
+        while waited.elapsed() < NAIVE_WAIT_FOR_WRITE && self.row(id).await.version == row.version {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(NAIVE_STORE_DELAY).await;
+        let json = serde_json::to_vec(&row).unwrap();
+        let _: () = redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(json)
+            .arg("EX")
+            .arg(60)
+            .cmd("SADD")
+            .arg(self.naive_tag(id))
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        row
+    }
+
+    fn naive_tag(&self, id: u64) -> String {
+        format!("{}:naive-tag:{{{id}}}", self.prefix)
+    }
+
     /// A local tier as a hand-written one would be: a copy for 5 s.
     async fn naive_local(&self, id: u64) -> Result<Row, DbError> {
         if let Some((row, until)) = self.naive_local.lock().unwrap().get(&id)
@@ -247,6 +319,7 @@ impl Store {
         Self::cache_none(id),
         Self::batch(id),
         Self::local(id),
+        tag = "row:<id>",
         cache = self.cache
     )]
     async fn write(&self, id: u64) -> Result<u64, DbError> {
@@ -263,6 +336,17 @@ impl Store {
             .await;
         let _: () = redis::cmd("DEL")
             .arg(format!("{}:naive:{id}", self.prefix))
+            .query_async(&mut self.naive.clone())
+            .await
+            .unwrap();
+        let tagged: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.naive_tag(id))
+            .query_async(&mut self.naive.clone())
+            .await
+            .unwrap();
+        let _: () = redis::cmd("DEL")
+            .arg(self.naive_tag(id))
+            .arg(tagged)
             .query_async(&mut self.naive.clone())
             .await
             .unwrap();
@@ -287,7 +371,15 @@ impl Store {
                 .map(|mut rows| rows.remove(&id).unwrap_or(Row { id, version: 0 })),
             "local" => self.local(id).await,
             "local_broadcast" => self.local_broadcast(id).await,
+            "tag_flight" => self.tag_flight(id).await,
+            "tag_stale" => self.tag_stale(id).await,
+            "tag_batch" => self
+                .tag_batch(&[id, fastrand::u64(..ROWS)])
+                .await
+                .map(|mut rows| rows.remove(&id).unwrap_or(Row { id, version: 0 })),
+            "local_tagged" => self.local_tagged(id).await,
             "naive_local" => self.naive_local(id).await,
+            "naive_tags" => Ok(self.naive_tags(id).await),
             _ => Ok(self.naive(id).await),
         };
         row.map_or(0, |row| row.version)
