@@ -131,6 +131,18 @@ impl Db {
         self.row(id).await
     }
 
+    /// Invalidated by its tag only.
+    #[redis_cached(key = "tagged:<id>", ttl = 60, tags = ["row:<id>"], single_flight, cache = self.cache)]
+    async fn tagged(&self, id: u64) -> Result<Row, DbError> {
+        self.row(id).await
+    }
+
+    /// Invalidated by its tag only, with a local tier.
+    #[redis_cached(key = "tagged_local:<id>", ttl = 60, tags = ["row:<id>"], local = "5s", cache = self.cache)]
+    async fn tagged_local(&self, id: u64) -> Result<Row, DbError> {
+        self.row(id).await
+    }
+
     #[redis_cached(key = "batch:<ids>", ttl = 60, none_ttl = "30s", single_flight, batch, cache = self.cache)]
     async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
         self.rows(ids).await
@@ -165,6 +177,7 @@ impl Db {
         Self::none(id),
         Self::batch(id),
         Self::local(id),
+        tag = "row:<id>",
         cache = self.cache
     )]
     async fn write(&self, id: u64) -> Result<(), DbError> {
@@ -174,7 +187,7 @@ impl Db {
     }
 
     /// Each function's answer for `id`, as versions (`None`: absent).
-    async fn answers(&self, id: u64) -> [Option<u64>; 8] {
+    async fn answers(&self, id: u64) -> [Option<u64>; 10] {
         let version = |row: Result<Row, DbError>| row.ok().map(|r| r.version);
         [
             version(self.plain(id).await),
@@ -189,6 +202,8 @@ impl Db {
                 .and_then(|mut rows| rows.remove(&id))
                 .map(|r| r.version),
             version(self.local(id).await),
+            version(self.tagged(id).await),
+            version(self.tagged_local(id).await),
         ]
     }
 }
@@ -208,7 +223,7 @@ struct Calls {
 async fn one_call(db: &Db, calls: &Calls) {
     let id = fastrand::u64(..IDS);
     let call = async {
-        match fastrand::u8(..12) {
+        match fastrand::u8(..14) {
             // Writes touch half the rows, so values of the others age and
             // are refreshed.
             0 if id < IDS / 2 => {
@@ -225,6 +240,8 @@ async fn one_call(db: &Db, calls: &Calls) {
             }
             8 | 9 => drop(db.early(id).await),
             10 => drop(db.none(id).await),
+            11 => drop(db.tagged(id).await),
+            12 => drop(db.tagged_local(id).await),
             _ => {
                 let ids: Vec<u64> = (0..fastrand::usize(1..=4))
                     .map(|_| fastrand::u64(..IDS))
@@ -345,6 +362,8 @@ fn keys(cache: &Cache, id: u64) -> Vec<String> {
         Db::early_cache_key(&id).into_string(),
         Db::none_cache_key(&id).into_string(),
         Db::batch_cache_key(&id).into_string(),
+        Db::tagged_cache_key(&id).into_string(),
+        Db::tagged_local_cache_key(&id).into_string(),
     ];
     // `prefix:`, or nothing.
     let plain = Db::plain_cache_key(&id);
@@ -388,7 +407,7 @@ fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
     println!(
         "{name}: {started} calls ({} writes), {completed} completed, {dropped} dropped at a random point; \
          {body_runs} body runs; hits {}, local hits {}, stale hits {}, coalesced {}, misses {}, refreshes {}, bypasses {}; \
-         errors {}, compensations {}, dropped sets {}, invalidations {}, lost invalidations {}",
+         errors {}, compensations {}, dropped sets {}, invalidations {}, tag invalidations {}, lost invalidations {}",
         calls.writes.load(Ordering::SeqCst),
         stats.hits,
         stats.local_hits,
@@ -401,6 +420,7 @@ fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
         stats.compensations,
         stats.dropped_sets,
         stats.invalidations,
+        stats.tag_invalidations,
         stats.lost_invalidations,
     );
     assert_eq!(
@@ -433,7 +453,7 @@ async fn check_no_stale_value(name: &str, db: &Db) {
         assert_eq!(
             answers,
             [
-                plain, plain, plain, expected, plain, expected, expected, plain
+                plain, plain, plain, expected, plain, expected, expected, plain, plain, plain
             ],
             "{name}: id {id} at version {version}"
         );

@@ -33,7 +33,7 @@ const ROWS: u64 = 32;
 const TASKS: usize = 16;
 /// A call slower than this failed, as a service's request timeout would say.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
-const ARMS: [&str; 4] = ["row", "spread", "batch", "local"];
+const ARMS: [&str; 5] = ["row", "spread", "batch", "local", "tagged"];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {
@@ -97,7 +97,13 @@ impl Store {
         Ok(self.db_read(id).await)
     }
 
-    #[invalidates(Self::row(id), Self::spread(id), Self::batch(id), Self::local(id), cache = self.cache)]
+    /// Invalidated by its tag only.
+    #[redis_cached(key = "tagged:<id>", ttl = 60, tags = ["row:<id>"], single_flight, cache = self.cache)]
+    async fn tagged(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.db_read(id).await)
+    }
+
+    #[invalidates(Self::row(id), Self::spread(id), Self::batch(id), Self::local(id), tag = "row:<id>", cache = self.cache)]
     async fn write(&self, id: u64) -> Result<u64, DbError> {
         let mut rows = self.rows.lock().unwrap();
         let version = rows.entry(id).or_insert(0);
@@ -124,6 +130,7 @@ impl Store {
             "row" => self.row(id).await?,
             "spread" => self.spread(id).await?,
             "local" => self.local(id).await?,
+            "tagged" => self.tagged(id).await?,
             _ => {
                 let mut rows = self.batch(&[id, (id + 7) % ROWS]).await?;
                 rows.remove(&id).ok_or(DbError)?
