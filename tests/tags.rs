@@ -352,7 +352,10 @@ async fn one_tag_many_functions(cache: &Cache) {
     );
     let stats = cache.stats();
     assert_eq!(stats.total.errors, 0);
-    assert_eq!(stats.total.tag_invalidations, 3, "two by writes, one by hand");
+    assert_eq!(
+        stats.total.tag_invalidations, 3,
+        "two by writes, one by hand"
+    );
     assert_eq!(stats.total.invalidations, 0);
 }
 
@@ -733,7 +736,11 @@ async fn eviction_under_load_never_revives_an_invalidated_entry() {
         }
     }
     let mut conn = Target::server(&server).raw().await;
-    let info: String = redis::cmd("INFO").arg("stats").query_async(&mut conn).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let evicted: u64 = info
         .lines()
         .find_map(|line| line.strip_prefix("evicted_keys:"))

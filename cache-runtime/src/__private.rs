@@ -183,8 +183,8 @@ fn batch_keys_of(
     let mut tags = HashMap::new();
     let keys = keys
         .into_iter()
-        .map(|mut key| {
-            let tagging = Tagging::of(&cache, &mut key);
+        .map(|key| {
+            let tagging = Tagging::of(&cache, &key);
             let key = cache.redis_key_of(key);
             if let Some(tagging) = tagging {
                 tags.insert(key.clone(), tagging);
@@ -251,12 +251,11 @@ where
     S: Outcome<R>,
     F: Future<Output = R>,
 {
-    let mut key = key.untyped();
+    let key = key.untyped();
     // A tagged entry is stored with its tags' tokens as they were before
     // the write's body ran (see `crate::tag`).
-    let tagged = key.tags().len() > 0;
     let tagging = match Cache::resolve(cache, writer) {
-        Some(cache) if tagged => cache.tokens_for_put(&mut key).await,
+        Some(cache) if key.has_tags() => cache.tokens_for_put(&key).await,
         _ => None,
     };
     let result = body.await;

@@ -353,6 +353,24 @@ impl Backend {
         }
     }
 
+    /// A tagged entry and its tags' tokens in one request, off a cluster
+    /// (where they live in different slots).
+    pub(crate) async fn get_tagged(
+        &self,
+        key: &str,
+        tags: &[String],
+        limit: usize,
+    ) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
+        let _timer = self.timer(Operation::GetMany);
+        match self.connection() {
+            Ok(mut conn) => commands::get_tagged(&mut conn, key, tags, limit).await,
+            Err(m) => Ok((
+                m.get(key, limit),
+                tags.iter().map(|tag| m.get(tag, limit)).collect(),
+            )),
+        }
+    }
+
     pub(crate) async fn get_with_ttl(
         &self,
         key: &str,

@@ -55,8 +55,10 @@ pub struct CacheKey<V = Untyped> {
     key: String,
     site: Option<&'static Site>,
     /// The function's tags for these arguments (`tags = [...]`), as tag
-    /// keys (see [`crate::tag`]); empty for an untagged function.
-    tags: Vec<String>,
+    /// keys (see [`crate::tag`]) separated by newlines (no key holds
+    /// one); empty for an untagged function. One buffer, not one per tag:
+    /// every tagged call renders them.
+    tags: String,
     value: PhantomData<fn() -> V>,
 }
 
@@ -72,7 +74,7 @@ impl CacheKey {
         CacheKey {
             key: key.into(),
             site: None,
-            tags: Vec::new(),
+            tags: String::new(),
             value: PhantomData,
         }
     }
@@ -108,13 +110,18 @@ impl<V> CacheKey<V> {
 
     /// The tags an entry under this key is stored with (`tags = [...]` on
     /// its function), as written in its template: `["org:42", "members"]`.
-    pub fn tags(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        self.tags.iter().map(|tag| crate::tag::tag_of(tag))
+    pub fn tags(&self) -> impl Iterator<Item = &str> + '_ {
+        self.tag_keys().map(crate::tag::tag_of)
     }
 
-    /// The tag keys, taken out (the key is about to be consumed).
-    pub(crate) fn take_tags(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.tags)
+    /// Whether the key's function has tags.
+    pub(crate) fn has_tags(&self) -> bool {
+        !self.tags.is_empty()
+    }
+
+    /// The tag keys (before the cache's prefix).
+    pub(crate) fn tag_keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.tags.split('\n').filter(|tag| !tag.is_empty())
     }
 
     /// The generated function's static configuration, if the key came from one.
@@ -428,9 +435,9 @@ impl KeyPart for uuid::Uuid {
 pub struct KeyBuilder {
     buf: String,
     site: Option<&'static Site>,
-    /// With `tags = [...]`: the key (first) and the tags finished so far,
-    /// while `buf` holds the tag being written.
-    done: Vec<String>,
+    /// With `tags = [...]`: where the key ends in `buf`; its tags follow,
+    /// each after a newline.
+    key_end: Option<usize>,
 }
 
 impl KeyBuilder {
@@ -440,7 +447,7 @@ impl KeyBuilder {
         KeyBuilder {
             buf: buffer(capacity),
             site,
-            done: Vec::new(),
+            key_end: None,
         }
     }
 
@@ -454,9 +461,12 @@ impl KeyBuilder {
     /// Ends the key (or the tag before), and begins a tag of the key's
     /// function (`tags = [...]`), written like the key.
     pub fn tag(&mut self, capacity: usize) {
-        let mut tag = String::with_capacity(capacity + crate::tag::MARK.len());
-        tag.push_str(crate::tag::MARK);
-        self.done.push(std::mem::replace(&mut self.buf, tag));
+        if self.key_end.is_none() {
+            self.key_end = Some(self.buf.len());
+        }
+        self.buf.reserve(1 + crate::tag::MARK.len() + capacity);
+        self.buf.push('\n');
+        self.buf.push_str(crate::tag::MARK);
     }
 
     /// Template text, checked at compile time, written as is.
@@ -484,25 +494,18 @@ impl KeyBuilder {
     /// [`KeyBuilder::finish`], compiled once rather than for each value
     /// type.
     fn finish_untyped(self, version: Option<u32>) -> CacheKey {
-        let (mut key, tags) = if self.done.is_empty() {
-            (self.buf, Vec::new())
-        } else {
-            let mut parts = self.done;
-            parts.push(self.buf);
-            let key = parts.remove(0);
-            (key, parts)
+        let (mut key, tags) = match self.key_end {
+            None => (self.buf, String::new()),
+            Some(end) => {
+                let mut key = self.buf;
+                let tags = key.split_off(end);
+                (key, bounded_tags(tags))
+            }
         };
         if let Some(version) = version {
             let _ = write!(key, ":v{version}");
         }
         bound_length(&mut key);
-        let tags = tags
-            .into_iter()
-            .map(|mut tag| {
-                bound_length(&mut tag);
-                tag
-            })
-            .collect();
         CacheKey {
             key,
             site: self.site,
@@ -510,6 +513,22 @@ impl KeyBuilder {
             value: PhantomData,
         }
     }
+}
+
+/// Tags as [`KeyBuilder::tag`] wrote them (each after a newline), each
+/// bounded to [`MAX_KEY_LEN`] as a key is.
+fn bounded_tags(tags: String) -> String {
+    if tags.split('\n').all(|tag| tag.len() <= MAX_KEY_LEN) {
+        return tags;
+    }
+    let mut bounded = String::with_capacity(tags.len());
+    for tag in tags.split('\n').filter(|tag| !tag.is_empty()) {
+        let mut tag = tag.to_owned();
+        bound_length(&mut tag);
+        bounded.push('\n');
+        bounded.push_str(&tag);
+    }
+    bounded
 }
 
 /// Replaces the tail of a key longer than [`MAX_KEY_LEN`] with the hash of

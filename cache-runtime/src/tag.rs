@@ -50,6 +50,7 @@ use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::key::CacheKey;
 use crate::local::tracking::Via;
+use crate::read::lookup::{Garbage, Read, Ttl};
 use crate::site::Site;
 use crate::stats::Event;
 
@@ -103,28 +104,29 @@ pub(crate) fn header_len(bytes: &[u8]) -> Option<usize> {
 pub(crate) struct Tagging {
     /// The tags' Redis keys, in the order of the function's `tags`.
     keys: Vec<String>,
-    /// Their tokens, as the last read found (or made) them.
+    /// Where a tag's name starts in its key (after the prefix and mark).
+    name_at: usize,
+    /// Their tokens, as the last read found (or made) them (empty before
+    /// a read, or when they could not be read).
     tokens: Vec<Vec<u8>>,
-    /// The header an entry stored now carries (empty before a read).
-    stamp: Vec<u8>,
 }
 
 impl Tagging {
     /// The tags of `key`'s function for these arguments, as Redis keys of
     /// `cache`; `None` for an untagged function.
-    pub(crate) fn of(cache: &Cache, key: &mut CacheKey) -> Option<Box<Tagging>> {
-        let tags = key.take_tags();
-        if tags.is_empty() {
+    pub(crate) fn of(cache: &Cache, key: &CacheKey) -> Option<Box<Tagging>> {
+        if !key.has_tags() {
             return None;
         }
-        let keys = tags
-            .into_iter()
-            .map(|tag| cache.redis_key_of(CacheKey::new(tag)))
+        let keys = key
+            .tag_keys()
+            .map(|tag| cache.prefixed(tag).into_owned())
             .collect();
+        let name_at = cache.prefix().map_or(0, |prefix| prefix.len() + 1) + MARK.len();
         Some(Box::new(Tagging {
             keys,
+            name_at,
             tokens: Vec::new(),
-            stamp: Vec::new(),
         }))
     }
 
@@ -133,28 +135,60 @@ impl Tagging {
         &self.keys
     }
 
-    /// The header to store an entry with: the tokens read last.
-    pub(crate) fn stamp(&self) -> &[u8] {
-        &self.stamp
-    }
-
-    /// Whether `bytes` were stored with the tokens read last.
-    pub(crate) fn stamped(&self, bytes: &[u8]) -> bool {
-        !self.stamp.is_empty() && bytes.starts_with(&self.stamp)
-    }
-
-    fn set_tokens(&mut self, tokens: Vec<Vec<u8>>) {
+    /// The header to store an entry with: the tokens read last (empty
+    /// when they could not be read: nothing is stored then).
+    pub(crate) fn stamp(&self) -> Vec<u8> {
+        if self.tokens.is_empty() {
+            return Vec::new();
+        }
         let mut stamp = HEADER.to_vec();
-        for (at, (key, token)) in self.keys.iter().zip(&tokens).enumerate() {
+        for (at, (name, token)) in self.names().zip(&self.tokens).enumerate() {
             if at > 0 {
                 stamp.push(b' ');
             }
             stamp.extend_from_slice(token);
             stamp.push(b' ');
-            stamp.extend_from_slice(tag_of(key).as_bytes());
+            stamp.extend_from_slice(name);
         }
         stamp.push(b'\n');
-        self.stamp = stamp;
+        stamp
+    }
+
+    /// Whether `bytes` were stored with the tokens read last: whether they
+    /// start with [`Tagging::stamp`], compared in place (a hit makes no
+    /// copy of it).
+    pub(crate) fn stamped(&self, bytes: &[u8]) -> bool {
+        let Some(mut rest) = bytes.strip_prefix(HEADER) else {
+            return false;
+        };
+        if self.tokens.is_empty() {
+            return false;
+        }
+        for (at, (name, token)) in self.names().zip(&self.tokens).enumerate() {
+            if at > 0 {
+                let Some(after) = rest.strip_prefix(b" ") else {
+                    return false;
+                };
+                rest = after;
+            }
+            let pair = (|| {
+                let after = rest.strip_prefix(&token[..])?.strip_prefix(b" ")?;
+                after.strip_prefix(name)
+            })();
+            match pair {
+                Some(after) => rest = after,
+                None => return false,
+            }
+        }
+        rest.first() == Some(&b'\n')
+    }
+
+    /// The tags' names, as their keys end.
+    fn names(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.keys.iter().map(|key| &key.as_bytes()[self.name_at..])
+    }
+
+    fn set_tokens(&mut self, tokens: Vec<Vec<u8>>) {
         self.tokens = tokens;
     }
 }
@@ -180,15 +214,15 @@ impl Cache {
         self.invalidate(&CacheKey::of_tag(tag)).await.map(drop)
     }
 
-    /// The tags of a `#[cache_put]` target's key, taken out of it, with
+    /// The tags of a `#[cache_put]` target's key, with
     /// their tokens read before the write's body runs; with no tokens
     /// (the entry is then invalidated, not stored) when they could not be
     /// read.
-    pub(crate) async fn tokens_for_put(&self, key: &mut CacheKey) -> Option<Box<Tagging>> {
+    pub(crate) async fn tokens_for_put(&self, key: &CacheKey) -> Option<Box<Tagging>> {
         let site = key.site()?;
         let mut tagging = Tagging::of(self, key)?;
         if self.read_tokens(site, &mut tagging, None).await.is_none() {
-            tagging.stamp.clear();
+            tagging.tokens.clear();
         }
         Some(tagging)
     }
@@ -306,6 +340,52 @@ impl Cache {
             .collect()
     }
 
+    /// A tagged entry and its tags' tokens read in one request (one
+    /// server holds them all), the entry checked against them: what
+    /// `Cache::read_entry` does with two.
+    pub(crate) async fn read_together(
+        &self,
+        site: &'static Site,
+        key: &str,
+        tagging: &mut Tagging,
+    ) -> Read {
+        if self.pending_write(site, key)
+            || tagging.keys.iter().any(|tag| self.pending_write(site, tag))
+        {
+            return Read::Unavailable {
+                pending_write: true,
+            };
+        }
+        let limit = self.settings().read_limit;
+        let read = self.backend().get_tagged(key, &tagging.keys, limit);
+        let (entry, tokens) = match self.guarded(key, read).await {
+            Ok(read) => read,
+            Err(error) => return self.found(site, key, Err(error)),
+        };
+        let tokens = self.tokens(site, &tagging.keys, tokens).await;
+        match tokens {
+            Ok((tokens, _)) => tagging.set_tokens(tokens),
+            Err(error) => {
+                if !matches!(error, CacheError::CircuitOpen) {
+                    self.record(site, Event::Error);
+                    crate::limited!(
+                        self,
+                        warn!(%error, "cache tags could not be read: running uncached")
+                    );
+                }
+                return Read::Unavailable {
+                    pending_write: false,
+                };
+            }
+        }
+        match self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))) {
+            Read::Value { bytes, .. } if !tagging.stamped(&bytes) => {
+                Read::Garbage(Garbage::Bytes(bytes))
+            }
+            read => read,
+        }
+    }
+
     /// Whether every tag still holds the token read last: no tag was
     /// invalidated since.
     pub(crate) async fn tokens_unchanged(&self, tagging: &Tagging) -> bool {
@@ -380,16 +460,16 @@ mod tests {
     fn a_header_is_told_from_a_value() {
         assert_eq!(header_len(b"\x03"), Some(0), "the MessagePack integer 3");
         assert_eq!(header_len(b"{\"a\":1}"), Some(0));
-        assert_eq!(header_len(b"\x03tags:0a org:1\n{}"), Some(16));
+        assert_eq!(header_len(b"\x03tags:0a org:1\n{}"), Some(15));
         assert_eq!(header_len(b"\x03tags:0a org:1"), None);
     }
 
     #[test]
     fn a_stamp_names_each_tag_with_its_token() {
         let mut tagging = Tagging {
-            keys: vec!["app:\0tag:org:42".into(), "\0tag:members".into()],
+            keys: vec!["app:\0tag:org:42".into(), "app:\0tag:members".into()],
+            name_at: 4 + MARK.len(),
             tokens: Vec::new(),
-            stamp: Vec::new(),
         };
         assert!(!tagging.stamped(b"\x03tags:\n"), "nothing read yet");
         tagging.set_tokens(vec![b"00ff".to_vec(), b"0a0b".to_vec()]);

@@ -188,6 +188,31 @@ pub(crate) async fn get_many(
         .collect()
 }
 
+/// A tagged entry (its first `limit` bytes) and its tags' tokens, in one
+/// request: `GETRANGE` and `MGET`, pipelined.
+pub(crate) async fn get_tagged(
+    conn: &mut impl ConnectionLike,
+    key: &str,
+    tags: &[String],
+    limit: usize,
+) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
+    let mut pipe = redis::pipe();
+    pipe.add_command(get_cmd(key, limit));
+    pipe.cmd("MGET").arg(tags);
+    let (entry, tokens): (Vec<u8>, Vec<Option<Vec<u8>>>) =
+        pipe.query_async(conn).await.map_err(CacheError::redis)?;
+    check_count(tokens.len(), tags.len())?;
+    let tokens = tokens
+        .into_iter()
+        .map(|token| match token {
+            Some(token) if token.len() <= limit => Fetched::Found(token),
+            Some(_) => Fetched::TooLarge,
+            None => Fetched::Absent,
+        })
+        .collect();
+    Ok((fetched(entry, limit), tokens))
+}
+
 /// A reply with a different number of values than keys asked for is
 /// garbage, not a reason to panic.
 pub(crate) fn check_count(values: usize, keys: usize) -> Result<(), CacheError> {

@@ -130,6 +130,7 @@ impl Cache {
         &self.inner.backend
     }
 
+    #[cfg(feature = "__testing")]
     pub(crate) fn breaker(&self) -> &Arc<Breaker> {
         &self.inner.breaker
     }

@@ -176,10 +176,10 @@ pub(crate) struct Lookup<'c> {
 impl<'c> Lookup<'c> {
     /// `None` without a cache installed (or for a key without its
     /// function's site, which generated keys always have).
-    pub(crate) fn new(cache: Option<&'c Cache>, mut key: CacheKey) -> Option<Self> {
+    pub(crate) fn new(cache: Option<&'c Cache>, key: CacheKey) -> Option<Self> {
         let site = key.site()?;
         let cache = Cache::resolve(cache, site.function())?;
-        let tagging = Tagging::of(&cache, &mut key);
+        let tagging = Tagging::of(&cache, &key);
         let redis_key = cache.redis_key_of(key);
         let span = cache.call_span(site, &redis_key);
         Some(Lookup {

@@ -300,7 +300,14 @@ impl Cache {
                 call.run_body().await;
                 return Answered::Body;
             }
-            read => self.classify(site, &redis_key, read, call, None),
+            read => match self.classify(site, &redis_key, read, call, None) {
+                // A value after a header (a tagged entry's): served here too.
+                Step::Done(Done::Serve(event)) => {
+                    self.record(site, event);
+                    return Answered::Decoded;
+                }
+                step => step,
+            },
         };
         Box::pin(self.after_read(site, &redis_key, step, call, began)).await
     }
@@ -474,8 +481,12 @@ impl Cache {
         with_ttl: bool,
         call: &mut Erased<'_>,
     ) -> Read {
-        if call.tagging().is_none() {
+        let Some(tagging) = call.tagging_mut() else {
             return self.read(site, key, with_ttl).await;
+        };
+        // One server: the entry and its tags in one request.
+        if !with_ttl && !matches!(self.backend(), crate::backend::Backend::Cluster(_)) {
+            return Box::pin(self.read_together(site, key, tagging)).await;
         }
         let entry = self.read(site, key, with_ttl);
         Box::pin(self.read_entry_with(site, entry, None, call))
@@ -994,6 +1005,9 @@ impl Cache {
     /// says what the waiters get: the value only if the cache proved that no
     /// write touched the key meanwhile (see [`crate::read::flight`]). A
     /// batch settles one answer per key.
+    // The single and the batch lookup's step: each argument is one of
+    // their locals, bundling them would only move them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn settle(
         &self,
         site: &'static Site,
@@ -1029,11 +1043,11 @@ impl Cache {
         };
         // Read before the command that proves the answer fresh is sent.
         let fence = leader.map_or(0, Leader::fence);
-        let stamp = tagging.map_or(&[][..], Tagging::stamp);
+        let stamp = tagging.map(Tagging::stamp).unwrap_or_default();
         let mut fresh = match lease {
             Leased::Own(lease) => match self.to_store(site, entry.as_deref()) {
                 Some((bytes, ttl)) => {
-                    let (stored, ttl) = self.stored_form(site, stamp, bytes, ttl, run.took);
+                    let (stored, ttl) = self.stored_form(site, &stamp, bytes, ttl, run.took);
                     lease.fulfil(site, &stored, ttl).await
                 }
                 // Nothing to store: the lease goes back, and was still
@@ -1170,8 +1184,8 @@ impl Cache {
         match &entry {
             Some((bytes, ttl)) => {
                 let (bytes, ttl) = (&**bytes, *ttl);
-                let stamp = call.tagging().map_or(&[][..], Tagging::stamp);
-                let (stored, ttl) = self.stored_form(site, stamp, bytes, ttl, run.took);
+                let stamp = call.tagging().map(Tagging::stamp).unwrap_or_default();
+                let (stored, ttl) = self.stored_form(site, &stamp, bytes, ttl, run.took);
                 let set = backend.compare_and_set(key, &refresh.header, &stored, ttl);
                 self.record_store(site, key, self.guarded(key, set).await);
             }

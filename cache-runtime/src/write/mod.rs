@@ -195,8 +195,9 @@ impl Cache {
         // without one has no TTL to store with, so it is only invalidated.
         // So is the key of a tagged function whose tags' tokens could not
         // be read before the write's body ran.
-        let stamp = tagging.map_or(&[][..], Tagging::stamp);
-        let untold = key.tags().len() > 0 || tagging.is_some_and(|_| stamp.is_empty());
+        let stamp = tagging.map(Tagging::stamp).unwrap_or_default();
+        let untold =
+            (key.has_tags() && tagging.is_none()) || tagging.is_some_and(|_| stamp.is_empty());
         let ttl = key
             .site()
             .filter(|_| !untold)
@@ -221,7 +222,7 @@ impl Cache {
         let redis_key = &unfinished.keys[0];
         let encoded = ttl
             .and_then(|_| self.fit_for_store(Some(writer), redis_key, encoded))
-            .map(|bytes| match stamp {
+            .map(|bytes| match &stamp[..] {
                 [] => bytes,
                 stamp => [stamp, &bytes].concat(),
             });

@@ -1,0 +1,329 @@
+//! Tags, measured against untagged functions on the same Redis:
+//!
+//! 1. **A hit**: a function with two tags against one without, the 1 KB
+//!    row of the other benchmarks, arms interleaved in each round: p50 of
+//!    one caller (c=1) and calls per second of 64 (c=64), with the ratio.
+//! 2. **Invalidating a tag of N entries**, N = 1,000, 10,000 and 100,000:
+//!    the time of `invalidate_tag` (median of 5), which must not grow with
+//!    N, and a read afterwards that recomputes.
+//! 3. **What the bookkeeping keeps in Redis**: 1,000,000 tagged entries
+//!    stored (small values, 10,000 distinct tags), then 10,000 tag
+//!    invalidations: tag keys, and the memory they take, before and after.
+//!
+//! ```text
+//! cargo run --release -p cache-bench --bin tags
+//! BENCH_QUICK=1 cargo run --release -p cache-bench --bin tags   # 100,000 entries in part 3
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_bench::{User, row};
+use cache_harness::benchmark_redis;
+use cache_runtime::{Cache, redis_cached};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug)]
+struct DbError;
+
+#[redis_cached(key = "untagged:<id>", ttl = 3600)]
+async fn untagged(id: u64) -> Result<User, DbError> {
+    Ok(row(id))
+}
+
+#[redis_cached(key = "tagged:<id>", ttl = 3600, tags = ["user:<id>", "users"])]
+async fn tagged(id: u64) -> Result<User, DbError> {
+    Ok(row(id))
+}
+
+static MEMBER_RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// A member of a group: the entries of part 2 and 3.
+#[redis_cached(key = "member:<group>:<id>", ttl = 3600, tags = ["group:<group>"])]
+async fn member(group: u64, id: u64) -> Result<u64, DbError> {
+    MEMBER_RUNS.fetch_add(1, Ordering::Relaxed);
+    Ok(group ^ id)
+}
+
+const KEYS: u64 = 1_000;
+const ROUNDS: usize = 5;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[rank]
+}
+
+async fn call(tagged_arm: bool, id: u64) {
+    let user = if tagged_arm {
+        tagged(id).await
+    } else {
+        untagged(id).await
+    };
+    std::hint::black_box(user.ok());
+}
+
+/// Part 1: p50 at c=1 and calls per second at c=64, per arm.
+async fn hits() {
+    for id in 0..KEYS {
+        call(false, id).await;
+        call(true, id).await;
+    }
+    let mut latencies = [Vec::new(), Vec::new()];
+    let mut throughput = [Vec::new(), Vec::new()];
+    for round in 0..ROUNDS {
+        for turn in 0..2 {
+            let arm = (round + turn) % 2;
+            for i in 0..2_000 {
+                let started = Instant::now();
+                call(arm == 1, i % KEYS).await;
+                latencies[arm].push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        for turn in 0..2 {
+            let arm = (round + turn) % 2;
+            let calls = Arc::new(AtomicU64::new(0));
+            let end = Instant::now() + Duration::from_secs(1);
+            let tasks: Vec<_> = (0..64)
+                .map(|task| {
+                    let calls = calls.clone();
+                    tokio::spawn(async move {
+                        let mut id = task;
+                        while Instant::now() < end {
+                            call(arm == 1, id % KEYS).await;
+                            calls.fetch_add(1, Ordering::Relaxed);
+                            id += 64;
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            throughput[arm].push(calls.load(Ordering::Relaxed) as f64);
+        }
+    }
+    for arm in &mut latencies {
+        arm.sort_by(f64::total_cmp);
+    }
+    for arm in &mut throughput {
+        arm.sort_by(f64::total_cmp);
+    }
+    let p50 = [0, 1].map(|arm| percentile(&latencies[arm], 0.5));
+    let p99 = [0, 1].map(|arm| percentile(&latencies[arm], 0.99));
+    let rps = [0, 1].map(|arm| percentile(&throughput[arm], 0.5));
+    let (low, high) = (
+        throughput[1][0] / throughput[0][ROUNDS - 1],
+        throughput[1][ROUNDS - 1] / throughput[0][0],
+    );
+    println!("1. hit of a 1 KB row, {ROUNDS} rounds, arms interleaved:");
+    println!(
+        "   c=1  p50: untagged {:.1} µs, two tags {:.1} µs: {:.2}x (p99 {:.1} / {:.1} µs)",
+        p50[0],
+        p50[1],
+        p50[1] / p50[0],
+        p99[0],
+        p99[1]
+    );
+    println!(
+        "   c=64 calls/s (median round): untagged {:.0}, two tags {:.0}: {:.2}x (rounds' range {low:.2}x-{high:.2}x)",
+        rps[0],
+        rps[1],
+        rps[1] / rps[0]
+    );
+}
+
+/// Part 2: `invalidate_tag` of a group of `n` entries.
+async fn invalidate_groups(cache: &Cache) -> Result<(), Error> {
+    println!("2. invalidate_tag of a tag with N entries (median of 5):");
+    for (group, n) in [
+        (1_000_001, 1_000),
+        (1_000_002, 10_000),
+        (1_000_003, 100_000),
+    ] {
+        fill(group, n, 64).await;
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let started = Instant::now();
+            cache.invalidate_tag(&format!("group:{group}")).await?;
+            took.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        took.sort_by(f64::total_cmp);
+        let before = MEMBER_RUNS.load(Ordering::Relaxed);
+        member(group, n / 2).await.map_err(|_| "db")?;
+        let recomputed = MEMBER_RUNS.load(Ordering::Relaxed) - before;
+        println!(
+            "   N = {n:>7}: {:.0} µs (min {:.0}, max {:.0}); a read afterwards recomputed: {}",
+            took[2],
+            took[0],
+            took[4],
+            recomputed == 1
+        );
+    }
+    Ok(())
+}
+
+/// Stores `n` entries of `group` with `tasks` callers.
+async fn fill(group: u64, n: u64, tasks: u64) {
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            tokio::spawn(async move {
+                let mut id = task;
+                while id < n {
+                    let _ = member(group, id).await;
+                    id += tasks;
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+}
+
+/// Tag keys under the cache's prefix, and the bytes `MEMORY USAGE` gives
+/// them, by `SCAN`.
+async fn tag_keys(conn: &mut redis::aio::MultiplexedConnection) -> Result<(u64, u64), Error> {
+    let (mut cursor, mut keys, mut bytes) = (0u64, 0u64, 0u64);
+    loop {
+        let (next, found): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("tagbench:\0tag:*")
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(conn)
+            .await?;
+        for key in found {
+            keys += 1;
+            let used: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .query_async(conn)
+                .await?;
+            bytes += used.unwrap_or(0);
+        }
+        if next == 0 {
+            return Ok((keys, bytes));
+        }
+        cursor = next;
+    }
+}
+
+async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> Result<u64, Error> {
+    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    Ok(info
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Part 3: the bookkeeping of many tagged writes and tag invalidations.
+async fn bookkeeping(url: &str) -> Result<(), Error> {
+    let entries: u64 = if std::env::var_os("BENCH_QUICK").is_some() {
+        100_000
+    } else {
+        1_000_000
+    };
+    const TAGS: u64 = 10_000;
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await?;
+    let empty = used_memory(&mut conn).await?;
+    let started = Instant::now();
+    let handles: Vec<_> = (0..64u64)
+        .map(|task| {
+            tokio::spawn(async move {
+                let mut i = task;
+                while i < entries {
+                    let _ = member(i % TAGS, i).await;
+                    i += 64;
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    let filled = started.elapsed();
+    let full = used_memory(&mut conn).await?;
+    let (keys, bytes) = tag_keys(&mut conn).await?;
+    let dbsize: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await?;
+    println!(
+        "3. {entries} tagged entries stored over {TAGS} tags in {:.1} s: {dbsize} keys, used_memory {:.1} MB ({:.1} MB more than empty); tag keys {keys}, {:.2} MB ({} bytes per tag)",
+        filled.as_secs_f64(),
+        full as f64 / 1e6,
+        (full - empty) as f64 / 1e6,
+        bytes as f64 / 1e6,
+        bytes / keys.max(1)
+    );
+    let cache = Cache::installed().ok_or("no cache installed")?;
+    let started = Instant::now();
+    for tag in 0..TAGS {
+        cache.invalidate_tag(&format!("group:{tag}")).await?;
+    }
+    let invalidated = started.elapsed();
+    let after = used_memory(&mut conn).await?;
+    let (keys, bytes) = tag_keys(&mut conn).await?;
+    println!(
+        "   then {TAGS} tag invalidations in {:.1} s: used_memory {:.1} MB; tag keys {keys}, {:.2} MB: the bookkeeping does not grow (the invalidated entries stay until their TTL, never served)",
+        invalidated.as_secs_f64(),
+        after as f64 / 1e6,
+        bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let (url, _server) = benchmark_redis()?;
+    let cache = Cache::builder()
+        .url(url.clone())
+        .prefix("tagbench")
+        .build()
+        .await?;
+    cache.install();
+    // `BENCH_PROFILE_ARM=tagged` (or `untagged`): that arm alone at c=64
+    // for 5 s, for a profiler.
+    if let Ok(arm) = std::env::var("BENCH_PROFILE_ARM") {
+        let tagged_arm = arm == "tagged";
+        for id in 0..KEYS {
+            call(tagged_arm, id).await;
+        }
+        let calls = Arc::new(AtomicU64::new(0));
+        let end = Instant::now() + Duration::from_secs(5);
+        let tasks: Vec<_> = (0..64)
+            .map(|task| {
+                let calls = calls.clone();
+                tokio::spawn(async move {
+                    let mut id = task;
+                    while Instant::now() < end {
+                        call(tagged_arm, id % KEYS).await;
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        id += 64;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let total = cache.stats().total;
+        println!(
+            "{arm}: {} calls/s; {} hits, {} misses, {} errors, {} bypasses",
+            calls.load(Ordering::Relaxed) / 5,
+            total.hits,
+            total.misses,
+            total.errors,
+            total.bypasses
+        );
+        return Ok(());
+    }
+    hits().await;
+    invalidate_groups(&cache).await?;
+    bookkeeping(&url).await?;
+    Ok(())
+}
