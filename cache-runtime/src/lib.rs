@@ -34,7 +34,8 @@
 //! Writes keep the cache right: [`invalidates`] deletes entries after a
 //! successful write and [`cache_put`] stores the written value. Every miss
 //! takes a lease on its key, so a value computed from data read before a
-//! write is never stored after it. Against stampedes, `#[redis_cached]`
+//! write is never stored after it. `tags = [...]` groups entries for one
+//! invalidation ([`guide::tags`]). Against stampedes, `#[redis_cached]`
 //! takes `single_flight` (in process, or `"distributed"`), `stale` and
 //! `early_refresh`.
 //!
@@ -102,6 +103,8 @@ pub mod guide {
     pub mod stampede {}
     #[doc = include_str!("guide/batches.md")]
     pub mod batches {}
+    #[doc = include_str!("guide/tags.md")]
+    pub mod tags {}
     #[doc = include_str!("guide/keys.md")]
     pub mod keys {}
     #[doc = include_str!("guide/traits.md")]
@@ -150,6 +153,7 @@ pub mod redis {
 /// | `cache_none` / `none_ttl = "5s"` | negative caching: an answer of `None` is cached too (for the TTL, or its own). |
 /// | `batch` | a batch lookup: the placeholder naming a collection of ids renders once per id; one `MGET`, the body runs with the missing ids only. |
 /// | `local = "5s"` | keep a decoded copy in process memory for at most 5 s (never past the entry's freshness), dropped by the server's invalidation when the key changes anywhere; the value must be `Clone`. Redis 6 or later. |
+/// | `tags = ["org:<org_id>", "members"]` | groups the entry belongs to, templates over what the key names: `#[invalidates(tag = "...")]` and [`Cache::invalidate_tag`] invalidate every entry of a group ([tags](crate::guide::tags)). |
 /// | `version = 2` | appended to the key (`:v2`), so a changed value type never decodes old entries. |
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |
@@ -179,13 +183,15 @@ pub use cache_macros::redis_cached;
 /// #[invalidates(self.get_user(id))]                     // its key reads <self.…>
 /// #[invalidates(crate::users::get_user(id), cache = self.cache)]
 /// #[invalidates(key = "user:<id>")]                     // a template over this fn's parameters
+/// #[invalidates(tag = "org:<org_id>")]                  // every entry tagged so (see the tags guide)
 /// ```
 ///
 /// A target call names the cached function and passes it this function's
 /// values; it is compiled as a call of the generated `<fn>_cache_key`, so
 /// rustc rejects a function that does not exist and arguments of the wrong
-/// number or type. A template is checked like a `#[redis_cached]` key. Give
-/// several targets, or repeat the attribute.
+/// number or type. A template is checked like a `#[redis_cached]` key, and
+/// a `tag = "..."` like a key too (see [the tags guide](crate::guide::tags)).
+/// Give several targets, or repeat the attribute.
 ///
 /// Keys are rendered before the body runs. The keys are deleted after the
 /// body returns `Ok` (or any value that is not a `Result`); an `Err` deletes
