@@ -248,6 +248,31 @@ mod expansion_snapshots {
     }
 
     #[test]
+    fn tags_are_rendered_by_the_key_function() {
+        insta::assert_snapshot!(expand(
+            quote!(key = "member:<org.id>:<user_id>", ttl = 60, tags = ["org:<org.id>", "members"]),
+            quote! {
+                pub async fn member(org: &Org, user_id: u64) -> Result<Member, DbError> {
+                    fetch(org, user_id).await
+                }
+            },
+        ));
+    }
+
+    #[test]
+    fn invalidates_a_tag() {
+        insta::assert_snapshot!(expand_write(
+            crate::args::WriteKind::Invalidates,
+            quote!(tag = "org:<org_id>"),
+            quote! {
+                pub async fn delete_org(org_id: u64) -> Result<(), DbError> {
+                    delete(org_id).await
+                }
+            },
+        ));
+    }
+
+    #[test]
     fn invalidates_with_two_targets_and_a_repeated_attribute() {
         insta::assert_snapshot!(expand_write(
             crate::args::WriteKind::Invalidates,
