@@ -24,12 +24,12 @@ struct Repo {
 }
 
 impl Repo {
-    #[redis_cached(key = "t:<self.tenant>:user:<id>", ttl = 60, cache = self.cache, jitter = 0.1)]
+    #[redis_cached(key = "t:<self.tenant>:user:<id>", ttl = 60, tags = ["t:<self.tenant>"], cache = self.cache, jitter = 0.1)]
     async fn user(&self, id: u64) -> Result<User, DbError> {
         Ok(User { id })
     }
 
-    #[redis_cached(key = "t:org:<org.id>", ttl = "5m", version = 2, cache = self.cache)]
+    #[redis_cached(key = "t:org:<org.id>", ttl = "5m", version = 2, tags = ["org:<org.id>"], cache = self.cache)]
     async fn org_size(&self, org: &Org) -> Option<u32> {
         Some(org.id)
     }
@@ -39,7 +39,7 @@ impl Repo {
         Ok((!name.is_empty()).then_some(User { id: 1 }))
     }
 
-    #[invalidates(self.user(id), Self::find(name), key = "t:org:<id>", cache = self.cache)]
+    #[invalidates(self.user(id), Self::find(name), key = "t:org:<id>", tag = "org:<id>", cache = self.cache)]
     async fn rename(&self, id: u64, name: &str) -> Result<(), DbError> {
         let _ = (id, name);
         Ok(())
