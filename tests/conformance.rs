@@ -63,6 +63,31 @@ async fn reads_stop_at_their_limit(cache: Cache) {
     assert_eq!(ops.get_many(&tagged, 100).await.unwrap(), expected);
 }
 
+/// A tagged entry's read: the entry (up to its limit) and its tags'
+/// tokens, absent or found, whatever slots they are in.
+async fn get_tagged_reads_an_entry_and_its_tags(cache: Cache) {
+    let ops = backend_ops(&cache);
+    ops.set("entry", &[b'e'; 50], 60_000).await.unwrap();
+    ops.set("tag-a", b"0123456789abcdef", 60_000).await.unwrap();
+    ops.set("huge", &[b'x'; 101], 60_000).await.unwrap();
+    let (entry, tokens) = ops
+        .get_tagged("entry", &["tag-a", "tag-b"], 100)
+        .await
+        .unwrap();
+    assert_eq!(entry, Fetched::Found(vec![b'e'; 50]));
+    assert_eq!(
+        tokens,
+        [
+            Fetched::Found(b"0123456789abcdef".to_vec()),
+            Fetched::Absent
+        ]
+    );
+    let (entry, tokens) = ops.get_tagged("huge", &["tag-b"], 100).await.unwrap();
+    assert_eq!((entry, tokens), (Fetched::TooLarge, vec![Fetched::Absent]));
+    let (entry, _) = ops.get_tagged("none", &["tag-a"], 100).await.unwrap();
+    assert_eq!(entry, Fetched::Absent);
+}
+
 async fn set_if_longer_replaces_only_a_value_past_the_limit(cache: Cache) {
     let ops = backend_ops(&cache);
     assert!(
@@ -209,6 +234,7 @@ on_every_backend!(
     set_if_longer_replaces_only_a_value_past_the_limit,
     delete_counts_the_keys_that_existed,
     check_succeeds_on_a_healthy_backend,
+    get_tagged_reads_an_entry_and_its_tags,
 );
 
 /// Only another client can leave a key without expiry; the backend says so.

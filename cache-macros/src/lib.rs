@@ -250,7 +250,11 @@ mod expansion_snapshots {
     #[test]
     fn tags_are_rendered_by_the_key_function() {
         insta::assert_snapshot!(expand(
-            quote!(key = "member:<org.id>:<user_id>", ttl = 60, tags = ["org:<org.id>", "members"]),
+            quote!(
+                key = "member:<org.id>:<user_id>",
+                ttl = 60,
+                tags = ["org:<org.id>", "members"]
+            ),
             quote! {
                 pub async fn member(org: &Org, user_id: u64) -> Result<Member, DbError> {
                     fetch(org, user_id).await

@@ -353,14 +353,21 @@ impl Backend {
         }
     }
 
-    /// A tagged entry and its tags' tokens in one request, off a cluster
-    /// (where they live in different slots).
+    /// A tagged entry and its tags' tokens: in one request off a cluster;
+    /// on a cluster (where they live in different slots) the two reads
+    /// are sent together. (The read path reads a cluster's entry and tags
+    /// apart, each primary's under its own breaker.)
     pub(crate) async fn get_tagged(
         &self,
         key: &str,
         tags: &[String],
         limit: usize,
     ) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
+        if let Backend::Cluster(_) = self {
+            let (entry, tokens) =
+                futures_util::future::join(self.get(key, limit), self.get_many(tags, limit)).await;
+            return Ok((entry?, tokens?));
+        }
         let _timer = self.timer(Operation::GetMany);
         match self.connection() {
             Ok(mut conn) => commands::get_tagged(&mut conn, key, tags, limit).await,

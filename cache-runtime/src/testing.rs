@@ -86,6 +86,24 @@ impl BackendOps<'_> {
     }
 
     /// `get_many(keys, limit)`.
+    /// `get_tagged(key, tags, limit)`: the entry and the tags' tokens.
+    #[allow(clippy::type_complexity)]
+    pub async fn get_tagged(
+        &self,
+        key: &str,
+        tags: &[&str],
+        limit: usize,
+    ) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
+        let key = self.0.prefixed(key).into_owned();
+        let tags: Vec<String> = tags
+            .iter()
+            .map(|tag| self.0.prefixed(tag).into_owned())
+            .collect();
+        self.0
+            .guarded(&key, self.0.backend().get_tagged(&key, &tags, limit))
+            .await
+    }
+
     pub async fn get_many(
         &self,
         keys: &[String],
