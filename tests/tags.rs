@@ -368,7 +368,7 @@ async fn a_tag_reaches_every_function_that_carries_it_on_redis() {
     let mut conn = Target::server(&server).raw().await;
     let raw: Vec<u8> = conn.get("app:member:1:7").await.unwrap();
     let raw = String::from_utf8(raw).unwrap();
-    assert!(raw.starts_with("\x03tags:"), "{raw:?}");
+    assert!(raw.starts_with("\x04tags:"), "{raw:?}");
     assert!(
         raw.ends_with(" org:1 ") || raw.contains(" org:1 "),
         "{raw:?}"

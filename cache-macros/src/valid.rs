@@ -173,7 +173,7 @@ pub fn validate<'a>(
         uses_self,
     } = placeholders;
 
-    let tags = check_tags(&func, args, &in_key, uses_self, errors);
+    let tags = check_tags(&func, args, template.as_ref(), &in_key, uses_self, errors);
     check_skip(&func, &args.skip, &in_key, errors);
     check_negative(&func, args, errors);
     let batch = args
@@ -284,6 +284,7 @@ pub fn validate<'a>(
 fn check_tags<'a>(
     func: &AnnotatedFn<'a>,
     args: &'a Args,
+    key: Option<&Template>,
     in_key: &[&str],
     key_uses_self: bool,
     errors: &mut Errors,
@@ -314,6 +315,27 @@ fn check_tags<'a>(
                 "this tag reads `self`, but the key does not: calls that share one entry would carry different tags\n\
                  help: a tag can only name what the key names",
             );
+        }
+        // Named in the key, but a field the key does not name: `<user.id>`
+        // in the key does not decide `<user.org_id>`.
+        if let Some(key) = key {
+            for placeholder in template.placeholders() {
+                let named = key.placeholders().any(|k| {
+                    k.root == placeholder.root && placeholder.fields.starts_with(&k.fields)
+                });
+                let root_named = (placeholder.root == "self" && key_uses_self)
+                    || in_key.contains(&placeholder.root.as_str());
+                if !named && root_named {
+                    errors.spanned(
+                        literal,
+                        format!(
+                            "tag placeholder `{placeholder}` is not decided by the key, which names other parts of `{}`: calls that share one entry could carry different tags\n\
+                             help: a tag may name what the key names, or a field of it (`<user>` in the key allows `<user.org_id>`)",
+                            placeholder.root
+                        ),
+                    );
+                }
+            }
         }
         tags.push(resolve(func, &template, literal));
     }
@@ -689,7 +711,7 @@ pub fn validate_write<'a>(
             (WriteKind::CachePut, Target::Tag(tag)) => errors.spanned(
                 tag,
                 "`#[cache_put]` stores one entry; a tag is invalidated\n\
-                 help: add `#[invalidates(tag = \"...\")]` beside it",
+                 help: make this write `#[invalidates(tag = \"...\")]` instead (a put beside a tag's invalidation stores an entry the invalidation kills)",
             ),
             (WriteKind::CachePut, _) if i > 0 => errors.spanned(
                 target_tokens(target),

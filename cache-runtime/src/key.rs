@@ -81,8 +81,11 @@ impl CacheKey {
 
     /// The key that stands for a tag: deleting it invalidates every entry
     /// stored with the tag (see [`Cache::invalidate_tag`](crate::Cache::invalidate_tag)).
+    /// Bounded to [`MAX_KEY_LEN`] as a rendered tag is.
     pub(crate) fn of_tag(tag: &str) -> Self {
-        CacheKey::new(crate::tag::tag_key(tag))
+        let mut key = crate::tag::tag_key(tag);
+        bound_length(&mut key);
+        CacheKey::new(key)
     }
 }
 

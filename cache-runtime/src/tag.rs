@@ -9,7 +9,7 @@
 //! its tags had *before its body ran*, in a header line:
 //!
 //! ```text
-//! \x03tags:<token> org:42 <token> members\n{"id":7,...}
+//! \x04tags:<token> org:42 <token> members\n{"id":7,...}
 //! ```
 //!
 //! and a read serves it only while every one of its tags still holds the
@@ -57,14 +57,17 @@ use crate::stats::Event;
 /// What a tag's key starts with (after the cache's prefix).
 pub(crate) const MARK: &str = "\0tag:";
 /// What a stored entry's tag header starts with. No encoded value starts
-/// with byte 3 but the MessagePack integer 3, which is one byte long.
-const HEADER: &[u8] = b"\x03tags:";
+/// with byte 4 but the MessagePack integer 4, which is one byte long
+/// (bytes 0 to 3 are placeholders, freshness headers, negative entries and
+/// compressed values).
+const HEADER: &[u8] = b"\x04tags:";
 /// How often a reader tries to make a tag's token that keeps being
 /// invalidated between its `SET NX` and its `GET`.
 const MAKE_ATTEMPTS: usize = 3;
 /// How long a tag's token lives at least: a token that expires turns its
-/// entries into misses, so it outlives the entries stored with it by far.
-const SHORTEST_TOKEN_LIFE: Duration = Duration::from_secs(24 * 60 * 60);
+/// entries into misses (all at once, in every process), so it outlives
+/// the entries stored with it by far.
+const SHORTEST_TOKEN_LIFE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 /// A tag's key (before the cache's prefix).
 pub(crate) fn tag_key(tag: &str) -> String {
@@ -194,10 +197,14 @@ impl Tagging {
 }
 
 impl Cache {
-    /// Invalidates every entry stored with `tag` (`tags = ["org:<org_id>"]`
-    /// on a function renders `org:42` for `org_id = 42`), in every process:
-    /// once this returns, no call that starts afterwards is answered with a
-    /// value computed before it, from any function carrying the tag. It is
+    /// Invalidates every entry stored with `tag`, in every process. `tag`
+    /// is the tag as its template renders it: `tags = ["org:<org_id>"]`
+    /// renders `org:42` for `org_id = 42` (integers as themselves, other
+    /// values escaped as in keys: `org:acme%20inc` for `"acme inc"`);
+    /// `<fn>_cache_key(...).tags()` lists a call's tags, and
+    /// `#[invalidates(tag = "...")]` renders them for you. Once this returns,
+    /// no call that starts afterwards is answered with a value computed
+    /// before it, from any function carrying the tag. It is
     /// a key invalidation of the tag's own key, with its guarantees (see
     /// [`Cache::invalidate`]); the tagged entries stay until they expire,
     /// and are never served.
@@ -458,10 +465,11 @@ mod tests {
 
     #[test]
     fn a_header_is_told_from_a_value() {
-        assert_eq!(header_len(b"\x03"), Some(0), "the MessagePack integer 3");
+        assert_eq!(header_len(b"\x04"), Some(0), "the MessagePack integer 4");
         assert_eq!(header_len(b"{\"a\":1}"), Some(0));
-        assert_eq!(header_len(b"\x03tags:0a org:1\n{}"), Some(15));
-        assert_eq!(header_len(b"\x03tags:0a org:1"), None);
+        assert_eq!(header_len(b"\x04tags:0a org:1\n{}"), Some(15));
+        assert_eq!(header_len(b"\x04tags:0a org:1"), None);
+        assert_eq!(header_len(b"\x03tags:0a org:1"), Some(0), "compressed");
     }
 
     #[test]
@@ -471,11 +479,12 @@ mod tests {
             name_at: 4 + MARK.len(),
             tokens: Vec::new(),
         };
-        assert!(!tagging.stamped(b"\x03tags:\n"), "nothing read yet");
+        assert!(!tagging.stamped(b"\x04tags:\n"), "nothing read yet");
         tagging.set_tokens(vec![b"00ff".to_vec(), b"0a0b".to_vec()]);
-        assert_eq!(tagging.stamp(), b"\x03tags:00ff org:42 0a0b members\n");
-        assert!(tagging.stamped(b"\x03tags:00ff org:42 0a0b members\n{}"));
-        assert!(!tagging.stamped(b"\x03tags:00fe org:42 0a0b members\n{}"));
+        assert_eq!(tagging.stamp(), b"\x04tags:00ff org:42 0a0b members\n");
+        assert!(tagging.stamped(b"\x04tags:00ff org:42 0a0b members\n{}"));
+        assert!(!tagging.stamped(b"\x04tags:00fe org:42 0a0b members\n{}"));
+        assert!(!tagging.stamped(b"\x04tags:00ff org:42 0a0b members2\n{}"));
         assert_eq!(tag_of("app:\0tag:org:42"), "org:42");
     }
 }

@@ -73,8 +73,8 @@ struct Copy {
     /// copy made under another map is never served either.
     primaries: u64,
     expires_at: quanta::Instant,
-    /// Its tags' counts when its read was sent (empty without tags).
-    tags: Arc<[TagTicket]>,
+    /// Its tags' counts when its read was sent (`None` without tags).
+    tags: Option<Arc<[TagTicket]>>,
 }
 
 /// The clock of the copies' ends. `quanta` reads the CPU's time-stamp
@@ -193,7 +193,10 @@ impl LocalTier {
         if copy.epoch != self.epoch.load(Ordering::Acquire)
             || copy.primaries != primaries
             || copy.expires_at <= now()
-            || !self.tags_valid(&copy.tags)
+            || copy
+                .tags
+                .as_ref()
+                .is_some_and(|tags| !self.tags_valid(tags))
         {
             return None;
         }
@@ -217,8 +220,12 @@ impl LocalTier {
 
     /// The tickets of the tags (by their Redis keys) of a read about to
     /// be sent.
-    pub(crate) fn tag_tickets(&self, tags: &[String]) -> Arc<[TagTicket]> {
-        tags.iter()
+    pub(crate) fn tag_tickets(&self, tags: &[String]) -> Option<Arc<[TagTicket]>> {
+        if tags.is_empty() {
+            return None;
+        }
+        let tickets = tags
+            .iter()
             .map(|tag| {
                 let bucket = self.bucket_of(tag.as_bytes());
                 TagTicket {
@@ -226,7 +233,8 @@ impl LocalTier {
                     invalidations: self.buckets[bucket].load(Ordering::SeqCst),
                 }
             })
-            .collect()
+            .collect();
+        Some(tickets)
     }
 
     fn tags_valid(&self, tags: &[TagTicket]) -> bool {
@@ -242,13 +250,14 @@ impl LocalTier {
     pub(crate) fn fill<V: Send + Sync + 'static>(
         &self,
         ticket: Ticket,
-        tags: &Arc<[TagTicket]>,
+        tags: Option<&Arc<[TagTicket]>>,
         key: &str,
         value: Option<V>,
         encoded: usize,
         ttl: Duration,
     ) {
-        if ttl.is_zero() || !self.valid(ticket) || !self.tags_valid(tags) {
+        let tags_valid = || tags.is_none_or(|tags| self.tags_valid(tags));
+        if ttl.is_zero() || !self.valid(ticket) || !tags_valid() {
             return;
         }
         let weight = u32::try_from(key.len() + encoded + ENTRY_OVERHEAD).unwrap_or(u32::MAX);
@@ -263,11 +272,11 @@ impl LocalTier {
                 epoch: ticket.epoch,
                 primaries: ticket.primaries,
                 expires_at: now() + ttl.min(LONGEST_COPY),
-                tags: tags.clone(),
+                tags: tags.cloned(),
             },
         );
         // Looked at after the insert: see the module docs.
-        if !self.valid(ticket) || !self.tags_valid(tags) {
+        if !self.valid(ticket) || !tags_valid() {
             self.copies.invalidate(key);
         }
     }

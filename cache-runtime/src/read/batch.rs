@@ -268,6 +268,12 @@ pub(crate) fn local_answers<K, V: Clone + Send + Sync + 'static>(
     (rest_ids, rest_keys)
 }
 
+/// The tags of the key at `at`: `tags` is empty for an untagged function
+/// (no vector of `None`s), else one per key.
+fn tag_at(tags: &[Option<Box<Tagging>>], at: usize) -> Option<&Tagging> {
+    tags.get(at).and_then(Option::as_deref)
+}
+
 /// One distinct key of the batch that the cache did not answer.
 struct Missing {
     /// Index into the batch's keys.
@@ -307,10 +313,6 @@ impl Cache {
     ) {
         if keys.is_empty() {
             return;
-        }
-        // Untagged functions: no tags, and no vector of them either.
-        if tags.is_empty() {
-            tags.resize_with(keys.len(), || None);
         }
         let tags = &mut tags[..];
         let began = Instant::now();
@@ -414,7 +416,7 @@ impl Cache {
     ) -> Vec<Missing> {
         let mut missing = Vec::new();
         for (at, fetched) in values.into_iter().enumerate() {
-            match self.classify_one(site, &keys[at], tags[at].as_deref(), at, fetched, call) {
+            match self.classify_one(site, &keys[at], tag_at(tags, at), at, fetched, call) {
                 None => self.record(site, Event::Hit),
                 Some(take) => missing.push(Missing { at, take }),
             }
@@ -581,15 +583,12 @@ impl Cache {
             .unwrap_or_else(|_| vec![Fetched::Absent; again.len()]);
         for (one, fetched) in occupied.into_iter().zip(values) {
             let served = match fetched {
+                // Its tags' tokens were read before this batch waited: an
+                // entry stored since may carry a token invalidated since.
+                // Computed without storing, as a single lookup is.
+                Fetched::Found(_) if tag_at(tags, one.at).is_some() => false,
                 Fetched::Found(_) => self
-                    .classify_one(
-                        site,
-                        &keys[one.at],
-                        tags[one.at].as_deref(),
-                        one.at,
-                        fetched,
-                        call,
-                    )
+                    .classify_one(site, &keys[one.at], None, one.at, fetched, call)
                     .is_none(),
                 Fetched::Absent | Fetched::TooLarge => false,
             };
@@ -629,7 +628,7 @@ impl Cache {
                 _ if uncached => Leased::Uncached,
                 Taken::Occupied | Taken::Failed => Leased::None,
             };
-            settling.push((&keys[one.at], tags[one.at].as_deref(), answer, lease));
+            settling.push((&keys[one.at], tag_at(tags, one.at), answer, lease));
             leaders.push(one.leader);
         }
         let settled =

@@ -59,7 +59,7 @@ pub(crate) trait Call {
         &self,
         tier: &LocalTier,
         ticket: Ticket,
-        tags: &Arc<[TagTicket]>,
+        tags: Option<&Arc<[TagTicket]>>,
         key: &str,
         encoded: usize,
         keep_for: Duration,
@@ -317,7 +317,7 @@ enum Decoded<V, R> {
 }
 
 /// How a function with a local tier keeps a copy of a value.
-type Fill<V> = fn(&LocalTier, Ticket, &Arc<[TagTicket]>, &str, Option<&V>, usize, Duration);
+type Fill<V> = fn(&LocalTier, Ticket, Option<&Arc<[TagTicket]>>, &str, Option<&V>, usize, Duration);
 
 pin_project_lite::pin_project! {
     /// A cached call of one function: its body, `S` the shape of its
@@ -429,7 +429,7 @@ where
         &self,
         tier: &LocalTier,
         ticket: Ticket,
-        tags: &Arc<[TagTicket]>,
+        tags: Option<&Arc<[TagTicket]>>,
         key: &str,
         encoded: usize,
         keep_for: Duration,

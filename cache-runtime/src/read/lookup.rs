@@ -522,6 +522,8 @@ impl Cache {
         let (read, tokens) =
             futures_util::future::join(entry, self.read_tokens(site, tagging, vias)).await;
         let read = match read {
+            // An invalidation of the key still to deliver says more.
+            read @ Read::Unavailable { .. } => read,
             _ if tokens.is_none() => Read::Unavailable {
                 pending_write: false,
             },
@@ -585,9 +587,11 @@ impl Cache {
     ) -> Read {
         match outcome {
             // Lease placeholders, freshness headers, negative entries and
-            // tag headers start with byte 0, 1, 2 or 3, which no JSON value
-            // does: anything else is a plain value.
-            Ok(Fetched::Found((bytes, Ttl::Unknown))) if !matches!(bytes.first(), Some(0..=3)) => {
+            // tag headers start with byte 0, 1, 2 or 4, which no JSON value
+            // does: anything else is a plain value (or compressed, byte 3).
+            Ok(Fetched::Found((bytes, Ttl::Unknown)))
+                if !matches!(bytes.first(), Some(0..=2 | 4)) =>
+            {
                 Read::Value {
                     bytes,
                     value_at: 0,
@@ -786,7 +790,7 @@ impl Cache {
                     call.call().keep_local(
                         keep.tier,
                         keep.ticket,
-                        &keep.tags,
+                        keep.tags.as_ref(),
                         key,
                         encoded,
                         keep_for,
@@ -1209,7 +1213,7 @@ struct Keep<'t> {
     tier: &'t LocalTier,
     ticket: Ticket,
     /// The tickets of its tags, if it has any.
-    tags: std::sync::Arc<[TagTicket]>,
+    tags: Option<std::sync::Arc<[TagTicket]>>,
     /// The function's `local` time, in milliseconds.
     local_for: u64,
 }

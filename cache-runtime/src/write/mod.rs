@@ -159,10 +159,20 @@ impl Cache {
         // breaker: what failed is all that is left to retry.
         let (failed, error) = self.delete_many(&unfinished.keys).await;
         self.announce(&unfinished.keys).await;
-        for key in unfinished.keys.iter().filter(|key| !failed.contains(key)) {
-            self.recorder()
-                .record(Some(writer), crate::tag::invalidation_of(key));
+        let (mut entries, mut tags) = (0, 0);
+        for key in &unfinished.keys {
+            // `failed` is empty but when the cache failed.
+            if !failed.contains(key) {
+                match crate::tag::invalidation_of(key) {
+                    Event::TagInvalidation => tags += 1,
+                    _ => entries += 1,
+                }
+            }
         }
+        self.recorder()
+            .record_n(Some(writer), Event::Invalidation, entries);
+        self.recorder()
+            .record_n(Some(writer), Event::TagInvalidation, tags);
         unfinished.keys = failed;
         match error {
             None => {}

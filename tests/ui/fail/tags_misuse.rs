@@ -11,6 +11,17 @@ async fn member(db: &Db, org_id: u64, user_id: u64) -> u64 {
     user_id
 }
 
+/// A field the key does not name.
+#[redis_cached(key = "user:<user.id>", ttl = 60, tags = ["org:<user.org_id>", "user:<user.id>"])]
+async fn user(user: &User) -> u64 {
+    user.id + user.org_id
+}
+
+struct User {
+    id: u64,
+    org_id: u64,
+}
+
 /// An unknown placeholder, with a suggestion; and a tag that is no string.
 #[redis_cached(key = "team:<team_id>", ttl = 60, tags = ["team:<teamid>", 7])]
 async fn team(team_id: u64) -> u64 {
