@@ -89,6 +89,17 @@ impl App {
         Ok(self.row(id))
     }
 
+    /// Tagged: its tags' tokens are keys under the prefix too.
+    #[redis_cached(key = "tagged:<id>", ttl = 60, tags = ["row:<id>", "rows"], single_flight, cache = self.cache)]
+    async fn tagged(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id))
+    }
+
+    #[redis_cached(key = "tagged_local:<id>", ttl = 60, tags = ["row:<id>"], local = "5s", cache = self.cache)]
+    async fn tagged_local(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id))
+    }
+
     #[redis_cached(key = "bcast:<id>", ttl = 60, local = "5s", cache = self.broadcast)]
     async fn local_broadcast(&self, id: u64) -> Result<Row, DbError> {
         Ok(self.row(id))
@@ -102,6 +113,7 @@ impl App {
         Self::early(id),
         Self::none(id),
         Self::local(id),
+        tag = "row:<id>",
         cache = self.cache
     )]
     async fn write(&self, id: u64) -> Result<(), DbError> {
@@ -137,6 +149,9 @@ async fn every_option(app: &App) {
             app.local(id).await.unwrap();
             app.local_broadcast(id).await.unwrap();
             app.local_broadcast(id).await.unwrap();
+            app.tagged(id).await.unwrap();
+            app.tagged_local(id).await.unwrap();
+            app.tagged_local(id).await.unwrap();
         }
         app.batch(&[0, 1, 2, 3, 4, 5]).await.unwrap();
         // Past the TTLs: `stale` and `early` refresh under their locks.
@@ -149,6 +164,7 @@ async fn every_option(app: &App) {
         app.write_broadcast(round).await.unwrap();
         app.put(round + 1).await.unwrap();
     }
+    app.cache.invalidate_tag("rows").await.unwrap();
     app.cache.clear_prefix("plain:").await.unwrap();
     app.cache.clear().await.unwrap();
 }

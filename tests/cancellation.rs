@@ -383,20 +383,37 @@ fn keys(cache: &Cache, id: u64) -> Vec<String> {
         .collect()
 }
 
-/// Lease placeholders and refresh locks in the cache right now.
-async fn leases_left(cache: &Cache) -> Vec<String> {
+/// Lease placeholders and refresh locks in the cache right now, but those
+/// taken (by the placeholder's time) before `lost_before`, ms since the
+/// epoch: see `sweep_on_sentinel_through_a_failover`.
+async fn leases_left(cache: &Cache, lost_before: u64) -> Vec<String> {
     let mut left = Vec::new();
     for id in 0..IDS {
         for key in keys(cache, id) {
             if let Ok(Some(bytes)) = backend_ops(cache).get(&key).await
-                && bytes.starts_with(b"\0lease:")
+                && let Some(placeholder) = bytes.strip_prefix(b"\0lease:")
             {
+                let taken_at = String::from_utf8_lossy(placeholder)
+                    .rsplit(':')
+                    .next()
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .unwrap_or(u64::MAX);
+                if taken_at < lost_before {
+                    println!(
+                        "a placeholder taken before the failover, its release lost with the old primary: {key:?}"
+                    );
+                    continue;
+                }
                 left.push(key.replace('\0', "\\0"));
             }
         }
     }
     left
 }
+
+/// When the Sentinel sweep's failover finished (ms since the epoch; 0
+/// before it did, and in the other sweeps).
+static FAILOVER_DONE: AtomicU64 = AtomicU64::new(0);
 
 fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
     let (started, completed, dropped) = (
@@ -493,7 +510,9 @@ async fn sweep_on_redis_behind_a_fault_proxy() {
     // Every placeholder and lock is given back: none outlives Redis being
     // healthy by more than an op timeout and a retry of the janitor's.
     let clean = wait_for(Duration::from_secs(5), POLL, async || {
-        leases_left(&cache).await.is_empty()
+        leases_left(&cache, FAILOVER_DONE.load(Ordering::SeqCst))
+            .await
+            .is_empty()
     })
     .await
     .map(|_| healthy.elapsed());
@@ -517,7 +536,7 @@ async fn sweep_on_redis_behind_a_fault_proxy() {
         closed <= COOLDOWN + 2 * OP_TIMEOUT + Duration::from_millis(200),
         "{closed:?}"
     );
-    let left = leases_left(&cache).await;
+    let left = leases_left(&cache, FAILOVER_DONE.load(Ordering::SeqCst)).await;
     let clean = clean.unwrap_or_else(|| panic!("leases or locks left: {left:?}"));
     assert!(
         clean <= OP_TIMEOUT + Duration::from_millis(200),
@@ -545,11 +564,22 @@ async fn sweep_on_a_cluster() {
 async fn sweep_on_sentinel_through_a_failover() {
     let deployment = Arc::new(RedisSentinel::start());
     let builder = Cache::builder().sentinel(RedisSentinel::SERVICE, deployment.sentinel_urls());
+    // A lease's store or give-back that the old primary took after the
+    // promotion is lost with it (writes of this process to it are not
+    // replayed, but invalidations: see the Sentinel fence), and its
+    // placeholder stays on the new primary until its lease runs out: the
+    // key is computed without caching meanwhile. Those are reported, not
+    // counted as leaked; a placeholder taken after the failover is.
     let failover = {
         let deployment = deployment.clone();
         tokio::task::spawn_blocking(move || {
             std::thread::sleep(Duration::from_secs(1));
-            deployment.failover(Duration::from_secs(30))
+            let took = deployment.failover(Duration::from_secs(30));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            FAILOVER_DONE.store(now, Ordering::SeqCst);
+            took
         })
     };
     let length = sweep_length().max(Duration::from_secs(14));
@@ -571,10 +601,12 @@ async fn sweep_without_proxy(name: &str, builder: cache_runtime::CacheBuilder, l
     let (calls, stats, body_runs) = sweep(db.clone(), None, length).await;
     check_counters(name, &calls, &stats, body_runs);
     let clean = wait_for(Duration::from_secs(5), POLL, async || {
-        leases_left(&cache).await.is_empty()
+        leases_left(&cache, FAILOVER_DONE.load(Ordering::SeqCst))
+            .await
+            .is_empty()
     })
     .await;
-    let left = leases_left(&cache).await;
+    let left = leases_left(&cache, FAILOVER_DONE.load(Ordering::SeqCst)).await;
     println!("{name}: no lease or lock left {clean:?} after the sweep");
     assert!(clean.is_some(), "leases or locks left: {left:?}");
     let idle = wait_for(Duration::from_secs(10), POLL, async || {
@@ -596,7 +628,7 @@ async fn sweep_on_the_memory_backend() {
     let db = Arc::new(Db::new(cache.clone()));
     let (calls, stats, body_runs) = sweep(db.clone(), None, sweep_length()).await;
     check_counters("memory", &calls, &stats, body_runs);
-    let left = leases_left(&cache).await;
+    let left = leases_left(&cache, FAILOVER_DONE.load(Ordering::SeqCst)).await;
     println!(
         "memory: leases or locks left after the sweep: {}",
         left.len()
