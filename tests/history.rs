@@ -221,21 +221,10 @@ impl Store {
     /// `SMEMBERS` + `DEL`), by a reader slow to store, as [`Store::naive`].
     async fn naive_tags(&self, id: u64) -> Row {
         let key = format!("{}:naive-tagged:{{{id}}}", self.prefix);
-        let mut conn = self.naive.clone();
-        let cached: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if let Some(row) = cached.and_then(|bytes| serde_json::from_slice(&bytes).ok()) {
+        if let Some(row) = self.naive_get(&key).await {
             return row;
         }
-        let row = self.row(id).await;
-        let waited = Instant::now();
-        while waited.elapsed() < NAIVE_WAIT_FOR_WRITE && self.row(id).await.version == row.version {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        tokio::time::sleep(NAIVE_STORE_DELAY).await;
+        let row = self.naive_compute(id).await;
         let json = serde_json::to_vec(&row).unwrap();
         let _: () = redis::pipe()
             .cmd("SET")
@@ -246,7 +235,7 @@ impl Store {
             .cmd("SADD")
             .arg(self.naive_tag(id))
             .arg(&key)
-            .query_async(&mut conn)
+            .query_async(&mut self.naive.clone())
             .await
             .unwrap();
         row
@@ -282,30 +271,42 @@ impl Store {
     /// row it read before: whenever a write comes, it is undone.
     async fn naive(&self, id: u64) -> Row {
         let key = format!("{}:naive:{id}", self.prefix);
-        let mut conn = self.naive.clone();
-        let cached: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if let Some(row) = cached.and_then(|bytes| serde_json::from_slice(&bytes).ok()) {
+        if let Some(row) = self.naive_get(&key).await {
             return row;
         }
-        let row = self.row(id).await;
-        let waited = Instant::now();
-        while waited.elapsed() < NAIVE_WAIT_FOR_WRITE && self.row(id).await.version == row.version {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        tokio::time::sleep(NAIVE_STORE_DELAY).await;
+        let row = self.naive_compute(id).await;
         let json = serde_json::to_vec(&row).unwrap();
         let _: () = redis::cmd("SET")
             .arg(&key)
             .arg(json)
             .arg("EX")
             .arg(60)
-            .query_async(&mut conn)
+            .query_async(&mut self.naive.clone())
             .await
             .unwrap();
+        row
+    }
+
+    /// A naive arm's read of `key`: the row cached there, if any.
+    async fn naive_get(&self, key: &str) -> Option<Row> {
+        let cached: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.naive.clone())
+            .await
+            .unwrap();
+        cached.and_then(|bytes| serde_json::from_slice(&bytes).ok())
+    }
+
+    /// A naive arm's miss: the row, read before a write of it lands (or
+    /// a bounded wait for one), then the store's delay; see
+    /// [`Store::naive`].
+    async fn naive_compute(&self, id: u64) -> Row {
+        let row = self.row(id).await;
+        let waited = Instant::now();
+        while waited.elapsed() < NAIVE_WAIT_FOR_WRITE && self.row(id).await.version == row.version {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(NAIVE_STORE_DELAY).await;
         row
     }
 

@@ -186,6 +186,18 @@ impl Tagging {
         rest.first() == Some(&b'\n')
     }
 
+    /// `read` of an entry of these tags: a value stored with other tokens
+    /// than the tags hold now is garbage to replace (a miss, not counted as
+    /// an error: it was invalidated).
+    pub(crate) fn check(&self, read: Read) -> Read {
+        match read {
+            Read::Value { bytes, .. } if !self.stamped(&bytes) => {
+                Read::Garbage(Garbage::Bytes(bytes))
+            }
+            read => read,
+        }
+    }
+
     /// The tags' names, as their keys end.
     fn names(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.keys.iter().map(|key| &key.as_bytes()[self.name_at..])
@@ -258,15 +270,22 @@ impl Cache {
                 tagging.set_tokens(tokens);
                 Some(!made)
             }
-            Err(CacheError::CircuitOpen) => None,
             Err(error) => {
-                self.record(site, Event::Error);
-                crate::limited!(
-                    self,
-                    warn!(%error, "cache tags could not be read: running uncached")
-                );
+                self.tags_unread(site, &error);
                 None
             }
+        }
+    }
+
+    /// Counts and logs tags that could not be read (not while the breaker
+    /// is open: its opening was counted): the call runs uncached.
+    fn tags_unread(&self, site: &'static Site, error: &CacheError) {
+        if !matches!(error, CacheError::CircuitOpen) {
+            self.record(site, Event::Error);
+            crate::limited!(
+                self,
+                warn!(%error, "cache tags could not be read: running uncached")
+            );
         }
     }
 
@@ -294,13 +313,8 @@ impl Cache {
         };
         let tokens = match read {
             Ok((tokens, _)) => tokens,
-            Err(CacheError::CircuitOpen) => return false,
             Err(error) => {
-                self.record(site, Event::Error);
-                crate::limited!(
-                    self,
-                    warn!(%error, "cache tags could not be read: running uncached")
-                );
+                self.tags_unread(site, &error);
                 return false;
             }
         };
@@ -373,24 +387,13 @@ impl Cache {
         match tokens {
             Ok((tokens, _)) => tagging.set_tokens(tokens),
             Err(error) => {
-                if !matches!(error, CacheError::CircuitOpen) {
-                    self.record(site, Event::Error);
-                    crate::limited!(
-                        self,
-                        warn!(%error, "cache tags could not be read: running uncached")
-                    );
-                }
+                self.tags_unread(site, &error);
                 return Read::Unavailable {
                     pending_write: false,
                 };
             }
         }
-        match self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))) {
-            Read::Value { bytes, .. } if !tagging.stamped(&bytes) => {
-                Read::Garbage(Garbage::Bytes(bytes))
-            }
-            read => read,
-        }
+        tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))))
     }
 
     /// Whether every tag still holds the token read last: no tag was

@@ -64,6 +64,29 @@ async fn call(tagged_arm: bool, id: u64) {
     std::hint::black_box(user.ok());
 }
 
+/// How many hits 64 callers of one arm make in `length`.
+async fn hits_of_64(tagged_arm: bool, length: Duration) -> u64 {
+    let calls = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + length;
+    let tasks: Vec<_> = (0..64)
+        .map(|task| {
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                let mut id = task;
+                while Instant::now() < end {
+                    call(tagged_arm, id % KEYS).await;
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    id += 64;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    calls.load(Ordering::Relaxed)
+}
+
 /// Part 1: p50 at c=1 and calls per second at c=64, per arm.
 async fn hits() {
     for id in 0..KEYS {
@@ -83,25 +106,8 @@ async fn hits() {
         }
         for turn in 0..2 {
             let arm = (round + turn) % 2;
-            let calls = Arc::new(AtomicU64::new(0));
-            let end = Instant::now() + Duration::from_secs(1);
-            let tasks: Vec<_> = (0..64)
-                .map(|task| {
-                    let calls = calls.clone();
-                    tokio::spawn(async move {
-                        let mut id = task;
-                        while Instant::now() < end {
-                            call(arm == 1, id % KEYS).await;
-                            calls.fetch_add(1, Ordering::Relaxed);
-                            id += 64;
-                        }
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await.unwrap();
-            }
-            throughput[arm].push(calls.load(Ordering::Relaxed) as f64);
+            let calls = hits_of_64(arm == 1, Duration::from_secs(1)).await;
+            throughput[arm].push(calls as f64);
         }
     }
     for arm in &mut latencies {
@@ -293,28 +299,11 @@ async fn main() -> Result<(), Error> {
         for id in 0..KEYS {
             call(tagged_arm, id).await;
         }
-        let calls = Arc::new(AtomicU64::new(0));
-        let end = Instant::now() + Duration::from_secs(5);
-        let tasks: Vec<_> = (0..64)
-            .map(|task| {
-                let calls = calls.clone();
-                tokio::spawn(async move {
-                    let mut id = task;
-                    while Instant::now() < end {
-                        call(tagged_arm, id % KEYS).await;
-                        calls.fetch_add(1, Ordering::Relaxed);
-                        id += 64;
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
-        }
+        let calls = hits_of_64(tagged_arm, Duration::from_secs(5)).await;
         let total = cache.stats().total;
         println!(
             "{arm}: {} calls/s; {} hits, {} misses, {} errors, {} bypasses",
-            calls.load(Ordering::Relaxed) / 5,
+            calls / 5,
             total.hits,
             total.misses,
             total.errors,

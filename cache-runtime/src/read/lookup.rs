@@ -527,10 +527,7 @@ impl Cache {
             _ if tokens.is_none() => Read::Unavailable {
                 pending_write: false,
             },
-            Read::Value { bytes, .. } if !tagging.stamped(&bytes) => {
-                Read::Garbage(Garbage::Bytes(bytes))
-            }
-            read => read,
+            read => tagging.check(read),
         };
         (read, tokens == Some(true))
     }

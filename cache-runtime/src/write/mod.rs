@@ -171,8 +171,10 @@ impl Cache {
         }
         self.recorder()
             .record_n(Some(writer), Event::Invalidation, entries);
-        self.recorder()
-            .record_n(Some(writer), Event::TagInvalidation, tags);
+        if tags > 0 {
+            self.recorder()
+                .record_n(Some(writer), Event::TagInvalidation, tags);
+        }
         unfinished.keys = failed;
         match error {
             None => {}
