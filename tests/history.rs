@@ -41,8 +41,9 @@ struct Row {
 struct DbError;
 
 /// The read arms, by name. The `tag_` arms are invalidated by the row's
-/// tag only (`tags = ["row:<id>"]`, `#[invalidates(tag = "row:<id>")]`).
-const ARMS: [&str; 16] = [
+/// tag only (`tags = ["row:<id>"]`, `#[invalidates(tag = "row:<id>")]`);
+/// the `tags_from` arms too, a tag their value names.
+const ARMS: [&str; 19] = [
     "plain",
     "single_flight",
     "distributed",
@@ -56,6 +57,9 @@ const ARMS: [&str; 16] = [
     "tag_stale",
     "tag_batch",
     "local_tagged",
+    "tags_from",
+    "tags_from_batch",
+    "local_tags_from",
     "naive",
     "naive_local",
     "naive_tags",
@@ -65,6 +69,12 @@ const ARMS: [&str; 16] = [
 /// processes) the local tier, within the time the server's invalidation
 /// takes to reach another process.
 const NAIVE: [&str; 3] = ["naive", "naive_local", "naive_tags"];
+
+/// The tag a row names (`tags_from`): its own, as `tags = ["row:<id>"]`
+/// would.
+fn row_tag(row: &Row) -> [String; 1] {
+    [format!("row:{}", row.id)]
+}
 
 struct Store {
     cache: Cache,
@@ -214,6 +224,28 @@ impl Store {
 
     #[redis_cached(key = "tlocal:<id>", ttl = 60, local = "5s", tags = ["row:<id>"], single_flight, cache = self.cache)]
     async fn local_tagged(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "tfrom:<id>", ttl = "100ms", stale = "10s", tags_from = row_tag, single_flight, cache = self.cache)]
+    async fn tags_from(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
+    }
+
+    #[redis_cached(key = "tfbatch:<ids>", ttl = 60, tags_from = row_tag, cache_none, single_flight, batch, cache = self.cache)]
+    async fn tags_from_batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+        let mut rows = HashMap::new();
+        for &id in ids {
+            let row = self.row(id).await;
+            if row.version > 0 {
+                rows.insert(id, row);
+            }
+        }
+        Ok(rows)
+    }
+
+    #[redis_cached(key = "tflocal:<id>", ttl = 60, local = "5s", tags_from = row_tag, single_flight, cache = self.cache)]
+    async fn local_tags_from(&self, id: u64) -> Result<Row, DbError> {
         Ok(self.row(id).await)
     }
 
@@ -379,6 +411,12 @@ impl Store {
                 .await
                 .map(|mut rows| rows.remove(&id).unwrap_or(Row { id, version: 0 })),
             "local_tagged" => self.local_tagged(id).await,
+            "tags_from" => self.tags_from(id).await,
+            "tags_from_batch" => self
+                .tags_from_batch(&[id, fastrand::u64(..ROWS)])
+                .await
+                .map(|mut rows| rows.remove(&id).unwrap_or(Row { id, version: 0 })),
+            "local_tags_from" => self.local_tags_from(id).await,
             "naive_local" => self.naive_local(id).await,
             "naive_tags" => Ok(self.naive_tags(id).await),
             _ => Ok(self.naive(id).await),

@@ -34,7 +34,7 @@ impl Repo {
         Some(org.id)
     }
 
-    #[redis_cached(key = "t:find:<name>", ttl = 60, cache = self.cache)]
+    #[redis_cached(key = "t:find:<name>", ttl = 60, tags_from = user_tags, cache = self.cache)]
     async fn find(&self, name: &str) -> Result<Option<User>, DbError> {
         Ok((!name.is_empty()).then_some(User { id: 1 }))
     }
@@ -49,6 +49,10 @@ impl Repo {
     async fn put(&self, id: u64) -> Result<User, DbError> {
         Ok(User { id })
     }
+}
+
+fn user_tags(user: &User) -> [String; 1] {
+    [format!("user:{}", user.id)]
 }
 
 #[redis_cached(key = "g:<id>", ttl = 60, skip(label))]

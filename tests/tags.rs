@@ -117,6 +117,47 @@ impl Arm for Tagged {
     }
 }
 
+/// This project, with the tag named by the value (`tags_from`), and
+/// `single_flight`.
+struct Derived {
+    cache: Cache,
+    db: Db,
+}
+
+fn org_of(member: &Member) -> Vec<String> {
+    vec![format!("org:{}", member.org)]
+}
+
+impl Derived {
+    #[redis_cached(key = "derived:member:<org>:<user>", ttl = 60, tags_from = org_of, single_flight, cache = self.cache)]
+    async fn member(&self, org: u64, user: u64) -> Member {
+        self.db.read(org, user).await
+    }
+
+    #[invalidates(tag = "org:<org>", cache = self.cache)]
+    async fn update_org(&self, org: u64) {
+        self.db.write(org).await;
+    }
+}
+
+impl Arm for Derived {
+    fn db(&self) -> &Db {
+        &self.db
+    }
+    fn read(&self, org: u64, user: u64) -> impl Future<Output = Member> + Send {
+        self.member(org, user)
+    }
+    fn write(&self, org: u64) -> impl Future<Output = ()> + Send {
+        self.update_org(org)
+    }
+    async fn evict(&self, org: u64) {
+        self.cache
+            .invalidate_tag(&format!("org:{org}"))
+            .await
+            .unwrap();
+    }
+}
+
 /// Tags as a set of keys per tag. Test code only.
 struct Naive {
     conn: RawConnection,
@@ -207,22 +248,39 @@ async fn race_on(target: Target, what: &str) {
         cache: target.cache(Some("tags")).await,
         db: Db::default(),
     });
+    let derived = Arc::new(Derived {
+        cache: target.cache(Some("derived")).await,
+        db: Db::default(),
+    });
     let naive = Arc::new(Naive {
         conn: target.raw().await,
         db: Db::default(),
     });
-    let (tagged_stale, naive_stale) =
-        tokio::join!(stale_entries(tagged.clone()), stale_entries(naive));
+    let (tagged_stale, derived_stale, naive_stale) = tokio::join!(
+        stale_entries(tagged.clone()),
+        stale_entries(derived.clone()),
+        stale_entries(naive)
+    );
     let stats = tagged.cache.stats();
+    let derived_stats = derived.cache.stats();
     println!(
         "stale-set race over a tag, {ROUNDS} rounds x ({READERS_PER_ROUND} readers + {WRITERS_PER_ROUND} writers) on {ORGS} orgs x {MEMBERS} members, {what}:"
     );
     println!("  tags = [\"org:<org>\"] + #[invalidates(tag = ...)]: {tagged_stale} stale");
-    println!("  naive set of keys per tag (SADD / SMEMBERS + DEL): {naive_stale} stale");
     println!(
-        "  tagged arm: {} hits, {} misses, {} sets, {} errors",
-        stats.total.hits, stats.total.misses, stats.total.sets, stats.total.errors
+        "  tags_from = org_of (the tag named by the value), single_flight: {derived_stale} stale"
     );
+    println!("  naive set of keys per tag (SADD / SMEMBERS + DEL): {naive_stale} stale");
+    for (arm, stats) in [("tagged", &stats), ("tags_from", &derived_stats)] {
+        println!(
+            "  {arm} arm: {} hits, {} misses, {} coalesced, {} sets, {} errors",
+            stats.total.hits,
+            stats.total.misses,
+            stats.total.coalesced,
+            stats.total.sets,
+            stats.total.errors
+        );
+    }
     assert!(
         naive_stale > 0,
         "the naive arm never went stale: the harness cannot detect the race"
@@ -231,7 +289,16 @@ async fn race_on(target: Target, what: &str) {
         tagged_stale, 0,
         "a tag invalidation left a stale value behind"
     );
+    assert_eq!(
+        derived_stale, 0,
+        "a tag invalidation left a stale value of `tags_from` behind"
+    );
     assert_eq!(stats.total.errors, 0);
+    assert_eq!(derived_stats.total.errors, 0);
+    assert!(
+        derived_stats.total.hits > 0 && derived_stats.total.sets > 0,
+        "the tags_from arm cached nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,9 +319,16 @@ async fn a_tag_invalidation_leaves_no_stale_entry_on_the_memory_backend() {
         cache: Cache::memory(),
         db: Db::default(),
     });
-    let stale = stale_entries(tagged).await;
-    println!("stale-set race over a tag on Cache::memory(): {stale} stale");
+    let derived = Arc::new(Derived {
+        cache: Cache::memory(),
+        db: Db::default(),
+    });
+    let (stale, derived_stale) = tokio::join!(stale_entries(tagged), stale_entries(derived));
+    println!(
+        "stale-set race over a tag on Cache::memory(): {stale} stale; tags_from: {derived_stale} stale"
+    );
     assert_eq!(stale, 0);
+    assert_eq!(derived_stale, 0);
 }
 
 // One tag over two functions, and a function without it.
@@ -493,12 +567,37 @@ async fn local_member(cache: &Cache, org_id: u64, user_id: u64) -> (u64, u64, u3
     (org_id, user_id, run)
 }
 
+/// The same, with its tag named by the value (`tags_from`).
+#[redis_cached(key = "local_derived:<org_id>:<user_id>", ttl = 60, local = "60s", tags_from = org_of_triple, cache = cache, skip(cache))]
+async fn local_derived(cache: &Cache, org_id: u64, user_id: u64) -> (u64, u64, u32) {
+    let run = LOCAL_RUNS.fetch_add(1, Ordering::SeqCst);
+    (org_id, user_id, run)
+}
+
+fn org_of_triple(value: &(u64, u64, u32)) -> [String; 1] {
+    [format!("org:{}", value.0)]
+}
+
+/// Which of the two the local tests call.
+#[derive(Clone, Copy)]
+enum TagsOf {
+    Own,
+    FromValue,
+}
+
+async fn read_local(cache: &Cache, tagged: TagsOf, org_id: u64, user_id: u64) -> (u64, u64, u32) {
+    match tagged {
+        TagsOf::Own => local_member(cache, org_id, user_id).await,
+        TagsOf::FromValue => local_derived(cache, org_id, user_id).await,
+    }
+}
+
 /// How long until `reader`'s call of `local_member` shows a new run (it
 /// dropped its copy), polling every millisecond; `None` after 5 s.
-async fn until_dropped(reader: &Cache, seen: (u64, u64, u32)) -> Option<Duration> {
+async fn until_dropped(reader: &Cache, tagged: TagsOf, seen: (u64, u64, u32)) -> Option<Duration> {
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
-        if local_member(reader, seen.0, seen.1).await != seen {
+        if read_local(reader, tagged, seen.0, seen.1).await != seen {
             return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -507,33 +606,43 @@ async fn until_dropped(reader: &Cache, seen: (u64, u64, u32)) -> Option<Duration
 }
 
 async fn local_copies_follow_their_tags(writer: Cache, reader: Cache, how: &str) {
-    let seen = local_member(&reader, 5, 1).await;
-    assert_eq!(local_member(&reader, 5, 1).await, seen);
+    for tagged in [TagsOf::Own, TagsOf::FromValue] {
+        local_copies_follow_their(&writer, &reader, tagged, how).await;
+    }
+}
+
+async fn local_copies_follow_their(writer: &Cache, reader: &Cache, tagged: TagsOf, how: &str) {
+    let how = match tagged {
+        TagsOf::Own => format!("{how}, tags = [...]"),
+        TagsOf::FromValue => format!("{how}, tags_from"),
+    };
+    let seen = read_local(reader, tagged, 5, 1).await;
+    assert_eq!(read_local(reader, tagged, 5, 1).await, seen);
     let before = reader.stats().total.local_hits;
-    assert_eq!(local_member(&reader, 5, 1).await, seen);
+    assert_eq!(read_local(reader, tagged, 5, 1).await, seen);
     assert_eq!(reader.stats().total.local_hits, before + 1, "a local hit");
     // Another process's invalidation of the tag.
     writer.invalidate_tag("org:5").await.unwrap();
-    let took = until_dropped(&reader, seen).await;
+    let took = until_dropped(reader, tagged, seen).await;
     println!("{how}: another process's tag invalidation reached the local copy in {took:?}");
     assert!(
         took.is_some(),
         "{how}: the copy outlived its tag's invalidation"
     );
     // The reader's own invalidation: gone before it returns.
-    let seen = local_member(&reader, 5, 1).await;
-    assert_eq!(local_member(&reader, 5, 1).await, seen);
+    let seen = read_local(reader, tagged, 5, 1).await;
+    assert_eq!(read_local(reader, tagged, 5, 1).await, seen);
     reader.invalidate_tag("org:5").await.unwrap();
     assert_ne!(
-        local_member(&reader, 5, 1).await,
+        read_local(reader, tagged, 5, 1).await,
         seen,
         "{how}: read after own write"
     );
     // Another org's tag leaves the copy alone.
-    let seen = local_member(&reader, 5, 1).await;
+    let seen = read_local(reader, tagged, 5, 1).await;
     writer.invalidate_tag("org:6").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(local_member(&reader, 5, 1).await, seen, "{how}");
+    assert_eq!(read_local(reader, tagged, 5, 1).await, seen, "{how}");
 }
 
 #[tokio::test]
@@ -614,10 +723,66 @@ async fn batches_follow_their_tags(cache: &Cache) {
     assert_eq!(cache.stats().total.errors, 0);
 }
 
+/// A batch whose values name their tags (`tags_from`): a user's team,
+/// which only the row knows; the single lookup shares its entries.
+#[redis_cached(key = "bd:<org_id>:<user_ids>", ttl = 60, batch, tags_from = team_of, cache = cache, skip(cache))]
+async fn batch_derived(
+    cache: &Cache,
+    org_id: u64,
+    user_ids: &[u64],
+) -> Result<HashMap<u64, (u64, u64)>, String> {
+    BATCH_RUNS.lock().unwrap().extend_from_slice(user_ids);
+    Ok(user_ids.iter().map(|&id| (id, (org_id, id))).collect())
+}
+
+#[redis_cached(key = "bd:<org_id>:<user_id>", ttl = 60, tags_from = team_of, cache = cache, skip(cache))]
+async fn single_derived(cache: &Cache, org_id: u64, user_id: u64) -> Result<(u64, u64), String> {
+    BATCH_RUNS.lock().unwrap().push(user_id);
+    Ok((org_id, user_id))
+}
+
+fn team_of(member: &(u64, u64)) -> Vec<String> {
+    vec![format!("team:{}", member.1 % 2)]
+}
+
+/// The ids the derived batch's body ran with, sorted.
+async fn derived_ran(cache: &Cache) -> Vec<u64> {
+    BATCH_RUNS.lock().unwrap().clear();
+    let found = batch_derived(cache, 4, &[1, 2, 3]).await.unwrap();
+    assert_eq!(found.len(), 3);
+    let mut ran = std::mem::take(&mut *BATCH_RUNS.lock().unwrap());
+    ran.sort_unstable();
+    ran
+}
+
+async fn batches_follow_the_tags_their_values_name(cache: &Cache) {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
+    assert_eq!(derived_ran(cache).await, [1, 2, 3], "cold");
+    assert_eq!(derived_ran(cache).await, [0u64; 0], "hits");
+    cache.invalidate_tag("team:1").await.unwrap();
+    assert_eq!(derived_ran(cache).await, [1, 3], "the odd ids' team");
+    // The single lookup shares the batch's entries, and their tags.
+    BATCH_RUNS.lock().unwrap().clear();
+    assert_eq!(single_derived(cache, 4, 2).await, Ok((4, 2)));
+    assert_eq!(*BATCH_RUNS.lock().unwrap(), [0u64; 0], "the batch's entry");
+    cache.invalidate_tag("team:0").await.unwrap();
+    assert_eq!(single_derived(cache, 4, 2).await, Ok((4, 2)));
+    assert_eq!(*BATCH_RUNS.lock().unwrap(), [2], "its tag reached it");
+    assert_eq!(
+        derived_ran(cache).await,
+        [0u64; 0],
+        "and the batch reads it"
+    );
+    assert_eq!(cache.stats().total.errors, 0);
+}
+
 #[tokio::test]
 async fn a_batch_carries_its_tags_per_id_on_redis() {
     let server = RedisServer::start();
-    batches_follow_their_tags(&Target::server(&server).cache(Some("bt")).await).await;
+    let cache = Target::server(&server).cache(Some("bt")).await;
+    batches_follow_their_tags(&cache).await;
+    batches_follow_the_tags_their_values_name(&cache).await;
 }
 
 #[tokio::test]
@@ -626,11 +791,14 @@ async fn a_batch_carries_its_tags_per_id_on_a_cluster() {
         .cache(Some("btc"))
         .await;
     batches_follow_their_tags(&cache).await;
+    batches_follow_the_tags_their_values_name(&cache).await;
 }
 
 #[tokio::test]
 async fn a_batch_carries_its_tags_per_id_in_memory() {
-    batches_follow_their_tags(&Cache::memory()).await;
+    let cache = Cache::memory();
+    batches_follow_their_tags(&cache).await;
+    batches_follow_the_tags_their_values_name(&cache).await;
 }
 
 // Losing a tag's bookkeeping (eviction, expiry) makes its entries misses,
@@ -798,4 +966,236 @@ async fn evicted_member(cache: &Cache, db: &EvictionDb, org: u64, user: u64) -> 
         version,
         padding: "x".repeat(2_000),
     }
+}
+
+// Tags from the value: a listing and a lookup by SKU that the writer
+// cannot name, reached by the product's tag.
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Product {
+    id: u64,
+    sku: String,
+    category: String,
+    price: u64,
+}
+
+struct Shop {
+    cache: Cache,
+    products: Mutex<Vec<Product>>,
+    runs: Mutex<HashMap<&'static str, u32>>,
+}
+
+fn product_tag(product: &Product) -> [String; 1] {
+    [format!("product:{}", product.id)]
+}
+
+fn listing_tags(listing: &[Product]) -> Vec<String> {
+    listing
+        .iter()
+        .map(|p| format!("product:{}", p.id))
+        .collect()
+}
+
+impl Shop {
+    fn ran(&self, what: &'static str) {
+        *self.runs.lock().unwrap().entry(what).or_default() += 1;
+    }
+
+    fn runs(&self) -> HashMap<&'static str, u32> {
+        std::mem::take(&mut *self.runs.lock().unwrap())
+    }
+
+    #[redis_cached(key = "product:<id>", ttl = 60, tags = ["product:<id>"], cache = self.cache)]
+    async fn product(&self, id: u64) -> Option<Product> {
+        self.ran("product");
+        let products = self.products.lock().unwrap();
+        products.iter().find(|p| p.id == id).cloned()
+    }
+
+    #[redis_cached(key = "sku:<sku>", ttl = 60, tags_from = product_tag, cache = self.cache)]
+    async fn find_by_sku(&self, sku: &str) -> Option<Product> {
+        self.ran("find_by_sku");
+        let products = self.products.lock().unwrap();
+        products.iter().find(|p| p.sku == sku).cloned()
+    }
+
+    #[redis_cached(key = "category:<category>", ttl = 60, tags_from = listing_tags, stale = "30s", cache = self.cache)]
+    async fn list_category(&self, category: &str) -> Vec<Product> {
+        self.ran("list_category");
+        let products = self.products.lock().unwrap();
+        products
+            .iter()
+            .filter(|p| p.category == category)
+            .cloned()
+            .collect()
+    }
+
+    #[invalidates(tag = "product:<id>", cache = self.cache)]
+    async fn update_price(&self, id: u64, price: u64) {
+        let mut products = self.products.lock().unwrap();
+        for product in products.iter_mut().filter(|p| p.id == id) {
+            product.price = price;
+        }
+    }
+
+    /// Every read of the shop; the price of product 1 as each saw it.
+    async fn read_all(&self) -> [u64; 4] {
+        let price = |p: Option<&Product>| p.map_or(0, |p| p.price);
+        let one = self.product(1).await;
+        let by_sku = self.find_by_sku("SKU-1").await;
+        let tools = self.list_category("tools").await;
+        let toys = self.list_category("toys").await;
+        assert_eq!(toys.len(), 1, "{toys:?}");
+        [
+            price(one.as_ref()),
+            price(by_sku.as_ref()),
+            price(tools.iter().find(|p| p.id == 1)),
+            toys[0].price,
+        ]
+    }
+}
+
+async fn tags_named_by_the_value(cache: Cache) {
+    let product = |id: u64, category: &str| Product {
+        id,
+        sku: format!("SKU-{id}"),
+        category: category.into(),
+        price: 10,
+    };
+    let shop = Shop {
+        cache,
+        products: Mutex::new(vec![
+            product(1, "tools"),
+            product(2, "tools"),
+            product(3, "toys"),
+        ]),
+        runs: Mutex::default(),
+    };
+    assert_eq!(shop.read_all().await, [10; 4]);
+    assert_eq!(shop.runs().values().sum::<u32>(), 4, "cold");
+    assert_eq!(shop.read_all().await, [10; 4]);
+    assert_eq!(shop.runs(), HashMap::new(), "hits");
+    shop.update_price(1, 12).await;
+    assert_eq!(shop.read_all().await, [12, 12, 12, 10]);
+    let runs = shop.runs();
+    assert_eq!(
+        runs,
+        HashMap::from([("product", 1), ("find_by_sku", 1), ("list_category", 1)]),
+        "product 1, its SKU lookup and the listing that holds it; not the other listing"
+    );
+    shop.update_price(3, 5).await;
+    assert_eq!(shop.read_all().await, [12, 12, 12, 5]);
+    assert_eq!(shop.runs(), HashMap::from([("list_category", 1)]));
+    shop.cache.invalidate_tag("product:2").await.unwrap();
+    assert_eq!(shop.read_all().await, [12, 12, 12, 5]);
+    assert_eq!(shop.runs(), HashMap::from([("list_category", 1)]));
+    let stats = shop.cache.stats();
+    assert_eq!(stats.total.errors, 0);
+    assert_eq!(stats.total.tag_invalidations, 3);
+}
+
+#[tokio::test]
+async fn tags_from_the_value_reach_listings_and_lookups_on_redis() {
+    let server = RedisServer::start();
+    tags_named_by_the_value(Target::server(&server).cache(Some("shop")).await).await;
+    // The listing's header names its products' tags after its own.
+    let mut conn = Target::server(&server).raw().await;
+    let raw: Vec<u8> = conn.get("shop:category:tools").await.unwrap();
+    let header =
+        String::from_utf8_lossy(&raw[..raw.iter().position(|&b| b == b'\n').unwrap()]).into_owned();
+    let words: Vec<&str> = header.trim_start_matches("\x04tags:").split(' ').collect();
+    assert_eq!(words.len(), 4, "{header:?}");
+    assert_eq!(
+        (words[1], words[3]),
+        ("product:1", "product:2"),
+        "{header:?}"
+    );
+}
+
+#[tokio::test]
+async fn tags_from_the_value_reach_listings_and_lookups_on_a_cluster() {
+    let cache = Target::cluster(RedisCluster::shared())
+        .cache(Some("shopcluster"))
+        .await;
+    tags_named_by_the_value(cache).await;
+}
+
+#[tokio::test]
+async fn tags_from_the_value_reach_listings_and_lookups_in_memory() {
+    tags_named_by_the_value(Cache::memory()).await;
+}
+
+// A value computed before a tag it names was invalidated is not stored:
+// the tags it names are only known once its body ran, so the body's
+// start is fenced by the tag clocks (see `cache_runtime::guide::tags`).
+
+struct Slow {
+    cache: Cache,
+    version: AtomicU32,
+    first: std::sync::atomic::AtomicBool,
+    entered: Notify,
+    release: Notify,
+}
+
+fn item_tag(value: &(u64, u32)) -> Vec<String> {
+    vec![format!("item:{}", value.0)]
+}
+
+impl Slow {
+    #[redis_cached(key = "slow:<id>", ttl = 60, tags_from = item_tag, cache = self.cache)]
+    async fn read(&self, id: u64) -> (u64, u32) {
+        let version = self.version.load(Ordering::SeqCst);
+        if self.first.swap(false, Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        (id, version)
+    }
+}
+
+async fn a_tag_invalidated_during_the_body_is_not_stored_with_its_new_token(cache: Cache) {
+    let slow = Arc::new(Slow {
+        cache,
+        version: AtomicU32::new(0),
+        first: true.into(),
+        entered: Notify::new(),
+        release: Notify::new(),
+    });
+    let reader = tokio::spawn({
+        let slow = slow.clone();
+        async move { slow.read(1).await }
+    });
+    slow.entered.notified().await;
+    slow.version.store(1, Ordering::SeqCst);
+    slow.cache.invalidate_tag("item:1").await.unwrap();
+    slow.release.notify_one();
+    assert_eq!(reader.await.unwrap(), (1, 0), "started before the write");
+    assert_eq!(
+        slow.read(1).await,
+        (1, 1),
+        "a call after the invalidation is answered with a value computed before it"
+    );
+    assert_eq!(slow.read(1).await, (1, 1));
+    let stats = slow.cache.stats();
+    assert_eq!((stats.total.hits, stats.total.errors), (1, 0));
+}
+
+#[tokio::test]
+async fn a_tag_named_by_a_value_computed_across_its_invalidation_is_not_stored_on_redis() {
+    let server = RedisServer::start();
+    let cache = Target::server(&server).cache(Some("slow")).await;
+    a_tag_invalidated_during_the_body_is_not_stored_with_its_new_token(cache).await;
+}
+
+#[tokio::test]
+async fn a_tag_named_by_a_value_computed_across_its_invalidation_is_not_stored_on_a_cluster() {
+    let cache = Target::cluster(RedisCluster::shared())
+        .cache(Some("slowcluster"))
+        .await;
+    a_tag_invalidated_during_the_body_is_not_stored_with_its_new_token(cache).await;
+}
+
+#[tokio::test]
+async fn a_tag_named_by_a_value_computed_across_its_invalidation_is_not_stored_in_memory() {
+    a_tag_invalidated_during_the_body_is_not_stored_with_its_new_token(Cache::memory()).await;
 }

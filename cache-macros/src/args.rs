@@ -26,6 +26,7 @@ const ARGUMENTS: &[&str] = &[
     "batch",
     "local",
     "tags",
+    "tags_from",
     "version",
     "cache",
     "crate",
@@ -70,6 +71,9 @@ pub struct Args {
     pub tags: Vec<LitStr>,
     /// The span of `tags`, for errors.
     pub tags_span: Option<proc_macro2::Span>,
+    /// `tags_from = path`: a function of the value that names tags of its
+    /// own.
+    pub tags_from: Option<Path>,
     pub version: Option<u32>,
     pub cache: Option<Expr>,
     pub krate: Option<Path>,
@@ -167,6 +171,16 @@ impl Args {
                 "tags" => {
                     args.tags_span = Some(name_span);
                     args.tags = parse_tags(&meta.value()?.parse()?, errors);
+                }
+                "tags_from" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    match value {
+                        Expr::Path(path) if path.qself.is_none() => args.tags_from = Some(path.path),
+                        other => errors.spanned(
+                            &other,
+                            "`tags_from` must be a path to a function, e.g. `tags_from = product_tags` with `fn product_tags(value: &V) -> Vec<String>`",
+                        ),
+                    }
                 }
                 "local" => {
                     args.local_millis =

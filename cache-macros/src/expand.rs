@@ -109,6 +109,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
         .none_ttl_millis
         .map(|millis| quote!(.cache_none(#millis)));
     let local = plan.local_millis.map(|millis| quote!(.local(#millis)));
+    let tags_from = plan.tags_from.map(|_| quote!(.tags_from()));
     quote! {
         #[doc = #doc]
         #[must_use]
@@ -120,7 +121,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
                 ::core::concat!(::core::module_path!(), "::", #fn_name),
                 #ttl,
                 #jitter,
-            )#single_flight #stale #early_refresh #cache_none #local;
+            )#single_flight #stale #early_refresh #cache_none #local #tags_from;
             let mut #builder = #krate::__private::KeyBuilder::new(
                 #capacity,
                 ::core::option::Option::Some(&#site),
@@ -319,10 +320,13 @@ fn wrapper(plan: &Plan) -> TokenStream {
     } else {
         quote!(cached)
     };
-    let call = body_call(
+    let call = body_call_with(
         func,
         quote!(#krate::__private::#entry::<#krate::__private::#shape, _, _, _>),
         quote!(#cache, #key,),
+        TokenStream::new(),
+        TokenStream::new(),
+        derive_arg(plan),
     );
     let checks = value_checks(plan, &shape, "ValueOf");
     wrap_as(
@@ -335,6 +339,25 @@ fn wrapper(plan: &Plan) -> TokenStream {
         },
         call,
     )
+}
+
+/// The runtime call's last argument: how the value names tags of its own
+/// (`tags_from`), called at the user's path so that a function of the
+/// wrong type is reported there; `no_tags` without it.
+fn derive_arg(plan: &Plan) -> TokenStream {
+    let krate = &plan.krate;
+    let Some(path) = plan.tags_from else {
+        // At the return type, as the runtime call is: an unmet bound of
+        // the value is reported once there, not again here.
+        return respan(quote!(, #krate::__private::no_tags), ret_span(&plan.func));
+    };
+    let (value, tags) = (
+        Ident::new("value", Span::mixed_site()),
+        Ident::new("tags", Span::mixed_site()),
+    );
+    quote_spanned! {path.span()=>
+        , |#value, #tags| ::core::iter::Extend::extend(#tags, #path(#value))
+    }
 }
 
 /// `<V as Cacheable>::CACHEABLE` (and, with a local tier, `V::clone`),
@@ -408,6 +431,7 @@ fn batch_wrapper(
         quote!(#cache, #keys,),
         quote!(move |#missing: ::std::vec::Vec<#element>|),
         rebind,
+        derive_arg(plan),
     );
     // The parameter is only handed to `batch_keys`: its `mut` belongs to
     // the rebinding in the body.
@@ -465,6 +489,7 @@ pub fn body_call(
         leading_args,
         TokenStream::new(),
         TokenStream::new(),
+        TokenStream::new(),
     )
 }
 
@@ -476,6 +501,7 @@ fn body_call_with(
     leading_args: TokenStream,
     head: TokenStream,
     prologue: TokenStream,
+    trailing_args: TokenStream,
 ) -> TokenStream {
     let stmts = func.body();
     let ret_span = ret_span(func);
@@ -503,6 +529,7 @@ fn body_call_with(
                 #fake_return_edge
                 #(#stmts)*
             }
+            #trailing_args
         },
     );
     args.set_span(ret_span);

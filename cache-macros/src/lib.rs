@@ -264,6 +264,22 @@ mod expansion_snapshots {
     }
 
     #[test]
+    fn tags_from_the_value_are_listed_by_the_users_function() {
+        insta::assert_snapshot!(expand(
+            quote!(
+                key = "category:<category>",
+                ttl = 60,
+                tags_from = product_tags
+            ),
+            quote! {
+                pub async fn list_category(category: &str) -> Result<Vec<Product>, DbError> {
+                    fetch(category).await
+                }
+            },
+        ));
+    }
+
+    #[test]
     fn invalidates_a_tag() {
         insta::assert_snapshot!(expand_write(
             crate::args::WriteKind::Invalidates,

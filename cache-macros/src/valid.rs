@@ -33,6 +33,8 @@ pub struct Plan<'a> {
     pub local_millis: Option<u64>,
     /// `tags = [...]`, resolved like the key.
     pub tags: Vec<Key<'a>>,
+    /// `tags_from = path`.
+    pub tags_from: Option<&'a Path>,
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
@@ -271,6 +273,7 @@ pub fn validate<'a>(
         batch,
         local_millis: args.local_millis,
         tags,
+        tags_from: args.tags_from.as_ref(),
         version: args.version,
         cache: args.cache.as_ref(),
         krate,

@@ -22,17 +22,30 @@ use crate::tag::Tagging;
 use crate::{Cache, CacheKey};
 use std::collections::HashMap;
 
+/// How a function lists the tags its value names (`tags_from`; generated
+/// code passes [`no_tags`] without it).
+pub type Derive<V> = fn(&V, &mut Vec<String>);
+
+/// The `derive` of a function without `tags_from`: never called.
+pub fn no_tags<V>(_: &V, _: &mut Vec<String>) {}
+
 /// The body of every `#[redis_cached]` function: serve `key` from `cache`
-/// (or the installed cache) or run `body`, failing open on any cache trouble.
+/// (or the installed cache) or run `body`, failing open on any cache
+/// trouble. `derive` lists the tags a value names (`tags_from`).
 ///
 /// Only this shell is compiled for each cached function: the read path
 /// behind it is compiled once (see `read::call`).
-pub async fn cached<S, R, V, F>(cache: Option<&Cache>, key: CacheKey<V>, body: F) -> R
+pub async fn cached<S, R, V, F>(
+    cache: Option<&Cache>,
+    key: CacheKey<V>,
+    body: F,
+    derive: Derive<S::Value>,
+) -> R
 where
     S: Outcome<R>,
     F: Future<Output = R>,
 {
-    let mut call = pin!(Typed::<S, S::Value, R, F>::new(body));
+    let mut call = pin!(Typed::<S, S::Value, R, F>::new(body, derive));
     let answered = Lookup::run(cache, key.untyped(), Erased::new(call.as_mut())).await;
     call.answer(answered)
 }
@@ -40,7 +53,12 @@ where
 /// The body of every `#[redis_cached(..., local = "...")]` function:
 /// [`cached`], with a copy of the value kept in process memory. The value
 /// must be `Clone` (a local hit returns a clone of the copy).
-pub async fn cached_local<S, R, V, F>(cache: Option<&Cache>, key: CacheKey<V>, body: F) -> R
+pub async fn cached_local<S, R, V, F>(
+    cache: Option<&Cache>,
+    key: CacheKey<V>,
+    body: F,
+    derive: Derive<S::Value>,
+) -> R
 where
     S: Outcome<R>,
     S::Value: Clone + Send + Sync + 'static,
@@ -57,7 +75,7 @@ where
         Ok(answer) => return answer,
         Err(lookup) => lookup,
     };
-    let mut call = pin!(Typed::<S, S::Value, R, F>::with_local(body));
+    let mut call = pin!(Typed::<S, S::Value, R, F>::with_local(body, derive));
     let answered = lookup.run_local(Erased::new(call.as_mut())).await;
     call.answer(answered)
 }
@@ -88,6 +106,7 @@ pub async fn cached_batch<S, R, T, V, B, Fut>(
     cache: Option<&Cache>,
     keys: Vec<(T, CacheKey<V>)>,
     body: B,
+    derive: Derive<V>,
 ) -> R
 where
     S: BatchOutcome<R>,
@@ -97,7 +116,7 @@ where
     B: FnOnce(Vec<T>) -> Fut,
     Fut: Future<Output = R>,
 {
-    batch::<S, R, T, V, B, Fut>(cache, keys, body, None).await
+    batch::<S, R, T, V, B, Fut>(cache, keys, body, None, derive).await
 }
 
 /// The body of every `#[redis_cached(..., batch, local = "...")]`
@@ -107,6 +126,7 @@ pub async fn cached_batch_local<S, R, T, V, B, Fut>(
     cache: Option<&Cache>,
     keys: Vec<(T, CacheKey<V>)>,
     body: B,
+    derive: Derive<V>,
 ) -> R
 where
     S: BatchOutcome<R>,
@@ -117,7 +137,7 @@ where
     Fut: Future<Output = R>,
 {
     let local: LocalAnswers<T, V> = crate::read::batch::local_answers::<T, V>;
-    batch::<S, R, T, V, B, Fut>(cache, keys, body, Some(local)).await
+    batch::<S, R, T, V, B, Fut>(cache, keys, body, Some(local), derive).await
 }
 
 /// How a batch with a local tier answers the ids whose copies this
@@ -131,6 +151,7 @@ async fn batch<S, R, T, V, B, Fut>(
     keys: Vec<(T, CacheKey<V>)>,
     body: B,
     local: Option<LocalAnswers<T, V>>,
+    derive: Derive<V>,
 ) -> R
 where
     S: BatchOutcome<R>,
@@ -154,7 +175,9 @@ where
         Some(answers) => span.in_scope(|| answers(&cache, site, ids, keys, &mut found)),
         None => (ids, keys),
     };
-    let mut call = pin!(TypedBatch::<S, R, T, V, B, Fut>::new(ids, body, found));
+    let mut call = pin!(TypedBatch::<S, R, T, V, B, Fut>::new(
+        ids, body, found, derive
+    ));
     let erased = Erased::batch(call.as_mut());
     let tags = match tags.is_empty() {
         true => Vec::new(),

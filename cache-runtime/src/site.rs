@@ -19,6 +19,8 @@ pub struct Site {
     none_ttl_millis: u64,
     /// `local = "5s"`: how long a copy stays in process memory at most.
     local_millis: u64,
+    /// `tags_from = path`: the value names tags of its own.
+    derives_tags: bool,
 }
 
 /// `single_flight`: who shares one computation of a missing key.
@@ -45,7 +47,15 @@ impl Site {
             early_refresh_beta: 0.0,
             none_ttl_millis: 0,
             local_millis: 0,
+            derives_tags: false,
         }
+    }
+
+    /// `tags_from = path`: the value names tags of its own (see
+    /// `crate::tag`).
+    pub const fn tags_from(mut self) -> Self {
+        self.derives_tags = true;
+        self
     }
 
     /// `local = "5s"`: keep a copy in process memory for at most `millis`.
@@ -87,6 +97,11 @@ impl Site {
 
     pub(crate) fn single_flight_mode(&self) -> SingleFlight {
         self.single_flight
+    }
+
+    /// Whether the function's values name tags of their own (`tags_from`).
+    pub(crate) fn derives_tags(&self) -> bool {
+        self.derives_tags
     }
 
     /// `local = "..."`, in milliseconds (0 without a local tier).

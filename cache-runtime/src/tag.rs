@@ -43,12 +43,14 @@
 //! has no token yet. Untagged functions pay nothing.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::key::CacheKey;
+use crate::local::TagTicket;
 use crate::local::tracking::Via;
 use crate::read::lookup::{Garbage, Read, Ttl};
 use crate::site::Site;
@@ -61,6 +63,17 @@ pub(crate) const MARK: &str = "\0tag:";
 /// (bytes 0 to 3 are placeholders, freshness headers, negative entries and
 /// compressed values).
 const HEADER: &[u8] = b"\x04tags:";
+/// What a tag clock's key starts with (after the cache's prefix). The
+/// rest, `<prefix>:tags}:<shard>`, is a hash tag that keeps every clock
+/// of one cache in one slot of a cluster, read in one request (whatever
+/// braces the prefix has, the hash tag is the same for every clock).
+const CLOCK: &str = "\0tagclock{";
+/// How many clocks the tags share: a `tags_from` value is not stored when
+/// a tag of one of its tags' clocks was invalidated while its body ran.
+const CLOCKS: u64 = 128;
+/// How many tags a value may name (`tags_from`): each is checked on every
+/// hit. A value that names more is returned, not stored.
+const MOST_DERIVED: usize = 1_000;
 /// How often a reader tries to make a tag's token that keeps being
 /// invalidated between its `SET NX` and its `GET`.
 const MAKE_ATTEMPTS: usize = 3;
@@ -78,12 +91,58 @@ pub(crate) fn tag_key(tag: &str) -> String {
 }
 
 /// What deleting `key` counts as: a tag's or an entry's invalidation.
-pub(crate) fn invalidation_of(key: &str) -> Event {
-    if key.contains(MARK) {
-        Event::TagInvalidation
+/// What deleting `key` counts as: a tag's or an entry's invalidation, or
+/// nothing (a tag clock's, which is part of a tag's).
+pub(crate) fn invalidation_of(key: &str) -> Option<Event> {
+    if key.contains(CLOCK) {
+        None
+    } else if key.contains(MARK) {
+        Some(Event::TagInvalidation)
     } else {
-        Event::Invalidation
+        Some(Event::Invalidation)
     }
+}
+
+/// The key of the clock that a tag key (before or after the cache's
+/// prefix) ticks when it is invalidated; `None` for other keys.
+pub(crate) fn clock_of(key: &str) -> Option<String> {
+    let at = key.find(MARK)?;
+    let name = &key.as_bytes()[at + MARK.len()..];
+    Some(clock_key(&key[..at], shard_of(name)))
+}
+
+/// The key of clock `shard` under `prefix` (empty, or the cache's prefix
+/// with its `:`).
+fn clock_key(prefix: &str, shard: u64) -> String {
+    format!("{prefix}{CLOCK}{prefix}tags}}:{shard}")
+}
+
+/// Which clock a tag's name ticks: FNV-1a, so that every process and
+/// every release agrees.
+fn shard_of(name: &[u8]) -> u64 {
+    let hash = name.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash % CLOCKS
+}
+
+/// A write's keys with the clock of each tag key among them put first, so
+/// that a clock never ticks after its tag was invalidated (see
+/// "Tags from the value" above).
+pub(crate) fn with_clocks(keys: Vec<String>) -> Vec<String> {
+    let mut clocks: Vec<String> = keys.iter().filter_map(|key| clock_of(key)).collect();
+    if clocks.is_empty() {
+        return keys;
+    }
+    clocks.sort_unstable();
+    clocks.dedup();
+    clocks.extend(keys);
+    clocks
+}
+
+/// Whether `key` is a tag clock's.
+pub(crate) fn is_clock(key: &str) -> bool {
+    key.contains(CLOCK)
 }
 
 /// The tag a tag key (before or after the cache's prefix) stands for.
@@ -101,35 +160,49 @@ pub(crate) fn header_len(bytes: &[u8]) -> Option<usize> {
     Some(newline + 1)
 }
 
+/// The tags a stored value named (`tags_from`), each as `(token, tag)`.
+pub(crate) type Named<'b> = Vec<(&'b [u8], &'b [u8])>;
+
 /// The tags of one call of a tagged function: their Redis keys, and what
 /// the last read found them to hold.
 #[derive(Debug)]
 pub(crate) struct Tagging {
-    /// The tags' Redis keys, in the order of the function's `tags`.
+    /// The tags' Redis keys: the function's own (`tags`), in their order,
+    /// then those its value named (`tags_from`), once its body ran.
     keys: Vec<String>,
+    /// How many of `keys` are the function's own.
+    fixed: usize,
     /// Where a tag's name starts in its key (after the prefix and mark).
     name_at: usize,
-    /// Their tokens, as the last read found (or made) them (empty before
-    /// a read, or when they could not be read).
+    /// Their tokens, as the last read found (or made) them.
     tokens: Vec<Vec<u8>>,
+    /// Whether `tokens` hold every key's token (a value is stored only
+    /// then).
+    read: bool,
+    /// Whether the function has `tags_from` (see [`Derived`]).
+    derives: bool,
 }
 
 impl Tagging {
     /// The tags of `key`'s function for these arguments, as Redis keys of
     /// `cache`; `None` for an untagged function.
     pub(crate) fn of(cache: &Cache, key: &CacheKey) -> Option<Box<Tagging>> {
-        if !key.has_tags() {
+        let derives = key.site().is_some_and(Site::derives_tags);
+        if !key.has_tags() && !derives {
             return None;
         }
-        let keys = key
+        let keys: Vec<String> = key
             .tag_keys()
             .map(|tag| cache.prefixed(tag).into_owned())
             .collect();
         let name_at = cache.prefix().map_or(0, |prefix| prefix.len() + 1) + MARK.len();
         Some(Box::new(Tagging {
+            fixed: keys.len(),
             keys,
             name_at,
             tokens: Vec::new(),
+            read: false,
+            derives,
         }))
     }
 
@@ -138,10 +211,15 @@ impl Tagging {
         &self.keys
     }
 
+    /// Whether every tag's token was read: only then is a value stored.
+    pub(crate) fn is_read(&self) -> bool {
+        self.read
+    }
+
     /// The header to store an entry with: the tokens read last (empty
     /// when they could not be read: nothing is stored then).
     pub(crate) fn stamp(&self) -> Vec<u8> {
-        if self.tokens.is_empty() {
+        if !self.read {
             return Vec::new();
         }
         let mut stamp = HEADER.to_vec();
@@ -157,33 +235,63 @@ impl Tagging {
         stamp
     }
 
-    /// Whether `bytes` were stored with the tokens read last: whether they
-    /// start with [`Tagging::stamp`], compared in place (a hit makes no
-    /// copy of it).
+    /// Whether `bytes` were stored with the tokens read last for the
+    /// function's own tags: whether they start with [`Tagging::stamp`]
+    /// (followed, for a function with `tags_from`, by its value's tags,
+    /// which [`Cache::check_derived`] checks), compared in place (a hit
+    /// makes no copy of it).
     pub(crate) fn stamped(&self, bytes: &[u8]) -> bool {
-        let Some(mut rest) = bytes.strip_prefix(HEADER) else {
-            return false;
-        };
-        if self.tokens.is_empty() {
-            return false;
+        match self.own_stamp_len(bytes) {
+            Some(at) => bytes[at] == b'\n' || self.derives,
+            None => false,
         }
-        for (at, (name, token)) in self.names().zip(&self.tokens).enumerate() {
+    }
+
+    /// How many bytes of `bytes` are the header's start and the function's
+    /// own tags with the tokens read last (the next byte is `\n`, or
+    /// where a function with `tags_from` has its value's tags); `None` if
+    /// they are not.
+    fn own_stamp_len(&self, bytes: &[u8]) -> Option<usize> {
+        let mut rest = bytes.strip_prefix(HEADER)?;
+        if !self.read {
+            return None;
+        }
+        for (at, (name, token)) in self.names().zip(&self.tokens).take(self.fixed).enumerate() {
             if at > 0 {
-                let Some(after) = rest.strip_prefix(b" ") else {
-                    return false;
-                };
-                rest = after;
+                rest = rest.strip_prefix(b" ")?;
             }
-            let pair = (|| {
-                let after = rest.strip_prefix(&token[..])?.strip_prefix(b" ")?;
-                after.strip_prefix(name)
-            })();
-            match pair {
-                Some(after) => rest = after,
-                None => return false,
-            }
+            rest = rest
+                .strip_prefix(&token[..])?
+                .strip_prefix(b" ")?
+                .strip_prefix(name)?;
         }
-        rest.first() == Some(&b'\n')
+        let next = *rest.first()?;
+        (next == b'\n' || (self.derives && (next == b' ' || self.fixed == 0)))
+            .then(|| bytes.len() - rest.len())
+    }
+
+    /// The tags a stamped entry's value named (`tags_from`), with the
+    /// tokens it was stored with: `None` if the header is malformed.
+    pub(crate) fn derived_of<'b>(&self, bytes: &'b [u8]) -> Option<Named<'b>> {
+        let at = self.own_stamp_len(bytes)?;
+        let end = at + bytes[at..].iter().position(|&b| b == b'\n')?;
+        let mut rest = &bytes[at..end];
+        if self.fixed > 0 && !rest.is_empty() {
+            rest = rest.strip_prefix(b" ")?;
+        }
+        let mut pairs = Vec::new();
+        if rest.is_empty() {
+            return Some(pairs);
+        }
+        let mut words = rest.split(|&b| b == b' ');
+        while let Some(token) = words.next() {
+            let name = words.next()?;
+            if token.is_empty() || name.is_empty() {
+                return None;
+            }
+            pairs.push((token, name));
+        }
+        Some(pairs)
     }
 
     /// `read` of an entry of these tags: a value stored with other tokens
@@ -205,6 +313,13 @@ impl Tagging {
 
     fn set_tokens(&mut self, tokens: Vec<Vec<u8>>) {
         self.tokens = tokens;
+        self.read = true;
+    }
+
+    /// The tokens could not be read: nothing is stored.
+    fn unread(&mut self) {
+        self.tokens.clear();
+        self.read = false;
     }
 }
 
@@ -230,7 +345,11 @@ impl Cache {
     ///
     /// Cancel safe, as [`Cache::invalidate`] is.
     pub async fn invalidate_tag(&self, tag: &str) -> Result<(), CacheError> {
-        self.invalidate(&CacheKey::of_tag(tag)).await.map(drop)
+        let key = self.redis_key(&CacheKey::of_tag(tag));
+        match self.invalidate_keys(None, vec![key]).await {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 
     /// The tags of a `#[cache_put]` target's key, with
@@ -241,7 +360,7 @@ impl Cache {
         let site = key.site()?;
         let mut tagging = Tagging::of(self, key)?;
         if self.read_tokens(site, &mut tagging, None).await.is_none() {
-            tagging.tokens.clear();
+            tagging.unread();
         }
         Some(tagging)
     }
@@ -257,6 +376,11 @@ impl Cache {
         tagging: &mut Tagging,
         vias: Option<&[Via]>,
     ) -> Option<bool> {
+        tagging.keys.truncate(tagging.fixed);
+        if tagging.keys.is_empty() {
+            tagging.set_tokens(Vec::new());
+            return Some(true);
+        }
         let read = match vias {
             None => self.read_many(&tagging.keys).await,
             Some(vias) => self.read_via(&tagging.keys, vias).await,
@@ -297,12 +421,19 @@ impl Cache {
         site: &'static Site,
         taggings: &mut [Option<Box<Tagging>>],
     ) -> bool {
+        for tagging in taggings.iter_mut().flatten() {
+            tagging.keys.truncate(tagging.fixed);
+        }
         let mut keys: Vec<String> = taggings
             .iter()
             .flatten()
             .flat_map(|tagging| tagging.keys.iter().cloned())
             .collect();
         if keys.is_empty() {
+            // Functions with `tags_from` only: nothing to read.
+            for tagging in taggings.iter_mut().flatten() {
+                tagging.set_tokens(Vec::new());
+            }
             return true;
         }
         keys.sort_unstable();
@@ -370,6 +501,7 @@ impl Cache {
         key: &str,
         tagging: &mut Tagging,
     ) -> Read {
+        tagging.keys.truncate(tagging.fixed);
         if self.pending_write(site, key)
             || tagging.keys.iter().any(|tag| self.pending_write(site, tag))
         {
@@ -393,14 +525,19 @@ impl Cache {
                 };
             }
         }
-        tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))))
+        let read =
+            tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))));
+        self.check_derived(site, tagging, read, false).await.0
     }
 
     /// Whether every tag still holds the token read last: no tag was
     /// invalidated since.
     pub(crate) async fn tokens_unchanged(&self, tagging: &Tagging) -> bool {
-        if tagging.tokens.is_empty() {
+        if !tagging.read {
             return false;
+        }
+        if tagging.keys.is_empty() {
+            return true;
         }
         match self.read_many(&tagging.keys).await {
             Ok(read) => read
@@ -408,6 +545,212 @@ impl Cache {
                 .zip(&tagging.tokens)
                 .all(|(now, then)| matches!(now, Fetched::Found(now) if &now == then)),
             Err(_) => false,
+        }
+    }
+
+    /// The clocks' tokens, read (and made, where a clock has none) before
+    /// the body of a function with `tags_from` runs; `None` (counted and
+    /// logged) when they could not be read: its value is then not stored.
+    pub(crate) async fn read_clocks(&self, site: &'static Site) -> Option<Vec<Vec<u8>>> {
+        let prefix = self.prefixed("");
+        let keys: Vec<String> = (0..CLOCKS).map(|shard| clock_key(&prefix, shard)).collect();
+        let read = match self.read_many(&keys).await {
+            Ok(read) => self.tokens(site, &keys, read).await,
+            Err(error) => Err(error),
+        };
+        match read {
+            Ok((tokens, _)) => Some(tokens),
+            Err(error) => {
+                self.tags_unread(site, &error);
+                None
+            }
+        }
+    }
+
+    /// After the body of a function with `tags_from` ran: adds the tags
+    /// its value `names` to `tagging`, with their tokens, if none of
+    /// their clocks ticked since `clocks` were read (before the body);
+    /// else the tags count as unread, and the value is returned but not
+    /// stored. The tokens are read before the clocks: see the module docs.
+    pub(crate) async fn derive(
+        &self,
+        site: &'static Site,
+        tagging: &mut Tagging,
+        names: Vec<String>,
+        clocks: Option<&[Vec<u8>]>,
+    ) {
+        tagging.keys.truncate(tagging.fixed);
+        tagging.tokens.truncate(tagging.fixed);
+        let Some(clocks) = clocks.filter(|_| tagging.read) else {
+            tagging.unread();
+            return;
+        };
+        let mut keys = Vec::with_capacity(names.len());
+        for name in names {
+            if name.is_empty()
+                || name
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                crate::limited!(
+                    self,
+                    warn!(tag = %name.escape_debug(), "a tag from `tags_from` is empty or has a space or a control character: the value is not cached")
+                );
+                tagging.unread();
+                return;
+            }
+            let key = self.prefixed(CacheKey::of_tag(&name).as_str()).into_owned();
+            keys.push(key);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys.retain(|key| !tagging.keys.contains(key));
+        if keys.len() > MOST_DERIVED {
+            crate::limited!(
+                self,
+                warn!(
+                    tags = keys.len(),
+                    most = MOST_DERIVED,
+                    "a value names more tags than a cached value may (`tags_from`): it is not cached"
+                )
+            );
+            tagging.unread();
+            return;
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let mut shards: Vec<u64> = keys
+            .iter()
+            .map(|key| shard_of(&key.as_bytes()[tagging.name_at..]))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let prefix = self.prefixed("");
+        let clock_keys: Vec<String> = shards
+            .iter()
+            .map(|&shard| clock_key(&prefix, shard))
+            .collect();
+        if keys
+            .iter()
+            .chain(&clock_keys)
+            .any(|key| self.pending_write(site, key))
+        {
+            tagging.unread();
+            return;
+        }
+        let tokens = match self.read_many(&keys).await {
+            Ok(read) => self.tokens(site, &keys, read).await,
+            Err(error) => Err(error),
+        };
+        let tokens = match tokens {
+            Ok((tokens, _)) => tokens,
+            Err(error) => {
+                self.tags_unread(site, &error);
+                tagging.unread();
+                return;
+            }
+        };
+        let still = match self.read_many(&clock_keys).await {
+            Ok(now) => now.into_iter().zip(&shards).all(|(now, &shard)| {
+                matches!(now, Fetched::Found(now) if usize::try_from(shard).ok().and_then(|at| clocks.get(at)) == Some(&now))
+            }),
+            Err(_) => false,
+        };
+        if !still {
+            tracing::debug!(
+                tags = keys.len(),
+                "a tag of this value was invalidated while it was computed: returned, not cached"
+            );
+            tagging.unread();
+            return;
+        }
+        tagging.keys.extend(keys);
+        tagging.tokens.extend(tokens);
+    }
+
+    /// `read`, an entry of a function with `tags_from` checked against its
+    /// own tags already, checked against the tags its value named (one
+    /// read more, of their tokens): served only while each holds the token
+    /// it was stored with. With `local` (a read for the local tier), the
+    /// tokens are read on the tracking connections, and the tags'
+    /// tickets, taken before, come back with the read, with whether
+    /// every tag's key was tracked where it was read (else no copy is
+    /// kept).
+    pub(crate) async fn check_derived(
+        &self,
+        site: &'static Site,
+        tagging: &Tagging,
+        read: Read,
+        local: bool,
+    ) -> (Read, bool, Option<Arc<[TagTicket]>>) {
+        if !tagging.derives {
+            return (read, true, None);
+        }
+        let Read::Value { bytes, .. } = &read else {
+            return (read, true, None);
+        };
+        let Some(pairs) = tagging.derived_of(bytes) else {
+            return (self.garbage_tags(site, read), false, None);
+        };
+        if pairs.is_empty() {
+            return (read, true, None);
+        }
+        let prefix = self.prefixed("");
+        let mut keys = Vec::with_capacity(pairs.len());
+        for (_, name) in &pairs {
+            let Ok(name) = std::str::from_utf8(name) else {
+                return (self.garbage_tags(site, read), false, None);
+            };
+            keys.push(format!("{prefix}{MARK}{name}"));
+        }
+        if keys.iter().any(|key| self.pending_write(site, key)) {
+            let pending = Read::Unavailable {
+                pending_write: true,
+            };
+            return (pending, false, None);
+        }
+        // Taken before the tokens are read: see `crate::local`.
+        let tracked = self.local().filter(|_| local).and_then(|tracking| {
+            let vias: Option<Vec<Via>> = keys.iter().map(|key| tracking.live(key)).collect();
+            Some((vias?, tracking.tier().tag_tickets(&keys)?))
+        });
+        let now = match &tracked {
+            Some((vias, _)) => self.read_via(&keys, vias).await,
+            None => self.read_many(&keys).await,
+        };
+        let same = match now {
+            Ok(now) => now
+                .iter()
+                .zip(&pairs)
+                .all(|(now, (token, _))| matches!(now, Fetched::Found(now) if now == token)),
+            Err(error) => {
+                self.tags_unread(site, &error);
+                let unavailable = Read::Unavailable {
+                    pending_write: false,
+                };
+                return (unavailable, false, None);
+            }
+        };
+        match read {
+            Read::Value { bytes, .. } if !same => {
+                (Read::Garbage(Garbage::Bytes(bytes)), false, None)
+            }
+            read => match tracked {
+                Some((_, tickets)) => (read, true, Some(tickets)),
+                None => (read, false, None),
+            },
+        }
+    }
+
+    /// A value whose tag header is not ours: garbage, counted and logged.
+    fn garbage_tags(&self, site: &'static Site, read: Read) -> Read {
+        match read {
+            Read::Value { bytes, .. } => {
+                self.garbage(site, "", "a malformed tag header");
+                Read::Garbage(Garbage::Bytes(bytes))
+            }
+            read => read,
         }
     }
 
@@ -479,8 +822,11 @@ mod tests {
     fn a_stamp_names_each_tag_with_its_token() {
         let mut tagging = Tagging {
             keys: vec!["app:\0tag:org:42".into(), "app:\0tag:members".into()],
+            fixed: 2,
             name_at: 4 + MARK.len(),
             tokens: Vec::new(),
+            read: false,
+            derives: false,
         };
         assert!(!tagging.stamped(b"\x04tags:\n"), "nothing read yet");
         tagging.set_tokens(vec![b"00ff".to_vec(), b"0a0b".to_vec()]);
@@ -489,5 +835,79 @@ mod tests {
         assert!(!tagging.stamped(b"\x04tags:00fe org:42 0a0b members\n{}"));
         assert!(!tagging.stamped(b"\x04tags:00ff org:42 0a0b members2\n{}"));
         assert_eq!(tag_of("app:\0tag:org:42"), "org:42");
+        assert!(
+            !tagging.stamped(b"\x04tags:00ff org:42 0a0b members 0c0d product:1\n{}"),
+            "a value's own tags, without `tags_from`"
+        );
+    }
+
+    #[test]
+    fn a_value_names_its_tags_after_the_functions_own() {
+        for (fixed, stamp) in [
+            (
+                1,
+                &b"\x04tags:00ff org:42 0c0d product:1 0e0f product:2\n{}"[..],
+            ),
+            (0, b"\x04tags:0c0d product:1 0e0f product:2\n{}"),
+        ] {
+            let mut tagging = Tagging {
+                keys: vec!["app:\0tag:org:42".into()],
+                fixed,
+                name_at: 4 + MARK.len(),
+                tokens: Vec::new(),
+                read: false,
+                derives: true,
+            };
+            tagging.keys.truncate(fixed);
+            tagging.set_tokens(vec![b"00ff".to_vec()].into_iter().take(fixed).collect());
+            assert!(tagging.stamped(stamp));
+            assert_eq!(
+                tagging.derived_of(stamp).unwrap(),
+                [(&b"0c0d"[..], &b"product:1"[..]), (b"0e0f", b"product:2")]
+            );
+            let none = if fixed == 1 {
+                &b"\x04tags:00ff org:42\n{}"[..]
+            } else {
+                b"\x04tags:\n{}"
+            };
+            assert!(tagging.stamped(none));
+            assert_eq!(tagging.derived_of(none).unwrap(), []);
+            let torn = if fixed == 1 {
+                &b"\x04tags:00ff org:42 0c0d\n{}"[..]
+            } else {
+                b"\x04tags:0c0d\n{}"
+            };
+            assert_eq!(tagging.derived_of(torn), None, "a token without its tag");
+        }
+    }
+
+    #[test]
+    fn a_tags_clock_is_put_before_it_and_never_moves() {
+        // The shard is part of what two releases must agree on.
+        assert_eq!(shard_of(b"org:42"), 95);
+        assert_eq!(
+            clock_of("app:\0tag:org:42").as_deref(),
+            Some("app:\0tagclock{app:tags}:95")
+        );
+        assert_eq!(clock_of("app:user:1"), None);
+        let keys = with_clocks(vec!["app:user:1".into(), "app:\0tag:org:42".into()]);
+        assert_eq!(
+            keys,
+            [
+                "app:\0tagclock{app:tags}:95",
+                "app:user:1",
+                "app:\0tag:org:42"
+            ]
+        );
+        // (A prefix that starts with `{}` makes Redis hash whole keys: the
+        // clocks are then read in several requests.)
+        for prefix in ["", "app:", "a{b}:", "a}b:", "x{y:"] {
+            let slots: std::collections::BTreeSet<u16> = (0..CLOCKS)
+                .map(|shard| crate::slot::slot_of(clock_key(prefix, shard).as_bytes()))
+                .collect();
+            assert_eq!(slots.len(), 1, "the clocks under {prefix:?} share a slot");
+        }
+        assert_eq!(invalidation_of(&keys[0]), None);
+        assert_eq!(invalidation_of(&keys[2]), Some(Event::TagInvalidation));
     }
 }

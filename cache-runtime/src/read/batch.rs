@@ -82,6 +82,8 @@ pub(crate) trait BatchCall {
     fn drop_body(self: Pin<&mut Self>);
     /// The body's answer for the id at `at`, encoded.
     fn encode_answer(self: Pin<&mut Self>, at: usize, codec: Codec) -> Encoded;
+    /// The tags the body's value for the id at `at` names (`tags_from`).
+    fn derived_tags(self: Pin<&mut Self>, at: usize) -> Vec<String>;
 }
 
 pub(crate) type ErasedBatch<'a> = Erased<'a, dyn BatchCall + 'a>;
@@ -113,6 +115,7 @@ pin_project_lite::pin_project! {
         running: Option<Fut>,
         output: Option<R>,
         found: Vec<(K, V)>,
+        derive: crate::__private::Derive<V>,
         shape: PhantomData<fn() -> S>,
     }
 }
@@ -128,13 +131,19 @@ where
 {
     /// A batch of distinct `ids`, with the values `found` already (in
     /// process memory) for other ids.
-    pub(crate) fn new(ids: Vec<K>, body: B, found: Vec<(K, V)>) -> Self {
+    pub(crate) fn new(
+        ids: Vec<K>,
+        body: B,
+        found: Vec<(K, V)>,
+        derive: crate::__private::Derive<V>,
+    ) -> Self {
         TypedBatch {
             ids,
             body: Some(body),
             running: None,
             output: None,
             found,
+            derive,
             shape: PhantomData,
         }
     }
@@ -218,6 +227,20 @@ where
         };
         Encoded::of(codec, answer)
     }
+
+    fn derived_tags(self: Pin<&mut Self>, at: usize) -> Vec<String> {
+        let this = self.project();
+        let mut tags = Vec::new();
+        if let Some(value) = this
+            .output
+            .as_mut()
+            .and_then(S::map_mut)
+            .and_then(|map| map.lookup(&this.ids[at]))
+        {
+            (this.derive)(value, &mut tags);
+        }
+        tags
+    }
 }
 
 /// Distinct keys, first occurrence first, with their ids.
@@ -274,6 +297,16 @@ fn tag_at(tags: &[Option<Box<Tagging>>], at: usize) -> Option<&Tagging> {
     tags.get(at).and_then(Option::as_deref)
 }
 
+/// What the tags an entry's value named (`tags_from`) hold now.
+enum Derived {
+    /// Each the token the entry was stored with (or it names none).
+    Held,
+    /// One was invalidated since: the entry is replaced.
+    Moved,
+    /// They could not be read: the key is computed without storing.
+    Unchecked,
+}
+
 /// One distinct key of the batch that the cache did not answer.
 struct Missing {
     /// Index into the batch's keys.
@@ -319,7 +352,8 @@ impl Cache {
         let coalescing = site.single_flight_mode() != SingleFlight::Off;
         let (missing, uncached, pending_write) = match self.read_batch(site, &keys, tags).await {
             BatchRead::Values(values) => {
-                let missing = self.classify_batch(site, &keys, tags, values, call);
+                let derived = self.check_batch_derived(site, tags, &values).await;
+                let missing = self.classify_batch(site, &keys, tags, values, &derived, call);
                 (missing, false, false)
             }
             BatchRead::Unavailable { pending_write } if coalescing => {
@@ -350,7 +384,6 @@ impl Cache {
         if missing.is_empty() {
             return;
         }
-        let tags = &*tags;
         let computing = self
             .lease_batch(site, &keys, tags, missing, leaders, uncached, call)
             .await;
@@ -412,16 +445,95 @@ impl Cache {
         keys: &[String],
         tags: &[Option<Box<Tagging>>],
         values: Vec<Fetched<Vec<u8>>>,
+        derived: &[Derived],
         call: &mut ErasedBatch<'_>,
     ) -> Vec<Missing> {
         let mut missing = Vec::new();
         for (at, fetched) in values.into_iter().enumerate() {
-            match self.classify_one(site, &keys[at], tag_at(tags, at), at, fetched, call) {
+            let one = match (derived.get(at), fetched) {
+                (Some(Derived::Unchecked), _) => Some(None),
+                (Some(Derived::Moved), Fetched::Found(bytes)) => Some(Some(Take::Replacing(bytes))),
+                (_, fetched) => {
+                    self.classify_one(site, &keys[at], tag_at(tags, at), at, fetched, call)
+                }
+            };
+            match one {
                 None => self.record(site, Event::Hit),
                 Some(take) => missing.push(Missing { at, take }),
             }
         }
         missing
+    }
+
+    /// For a function with `tags_from`: what the tags each entry's value
+    /// named hold now, read once for the whole batch (see
+    /// [`Cache::check_derived`]); empty for other functions.
+    async fn check_batch_derived(
+        &self,
+        site: &'static Site,
+        tags: &[Option<Box<Tagging>>],
+        values: &[Fetched<Vec<u8>>],
+    ) -> Vec<Derived> {
+        if !site.derives_tags() {
+            return Vec::new();
+        }
+        // `None`: a malformed header, replaced.
+        let named: Vec<Option<crate::tag::Named<'_>>> = values
+            .iter()
+            .enumerate()
+            .map(|(at, fetched)| match (tag_at(tags, at), fetched) {
+                (Some(tagging), Fetched::Found(bytes)) if tagging.stamped(bytes) => {
+                    tagging.derived_of(bytes)
+                }
+                _ => Some(Vec::new()),
+            })
+            .collect();
+        let prefix = self.prefixed("");
+        let mut keys: Vec<String> = named
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|(_, name)| {
+                format!(
+                    "{prefix}{}{}",
+                    crate::tag::MARK,
+                    String::from_utf8_lossy(name)
+                )
+            })
+            .collect();
+        if keys.is_empty() && named.iter().all(Option::is_some) {
+            return Vec::new();
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let now = match keys.iter().any(|key| self.pending_write(site, key)) {
+            true => None,
+            false => self.read_many(&keys).await.ok(),
+        };
+        named
+            .iter()
+            .map(|pairs| {
+                let Some(pairs) = pairs else {
+                    return Derived::Moved;
+                };
+                if pairs.is_empty() {
+                    return Derived::Held;
+                }
+                let Some(now) = &now else {
+                    return Derived::Unchecked;
+                };
+                let held = pairs.iter().all(|(token, name)| {
+                    let key = format!(
+                        "{prefix}{}{}",
+                        crate::tag::MARK,
+                        String::from_utf8_lossy(name)
+                    );
+                    let at = keys.binary_search(&key).unwrap_or_default();
+                    matches!(&now[at], Fetched::Found(now) if now == token)
+                });
+                if held { Derived::Held } else { Derived::Moved }
+            })
+            .collect()
     }
 
     /// What one key's read means for the batch, through the single
@@ -608,7 +720,7 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: &[String],
-        tags: &[Option<Box<Tagging>>],
+        tags: &mut [Option<Box<Tagging>>],
         computing: Vec<Computing<'_>>,
         uncached: bool,
         call: &mut ErasedBatch<'_>,
@@ -617,7 +729,16 @@ impl Cache {
             self.record(site, if uncached { Event::Bypass } else { Event::Miss });
         }
         let ats: Vec<usize> = computing.iter().map(|one| one.at).collect();
+        let clocks = match site.derives_tags() && !uncached {
+            true => self.read_clocks(site).await,
+            false => None,
+        };
         let ((), run) = Run::time(run_body(call, &ats)).await;
+        if site.derives_tags() {
+            self.derive_batch(site, tags, &ats, clocks.as_deref(), call)
+                .await;
+        }
+        let tags = &*tags;
         let codec = self.settings().codec;
         let mut leaders = Vec::with_capacity(computing.len());
         let mut settling = Vec::with_capacity(computing.len());
@@ -644,5 +765,30 @@ impl Cache {
                 leader.land(landing);
             }
         }
+    }
+
+    /// For a function with `tags_from`, once the batch's body ran: the
+    /// tags each computed id's value names (see [`Cache::derive`]), the
+    /// ids' reads sent together.
+    async fn derive_batch(
+        &self,
+        site: &'static Site,
+        tags: &mut [Option<Box<Tagging>>],
+        ats: &[usize],
+        clocks: Option<&[Vec<u8>]>,
+        call: &mut ErasedBatch<'_>,
+    ) {
+        let mut names: Vec<(usize, Vec<String>)> = ats
+            .iter()
+            .map(|&at| (at, call.pinned().derived_tags(at)))
+            .collect();
+        names.sort_unstable_by_key(|(at, _)| *at);
+        let mut names = names.into_iter().peekable();
+        let derives = tags.iter_mut().enumerate().filter_map(|(at, tagging)| {
+            while names.next_if(|(named, _)| *named < at).is_some() {}
+            let (_, named) = names.next_if(|(named, _)| *named == at)?;
+            Some(self.derive(site, tagging.as_deref_mut()?, named, clocks))
+        });
+        join_all(derives).await;
     }
 }

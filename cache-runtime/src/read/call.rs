@@ -53,6 +53,9 @@ pub(crate) trait Call {
     fn encode_output(&self, codec: Codec) -> Encoded;
     /// Whether the call has the answer (see [`Typed::answer`]).
     fn has(&self, answered: Answered) -> bool;
+    /// The tags the body's value names (`tags_from`; none without it, or
+    /// without a value).
+    fn derived_tags(&self) -> Vec<String>;
     /// With a local tier, keeps a copy of the decoded answer for
     /// `keep_for` (see [`crate::local`]).
     fn keep_local(
@@ -328,9 +331,12 @@ pin_project_lite::pin_project! {
         output: Option<R>,
         decoded: Option<Decoded<V, R>>,
         fill: Option<Fill<V>>,
+        derive: Derive<V>,
         shape: PhantomData<fn() -> S>,
     }
 }
+
+pub(crate) use crate::__private::Derive;
 
 impl<S, V, R, F> Typed<S, V, R, F>
 where
@@ -338,23 +344,26 @@ where
     V: Serialize + serde::de::DeserializeOwned,
     F: Future<Output = R>,
 {
-    pub(crate) fn new(body: F) -> Self {
+    /// A call of `body`, whose value names tags of its own (`tags_from`)
+    /// through `derive`, if its function says so.
+    pub(crate) fn new(body: F, derive: Derive<V>) -> Self {
         Typed {
             body: Some(body),
             output: None,
             decoded: None,
             fill: None,
+            derive,
             shape: PhantomData,
         }
     }
 
     /// A call of a function with a local tier: a fresh value it reads is
     /// kept in process memory.
-    pub(crate) fn with_local(body: F) -> Self
+    pub(crate) fn with_local(body: F, derive: Derive<V>) -> Self
     where
         V: Clone + Send + Sync + 'static,
     {
-        let mut call = Typed::new(body);
+        let mut call = Typed::new(body, derive);
         call.fill = Some(|tier, ticket, tags, key, value, encoded, keep_for| {
             tier.fill(ticket, tags, key, value.cloned(), encoded, keep_for);
         });
@@ -423,6 +432,16 @@ where
             Answered::Decoded => self.decoded.is_some(),
             Answered::Body => self.output.is_some(),
         }
+    }
+
+    fn derived_tags(&self) -> Vec<String> {
+        let mut tags = Vec::new();
+        if let Some(output) = &self.output
+            && let crate::outcome::Answer::Value(value) = S::answer(output)
+        {
+            (self.derive)(value, &mut tags);
+        }
+        tags
     }
 
     fn keep_local(

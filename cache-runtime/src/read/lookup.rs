@@ -349,7 +349,7 @@ impl Cache {
                 Via::Shared => self.read(site, &redis_key, true).await,
             }
         };
-        let (read, tracked) = self
+        let (read, tracked, derived) = self
             .read_entry_with(site, entry, Some(&tag_vias), call)
             .await;
         if let Read::Unavailable { .. } = read
@@ -359,6 +359,18 @@ impl Cache {
             call.run_body().await;
             return Answered::Body;
         }
+        // The tags the value named (`tags_from`) are tracked as its
+        // function's own are.
+        let tags = match derived {
+            Some(derived) => Some(
+                tags.iter()
+                    .flat_map(|own| own.iter())
+                    .chain(derived.iter())
+                    .copied()
+                    .collect(),
+            ),
+            None => tags,
+        };
         let keep = tracked.then_some(Keep {
             tier,
             ticket,
@@ -485,7 +497,10 @@ impl Cache {
             return self.read(site, key, with_ttl).await;
         };
         // One server: the entry and its tags in one request.
-        if !with_ttl && !matches!(self.backend(), crate::backend::Backend::Cluster(_)) {
+        if !with_ttl
+            && !tagging.keys().is_empty()
+            && !matches!(self.backend(), crate::backend::Backend::Cluster(_))
+        {
             return Box::pin(self.read_together(site, key, tagging)).await;
         }
         let entry = self.read(site, key, with_ttl);
@@ -505,9 +520,9 @@ impl Cache {
         entry: impl Future<Output = Read>,
         vias: Option<&[Via]>,
         call: &mut Erased<'_>,
-    ) -> (Read, bool) {
+    ) -> (Read, bool, Option<std::sync::Arc<[TagTicket]>>) {
         let Some(tagging) = call.tagging_mut() else {
-            return (entry.await, true);
+            return (entry.await, true, None);
         };
         if tagging
             .keys()
@@ -517,7 +532,7 @@ impl Cache {
             let pending = Read::Unavailable {
                 pending_write: true,
             };
-            return (pending, false);
+            return (pending, false, None);
         }
         let (read, tokens) =
             futures_util::future::join(entry, self.read_tokens(site, tagging, vias)).await;
@@ -529,7 +544,9 @@ impl Cache {
             },
             read => tagging.check(read),
         };
-        (read, tokens == Some(true))
+        let (read, tracked, derived) =
+            Box::pin(self.check_derived(site, tagging, read, vias.is_some())).await;
+        (read, tracked && tokens == Some(true), derived)
     }
 
     /// One read of the key, classified; failures are counted and logged here.
@@ -978,12 +995,14 @@ impl Cache {
         // are woken, so the one that leads next takes the lease over
         // instead of computing beside a placeholder it cannot replace.
         let held = (lease, leader);
+        let clocks = self.clocks_for(site, uncached).await;
         let ((), run) = Run::time(call.run_body()).await;
         let (lease, leader) = held;
         if uncached && leader.is_none() {
             // Nothing to store and nobody to hand the answer to.
             return Answered::Body;
         }
+        self.derive_tags(site, call, clocks).await;
         let answer = call.encode_output(self.settings().codec);
         let landing = self
             .settle(
@@ -1046,6 +1065,12 @@ impl Cache {
         let fence = leader.map_or(0, Leader::fence);
         let stamp = tagging.map(Tagging::stamp).unwrap_or_default();
         let mut fresh = match lease {
+            // Its tags could not be told (a tag its value names was
+            // invalidated while the body ran: see `crate::tag`).
+            Leased::Own(lease) if tagging.is_some_and(|t| !t.is_read()) => {
+                lease.give_back().await;
+                false
+            }
             Leased::Own(lease) => match self.to_store(site, entry.as_deref()) {
                 Some((bytes, ttl)) => {
                     let (stored, ttl) = self.stored_form(site, &stamp, bytes, ttl, run.took);
@@ -1076,6 +1101,33 @@ impl Cache {
                 cover,
             },
             None => Landing::Nothing { cover },
+        }
+    }
+
+    /// For a function with `tags_from`, before its body runs: the tag
+    /// clocks (see `crate::tag`); `None` otherwise, or when nothing will
+    /// be stored.
+    async fn clocks_for(&self, site: &'static Site, uncached: bool) -> Option<Vec<Vec<u8>>> {
+        if !site.derives_tags() || uncached {
+            return None;
+        }
+        Box::pin(self.read_clocks(site)).await
+    }
+
+    /// For a function with `tags_from`, once its body ran: the tags its
+    /// value names, added to the call's (see [`Cache::derive`]).
+    async fn derive_tags(
+        &self,
+        site: &'static Site,
+        call: &mut Erased<'_>,
+        clocks: Option<Vec<Vec<u8>>>,
+    ) {
+        if !site.derives_tags() {
+            return;
+        }
+        let names = call.call().derived_tags();
+        if let Some(tagging) = call.tagging_mut() {
+            Box::pin(self.derive(site, tagging, names, clocks.as_deref())).await;
         }
     }
 
@@ -1160,7 +1212,15 @@ impl Cache {
             return Answered::Decoded;
         };
         self.record(site, Event::Refresh);
+        let clocks = self.clocks_for(site, false).await;
         let ((), run) = Run::time(call.run_body()).await;
+        self.derive_tags(site, call, clocks).await;
+        if call.tagging().is_some_and(|t| !t.is_read()) {
+            // Its tags could not be told: the old value stays, checked
+            // against its own tags on every read.
+            lock.give_back().await;
+            return Answered::Body;
+        }
         let backend = self.backend();
         let entry = match call.encode_output(self.settings().codec) {
             Encoded::Failed => {

@@ -331,8 +331,9 @@ impl Cache {
                 }
                 Chore::Invalidate { writer, key, .. } => {
                     memory.delete(std::slice::from_ref(&key));
-                    self.recorder()
-                        .record(writer, crate::tag::invalidation_of(&key));
+                    if let Some(event) = crate::tag::invalidation_of(&key) {
+                        self.recorder().record(writer, event);
+                    }
                 }
             }
             return;
@@ -700,16 +701,27 @@ impl Cache {
         // the first (one attempt per retry delay, not one per key).
         let one_primary = !matches!(backend, crate::backend::Backend::Cluster(_));
         let mut unreachable_until = None;
+        // On a cluster, a tag is invalidated only once every tag clock
+        // this process still has to tick has ticked (see `crate::tag`):
+        // the clocks are tried first, and while one is left, the tags
+        // wait. Off a cluster, a tag and its clock went in one `DEL`.
+        let is_clock = |p: &Pending| matches!(&p.chore, Chore::Invalidate { key, .. } if crate::tag::is_clock(key));
+        let mut due = due;
+        due.sort_by_key(|&at| !is_clock(&pending[at]));
+        let mut clocks_left = !one_primary && pending.iter().any(|p| is_clock(p) && p.due > now);
         for at in due {
             let pending = &mut pending[at];
             if let Some(next) = unreachable_until {
                 pending.due = next;
                 continue;
             }
-            pending.attempts += 1;
             let Chore::Invalidate { key, .. } = &pending.chore else {
                 continue;
             };
+            if clocks_left && crate::tag::clock_of(key).is_some() {
+                continue;
+            }
+            pending.attempts += 1;
             // Writes that asked until now are covered by this attempt, and
             // a new one gets a whole retry window.
             if janitor.asked_again(key) {
@@ -726,6 +738,9 @@ impl Cache {
                 && deleted
                     .as_ref()
                     .is_err_and(|e| e.is_unavailable() || e.is_not_replicated());
+            if !one_primary && deleted.is_err() && crate::tag::is_clock(key) {
+                clocks_left = true;
+            }
             match self.settle_invalidation(pending, deleted.as_ref().map(drop), epoch) {
                 Some(next) => {
                     pending.due = next;
@@ -759,8 +774,9 @@ impl Cache {
         };
         match outcome {
             Ok(()) => {
-                self.recorder()
-                    .record(*writer, crate::tag::invalidation_of(key));
+                if let Some(event) = crate::tag::invalidation_of(key) {
+                    self.recorder().record(*writer, event);
+                }
                 if pending.attempts > 1 {
                     tracing::debug!(key, "cache invalidation succeeded on retry");
                 }

@@ -57,7 +57,9 @@ impl Cache {
         let stats = &self.recorder();
         match &deleted {
             Ok(_) => {
-                stats.record(None, crate::tag::invalidation_of(redis_key));
+                if let Some(event) = crate::tag::invalidation_of(redis_key) {
+                    stats.record(None, event);
+                }
                 unfinished.keys.clear();
             }
             Err(error) => {
@@ -143,12 +145,24 @@ impl Cache {
         writer: &'static Function,
         keys: Vec<String>,
     ) {
+        self.invalidate_keys(Some(writer), keys).await;
+    }
+
+    /// Deletes `keys` (with the clock of each tag key among them, first:
+    /// see [`crate::tag`]), waiting at most one op timeout, and says why
+    /// not all of them were; what is left is retried in the background.
+    pub(crate) async fn invalidate_keys(
+        &self,
+        writer: Option<&'static Function>,
+        keys: Vec<String>,
+    ) -> Option<CacheError> {
+        let keys = crate::tag::with_clocks(keys);
         // Declared first, so that it drops after `unfinished` has queued
         // what is left: see `Cache::drop_local`.
         let _local = self.drop_local(&keys);
         let mut unfinished = Unfinished {
             cache: self,
-            writer: Some(writer),
+            writer,
             keys,
             tried: false,
             landed: None,
@@ -157,39 +171,59 @@ impl Cache {
         let epoch = self.backend().primaries_epoch();
         // On a cluster, each primary's keys are deleted under its own
         // breaker: what failed is all that is left to retry.
-        let (failed, error) = self.delete_many(&unfinished.keys).await;
+        let (failed, error) = self.delete_ordered(&unfinished.keys).await;
         self.announce(&unfinished.keys).await;
         let (mut entries, mut tags) = (0, 0);
         for key in &unfinished.keys {
             // `failed` is empty but when the cache failed.
             if !failed.contains(key) {
                 match crate::tag::invalidation_of(key) {
-                    Event::TagInvalidation => tags += 1,
-                    _ => entries += 1,
+                    Some(Event::TagInvalidation) => tags += 1,
+                    Some(_) => entries += 1,
+                    None => {}
                 }
             }
         }
         self.recorder()
-            .record_n(Some(writer), Event::Invalidation, entries);
+            .record_n(writer, Event::Invalidation, entries);
         if tags > 0 {
             self.recorder()
-                .record_n(Some(writer), Event::TagInvalidation, tags);
+                .record_n(writer, Event::TagInvalidation, tags);
         }
         unfinished.keys = failed;
-        match error {
-            None => {}
-            Some(error) => {
-                unfinished.tried = true;
-                unfinished.landed = error.is_not_replicated().then_some(epoch);
-                if !matches!(error, CacheError::CircuitOpen) {
-                    self.recorder().record(Some(writer), Event::Error);
-                }
-                crate::limited!(
-                    self,
-                    warn!(keys = ?unfinished.keys, %error, "cache invalidation failed: retrying in the background")
-                );
-            }
+        let error = error?;
+        unfinished.tried = true;
+        unfinished.landed = error.is_not_replicated().then_some(epoch);
+        if !matches!(error, CacheError::CircuitOpen) {
+            self.recorder().record(writer, Event::Error);
         }
+        crate::limited!(
+            self,
+            warn!(keys = ?unfinished.keys, %error, "cache invalidation failed: retrying in the background")
+        );
+        Some(error)
+    }
+
+    /// [`Cache::delete_many`], the tag clocks among `keys` first. Off a
+    /// cluster, one `DEL` deletes them all at once; on a cluster, where
+    /// they live on other primaries than their tags, the clocks are
+    /// deleted before the rest is sent, and if they fail, nothing else
+    /// is (all of it is left to retry).
+    async fn delete_ordered(&self, keys: &[String]) -> (Vec<String>, Option<CacheError>) {
+        let clocks = keys
+            .iter()
+            .take_while(|key| crate::tag::is_clock(key))
+            .count();
+        if clocks == 0 || !matches!(self.backend(), crate::backend::Backend::Cluster(_)) {
+            return self.delete_many(keys).await;
+        }
+        let (failed, error) = self.delete_many(&keys[..clocks]).await;
+        if error.is_some() {
+            let mut failed = failed;
+            failed.extend_from_slice(&keys[clocks..]);
+            return (failed, error);
+        }
+        self.delete_many(&keys[clocks..]).await
     }
 
     /// Write-through (`#[cache_put]`): stores the encoded `answer` under `key` with the
@@ -206,10 +240,13 @@ impl Cache {
         // Generated targets carry their function's configuration; a key
         // without one has no TTL to store with, so it is only invalidated.
         // So is the key of a tagged function whose tags' tokens could not
-        // be read before the write's body ran.
+        // be read before the write's body ran, and that of a function whose
+        // value names tags of its own (`tags_from`): its next call reads
+        // them from the value it computes.
         let stamp = tagging.map(Tagging::stamp).unwrap_or_default();
-        let untold =
-            (key.has_tags() && tagging.is_none()) || tagging.is_some_and(|_| stamp.is_empty());
+        let untold = (key.has_tags() && tagging.is_none())
+            || tagging.is_some_and(|_| stamp.is_empty())
+            || key.site().is_some_and(crate::site::Site::derives_tags);
         let ttl = key
             .site()
             .filter(|_| !untold)

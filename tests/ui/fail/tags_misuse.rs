@@ -57,4 +57,20 @@ async fn rename_team(team_id: u64) -> u64 {
     team_id
 }
 
+/// `tags_from` is a path to a function that takes the value and returns
+/// strings.
+#[redis_cached(key = "d:<id>", ttl = 60, tags_from = "tags_of")]
+async fn d(id: u64) -> u64 {
+    id
+}
+
+#[redis_cached(key = "g:<id>", ttl = 60, tags_from = numbers_of)]
+async fn g(id: u64) -> Option<u64> {
+    Some(id)
+}
+
+fn numbers_of(value: &u64) -> Vec<u64> {
+    vec![*value]
+}
+
 fn main() {}
