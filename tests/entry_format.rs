@@ -5,8 +5,9 @@
 //! `tests/entries/v1/` holds the bytes of every kind of entry, format 1:
 //! a JSON value, a MessagePack value, a negative entry (`\x02none`), a
 //! value and a negative entry behind a freshness header (`stale`,
-//! `early_refresh`), a compressed value (`compress_above`), and a lease
-//! placeholder (which a refresh lock is too). Random fields (tokens,
+//! `early_refresh`), a compressed value (`compress_above`), a tagged value
+//! (`tags`, and `tags_from`), and a lease placeholder (which a refresh
+//! lock is too). Random fields (tokens,
 //! clocks) are written there as `<TOKEN>`, `<DELTA>`, `<AT>`.
 //!
 //! - What this release writes must equal the fixtures (random fields
@@ -73,6 +74,29 @@ async fn fresh(cache: &Cache, id: u64) -> Option<Row> {
     body(id, 2).await
 }
 
+#[redis_cached(key = "tagged:<id>", ttl = 600, tags = ["org:<id>", "members"], skip(cache), cache = cache)]
+async fn tagged(cache: &Cache, id: u64) -> Option<Row> {
+    body(id, 2).await
+}
+
+#[redis_cached(key = "derived:<id>", ttl = 600, tags = ["members"], tags_from = row_tags, skip(cache), cache = cache)]
+async fn derived(cache: &Cache, id: u64) -> Option<Row> {
+    body(id, 2).await
+}
+
+/// The tags a row names (`tags_from`).
+fn row_tags(row: &Row) -> Vec<String> {
+    row.tags.iter().map(|tag| format!("row-{tag}")).collect()
+}
+
+/// The tags of `tagged(42)` and `derived(42)`, under the prefix `fmt`.
+const TAG_KEYS: [&str; 4] = [
+    "fmt:\0tag:org:42",
+    "fmt:\0tag:members",
+    "fmt:\0tag:row-tag-0",
+    "fmt:\0tag:row-tag-1",
+];
+
 const TTL_MS: u64 = 600_000;
 
 fn fixture_path(name: &str) -> PathBuf {
@@ -84,6 +108,29 @@ fn fixture_path(name: &str) -> PathBuf {
 /// Random fields of written bytes replaced by their names, so that two
 /// writes of one kind compare equal.
 fn normalised(bytes: &[u8]) -> Vec<u8> {
+    // `<token, 16 hex digits> <tag> ...`, with `|` before the tags a value
+    // named: every token is random.
+    if let Some(rest) = bytes.strip_prefix(b"\x04tags:") {
+        let line_end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("a tag header ends its line");
+        let words: Vec<&[u8]> = rest[..line_end]
+            .split(|&b| b == b' ')
+            .map(|word| {
+                if word.len() == 16 && word.iter().all(u8::is_ascii_hexdigit) {
+                    &b"<TOKEN>"[..]
+                } else {
+                    word
+                }
+            })
+            .collect();
+        let mut out = b"\x04tags:".to_vec();
+        out.extend_from_slice(&words.join(&b' '));
+        out.push(b'\n');
+        out.extend_from_slice(&normalised(&rest[line_end + 1..]));
+        return out;
+    }
     if let Some(rest) = bytes.strip_prefix(b"\x01fresh:") {
         let line_end = rest
             .iter()
@@ -128,14 +175,15 @@ fn normalised(bytes: &[u8]) -> Vec<u8> {
 /// have written it.
 fn concrete(fixture: &[u8]) -> Vec<u8> {
     let text = fixture.to_vec();
-    let replace = |bytes: Vec<u8>, from: &str, to: &str| -> Vec<u8> {
-        let Some(at) = bytes.windows(from.len()).position(|w| w == from.as_bytes()) else {
-            return bytes;
-        };
-        let mut out = bytes[..at].to_vec();
-        out.extend_from_slice(to.as_bytes());
-        out.extend_from_slice(&bytes[at + from.len()..]);
-        out
+    // Every occurrence: a tag header has a token per tag.
+    let replace = |mut bytes: Vec<u8>, from: &str, to: &str| -> Vec<u8> {
+        while let Some(at) = bytes.windows(from.len()).position(|w| w == from.as_bytes()) {
+            let mut out = bytes[..at].to_vec();
+            out.extend_from_slice(to.as_bytes());
+            out.extend_from_slice(&bytes[at + from.len()..]);
+            bytes = out;
+        }
+        bytes
     };
     let text = replace(text, "<DELTA>", "7");
     let is_lease = text.starts_with(b"\0lease:");
@@ -251,6 +299,15 @@ async fn this_release_writes_the_pinned_format() {
         println!("compressed.json: header as pinned");
     }
 
+    // Tagged entries: the tokens of their tags, and of the tags their
+    // value names after the mark of `tags_from`.
+    assert!(tagged(&json, 42).await.is_some());
+    let bytes: Vec<u8> = raw.get("fmt:tagged:42").await.unwrap();
+    pin("tagged.json", &bytes);
+    assert!(derived(&json, 42).await.is_some());
+    let bytes: Vec<u8> = raw.get("fmt:derived:42").await.unwrap();
+    pin("tagged_from.json", &bytes);
+
     // A lease placeholder, read while its holder computes.
     BODY_MILLIS.store(2_000, Ordering::SeqCst);
     let slow = tokio::spawn({
@@ -334,6 +391,25 @@ async fn this_release_reads_the_pinned_format() {
         "headed value, no stale"
     );
     served("fresh_value.json, read without stale");
+
+    // Tagged entries, their tags holding the fixtures' token.
+    for key in TAG_KEYS {
+        let _: () = raw
+            .clone()
+            .pset_ex(key, concrete(b"<TOKEN>"), TTL_MS)
+            .await
+            .unwrap();
+    }
+    plant("fmt:tagged:42", "tagged.json").await;
+    assert_eq!(tagged(&json, 42).await, pinned_row(2), "tagged value");
+    served("tagged.json");
+    plant("fmt:derived:42", "tagged_from.json").await;
+    assert_eq!(
+        derived(&json, 42).await,
+        pinned_row(2),
+        "tags from the value"
+    );
+    served("tagged_from.json");
 
     // Another caller's lease: this call computes and does not store over it.
     plant("fmt:plain:45:2", "placeholder").await;

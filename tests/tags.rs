@@ -1098,16 +1098,17 @@ async fn tags_named_by_the_value(cache: Cache) {
 async fn tags_from_the_value_reach_listings_and_lookups_on_redis() {
     let server = RedisServer::start();
     tags_named_by_the_value(Target::server(&server).cache(Some("shop")).await).await;
-    // The listing's header names its products' tags after its own.
+    // The listing's header names its products' tags after the mark of
+    // `tags_from`.
     let mut conn = Target::server(&server).raw().await;
     let raw: Vec<u8> = conn.get("shop:category:tools").await.unwrap();
     let header =
         String::from_utf8_lossy(&raw[..raw.iter().position(|&b| b == b'\n').unwrap()]).into_owned();
     let words: Vec<&str> = header.trim_start_matches("\x04tags:").split(' ').collect();
-    assert_eq!(words.len(), 4, "{header:?}");
+    assert_eq!(words.len(), 5, "{header:?}");
     assert_eq!(
-        (words[1], words[3]),
-        ("product:1", "product:2"),
+        (words[0], words[2], words[4]),
+        ("|", "product:1", "product:2"),
         "{header:?}"
     );
 }

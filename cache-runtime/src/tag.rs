@@ -74,6 +74,10 @@ const CLOCKS: u64 = 128;
 /// How many tags a value may name (`tags_from`): each is checked on every
 /// hit. A value that names more is returned, not stored.
 const MOST_DERIVED: usize = 1_000;
+/// The mark in the header of an entry of a function with `tags_from`,
+/// after its own tags and before those its value named: never a token
+/// (hexadecimal).
+const DERIVED: u8 = b'|';
 /// How often a reader tries to make a tag's token that keeps being
 /// invalidated between its `SET NX` and its `GET`.
 const MAKE_ATTEMPTS: usize = 3;
@@ -227,9 +231,18 @@ impl Tagging {
             if at > 0 {
                 stamp.push(b' ');
             }
+            if at == self.fixed && self.derives {
+                stamp.extend_from_slice(b"| ");
+            }
             stamp.extend_from_slice(token);
             stamp.push(b' ');
             stamp.extend_from_slice(name);
+        }
+        if self.derives && self.keys.len() == self.fixed {
+            if self.fixed > 0 {
+                stamp.push(b' ');
+            }
+            stamp.push(DERIVED);
         }
         stamp.push(b'\n');
         stamp
@@ -241,16 +254,16 @@ impl Tagging {
     /// which [`Cache::check_derived`] checks), compared in place (a hit
     /// makes no copy of it).
     pub(crate) fn stamped(&self, bytes: &[u8]) -> bool {
-        match self.own_stamp_len(bytes) {
-            Some(at) => bytes[at] == b'\n' || self.derives,
-            None => false,
-        }
+        self.own_stamp_len(bytes).is_some()
     }
 
     /// How many bytes of `bytes` are the header's start and the function's
-    /// own tags with the tokens read last (the next byte is `\n`, or
-    /// where a function with `tags_from` has its value's tags); `None` if
-    /// they are not.
+    /// own tags with the tokens read last (and, for a function with
+    /// `tags_from`, the mark after which its value's tags follow); `None`
+    /// if they are not. An entry of a function with `tags_from` has the
+    /// mark, even when its value named no tag, and no other has it, so
+    /// that neither is taken for the other across a deployment that adds
+    /// or removes `tags_from`.
     fn own_stamp_len(&self, bytes: &[u8]) -> Option<usize> {
         let mut rest = bytes.strip_prefix(HEADER)?;
         if !self.read {
@@ -265,9 +278,18 @@ impl Tagging {
                 .strip_prefix(b" ")?
                 .strip_prefix(name)?;
         }
-        let next = *rest.first()?;
-        (next == b'\n' || (self.derives && (next == b' ' || self.fixed == 0)))
-            .then(|| bytes.len() - rest.len())
+        if self.derives {
+            if self.fixed > 0 {
+                rest = rest.strip_prefix(b" ")?;
+            }
+            rest = rest.strip_prefix(&[DERIVED])?;
+            if !matches!(rest.first(), Some(b'\n' | b' ')) {
+                return None;
+            }
+        } else if rest.first() != Some(&b'\n') {
+            return None;
+        }
+        Some(bytes.len() - rest.len())
     }
 
     /// The tags a stamped entry's value named (`tags_from`), with the
@@ -275,15 +297,11 @@ impl Tagging {
     pub(crate) fn derived_of<'b>(&self, bytes: &'b [u8]) -> Option<Named<'b>> {
         let at = self.own_stamp_len(bytes)?;
         let end = at + bytes[at..].iter().position(|&b| b == b'\n')?;
-        let mut rest = &bytes[at..end];
-        if self.fixed > 0 && !rest.is_empty() {
-            rest = rest.strip_prefix(b" ")?;
-        }
         let mut pairs = Vec::new();
-        if rest.is_empty() {
+        if at == end {
             return Some(pairs);
         }
-        let mut words = rest.split(|&b| b == b' ');
+        let mut words = bytes[at + 1..end].split(|&b| b == b' ');
         while let Some(token) = words.next() {
             let name = words.next()?;
             if token.is_empty() || name.is_empty() {
@@ -843,12 +861,19 @@ mod tests {
 
     #[test]
     fn a_value_names_its_tags_after_the_functions_own() {
-        for (fixed, stamp) in [
+        for (fixed, stamp, none, torn) in [
             (
                 1,
-                &b"\x04tags:00ff org:42 0c0d product:1 0e0f product:2\n{}"[..],
+                &b"\x04tags:00ff org:42 | 0c0d product:1 0e0f product:2\n{}"[..],
+                &b"\x04tags:00ff org:42 |\n{}"[..],
+                &b"\x04tags:00ff org:42 | 0c0d\n{}"[..],
             ),
-            (0, b"\x04tags:0c0d product:1 0e0f product:2\n{}"),
+            (
+                0,
+                b"\x04tags:| 0c0d product:1 0e0f product:2\n{}",
+                b"\x04tags:|\n{}",
+                b"\x04tags:| 0c0d\n{}",
+            ),
         ] {
             let mut tagging = Tagging {
                 keys: vec!["app:\0tag:org:42".into()],
@@ -860,24 +885,25 @@ mod tests {
             };
             tagging.keys.truncate(fixed);
             tagging.set_tokens(vec![b"00ff".to_vec()].into_iter().take(fixed).collect());
+            assert_eq!(&tagging.stamp()[..], &none[..none.len() - 2]);
             assert!(tagging.stamped(stamp));
             assert_eq!(
                 tagging.derived_of(stamp).unwrap(),
                 [(&b"0c0d"[..], &b"product:1"[..]), (b"0e0f", b"product:2")]
             );
-            let none = if fixed == 1 {
-                &b"\x04tags:00ff org:42\n{}"[..]
-            } else {
-                b"\x04tags:\n{}"
-            };
             assert!(tagging.stamped(none));
             assert_eq!(tagging.derived_of(none).unwrap(), []);
-            let torn = if fixed == 1 {
-                &b"\x04tags:00ff org:42 0c0d\n{}"[..]
-            } else {
-                b"\x04tags:0c0d\n{}"
-            };
             assert_eq!(tagging.derived_of(torn), None, "a token without its tag");
+            // An entry of the function before it had `tags_from`.
+            let before = if fixed == 1 {
+                &b"\x04tags:00ff org:42\n{}"[..]
+            } else {
+                b"{}"
+            };
+            assert!(!tagging.stamped(before));
+            tagging.keys.push("app:\0tag:product:1".into());
+            tagging.tokens.push(b"0c0d".to_vec());
+            assert!(stamp.starts_with(&tagging.stamp()[..tagging.stamp().len() - 1]));
         }
     }
 
