@@ -353,6 +353,29 @@ impl Backend {
         }
     }
 
+    /// Tags' tokens (or tag clocks'): one `MGET` where the keys share a
+    /// slot (off a cluster, always), else [`Backend::get_many`].
+    pub(crate) async fn get_tokens(
+        &self,
+        keys: &[String],
+        limit: usize,
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        if let Backend::Cluster(_) = self {
+            let first = keys.first().map(|key| crate::slot::slot_of(key.as_bytes()));
+            if keys
+                .iter()
+                .any(|key| Some(crate::slot::slot_of(key.as_bytes())) != first)
+            {
+                return self.get_many(keys, limit).await;
+            }
+        }
+        let _timer = self.timer(Operation::GetMany);
+        match self.connection() {
+            Ok(mut conn) => commands::get_tokens(&mut conn, keys, limit).await,
+            Err(m) => Ok(keys.iter().map(|key| m.get(key, limit)).collect()),
+        }
+    }
+
     /// A tagged entry and its tags' tokens: in one request off a cluster;
     /// on a cluster (where they live in different slots) the two reads
     /// are sent together. (The read path reads a cluster's entry and tags

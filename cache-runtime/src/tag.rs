@@ -400,7 +400,7 @@ impl Cache {
             return Some(true);
         }
         let read = match vias {
-            None => self.read_many(&tagging.keys).await,
+            None => self.read_tokens_of(&tagging.keys).await,
             Some(vias) => self.read_via(&tagging.keys, vias).await,
         };
         let tokens = match read {
@@ -456,7 +456,7 @@ impl Cache {
         }
         keys.sort_unstable();
         keys.dedup();
-        let read = match self.read_many(&keys).await {
+        let read = match self.read_tokens_of(&keys).await {
             Ok(read) => self.tokens(site, &keys, read).await,
             Err(error) => Err(error),
         };
@@ -557,7 +557,7 @@ impl Cache {
         if tagging.keys.is_empty() {
             return true;
         }
-        match self.read_many(&tagging.keys).await {
+        match self.read_tokens_of(&tagging.keys).await {
             Ok(read) => read
                 .into_iter()
                 .zip(&tagging.tokens)
@@ -572,7 +572,7 @@ impl Cache {
     pub(crate) async fn read_clocks(&self, site: &'static Site) -> Option<Vec<Vec<u8>>> {
         let prefix = self.prefixed("");
         let keys: Vec<String> = (0..CLOCKS).map(|shard| clock_key(&prefix, shard)).collect();
-        let read = match self.read_many(&keys).await {
+        let read = match self.read_tokens_of(&keys).await {
             Ok(read) => self.tokens(site, &keys, read).await,
             Err(error) => Err(error),
         };
@@ -657,7 +657,7 @@ impl Cache {
             tagging.unread();
             return;
         }
-        let tokens = match self.read_many(&keys).await {
+        let tokens = match self.read_tokens_of(&keys).await {
             Ok(read) => self.tokens(site, &keys, read).await,
             Err(error) => Err(error),
         };
@@ -669,7 +669,7 @@ impl Cache {
                 return;
             }
         };
-        let still = match self.read_many(&clock_keys).await {
+        let still = match self.read_tokens_of(&clock_keys).await {
             Ok(now) => now.into_iter().zip(&shards).all(|(now, &shard)| {
                 matches!(now, Fetched::Found(now) if usize::try_from(shard).ok().and_then(|at| clocks.get(at)) == Some(&now))
             }),
@@ -735,7 +735,7 @@ impl Cache {
         });
         let now = match &tracked {
             Some((vias, _)) => self.read_via(&keys, vias).await,
-            None => self.read_many(&keys).await,
+            None => self.read_tokens_of(&keys).await,
         };
         let same = match now {
             Ok(now) => now

@@ -1,8 +1,10 @@
 //! Tags, measured against untagged functions on the same Redis:
 //!
-//! 1. **A hit**: a function with two tags against one without, the 1 KB
-//!    row of the other benchmarks, arms interleaved in each round: p50 of
-//!    one caller (c=1) and calls per second of 64 (c=64), with the ratio.
+//! 1. **A hit and a miss**: a function with two tags, and one whose value
+//!    names its two tags (`tags_from`), against one without, the 1 KB row
+//!    of the other benchmarks, arms interleaved in each round: p50 of a
+//!    hit of one caller (c=1), calls per second of 64 (c=64), and p50 of
+//!    a miss (the entry invalidated before each call), with the ratios.
 //! 2. **Invalidating a tag of N entries**, N = 1,000, 10,000 and 100,000:
 //!    the time of `invalidate_tag` (median of 5), which must not grow with
 //!    N, and a read afterwards that recomputes.
@@ -38,6 +40,19 @@ async fn tagged(id: u64) -> Result<User, DbError> {
     Ok(row(id))
 }
 
+#[redis_cached(key = "derived:<id>", ttl = 3600, tags_from = user_tags)]
+async fn derived(id: u64) -> Result<User, DbError> {
+    Ok(row(id))
+}
+
+/// The tags a row names: the same two as `tagged`'s.
+fn user_tags(user: &User) -> [String; 2] {
+    [format!("user:{}", user.id), "users".to_owned()]
+}
+
+/// The arms, in the order of the figures.
+const ARMS: [&str; 3] = ["untagged", "two tags", "tags_from"];
+
 static MEMBER_RUNS: AtomicU64 = AtomicU64::new(0);
 
 /// A member of a group: the entries of part 2 and 3.
@@ -55,17 +70,26 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank]
 }
 
-async fn call(tagged_arm: bool, id: u64) {
-    let user = if tagged_arm {
-        tagged(id).await
-    } else {
-        untagged(id).await
+async fn call(arm: usize, id: u64) {
+    let user = match arm {
+        0 => untagged(id).await,
+        1 => tagged(id).await,
+        _ => derived(id).await,
     };
     std::hint::black_box(user.ok());
 }
 
+/// The key of `arm`'s entry for `id`, under the cache's prefix.
+fn key_of(arm: usize, id: u64) -> cache_runtime::CacheKey<User> {
+    match arm {
+        0 => untagged_cache_key(&id),
+        1 => tagged_cache_key(&id),
+        _ => derived_cache_key(&id),
+    }
+}
+
 /// How many hits 64 callers of one arm make in `length`.
-async fn hits_of_64(tagged_arm: bool, length: Duration) -> u64 {
+async fn hits_of_64(arm: usize, length: Duration) -> u64 {
     let calls = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + length;
     let tasks: Vec<_> = (0..64)
@@ -74,7 +98,7 @@ async fn hits_of_64(tagged_arm: bool, length: Duration) -> u64 {
             tokio::spawn(async move {
                 let mut id = task;
                 while Instant::now() < end {
-                    call(tagged_arm, id % KEYS).await;
+                    call(arm, id % KEYS).await;
                     calls.fetch_add(1, Ordering::Relaxed);
                     id += 64;
                 }
@@ -87,57 +111,69 @@ async fn hits_of_64(tagged_arm: bool, length: Duration) -> u64 {
     calls.load(Ordering::Relaxed)
 }
 
-/// Part 1: p50 at c=1 and calls per second at c=64, per arm.
-async fn hits() {
+/// Part 1: p50 of a hit at c=1, calls per second at c=64 and p50 of a
+/// miss, per arm.
+async fn hits(cache: &Cache) {
     for id in 0..KEYS {
-        call(false, id).await;
-        call(true, id).await;
+        for arm in 0..ARMS.len() {
+            call(arm, id).await;
+        }
     }
-    let mut latencies = [Vec::new(), Vec::new()];
-    let mut throughput = [Vec::new(), Vec::new()];
+    let mut latencies = [(); 3].map(|()| Vec::new());
+    let mut throughput = [(); 3].map(|()| Vec::new());
+    let mut misses = [(); 3].map(|()| Vec::new());
     for round in 0..ROUNDS {
-        for turn in 0..2 {
-            let arm = (round + turn) % 2;
+        for turn in 0..ARMS.len() {
+            let arm = (round + turn) % ARMS.len();
             for i in 0..2_000 {
                 let started = Instant::now();
-                call(arm == 1, i % KEYS).await;
+                call(arm, i % KEYS).await;
                 latencies[arm].push(started.elapsed().as_secs_f64() * 1e6);
             }
         }
-        for turn in 0..2 {
-            let arm = (round + turn) % 2;
-            let calls = hits_of_64(arm == 1, Duration::from_secs(1)).await;
+        for turn in 0..ARMS.len() {
+            let arm = (round + turn) % ARMS.len();
+            let calls = hits_of_64(arm, Duration::from_secs(1)).await;
             throughput[arm].push(calls as f64);
         }
+        for turn in 0..ARMS.len() {
+            let arm = (round + turn) % ARMS.len();
+            for i in 0..200 {
+                let _ = cache.invalidate(&key_of(arm, i)).await;
+                let started = Instant::now();
+                call(arm, i).await;
+                misses[arm].push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
     }
-    for arm in &mut latencies {
+    for arm in latencies
+        .iter_mut()
+        .chain(&mut throughput)
+        .chain(&mut misses)
+    {
         arm.sort_by(f64::total_cmp);
     }
-    for arm in &mut throughput {
-        arm.sort_by(f64::total_cmp);
+    println!("1. a 1 KB row, {ROUNDS} rounds, arms interleaved; ratios to untagged:");
+    for arm in 0..ARMS.len() {
+        let p50 = percentile(&latencies[arm], 0.5);
+        let p99 = percentile(&latencies[arm], 0.99);
+        let rps = percentile(&throughput[arm], 0.5);
+        let miss = percentile(&misses[arm], 0.5);
+        let ratio = |of: &[Vec<f64>], value: f64| value / percentile(&of[0], 0.5);
+        // The rounds' range of the throughput ratio, pairing each arm's
+        // slowest round with the other's fastest.
+        let (low, high) = (
+            throughput[arm][0] / throughput[0][ROUNDS - 1],
+            throughput[arm][ROUNDS - 1] / throughput[0][0],
+        );
+        println!(
+            "   {:<9} hit c=1 p50 {p50:.1} µs ({:.2}x, p99 {p99:.1} µs); c=64 {rps:.0} calls/s ({:.2}x, rounds {low:.2}x-{high:.2}x); miss p50 {miss:.0} µs ({:.2}x)",
+            ARMS[arm],
+            ratio(&latencies, p50),
+            ratio(&throughput, rps),
+            ratio(&misses, miss),
+        );
     }
-    let p50 = [0, 1].map(|arm| percentile(&latencies[arm], 0.5));
-    let p99 = [0, 1].map(|arm| percentile(&latencies[arm], 0.99));
-    let rps = [0, 1].map(|arm| percentile(&throughput[arm], 0.5));
-    let (low, high) = (
-        throughput[1][0] / throughput[0][ROUNDS - 1],
-        throughput[1][ROUNDS - 1] / throughput[0][0],
-    );
-    println!("1. hit of a 1 KB row, {ROUNDS} rounds, arms interleaved:");
-    println!(
-        "   c=1  p50: untagged {:.1} µs, two tags {:.1} µs: {:.2}x (p99 {:.1} / {:.1} µs)",
-        p50[0],
-        p50[1],
-        p50[1] / p50[0],
-        p99[0],
-        p99[1]
-    );
-    println!(
-        "   c=64 calls/s (median round): untagged {:.0}, two tags {:.0}: {:.2}x (rounds' range {low:.2}x-{high:.2}x)",
-        rps[0],
-        rps[1],
-        rps[1] / rps[0]
-    );
 }
 
 /// Part 2: `invalidate_tag` of a group of `n` entries.
@@ -292,14 +328,18 @@ async fn main() -> Result<(), Error> {
         .build()
         .await?;
     cache.install();
-    // `BENCH_PROFILE_ARM=tagged` (or `untagged`): that arm alone at c=64
+    // `BENCH_PROFILE_ARM=tagged` (or `untagged`, `tags_from`): that arm alone at c=64
     // for 5 s, for a profiler.
     if let Ok(arm) = std::env::var("BENCH_PROFILE_ARM") {
-        let tagged_arm = arm == "tagged";
+        let at = match arm.as_str() {
+            "tagged" => 1,
+            "tags_from" => 2,
+            _ => 0,
+        };
         for id in 0..KEYS {
-            call(tagged_arm, id).await;
+            call(at, id).await;
         }
-        let calls = hits_of_64(tagged_arm, Duration::from_secs(5)).await;
+        let calls = hits_of_64(at, Duration::from_secs(5)).await;
         let total = cache.stats().total;
         println!(
             "{arm}: {} calls/s; {} hits, {} misses, {} errors, {} bypasses",
@@ -311,7 +351,7 @@ async fn main() -> Result<(), Error> {
         );
         return Ok(());
     }
-    hits().await;
+    hits(&cache).await;
     invalidate_groups(&cache).await?;
     bookkeeping(&url).await?;
     Ok(())

@@ -188,6 +188,38 @@ pub(crate) async fn get_many(
         .collect()
 }
 
+/// Tags' tokens (or tag clocks'), small values of ours: one `MGET` (one
+/// command to parse, where [`get_many`] has one per key); a value over
+/// `limit` is reported as such, after it was transferred.
+pub(crate) async fn get_tokens(
+    conn: &mut impl ConnectionLike,
+    keys: &[String],
+    limit: usize,
+) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tokens: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+        .arg(keys)
+        .query_async(conn)
+        .await
+        .map_err(CacheError::redis)?;
+    check_count(tokens.len(), keys.len())?;
+    Ok(tokens
+        .into_iter()
+        .map(|token| token_of(token, limit))
+        .collect())
+}
+
+/// What a token read by `MGET` is.
+fn token_of(token: Option<Vec<u8>>, limit: usize) -> Fetched<Vec<u8>> {
+    match token {
+        Some(token) if token.len() <= limit => Fetched::Found(token),
+        Some(_) => Fetched::TooLarge,
+        None => Fetched::Absent,
+    }
+}
+
 /// A tagged entry (its first `limit` bytes) and its tags' tokens, in one
 /// request: `GETRANGE` and `MGET`, pipelined.
 pub(crate) async fn get_tagged(
@@ -204,11 +236,7 @@ pub(crate) async fn get_tagged(
     check_count(tokens.len(), tags.len())?;
     let tokens = tokens
         .into_iter()
-        .map(|token| match token {
-            Some(token) if token.len() <= limit => Fetched::Found(token),
-            Some(_) => Fetched::TooLarge,
-            None => Fetched::Absent,
-        })
+        .map(|token| token_of(token, limit))
         .collect();
     Ok((fetched(entry, limit), tokens))
 }

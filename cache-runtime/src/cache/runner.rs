@@ -42,6 +42,23 @@ impl Cache {
         self.run(breaker, operation, false)
     }
 
+    /// [`Cache::read_many`] of tags' tokens (or tag clocks'): one `MGET`
+    /// where every key is on one part of the backend.
+    pub(crate) async fn read_tokens_of(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        let inner = &*self.inner;
+        let mut groups = inner.backend.by_breaker(&inner.breaker, keys);
+        if groups.len() != 1 {
+            return self.read_many(keys).await;
+        }
+        let (breaker, _) = groups.pop().expect("one group");
+        let limit = inner.settings.read_limit;
+        self.run(breaker, inner.backend.get_tokens(keys, limit), true)
+            .await
+    }
+
     /// A read of many keys, each part of the backend (each cluster primary)
     /// under its own breaker: the parts whose breaker is closed in one
     /// request, and if that fails, each of them alone. A part that failed

@@ -508,7 +508,7 @@ impl Cache {
         keys.dedup();
         let now = match keys.iter().any(|key| self.pending_write(site, key)) {
             true => None,
-            false => self.read_many(&keys).await.ok(),
+            false => self.read_tokens_of(&keys).await.ok(),
         };
         named
             .iter()
