@@ -545,7 +545,12 @@ impl Cache {
         }
         let read =
             tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))));
-        self.check_derived(site, tagging, read, false).await.0
+        if !tagging.derives {
+            return read;
+        }
+        Box::pin(self.check_derived(site, tagging, read, false))
+            .await
+            .0
     }
 
     /// Whether every tag still holds the token read last: no tag was

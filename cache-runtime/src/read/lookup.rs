@@ -544,6 +544,9 @@ impl Cache {
             },
             read => tagging.check(read),
         };
+        if !site.derives_tags() {
+            return (read, tokens == Some(true), None);
+        }
         let (read, tracked, derived) =
             Box::pin(self.check_derived(site, tagging, read, vias.is_some())).await;
         (read, tracked && tokens == Some(true), derived)
