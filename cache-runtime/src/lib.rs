@@ -34,8 +34,9 @@
 //! Writes keep the cache right: [`invalidates`] deletes entries after a
 //! successful write and [`cache_put`] stores the written value. Every miss
 //! takes a lease on its key, so a value computed from data read before a
-//! write is never stored after it. `tags = [...]` groups entries for one
-//! invalidation ([`guide::tags`]). Against stampedes, `#[redis_cached]`
+//! write is never stored after it. `tags = [...]` (and `tags_from`, the
+//! groups a value names) groups entries for one invalidation
+//! ([`guide::tags`]). Against stampedes, `#[redis_cached]`
 //! takes `single_flight` (in process, or `"distributed"`), `stale` and
 //! `early_refresh`.
 //!
@@ -154,6 +155,7 @@ pub mod redis {
 /// | `batch` | a batch lookup: the placeholder naming a collection of ids renders once per id; one `MGET`, the body runs with the missing ids only. |
 /// | `local = "5s"` | keep a decoded copy in process memory for at most 5 s (never past the entry's freshness), dropped by the server's invalidation when the key changes anywhere; the value must be `Clone`. Redis 6 or later. |
 /// | `tags = ["org:<org_id>", "members"]` | groups the entry belongs to, templates over what the key names: `#[invalidates(tag = "...")]` and [`Cache::invalidate_tag`] invalidate every entry of a group ([tags](crate::guide::tags)). |
+/// | `tags_from = path` | groups only the value knows: `fn(&V) -> impl IntoIterator<Item = String>`, e.g. a listing tagged with each product it holds, reached by the product's tag ([tags from the value](crate::guide::tags#tags-the-value-knows-tags_from)). |
 /// | `version = 2` | appended to the key (`:v2`), so a changed value type never decodes old entries. |
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |

@@ -35,12 +35,29 @@
 //! every token is still the one it stored with (see
 //! [`crate::read::flight`]).
 //!
+//! # Tags from the value
+//!
+//! A function with `tags_from` learns some of its tags from its value,
+//! after its body ran, too late to read their tokens before it. They
+//! share [`CLOCKS`] clocks, keys whose deletion goes first in every
+//! invalidation of a tag (same `DEL` off a cluster; on a cluster, before
+//! the tag is sent at all, see `Cache::invalidate_keys` and the janitor).
+//! Such a function reads every clock before its body; after it, the tokens
+//! of the tags its value names, then their clocks, and stores the value
+//! with those tokens only if no clock moved: an invalidation whose clock
+//! went before that last read is seen, and one whose clock went after it
+//! deleted its tag after the tokens were read. The entry's header lists
+//! them after a `|` ([`DERIVED`]); a read checks them in a second request
+//! ([`Cache::check_derived`]).
+//!
 //! # What it costs
 //!
 //! A hit of a tagged function reads its tags' tokens beside the entry (one
 //! request more, sent with the entry's read, not after it); a miss adds the
 //! same read of the tokens after the store, and a `SET NX` per tag that
-//! has no token yet. Untagged functions pay nothing.
+//! has no token yet. A function with `tags_from` adds a read of the tags
+//! its value names to a hit, and the clocks to a miss. Untagged functions
+//! pay nothing.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -183,7 +200,7 @@ pub(crate) struct Tagging {
     /// Whether `tokens` hold every key's token (a value is stored only
     /// then).
     read: bool,
-    /// Whether the function has `tags_from` (see [`Derived`]).
+    /// Whether the function has `tags_from` (see the module docs).
     derives: bool,
 }
 
