@@ -489,8 +489,9 @@ pub(crate) struct Asked<'a> {
 /// the replicas asked for have the write.
 ///
 /// With [`Wanted::All`]: as many as the cluster lists for that primary, or
-/// (off a cluster, or not listed) as the primary's `ROLE` says, asked at
-/// most once per [`REPLICAS_TRUSTED_FOR`]; none, no `WAIT`. A short reply
+/// (off a cluster, not listed, or listed without replicas) as the
+/// primary's `ROLE` says, asked at most once per [`REPLICAS_TRUSTED_FOR`];
+/// none, no `WAIT`. A short reply
 /// asks `ROLE` again: a write that every replica the primary still has
 /// acknowledged is done (one that died is not waited for, and one that
 /// attaches later copies the primary's data, the write included).
@@ -504,6 +505,16 @@ pub(crate) async fn wait_replicated(
         listed,
         trust_role,
     } = asked;
+    // A cluster that lists no replica of this primary may not have heard
+    // of them yet (a new cluster's gossip, read once at connect): the
+    // primary's own word then, as off a cluster.
+    let listed = match listed {
+        Some(0) => Some(match replicas.known() {
+            Some(known) => known,
+            None => role_count(conn, replicas).await?.unwrap_or(0),
+        }),
+        listed => listed,
+    };
     let mut wanted = match durability.wanted {
         Wanted::AtLeast(n) => listed.map_or(n, |listed| n.min(listed)),
         Wanted::All => match listed {
