@@ -22,9 +22,7 @@ use crate::tag::Tagging;
 use crate::{Cache, CacheKey};
 use std::collections::HashMap;
 
-/// How a function lists the tags its value names (`tags_from`; generated
-/// code passes [`no_tags`] without it).
-pub type Derive<V> = fn(&V, &mut Vec<String>);
+pub use crate::read::call::Derive;
 
 /// The `derive` of a function without `tags_from`: never called.
 pub fn no_tags<V>(_: &V, _: &mut Vec<String>) {}

@@ -36,6 +36,25 @@ const ESCAPED: &AsciiSet = &NON_ALPHANUMERIC
 /// docs). A key written by hand with [`CacheKey::new`] is used as is.
 pub const MAX_KEY_LEN: usize = 256;
 
+/// What a tag's key starts with (after the cache's prefix): no template
+/// renders a NUL byte, so it never collides with an entry (see
+/// [`crate::tag`]).
+pub(crate) const TAG_MARK: &str = "\0tag:";
+
+/// A tag's key (before the cache's prefix).
+pub(crate) fn tag_key(tag: &str) -> String {
+    let mut key = String::with_capacity(TAG_MARK.len() + tag.len());
+    key.push_str(TAG_MARK);
+    key.push_str(tag);
+    key
+}
+
+/// The tag a tag key (before or after the cache's prefix) stands for.
+pub(crate) fn tag_of(key: &str) -> &str {
+    key.find(TAG_MARK)
+        .map_or(key, |at| &key[at + TAG_MARK.len()..])
+}
+
 /// How much of an over-long key stays readable before its hash (`:#` and 64
 /// hex digits follow).
 pub const KEPT_WHEN_HASHED: usize = 200;
@@ -83,7 +102,7 @@ impl CacheKey {
     /// stored with the tag (see [`Cache::invalidate_tag`](crate::Cache::invalidate_tag)).
     /// Bounded to [`MAX_KEY_LEN`] as a rendered tag is.
     pub(crate) fn of_tag(tag: &str) -> Self {
-        let mut key = crate::tag::tag_key(tag);
+        let mut key = tag_key(tag);
         bound_length(&mut key);
         CacheKey::new(key)
     }
@@ -114,7 +133,7 @@ impl<V> CacheKey<V> {
     /// The tags an entry under this key is stored with (`tags = [...]` on
     /// its function), as written in its template: `["org:42", "members"]`.
     pub fn tags(&self) -> impl Iterator<Item = &str> + '_ {
-        self.tag_keys().map(crate::tag::tag_of)
+        self.tag_keys().map(tag_of)
     }
 
     /// Whether the key's function has tags.
@@ -456,8 +475,8 @@ impl KeyBuilder {
 
     /// A builder of a tag's key, for `#[invalidates(tag = "...")]`.
     pub fn new_tag(capacity: usize) -> Self {
-        let mut builder = KeyBuilder::new(capacity + crate::tag::MARK.len(), None);
-        builder.buf.push_str(crate::tag::MARK);
+        let mut builder = KeyBuilder::new(capacity + TAG_MARK.len(), None);
+        builder.buf.push_str(TAG_MARK);
         builder
     }
 
@@ -467,9 +486,9 @@ impl KeyBuilder {
         if self.key_end.is_none() {
             self.key_end = Some(self.buf.len());
         }
-        self.buf.reserve(1 + crate::tag::MARK.len() + capacity);
+        self.buf.reserve(1 + TAG_MARK.len() + capacity);
         self.buf.push('\n');
-        self.buf.push_str(crate::tag::MARK);
+        self.buf.push_str(TAG_MARK);
     }
 
     /// Template text, checked at compile time, written as is.

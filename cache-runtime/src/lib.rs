@@ -76,6 +76,8 @@ mod codec;
 mod compression;
 mod error;
 mod key;
+#[cfg(test)]
+mod layout;
 mod local;
 mod log_limit;
 mod outcome;

@@ -66,15 +66,13 @@ use std::time::Duration;
 use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::error::CacheError;
-use crate::key::CacheKey;
+use crate::key::{CacheKey, TAG_MARK, tag_of};
 use crate::local::TagTicket;
 use crate::local::tracking::Via;
-use crate::read::lookup::{Garbage, Read, Ttl};
+use crate::read::found::{Garbage, Read, Ttl};
 use crate::site::Site;
 use crate::stats::Event;
 
-/// What a tag's key starts with (after the cache's prefix).
-pub(crate) const MARK: &str = "\0tag:";
 /// What a stored entry's tag header starts with. No encoded value starts
 /// with byte 4 but the MessagePack integer 4, which is one byte long
 /// (bytes 0 to 3 are placeholders, freshness headers, negative entries and
@@ -103,21 +101,12 @@ const MAKE_ATTEMPTS: usize = 3;
 /// the entries stored with it by far.
 const SHORTEST_TOKEN_LIFE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
-/// A tag's key (before the cache's prefix).
-pub(crate) fn tag_key(tag: &str) -> String {
-    let mut key = String::with_capacity(MARK.len() + tag.len());
-    key.push_str(MARK);
-    key.push_str(tag);
-    key
-}
-
-/// What deleting `key` counts as: a tag's or an entry's invalidation.
 /// What deleting `key` counts as: a tag's or an entry's invalidation, or
 /// nothing (a tag clock's, which is part of a tag's).
 pub(crate) fn invalidation_of(key: &str) -> Option<Event> {
     if key.contains(CLOCK) {
         None
-    } else if key.contains(MARK) {
+    } else if key.contains(TAG_MARK) {
         Some(Event::TagInvalidation)
     } else {
         Some(Event::Invalidation)
@@ -127,8 +116,8 @@ pub(crate) fn invalidation_of(key: &str) -> Option<Event> {
 /// The key of the clock that a tag key (before or after the cache's
 /// prefix) ticks when it is invalidated; `None` for other keys.
 pub(crate) fn clock_of(key: &str) -> Option<String> {
-    let at = key.find(MARK)?;
-    let name = &key.as_bytes()[at + MARK.len()..];
+    let at = key.find(TAG_MARK)?;
+    let name = &key.as_bytes()[at + TAG_MARK.len()..];
     Some(clock_key(&key[..at], shard_of(name)))
 }
 
@@ -164,11 +153,6 @@ pub(crate) fn with_clocks(keys: Vec<String>) -> Vec<String> {
 /// Whether `key` is a tag clock's.
 pub(crate) fn is_clock(key: &str) -> bool {
     key.contains(CLOCK)
-}
-
-/// The tag a tag key (before or after the cache's prefix) stands for.
-pub(crate) fn tag_of(key: &str) -> &str {
-    key.find(MARK).map_or(key, |at| &key[at + MARK.len()..])
 }
 
 /// How many bytes of `bytes` are a tag header (0 without one), or `None`
@@ -216,7 +200,7 @@ impl Tagging {
             .tag_keys()
             .map(|tag| cache.prefixed(tag).into_owned())
             .collect();
-        let name_at = cache.prefix().map_or(0, |prefix| prefix.len() + 1) + MARK.len();
+        let name_at = cache.prefix().map_or(0, |prefix| prefix.len() + 1) + TAG_MARK.len();
         Some(Box::new(Tagging {
             fixed: keys.len(),
             keys,
@@ -742,7 +726,7 @@ impl Cache {
             let Ok(name) = std::str::from_utf8(name) else {
                 return (self.garbage_tags(site, read), false, None);
             };
-            keys.push(format!("{prefix}{MARK}{name}"));
+            keys.push(format!("{prefix}{TAG_MARK}{name}"));
         }
         if keys.iter().any(|key| self.pending_write(site, key)) {
             let pending = Read::Unavailable {
@@ -863,7 +847,7 @@ mod tests {
         let mut tagging = Tagging {
             keys: vec!["app:\0tag:org:42".into(), "app:\0tag:members".into()],
             fixed: 2,
-            name_at: 4 + MARK.len(),
+            name_at: 4 + TAG_MARK.len(),
             tokens: Vec::new(),
             read: false,
             derives: false,
@@ -900,7 +884,7 @@ mod tests {
             let mut tagging = Tagging {
                 keys: vec!["app:\0tag:org:42".into()],
                 fixed,
-                name_at: 4 + MARK.len(),
+                name_at: 4 + TAG_MARK.len(),
                 tokens: Vec::new(),
                 read: false,
                 derives: true,

@@ -50,7 +50,8 @@ use crate::outcome::Encoded;
 use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
 use crate::read::call::Erased;
 use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
-use crate::read::lookup::{Leased, Read, Run, Ttl};
+use crate::read::found::{Read, Ttl};
+use crate::read::lookup::{Leased, Run};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::tag::Tagging;
@@ -88,6 +89,19 @@ pub(crate) trait BatchCall {
 
 pub(crate) type ErasedBatch<'a> = Erased<'a, dyn BatchCall + 'a>;
 
+// SAFETY: as for a single call's `Erased` (see `read::call`), for a
+// batch's `TypedBatch`.
+// (Two lifetimes, as `read::call` has them: the alias's one would make
+// the futures that hold it `Send` for one lifetime only.)
+unsafe impl Send for Erased<'_, dyn BatchCall + '_> {}
+
+impl<'a> ErasedBatch<'a> {
+    pub(crate) fn batch<C: BatchCall + 'a>(call: Pin<&'a mut C>) -> Self {
+        let call: Pin<&'a mut (dyn BatchCall + 'a)> = call;
+        Erased::of(call)
+    }
+}
+
 /// Runs the body of `call` with the ids at `ats`; if this future is
 /// dropped first, the body is dropped with it, before the leases and
 /// flights of its ids are given back (see `Erased::run_body`).
@@ -115,7 +129,7 @@ pin_project_lite::pin_project! {
         running: Option<Fut>,
         output: Option<R>,
         found: Vec<(K, V)>,
-        derive: crate::__private::Derive<V>,
+        derive: crate::read::call::Derive<V>,
         shape: PhantomData<fn() -> S>,
     }
 }
@@ -135,7 +149,7 @@ where
         ids: Vec<K>,
         body: B,
         found: Vec<(K, V)>,
-        derive: crate::__private::Derive<V>,
+        derive: crate::read::call::Derive<V>,
     ) -> Self {
         TypedBatch {
             ids,
@@ -496,7 +510,7 @@ impl Cache {
             .map(|(_, name)| {
                 format!(
                     "{prefix}{}{}",
-                    crate::tag::MARK,
+                    crate::key::TAG_MARK,
                     String::from_utf8_lossy(name)
                 )
             })
@@ -525,7 +539,7 @@ impl Cache {
                 let held = pairs.iter().all(|(token, name)| {
                     let key = format!(
                         "{prefix}{}{}",
-                        crate::tag::MARK,
+                        crate::key::TAG_MARK,
                         String::from_utf8_lossy(name)
                     );
                     let at = keys.binary_search(&key).unwrap_or_default();

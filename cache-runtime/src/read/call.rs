@@ -69,8 +69,8 @@ pub(crate) trait Call {
     );
 }
 
-/// A call held by the read path: a [`Call`], or a batch's
-/// [`BatchCall`](crate::read::batch::BatchCall).
+/// A call held by the read path: a [`Call`], or a batch's `BatchCall`
+/// (whose `Send` and constructor are in `read::batch`).
 pub(crate) struct Erased<'a, C: ?Sized + 'a = dyn Call + 'a> {
     call: Pin<&'a mut C>,
     /// A tagged function's tags (see [`crate::tag`]).
@@ -87,10 +87,17 @@ pub(crate) struct Erased<'a, C: ?Sized + 'a = dyn Call + 'a> {
 // path one non-generic state machine while a cached function's future
 // stays exactly as `Send` as its body.
 unsafe impl Send for Erased<'_, dyn Call + '_> {}
-// SAFETY: as above, for a batch's `TypedBatch`.
-unsafe impl Send for Erased<'_, dyn crate::read::batch::BatchCall + '_> {}
 
 impl<'a, C: ?Sized + 'a> Erased<'a, C> {
+    /// `call`, without tags yet (see [`Erased::new`]; a batch's own
+    /// constructor is `read::batch`'s).
+    pub(crate) fn of(call: Pin<&'a mut C>) -> Self {
+        Erased {
+            call,
+            tagging: None,
+        }
+    }
+
     pub(crate) fn pinned(&mut self) -> Pin<&mut C> {
         self.call.as_mut()
     }
@@ -105,21 +112,9 @@ impl<'a, C: ?Sized + 'a> Erased<'a, C> {
     }
 }
 
-impl<'a> Erased<'a, dyn crate::read::batch::BatchCall + 'a> {
-    pub(crate) fn batch<C: crate::read::batch::BatchCall + 'a>(call: Pin<&'a mut C>) -> Self {
-        Erased {
-            call,
-            tagging: None,
-        }
-    }
-}
-
 impl<'a> Erased<'a> {
     pub(crate) fn new<C: Call + 'a>(call: Pin<&'a mut C>) -> Self {
-        Erased {
-            call,
-            tagging: None,
-        }
+        Erased::of(call)
     }
 
     pub(crate) fn call(&mut self) -> Pin<&mut (dyn Call + 'a)> {
@@ -336,7 +331,9 @@ pin_project_lite::pin_project! {
     }
 }
 
-pub(crate) use crate::__private::Derive;
+/// How a function lists the tags its value names (`tags_from`; generated
+/// code passes `__private::no_tags` without it).
+pub type Derive<V> = fn(&V, &mut Vec<String>);
 
 impl<S, V, R, F> Typed<S, V, R, F>
 where

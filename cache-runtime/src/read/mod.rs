@@ -7,11 +7,13 @@
 //! - [`call`]: the typed half of a call, behind the interface that lets
 //!   the read path be compiled once.
 //! - [`flight`]: single flight, the computations in flight by key.
+//! - [`found`]: what one read of a key found.
 //! - [`freshness`]: the header of a value that is served stale or
 //!   refreshed early.
 
 pub(crate) mod batch;
 pub(crate) mod call;
 pub(crate) mod flight;
+pub(crate) mod found;
 pub(crate) mod freshness;
 pub(crate) mod lookup;

@@ -10,6 +10,7 @@
 
 pub(crate) mod janitor;
 pub(crate) mod lease;
+pub(crate) mod worker;
 
 use crate::cache::Cache;
 use crate::error::CacheError;
