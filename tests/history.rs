@@ -175,9 +175,8 @@ impl Store {
         Ok(Some(self.row(id).await).filter(|row| row.version > 0))
     }
 
-    /// Batches: rows never written are absent (and cached as `None`).
-    #[redis_cached(key = "batch:<ids>", ttl = 60, cache_none, single_flight, batch, cache = self.cache)]
-    async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+    /// The rows of `ids` that were ever written, as the batches read them.
+    async fn rows(&self, ids: &[u64]) -> HashMap<u64, Row> {
         let mut rows = HashMap::new();
         for &id in ids {
             let row = self.row(id).await;
@@ -185,7 +184,13 @@ impl Store {
                 rows.insert(id, row);
             }
         }
-        Ok(rows)
+        rows
+    }
+
+    /// Batches: rows never written are absent (and cached as `None`).
+    #[redis_cached(key = "batch:<ids>", ttl = 60, cache_none, single_flight, batch, cache = self.cache)]
+    async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
+        Ok(self.rows(ids).await)
     }
 
     /// A local tier kept right by the server's invalidations.
@@ -212,14 +217,7 @@ impl Store {
 
     #[redis_cached(key = "tbatch:<ids>", ttl = 60, tags = ["row:<ids>"], cache_none, single_flight, batch, cache = self.cache)]
     async fn tag_batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
-        let mut rows = HashMap::new();
-        for &id in ids {
-            let row = self.row(id).await;
-            if row.version > 0 {
-                rows.insert(id, row);
-            }
-        }
-        Ok(rows)
+        Ok(self.rows(ids).await)
     }
 
     #[redis_cached(key = "tlocal:<id>", ttl = 60, local = "5s", tags = ["row:<id>"], single_flight, cache = self.cache)]
@@ -234,14 +232,7 @@ impl Store {
 
     #[redis_cached(key = "tfbatch:<ids>", ttl = 60, tags_from = row_tag, cache_none, single_flight, batch, cache = self.cache)]
     async fn tags_from_batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
-        let mut rows = HashMap::new();
-        for &id in ids {
-            let row = self.row(id).await;
-            if row.version > 0 {
-                rows.insert(id, row);
-            }
-        }
-        Ok(rows)
+        Ok(self.rows(ids).await)
     }
 
     #[redis_cached(key = "tflocal:<id>", ttl = 60, local = "5s", tags_from = row_tag, single_flight, cache = self.cache)]

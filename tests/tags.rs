@@ -99,23 +99,30 @@ impl Tagged {
     }
 }
 
-impl Arm for Tagged {
-    fn db(&self) -> &Db {
-        &self.db
-    }
-    fn read(&self, org: u64, user: u64) -> impl Future<Output = Member> + Send {
-        self.member(org, user)
-    }
-    fn write(&self, org: u64) -> impl Future<Output = ()> + Send {
-        self.update_org(org)
-    }
-    async fn evict(&self, org: u64) {
-        self.cache
-            .invalidate_tag(&format!("org:{org}"))
-            .await
-            .unwrap();
-    }
+/// An arm of this project: its `member` read and its `update_org` write.
+macro_rules! ours {
+    ($arm:ident) => {
+        impl Arm for $arm {
+            fn db(&self) -> &Db {
+                &self.db
+            }
+            fn read(&self, org: u64, user: u64) -> impl Future<Output = Member> + Send {
+                self.member(org, user)
+            }
+            fn write(&self, org: u64) -> impl Future<Output = ()> + Send {
+                self.update_org(org)
+            }
+            async fn evict(&self, org: u64) {
+                self.cache
+                    .invalidate_tag(&format!("org:{org}"))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
 }
+
+ours!(Tagged);
 
 /// This project, with the tag named by the value (`tags_from`), and
 /// `single_flight`.
@@ -140,23 +147,7 @@ impl Derived {
     }
 }
 
-impl Arm for Derived {
-    fn db(&self) -> &Db {
-        &self.db
-    }
-    fn read(&self, org: u64, user: u64) -> impl Future<Output = Member> + Send {
-        self.member(org, user)
-    }
-    fn write(&self, org: u64) -> impl Future<Output = ()> + Send {
-        self.update_org(org)
-    }
-    async fn evict(&self, org: u64) {
-        self.cache
-            .invalidate_tag(&format!("org:{org}"))
-            .await
-            .unwrap();
-    }
-}
+ours!(Derived);
 
 /// Tags as a set of keys per tag. Test code only.
 struct Naive {
@@ -1199,4 +1190,34 @@ async fn a_tag_named_by_a_value_computed_across_its_invalidation_is_not_stored_o
 #[tokio::test]
 async fn a_tag_named_by_a_value_computed_across_its_invalidation_is_not_stored_in_memory() {
     a_tag_invalidated_during_the_body_is_not_stored_with_its_new_token(Cache::memory()).await;
+}
+
+// A value whose tags the header cannot say (a space) or that names too
+// many is returned, not stored.
+
+static UNTOLD_RUNS: AtomicU32 = AtomicU32::new(0);
+
+fn untold_tags(count: &u32) -> Vec<String> {
+    match count {
+        0 => vec!["a tag with spaces".to_owned()],
+        n => (0..*n).map(|i| format!("t:{i}")).collect(),
+    }
+}
+
+#[redis_cached(key = "untold:<count>", ttl = 60, tags_from = untold_tags, cache = cache, skip(cache))]
+async fn untold(cache: &Cache, count: u32) -> u32 {
+    UNTOLD_RUNS.fetch_add(1, Ordering::SeqCst);
+    count
+}
+
+#[tokio::test]
+async fn a_value_whose_tags_cannot_be_told_is_returned_not_stored() {
+    let cache = Cache::memory();
+    for (count, stored) in [(0, false), (1_001, false), (1_000, true)] {
+        let before = UNTOLD_RUNS.load(Ordering::SeqCst);
+        assert_eq!(untold(&cache, count).await, count);
+        assert_eq!(untold(&cache, count).await, count);
+        let runs = UNTOLD_RUNS.load(Ordering::SeqCst) - before;
+        assert_eq!(runs, if stored { 1 } else { 2 }, "{count} tags");
+    }
 }

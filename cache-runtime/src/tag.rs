@@ -605,42 +605,13 @@ impl Cache {
     ) {
         tagging.keys.truncate(tagging.fixed);
         tagging.tokens.truncate(tagging.fixed);
-        let Some(clocks) = clocks.filter(|_| tagging.read) else {
+        let (Some(clocks), Some(keys)) = (
+            clocks.filter(|_| tagging.read),
+            self.derived_keys(tagging, names),
+        ) else {
             tagging.unread();
             return;
         };
-        let mut keys = Vec::with_capacity(names.len());
-        for name in names {
-            if name.is_empty()
-                || name
-                    .bytes()
-                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-            {
-                crate::limited!(
-                    self,
-                    warn!(tag = %name.escape_debug(), "a tag from `tags_from` is empty or has a space or a control character: the value is not cached")
-                );
-                tagging.unread();
-                return;
-            }
-            let key = self.prefixed(CacheKey::of_tag(&name).as_str()).into_owned();
-            keys.push(key);
-        }
-        keys.sort_unstable();
-        keys.dedup();
-        keys.retain(|key| !tagging.keys.contains(key));
-        if keys.len() > MOST_DERIVED {
-            crate::limited!(
-                self,
-                warn!(
-                    tags = keys.len(),
-                    most = MOST_DERIVED,
-                    "a value names more tags than a cached value may (`tags_from`): it is not cached"
-                )
-            );
-            tagging.unread();
-            return;
-        }
         if keys.is_empty() {
             return;
         }
@@ -677,7 +648,8 @@ impl Cache {
         };
         let still = match self.read_tokens_of(&clock_keys).await {
             Ok(now) => now.into_iter().zip(&shards).all(|(now, &shard)| {
-                matches!(now, Fetched::Found(now) if usize::try_from(shard).ok().and_then(|at| clocks.get(at)) == Some(&now))
+                let then = usize::try_from(shard).ok().and_then(|at| clocks.get(at));
+                matches!(now, Fetched::Found(now) if then == Some(&now))
             }),
             Err(_) => false,
         };
@@ -691,6 +663,43 @@ impl Cache {
         }
         tagging.keys.extend(keys);
         tagging.tokens.extend(tokens);
+    }
+
+    /// The Redis keys of the tags a value `names`, once each, but the
+    /// function's own; `None` (logged) when the value may not be stored:
+    /// a tag that is empty or has a space (the header could not say it),
+    /// or more than [`MOST_DERIVED`] of them.
+    fn derived_keys(&self, tagging: &Tagging, names: Vec<String>) -> Option<Vec<String>> {
+        let mut keys = Vec::with_capacity(names.len());
+        for name in names {
+            if name.is_empty()
+                || name
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                crate::limited!(
+                    self,
+                    warn!(tag = %name.escape_debug(), "a tag from `tags_from` is empty or has a space or a control character: the value is not cached")
+                );
+                return None;
+            }
+            keys.push(self.prefixed(CacheKey::of_tag(&name).as_str()).into_owned());
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        keys.retain(|key| !tagging.keys[..tagging.fixed].contains(key));
+        if keys.len() > MOST_DERIVED {
+            crate::limited!(
+                self,
+                warn!(
+                    tags = keys.len(),
+                    most = MOST_DERIVED,
+                    "a value names more tags than a cached value may (`tags_from`): it is not cached"
+                )
+            );
+            return None;
+        }
+        Some(keys)
     }
 
     /// `read`, an entry of a function with `tags_from` checked against its
