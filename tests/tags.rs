@@ -1221,3 +1221,56 @@ async fn a_value_whose_tags_cannot_be_told_is_returned_not_stored() {
         assert_eq!(runs, if stored { 1 } else { 2 }, "{count} tags");
     }
 }
+
+// A release that removed a function's tags cannot check them: it replaces
+// the entries an earlier release stored with tags, never serves them.
+
+static RELEASE_RUNS: AtomicU32 = AtomicU32::new(0);
+
+fn release_tags(value: &u64) -> [String; 1] {
+    [format!("release:{value}")]
+}
+
+#[redis_cached(key = "release:<id>", ttl = 60, tags_from = release_tags, cache = cache, skip(cache))]
+async fn with_tags(cache: &Cache, id: u64) -> u64 {
+    RELEASE_RUNS.fetch_add(1, Ordering::SeqCst);
+    id
+}
+
+#[redis_cached(key = "release:<id>", ttl = 60, cache = cache, skip(cache))]
+async fn without_tags(cache: &Cache, id: u64) -> u64 {
+    RELEASE_RUNS.fetch_add(1, Ordering::SeqCst);
+    id
+}
+
+async fn a_release_without_tags_replaces_tagged_entries(cache: &Cache) {
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let runs = || RELEASE_RUNS.load(Ordering::SeqCst);
+    let before = runs();
+    assert_eq!(with_tags(cache, 1).await, 1);
+    assert_eq!(with_tags(cache, 1).await, 1);
+    assert_eq!(runs() - before, 1, "stored with its tags, then a hit");
+    assert_eq!(without_tags(cache, 1).await, 1);
+    assert_eq!(
+        runs() - before,
+        2,
+        "the tagged entry is not served unchecked"
+    );
+    assert_eq!(without_tags(cache, 1).await, 1);
+    assert_eq!(runs() - before, 2, "replaced by its own");
+    assert_eq!(with_tags(cache, 1).await, 1);
+    assert_eq!(runs() - before, 3, "and the other way round");
+}
+
+#[tokio::test]
+async fn a_release_without_tags_replaces_tagged_entries_on_redis() {
+    let server = RedisServer::start();
+    let cache = Target::server(&server).cache(Some("release")).await;
+    a_release_without_tags_replaces_tagged_entries(&cache).await;
+}
+
+#[tokio::test]
+async fn a_release_without_tags_replaces_tagged_entries_in_memory() {
+    a_release_without_tags_replaces_tagged_entries(&Cache::memory()).await;
+}

@@ -41,7 +41,8 @@
 //! after its body ran, too late to read their tokens before it. They
 //! share [`CLOCKS`] clocks, keys whose deletion goes first in every
 //! invalidation of a tag (same `DEL` off a cluster; on a cluster, before
-//! the tag is sent at all, see `Cache::invalidate_keys` and the janitor).
+//! the tag is sent at all, see `Cache::invalidate_keys`; in the worker's
+//! retries, before the tag on any backend).
 //! Such a function reads every clock before its body; after it, the tokens
 //! of the tags its value names, then their clocks, and stores the value
 //! with those tokens only if no clock moved: an invalidation whose clock
@@ -153,6 +154,29 @@ pub(crate) fn with_clocks(keys: Vec<String>) -> Vec<String> {
 /// Whether `key` is a tag clock's.
 pub(crate) fn is_clock(key: &str) -> bool {
     key.contains(CLOCK)
+}
+
+/// Whether `bytes` are a token as [`Cache::make_token`] makes them (16
+/// hexadecimal digits): anything else under a tag's key is not ours, and
+/// could not be written in a header.
+fn is_token(bytes: &[u8]) -> bool {
+    bytes.len() == 16 && bytes.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Whether `bytes` start with a tag header.
+pub(crate) fn has_header(bytes: &[u8]) -> bool {
+    bytes.len() > HEADER.len() && bytes.starts_with(HEADER)
+}
+
+/// `read` of a function without tags: an entry with a tag header was
+/// stored by a release of it that had tags (`tags` or `tags_from`), which
+/// this one cannot check, so it is replaced, never served (as garbage is;
+/// not counted as an error).
+pub(crate) fn untagged(read: Read) -> Read {
+    match read {
+        Read::Value { bytes, .. } if has_header(&bytes) => Read::Garbage(Garbage::Bytes(bytes)),
+        read => read,
+    }
 }
 
 /// How many bytes of `bytes` are a tag header (0 without one), or `None`
@@ -305,7 +329,7 @@ impl Tagging {
         let mut words = bytes[at + 1..end].split(|&b| b == b' ');
         while let Some(token) = words.next() {
             let name = words.next()?;
-            if token.is_empty() || name.is_empty() {
+            if !is_token(token) || name.is_empty() || pairs.len() == MOST_DERIVED {
                 return None;
             }
             pairs.push((token, name));
@@ -422,7 +446,7 @@ impl Cache {
 
     /// Counts and logs tags that could not be read (not while the breaker
     /// is open: its opening was counted): the call runs uncached.
-    fn tags_unread(&self, site: &'static Site, error: &CacheError) {
+    pub(crate) fn tags_unread(&self, site: &'static Site, error: &CacheError) {
         if !matches!(error, CacheError::CircuitOpen) {
             self.record(site, Event::Error);
             crate::limited!(
@@ -795,24 +819,34 @@ impl Cache {
         keys: &[String],
         read: Vec<Fetched<Vec<u8>>>,
     ) -> Result<(Vec<Vec<u8>>, bool), CacheError> {
-        let mut made = false;
         let life = SHORTEST_TOKEN_LIFE
             .as_millis()
             .max(u128::from(site.longest_expiry_millis()) * 2);
         let life = u64::try_from(life).unwrap_or(u64::MAX);
         let mut tokens = Vec::with_capacity(keys.len());
-        for (key, found) in keys.iter().zip(read) {
+        let mut missing = Vec::new();
+        for (at, (key, found)) in keys.iter().zip(read).enumerate() {
             let token = match found {
-                Fetched::Found(token) => token,
-                Fetched::TooLarge => return Err(CacheError::NotATag(tag_of(key).to_owned())),
+                Fetched::Found(token) if is_token(&token) => token,
+                Fetched::Found(_) | Fetched::TooLarge => {
+                    return Err(CacheError::NotATag(tag_of(key).to_owned()));
+                }
                 Fetched::Absent => {
-                    made = true;
-                    self.make_token(key, life).await?
+                    missing.push(at);
+                    Vec::new()
                 }
             };
             tokens.push(token);
         }
-        Ok((tokens, made))
+        // Made together: the first miss after a flush makes every clock.
+        let made = futures_util::future::join_all(
+            missing.iter().map(|&at| self.make_token(&keys[at], life)),
+        )
+        .await;
+        for (at, token) in missing.iter().zip(made) {
+            tokens[*at] = token?;
+        }
+        Ok((tokens, !missing.is_empty()))
     }
 
     /// A new token for a tag that has none (or the one another caller
@@ -829,7 +863,8 @@ impl Cache {
             }
             let read = self.backend().get(key, self.settings().read_limit);
             match self.guarded(key, read).await? {
-                Fetched::Found(token) => return Ok(token),
+                Fetched::Found(token) if is_token(&token) => return Ok(token),
+                Fetched::Found(_) => break,
                 Fetched::TooLarge => break,
                 Fetched::Absent => {}
             }
@@ -879,15 +914,15 @@ mod tests {
         for (fixed, stamp, none, torn) in [
             (
                 1,
-                &b"\x04tags:00ff org:42 | 0c0d product:1 0e0f product:2\n{}"[..],
+                &b"\x04tags:00ff org:42 | 0c0d0c0d0c0d0c0d product:1 0e0f0e0f0e0f0e0f product:2\n{}"[..],
                 &b"\x04tags:00ff org:42 |\n{}"[..],
-                &b"\x04tags:00ff org:42 | 0c0d\n{}"[..],
+                &b"\x04tags:00ff org:42 | 0c0d0c0d0c0d0c0d\n{}"[..],
             ),
             (
                 0,
-                b"\x04tags:| 0c0d product:1 0e0f product:2\n{}",
+                b"\x04tags:| 0c0d0c0d0c0d0c0d product:1 0e0f0e0f0e0f0e0f product:2\n{}",
                 b"\x04tags:|\n{}",
-                b"\x04tags:| 0c0d\n{}",
+                b"\x04tags:| 0c0d0c0d0c0d0c0d\n{}",
             ),
         ] {
             let mut tagging = Tagging {
@@ -904,11 +939,13 @@ mod tests {
             assert!(tagging.stamped(stamp));
             assert_eq!(
                 tagging.derived_of(stamp).unwrap(),
-                [(&b"0c0d"[..], &b"product:1"[..]), (b"0e0f", b"product:2")]
+                [(&b"0c0d0c0d0c0d0c0d"[..], &b"product:1"[..]), (b"0e0f0e0f0e0f0e0f", b"product:2")]
             );
             assert!(tagging.stamped(none));
             assert_eq!(tagging.derived_of(none).unwrap(), []);
             assert_eq!(tagging.derived_of(torn), None, "a token without its tag");
+            let foreign = [&stamp[..stamp.len() - 3], b" x y\n{}"].concat();
+            assert_eq!(tagging.derived_of(&foreign), None, "not a token");
             // An entry of the function before it had `tags_from`.
             let before = if fixed == 1 {
                 &b"\x04tags:00ff org:42\n{}"[..]
@@ -917,7 +954,7 @@ mod tests {
             };
             assert!(!tagging.stamped(before));
             tagging.keys.push("app:\0tag:product:1".into());
-            tagging.tokens.push(b"0c0d".to_vec());
+            tagging.tokens.push(b"0c0d0c0d0c0d0c0d".to_vec());
             assert!(stamp.starts_with(&tagging.stamp()[..tagging.stamp().len() - 1]));
         }
     }

@@ -522,7 +522,13 @@ impl Cache {
         keys.dedup();
         let now = match keys.iter().any(|key| self.pending_write(site, key)) {
             true => None,
-            false => self.read_tokens_of(&keys).await.ok(),
+            false => match self.read_tokens_of(&keys).await {
+                Ok(now) => Some(now),
+                Err(error) => {
+                    self.tags_unread(site, &error);
+                    None
+                }
+            },
         };
         named
             .iter()
@@ -566,6 +572,10 @@ impl Cache {
         call: &mut ErasedBatch<'_>,
     ) -> Option<Option<Take>> {
         let read = self.found(site, key, Ok(fetched.map(|bytes| (bytes, Ttl::Unknown))));
+        let read = match tagging {
+            None => crate::tag::untagged(read),
+            Some(_) => read,
+        };
         match read {
             Read::Value { bytes, .. } if tagging.is_some_and(|t| !t.stamped(&bytes)) => {
                 Some(Some(Take::Replacing(bytes)))

@@ -430,7 +430,7 @@ impl Cache {
         call: &mut Erased<'_>,
     ) -> Read {
         let Some(tagging) = call.tagging_mut() else {
-            return self.read(site, key, with_ttl).await;
+            return crate::tag::untagged(self.read(site, key, with_ttl).await);
         };
         // One server: the entry and its tags in one request.
         if !with_ttl
@@ -458,7 +458,7 @@ impl Cache {
         call: &mut Erased<'_>,
     ) -> (Read, bool, Option<std::sync::Arc<[TagTicket]>>) {
         let Some(tagging) = call.tagging_mut() else {
-            return (entry.await, true, None);
+            return (crate::tag::untagged(entry.await), true, None);
         };
         if tagging
             .keys()

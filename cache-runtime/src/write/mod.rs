@@ -208,8 +208,11 @@ impl Cache {
     /// [`Cache::delete_many`], the tag clocks among `keys` first. Off a
     /// cluster, one `DEL` deletes them all at once; on a cluster, where
     /// they live on other primaries than their tags, the clocks are
-    /// deleted before the rest is sent, and if they fail, nothing else
-    /// is (all of it is left to retry).
+    /// deleted before the rest is sent. If the clocks' `DEL` may not have
+    /// reached their primary, nothing else is sent: all of it is left to
+    /// retry, with an error that makes this process's readers skip it
+    /// (unlike one that only lacks a replica's acknowledgement: the
+    /// clocks' primary has them then, and the rest goes on).
     async fn delete_ordered(&self, keys: &[String]) -> (Vec<String>, Option<CacheError>) {
         let clocks = keys
             .iter()
@@ -218,13 +221,21 @@ impl Cache {
         if clocks == 0 || !matches!(self.backend(), crate::backend::Backend::Cluster(_)) {
             return self.delete_many(keys).await;
         }
-        let (failed, error) = self.delete_many(&keys[..clocks]).await;
-        if error.is_some() {
-            let mut failed = failed;
-            failed.extend_from_slice(&keys[clocks..]);
-            return (failed, error);
+        let (mut failed, error) = self.delete_many(&keys[..clocks]).await;
+        match error {
+            None => self.delete_many(&keys[clocks..]).await,
+            Some(error) if error.is_not_replicated() => {
+                let (rest, rest_error) = self.delete_many(&keys[clocks..]).await;
+                failed.extend(rest);
+                // As `delete_many` does: the error that says least about
+                // what landed.
+                (failed, Some(rest_error.unwrap_or(error)))
+            }
+            Some(error) => {
+                failed.extend_from_slice(&keys[clocks..]);
+                (failed, Some(error))
+            }
         }
-        self.delete_many(&keys[clocks..]).await
     }
 
     /// Write-through (`#[cache_put]`): stores the encoded `answer` under `key` with the

@@ -446,14 +446,15 @@ impl Cache {
         // the first (one attempt per retry delay, not one per key).
         let one_primary = !matches!(backend, crate::backend::Backend::Cluster(_));
         let mut unreachable_until = None;
-        // On a cluster, a tag is invalidated only once every tag clock
-        // this process still has to tick has ticked (see `crate::tag`):
-        // the clocks are tried first, and while one is left, the tags
-        // wait. Off a cluster, a tag and its clock went in one `DEL`.
+        // A tag is invalidated only once every tag clock this process
+        // still has to tick has ticked, on its primary at least (see
+        // `crate::tag`): the clocks are tried first, and while one is
+        // left, the tags wait (retries are one `DEL` per key, on any
+        // backend).
         let is_clock = |p: &Pending| matches!(&p.chore, Chore::Invalidate { key, .. } if crate::tag::is_clock(key));
         let mut due = due;
         due.sort_by_key(|&at| !is_clock(&pending[at]));
-        let mut clocks_left = !one_primary && pending.iter().any(|p| is_clock(p) && p.due > now);
+        let mut clocks_left = pending.iter().any(|p| is_clock(p) && p.due > now);
         for at in due {
             let pending = &mut pending[at];
             if let Some(next) = unreachable_until {
@@ -464,6 +465,7 @@ impl Cache {
                 continue;
             };
             if clocks_left && crate::tag::clock_of(key).is_some() {
+                pending.due = Instant::now() + WHILE_A_SHARD_IS_DOWN;
                 continue;
             }
             pending.attempts += 1;
@@ -483,7 +485,8 @@ impl Cache {
                 && deleted
                     .as_ref()
                     .is_err_and(|e| e.is_unavailable() || e.is_not_replicated());
-            if !one_primary && deleted.is_err() && crate::tag::is_clock(key) {
+            if crate::tag::is_clock(key) && deleted.as_ref().is_err_and(|e| !e.is_not_replicated())
+            {
                 clocks_left = true;
             }
             match self.settle_invalidation(pending, deleted.as_ref().map(drop), epoch) {
