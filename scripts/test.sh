@@ -16,6 +16,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 redis-server --version
 
+# The UI tests' pass cases are built by trybuild in a workspace of its own,
+# which does not inherit ours' profile: without this, each of them links
+# every dependency's full debug info (3 GB in all).
+export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+
 # Every test binary runs even when one fails, so that a run shows every
 # failure; the exit status is non-zero if any test failed.
 cargo test --workspace --all-features --no-fail-fast "$@"

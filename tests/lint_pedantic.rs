@@ -34,7 +34,7 @@ impl Repo {
         Some(org.id)
     }
 
-    #[redis_cached(key = "t:find:<name>", ttl = 60, tags_from = user_tags, cache = self.cache)]
+    #[redis_cached(key = "t:find:<name>", ttl = 60, tags_from = user_tags, ttl_from = user_ttl, unless = is_root, cache = self.cache)]
     async fn find(&self, name: &str) -> Result<Option<User>, DbError> {
         Ok((!name.is_empty()).then_some(User { id: 1 }))
     }
@@ -49,6 +49,14 @@ impl Repo {
     async fn put(&self, id: u64) -> Result<User, DbError> {
         Ok(User { id })
     }
+}
+
+fn user_ttl(user: &User) -> Option<std::time::Duration> {
+    (user.id > 1).then_some(std::time::Duration::from_secs(5))
+}
+
+fn is_root(user: &User) -> bool {
+    user.id == 0
 }
 
 fn user_tags(user: &User) -> [String; 1] {

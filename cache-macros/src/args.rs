@@ -27,6 +27,8 @@ const ARGUMENTS: &[&str] = &[
     "local",
     "tags",
     "tags_from",
+    "ttl_from",
+    "unless",
     "version",
     "cache",
     "crate",
@@ -74,6 +76,10 @@ pub struct Args {
     /// `tags_from = path`: a function of the value that names tags of its
     /// own.
     pub tags_from: Option<Path>,
+    /// `ttl_from = path`: a function of the value that chooses its TTL.
+    pub ttl_from: Option<Path>,
+    /// `unless = path`: a function of the value that says not to store it.
+    pub unless: Option<Path>,
     pub version: Option<u32>,
     pub cache: Option<Expr>,
     pub krate: Option<Path>,
@@ -173,14 +179,28 @@ impl Args {
                     args.tags = parse_tags(&meta.value()?.parse()?, errors);
                 }
                 "tags_from" => {
-                    let value: Expr = meta.value()?.parse()?;
-                    match value {
-                        Expr::Path(path) if path.qself.is_none() => args.tags_from = Some(path.path),
-                        other => errors.spanned(
-                            &other,
-                            "`tags_from` must be a path to a function, e.g. `tags_from = product_tags` with `fn product_tags(value: &V) -> Vec<String>`",
-                        ),
-                    }
+                    args.tags_from = parse_path(
+                        "tags_from",
+                        "tags_from = product_tags` with `fn product_tags(value: &V) -> Vec<String>",
+                        meta.value()?.parse()?,
+                        errors,
+                    );
+                }
+                "ttl_from" => {
+                    args.ttl_from = parse_path(
+                        "ttl_from",
+                        "ttl_from = order_ttl` with `fn order_ttl(value: &V) -> Option<Duration>",
+                        meta.value()?.parse()?,
+                        errors,
+                    );
+                }
+                "unless" => {
+                    args.unless = parse_path(
+                        "unless",
+                        "unless = is_draft` with `fn is_draft(value: &V) -> bool",
+                        meta.value()?.parse()?,
+                        errors,
+                    );
                 }
                 "local" => {
                     args.local_millis =
@@ -241,6 +261,21 @@ fn skip_value(input: ParseStream) -> syn::Result<()> {
         syn::parenthesized!(_content in input);
     }
     Ok(())
+}
+
+/// `tags_from = path` and its siblings: a path to a function of the value
+/// (`example` shows one, between backticks).
+fn parse_path(name: &str, example: &str, value: Expr, errors: &mut Errors) -> Option<Path> {
+    match value {
+        Expr::Path(path) if path.qself.is_none() => Some(path.path),
+        other => {
+            errors.spanned(
+                &other,
+                format!("`{name}` must be a path to a function, e.g. `{example}`"),
+            );
+            None
+        }
+    }
 }
 
 /// `ttl = 60`, `stale = "30s"`: whole seconds or a duration string, never 0.

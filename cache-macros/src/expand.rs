@@ -110,6 +110,15 @@ fn key_fn(plan: &Plan) -> TokenStream {
         .map(|millis| quote!(.cache_none(#millis)));
     let local = plan.local_millis.map(|millis| quote!(.local(#millis)));
     let tags_from = plan.tags_from.map(|_| quote!(.tags_from()));
+    // A `#[cache_put]` of the key obeys what its values decide.
+    let finish = quote!(#builder.finish(#version));
+    let finish = if plan.key_fn.value_nameable && (plan.ttl_from.is_some() || plan.unless.is_some())
+    {
+        let rules = rules(plan);
+        quote!(#krate::__private::ruled(#finish, #rules))
+    } else {
+        finish
+    };
     quote! {
         #[doc = #doc]
         #[must_use]
@@ -128,7 +137,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
             );
             #(#steps)*
             #(#tags)*
-            #builder.finish(#version)
+            #finish
         }
     }
 }
@@ -326,7 +335,7 @@ fn wrapper(plan: &Plan) -> TokenStream {
         quote!(#cache, #key,),
         TokenStream::new(),
         TokenStream::new(),
-        derive_arg(plan),
+        rules_arg(plan),
     );
     let checks = value_checks(plan, &shape, "ValueOf");
     wrap_as(
@@ -341,23 +350,45 @@ fn wrapper(plan: &Plan) -> TokenStream {
     )
 }
 
-/// The runtime call's last argument: how the value names tags of its own
-/// (`tags_from`), called at the user's path so that a function of the
-/// wrong type is reported there; `no_tags` without it.
-fn derive_arg(plan: &Plan) -> TokenStream {
+/// The runtime call's last argument: what the value decides about its
+/// entry (`tags_from`, `ttl_from`, `unless`), each user function called at
+/// the user's path so that one of the wrong signature is reported there.
+fn rules_arg(plan: &Plan) -> TokenStream {
+    let rules = rules(plan);
+    quote!(, #rules)
+}
+
+/// A `ByValue` of the function's `tags_from`, `ttl_from` and `unless`.
+fn rules(plan: &Plan) -> TokenStream {
     let krate = &plan.krate;
-    let Some(path) = plan.tags_from else {
-        // At the return type, as the runtime call is: an unmet bound of
-        // the value is reported once there, not again here.
-        return respan(quote!(, #krate::__private::no_tags), ret_span(&plan.func));
-    };
-    let (value, tags) = (
-        Ident::new("value", Span::mixed_site()),
-        Ident::new("tags", Span::mixed_site()),
+    // At the return type, as the runtime call is: an unmet bound of the
+    // value is reported once there, not again here.
+    let mut rules = respan(
+        quote!(#krate::__private::ByValue::new()),
+        ret_span(&plan.func),
     );
-    quote_spanned! {path.span()=>
-        , |#value, #tags| ::core::iter::Extend::extend(#tags, #path(#value))
+    // Located at the path, so that a value of the wrong type is reported
+    // there rather than at the whole attribute. The closures around the
+    // calls are the macro's (a lint about them is not the user's).
+    let value = |path: &syn::Path| Ident::new("value", Span::mixed_site().located_at(path.span()));
+    if let Some(path) = plan.tags_from {
+        let value = value(path);
+        let tags = Ident::new("tags", Span::mixed_site());
+        rules = quote_spanned! {path.span()=>
+            #rules.tags_from(|#value, #tags| ::core::iter::Extend::extend(#tags, #path(#value)))
+        };
     }
+    if let Some(path) = plan.ttl_from {
+        let value = value(path);
+        let ttl = quote_spanned!(path.span()=> #path(#value));
+        rules = quote!(#rules.ttl_from(|#value| #ttl));
+    }
+    if let Some(path) = plan.unless {
+        let value = value(path);
+        let unless = quote_spanned!(path.span()=> #path(#value));
+        rules = quote!(#rules.unless(|#value| #unless));
+    }
+    rules
 }
 
 /// `<V as Cacheable>::CACHEABLE` (and, with a local tier, `V::clone`),
@@ -431,7 +462,7 @@ fn batch_wrapper(
         quote!(#cache, #keys,),
         quote!(move |#missing: ::std::vec::Vec<#element>|),
         rebind,
-        derive_arg(plan),
+        rules_arg(plan),
     );
     // The parameter is only handed to `batch_keys`: its `mut` belongs to
     // the rebinding in the body.

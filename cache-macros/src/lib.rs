@@ -280,6 +280,24 @@ mod expansion_snapshots {
     }
 
     #[test]
+    fn the_value_chooses_its_ttl_and_whether_it_is_stored() {
+        insta::assert_snapshot!(expand(
+            quote!(
+                key = "order:<id>",
+                ttl = 60,
+                ttl_from = order_ttl,
+                unless = is_draft,
+                skip(db)
+            ),
+            quote! {
+                pub async fn order(db: &Db, id: u64) -> Result<Order, DbError> {
+                    db.order(id).await
+                }
+            },
+        ));
+    }
+
+    #[test]
     fn invalidates_a_tag() {
         insta::assert_snapshot!(expand_write(
             crate::args::WriteKind::Invalidates,

@@ -35,6 +35,10 @@ pub struct Plan<'a> {
     pub tags: Vec<Key<'a>>,
     /// `tags_from = path`.
     pub tags_from: Option<&'a Path>,
+    /// `ttl_from = path`.
+    pub ttl_from: Option<&'a Path>,
+    /// `unless = path`.
+    pub unless: Option<&'a Path>,
     pub version: Option<u32>,
     pub cache: Option<&'a Expr>,
     pub krate: Path,
@@ -274,6 +278,8 @@ pub fn validate<'a>(
         local_millis: args.local_millis,
         tags,
         tags_from: args.tags_from.as_ref(),
+        ttl_from: args.ttl_from.as_ref(),
+        unless: args.unless.as_ref(),
         version: args.version,
         cache: args.cache.as_ref(),
         krate,

@@ -22,14 +22,18 @@ use crate::tag::Tagging;
 use crate::{Cache, CacheKey};
 use std::collections::HashMap;
 
-pub use crate::read::call::Derive;
+pub use crate::outcome::ByValue;
 
-/// The `derive` of a function without `tags_from`: never called.
-pub fn no_tags<V>(_: &V, _: &mut Vec<String>) {}
+/// `key`, carrying what its function's values decide (`ttl_from`,
+/// `unless`), for a `#[cache_put]` that names it.
+pub fn ruled<V>(key: CacheKey<V>, rules: ByValue<V>) -> CacheKey<V> {
+    key.with_rules(rules)
+}
 
 /// The body of every `#[redis_cached]` function: serve `key` from `cache`
 /// (or the installed cache) or run `body`, failing open on any cache
-/// trouble. `derive` lists the tags a value names (`tags_from`).
+/// trouble. `rules` are what a value decides (`tags_from`, `ttl_from`,
+/// `unless`).
 ///
 /// Only this shell is compiled for each cached function: the read path
 /// behind it is compiled once (see `read::call`).
@@ -37,13 +41,13 @@ pub async fn cached<S, R, V, F>(
     cache: Option<&Cache>,
     key: CacheKey<V>,
     body: F,
-    derive: Derive<S::Value>,
+    rules: ByValue<S::Value>,
 ) -> R
 where
     S: Outcome<R>,
     F: Future<Output = R>,
 {
-    let mut call = pin!(Typed::<S, S::Value, R, F>::new(body, derive));
+    let mut call = pin!(Typed::<S, S::Value, R, F>::new(body, rules));
     let answered = Lookup::run(cache, key.untyped(), Erased::new(call.as_mut())).await;
     call.answer(answered)
 }
@@ -55,7 +59,7 @@ pub async fn cached_local<S, R, V, F>(
     cache: Option<&Cache>,
     key: CacheKey<V>,
     body: F,
-    derive: Derive<S::Value>,
+    rules: ByValue<S::Value>,
 ) -> R
 where
     S: Outcome<R>,
@@ -73,7 +77,7 @@ where
         Ok(answer) => return answer,
         Err(lookup) => lookup,
     };
-    let mut call = pin!(Typed::<S, S::Value, R, F>::with_local(body, derive));
+    let mut call = pin!(Typed::<S, S::Value, R, F>::with_local(body, rules));
     let answered = lookup.run_local(Erased::new(call.as_mut())).await;
     call.answer(answered)
 }
@@ -104,7 +108,7 @@ pub async fn cached_batch<S, R, T, V, B, Fut>(
     cache: Option<&Cache>,
     keys: Vec<(T, CacheKey<V>)>,
     body: B,
-    derive: Derive<V>,
+    rules: ByValue<V>,
 ) -> R
 where
     S: BatchOutcome<R>,
@@ -114,7 +118,7 @@ where
     B: FnOnce(Vec<T>) -> Fut,
     Fut: Future<Output = R>,
 {
-    batch::<S, R, T, V, B, Fut>(cache, keys, body, None, derive).await
+    batch::<S, R, T, V, B, Fut>(cache, keys, body, None, rules).await
 }
 
 /// The body of every `#[redis_cached(..., batch, local = "...")]`
@@ -124,7 +128,7 @@ pub async fn cached_batch_local<S, R, T, V, B, Fut>(
     cache: Option<&Cache>,
     keys: Vec<(T, CacheKey<V>)>,
     body: B,
-    derive: Derive<V>,
+    rules: ByValue<V>,
 ) -> R
 where
     S: BatchOutcome<R>,
@@ -135,7 +139,7 @@ where
     Fut: Future<Output = R>,
 {
     let local: LocalAnswers<T, V> = crate::read::batch::local_answers::<T, V>;
-    batch::<S, R, T, V, B, Fut>(cache, keys, body, Some(local), derive).await
+    batch::<S, R, T, V, B, Fut>(cache, keys, body, Some(local), rules).await
 }
 
 /// How a batch with a local tier answers the ids whose copies this
@@ -149,7 +153,7 @@ async fn batch<S, R, T, V, B, Fut>(
     keys: Vec<(T, CacheKey<V>)>,
     body: B,
     local: Option<LocalAnswers<T, V>>,
-    derive: Derive<V>,
+    rules: ByValue<V>,
 ) -> R
 where
     S: BatchOutcome<R>,
@@ -174,7 +178,7 @@ where
         None => (ids, keys),
     };
     let mut call = pin!(TypedBatch::<S, R, T, V, B, Fut>::new(
-        ids, body, found, derive
+        ids, body, found, rules
     ));
     let erased = Erased::batch(call.as_mut());
     let tags = match tags.is_empty() {
@@ -272,6 +276,7 @@ where
     S: Outcome<R>,
     F: Future<Output = R>,
 {
+    let rules = key.rules();
     let key = key.untyped();
     // A tagged entry is stored with its tags' tokens as they were before
     // the write's body ran (see `crate::tag`).
@@ -284,7 +289,7 @@ where
     if !matches!(answer, Answer::Failed)
         && let Some(cache) = Cache::resolve(cache, writer)
     {
-        let encoded = Encoded::of(cache.codec(), answer);
+        let encoded = Encoded::of(cache.codec(), answer, &rules);
         cache
             .put_after_write(writer, key, encoded, tagging.as_deref())
             .await;

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_encode};
 use sha2::{Digest, Sha256};
 
+use crate::outcome::ByValue;
 use crate::site::Site;
 
 /// Bytes that are escaped in rendered values: all but `A-Z a-z 0-9 - _ . ~`.
@@ -78,6 +79,9 @@ pub struct CacheKey<V = Untyped> {
     /// one); empty for an untagged function. One buffer, not one per tag:
     /// every tagged call renders them.
     tags: String,
+    /// What the function's values decide (`ttl_from`, `unless`): a
+    /// `#[cache_put]` of the key obeys them.
+    rules: ByValue<V>,
     value: PhantomData<fn() -> V>,
 }
 
@@ -94,6 +98,7 @@ impl CacheKey {
             key: key.into(),
             site: None,
             tags: String::new(),
+            rules: ByValue::new(),
             value: PhantomData,
         }
     }
@@ -126,8 +131,21 @@ impl<V> CacheKey<V> {
             key: self.key,
             site: self.site,
             tags: self.tags,
+            rules: ByValue::new(),
             value: PhantomData,
         }
+    }
+
+    /// The key, with what its function's values decide.
+    pub(crate) fn with_rules(mut self, rules: ByValue<V>) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// What its function's values decide (nothing, for a key written by
+    /// hand or untyped).
+    pub(crate) fn rules(&self) -> ByValue<V> {
+        self.rules
     }
 
     /// The tags an entry under this key is stored with (`tags = [...]` on
@@ -159,6 +177,7 @@ impl<V> Clone for CacheKey<V> {
             key: self.key.clone(),
             site: self.site,
             tags: self.tags.clone(),
+            rules: self.rules,
             value: PhantomData,
         }
     }
@@ -509,6 +528,7 @@ impl KeyBuilder {
             key: key.key,
             site: key.site,
             tags: key.tags,
+            rules: ByValue::new(),
             value: PhantomData,
         }
     }
@@ -532,6 +552,7 @@ impl KeyBuilder {
             key,
             site: self.site,
             tags,
+            rules: ByValue::new(),
             value: PhantomData,
         }
     }

@@ -72,7 +72,8 @@ pub enum Answer<'a, V> {
 
 /// What a body's output says about the key, with its value encoded.
 pub(crate) enum Encoded {
-    Value(Result<Vec<u8>, crate::codec::CodecError>),
+    /// A value, and how long it is stored.
+    Value(Result<Vec<u8>, crate::codec::CodecError>, Life),
     /// An answer that there is nothing (`None`).
     Nothing,
     /// The body failed (`Err`).
@@ -80,12 +81,113 @@ pub(crate) enum Encoded {
 }
 
 impl Encoded {
-    /// `answer`, encoded with `codec`.
-    pub(crate) fn of<V: Serialize>(codec: crate::codec::Codec, answer: Answer<'_, V>) -> Encoded {
+    /// `answer`, encoded with `codec`, stored as `rules` say.
+    pub(crate) fn of<V: Serialize>(
+        codec: crate::codec::Codec,
+        answer: Answer<'_, V>,
+        rules: &ByValue<V>,
+    ) -> Encoded {
         match answer {
-            Answer::Value(value) => Encoded::Value(codec.encode(value)),
+            Answer::Value(value) => Encoded::Value(codec.encode(value), rules.life(value)),
             Answer::Nothing => Encoded::Nothing,
             Answer::Failed => Encoded::Failed,
+        }
+    }
+}
+
+/// The longest TTL `ttl_from` can give, in milliseconds (ten years): a
+/// longer one (`Duration::MAX` for "forever") is cut to it, so that the
+/// server never refuses the expiry.
+pub(crate) const LONGEST_TTL: u64 = 10 * 365 * 24 * 3600 * 1000;
+
+/// How long a computed value is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Life {
+    /// For the function's TTL (`ttl = ...`).
+    Ttl,
+    /// For what `ttl_from` answered, in milliseconds (at least 1).
+    Millis(u64),
+    /// Not at all: `unless` said so, or `ttl_from` answered zero. The value
+    /// is still the call's answer, and that of the callers waiting for it.
+    Unstored,
+}
+
+/// What a cached function's value decides about its own entry: the tags it
+/// names (`tags_from`), its TTL (`ttl_from`), whether it is stored
+/// (`unless`). Generated code builds it with the user's functions, called
+/// at the user's paths, so that a function of the wrong signature is
+/// reported there.
+#[doc(hidden)]
+pub struct ByValue<V> {
+    tags: Option<fn(&V, &mut Vec<String>)>,
+    ttl: Option<fn(&V) -> Option<std::time::Duration>>,
+    unless: Option<fn(&V) -> bool>,
+}
+
+// By hand: derives would require `V: Clone`.
+impl<V> Clone for ByValue<V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<V> Copy for ByValue<V> {}
+
+impl<V> Default for ByValue<V> {
+    fn default() -> Self {
+        ByValue::new()
+    }
+}
+
+impl<V> ByValue<V> {
+    /// A value that decides nothing: the attribute's TTL and tags.
+    pub const fn new() -> Self {
+        ByValue {
+            tags: None,
+            ttl: None,
+            unless: None,
+        }
+    }
+
+    /// `tags_from = path`: adds the tags the value names to the list.
+    pub const fn tags_from(mut self, tags: fn(&V, &mut Vec<String>)) -> Self {
+        self.tags = Some(tags);
+        self
+    }
+
+    /// `ttl_from = path`: the value's TTL; `None` keeps the attribute's.
+    pub const fn ttl_from(mut self, ttl: fn(&V) -> Option<std::time::Duration>) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// `unless = path`: `true` if the value is not to be stored.
+    pub const fn unless(mut self, unless: fn(&V) -> bool) -> Self {
+        self.unless = Some(unless);
+        self
+    }
+
+    /// The tags `value` names (`tags_from`), added to `tags`.
+    pub(crate) fn tags_of(&self, value: &V, tags: &mut Vec<String>) {
+        if let Some(derive) = self.tags {
+            derive(value, tags);
+        }
+    }
+
+    /// How long `value` is stored. `unless` is asked first: a value it
+    /// rejects is not stored whatever its TTL would be.
+    pub(crate) fn life(&self, value: &V) -> Life {
+        if self.unless.is_some_and(|unless| unless(value)) {
+            return Life::Unstored;
+        }
+        match self.ttl.and_then(|ttl| ttl(value)) {
+            None => Life::Ttl,
+            Some(ttl) if ttl.is_zero() => Life::Unstored,
+            // Rounded up: a TTL under a millisecond is still a TTL.
+            Some(ttl) => {
+                let millis = ttl.as_nanos().div_ceil(1_000_000);
+                Life::Millis(u64::try_from(millis).map_or(LONGEST_TTL, |m| m.min(LONGEST_TTL)))
+            }
         }
     }
 }

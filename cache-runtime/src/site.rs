@@ -134,6 +134,17 @@ impl Site {
         self.jittered(self.ttl_millis)
     }
 
+    /// The TTL for one write of a value that lives `life`: the configured
+    /// TTL or `ttl_from`'s, spread like [`Site::ttl_millis`]; `None` for a
+    /// value not to be stored.
+    pub(crate) fn ttl_of(&self, life: crate::outcome::Life) -> Option<u64> {
+        match life {
+            crate::outcome::Life::Ttl => Some(self.ttl_millis()),
+            crate::outcome::Life::Millis(millis) => Some(self.jittered(millis)),
+            crate::outcome::Life::Unstored => None,
+        }
+    }
+
     /// The TTL for one write of an answer of `None`, if it is cached
     /// (`cache_none`, `none_ttl`), spread like [`Site::ttl_millis`].
     pub(crate) fn none_ttl_millis(&self) -> Option<u64> {

@@ -46,8 +46,8 @@ use crate::cache::Cache;
 use crate::codec::{Codec, CodecError};
 use crate::error::CacheError;
 use crate::local::LocalHit;
-use crate::outcome::Encoded;
 use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
+use crate::outcome::{ByValue, Encoded};
 use crate::read::call::Erased;
 use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
 use crate::read::found::{Read, Ttl};
@@ -129,7 +129,7 @@ pin_project_lite::pin_project! {
         running: Option<Fut>,
         output: Option<R>,
         found: Vec<(K, V)>,
-        derive: crate::read::call::Derive<V>,
+        rules: ByValue<V>,
         shape: PhantomData<fn() -> S>,
     }
 }
@@ -145,19 +145,14 @@ where
 {
     /// A batch of distinct `ids`, with the values `found` already (in
     /// process memory) for other ids.
-    pub(crate) fn new(
-        ids: Vec<K>,
-        body: B,
-        found: Vec<(K, V)>,
-        derive: crate::read::call::Derive<V>,
-    ) -> Self {
+    pub(crate) fn new(ids: Vec<K>, body: B, found: Vec<(K, V)>, rules: ByValue<V>) -> Self {
         TypedBatch {
             ids,
             body: Some(body),
             running: None,
             output: None,
             found,
-            derive,
+            rules,
             shape: PhantomData,
         }
     }
@@ -239,7 +234,7 @@ where
                 .lookup(&this.ids[at])
                 .map_or(Answer::Nothing, Answer::Value),
         };
-        Encoded::of(codec, answer)
+        Encoded::of(codec, answer, this.rules)
     }
 
     fn derived_tags(self: Pin<&mut Self>, at: usize) -> Vec<String> {
@@ -251,7 +246,7 @@ where
             .and_then(S::map_mut)
             .and_then(|map| map.lookup(&this.ids[at]))
         {
-            (this.derive)(value, &mut tags);
+            this.rules.tags_of(value, &mut tags);
         }
         tags
     }

@@ -23,7 +23,7 @@ use crate::cache::Cache;
 use crate::codec::{Codec, CodecError};
 use crate::key::CacheKey;
 use crate::local::{LocalTier, TagTicket, Ticket};
-use crate::outcome::{Encoded, Outcome};
+use crate::outcome::{ByValue, Encoded, Outcome};
 use crate::site::Site;
 use crate::tag::Tagging;
 
@@ -326,14 +326,10 @@ pin_project_lite::pin_project! {
         output: Option<R>,
         decoded: Option<Decoded<V, R>>,
         fill: Option<Fill<V>>,
-        derive: Derive<V>,
+        rules: ByValue<V>,
         shape: PhantomData<fn() -> S>,
     }
 }
-
-/// How a function lists the tags its value names (`tags_from`; generated
-/// code passes `__private::no_tags` without it).
-pub type Derive<V> = fn(&V, &mut Vec<String>);
 
 impl<S, V, R, F> Typed<S, V, R, F>
 where
@@ -341,26 +337,26 @@ where
     V: Serialize + serde::de::DeserializeOwned,
     F: Future<Output = R>,
 {
-    /// A call of `body`, whose value names tags of its own (`tags_from`)
-    /// through `derive`, if its function says so.
-    pub(crate) fn new(body: F, derive: Derive<V>) -> Self {
+    /// A call of `body`, whose value decides what `rules` say (its tags,
+    /// its TTL, whether it is stored).
+    pub(crate) fn new(body: F, rules: ByValue<V>) -> Self {
         Typed {
             body: Some(body),
             output: None,
             decoded: None,
             fill: None,
-            derive,
+            rules,
             shape: PhantomData,
         }
     }
 
     /// A call of a function with a local tier: a fresh value it reads is
     /// kept in process memory.
-    pub(crate) fn with_local(body: F, derive: Derive<V>) -> Self
+    pub(crate) fn with_local(body: F, rules: ByValue<V>) -> Self
     where
         V: Clone + Send + Sync + 'static,
     {
-        let mut call = Typed::new(body, derive);
+        let mut call = Typed::new(body, rules);
         call.fill = Some(|tier, ticket, tags, key, value, encoded, keep_for| {
             tier.fill(ticket, tags, key, value.cloned(), encoded, keep_for);
         });
@@ -419,7 +415,7 @@ where
 
     fn encode_output(&self, codec: Codec) -> Encoded {
         match &self.output {
-            Some(output) => Encoded::of(codec, S::answer(output)),
+            Some(output) => Encoded::of(codec, S::answer(output), &self.rules),
             None => Encoded::Failed,
         }
     }
@@ -436,7 +432,7 @@ where
         if let Some(output) = &self.output
             && let crate::outcome::Answer::Value(value) = S::answer(output)
         {
-            (self.derive)(value, &mut tags);
+            self.rules.tags_of(value, &mut tags);
         }
         tags
     }

@@ -28,8 +28,7 @@ use crate::codec::CodecError;
 use crate::error::CacheError;
 use crate::local::tracking::Via;
 use crate::local::{LocalHit, LocalTier, TagTicket, Ticket};
-use crate::outcome::Encoded;
-use crate::outcome::{NOTHING, Outcome};
+use crate::outcome::{Encoded, Life, NOTHING, Outcome};
 use crate::read::call::{Answered, Erased};
 use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::read::found::{Garbage, Read, Ttl};
@@ -977,7 +976,7 @@ impl Cache {
         run: Run,
         tagging: Option<&Tagging>,
     ) -> Landing {
-        let entry = match answer {
+        let (entry, life) = match answer {
             Encoded::Failed => {
                 if let Leased::Own(lease) = lease {
                     lease.give_back().await;
@@ -985,20 +984,20 @@ impl Cache {
                 return Landing::Failed;
             }
             // Nothing is stored: the bytes are only for the waiters.
-            Encoded::Value(encoded) if matches!(lease, Leased::Uncached) => match encoded {
-                Ok(bytes) => Some(bytes),
+            Encoded::Value(encoded, life) if matches!(lease, Leased::Uncached) => match encoded {
+                Ok(bytes) => (Some(bytes), life),
                 Err(_) => return Landing::LookAgain,
             },
-            Encoded::Value(encoded) => {
+            Encoded::Value(encoded, life) => {
                 let Some(bytes) = self.fit_for_store(Some(site.function()), key, encoded) else {
                     if let Leased::Own(lease) = lease {
                         lease.give_back().await;
                     }
                     return Landing::LookAgain;
                 };
-                Some(bytes)
+                (Some(bytes), life)
             }
-            Encoded::Nothing => None,
+            Encoded::Nothing => (None, Life::Ttl),
         };
         // Read before the command that proves the answer fresh is sent.
         let fence = leader.map_or(0, Leader::fence);
@@ -1010,13 +1009,14 @@ impl Cache {
                 lease.give_back().await;
                 false
             }
-            Leased::Own(lease) => match self.to_store(site, entry.as_deref()) {
+            Leased::Own(lease) => match self.to_store(site, entry.as_deref(), life) {
                 Some((bytes, ttl)) => {
                     let (stored, ttl) = self.stored_form(site, &stamp, bytes, ttl, run.took);
                     lease.fulfil(site, &stored, ttl).await
                 }
-                // Nothing to store: the lease goes back, and was still
-                // there only if no write came in between.
+                // Nothing to store (a `None` not cached, a value `unless`
+                // rejects): the lease goes back, and was still there only
+                // if no write came in between.
                 None => lease.give_back().await,
             },
             Leased::Foreign(seen) => fence > 0 && self.still_holds(key, &seen).await,
@@ -1070,16 +1070,17 @@ impl Cache {
         }
     }
 
-    /// What an answer stores, and for how long: an encoded value for the
-    /// TTL, or (`cache_none`) the negative entry for the `None` TTL; `None`
-    /// when nothing is stored.
+    /// What an answer stores, and for how long: an encoded value for its
+    /// `life`, or (`cache_none`) the negative entry for the `None` TTL;
+    /// `None` when nothing is stored.
     pub(crate) fn to_store<'b>(
         &self,
         site: &Site,
         value: Option<&'b [u8]>,
+        life: Life,
     ) -> Option<(&'b [u8], u64)> {
         match value {
-            Some(bytes) => Some((bytes, site.ttl_millis())),
+            Some(bytes) => site.ttl_of(life).map(|ttl| (bytes, ttl)),
             None => site.none_ttl_millis().map(|ttl| (NOTHING, ttl)),
         }
     }
@@ -1173,10 +1174,12 @@ impl Cache {
                 lock.hold_for(REFRESH_RETRY_AFTER).await;
                 return Answered::Decoded;
             }
-            // A value that does not encode is removed, never stored as `None`.
-            Encoded::Value(encoded) => self
-                .fit_for_store(Some(site.function()), key, encoded)
-                .map(|bytes| (Cow::Owned(bytes), site.ttl_millis())),
+            // A value that does not encode, or is not to be stored
+            // (`unless`), is removed, never stored as `None`.
+            Encoded::Value(encoded, life) => site.ttl_of(life).and_then(|ttl| {
+                self.fit_for_store(Some(site.function()), key, encoded)
+                    .map(|bytes| (Cow::Owned(bytes), ttl))
+            }),
             Encoded::Nothing => site
                 .none_ttl_millis()
                 .map(|ttl| (Cow::Borrowed(NOTHING), ttl)),

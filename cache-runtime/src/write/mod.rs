@@ -259,17 +259,17 @@ impl Cache {
         let untold = (key.has_tags() && tagging.is_none())
             || tagging.is_some_and(|_| stamp.is_empty())
             || key.site().is_some_and(crate::site::Site::derives_tags);
-        let ttl = key
-            .site()
-            .filter(|_| !untold)
-            .map(crate::site::Site::ttl_millis);
+        let site = key.site();
         let redis_key = self.redis_key_of(key);
-        let encoded = match answer {
-            Encoded::Value(encoded) => encoded,
+        let (encoded, life) = match answer {
+            Encoded::Value(encoded, life) => (encoded, life),
             Encoded::Nothing | Encoded::Failed => {
                 return self.invalidate_after_write(writer, vec![redis_key]).await;
             }
         };
+        // A value its function would not store (`unless`) is not put
+        // either: the old one is invalidated.
+        let ttl = site.filter(|_| !untold).and_then(|site| site.ttl_of(life));
         // Declared first, so that it drops after `unfinished` has queued
         // what is left: see `Cache::drop_local`.
         let _local = self.drop_local(std::slice::from_ref(&redis_key));
