@@ -16,7 +16,9 @@ pub use crate::outcome::{
 use crate::read::batch::{ErasedBatch, TypedBatch};
 use crate::read::call::Lookup;
 use crate::read::call::{Erased, Typed};
+use crate::scope::Mode;
 pub use crate::site::{SingleFlight, Site};
+use crate::stats::Event;
 pub use crate::stats::Function;
 use crate::tag::Tagging;
 use crate::{Cache, CacheKey};
@@ -163,6 +165,7 @@ where
     B: FnOnce(Vec<T>) -> Fut,
     Fut: Future<Output = R>,
 {
+    let mode = crate::scope::begin();
     let (ids, keys): (Vec<T>, Vec<CacheKey>) = keys
         .into_iter()
         .map(|(id, key)| (id, key.untyped()))
@@ -170,17 +173,26 @@ where
     let Some((site, cache, keys, mut tags)) = batch_keys_of(cache, keys) else {
         return body(ids).await;
     };
+    if mode == Mode::Bypass {
+        for _ in &keys {
+            cache.record(site, Event::Skipped);
+        }
+        return body(ids).await;
+    }
     let span = cache.batch_span(site, keys.len());
     let (ids, keys) = crate::read::batch::distinct(ids.into_iter().zip(keys).collect());
     let mut found = Vec::new();
     let (ids, keys) = match local {
-        Some(answers) => span.in_scope(|| answers(&cache, site, ids, keys, &mut found)),
-        None => (ids, keys),
+        Some(answers) if mode != Mode::Refresh => {
+            span.in_scope(|| answers(&cache, site, ids, keys, &mut found))
+        }
+        _ => (ids, keys),
     };
     let mut call = pin!(TypedBatch::<S, R, T, V, B, Fut>::new(
         ids, body, found, rules
     ));
-    let erased = Erased::batch(call.as_mut());
+    let mut erased = Erased::batch(call.as_mut());
+    erased.refresh(mode == Mode::Refresh);
     let tags = match tags.is_empty() {
         true => Vec::new(),
         false => keys.iter().map(|key| tags.remove(key)).collect(),

@@ -82,6 +82,7 @@ mod local;
 mod log_limit;
 mod outcome;
 mod read;
+mod scope;
 mod site;
 mod slot;
 mod stats;
@@ -128,6 +129,7 @@ pub use crate::error::{BackendError, CacheError};
 pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN, Untyped};
 pub use crate::local::LocalInvalidation;
 pub use crate::outcome::Cacheable;
+pub use crate::scope::{Origin, bypass, origin, refresh};
 pub use crate::stats::{Counts, LocalStats, Stats};
 /// What [`Cache::command`] and [`Cache::pipeline`] take and give back,
 /// from the `redis` crate at the version the cache uses.

@@ -5,10 +5,10 @@
 //!
 //! Each cached call that gets as far as choosing how to answer records
 //! exactly one *outcome*: `hits`, `stale_hits`, `coalesced` (answered
-//! without running the body), or `misses`, `refreshes`, `bypasses` (ran the
-//! body). The outcome is recorded just before the body starts, so a call
-//! cancelled later still counts, and `misses + refreshes + bypasses` is the
-//! number of body runs the cache started.
+//! without running the body), or `misses`, `refreshes`, `bypasses`,
+//! `skipped` (ran the body). The outcome is recorded just before the body
+//! starts, so a call cancelled later still counts, and [`Counts::body_runs`]
+//! is the number of body runs the cache started.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -152,11 +152,15 @@ counters! {
     /// (`single_flight`) and were given its value.
     Coalesced => coalesced,
     /// Calls that recomputed a value that was still served to others: stale
-    /// (`stale`) or drawn early (`early_refresh`).
+    /// (`stale`) or drawn early (`early_refresh`); and calls made inside
+    /// [`refresh`](crate::refresh) that ran the body.
     Refresh => refreshes,
     /// Calls that ran the body without the cache: the circuit breaker was
     /// open, or the cache could not be reached.
     Bypass => bypasses,
+    /// Calls made inside [`bypass`](crate::bypass): the body ran without
+    /// the cache, as asked.
+    Skipped => skipped,
     /// Failed cache operations: Redis errors, timeouts, undecodable values.
     /// The call itself still succeeded (fail open).
     Error => errors,
@@ -406,6 +410,7 @@ impl Event {
             Event::Miss => "miss",
             Event::Refresh => "refresh",
             Event::Bypass => "bypass",
+            Event::Skipped => "skipped",
             _ => return None,
         })
     }
@@ -431,9 +436,10 @@ impl Counts {
         self.hits + self.local_hits + self.stale_hits + self.coalesced + self.body_runs()
     }
 
-    /// Body runs the cache started: `misses + refreshes + bypasses`.
+    /// Body runs the cache started: `misses + refreshes + bypasses +
+    /// skipped`.
     pub fn body_runs(&self) -> u64 {
-        self.misses + self.refreshes + self.bypasses
+        self.misses + self.refreshes + self.bypasses + self.skipped
     }
 }
 

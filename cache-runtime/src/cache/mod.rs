@@ -311,6 +311,7 @@ impl Cache {
     #[inline]
     pub(crate) fn record(&self, site: &'static Site, event: Event) {
         self.inner.stats.record(Some(site.function()), event);
+        crate::scope::noted(event);
         // A static check when `debug` is off: nothing else on the hot path.
         if tracing::enabled!(tracing::Level::DEBUG)
             && let Some(outcome) = event.outcome()

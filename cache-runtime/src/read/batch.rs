@@ -572,7 +572,10 @@ impl Cache {
             Some(_) => read,
         };
         match read {
-            Read::Value { bytes, .. } if tagging.is_some_and(|t| !t.stamped(&bytes)) => {
+            // Inside `refresh`, a value is recomputed as well.
+            Read::Value { bytes, .. }
+                if call.refreshing() || tagging.is_some_and(|t| !t.stamped(&bytes)) =>
+            {
                 Some(Some(Take::Replacing(bytes)))
             }
             Read::Value {
@@ -744,8 +747,13 @@ impl Cache {
         uncached: bool,
         call: &mut ErasedBatch<'_>,
     ) {
+        let event = match (uncached, call.refreshing()) {
+            (true, _) => Event::Bypass,
+            (false, true) => Event::Refresh,
+            (false, false) => Event::Miss,
+        };
         for _ in &computing {
-            self.record(site, if uncached { Event::Bypass } else { Event::Miss });
+            self.record(site, event);
         }
         let ats: Vec<usize> = computing.iter().map(|one| one.at).collect();
         let clocks = match site.derives_tags() && !uncached {

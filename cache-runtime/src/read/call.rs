@@ -24,6 +24,7 @@ use crate::codec::{Codec, CodecError};
 use crate::key::CacheKey;
 use crate::local::{LocalTier, TagTicket, Ticket};
 use crate::outcome::{ByValue, Encoded, Outcome};
+use crate::scope::Mode;
 use crate::site::Site;
 use crate::tag::Tagging;
 
@@ -75,6 +76,8 @@ pub(crate) struct Erased<'a, C: ?Sized + 'a = dyn Call + 'a> {
     call: Pin<&'a mut C>,
     /// A tagged function's tags (see [`crate::tag`]).
     tagging: Option<Box<Tagging>>,
+    /// Inside [`crate::refresh`]: whatever the cache holds is recomputed.
+    refresh: bool,
 }
 
 // SAFETY: an `Erased` borrows a `Typed` (or a `TypedBatch`) that lives in
@@ -95,7 +98,17 @@ impl<'a, C: ?Sized + 'a> Erased<'a, C> {
         Erased {
             call,
             tagging: None,
+            refresh: false,
         }
+    }
+
+    /// Made inside [`crate::refresh`]: no value the cache holds is served.
+    pub(crate) fn refreshing(&self) -> bool {
+        self.refresh
+    }
+
+    pub(crate) fn refresh(&mut self, refresh: bool) {
+        self.refresh = refresh;
     }
 
     pub(crate) fn pinned(&mut self) -> Pin<&mut C> {
@@ -167,16 +180,24 @@ pub(crate) struct Lookup<'c> {
     cache: Cow<'c, Cache>,
     redis_key: String,
     tagging: Option<Box<Tagging>>,
+    /// Made inside [`crate::refresh`].
+    refresh: bool,
     span: tracing::Span,
     timer: CallTimer,
 }
 
 impl<'c> Lookup<'c> {
     /// `None` without a cache installed (or for a key without its
-    /// function's site, which generated keys always have).
+    /// function's site, which generated keys always have), and inside
+    /// [`crate::bypass`].
     pub(crate) fn new(cache: Option<&'c Cache>, key: CacheKey) -> Option<Self> {
+        let mode = crate::scope::begin();
         let site = key.site()?;
         let cache = Cache::resolve(cache, site.function())?;
+        if mode == Mode::Bypass {
+            cache.record(site, crate::stats::Event::Skipped);
+            return None;
+        }
         let tagging = Tagging::of(&cache, &key);
         let redis_key = cache.redis_key_of(key);
         let span = cache.call_span(site, &redis_key);
@@ -185,6 +206,7 @@ impl<'c> Lookup<'c> {
             cache,
             redis_key,
             tagging,
+            refresh: mode == Mode::Refresh,
             span,
             timer: CallTimer::start(site),
         })
@@ -201,6 +223,7 @@ impl<'c> Lookup<'c> {
             call.run_body().await;
             return Answered::Body;
         };
+        call.refresh = lookup.refresh;
         let (site, cache, redis_key, tagging, span, timer) = lookup.into_parts();
         call.tagging = tagging;
         let answered = observed(span, cache.lookup(site, redis_key, &mut call)).await;
@@ -235,6 +258,9 @@ impl<'c> Lookup<'c> {
         self,
         hit: impl FnOnce(&Cache, &'static Site, &str) -> Option<R>,
     ) -> Result<R, Self> {
+        if self.refresh {
+            return Err(self);
+        }
         let answer = self
             .span
             .in_scope(|| hit(&self.cache, self.site, &self.redis_key));
@@ -252,6 +278,7 @@ impl<'c> Lookup<'c> {
     /// [`Lookup::local_hit`] found no copy; boxed (see `cached_local`).
     pub(crate) async fn run_local(self, mut call: Erased<'_>) -> Answered {
         Box::pin(async move {
+            call.refresh = self.refresh;
             let (site, cache, redis_key, tagging, span, timer) = self.into_parts();
             call.tagging = tagging;
             let answered = observed(span, cache.lookup_local(site, redis_key, &mut call)).await;

@@ -223,7 +223,7 @@ impl Cache {
                 value_at: 0,
                 freshness: None,
                 ..
-            } => {
+            } if !call.refreshing() => {
                 if self.decode(site, &redis_key, &bytes, call) {
                     self.record(site, Event::Hit);
                     return Answered::Decoded;
@@ -696,6 +696,12 @@ impl Cache {
         call: &mut Erased<'_>,
         keep: Option<Keep<'_>>,
     ) -> Step {
+        let read = match read {
+            // Inside `refresh`: a value is replaced as garbage is (if the
+            // key still holds it), never served.
+            Read::Value { bytes, .. } if call.refreshing() => Read::Garbage(Garbage::Bytes(bytes)),
+            read => read,
+        };
         let (mut bytes, value_at, freshness, ttl) = match read {
             Read::Value {
                 bytes,
@@ -927,7 +933,12 @@ impl Cache {
         call: &mut Erased<'_>,
     ) -> Answered {
         let uncached = matches!(lease, Leased::Uncached);
-        self.record(site, if uncached { Event::Bypass } else { Event::Miss });
+        let event = match (uncached, call.refreshing()) {
+            (true, _) => Event::Bypass,
+            (false, true) => Event::Refresh,
+            (false, false) => Event::Miss,
+        };
+        self.record(site, event);
         // If this call is dropped during the body, the tuple drops in field
         // order: the lease is marked abandoned before the flight's waiters
         // are woken, so the one that leads next takes the lease over
