@@ -1,5 +1,6 @@
 //! Cancellation and partial failure, swept: thousands of cached calls of
-//! every option (negative caching and batch lookups included), with writes
+//! every option (negative caching, batch lookups and forced refreshes
+//! included), with writes
 //! mixed in, each dropped at a random point (a
 //! request timeout), on `Cache::memory()` and on a real `redis-server`
 //! behind a fault proxy that cycles through latency, replies held after the
@@ -223,7 +224,7 @@ struct Calls {
 async fn one_call(db: &Db, calls: &Calls) {
     let id = fastrand::u64(..IDS);
     let call = async {
-        match fastrand::u8(..14) {
+        match fastrand::u8(..16) {
             // Writes touch half the rows, so values of the others age and
             // are refreshed.
             0 if id < IDS / 2 => {
@@ -242,6 +243,9 @@ async fn one_call(db: &Db, calls: &Calls) {
             10 => drop(db.none(id).await),
             11 => drop(db.tagged(id).await),
             12 => drop(db.tagged_local(id).await),
+            // Forced refreshes: under the lease, and past the local copy.
+            13 => drop(cache_runtime::refresh(db.flight(id)).await),
+            14 => drop(cache_runtime::refresh(db.local(id)).await),
             _ => {
                 let ids: Vec<u64> = (0..fastrand::usize(1..=4))
                     .map(|_| fastrand::u64(..IDS))

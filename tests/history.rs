@@ -42,8 +42,10 @@ struct DbError;
 
 /// The read arms, by name. The `tag_` arms are invalidated by the row's
 /// tag only (`tags = ["row:<id>"]`, `#[invalidates(tag = "row:<id>")]`);
-/// the `tags_from` arms too, a tag their value names.
-const ARMS: [&str; 19] = [
+/// the `tags_from` arms too, a tag their value names. The `refresh` arms
+/// are calls of the `single_flight` and `local` arms' functions made inside
+/// `cache_runtime::refresh`, sharing their entries.
+const ARMS: [&str; 22] = [
     "plain",
     "single_flight",
     "distributed",
@@ -60,6 +62,9 @@ const ARMS: [&str; 19] = [
     "tags_from",
     "tags_from_batch",
     "local_tags_from",
+    "by_value",
+    "refresh",
+    "refresh_local",
     "naive",
     "naive_local",
     "naive_tags",
@@ -69,6 +74,19 @@ const ARMS: [&str; 19] = [
 /// processes) the local tier, within the time the server's invalidation
 /// takes to reach another process.
 const NAIVE: [&str; 3] = ["naive", "naive_local", "naive_tags"];
+
+/// A row's TTL (`ttl_from`): 30 ms for an even version, else the
+/// attribute's.
+fn row_ttl(row: &Row) -> Option<Duration> {
+    row.version
+        .is_multiple_of(2)
+        .then_some(Duration::from_millis(30))
+}
+
+/// Every third version is not stored (`unless`).
+fn every_third(row: &Row) -> bool {
+    row.version.is_multiple_of(3)
+}
 
 /// The tag a row names (`tags_from`): its own, as `tags = ["row:<id>"]`
 /// would.
@@ -191,6 +209,19 @@ impl Store {
     #[redis_cached(key = "batch:<ids>", ttl = 60, cache_none, single_flight, batch, cache = self.cache)]
     async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
         Ok(self.rows(ids).await)
+    }
+
+    /// The value chooses its TTL and whether it is stored.
+    #[redis_cached(
+        key = "byvalue:<id>",
+        ttl = 60,
+        ttl_from = row_ttl,
+        unless = every_third,
+        single_flight,
+        cache = self.cache
+    )]
+    async fn by_value(&self, id: u64) -> Result<Row, DbError> {
+        Ok(self.row(id).await)
     }
 
     /// A local tier kept right by the server's invalidations.
@@ -346,6 +377,7 @@ impl Store {
         Self::cache_none(id),
         Self::batch(id),
         Self::local(id),
+        Self::by_value(id),
         tag = "row:<id>",
         cache = self.cache
     )]
@@ -411,6 +443,9 @@ impl Store {
                 .await
                 .map(|mut rows| rows.remove(&id).unwrap_or(Row { id, version: 0 })),
             "local_tags_from" => self.local_tags_from(id).await,
+            "by_value" => self.by_value(id).await,
+            "refresh" => cache_runtime::refresh(self.single_flight(id)).await,
+            "refresh_local" => cache_runtime::refresh(self.local(id)).await,
             "naive_local" => self.naive_local(id).await,
             "naive_tags" => Ok(self.naive_tags(id).await),
             _ => Ok(self.naive(id).await),
