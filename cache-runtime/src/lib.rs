@@ -109,6 +109,8 @@ pub mod guide {
     pub mod batches {}
     #[doc = include_str!("guide/tags.md")]
     pub mod tags {}
+    #[doc = include_str!("guide/per_call.md")]
+    pub mod per_call {}
     #[doc = include_str!("guide/keys.md")]
     pub mod keys {}
     #[doc = include_str!("guide/traits.md")]
@@ -160,6 +162,8 @@ pub mod redis {
 /// | `local = "5s"` | keep a decoded copy in process memory for at most 5 s (never past the entry's freshness), dropped by the server's invalidation when the key changes anywhere; the value must be `Clone`. Redis 6 or later. |
 /// | `tags = ["org:<org_id>", "members"]` | groups the entry belongs to, templates over what the key names: `#[invalidates(tag = "...")]` and [`Cache::invalidate_tag`] invalidate every entry of a group ([tags](crate::guide::tags)). |
 /// | `tags_from = path` | groups only the value knows: `fn(&V) -> impl IntoIterator<Item = String>`, e.g. a listing tagged with each product it holds, reached by the product's tag ([tags from the value](crate::guide::tags#tags-the-value-knows-tags_from)). |
+/// | `ttl_from = path` | the value's TTL: `fn(&V) -> Option<Duration>`, `None` for the attribute's ([per value](crate::guide::per_call)). |
+/// | `unless = path` | `fn(&V) -> bool`: `true` returns the value without storing it ([per value](crate::guide::per_call)). |
 /// | `version = 2` | appended to the key (`:v2`), so a changed value type never decodes old entries. |
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |
