@@ -45,6 +45,11 @@ impl Repo {
         Ok(())
     }
 
+    #[invalidates(self.user(ret.id), cache = self.cache)]
+    async fn create(&self) -> Result<User, DbError> {
+        Ok(User { id: 7 })
+    }
+
     #[cache_put(self.user(id), cache = self.cache)]
     async fn put(&self, id: u64) -> Result<User, DbError> {
         Ok(User { id })

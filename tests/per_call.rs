@@ -292,7 +292,9 @@ static FLAG_QUERIES: AtomicU64 = AtomicU64::new(0);
 #[redis_cached(key = "flag:<id>", ttl = 60, local = "30s")]
 async fn flag(id: u64) -> Flag {
     FLAG_QUERIES.fetch_add(1, Ordering::SeqCst);
-    Flag { on: id % 2 == 0 }
+    Flag {
+        on: id.is_multiple_of(2),
+    }
 }
 
 /// With a local tier: a copy in process memory is a local hit; a refresh

@@ -110,6 +110,27 @@ impl Users {
         self.update(id, |u| u.name = name).map(drop)
     }
 
+    /// Keys made from what the write returns (`ret`): its row's email and
+    /// tenant entry, beside a key made from a parameter.
+    #[invalidates(
+        Self::get_user(id),
+        Self::by_email(&ret.email),
+        self.tenant_user(ret.id),
+        cache = self.cache
+    )]
+    async fn rename_returning(&self, id: u64, name: String) -> Result<User, DbError> {
+        if name.is_empty() {
+            return Err(DbError);
+        }
+        self.update(id, |u| u.name = name)
+    }
+
+    /// `ret` of a function without `Result`: the value itself.
+    #[invalidates(Self::by_email(&ret.email), cache = self.cache)]
+    async fn reset_name(&self, id: u64) -> User {
+        self.update(id, |u| u.name = "reset".into()).unwrap()
+    }
+
     /// Write-through: the returned row becomes `get_user`'s entry.
     #[cache_put(Self::get_user(id), cache = self.cache)]
     async fn set_name(&self, id: u64, name: String) -> Result<User, DbError> {
@@ -273,7 +294,63 @@ async fn a_failed_body_releases_its_lease(cache: Cache) {
     );
 }
 
+/// Targets naming the written result: rendered after the body, deleted
+/// with the others; none on failure; and a value read before such a write
+/// is not stored after it (the lease).
+async fn keys_made_from_the_result(cache: Cache) {
+    async fn warm(users: &Users) {
+        users.get_user(1).await.unwrap();
+        users.by_email("u1@example.com").await.unwrap();
+        users.tenant_user(1).await.unwrap();
+    }
+    let users = Users::new(cache.clone());
+    warm(&users).await;
+    let reads = users.reads();
+    warm(&users).await;
+    assert_eq!(users.reads(), reads, "all three cached");
+    assert!(users.rename_returning(1, String::new()).await.is_err());
+    warm(&users).await;
+    assert_eq!(users.reads(), reads, "a failed write invalidates nothing");
+    let renamed = users.rename_returning(1, "new".into()).await.unwrap();
+    assert_eq!(
+        users.by_email("u1@example.com").await,
+        Some(renamed.clone())
+    );
+    assert_eq!(users.tenant_user(1).await, Ok(renamed.clone()));
+    assert_eq!(users.get_user(1).await, Ok(renamed));
+    assert_eq!(users.reads(), reads + 3, "all three invalidated");
+
+    // Without `Result`: the value is `ret`.
+    assert!(users.by_email("u2@example.com").await.is_some());
+    users.reset_name(2).await;
+    assert_eq!(
+        users.by_email("u2@example.com").await.unwrap().name,
+        "reset"
+    );
+
+    // The stale-set race, with the write's key made from its result.
+    #[redis_cached(key = "email:<email>", ttl = 60, skip(users), cache = users.cache)]
+    async fn read_then_overtaken(users: &Users, email: &str) -> Option<User> {
+        let old = users
+            .rows
+            .lock()
+            .unwrap()
+            .values()
+            .find(|u| u.email == email)
+            .cloned();
+        users.rename_returning(3, "newer".into()).await.unwrap();
+        old
+    }
+    let dropped = cache.stats().total.dropped_sets;
+    let old = read_then_overtaken(&users, "u3@example.com").await.unwrap();
+    assert_eq!(old.name, "user-3", "the caller gets what it read");
+    assert_eq!(cache.stats().total.dropped_sets, dropped + 1);
+    let now = users.by_email("u3@example.com").await.unwrap();
+    assert_eq!(now.name, "newer");
+}
+
 on_every_backend!(
+    keys_made_from_the_result,
     invalidates_after_ok,
     err_invalidates_nothing,
     several_targets_and_repeated_attributes,

@@ -690,19 +690,46 @@ fn write_wrapper(plan: &WritePlan) -> TokenStream {
     match plan.kind {
         WriteKind::Invalidates => {
             let keys_ident = Ident::new("keys", Span::mixed_site());
-            let keys = plan.targets.iter().map(|target| match target {
+            let keys = plan.targets.iter().filter_map(|target| match target {
                 PlannedTarget::Call(expr) => {
                     let call = key_fn_call(expr);
-                    quote!(#call.untyped())
+                    Some(quote!(#call.untyped()))
                 }
-                PlannedTarget::Template(key) => template_key(key, krate, false),
-                PlannedTarget::Tag(tag) => template_key(tag, krate, true),
+                PlannedTarget::AfterCall(_) => None,
+                PlannedTarget::Template(key) => Some(template_key(key, krate, false)),
+                PlannedTarget::Tag(tag) => Some(template_key(tag, krate, true)),
             });
-            let call = body_call(
-                func,
-                quote!(#krate::__private::invalidating::<#krate::__private::#shape, _, _, _>),
-                quote!(#cache, &#site, #keys_ident,),
-            );
+            // Targets naming the result: rendered by a closure of it, after
+            // the body (`ret` as the user wrote it, so that it resolves to
+            // the closure's parameter).
+            let after: Vec<TokenStream> = plan
+                .targets
+                .iter()
+                .filter_map(|target| match target {
+                    PlannedTarget::AfterCall(expr) => {
+                        let call = key_fn_call(expr);
+                        Some(quote!(#call.untyped()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            let call = if after.is_empty() {
+                body_call(
+                    func,
+                    quote!(#krate::__private::invalidating::<#krate::__private::#shape, _, _, _>),
+                    quote!(#cache, &#site, #keys_ident,),
+                )
+            } else {
+                let ret = Ident::new("ret", Span::call_site());
+                body_call_with(
+                    func,
+                    quote!(#krate::__private::invalidating_after::<#krate::__private::#shape, _, _, _, _, _>),
+                    quote!(#cache, &#site, #keys_ident,),
+                    TokenStream::new(),
+                    TokenStream::new(),
+                    quote!(, |#ret| [#(#after),*]),
+                )
+            };
             wrap(
                 func,
                 quote! {

@@ -298,6 +298,19 @@ mod expansion_snapshots {
     }
 
     #[test]
+    fn invalidates_keys_made_from_the_result() {
+        insta::assert_snapshot!(expand_write(
+            crate::args::WriteKind::Invalidates,
+            quote!(Self::get_product(id), Self::find_by_sku(&ret.sku)),
+            quote! {
+                async fn update_price(&self, id: u64, price: u64) -> Result<Product, DbError> {
+                    self.db.update_price(id, price).await
+                }
+            },
+        ));
+    }
+
+    #[test]
     fn invalidates_a_tag() {
         insta::assert_snapshot!(expand_write(
             crate::args::WriteKind::Invalidates,

@@ -676,10 +676,85 @@ pub struct WritePlan<'a> {
 pub enum PlannedTarget<'a> {
     /// A call of the cached function; rustc checks it against `<fn>_cache_key`.
     Call(&'a Expr),
+    /// A call whose arguments name `ret`, the written result: its key is
+    /// rendered after the body returned.
+    AfterCall(&'a Expr),
     /// A template over the writer's parameters.
     Template(Key<'a>),
     /// A tag's template over the writer's parameters.
     Tag(Key<'a>),
+}
+
+/// The name of the written result in a target's arguments.
+const RESULT: &str = "ret";
+
+/// Whether the arguments of a call target name `ret`, the written result
+/// (its `Ok` value, or the value of a function without `Result`). Such a
+/// key is rendered after the body, from the result alone: the parameters
+/// have been moved into the body by then, so naming one beside `ret` is
+/// an error, as is `ret` in a put's target or beside a parameter of that
+/// name.
+fn names_the_result(
+    func: &AnnotatedFn,
+    target: &Expr,
+    kind: WriteKind,
+    errors: &mut Errors,
+) -> bool {
+    let args = match target {
+        Expr::Call(call) => &call.args,
+        Expr::MethodCall(call) => &call.args,
+        _ => return false,
+    };
+    let mut names = Names(Vec::new());
+    for arg in args {
+        syn::visit::Visit::visit_expr(&mut names, arg);
+    }
+    let Some(ret) = names.0.iter().find(|name| **name == RESULT) else {
+        return false;
+    };
+    if func.params.iter().any(|p| p.ident == RESULT) {
+        errors.spanned(
+            ret,
+            "`ret` in a target names the written result, and this function has a parameter named `ret`\n\
+             help: rename the parameter",
+        );
+        return false;
+    }
+    if kind == WriteKind::CachePut {
+        errors.spanned(
+            ret,
+            "`#[cache_put]` renders its key before the body runs, so it cannot name the result `ret`\n\
+             help: name the parameters the key is made of; to invalidate keys made from the result, use `#[invalidates(...)]`",
+        );
+        return false;
+    }
+    for name in &names.0 {
+        if let Some(param) = func.params.iter().find(|p| p.ident == *name) {
+            errors.spanned(
+                name,
+                format!(
+                    "a target that names the result `ret` is rendered after the body returned, from the result alone: the parameter `{}` has been moved into the body by then\n\
+                     help: make it a field of the result, or give this key a target of its own that names only parameters",
+                    param.ident
+                ),
+            );
+        }
+    }
+    true
+}
+
+/// The one-segment paths an expression names (`ret`, `id` in `&ret.sku`,
+/// `f(id)`): values, or functions called by name.
+struct Names<'a>(Vec<&'a Ident>);
+
+impl<'a> syn::visit::Visit<'a> for Names<'a> {
+    fn visit_expr_path(&mut self, path: &'a syn::ExprPath) {
+        if path.qself.is_none()
+            && let Some(ident) = path.path.get_ident()
+        {
+            self.0.push(ident);
+        }
+    }
 }
 
 pub fn validate_write<'a>(
@@ -732,7 +807,10 @@ pub fn validate_write<'a>(
                 "`#[cache_put]` needs the cached function itself, not a key template: it stores with that function's TTL and value type\n\
                  help: e.g. `#[cache_put(get_user(id))]`",
             ),
-            (_, Target::Call(expr)) => targets.push(PlannedTarget::Call(expr)),
+            (kind, Target::Call(expr)) => match names_the_result(&func, expr, kind, errors) {
+                true => targets.push(PlannedTarget::AfterCall(expr)),
+                false => targets.push(PlannedTarget::Call(expr)),
+            },
             (WriteKind::Invalidates, Target::Tag(tag)) => {
                 if let Some(template) = parse_template(tag, errors) {
                     resolve_placeholders(&func, &template, tag, errors);

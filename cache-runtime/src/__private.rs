@@ -262,6 +262,30 @@ where
     result
 }
 
+/// [`invalidating`], with keys rendered from the write's result (`ret`
+/// in a target) by `after`, once the body succeeded: deleted with the
+/// others, in the same request.
+pub async fn invalidating_after<S, R, F, G, const N: usize, const M: usize>(
+    cache: Option<&Cache>,
+    writer: &'static Function,
+    keys: [CacheKey; N],
+    body: F,
+    after: G,
+) -> R
+where
+    S: Completion<R>,
+    F: Future<Output = R>,
+    G: FnOnce(&S::Done) -> [CacheKey; M],
+{
+    let result = body.await;
+    if let Some(done) = S::done(&result) {
+        let mut keys = Vec::from(keys);
+        keys.extend(after(done));
+        invalidate(cache, writer, keys).await;
+    }
+    result
+}
+
 /// The keys of a write that succeeded, deleted.
 async fn invalidate(cache: Option<&Cache>, writer: &'static Function, keys: Vec<CacheKey>) {
     if let Some(cache) = Cache::resolve(cache, writer) {

@@ -194,6 +194,7 @@ pub use cache_macros::redis_cached;
 /// #[invalidates(crate::users::get_user(id), cache = self.cache)]
 /// #[invalidates(key = "user:<id>")]                     // a template over this fn's parameters
 /// #[invalidates(tag = "org:<org_id>")]                  // every entry tagged so (see the tags guide)
+/// #[invalidates(Self::find_by_sku(&ret.sku))]           // `ret`: the written result (`Ok` value)
 /// ```
 ///
 /// A target call names the cached function and passes it this function's
@@ -203,7 +204,10 @@ pub use cache_macros::redis_cached;
 /// a `tag = "..."` like a key too (see [the tags guide](crate::guide::tags)).
 /// Give several targets, or repeat the attribute.
 ///
-/// Keys are rendered before the body runs. The keys are deleted after the
+/// Keys are rendered before the body runs, but for targets that name `ret`,
+/// the written result: those are rendered from it once the body returned,
+/// and may name nothing else of the function ([writes](crate::guide::writes)).
+/// The keys are deleted after the
 /// body returns `Ok` (or any value that is not a `Result`); an `Err` deletes
 /// nothing. Deleting also removes a lease placeholder, so a reader that read
 /// the old data before this write cannot store it afterwards.

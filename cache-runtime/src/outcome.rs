@@ -285,31 +285,42 @@ impl<T: Serialize + DeserializeOwned> Outcome<T> for PlainShape {
 /// keys are invalidated: `Ok` for `Result`s, any value otherwise.
 #[doc(hidden)]
 pub trait Completion<R> {
+    /// What a target names as `ret`: the `Ok` value, or the whole result.
+    type Done;
+    /// The write's result, if it succeeded.
+    fn done(result: &R) -> Option<&Self::Done>;
+
     /// The write succeeded.
-    fn succeeded(result: &R) -> bool;
+    fn succeeded(result: &R) -> bool {
+        Self::done(result).is_some()
+    }
 }
 
 impl<T, E> Completion<Result<T, E>> for ResultShape {
-    fn succeeded(result: &Result<T, E>) -> bool {
-        result.is_ok()
+    type Done = T;
+    fn done(result: &Result<T, E>) -> Option<&T> {
+        result.as_ref().ok()
     }
 }
 
 impl<T, E> Completion<Result<T, E>> for ResultOptionShape {
-    fn succeeded(result: &Result<T, E>) -> bool {
-        result.is_ok()
+    type Done = T;
+    fn done(result: &Result<T, E>) -> Option<&T> {
+        result.as_ref().ok()
     }
 }
 
 impl<R> Completion<R> for OptionShape {
-    fn succeeded(_: &R) -> bool {
-        true
+    type Done = R;
+    fn done(result: &R) -> Option<&R> {
+        Some(result)
     }
 }
 
 impl<R> Completion<R> for PlainShape {
-    fn succeeded(_: &R) -> bool {
-        true
+    type Done = R;
+    fn done(result: &R) -> Option<&R> {
+        Some(result)
     }
 }
 

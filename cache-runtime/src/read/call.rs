@@ -253,7 +253,9 @@ impl<'c> Lookup<'c> {
 
     /// A copy held in this process (see [`Cache::local_hit`]), answered
     /// without building the future of the path that reads Redis; else
-    /// the lookup, to [`Lookup::run_local`].
+    /// the lookup, to [`Lookup::run_local`] (moved back, not boxed: the
+    /// miss it goes on to boxes its whole future once).
+    #[allow(clippy::result_large_err)]
     pub(crate) fn local_hit<R>(
         self,
         hit: impl FnOnce(&Cache, &'static Site, &str) -> Option<R>,
