@@ -29,6 +29,8 @@ const ARGUMENTS: &[&str] = &[
     "tags_from",
     "ttl_from",
     "unless",
+    "fail_safe",
+    "soft_timeout",
     "version",
     "cache",
     "crate",
@@ -65,6 +67,10 @@ pub struct Args {
     pub cache_none: Option<proc_macro2::Span>,
     /// `none_ttl = "5s"`, in milliseconds, and the span of its value.
     pub none_ttl: Option<(u64, proc_macro2::Span)>,
+    /// `fail_safe = "1h"`, in milliseconds, and the span of its value.
+    pub fail_safe: Option<(u64, proc_macro2::Span)>,
+    /// `soft_timeout = "150ms"`, in milliseconds, and the span of its value.
+    pub soft_timeout: Option<(u64, proc_macro2::Span)>,
     /// `batch`: the span of the flag, for errors.
     pub batch: Option<proc_macro2::Span>,
     /// `local = "5s"`, in milliseconds.
@@ -171,6 +177,16 @@ impl Args {
                 "none_ttl" => {
                     let value: Expr = meta.value()?.parse()?;
                     args.none_ttl = parse_duration("none_ttl", &value, errors)
+                        .map(|t| (t.millis, value.span()));
+                }
+                "fail_safe" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    args.fail_safe = parse_duration("fail_safe", &value, errors)
+                        .map(|t| (t.millis, value.span()));
+                }
+                "soft_timeout" => {
+                    let value: Expr = meta.value()?.parse()?;
+                    args.soft_timeout = parse_duration("soft_timeout", &value, errors)
                         .map(|t| (t.millis, value.span()));
                 }
                 "batch" => args.batch = Some(name_span),

@@ -110,6 +110,12 @@ fn key_fn(plan: &Plan) -> TokenStream {
         .map(|millis| quote!(.cache_none(#millis)));
     let local = plan.local_millis.map(|millis| quote!(.local(#millis)));
     let tags_from = plan.tags_from.map(|_| quote!(.tags_from()));
+    let fail_safe = plan
+        .fail_safe_millis
+        .map(|millis| quote!(.fail_safe(#millis)));
+    let soft_timeout = plan
+        .soft_timeout_millis
+        .map(|millis| quote!(.soft_timeout(#millis)));
     // A `#[cache_put]` of the key obeys what its values decide.
     let finish = quote!(#builder.finish(#version));
     let finish = if plan.key_fn.value_nameable && (plan.ttl_from.is_some() || plan.unless.is_some())
@@ -130,7 +136,7 @@ fn key_fn(plan: &Plan) -> TokenStream {
                 ::core::concat!(::core::module_path!(), "::", #fn_name),
                 #ttl,
                 #jitter,
-            )#single_flight #stale #early_refresh #cache_none #local #tags_from;
+            )#single_flight #stale #early_refresh #cache_none #local #tags_from #fail_safe #soft_timeout;
             let mut #builder = #krate::__private::KeyBuilder::new(
                 #capacity,
                 ::core::option::Option::Some(&#site),

@@ -35,6 +35,10 @@ pub struct Plan<'a> {
     pub tags: Vec<Key<'a>>,
     /// `tags_from = path`.
     pub tags_from: Option<&'a Path>,
+    /// `fail_safe = "1h"`, in milliseconds.
+    pub fail_safe_millis: Option<u64>,
+    /// `soft_timeout = "150ms"`, in milliseconds.
+    pub soft_timeout_millis: Option<u64>,
     /// `ttl_from = path`.
     pub ttl_from: Option<&'a Path>,
     /// `unless = path`.
@@ -182,6 +186,7 @@ pub fn validate<'a>(
     let tags = check_tags(&func, args, template.as_ref(), &in_key, uses_self, errors);
     check_skip(&func, &args.skip, &in_key, errors);
     check_negative(&func, args, errors);
+    check_fail_safe(&func, args, errors);
     let batch = args
         .batch
         .and_then(|span| check_batch(&func, args, template.as_ref(), &in_key, span, errors));
@@ -278,6 +283,8 @@ pub fn validate<'a>(
         local_millis: args.local_millis,
         tags,
         tags_from: args.tags_from.as_ref(),
+        fail_safe_millis: args.fail_safe.map(|(millis, _)| millis),
+        soft_timeout_millis: args.soft_timeout.map(|(millis, _)| millis),
         ttl_from: args.ttl_from.as_ref(),
         unless: args.unless.as_ref(),
         version: args.version,
@@ -506,11 +513,15 @@ fn check_batch<'a>(
             "a `batch` function returns a map of ids to values: `HashMap<Id, V>`, `BTreeMap<Id, V>`, or a `Result` of one",
         );
     }
-    if args.stale_millis.is_some() || args.early_refresh.is_some() {
+    if args.stale_millis.is_some()
+        || args.early_refresh.is_some()
+        || args.fail_safe.is_some()
+        || args.soft_timeout.is_some()
+    {
         ok = false;
         errors.at(
             span,
-            "`batch` does not refresh entries: remove `stale` and `early_refresh`, or cache the single lookup instead",
+            "`batch` does not refresh entries: remove `stale`, `early_refresh`, `fail_safe` and `soft_timeout`, or cache the single lookup instead",
         );
     }
     let collections: Vec<(&Param<'a>, &'a Type)> = func
@@ -599,6 +610,33 @@ fn list_value(list: &Type) -> Option<&Type> {
 /// `T` of `Name<T, ...>`.
 fn first_type_argument(ty: &Type) -> Option<&Type> {
     crate::ast::last_segment(types::strip_reference(ty))?.1
+}
+
+/// `fail_safe` needs a result that can fail; `soft_timeout` an old value to
+/// answer with meanwhile.
+fn check_fail_safe(func: &AnnotatedFn, args: &Args, errors: &mut Errors) {
+    if let Some((_, span)) = args.fail_safe
+        && !matches!(func.output.shape, Shape::Result | Shape::ResultOption)
+    {
+        errors.at(
+            span,
+            format!(
+                "`fail_safe` answers with a kept value when the body fails, but `{}` cannot fail\n\
+                 help: it applies to functions that return `Result<T, E>` or `Result<Option<T>, E>`",
+                func.name()
+            ),
+        );
+    }
+    if let Some((_, span)) = args.soft_timeout
+        && args.fail_safe.is_none()
+        && args.stale_millis.is_none()
+    {
+        errors.at(
+            span,
+            "`soft_timeout` answers with the old value when the body is slow, and keeps none by itself\n\
+             help: add `fail_safe = \"...\"` (kept past freshness for failures) or `stale = \"...\"`",
+        );
+    }
 }
 
 /// `cache_none` and `none_ttl` need a result with an answer of nothing.

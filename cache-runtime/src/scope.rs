@@ -79,6 +79,10 @@ pub enum Origin {
     /// early (`early_refresh`), or any value inside [`refresh`]. A stale
     /// refresh that failed answered with the old value.
     Refresh,
+    /// A value kept past its freshness by `fail_safe`: the body failed (or
+    /// failed a moment ago for the same key), or was slower than
+    /// `soft_timeout` and finishes in the background.
+    FailSafe,
     /// The body ran without the cache, because the call was made inside
     /// [`bypass`].
     Bypassed,
@@ -94,13 +98,14 @@ pub enum Origin {
 
 impl Origin {
     /// The outcomes, cheapest first: see [`Origin`] about batches.
-    const ANSWERS: [Origin; 8] = [
+    const ANSWERS: [Origin; 9] = [
         Origin::LocalHit,
         Origin::Hit,
         Origin::Stale,
         Origin::Coalesced,
         Origin::Miss,
         Origin::Refresh,
+        Origin::FailSafe,
         Origin::Bypassed,
         Origin::Uncached,
     ];
@@ -114,6 +119,7 @@ impl Origin {
             Event::Coalesced => Origin::Coalesced,
             Event::Miss => Origin::Miss,
             Event::Refresh => Origin::Refresh,
+            Event::FailSafe => Origin::FailSafe,
             Event::Skipped => Origin::Bypassed,
             Event::Bypass => Origin::Uncached,
             _ => return None,

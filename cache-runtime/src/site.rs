@@ -21,6 +21,12 @@ pub struct Site {
     local_millis: u64,
     /// `tags_from = path`: the value names tags of its own.
     derives_tags: bool,
+    /// `fail_safe = "1h"`: how long past its freshness (and its stale
+    /// window) an entry is kept to answer when the body fails.
+    fail_safe_millis: u64,
+    /// `soft_timeout = "150ms"`: how long a caller with an old value in
+    /// hand waits for the body; 0 without.
+    soft_timeout_millis: u64,
 }
 
 /// `single_flight`: who shares one computation of a missing key.
@@ -48,7 +54,23 @@ impl Site {
             none_ttl_millis: 0,
             local_millis: 0,
             derives_tags: false,
+            fail_safe_millis: 0,
+            soft_timeout_millis: 0,
         }
+    }
+
+    /// `fail_safe = "1h"`: keep entries `millis` past their freshness, to
+    /// answer when the body fails.
+    pub const fn fail_safe(mut self, millis: u64) -> Self {
+        self.fail_safe_millis = millis;
+        self
+    }
+
+    /// `soft_timeout = "150ms"`: wait at most `millis` for the body when an
+    /// old value can answer meanwhile.
+    pub const fn soft_timeout(mut self, millis: u64) -> Self {
+        self.soft_timeout_millis = millis;
+        self
     }
 
     /// `tags_from = path`: the value names tags of its own (see
@@ -113,20 +135,35 @@ impl Site {
         self.stale_millis
     }
 
+    /// `fail_safe = "..."`, in milliseconds (0 without).
+    pub(crate) fn fail_safe_millis(&self) -> u64 {
+        self.fail_safe_millis
+    }
+
+    /// `soft_timeout = "..."`, if the function has one.
+    pub(crate) fn soft_timeout_of(&self) -> Option<std::time::Duration> {
+        (self.soft_timeout_millis > 0)
+            .then(|| std::time::Duration::from_millis(self.soft_timeout_millis))
+    }
+
     pub(crate) fn early_refresh_beta(&self) -> Option<f64> {
         (self.early_refresh_beta > 0.0).then_some(self.early_refresh_beta)
     }
 
-    /// Whether stored values carry a freshness header (`stale`, `early_refresh`).
+    /// Whether stored values carry a freshness header (`stale`,
+    /// `early_refresh`, `fail_safe`).
     pub(crate) fn tracks_freshness(&self) -> bool {
-        self.stale_millis > 0 || self.early_refresh_beta > 0.0
+        self.stale_millis > 0 || self.early_refresh_beta > 0.0 || self.fail_safe_millis > 0
     }
 
     /// The longest expiry an entry of this function is stored with, about:
-    /// its TTL at the top of its jitter, plus its stale window.
+    /// its TTL at the top of its jitter, plus its stale and fail-safe
+    /// windows.
     pub(crate) fn longest_expiry_millis(&self) -> u64 {
         let ttl = self.ttl_millis.max(self.none_ttl_millis) as f64 * (1.0 + self.jitter.max(0.0));
-        (ttl.ceil() as u64).saturating_add(self.stale_millis)
+        (ttl.ceil() as u64)
+            .saturating_add(self.stale_millis)
+            .saturating_add(self.fail_safe_millis)
     }
 
     /// The TTL for one write: the configured TTL spread by ±`jitter`, at least 1 ms.

@@ -164,6 +164,11 @@ counters! {
     /// Failed cache operations: Redis errors, timeouts, undecodable values.
     /// The call itself still succeeded (fail open).
     Error => errors,
+    /// Calls answered with a value kept past its freshness by `fail_safe`,
+    /// because the body failed (or failed a moment ago for the same key),
+    /// or (`soft_timeout`) was slow. Not an outcome of its own: such a call
+    /// also counts as the miss or stale hit it began as.
+    FailSafe => fail_safe,
     /// Values written to the cache.
     Set => sets,
     /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`).
@@ -411,6 +416,7 @@ impl Event {
             Event::Refresh => "refresh",
             Event::Bypass => "bypass",
             Event::Skipped => "skipped",
+            Event::FailSafe => "fail_safe",
             _ => return None,
         })
     }

@@ -126,6 +126,9 @@ struct Flight {
 pub(crate) struct Flights {
     in_flight: DashMap<String, Flight>,
     failing: DashMap<String, Arc<Semaphore>>,
+    /// Keys of `fail_safe` functions whose body failed a moment ago, until
+    /// when their kept value answers without running the body again.
+    failed: DashMap<String, Instant>,
     /// How long a landed answer lingers.
     linger: Duration,
     lingering: Mutex<Lingering>,
@@ -178,6 +181,7 @@ impl Flights {
         Flights {
             in_flight: DashMap::new(),
             failing: DashMap::new(),
+            failed: DashMap::new(),
             linger,
             lingering: Mutex::new(Lingering::default()),
         }
@@ -301,6 +305,39 @@ impl Flights {
             .filter(|flight| matches!(*flight.landing.borrow(), Landing::Pending))
             .count();
         pending + self.failing.len()
+    }
+}
+
+/// Keys remembered as [`Flights::failed_lately`] at most: past it, the
+/// oldest are not looked for, the map is emptied (each key then costs one
+/// more body run).
+const FAILED_KEYS: usize = 64 * 1024;
+
+impl Flights {
+    /// The body of `fail_safe` key `key` failed: for `pause`, its kept
+    /// value answers without running the body again in this process.
+    pub(crate) fn note_failure(&self, key: &str, pause: Duration) {
+        if self.failed.len() >= FAILED_KEYS {
+            self.failed.clear();
+        }
+        self.failed.insert(key.to_owned(), Instant::now() + pause);
+    }
+
+    /// Whether the body of `key` failed in this process a moment ago (see
+    /// [`Flights::note_failure`]).
+    pub(crate) fn failed_lately(&self, key: &str) -> bool {
+        if self.failed.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        match self.failed.get(key).map(|until| *until) {
+            Some(until) if until > now => true,
+            Some(_) => {
+                self.failed.remove_if(key, |_, until| *until <= now);
+                false
+            }
+            None => false,
+        }
     }
 }
 

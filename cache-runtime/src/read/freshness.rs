@@ -49,6 +49,9 @@ pub(crate) enum Verdict {
     /// Past its TTL, inside the kept window: one caller recomputes it, the
     /// others are served it meanwhile.
     Stale,
+    /// Past its stale window too, inside the fail-safe window: recomputed
+    /// like a miss, served only if the body fails (`fail_safe`).
+    Expired,
 }
 
 impl Freshness {
@@ -73,13 +76,24 @@ impl Freshness {
 
     /// `ttl_left`: the server's remaining TTL (`None`: no expiry, which only
     /// someone else can have set). `kept`: how much of it is past the fresh
-    /// period. `beta`: XFetch's β, `None` without early refresh.
-    pub(crate) fn verdict(&self, ttl_left: Option<u64>, kept: u64, beta: Option<f64>) -> Verdict {
+    /// period, of which the last `fail_safe` is the fail-safe window.
+    /// `beta`: XFetch's β, `None` without early refresh.
+    pub(crate) fn verdict(
+        &self,
+        ttl_left: Option<u64>,
+        kept: u64,
+        fail_safe: u64,
+        beta: Option<f64>,
+    ) -> Verdict {
         let Some(left) = ttl_left else {
             return Verdict::Stale;
         };
         let Some(fresh_left) = left.checked_sub(kept).filter(|&l| l > 0) else {
-            return Verdict::Stale;
+            return if fail_safe == 0 || left > fail_safe {
+                Verdict::Stale
+            } else {
+                Verdict::Expired
+            };
         };
         let early = beta.is_some_and(|beta| {
             // 1 − [0, 1) is in (0, 1]: ln is finite and ≤ 0.
@@ -161,17 +175,22 @@ mod tests {
     #[test]
     fn verdicts_follow_the_servers_ttl() {
         let h = header(0);
-        assert_eq!(h.verdict(Some(60_000), 0, None), Verdict::Fresh);
+        assert_eq!(h.verdict(Some(60_000), 0, 0, None), Verdict::Fresh);
         assert_eq!(
-            h.verdict(Some(60_000), 0, Some(1.0)),
+            h.verdict(Some(60_000), 0, 0, Some(1.0)),
             Verdict::Fresh,
             "Δ = 0 never refreshes early"
         );
         // Stored for TTL + 30 s stale: 31 s left is fresh, 29 s is stale.
-        assert_eq!(h.verdict(Some(31_000), 30_000, None), Verdict::Fresh);
-        assert_eq!(h.verdict(Some(29_000), 30_000, None), Verdict::Stale);
-        assert_eq!(h.verdict(Some(30_000), 30_000, None), Verdict::Stale);
-        assert_eq!(h.verdict(None, 30_000, None), Verdict::Stale, "no expiry");
+        assert_eq!(h.verdict(Some(31_000), 30_000, 0, None), Verdict::Fresh);
+        assert_eq!(h.verdict(Some(29_000), 30_000, 0, None), Verdict::Stale);
+        assert_eq!(h.verdict(Some(30_000), 30_000, 0, None), Verdict::Stale);
+        assert_eq!(h.verdict(None, 30_000, 0, None), Verdict::Stale, "no expiry");
+        // 30 s kept: 10 s stale window, then 20 s of fail-safe.
+        assert_eq!(h.verdict(Some(25_000), 30_000, 20_000, None), Verdict::Stale);
+        assert_eq!(h.verdict(Some(20_000), 30_000, 20_000, None), Verdict::Expired);
+        assert_eq!(h.verdict(Some(1), 30_000, 20_000, None), Verdict::Expired);
+        assert_eq!(h.verdict(Some(0), 30_000, 0, None), Verdict::Stale);
     }
 
     #[test]
@@ -179,7 +198,7 @@ mod tests {
         let share = |remaining_ms: u64| {
             let early = (0..2_000)
                 .filter(|_| {
-                    header(100).verdict(Some(remaining_ms), 0, Some(1.0)) == Verdict::RefreshEarly
+                    header(100).verdict(Some(remaining_ms), 0, 0, Some(1.0)) == Verdict::RefreshEarly
                 })
                 .count();
             early as f64 / 2_000.0

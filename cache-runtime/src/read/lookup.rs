@@ -53,7 +53,7 @@ const FIRST_POLL: Duration = Duration::from_millis(2);
 const LONGEST_POLL: Duration = Duration::from_millis(50);
 /// After a failed refresh, how long the old value is served before the
 /// next refresh is tried (stale-if-error, without a refresh storm).
-const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What the caller does next.
 enum Step {
@@ -71,6 +71,9 @@ enum Step {
 enum Done {
     Serve(Event),
     Refresh(Refresh),
+    /// Past its stale window, kept by `fail_safe`: recompute, and serve it
+    /// only if the body fails.
+    Expired(Refresh),
 }
 
 /// A value to recompute while others are served it (the decoded answer).
@@ -339,7 +342,7 @@ impl Cache {
                 Step::Claim(claim) => claim,
                 Step::Done(done) => {
                     look_again(leader);
-                    return self.done(site, key, done, call).await;
+                    return self.done(site, key, done, call, rounds.began).await;
                 }
                 Step::Recheck => {
                     step = self.reread(site, key, call).await;
@@ -397,6 +400,7 @@ impl Cache {
         key: &str,
         done: Done,
         call: &mut Erased<'_>,
+        began: Instant,
     ) -> Answered {
         match done {
             Done::Serve(event) => {
@@ -404,6 +408,12 @@ impl Cache {
                 Answered::Decoded
             }
             Done::Refresh(refresh) => self.refresh(site, key, refresh, call).await,
+            Done::Expired(expired) => {
+                Box::pin(crate::read::fail_safe::expired(
+                    self, site, key, expired.header, call, began,
+                ))
+                .await
+            }
         }
     }
 
@@ -731,7 +741,12 @@ impl Cache {
                 };
                 let kept = self.kept(site);
                 let fresh_for = left.map_or(0, |left| left.saturating_sub(kept));
-                let verdict = freshness.verdict(left, kept, site.early_refresh_beta());
+                let verdict = freshness.verdict(
+                    left,
+                    kept,
+                    site.fail_safe_millis(),
+                    site.early_refresh_beta(),
+                );
                 (verdict, fresh_for)
             }
             _ => match ttl {
@@ -758,6 +773,13 @@ impl Cache {
             }
             Verdict::RefreshEarly => Event::Hit,
             Verdict::Stale => Event::StaleHit,
+            Verdict::Expired => {
+                bytes.truncate(value_at);
+                return Step::Done(Done::Expired(Refresh {
+                    header: bytes,
+                    served: Event::StaleHit,
+                }));
+            }
         };
         bytes.truncate(value_at);
         Step::Done(Done::Refresh(Refresh {
@@ -769,7 +791,13 @@ impl Cache {
     /// The one place that decodes an entry into a call's answer; failures
     /// are counted and logged. A negative entry is an answer of nothing,
     /// for functions whose result has one (else garbage).
-    fn decode(&self, site: &'static Site, key: &str, bytes: &[u8], call: &mut Erased<'_>) -> bool {
+    pub(crate) fn decode(
+        &self,
+        site: &'static Site,
+        key: &str,
+        bytes: &[u8],
+        call: &mut Erased<'_>,
+    ) -> bool {
         if bytes == NOTHING {
             let nothing = call.call().decode_nothing();
             if !nothing {
@@ -1057,7 +1085,7 @@ impl Cache {
     /// For a function with `tags_from`, before its body runs: the tag
     /// clocks (see `crate::tag`); `None` otherwise, or when nothing will
     /// be stored.
-    async fn clocks_for(&self, site: &'static Site, uncached: bool) -> Option<Vec<Vec<u8>>> {
+    pub(crate) async fn clocks_for(&self, site: &'static Site, uncached: bool) -> Option<Vec<Vec<u8>>> {
         if !site.derives_tags() || uncached {
             return None;
         }
@@ -1066,7 +1094,7 @@ impl Cache {
 
     /// For a function with `tags_from`, once its body ran: the tags its
     /// value names, added to the call's (see [`Cache::derive`]).
-    async fn derive_tags(
+    pub(crate) async fn derive_tags(
         &self,
         site: &'static Site,
         call: &mut Erased<'_>,
@@ -1093,6 +1121,17 @@ impl Cache {
         match value {
             Some(bytes) => site.ttl_of(life).map(|ttl| (bytes, ttl)),
             None => site.none_ttl_millis().map(|ttl| (NOTHING, ttl)),
+        }
+    }
+
+    /// Whether `key` still holds an entry that begins with `header` (the
+    /// one read before computing): then no write touched it in between.
+    pub(crate) async fn still_begins(&self, key: &str, header: &[u8]) -> bool {
+        let read = self.backend().get(key, self.settings().read_limit);
+        match self.guarded(key, read).await {
+            Ok(Fetched::Found(bytes)) => bytes.starts_with(header),
+            Ok(Fetched::TooLarge) => false,
+            _ => false,
         }
     }
 
@@ -1134,14 +1173,16 @@ impl Cache {
     /// How long past its TTL a value with a freshness header stays stored:
     /// the stale window, and with `early_refresh` at least one lease, so
     /// that a refresh drawn just before expiry can finish while the others
-    /// are served the old value.
+    /// are served the old value; then the fail-safe window.
     fn kept(&self, site: &Site) -> u64 {
         let grace = if site.early_refresh_beta().is_some() {
             px(self.settings().lease)
         } else {
             0
         };
-        site.stale_millis().max(grace)
+        site.stale_millis()
+            .max(grace)
+            .saturating_add(site.fail_safe_millis())
     }
 
     /// Recomputes a value that is stale or drawn for early refresh, held by
@@ -1172,48 +1213,90 @@ impl Cache {
             lock.give_back().await;
             return Answered::Body;
         }
-        let backend = self.backend();
-        let entry = match call.encode_output(self.settings().codec) {
-            Encoded::Failed => {
-                crate::limited!(
-                    self,
-                    warn!(
-                        key,
-                        "cache refresh failed: serving the value it was to replace"
-                    )
-                );
-                lock.hold_for(REFRESH_RETRY_AFTER).await;
-                return Answered::Decoded;
+        let answer = call.encode_output(self.settings().codec);
+        if let Encoded::Failed = answer {
+            crate::limited!(
+                self,
+                warn!(
+                    key,
+                    "cache refresh failed: serving the value it was to replace"
+                )
+            );
+            lock.hold_for(REFRESH_RETRY_AFTER).await;
+            return Answered::Decoded;
+        }
+        let stamp = call.tagging().map(Tagging::stamp).unwrap_or_default();
+        let entry = self.entry_of(site, key, answer).1;
+        self.replace_entry(site, key, &refresh.header, entry, run, &stamp)
+            .await;
+        lock.give_back().await;
+        Answered::Body
+    }
+
+    /// What an answer (not [`Encoded::Failed`]) hands to waiters (its
+    /// encoded value, `None` for nothing) and what it stores over an entry
+    /// it replaces: a value and its TTL, the negative entry, or nothing
+    /// (a value that does not encode, or is not to be stored: `unless`).
+    pub(crate) fn entry_of(
+        &self,
+        site: &'static Site,
+        key: &str,
+        answer: Encoded,
+    ) -> (Option<Vec<u8>>, Option<(Cow<'static, [u8]>, u64)>) {
+        match answer {
+            Encoded::Value(Ok(bytes), life) => {
+                let stored = site.ttl_of(life).and_then(|ttl| {
+                    self.fit_for_store(Some(site.function()), key, Ok(bytes.clone()))
+                        .map(|bytes| (Cow::Owned(bytes), ttl))
+                });
+                (Some(bytes), stored)
             }
-            // A value that does not encode, or is not to be stored
-            // (`unless`), is removed, never stored as `None`.
-            Encoded::Value(encoded, life) => site.ttl_of(life).and_then(|ttl| {
-                self.fit_for_store(Some(site.function()), key, encoded)
-                    .map(|bytes| (Cow::Owned(bytes), ttl))
-            }),
-            Encoded::Nothing => site
-                .none_ttl_millis()
-                .map(|ttl| (Cow::Borrowed(NOTHING), ttl)),
-        };
-        match &entry {
+            Encoded::Value(Err(error), _) => {
+                // Counted and logged by `fit_for_store`.
+                let _ = self.fit_for_store(Some(site.function()), key, Err(error));
+                (None, None)
+            }
+            Encoded::Nothing | Encoded::Failed => (
+                None,
+                site.none_ttl_millis()
+                    .map(|ttl| (Cow::Borrowed(NOTHING), ttl)),
+            ),
+        }
+    }
+
+    /// Replaces the entry read with `header` (its tag and freshness
+    /// headers) by `entry`: stored over it, or the entry removed when there
+    /// is nothing to store; a write's `DEL` in the meantime wins. Whether
+    /// the key still held what was read: then no write came in between.
+    pub(crate) async fn replace_entry(
+        &self,
+        site: &'static Site,
+        key: &str,
+        header: &[u8],
+        entry: Option<(Cow<'_, [u8]>, u64)>,
+        run: Run,
+        stamp: &[u8],
+    ) -> bool {
+        let backend = self.backend();
+        match entry {
             Some((bytes, ttl)) => {
-                let (bytes, ttl) = (&**bytes, *ttl);
-                let stamp = call.tagging().map(Tagging::stamp).unwrap_or_default();
-                let (stored, ttl) = self.stored_form(site, &stamp, bytes, ttl, run.took);
-                let set = backend.compare_and_set(key, &refresh.header, &stored, ttl);
-                self.record_store(site, key, self.guarded(key, set).await);
+                let (stored, ttl) = self.stored_form(site, stamp, &bytes, ttl, run.took);
+                let set = backend.compare_and_set(key, header, &stored, ttl);
+                self.record_store(site, key, self.guarded(key, set).await)
             }
             None => {
-                let remove = backend.compare_and_delete(key, &refresh.header);
-                if let Err(error) = self.guarded(key, remove).await
-                    && !matches!(error, CacheError::CircuitOpen)
-                {
-                    self.record(site, Event::Error);
+                let remove = backend.compare_and_delete(key, header);
+                match self.guarded(key, remove).await {
+                    Ok(removed) => removed,
+                    Err(error) => {
+                        if !matches!(error, CacheError::CircuitOpen) {
+                            self.record(site, Event::Error);
+                        }
+                        false
+                    }
                 }
             }
         }
-        lock.give_back().await;
-        Answered::Body
     }
 }
 

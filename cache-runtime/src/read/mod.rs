@@ -6,6 +6,7 @@
 //! - [`batch`]: many keys in one call, over the same steps.
 //! - [`call`]: the typed half of a call, behind the interface that lets
 //!   the read path be compiled once.
+//! - [`fail_safe`]: an expired entry kept to answer when the body fails.
 //! - [`flight`]: single flight, the computations in flight by key.
 //! - [`found`]: what one read of a key found.
 //! - [`freshness`]: the header of a value that is served stale or
@@ -13,6 +14,7 @@
 
 pub(crate) mod batch;
 pub(crate) mod call;
+pub(crate) mod fail_safe;
 pub(crate) mod flight;
 pub(crate) mod found;
 pub(crate) mod freshness;

@@ -1,0 +1,198 @@
+//! `fail_safe`: an entry kept past its freshness answers when the body
+//! fails (or panics), without every caller retrying the failing body; a
+//! write is never undone by it. On a real `redis-server`, a cluster and
+//! `Cache::memory()`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cache_harness::on_every_backend;
+use cache_runtime::{Cache, Origin, invalidates, origin, redis_cached};
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Price {
+    sku: u64,
+    version: u64,
+}
+
+#[derive(Debug, PartialEq)]
+struct DbError;
+
+/// A prices table that can fail, panic or be slow; counts its queries.
+struct Repo {
+    cache: Cache,
+    version: AtomicU64,
+    queries: AtomicU64,
+    failing: AtomicBool,
+    panicking: AtomicBool,
+    query_ms: AtomicU64,
+}
+
+impl Repo {
+    fn new(cache: Cache) -> Self {
+        Repo {
+            cache,
+            version: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            panicking: AtomicBool::new(false),
+            query_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn queries(&self) -> u64 {
+        self.queries.load(Ordering::SeqCst)
+    }
+
+    async fn select(&self, sku: u64) -> Result<Price, DbError> {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        let ms = self.query_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        assert!(!self.panicking.load(Ordering::SeqCst), "the query panicked");
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(DbError);
+        }
+        Ok(Price {
+            sku,
+            version: self.version.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Fresh for 300 ms, then kept for an hour to answer failures.
+    #[redis_cached(key = "price:<sku>", ttl = "300ms", fail_safe = "1h", cache = self.cache)]
+    async fn price(&self, sku: u64) -> Result<Price, DbError> {
+        self.select(sku).await
+    }
+
+    /// The same, without `fail_safe`: the naive arm.
+    #[redis_cached(key = "naive:<sku>", ttl = "300ms", cache = self.cache)]
+    async fn price_naive(&self, sku: u64) -> Result<Price, DbError> {
+        self.select(sku).await
+    }
+
+    #[invalidates(Self::price(sku), cache = self.cache)]
+    async fn set_price(&self, sku: u64) -> Result<(), DbError> {
+        self.version.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Past the 300 ms of freshness.
+async fn expire() {
+    tokio::time::sleep(Duration::from_millis(600)).await;
+}
+
+/// How long a failure's pause lasts, with a margin.
+async fn past_the_pause() {
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+}
+
+async fn a_failing_body_is_answered_with_the_kept_value(cache: Cache) {
+    let repo = Repo::new(cache.clone());
+    let first = repo.price(1).await.unwrap();
+    expire().await;
+    repo.failing.store(true, Ordering::SeqCst);
+    let (kept, how) = origin(repo.price(1)).await;
+    assert_eq!((kept, how), (Ok(first.clone()), Origin::FailSafe));
+    // Without a kept value, the error is the answer.
+    assert_eq!(repo.price(2).await, Err(DbError));
+    // Once the database is back and the failure's pause is over, the value
+    // is recomputed and fresh again.
+    repo.failing.store(false, Ordering::SeqCst);
+    repo.version.fetch_add(1, Ordering::SeqCst);
+    past_the_pause().await;
+    let (fresh, how) = origin(repo.price(1)).await;
+    assert_eq!((fresh.unwrap().version, how), (1, Origin::Miss));
+    assert_eq!(origin(repo.price(1)).await.1, Origin::Hit);
+    let stats = cache.stats();
+    assert_eq!(stats.total.fail_safe, 1, "{stats:?}");
+}
+
+/// 200 callers at once on an expired key while the database fails, twice:
+/// one body run per second of failure's pause at most (the others wait for
+/// it, then are answered during the pause). The naive arm runs the body
+/// for every caller.
+async fn a_failing_database_is_not_retried_by_every_caller(cache: Cache) {
+    let repo = Repo::new(cache);
+    repo.price(1).await.unwrap();
+    repo.price_naive(1).await.unwrap();
+    expire().await;
+    repo.failing.store(true, Ordering::SeqCst);
+    repo.query_ms.store(50, Ordering::SeqCst);
+    let before = repo.queries();
+    let started = std::time::Instant::now();
+    for _ in 0..2 {
+        let answers = join_all((0..200).map(|_| repo.price(1))).await;
+        assert!(answers.iter().all(Result::is_ok), "all answered");
+    }
+    let fail_safe = repo.queries() - before;
+    // One run, and one more per pause that ended while the calls ran (on a
+    // machine slow enough for the 400 calls to take over a second).
+    let allowed = 1 + started.elapsed().as_secs();
+    let before = repo.queries();
+    let answers = join_all((0..200).map(|_| repo.price_naive(1))).await;
+    let naive = repo.queries() - before;
+    println!(
+        "400 callers of a failing key: {fail_safe} body runs with fail_safe; \
+         200 callers without: {naive} body runs, {} errors",
+        answers.iter().filter(|a| a.is_err()).count()
+    );
+    assert!(fail_safe <= allowed, "{fail_safe} body runs");
+    assert_eq!(naive, 200);
+}
+
+/// An invalidation removes the kept value too: a failure after a write
+/// is an error, never the value from before the write.
+async fn a_write_is_never_undone_by_fail_safe(cache: Cache) {
+    let repo = Repo::new(cache);
+    repo.price(1).await.unwrap();
+    expire().await;
+    repo.set_price(1).await.unwrap();
+    repo.failing.store(true, Ordering::SeqCst);
+    assert_eq!(repo.price(1).await, Err(DbError));
+}
+
+async fn a_panicking_body_is_answered_with_the_kept_value(cache: Cache) {
+    let repo = Repo::new(cache);
+    let first = repo.price(1).await.unwrap();
+    expire().await;
+    repo.panicking.store(true, Ordering::SeqCst);
+    assert_eq!(origin(repo.price(1)).await, (Ok(first), Origin::FailSafe));
+}
+
+/// A recomputation that read the database before a write does not store
+/// what it read over the write's invalidation (the lease guarantee).
+async fn a_recomputation_overtaken_by_a_write_stores_nothing(cache: Cache) {
+    #[redis_cached(key = "race:<sku>", ttl = "300ms", fail_safe = "1h", skip(repo), cache = repo.cache)]
+    async fn read_then_overtaken(repo: &Repo, sku: u64) -> Result<Price, DbError> {
+        let old = repo.select(sku).await;
+        if repo.version.load(Ordering::SeqCst) == 0 && repo.queries() > 1 {
+            repo.version.fetch_add(1, Ordering::SeqCst);
+            let _ = repo
+                .cache
+                .invalidate(&read_then_overtaken_cache_key(&sku))
+                .await;
+        }
+        old
+    }
+    let repo = Repo::new(cache.clone());
+    read_then_overtaken(&repo, 1).await.unwrap();
+    expire().await;
+    let dropped = cache.stats().total.dropped_sets;
+    assert_eq!(read_then_overtaken(&repo, 1).await.unwrap().version, 0);
+    assert_eq!(cache.stats().total.dropped_sets, dropped + 1);
+    let (now, how) = origin(read_then_overtaken(&repo, 1)).await;
+    assert_eq!((now.unwrap().version, how), (1, Origin::Miss));
+}
+
+on_every_backend!(
+    a_failing_body_is_answered_with_the_kept_value,
+    a_failing_database_is_not_retried_by_every_caller,
+    a_write_is_never_undone_by_fail_safe,
+    a_panicking_body_is_answered_with_the_kept_value,
+    a_recomputation_overtaken_by_a_write_stores_nothing,
+);
