@@ -189,10 +189,142 @@ async fn a_recomputation_overtaken_by_a_write_stores_nothing(cache: Cache) {
     assert_eq!((now.unwrap().version, how), (1, Origin::Miss));
 }
 
+/// A database behind owned handles, for functions whose bodies can finish
+/// in the background (`soft_timeout` with owned arguments).
+#[derive(Default)]
+struct Db {
+    version: AtomicU64,
+    queries: AtomicU64,
+    failing: AtomicBool,
+    query_ms: AtomicU64,
+}
+
+impl Db {
+    async fn select(&self, sku: u64) -> Result<Price, DbError> {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        let ms = self.query_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(DbError);
+        }
+        Ok(Price {
+            sku,
+            version: self.version.load(Ordering::SeqCst),
+        })
+    }
+}
+
+/// Owned arguments: a slow body finishes in the background.
+#[redis_cached(
+    key = "soft:<sku>",
+    ttl = "1s",
+    fail_safe = "1h",
+    soft_timeout = "100ms",
+    skip(cache, db),
+    cache = cache
+)]
+async fn soft_price(cache: Cache, db: std::sync::Arc<Db>, sku: u64) -> Result<Price, DbError> {
+    db.select(sku).await
+}
+
+impl Repo {
+    /// A borrowing body (`&self`): dropped at the soft timeout.
+    #[redis_cached(
+        key = "soft_borrowed:<sku>",
+        ttl = "300ms",
+        fail_safe = "1h",
+        soft_timeout = "100ms",
+        cache = self.cache
+    )]
+    async fn soft_borrowed(&self, sku: u64) -> Result<Price, DbError> {
+        self.select(sku).await
+    }
+
+    /// `stale` with a soft timeout: a slow refresh answers with the old
+    /// value too.
+    #[redis_cached(key = "soft_stale:<sku>", ttl = "300ms", stale = "1h", soft_timeout = "100ms", cache = self.cache)]
+    async fn soft_stale(&self, sku: u64) -> Result<Price, DbError> {
+        self.select(sku).await
+    }
+}
+
+/// A body slower than the soft timeout: the kept value answers at once,
+/// and the body finishes in the background and stores its value.
+async fn a_slow_body_finishes_in_the_background(cache: Cache) {
+    let db = std::sync::Arc::new(Db::default());
+    soft_price(cache.clone(), db.clone(), 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    db.version.fetch_add(1, Ordering::SeqCst);
+    db.query_ms.store(700, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let (kept, how) = origin(soft_price(cache.clone(), db.clone(), 1)).await;
+    let took = started.elapsed();
+    assert_eq!((kept.unwrap().version, how), (0, Origin::FailSafe));
+    println!("a 700 ms body behind a 100 ms soft timeout: answered in {took:?}");
+    assert!(
+        took < Duration::from_millis(700),
+        "did not wait for the body"
+    );
+    assert_eq!(cache.stats().total.background_completions, 1);
+    // Meanwhile this process answers with the kept value, without a body.
+    let queries = db.queries.load(Ordering::SeqCst);
+    assert_eq!(
+        soft_price(cache.clone(), db.clone(), 1)
+            .await
+            .unwrap()
+            .version,
+        0
+    );
+    assert_eq!(db.queries.load(Ordering::SeqCst), queries);
+    // Once the background body stored its value (a second `set`), it is
+    // a fresh hit (for its second of freshness).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cache.stats().total.sets < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stored in the background"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (fresh, how) = origin(soft_price(cache.clone(), db, 1)).await;
+    assert_eq!((fresh.unwrap().version, how), (1, Origin::Hit));
+}
+
+/// A body that borrows cannot outlive its call: dropped at the soft
+/// timeout; the next caller after the pause tries again.
+async fn a_slow_borrowing_body_is_dropped_at_the_soft_timeout(cache: Cache) {
+    let repo = Repo::new(cache.clone());
+    repo.soft_borrowed(1).await.unwrap();
+    expire().await;
+    repo.query_ms.store(700, Ordering::SeqCst);
+    let (kept, how) = origin(repo.soft_borrowed(1)).await;
+    assert_eq!((kept.unwrap().version, how), (0, Origin::FailSafe));
+    assert_eq!(cache.stats().total.background_completions, 0);
+    repo.query_ms.store(0, Ordering::SeqCst);
+    repo.version.fetch_add(1, Ordering::SeqCst);
+    past_the_pause().await;
+    let (fresh, how) = origin(repo.soft_borrowed(1)).await;
+    assert_eq!((fresh.unwrap().version, how), (1, Origin::Miss));
+}
+
+async fn a_slow_stale_refresh_answers_with_the_old_value(cache: Cache) {
+    let repo = Repo::new(cache);
+    repo.soft_stale(1).await.unwrap();
+    expire().await;
+    repo.query_ms.store(700, Ordering::SeqCst);
+    let (old, how) = origin(repo.soft_stale(1)).await;
+    assert_eq!((old.unwrap().version, how), (0, Origin::FailSafe));
+}
+
 on_every_backend!(
     a_failing_body_is_answered_with_the_kept_value,
     a_failing_database_is_not_retried_by_every_caller,
     a_write_is_never_undone_by_fail_safe,
     a_panicking_body_is_answered_with_the_kept_value,
     a_recomputation_overtaken_by_a_write_stores_nothing,
+    a_slow_body_finishes_in_the_background,
+    a_slow_borrowing_body_is_dropped_at_the_soft_timeout,
+    a_slow_stale_refresh_answers_with_the_old_value,
 );

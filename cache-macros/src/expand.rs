@@ -330,10 +330,11 @@ fn wrapper(plan: &Plan) -> TokenStream {
     }
     // With a local tier, the value must be `Clone`: the entry point's
     // bound says so at the return type.
-    let entry = if plan.local_millis.is_some() {
-        quote!(cached_local)
-    } else {
-        quote!(cached)
+    let entry = match (plan.detached, plan.local_millis.is_some()) {
+        (false, false) => quote!(cached),
+        (false, true) => quote!(cached_local),
+        (true, false) => quote!(cached_detached),
+        (true, true) => quote!(cached_detached_local),
     };
     let call = body_call_with(
         func,

@@ -200,6 +200,51 @@ pub fn used_by(generics: &Generics, types: &[&Type]) -> Generics {
     kept
 }
 
+/// Whether values of these types can outlive the call that received them
+/// (`'static`, as far as the tokens tell): no reference or lifetime but
+/// `'static`, no `impl Trait` or trait object, no generic parameter of
+/// `declared`. A type that hides a lifetime (an elided `Cow<str>`) passes,
+/// and is rustc's to reject.
+pub fn owned(types: &[&Type], declared: &Generics) -> bool {
+    struct Finder<'g> {
+        borrowed: bool,
+        generics: &'g BTreeSet<String>,
+    }
+    impl<'ast> Visit<'ast> for Finder<'_> {
+        fn visit_type_reference(&mut self, r: &'ast syn::TypeReference) {
+            if r.lifetime.as_ref().is_none_or(|l| l.ident != "static") {
+                self.borrowed = true;
+            }
+            syn::visit::visit_type_reference(self, r);
+        }
+        fn visit_lifetime(&mut self, lifetime: &'ast syn::Lifetime) {
+            if lifetime.ident != "static" {
+                self.borrowed = true;
+            }
+        }
+        fn visit_type_impl_trait(&mut self, _: &'ast syn::TypeImplTrait) {
+            self.borrowed = true;
+        }
+        fn visit_type_trait_object(&mut self, _: &'ast syn::TypeTraitObject) {
+            self.borrowed = true;
+        }
+        fn visit_ident(&mut self, ident: &'ast Ident) {
+            if self.generics.contains(&ident.to_string()) {
+                self.borrowed = true;
+            }
+        }
+    }
+    let generics = declared.params.iter().map(param_name).collect();
+    let mut finder = Finder {
+        borrowed: false,
+        generics: &generics,
+    };
+    for ty in types {
+        finder.visit_type(ty);
+    }
+    !finder.borrowed
+}
+
 /// Names (type, lifetime and const parameter names) that appear in some tokens.
 fn mentioned_names(visit: impl FnOnce(&mut NameCollector)) -> BTreeSet<String> {
     let mut collector = NameCollector::default();

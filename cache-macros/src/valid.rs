@@ -39,6 +39,10 @@ pub struct Plan<'a> {
     pub fail_safe_millis: Option<u64>,
     /// `soft_timeout = "150ms"`, in milliseconds.
     pub soft_timeout_millis: Option<u64>,
+    /// With `soft_timeout`: the body can outlive the call (no receiver,
+    /// owned parameters and result), so a slow one finishes in the
+    /// background.
+    pub detached: bool,
     /// `ttl_from = path`.
     pub ttl_from: Option<&'a Path>,
     /// `unless = path`.
@@ -265,6 +269,12 @@ pub fn validate<'a>(
             }
         }
     }
+    let detached = args.soft_timeout.is_some() && {
+        let unit: Type = syn::parse_quote!(());
+        let mut types: Vec<&Type> = func.params.iter().map(|p| p.ty).collect();
+        types.push(func.output.ty.unwrap_or(&unit));
+        func.receiver.is_none() && types::owned(&types, &func.item.sig.generics)
+    };
     Ok(Plan {
         func,
         key_vis,
@@ -285,6 +295,7 @@ pub fn validate<'a>(
         tags_from: args.tags_from.as_ref(),
         fail_safe_millis: args.fail_safe.map(|(millis, _)| millis),
         soft_timeout_millis: args.soft_timeout.map(|(millis, _)| millis),
+        detached,
         ttl_from: args.ttl_from.as_ref(),
         unless: args.unless.as_ref(),
         version: args.version,

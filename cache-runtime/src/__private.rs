@@ -15,7 +15,7 @@ pub use crate::outcome::{
 };
 use crate::read::batch::{ErasedBatch, TypedBatch};
 use crate::read::call::Lookup;
-use crate::read::call::{Erased, Typed};
+use crate::read::call::{Erased, SoftBody, Typed};
 use crate::scope::Mode;
 pub use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
@@ -80,6 +80,55 @@ where
         Err(lookup) => lookup,
     };
     let mut call = pin!(Typed::<S, S::Value, R, F>::with_local(body, rules));
+    let answered = lookup.run_local(Erased::new(call.as_mut())).await;
+    call.answer(answered)
+}
+
+/// The body of a `#[redis_cached(..., soft_timeout = "...")]` function
+/// whose arguments are owned: [`cached`], with a body that can finish in
+/// the background when it is slower than the soft timeout.
+pub async fn cached_detached<S, R, V, F>(
+    cache: Option<&Cache>,
+    key: CacheKey<V>,
+    body: F,
+    rules: ByValue<S::Value>,
+) -> R
+where
+    S: Outcome<R> + 'static,
+    S::Value: 'static,
+    R: Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+{
+    let body: SoftBody<R> = Box::pin(body);
+    let mut call = pin!(Typed::<S, S::Value, R, SoftBody<R>>::detachable(
+        body, rules
+    ));
+    let answered = Lookup::run(cache, key.untyped(), Erased::new(call.as_mut())).await;
+    call.answer(answered)
+}
+
+/// [`cached_detached`] with a local tier (see [`cached_local`]).
+pub async fn cached_detached_local<S, R, V, F>(
+    cache: Option<&Cache>,
+    key: CacheKey<V>,
+    body: F,
+    rules: ByValue<S::Value>,
+) -> R
+where
+    S: Outcome<R> + 'static,
+    S::Value: Clone + Send + Sync + 'static,
+    R: Send + 'static,
+    F: Future<Output = R> + Send + 'static,
+{
+    let Some(lookup) = Lookup::new(cache, key.untyped()) else {
+        return body.await;
+    };
+    let lookup = match lookup.local_hit(Cache::local_hit::<S, R>) {
+        Ok(answer) => return answer,
+        Err(lookup) => lookup,
+    };
+    let body: SoftBody<R> = Box::pin(body);
+    let mut call = pin!(Typed::<S, S::Value, R, SoftBody<R>>::detachable(body, rules).local());
     let answered = lookup.run_local(Erased::new(call.as_mut())).await;
     call.answer(answered)
 }

@@ -169,6 +169,10 @@ counters! {
     /// or (`soft_timeout`) was slow. Not an outcome of its own: such a call
     /// also counts as the miss or stale hit it began as.
     FailSafe => fail_safe,
+    /// Bodies left to finish in the background after `soft_timeout`
+    /// answered their callers with an old value; each stores its value
+    /// under the refresh lock it holds.
+    BackgroundCompletion => background_completions,
     /// Values written to the cache.
     Set => sets,
     /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`).

@@ -57,6 +57,10 @@ pub(crate) trait Call {
     /// The tags the body's value names (`tags_from`; none without it, or
     /// without a value).
     fn derived_tags(&self) -> Vec<String>;
+    /// The body, still running, as a future that outlives the call and
+    /// ends with its output encoded (`soft_timeout`); `None` if the body
+    /// cannot outlive the call (it borrows), or is done.
+    fn detach(self: Pin<&mut Self>, codec: Codec) -> Option<Detached>;
     /// With a local tier, keeps a copy of the decoded answer for
     /// `keep_for` (see [`crate::local`]).
     fn keep_local(
@@ -141,6 +145,32 @@ impl<'a> Erased<'a> {
     pub(crate) async fn run_body(&mut self) {
         let mut running = Running(self);
         std::future::poll_fn(|cx| running.poll(cx)).await;
+    }
+
+    /// [`Erased::run_body`] for at most `limit`: whether the body is done.
+    /// If not, the body is left as it stands, to [`Erased::detach`] or
+    /// drop; if this future is dropped, the body is dropped with it.
+    pub(crate) async fn run_body_for(&mut self, limit: Duration) -> bool {
+        let mut running = Running(self);
+        let mut sleep = std::pin::pin!(tokio::time::sleep(limit));
+        let done = std::future::poll_fn(|cx| match running.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(true),
+            Poll::Pending => sleep.as_mut().poll(cx).map(|()| false),
+        })
+        .await;
+        // Not dropped with the guard: the caller decides.
+        std::mem::forget(running);
+        done
+    }
+
+    /// The body, to finish without this call (see [`Call::detach`]).
+    pub(crate) fn detach(&mut self, codec: Codec) -> Option<Detached> {
+        self.call.as_mut().detach(codec)
+    }
+
+    /// Drops the body where it stands.
+    pub(crate) fn drop_body(&mut self) {
+        self.call.as_mut().drop_body();
     }
 
     pub(crate) fn encode_output(&self, codec: Codec) -> Encoded {
@@ -337,6 +367,17 @@ impl CallTimer {
     }
 }
 
+/// A body left to finish in the background, its output encoded.
+pub(crate) type Detached = Pin<Box<dyn Future<Output = Encoded> + Send>>;
+
+/// The body of a function with `soft_timeout` whose body can outlive its
+/// call (boxed, so that it can be handed to a task).
+pub(crate) type SoftBody<R> = Pin<Box<dyn Future<Output = R> + Send>>;
+
+/// How a body that can outlive its call is handed over (see
+/// [`Call::detach`]).
+type Detach<F, V> = fn(Pin<&mut Option<F>>, Codec, ByValue<V>) -> Option<Detached>;
+
 /// A decoded answer: a value, or the result that says there is nothing.
 enum Decoded<V, R> {
     Value(V),
@@ -356,6 +397,7 @@ pin_project_lite::pin_project! {
         decoded: Option<Decoded<V, R>>,
         fill: Option<Fill<V>>,
         rules: ByValue<V>,
+        detach: Option<Detach<F, V>>,
         shape: PhantomData<fn() -> S>,
     }
 }
@@ -375,6 +417,7 @@ where
             decoded: None,
             fill: None,
             rules,
+            detach: None,
             shape: PhantomData,
         }
     }
@@ -385,11 +428,18 @@ where
     where
         V: Clone + Send + Sync + 'static,
     {
-        let mut call = Typed::new(body, rules);
-        call.fill = Some(|tier, ticket, tags, key, value, encoded, keep_for| {
+        Typed::new(body, rules).local()
+    }
+
+    /// A call of a function with a local tier (see [`Typed::with_local`]).
+    pub(crate) fn local(mut self) -> Self
+    where
+        V: Clone + Send + Sync + 'static,
+    {
+        self.fill = Some(|tier, ticket, tags, key, value, encoded, keep_for| {
             tier.fill(ticket, tags, key, value.cloned(), encoded, keep_for);
         });
-        call
+        self
     }
 
     /// The answer the read path chose, which [`Lookup::run`] made sure
@@ -404,6 +454,27 @@ where
             Answered::Body => this.output.take(),
         };
         answer.expect("the read path answers with what it decoded or with the body's output")
+    }
+}
+
+impl<S, V, R> Typed<S, V, R, SoftBody<R>>
+where
+    S: Outcome<R, Value = V> + 'static,
+    V: Serialize + serde::de::DeserializeOwned + 'static,
+    R: Send + 'static,
+{
+    /// A call whose body can outlive it (`soft_timeout`, owned arguments):
+    /// left to finish in the background when it is slow.
+    pub(crate) fn detachable(body: SoftBody<R>, rules: ByValue<V>) -> Self {
+        let mut call = Typed::new(body, rules);
+        call.detach = Some(|body, codec, rules| {
+            let body = body.get_mut().take()?;
+            Some(Box::pin(async move {
+                let output = body.await;
+                Encoded::of(codec, S::answer(&output), &rules)
+            }))
+        });
+        call
     }
 }
 
@@ -464,6 +535,11 @@ where
             self.rules.tags_of(value, &mut tags);
         }
         tags
+    }
+
+    fn detach(self: Pin<&mut Self>, codec: Codec) -> Option<Detached> {
+        let this = self.project();
+        (*this.detach)?(this.body, codec, *this.rules)
     }
 
     fn keep_local(

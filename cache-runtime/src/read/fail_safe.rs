@@ -27,7 +27,7 @@ use futures_util::FutureExt;
 use crate::cache::Cache;
 use crate::outcome::Encoded;
 use crate::read::call::{Answered, Erased};
-use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role};
+use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, Waiter};
 use crate::read::lookup::{REFRESH_RETRY_AFTER, Run};
 use crate::site::Site;
 use crate::stats::Event;
@@ -54,23 +54,37 @@ pub(crate) async fn expired(
     };
     match cache.flights().join(key, joiner) {
         Role::Leader(leader) => lead(cache, site, key, &header, call, leader).await,
-        Role::Waiter(waiter) => match waiter.wait().await {
-            Handed::Value(bytes) if cache.decode(site, key, &bytes, call) => {
+        Role::Waiter(waiter) => match wait(site, waiter, began).await {
+            // Slower than the soft timeout.
+            None => kept(cache, site, Event::StaleHit),
+            Some(Handed::Value(bytes)) if cache.decode(site, key, &bytes, call) => {
                 cache.record(site, Event::Coalesced);
                 Answered::Decoded
             }
-            Handed::Nothing if call.call().decode_nothing() => {
+            Some(Handed::Nothing) if call.call().decode_nothing() => {
                 cache.record(site, Event::Coalesced);
                 Answered::Decoded
             }
-            // The leader's body failed.
-            Handed::Failed if cache.flights().failed_lately(key) => {
+            // The leader's body failed (or was slow).
+            Some(Handed::Failed) if cache.flights().failed_lately(key) => {
                 kept(cache, site, Event::StaleHit)
             }
             // Cancelled, or its answer is not for this caller: computed
             // here, without storing.
             _ => alone(cache, site, key, call).await,
         },
+    }
+}
+
+/// The leader's answer; `None` if the function's soft timeout (counted
+/// from when the call began) passed first.
+async fn wait(site: &'static Site, waiter: Waiter, began: Instant) -> Option<Handed> {
+    match site.soft_timeout_of() {
+        Some(limit) => {
+            let left = limit.saturating_sub(began.elapsed());
+            tokio::time::timeout(left, waiter.wait()).await.ok()
+        }
+        None => Some(waiter.wait().await),
     }
 }
 
@@ -82,25 +96,162 @@ fn kept(cache: &Cache, site: &'static Site, event: Event) -> Answered {
     Answered::Decoded
 }
 
-/// Runs the body; a panic is caught (and logged) when the kept value can
-/// answer instead: the body then failed.
-async fn run(cache: &Cache, key: &str, call: &mut Erased<'_>) -> Run {
+/// How a body ran while an old value could answer.
+pub(crate) enum Ran {
+    Done(Run),
+    /// Still running at the soft timeout (see [`finish_late`]).
+    Slow {
+        started: Instant,
+    },
+}
+
+/// Runs the body, for at most the function's `soft_timeout` if it has one.
+/// With `catch`, a panic is caught (and logged): the kept value answers
+/// instead, as for a body that failed.
+pub(crate) async fn run(
+    cache: &Cache,
+    site: &'static Site,
+    key: &str,
+    call: &mut Erased<'_>,
+    catch: bool,
+) -> Ran {
     let started = Instant::now();
-    if let Err(panic) = AssertUnwindSafe(call.run_body()).catch_unwind().await {
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        crate::limited!(
-            cache,
-            error!(key, panic = %message, "cached function panicked: answering with the value fail_safe kept")
-        );
+    let done = async {
+        match site.soft_timeout_of() {
+            Some(limit) => call.run_body_for(limit).await,
+            None => {
+                call.run_body().await;
+                true
+            }
+        }
+    };
+    let done = if catch {
+        match AssertUnwindSafe(done).catch_unwind().await {
+            Ok(done) => done,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                crate::limited!(
+                    cache,
+                    error!(key, panic = %message, "cached function panicked: answering with the value fail_safe kept")
+                );
+                true
+            }
+        }
+    } else {
+        done.await
+    };
+    if done {
+        Ran::Done(Run {
+            started,
+            took: started.elapsed(),
+        })
+    } else {
+        Ran::Slow { started }
     }
-    Run {
-        started,
-        took: started.elapsed(),
+}
+
+/// A body still running at its soft timeout, whose caller answers with
+/// the old value: left to finish in the background under `lock`, storing
+/// its value over the entry read (`header`), if it can outlive the call
+/// (its function's arguments are owned), there is room
+/// ([`crate::read::flight`]'s bound) and it needs nothing of the call
+/// (`tags_from` does); else dropped, the lock held for a moment so that
+/// the next caller tries again then.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn finish_late(
+    cache: &Cache,
+    site: &'static Site,
+    key: &str,
+    header: &[u8],
+    call: &mut Erased<'_>,
+    lock: Option<HeldLease<'_>>,
+    started: Instant,
+    fail_safe: bool,
+) {
+    let detached = match (&lock, site.derives_tags()) {
+        (Some(_), false) => call.detach(cache.settings().codec),
+        _ => None,
+    };
+    let slot = detached
+        .as_ref()
+        .and_then(|_| cache.flights().background_slot());
+    match (lock, detached, slot) {
+        (Some(lock), Some(body), Some(slot)) => {
+            cache.record(site, Event::BackgroundCompletion);
+            let stamp = call.tagging().map(Tagging::stamp).unwrap_or_default();
+            let task = Late {
+                cache: cache.clone(),
+                site,
+                key: key.to_owned(),
+                header: header.to_vec(),
+                stamp,
+                lock: lock.into_owned(),
+                started,
+                fail_safe,
+                _slot: slot,
+            };
+            tokio::spawn(task.complete(body));
+        }
+        (lock, _, _) => {
+            call.drop_body();
+            if let Some(lock) = lock {
+                lock.hold_for(REFRESH_RETRY_AFTER).await;
+            }
+        }
     }
+}
+
+/// A body finishing in the background, with what it stores under.
+struct Late {
+    cache: Cache,
+    site: &'static Site,
+    key: String,
+    header: Vec<u8>,
+    stamp: Vec<u8>,
+    lock: HeldLease<'static>,
+    started: Instant,
+    fail_safe: bool,
+    _slot: crate::read::flight::BackgroundSlot,
+}
+
+impl Late {
+    /// Runs `body` to its end and stores its value as the call would
+    /// have; a failure holds the lock for a moment (and, for `fail_safe`,
+    /// notes the key as failing). Dropped (its runtime shutting down), the
+    /// lock is given back by its guard.
+    async fn complete(self, body: crate::read::call::Detached) {
+        let answer = AssertUnwindSafe(body)
+            .catch_unwind()
+            .await
+            .unwrap_or(Encoded::Failed);
+        let run = Run {
+            started: self.started,
+            took: self.started.elapsed(),
+        };
+        let cache = &self.cache;
+        if let Encoded::Failed = answer {
+            if self.fail_safe {
+                cache.flights().note_failure(&self.key, REFRESH_RETRY_AFTER);
+            }
+            self.lock.hold_for(REFRESH_RETRY_AFTER).await;
+            return;
+        }
+        let entry = cache.entry_of(self.site, &self.key, answer).1;
+        cache
+            .replace_entry(self.site, &self.key, &self.header, entry, run, &self.stamp)
+            .await;
+        self.lock.give_back().await;
+    }
+}
+
+/// The body was slower than the soft timeout: the kept value answers.
+fn kept_for_slow(cache: &Cache, site: &'static Site) -> Answered {
+    cache.record(site, Event::FailSafe);
+    Answered::Decoded
 }
 
 /// The body failed: the key is noted as failing (for this process's other
@@ -132,7 +283,16 @@ async fn lead(
     let lock = HeldLease::refresh_lock(cache, site, key).await;
     cache.record(site, Event::Miss);
     let clocks = cache.clocks_for(site, false).await;
-    let run = run(cache, key, call).await;
+    let run = match run(cache, site, key, call, true).await {
+        Ran::Done(run) => run,
+        Ran::Slow { started } => {
+            // The kept value answers this process's callers meanwhile.
+            cache.flights().note_failure(key, REFRESH_RETRY_AFTER);
+            leader.land(Landing::Failed);
+            finish_late(cache, site, key, header, call, lock, started, true).await;
+            return kept_for_slow(cache, site);
+        }
+    };
     cache.derive_tags(site, call, clocks).await;
     let answer = call.encode_output(cache.settings().codec);
     if let Encoded::Failed = answer {
@@ -193,7 +353,10 @@ async fn lead(
 /// if the body fails.
 async fn alone(cache: &Cache, site: &'static Site, key: &str, call: &mut Erased<'_>) -> Answered {
     cache.record(site, Event::Miss);
-    run(cache, key, call).await;
+    if let Ran::Slow { .. } = run(cache, site, key, call, true).await {
+        call.drop_body();
+        return kept_for_slow(cache, site);
+    }
     match call.encode_output(cache.settings().codec) {
         Encoded::Failed => failed(cache, site, key),
         _ => Answered::Body,

@@ -51,7 +51,7 @@
 //! every waiter at once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -126,9 +126,12 @@ struct Flight {
 pub(crate) struct Flights {
     in_flight: DashMap<String, Flight>,
     failing: DashMap<String, Arc<Semaphore>>,
-    /// Keys of `fail_safe` functions whose body failed a moment ago, until
-    /// when their kept value answers without running the body again.
+    /// Keys of `fail_safe` functions whose body failed (or was slow) a
+    /// moment ago, until when their kept value answers without running the
+    /// body again.
     failed: DashMap<String, Instant>,
+    /// Bodies finishing in the background (`soft_timeout`).
+    background: Arc<AtomicUsize>,
     /// How long a landed answer lingers.
     linger: Duration,
     lingering: Mutex<Lingering>,
@@ -182,6 +185,7 @@ impl Flights {
             in_flight: DashMap::new(),
             failing: DashMap::new(),
             failed: DashMap::new(),
+            background: Arc::new(AtomicUsize::new(0)),
             linger,
             lingering: Mutex::new(Lingering::default()),
         }
@@ -304,7 +308,38 @@ impl Flights {
             .iter()
             .filter(|flight| matches!(*flight.landing.borrow(), Landing::Pending))
             .count();
-        pending + self.failing.len()
+        pending + self.failing.len() + self.in_background()
+    }
+}
+
+/// Bodies left to finish in the background at once, at most: past it, a
+/// slow body is dropped at its soft timeout instead.
+const BACKGROUND: usize = 1024;
+
+/// A place among the bodies finishing in the background, given back when
+/// the task holding it ends (or is dropped).
+pub(crate) struct BackgroundSlot(Arc<AtomicUsize>);
+
+impl Drop for BackgroundSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Flights {
+    /// A place for one more body in the background, if there is room.
+    pub(crate) fn background_slot(&self) -> Option<BackgroundSlot> {
+        self.background
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < BACKGROUND).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BackgroundSlot(self.background.clone()))
+    }
+
+    /// Bodies finishing in the background now.
+    pub(crate) fn in_background(&self) -> usize {
+        self.background.load(Ordering::SeqCst)
     }
 }
 

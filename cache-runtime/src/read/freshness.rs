@@ -185,10 +185,20 @@ mod tests {
         assert_eq!(h.verdict(Some(31_000), 30_000, 0, None), Verdict::Fresh);
         assert_eq!(h.verdict(Some(29_000), 30_000, 0, None), Verdict::Stale);
         assert_eq!(h.verdict(Some(30_000), 30_000, 0, None), Verdict::Stale);
-        assert_eq!(h.verdict(None, 30_000, 0, None), Verdict::Stale, "no expiry");
+        assert_eq!(
+            h.verdict(None, 30_000, 0, None),
+            Verdict::Stale,
+            "no expiry"
+        );
         // 30 s kept: 10 s stale window, then 20 s of fail-safe.
-        assert_eq!(h.verdict(Some(25_000), 30_000, 20_000, None), Verdict::Stale);
-        assert_eq!(h.verdict(Some(20_000), 30_000, 20_000, None), Verdict::Expired);
+        assert_eq!(
+            h.verdict(Some(25_000), 30_000, 20_000, None),
+            Verdict::Stale
+        );
+        assert_eq!(
+            h.verdict(Some(20_000), 30_000, 20_000, None),
+            Verdict::Expired
+        );
         assert_eq!(h.verdict(Some(1), 30_000, 20_000, None), Verdict::Expired);
         assert_eq!(h.verdict(Some(0), 30_000, 0, None), Verdict::Stale);
     }
@@ -198,7 +208,8 @@ mod tests {
         let share = |remaining_ms: u64| {
             let early = (0..2_000)
                 .filter(|_| {
-                    header(100).verdict(Some(remaining_ms), 0, 0, Some(1.0)) == Verdict::RefreshEarly
+                    header(100).verdict(Some(remaining_ms), 0, 0, Some(1.0))
+                        == Verdict::RefreshEarly
                 })
                 .count();
             early as f64 / 2_000.0

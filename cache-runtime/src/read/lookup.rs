@@ -30,6 +30,7 @@ use crate::local::tracking::Via;
 use crate::local::{LocalHit, LocalTier, TagTicket, Ticket};
 use crate::outcome::{Encoded, Life, NOTHING, Outcome};
 use crate::read::call::{Answered, Erased};
+use crate::read::fail_safe::Ran;
 use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::read::freshness::{self, Freshness, Verdict};
@@ -410,7 +411,12 @@ impl Cache {
             Done::Refresh(refresh) => self.refresh(site, key, refresh, call).await,
             Done::Expired(expired) => {
                 Box::pin(crate::read::fail_safe::expired(
-                    self, site, key, expired.header, call, began,
+                    self,
+                    site,
+                    key,
+                    expired.header,
+                    call,
+                    began,
                 ))
                 .await
             }
@@ -1085,7 +1091,11 @@ impl Cache {
     /// For a function with `tags_from`, before its body runs: the tag
     /// clocks (see `crate::tag`); `None` otherwise, or when nothing will
     /// be stored.
-    pub(crate) async fn clocks_for(&self, site: &'static Site, uncached: bool) -> Option<Vec<Vec<u8>>> {
+    pub(crate) async fn clocks_for(
+        &self,
+        site: &'static Site,
+        uncached: bool,
+    ) -> Option<Vec<Vec<u8>>> {
         if !site.derives_tags() || uncached {
             return None;
         }
@@ -1205,7 +1215,25 @@ impl Cache {
         };
         self.record(site, Event::Refresh);
         let clocks = self.clocks_for(site, false).await;
-        let ((), run) = Run::time(call.run_body()).await;
+        let run = match crate::read::fail_safe::run(self, site, key, call, false).await {
+            Ran::Done(run) => run,
+            // Slower than `soft_timeout`: the old value answers.
+            Ran::Slow { started } => {
+                crate::read::fail_safe::finish_late(
+                    self,
+                    site,
+                    key,
+                    &refresh.header,
+                    call,
+                    Some(lock),
+                    started,
+                    false,
+                )
+                .await;
+                self.record(site, Event::FailSafe);
+                return Answered::Decoded;
+            }
+        };
         self.derive_tags(site, call, clocks).await;
         if call.tagging().is_some_and(|t| !t.is_read()) {
             // Its tags could not be told: the old value stays, checked

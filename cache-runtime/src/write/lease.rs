@@ -112,7 +112,9 @@ pub(crate) enum Taken<'c> {
 /// A lease (or refresh lock) this call may hold. Dropped while armed, it is
 /// given back in the background; see the module docs.
 pub(crate) struct HeldLease<'c> {
-    cache: &'c Cache,
+    /// Borrowed from the call; owned by a body left to finish in the
+    /// background (see [`HeldLease::into_owned`]).
+    cache: Cow<'c, Cache>,
     key: Cow<'c, str>,
     placeholder: Vec<u8>,
     /// When the lease expires by itself: giving it back later is moot.
@@ -123,7 +125,7 @@ pub(crate) struct HeldLease<'c> {
 impl<'c> HeldLease<'c> {
     fn arm(cache: &'c Cache, key: Cow<'c, str>, length: Duration) -> Self {
         HeldLease {
-            cache,
+            cache: Cow::Borrowed(cache),
             key,
             placeholder: placeholder(cache),
             expires: Instant::now() + length,
@@ -226,7 +228,8 @@ impl<'c> HeldLease<'c> {
     /// Whether it was stored; a write in the meantime wins (counted as a
     /// dropped set).
     pub(crate) async fn fulfil(mut self, site: &'static Site, stored: &[u8], ttl: u64) -> bool {
-        let cache = self.cache;
+        let cache = self.cache.clone();
+        let cache = &*cache;
         let set = cache
             .backend()
             .compare_and_set(&self.key, &self.placeholder, stored, ttl);
@@ -241,7 +244,8 @@ impl<'c> HeldLease<'c> {
     /// store). Whether the placeholder was still there: if so, no write
     /// touched the key since the lease was taken.
     pub(crate) async fn give_back(mut self) -> bool {
-        let cache = self.cache;
+        let cache = self.cache.clone();
+        let cache = &*cache;
         let delete = cache
             .backend()
             .compare_and_delete(&self.key, &self.placeholder);
@@ -259,7 +263,8 @@ impl<'c> HeldLease<'c> {
     /// giving it back, so that the failure is not retried by every caller
     /// at once (stale-if-error without a refresh storm).
     pub(crate) async fn hold_for(mut self, pause: Duration) {
-        let cache = self.cache;
+        let cache = self.cache.clone();
+        let cache = &*cache;
         let pause = pause.min(self.expires.saturating_duration_since(Instant::now()));
         let expire = cache
             .backend()
@@ -267,6 +272,21 @@ impl<'c> HeldLease<'c> {
         if cache.guarded(&self.key, expire).await.is_ok() {
             self.armed = false;
         }
+    }
+}
+
+impl HeldLease<'_> {
+    /// The same lease, owned by a task that outlives the call (`soft_timeout`).
+    pub(crate) fn into_owned(mut self) -> HeldLease<'static> {
+        let owned = HeldLease {
+            cache: Cow::Owned(self.cache.clone().into_owned()),
+            key: Cow::Owned(std::mem::take(&mut self.key).into_owned()),
+            placeholder: std::mem::take(&mut self.placeholder),
+            expires: self.expires,
+            armed: self.armed,
+        };
+        self.armed = false;
+        owned
     }
 }
 
