@@ -328,3 +328,189 @@ on_every_backend!(
     a_slow_borrowing_body_is_dropped_at_the_soft_timeout,
     a_slow_stale_refresh_answers_with_the_old_value,
 );
+
+/// A price with when its row was read, in ms since the epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Timed {
+    sku: u64,
+    read_at_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    u64::try_from(since.unwrap().as_millis()).unwrap()
+}
+
+/// The database of the load test: healthy, failing, or stalled (a query
+/// takes `stall_ms`).
+#[derive(Default)]
+struct Weather {
+    queries: AtomicU64,
+    failing: AtomicBool,
+    stall_ms: AtomicU64,
+}
+
+impl Weather {
+    async fn select(&self, sku: u64) -> Result<Timed, DbError> {
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        let ms = self.stall_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(DbError);
+        }
+        Ok(Timed {
+            sku,
+            read_at_ms: now_ms(),
+        })
+    }
+}
+
+const LOAD_TTL_MS: u64 = 200;
+const LOAD_FAIL_SAFE_MS: u64 = 10_000;
+
+#[redis_cached(
+    key = "load:<sku>",
+    ttl = "200ms",
+    fail_safe = "10s",
+    soft_timeout = "50ms",
+    skip(cache, db),
+    cache = cache
+)]
+async fn load_price(cache: Cache, db: std::sync::Arc<Weather>, sku: u64) -> Result<Timed, DbError> {
+    db.select(sku).await
+}
+
+/// The naive arm: the same function without `fail_safe` and `soft_timeout`.
+#[redis_cached(key = "load_naive:<sku>", ttl = "200ms", skip(cache, db), cache = cache)]
+async fn load_price_naive(
+    cache: Cache,
+    db: std::sync::Arc<Weather>,
+    sku: u64,
+) -> Result<Timed, DbError> {
+    db.select(sku).await
+}
+
+/// What one arm of the load test saw.
+#[derive(Default)]
+struct Seen {
+    latencies: Vec<Duration>,
+    errors: u64,
+    /// Values older than TTL + fail_safe when answered.
+    too_old: u64,
+}
+
+impl Seen {
+    /// p99 and the longest.
+    fn p99(&mut self) -> (Duration, Duration) {
+        self.latencies.sort();
+        let p99 = self.latencies[self.latencies.len() * 99 / 100];
+        (p99, *self.latencies.last().unwrap())
+    }
+}
+
+/// Under load, a database that errors for 1.5 s and then stalls (3 s a
+/// query) for 1.5 s: with `fail_safe` and `soft_timeout`, every call is
+/// answered (p99 printed), by a bounded number of body runs, and no value
+/// is older than TTL + fail_safe (every answer checked); the naive arm in
+/// the same run fails every call of the outage and waits for the stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_failing_then_stalled_database() {
+    let server = cache_harness::RedisServer::start();
+    let cache = Cache::connect(&server.url()).await.unwrap();
+    let (db, naive_db) = (
+        std::sync::Arc::new(Weather::default()),
+        std::sync::Arc::new(Weather::default()),
+    );
+    const SKUS: u64 = 20;
+    for sku in 0..SKUS {
+        load_price(cache.clone(), db.clone(), sku).await.unwrap();
+        load_price_naive(cache.clone(), naive_db.clone(), sku)
+            .await
+            .unwrap();
+    }
+    let (queries, naive_queries) = (
+        db.queries.load(Ordering::SeqCst),
+        naive_db.queries.load(Ordering::SeqCst),
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new((Seen::default(), Seen::default())));
+    let end = std::time::Instant::now() + Duration::from_millis(4_000);
+    // Each arm has tasks of its own: a naive call stalled for 3 s must not
+    // hold up the other arm's calls.
+    let tasks: Vec<_> = (0..32)
+        .map(|task| {
+            let (cache, db, naive_db, seen) =
+                (cache.clone(), db.clone(), naive_db.clone(), seen.clone());
+            tokio::spawn(async move {
+                let naive = task % 2 == 1;
+                let mut i = task;
+                while std::time::Instant::now() < end {
+                    let sku = i % SKUS;
+                    i += 1;
+                    let started = std::time::Instant::now();
+                    let answer = match naive {
+                        false => load_price(cache.clone(), db.clone(), sku).await,
+                        true => load_price_naive(cache.clone(), naive_db.clone(), sku).await,
+                    };
+                    let took = started.elapsed();
+                    let mut seen = seen.lock().unwrap();
+                    let arm = if naive { &mut seen.1 } else { &mut seen.0 };
+                    arm.latencies.push(took);
+                    match answer {
+                        Ok(price) => {
+                            let age = now_ms().saturating_sub(price.read_at_ms);
+                            if age > LOAD_TTL_MS + LOAD_FAIL_SAFE_MS {
+                                arm.too_old += 1;
+                            }
+                        }
+                        Err(_) => arm.errors += 1,
+                    }
+                }
+            })
+        })
+        .collect();
+    // The weather: fine for 0.3 s (entries expire), failing for 1.5 s,
+    // then stalled for 2.2 s.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for db in [&db, &naive_db] {
+        db.failing.store(true, Ordering::SeqCst);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for db in [&db, &naive_db] {
+        db.failing.store(false, Ordering::SeqCst);
+        db.stall_ms.store(3_000, Ordering::SeqCst);
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut seen = seen.lock().unwrap();
+    let body_runs = db.queries.load(Ordering::SeqCst) - queries;
+    let naive_runs = naive_db.queries.load(Ordering::SeqCst) - naive_queries;
+    let ((p99, longest), (naive_p99, naive_longest)) = (seen.0.p99(), seen.1.p99());
+    let stats = cache.stats();
+    let function = stats.function("load_price").unwrap();
+    println!(
+        "fail_safe + soft_timeout (50 ms): {} calls, {} errors, p99 {p99:?}, longest {longest:?}, {body_runs} body runs \
+         ({} answered by the kept value, {} finished in the background), {} values older than TTL + fail_safe",
+        seen.0.latencies.len(),
+        seen.0.errors,
+        function.fail_safe,
+        function.background_completions,
+        seen.0.too_old,
+    );
+    println!(
+        "naive arm: {} calls, {} errors, p99 {naive_p99:?}, longest {naive_longest:?}, {naive_runs} body runs",
+        seen.1.latencies.len(),
+        seen.1.errors,
+    );
+    assert_eq!(seen.0.errors, 0, "every call answered");
+    assert_eq!(seen.0.too_old, 0);
+    // Not waiting for the stalled database (3 s a query).
+    assert!(p99 < Duration::from_secs(1), "p99 {p99:?}");
+    // No retry storm: per key, one run per failure's pause (1 s) or so,
+    // against one run per call for the naive arm.
+    assert!(body_runs <= SKUS * 8, "{body_runs} body runs");
+    assert!(naive_runs > body_runs * 3, "the naive arm stormed");
+    assert!(seen.1.errors > 0 && naive_longest >= Duration::from_secs(1));
+}

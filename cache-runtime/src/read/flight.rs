@@ -365,7 +365,8 @@ impl Flights {
             return false;
         }
         let now = Instant::now();
-        match self.failed.get(key).map(|until| *until) {
+        let until = self.failed.get(key).map(|until| *until);
+        match until {
             Some(until) if until > now => true,
             Some(_) => {
                 self.failed.remove_if(key, |_, until| *until <= now);
