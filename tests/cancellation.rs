@@ -1,5 +1,6 @@
 //! Cancellation and partial failure, swept: thousands of cached calls of
-//! every option (negative caching, batch lookups and forced refreshes
+//! every option (negative caching, batch lookups, forced refreshes,
+//! `fail_safe` and `soft_timeout` with bodies finishing in the background
 //! included), with writes
 //! mixed in, each dropped at a random point (a
 //! request timeout), on `Cache::memory()` and on a real `redis-server`
@@ -144,6 +145,13 @@ impl Db {
         self.row(id).await
     }
 
+    /// Kept past its freshness to answer failures, and slow bodies after
+    /// 1 ms (a borrowing body: dropped at the soft timeout).
+    #[redis_cached(key = "failsafe:<id>", ttl = "150ms", fail_safe = "10s", soft_timeout = "1ms", cache = self.cache)]
+    async fn fail_safe(&self, id: u64) -> Result<Row, DbError> {
+        self.row(id).await
+    }
+
     #[redis_cached(key = "batch:<ids>", ttl = 60, none_ttl = "30s", single_flight, batch, cache = self.cache)]
     async fn batch(&self, ids: &[u64]) -> Result<HashMap<u64, Row>, DbError> {
         self.rows(ids).await
@@ -178,6 +186,8 @@ impl Db {
         Self::none(id),
         Self::batch(id),
         Self::local(id),
+        Self::fail_safe(id),
+        late(id),
         tag = "row:<id>",
         cache = self.cache
     )]
@@ -188,7 +198,7 @@ impl Db {
     }
 
     /// Each function's answer for `id`, as versions (`None`: absent).
-    async fn answers(&self, id: u64) -> [Option<u64>; 10] {
+    async fn answers(self: &Arc<Self>, id: u64) -> [Option<u64>; 12] {
         let version = |row: Result<Row, DbError>| row.ok().map(|r| r.version);
         [
             version(self.plain(id).await),
@@ -205,8 +215,24 @@ impl Db {
             version(self.local(id).await),
             version(self.tagged(id).await),
             version(self.tagged_local(id).await),
+            version(self.fail_safe(id).await),
+            version(late(self.clone(), id).await),
         ]
     }
+}
+
+/// Kept past its freshness to answer failures; owned arguments, so a body
+/// slower than 1 ms finishes in the background.
+#[redis_cached(
+    key = "late:<id>",
+    ttl = "150ms",
+    fail_safe = "10s",
+    soft_timeout = "1ms",
+    skip(db),
+    cache = db.cache.clone()
+)]
+async fn late(db: Arc<Db>, id: u64) -> Result<Row, DbError> {
+    db.row(id).await
 }
 
 /// What the callers did.
@@ -221,10 +247,10 @@ struct Calls {
     extra_outcomes: AtomicU64,
 }
 
-async fn one_call(db: &Db, calls: &Calls) {
+async fn one_call(db: &Arc<Db>, calls: &Calls) {
     let id = fastrand::u64(..IDS);
     let call = async {
-        match fastrand::u8(..16) {
+        match fastrand::u8(..18) {
             // Writes touch half the rows, so values of the others age and
             // are refreshed.
             0 if id < IDS / 2 => {
@@ -246,6 +272,8 @@ async fn one_call(db: &Db, calls: &Calls) {
             // Forced refreshes: under the lease, and past the local copy.
             13 => drop(cache_runtime::refresh(db.flight(id)).await),
             14 => drop(cache_runtime::refresh(db.local(id)).await),
+            15 => drop(db.fail_safe(id).await),
+            16 => drop(late(db.clone(), id).await),
             _ => {
                 let ids: Vec<u64> = (0..fastrand::usize(1..=4))
                     .map(|_| fastrand::u64(..IDS))
@@ -350,8 +378,17 @@ async fn sweep(
     let stats = db.cache.stats().total;
     let body_runs = db.body_runs.load(Ordering::SeqCst);
     let calls = Arc::try_unwrap(calls).unwrap();
-    let flights = flights_in_use(&db.cache);
-    assert_eq!(flights, 0, "a single flight or gate outlived its callers");
+    // Bodies finishing in the background (`soft_timeout`) end by
+    // themselves, within a body's time and a store's.
+    let ended = wait_for(Duration::from_secs(5), POLL, async || {
+        flights_in_use(&db.cache) == 0
+    })
+    .await;
+    assert!(
+        ended.is_some(),
+        "a single flight, gate or background body outlived its callers: {}",
+        flights_in_use(&db.cache)
+    );
     (calls, stats, body_runs)
 }
 
@@ -368,6 +405,8 @@ fn keys(cache: &Cache, id: u64) -> Vec<String> {
         Db::batch_cache_key(&id).into_string(),
         Db::tagged_cache_key(&id).into_string(),
         Db::tagged_local_cache_key(&id).into_string(),
+        Db::fail_safe_cache_key(&id).into_string(),
+        late_cache_key(&id).into_string(),
     ];
     // `prefix:`, or nothing.
     let plain = Db::plain_cache_key(&id);
@@ -394,9 +433,16 @@ async fn leases_left(cache: &Cache, lost_before: u64) -> Vec<String> {
     let mut left = Vec::new();
     for id in 0..IDS {
         for key in keys(cache, id) {
-            if let Ok(Some(bytes)) = backend_ops(cache).get(&key).await
+            if let Ok(Some((bytes, ttl))) = backend_ops(cache).get_with_ttl(&key).await
                 && let Some(placeholder) = bytes.strip_prefix(b"\0lease:")
             {
+                // A refresh lock held on purpose for the second after a
+                // failed or slow body (`fail_safe`, `soft_timeout`): it
+                // expires by itself, where a leaked one would live for its
+                // whole lease (30 s).
+                if ttl.is_some_and(|ttl| ttl <= 1_000) {
+                    continue;
+                }
                 let taken_at = String::from_utf8_lossy(placeholder)
                     .rsplit(':')
                     .next()
@@ -428,7 +474,8 @@ fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
     println!(
         "{name}: {started} calls ({} writes), {completed} completed, {dropped} dropped at a random point; \
          {body_runs} body runs; hits {}, local hits {}, stale hits {}, coalesced {}, misses {}, refreshes {}, bypasses {}; \
-         errors {}, compensations {}, dropped sets {}, invalidations {}, tag invalidations {}, lost invalidations {}",
+         errors {}, compensations {}, dropped sets {}, invalidations {}, tag invalidations {}, lost invalidations {}; \
+         fail-safe answers {}, background completions {}",
         calls.writes.load(Ordering::SeqCst),
         stats.hits,
         stats.local_hits,
@@ -443,6 +490,8 @@ fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
         stats.invalidations,
         stats.tag_invalidations,
         stats.lost_invalidations,
+        stats.fail_safe,
+        stats.background_completions,
     );
     assert_eq!(
         body_runs,
@@ -465,7 +514,7 @@ fn check_counters(name: &str, calls: &Calls, stats: &Counts, body_runs: u64) {
 }
 
 /// After the sweep: every function answers the latest version.
-async fn check_no_stale_value(name: &str, db: &Db) {
+async fn check_no_stale_value(name: &str, db: &Arc<Db>) {
     for id in 0..IDS {
         let version = db.version(id);
         let expected = present(version).then_some(version);
@@ -474,7 +523,8 @@ async fn check_no_stale_value(name: &str, db: &Db) {
         assert_eq!(
             answers,
             [
-                plain, plain, plain, expected, plain, expected, expected, plain, plain, plain
+                plain, plain, plain, expected, plain, expected, expected, plain, plain, plain,
+                plain, plain
             ],
             "{name}: id {id} at version {version}"
         );

@@ -56,6 +56,11 @@ impl Repo {
     }
 }
 
+#[redis_cached(key = "fs:<id>", ttl = 60, fail_safe = "1h", soft_timeout = "150ms", skip(cache), cache = cache)]
+async fn fail_safe_user(cache: Cache, id: u64) -> Result<User, DbError> {
+    Ok(User { id })
+}
+
 fn user_ttl(user: &User) -> Option<std::time::Duration> {
     (user.id > 1).then_some(std::time::Duration::from_secs(5))
 }

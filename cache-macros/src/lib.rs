@@ -311,6 +311,24 @@ mod expansion_snapshots {
     }
 
     #[test]
+    fn fail_safe_with_a_soft_timeout_finishes_owned_bodies_in_the_background() {
+        insta::assert_snapshot!(expand(
+            quote!(
+                key = "price:<sku>",
+                ttl = 30,
+                fail_safe = "1h",
+                soft_timeout = "150ms",
+                skip(db)
+            ),
+            quote! {
+                pub async fn price(db: Arc<Db>, sku: String) -> Result<Price, DbError> {
+                    db.price(&sku).await
+                }
+            },
+        ));
+    }
+
+    #[test]
     fn invalidates_a_tag() {
         insta::assert_snapshot!(expand_write(
             crate::args::WriteKind::Invalidates,

@@ -1270,7 +1270,7 @@ impl Cache {
         site: &'static Site,
         key: &str,
         answer: Encoded,
-    ) -> (Option<Vec<u8>>, Option<(Cow<'static, [u8]>, u64)>) {
+    ) -> (Option<Vec<u8>>, Option<Entry>) {
         match answer {
             Encoded::Value(Ok(bytes), life) => {
                 let stored = site.ttl_of(life).and_then(|ttl| {
@@ -1301,7 +1301,7 @@ impl Cache {
         site: &'static Site,
         key: &str,
         header: &[u8],
-        entry: Option<(Cow<'_, [u8]>, u64)>,
+        entry: Option<Entry>,
         run: Run,
         stamp: &[u8],
     ) -> bool {
@@ -1327,6 +1327,10 @@ impl Cache {
         }
     }
 }
+
+/// What is stored over an entry (see [`Cache::entry_of`]): the bytes and
+/// their TTL in milliseconds.
+pub(crate) type Entry = (Cow<'static, [u8]>, u64);
 
 /// Where a read of a function with a local tier keeps a fresh value: see
 /// [`Cache::classify`].
