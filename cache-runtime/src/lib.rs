@@ -109,6 +109,8 @@ pub mod guide {
     pub mod batches {}
     #[doc = include_str!("guide/tags.md")]
     pub mod tags {}
+    #[doc = include_str!("guide/fail_safe.md")]
+    pub mod fail_safe {}
     #[doc = include_str!("guide/per_call.md")]
     pub mod per_call {}
     #[doc = include_str!("guide/keys.md")]
@@ -164,6 +166,8 @@ pub mod redis {
 /// | `tags_from = path` | groups only the value knows: `fn(&V) -> impl IntoIterator<Item = String>`, e.g. a listing tagged with each product it holds, reached by the product's tag ([tags from the value](crate::guide::tags#tags-the-value-knows-tags_from)). |
 /// | `ttl_from = path` | the value's TTL: `fn(&V) -> Option<Duration>`, `None` for the attribute's ([per value](crate::guide::per_call)). |
 /// | `unless = path` | `fn(&V) -> bool`: `true` returns the value without storing it ([per value](crate::guide::per_call)). |
+/// | `fail_safe = "1h"` | keep entries that long past freshness (and `stale`) to answer when the body fails or panics ([fail-safe](crate::guide::fail_safe)). |
+/// | `soft_timeout = "150ms"` | with an old value (stale or kept), wait at most that long for the body, then answer with the old value; a body of owned arguments finishes in the background ([fail-safe](crate::guide::fail_safe)). |
 /// | `version = 2` | appended to the key (`:v2`), so a changed value type never decodes old entries. |
 /// | `cache = expr` | a `Cache` (or `&Cache`) other than the installed one, e.g. `self.cache`. |
 /// | `crate = "path"` | where `cache_runtime` is, for crates that re-export it. |

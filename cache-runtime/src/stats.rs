@@ -390,6 +390,10 @@ impl Event {
     /// the calls' outcomes. Documented in the guide's operations page.
     #[cfg(feature = "metrics")]
     fn metric(self) -> (&'static str, Option<&'static str>) {
+        // An answer on top of the call's outcome, not one of its own.
+        if self == Event::FailSafe {
+            return ("cache_fail_safe_total", None);
+        }
         if let Some(outcome) = self.outcome() {
             return ("cache_calls_total", Some(outcome));
         }
@@ -403,6 +407,7 @@ impl Event {
             Event::LeasePoll => "cache_lease_polls_total",
             Event::Oversized => "cache_oversized_total",
             Event::Compensation => "cache_compensations_total",
+            Event::BackgroundCompletion => "cache_background_completions_total",
             _ => "cache_other_events_total",
         };
         (name, None)
