@@ -229,8 +229,22 @@ async fn soft_price(cache: Cache, db: std::sync::Arc<Db>, sku: u64) -> Result<Pr
     db.select(sku).await
 }
 
+/// `stale` with a soft timeout, owned arguments: a slow refresh answers
+/// with the old value too, and finishes in the background.
+#[redis_cached(
+    key = "soft_stale:<sku>",
+    ttl = "300ms",
+    stale = "1h",
+    soft_timeout = "100ms",
+    skip(cache, db),
+    cache = cache
+)]
+async fn soft_stale(cache: Cache, db: std::sync::Arc<Db>, sku: u64) -> Result<Price, DbError> {
+    db.select(sku).await
+}
+
 impl Repo {
-    /// A borrowing body (`&self`): dropped at the soft timeout.
+    /// A borrowing body (`&self`): its caller waits for it.
     #[redis_cached(
         key = "soft_borrowed:<sku>",
         ttl = "300ms",
@@ -239,13 +253,6 @@ impl Repo {
         cache = self.cache
     )]
     async fn soft_borrowed(&self, sku: u64) -> Result<Price, DbError> {
-        self.select(sku).await
-    }
-
-    /// `stale` with a soft timeout: a slow refresh answers with the old
-    /// value too.
-    #[redis_cached(key = "soft_stale:<sku>", ttl = "300ms", stale = "1h", soft_timeout = "100ms", cache = self.cache)]
-    async fn soft_stale(&self, sku: u64) -> Result<Price, DbError> {
         self.select(sku).await
     }
 }
@@ -292,30 +299,49 @@ async fn a_slow_body_finishes_in_the_background(cache: Cache) {
     assert_eq!((fresh.unwrap().version, how), (1, Origin::Hit));
 }
 
-/// A body that borrows cannot outlive its call: dropped at the soft
-/// timeout; the next caller after the pause tries again.
-async fn a_slow_borrowing_body_is_dropped_at_the_soft_timeout(cache: Cache) {
+/// A body that borrows cannot outlive its call: the caller that runs it
+/// waits for it (it is the one that refreshes the entry), the others are
+/// answered at their soft timeout with the kept value.
+async fn a_slow_borrowing_body_is_waited_for_by_its_caller_only(cache: Cache) {
     let repo = Repo::new(cache.clone());
     repo.soft_borrowed(1).await.unwrap();
     expire().await;
-    repo.query_ms.store(700, Ordering::SeqCst);
-    let (kept, how) = origin(repo.soft_borrowed(1)).await;
-    assert_eq!((kept.unwrap().version, how), (0, Origin::FailSafe));
-    assert_eq!(cache.stats().total.background_completions, 0);
-    repo.query_ms.store(0, Ordering::SeqCst);
     repo.version.fetch_add(1, Ordering::SeqCst);
-    past_the_pause().await;
-    let (fresh, how) = origin(repo.soft_borrowed(1)).await;
-    assert_eq!((fresh.unwrap().version, how), (1, Origin::Miss));
+    repo.query_ms.store(700, Ordering::SeqCst);
+    let runner = origin(repo.soft_borrowed(1));
+    let other = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        origin(repo.soft_borrowed(1)).await
+    };
+    let ((fresh, fresh_how), (kept, kept_how)) = futures_util::future::join(runner, other).await;
+    assert_eq!((fresh.unwrap().version, fresh_how), (1, Origin::Miss));
+    assert_eq!((kept.unwrap().version, kept_how), (0, Origin::FailSafe));
+    assert_eq!(cache.stats().total.background_completions, 0);
+    // Stored by its caller.
+    assert_eq!(origin(repo.soft_borrowed(1)).await.1, Origin::Hit);
+}
+
+/// `refresh(...)` of a key whose body fails answers with the error, and
+/// leaves the kept value for the others.
+async fn a_failed_refresh_leaves_the_kept_value(cache: Cache) {
+    let repo = Repo::new(cache);
+    repo.price(1).await.unwrap();
+    expire().await;
+    repo.failing.store(true, Ordering::SeqCst);
+    let (refreshed, how) = origin(cache_runtime::refresh(repo.price(1))).await;
+    assert_eq!((refreshed, how), (Err(DbError), Origin::Refresh));
+    let (kept, how) = origin(repo.price(1)).await;
+    assert_eq!((kept.unwrap().version, how), (0, Origin::FailSafe));
 }
 
 async fn a_slow_stale_refresh_answers_with_the_old_value(cache: Cache) {
-    let repo = Repo::new(cache);
-    repo.soft_stale(1).await.unwrap();
+    let db = std::sync::Arc::new(Db::default());
+    soft_stale(cache.clone(), db.clone(), 1).await.unwrap();
     expire().await;
-    repo.query_ms.store(700, Ordering::SeqCst);
-    let (old, how) = origin(repo.soft_stale(1)).await;
+    db.query_ms.store(700, Ordering::SeqCst);
+    let (old, how) = origin(soft_stale(cache.clone(), db, 1)).await;
     assert_eq!((old.unwrap().version, how), (0, Origin::FailSafe));
+    assert_eq!(cache.stats().total.background_completions, 1);
 }
 
 on_every_backend!(
@@ -325,7 +351,8 @@ on_every_backend!(
     a_panicking_body_is_answered_with_the_kept_value,
     a_recomputation_overtaken_by_a_write_stores_nothing,
     a_slow_body_finishes_in_the_background,
-    a_slow_borrowing_body_is_dropped_at_the_soft_timeout,
+    a_slow_borrowing_body_is_waited_for_by_its_caller_only,
+    a_failed_refresh_leaves_the_kept_value,
     a_slow_stale_refresh_answers_with_the_old_value,
 );
 

@@ -702,7 +702,7 @@ fn write_wrapper(plan: &WritePlan) -> TokenStream {
                     let call = key_fn_call(expr);
                     Some(quote!(#call.untyped()))
                 }
-                PlannedTarget::AfterCall(_) => None,
+                PlannedTarget::AfterCall(..) => None,
                 PlannedTarget::Template(key) => Some(template_key(key, krate, false)),
                 PlannedTarget::Tag(tag) => Some(template_key(tag, krate, true)),
             });
@@ -713,7 +713,7 @@ fn write_wrapper(plan: &WritePlan) -> TokenStream {
                 .targets
                 .iter()
                 .filter_map(|target| match target {
-                    PlannedTarget::AfterCall(expr) => {
+                    PlannedTarget::AfterCall(expr, _) => {
                         let call = key_fn_call(expr);
                         Some(quote!(#call.untyped()))
                     }
@@ -727,7 +727,16 @@ fn write_wrapper(plan: &WritePlan) -> TokenStream {
                     quote!(#cache, &#site, #keys_ident,),
                 )
             } else {
-                let ret = Ident::new("ret", Span::call_site());
+                // The user's own `ret` (its span, so its hygiene), which
+                // the targets' arguments name.
+                let ret = plan
+                    .targets
+                    .iter()
+                    .find_map(|target| match target {
+                        PlannedTarget::AfterCall(_, ret) => Some((*ret).clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| Ident::new("ret", Span::call_site()));
                 body_call_with(
                     func,
                     quote!(#krate::__private::invalidating_after::<#krate::__private::#shape, _, _, _, _, _>),

@@ -203,8 +203,9 @@ pub fn used_by(generics: &Generics, types: &[&Type]) -> Generics {
 /// Whether values of these types can outlive the call that received them
 /// (`'static`, as far as the tokens tell): no reference or lifetime but
 /// `'static`, no `impl Trait` or trait object, no generic parameter of
-/// `declared`. A type that hides a lifetime (an elided `Cow<str>`) passes,
-/// and is rustc's to reject.
+/// `declared`, no `Self`. A type that hides a lifetime (an elided
+/// `Cow<str>`) or names a parameter of the surrounding impl passes, and is
+/// rustc's to reject.
 pub fn owned(types: &[&Type], declared: &Generics) -> bool {
     struct Finder<'g> {
         borrowed: bool,
@@ -229,7 +230,8 @@ pub fn owned(types: &[&Type], declared: &Generics) -> bool {
             self.borrowed = true;
         }
         fn visit_ident(&mut self, ident: &'ast Ident) {
-            if self.generics.contains(&ident.to_string()) {
+            // `Self` may hold a lifetime, or a parameter of its impl.
+            if ident == "Self" || self.generics.contains(&ident.to_string()) {
                 self.borrowed = true;
             }
         }

@@ -726,8 +726,9 @@ pub enum PlannedTarget<'a> {
     /// A call of the cached function; rustc checks it against `<fn>_cache_key`.
     Call(&'a Expr),
     /// A call whose arguments name `ret`, the written result: its key is
-    /// rendered after the body returned.
-    AfterCall(&'a Expr),
+    /// rendered after the body returned. With the user's `ret`, whose span
+    /// the closure's parameter takes.
+    AfterCall(&'a Expr, &'a Ident),
     /// A template over the writer's parameters.
     Template(Key<'a>),
     /// A tag's template over the writer's parameters.
@@ -743,31 +744,29 @@ const RESULT: &str = "ret";
 /// have been moved into the body by then, so naming one beside `ret` is
 /// an error, as is `ret` in a put's target or beside a parameter of that
 /// name.
-fn names_the_result(
+fn names_the_result<'a>(
     func: &AnnotatedFn,
-    target: &Expr,
+    target: &'a Expr,
     kind: WriteKind,
     errors: &mut Errors,
-) -> bool {
+) -> Option<&'a Ident> {
     let args = match target {
         Expr::Call(call) => &call.args,
         Expr::MethodCall(call) => &call.args,
-        _ => return false,
+        _ => return None,
     };
     let mut names = Names(Vec::new());
     for arg in args {
         syn::visit::Visit::visit_expr(&mut names, arg);
     }
-    let Some(ret) = names.0.iter().find(|name| **name == RESULT) else {
-        return false;
-    };
+    let ret = *names.0.iter().find(|name| **name == RESULT)?;
     if func.params.iter().any(|p| p.ident == RESULT) {
         errors.spanned(
             ret,
             "`ret` in a target names the written result, and this function has a parameter named `ret`\n\
              help: rename the parameter",
         );
-        return false;
+        return None;
     }
     if kind == WriteKind::CachePut {
         errors.spanned(
@@ -775,7 +774,7 @@ fn names_the_result(
             "`#[cache_put]` renders its key before the body runs, so it cannot name the result `ret`\n\
              help: name the parameters the key is made of; to invalidate keys made from the result, use `#[invalidates(...)]`",
         );
-        return false;
+        return None;
     }
     for name in &names.0 {
         if let Some(param) = func.params.iter().find(|p| p.ident == *name) {
@@ -789,7 +788,7 @@ fn names_the_result(
             );
         }
     }
-    true
+    Some(ret)
 }
 
 /// The one-segment paths an expression names (`ret`, `id` in `&ret.sku`,
@@ -857,8 +856,8 @@ pub fn validate_write<'a>(
                  help: e.g. `#[cache_put(get_user(id))]`",
             ),
             (kind, Target::Call(expr)) => match names_the_result(&func, expr, kind, errors) {
-                true => targets.push(PlannedTarget::AfterCall(expr)),
-                false => targets.push(PlannedTarget::Call(expr)),
+                Some(ret) => targets.push(PlannedTarget::AfterCall(expr, ret)),
+                None => targets.push(PlannedTarget::Call(expr)),
             },
             (WriteKind::Invalidates, Target::Tag(tag)) => {
                 if let Some(template) = parse_template(tag, errors) {

@@ -51,7 +51,8 @@ use crate::outcome::{ByValue, Encoded};
 use crate::read::call::Erased;
 use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
 use crate::read::found::{Read, Ttl};
-use crate::read::lookup::{Leased, Run};
+use crate::read::lookup::Leased;
+use crate::read::run::Run;
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::tag::Tagging;
@@ -380,9 +381,11 @@ impl Cache {
             }
         };
         let (missing, leaders) = if coalescing {
+            // Inside `refresh`, only a computation that began after the
+            // call answers it (see `Cache::after_read`).
             let joiner = Joiner {
                 began,
-                takes_proof: !pending_write,
+                takes_proof: !pending_write && !call.refreshing(),
             };
             self.coalesce_batch(site, &keys, missing, joiner, call)
                 .await

@@ -61,6 +61,9 @@ pub(crate) trait Call {
     /// ends with its output encoded (`soft_timeout`); `None` if the body
     /// cannot outlive the call (it borrows), or is done.
     fn detach(self: Pin<&mut Self>, codec: Codec) -> Option<Detached>;
+    /// Whether [`Call::detach`] will hand the body over (it is still to
+    /// run, or running, and can outlive the call).
+    fn can_detach(&self) -> bool;
     /// With a local tier, keeps a copy of the decoded answer for
     /// `keep_for` (see [`crate::local`]).
     fn keep_local(
@@ -166,6 +169,11 @@ impl<'a> Erased<'a> {
     /// The body, to finish without this call (see [`Call::detach`]).
     pub(crate) fn detach(&mut self, codec: Codec) -> Option<Detached> {
         self.call.as_mut().detach(codec)
+    }
+
+    /// See [`Call::can_detach`].
+    pub(crate) fn can_detach(&self) -> bool {
+        self.call.can_detach()
     }
 
     /// Drops the body where it stands.
@@ -540,6 +548,10 @@ where
     fn detach(self: Pin<&mut Self>, codec: Codec) -> Option<Detached> {
         let this = self.project();
         (*this.detach)?(this.body, codec, *this.rules)
+    }
+
+    fn can_detach(&self) -> bool {
+        self.detach.is_some() && self.body.is_some()
     }
 
     fn keep_local(

@@ -20,15 +20,15 @@
 //!   once per key per moment, not by every caller.
 
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 
 use crate::cache::Cache;
 use crate::outcome::Encoded;
 use crate::read::call::{Answered, Erased};
-use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, Waiter};
-use crate::read::lookup::{REFRESH_RETRY_AFTER, Run};
+use crate::read::flight::{BackgroundSlot, Cover, Handed, Joiner, Landing, Leader, Role, Waiter};
+use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run, run};
 use crate::site::Site;
 use crate::stats::Event;
 use crate::tag::Tagging;
@@ -53,7 +53,7 @@ pub(crate) async fn expired(
         takes_proof: true,
     };
     match cache.flights().join(key, joiner) {
-        Role::Leader(leader) => lead(cache, site, key, &header, call, leader).await,
+        Role::Leader(leader) => lead(cache, site, key, &header, call, leader, began).await,
         Role::Waiter(waiter) => match wait(site, waiter, began).await {
             // Slower than the soft timeout.
             None => kept(cache, site, Event::StaleHit),
@@ -71,7 +71,7 @@ pub(crate) async fn expired(
             }
             // Cancelled, or its answer is not for this caller: computed
             // here, without storing.
-            _ => alone(cache, site, key, call).await,
+            _ => alone(cache, site, key, call, began).await,
         },
     }
 }
@@ -96,113 +96,67 @@ fn kept(cache: &Cache, site: &'static Site, event: Event) -> Answered {
     Answered::Decoded
 }
 
-/// How a body ran while an old value could answer.
-pub(crate) enum Ran {
-    Done(Run),
-    /// Still running at the soft timeout (see [`finish_late`]).
-    Slow {
-        started: Instant,
-    },
+/// What is left of a function's soft timeout for a call that began at
+/// `began`, if it has one.
+pub(crate) fn soft_limit(site: &'static Site, began: Instant) -> Option<Duration> {
+    site.soft_timeout_of()
+        .map(|limit| limit.saturating_sub(began.elapsed()))
 }
 
-/// Runs the body, for at most the function's `soft_timeout` if it has one.
-/// With `catch`, a panic is caught (and logged): the kept value answers
-/// instead, as for a body that failed.
-pub(crate) async fn run(
+/// For a caller that holds the key's refresh lock: the soft timeout left,
+/// with a place in the background for the body if it is slower, when the
+/// body can finish without its call (its function's arguments are owned,
+/// it needs nothing of the call after it: not `tags_from`) and there is
+/// room. `None`: the body runs to its end, however long it takes (it is
+/// the one that refreshes the entry; the other callers are answered at
+/// their soft timeout meanwhile).
+pub(crate) fn background(
     cache: &Cache,
     site: &'static Site,
-    key: &str,
-    call: &mut Erased<'_>,
-    catch: bool,
-) -> Ran {
-    let started = Instant::now();
-    let done = async {
-        match site.soft_timeout_of() {
-            Some(limit) => call.run_body_for(limit).await,
-            None => {
-                call.run_body().await;
-                true
-            }
-        }
-    };
-    let done = if catch {
-        match AssertUnwindSafe(done).catch_unwind().await {
-            Ok(done) => done,
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                crate::limited!(
-                    cache,
-                    error!(key, panic = %message, "cached function panicked: answering with the value fail_safe kept")
-                );
-                true
-            }
-        }
-    } else {
-        done.await
-    };
-    if done {
-        Ran::Done(Run {
-            started,
-            took: started.elapsed(),
-        })
-    } else {
-        Ran::Slow { started }
+    call: &Erased<'_>,
+    began: Instant,
+) -> Option<(Duration, BackgroundSlot)> {
+    let limit = soft_limit(site, began)?;
+    if !call.can_detach() || site.derives_tags() {
+        return None;
     }
+    Some((limit, cache.flights().background_slot()?))
 }
 
 /// A body still running at its soft timeout, whose caller answers with
-/// the old value: left to finish in the background under `lock`, storing
-/// its value over the entry read (`header`), if it can outlive the call
-/// (its function's arguments are owned), there is room
-/// ([`crate::read::flight`]'s bound) and it needs nothing of the call
-/// (`tags_from` does); else dropped, the lock held for a moment so that
-/// the next caller tries again then.
+/// the old value: handed to a task with the refresh lock (and the place
+/// [`background`] gave), to finish and store its value over the entry
+/// read (`header`), as its caller would have.
 #[allow(clippy::too_many_arguments)]
-pub(crate) async fn finish_late(
+pub(crate) fn finish_late(
     cache: &Cache,
     site: &'static Site,
     key: &str,
     header: &[u8],
     call: &mut Erased<'_>,
-    lock: Option<HeldLease<'_>>,
+    lock: HeldLease<'_>,
+    slot: BackgroundSlot,
     started: Instant,
     fail_safe: bool,
 ) {
-    let detached = match (&lock, site.derives_tags()) {
-        (Some(_), false) => call.detach(cache.settings().codec),
-        _ => None,
+    let Some(body) = call.detach(cache.settings().codec) else {
+        // `background` checked that it can be: nothing to finish.
+        return;
     };
-    let slot = detached
-        .as_ref()
-        .and_then(|_| cache.flights().background_slot());
-    match (lock, detached, slot) {
-        (Some(lock), Some(body), Some(slot)) => {
-            cache.record(site, Event::BackgroundCompletion);
-            let stamp = call.tagging().map(Tagging::stamp).unwrap_or_default();
-            let task = Late {
-                cache: cache.clone(),
-                site,
-                key: key.to_owned(),
-                header: header.to_vec(),
-                stamp,
-                lock: lock.into_owned(),
-                started,
-                fail_safe,
-                _slot: slot,
-            };
-            tokio::spawn(task.complete(body));
-        }
-        (lock, _, _) => {
-            call.drop_body();
-            if let Some(lock) = lock {
-                lock.hold_for(REFRESH_RETRY_AFTER).await;
-            }
-        }
-    }
+    cache.record(site, Event::BackgroundCompletion);
+    let stamp = call.tagging().map(Tagging::stamp).unwrap_or_default();
+    let task = Late {
+        cache: cache.clone(),
+        site,
+        key: key.to_owned(),
+        header: header.to_vec(),
+        stamp,
+        lock: lock.into_owned(),
+        started,
+        fail_safe,
+        _slot: slot,
+    };
+    tokio::spawn(task.complete(body));
 }
 
 /// A body finishing in the background, with what it stores under.
@@ -215,7 +169,7 @@ struct Late {
     lock: HeldLease<'static>,
     started: Instant,
     fail_safe: bool,
-    _slot: crate::read::flight::BackgroundSlot,
+    _slot: BackgroundSlot,
 }
 
 impl Late {
@@ -224,9 +178,13 @@ impl Late {
     /// notes the key as failing). Dropped (its runtime shutting down), the
     /// lock is given back by its guard.
     async fn complete(self, body: crate::read::call::Detached) {
-        let answer = AssertUnwindSafe(body)
-            .catch_unwind()
+        // No longer than the lock it stores under: past it, storing would
+        // be moot, and the place in the background is given back.
+        let limit = self.cache.settings().lease;
+        let answer = tokio::time::timeout(limit, AssertUnwindSafe(body).catch_unwind())
             .await
+            .ok()
+            .and_then(Result::ok)
             .unwrap_or(Encoded::Failed);
         let run = Run {
             started: self.started,
@@ -279,17 +237,33 @@ async fn lead(
     header: &[u8],
     call: &mut Erased<'_>,
     leader: Leader<'_>,
+    began: Instant,
 ) -> Answered {
     let lock = HeldLease::refresh_lock(cache, site, key).await;
     cache.record(site, Event::Miss);
     let clocks = cache.clocks_for(site, false).await;
-    let run = match run(cache, site, key, call, true).await {
+    // Under the lock, a slow body finishes in the background if it can,
+    // else it runs to its end; without the lock (another process holds
+    // it), nothing is stored: the body is given up at the soft timeout.
+    let (limit, slot) = match &lock {
+        Some(_) => match background(cache, site, call, began) {
+            Some((limit, slot)) => (Some(limit), Some(slot)),
+            None => (None, None),
+        },
+        None => (soft_limit(site, began), None),
+    };
+    let run = match run(cache, key, call, limit, true).await {
         Ran::Done(run) => run,
         Ran::Slow { started } => {
             // The kept value answers this process's callers meanwhile.
             cache.flights().note_failure(key, REFRESH_RETRY_AFTER);
             leader.land(Landing::Failed);
-            finish_late(cache, site, key, header, call, lock, started, true).await;
+            match (lock, slot) {
+                (Some(lock), Some(slot)) => {
+                    finish_late(cache, site, key, header, call, lock, slot, started, true);
+                }
+                _ => call.drop_body(),
+            }
             return kept_for_slow(cache, site);
         }
     };
@@ -351,9 +325,15 @@ async fn lead(
 
 /// Computed by this caller alone, without storing; the kept value answers
 /// if the body fails.
-async fn alone(cache: &Cache, site: &'static Site, key: &str, call: &mut Erased<'_>) -> Answered {
+async fn alone(
+    cache: &Cache,
+    site: &'static Site,
+    key: &str,
+    call: &mut Erased<'_>,
+    began: Instant,
+) -> Answered {
     cache.record(site, Event::Miss);
-    if let Ran::Slow { .. } = run(cache, site, key, call, true).await {
+    if let Ran::Slow { .. } = run(cache, key, call, soft_limit(site, began), true).await {
         call.drop_body();
         return kept_for_slow(cache, site);
     }

@@ -30,10 +30,10 @@ use crate::local::tracking::Via;
 use crate::local::{LocalHit, LocalTier, TagTicket, Ticket};
 use crate::outcome::{Encoded, Life, NOTHING, Outcome};
 use crate::read::call::{Answered, Erased};
-use crate::read::fail_safe::Ran;
 use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::read::freshness::{self, Freshness, Verdict};
+use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run};
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::tag::Tagging;
@@ -52,9 +52,6 @@ const MAX_RECHECKS: u32 = 3;
 /// the lease (`single_flight = "distributed"`).
 const FIRST_POLL: Duration = Duration::from_millis(2);
 const LONGEST_POLL: Duration = Duration::from_millis(50);
-/// After a failed refresh, how long the old value is served before the
-/// next refresh is tried (stale-if-error, without a refresh storm).
-pub(crate) const REFRESH_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What the caller does next.
 enum Step {
@@ -75,6 +72,10 @@ enum Done {
     /// Past its stale window, kept by `fail_safe`: recompute, and serve it
     /// only if the body fails.
     Expired(Refresh),
+    /// Inside `refresh(...)`, an entry with a freshness header (its
+    /// headers): recomputed under the refresh lock, the entry left in
+    /// place meanwhile.
+    Forced(Vec<u8>),
 }
 
 /// A value to recompute while others are served it (the decoded answer).
@@ -106,25 +107,6 @@ pub(crate) enum Leased<'c> {
     /// None, because the cache could not be read: the body's run counts
     /// as a bypass, not a miss.
     Uncached,
-}
-
-/// When a computation's body ran: its start says which of the flight's
-/// waiters its answer covers (see [`crate::read::flight`]), its length feeds
-/// early refresh.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Run {
-    pub(crate) started: Instant,
-    pub(crate) took: Duration,
-}
-
-impl Run {
-    /// Runs `body`, timing it.
-    pub(crate) async fn time<T>(body: impl Future<Output = T>) -> (T, Run) {
-        let started = Instant::now();
-        let output = body.await;
-        let took = started.elapsed();
-        (output, Run { started, took })
-    }
 }
 
 /// How a claim ended.
@@ -351,12 +333,16 @@ impl Cache {
                 }
             };
             if leader.is_none() && gate.is_none() {
-                let takes_proof = !matches!(
-                    claim,
-                    Claim::Uncached {
-                        pending_write: true
-                    }
-                );
+                // Inside `refresh`, only a computation that began after the
+                // call answers it: a proof that no write came in between
+                // says nothing of when the data was read.
+                let takes_proof = !call.refreshing()
+                    && !matches!(
+                        claim,
+                        Claim::Uncached {
+                            pending_write: true
+                        }
+                    );
                 match self
                     .coalesce(site, key, &mut rounds, takes_proof, call)
                     .await
@@ -408,7 +394,8 @@ impl Cache {
                 self.record(site, event);
                 Answered::Decoded
             }
-            Done::Refresh(refresh) => self.refresh(site, key, refresh, call).await,
+            Done::Refresh(refresh) => self.refresh(site, key, refresh, call, began).await,
+            Done::Forced(header) => Box::pin(self.forced(site, key, header, call, began)).await,
             Done::Expired(expired) => {
                 Box::pin(crate::read::fail_safe::expired(
                     self,
@@ -713,8 +700,21 @@ impl Cache {
         keep: Option<Keep<'_>>,
     ) -> Step {
         let read = match read {
-            // Inside `refresh`: a value is replaced as garbage is (if the
-            // key still holds it), never served.
+            // Inside `refresh`: a value with a freshness header (`stale`,
+            // `early_refresh`, `fail_safe`) is recomputed under the refresh
+            // lock, so that it stays for the others (and as `fail_safe`'s
+            // kept value) while the body runs, and if it fails; any other
+            // value is replaced as garbage is (if the key still holds it).
+            // None is served.
+            Read::Value {
+                mut bytes,
+                value_at,
+                freshness: Some(_),
+                ..
+            } if call.refreshing() && site.tracks_freshness() => {
+                bytes.truncate(value_at);
+                return Step::Done(Done::Forced(bytes));
+            }
             Read::Value { bytes, .. } if call.refreshing() => Read::Garbage(Garbage::Bytes(bytes)),
             read => read,
         };
@@ -1208,6 +1208,7 @@ impl Cache {
         key: &str,
         refresh: Refresh,
         call: &mut Erased<'_>,
+        began: Instant,
     ) -> Answered {
         let Some(lock) = HeldLease::refresh_lock(self, site, key).await else {
             self.record(site, refresh.served);
@@ -1215,21 +1216,27 @@ impl Cache {
         };
         self.record(site, Event::Refresh);
         let clocks = self.clocks_for(site, false).await;
-        let run = match crate::read::fail_safe::run(self, site, key, call, false).await {
+        // A slow body finishes in the background if it can (the old value
+        // answers at the soft timeout), else it runs to its end.
+        let background = crate::read::fail_safe::background(self, site, call, began);
+        let limit = background.as_ref().map(|(limit, _)| *limit);
+        let catch = site.fail_safe_millis() > 0;
+        let run = match crate::read::run::run(self, key, call, limit, catch).await {
             Ran::Done(run) => run,
-            // Slower than `soft_timeout`: the old value answers.
             Ran::Slow { started } => {
-                crate::read::fail_safe::finish_late(
-                    self,
-                    site,
-                    key,
-                    &refresh.header,
-                    call,
-                    Some(lock),
-                    started,
-                    false,
-                )
-                .await;
+                if let Some((_, slot)) = background {
+                    crate::read::fail_safe::finish_late(
+                        self,
+                        site,
+                        key,
+                        &refresh.header,
+                        call,
+                        lock,
+                        slot,
+                        started,
+                        false,
+                    );
+                }
                 self.record(site, Event::FailSafe);
                 return Answered::Decoded;
             }
@@ -1258,6 +1265,95 @@ impl Cache {
         self.replace_entry(site, key, &refresh.header, entry, run, &stamp)
             .await;
         lock.give_back().await;
+        Answered::Body
+    }
+
+    /// Inside `refresh(...)`, an entry with a freshness header: see
+    /// [`Done::Forced`]. Coalesced (`single_flight`) with this process's
+    /// computation of the key only if it began after this call. A body
+    /// that fails answers with its error, and leaves the entry as it was.
+    async fn forced(
+        &self,
+        site: &'static Site,
+        key: &str,
+        header: Vec<u8>,
+        call: &mut Erased<'_>,
+        began: Instant,
+    ) -> Answered {
+        let mut leader = None;
+        if site.single_flight_mode() != SingleFlight::Off {
+            let joiner = Joiner {
+                began,
+                takes_proof: false,
+            };
+            match self.flights().join(key, joiner) {
+                Role::Leader(me) => leader = Some(me),
+                Role::Waiter(waiter) => match waiter.wait().await {
+                    Handed::Value(bytes) if self.decode(site, key, &bytes, call) => {
+                        self.record(site, Event::Coalesced);
+                        return Answered::Decoded;
+                    }
+                    Handed::Nothing if call.call().decode_nothing() => {
+                        self.record(site, Event::Coalesced);
+                        return Answered::Decoded;
+                    }
+                    // Computed here, under the lock if it can be taken.
+                    _ => {}
+                },
+            }
+        }
+        let lock = HeldLease::refresh_lock(self, site, key).await;
+        self.record(site, Event::Refresh);
+        let clocks = self.clocks_for(site, false).await;
+        let ((), run) = Run::time(call.run_body()).await;
+        self.derive_tags(site, call, clocks).await;
+        let answer = call.encode_output(self.settings().codec);
+        let failed = matches!(answer, Encoded::Failed);
+        if failed || call.tagging().is_some_and(|t| !t.is_read()) {
+            if let Some(leader) = leader {
+                leader.land(if failed {
+                    Landing::Failed
+                } else {
+                    Landing::LookAgain
+                });
+            }
+            if let Some(lock) = lock {
+                lock.give_back().await;
+            }
+            return Answered::Body;
+        }
+        let nothing = matches!(answer, Encoded::Nothing);
+        let (handed, entry) = self.entry_of(site, key, answer);
+        let fence = leader.as_ref().map_or(0, Leader::fence);
+        let fresh = match lock {
+            Some(lock) => {
+                let stamp = call.tagging().map(Tagging::stamp).unwrap_or_default();
+                let replaced = self
+                    .replace_entry(site, key, &header, entry, run, &stamp)
+                    .await;
+                lock.give_back().await;
+                replaced
+            }
+            None => false,
+        };
+        if let Some(leader) = leader {
+            let fresh = match call.tagging() {
+                Some(tagging) if fresh => self.tokens_unchanged(tagging).await,
+                _ => fresh,
+            };
+            let cover = Cover {
+                body_started: run.started,
+                fence: if fresh { fence } else { 0 },
+            };
+            leader.land(match (handed, nothing) {
+                (Some(bytes), _) => Landing::Value {
+                    bytes: bytes.into(),
+                    cover,
+                },
+                (None, true) => Landing::Nothing { cover },
+                (None, false) => Landing::LookAgain,
+            });
+        }
         Answered::Body
     }
 

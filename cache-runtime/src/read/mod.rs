@@ -9,6 +9,8 @@
 //! - [`fail_safe`]: an expired entry kept to answer when the body fails.
 //! - [`flight`]: single flight, the computations in flight by key.
 //! - [`found`]: what one read of a key found.
+//! - [`run`]: running a body: timed, within a soft timeout, its panic
+//!   caught where an old value can answer.
 //! - [`freshness`]: the header of a value that is served stale or
 //!   refreshed early.
 
@@ -19,3 +21,4 @@ pub(crate) mod flight;
 pub(crate) mod found;
 pub(crate) mod freshness;
 pub(crate) mod lookup;
+pub(crate) mod run;
