@@ -299,8 +299,9 @@ impl Flights {
         }
     }
 
-    /// Flights and gates in use: 0 once no call is under way (landed
-    /// answers that linger are not in use).
+    /// Flights, gates and bodies finishing in the background in use: 0
+    /// once no call is under way (landed answers that linger are not in
+    /// use).
     #[cfg(any(test, feature = "__testing"))]
     pub(crate) fn len(&self) -> usize {
         let pending = self
@@ -338,6 +339,7 @@ impl Flights {
     }
 
     /// Bodies finishing in the background now.
+    #[cfg(any(test, feature = "__testing"))]
     pub(crate) fn in_background(&self) -> usize {
         self.background.load(Ordering::SeqCst)
     }
