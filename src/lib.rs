@@ -249,6 +249,19 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Asserts that an invalidation landed: `Ok`, or applied by the primary
+/// and not yet acknowledged by a replica (`NotReplicated`, which a loaded
+/// test machine sees on a cluster; the cache retries it in the background
+/// and the primary serves the change meanwhile).
+#[track_caller]
+pub fn landed<T>(result: Result<T, cache_runtime::CacheError>) {
+    if let Err(error) = result
+        && !error.is_not_replicated()
+    {
+        panic!("the invalidation failed: {error}");
+    }
+}
+
 /// A cache on the shared cluster whose keys start with `name` and a number
 /// of this process, so that tests in parallel (and earlier runs) never see
 /// each other's keys.

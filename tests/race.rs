@@ -105,10 +105,7 @@ impl Arm for Leased {
         self.update_row(id)
     }
     async fn evict(&self, id: u64) {
-        self.cache
-            .invalidate(&Self::get_row_cache_key(&id))
-            .await
-            .unwrap();
+        cache_harness::landed(self.cache.invalidate(&Self::get_row_cache_key(&id)).await);
     }
 }
 

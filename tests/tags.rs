@@ -113,10 +113,7 @@ macro_rules! ours {
                 self.update_org(org)
             }
             async fn evict(&self, org: u64) {
-                self.cache
-                    .invalidate_tag(&format!("org:{org}"))
-                    .await
-                    .unwrap();
+                cache_harness::landed(self.cache.invalidate_tag(&format!("org:{org}")).await);
             }
         }
     };
@@ -398,7 +395,7 @@ async fn one_tag_many_functions(cache: &Cache) {
         [0, 0, 0],
         "a failed write invalidates nothing"
     );
-    cache.invalidate_tag("members").await.unwrap();
+    cache_harness::landed(cache.invalidate_tag("members").await);
     assert_eq!(call_all(cache).await, [2, 0, 0], "every member, of any org");
     // A write-through stores the value with its tags' tokens.
     put_member(cache, 1, 7).await.unwrap();
@@ -495,7 +492,7 @@ async fn a_waiter_after_the_invalidation_is_not_handed_the_old_value(cache: Cach
     flight.entered.notified().await;
     // The write lands while the leader's body holds the old version.
     flight.version.store(2, Ordering::SeqCst);
-    flight.cache.invalidate_tag("flight").await.unwrap();
+    cache_harness::landed(flight.cache.invalidate_tag("flight").await);
     let late = tokio::spawn({
         let flight = flight.clone();
         async move { flight.read(1).await }
@@ -613,7 +610,7 @@ async fn local_copies_follow_their(writer: &Cache, reader: &Cache, tagged: TagsO
     assert_eq!(read_local(reader, tagged, 5, 1).await, seen);
     assert_eq!(reader.stats().total.local_hits, before + 1, "a local hit");
     // Another process's invalidation of the tag.
-    writer.invalidate_tag("org:5").await.unwrap();
+    cache_harness::landed(writer.invalidate_tag("org:5").await);
     let took = until_dropped(reader, tagged, seen).await;
     println!("{how}: another process's tag invalidation reached the local copy in {took:?}");
     assert!(
@@ -623,7 +620,7 @@ async fn local_copies_follow_their(writer: &Cache, reader: &Cache, tagged: TagsO
     // The reader's own invalidation: gone before it returns.
     let seen = read_local(reader, tagged, 5, 1).await;
     assert_eq!(read_local(reader, tagged, 5, 1).await, seen);
-    reader.invalidate_tag("org:5").await.unwrap();
+    cache_harness::landed(reader.invalidate_tag("org:5").await);
     assert_ne!(
         read_local(reader, tagged, 5, 1).await,
         seen,
@@ -631,7 +628,7 @@ async fn local_copies_follow_their(writer: &Cache, reader: &Cache, tagged: TagsO
     );
     // Another org's tag leaves the copy alone.
     let seen = read_local(reader, tagged, 5, 1).await;
-    writer.invalidate_tag("org:6").await.unwrap();
+    cache_harness::landed(writer.invalidate_tag("org:6").await);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(read_local(reader, tagged, 5, 1).await, seen, "{how}");
 }
@@ -700,12 +697,12 @@ async fn batch_ran(cache: &Cache, org_id: u64) -> Vec<u64> {
 async fn batches_follow_their_tags(cache: &Cache) {
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _turn = ONE_AT_A_TIME.lock().await;
-    cache.invalidate_tag("org:3").await.unwrap();
+    cache_harness::landed(cache.invalidate_tag("org:3").await);
     assert_eq!(batch_ran(cache, 3).await, [1, 2, 3], "cold");
     assert_eq!(batch_ran(cache, 3).await, [0u64; 0], "hits");
-    cache.invalidate_tag("user:2").await.unwrap();
+    cache_harness::landed(cache.invalidate_tag("user:2").await);
     assert_eq!(batch_ran(cache, 3).await, [2], "one id's tag");
-    cache.invalidate_tag("org:3").await.unwrap();
+    cache_harness::landed(cache.invalidate_tag("org:3").await);
     assert_eq!(batch_ran(cache, 3).await, [1, 2, 3], "every id's tag");
     assert_eq!(
         batch_members_cache_key(&3, &2).tags().collect::<Vec<_>>(),
@@ -751,13 +748,13 @@ async fn batches_follow_the_tags_their_values_name(cache: &Cache) {
     let _turn = ONE_AT_A_TIME.lock().await;
     assert_eq!(derived_ran(cache).await, [1, 2, 3], "cold");
     assert_eq!(derived_ran(cache).await, [0u64; 0], "hits");
-    cache.invalidate_tag("team:1").await.unwrap();
+    cache_harness::landed(cache.invalidate_tag("team:1").await);
     assert_eq!(derived_ran(cache).await, [1, 3], "the odd ids' team");
     // The single lookup shares the batch's entries, and their tags.
     BATCH_RUNS.lock().unwrap().clear();
     assert_eq!(single_derived(cache, 4, 2).await, Ok((4, 2)));
     assert_eq!(*BATCH_RUNS.lock().unwrap(), [0u64; 0], "the batch's entry");
-    cache.invalidate_tag("team:0").await.unwrap();
+    cache_harness::landed(cache.invalidate_tag("team:0").await);
     assert_eq!(single_derived(cache, 4, 2).await, Ok((4, 2)));
     assert_eq!(*BATCH_RUNS.lock().unwrap(), [2], "its tag reached it");
     assert_eq!(
@@ -838,7 +835,7 @@ async fn a_lost_tag_makes_its_entries_misses_where_a_lost_version_revives_them()
     assert_eq!(naive_versioned_read(&mut conn, 1).await, 1);
     // A write: version 2, then the tag's invalidation.
     LOST_VERSION.store(2, Ordering::SeqCst);
-    cache.invalidate_tag("lost").await.unwrap();
+    cache_harness::landed(cache.invalidate_tag("lost").await);
     let _: () = conn.incr("naive-v:tag", 1).await.unwrap();
     // The server evicts the tags' bookkeeping (as `allkeys-lru` may).
     let tag_keys: Vec<String> = conn.keys("lost:*tag*").await.unwrap();
@@ -884,7 +881,7 @@ async fn eviction_under_load_never_revives_an_invalidated_entry() {
             tasks.spawn(async move {
                 let org = fastrand::u64(0..200);
                 let version = db.bump(org);
-                cache.invalidate_tag(&format!("org:{org}")).await.unwrap();
+                cache_harness::landed(cache.invalidate_tag(&format!("org:{org}")).await);
                 db.invalidated_up_to(org, version);
                 0
             });
@@ -1077,7 +1074,7 @@ async fn tags_named_by_the_value(cache: Cache) {
     shop.update_price(3, 5).await;
     assert_eq!(shop.read_all().await, [12, 12, 12, 5]);
     assert_eq!(shop.runs(), HashMap::from([("list_category", 1)]));
-    shop.cache.invalidate_tag("product:2").await.unwrap();
+    cache_harness::landed(shop.cache.invalidate_tag("product:2").await);
     assert_eq!(shop.read_all().await, [12, 12, 12, 5]);
     assert_eq!(shop.runs(), HashMap::from([("list_category", 1)]));
     let stats = shop.cache.stats();
@@ -1159,7 +1156,7 @@ async fn a_tag_invalidated_during_the_body_is_not_stored_with_its_new_token(cach
     });
     slow.entered.notified().await;
     slow.version.store(1, Ordering::SeqCst);
-    slow.cache.invalidate_tag("item:1").await.unwrap();
+    cache_harness::landed(slow.cache.invalidate_tag("item:1").await);
     slow.release.notify_one();
     assert_eq!(reader.await.unwrap(), (1, 0), "started before the write");
     assert_eq!(
