@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::INSTALL_HINT;
+use crate::install_hint;
 use crate::node::{Node, fastrand_port};
 use crate::tls::TlsFiles;
 
@@ -85,7 +85,7 @@ impl RedisCluster {
     }
 
     fn launch(extra_args: &[&str], tls: Option<&TlsFiles>) -> RedisCluster {
-        assert!(crate::redis_server_available(), "{INSTALL_HINT}");
+        assert!(crate::redis_server_available(), "{}", install_hint());
         let dir = std::env::temp_dir().join(format!(
             "cache-harness-cluster-{}-{}",
             std::process::id(),
@@ -113,7 +113,7 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let created = Command::new("redis-cli")
+        let created = Command::new(crate::Server::chosen().cli())
             .arg("--cluster")
             .arg("create")
             .args(&addresses)

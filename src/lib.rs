@@ -27,9 +27,61 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The install hint printed when the binary is missing.
-pub const INSTALL_HINT: &str = "redis-server is not installed: install the Debian package `redis-server` \
-     (`apt-get install redis-server`), or run `bash scripts/test.sh`, which installs it";
+/// The server the tests run against, from the environment:
+/// `CACHE_TEST_SERVER=valkey` runs `valkey-server` and `valkey-cli`
+/// (standalone, Sentinel, Cluster and TLS alike); anything else, or
+/// nothing, `redis-server` and `redis-cli`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    Redis,
+    Valkey,
+}
+
+impl Server {
+    /// The server chosen by `CACHE_TEST_SERVER`.
+    pub fn chosen() -> Server {
+        match std::env::var("CACHE_TEST_SERVER").as_deref() {
+            Ok("valkey") => Server::Valkey,
+            _ => Server::Redis,
+        }
+    }
+
+    /// Its server binary.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Server::Redis => "redis-server",
+            Server::Valkey => "valkey-server",
+        }
+    }
+
+    /// Its command-line client.
+    pub fn cli(self) -> &'static str {
+        match self {
+            Server::Redis => "redis-cli",
+            Server::Valkey => "valkey-cli",
+        }
+    }
+
+    /// What to install when the binary is missing.
+    pub fn install_hint(self) -> &'static str {
+        match self {
+            Server::Redis => {
+                "redis-server is not installed: install the Debian package `redis-server` \
+                 (`apt-get install redis-server`), or run `bash scripts/test.sh`, which installs it"
+            }
+            Server::Valkey => {
+                "valkey-server is not installed: on Debian 12, add the `bookworm-backports` suite \
+                 and `apt-get install -t bookworm-backports valkey-server`, or run \
+                 `CACHE_TEST_SERVER=valkey bash scripts/test.sh`, which does"
+            }
+        }
+    }
+}
+
+/// The install hint printed when the chosen server's binary is missing.
+pub fn install_hint() -> &'static str {
+    Server::chosen().install_hint()
+}
 
 /// A `redis-server` child process owned by the test or example.
 pub struct RedisServer {
@@ -39,9 +91,9 @@ pub struct RedisServer {
     extra_args: Vec<String>,
 }
 
-/// Whether a `redis-server` binary can be started.
+/// Whether the chosen server's binary can be started.
 pub fn redis_server_available() -> bool {
-    Command::new("redis-server")
+    Command::new(Server::chosen().binary())
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -85,7 +137,7 @@ impl RedisServer {
     }
 
     fn unstarted(extra_args: &[&str]) -> RedisServer {
-        assert!(redis_server_available(), "{INSTALL_HINT}");
+        assert!(redis_server_available(), "{}", install_hint());
         let port = free_port();
         let dir =
             std::env::temp_dir().join(format!("cache-harness-redis-{}-{port}", std::process::id()));
@@ -99,7 +151,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let child = Command::new("redis-server")
+        let child = Command::new(Server::chosen().binary())
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -112,7 +164,7 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("{e}; {INSTALL_HINT}"))?;
+            .map_err(|e| format!("{e}; {}", install_hint()))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -454,7 +506,7 @@ pub fn benchmark_redis() -> Result<(String, Option<RedisServer>), &'static str> 
         return Ok((url, None));
     }
     if !redis_server_available() {
-        return Err(INSTALL_HINT);
+        return Err(install_hint());
     }
     let server = RedisServer::start();
     Ok((server.url(), Some(server)))

@@ -113,10 +113,11 @@ impl Node {
         // The server in the background, its pid on stdout, then a watch on
         // the test process: when it is gone, the server goes too.
         let script = format!(
-            "redis-server {} >{}/log 2>&1 & server=$!; echo $server; \
+            "{} {} >{}/log 2>&1 & server=$!; echo $server; \
              while kill -0 {parent} 2>/dev/null && kill -0 $server 2>/dev/null; do sleep 0.5; done; \
              kill -CONT $server 2>/dev/null; kill -9 $server 2>/dev/null; \
              if ! kill -0 {parent} 2>/dev/null; then rm -rf {dir}; rmdir {root} 2>/dev/null; fi",
+            crate::Server::chosen().binary(),
             args.join(" "),
             dir.display(),
             dir = dir.display(),
@@ -167,7 +168,7 @@ impl Node {
 
     /// `redis-cli -p <port> <args>`: its trimmed output, `None` if it failed.
     pub(crate) fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
+        let out = Command::new(crate::Server::chosen().cli())
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
             .args(&self.cli_tls)
             .args(args)

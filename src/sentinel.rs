@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::INSTALL_HINT;
+use crate::install_hint;
 use crate::node::{Node, fastrand_port};
 use crate::tls::TlsFiles;
 
@@ -128,7 +128,7 @@ impl RedisSentinel {
     }
 
     fn launch(secured: Option<Secured>) -> RedisSentinel {
-        assert!(crate::redis_server_available(), "{INSTALL_HINT}");
+        assert!(crate::redis_server_available(), "{}", install_hint());
         // `redis-cli` arguments for the nodes and for the sentinels.
         let cli = |password: Option<&str>| -> Vec<String> {
             match (secured, password) {

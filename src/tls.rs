@@ -131,7 +131,7 @@ pub struct TlsServer {
 impl TlsServer {
     /// Starts the server on a free port (`--port 0 --tls-port <port>`).
     pub fn start(tls: &TlsFiles) -> TlsServer {
-        assert!(crate::redis_server_available(), "{}", crate::INSTALL_HINT);
+        assert!(crate::redis_server_available(), "{}", crate::install_hint());
         let dir = tls.dir().join("server");
         let node = crate::node::Node::start(
             &dir,

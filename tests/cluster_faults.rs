@@ -728,7 +728,7 @@ fn migrate_slot(cluster: &RedisCluster, slot: u16, from: u16, to: u16) -> usize 
 /// `redis-cli --cluster reshard`: `slots` slots from `from` to `to`.
 fn reshard(cluster: &RedisCluster, from: u16, to: u16, slots: u32) -> String {
     let id = |port| cluster.cli(port, &["CLUSTER", "MYID"]).expect("MYID");
-    let out = std::process::Command::new("redis-cli")
+    let out = std::process::Command::new(cache_harness::Server::chosen().cli())
         .args(["--cluster", "reshard", &format!("127.0.0.1:{to}")])
         .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
         .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
