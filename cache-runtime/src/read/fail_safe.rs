@@ -27,7 +27,7 @@ use futures_util::FutureExt;
 use crate::cache::Cache;
 use crate::outcome::Encoded;
 use crate::read::call::{Answered, Erased};
-use crate::read::flight::{BackgroundSlot, Cover, Handed, Joiner, Landing, Leader, Role, Waiter};
+use crate::read::flight::{BackgroundSlot, Handed, Joiner, Landing, Leader, Role, Waiter};
 use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run, run};
 use crate::site::Site;
 use crate::stats::Event;
@@ -301,25 +301,9 @@ async fn lead(
         // Not stored: fresh only if the entry read is still there.
         None => cache.still_begins(key, header).await,
     };
-    // The proof covers the key; a tagged answer needs its tags unchanged
-    // too (see `crate::tag`).
-    let fresh = match call.tagging() {
-        Some(tagging) if fresh => cache.tokens_unchanged(tagging).await,
-        _ => fresh,
-    };
-    let cover = Cover {
-        body_started: run.started,
-        fence: if fresh { fence } else { 0 },
-    };
-    leader.land(match (handed, nothing) {
-        (Some(bytes), _) => Landing::Value {
-            bytes: bytes.into(),
-            cover,
-        },
-        (None, true) => Landing::Nothing { cover },
-        // A value that does not encode: the waiters compute.
-        (None, false) => Landing::LookAgain,
-    });
+    cache
+        .hand_over(leader, fence, handed, nothing, fresh, run, call.tagging())
+        .await;
     Answered::Body
 }
 

@@ -1337,24 +1337,47 @@ impl Cache {
             None => false,
         };
         if let Some(leader) = leader {
-            let fresh = match call.tagging() {
-                Some(tagging) if fresh => self.tokens_unchanged(tagging).await,
-                _ => fresh,
-            };
-            let cover = Cover {
-                body_started: run.started,
-                fence: if fresh { fence } else { 0 },
-            };
-            leader.land(match (handed, nothing) {
-                (Some(bytes), _) => Landing::Value {
-                    bytes: bytes.into(),
-                    cover,
-                },
-                (None, true) => Landing::Nothing { cover },
-                (None, false) => Landing::LookAgain,
-            });
+            self.hand_over(leader, fence, handed, nothing, fresh, run, call.tagging())
+                .await;
         }
         Answered::Body
+    }
+
+    /// Lands a recomputation that replaced an entry read (`fail_safe`, a
+    /// forced refresh) for the waiters of its flight: its value (`handed`),
+    /// or nothing (`nothing`), or, for a value that did not encode, a call
+    /// to read the key. `fresh`: the entry was replaced (or still there),
+    /// so no write came in between; a tagged answer needs its tags
+    /// unchanged too (see `crate::tag`). `fence` was read before that
+    /// proof's command was sent.
+    // The recomputations' locals, as for `settle`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn hand_over(
+        &self,
+        leader: Leader<'_>,
+        fence: u64,
+        handed: Option<Vec<u8>>,
+        nothing: bool,
+        fresh: bool,
+        run: Run,
+        tagging: Option<&Tagging>,
+    ) {
+        let fresh = match tagging {
+            Some(tagging) if fresh => self.tokens_unchanged(tagging).await,
+            _ => fresh,
+        };
+        let cover = Cover {
+            body_started: run.started,
+            fence: if fresh { fence } else { 0 },
+        };
+        leader.land(match (handed, nothing) {
+            (Some(bytes), _) => Landing::Value {
+                bytes: bytes.into(),
+                cover,
+            },
+            (None, true) => Landing::Nothing { cover },
+            (None, false) => Landing::LookAgain,
+        });
     }
 
     /// What an answer (not [`Encoded::Failed`]) hands to waiters (its
