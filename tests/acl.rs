@@ -1,7 +1,8 @@
 //! Inside a tenant's fence: a shared Redis gives each application an ACL
 //! user fenced to its own key prefix and channels
 //! (`~app:* &app:* +@all -@dangerous`, and `+role`, which writes ask to
-//! learn how many replicas to wait for). With `prefix("app")` and that user,
+//! learn how many replicas to wait for, and `+info`, which the cache reads
+//! at connect and to count evictions). With `prefix("app")` and that user,
 //! every option of the cache keeps to the fence: values, leases, refresh
 //! locks, batches, the local tier (tracking and broadcast), invalidations,
 //! write-through and clearing. The server's `ACL LOG` stays empty and no
@@ -16,13 +17,14 @@ use cache_runtime::{Cache, CacheBuilder, LocalInvalidation, cache_put, invalidat
 use serde::{Deserialize, Serialize};
 
 /// The fence, as the README gives it.
-const FENCE: [&str; 7] = [
+const FENCE: [&str; 8] = [
     ">apppw",
     "~app:*",
     "&app:*",
     "+@all",
     "-@dangerous",
     "+role",
+    "+info",
     "on",
 ];
 

@@ -111,11 +111,11 @@ async fn a_local_hit_sends_nothing_to_redis() {
         assert_eq!(repo.get(1).await.unwrap().version, 1);
     }
     let after: String = raw(&mut conn, &[b"INFO", b"stats"]).await;
-    // The INFO itself, and at most one heartbeat PING of the tracking
-    // connection per second.
+    // The INFO itself, at most one heartbeat PING of the tracking
+    // connection per second, and the cache's own INFO every 10 s.
     let sent = commands(&after) - commands(&before);
     println!("1000 local hits: {sent} commands processed by Redis meanwhile");
-    assert!(sent <= 3, "{sent} commands for 1000 local hits");
+    assert!(sent <= 4, "{sent} commands for 1000 local hits");
     let stats = repo.cache.stats();
     assert!(stats.total.local_hits >= 1000);
     assert_eq!(repo.queries.load(Ordering::SeqCst), 1);

@@ -560,6 +560,17 @@ impl Backend {
         }
     }
 
+    /// `INFO` of `target` (see [`Backend::scan_targets`]), as text.
+    pub(crate) async fn info(&self, target: Option<&str>) -> Result<String, CacheError> {
+        match (self, target) {
+            (Backend::Cluster(c), Some(addr)) => {
+                let _timer = self.timer(Operation::Command);
+                c.info_node(addr).await
+            }
+            _ => self.query(&::redis::cmd("INFO")).await,
+        }
+    }
+
     /// `UNLINK` of keys (`DEL` that frees their memory in the background);
     /// how many existed.
     pub(crate) async fn unlink(&self, keys: &[String]) -> Result<u64, CacheError> {

@@ -108,6 +108,12 @@ impl CacheError {
         matches!(self, CacheError::Redis(e) if e.code() == Some("WRONGTYPE"))
     }
 
+    /// The server's ACL does not let the cache's user run the command or
+    /// touch the key (`NOPERM`).
+    pub fn is_not_permitted(&self) -> bool {
+        matches!(self, CacheError::Redis(e) if e.code() == Some("NOPERM"))
+    }
+
     /// A write the primary applied but not enough replicas acknowledged
     /// (see [`CacheError::NotReplicated`]).
     pub fn is_not_replicated(&self) -> bool {

@@ -61,7 +61,8 @@
 //! `CacheBuilder::tls_client_certificate`).
 //!
 //! Module map: [`Cache`] (handle, builder, fail-open lookup), [`KeyPart`] and
-//! [`CacheKey`] (key rendering), [`Codec`], [`Stats`], [`CacheError`]; the
+//! [`CacheKey`] (key rendering), [`Codec`], [`Stats`], [`CacheError`],
+//! [`inspect`] (the operator's view of entries and servers); the
 //! [`guide`], one page per concern.
 
 // Generated code names `::cache_runtime`; this lets the crate's own tests
@@ -75,6 +76,7 @@ mod clock;
 mod codec;
 mod compression;
 mod error;
+pub mod inspect;
 mod key;
 #[cfg(test)]
 mod layout;
@@ -134,7 +136,7 @@ pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN
 pub use crate::local::LocalInvalidation;
 pub use crate::outcome::Cacheable;
 pub use crate::scope::{Origin, bypass, origin, refresh};
-pub use crate::stats::{Counts, LocalStats, Stats};
+pub use crate::stats::{Counts, LocalStats, ServerStats, Stats};
 /// What [`Cache::command`] and [`Cache::pipeline`] take and give back,
 /// from the `redis` crate at the version the cache uses.
 pub mod redis {

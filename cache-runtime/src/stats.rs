@@ -495,6 +495,25 @@ pub struct Stats {
     pub writers: BTreeMap<&'static str, Counts>,
     /// The local tier's size and invalidations (all zero without one).
     pub local: LocalStats,
+    /// What the servers report of themselves.
+    pub server: ServerStats,
+}
+
+/// What the cache counts of its servers' own reports (`INFO`), read when
+/// it connects, every 10 s after, and on each
+/// [`Cache::server_reports`](crate::Cache::server_reports). All zero on
+/// the in-process backend and where `INFO` is refused (an ACL user
+/// without `+info`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// Keys the servers evicted (`maxmemory`) since this cache first read
+    /// their `INFO`: every key of each server, not only this cache's
+    /// (Redis does not say whose keys it evicts). A server that restarted
+    /// or a new primary after a failover starts a new count from its own
+    /// figure, so evictions between two readings of a server that
+    /// restarted are not counted.
+    pub evicted_keys: u64,
 }
 
 impl Stats {
@@ -536,6 +555,11 @@ pub(crate) struct Recorder {
     unattributed: Striped,
     /// By function id: chunk `id / CHUNK`, slot `id % CHUNK`.
     functions: [OnceLock<Box<[Striped]>>; CHUNKS],
+    /// The last `evicted_keys` of each server (by address, `""` for the
+    /// one server off a cluster), with its `run_id`.
+    evicted_seen: Mutex<BTreeMap<String, (String, u64)>>,
+    /// [`ServerStats::evicted_keys`].
+    evicted: AtomicU64,
 }
 
 impl Default for Recorder {
@@ -543,6 +567,31 @@ impl Default for Recorder {
         Recorder {
             unattributed: Default::default(),
             functions: std::array::from_fn(|_| OnceLock::new()),
+            evicted_seen: Mutex::default(),
+            evicted: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Recorder {
+    /// A server's `evicted_keys`, read now: what it grew by since the last
+    /// reading of the same server process is counted (see
+    /// [`ServerStats::evicted_keys`]).
+    pub(crate) fn note_evicted_keys(&self, address: &str, run_id: &str, evicted_keys: u64) {
+        let mut seen = self
+            .evicted_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let grown = match seen.get(address) {
+            Some((run, last)) if run == run_id => evicted_keys.saturating_sub(*last),
+            _ => 0,
+        };
+        seen.insert(address.to_owned(), (run_id.to_owned(), evicted_keys));
+        drop(seen);
+        if grown > 0 {
+            self.evicted.fetch_add(grown, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!("cache_server_evicted_keys_total").increment(grown);
         }
     }
 }
@@ -590,6 +639,9 @@ impl Recorder {
             functions,
             writers,
             local: LocalStats::default(),
+            server: ServerStats {
+                evicted_keys: self.evicted.load(Ordering::Relaxed),
+            },
         }
     }
 }

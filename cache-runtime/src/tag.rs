@@ -189,6 +189,30 @@ pub(crate) fn header_len(bytes: &[u8]) -> Option<usize> {
     Some(newline + 1)
 }
 
+/// The tags of a tag header (`header`, [`header_len`] bytes of an
+/// entry), each as `(token, tag, whether the value named it)`; empty
+/// without a header, `None` for a malformed one.
+pub(crate) fn parse_header(header: &[u8]) -> Option<Vec<(String, String, bool)>> {
+    let Some(line) = header.strip_prefix(HEADER) else {
+        return header.is_empty().then(Vec::new);
+    };
+    let line = std::str::from_utf8(line.strip_suffix(b"\n")?).ok()?;
+    let (mut tags, mut derived) = (Vec::new(), false);
+    let mut words = line.split(' ').filter(|w| !w.is_empty());
+    while let Some(word) = words.next() {
+        if word.as_bytes() == [DERIVED] {
+            derived = true;
+            continue;
+        }
+        let name = words.next()?;
+        if !is_token(word.as_bytes()) {
+            return None;
+        }
+        tags.push((word.to_owned(), name.to_owned(), derived));
+    }
+    Some(tags)
+}
+
 /// The tags a stored value named (`tags_from`), each as `(token, tag)`.
 pub(crate) type Named<'b> = Vec<(&'b [u8], &'b [u8])>;
 

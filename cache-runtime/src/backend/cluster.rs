@@ -264,6 +264,13 @@ impl ClusterBackend {
             .map_err(|e| CacheError::redis(redis::RedisError::from(e)))
     }
 
+    /// `INFO` of the node at `addr`.
+    pub(crate) async fn info_node(&self, addr: &str) -> Result<String, CacheError> {
+        let reply = self.control(addr, &redis::cmd("INFO")).await?;
+        redis::FromRedisValue::from_redis_value(reply)
+            .map_err(|e| CacheError::redis(redis::RedisError::from(e)))
+    }
+
     /// `UNLINK` of keys in any slots: one per slot, sent together.
     pub(crate) async fn unlink(&self, keys: &[String]) -> Result<u64, CacheError> {
         remove_by_slot(

@@ -430,15 +430,16 @@ impl CacheBuilder {
         // Connect now so that the first calls are served, but never fail
         // start-up on it: see `first_contact`.
         let first_contact_within = self.op_timeout.max(FIRST_CONTACT);
-        let backend = match self.backend.take() {
+        let (backend, answered) = match self.backend.take() {
             None => return Err(CacheError::NoBackend),
             Some(BackendChoice::Memory { capacity_bytes }) => {
-                Backend::Memory(MemoryBackend::new(capacity_bytes))
+                (Backend::Memory(MemoryBackend::new(capacity_bytes)), false)
             }
             Some(BackendChoice::Url(url)) => {
                 let redis = RedisBackend::new(&url, &options)?;
-                first_contact("Redis", &breaker, first_contact_within, redis.ping()).await;
-                Backend::Redis(redis)
+                let answered =
+                    first_contact("Redis", &breaker, first_contact_within, redis.ping()).await;
+                (Backend::Redis(redis), answered)
             }
             Some(BackendChoice::Sentinel { service, sentinels }) => {
                 let named = SentinelService {
@@ -449,14 +450,14 @@ impl CacheBuilder {
                 };
                 let sentinel = SentinelBackend::new(&named, &options)?;
                 let contact = sentinel.connect();
-                first_contact(
+                let answered = first_contact(
                     "the Sentinel primary",
                     &breaker,
                     first_contact_within,
                     contact,
                 )
                 .await;
-                Backend::Sentinel(sentinel)
+                (Backend::Sentinel(sentinel), answered)
             }
             Some(BackendChoice::Cluster(seeds)) => {
                 if seeds.is_empty() {
@@ -468,7 +469,9 @@ impl CacheBuilder {
                 // every node of a busy cluster are slow, and would
                 // otherwise be paid by the first calls.
                 let refresh = cluster.refresh();
-                if first_contact("Redis Cluster", &breaker, first_contact_within, refresh).await {
+                let answered =
+                    first_contact("Redis Cluster", &breaker, first_contact_within, refresh).await;
+                if answered {
                     let connecting = self.op_timeout.max(Duration::from_secs(3));
                     match tokio::time::timeout(connecting, cluster.warm_up()).await {
                         Ok(Ok(())) => tracing::debug!("connected to every primary"),
@@ -481,10 +484,14 @@ impl CacheBuilder {
                         }
                     }
                 }
-                Backend::Cluster(cluster)
+                (Backend::Cluster(cluster), answered)
             }
         };
-        Ok(self.assemble(backend, breaker))
+        let cache = self.assemble(backend, breaker);
+        if answered {
+            crate::inspect::first_reading(&cache).await;
+        }
+        Ok(cache)
     }
 
     pub(super) fn breaker(&self) -> Arc<Breaker> {

@@ -64,6 +64,12 @@ impl Freshness {
         }
     }
 
+    /// How long computing it took, and when it was stored (ms since the
+    /// epoch, by the writer's clock): for people.
+    pub(crate) fn parts(&self) -> (Duration, u64) {
+        (Duration::from_millis(self.delta), self.stored_at)
+    }
+
     /// Header and value, as stored.
     pub(crate) fn wrap(&self, value: &[u8]) -> Vec<u8> {
         let mut bytes = MARK.to_vec();

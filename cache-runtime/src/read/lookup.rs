@@ -554,7 +554,7 @@ impl Cache {
                     ttl: Ttl::Unknown,
                 }
             }
-            Ok(Fetched::Found((bytes, ttl))) => self.inspect(site, key, bytes, ttl),
+            Ok(Fetched::Found((bytes, ttl))) => self.inspect_stored(site, key, bytes, ttl),
             Ok(Fetched::Absent) => Read::Absent,
             // Not transferred: counted against its function, never against
             // the server's breaker, and replaced by this call.
@@ -616,7 +616,7 @@ impl Cache {
 
     /// What stored bytes are: a value (split from its header), someone's
     /// lease, or garbage (counted and logged).
-    fn inspect(&self, site: &'static Site, key: &str, bytes: Vec<u8>, ttl: Ttl) -> Read {
+    fn inspect_stored(&self, site: &'static Site, key: &str, bytes: Vec<u8>, ttl: Ttl) -> Read {
         match lease::inspect(&bytes) {
             Found::Placeholder if ttl == Ttl::Forever => {
                 self.garbage(site, key, "a lease placeholder without expiry");

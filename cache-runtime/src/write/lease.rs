@@ -78,13 +78,59 @@ pub(crate) fn inspect(bytes: &[u8]) -> Found {
     }
 }
 
-/// A new placeholder with a fresh random token.
+/// A new placeholder with a fresh token: this process's [`Holder`], then
+/// 64 random bits for this lease.
 fn placeholder(cache: &Cache) -> Vec<u8> {
-    let token = fastrand::u128(..);
+    let holder = Holder::this_process();
+    let (pid, instance, lease) = (holder.pid, holder.instance, fastrand::u64(..));
     let at = cache.clock().now_millis();
     let mut bytes = MARK.to_vec();
-    bytes.extend_from_slice(format!("{token:032x}:{at}").as_bytes());
+    bytes.extend_from_slice(format!("{pid:08x}{instance:08x}{lease:016x}:{at}").as_bytes());
     bytes
+}
+
+/// Who took a lease: the first half of its token is the taker's process
+/// id and a random number drawn once per process (the *instance*, which
+/// tells apart processes of one pid on different hosts and restarts of
+/// one process). The cache logs both when it connects, so an operator who
+/// finds a lease held (`cachectl get`) can tell whose it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Holder {
+    /// The process id of the taker.
+    pub pid: u32,
+    /// A random number the taking process drew once.
+    pub instance: u32,
+}
+
+impl Holder {
+    /// This process's.
+    pub fn this_process() -> Holder {
+        static INSTANCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        Holder {
+            pid: std::process::id(),
+            instance: *INSTANCE.get_or_init(|| fastrand::u32(..)),
+        }
+    }
+
+    /// The holder named by a placeholder's bytes; `None` if they are not a
+    /// well-formed placeholder.
+    pub(crate) fn of_placeholder(bytes: &[u8]) -> Option<(Holder, u64)> {
+        if inspect(bytes) != Found::Placeholder {
+            return None;
+        }
+        let rest = std::str::from_utf8(&bytes[MARK.len()..]).ok()?;
+        let pid = u32::from_str_radix(rest.get(..8)?, 16).ok()?;
+        let instance = u32::from_str_radix(rest.get(8..16)?, 16).ok()?;
+        let at = rest.get(TOKEN_HEX_DIGITS + 1..)?.parse().ok()?;
+        Some((Holder { pid, instance }, at))
+    }
+}
+
+impl std::fmt::Display for Holder {
+    /// `pid 4242, instance 9a3c1f0e`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {}, instance {:08x}", self.pid, self.instance)
+    }
 }
 
 /// How a miss takes the lease.
@@ -312,6 +358,10 @@ mod tests {
         let (a, b) = (placeholder(&cache), placeholder(&cache));
         assert_eq!(inspect(&a), Found::Placeholder);
         assert_ne!(a, b, "tokens differ");
+        let (holder, _) = Holder::of_placeholder(&a).unwrap();
+        assert_eq!(holder, Holder::this_process());
+        assert_eq!(holder.pid, std::process::id());
+        assert_eq!(Holder::of_placeholder(b"{}"), None);
     }
 
     #[test]

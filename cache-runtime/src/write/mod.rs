@@ -368,7 +368,7 @@ impl Cache {
 }
 
 /// `operation`, or a timeout error after `timeout`.
-async fn within<T>(
+pub(crate) async fn within<T>(
     timeout: std::time::Duration,
     operation: impl std::future::Future<Output = Result<T, CacheError>>,
 ) -> Result<T, CacheError> {
@@ -378,7 +378,7 @@ async fn within<T>(
 }
 
 /// `text` as a `SCAN MATCH` pattern that matches it literally.
-fn glob_escape(text: &str) -> String {
+pub(crate) fn glob_escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {

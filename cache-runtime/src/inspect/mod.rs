@@ -1,0 +1,350 @@
+//! The operator's view: what an entry is and what the cache would do with
+//! it ([`Cache::inspect`]), the entries of one template
+//! ([`Cache::entries`]), and what the servers say of their memory, eviction
+//! policy, evictions and hit ratio ([`Cache::server_reports`]). The
+//! `cachectl` command (package `cache-cli`) prints them; a service can show
+//! them on an admin endpoint of its own.
+//!
+//! Entries are not what `redis-cli get` shows plainly: freshness headers,
+//! lease placeholders, negative entries, compressed and MessagePack values,
+//! tag headers (the format is on the guide's
+//! [operations](crate::guide::operations) page). An [`Inspection`] reads
+//! them the way a cached call does.
+//!
+//! When it connects, a cache reads its servers' `INFO` once (each primary
+//! of a cluster): it logs which server it is (Redis or Valkey, and the
+//! version), warns when the `maxmemory-policy` would make cache writes
+//! fail (`noeviction` with a `maxmemory`), and then reads it every 10 s to
+//! count the keys the servers evict ([`ServerStats`](crate::ServerStats)).
+//! A user that may not run `INFO` (an ACL user without `+info`) is told
+//! so once, at `info`; nothing else changes.
+
+mod entry;
+mod server;
+
+use std::time::Duration;
+
+pub use crate::write::lease::Holder;
+pub use entry::{
+    Entry, HumanDuration, Inspection, Lease, Stamp, Tag, TagState, Value, Verdict, Windows,
+};
+pub use server::{Server, ServerKind, ServerReport, Warning};
+
+use crate::backend::Fetched;
+use crate::cache::{Cache, WeakCache};
+use crate::error::CacheError;
+use crate::key::CacheKey;
+
+/// How often a cache reads its servers' `INFO` after connecting.
+const READ_INFO_EVERY: Duration = Duration::from_secs(10);
+
+impl Cache {
+    /// Reads `key` (the rendered template, without the cache's prefix:
+    /// `user:42`) the way a cached call would, and says what it holds: a
+    /// value decoded to JSON (with its freshness header and its tags,
+    /// each checked against the tag's current token), a negative entry, a
+    /// lease and who holds it, or garbage and why; its TTL; and the
+    /// entry's refresh lock, if held. [`Inspection::verdict`] says what
+    /// the next call would do with it.
+    ///
+    /// A value's codec is told from its first byte (JSON text, or a
+    /// MessagePack map, array or string): a tool does not know which codec
+    /// the service uses. Nothing is written and no counter moves.
+    ///
+    /// Cancel safe: it only reads.
+    pub async fn inspect(&self, key: &str) -> Result<Inspection, CacheError> {
+        let redis_key = self.prefixed(key).into_owned();
+        let settings = self.settings();
+        let (mut entry, expires_in, size) = match self.read_with_ttl(&redis_key).await {
+            Ok(Fetched::Found((bytes, ttl))) => {
+                let limit = settings.max_value_size;
+                let entry = entry::parse(&bytes, ttl, limit);
+                (entry, ttl.map(Duration::from_millis), bytes.len())
+            }
+            Ok(Fetched::Absent) => (Entry::Absent, None, 0),
+            Ok(Fetched::TooLarge) => {
+                let why = format!(
+                    "longer than the cache reads ({} bytes: max_value_size)",
+                    settings.read_limit
+                );
+                (Entry::Garbage(why), None, 0)
+            }
+            Err(error) if error.is_wrong_type() => {
+                (Entry::Garbage("not a string (WRONGTYPE)".into()), None, 0)
+            }
+            Err(error) => return Err(error),
+        };
+        if let Entry::Value(value) = &mut entry
+            && !value.tags.is_empty()
+        {
+            self.check_tags(&mut value.tags).await?;
+        }
+        let lock = crate::key::refresh_lock_key(self.prefix(), &redis_key);
+        let refresh_lock = match self.read_with_ttl(&lock).await? {
+            Fetched::Found((bytes, ttl)) => match entry::parse(&bytes, ttl, 0) {
+                Entry::Lease(lease) => Some(lease),
+                _ => None,
+            },
+            Fetched::Absent | Fetched::TooLarge => None,
+        };
+        Ok(Inspection {
+            key: redis_key,
+            entry,
+            expires_in,
+            size,
+            refresh_lock,
+        })
+    }
+
+    /// `GET` and `PTTL` of a Redis key, under the op timeout and breaker.
+    async fn read_with_ttl(
+        &self,
+        redis_key: &str,
+    ) -> Result<Fetched<(Vec<u8>, Option<u64>)>, CacheError> {
+        let read = self
+            .backend()
+            .get_with_ttl(redis_key, self.settings().read_limit);
+        let read = self.guarded(redis_key, read).await?;
+        Ok(read.map(|stored| (stored.bytes, stored.ttl_millis)))
+    }
+
+    /// Whether each tag still holds the token its value was stored with.
+    async fn check_tags(&self, tags: &mut [Tag]) -> Result<(), CacheError> {
+        let keys: Vec<String> = tags
+            .iter()
+            .map(|tag| self.redis_key(&CacheKey::of_tag(&tag.name)))
+            .collect();
+        let tokens = self.read_tokens_of(&keys).await?;
+        for (tag, token) in tags.iter_mut().zip(tokens) {
+            tag.state = match token {
+                Fetched::Found(token) if token == tag.token.as_bytes() => TagState::Current,
+                _ => TagState::Invalidated,
+            };
+        }
+        Ok(())
+    }
+
+    /// The keys (without the cache's prefix) of the entries that match
+    /// `pattern`, at most `limit`: a key template (`user:<id>`, whose
+    /// placeholders match one key part each; keys of every `version`) or
+    /// a `SCAN` glob (`user:4*`). Read with `SCAN` (never `KEYS`), on
+    /// every primary of a cluster; lease placeholders count as entries,
+    /// refresh locks and tags' keys do not. Over-long keys, whose tail the
+    /// cache replaced with a hash, match a glob but not a template.
+    ///
+    /// Cancel safe: it only reads.
+    pub async fn entries(&self, pattern: &str, limit: usize) -> Result<Vec<String>, CacheError> {
+        let matcher = Pattern::new(pattern);
+        let start = self.prefixed("").into_owned();
+        let glob = format!("{}{}", crate::write::glob_escape(&start), matcher.glob());
+        let backend = self.backend();
+        let timeout = self.settings().op_timeout;
+        let mut found = Vec::new();
+        for target in crate::write::within(timeout, backend.scan_targets()).await? {
+            let mut cursor = 0;
+            loop {
+                let scan = backend.scan(target.as_deref(), cursor, &glob, &start);
+                let (next, keys) = crate::write::within(timeout, scan).await?;
+                found.extend(keys.into_iter().filter_map(|key| {
+                    let rest = key.strip_prefix(&start)?;
+                    (!rest.contains('\0') && matcher.matches(rest)).then(|| rest.to_owned())
+                }));
+                if found.len() >= limit {
+                    found.sort();
+                    found.truncate(limit);
+                    return Ok(found);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// What each server says of itself (`INFO`): on a cluster, one report
+    /// per primary. Each reading also counts the server's evictions into
+    /// [`Stats::server`](crate::Stats::server).
+    ///
+    /// Fails with [`CacheError::NotRedis`] on the in-process backend, and
+    /// with the server's refusal (`NOPERM`) for an ACL user without
+    /// `+info`. Cancel safe: it only reads.
+    pub async fn server_reports(&self) -> Result<Vec<ServerReport>, CacheError> {
+        let backend = self.backend();
+        let timeout = self.settings().op_timeout;
+        let mut reports = Vec::new();
+        for target in crate::write::within(timeout, backend.scan_targets()).await? {
+            let info = crate::write::within(timeout, backend.info(target.as_deref())).await?;
+            let report = ServerReport::parse(target, &info);
+            let address = report.address.as_deref().unwrap_or_default();
+            self.recorder()
+                .note_evicted_keys(address, &report.run_id, report.evicted_keys);
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+}
+
+/// The first reading of a new cache's servers: logs which they are and
+/// warns of a `maxmemory-policy` that refuses cache writes once memory is
+/// full; then reads them every 10 s in a task of its own, for as long as
+/// the cache lives, to count evictions. Nothing on the in-process backend,
+/// and nothing more where `INFO` is refused.
+pub(crate) async fn first_reading(cache: &Cache) {
+    if cache.backend().as_memory().is_some() {
+        return;
+    }
+    match cache.server_reports().await {
+        Ok(reports) => {
+            for report in &reports {
+                tracing::info!(
+                    server = %report.server,
+                    address = report.address.as_deref().unwrap_or("-"),
+                    maxmemory = report.maxmemory,
+                    maxmemory_policy = %report.maxmemory_policy,
+                    holder = %Holder::this_process(),
+                    "cache connected"
+                );
+                if report.refuses_writes_when_full() {
+                    tracing::warn!(
+                        server = %report.server,
+                        address = report.address.as_deref().unwrap_or("-"),
+                        maxmemory = report.maxmemory,
+                        "{}",
+                        Warning::NoEviction
+                    );
+                }
+            }
+        }
+        Err(error) if error.is_not_permitted() => {
+            tracing::info!(%error, "the cache's user may not run INFO: server evictions are not counted");
+            return;
+        }
+        // Not reachable yet, or slow: the task reads it later.
+        Err(error) => tracing::debug!(%error, "INFO not read at connect"),
+    }
+    tokio::spawn(read_info(cache.downgrade()));
+}
+
+/// Reads the servers' `INFO` every [`READ_INFO_EVERY`] while the cache
+/// lives (its handle is not kept between readings).
+async fn read_info(cache: WeakCache) {
+    loop {
+        tokio::time::sleep(READ_INFO_EVERY).await;
+        let Some(cache) = cache.upgrade() else { return };
+        if let Err(error) = cache.server_reports().await
+            && error.is_not_permitted()
+        {
+            tracing::info!(%error, "the cache's user may not run INFO: server evictions are not counted");
+            return;
+        }
+    }
+}
+
+/// What [`Cache::entries`] lists: a key template or a glob.
+#[derive(Debug)]
+struct Pattern(Vec<Token>);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Token {
+    Char(char),
+    /// `*` of a glob: any text.
+    Any,
+    /// `?` of a glob: one character.
+    One,
+    /// A template's placeholder: one key part (no `:`), not empty.
+    Part,
+}
+
+impl Pattern {
+    fn new(pattern: &str) -> Pattern {
+        let mut tokens = Vec::new();
+        let mut chars = pattern.chars();
+        let template = pattern.contains('<');
+        while let Some(c) = chars.next() {
+            tokens.push(match c {
+                '<' if template => {
+                    chars.by_ref().find(|&c| c == '>');
+                    Token::Part
+                }
+                '*' if !template => Token::Any,
+                '?' if !template => Token::One,
+                '\\' if !template => Token::Char(chars.next().unwrap_or('\\')),
+                c => Token::Char(c),
+            });
+        }
+        if template {
+            // `version = N`: `:vN` after the template.
+            tokens.push(Token::Any);
+        }
+        Pattern(tokens)
+    }
+
+    /// The `SCAN MATCH` glob (after the escaped prefix).
+    fn glob(&self) -> String {
+        let mut glob = String::new();
+        for token in &self.0 {
+            match token {
+                Token::Any | Token::Part => glob.push('*'),
+                Token::One => glob.push('?'),
+                Token::Char(c) => glob.push_str(&crate::write::glob_escape(&c.to_string())),
+            }
+        }
+        glob
+    }
+
+    fn matches(&self, key: &str) -> bool {
+        let key: Vec<char> = key.chars().collect();
+        let template = self.0.contains(&Token::Part);
+        matches(&self.0, &key, template)
+    }
+}
+
+/// Whether `key` matches `tokens`; `template`: the trailing `Any` only
+/// takes a version suffix (`:v2`).
+fn matches(tokens: &[Token], key: &[char], template: bool) -> bool {
+    match tokens.split_first() {
+        None => key.is_empty(),
+        Some((Token::Char(c), rest)) => {
+            key.first() == Some(c) && matches(rest, &key[1..], template)
+        }
+        Some((Token::One, rest)) => !key.is_empty() && matches(rest, &key[1..], template),
+        Some((Token::Any, rest)) if template && rest.is_empty() => {
+            key.is_empty()
+                || key.len() > 2
+                    && key[..2] == [':', 'v']
+                    && key[2..].iter().all(char::is_ascii_digit)
+        }
+        Some((Token::Any, rest)) => (0..=key.len()).any(|at| matches(rest, &key[at..], template)),
+        Some((Token::Part, rest)) => (1..=key.len())
+            .take_while(|&at| key[at - 1] != ':')
+            .any(|at| matches(rest, &key[at..], template)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_match_their_keys_only() {
+        let user = Pattern::new("user:<id>");
+        assert_eq!(user.glob(), "user:**");
+        for key in ["user:42", "user:42:v2", "user:%2A"] {
+            assert!(user.matches(key), "{key}");
+        }
+        for key in ["user:", "user:42:posts", "user:42:v", "users:1"] {
+            assert!(!user.matches(key), "{key}");
+        }
+        let member = Pattern::new("org:<org.id>:member:<user_id>");
+        assert!(member.matches("org:1:member:2"));
+        assert!(!member.matches("org:1:2:member:2"));
+        let glob = Pattern::new(r"user:4\*?");
+        assert_eq!(glob.glob(), r"user:4\*?");
+        assert!(glob.matches("user:4*2"));
+        assert!(!glob.matches("user:412"));
+        assert!(Pattern::new("*").matches("anything:at:all"));
+    }
+}
