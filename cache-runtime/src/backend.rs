@@ -560,14 +560,18 @@ impl Backend {
         }
     }
 
-    /// `INFO` of `target` (see [`Backend::scan_targets`]), as text.
+    /// `INFO` of `target` (see [`Backend::scan_targets`]), as text. Not
+    /// timed in `cache_operation_duration_seconds`: not a cache operation.
     pub(crate) async fn info(&self, target: Option<&str>) -> Result<String, CacheError> {
         match (self, target) {
-            (Backend::Cluster(c), Some(addr)) => {
-                let _timer = self.timer(Operation::Command);
-                c.info_node(addr).await
-            }
-            _ => self.query(&::redis::cmd("INFO")).await,
+            (Backend::Cluster(c), Some(addr)) => c.info_node(addr).await,
+            _ => match self.connection() {
+                Ok(mut conn) => ::redis::cmd("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(CacheError::redis),
+                Err(_) => Err(CacheError::NotRedis),
+            },
         }
     }
 

@@ -488,9 +488,7 @@ impl CacheBuilder {
             }
         };
         let cache = self.assemble(backend, breaker);
-        if answered {
-            crate::inspect::first_reading(&cache).await;
-        }
+        crate::inspect::first_reading(&cache, answered).await;
         Ok(cache)
     }
 

@@ -187,58 +187,75 @@ impl Cache {
     }
 }
 
-/// The first reading of a new cache's servers: logs which they are and
-/// warns of a `maxmemory-policy` that refuses cache writes once memory is
-/// full; then reads them every 10 s in a task of its own, for as long as
-/// the cache lives, to count evictions. Nothing on the in-process backend,
-/// and nothing more where `INFO` is refused.
-pub(crate) async fn first_reading(cache: &Cache) {
+/// The first reading of a new cache's servers, when it reached them
+/// (`answered`): logs which they are and warns of a `maxmemory-policy`
+/// that refuses cache writes once memory is full. Then reads them every
+/// 10 s in a task of its own, for as long as the cache lives, to count
+/// evictions (and, if they were not reachable at first, to log and warn
+/// on the first reading). Nothing on the in-process backend, and nothing
+/// more where `INFO` is refused.
+pub(crate) async fn first_reading(cache: &Cache, answered: bool) {
     if cache.backend().as_memory().is_some() {
         return;
     }
-    match cache.server_reports().await {
-        Ok(reports) => {
-            for report in &reports {
-                tracing::info!(
-                    server = %report.server,
-                    address = report.address.as_deref().unwrap_or("-"),
-                    maxmemory = report.maxmemory,
-                    maxmemory_policy = %report.maxmemory_policy,
-                    holder = %Holder::this_process(),
-                    "cache connected"
-                );
-                if report.refuses_writes_when_full() {
-                    tracing::warn!(
-                        server = %report.server,
-                        address = report.address.as_deref().unwrap_or("-"),
-                        maxmemory = report.maxmemory,
-                        "{}",
-                        Warning::NoEviction
-                    );
-                }
+    let mut announced = false;
+    if answered {
+        match cache.server_reports().await {
+            Ok(reports) => {
+                announce(&reports);
+                announced = true;
             }
+            Err(error) if error.is_not_permitted() => return refused(&error),
+            // Slow: the task reads it later.
+            Err(error) => tracing::debug!(%error, "INFO not read at connect"),
         }
-        Err(error) if error.is_not_permitted() => {
-            tracing::info!(%error, "the cache's user may not run INFO: server evictions are not counted");
-            return;
-        }
-        // Not reachable yet, or slow: the task reads it later.
-        Err(error) => tracing::debug!(%error, "INFO not read at connect"),
     }
-    tokio::spawn(read_info(cache.downgrade()));
+    tokio::spawn(read_info(cache.downgrade(), announced));
+}
+
+/// Logs which servers a cache connected to, and warns of a policy that
+/// refuses writes.
+fn announce(reports: &[ServerReport]) {
+    for report in reports {
+        let address = report.address.as_deref().unwrap_or("-");
+        tracing::info!(
+            server = %report.server,
+            address,
+            maxmemory = report.maxmemory,
+            maxmemory_policy = %report.maxmemory_policy,
+            holder = %Holder::this_process(),
+            "cache connected"
+        );
+        if report.refuses_writes_when_full() {
+            tracing::warn!(
+                server = %report.server,
+                address,
+                maxmemory = report.maxmemory,
+                "{}",
+                Warning::NoEviction
+            );
+        }
+    }
+}
+
+fn refused(error: &CacheError) {
+    tracing::info!(%error, "the cache's user may not run INFO: server evictions are not counted");
 }
 
 /// Reads the servers' `INFO` every [`READ_INFO_EVERY`] while the cache
 /// lives (its handle is not kept between readings).
-async fn read_info(cache: WeakCache) {
+async fn read_info(cache: WeakCache, mut announced: bool) {
     loop {
         tokio::time::sleep(READ_INFO_EVERY).await;
         let Some(cache) = cache.upgrade() else { return };
-        if let Err(error) = cache.server_reports().await
-            && error.is_not_permitted()
-        {
-            tracing::info!(%error, "the cache's user may not run INFO: server evictions are not counted");
-            return;
+        match cache.server_reports().await {
+            Ok(reports) if !announced => {
+                announce(&reports);
+                announced = true;
+            }
+            Ok(_) => {}
+            Err(error) if error.is_not_permitted() => return refused(&error),
+            Err(_) => {}
         }
     }
 }
