@@ -77,6 +77,15 @@ struct Connection {
     /// The client certificate's key (PEM file).
     #[arg(long, value_name = "PEM", requires = "tls_cert", global = true)]
     tls_key: Option<std::path::PathBuf>,
+    /// The service uses `LocalInvalidation::Broadcast`: invalidations are
+    /// announced to its processes' local tiers on pub/sub, as its writes
+    /// do.
+    #[arg(long, global = true)]
+    broadcast: bool,
+    /// The codec the service stores values with: tried first, then the
+    /// other one.
+    #[arg(long, value_parser = ["json", "msgpack"], default_value = "json", global = true)]
+    codec: String,
     /// How long one command may take (`2s`, `500ms`).
     #[arg(long, value_parser = duration, default_value = "2s", global = true)]
     timeout: Duration,
@@ -235,7 +244,15 @@ where
 }
 
 async fn connect(c: &Connection) -> Result<Cache, Error> {
-    let mut builder = Cache::builder().op_timeout(c.timeout);
+    let codec = if c.codec == "msgpack" {
+        Codec::MessagePack
+    } else {
+        Codec::Json
+    };
+    let mut builder = Cache::builder().op_timeout(c.timeout).codec(codec);
+    if c.broadcast {
+        builder = builder.local_invalidation(cache_runtime::LocalInvalidation::Broadcast);
+    }
     builder = if !c.cluster.is_empty() {
         builder.cluster(c.cluster.iter().cloned())
     } else if let Some(service) = &c.sentinel {
@@ -363,7 +380,8 @@ fn summary(inspection: &Inspection, windows: Option<Windows>) -> String {
     match inspection.verdict(windows) {
         Verdict::Miss => "absent".to_owned(),
         Verdict::Fresh(d) => format!("fresh {what}, {}", left(&d)),
-        Verdict::Stale(d) => format!("stale {what}, served {} more", human(d)),
+        Verdict::Stale(Some(d)) => format!("stale {what}, served {} more", human(d)),
+        Verdict::Stale(None) => format!("stale {what}, no expiry"),
         Verdict::FailSafe(d) => format!("expired {what}, kept for fail_safe {} more", human(d)),
         Verdict::Kept(d) => format!("{what} (stale windows not given), {} left", human(d)),
         Verdict::Leased(d) => match &inspection.entry {
@@ -424,6 +442,9 @@ fn human(d: Duration) -> String {
 
 /// How long ago a time in ms since the epoch was, by this host's clock.
 fn ago(at_millis: u64) -> String {
+    if at_millis == 0 {
+        return "at a time it does not say".to_owned();
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));

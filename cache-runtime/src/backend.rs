@@ -560,7 +560,17 @@ impl Backend {
         }
     }
 
-    /// `INFO` of `target` (see [`Backend::scan_targets`]), as text. Not
+    /// Where `INFO` is read: the server, or each primary of the slot map
+    /// the cluster client has now (not read again for it: a cache reads
+    /// `INFO` every 10 s, and a new slot map has consequences).
+    pub(crate) fn info_targets(&self) -> Vec<Option<String>> {
+        match self {
+            Backend::Cluster(c) => c.primaries().into_iter().map(Some).collect(),
+            Backend::Redis(_) | Backend::Sentinel(_) | Backend::Memory(_) => vec![None],
+        }
+    }
+
+    /// `INFO` of `target` (see [`Backend::info_targets`]), as text. Not
     /// timed in `cache_operation_duration_seconds`: not a cache operation.
     pub(crate) async fn info(&self, target: Option<&str>) -> Result<String, CacheError> {
         match (self, target) {

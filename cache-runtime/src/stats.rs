@@ -582,11 +582,15 @@ impl Recorder {
             .evicted_seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let grown = match seen.get(address) {
-            Some((run, last)) if run == run_id => evicted_keys.saturating_sub(*last),
-            _ => 0,
+        // Two readings may be noted out of order: the count of one server
+        // process only grows, so the larger is the later.
+        let (grown, last) = match seen.get(address) {
+            Some((run, last)) if run == run_id => {
+                (evicted_keys.saturating_sub(*last), evicted_keys.max(*last))
+            }
+            _ => (0, evicted_keys),
         };
-        seen.insert(address.to_owned(), (run_id.to_owned(), evicted_keys));
+        seen.insert(address.to_owned(), (run_id.to_owned(), last));
         drop(seen);
         if grown > 0 {
             self.evicted.fetch_add(grown, Ordering::Relaxed);

@@ -130,7 +130,6 @@ impl Cache {
         &self.inner.backend
     }
 
-    #[cfg(feature = "__testing")]
     pub(crate) fn breaker(&self) -> &Arc<Breaker> {
         &self.inner.breaker
     }

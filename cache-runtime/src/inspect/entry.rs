@@ -51,8 +51,8 @@ pub struct Value {
     /// The value as JSON text (a MessagePack value turned into JSON);
     /// `None` for a cached `None` (`cache_none`).
     pub json: Option<String>,
-    /// The codec that decodes it (told from its first byte: JSON text or
-    /// a MessagePack map, array or string).
+    /// The codec that decodes it: the cache's, or else the other one (a
+    /// tool does not know the service's codec).
     pub codec: Codec,
     /// Stored compressed (`compress_above`): how long it is decompressed.
     pub compressed: Option<usize>,
@@ -108,7 +108,8 @@ pub enum TagState {
 pub struct Lease {
     /// Who took it.
     pub holder: Holder,
-    /// When, in ms since the Unix epoch, by the taker's clock.
+    /// When, in ms since the Unix epoch, by the taker's clock (0: the
+    /// placeholder does not say).
     pub taken_at_millis: u64,
     /// How long it has left; `None` without expiry (never ours: garbage).
     pub expires_in: Option<Duration>,
@@ -120,8 +121,9 @@ pub struct Lease {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Windows {
-    /// `stale = "..."` (with `early_refresh` and no `stale`: the lease,
-    /// `CacheBuilder::lease`, 5 s unless set).
+    /// `stale = "..."`; with `early_refresh`, the larger of it and the
+    /// lease (`CacheBuilder::lease`, 10 s unless set), which an early
+    /// refresh has to finish in.
     pub stale: Duration,
     /// `fail_safe = "..."`.
     pub fail_safe: Duration,
@@ -142,8 +144,9 @@ pub enum Verdict {
     Miss,
     /// Served, for this long more (`None`: no expiry).
     Fresh(Option<Duration>),
-    /// Served, for this long more, while one caller recomputes it.
-    Stale(Duration),
+    /// Served, for this long more (`None`: no expiry), while one caller
+    /// recomputes it.
+    Stale(Option<Duration>),
     /// Past its stale window: recomputed like a miss, and served only if
     /// the body fails (`fail_safe`), for this long more.
     FailSafe(Duration),
@@ -175,7 +178,12 @@ impl Inspection {
             return Verdict::Invalidated(tag.name.clone());
         }
         let Some(left) = self.expires_in else {
-            return Verdict::Fresh(None);
+            // A value with a freshness header and no expiry (someone
+            // else's `PERSIST`) is recomputed, as a stale one is.
+            return match value.freshness {
+                None => Verdict::Fresh(None),
+                Some(_) => Verdict::Stale(None),
+            };
         };
         if value.freshness.is_none() {
             return Verdict::Fresh(Some(left));
@@ -193,7 +201,7 @@ impl Inspection {
         let ms = Duration::from_millis;
         match header.verdict(Some(left_ms), kept, fail_safe, None) {
             Freshness::Fresh | Freshness::RefreshEarly => Verdict::Fresh(Some(ms(left_ms - kept))),
-            Freshness::Stale => Verdict::Stale(ms(left_ms.saturating_sub(fail_safe))),
+            Freshness::Stale => Verdict::Stale(Some(ms(left_ms.saturating_sub(fail_safe)))),
             Freshness::Expired => Verdict::FailSafe(left),
         }
     }
@@ -206,10 +214,14 @@ impl fmt::Display for Verdict {
             Verdict::Miss => write!(f, "absent: the next call is a miss"),
             Verdict::Fresh(None) => write!(f, "fresh, served (no expiry: not set by this cache)"),
             Verdict::Fresh(Some(d)) => write!(f, "fresh, served for {} more", secs(d)),
-            Verdict::Stale(d) => write!(
+            Verdict::Stale(Some(d)) => write!(
                 f,
                 "stale, served for {} more while one caller recomputes it",
                 secs(d)
+            ),
+            Verdict::Stale(None) => write!(
+                f,
+                "stale (no expiry: not set by this cache), served while one caller recomputes it"
             ),
             Verdict::FailSafe(d) => write!(
                 f,
@@ -256,9 +268,9 @@ impl fmt::Display for HumanDuration {
 }
 
 /// What `bytes` stored under a key with `ttl_millis` left hold, the value
-/// decoded as [`to_json`] does; compressed values are decompressed up to
-/// `limit` bytes. Tags come back [`TagState::Unknown`].
-pub(crate) fn parse(bytes: &[u8], ttl_millis: Option<u64>, limit: usize) -> Entry {
+/// decoded as [`to_json`] does (`codec` first); compressed values are
+/// decompressed up to `limit` bytes. Tags come back [`TagState::Unknown`].
+pub(crate) fn parse(bytes: &[u8], ttl_millis: Option<u64>, codec: Codec, limit: usize) -> Entry {
     match lease::inspect(bytes) {
         Found::Placeholder if ttl_millis.is_none() => {
             return Entry::Garbage("a lease placeholder without expiry".into());
@@ -329,7 +341,7 @@ pub(crate) fn parse(bytes: &[u8], ttl_millis: Option<u64>, limit: usize) -> Entr
     } else {
         rest
     };
-    match to_json(encoded) {
+    match to_json(encoded, codec) {
         Ok((json, codec)) => {
             value.json = Some(json);
             value.codec = codec;
@@ -339,29 +351,117 @@ pub(crate) fn parse(bytes: &[u8], ttl_millis: Option<u64>, limit: usize) -> Entr
     }
 }
 
-/// `encoded` as JSON text, and the codec that decoded it: JSON when it
-/// starts like JSON text, else MessagePack (every MessagePack map, array
-/// and string starts with a byte no JSON text does). A tool does not know
-/// the service's codec, and neither decoder rejects every text of the
-/// other (`{` is the MessagePack integer 123, and MessagePack decoding
-/// ignores what follows a value).
-fn to_json(encoded: &[u8]) -> Result<(String, Codec), crate::CodecError> {
-    let json_like = encoded
-        .first()
-        .is_some_and(|&b| b.is_ascii_graphic() || b.is_ascii_whitespace());
-    #[cfg(feature = "msgpack")]
-    let codec = if json_like {
-        Codec::Json
-    } else {
-        Codec::MessagePack
+/// `encoded` as JSON text, and the codec that decoded it: `preferred`
+/// first, then the other. A codec decodes only if it reads all of the
+/// bytes as one value (a MessagePack decoder alone reads `{"id":1}` as
+/// the integer 123 and stops there), so that a value of one codec is
+/// never shown as a value of the other; the error is `preferred`'s.
+fn to_json(encoded: &[u8], preferred: Codec) -> Result<(String, Codec), crate::CodecError> {
+    let others = [
+        Codec::Json,
+        #[cfg(feature = "msgpack")]
+        Codec::MessagePack,
+    ];
+    let mut error = None;
+    for codec in std::iter::once(preferred).chain(others.into_iter().filter(|&c| c != preferred)) {
+        match transcode(encoded, codec) {
+            Ok(json) => return Ok((json.0.to_string(), codec)),
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    }
+    Err(error.expect("one codec at least"))
+}
+
+/// `encoded`, all of it, as one value of `codec`, in JSON.
+fn transcode(encoded: &[u8], codec: Codec) -> Result<Json, crate::CodecError> {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| crate::CodecError::Decode {
+        codec,
+        source,
     };
-    #[cfg(not(feature = "msgpack"))]
-    let codec = {
-        let _ = json_like;
-        Codec::Json
-    };
-    let value = codec.decode::<serde_json::Value>(encoded)?;
-    Ok((value.to_string(), codec))
+    match codec {
+        // `from_slice` rejects what follows the value.
+        Codec::Json => serde_json::from_slice(encoded).map_err(|e| failed(e.into())),
+        #[cfg(feature = "msgpack")]
+        Codec::MessagePack => {
+            use serde::Deserialize as _;
+            let mut decoder = rmp_serde::Deserializer::new(std::io::Cursor::new(encoded));
+            let json = Json::deserialize(&mut decoder).map_err(|e| failed(e.into()))?;
+            if decoder.position() != encoded.len() as u64 {
+                return Err(failed("bytes after the value".into()));
+            }
+            Ok(json)
+        }
+    }
+}
+
+/// A value of any serde format, as JSON: map keys that are not strings
+/// (a `HashMap<u64, _>` in MessagePack) become their JSON text, bytes
+/// become arrays of numbers.
+struct Json(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Json, D::Error> {
+        deserializer.deserialize_any(JsonVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> serde::de::Visitor<'de> for JsonVisitor {
+    type Value = Json;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Json, E> {
+        Ok(Json(v.into()))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Json, E> {
+        Ok(Json(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Json, E> {
+        Ok(Json(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Json, E> {
+        Ok(Json(v.into()))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Json, E> {
+        Ok(Json(v.into()))
+    }
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Json, E> {
+        Ok(Json(
+            v.iter().map(|&b| serde_json::Value::from(b)).collect(),
+        ))
+    }
+    fn visit_none<E>(self) -> Result<Json, E> {
+        Ok(Json(serde_json::Value::Null))
+    }
+    fn visit_unit<E>(self) -> Result<Json, E> {
+        Ok(Json(serde_json::Value::Null))
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Json, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Json, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Json(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Json(serde_json::Value::Array(items)))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Json, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some((Json(key), Json(value))) = map.next_entry()? {
+            let key = match key {
+                serde_json::Value::String(key) => key,
+                key => key.to_string(),
+            };
+            object.insert(key, value);
+        }
+        Ok(Json(serde_json::Value::Object(object)))
+    }
 }
 
 #[cfg(test)]
@@ -379,7 +479,7 @@ mod tests {
     }
 
     fn value(bytes: &[u8]) -> Entry {
-        parse(bytes, Some(1_000), 1 << 20)
+        parse(bytes, Some(1_000), Codec::Json, 1 << 20)
     }
 
     #[test]
@@ -425,11 +525,23 @@ mod tests {
                 expires_in: Some(Duration::from_secs(1)),
             })
         );
-        for garbage in [&b"\0lease:zz"[..], b"\x01fresh:x\n1", b"\x04tags:aa", b"{"] {
+        #[cfg(feature = "msgpack")]
+        {
+            let by_id: std::collections::HashMap<u64, &str> = [(7, "a")].into();
+            let packed = Codec::MessagePack.encode(&by_id).unwrap();
+            let Entry::Value(map) = value(&packed) else {
+                panic!()
+            };
+            assert_eq!(
+                (map.json.as_deref(), map.codec),
+                (Some(r#"{"7":"a"}"#), Codec::MessagePack)
+            );
+        }
+        for garbage in [&b"\0lease:zz"[..], b"\x01fresh:x\n1", b"\x04tags:aa", b"{x"] {
             assert!(matches!(value(garbage), Entry::Garbage(_)), "{garbage:?}");
         }
         assert!(matches!(
-            parse(lease.as_bytes(), None, 100),
+            parse(lease.as_bytes(), None, Codec::Json, 100),
             Entry::Garbage(_)
         ));
     }
@@ -441,7 +553,11 @@ mod tests {
         let windows = Some(Windows::new(s(30), s(60)));
         let at = |left_s: u64| inspection(fresh.clone(), Some(left_s * 1_000)).verdict(windows);
         assert_eq!(at(100), Verdict::Fresh(Some(s(10))));
-        assert_eq!(at(80), Verdict::Stale(s(20)));
+        assert_eq!(at(80), Verdict::Stale(Some(s(20))));
+        assert_eq!(
+            inspection(fresh.clone(), None).verdict(windows),
+            Verdict::Stale(None)
+        );
         assert_eq!(at(50), Verdict::FailSafe(s(50)));
         assert_eq!(
             inspection(fresh.clone(), Some(100_000)).verdict(None),

@@ -17,7 +17,8 @@
 //! fail (`noeviction` with a `maxmemory`), and then reads it every 10 s to
 //! count the keys the servers evict ([`ServerStats`](crate::ServerStats)).
 //! A user that may not run `INFO` (an ACL user without `+info`) is told
-//! so once, at `info`; nothing else changes.
+//! so once, at `info` (the server logs the refusal in its `ACL LOG`);
+//! the cache works as before, and counts no evictions.
 
 mod entry;
 mod server;
@@ -47,9 +48,10 @@ impl Cache {
     /// entry's refresh lock, if held. [`Inspection::verdict`] says what
     /// the next call would do with it.
     ///
-    /// A value's codec is told from its first byte (JSON text, or a
-    /// MessagePack map, array or string): a tool does not know which codec
-    /// the service uses. Nothing is written and no counter moves.
+    /// A value is decoded with the cache's codec, or else with the other
+    /// one (a tool does not know which codec the service uses). Nothing is
+    /// written, and no call's counter moves (the reads go through the op
+    /// timeout and the breaker, and are timed, as every cache command).
     ///
     /// Cancel safe: it only reads.
     pub async fn inspect(&self, key: &str) -> Result<Inspection, CacheError> {
@@ -58,7 +60,7 @@ impl Cache {
         let (mut entry, expires_in, size) = match self.read_with_ttl(&redis_key).await {
             Ok(Fetched::Found((bytes, ttl))) => {
                 let limit = settings.max_value_size;
-                let entry = entry::parse(&bytes, ttl, limit);
+                let entry = entry::parse(&bytes, ttl, settings.codec, limit);
                 (entry, ttl.map(Duration::from_millis), bytes.len())
             }
             Ok(Fetched::Absent) => (Entry::Absent, None, 0),
@@ -77,15 +79,18 @@ impl Cache {
         if let Entry::Value(value) = &mut entry
             && !value.tags.is_empty()
         {
-            self.check_tags(&mut value.tags).await?;
+            self.check_tags(&mut value.tags).await;
         }
+        // Anything but a lease there (or a failed read) is no lock held.
         let lock = crate::key::refresh_lock_key(self.prefix(), &redis_key);
-        let refresh_lock = match self.read_with_ttl(&lock).await? {
-            Fetched::Found((bytes, ttl)) => match entry::parse(&bytes, ttl, 0) {
-                Entry::Lease(lease) => Some(lease),
-                _ => None,
-            },
-            Fetched::Absent | Fetched::TooLarge => None,
+        let refresh_lock = match self.read_with_ttl(&lock).await {
+            Ok(Fetched::Found((bytes, ttl))) => {
+                match entry::parse(&bytes, ttl, settings.codec, 0) {
+                    Entry::Lease(lease) => Some(lease),
+                    _ => None,
+                }
+            }
+            _ => None,
         };
         Ok(Inspection {
             key: redis_key,
@@ -108,26 +113,27 @@ impl Cache {
         Ok(read.map(|stored| (stored.bytes, stored.ttl_millis)))
     }
 
-    /// Whether each tag still holds the token its value was stored with.
-    async fn check_tags(&self, tags: &mut [Tag]) -> Result<(), CacheError> {
-        let keys: Vec<String> = tags
-            .iter()
-            .map(|tag| self.redis_key(&CacheKey::of_tag(&tag.name)))
-            .collect();
-        let tokens = self.read_tokens_of(&keys).await?;
-        for (tag, token) in tags.iter_mut().zip(tokens) {
-            tag.state = match token {
-                Fetched::Found(token) if token == tag.token.as_bytes() => TagState::Current,
-                _ => TagState::Invalidated,
+    /// Whether each tag still holds the token its value was stored with,
+    /// one read each (on a cluster, tags live on any primary): a tag whose
+    /// read failed stays [`TagState::Unknown`].
+    async fn check_tags(&self, tags: &mut [Tag]) {
+        for tag in tags {
+            let key = self.redis_key(&CacheKey::of_tag(&tag.name));
+            tag.state = match self.read_with_ttl(&key).await {
+                Ok(Fetched::Found((token, _))) if token == tag.token.as_bytes() => {
+                    TagState::Current
+                }
+                Ok(_) => TagState::Invalidated,
+                Err(_) => TagState::Unknown,
             };
         }
-        Ok(())
     }
 
     /// The keys (without the cache's prefix) of the entries that match
     /// `pattern`, at most `limit`: a key template (`user:<id>`, whose
     /// placeholders match one key part each; keys of every `version`) or
-    /// a `SCAN` glob (`user:4*`). Read with `SCAN` (never `KEYS`), on
+    /// a glob of `*` and `?` (`user:4*`; other characters, `[` included,
+    /// match themselves). Read with `SCAN` (never `KEYS`), on
     /// every primary of a cluster; lease placeholders count as entries,
     /// refresh locks and tags' keys do not. Over-long keys, whose tail the
     /// cache replaced with a hash, match a glob but not a template.
@@ -174,10 +180,15 @@ impl Cache {
     pub async fn server_reports(&self) -> Result<Vec<ServerReport>, CacheError> {
         let backend = self.backend();
         let timeout = self.settings().op_timeout;
-        let mut reports = Vec::new();
-        for target in crate::write::within(timeout, backend.scan_targets()).await? {
+        let read = |target: Option<String>| async move {
             let info = crate::write::within(timeout, backend.info(target.as_deref())).await?;
-            let report = ServerReport::parse(target, &info);
+            Ok::<_, CacheError>(ServerReport::parse(target, &info))
+        };
+        let readings =
+            futures_util::future::join_all(backend.info_targets().into_iter().map(read)).await;
+        let mut reports = Vec::with_capacity(readings.len());
+        for reading in readings {
+            let report = reading?;
             let address = report.address.as_deref().unwrap_or_default();
             self.recorder()
                 .note_evicted_keys(address, &report.run_id, report.evicted_keys);
@@ -210,7 +221,9 @@ pub(crate) async fn first_reading(cache: &Cache, answered: bool) {
             Err(error) => tracing::debug!(%error, "INFO not read at connect"),
         }
     }
-    tokio::spawn(read_info(cache.downgrade(), announced));
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::spawn(read_info(cache.downgrade(), announced));
+    }
 }
 
 /// Logs which servers a cache connected to, and warns of a policy that
@@ -239,7 +252,11 @@ fn announce(reports: &[ServerReport]) {
 }
 
 fn refused(error: &CacheError) {
-    tracing::info!(%error, "the cache's user may not run INFO: server evictions are not counted");
+    tracing::info!(
+        %error,
+        holder = %Holder::this_process(),
+        "cache connected; its user may not run INFO: the server is not named and evictions are not counted"
+    );
 }
 
 /// Reads the servers' `INFO` every [`READ_INFO_EVERY`] while the cache
@@ -248,6 +265,10 @@ async fn read_info(cache: WeakCache, mut announced: bool) {
     loop {
         tokio::time::sleep(READ_INFO_EVERY).await;
         let Some(cache) = cache.upgrade() else { return };
+        // An outage: the breaker's probe, not this, finds the server again.
+        if cache.breaker().is_open() {
+            continue;
+        }
         match cache.server_reports().await {
             Ok(reports) if !announced => {
                 announce(&reports);
@@ -273,6 +294,8 @@ enum Token {
     One,
     /// A template's placeholder: one key part (no `:`), not empty.
     Part,
+    /// The end of a template: nothing, or a version (`:v2`).
+    Version,
 }
 
 impl Pattern {
@@ -293,8 +316,7 @@ impl Pattern {
             });
         }
         if template {
-            // `version = N`: `:vN` after the template.
-            tokens.push(Token::Any);
+            tokens.push(Token::Version);
         }
         Pattern(tokens)
     }
@@ -304,7 +326,7 @@ impl Pattern {
         let mut glob = String::new();
         for token in &self.0 {
             match token {
-                Token::Any | Token::Part => glob.push('*'),
+                Token::Any | Token::Part | Token::Version => glob.push('*'),
                 Token::One => glob.push('?'),
                 Token::Char(c) => glob.push_str(&crate::write::glob_escape(&c.to_string())),
             }
@@ -312,32 +334,38 @@ impl Pattern {
         glob
     }
 
+    /// Whether `key` matches, in time proportional to the pattern's length
+    /// times the key's (no backtracking: a pattern of many `*` cannot
+    /// make it slow).
     fn matches(&self, key: &str) -> bool {
         let key: Vec<char> = key.chars().collect();
-        let template = self.0.contains(&Token::Part);
-        matches(&self.0, &key, template)
-    }
-}
-
-/// Whether `key` matches `tokens`; `template`: the trailing `Any` only
-/// takes a version suffix (`:v2`).
-fn matches(tokens: &[Token], key: &[char], template: bool) -> bool {
-    match tokens.split_first() {
-        None => key.is_empty(),
-        Some((Token::Char(c), rest)) => {
-            key.first() == Some(c) && matches(rest, &key[1..], template)
+        let n = key.len();
+        // `next[j]`: whether the tokens after the current one match
+        // `key[j..]`; built from the last token back.
+        let mut next = vec![false; n + 1];
+        next[n] = true;
+        for token in self.0.iter().rev() {
+            let mut here = vec![false; n + 1];
+            for j in (0..=n).rev() {
+                here[j] = match token {
+                    Token::Char(c) => j < n && key[j] == *c && next[j + 1],
+                    Token::One => j < n && next[j + 1],
+                    Token::Any => next[j] || (j < n && here[j + 1]),
+                    // One character or more without `:`.
+                    Token::Part => j < n && key[j] != ':' && (next[j + 1] || here[j + 1]),
+                    Token::Version => {
+                        let rest = &key[j..];
+                        next[n]
+                            && (rest.is_empty()
+                                || rest.len() > 2
+                                    && rest[..2] == [':', 'v']
+                                    && rest[2..].iter().all(char::is_ascii_digit))
+                    }
+                };
+            }
+            next = here;
         }
-        Some((Token::One, rest)) => !key.is_empty() && matches(rest, &key[1..], template),
-        Some((Token::Any, rest)) if template && rest.is_empty() => {
-            key.is_empty()
-                || key.len() > 2
-                    && key[..2] == [':', 'v']
-                    && key[2..].iter().all(char::is_ascii_digit)
-        }
-        Some((Token::Any, rest)) => (0..=key.len()).any(|at| matches(rest, &key[at..], template)),
-        Some((Token::Part, rest)) => (1..=key.len())
-            .take_while(|&at| key[at - 1] != ':')
-            .any(|at| matches(rest, &key[at..], template)),
+        next[0]
     }
 }
 
@@ -363,5 +391,10 @@ mod tests {
         assert!(glob.matches("user:4*2"));
         assert!(!glob.matches("user:412"));
         assert!(Pattern::new("*").matches("anything:at:all"));
+        assert!(Pattern::new("a*b?").matches("axxbc"));
+        assert!(!Pattern::new("a*b?").matches("axxb"));
+        // No backtracking blow-up.
+        let many = Pattern::new("*a*a*a*a*a*a*a*a*b");
+        assert!(!many.matches(&"a".repeat(5_000)));
     }
 }

@@ -112,8 +112,10 @@ impl Holder {
         }
     }
 
-    /// The holder named by a placeholder's bytes; `None` if they are not a
-    /// well-formed placeholder.
+    /// The holder named by a placeholder's bytes and when it was taken (0:
+    /// not said); `None` if they are not a well-formed placeholder. A
+    /// placeholder of a build before holders were written names a holder
+    /// made of random digits.
     pub(crate) fn of_placeholder(bytes: &[u8]) -> Option<(Holder, u64)> {
         if inspect(bytes) != Found::Placeholder {
             return None;
@@ -121,7 +123,11 @@ impl Holder {
         let rest = std::str::from_utf8(&bytes[MARK.len()..]).ok()?;
         let pid = u32::from_str_radix(rest.get(..8)?, 16).ok()?;
         let instance = u32::from_str_radix(rest.get(8..16)?, 16).ok()?;
-        let at = rest.get(TOKEN_HEX_DIGITS + 1..)?.parse().ok()?;
+        // All digits, but maybe past u64 (not ours): a time unknown.
+        let at = rest
+            .get(TOKEN_HEX_DIGITS + 1..)
+            .and_then(|at| at.parse().ok())
+            .unwrap_or(0);
         Some((Holder { pid, instance }, at))
     }
 }
