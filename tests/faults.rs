@@ -10,7 +10,6 @@
 //! output (`cargo test -p cache-harness --test faults -- --nocapture --test-threads 1`).
 
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +21,10 @@ use cache_runtime::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
+
+#[path = "support/logs.rs"]
+mod logs;
+use logs::Logs;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -721,35 +724,6 @@ async fn out_of_memory_under_noeviction_is_a_counted_error_not_a_failed_call() {
 }
 
 // ------------------------------------------------------------- credentials
-
-/// Collects the `tracing` output of the current thread.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn capture(&self) -> tracing::subscriber::DefaultGuard {
-        let logs = self.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || logs.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// Redis hangs (SIGSTOP) while 16 callers read and write as fast as they
 /// can for 3 s: the tasks, queued clean-ups and log lines the cache spends

@@ -7,7 +7,6 @@
 //! cache-harness --test operator` rewrites the snapshots.
 
 use std::sync::Arc;
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use cache_harness::{RedisCluster, RedisServer, Server, raw, raw_connection, wait_for};
@@ -15,6 +14,10 @@ use cache_runtime::inspect::{Entry, Holder, ServerKind, TagState, Verdict, Windo
 use cache_runtime::{Cache, CacheKey, Codec, redis_cached};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+
+#[path = "support/logs.rs"]
+mod logs;
+use logs::Logs;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Product {
@@ -92,10 +95,8 @@ impl Shop {
 /// A cache of the shop, with an op timeout and a lease long enough for a
 /// busy machine (a lease is shown while its body waits).
 fn shop_cache(server: &RedisServer) -> cache_runtime::CacheBuilder {
-    Cache::builder()
-        .url(server.url())
+    op_timeout_2s(server)
         .prefix("shop")
-        .op_timeout(Duration::from_secs(2))
         .lease(Duration::from_secs(60))
 }
 
@@ -346,41 +347,21 @@ fn expected_kind() -> ServerKind {
     }
 }
 
-/// Collects `tracing` output written on this thread.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// What connecting a cache to `server` logs.
+async fn logs_of_connecting(server: &RedisServer) -> String {
+    let logs = Logs::default();
+    let guard = logs.capture();
+    let _cache = op_timeout_2s(server).build().await.unwrap();
+    drop(guard);
+    logs.text()
 }
 
-impl Logs {
-    async fn of_connecting(server: &RedisServer) -> String {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        let guard = tracing::subscriber::set_default(subscriber);
-        let _cache = Cache::builder()
-            .url(server.url())
-            .op_timeout(Duration::from_secs(2))
-            .build()
-            .await
-            .unwrap();
-        drop(guard);
-        String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned()
-    }
+/// A cache builder for `server` whose connect-time `INFO` has 2 s, on a
+/// busy machine.
+fn op_timeout_2s(server: &RedisServer) -> cache_runtime::CacheBuilder {
+    Cache::builder()
+        .url(server.url())
+        .op_timeout(Duration::from_secs(2))
 }
 
 #[tokio::test]
@@ -388,7 +369,7 @@ async fn a_policy_that_refuses_writes_is_warned_of_once_at_connect() {
     const WARNING: &str = "maxmemory-policy is noeviction: once memory is full";
     let refusing =
         RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]);
-    let logs = Logs::of_connecting(&refusing).await;
+    let logs = logs_of_connecting(&refusing).await;
     println!("noeviction, maxmemory 2mb:\n{logs}");
     // (Only the warning is asserted: an `info` line whose call site
     // another test thread reached first, with no subscriber, may be
@@ -396,7 +377,7 @@ async fn a_policy_that_refuses_writes_is_warned_of_once_at_connect() {
     assert_eq!(logs.matches(WARNING).count(), 1, "{logs}");
     let evicting =
         RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
-    let logs = Logs::of_connecting(&evicting).await;
+    let logs = logs_of_connecting(&evicting).await;
     println!("allkeys-lru, maxmemory 2mb:\n{logs}");
     assert_eq!(logs.matches(WARNING).count(), 0, "{logs}");
 
@@ -416,12 +397,7 @@ async fn a_policy_that_refuses_writes_is_warned_of_once_at_connect() {
 async fn evictions_are_counted_as_the_server_reports_them() {
     let server =
         RedisServer::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]);
-    let cache = Cache::builder()
-        .url(server.url())
-        .op_timeout(Duration::from_secs(2))
-        .build()
-        .await
-        .unwrap();
+    let cache = op_timeout_2s(&server).build().await.unwrap();
     // The first reading (at connect) is the baseline.
     let before = cache.server_reports().await.unwrap()[0].evicted_keys;
     let value = "x".repeat(10_000);

@@ -197,12 +197,11 @@ impl Inspection {
         );
         let kept = stale.saturating_add(fail_safe);
         let left_ms = crate::clock::millis(left);
-        let header = freshness::Freshness::new(Duration::ZERO, crate::clock::WallClock::default());
         let ms = Duration::from_millis;
-        match header.verdict(Some(left_ms), kept, fail_safe, None) {
-            Freshness::Fresh | Freshness::RefreshEarly => Verdict::Fresh(Some(ms(left_ms - kept))),
-            Freshness::Stale => Verdict::Stale(Some(ms(left_ms.saturating_sub(fail_safe)))),
-            Freshness::Expired => Verdict::FailSafe(left),
+        match freshness::window(Some(left_ms), kept, fail_safe) {
+            Ok(fresh_left) => Verdict::Fresh(Some(ms(fresh_left))),
+            Err(Freshness::Expired) => Verdict::FailSafe(left),
+            Err(_) => Verdict::Stale(Some(ms(left_ms.saturating_sub(fail_safe)))),
         }
     }
 }

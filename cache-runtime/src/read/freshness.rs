@@ -91,15 +91,9 @@ impl Freshness {
         fail_safe: u64,
         beta: Option<f64>,
     ) -> Verdict {
-        let Some(left) = ttl_left else {
-            return Verdict::Stale;
-        };
-        let Some(fresh_left) = left.checked_sub(kept).filter(|&l| l > 0) else {
-            return if fail_safe == 0 || left > fail_safe {
-                Verdict::Stale
-            } else {
-                Verdict::Expired
-            };
+        let fresh_left = match window(ttl_left, kept, fail_safe) {
+            Ok(fresh_left) => fresh_left,
+            Err(verdict) => return verdict,
         };
         let early = beta.is_some_and(|beta| {
             // 1 − [0, 1) is in (0, 1]: ln is finite and ≤ 0.
@@ -111,6 +105,20 @@ impl Freshness {
         } else {
             Verdict::Fresh
         }
+    }
+}
+
+/// Where a value with `ttl_left` (see [`Freshness::verdict`]) stands:
+/// fresh for `Ok(ms)` more, or past its fresh period (`Err`: stale, or
+/// expired into its fail-safe window).
+pub(crate) fn window(ttl_left: Option<u64>, kept: u64, fail_safe: u64) -> Result<u64, Verdict> {
+    let Some(left) = ttl_left else {
+        return Err(Verdict::Stale);
+    };
+    match left.checked_sub(kept).filter(|&l| l > 0) {
+        Some(fresh_left) => Ok(fresh_left),
+        None if fail_safe == 0 || left > fail_safe => Err(Verdict::Stale),
+        None => Err(Verdict::Expired),
     }
 }
 

@@ -105,11 +105,12 @@ pub struct Holder {
 impl Holder {
     /// This process's.
     pub fn this_process() -> Holder {
-        static INSTANCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        Holder {
+        // Made once: every miss writes it, and `getpid` is a system call.
+        static THIS: std::sync::OnceLock<Holder> = std::sync::OnceLock::new();
+        *THIS.get_or_init(|| Holder {
             pid: std::process::id(),
-            instance: *INSTANCE.get_or_init(|| fastrand::u32(..)),
-        }
+            instance: fastrand::u32(..),
+        })
     }
 
     /// The holder named by a placeholder's bytes and when it was taken (0:
