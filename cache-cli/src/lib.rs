@@ -148,6 +148,21 @@ enum Command {
     /// The servers' memory, eviction policy, evictions and hit ratio, with
     /// what to fix.
     Server,
+    /// The dead letters of a write-behind queue: changes whose flush kept
+    /// failing, with the last error.
+    DeadLetters {
+        /// The queue's name (`WriteQueue::new("users")`: `users`).
+        queue: String,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Appends a write-behind queue's dead letters to the queue again, as
+    /// the newest change of their keys, for its flushers to retry.
+    Replay {
+        /// The queue's name.
+        queue: String,
+    },
 }
 
 /// Why `cachectl` failed.
@@ -238,6 +253,25 @@ where
             for report in cache.server_reports().await? {
                 server(&mut out, &report);
             }
+        }
+        Command::DeadLetters { queue, limit } => {
+            let letters = cache.dead_letters(&queue, limit).await?;
+            let _ = writeln!(out, "{} dead letter(s) in queue {queue}", letters.len());
+            for letter in letters {
+                let version = letter.version.map(|v| v.to_string()).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{} (version {version}, {} failures): {}\n  value: {}",
+                    letter.key,
+                    letter.failures,
+                    letter.error,
+                    String::from_utf8_lossy(&letter.value)
+                );
+            }
+        }
+        Command::Replay { queue } => {
+            let replayed = cache.replay_dead_letters(&queue).await?;
+            let _ = writeln!(out, "replayed {replayed} change(s) of queue {queue}");
         }
     }
     Ok(out)

@@ -428,6 +428,7 @@ fn parse_jitter(expr: &Expr, errors: &mut Errors) -> Option<f64> {
 pub enum WriteKind {
     Invalidates,
     CachePut,
+    WriteBehind,
 }
 
 impl WriteKind {
@@ -435,11 +436,12 @@ impl WriteKind {
         match self {
             WriteKind::Invalidates => "invalidates",
             WriteKind::CachePut => "cache_put",
+            WriteKind::WriteBehind => "write_behind",
         }
     }
 }
 
-const WRITE_ARGUMENTS: &[&str] = &["key", "tag", "cache", "crate"];
+const WRITE_ARGUMENTS: &[&str] = &["key", "tag", "queue", "cache", "crate"];
 
 /// One target of `#[invalidates(...)]` or `#[cache_put(...)]`.
 pub enum Target {
@@ -461,6 +463,8 @@ pub struct WriteArgs {
     pub targets: Vec<Target>,
     pub cache: Option<Expr>,
     pub krate: Option<Path>,
+    /// `queue = USERS` (`#[write_behind]` only): the `WriteQueue` constant.
+    pub queue: Option<Expr>,
     /// How many arguments were written, valid or not.
     pub written: usize,
 }
@@ -521,6 +525,24 @@ impl WriteArgs {
                 Some(lit) => self.targets.push(Target::Tag(lit.clone())),
                 None => errors.spanned(value, "`tag` must be a string literal, e.g. `tag = \"org:<org_id>\"`"),
             },
+            Some("queue") if kind == WriteKind::WriteBehind => match &self.queue {
+                Some(_) => errors.spanned(
+                    &assign.left,
+                    "a second `queue` argument: a write goes to one queue\nhelp: remove one of them",
+                ),
+                None if string.is_some() => errors.spanned(
+                    value,
+                    "`queue` names a `WriteQueue` constant, not a string\nhelp: declare `const USERS: cache_runtime::WriteQueue<User> = cache_runtime::WriteQueue::new(\"users\");` and write `queue = USERS`",
+                ),
+                None => self.queue = Some(value.clone()),
+            },
+            Some("queue") => errors.spanned(
+                &assign.left,
+                format!(
+                    "`queue` belongs on `#[write_behind(...)]`: `#[{}]` writes to the cache, not to a queue",
+                    kind.attribute()
+                ),
+            ),
             // A repeated attribute may repeat the same `cache` or `crate`.
             Some("cache") => match &self.cache {
                 Some(seen) if !same_tokens(seen, value) => errors.spanned(

@@ -756,7 +756,7 @@ fn write_wrapper(plan: &WritePlan) -> TokenStream {
                 call,
             )
         }
-        WriteKind::CachePut => {
+        WriteKind::CachePut | WriteKind::WriteBehind => {
             let Some(PlannedTarget::Call(target)) = plan.targets.first() else {
                 return quote!();
             };
@@ -776,11 +776,23 @@ fn write_wrapper(plan: &WritePlan) -> TokenStream {
                 );
                 quote_spanned!(target.span()=> #check(#key_call))
             };
-            let call = body_call(
-                func,
-                quote!(#krate::__private::put::<#krate::__private::#shape, _, _>),
-                quote!(#cache, &#site, #key,),
-            );
+            let call = match (plan.kind, plan.queue) {
+                (WriteKind::WriteBehind, Some(queue)) => {
+                    // At the user's queue: a queue of another value type is
+                    // reported there (`expected &WriteQueue<User>`).
+                    let queue = quote_spanned!(queue.span()=> &(#queue));
+                    body_call(
+                        func,
+                        quote!(#krate::__private::write_behind::<#krate::__private::#shape, _, _>),
+                        quote!(#cache, &#site, #key, #queue,),
+                    )
+                }
+                _ => body_call(
+                    func,
+                    quote!(#krate::__private::put::<#krate::__private::#shape, _, _>),
+                    quote!(#cache, &#site, #key,),
+                ),
+            };
             wrap(
                 func,
                 quote! {

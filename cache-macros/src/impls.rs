@@ -31,6 +31,7 @@ fn ours(attr: &Attribute) -> Option<Ours> {
         "redis_cached" => Some(Ours::RedisCached),
         "invalidates" => Some(Ours::Write(WriteKind::Invalidates)),
         "cache_put" => Some(Ours::Write(WriteKind::CachePut)),
+        "write_behind" => Some(Ours::Write(WriteKind::WriteBehind)),
         _ => None,
     }
 }

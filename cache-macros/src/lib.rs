@@ -52,6 +52,14 @@ pub fn cache_put(args: TokenStream, input: TokenStream) -> TokenStream {
     write_impl(args::WriteKind::CachePut, args.into(), input.into()).into()
 }
 
+/// Stores this write's returned value as a cached function's entry and
+/// queues the change for a flusher to write to the database
+/// (write-behind). See the `cache-runtime` documentation.
+#[proc_macro_attribute]
+pub fn write_behind(args: TokenStream, input: TokenStream) -> TokenStream {
+    write_impl(args::WriteKind::WriteBehind, args.into(), input.into()).into()
+}
+
 fn redis_cached_impl(
     args: proc_macro2::TokenStream,
     input: proc_macro2::TokenStream,

@@ -718,6 +718,8 @@ pub struct WritePlan<'a> {
     pub func: AnnotatedFn<'a>,
     pub targets: Vec<PlannedTarget<'a>>,
     pub cache: Option<&'a Expr>,
+    /// `#[write_behind]`'s queue.
+    pub queue: Option<&'a Expr>,
     pub krate: Path,
 }
 
@@ -768,11 +770,14 @@ fn names_the_result<'a>(
         );
         return None;
     }
-    if kind == WriteKind::CachePut {
+    if kind != WriteKind::Invalidates {
         errors.spanned(
             ret,
-            "`#[cache_put]` renders its key before the body runs, so it cannot name the result `ret`\n\
-             help: name the parameters the key is made of; to invalidate keys made from the result, use `#[invalidates(...)]`",
+            format!(
+                "`#[{}]` renders its key before the body runs, so it cannot name the result `ret`\n\
+                 help: name the parameters the key is made of; to invalidate keys made from the result, use `#[invalidates(...)]`",
+                kind.attribute()
+            ),
         );
         return None;
     }
@@ -831,15 +836,37 @@ pub fn validate_write<'a>(
                 "`#[invalidates(get_user(id))]` or `#[invalidates(key = \"user:<id>\")]`"
             }
             WriteKind::CachePut => "`#[cache_put(get_user(id))]`",
+            WriteKind::WriteBehind => "`#[write_behind(get_user(id), queue = USERS)]`",
         };
         errors.at(
             Span::call_site(),
             format!("`#[{attribute}]` needs a target: the cached function whose entry this write changes\nhelp: e.g. {example}"),
         );
     }
+    if kind == WriteKind::WriteBehind && args.queue.is_none() && args.written > 0 {
+        errors.at(
+            Span::call_site(),
+            "`#[write_behind]` needs a queue: the `WriteQueue` its changes are flushed from\n\
+             help: e.g. `#[write_behind(get_user(id), queue = USERS)]` with `const USERS: cache_runtime::WriteQueue<User> = cache_runtime::WriteQueue::new(\"users\");`",
+        );
+    }
     let mut targets = Vec::new();
     for (i, target) in args.targets.iter().enumerate() {
         match (kind, target) {
+            (WriteKind::WriteBehind, Target::Tag(tag)) => errors.spanned(
+                tag,
+                "`#[write_behind]` stores one entry and queues its change; a tag is invalidated\n\
+                 help: give the write its cached function, e.g. `#[write_behind(get_user(id), queue = USERS)]`",
+            ),
+            (WriteKind::WriteBehind, _) if i > 0 => errors.spanned(
+                target_tokens(target),
+                "`#[write_behind]` stores one value under one key: give it one target",
+            ),
+            (WriteKind::WriteBehind, Target::Template(key)) => errors.spanned(
+                key,
+                "`#[write_behind]` needs the cached function itself, not a key template: it stores with that function's TTL and value type\n\
+                 help: e.g. `#[write_behind(get_user(id), queue = USERS)]`",
+            ),
             (WriteKind::CachePut, Target::Tag(tag)) => errors.spanned(
                 tag,
                 "`#[cache_put]` stores one entry; a tag is invalidated\n\
@@ -882,6 +909,7 @@ pub fn validate_write<'a>(
         func,
         targets,
         cache: args.cache.as_ref(),
+        queue: args.queue.as_ref(),
         krate: args
             .krate
             .clone()

@@ -24,6 +24,7 @@ use crate::tag::Tagging;
 use crate::{Cache, CacheKey};
 use std::collections::HashMap;
 
+pub use crate::behind::Rejectable;
 pub use crate::outcome::ByValue;
 
 /// `key`, carrying what its function's values decide (`ttl_from`,
@@ -387,4 +388,42 @@ where
 /// `expected CacheKey<A>, found CacheKey<B>`, at the target.
 pub fn put_key<S: ValueOf<R>, R>(key: CacheKey<S::Value>) -> CacheKey<S::Value> {
     key
+}
+
+/// The body of every `#[write_behind]` function: run `body`; if it
+/// returned a value, store it under `key` (the target's) without expiry
+/// and queue the change on `queue`, then return the body's result, or
+/// the cache's error if it could not queue the change. `key` and `queue`
+/// share the value type: that is how rustc rejects a writer whose value,
+/// target and queue disagree.
+pub async fn write_behind<S, R, F>(
+    cache: Option<&Cache>,
+    writer: &'static Function,
+    key: CacheKey<S::Value>,
+    queue: &crate::behind::WriteQueue<S::Value>,
+    body: F,
+) -> R
+where
+    S: Outcome<R> + Rejectable<R>,
+    F: Future<Output = R>,
+{
+    let rules = key.rules();
+    let key = key.untyped();
+    if let Err(error) = queue.check() {
+        return S::rejected(error);
+    }
+    let queue = (queue.name(), queue.shard_count());
+    let Some(cache) = Cache::resolve(cache, writer) else {
+        return S::rejected(crate::behind::WriteBehindError::NoCache);
+    };
+    let result = body.await;
+    let answer = S::answer(&result);
+    if !matches!(answer, Answer::Value(_)) {
+        return result;
+    }
+    let encoded = Encoded::of(cache.codec(), answer, &rules);
+    match cache.write_behind(writer, queue, key, encoded).await {
+        Ok(()) => result,
+        Err(error) => S::rejected(error),
+    }
 }

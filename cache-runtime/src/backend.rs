@@ -514,6 +514,33 @@ impl Backend {
         }
     }
 
+    /// A command of write-behind's on `key`'s node (its first key), then
+    /// `WAIT` for replicas as [`Backend::set_durably`] does. Fails with
+    /// [`CacheError::NotRedis`] on the in-process backend.
+    pub(crate) async fn run_durably(
+        &self,
+        key: &str,
+        cmd: &::redis::Cmd,
+    ) -> Result<::redis::Value, CacheError> {
+        let _timer = self.timer(Operation::Set);
+        match self {
+            Backend::Redis(r) => r.run_durably(cmd).await,
+            Backend::Sentinel(s) => s.run_durably(key, cmd).await,
+            Backend::Cluster(c) => c.run_durably(key, cmd).await,
+            Backend::Memory(_) => Err(CacheError::NotRedis),
+        }
+    }
+
+    /// A command of write-behind's on its first key's node, without
+    /// waiting for replicas. Fails with [`CacheError::NotRedis`] on the
+    /// in-process backend.
+    pub(crate) async fn run(&self, cmd: &::redis::Cmd) -> Result<::redis::Value, CacheError> {
+        match self.connection() {
+            Ok(mut conn) => commands::query(&mut conn, cmd).await,
+            Err(_) => Err(CacheError::NotRedis),
+        }
+    }
+
     /// `delete` of an invalidation, which waits for replicas where
     /// configured (`CacheBuilder::write_durability`).
     pub(crate) async fn delete_durably(&self, keys: &[String]) -> Result<u64, CacheError> {

@@ -70,6 +70,7 @@
 extern crate self as cache_runtime;
 
 mod backend;
+mod behind;
 mod breaker;
 mod cache;
 mod clock;
@@ -105,6 +106,8 @@ pub mod testing;
 pub mod guide {
     #[doc = include_str!("guide/writes.md")]
     pub mod writes {}
+    #[doc = include_str!("guide/write_behind.md")]
+    pub mod write_behind {}
     #[doc = include_str!("guide/stampede.md")]
     pub mod stampede {}
     #[doc = include_str!("guide/batches.md")]
@@ -129,6 +132,10 @@ pub mod guide {
     pub mod operations {}
 }
 
+pub use crate::behind::{
+    Change, ChangeId, DeadLetter, Flusher, FlusherBuilder, QueueStatus, WriteBehindError,
+    WriteQueue,
+};
 pub use crate::cache::{Cache, CacheBuilder, WriteDurability};
 pub use crate::codec::{Codec, CodecError};
 pub use crate::error::{BackendError, CacheError};
@@ -136,7 +143,7 @@ pub use crate::key::{CacheKey, KEPT_WHEN_HASHED, KeyPart, KeyWriter, MAX_KEY_LEN
 pub use crate::local::LocalInvalidation;
 pub use crate::outcome::Cacheable;
 pub use crate::scope::{Origin, bypass, origin, refresh};
-pub use crate::stats::{Counts, LocalStats, ServerStats, Stats};
+pub use crate::stats::{Counts, LocalStats, QueueStats, ServerStats, Stats};
 /// What [`Cache::command`] and [`Cache::pipeline`] take and give back,
 /// from the `redis` crate at the version the cache uses.
 pub mod redis {
@@ -252,6 +259,29 @@ pub use cache_macros::invalidates;
 #[cfg(feature = "macros")]
 #[doc(inline)]
 pub use cache_macros::cache_put;
+
+/// Stores this write's returned value as a cached function's entry and
+/// queues the change, durably, for a [`Flusher`] to write to the database
+/// in batches (write-behind): the write returns without touching the
+/// database.
+///
+/// ```text
+/// pub const USERS: WriteQueue<User> = WriteQueue::new("users");
+///
+/// #[write_behind(get_user(id), queue = USERS)]
+/// async fn save_user(id: u64, user: User) -> Result<User, SaveError> { Ok(user) }
+/// ```
+///
+/// The value, target and queue must agree on the value type (rustc
+/// checks it). The function returns `Result<T, E>` with
+/// `E: From<WriteBehindError>`: when the cache cannot queue the change,
+/// the caller gets the error (the write is never written around the
+/// queue, where an older queued change would undo it). An `Err` of the
+/// body queues nothing. See [`guide::write_behind`] for what it
+/// guarantees and how to run it.
+#[cfg(feature = "macros")]
+#[doc(inline)]
+pub use cache_macros::write_behind;
 
 /// Lets the methods of an impl block, typically a trait impl, use
 /// `#[redis_cached]`, `#[invalidates]` and `#[cache_put]`.

@@ -497,6 +497,35 @@ pub struct Stats {
     pub local: LocalStats,
     /// What the servers report of themselves.
     pub server: ServerStats,
+    /// Write-behind, by queue name (empty without write-behind).
+    pub write_behind: BTreeMap<&'static str, QueueStats>,
+}
+
+/// The counters of one write-behind queue in this process: its writes,
+/// and what its flusher did. `pending` and `oldest_pending_ms` are the
+/// last reading of the whole queue (every process's changes), taken
+/// every few seconds by a running flusher.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Changes queued by this process's writes.
+    pub queued: u64,
+    /// Changes flushed (each change a flush saw; one coalesced into a
+    /// later change of its key counts too).
+    pub flushed: u64,
+    /// Flush calls that returned `Ok`.
+    pub batches: u64,
+    /// The time they took, in all, in milliseconds.
+    pub flush_millis: u64,
+    /// Flush calls that failed (an error, or the flush timeout), each
+    /// retried later.
+    pub retries: u64,
+    /// Changes moved to the dead-letter stream.
+    pub dead_letters: u64,
+    /// Changes not flushed yet, at the last reading.
+    pub pending: u64,
+    /// The age of the oldest of them, in milliseconds, at the last reading.
+    pub oldest_pending_ms: u64,
 }
 
 /// What the cache counts of its servers' own reports (`INFO`), read when
@@ -560,6 +589,20 @@ pub(crate) struct Recorder {
     evicted_seen: Mutex<BTreeMap<String, (String, u64)>>,
     /// [`ServerStats::evicted_keys`].
     evicted: AtomicU64,
+    /// [`Stats::write_behind`].
+    queues: Mutex<BTreeMap<&'static str, QueueStats>>,
+}
+
+/// What happened to a write-behind queue, for [`Recorder::note_queue`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum QueueEvent {
+    Queued,
+    /// A flush returned `Ok`: how many changes it covered, and how long it took.
+    Flushed(usize, std::time::Duration),
+    Retried,
+    DeadLettered,
+    /// A reading of the queue: pending changes, the oldest one's age (ms).
+    Depth(u64, u64),
 }
 
 impl Default for Recorder {
@@ -569,6 +612,7 @@ impl Default for Recorder {
             functions: std::array::from_fn(|_| OnceLock::new()),
             evicted_seen: Mutex::default(),
             evicted: AtomicU64::new(0),
+            queues: Mutex::default(),
         }
     }
 }
@@ -601,6 +645,56 @@ impl Recorder {
 }
 
 impl Recorder {
+    /// Counts what happened to the write-behind queue `queue` (and
+    /// reports it to the `metrics` facade, labelled by queue).
+    pub(crate) fn note_queue(&self, queue: &'static str, event: QueueEvent) {
+        {
+            let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+            let stats = queues.entry(queue).or_default();
+            match event {
+                QueueEvent::Queued => stats.queued += 1,
+                QueueEvent::Flushed(n, took) => {
+                    stats.batches += 1;
+                    stats.flush_millis += u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+                    stats.flushed += n as u64;
+                }
+                QueueEvent::Retried => stats.retries += 1,
+                QueueEvent::DeadLettered => stats.dead_letters += 1,
+                QueueEvent::Depth(pending, oldest) => {
+                    stats.pending = pending;
+                    stats.oldest_pending_ms = oldest;
+                }
+            }
+        }
+        #[cfg(feature = "metrics")]
+        match event {
+            QueueEvent::Queued => {
+                metrics::counter!("cache_write_behind_queued_total", "queue" => queue).increment(1);
+            }
+            QueueEvent::Flushed(n, took) => {
+                metrics::counter!("cache_write_behind_flushed_total", "queue" => queue)
+                    .increment(n as u64);
+                metrics::histogram!("cache_write_behind_batch_size", "queue" => queue)
+                    .record(n as f64);
+                metrics::histogram!("cache_write_behind_flush_seconds", "queue" => queue)
+                    .record(took.as_secs_f64());
+            }
+            QueueEvent::Retried => {
+                metrics::counter!("cache_write_behind_retries_total", "queue" => queue)
+                    .increment(1);
+            }
+            QueueEvent::DeadLettered => {
+                metrics::counter!("cache_write_behind_dead_letters_total", "queue" => queue)
+                    .increment(1);
+            }
+            QueueEvent::Depth(pending, oldest) => {
+                metrics::gauge!("cache_write_behind_pending", "queue" => queue).set(pending as f64);
+                metrics::gauge!("cache_write_behind_oldest_pending_seconds", "queue" => queue)
+                    .set(oldest as f64 / 1000.0);
+            }
+        }
+    }
+
     pub(crate) fn record(&self, function: Option<&'static Function>, event: Event) {
         self.record_n(function, event, 1);
     }
@@ -646,6 +740,11 @@ impl Recorder {
             server: ServerStats {
                 evicted_keys: self.evicted.load(Ordering::Relaxed),
             },
+            write_behind: self
+                .queues
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 }

@@ -741,6 +741,22 @@ impl ClusterBackend {
         self.wait_replicated(&conn, key, pool).await
     }
 
+    /// A write of its own on `key`'s primary (write-behind's), then
+    /// `WAIT` for its replicas if configured.
+    pub(crate) async fn run_durably(
+        &self,
+        key: &str,
+        cmd: &redis::Cmd,
+    ) -> Result<redis::Value, CacheError> {
+        let Some(pool) = &self.shared.durable else {
+            return commands::query(&mut self.conn(), cmd).await;
+        };
+        let conn = pool.pick();
+        let value = commands::query(&mut conn.clone(), cmd).await?;
+        self.wait_replicated(&conn, key, pool).await?;
+        Ok(value)
+    }
+
     /// `WAIT` on the primary of `key` (where the write before it went: one
     /// connection per node, so the same client).
     async fn wait_replicated(

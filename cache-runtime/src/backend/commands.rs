@@ -83,7 +83,7 @@ static COMPARE_AND_EXPIRE: LazyLock<LuaScript> = LazyLock::new(|| {
     )
 });
 
-async fn query<T: FromRedisValue>(
+pub(crate) async fn query<T: FromRedisValue>(
     conn: &mut impl ConnectionLike,
     cmd: &Cmd,
 ) -> Result<T, CacheError> {

@@ -161,6 +161,18 @@ impl RedisBackend {
         commands::wait_replicated(&mut conn, Self::asked(pool)).await
     }
 
+    /// A write of its own (write-behind's), then `WAIT` for replicas if
+    /// configured, on the same connection.
+    pub(crate) async fn run_durably(&self, cmd: &redis::Cmd) -> Result<redis::Value, CacheError> {
+        let Some(pool) = self.waits().await? else {
+            return commands::query(&mut self.conn(), cmd).await;
+        };
+        let mut conn = pool.pick();
+        let value = commands::query(&mut conn, cmd).await?;
+        commands::wait_replicated(&mut conn, Self::asked(pool)).await?;
+        Ok(value)
+    }
+
     /// The connections for a write that waits for replicas; `None` when
     /// it waits for none. With `Wanted::All`, the server is asked first
     /// (`ROLE`, on the shared connection, at most once per second of

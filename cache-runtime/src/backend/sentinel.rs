@@ -339,6 +339,24 @@ impl SentinelBackend {
         Ok(existed)
     }
 
+    /// A write of its own on `key` (write-behind's), then `WAIT` for
+    /// replicas if configured; `key` is noted for the fence, as a
+    /// write-through's is.
+    pub(crate) async fn run_durably(
+        &self,
+        key: &str,
+        cmd: &redis::Cmd,
+    ) -> Result<redis::Value, CacheError> {
+        self.resolver
+            .fence
+            .note(std::slice::from_ref(&key.to_owned()));
+        let mut conn = self.conn();
+        conn.durable = self.resolver.durability.is_some();
+        let value = commands::query(&mut conn, cmd).await?;
+        conn.wait_replicated(self.resolver.durability).await?;
+        Ok(value)
+    }
+
     /// `SET`, then `WAIT` for replicas if configured.
     pub(crate) async fn set_durably(
         &self,

@@ -121,8 +121,12 @@ impl Cache {
                 let (next, keys) = within(timeout, scan).await?;
                 // SCAN's pattern is matched by the server; the memory
                 // backend filters exactly.
-                let keys: Vec<String> =
-                    keys.into_iter().filter(|k| k.starts_with(&start)).collect();
+                // Write-behind's queues hold changes not yet in the
+                // database: never cleared.
+                let keys: Vec<String> = keys
+                    .into_iter()
+                    .filter(|k| k.starts_with(&start) && !self.is_queue_key(k))
+                    .collect();
                 if !keys.is_empty() {
                     let _local = self.drop_local(&keys);
                     deleted += within(timeout, backend.unlink(&keys)).await?;
@@ -355,7 +359,7 @@ impl Cache {
     /// returned, failed or was cancelled): a read of this process that
     /// started before the write landed and keeps its copy after it would
     /// serve the old value (see [`crate::local`]).
-    fn drop_local(&self, keys: &[String]) -> Option<LocalDrop<'_>> {
+    pub(crate) fn drop_local(&self, keys: &[String]) -> Option<LocalDrop<'_>> {
         let tier = self.local()?.tier();
         for key in keys {
             tier.invalidate(key.as_bytes());
@@ -390,7 +394,7 @@ pub(crate) fn glob_escape(text: &str) -> String {
 }
 
 /// Drops local copies of a write's keys once the write is over.
-struct LocalDrop<'c> {
+pub(crate) struct LocalDrop<'c> {
     tier: &'c LocalTier,
     keys: Vec<String>,
 }

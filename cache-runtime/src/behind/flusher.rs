@@ -1,0 +1,773 @@
+//! The flusher: one task per shard of a queue, in each process that runs
+//! one; a lease in Redis lets one process at a time flush a shard, so
+//! that the changes of a key reach the database in their order.
+//!
+//! A shard's holder claims what its previous holder had read and not
+//! acknowledged (`XAUTOCLAIM`), then reads new changes (`XREADGROUP`),
+//! flushes them in batches, settles their entries (the TTL back) and
+//! acknowledges them (`XACK` + `XDEL`). A failed flush is retried with
+//! backoff, in smaller batches; a change that keeps failing alone while
+//! other changes flush goes to the dead letters.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::stream::{self, Delivered};
+use super::{Change, ShardKeys, WriteBehindError, WriteQueue};
+use crate::cache::{Cache, WeakCache};
+use crate::error::CacheError;
+use crate::stats::QueueEvent;
+
+/// What a flush of one batch came to.
+enum Flushed {
+    Done,
+    Failed(String),
+    /// The change at this index of the batch does not decode: no flush
+    /// can take it.
+    Undecodable(usize, String),
+}
+
+type Handler =
+    dyn Fn(Cache, Vec<Delivered>) -> Pin<Box<dyn Future<Output = Flushed> + Send>> + Send + Sync;
+
+/// The settings of a flusher, from [`Cache::flusher`].
+#[must_use = "a flusher does nothing until `spawn`"]
+pub struct FlusherBuilder<V> {
+    cache: Cache,
+    queue: WriteQueue<V>,
+    handler: Arc<Handler>,
+    settings: Settings,
+}
+
+#[derive(Debug, Clone)]
+struct Settings {
+    batch: usize,
+    coalesce: bool,
+    max_attempts: u32,
+    flush_timeout: Duration,
+    lease: Duration,
+    poll: Duration,
+}
+
+impl Cache {
+    /// A flusher of `queue`, calling `flush` with batches of changes.
+    /// Run one in every process of the service (or in a few): each shard
+    /// is flushed by one of them at a time, and another takes over the
+    /// shards of one that stopped or died.
+    ///
+    /// `flush` must write every change of the batch or fail: the batch's
+    /// changes are acknowledged only when it returns `Ok`, and retried
+    /// otherwise. A change may be seen twice (after a crash, or a flush
+    /// that timed out and had written it): write it idempotently, by its
+    /// [`Change::version`].
+    ///
+    /// ```no_run
+    /// # use cache_runtime::{Cache, Change, WriteQueue};
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct User { id: u64 }
+    /// # #[derive(Clone)] struct Db;
+    /// # impl Db { async fn upsert(&self, _: &[Change<User>]) -> Result<(), String> { Ok(()) } }
+    /// # const USERS: WriteQueue<User> = WriteQueue::new("users");
+    /// # async fn run(cache: Cache, db: Db) -> Result<(), cache_runtime::WriteBehindError> {
+    /// let flusher = cache
+    ///     .flusher(&USERS, move |changes: Vec<Change<User>>| {
+    ///         let db = db.clone();
+    ///         async move { db.upsert(&changes).await }
+    ///     })
+    ///     .batch(500)
+    ///     .spawn()?;
+    /// // ... at shutdown: finish the batch in hand and let others take over.
+    /// flusher.stop().await;
+    /// # Ok(()) }
+    /// ```
+    pub fn flusher<V, F, Fut, E>(&self, queue: &WriteQueue<V>, flush: F) -> FlusherBuilder<V>
+    where
+        V: DeserializeOwned + Send + 'static,
+        F: Fn(Vec<Change<V>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: Display,
+    {
+        let flush = Arc::new(flush);
+        let handler = move |cache: Cache, batch: Vec<Delivered>| {
+            let flush = Arc::clone(&flush);
+            let codec = cache.codec();
+            let decoded: Result<Vec<Change<V>>, (usize, String)> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, change)| {
+                    let bytes = change.value.get(change.at..).unwrap_or_default();
+                    let value = cache
+                        .decoding(bytes, |bytes| codec.decode::<V>(bytes))
+                        .map_err(|error| (i, error.to_string()))?;
+                    let key = match cache.prefix() {
+                        Some(prefix) => change
+                            .key
+                            .strip_prefix(prefix)
+                            .and_then(|k| k.strip_prefix(':'))
+                            .unwrap_or(&change.key),
+                        None => &change.key,
+                    };
+                    Ok(Change {
+                        key: key.to_owned(),
+                        value,
+                        version: change.version,
+                    })
+                })
+                .collect();
+            Box::pin(async move {
+                match decoded {
+                    Err((i, error)) => Flushed::Undecodable(i, error),
+                    Ok(changes) => match flush(changes).await {
+                        Ok(()) => Flushed::Done,
+                        Err(error) => Flushed::Failed(error.to_string()),
+                    },
+                }
+            }) as Pin<Box<dyn Future<Output = Flushed> + Send>>
+        };
+        FlusherBuilder {
+            cache: self.clone(),
+            queue: *queue,
+            handler: Arc::new(handler),
+            settings: Settings {
+                batch: 100,
+                coalesce: false,
+                max_attempts: 5,
+                flush_timeout: Duration::from_secs(10),
+                lease: Duration::from_secs(30),
+                poll: Duration::from_millis(100),
+            },
+        }
+    }
+}
+
+impl<V> FlusherBuilder<V> {
+    /// The most changes one flush gets (100 by default; at least 1).
+    pub fn batch(mut self, changes: usize) -> Self {
+        self.settings.batch = changes.max(1);
+        self
+    }
+
+    /// Flush only the last of the changes of a key that are waiting, and
+    /// acknowledge the earlier ones with it (by default, every change is
+    /// flushed, in order, never two of one key in one batch).
+    pub fn coalesce(mut self) -> Self {
+        self.settings.coalesce = true;
+        self
+    }
+
+    /// How many times a change is flushed alone and fails, while other
+    /// changes flush, before it goes to the dead letters (5 by default;
+    /// at least 1). While no change flushes (the database is down), none
+    /// is dead-lettered: they wait.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.settings.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// How long one flush may take before it is dropped and counted as a
+    /// failure (10 s by default). Keep it well under the lease.
+    pub fn flush_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.flush_timeout = timeout;
+        self
+    }
+
+    /// How long a shard stays with a flusher that stopped renewing it (it
+    /// died, or lost Redis): the time before another process claims its
+    /// changes (30 s by default; at least 3 × the flush timeout is wise, so
+    /// that a slow flush is not overtaken by the next holder's).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.settings.lease = lease.max(Duration::from_millis(300));
+        self
+    }
+
+    /// How often an empty shard is read again (100 ms by default).
+    pub fn poll(mut self, poll: Duration) -> Self {
+        self.settings.poll = poll.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Starts the flusher: a task per shard on the current Tokio runtime.
+    /// Fails if the queue's name or shard count cannot be used.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub fn spawn(self) -> Result<Flusher, WriteBehindError> {
+        self.queue.check()?;
+        let (stop, stopped) = watch::channel(false);
+        let consumer = format!("{:016x}", fastrand::u64(..));
+        let settings = Arc::new(self.settings);
+        let mut tasks: Vec<_> = (0..self.queue.shard_count())
+            .map(|shard| {
+                let shard = Shard {
+                    cache: self.cache.downgrade(),
+                    queue: self.queue.name(),
+                    keys: ShardKeys::of(&self.cache, self.queue.name(), shard),
+                    consumer: consumer.clone(),
+                    token: format!("{consumer}{:016x}", fastrand::u64(..)),
+                    handler: Arc::clone(&self.handler),
+                    settings: Arc::clone(&settings),
+                    stopped: stopped.clone(),
+                };
+                tokio::spawn(shard.run())
+            })
+            .collect();
+        tasks.push(tokio::spawn(watch_depth(
+            self.cache.downgrade(),
+            self.queue.name(),
+            self.queue.shard_count(),
+            stopped,
+        )));
+        Ok(Flusher { tasks, stop })
+    }
+}
+
+/// A running flusher ([`Cache::flusher`]). Dropping it stops its tasks
+/// where they are (a batch being flushed is flushed again by the next
+/// holder of its shard, after the lease); [`Flusher::stop`] stops them
+/// between batches and hands the shards over at once.
+#[derive(Debug)]
+pub struct Flusher {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Flusher {
+    /// Stops after the batches in hand, and releases the shards so that
+    /// another process's flusher takes them over without waiting for the
+    /// lease.
+    ///
+    /// Cancel safe: dropping the future stops the tasks where they are,
+    /// as dropping the flusher does.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Reads the queue's depth every few seconds, for [`crate::QueueStats`]
+/// and the gauges.
+async fn watch_depth(
+    cache: WeakCache,
+    queue: &'static str,
+    shards: u16,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let Some(cache) = cache.upgrade() else {
+            return;
+        };
+        if let Ok(status) = stream::status(&cache, queue, shards).await {
+            let oldest = status.oldest.map_or(0, |o| o.as_millis() as u64);
+            cache
+                .recorder()
+                .note_queue(queue, QueueEvent::Depth(status.pending, oldest));
+        }
+        drop(cache);
+        if pause(&mut stopped, Duration::from_secs(5)).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps `duration`; whether the flusher was stopped meanwhile.
+async fn pause(stopped: &mut watch::Receiver<bool>, duration: Duration) -> bool {
+    if *stopped.borrow() {
+        return true;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(duration) => *stopped.borrow(),
+        changed = stopped.changed() => changed.is_err() || *stopped.borrow(),
+    }
+}
+
+/// A change read and not acknowledged yet.
+struct Pending {
+    change: Delivered,
+    failures: u32,
+    /// The shard's count of good flushes when this change first failed.
+    successes_then: u64,
+}
+
+/// The changes a flush gets, and those it settles with them: `flushed`
+/// indexes `work`; `acked` (in `work` too) includes them and, when
+/// coalescing, the earlier changes of their keys.
+struct Batch {
+    flushed: Vec<usize>,
+    acked: Vec<usize>,
+}
+
+/// One shard's flushing loop.
+struct Shard {
+    cache: WeakCache,
+    queue: &'static str,
+    keys: ShardKeys,
+    consumer: String,
+    token: String,
+    handler: Arc<Handler>,
+    settings: Arc<Settings>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Shard {
+    async fn run(mut self) {
+        let mut held = false;
+        let mut work: VecDeque<Pending> = VecDeque::new();
+        let mut claim: Option<String> = None;
+        let mut limit = self.settings.batch;
+        let mut failures_in_a_row: u32 = 0;
+        let mut successes: u64 = 0;
+        // The front change failed in the last attempt: try another key.
+        let mut probe = false;
+        let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            if *self.stopped.borrow() {
+                break;
+            }
+            let Some(cache) = self.cache.upgrade() else {
+                return;
+            };
+            let backend = cache.backend();
+            let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
+            // The lease: taken, or renewed before each batch.
+            let lease = if held {
+                crate::write::within(
+                    timeout,
+                    backend.compare_and_expire(&self.keys.lease, self.token.as_bytes(), lease_ms),
+                )
+                .await
+            } else {
+                crate::write::within(
+                    timeout,
+                    backend.set_if_absent(&self.keys.lease, self.token.as_bytes(), lease_ms),
+                )
+                .await
+            };
+            match lease {
+                Ok(true) if !held => {
+                    if let Err(error) =
+                        crate::write::within(timeout, stream::ensure_group(backend, &self.keys))
+                            .await
+                    {
+                        self.trouble(&cache, &error);
+                        drop(cache);
+                        if self.pause(backoff(1)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    held = true;
+                    work.clear();
+                    claim = Some("0-0".to_owned());
+                }
+                Ok(true) => {}
+                Ok(false) => {
+                    held = false;
+                    work.clear();
+                    drop(cache);
+                    let wait = self.settings.lease / 3;
+                    if self.pause(wait.min(Duration::from_secs(2))).await {
+                        break;
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    self.trouble(&cache, &error);
+                    held = false;
+                    work.clear();
+                    drop(cache);
+                    if self.pause(backoff(failures_in_a_row.max(1))).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            // Fill: first what earlier holders left, then new changes.
+            if work.len() < self.settings.batch {
+                let wanted = self.settings.batch * 2 - work.len();
+                let read = match &claim {
+                    Some(cursor) => crate::write::within(
+                        timeout,
+                        stream::claim(backend, &self.keys, &self.consumer, cursor, wanted),
+                    )
+                    .await
+                    .map(|(next, changes)| {
+                        claim = next;
+                        changes
+                    }),
+                    None => {
+                        crate::write::within(
+                            timeout,
+                            stream::read_new(backend, &self.keys, &self.consumer, wanted),
+                        )
+                        .await
+                    }
+                };
+                match read {
+                    Ok(changes) => work.extend(changes.into_iter().map(|change| Pending {
+                        change,
+                        failures: 0,
+                        successes_then: 0,
+                    })),
+                    Err(error) => {
+                        // Perhaps the stream (and its group) went: made again
+                        // with the lease next time.
+                        self.trouble(&cache, &error);
+                        held = false;
+                        work.clear();
+                        drop(cache);
+                        if self.pause(backoff(1)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if work.is_empty() {
+                drop(cache);
+                if self.pause(self.settings.poll).await {
+                    break;
+                }
+                continue;
+            }
+            let batch = select(&work, limit, self.settings.coalesce, probe);
+            let changes: Vec<Delivered> = batch
+                .flushed
+                .iter()
+                .map(|&i| work[i].change.clone())
+                .collect();
+            let started = Instant::now();
+            let flush = (self.handler)(cache.clone(), changes);
+            let outcome = match tokio::time::timeout(self.settings.flush_timeout, flush).await {
+                Ok(outcome) => outcome,
+                Err(_) => Flushed::Failed(format!(
+                    "the flush timed out after {:?}",
+                    self.settings.flush_timeout
+                )),
+            };
+            let recorder = cache.recorder();
+            match outcome {
+                Flushed::Done => {
+                    recorder.note_queue(
+                        self.queue,
+                        QueueEvent::Flushed(batch.acked.len(), started.elapsed()),
+                    );
+                    successes += 1;
+                    failures_in_a_row = 0;
+                    probe = false;
+                    limit = (limit * 2).min(self.settings.batch);
+                    if let Err(error) = self.settle(&cache, &work, &batch).await {
+                        // Not acknowledged: flushed again, in order, by the
+                        // next holder (this process, perhaps).
+                        self.trouble(&cache, &error);
+                        self.release(&cache).await;
+                        held = false;
+                        work.clear();
+                        drop(cache);
+                        if self.pause(backoff(1)).await {
+                            break;
+                        }
+                        continue;
+                    }
+                    remove(&mut work, batch.acked);
+                }
+                Flushed::Undecodable(i, error) => {
+                    let at = batch.flushed[i];
+                    let buried = crate::write::within(
+                        timeout,
+                        stream::bury(
+                            backend,
+                            &self.keys,
+                            &work[at].change,
+                            &format!("undecodable: {error}"),
+                            1,
+                        ),
+                    )
+                    .await;
+                    match buried {
+                        Ok(()) => {
+                            recorder.note_queue(self.queue, QueueEvent::DeadLettered);
+                            crate::limited!(
+                                cache,
+                                warn!(queue = self.queue, key = %work[at].change.key, %error, "write-behind change does not decode: moved to the dead letters")
+                            );
+                            remove(&mut work, vec![at]);
+                        }
+                        Err(error) => {
+                            self.trouble(&cache, &error);
+                            held = false;
+                            work.clear();
+                        }
+                    }
+                }
+                Flushed::Failed(error) => {
+                    recorder.note_queue(self.queue, QueueEvent::Retried);
+                    failures_in_a_row += 1;
+                    for &i in &batch.flushed {
+                        let pending = &mut work[i];
+                        if pending.failures == 0 {
+                            pending.successes_then = successes;
+                        }
+                        pending.failures += 1;
+                    }
+                    crate::limited!(
+                        cache,
+                        warn!(queue = self.queue, changes = batch.flushed.len(), %error, "write-behind flush failed: retrying")
+                    );
+                    if batch.flushed.len() > 1 {
+                        if failures_in_a_row >= 2 {
+                            limit = (batch.flushed.len() / 2).max(1);
+                        }
+                    } else {
+                        let at = batch.flushed[0];
+                        let pending = &work[at];
+                        if pending.failures >= self.settings.max_attempts
+                            && successes > pending.successes_then
+                        {
+                            let buried = crate::write::within(
+                                timeout,
+                                stream::bury(
+                                    backend,
+                                    &self.keys,
+                                    &pending.change,
+                                    &error,
+                                    pending.failures,
+                                ),
+                            )
+                            .await;
+                            match buried {
+                                Ok(()) => {
+                                    recorder.note_queue(self.queue, QueueEvent::DeadLettered);
+                                    crate::limited!(
+                                        cache,
+                                        warn!(queue = self.queue, key = %pending.change.key, failures = pending.failures, %error, "write-behind change moved to the dead letters")
+                                    );
+                                    remove(&mut work, vec![at]);
+                                    failures_in_a_row = 0;
+                                    probe = false;
+                                    continue;
+                                }
+                                Err(error) => {
+                                    self.trouble(&cache, &error);
+                                    held = false;
+                                    work.clear();
+                                }
+                            }
+                        }
+                        // Next, another key's change, if there is one: if
+                        // that one flushes, the database is up and this
+                        // one is the trouble.
+                        probe = at == 0;
+                    }
+                    drop(cache);
+                    if self.pause(backoff(failures_in_a_row)).await {
+                        break;
+                    }
+                }
+            }
+        }
+        if held && let Some(cache) = self.cache.upgrade() {
+            self.release(&cache).await;
+        }
+    }
+
+    /// Gives the flushed changes' entries their TTL back, then
+    /// acknowledges the changes.
+    async fn settle(
+        &self,
+        cache: &Cache,
+        work: &VecDeque<Pending>,
+        batch: &Batch,
+    ) -> Result<(), CacheError> {
+        let backend = cache.backend();
+        let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
+        let settled = batch
+            .flushed
+            .iter()
+            .map(|&i| stream::settle(backend, &work[i].change));
+        crate::write::within(timeout, async {
+            for outcome in futures_util::future::join_all(settled).await {
+                outcome?;
+            }
+            Ok(())
+        })
+        .await?;
+        let ids: Vec<&str> = batch
+            .acked
+            .iter()
+            .map(|&i| work[i].change.id.as_str())
+            .collect();
+        crate::write::within(timeout, stream::ack(backend, &self.keys, &ids)).await
+    }
+
+    /// Hands the shard over (best effort: else it expires).
+    async fn release(&self, cache: &Cache) {
+        let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
+        let _ = crate::write::within(
+            timeout,
+            cache
+                .backend()
+                .compare_and_delete(&self.keys.lease, self.token.as_bytes()),
+        )
+        .await;
+    }
+
+    fn trouble(&self, cache: &Cache, error: &CacheError) {
+        if !matches!(error, CacheError::CircuitOpen) {
+            crate::limited!(
+                cache,
+                warn!(queue = self.queue, shard = %self.keys.stream, %error, "write-behind flusher: Redis trouble, retrying")
+            );
+        }
+    }
+
+    async fn pause(&mut self, duration: Duration) -> bool {
+        pause(&mut self.stopped, duration).await
+    }
+}
+
+/// 100 ms, doubling per failure in a row, at most 10 s.
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(7);
+    Duration::from_millis(100 << exp).min(Duration::from_secs(10))
+}
+
+/// Removes the changes at `indexes` from `work`.
+fn remove(work: &mut VecDeque<Pending>, mut indexes: Vec<usize>) {
+    indexes.sort_unstable();
+    indexes.dedup();
+    for i in indexes.into_iter().rev() {
+        work.remove(i);
+    }
+}
+
+/// The next batch from `work`, at most `limit` keys. In order, a key's
+/// first waiting change (its later ones wait for later batches); when
+/// coalescing, a key's last waiting change, acknowledging the earlier
+/// ones with it. With `probe`, a batch of one change whose key is not the
+/// front change's, if there is one.
+fn select(work: &VecDeque<Pending>, limit: usize, coalesce: bool, probe: bool) -> Batch {
+    let front = work.front().map(|p| p.change.key.as_str());
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut batch = Batch {
+        flushed: Vec::new(),
+        acked: Vec::new(),
+    };
+    if probe
+        && let Some(other) = work
+            .iter()
+            .position(|p| Some(p.change.key.as_str()) != front)
+    {
+        let key = work[other].change.key.as_str();
+        let mine: Vec<usize> = (other..work.len())
+            .filter(|&i| work[i].change.key == key)
+            .collect();
+        let flushed = if coalesce {
+            *mine.last().unwrap_or(&other)
+        } else {
+            other
+        };
+        batch.flushed.push(flushed);
+        batch.acked = if coalesce { mine } else { vec![other] };
+        return batch;
+    }
+    for (i, pending) in work.iter().enumerate() {
+        let key = pending.change.key.as_str();
+        if !seen.insert(key) {
+            continue;
+        }
+        if batch.flushed.len() == limit {
+            break;
+        }
+        if coalesce {
+            let mine: Vec<usize> = (i..work.len())
+                .filter(|&j| work[j].change.key == key)
+                .collect();
+            batch.flushed.push(*mine.last().unwrap_or(&i));
+            batch.acked.extend(mine);
+        } else {
+            batch.flushed.push(i);
+            batch.acked.push(i);
+        }
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::behind::ChangeId;
+
+    fn work(keys: &[&str]) -> VecDeque<Pending> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| Pending {
+                change: Delivered {
+                    id: format!("{i}-0"),
+                    version: ChangeId {
+                        millis: i as u64,
+                        seq: 0,
+                    },
+                    key: (*key).to_owned(),
+                    value: Vec::new(),
+                    ttl: 1,
+                    at: 0,
+                },
+                failures: 0,
+                successes_then: 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn in_order_a_batch_holds_each_key_once_and_first() {
+        let w = work(&["a", "b", "a", "c", "b"]);
+        let batch = select(&w, 10, false, false);
+        assert_eq!(batch.flushed, [0, 1, 3]);
+        assert_eq!(batch.acked, [0, 1, 3]);
+        let batch = select(&w, 2, false, false);
+        assert_eq!(batch.flushed, [0, 1]);
+    }
+
+    #[test]
+    fn coalescing_flushes_a_key_s_last_change_and_acks_the_rest() {
+        let w = work(&["a", "b", "a", "c", "b"]);
+        let batch = select(&w, 10, true, false);
+        assert_eq!(batch.flushed, [2, 4, 3]);
+        let mut acked = batch.acked.clone();
+        acked.sort_unstable();
+        assert_eq!(acked, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_probe_tries_another_key() {
+        let w = work(&["a", "a", "b", "c"]);
+        let batch = select(&w, 1, false, true);
+        assert_eq!(batch.flushed, [2]);
+        let only = work(&["a", "a"]);
+        assert_eq!(select(&only, 1, false, true).flushed, [0]);
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(30), Duration::from_secs(10));
+    }
+}
