@@ -465,6 +465,8 @@ pub struct WriteArgs {
     pub krate: Option<Path>,
     /// `queue = USERS` (`#[write_behind]` only): the `WriteQueue` constant.
     pub queue: Option<Expr>,
+    /// Whether `queue = ...` was written, valid or not.
+    pub queue_given: bool,
     /// How many arguments were written, valid or not.
     pub written: usize,
 }
@@ -525,17 +527,21 @@ impl WriteArgs {
                 Some(lit) => self.targets.push(Target::Tag(lit.clone())),
                 None => errors.spanned(value, "`tag` must be a string literal, e.g. `tag = \"org:<org_id>\"`"),
             },
-            Some("queue") if kind == WriteKind::WriteBehind => match &self.queue {
-                Some(_) => errors.spanned(
-                    &assign.left,
-                    "a second `queue` argument: a write goes to one queue\nhelp: remove one of them",
-                ),
-                None if string.is_some() => errors.spanned(
-                    value,
-                    "`queue` names a `WriteQueue` constant, not a string\nhelp: declare `const USERS: cache_runtime::WriteQueue<User> = cache_runtime::WriteQueue::new(\"users\");` and write `queue = USERS`",
-                ),
-                None => self.queue = Some(value.clone()),
-            },
+            Some("queue") if kind == WriteKind::WriteBehind => {
+                if std::mem::replace(&mut self.queue_given, true) {
+                    errors.spanned(
+                        &assign.left,
+                        "a second `queue` argument: a write goes to one queue\nhelp: remove one of them",
+                    );
+                } else if string.is_some() {
+                    errors.spanned(
+                        value,
+                        "`queue` names a `WriteQueue` constant, not a string\nhelp: declare `const USERS: cache_runtime::WriteQueue<User> = cache_runtime::WriteQueue::new(\"users\");` and write `queue = USERS`",
+                    );
+                } else {
+                    self.queue = Some(value.clone());
+                }
+            }
             Some("queue") => errors.spanned(
                 &assign.left,
                 format!(

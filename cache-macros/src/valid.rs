@@ -843,7 +843,7 @@ pub fn validate_write<'a>(
             format!("`#[{attribute}]` needs a target: the cached function whose entry this write changes\nhelp: e.g. {example}"),
         );
     }
-    if kind == WriteKind::WriteBehind && args.queue.is_none() && args.written > 0 {
+    if kind == WriteKind::WriteBehind && !args.queue_given && args.written > 0 {
         errors.at(
             Span::call_site(),
             "`#[write_behind]` needs a queue: the `WriteQueue` its changes are flushed from\n\

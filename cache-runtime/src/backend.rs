@@ -524,7 +524,7 @@ impl Backend {
     ) -> Result<::redis::Value, CacheError> {
         let _timer = self.timer(Operation::Set);
         match self {
-            Backend::Redis(r) => r.run_durably(cmd).await,
+            Backend::Redis(r) => r.run_durably(key, cmd).await,
             Backend::Sentinel(s) => s.run_durably(key, cmd).await,
             Backend::Cluster(c) => c.run_durably(key, cmd).await,
             Backend::Memory(_) => Err(CacheError::NotRedis),

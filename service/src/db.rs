@@ -147,6 +147,12 @@ impl Db {
         &self.writer
     }
 
+    /// The pool, for a check that is not part of the load (not counted,
+    /// not delayed).
+    pub fn reader(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Queries sent so far.
     pub fn queries(&self) -> u64 {
         self.queries.load(Ordering::Relaxed)

@@ -5,6 +5,7 @@
 //! `src/main.rs` runs it (`cargo run --release -p cache-service`);
 //! `tests/service.rs` runs it short, with a naive arm beside it.
 
+pub mod behind;
 pub mod cached;
 pub mod db;
 pub mod http;

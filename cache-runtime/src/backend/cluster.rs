@@ -751,7 +751,7 @@ impl ClusterBackend {
         let Some(pool) = &self.shared.durable else {
             return commands::query(&mut self.conn(), cmd).await;
         };
-        let conn = pool.pick();
+        let conn = pool.pick_for(key);
         let value = commands::query(&mut conn.clone(), cmd).await?;
         self.wait_replicated(&conn, key, pool).await?;
         Ok(value)

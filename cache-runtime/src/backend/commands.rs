@@ -403,6 +403,14 @@ impl<C: Clone> DurablePool<C> {
         &self.conns
     }
 
+    /// The connection for writes on `key`: the same one for every write
+    /// of a key, so that a write that timed out on the client is applied
+    /// before the next write of its key (write-behind's changes).
+    pub(crate) fn pick_for(&self, key: &str) -> C {
+        let at = usize::from(crate::slot::slot_of(key.as_bytes()));
+        self.conns[at % self.conns.len()].clone()
+    }
+
     /// The next connection, in turn.
     pub(crate) fn pick(&self) -> C {
         let at = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

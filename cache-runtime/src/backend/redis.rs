@@ -161,13 +161,17 @@ impl RedisBackend {
         commands::wait_replicated(&mut conn, Self::asked(pool)).await
     }
 
-    /// A write of its own (write-behind's), then `WAIT` for replicas if
-    /// configured, on the same connection.
-    pub(crate) async fn run_durably(&self, cmd: &redis::Cmd) -> Result<redis::Value, CacheError> {
+    /// A write of its own on `key` (write-behind's), then `WAIT` for
+    /// replicas if configured, on the same connection, the one of `key`.
+    pub(crate) async fn run_durably(
+        &self,
+        key: &str,
+        cmd: &redis::Cmd,
+    ) -> Result<redis::Value, CacheError> {
         let Some(pool) = self.waits().await? else {
             return commands::query(&mut self.conn(), cmd).await;
         };
-        let mut conn = pool.pick();
+        let mut conn = pool.pick_for(key);
         let value = commands::query(&mut conn, cmd).await?;
         commands::wait_replicated(&mut conn, Self::asked(pool)).await?;
         Ok(value)

@@ -258,6 +258,7 @@ impl SentinelBackend {
             resolver: self.resolver.clone(),
             primary: self.resolver.current.load_full(),
             durable: false,
+            key: None,
             picked: None,
         }
     }
@@ -352,6 +353,7 @@ impl SentinelBackend {
             .note(std::slice::from_ref(&key.to_owned()));
         let mut conn = self.conn();
         conn.durable = self.resolver.durability.is_some();
+        conn.key = Some(key.to_owned());
         let value = commands::query(&mut conn, cmd).await?;
         conn.wait_replicated(self.resolver.durability).await?;
         Ok(value)
@@ -509,6 +511,9 @@ pub(crate) struct SentinelConn {
     /// same for every command of this handle (a `WAIT` covers the writes
     /// sent before it on its own connection only).
     durable: bool,
+    /// With `durable`: the connection of this key (see
+    /// `DurablePool::pick_for`), else the next in turn.
+    key: Option<String>,
     picked: Option<MultiplexedConnection>,
 }
 
@@ -542,7 +547,14 @@ impl SentinelConn {
             }
         };
         let conn = match (&primary.durable, self.durable) {
-            (Some(pool), true) => self.picked.get_or_insert_with(|| pool.pick()).clone(),
+            (Some(pool), true) => {
+                let key = self.key.as_deref();
+                let picked = self.picked.get_or_insert_with(|| match key {
+                    Some(key) => pool.pick_for(key),
+                    None => pool.pick(),
+                });
+                picked.clone()
+            }
             _ => primary.conn.clone(),
         };
         Ok((primary, conn))

@@ -179,8 +179,9 @@ impl<V> FlusherBuilder<V> {
 
     /// How long a shard stays with a flusher that stopped renewing it (it
     /// died, or lost Redis): the time before another process claims its
-    /// changes (30 s by default; at least 3 × the flush timeout is wise, so
-    /// that a slow flush is not overtaken by the next holder's).
+    /// changes (30 s by default). Raised to 3 × the flush timeout if
+    /// shorter, so that a slow flush is dropped before the next holder
+    /// flushes the same changes.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.settings.lease = lease.max(Duration::from_millis(300));
         self
@@ -202,7 +203,11 @@ impl<V> FlusherBuilder<V> {
         self.queue.check()?;
         let (stop, stopped) = watch::channel(false);
         let consumer = format!("{:016x}", fastrand::u64(..));
-        let settings = Arc::new(self.settings);
+        let mut settings = self.settings;
+        // A flush must end (or be dropped) well before its shard can pass
+        // to another process, or two would flush one key's changes at once.
+        settings.lease = settings.lease.max(settings.flush_timeout * 3);
+        let settings = Arc::new(settings);
         let mut tasks: Vec<_> = (0..self.queue.shard_count())
             .map(|shard| {
                 let shard = Shard {
@@ -300,8 +305,9 @@ async fn pause(stopped: &mut watch::Receiver<bool>, duration: Duration) -> bool 
 /// A change read and not acknowledged yet.
 struct Pending {
     change: Delivered,
-    failures: u32,
-    /// The shard's count of good flushes when this change first failed.
+    /// Flushes of this change alone that failed.
+    alone: u32,
+    /// The shard's count of good flushes when it first failed alone.
     successes_then: u64,
 }
 
@@ -353,9 +359,11 @@ impl Shard {
                 )
                 .await
             } else {
+                // Free, or still ours (a renewal that timed out): taken,
+                // and what it held is claimed afresh below.
                 crate::write::within(
                     timeout,
-                    backend.set_if_absent(&self.keys.lease, self.token.as_bytes(), lease_ms),
+                    stream::take_lease(backend, &self.keys, &self.token, lease_ms),
                 )
                 .await
             };
@@ -398,18 +406,26 @@ impl Shard {
                     continue;
                 }
             }
-            // Fill: first what earlier holders left, then new changes.
-            if work.len() < self.settings.batch {
-                let wanted = self.settings.batch * 2 - work.len();
+            // Fill: first what earlier holders left, then new changes; more
+            // when every change in hand is of the one key that keeps
+            // failing (a probe needs another key).
+            let one_key = probe
+                && work
+                    .iter()
+                    .all(|p| work.front().is_some_and(|f| f.change.key == p.change.key));
+            if work.len() < self.settings.batch
+                || (one_key && work.len() < self.settings.batch * 10)
+            {
+                let wanted = (self.settings.batch * 2).saturating_sub(work.len()).max(1);
                 let read = match &claim {
                     Some(cursor) => crate::write::within(
                         timeout,
                         stream::claim(backend, &self.keys, &self.consumer, cursor, wanted),
                     )
                     .await
-                    .map(|(next, changes)| {
+                    .map(|(next, read)| {
                         claim = next;
-                        changes
+                        read
                     }),
                     None => {
                         crate::write::within(
@@ -420,11 +436,26 @@ impl Shard {
                     }
                 };
                 match read {
-                    Ok(changes) => work.extend(changes.into_iter().map(|change| Pending {
-                        change,
-                        failures: 0,
-                        successes_then: 0,
-                    })),
+                    Ok(read) => {
+                        if !read.malformed.is_empty() {
+                            let ids: Vec<&str> =
+                                read.malformed.iter().map(String::as_str).collect();
+                            crate::limited!(
+                                cache,
+                                warn!(queue = self.queue, shard = %self.keys.stream, ids = ?ids, "write-behind: stream entries that are not changes: dropped")
+                            );
+                            let _ = crate::write::within(
+                                timeout,
+                                stream::ack(backend, &self.keys, &ids, &[]),
+                            )
+                            .await;
+                        }
+                        work.extend(read.changes.into_iter().map(|change| Pending {
+                            change,
+                            alone: 0,
+                            successes_then: 0,
+                        }));
+                    }
                     Err(error) => {
                         // Perhaps the stream (and its group) went: made again
                         // with the lease next time.
@@ -453,9 +484,15 @@ impl Shard {
                 .map(|&i| work[i].change.clone())
                 .collect();
             let started = Instant::now();
-            let flush = (self.handler)(cache.clone(), changes);
+            // A flush that panics is a failure like any other (the task
+            // must live on: the next holder would panic on the same change).
+            let flush =
+                futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+                    (self.handler)(cache.clone(), changes),
+                ));
             let outcome = match tokio::time::timeout(self.settings.flush_timeout, flush).await {
-                Ok(outcome) => outcome,
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) => Flushed::Failed("the flush panicked".to_owned()),
                 Err(_) => Flushed::Failed(format!(
                     "the flush timed out after {:?}",
                     self.settings.flush_timeout
@@ -472,6 +509,22 @@ impl Shard {
                     failures_in_a_row = 0;
                     probe = false;
                     limit = (limit * 2).min(self.settings.batch);
+                    // Still ours? If not, another holder may have claimed
+                    // these changes: they are left to it (flushed again).
+                    let still = crate::write::within(
+                        timeout,
+                        backend.compare_and_expire(
+                            &self.keys.lease,
+                            self.token.as_bytes(),
+                            lease_ms,
+                        ),
+                    )
+                    .await;
+                    if !matches!(still, Ok(true)) {
+                        held = false;
+                        work.clear();
+                        continue;
+                    }
                     if let Err(error) = self.settle(&cache, &work, &batch).await {
                         // Not acknowledged: flushed again, in order, by the
                         // next holder (this process, perhaps).
@@ -519,12 +572,12 @@ impl Shard {
                 Flushed::Failed(error) => {
                     recorder.note_queue(self.queue, QueueEvent::Retried);
                     failures_in_a_row += 1;
-                    for &i in &batch.flushed {
-                        let pending = &mut work[i];
-                        if pending.failures == 0 {
+                    if let [alone] = batch.flushed[..] {
+                        let pending = &mut work[alone];
+                        if pending.alone == 0 {
                             pending.successes_then = successes;
                         }
-                        pending.failures += 1;
+                        pending.alone += 1;
                     }
                     crate::limited!(
                         cache,
@@ -537,7 +590,7 @@ impl Shard {
                     } else {
                         let at = batch.flushed[0];
                         let pending = &work[at];
-                        if pending.failures >= self.settings.max_attempts
+                        if pending.alone >= self.settings.max_attempts
                             && successes > pending.successes_then
                         {
                             let buried = crate::write::within(
@@ -547,7 +600,7 @@ impl Shard {
                                     &self.keys,
                                     &pending.change,
                                     &error,
-                                    pending.failures,
+                                    pending.alone,
                                 ),
                             )
                             .await;
@@ -556,7 +609,7 @@ impl Shard {
                                     recorder.note_queue(self.queue, QueueEvent::DeadLettered);
                                     crate::limited!(
                                         cache,
-                                        warn!(queue = self.queue, key = %pending.change.key, failures = pending.failures, %error, "write-behind change moved to the dead letters")
+                                        warn!(queue = self.queue, key = %pending.change.key, failures = pending.alone, %error, "write-behind change moved to the dead letters")
                                     );
                                     remove(&mut work, vec![at]);
                                     failures_in_a_row = 0;
@@ -573,7 +626,10 @@ impl Shard {
                         // Next, another key's change, if there is one: if
                         // that one flushes, the database is up and this
                         // one is the trouble.
-                        probe = at == 0;
+                        let front = work.front().map(|p| p.change.key.as_str());
+                        probe = work
+                            .get(at)
+                            .is_some_and(|p| Some(p.change.key.as_str()) == front);
                     }
                     drop(cache);
                     if self.pause(backoff(failures_in_a_row)).await {
@@ -587,8 +643,8 @@ impl Shard {
         }
     }
 
-    /// Gives the flushed changes' entries their TTL back, then
-    /// acknowledges the changes.
+    /// Gives the flushed changes' entries their TTL back (those still
+    /// their keys' latest), then acknowledges the changes.
     async fn settle(
         &self,
         cache: &Cache,
@@ -597,23 +653,18 @@ impl Shard {
     ) -> Result<(), CacheError> {
         let backend = cache.backend();
         let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
-        let settled = batch
-            .flushed
-            .iter()
-            .map(|&i| stream::settle(backend, &work[i].change));
-        crate::write::within(timeout, async {
-            for outcome in futures_util::future::join_all(settled).await {
-                outcome?;
-            }
-            Ok(())
-        })
-        .await?;
+        let flushed: Vec<&Delivered> = batch.flushed.iter().map(|&i| &work[i].change).collect();
+        crate::write::within(timeout, stream::settle(backend, &self.keys, &flushed)).await?;
         let ids: Vec<&str> = batch
             .acked
             .iter()
             .map(|&i| work[i].change.id.as_str())
             .collect();
-        crate::write::within(timeout, stream::ack(backend, &self.keys, &ids)).await
+        let latest: Vec<(&str, &str)> = flushed
+            .iter()
+            .map(|c| (c.key.as_str(), c.id.as_str()))
+            .collect();
+        crate::write::within(timeout, stream::ack(backend, &self.keys, &ids, &latest)).await
     }
 
     /// Hands the shard over (best effort: else it expires).
@@ -729,7 +780,7 @@ mod tests {
                     ttl: 1,
                     at: 0,
                 },
-                failures: 0,
+                alone: 0,
                 successes_then: 0,
             })
             .collect()

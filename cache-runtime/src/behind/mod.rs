@@ -147,8 +147,8 @@ impl ChangeId {
 
     /// One number that orders versions as they are ordered: the
     /// milliseconds shifted left by 20 bits plus the sequence (a column of
-    /// `BIGINT` holds it for 17,000 years; more than a million changes of
-    /// one shard in one millisecond would share a number).
+    /// `BIGINT` holds it until the year 2248; more than a million changes
+    /// of one shard in one millisecond would share a number).
     pub fn as_i64(&self) -> i64 {
         let packed = (self.millis << 20) | self.seq.min((1 << 20) - 1);
         i64::try_from(packed).unwrap_or(i64::MAX)
@@ -223,6 +223,9 @@ pub(crate) struct ShardKeys {
     pub(crate) stream: String,
     pub(crate) dead: String,
     pub(crate) lease: String,
+    /// A hash of entry key to the id of its latest change in the shard:
+    /// a flushed change settles its entry only if it is still the latest.
+    pub(crate) latest: String,
 }
 
 impl ShardKeys {
@@ -233,6 +236,7 @@ impl ShardKeys {
         ShardKeys {
             dead: format!("{stream}:dead"),
             lease: format!("{stream}:lease"),
+            latest: format!("{stream}:latest"),
             stream,
         }
     }
@@ -333,10 +337,7 @@ impl Cache {
 impl Cache {
     /// After a write-behind write's body returned a value: stores it as
     /// `key`'s entry without expiry and queues the change, in one step
-    /// where the deployment allows (see the module docs). Tried up to
-    /// three times when a try fails in a way that may have landed (a
-    /// timeout): a change queued twice is flushed twice, in order, which a
-    /// flush must bear anyway.
+    /// where the deployment allows (see the module docs).
     pub(crate) async fn write_behind(
         &self,
         writer: &'static crate::stats::Function,
@@ -365,20 +366,14 @@ impl Cache {
         let (value, at) = (bytes, 0);
         let keys = ShardKeys::of(self, name, shard_of(&redis_key, shards));
         let _local = self.drop_local(std::slice::from_ref(&redis_key));
-        let mut tries = 0;
-        let outcome = loop {
-            tries += 1;
-            let queued = self
-                .guarded(
-                    &keys.stream,
-                    stream::enqueue(self.backend(), &keys, &redis_key, &value, ttl, at),
-                )
-                .await;
-            match queued {
-                Err(CacheError::Timeout(_)) if tries < 3 => {}
-                outcome => break outcome,
-            }
-        };
+        // Not retried: a try that timed out may land later, after the
+        // retry and after the caller's next write of the key.
+        let outcome = self
+            .guarded(
+                &keys.stream,
+                stream::enqueue(self.backend(), &keys, &redis_key, &value, ttl, at),
+            )
+            .await;
         self.announce(std::slice::from_ref(&redis_key)).await;
         match outcome {
             Ok(()) => {

@@ -13,47 +13,97 @@ use crate::error::CacheError;
 /// The consumer group every flusher of a queue reads with.
 pub(crate) const GROUP: &str = "wb";
 
-/// Appends a change and stores its value as the entry, without expiry,
-/// in one step (standalone and Sentinel, where both keys are on one
-/// server). KEYS: stream, entry. ARGV: value, TTL after the flush, where
-/// the encoded value starts.
-const ENQUEUE: &str = r"local id = redis.call('XADD', KEYS[1], '*', 'key', KEYS[2], 'value', ARGV[1], 'ttl', ARGV[2], 'at', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[1])
+/// Appends a change, notes it as its key's latest, and stores its value
+/// as the entry without expiry, in one step (standalone and Sentinel,
+/// where every key is on one server). KEYS: stream, latest, entry.
+/// ARGV: value, TTL after the flush, where the encoded value starts.
+const ENQUEUE: &str = r"local id = redis.call('XADD', KEYS[1], '*', 'key', KEYS[3], 'value', ARGV[1], 'ttl', ARGV[2], 'at', ARGV[3])
+redis.call('HSET', KEYS[2], KEYS[3], id)
+redis.call('SET', KEYS[3], ARGV[1])
 return id";
 
-/// After a flush, on the entry: gives it its TTL back if it still holds
-/// the flushed value and none; deletes it if it holds something else
-/// with a TTL (a value read from the database before the flush, or a
-/// reader's lease placeholder); leaves a newer pending value (no TTL).
-/// KEYS: entry. ARGV: value, TTL.
-const SETTLE: &str = r"local current = redis.call('GET', KEYS[1])
+/// [`ENQUEUE`]'s first half, on a cluster (the entry is in another slot).
+/// KEYS: stream, latest. ARGV: entry, value, ttl, at.
+const QUEUE: &str = r"local id = redis.call('XADD', KEYS[1], '*', 'key', ARGV[1], 'value', ARGV[2], 'ttl', ARGV[3], 'at', ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1], id)
+return id";
+
+/// After a flush, on the entry of a change that is its key's latest:
+/// gives it its TTL back if it holds the flushed value and has none, and
+/// deletes it if it holds anything else (a value read from the database
+/// before the flush, a reader's placeholder, or a store that arrived out
+/// of order on a cluster). KEYS: entry. ARGV: value, TTL.
+const SETTLE_ENTRY: &str = r"local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
-local ttl = redis.call('PTTL', KEYS[1])
 if current == ARGV[1] then
-  if ttl == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+  if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
   return 1
 end
-if ttl >= 0 then redis.call('DEL', KEYS[1]) return 2 end
-return 0";
+redis.call('DEL', KEYS[1])
+return 2";
+
+/// [`SETTLE_ENTRY`] only if the change is still its key's latest, in one
+/// step (standalone and Sentinel). KEYS: latest, entry. ARGV: value,
+/// TTL, id.
+const SETTLE: &str = r"if redis.call('HGET', KEYS[1], KEYS[2]) ~= ARGV[3] then return 0 end
+local current = redis.call('GET', KEYS[2])
+if not current then return 0 end
+if current == ARGV[1] then
+  if redis.call('PTTL', KEYS[2]) == -1 then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
+  return 1
+end
+redis.call('DEL', KEYS[2])
+return 2";
 
 /// Deletes the entry if it holds exactly this value (a dead-lettered
-/// change's: reads go back to the database). KEYS: entry. ARGV: value.
+/// change's, when it was its key's latest: reads go back to the
+/// database). KEYS: entry. ARGV: value.
 const DROP: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
 
-/// Acknowledges and deletes flushed changes. KEYS: stream. ARGV: ids.
-const ACK: &str = r"redis.call('XACK', KEYS[1], 'wb', unpack(ARGV))
-return redis.call('XDEL', KEYS[1], unpack(ARGV))";
+/// Acknowledges and deletes changes, and forgets the flushed ones that
+/// are their keys' latest. KEYS: stream, latest. ARGV: how many ids, the
+/// ids, then pairs of entry and id.
+const ACK: &str = r"local n = tonumber(ARGV[1])
+local ids = {}
+for i = 2, n + 1 do ids[#ids + 1] = ARGV[i] end
+if n > 0 then
+  redis.call('XACK', KEYS[1], 'wb', unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+for i = n + 2, #ARGV, 2 do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[2], ARGV[i]) end
+end
+return n";
 
-/// Moves a change to the dead letters. KEYS: stream, dead. ARGV: id, key,
-/// value, ttl, at, error, failures.
+/// Moves a change to the dead letters; 1 if it was its key's latest
+/// (forgotten as such). KEYS: stream, dead, latest. ARGV: id, key, value,
+/// ttl, at, error, failures.
 const BURY: &str = r"redis.call('XADD', KEYS[2], '*', 'key', ARGV[2], 'value', ARGV[3], 'ttl', ARGV[4], 'at', ARGV[5], 'id', ARGV[1], 'error', ARGV[6], 'failures', ARGV[7])
 redis.call('XACK', KEYS[1], 'wb', ARGV[1])
-return redis.call('XDEL', KEYS[1], ARGV[1])";
+redis.call('XDEL', KEYS[1], ARGV[1])
+if redis.call('HGET', KEYS[3], ARGV[2]) == ARGV[1] then
+  redis.call('HDEL', KEYS[3], ARGV[2])
+  return 1
+end
+return 0";
 
 /// Creates the consumer group (and the stream) unless it exists.
 const GROUP_CREATE: &str = r"redis.pcall('XGROUP', 'CREATE', KEYS[1], 'wb', '0', 'MKSTREAM')
 return 1";
+
+/// Takes a shard's lease if it is free or already this flusher's.
+/// KEYS: lease. ARGV: token, ms.
+const LEASE: &str = r"local holder = redis.call('GET', KEYS[1])
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0";
 
 /// A shard's pending and dead counts, its oldest change's id and the
 /// server's time. KEYS: stream, dead.
@@ -63,14 +113,16 @@ if first[1] then id = first[1][1] end
 local t = redis.call('TIME')
 return {redis.call('XLEN', KEYS[1]), redis.call('XLEN', KEYS[2]), id, t[1], t[2]}";
 
-/// Moves dead letters back to the queue, oldest first (at most 100 per
-/// call). KEYS: stream, dead. Returns how many.
+/// Moves dead letters back to the queue as their keys' latest changes,
+/// oldest first (at most 100 per call). KEYS: stream, dead, latest.
+/// Returns how many.
 const REPLAY: &str = r"local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 100)
 for _, entry in ipairs(entries) do
   local f = entry[2]
   local fields = {}
   for i = 1, #f, 2 do fields[f[i]] = f[i + 1] end
-  redis.call('XADD', KEYS[1], '*', 'key', fields['key'], 'value', fields['value'], 'ttl', fields['ttl'], 'at', fields['at'])
+  local id = redis.call('XADD', KEYS[1], '*', 'key', fields['key'], 'value', fields['value'], 'ttl', fields['ttl'], 'at', fields['at'])
+  redis.call('HSET', KEYS[3], fields['key'], id)
   redis.call('XDEL', KEYS[2], entry[1])
 end
 return #entries";
@@ -103,8 +155,20 @@ pub(crate) struct Delivered {
     pub(crate) at: usize,
 }
 
+/// What a read of a stream delivered: the changes, and the ids of entries
+/// that are not changes of ours (written by hand, or damaged), to be
+/// acknowledged and dropped rather than claimed forever.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Read {
+    pub(crate) changes: Vec<Delivered>,
+    pub(crate) malformed: Vec<String>,
+}
+
 /// Appends a change of `entry` to `keys`' stream and stores `value` as
-/// the entry without expiry, waiting for replicas as configured.
+/// the entry without expiry, waiting for replicas as configured. Sent on
+/// the connection of the shard (see `DurablePool::pick_for`), so that a
+/// change that timed out on the client is appended before the next one
+/// of its key.
 pub(crate) async fn enqueue(
     backend: &Backend,
     keys: &ShardKeys,
@@ -117,24 +181,21 @@ pub(crate) async fn enqueue(
     let at = at.to_string();
     if let Backend::Cluster(_) = backend {
         // Two slots: the change first, so that a crash between the two
-        // leaves an older entry (deleted by the flush's settling), never
-        // a value without expiry that no change will flush.
-        let mut xadd = redis::cmd("XADD");
-        xadd.arg(&keys.stream).arg("*").arg("key").arg(entry);
-        xadd.arg("value")
-            .arg(value)
-            .arg("ttl")
-            .arg(&ttl)
-            .arg("at")
-            .arg(&at);
-        backend.run_durably(&keys.stream, &xadd).await?;
+        // leaves the older entry (deleted when the change is settled),
+        // never a value without expiry that no change will flush.
+        let cmd = eval(
+            QUEUE,
+            &[&keys.stream, &keys.latest],
+            &[entry.as_bytes(), value, ttl.as_bytes(), at.as_bytes()],
+        );
+        backend.run_durably(&keys.stream, &cmd).await?;
         let mut set = redis::cmd("SET");
         set.arg(entry).arg(value);
         backend.run_durably(entry, &set).await?;
     } else {
         let cmd = eval(
             ENQUEUE,
-            &[&keys.stream, entry],
+            &[&keys.stream, &keys.latest, entry],
             &[value, ttl.as_bytes(), at.as_bytes()],
         );
         backend.run_durably(&keys.stream, &cmd).await?;
@@ -149,13 +210,31 @@ pub(crate) async fn ensure_group(backend: &Backend, keys: &ShardKeys) -> Result<
         .map(drop)
 }
 
+/// Takes the shard's lease (or keeps it, if it is still `token`'s).
+pub(crate) async fn take_lease(
+    backend: &Backend,
+    keys: &ShardKeys,
+    token: &str,
+    millis: u64,
+) -> Result<bool, CacheError> {
+    let millis = millis.to_string();
+    let reply = backend
+        .run(&eval(
+            LEASE,
+            &[&keys.lease],
+            &[token.as_bytes(), millis.as_bytes()],
+        ))
+        .await?;
+    Ok(matches!(reply, Value::Int(1)))
+}
+
 /// New changes for `consumer`, at most `count`.
 pub(crate) async fn read_new(
     backend: &Backend,
     keys: &ShardKeys,
     consumer: &str,
     count: usize,
-) -> Result<Vec<Delivered>, CacheError> {
+) -> Result<Read, CacheError> {
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP")
         .arg(GROUP)
@@ -176,7 +255,7 @@ pub(crate) async fn claim(
     consumer: &str,
     cursor: &str,
     count: usize,
-) -> Result<(Option<String>, Vec<Delivered>), CacheError> {
+) -> Result<(Option<String>, Read), CacheError> {
     let mut cmd = redis::cmd("XAUTOCLAIM");
     cmd.arg(&keys.stream)
         .arg(GROUP)
@@ -188,30 +267,82 @@ pub(crate) async fn claim(
     Ok(parse_claim(&reply))
 }
 
-/// After a flush: the entry's TTL back (see [`SETTLE`]).
-pub(crate) async fn settle(backend: &Backend, change: &Delivered) -> Result<(), CacheError> {
-    let ttl = change.ttl.max(1).to_string();
-    let cmd = eval(SETTLE, &[&change.key], &[&change.value, ttl.as_bytes()]);
-    backend.run(&cmd).await.map(drop)
+/// After a flush: the entries of the changes that are still their keys'
+/// latest get their TTL back (see [`SETTLE_ENTRY`]); the others are left
+/// to their later changes. Atomic per change off a cluster; on a cluster
+/// the latest are read first, then their entries settled.
+pub(crate) async fn settle(
+    backend: &Backend,
+    keys: &ShardKeys,
+    changes: &[&Delivered],
+) -> Result<(), CacheError> {
+    let ttls: Vec<String> = changes.iter().map(|c| c.ttl.max(1).to_string()).collect();
+    if let Backend::Cluster(_) = backend {
+        let mut hmget = redis::cmd("HMGET");
+        hmget.arg(&keys.latest);
+        for change in changes {
+            hmget.arg(&change.key);
+        }
+        let latest = backend.run(&hmget).await?;
+        let latest = items(&latest);
+        let settled = changes
+            .iter()
+            .zip(&ttls)
+            .zip(latest)
+            .filter(|((change, _), latest)| as_str(latest) == Some(change.id.as_str()))
+            .map(|((change, ttl), _)| {
+                let cmd = eval(
+                    SETTLE_ENTRY,
+                    &[&change.key],
+                    &[&change.value, ttl.as_bytes()],
+                );
+                async move { backend.run(&cmd).await }
+            });
+        for outcome in futures_util::future::join_all(settled).await {
+            outcome?;
+        }
+    } else {
+        let settled = changes.iter().zip(&ttls).map(|(change, ttl)| {
+            let cmd = eval(
+                SETTLE,
+                &[&keys.latest, &change.key],
+                &[&change.value, ttl.as_bytes(), change.id.as_bytes()],
+            );
+            async move { backend.run(&cmd).await }
+        });
+        for outcome in futures_util::future::join_all(settled).await {
+            outcome?;
+        }
+    }
+    Ok(())
 }
 
+/// Acknowledges and deletes the changes `ids`; `flushed` (key, id) that
+/// are their keys' latest are forgotten as such.
 pub(crate) async fn ack(
     backend: &Backend,
     keys: &ShardKeys,
     ids: &[&str],
+    flushed: &[(&str, &str)],
 ) -> Result<(), CacheError> {
     if ids.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes()).collect();
+    let count = ids.len().to_string();
+    let mut args: Vec<&[u8]> = vec![count.as_bytes()];
+    args.extend(ids.iter().map(|id| id.as_bytes()));
+    for (key, id) in flushed {
+        args.push(key.as_bytes());
+        args.push(id.as_bytes());
+    }
     backend
-        .run(&eval(ACK, &[&keys.stream], &ids))
+        .run(&eval(ACK, &[&keys.stream, &keys.latest], &args))
         .await
         .map(drop)
 }
 
-/// Moves `change` to the dead letters, then takes its value out of the
-/// cache (if the entry still holds it).
+/// Moves `change` to the dead letters, then, if it was its key's latest,
+/// takes its value out of the cache (if the entry still holds it).
 pub(crate) async fn bury(
     backend: &Backend,
     keys: &ShardKeys,
@@ -226,7 +357,7 @@ pub(crate) async fn bury(
     );
     let cmd = eval(
         BURY,
-        &[&keys.stream, &keys.dead],
+        &[&keys.stream, &keys.dead, &keys.latest],
         &[
             change.id.as_bytes(),
             change.key.as_bytes(),
@@ -237,7 +368,10 @@ pub(crate) async fn bury(
             failures.as_bytes(),
         ],
     );
-    backend.run(&cmd).await?;
+    let latest = backend.run(&cmd).await?;
+    if !matches!(latest, Value::Int(1)) {
+        return Ok(());
+    }
     backend
         .run(&eval(DROP, &[&change.key], &[&change.value]))
         .await
@@ -304,7 +438,8 @@ pub(crate) async fn status(
         let first = as_str(first).and_then(ChangeId::parse);
         if let (Some(first), Some(seconds), Some(micros)) = (first, as_u64(seconds), as_u64(micros))
         {
-            let age = (seconds * 1000 + micros / 1000).saturating_sub(first.millis);
+            let now = seconds.saturating_mul(1000).saturating_add(micros / 1000);
+            let age = now.saturating_sub(first.millis);
             oldest = Some(oldest.map_or(age, |o| o.max(age)));
         }
     }
@@ -341,7 +476,7 @@ pub(crate) async fn replay(cache: &Cache, queue: &str) -> Result<u64, CacheError
     let mut replayed = 0;
     for keys in shards_of(cache, queue).await? {
         loop {
-            let cmd = eval(REPLAY, &[&keys.stream, &keys.dead], &[]);
+            let cmd = eval(REPLAY, &[&keys.stream, &keys.dead, &keys.latest], &[]);
             let moved =
                 crate::write::within(timeout, backend.run_durably(&keys.stream, &cmd)).await?;
             let moved = as_u64(&moved).unwrap_or(0);
@@ -390,7 +525,7 @@ fn items(value: &Value) -> Vec<&Value> {
 }
 
 /// A field list `[name, value, ...]` (or a map) as pairs.
-fn fields(value: &Value) -> Vec<(&str, &Value)> {
+fn fields_of(value: &Value) -> Vec<(&str, &Value)> {
     let items = items(value);
     items
         .chunks_exact(2)
@@ -402,15 +537,21 @@ fn field<'a>(fields: &[(&str, &'a Value)], name: &str) -> Option<&'a Value> {
     fields.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
-/// `[[id, [field, value, ...]], ...]`: the changes that parse (a deleted
-/// entry, `[id, nil]`, or a malformed one is skipped).
-fn parse_entries(value: &Value) -> Vec<Delivered> {
-    items(value)
-        .into_iter()
-        .filter_map(|entry| {
-            let parts = items(entry);
-            let id = as_str(parts.first()?)?;
-            let fields = fields(parts.get(1)?);
+/// `[[id, [field, value, ...]], ...]`: the changes that parse, and the
+/// ids of the entries that do not (a deleted entry, `[id, nil]`, is
+/// neither: it is gone).
+fn parse_entries(value: &Value) -> Read {
+    let mut read = Read::default();
+    for entry in items(value) {
+        let parts = items(entry);
+        let Some(id) = parts.first().and_then(|id| as_str(id)) else {
+            continue;
+        };
+        let Some(fields) = parts.get(1).filter(|f| !matches!(f, Value::Nil)) else {
+            continue;
+        };
+        let fields = fields_of(fields);
+        let change = (|| {
             Some(Delivered {
                 id: id.to_owned(),
                 version: ChangeId::parse(id)?,
@@ -419,35 +560,44 @@ fn parse_entries(value: &Value) -> Vec<Delivered> {
                 ttl: as_u64(field(&fields, "ttl")?)?,
                 at: usize::try_from(as_u64(field(&fields, "at")?)?).ok()?,
             })
-        })
-        .collect()
+        })();
+        match change {
+            Some(change) => read.changes.push(change),
+            None => read.malformed.push(id.to_owned()),
+        }
+    }
+    read
 }
 
 /// `XREADGROUP`'s reply: `nil`, or `[[stream, entries]]` (a map of
 /// stream to entries in RESP3).
-fn parse_read(reply: &Value) -> Vec<Delivered> {
-    match reply {
-        Value::Map(pairs) => pairs.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+fn parse_read(reply: &Value) -> Read {
+    let streams: Vec<&Value> = match reply {
+        Value::Map(pairs) => pairs.iter().map(|(_, e)| e).collect(),
         _ => items(reply)
             .into_iter()
-            .flat_map(|stream| {
-                let parts = items(stream);
-                parts.get(1).map(|e| parse_entries(e)).unwrap_or_default()
-            })
+            .filter_map(|stream| items(stream).get(1).copied())
             .collect(),
+    };
+    let mut read = Read::default();
+    for entries in streams {
+        let more = parse_entries(entries);
+        read.changes.extend(more.changes);
+        read.malformed.extend(more.malformed);
     }
+    read
 }
 
 /// `XAUTOCLAIM`'s reply: `[next cursor, entries, deleted ids]`.
-fn parse_claim(reply: &Value) -> (Option<String>, Vec<Delivered>) {
+fn parse_claim(reply: &Value) -> (Option<String>, Read) {
     let parts = items(reply);
     let cursor = parts
         .first()
         .and_then(|c| as_str(c))
         .filter(|c| *c != "0-0")
         .map(str::to_owned);
-    let changes = parts.get(1).map(|e| parse_entries(e)).unwrap_or_default();
-    (cursor, changes)
+    let read = parts.get(1).map(|e| parse_entries(e)).unwrap_or_default();
+    (cursor, read)
 }
 
 fn parse_dead(reply: &Value) -> Vec<DeadLetter> {
@@ -456,7 +606,7 @@ fn parse_dead(reply: &Value) -> Vec<DeadLetter> {
         .filter_map(|entry| {
             let parts = items(entry);
             let id = as_str(parts.first()?)?;
-            let fields = fields(parts.get(1)?);
+            let fields = fields_of(parts.get(1)?);
             let text = |name| field(&fields, name).and_then(as_str).map(str::to_owned);
             Some(DeadLetter {
                 id: id.to_owned(),
@@ -512,12 +662,21 @@ mod tests {
                 entry("7-0", "user:2"),
             ]),
         ])]);
-        let changes = parse_read(&reply);
+        let read = parse_read(&reply);
+        let changes = read.changes;
         let ids: Vec<_> = changes.iter().map(|c| c.id.as_str()).collect();
         assert_eq!(ids, ["5-1", "7-0"]);
+        let bad = Value::Array(vec![Value::Array(vec![
+            bulk("s"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("8-0"),
+                Value::Array(vec![bulk("key"), bulk("k")]),
+            ])]),
+        ])]);
+        assert_eq!(parse_read(&bad).malformed, ["8-0"]);
         assert_eq!(changes[0].version, ChangeId { millis: 5, seq: 1 });
         assert_eq!((changes[0].ttl, changes[0].at), (60000, 0));
-        assert!(parse_read(&Value::Nil).is_empty());
+        assert_eq!(parse_read(&Value::Nil), Read::default());
     }
 
     #[test]
@@ -527,11 +686,11 @@ mod tests {
             Value::Array(vec![entry("1-0", "k")]),
             Value::Array(vec![]),
         ]);
-        let (cursor, changes) = parse_claim(&reply);
-        assert_eq!((cursor, changes.len()), (None, 1));
+        let (cursor, read) = parse_claim(&reply);
+        assert_eq!((cursor, read.changes.len()), (None, 1));
         let more = Value::Array(vec![bulk("9-0"), Value::Array(vec![])]);
         assert_eq!(parse_claim(&more).0.as_deref(), Some("9-0"));
-        assert_eq!(parse_claim(&Value::Int(1)), (None, vec![]));
+        assert_eq!(parse_claim(&Value::Int(1)), (None, Read::default()));
     }
 
     #[test]
