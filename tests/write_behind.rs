@@ -300,9 +300,25 @@ async fn a_failing_database_loses_nothing_and_a_poison_change_is_dead_lettered()
     let mut conn = target.raw().await;
     let exists: i64 = raw(&mut conn, &[b"EXISTS", entry.as_bytes()]).await;
     assert_eq!(exists, 0, "a dead-lettered value is taken out of the cache");
-    // Replayed, it fails again and goes back to the dead letters unless
-    // the database takes it: here a fixed flush takes everything.
-    assert_eq!(store.cache.replay_dead_letters("rows").await.unwrap(), 1);
+    // The operator's tool shows it, and replays it. Replayed, it fails
+    // again and goes back to the dead letters unless the database takes
+    // it: here a fixed flush takes everything.
+    let url = server.url();
+    let prefix = format!("wb-fail-{}", std::process::id());
+    let cachectl = async |args: &[&str]| {
+        let mut argv = vec!["cachectl", "--url", &url, "--prefix", &prefix];
+        argv.extend_from_slice(args);
+        cache_cli::run(argv).await.expect("cachectl runs")
+    };
+    let shown = cachectl(&["dead-letters", "rows"]).await;
+    println!("$ cachectl dead-letters rows\n{shown}");
+    assert!(
+        shown.starts_with("1 dead letter(s)")
+            && shown.contains("row:100")
+            && shown.contains("constraint violated")
+    );
+    let replayed = cachectl(&["replay", "rows"]).await;
+    assert_eq!(replayed.trim(), "replayed 1 change(s) of queue rows");
     let db = Arc::clone(&store.db);
     let fixed = store
         .cache
@@ -377,14 +393,76 @@ async fn a_write_the_cache_cannot_queue_is_an_error() {
         ),
         "{failed:?}"
     );
-    let memory = Store {
+}
+
+/// The same on `Cache::memory()`: a service's tests run their
+/// write-behind writes and flushers without Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_backend_queues_and_flushes_the_same_way() {
+    let store = Store {
         cache: Cache::memory(),
         db: Arc::new(Db::default()),
     };
-    assert!(matches!(
-        memory.save(1, 1, "a").await,
-        Err(DbError::Cache(_))
-    ));
+    for seq in 1..=5 {
+        for key in 0..3 {
+            store.save(key, seq, "ok").await.unwrap();
+        }
+    }
+    store.save(9, 1, "poison").await.unwrap();
+    assert_eq!(store.get(1).await.unwrap().seq, 5);
+    assert_eq!(store.db.reads.load(Ordering::SeqCst), 0);
+    let status = store.cache.write_queue_status(&ROWS).await.unwrap();
+    assert_eq!(status.pending, 16);
+    let flusher = spawn_flusher(&store, false);
+    // Traffic goes on (key 3): a poison change is judged against flushes
+    // that succeed after its first failure.
+    let mut seq = 0;
+    let done = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        async || {
+            seq += 1;
+            store.save(3, seq, "ok").await.unwrap();
+            store
+                .cache
+                .write_queue_status(&ROWS)
+                .await
+                .is_ok_and(|s| s.dead == 1)
+        },
+    )
+    .await;
+    let drained = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        async || {
+            store
+                .cache
+                .write_queue_status(&ROWS)
+                .await
+                .is_ok_and(|s| s.pending == 0)
+        },
+    )
+    .await;
+    flusher.stop().await;
+    assert!(
+        done.is_some() && drained.is_some(),
+        "the in-process queue did not drain: {:?}",
+        store.cache.stats().write_behind
+    );
+    let rows = store.db.rows.lock().unwrap().clone();
+    assert!((0..3).all(|key| rows[&key].seq == 5) && !rows.contains_key(&9));
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    for flush in store.db.flushes.lock().unwrap().iter() {
+        for (key, seq) in flush {
+            assert!(*seq > last.insert(*key, *seq).unwrap_or(0));
+        }
+    }
+    let letters = store.cache.dead_letters("rows", 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].key.ends_with("row:9"));
+    assert_eq!(store.cache.replay_dead_letters("rows").await.unwrap(), 1);
+    let status = store.cache.write_queue_status(&ROWS).await.unwrap();
+    assert_eq!((status.pending, status.dead), (1, 0));
 }
 
 // ---------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! Renames written behind: the same `users` rows, changed through the
 //! cache and flushed to SQLite in batches ([`flush`]), beside the
 //! repository's own write-through of the same change
-//! ([`WriteThrough::rename`]). `src/bin/write_bench.rs` measures the
+//! ([`WriteThrough::save`]). `src/bin/write_bench.rs` measures the
 //! three ways a rename can reach the database.
 
 use std::sync::Arc;

@@ -38,6 +38,49 @@ impl Expiry<String, Entry> for PerEntryTtl {
 
 pub(crate) struct MemoryBackend {
     entries: moka::sync::Cache<String, Entry>,
+    /// Write-behind's streams and hashes (`behind::memory`).
+    queues: std::sync::Mutex<Queues>,
+}
+
+/// Write-behind's queues on the in-process backend: streams by key, each
+/// with its one consumer group's delivery state, and hashes (each key's
+/// latest change). Only what write-behind uses of streams is here.
+#[derive(Debug, Default)]
+pub(crate) struct Queues {
+    pub(crate) streams: std::collections::HashMap<String, MemStream>,
+    pub(crate) hashes: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
+}
+
+/// A stream entry's fields, in order.
+pub(crate) type Fields = Vec<(String, Vec<u8>)>;
+
+/// A stream's entries (id: milliseconds and sequence) and its group's
+/// state: the last id delivered, and those delivered and not acknowledged.
+#[derive(Debug, Default)]
+pub(crate) struct MemStream {
+    pub(crate) last: (u64, u64),
+    pub(crate) entries: std::collections::BTreeMap<(u64, u64), Fields>,
+    pub(crate) delivered: (u64, u64),
+    pub(crate) pending: std::collections::BTreeSet<(u64, u64)>,
+}
+
+impl MemStream {
+    /// `XADD *`: an id after the last, from the wall clock.
+    pub(crate) fn add(&mut self, fields: Fields) -> (u64, u64) {
+        let now = millis(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let id = if now > self.last.0 {
+            (now, 0)
+        } else {
+            (self.last.0, self.last.1 + 1)
+        };
+        self.entries.insert(id, fields);
+        self.last = id;
+        id
+    }
 }
 
 impl std::fmt::Debug for MemoryBackend {
@@ -59,7 +102,17 @@ impl MemoryBackend {
             })
             .expire_after(PerEntryTtl)
             .build();
-        MemoryBackend { entries }
+        MemoryBackend {
+            entries,
+            queues: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Write-behind's queues.
+    pub(crate) fn queues(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A live entry: moka may hand out an entry in the instant it expires.

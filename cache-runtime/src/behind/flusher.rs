@@ -96,31 +96,34 @@ impl Cache {
         let flush = Arc::new(flush);
         let handler = move |cache: Cache, batch: Vec<Delivered>| {
             let flush = Arc::clone(&flush);
-            let codec = cache.codec();
-            let decoded: Result<Vec<Change<V>>, (usize, String)> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, change)| {
-                    let bytes = change.value.get(change.at..).unwrap_or_default();
-                    let value = cache
-                        .decoding(bytes, |bytes| codec.decode::<V>(bytes))
-                        .map_err(|error| (i, error.to_string()))?;
-                    let key = match cache.prefix() {
-                        Some(prefix) => change
-                            .key
-                            .strip_prefix(prefix)
-                            .and_then(|k| k.strip_prefix(':'))
-                            .unwrap_or(&change.key),
-                        None => &change.key,
-                    };
-                    Ok(Change {
-                        key: key.to_owned(),
-                        value,
-                        version: change.version,
-                    })
-                })
-                .collect();
+            // Decoded inside the future, so that a `Deserialize` that
+            // panics is caught with the flush (see `Shard::run`).
             Box::pin(async move {
+                let codec = cache.codec();
+                let decoded: Result<Vec<Change<V>>, (usize, String)> = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, change)| {
+                        let bytes = change.value.get(change.at..).unwrap_or_default();
+                        let value = cache
+                            .decoding(bytes, |bytes| codec.decode::<V>(bytes))
+                            .map_err(|error| (i, error.to_string()))?;
+                        let key = match cache.prefix() {
+                            Some(prefix) => change
+                                .key
+                                .strip_prefix(prefix)
+                                .and_then(|k| k.strip_prefix(':'))
+                                .unwrap_or(&change.key),
+                            None => &change.key,
+                        };
+                        Ok(Change {
+                            key: key.to_owned(),
+                            value,
+                            version: change.version,
+                        })
+                    })
+                    .collect();
+                drop(cache);
                 match decoded {
                     Err((i, error)) => Flushed::Undecodable(i, error),
                     Ok(changes) => match flush(changes).await {
@@ -147,9 +150,9 @@ impl Cache {
 }
 
 impl<V> FlusherBuilder<V> {
-    /// The most changes one flush gets (100 by default; at least 1).
+    /// The most changes one flush gets (100 by default; 1 to 1,000).
     pub fn batch(mut self, changes: usize) -> Self {
-        self.settings.batch = changes.max(1);
+        self.settings.batch = changes.clamp(1, 1000);
         self
     }
 
@@ -208,6 +211,7 @@ impl<V> FlusherBuilder<V> {
         // to another process, or two would flush one key's changes at once.
         settings.lease = settings.lease.max(settings.flush_timeout * 3);
         let settings = Arc::new(settings);
+        let successes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks: Vec<_> = (0..self.queue.shard_count())
             .map(|shard| {
                 let shard = Shard {
@@ -219,6 +223,7 @@ impl<V> FlusherBuilder<V> {
                     handler: Arc::clone(&self.handler),
                     settings: Arc::clone(&settings),
                     stopped: stopped.clone(),
+                    successes: Arc::clone(&successes),
                 };
                 tokio::spawn(shard.run())
             })
@@ -307,7 +312,8 @@ struct Pending {
     change: Delivered,
     /// Flushes of this change alone that failed.
     alone: u32,
-    /// The shard's count of good flushes when it first failed alone.
+    /// The flusher's count of good flushes (every shard's) when it first
+    /// failed alone.
     successes_then: u64,
 }
 
@@ -329,6 +335,9 @@ struct Shard {
     handler: Arc<Handler>,
     settings: Arc<Settings>,
     stopped: watch::Receiver<bool>,
+    /// Good flushes of the flusher's shards: that the database takes
+    /// writes, which a change that keeps failing alone is judged by.
+    successes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Shard {
@@ -338,7 +347,6 @@ impl Shard {
         let mut claim: Option<String> = None;
         let mut limit = self.settings.batch;
         let mut failures_in_a_row: u32 = 0;
-        let mut successes: u64 = 0;
         // The front change failed in the last attempt: try another key.
         let mut probe = false;
         let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(u64::MAX);
@@ -383,6 +391,16 @@ impl Shard {
                     held = true;
                     work.clear();
                     claim = Some("0-0".to_owned());
+                    let _ = crate::write::within(
+                        timeout,
+                        stream::prune_consumers(
+                            backend,
+                            &self.keys,
+                            &self.consumer,
+                            IDLE_CONSUMER_MS,
+                        ),
+                    )
+                    .await;
                 }
                 Ok(true) => {}
                 Ok(false) => {
@@ -406,17 +424,22 @@ impl Shard {
                     continue;
                 }
             }
-            // Fill: first what earlier holders left, then new changes; more
-            // when every change in hand is of the one key that keeps
-            // failing (a probe needs another key).
-            let one_key = probe
-                && work
-                    .iter()
-                    .all(|p| work.front().is_some_and(|f| f.change.key == p.change.key));
+            // Fill: first what earlier holders left, then new changes.
+            let mut keys_in_hand: Vec<&str> = work.iter().map(|p| p.change.key.as_str()).collect();
+            keys_in_hand.sort_unstable();
+            keys_in_hand.dedup();
+            // Also when the changes in hand are of fewer keys than a batch
+            // takes (a hot key's run), or of one key a probe cannot pass.
+            let few_keys = keys_in_hand.len() < limit || (probe && keys_in_hand.len() < 2);
+            drop(keys_in_hand);
             if work.len() < self.settings.batch
-                || (one_key && work.len() < self.settings.batch * 10)
+                || (few_keys && work.len() < self.settings.batch * 10)
             {
-                let wanted = (self.settings.batch * 2).saturating_sub(work.len()).max(1);
+                let wanted = if work.len() < self.settings.batch {
+                    self.settings.batch * 2 - work.len()
+                } else {
+                    self.settings.batch
+                };
                 let read = match &claim {
                     Some(cursor) => crate::write::within(
                         timeout,
@@ -446,7 +469,7 @@ impl Shard {
                             );
                             let _ = crate::write::within(
                                 timeout,
-                                stream::ack(backend, &self.keys, &ids, &[]),
+                                stream::ack(backend, &self.keys, &self.token, &ids, &[]),
                             )
                             .await;
                         }
@@ -505,7 +528,8 @@ impl Shard {
                         self.queue,
                         QueueEvent::Flushed(batch.acked.len(), started.elapsed()),
                     );
-                    successes += 1;
+                    self.successes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     failures_in_a_row = 0;
                     probe = false;
                     limit = (limit * 2).min(self.settings.batch);
@@ -525,18 +549,26 @@ impl Shard {
                         work.clear();
                         continue;
                     }
-                    if let Err(error) = self.settle(&cache, &work, &batch).await {
-                        // Not acknowledged: flushed again, in order, by the
-                        // next holder (this process, perhaps).
-                        self.trouble(&cache, &error);
-                        self.release(&cache).await;
-                        held = false;
-                        work.clear();
-                        drop(cache);
-                        if self.pause(backoff(1)).await {
-                            break;
+                    match self.settle(&cache, &work, &batch).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            held = false;
+                            work.clear();
+                            continue;
                         }
-                        continue;
+                        Err(error) => {
+                            // Not acknowledged: flushed again, in order, by
+                            // the next holder (this process, perhaps).
+                            self.trouble(&cache, &error);
+                            self.release(&cache).await;
+                            held = false;
+                            work.clear();
+                            drop(cache);
+                            if self.pause(backoff(1)).await {
+                                break;
+                            }
+                            continue;
+                        }
                     }
                     remove(&mut work, batch.acked);
                 }
@@ -547,6 +579,7 @@ impl Shard {
                         stream::bury(
                             backend,
                             &self.keys,
+                            &self.token,
                             &work[at].change,
                             &format!("undecodable: {error}"),
                             1,
@@ -554,7 +587,7 @@ impl Shard {
                     )
                     .await;
                     match buried {
-                        Ok(()) => {
+                        Ok(true) => {
                             recorder.note_queue(self.queue, QueueEvent::DeadLettered);
                             crate::limited!(
                                 cache,
@@ -562,10 +595,16 @@ impl Shard {
                             );
                             remove(&mut work, vec![at]);
                         }
-                        Err(error) => {
-                            self.trouble(&cache, &error);
+                        outcome => {
+                            if let Err(error) = outcome {
+                                self.trouble(&cache, &error);
+                            }
                             held = false;
                             work.clear();
+                            drop(cache);
+                            if self.pause(backoff(1)).await {
+                                break;
+                            }
                         }
                     }
                 }
@@ -575,7 +614,8 @@ impl Shard {
                     if let [alone] = batch.flushed[..] {
                         let pending = &mut work[alone];
                         if pending.alone == 0 {
-                            pending.successes_then = successes;
+                            pending.successes_then =
+                                self.successes.load(std::sync::atomic::Ordering::Relaxed);
                         }
                         pending.alone += 1;
                     }
@@ -591,13 +631,15 @@ impl Shard {
                         let at = batch.flushed[0];
                         let pending = &work[at];
                         if pending.alone >= self.settings.max_attempts
-                            && successes > pending.successes_then
+                            && self.successes.load(std::sync::atomic::Ordering::Relaxed)
+                                > pending.successes_then
                         {
                             let buried = crate::write::within(
                                 timeout,
                                 stream::bury(
                                     backend,
                                     &self.keys,
+                                    &self.token,
                                     &pending.change,
                                     &error,
                                     pending.alone,
@@ -605,7 +647,7 @@ impl Shard {
                             )
                             .await;
                             match buried {
-                                Ok(()) => {
+                                Ok(true) => {
                                     recorder.note_queue(self.queue, QueueEvent::DeadLettered);
                                     crate::limited!(
                                         cache,
@@ -616,8 +658,10 @@ impl Shard {
                                     probe = false;
                                     continue;
                                 }
-                                Err(error) => {
-                                    self.trouble(&cache, &error);
+                                outcome => {
+                                    if let Err(error) = outcome {
+                                        self.trouble(&cache, &error);
+                                    }
                                     held = false;
                                     work.clear();
                                 }
@@ -644,13 +688,14 @@ impl Shard {
     }
 
     /// Gives the flushed changes' entries their TTL back (those still
-    /// their keys' latest), then acknowledges the changes.
+    /// their keys' latest), then acknowledges the changes; `false` if the
+    /// shard's lease was lost meanwhile (nothing acknowledged).
     async fn settle(
         &self,
         cache: &Cache,
         work: &VecDeque<Pending>,
         batch: &Batch,
-    ) -> Result<(), CacheError> {
+    ) -> Result<bool, CacheError> {
         let backend = cache.backend();
         let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
         let flushed: Vec<&Delivered> = batch.flushed.iter().map(|&i| &work[i].change).collect();
@@ -664,7 +709,11 @@ impl Shard {
             .iter()
             .map(|c| (c.key.as_str(), c.id.as_str()))
             .collect();
-        crate::write::within(timeout, stream::ack(backend, &self.keys, &ids, &latest)).await
+        crate::write::within(
+            timeout,
+            stream::ack(backend, &self.keys, &self.token, &ids, &latest),
+        )
+        .await
     }
 
     /// Hands the shard over (best effort: else it expires).
@@ -693,6 +742,11 @@ impl Shard {
     }
 }
 
+/// How long a consumer of a queue's group that holds nothing may go
+/// without reading before a new holder of its shard removes it (an hour:
+/// a process that stopped).
+const IDLE_CONSUMER_MS: u64 = 3_600_000;
+
 /// 100 ms, doubling per failure in a row, at most 10 s.
 fn backoff(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(7);
@@ -720,23 +774,36 @@ fn select(work: &VecDeque<Pending>, limit: usize, coalesce: bool, probe: bool) -
         flushed: Vec::new(),
         acked: Vec::new(),
     };
-    if probe
-        && let Some(other) = work
+    if probe {
+        // The first change of each other key; of those, the first that has
+        // not failed alone, else the one that failed alone least (so two
+        // failing keys do not keep a third from being tried).
+        let mut firsts: Vec<usize> = Vec::new();
+        for (i, pending) in work.iter().enumerate() {
+            let key = pending.change.key.as_str();
+            if Some(key) != front && seen.insert(key) {
+                firsts.push(i);
+            }
+        }
+        seen.clear();
+        if let Some(&other) = firsts
             .iter()
-            .position(|p| Some(p.change.key.as_str()) != front)
-    {
-        let key = work[other].change.key.as_str();
-        let mine: Vec<usize> = (other..work.len())
-            .filter(|&i| work[i].change.key == key)
-            .collect();
-        let flushed = if coalesce {
-            *mine.last().unwrap_or(&other)
-        } else {
-            other
-        };
-        batch.flushed.push(flushed);
-        batch.acked = if coalesce { mine } else { vec![other] };
-        return batch;
+            .find(|&&i| work[i].alone == 0)
+            .or_else(|| firsts.iter().min_by_key(|&&i| work[i].alone))
+        {
+            let key = work[other].change.key.as_str();
+            let mine: Vec<usize> = (other..work.len())
+                .filter(|&i| work[i].change.key == key)
+                .collect();
+            let flushed = if coalesce {
+                *mine.last().unwrap_or(&other)
+            } else {
+                other
+            };
+            batch.flushed.push(flushed);
+            batch.acked = if coalesce { mine } else { vec![other] };
+            return batch;
+        }
     }
     for (i, pending) in work.iter().enumerate() {
         let key = pending.change.key.as_str();
@@ -813,6 +880,10 @@ mod tests {
         assert_eq!(batch.flushed, [2]);
         let only = work(&["a", "a"]);
         assert_eq!(select(&only, 1, false, true).flushed, [0]);
+        // b failed alone already: c is tried before it.
+        let mut w = work(&["a", "b", "c"]);
+        w[1].alone = 2;
+        assert_eq!(select(&w, 1, false, true).flushed, [2]);
     }
 
     #[test]

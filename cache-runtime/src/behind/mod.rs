@@ -12,6 +12,7 @@
 //! TTL back if it still holds that value.
 
 mod flusher;
+mod memory;
 mod stream;
 
 use std::marker::PhantomData;
@@ -172,7 +173,7 @@ pub enum WriteBehindError {
     #[error("write-behind needs a cache: none is installed")]
     NoCache,
     /// The cache could not take the change (down, timed out, circuit
-    /// open, not replicated as configured, or the in-process backend).
+    /// open, not replicated as configured).
     /// The write is not written around the queue: a change of the same
     /// key still queued would be flushed after it and undo it.
     #[error("write-behind: the change could not be queued: {0}")]

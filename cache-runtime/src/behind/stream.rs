@@ -28,19 +28,20 @@ const QUEUE: &str = r"local id = redis.call('XADD', KEYS[1], '*', 'key', ARGV[1]
 redis.call('HSET', KEYS[2], ARGV[1], id)
 return id";
 
-/// After a flush, on the entry of a change that is its key's latest:
-/// gives it its TTL back if it holds the flushed value and has none, and
-/// deletes it if it holds anything else (a value read from the database
-/// before the flush, a reader's placeholder, or a store that arrived out
-/// of order on a cluster). KEYS: entry. ARGV: value, TTL.
+/// After a flush, on a cluster, on the entry of a change that was its
+/// key's latest: gives it its TTL back if it holds the flushed value and
+/// has none (answers 1); else answers what it holds (or 0 if nothing),
+/// which [`DROP`] deletes once the change is seen to be still the latest
+/// (a value read from the database before the flush, a reader's
+/// placeholder, or a store that arrived out of order). KEYS: entry.
+/// ARGV: value, TTL.
 const SETTLE_ENTRY: &str = r"local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
 if current == ARGV[1] then
   if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
   return 1
 end
-redis.call('DEL', KEYS[1])
-return 2";
+return current";
 
 /// [`SETTLE_ENTRY`] only if the change is still its key's latest, in one
 /// step (standalone and Sentinel). KEYS: latest, entry. ARGV: value,
@@ -55,35 +56,47 @@ end
 redis.call('DEL', KEYS[2])
 return 2";
 
-/// Deletes the entry if it holds exactly this value (a dead-lettered
-/// change's, when it was its key's latest: reads go back to the
-/// database). KEYS: entry. ARGV: value.
+/// Deletes the entry if it holds exactly this value: a dead-lettered
+/// change's, when it was its key's latest (reads go back to the
+/// database), or a stale value a settled change found. KEYS: entry.
+/// ARGV: value.
 const DROP: &str = r"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0";
 
 /// Acknowledges and deletes changes, and forgets the flushed ones that
-/// are their keys' latest. KEYS: stream, latest. ARGV: how many ids, the
-/// ids, then pairs of entry and id.
-const ACK: &str = r"local n = tonumber(ARGV[1])
-local ids = {}
-for i = 2, n + 1 do ids[#ids + 1] = ARGV[i] end
-if n > 0 then
+/// are their keys' latest, if the shard's lease is still the caller's
+/// (-1 if not: another holder has the changes). KEYS: stream, latest,
+/// lease. ARGV: token, how many ids, the ids, then pairs of entry and id.
+/// Ids go to `XACK`/`XDEL` in chunks (Lua's `unpack` is bounded).
+const ACK: &str = r"if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+local n = tonumber(ARGV[2])
+local i = 3
+while i <= n + 2 do
+  local ids = {}
+  while i <= n + 2 and #ids < 500 do
+    ids[#ids + 1] = ARGV[i]
+    i = i + 1
+  end
   redis.call('XACK', KEYS[1], 'wb', unpack(ids))
   redis.call('XDEL', KEYS[1], unpack(ids))
 end
-for i = n + 2, #ARGV, 2 do
-  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[2], ARGV[i]) end
+for j = n + 3, #ARGV, 2 do
+  if redis.call('HGET', KEYS[2], ARGV[j]) == ARGV[j + 1] then redis.call('HDEL', KEYS[2], ARGV[j]) end
 end
 return n";
 
-/// Moves a change to the dead letters; 1 if it was its key's latest
-/// (forgotten as such). KEYS: stream, dead, latest. ARGV: id, key, value,
-/// ttl, at, error, failures.
-const BURY: &str = r"redis.call('XADD', KEYS[2], '*', 'key', ARGV[2], 'value', ARGV[3], 'ttl', ARGV[4], 'at', ARGV[5], 'id', ARGV[1], 'error', ARGV[6], 'failures', ARGV[7])
+/// Moves a change to the dead letters if the shard's lease is still the
+/// caller's (-1 if not); 1 if it was its key's latest (forgotten as such,
+/// and, with a fifth key (off a cluster), its entry deleted if it holds the
+/// value), else 0. KEYS: stream, dead, latest, lease[, entry]. ARGV: id,
+/// key, value, ttl, at, error, failures, token.
+const BURY: &str = r"if redis.call('GET', KEYS[4]) ~= ARGV[8] then return -1 end
+redis.call('XADD', KEYS[2], '*', 'key', ARGV[2], 'value', ARGV[3], 'ttl', ARGV[4], 'at', ARGV[5], 'id', ARGV[1], 'error', ARGV[6], 'failures', ARGV[7])
 redis.call('XACK', KEYS[1], 'wb', ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 if redis.call('HGET', KEYS[3], ARGV[2]) == ARGV[1] then
   redis.call('HDEL', KEYS[3], ARGV[2])
+  if KEYS[5] and redis.call('GET', KEYS[5]) == ARGV[3] then redis.call('DEL', KEYS[5]) end
   return 1
 end
 return 0";
@@ -177,6 +190,10 @@ pub(crate) async fn enqueue(
     ttl: u64,
     at: usize,
 ) -> Result<(), CacheError> {
+    if let Backend::Memory(m) = backend {
+        super::memory::enqueue(m, keys, entry, value, ttl, at);
+        return Ok(());
+    }
     let ttl = ttl.to_string();
     let at = at.to_string();
     if let Backend::Cluster(_) = backend {
@@ -204,10 +221,50 @@ pub(crate) async fn enqueue(
 }
 
 pub(crate) async fn ensure_group(backend: &Backend, keys: &ShardKeys) -> Result<(), CacheError> {
+    if let Backend::Memory(_) = backend {
+        return Ok(());
+    }
     backend
         .run(&eval(GROUP_CREATE, &[&keys.stream], &[]))
         .await
         .map(drop)
+}
+
+/// Consumers of the shard's group that hold nothing and have not read
+/// for `idle_ms`, other than `ours`, removed: each flusher that ever ran
+/// (one per process start) names one, and the group would keep them all.
+/// Best effort; how many went.
+pub(crate) async fn prune_consumers(
+    backend: &Backend,
+    keys: &ShardKeys,
+    ours: &str,
+    idle_ms: u64,
+) -> Result<usize, CacheError> {
+    if let Backend::Memory(_) = backend {
+        return Ok(0);
+    }
+    let mut info = redis::cmd("XINFO");
+    info.arg("CONSUMERS").arg(&keys.stream).arg(GROUP);
+    let reply = backend.run(&info).await?;
+    let idle: Vec<String> = items(&reply)
+        .into_iter()
+        .filter_map(|consumer| {
+            let fields = fields_of(consumer);
+            let name = as_str(field(&fields, "name")?)?;
+            let pending = as_u64(field(&fields, "pending")?)?;
+            let idle = as_u64(field(&fields, "idle")?)?;
+            (name != ours && pending == 0 && idle >= idle_ms).then(|| name.to_owned())
+        })
+        .collect();
+    for name in &idle {
+        let mut del = redis::cmd("XGROUP");
+        del.arg("DELCONSUMER")
+            .arg(&keys.stream)
+            .arg(GROUP)
+            .arg(name);
+        backend.run(&del).await?;
+    }
+    Ok(idle.len())
 }
 
 /// Takes the shard's lease (or keeps it, if it is still `token`'s).
@@ -217,6 +274,9 @@ pub(crate) async fn take_lease(
     token: &str,
     millis: u64,
 ) -> Result<bool, CacheError> {
+    if let Backend::Memory(m) = backend {
+        return Ok(super::memory::take_lease(m, keys, token, millis));
+    }
     let millis = millis.to_string();
     let reply = backend
         .run(&eval(
@@ -235,6 +295,9 @@ pub(crate) async fn read_new(
     consumer: &str,
     count: usize,
 ) -> Result<Read, CacheError> {
+    if let Backend::Memory(m) = backend {
+        return Ok(super::memory::read_new(m, keys, count));
+    }
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP")
         .arg(GROUP)
@@ -256,6 +319,9 @@ pub(crate) async fn claim(
     cursor: &str,
     count: usize,
 ) -> Result<(Option<String>, Read), CacheError> {
+    if let Backend::Memory(m) = backend {
+        return Ok(super::memory::claim(m, keys, cursor, count));
+    }
     let mut cmd = redis::cmd("XAUTOCLAIM");
     cmd.arg(&keys.stream)
         .arg(GROUP)
@@ -276,6 +342,10 @@ pub(crate) async fn settle(
     keys: &ShardKeys,
     changes: &[&Delivered],
 ) -> Result<(), CacheError> {
+    if let Backend::Memory(m) = backend {
+        super::memory::settle(m, keys, changes);
+        return Ok(());
+    }
     let ttls: Vec<String> = changes.iter().map(|c| c.ttl.max(1).to_string()).collect();
     if let Backend::Cluster(_) = backend {
         let mut hmget = redis::cmd("HMGET");
@@ -290,16 +360,39 @@ pub(crate) async fn settle(
             .zip(&ttls)
             .zip(latest)
             .filter(|((change, _), latest)| as_str(latest) == Some(change.id.as_str()))
-            .map(|((change, ttl), _)| {
+            .map(|((change, ttl), _)| async move {
                 let cmd = eval(
                     SETTLE_ENTRY,
                     &[&change.key],
                     &[&change.value, ttl.as_bytes()],
                 );
-                async move { backend.run(&cmd).await }
+                let found = backend.run(&cmd).await?;
+                Ok::<_, CacheError>(as_bytes(&found).map(|stale| (*change, stale.to_vec())))
             });
+        let mut stale = Vec::new();
         for outcome in futures_util::future::join_all(settled).await {
-            outcome?;
+            stale.extend(outcome?);
+        }
+        if !stale.is_empty() {
+            // Deleted only if the change is still its key's latest: a
+            // write that landed meanwhile keeps its pending entry.
+            let mut hmget = redis::cmd("HMGET");
+            hmget.arg(&keys.latest);
+            for (change, _) in &stale {
+                hmget.arg(&change.key);
+            }
+            let latest = backend.run(&hmget).await?;
+            let dropped = stale
+                .iter()
+                .zip(items(&latest))
+                .filter(|((change, _), latest)| as_str(latest) == Some(change.id.as_str()))
+                .map(|((change, value), _)| {
+                    let cmd = eval(DROP, &[&change.key], &[value]);
+                    async move { backend.run(&cmd).await }
+                });
+            for outcome in futures_util::future::join_all(dropped).await {
+                outcome?;
+            }
         }
     } else {
         let settled = changes.iter().zip(&ttls).map(|(change, ttl)| {
@@ -318,46 +411,71 @@ pub(crate) async fn settle(
 }
 
 /// Acknowledges and deletes the changes `ids`; `flushed` (key, id) that
-/// are their keys' latest are forgotten as such.
+/// are their keys' latest are forgotten as such. `false` if the shard's
+/// lease is no longer `token`'s: nothing was acknowledged.
 pub(crate) async fn ack(
     backend: &Backend,
     keys: &ShardKeys,
+    token: &str,
     ids: &[&str],
     flushed: &[(&str, &str)],
-) -> Result<(), CacheError> {
+) -> Result<bool, CacheError> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(true);
+    }
+    if let Backend::Memory(m) = backend {
+        return Ok(super::memory::ack(m, keys, token, ids, flushed));
     }
     let count = ids.len().to_string();
-    let mut args: Vec<&[u8]> = vec![count.as_bytes()];
+    let mut args: Vec<&[u8]> = vec![token.as_bytes(), count.as_bytes()];
     args.extend(ids.iter().map(|id| id.as_bytes()));
     for (key, id) in flushed {
         args.push(key.as_bytes());
         args.push(id.as_bytes());
     }
-    backend
-        .run(&eval(ACK, &[&keys.stream, &keys.latest], &args))
-        .await
-        .map(drop)
+    let reply = backend
+        .run(&eval(
+            ACK,
+            &[&keys.stream, &keys.latest, &keys.lease],
+            &args,
+        ))
+        .await?;
+    Ok(!matches!(reply, Value::Int(-1)))
 }
 
-/// Moves `change` to the dead letters, then, if it was its key's latest,
-/// takes its value out of the cache (if the entry still holds it).
+/// Moves `change` to the dead letters and, if it was its key's latest,
+/// takes its value out of the cache (if the entry still holds it: in the
+/// same step off a cluster). `false` if the shard's lease is no longer
+/// `token`'s: nothing was done.
 pub(crate) async fn bury(
     backend: &Backend,
     keys: &ShardKeys,
+    token: &str,
     change: &Delivered,
     error: &str,
     failures: u32,
-) -> Result<(), CacheError> {
+) -> Result<bool, CacheError> {
+    if let Backend::Memory(m) = backend {
+        return Ok(super::memory::bury(m, keys, token, change, error, failures));
+    }
     let (ttl, at, failures) = (
         change.ttl.to_string(),
         change.at.to_string(),
         failures.to_string(),
     );
+    let cluster = matches!(backend, Backend::Cluster(_));
+    let mut script_keys = vec![
+        keys.stream.as_str(),
+        keys.dead.as_str(),
+        keys.latest.as_str(),
+        keys.lease.as_str(),
+    ];
+    if !cluster {
+        script_keys.push(&change.key);
+    }
     let cmd = eval(
         BURY,
-        &[&keys.stream, &keys.dead, &keys.latest],
+        &script_keys,
         &[
             change.id.as_bytes(),
             change.key.as_bytes(),
@@ -366,16 +484,19 @@ pub(crate) async fn bury(
             at.as_bytes(),
             error.as_bytes(),
             failures.as_bytes(),
+            token.as_bytes(),
         ],
     );
-    let latest = backend.run(&cmd).await?;
-    if !matches!(latest, Value::Int(1)) {
-        return Ok(());
+    match backend.run(&cmd).await? {
+        Value::Int(-1) => Ok(false),
+        Value::Int(1) if cluster => {
+            backend
+                .run(&eval(DROP, &[&change.key], &[&change.value]))
+                .await?;
+            Ok(true)
+        }
+        _ => Ok(true),
     }
-    backend
-        .run(&eval(DROP, &[&change.key], &[&change.value]))
-        .await
-        .map(drop)
 }
 
 /// The shards' keys of the queue named `queue`, found on the servers
@@ -388,8 +509,14 @@ async fn shards_of(cache: &Cache, queue: &str) -> Result<Vec<ShardKeys>, CacheEr
         .strip_suffix("0}")
         .unwrap_or(&probe.stream)
         .to_owned();
-    let pattern = format!("{}*", crate::write::glob_escape(&start));
     let backend = cache.backend();
+    if let Backend::Memory(m) = backend {
+        return Ok(super::memory::shards(m, &start)
+            .into_iter()
+            .map(|shard| ShardKeys::of(cache, queue, shard))
+            .collect());
+    }
+    let pattern = format!("{}*", crate::write::glob_escape(&start));
     let timeout = cache.settings().op_timeout;
     let mut shards = std::collections::BTreeSet::new();
     for target in crate::write::within(timeout, backend.scan_targets()).await? {
@@ -422,6 +549,12 @@ pub(crate) async fn status(
     shards: u16,
 ) -> Result<QueueStatus, CacheError> {
     let backend = cache.backend();
+    if let Backend::Memory(m) = backend {
+        let keys: Vec<ShardKeys> = (0..shards)
+            .map(|shard| ShardKeys::of(cache, queue, shard))
+            .collect();
+        return Ok(super::memory::status(m, &keys));
+    }
     let timeout = cache.settings().op_timeout;
     let mut status = QueueStatus::default();
     let mut oldest: Option<u64> = None;
@@ -456,6 +589,10 @@ pub(crate) async fn dead_letters(
     let timeout = cache.settings().op_timeout;
     let mut letters = Vec::new();
     for keys in shards_of(cache, queue).await? {
+        if let Backend::Memory(m) = backend {
+            letters.extend(super::memory::dead_letters(m, &keys, limit));
+            continue;
+        }
         let mut cmd = redis::cmd("XRANGE");
         cmd.arg(&keys.dead)
             .arg("-")
@@ -475,6 +612,10 @@ pub(crate) async fn replay(cache: &Cache, queue: &str) -> Result<u64, CacheError
     let timeout = cache.settings().op_timeout;
     let mut replayed = 0;
     for keys in shards_of(cache, queue).await? {
+        if let Backend::Memory(m) = backend {
+            replayed += super::memory::replay(m, &keys);
+            continue;
+        }
         loop {
             let cmd = eval(REPLAY, &[&keys.stream, &keys.dead, &keys.latest], &[]);
             let moved =
