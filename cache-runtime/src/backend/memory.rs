@@ -49,6 +49,9 @@ pub(crate) struct MemoryBackend {
 pub(crate) struct Queues {
     pub(crate) streams: std::collections::HashMap<String, MemStream>,
     pub(crate) hashes: std::collections::HashMap<String, std::collections::HashMap<String, String>>,
+    /// Shards' leases: holder and deadline (kept here, not among the
+    /// entries, which the cache's capacity may evict).
+    pub(crate) leases: std::collections::HashMap<String, (String, Instant)>,
 }
 
 /// A stream entry's fields, in order.

@@ -363,7 +363,7 @@ impl Shard {
             let lease = if held {
                 crate::write::within(
                     timeout,
-                    backend.compare_and_expire(&self.keys.lease, self.token.as_bytes(), lease_ms),
+                    stream::renew_lease(backend, &self.keys, &self.token, lease_ms),
                 )
                 .await
             } else {
@@ -537,11 +537,7 @@ impl Shard {
                     // these changes: they are left to it (flushed again).
                     let still = crate::write::within(
                         timeout,
-                        backend.compare_and_expire(
-                            &self.keys.lease,
-                            self.token.as_bytes(),
-                            lease_ms,
-                        ),
+                        stream::renew_lease(backend, &self.keys, &self.token, lease_ms),
                     )
                     .await;
                     if !matches!(still, Ok(true)) {
@@ -721,9 +717,7 @@ impl Shard {
         let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
         let _ = crate::write::within(
             timeout,
-            cache
-                .backend()
-                .compare_and_delete(&self.keys.lease, self.token.as_bytes()),
+            stream::release_lease(cache.backend(), &self.keys, &self.token),
         )
         .await;
     }

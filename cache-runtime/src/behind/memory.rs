@@ -3,7 +3,7 @@
 //! streams and hashes, so that a service's tests run its write-behind
 //! writes and flushers without Redis. Nothing survives the process.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::stream::{Delivered, Read};
 use super::{ChangeId, DeadLetter, QueueStatus, ShardKeys};
@@ -79,13 +79,43 @@ pub(crate) fn enqueue(
     m.set(entry, value, crate::outcome::LONGEST_TTL);
 }
 
+/// The lease: taken if free (or expired) or already `token`'s.
 pub(crate) fn take_lease(m: &MemoryBackend, keys: &ShardKeys, token: &str, millis: u64) -> bool {
-    m.set_if_absent(&keys.lease, token.as_bytes(), millis)
-        || m.compare_and_expire(&keys.lease, token.as_bytes(), millis)
+    let mut queues = m.queues();
+    let now = Instant::now();
+    let free = match queues.leases.get(&keys.lease) {
+        Some((holder, until)) => holder == token || *until <= now,
+        None => true,
+    };
+    if free {
+        let until = now + Duration::from_millis(millis);
+        queues
+            .leases
+            .insert(keys.lease.clone(), (token.to_owned(), until));
+    }
+    free
+}
+
+/// The lease renewed, if it is still `token`'s.
+pub(crate) fn renew_lease(m: &MemoryBackend, keys: &ShardKeys, token: &str, millis: u64) -> bool {
+    if !lease_is(m, keys, token) {
+        return false;
+    }
+    take_lease(m, keys, token, millis)
+}
+
+/// The lease given up, if it is `token`'s.
+pub(crate) fn release_lease(m: &MemoryBackend, keys: &ShardKeys, token: &str) {
+    if lease_is(m, keys, token) {
+        m.queues().leases.remove(&keys.lease);
+    }
 }
 
 fn lease_is(m: &MemoryBackend, keys: &ShardKeys, token: &str) -> bool {
-    holds(m, &keys.lease, token.as_bytes())
+    m.queues()
+        .leases
+        .get(&keys.lease)
+        .is_some_and(|(holder, until)| holder == token && *until > Instant::now())
 }
 
 pub(crate) fn read_new(m: &MemoryBackend, keys: &ShardKeys, count: usize) -> Read {

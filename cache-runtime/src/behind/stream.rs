@@ -288,6 +288,37 @@ pub(crate) async fn take_lease(
     Ok(matches!(reply, Value::Int(1)))
 }
 
+/// Renews the shard's lease if it is still `token`'s.
+pub(crate) async fn renew_lease(
+    backend: &Backend,
+    keys: &ShardKeys,
+    token: &str,
+    millis: u64,
+) -> Result<bool, CacheError> {
+    if let Backend::Memory(m) = backend {
+        return Ok(super::memory::renew_lease(m, keys, token, millis));
+    }
+    backend
+        .compare_and_expire(&keys.lease, token.as_bytes(), millis)
+        .await
+}
+
+/// Gives the shard's lease up if it is `token`'s.
+pub(crate) async fn release_lease(
+    backend: &Backend,
+    keys: &ShardKeys,
+    token: &str,
+) -> Result<(), CacheError> {
+    if let Backend::Memory(m) = backend {
+        super::memory::release_lease(m, keys, token);
+        return Ok(());
+    }
+    backend
+        .compare_and_delete(&keys.lease, token.as_bytes())
+        .await
+        .map(drop)
+}
+
 /// New changes for `consumer`, at most `count`.
 pub(crate) async fn read_new(
     backend: &Backend,
