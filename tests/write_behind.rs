@@ -604,10 +604,50 @@ async fn crash_worker_run(config: &str) {
             .open(log)
             .unwrap(),
     ));
+    // Each key's newest acknowledged value, for the readers' check.
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    // Readers: a key of any writer task, read from the cache, must not be
+    // older than its newest write acknowledged before the read began.
+    // The same reads from the database (what a cache that dropped the
+    // pending entry would serve) are the naive arm: they lag.
+    for reader in 0..2u64 {
+        let worker = Arc::clone(&worker);
+        let log = Arc::clone(&log);
+        let acked = Arc::clone(&acked);
+        let mut db = db.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            for n in 0u64.. {
+                let key = format!("{id}-{}-{}", (n * 7 + reader) % 8, n % 5);
+                let before = acked.lock().unwrap().get(&key).copied();
+                let read = worker.get(&key).await;
+                if let (Some(before), Ok(read)) = (before, read)
+                    && read.parse::<u64>().is_ok_and(|read| read < before)
+                {
+                    line(&log, format!("stale {key} {read}"));
+                }
+                line(&log, "read".to_owned());
+                let row: Result<Option<String>, _> = redis::cmd("HGET")
+                    .arg(format!("row:crash:{key}"))
+                    .arg("value")
+                    .query_async(&mut db)
+                    .await;
+                if let (Some(before), Ok(row)) = (before, row)
+                    && row
+                        .and_then(|r| r.parse::<u64>().ok())
+                        .is_none_or(|row| row < before)
+                {
+                    line(&log, "stale-db".to_owned());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+    }
     let writers: Vec<_> = (0..8)
         .map(|task| {
             let worker = Arc::clone(&worker);
             let log = Arc::clone(&log);
+            let acked = Arc::clone(&acked);
             let mut db = db.clone();
             let id = id.to_owned();
             tokio::spawn(async move {
@@ -618,6 +658,7 @@ async fn crash_worker_run(config: &str) {
                     match worker.set(&key, value.clone()).await {
                         Ok(_) => {
                             line(&log, format!("ack {key} {value}"));
+                            acked.lock().unwrap().insert(key.clone(), n);
                             // Read your write, from the cache.
                             if let Ok(read) = worker.get(&key).await
                                 && read != value
@@ -699,17 +740,18 @@ fn sigkill(child: &mut std::process::Child) {
 /// acknowledged value, or a value written after it whose write did not
 /// return (the process died, or it failed: it may have been queued);
 /// every acknowledged change (`row:crash:<key>=<value>`); every change
-/// pushed on the list (`<key>=<value>`); reads older than the write they
-/// followed.
+/// pushed on the list (`<key>=<value>`); reads older than a write
+/// acknowledged before they began, the readers' reads, and their reads of
+/// the database that were older.
 type Expected = (
     BTreeMap<String, (Option<u64>, Vec<u64>)>,
     Vec<String>,
     Vec<String>,
-    usize,
+    (usize, usize, usize),
 );
 
 fn expected(logs: &[String]) -> Expected {
-    let mut stale = 0;
+    let (mut stale, mut reads, mut stale_db) = (0, 0, 0);
     let mut ours: BTreeMap<String, (Option<u64>, Vec<u64>)> = BTreeMap::new();
     let (mut acked, mut naive) = (Vec::new(), Vec::new());
     for text in logs {
@@ -730,12 +772,14 @@ fn expected(logs: &[String]) -> Expected {
                     acked.push(format!("row:crash:{key}={value}"));
                 }
                 ["stale", ..] => stale += 1,
+                ["read"] => reads += 1,
+                ["stale-db"] => stale_db += 1,
                 ["naive", key, value] => naive.push(format!("{key}={value}")),
                 _ => {}
             }
         }
     }
-    (ours, acked, naive, stale)
+    (ours, acked, naive, (stale, reads, stale_db))
 }
 
 async fn wait_inflight(db: &mut redis::aio::MultiplexedConnection, arm: &str, pid: u32) -> bool {
@@ -854,7 +898,7 @@ async fn killed_processes_lose_no_acknowledged_write(target: &Target, name: &str
         .map(|l| std::fs::read_to_string(l).unwrap_or_default())
         .collect();
     let _ = std::fs::remove_dir_all(&dir);
-    let (ours, acked_changes, naive, stale) = expected(&texts);
+    let (ours, acked_changes, naive, (stale, reads, stale_db)) = expected(&texts);
     let (mut wrong, mut acked_keys, mut pending_applied) = (Vec::new(), 0, 0);
     for (key, (acked, unreturned)) in &ours {
         let row: Option<String> = raw(
@@ -900,7 +944,13 @@ async fn killed_processes_lose_no_acknowledged_write(target: &Target, name: &str
         "{name}: the tutorials' list queue: {} changes pushed, {naive_lost} never written (popped by a process that died)",
         naive.len()
     );
-    println!("{name}: reads of a key right after its write that returned an older value: {stale}");
+    println!(
+        "{name}: history: {reads} reads of other tasks' keys and every write's read-back; {stale} older than a write acknowledged before the read began; the same keys read from the database: {stale_db} older"
+    );
+    assert!(
+        stale_db > 0,
+        "{name}: the database never lagged: the history check proves nothing"
+    );
     assert_eq!(
         stale, 0,
         "{name}: a read was older than the write it followed"

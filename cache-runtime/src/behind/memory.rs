@@ -5,8 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::stream::{Delivered, Read};
-use super::{ChangeId, DeadLetter, QueueStatus, ShardKeys};
+use super::{ChangeId, DeadLetter, Delivered, QueueStatus, Read, ShardKeys};
 use crate::backend::{Fetched, MemoryBackend};
 
 fn id_text((millis, seq): (u64, u64)) -> String {

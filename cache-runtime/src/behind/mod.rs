@@ -258,6 +258,31 @@ impl Cache {
     }
 }
 
+/// One change as read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Delivered {
+    /// The stream entry's id.
+    pub(crate) id: String,
+    pub(crate) version: ChangeId,
+    /// The entry's Redis key.
+    pub(crate) key: String,
+    /// The stored bytes (tags' stamp, then the encoded value).
+    pub(crate) value: Vec<u8>,
+    /// The TTL the entry gets back once flushed, in milliseconds.
+    pub(crate) ttl: u64,
+    /// Where the encoded value starts in `value`.
+    pub(crate) at: usize,
+}
+
+/// What a read of a stream delivered: the changes, and the ids of entries
+/// that are not changes of ours (written by hand, or damaged), to be
+/// acknowledged and dropped rather than claimed forever.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Read {
+    pub(crate) changes: Vec<Delivered>,
+    pub(crate) malformed: Vec<String>,
+}
+
 /// Where a key's changes go: the same shard for every change of a key.
 pub(crate) fn shard_of(redis_key: &str, shards: u16) -> u16 {
     crate::slot::slot_of(redis_key.as_bytes()) % shards.max(1)

@@ -6,6 +6,7 @@ use std::time::Duration;
 use redis::{Cmd, Value};
 
 use super::{ChangeId, DeadLetter, QueueStatus, ShardKeys};
+pub(crate) use super::{Delivered, Read};
 use crate::backend::Backend;
 use crate::cache::Cache;
 use crate::error::CacheError;
@@ -150,31 +151,6 @@ fn eval(script: &str, keys: &[&str], args: &[&[u8]]) -> Cmd {
         cmd.arg(*arg);
     }
     cmd
-}
-
-/// One change as read from a stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Delivered {
-    /// The stream entry's id.
-    pub(crate) id: String,
-    pub(crate) version: ChangeId,
-    /// The entry's Redis key.
-    pub(crate) key: String,
-    /// The stored bytes (tags' stamp, then the encoded value).
-    pub(crate) value: Vec<u8>,
-    /// The TTL the entry gets back once flushed, in milliseconds.
-    pub(crate) ttl: u64,
-    /// Where the encoded value starts in `value`.
-    pub(crate) at: usize,
-}
-
-/// What a read of a stream delivered: the changes, and the ids of entries
-/// that are not changes of ours (written by hand, or damaged), to be
-/// acknowledged and dropped rather than claimed forever.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Read {
-    pub(crate) changes: Vec<Delivered>,
-    pub(crate) malformed: Vec<String>,
 }
 
 /// Appends a change of `entry` to `keys`' stream and stores `value` as
