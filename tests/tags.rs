@@ -694,21 +694,31 @@ async fn batch_ran(cache: &Cache, org_id: u64) -> Vec<u64> {
     ran
 }
 
+/// [`cache_harness::landed`], and 1 if the invalidation was applied but
+/// not yet acknowledged by a replica in time (which the cache counts as an
+/// error and retries in the background), else 0.
+fn landed_unreplicated(result: Result<(), cache_runtime::CacheError>) -> u64 {
+    let unreplicated = u64::from(matches!(&result, Err(e) if e.is_not_replicated()));
+    cache_harness::landed(result);
+    unreplicated
+}
+
 async fn batches_follow_their_tags(cache: &Cache) {
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _turn = ONE_AT_A_TIME.lock().await;
-    cache_harness::landed(cache.invalidate_tag("org:3").await);
+    let errors_before = cache.stats().total.errors;
+    let mut unreplicated = landed_unreplicated(cache.invalidate_tag("org:3").await);
     assert_eq!(batch_ran(cache, 3).await, [1, 2, 3], "cold");
     assert_eq!(batch_ran(cache, 3).await, [0u64; 0], "hits");
-    cache_harness::landed(cache.invalidate_tag("user:2").await);
+    unreplicated += landed_unreplicated(cache.invalidate_tag("user:2").await);
     assert_eq!(batch_ran(cache, 3).await, [2], "one id's tag");
-    cache_harness::landed(cache.invalidate_tag("org:3").await);
+    unreplicated += landed_unreplicated(cache.invalidate_tag("org:3").await);
     assert_eq!(batch_ran(cache, 3).await, [1, 2, 3], "every id's tag");
     assert_eq!(
         batch_members_cache_key(&3, &2).tags().collect::<Vec<_>>(),
         ["org:3", "user:2"]
     );
-    assert_eq!(cache.stats().total.errors, 0);
+    assert_eq!(cache.stats().total.errors - errors_before, unreplicated);
 }
 
 /// A batch whose values name their tags (`tags_from`): a user's team,
@@ -746,15 +756,16 @@ async fn derived_ran(cache: &Cache) -> Vec<u64> {
 async fn batches_follow_the_tags_their_values_name(cache: &Cache) {
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _turn = ONE_AT_A_TIME.lock().await;
+    let errors_before = cache.stats().total.errors;
     assert_eq!(derived_ran(cache).await, [1, 2, 3], "cold");
     assert_eq!(derived_ran(cache).await, [0u64; 0], "hits");
-    cache_harness::landed(cache.invalidate_tag("team:1").await);
+    let mut unreplicated = landed_unreplicated(cache.invalidate_tag("team:1").await);
     assert_eq!(derived_ran(cache).await, [1, 3], "the odd ids' team");
     // The single lookup shares the batch's entries, and their tags.
     BATCH_RUNS.lock().unwrap().clear();
     assert_eq!(single_derived(cache, 4, 2).await, Ok((4, 2)));
     assert_eq!(*BATCH_RUNS.lock().unwrap(), [0u64; 0], "the batch's entry");
-    cache_harness::landed(cache.invalidate_tag("team:0").await);
+    unreplicated += landed_unreplicated(cache.invalidate_tag("team:0").await);
     assert_eq!(single_derived(cache, 4, 2).await, Ok((4, 2)));
     assert_eq!(*BATCH_RUNS.lock().unwrap(), [2], "its tag reached it");
     assert_eq!(
@@ -762,7 +773,7 @@ async fn batches_follow_the_tags_their_values_name(cache: &Cache) {
         [0u64; 0],
         "and the batch reads it"
     );
-    assert_eq!(cache.stats().total.errors, 0);
+    assert_eq!(cache.stats().total.errors - errors_before, unreplicated);
 }
 
 #[tokio::test]
@@ -775,9 +786,11 @@ async fn a_batch_carries_its_tags_per_id_on_redis() {
 
 #[tokio::test]
 async fn a_batch_carries_its_tags_per_id_on_a_cluster() {
-    let cache = Target::cluster(RedisCluster::shared())
-        .cache(Some("btc"))
-        .await;
+    // The longer op timeout and replica wait of the suites that check what
+    // a call does (see `cluster_cache`): on two loaded cores the defaults'
+    // 100 ms and 50 ms are sometimes exceeded, which is counted and
+    // retried, not what this test is about.
+    let cache = cache_harness::cluster_cache("btc").await;
     batches_follow_their_tags(&cache).await;
     batches_follow_the_tags_their_values_name(&cache).await;
 }
