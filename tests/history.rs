@@ -127,8 +127,25 @@ async fn pause() {
 
 impl Store {
     async fn new(target: &Target, db_url: &str, prefix: &str) -> Store {
+        // On a cluster, the longer op timeout and replica wait of the
+        // suites that check what a call does (see `cluster_cache`): with
+        // the defaults (100 ms, 50 ms), a loaded machine sometimes times
+        // out an invalidation, which the write then leaves to the
+        // background (a reader in another process meanwhile sees the old
+        // entry: the documented bound, not what this history checks).
+        let cache = match target {
+            Target::Cluster(_) => target
+                .builder()
+                .prefix(prefix)
+                .op_timeout(Duration::from_secs(1))
+                .replica_wait(Duration::from_millis(500))
+                .build()
+                .await
+                .unwrap(),
+            Target::Standalone(_) => target.cache(Some(prefix)).await,
+        };
         Store {
-            cache: target.cache(Some(prefix)).await,
+            cache,
             broadcast: target
                 .builder()
                 .prefix(format!("{prefix}-bc"))
