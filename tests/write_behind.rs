@@ -477,6 +477,25 @@ end
 redis.call('INCRBY', 'dups', dup)
 return dup";
 
+/// One flush of the crash test's changes into its database ([`DB_FLUSH`]).
+async fn db_flush(
+    db: &mut redis::aio::MultiplexedConnection,
+    changes: &[Change<String>],
+) -> Result<(), String> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(DB_FLUSH).arg(changes.len());
+    for change in changes {
+        cmd.arg(format!("row:{}", change.key));
+    }
+    for change in changes {
+        cmd.arg(&change.value)
+            .arg(change.version.millis)
+            .arg(change.version.seq);
+    }
+    let _: i64 = cmd.query_async(db).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 struct CrashWorker {
     cache: Cache,
 }
@@ -535,17 +554,7 @@ async fn crash_worker_run(config: &str) {
                     .query_async(&mut db)
                     .await
                     .map_err(|e| e.to_string())?;
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(DB_FLUSH).arg(changes.len());
-                for change in &changes {
-                    cmd.arg(format!("row:{}", change.key));
-                }
-                for change in &changes {
-                    cmd.arg(&change.value)
-                        .arg(change.version.millis)
-                        .arg(change.version.seq);
-                }
-                let _: i64 = cmd.query_async(&mut db).await.map_err(|e| e.to_string())?;
+                db_flush(&mut db, &changes).await?;
                 // Written and not yet acknowledged: a kill now makes the
                 // next holder flush these changes again.
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -854,17 +863,7 @@ async fn killed_processes_lose_no_acknowledged_write(target: &Target, name: &str
         .flusher(&CRASH, move |changes: Vec<Change<String>>| {
             let mut db = flush_db.clone();
             async move {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(DB_FLUSH).arg(changes.len());
-                for change in &changes {
-                    cmd.arg(format!("row:{}", change.key));
-                }
-                for change in &changes {
-                    cmd.arg(&change.value)
-                        .arg(change.version.millis)
-                        .arg(change.version.seq);
-                }
-                let _: i64 = cmd.query_async(&mut db).await.map_err(|e| e.to_string())?;
+                db_flush(&mut db, &changes).await?;
                 Ok::<_, String>(())
             }
         })
