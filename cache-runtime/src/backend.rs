@@ -37,6 +37,7 @@
 
 mod cluster;
 mod commands;
+pub(crate) mod info;
 mod memory;
 mod redis;
 mod sentinel;

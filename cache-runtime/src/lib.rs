@@ -77,6 +77,7 @@ mod clock;
 mod codec;
 mod compression;
 mod error;
+mod holder;
 pub mod inspect;
 mod key;
 #[cfg(test)]

@@ -33,7 +33,7 @@
 //! tag's. So a tagged leader reads its tags once more after storing, and
 //! hands its value to waiters that joined after its body began only if
 //! every token is still the one it stored with (see
-//! [`crate::read::flight`]).
+//! [`crate::cache::flight`]).
 //!
 //! # Tags from the value
 //!
@@ -61,16 +61,13 @@
 //! pay nothing.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::key::{CacheKey, TAG_MARK, tag_of};
-use crate::local::TagTicket;
 use crate::local::tracking::Via;
-use crate::read::found::{Garbage, Read, Ttl};
 use crate::site::Site;
 use crate::stats::Event;
 
@@ -168,17 +165,6 @@ pub(crate) fn has_header(bytes: &[u8]) -> bool {
     bytes.len() > HEADER.len() && bytes.starts_with(HEADER)
 }
 
-/// `read` of a function without tags: an entry with a tag header was
-/// stored by a release of it that had tags (`tags` or `tags_from`), which
-/// this one cannot check, so it is replaced, never served (as garbage is;
-/// not counted as an error).
-pub(crate) fn untagged(read: Read) -> Read {
-    match read {
-        Read::Value { bytes, .. } if has_header(&bytes) => Read::Garbage(Garbage::Bytes(bytes)),
-        read => read,
-    }
-}
-
 /// How many bytes of `bytes` are a tag header (0 without one), or `None`
 /// for a header without its end: garbage.
 pub(crate) fn header_len(bytes: &[u8]) -> Option<usize> {
@@ -222,9 +208,9 @@ pub(crate) type Named<'b> = Vec<(&'b [u8], &'b [u8])>;
 pub(crate) struct Tagging {
     /// The tags' Redis keys: the function's own (`tags`), in their order,
     /// then those its value named (`tags_from`), once its body ran.
-    keys: Vec<String>,
+    pub(crate) keys: Vec<String>,
     /// How many of `keys` are the function's own.
-    fixed: usize,
+    pub(crate) fixed: usize,
     /// Where a tag's name starts in its key (after the prefix and mark).
     name_at: usize,
     /// Their tokens, as the last read found (or made) them.
@@ -233,7 +219,7 @@ pub(crate) struct Tagging {
     /// then).
     read: bool,
     /// Whether the function has `tags_from` (see the module docs).
-    derives: bool,
+    pub(crate) derives: bool,
 }
 
 impl Tagging {
@@ -361,24 +347,12 @@ impl Tagging {
         Some(pairs)
     }
 
-    /// `read` of an entry of these tags: a value stored with other tokens
-    /// than the tags hold now is garbage to replace (a miss, not counted as
-    /// an error: it was invalidated).
-    pub(crate) fn check(&self, read: Read) -> Read {
-        match read {
-            Read::Value { bytes, .. } if !self.stamped(&bytes) => {
-                Read::Garbage(Garbage::Bytes(bytes))
-            }
-            read => read,
-        }
-    }
-
     /// The tags' names, as their keys end.
     fn names(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.keys.iter().map(|key| &key.as_bytes()[self.name_at..])
     }
 
-    fn set_tokens(&mut self, tokens: Vec<Vec<u8>>) {
+    pub(crate) fn set_tokens(&mut self, tokens: Vec<Vec<u8>>) {
         self.tokens = tokens;
         self.read = true;
     }
@@ -532,7 +506,7 @@ impl Cache {
 
     /// Each tag key read on its tracking connection (or, with a
     /// broadcast, the cache's own), concurrently.
-    async fn read_via(
+    pub(crate) async fn read_via(
         &self,
         keys: &[String],
         vias: &[Via],
@@ -557,49 +531,6 @@ impl Cache {
             .await
             .into_iter()
             .collect()
-    }
-
-    /// A tagged entry and its tags' tokens read in one request (one
-    /// server holds them all), the entry checked against them: what
-    /// `Cache::read_entry` does with two.
-    pub(crate) async fn read_together(
-        &self,
-        site: &'static Site,
-        key: &str,
-        tagging: &mut Tagging,
-    ) -> Read {
-        tagging.keys.truncate(tagging.fixed);
-        if self.pending_write(site, key)
-            || tagging.keys.iter().any(|tag| self.pending_write(site, tag))
-        {
-            return Read::Unavailable {
-                pending_write: true,
-            };
-        }
-        let limit = self.settings().read_limit;
-        let read = self.backend().get_tagged(key, &tagging.keys, limit);
-        let (entry, tokens) = match self.guarded(key, read).await {
-            Ok(read) => read,
-            Err(error) => return self.found(site, key, Err(error)),
-        };
-        let tokens = self.tokens(site, &tagging.keys, tokens).await;
-        match tokens {
-            Ok((tokens, _)) => tagging.set_tokens(tokens),
-            Err(error) => {
-                self.tags_unread(site, &error);
-                return Read::Unavailable {
-                    pending_write: false,
-                };
-            }
-        }
-        let read =
-            tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))));
-        if !tagging.derives {
-            return read;
-        }
-        Box::pin(self.check_derived(site, tagging, read, false))
-            .await
-            .0
     }
 
     /// Whether every tag still holds the token read last: no tag was
@@ -750,94 +681,9 @@ impl Cache {
         Some(keys)
     }
 
-    /// `read`, an entry of a function with `tags_from` checked against its
-    /// own tags already, checked against the tags its value named (one
-    /// read more, of their tokens): served only while each holds the token
-    /// it was stored with. With `local` (a read for the local tier), the
-    /// tokens are read on the tracking connections, and the tags'
-    /// tickets, taken before, come back with the read, with whether
-    /// every tag's key was tracked where it was read (else no copy is
-    /// kept).
-    pub(crate) async fn check_derived(
-        &self,
-        site: &'static Site,
-        tagging: &Tagging,
-        read: Read,
-        local: bool,
-    ) -> (Read, bool, Option<Arc<[TagTicket]>>) {
-        if !tagging.derives {
-            return (read, true, None);
-        }
-        let Read::Value { bytes, .. } = &read else {
-            return (read, true, None);
-        };
-        let Some(pairs) = tagging.derived_of(bytes) else {
-            return (self.garbage_tags(site, read), false, None);
-        };
-        if pairs.is_empty() {
-            return (read, true, None);
-        }
-        let prefix = self.prefixed("");
-        let mut keys = Vec::with_capacity(pairs.len());
-        for (_, name) in &pairs {
-            let Ok(name) = std::str::from_utf8(name) else {
-                return (self.garbage_tags(site, read), false, None);
-            };
-            keys.push(format!("{prefix}{TAG_MARK}{name}"));
-        }
-        if keys.iter().any(|key| self.pending_write(site, key)) {
-            let pending = Read::Unavailable {
-                pending_write: true,
-            };
-            return (pending, false, None);
-        }
-        // Taken before the tokens are read: see `crate::local`.
-        let tracked = self.local().filter(|_| local).and_then(|tracking| {
-            let vias: Option<Vec<Via>> = keys.iter().map(|key| tracking.live(key)).collect();
-            Some((vias?, tracking.tier().tag_tickets(&keys)?))
-        });
-        let now = match &tracked {
-            Some((vias, _)) => self.read_via(&keys, vias).await,
-            None => self.read_tokens_of(&keys).await,
-        };
-        let same = match now {
-            Ok(now) => now
-                .iter()
-                .zip(&pairs)
-                .all(|(now, (token, _))| matches!(now, Fetched::Found(now) if now == token)),
-            Err(error) => {
-                self.tags_unread(site, &error);
-                let unavailable = Read::Unavailable {
-                    pending_write: false,
-                };
-                return (unavailable, false, None);
-            }
-        };
-        match read {
-            Read::Value { bytes, .. } if !same => {
-                (Read::Garbage(Garbage::Bytes(bytes)), false, None)
-            }
-            read => match tracked {
-                Some((_, tickets)) => (read, true, Some(tickets)),
-                None => (read, false, None),
-            },
-        }
-    }
-
-    /// A value whose tag header is not ours: garbage, counted and logged.
-    fn garbage_tags(&self, site: &'static Site, read: Read) -> Read {
-        match read {
-            Read::Value { bytes, .. } => {
-                self.garbage(site, "", "a malformed tag header");
-                Read::Garbage(Garbage::Bytes(bytes))
-            }
-            read => read,
-        }
-    }
-
     /// The tokens `read` found, and those made for the tags that had
     /// none; whether any was made.
-    async fn tokens(
+    pub(crate) async fn tokens(
         &self,
         site: &Site,
         keys: &[String],

@@ -361,7 +361,7 @@ impl Shard {
             let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
             // The lease: taken, or renewed before each batch.
             let lease = if held {
-                crate::write::within(
+                crate::cache::within(
                     timeout,
                     stream::renew_lease(backend, &self.keys, &self.token, lease_ms),
                 )
@@ -369,7 +369,7 @@ impl Shard {
             } else {
                 // Free, or still ours (a renewal that timed out): taken,
                 // and what it held is claimed afresh below.
-                crate::write::within(
+                crate::cache::within(
                     timeout,
                     stream::take_lease(backend, &self.keys, &self.token, lease_ms),
                 )
@@ -378,7 +378,7 @@ impl Shard {
             match lease {
                 Ok(true) if !held => {
                     if let Err(error) =
-                        crate::write::within(timeout, stream::ensure_group(backend, &self.keys))
+                        crate::cache::within(timeout, stream::ensure_group(backend, &self.keys))
                             .await
                     {
                         self.trouble(&cache, &error);
@@ -391,7 +391,7 @@ impl Shard {
                     held = true;
                     work.clear();
                     claim = Some("0-0".to_owned());
-                    let _ = crate::write::within(
+                    let _ = crate::cache::within(
                         timeout,
                         stream::prune_consumers(
                             backend,
@@ -441,7 +441,7 @@ impl Shard {
                     self.settings.batch
                 };
                 let read = match &claim {
-                    Some(cursor) => crate::write::within(
+                    Some(cursor) => crate::cache::within(
                         timeout,
                         stream::claim(backend, &self.keys, &self.consumer, cursor, wanted),
                     )
@@ -451,7 +451,7 @@ impl Shard {
                         read
                     }),
                     None => {
-                        crate::write::within(
+                        crate::cache::within(
                             timeout,
                             stream::read_new(backend, &self.keys, &self.consumer, wanted),
                         )
@@ -467,7 +467,7 @@ impl Shard {
                                 cache,
                                 warn!(queue = self.queue, shard = %self.keys.stream, ids = ?ids, "write-behind: stream entries that are not changes: dropped")
                             );
-                            let _ = crate::write::within(
+                            let _ = crate::cache::within(
                                 timeout,
                                 stream::ack(backend, &self.keys, &self.token, &ids, &[]),
                             )
@@ -535,7 +535,7 @@ impl Shard {
                     limit = (limit * 2).min(self.settings.batch);
                     // Still ours? If not, another holder may have claimed
                     // these changes: they are left to it (flushed again).
-                    let still = crate::write::within(
+                    let still = crate::cache::within(
                         timeout,
                         stream::renew_lease(backend, &self.keys, &self.token, lease_ms),
                     )
@@ -570,7 +570,7 @@ impl Shard {
                 }
                 Flushed::Undecodable(i, error) => {
                     let at = batch.flushed[i];
-                    let buried = crate::write::within(
+                    let buried = crate::cache::within(
                         timeout,
                         stream::bury(
                             backend,
@@ -630,7 +630,7 @@ impl Shard {
                             && self.successes.load(std::sync::atomic::Ordering::Relaxed)
                                 > pending.successes_then
                         {
-                            let buried = crate::write::within(
+                            let buried = crate::cache::within(
                                 timeout,
                                 stream::bury(
                                     backend,
@@ -695,7 +695,7 @@ impl Shard {
         let backend = cache.backend();
         let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
         let flushed: Vec<&Delivered> = batch.flushed.iter().map(|&i| &work[i].change).collect();
-        crate::write::within(timeout, stream::settle(backend, &self.keys, &flushed)).await?;
+        crate::cache::within(timeout, stream::settle(backend, &self.keys, &flushed)).await?;
         let ids: Vec<&str> = batch
             .acked
             .iter()
@@ -705,7 +705,7 @@ impl Shard {
             .iter()
             .map(|c| (c.key.as_str(), c.id.as_str()))
             .collect();
-        crate::write::within(
+        crate::cache::within(
             timeout,
             stream::ack(backend, &self.keys, &self.token, &ids, &latest),
         )
@@ -715,7 +715,7 @@ impl Shard {
     /// Hands the shard over (best effort: else it expires).
     async fn release(&self, cache: &Cache) {
         let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
-        let _ = crate::write::within(
+        let _ = crate::cache::within(
             timeout,
             stream::release_lease(cache.backend(), &self.keys, &self.token),
         )

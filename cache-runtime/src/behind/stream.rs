@@ -526,11 +526,11 @@ async fn shards_of(cache: &Cache, queue: &str) -> Result<Vec<ShardKeys>, CacheEr
     let pattern = format!("{}*", crate::write::glob_escape(&start));
     let timeout = cache.settings().op_timeout;
     let mut shards = std::collections::BTreeSet::new();
-    for target in crate::write::within(timeout, backend.scan_targets()).await? {
+    for target in crate::cache::within(timeout, backend.scan_targets()).await? {
         let mut cursor = 0;
         loop {
             let scan = backend.scan(target.as_deref(), cursor, &pattern, &start);
-            let (next, keys) = crate::write::within(timeout, scan).await?;
+            let (next, keys) = crate::cache::within(timeout, scan).await?;
             for key in keys {
                 let shard = key
                     .strip_prefix(&start)
@@ -568,7 +568,7 @@ pub(crate) async fn status(
     for shard in 0..shards {
         let keys = ShardKeys::of(cache, queue, shard);
         let cmd = eval(STATUS, &[&keys.stream, &keys.dead], &[]);
-        let reply = crate::write::within(timeout, backend.run(&cmd)).await?;
+        let reply = crate::cache::within(timeout, backend.run(&cmd)).await?;
         let parts = items(&reply);
         let [pending, dead, first, seconds, micros] = &parts[..] else {
             continue;
@@ -606,7 +606,7 @@ pub(crate) async fn dead_letters(
             .arg("+")
             .arg("COUNT")
             .arg(limit);
-        let reply = crate::write::within(timeout, backend.run(&cmd)).await?;
+        let reply = crate::cache::within(timeout, backend.run(&cmd)).await?;
         letters.extend(parse_dead(&reply));
     }
     letters.sort_by_key(|letter| letter.version);
@@ -626,7 +626,7 @@ pub(crate) async fn replay(cache: &Cache, queue: &str) -> Result<u64, CacheError
         loop {
             let cmd = eval(REPLAY, &[&keys.stream, &keys.dead, &keys.latest], &[]);
             let moved =
-                crate::write::within(timeout, backend.run_durably(&keys.stream, &cmd)).await?;
+                crate::cache::within(timeout, backend.run_durably(&keys.stream, &cmd)).await?;
             let moved = as_u64(&moved).unwrap_or(0);
             replayed += moved;
             if moved == 0 {

@@ -488,7 +488,7 @@ impl CacheBuilder {
             }
         };
         let cache = self.assemble(backend, breaker);
-        crate::inspect::first_reading(&cache, answered).await;
+        super::servers::first_reading(&cache, answered).await;
         Ok(cache)
     }
 

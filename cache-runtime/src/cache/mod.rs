@@ -5,9 +5,13 @@
 //! [`crate::write`], the lease protocol in [`crate::write::lease`].
 
 mod builder;
+pub(crate) mod flight;
+pub(crate) mod janitor;
 mod runner;
+pub(crate) mod servers;
 
 pub use self::builder::{CacheBuilder, WriteDurability};
+pub(crate) use self::runner::within;
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -23,6 +27,8 @@ use crate::backend::{
     RedisBackend, SentinelAuth, SentinelBackend, SentinelService, Tls, Wanted,
 };
 use crate::breaker::{Breaker, Permit, ProbeSlot};
+use crate::cache::flight::Flights;
+use crate::cache::janitor::Janitor;
 use crate::clock::WallClock;
 use crate::codec::Codec;
 use crate::error::CacheError;
@@ -30,10 +36,8 @@ use crate::key::CacheKey;
 use crate::local::tracking::{Source, Tracking};
 use crate::local::{LocalInvalidation, LocalTier};
 use crate::log_limit::LogLimit;
-use crate::read::flight::Flights;
 use crate::site::Site;
 use crate::stats::{Event, Function, Recorder, Stats};
-use crate::write::janitor::Janitor;
 
 const DEFAULT_OP_TIMEOUT: Duration = Duration::from_millis(100);
 /// How long `build` waits for the first contact (connecting, a TLS

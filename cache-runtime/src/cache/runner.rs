@@ -5,6 +5,16 @@
 #[allow(clippy::wildcard_imports)]
 use super::*;
 
+/// `operation`, or a timeout error after `timeout`.
+pub(crate) async fn within<T>(
+    timeout: std::time::Duration,
+    operation: impl std::future::Future<Output = Result<T, CacheError>>,
+) -> Result<T, CacheError> {
+    tokio::time::timeout(timeout, operation)
+        .await
+        .unwrap_or(Err(CacheError::Timeout(timeout)))
+}
+
 impl Cache {
     /// Runs a backend operation on `key` under the op timeout and the
     /// circuit breaker of `key`'s part of the backend: while the breaker is

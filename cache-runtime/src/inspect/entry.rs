@@ -6,9 +6,10 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::codec::Codec;
+use crate::holder::Holder;
 use crate::outcome::NOTHING;
 use crate::read::freshness::{self, Verdict as Freshness};
-use crate::write::lease::{self, Found, Holder};
+use crate::write::lease::{self, Found};
 
 /// One key as the cache sees it ([`Cache::inspect`](crate::Cache::inspect)).
 #[derive(Debug, Clone, PartialEq)]

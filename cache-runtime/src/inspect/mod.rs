@@ -21,23 +21,19 @@
 //! the cache works as before, and counts no evictions.
 
 mod entry;
-mod server;
 
 use std::time::Duration;
 
-pub use crate::write::lease::Holder;
+pub use crate::backend::info::{Server, ServerKind, ServerReport, Warning};
+pub use crate::holder::Holder;
 pub use entry::{
     Entry, HumanDuration, Inspection, Lease, Stamp, Tag, TagState, Value, Verdict, Windows,
 };
-pub use server::{Server, ServerKind, ServerReport, Warning};
 
 use crate::backend::Fetched;
-use crate::cache::{Cache, WeakCache};
+use crate::cache::Cache;
 use crate::error::CacheError;
 use crate::key::CacheKey;
-
-/// How often a cache reads its servers' `INFO` after connecting.
-const READ_INFO_EVERY: Duration = Duration::from_secs(10);
 
 impl Cache {
     /// Reads `key` (the rendered template, without the cache's prefix:
@@ -146,11 +142,11 @@ impl Cache {
         let backend = self.backend();
         let timeout = self.settings().op_timeout;
         let mut found = Vec::new();
-        for target in crate::write::within(timeout, backend.scan_targets()).await? {
+        for target in crate::cache::within(timeout, backend.scan_targets()).await? {
             let mut cursor = 0;
             loop {
                 let scan = backend.scan(target.as_deref(), cursor, &glob, &start);
-                let (next, keys) = crate::write::within(timeout, scan).await?;
+                let (next, keys) = crate::cache::within(timeout, scan).await?;
                 found.extend(keys.into_iter().filter_map(|key| {
                     let rest = key.strip_prefix(&start)?;
                     (!rest.contains('\0') && matcher.matches(rest)).then(|| rest.to_owned())
@@ -168,116 +164,6 @@ impl Cache {
         }
         found.sort();
         Ok(found)
-    }
-
-    /// What each server says of itself (`INFO`): on a cluster, one report
-    /// per primary. Each reading also counts the server's evictions into
-    /// [`Stats::server`](crate::Stats::server).
-    ///
-    /// Fails with [`CacheError::NotRedis`] on the in-process backend, and
-    /// with the server's refusal (`NOPERM`) for an ACL user without
-    /// `+info`. Cancel safe: it only reads.
-    pub async fn server_reports(&self) -> Result<Vec<ServerReport>, CacheError> {
-        let backend = self.backend();
-        let timeout = self.settings().op_timeout;
-        let read = |target: Option<String>| async move {
-            let info = crate::write::within(timeout, backend.info(target.as_deref())).await?;
-            Ok::<_, CacheError>(ServerReport::parse(target, &info))
-        };
-        let readings =
-            futures_util::future::join_all(backend.info_targets().into_iter().map(read)).await;
-        let mut reports = Vec::with_capacity(readings.len());
-        for reading in readings {
-            let report = reading?;
-            let address = report.address.as_deref().unwrap_or_default();
-            self.recorder()
-                .note_evicted_keys(address, &report.run_id, report.evicted_keys);
-            reports.push(report);
-        }
-        Ok(reports)
-    }
-}
-
-/// The first reading of a new cache's servers, when it reached them
-/// (`answered`): logs which they are and warns of a `maxmemory-policy`
-/// that refuses cache writes once memory is full. Then reads them every
-/// 10 s in a task of its own, for as long as the cache lives, to count
-/// evictions (and, if they were not reachable at first, to log and warn
-/// on the first reading). Nothing on the in-process backend, and nothing
-/// more where `INFO` is refused.
-pub(crate) async fn first_reading(cache: &Cache, answered: bool) {
-    if cache.backend().as_memory().is_some() {
-        return;
-    }
-    let mut announced = false;
-    if answered {
-        match cache.server_reports().await {
-            Ok(reports) => {
-                announce(&reports);
-                announced = true;
-            }
-            Err(error) if error.is_not_permitted() => return refused(&error),
-            // Slow: the task reads it later.
-            Err(error) => tracing::debug!(%error, "INFO not read at connect"),
-        }
-    }
-    if tokio::runtime::Handle::try_current().is_ok() {
-        tokio::spawn(read_info(cache.downgrade(), announced));
-    }
-}
-
-/// Logs which servers a cache connected to, and warns of a policy that
-/// refuses writes.
-fn announce(reports: &[ServerReport]) {
-    for report in reports {
-        let address = report.address.as_deref().unwrap_or("-");
-        tracing::info!(
-            server = %report.server,
-            address,
-            maxmemory = report.maxmemory,
-            maxmemory_policy = %report.maxmemory_policy,
-            holder = %Holder::this_process(),
-            "cache connected"
-        );
-        if report.refuses_writes_when_full() {
-            tracing::warn!(
-                server = %report.server,
-                address,
-                maxmemory = report.maxmemory,
-                "{}",
-                Warning::NoEviction
-            );
-        }
-    }
-}
-
-fn refused(error: &CacheError) {
-    tracing::info!(
-        %error,
-        holder = %Holder::this_process(),
-        "cache connected; its user may not run INFO: the server is not named and evictions are not counted"
-    );
-}
-
-/// Reads the servers' `INFO` every [`READ_INFO_EVERY`] while the cache
-/// lives (its handle is not kept between readings).
-async fn read_info(cache: WeakCache, mut announced: bool) {
-    loop {
-        tokio::time::sleep(READ_INFO_EVERY).await;
-        let Some(cache) = cache.upgrade() else { return };
-        // An outage: the breaker's probe, not this, finds the server again.
-        if cache.breaker().is_open() {
-            continue;
-        }
-        match cache.server_reports().await {
-            Ok(reports) if !announced => {
-                announce(&reports);
-                announced = true;
-            }
-            Ok(_) => {}
-            Err(error) if error.is_not_permitted() => return refused(&error),
-            Err(_) => {}
-        }
     }
 }
 

@@ -21,7 +21,7 @@
 //!
 //! A cache that cannot be read runs the body with every id (fail open);
 //! with `single_flight`, still coalesced with this process's other callers
-//! of each id, as a single lookup is (see [`crate::read::flight`]).
+//! of each id, as a single lookup is (see [`crate::cache::flight`]).
 //! Stale values (`stale`, `early_refresh`) are not refreshed by a batch;
 //! the macro rejects those options with `batch`.
 //!
@@ -43,13 +43,13 @@ use serde::de::DeserializeOwned;
 
 use crate::backend::Fetched;
 use crate::cache::Cache;
+use crate::cache::flight::{Handed, Joiner, Leader, Role, look_again};
 use crate::codec::{Codec, CodecError};
 use crate::error::CacheError;
 use crate::local::LocalHit;
 use crate::outcome::{Answer, BatchMap, BatchOutcome, NOTHING};
 use crate::outcome::{ByValue, Encoded};
 use crate::read::call::Erased;
-use crate::read::flight::{Handed, Joiner, Leader, Role, look_again};
 use crate::read::found::{Read, Ttl};
 use crate::read::lookup::Leased;
 use crate::read::run::Run;
@@ -571,7 +571,7 @@ impl Cache {
     ) -> Option<Option<Take>> {
         let read = self.found(site, key, Ok(fetched.map(|bytes| (bytes, Ttl::Unknown))));
         let read = match tagging {
-            None => crate::tag::untagged(read),
+            None => crate::read::tagged::untagged(read),
             Some(_) => read,
         };
         match read {

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 
 use crate::cache::Cache;
+use crate::cache::flight::{BackgroundSlot, Handed, Joiner, Landing, Leader, Role, Waiter};
 use crate::outcome::Encoded;
 use crate::read::call::{Answered, Erased};
-use crate::read::flight::{BackgroundSlot, Handed, Joiner, Landing, Leader, Role, Waiter};
 use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run, run};
 use crate::site::Site;
 use crate::stats::Event;

@@ -10,7 +10,7 @@
 //! 3. Take the key's **lease** (see [`crate::write::lease`]), or with
 //!    `single_flight = "distributed"` wait for another process's value.
 //! 4. **Compute**: run the body, store its value over the lease, and hand it
-//!    to the waiters if the store proved it fresh (see [`crate::read::flight`]).
+//!    to the waiters if the store proved it fresh (see [`crate::cache::flight`]).
 //!
 //! Any cache failure runs the body and is counted, never returned. Every
 //! piece of state a call takes (lease, refresh lock, flight leadership, a
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Fetched;
 use crate::cache::Cache;
+use crate::cache::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::clock::px;
 use crate::codec::CodecError;
 use crate::error::CacheError;
@@ -30,7 +31,6 @@ use crate::local::tracking::Via;
 use crate::local::{LocalHit, LocalTier, TagTicket, Ticket};
 use crate::outcome::{Encoded, Life, NOTHING, Outcome};
 use crate::read::call::{Answered, Erased};
-use crate::read::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::read::freshness::{self, Freshness, Verdict};
 use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run};
@@ -432,7 +432,7 @@ impl Cache {
         call: &mut Erased<'_>,
     ) -> Read {
         let Some(tagging) = call.tagging_mut() else {
-            return crate::tag::untagged(self.read(site, key, with_ttl).await);
+            return crate::read::tagged::untagged(self.read(site, key, with_ttl).await);
         };
         // One server: the entry and its tags in one request.
         if !with_ttl
@@ -460,7 +460,7 @@ impl Cache {
         call: &mut Erased<'_>,
     ) -> (Read, bool, Option<std::sync::Arc<[TagTicket]>>) {
         let Some(tagging) = call.tagging_mut() else {
-            return (crate::tag::untagged(entry.await), true, None);
+            return (crate::read::tagged::untagged(entry.await), true, None);
         };
         if tagging
             .keys()
@@ -1006,7 +1006,7 @@ impl Cache {
 
     /// Stores a body's answer over the lease (or gives the lease back) and
     /// says what the waiters get: the value only if the cache proved that no
-    /// write touched the key meanwhile (see [`crate::read::flight`]). A
+    /// write touched the key meanwhile (see [`crate::cache::flight`]). A
     /// batch settles one answer per key.
     // The single and the batch lookup's step: each argument is one of
     // their locals, bundling them would only move them.

@@ -1,5 +1,5 @@
 //! Running a cached function's body: timed (its start says which of a
-//! flight's waiters its answer covers, see [`crate::read::flight`]; its
+//! flight's waiters its answer covers, see [`crate::cache::flight`]; its
 //! length feeds early refresh), for at most a soft timeout when an old
 //! value can answer meanwhile, and with its panic caught when a value kept
 //! by `fail_safe` can answer instead.

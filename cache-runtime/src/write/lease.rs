@@ -42,11 +42,12 @@ use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use crate::cache::Cache;
+use crate::cache::janitor::Chore;
 use crate::clock::px;
 use crate::error::CacheError;
+use crate::holder::Holder;
 use crate::site::Site;
 use crate::stats::Event;
-use crate::write::janitor::Chore;
 
 const MARK: &[u8] = b"\0lease:";
 const TOKEN_HEX_DIGITS: usize = 32;
@@ -89,30 +90,7 @@ fn placeholder(cache: &Cache) -> Vec<u8> {
     bytes
 }
 
-/// Who took a lease: the first half of its token is the taker's process
-/// id and a random number drawn once per process (the *instance*, which
-/// tells apart processes of one pid on different hosts and restarts of
-/// one process). The cache logs both when it connects, so an operator who
-/// finds a lease held (`cachectl get`) can tell whose it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Holder {
-    /// The process id of the taker.
-    pub pid: u32,
-    /// A random number the taking process drew once.
-    pub instance: u32,
-}
-
 impl Holder {
-    /// This process's.
-    pub fn this_process() -> Holder {
-        // Made once: every miss writes it, and `getpid` is a system call.
-        static THIS: std::sync::OnceLock<Holder> = std::sync::OnceLock::new();
-        *THIS.get_or_init(|| Holder {
-            pid: std::process::id(),
-            instance: fastrand::u32(..),
-        })
-    }
-
     /// The holder named by a placeholder's bytes and when it was taken (0:
     /// not said); `None` if they are not a well-formed placeholder. A
     /// placeholder of a build before holders were written names a holder
@@ -130,13 +108,6 @@ impl Holder {
             .and_then(|at| at.parse().ok())
             .unwrap_or(0);
         Some((Holder { pid, instance }, at))
-    }
-}
-
-impl std::fmt::Display for Holder {
-    /// `pid 4242, instance 9a3c1f0e`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {}, instance {:08x}", self.pid, self.instance)
     }
 }
 

@@ -8,11 +8,11 @@
 //! it is delivered; an invalidation retried after it had landed deletes at
 //! worst a newer value, which is a miss, never a stale read.
 
-pub(crate) mod janitor;
 pub(crate) mod lease;
 pub(crate) mod worker;
 
-use crate::cache::Cache;
+use crate::cache::janitor::Chore;
+use crate::cache::{Cache, within};
 use crate::error::CacheError;
 use crate::key::CacheKey;
 use crate::local::LocalTier;
@@ -21,7 +21,6 @@ use crate::outcome::Encoded;
 use crate::stats::Event;
 use crate::stats::Function;
 use crate::tag::Tagging;
-use crate::write::janitor::Chore;
 
 impl Cache {
     /// Deletes a key, e.g. `cache.invalidate(&get_user_cache_key(&42))`,
@@ -369,16 +368,6 @@ impl Cache {
             keys: keys.to_vec(),
         })
     }
-}
-
-/// `operation`, or a timeout error after `timeout`.
-pub(crate) async fn within<T>(
-    timeout: std::time::Duration,
-    operation: impl std::future::Future<Output = Result<T, CacheError>>,
-) -> Result<T, CacheError> {
-    tokio::time::timeout(timeout, operation)
-        .await
-        .unwrap_or(Err(CacheError::Timeout(timeout)))
 }
 
 /// `text` as a `SCAN MATCH` pattern that matches it literally.

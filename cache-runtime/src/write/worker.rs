@@ -1,5 +1,5 @@
 //! The janitor's worker: clean-up that outlives the call that needed it,
-//! the chores of [`crate::write::janitor`] done in the background.
+//! the chores of [`crate::cache::janitor`] done in the background.
 //!
 //! One worker task per cache does all of it, with at most
 //! [`MAX_PENDING`] chores, so the tasks, retries and log lines an outage
@@ -19,7 +19,7 @@
 //!
 //! A lease that does not fit in [`MAX_PENDING`] expires by itself after
 //! its lease time; an invalidation that does not fit makes the cache
-//! suspect (see [`crate::write::janitor`]). The worker holds no strong
+//! suspect (see [`crate::cache::janitor`]). The worker holds no strong
 //! reference to the cache (a [`WeakCache`]: it uses the cache's operation
 //! runner, backend, statistics, local tier and ledger, which is the whole
 //! handle but the read path), and ends when the cache is dropped. On the
@@ -36,10 +36,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::cache::janitor::{Chore, MAX_PENDING};
 use crate::cache::{Cache, WeakCache};
 use crate::error::CacheError;
 use crate::stats::Event;
-use crate::write::janitor::{Chore, MAX_PENDING};
 
 /// How often an invalidation whose breaker is open (the backend, or its
 /// cluster primary, is down) looks again: nothing is sent meanwhile, and
@@ -127,7 +127,7 @@ impl Cache {
     }
 
     /// A chore that does not fit in [`MAX_PENDING`]: a lease expires by
-    /// itself; an invalidation makes the cache [`Suspect`](crate::write::janitor::Suspect).
+    /// itself; an invalidation makes the cache [`Suspect`](crate::cache::janitor::Suspect).
     fn overflow(&self, chore: Chore) {
         let Chore::Invalidate { writer, key, .. } = chore else {
             return;
@@ -176,10 +176,10 @@ struct Worker {
     cache: WeakCache,
     queue: mpsc::UnboundedReceiver<Chore>,
     pending: Vec<Pending>,
-    /// While the cache is [`Suspect`](crate::write::janitor::Suspect) and has a prefix: when to try
+    /// While the cache is [`Suspect`](crate::cache::janitor::Suspect) and has a prefix: when to try
     /// clearing it next.
     clear_due: Option<Instant>,
-    /// [`Janitor::wake`](crate::write::janitor::Janitor::wake).
+    /// [`Janitor::wake`](crate::cache::janitor::Janitor::wake).
     wake: std::sync::Arc<tokio::sync::Notify>,
     /// The backend's primaries epoch when last looked at; `None` for a
     /// backend whose primaries do not move under it (not a cluster).
@@ -241,7 +241,7 @@ impl Worker {
     /// When the next chore is due: the earliest pending one (invalidations
     /// wait while a clear is to come: it goes first), a look at the
     /// primaries now and then while invalidations wait on a cluster, and
-    /// the end of a [`Suspect`](crate::write::janitor::Suspect) state.
+    /// the end of a [`Suspect`](crate::cache::janitor::Suspect) state.
     fn next_due(&self, cache: &Cache) -> Option<Instant> {
         let clearing = cache.has_prefix() && cache.janitor().is_suspect();
         let suspect = suspicion_due(cache, self.clear_due);
@@ -337,7 +337,7 @@ async fn release_due(cache: &Cache, pending: &mut Vec<Pending>) {
     }
 }
 
-/// When the worker should look at the cache's [`Suspect`](crate::write::janitor::Suspect) state next, if
+/// When the worker should look at the cache's [`Suspect`](crate::cache::janitor::Suspect) state next, if
 /// it is suspect: when its time runs out, or (with a prefix) when the
 /// next clear is due, if sooner.
 fn suspicion_due(cache: &Cache, clear_due: Option<Instant>) -> Option<Instant> {
@@ -356,7 +356,7 @@ async fn sleep_until(due: Option<Instant>) {
 }
 
 impl Cache {
-    /// Ends the cache's [`Suspect`](crate::write::janitor::Suspect) state when it may: with a prefix, by
+    /// Ends the cache's [`Suspect`](crate::cache::janitor::Suspect) state when it may: with a prefix, by
     /// clearing every entry (tried again after [`CLEAR_RETRY`] if it
     /// fails); without, once its time has run out.
     async fn end_suspicion(&self, clear_due: &mut Option<Instant>) {

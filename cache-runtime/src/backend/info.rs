@@ -1,7 +1,7 @@
 //! What a server says about itself (`INFO`): which server it is, its
 //! memory against `maxmemory`, its eviction policy, its evictions and hit
 //! ratio; and what of that an operator should be warned about. Pure: the
-//! reading is in the module above.
+//! reading is `Cache::server_reports` (`cache/servers.rs`).
 
 use std::fmt;
 

@@ -61,21 +61,21 @@ pub(crate) enum Chore {
 pub(crate) struct Janitor {
     /// Unbounded: what bounds the chores is [`MAX_PENDING`], checked
     /// before one is sent.
-    pub(super) queue: Mutex<Option<mpsc::UnboundedSender<Chore>>>,
+    pub(crate) queue: Mutex<Option<mpsc::UnboundedSender<Chore>>>,
     /// Chores submitted and not finished: 0 once everything is cleaned up.
-    pub(super) pending: AtomicUsize,
+    pub(crate) pending: AtomicUsize,
     /// Keys in `Ledger::invalidating`, plus one while the cache is
     /// [`Suspect`]: readers look further only when it is not 0, so the hot
     /// path costs one atomic load.
-    pub(super) invalidating: AtomicUsize,
-    pub(super) ledger: Mutex<Ledger>,
+    pub(crate) invalidating: AtomicUsize,
+    pub(crate) ledger: Mutex<Ledger>,
     /// Wakes the worker when the cache becomes [`Suspect`], or when a
     /// breaker's probe found the backend back.
-    pub(super) wake: std::sync::Arc<tokio::sync::Notify>,
+    pub(crate) wake: std::sync::Arc<tokio::sync::Notify>,
     /// Set with a wake when the backend is back: every pending invalidation
     /// is due at once, so that a returning server has them before readers
     /// stop skipping their keys (instead of at the end of their back-off).
-    pub(super) retry_now: std::sync::atomic::AtomicBool,
+    pub(crate) retry_now: std::sync::atomic::AtomicBool,
 }
 
 /// An invalidation did not fit in [`MAX_PENDING`]: its key is not known
@@ -89,7 +89,7 @@ pub(crate) struct Janitor {
 /// without a prefix, entries of a longer TTL that only other programs (or
 /// other versions of this one) store.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Suspect {
+pub(crate) struct Suspect {
     /// The last overflow: a clear must start after it.
     since: Instant,
 }
@@ -104,7 +104,7 @@ impl Suspect {
 
 /// What the janitor has in hand, for callers to consult.
 #[derive(Debug, Default)]
-pub(super) struct Ledger {
+pub(crate) struct Ledger {
     /// Placeholders of this process's leases waiting to be given back: a
     /// caller that finds one knows its holder is gone and may take the
     /// lease over it at once, instead of computing without storing.
@@ -173,7 +173,7 @@ impl Janitor {
     }
 
     /// When the cache stops being [`Suspect`] by itself, if it is.
-    pub(super) fn suspect_until(&self) -> Option<Instant> {
+    pub(crate) fn suspect_until(&self) -> Option<Instant> {
         Some(self.ledger().suspect?.until())
     }
 
@@ -183,7 +183,7 @@ impl Janitor {
     }
 
     /// An invalidation did not fit: the cache is [`Suspect`] from now.
-    pub(super) fn suspect(&self) {
+    pub(crate) fn suspect(&self) {
         let mut ledger = self.ledger();
         if ledger.suspect.is_none() {
             self.invalidating.fetch_add(1, Ordering::SeqCst);
@@ -195,7 +195,7 @@ impl Janitor {
 
     /// Ends the suspicion if nothing overflowed since `cleared` (when a
     /// clear that has finished started) or if its time has run out.
-    pub(super) fn clear_suspicion(&self, cleared: Option<Instant>) {
+    pub(crate) fn clear_suspicion(&self, cleared: Option<Instant>) {
         let mut ledger = self.ledger();
         let Some(suspect) = ledger.suspect else {
             return;
@@ -213,7 +213,7 @@ impl Janitor {
     /// key has the `DEL` (`landed: None`), and stop when a retry reached the
     /// primary under `landed` (only the replicas' acknowledgement was
     /// missing).
-    pub(super) fn readers_skip(&self, key: &str, landed: Option<u64>) {
+    pub(crate) fn readers_skip(&self, key: &str, landed: Option<u64>) {
         if let Some(queued) = self.ledger().invalidating.get_mut(key) {
             queued.readers_skip = landed.is_none();
             queued.landed = landed;
@@ -221,7 +221,7 @@ impl Janitor {
     }
 
     /// Enters a chore in the ledger; `false` if a queued one covers it.
-    pub(super) fn enter(&self, chore: &Chore) -> bool {
+    pub(crate) fn enter(&self, chore: &Chore) -> bool {
         let mut ledger = self.ledger();
         match chore {
             Chore::Release { placeholder, .. } => {
@@ -255,7 +255,7 @@ impl Janitor {
     }
 
     /// Takes a finished or dropped chore out of the ledger.
-    pub(super) fn strike(&self, chore: &Chore) {
+    pub(crate) fn strike(&self, chore: &Chore) {
         let mut ledger = self.ledger();
         match chore {
             Chore::Release { placeholder, .. } => {
@@ -273,7 +273,7 @@ impl Janitor {
 
     /// Whether a write asked again for `key` since the flag was last reset;
     /// resets it.
-    pub(super) fn asked_again(&self, key: &str) -> bool {
+    pub(crate) fn asked_again(&self, key: &str) -> bool {
         self.ledger()
             .invalidating
             .get_mut(key)
