@@ -459,7 +459,9 @@ mod tests {
 
     use crate::{Cache, Codec, redis_cached};
 
-    static RUNS: AtomicU32 = AtomicU32::new(0);
+    /// Body runs by `n`: each test calls its own `n`, as the tests run
+    /// at once.
+    static RUNS: [AtomicU32; 5] = [const { AtomicU32::new(0) }; 5];
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Value {
@@ -469,14 +471,14 @@ mod tests {
 
     #[redis_cached(key = "value:<n>", ttl = 60, skip(cache), cache = cache)]
     async fn value(cache: &Cache, n: u32) -> Value {
-        RUNS.fetch_add(1, Ordering::SeqCst);
+        RUNS[n as usize].fetch_add(1, Ordering::SeqCst);
         Value {
             n,
             label: format!("n{n}"),
         }
     }
 
-    async fn round_trip(codec: Codec) {
+    async fn round_trip(codec: Codec, n: u32) {
         let cache = Cache::builder()
             .memory()
             .codec(codec)
@@ -484,22 +486,25 @@ mod tests {
             .build()
             .await
             .unwrap();
-        let before = RUNS.load(Ordering::SeqCst);
-        assert_eq!(value(&cache, 3).await.label, "n3");
+        let before = RUNS[n as usize].load(Ordering::SeqCst);
+        assert_eq!(value(&cache, n).await.label, format!("n{n}"));
         assert_eq!(
-            value(&cache, 3).await,
+            value(&cache, n).await,
             Value {
-                n: 3,
-                label: "n3".into()
+                n,
+                label: format!("n{n}")
             }
         );
         assert_eq!(
-            RUNS.load(Ordering::SeqCst) - before,
+            RUNS[n as usize].load(Ordering::SeqCst) - before,
             1,
             "{codec:?}: second call is a hit"
         );
         assert_eq!(cache.codec(), codec);
-        assert_eq!(cache.redis_key(&value_cache_key(&3)), "t:value:3");
+        assert_eq!(
+            cache.redis_key(&value_cache_key(&n)),
+            format!("t:value:{n}")
+        );
     }
 
     #[test]
@@ -535,12 +540,12 @@ mod tests {
 
     #[tokio::test]
     async fn json_codec_round_trips_through_a_cached_call() {
-        round_trip(Codec::Json).await;
+        round_trip(Codec::Json, 3).await;
     }
 
     #[cfg(feature = "msgpack")]
     #[tokio::test]
     async fn msgpack_codec_round_trips_through_a_cached_call() {
-        round_trip(Codec::MessagePack).await;
+        round_trip(Codec::MessagePack, 4).await;
     }
 }
