@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::stream::{self, Delivered};
 use super::{Change, ShardKeys, WriteBehindError, WriteQueue};
-use crate::cache::{Cache, WeakCache};
+use crate::cache::{Cache, WeakCache, within};
 use crate::error::CacheError;
 use crate::stats::QueueEvent;
 
@@ -340,16 +340,43 @@ struct Shard {
     successes: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// What a shard's loop does after a turn.
+enum Turn {
+    /// Goes on at once.
+    Again,
+    /// Waits, then goes on.
+    Wait(Duration),
+    /// Lets go of what it holds in hand (its lease is lost, or what the
+    /// stream holds is unsure), waits (if not zero), then goes on.
+    LetGo(Duration),
+}
+
+/// What a shard's loop keeps between turns.
+struct Progress {
+    /// Whether this shard's lease is ours.
+    held: bool,
+    /// The changes read and not acknowledged, in stream order.
+    work: VecDeque<Pending>,
+    /// Where claiming what earlier holders left goes on (`None`: done,
+    /// new changes are read).
+    claim: Option<String>,
+    /// How many changes a batch takes now (halved while batches fail).
+    limit: usize,
+    failures_in_a_row: u32,
+    /// The front change failed in the last attempt: try another key.
+    probe: bool,
+}
+
 impl Shard {
     async fn run(mut self) {
-        let mut held = false;
-        let mut work: VecDeque<Pending> = VecDeque::new();
-        let mut claim: Option<String> = None;
-        let mut limit = self.settings.batch;
-        let mut failures_in_a_row: u32 = 0;
-        // The front change failed in the last attempt: try another key.
-        let mut probe = false;
-        let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(u64::MAX);
+        let mut progress = Progress {
+            held: false,
+            work: VecDeque::new(),
+            claim: None,
+            limit: self.settings.batch,
+            failures_in_a_row: 0,
+            probe: false,
+        };
         loop {
             if *self.stopped.borrow() {
                 break;
@@ -357,330 +384,351 @@ impl Shard {
             let Some(cache) = self.cache.upgrade() else {
                 return;
             };
-            let backend = cache.backend();
-            let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
-            // The lease: taken, or renewed before each batch.
-            let lease = if held {
-                crate::cache::within(
-                    timeout,
-                    stream::renew_lease(backend, &self.keys, &self.token, lease_ms),
-                )
-                .await
-            } else {
-                // Free, or still ours (a renewal that timed out): taken,
-                // and what it held is claimed afresh below.
-                crate::cache::within(
-                    timeout,
-                    stream::take_lease(backend, &self.keys, &self.token, lease_ms),
-                )
-                .await
+            let turn = self.turn(&mut progress, &cache).await;
+            // Not kept while waiting: a flusher does not keep its cache alive.
+            drop(cache);
+            let wait = match turn {
+                Turn::Again => continue,
+                Turn::Wait(wait) => wait,
+                Turn::LetGo(wait) => {
+                    progress.held = false;
+                    progress.work.clear();
+                    wait
+                }
             };
-            match lease {
-                Ok(true) if !held => {
-                    if let Err(error) =
-                        crate::cache::within(timeout, stream::ensure_group(backend, &self.keys))
-                            .await
-                    {
-                        self.trouble(&cache, &error);
-                        drop(cache);
-                        if self.pause(backoff(1)).await {
-                            break;
-                        }
-                        continue;
-                    }
-                    held = true;
-                    work.clear();
-                    claim = Some("0-0".to_owned());
-                    let _ = crate::cache::within(
-                        timeout,
-                        stream::prune_consumers(
-                            backend,
-                            &self.keys,
-                            &self.consumer,
-                            IDLE_CONSUMER_MS,
-                        ),
-                    )
-                    .await;
-                }
-                Ok(true) => {}
-                Ok(false) => {
-                    held = false;
-                    work.clear();
-                    drop(cache);
-                    let wait = self.settings.lease / 3;
-                    if self.pause(wait.min(Duration::from_secs(2))).await {
-                        break;
-                    }
-                    continue;
-                }
-                Err(error) => {
-                    self.trouble(&cache, &error);
-                    held = false;
-                    work.clear();
-                    drop(cache);
-                    if self.pause(backoff(failures_in_a_row.max(1))).await {
-                        break;
-                    }
-                    continue;
-                }
-            }
-            // Fill: first what earlier holders left, then new changes.
-            let mut keys_in_hand: Vec<&str> = work.iter().map(|p| p.change.key.as_str()).collect();
-            keys_in_hand.sort_unstable();
-            keys_in_hand.dedup();
-            // Also when the changes in hand are of fewer keys than a batch
-            // takes (a hot key's run), or of one key a probe cannot pass.
-            let few_keys = keys_in_hand.len() < limit || (probe && keys_in_hand.len() < 2);
-            drop(keys_in_hand);
-            if work.len() < self.settings.batch
-                || (few_keys && work.len() < self.settings.batch * 10)
-            {
-                let wanted = if work.len() < self.settings.batch {
-                    self.settings.batch * 2 - work.len()
-                } else {
-                    self.settings.batch
-                };
-                let read = match &claim {
-                    Some(cursor) => crate::cache::within(
-                        timeout,
-                        stream::claim(backend, &self.keys, &self.consumer, cursor, wanted),
-                    )
-                    .await
-                    .map(|(next, read)| {
-                        claim = next;
-                        read
-                    }),
-                    None => {
-                        crate::cache::within(
-                            timeout,
-                            stream::read_new(backend, &self.keys, &self.consumer, wanted),
-                        )
-                        .await
-                    }
-                };
-                match read {
-                    Ok(read) => {
-                        if !read.malformed.is_empty() {
-                            let ids: Vec<&str> =
-                                read.malformed.iter().map(String::as_str).collect();
-                            crate::limited!(
-                                cache,
-                                warn!(queue = self.queue, shard = %self.keys.stream, ids = ?ids, "write-behind: stream entries that are not changes: dropped")
-                            );
-                            let _ = crate::cache::within(
-                                timeout,
-                                stream::ack(backend, &self.keys, &self.token, &ids, &[]),
-                            )
-                            .await;
-                        }
-                        work.extend(read.changes.into_iter().map(|change| Pending {
-                            change,
-                            alone: 0,
-                            successes_then: 0,
-                        }));
-                    }
-                    Err(error) => {
-                        // Perhaps the stream (and its group) went: made again
-                        // with the lease next time.
-                        self.trouble(&cache, &error);
-                        held = false;
-                        work.clear();
-                        drop(cache);
-                        if self.pause(backoff(1)).await {
-                            break;
-                        }
-                        continue;
-                    }
-                }
-            }
-            if work.is_empty() {
-                drop(cache);
-                if self.pause(self.settings.poll).await {
-                    break;
-                }
-                continue;
-            }
-            let batch = select(&work, limit, self.settings.coalesce, probe);
-            let changes: Vec<Delivered> = batch
-                .flushed
-                .iter()
-                .map(|&i| work[i].change.clone())
-                .collect();
-            let started = Instant::now();
-            // A flush that panics is a failure like any other (the task
-            // must live on: the next holder would panic on the same change).
-            let flush =
-                futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
-                    (self.handler)(cache.clone(), changes),
-                ));
-            let outcome = match tokio::time::timeout(self.settings.flush_timeout, flush).await {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(_)) => Flushed::Failed("the flush panicked".to_owned()),
-                Err(_) => Flushed::Failed(format!(
-                    "the flush timed out after {:?}",
-                    self.settings.flush_timeout
-                )),
-            };
-            let recorder = cache.recorder();
-            match outcome {
-                Flushed::Done => {
-                    recorder.note_queue(
-                        self.queue,
-                        QueueEvent::Flushed(batch.acked.len(), started.elapsed()),
-                    );
-                    self.successes
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    failures_in_a_row = 0;
-                    probe = false;
-                    limit = (limit * 2).min(self.settings.batch);
-                    // Still ours? If not, another holder may have claimed
-                    // these changes: they are left to it (flushed again).
-                    let still = crate::cache::within(
-                        timeout,
-                        stream::renew_lease(backend, &self.keys, &self.token, lease_ms),
-                    )
-                    .await;
-                    if !matches!(still, Ok(true)) {
-                        held = false;
-                        work.clear();
-                        continue;
-                    }
-                    match self.settle(&cache, &work, &batch).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            held = false;
-                            work.clear();
-                            continue;
-                        }
-                        Err(error) => {
-                            // Not acknowledged: flushed again, in order, by
-                            // the next holder (this process, perhaps).
-                            self.trouble(&cache, &error);
-                            self.release(&cache).await;
-                            held = false;
-                            work.clear();
-                            drop(cache);
-                            if self.pause(backoff(1)).await {
-                                break;
-                            }
-                            continue;
-                        }
-                    }
-                    remove(&mut work, batch.acked);
-                }
-                Flushed::Undecodable(i, error) => {
-                    let at = batch.flushed[i];
-                    let buried = crate::cache::within(
-                        timeout,
-                        stream::bury(
-                            backend,
-                            &self.keys,
-                            &self.token,
-                            &work[at].change,
-                            &format!("undecodable: {error}"),
-                            1,
-                        ),
-                    )
-                    .await;
-                    match buried {
-                        Ok(true) => {
-                            recorder.note_queue(self.queue, QueueEvent::DeadLettered);
-                            crate::limited!(
-                                cache,
-                                warn!(queue = self.queue, key = %work[at].change.key, %error, "write-behind change does not decode: moved to the dead letters")
-                            );
-                            remove(&mut work, vec![at]);
-                        }
-                        outcome => {
-                            if let Err(error) = outcome {
-                                self.trouble(&cache, &error);
-                            }
-                            held = false;
-                            work.clear();
-                            drop(cache);
-                            if self.pause(backoff(1)).await {
-                                break;
-                            }
-                        }
-                    }
-                }
-                Flushed::Failed(error) => {
-                    recorder.note_queue(self.queue, QueueEvent::Retried);
-                    failures_in_a_row += 1;
-                    if let [alone] = batch.flushed[..] {
-                        let pending = &mut work[alone];
-                        if pending.alone == 0 {
-                            pending.successes_then =
-                                self.successes.load(std::sync::atomic::Ordering::Relaxed);
-                        }
-                        pending.alone += 1;
-                    }
-                    crate::limited!(
-                        cache,
-                        warn!(queue = self.queue, changes = batch.flushed.len(), %error, "write-behind flush failed: retrying")
-                    );
-                    if batch.flushed.len() > 1 {
-                        if failures_in_a_row >= 2 {
-                            limit = (batch.flushed.len() / 2).max(1);
-                        }
-                    } else {
-                        let at = batch.flushed[0];
-                        let pending = &work[at];
-                        if pending.alone >= self.settings.max_attempts
-                            && self.successes.load(std::sync::atomic::Ordering::Relaxed)
-                                > pending.successes_then
-                        {
-                            let buried = crate::cache::within(
-                                timeout,
-                                stream::bury(
-                                    backend,
-                                    &self.keys,
-                                    &self.token,
-                                    &pending.change,
-                                    &error,
-                                    pending.alone,
-                                ),
-                            )
-                            .await;
-                            match buried {
-                                Ok(true) => {
-                                    recorder.note_queue(self.queue, QueueEvent::DeadLettered);
-                                    crate::limited!(
-                                        cache,
-                                        warn!(queue = self.queue, key = %pending.change.key, failures = pending.alone, %error, "write-behind change moved to the dead letters")
-                                    );
-                                    remove(&mut work, vec![at]);
-                                    failures_in_a_row = 0;
-                                    probe = false;
-                                    continue;
-                                }
-                                outcome => {
-                                    if let Err(error) = outcome {
-                                        self.trouble(&cache, &error);
-                                    }
-                                    held = false;
-                                    work.clear();
-                                }
-                            }
-                        }
-                        // Next, another key's change, if there is one: if
-                        // that one flushes, the database is up and this
-                        // one is the trouble.
-                        let front = work.front().map(|p| p.change.key.as_str());
-                        probe = work
-                            .get(at)
-                            .is_some_and(|p| Some(p.change.key.as_str()) == front);
-                    }
-                    drop(cache);
-                    if self.pause(backoff(failures_in_a_row)).await {
-                        break;
-                    }
-                }
+            if !wait.is_zero() && self.pause(wait).await {
+                break;
             }
         }
-        if held && let Some(cache) = self.cache.upgrade() {
+        if progress.held
+            && let Some(cache) = self.cache.upgrade()
+        {
             self.release(&cache).await;
         }
+    }
+
+    /// One turn: the lease held, the work filled, one batch flushed and
+    /// settled (or its failure handled).
+    async fn turn(&self, progress: &mut Progress, cache: &Cache) -> Turn {
+        if let Some(turn) = self.hold(progress, cache).await {
+            return turn;
+        }
+        if let Some(turn) = self.fill(progress, cache).await {
+            return turn;
+        }
+        if progress.work.is_empty() {
+            return Turn::Wait(self.settings.poll);
+        }
+        let batch = select(
+            &progress.work,
+            progress.limit,
+            self.settings.coalesce,
+            progress.probe,
+        );
+        let started = Instant::now();
+        match self.flush(cache, &progress.work, &batch).await {
+            Flushed::Done => self.flushed(progress, cache, &batch, started).await,
+            Flushed::Undecodable(i, error) => {
+                self.undecodable(progress, cache, batch.flushed[i], &error)
+                    .await
+            }
+            Flushed::Failed(error) => self.failed(progress, cache, &batch, &error).await,
+        }
+    }
+
+    /// The shard's lease taken (with the group made and what earlier
+    /// holders left to claim), or renewed before each batch; a turn to
+    /// end with if not.
+    async fn hold(&self, progress: &mut Progress, cache: &Cache) -> Option<Turn> {
+        let backend = cache.backend();
+        let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
+        let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(u64::MAX);
+        let lease = if progress.held {
+            within(
+                timeout,
+                stream::renew_lease(backend, &self.keys, &self.token, lease_ms),
+            )
+            .await
+        } else {
+            // Free, or still ours (a renewal that timed out): taken, and
+            // what it held is claimed afresh.
+            within(
+                timeout,
+                stream::take_lease(backend, &self.keys, &self.token, lease_ms),
+            )
+            .await
+        };
+        match lease {
+            Ok(true) if !progress.held => {
+                if let Err(error) = within(timeout, stream::ensure_group(backend, &self.keys)).await
+                {
+                    self.trouble(cache, &error);
+                    return Some(Turn::Wait(backoff(1)));
+                }
+                progress.held = true;
+                progress.work.clear();
+                progress.claim = Some("0-0".to_owned());
+                let prune =
+                    stream::prune_consumers(backend, &self.keys, &self.consumer, IDLE_CONSUMER_MS);
+                let _ = within(timeout, prune).await;
+                None
+            }
+            Ok(true) => None,
+            Ok(false) => Some(Turn::LetGo(
+                (self.settings.lease / 3).min(Duration::from_secs(2)),
+            )),
+            Err(error) => {
+                self.trouble(cache, &error);
+                Some(Turn::LetGo(backoff(progress.failures_in_a_row.max(1))))
+            }
+        }
+    }
+
+    /// Reads more changes when the work in hand is short of a batch: first
+    /// what earlier holders left, then new ones; a turn to end with if the
+    /// read failed.
+    async fn fill(&self, progress: &mut Progress, cache: &Cache) -> Option<Turn> {
+        let batch = self.settings.batch;
+        let work = &progress.work;
+        let mut keys_in_hand: Vec<&str> = work.iter().map(|p| p.change.key.as_str()).collect();
+        keys_in_hand.sort_unstable();
+        keys_in_hand.dedup();
+        // Also when the changes in hand are of fewer keys than a batch
+        // takes (a hot key's run), or of one key a probe cannot pass.
+        let few_keys =
+            keys_in_hand.len() < progress.limit || (progress.probe && keys_in_hand.len() < 2);
+        if work.len() >= batch && !(few_keys && work.len() < batch * 10) {
+            return None;
+        }
+        let wanted = if work.len() < batch {
+            batch * 2 - work.len()
+        } else {
+            batch
+        };
+        let backend = cache.backend();
+        let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
+        let read = match &progress.claim {
+            Some(cursor) => {
+                let claim = stream::claim(backend, &self.keys, &self.consumer, cursor, wanted);
+                within(timeout, claim).await.map(|(next, read)| {
+                    progress.claim = next;
+                    read
+                })
+            }
+            None => {
+                let read = stream::read_new(backend, &self.keys, &self.consumer, wanted);
+                within(timeout, read).await
+            }
+        };
+        let read = match read {
+            Ok(read) => read,
+            Err(error) => {
+                // Perhaps the stream (and its group) went: made again with
+                // the lease next time.
+                self.trouble(cache, &error);
+                return Some(Turn::LetGo(backoff(1)));
+            }
+        };
+        if !read.malformed.is_empty() {
+            let ids: Vec<&str> = read.malformed.iter().map(String::as_str).collect();
+            crate::limited!(
+                cache,
+                warn!(queue = self.queue, shard = %self.keys.stream, ids = ?ids, "write-behind: stream entries that are not changes: dropped")
+            );
+            let ack = stream::ack(backend, &self.keys, &self.token, &ids, &[]);
+            let _ = within(timeout, ack).await;
+        }
+        progress
+            .work
+            .extend(read.changes.into_iter().map(|change| Pending {
+                change,
+                alone: 0,
+                successes_then: 0,
+            }));
+        None
+    }
+
+    /// The batch handed to the flush function, under the flush timeout; a
+    /// flush that panics is a failure like any other (the task must live
+    /// on: the next holder would panic on the same change).
+    async fn flush(&self, cache: &Cache, work: &VecDeque<Pending>, batch: &Batch) -> Flushed {
+        let changes: Vec<Delivered> = batch
+            .flushed
+            .iter()
+            .map(|&i| work[i].change.clone())
+            .collect();
+        let flush = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe((self
+            .handler)(
+            cache.clone(),
+            changes,
+        )));
+        match tokio::time::timeout(self.settings.flush_timeout, flush).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Flushed::Failed("the flush panicked".to_owned()),
+            Err(_) => Flushed::Failed(format!(
+                "the flush timed out after {:?}",
+                self.settings.flush_timeout
+            )),
+        }
+    }
+
+    /// After a good flush: the lease checked, the batch settled and
+    /// acknowledged, and dropped from the work.
+    async fn flushed(
+        &self,
+        progress: &mut Progress,
+        cache: &Cache,
+        batch: &Batch,
+        started: Instant,
+    ) -> Turn {
+        let flushed = QueueEvent::Flushed(batch.acked.len(), started.elapsed());
+        cache.recorder().note_queue(self.queue, flushed);
+        self.successes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        progress.failures_in_a_row = 0;
+        progress.probe = false;
+        progress.limit = (progress.limit * 2).min(self.settings.batch);
+        // Still ours? If not, another holder may have claimed these
+        // changes: they are left to it (flushed again).
+        let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
+        let lease_ms = u64::try_from(self.settings.lease.as_millis()).unwrap_or(u64::MAX);
+        let still = stream::renew_lease(cache.backend(), &self.keys, &self.token, lease_ms);
+        if !matches!(within(timeout, still).await, Ok(true)) {
+            return Turn::LetGo(Duration::ZERO);
+        }
+        match self.settle(cache, &progress.work, batch).await {
+            Ok(true) => {
+                remove(&mut progress.work, batch.acked.clone());
+                Turn::Again
+            }
+            Ok(false) => Turn::LetGo(Duration::ZERO),
+            Err(error) => {
+                // Not acknowledged: flushed again, in order, by the next
+                // holder (this process, perhaps).
+                self.trouble(cache, &error);
+                self.release(cache).await;
+                Turn::LetGo(backoff(1))
+            }
+        }
+    }
+
+    /// A change the flush function could not decode: to the dead letters
+    /// at once.
+    async fn undecodable(
+        &self,
+        progress: &mut Progress,
+        cache: &Cache,
+        at: usize,
+        error: &str,
+    ) -> Turn {
+        let change = &progress.work[at].change;
+        let why = format!("undecodable: {error}");
+        match self.bury(cache, change, &why, 1).await {
+            Ok(true) => {
+                cache
+                    .recorder()
+                    .note_queue(self.queue, QueueEvent::DeadLettered);
+                crate::limited!(
+                    cache,
+                    warn!(queue = self.queue, key = %change.key, %error, "write-behind change does not decode: moved to the dead letters")
+                );
+                remove(&mut progress.work, vec![at]);
+                Turn::Again
+            }
+            outcome => {
+                if let Err(error) = outcome {
+                    self.trouble(cache, &error);
+                }
+                Turn::LetGo(backoff(1))
+            }
+        }
+    }
+
+    /// After a failed flush: counted, the batch halved after two failures
+    /// in a row; a change that failed alone `max_attempts` times, while
+    /// other flushes succeeded, to the dead letters; else a probe of
+    /// another key next.
+    async fn failed(
+        &self,
+        progress: &mut Progress,
+        cache: &Cache,
+        batch: &Batch,
+        error: &str,
+    ) -> Turn {
+        let successes = self.successes.load(std::sync::atomic::Ordering::Relaxed);
+        cache.recorder().note_queue(self.queue, QueueEvent::Retried);
+        progress.failures_in_a_row += 1;
+        crate::limited!(
+            cache,
+            warn!(queue = self.queue, changes = batch.flushed.len(), %error, "write-behind flush failed: retrying")
+        );
+        let [at] = batch.flushed[..] else {
+            if progress.failures_in_a_row >= 2 {
+                progress.limit = (batch.flushed.len() / 2).max(1);
+            }
+            return Turn::Wait(backoff(progress.failures_in_a_row));
+        };
+        let pending = &mut progress.work[at];
+        if pending.alone == 0 {
+            pending.successes_then = successes;
+        }
+        pending.alone += 1;
+        if pending.alone >= self.settings.max_attempts && successes > pending.successes_then {
+            match self
+                .bury(cache, &pending.change, error, pending.alone)
+                .await
+            {
+                Ok(true) => {
+                    cache
+                        .recorder()
+                        .note_queue(self.queue, QueueEvent::DeadLettered);
+                    crate::limited!(
+                        cache,
+                        warn!(queue = self.queue, key = %pending.change.key, failures = pending.alone, %error, "write-behind change moved to the dead letters")
+                    );
+                    remove(&mut progress.work, vec![at]);
+                    progress.failures_in_a_row = 0;
+                    progress.probe = false;
+                    return Turn::Again;
+                }
+                outcome => {
+                    if let Err(error) = outcome {
+                        self.trouble(cache, &error);
+                    }
+                    progress.probe = false;
+                    return Turn::LetGo(backoff(progress.failures_in_a_row));
+                }
+            }
+        }
+        // Next, another key's change, if there is one: if that one
+        // flushes, the database is up and this one is the trouble.
+        let front = progress.work.front().map(|p| p.change.key.as_str());
+        progress.probe = progress
+            .work
+            .get(at)
+            .is_some_and(|p| Some(p.change.key.as_str()) == front);
+        Turn::Wait(backoff(progress.failures_in_a_row))
+    }
+
+    /// `change` moved to the dead letters, fenced by the shard's lease
+    /// (`Ok(false)`: the lease is lost).
+    async fn bury(
+        &self,
+        cache: &Cache,
+        change: &Delivered,
+        why: &str,
+        failures: u32,
+    ) -> Result<bool, CacheError> {
+        let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
+        let bury = stream::bury(
+            cache.backend(),
+            &self.keys,
+            &self.token,
+            change,
+            why,
+            failures,
+        );
+        within(timeout, bury).await
     }
 
     /// Gives the flushed changes' entries their TTL back (those still
@@ -695,7 +743,7 @@ impl Shard {
         let backend = cache.backend();
         let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
         let flushed: Vec<&Delivered> = batch.flushed.iter().map(|&i| &work[i].change).collect();
-        crate::cache::within(timeout, stream::settle(backend, &self.keys, &flushed)).await?;
+        within(timeout, stream::settle(backend, &self.keys, &flushed)).await?;
         let ids: Vec<&str> = batch
             .acked
             .iter()
@@ -705,7 +753,7 @@ impl Shard {
             .iter()
             .map(|c| (c.key.as_str(), c.id.as_str()))
             .collect();
-        crate::cache::within(
+        within(
             timeout,
             stream::ack(backend, &self.keys, &self.token, &ids, &latest),
         )
@@ -715,7 +763,7 @@ impl Shard {
     /// Hands the shard over (best effort: else it expires).
     async fn release(&self, cache: &Cache) {
         let timeout = cache.settings().op_timeout.max(Duration::from_secs(1));
-        let _ = crate::cache::within(
+        let _ = within(
             timeout,
             stream::release_lease(cache.backend(), &self.keys, &self.token),
         )

@@ -738,28 +738,8 @@ impl Cache {
         if !self.decode(site, key, &bytes[value_at..], call) {
             return Step::Claim(Claim::Replace(Garbage::Bytes(bytes)));
         }
-        let (verdict, fresh_for) = match freshness {
-            Some((freshness, ttl)) if site.tracks_freshness() => {
-                let left = match ttl {
-                    Ttl::Left(left) => Some(left),
-                    Ttl::Forever => None,
-                    Ttl::Unknown => return Step::Done(Done::Serve(Event::Hit)),
-                };
-                let kept = self.kept(site);
-                let fresh_for = left.map_or(0, |left| left.saturating_sub(kept));
-                let verdict = freshness.verdict(
-                    left,
-                    kept,
-                    site.fail_safe_millis(),
-                    site.early_refresh_beta(),
-                );
-                (verdict, fresh_for)
-            }
-            _ => match ttl {
-                Ttl::Left(left) => (Verdict::Fresh, left),
-                Ttl::Forever => (Verdict::Fresh, u64::MAX),
-                Ttl::Unknown => (Verdict::Fresh, 0),
-            },
+        let Some((verdict, fresh_for)) = self.verdict(site, freshness, ttl) else {
+            return Step::Done(Done::Serve(Event::Hit));
         };
         let served = match verdict {
             Verdict::Fresh => {
@@ -792,6 +772,41 @@ impl Cache {
             header: bytes,
             served,
         }))
+    }
+
+    /// What a decoded value's freshness header (if its function reads
+    /// one) and TTL say: serve it, refresh it, or recompute it, and for how
+    /// long it is fresh (what a local copy may live). `None` for a header
+    /// read without its TTL: served as a hit.
+    fn verdict(
+        &self,
+        site: &'static Site,
+        freshness: Option<(Freshness, Ttl)>,
+        ttl: Ttl,
+    ) -> Option<(Verdict, u64)> {
+        match freshness {
+            Some((freshness, ttl)) if site.tracks_freshness() => {
+                let left = match ttl {
+                    Ttl::Left(left) => Some(left),
+                    Ttl::Forever => None,
+                    Ttl::Unknown => return None,
+                };
+                let kept = self.kept(site);
+                let fresh_for = left.map_or(0, |left| left.saturating_sub(kept));
+                let verdict = freshness.verdict(
+                    left,
+                    kept,
+                    site.fail_safe_millis(),
+                    site.early_refresh_beta(),
+                );
+                Some((verdict, fresh_for))
+            }
+            _ => Some(match ttl {
+                Ttl::Left(left) => (Verdict::Fresh, left),
+                Ttl::Forever => (Verdict::Fresh, u64::MAX),
+                Ttl::Unknown => (Verdict::Fresh, 0),
+            }),
+        }
     }
 
     /// The one place that decodes an entry into a call's answer; failures
