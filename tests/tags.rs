@@ -1284,3 +1284,126 @@ async fn a_release_without_tags_replaces_tagged_entries_on_redis() {
 async fn a_release_without_tags_replaces_tagged_entries_in_memory() {
     a_release_without_tags_replaces_tagged_entries(&Cache::memory()).await;
 }
+
+static KEPT_RUNS: AtomicU32 = AtomicU32::new(0);
+
+#[redis_cached(key = "kept_member:<org_id>:<user_id>", ttl = 60, tags = ["org:<org_id>", "members"], cache = cache, skip(cache))]
+async fn kept_member(cache: &Cache, org_id: u64, user_id: u64) -> (u64, u64, u32) {
+    (org_id, user_id, KEPT_RUNS.fetch_add(1, Ordering::SeqCst))
+}
+
+#[redis_cached(key = "kept_derived:<org_id>:<user_id>", ttl = 60, tags_from = org_of_triple, cache = cache, skip(cache))]
+async fn kept_derived(cache: &Cache, org_id: u64, user_id: u64) -> (u64, u64, u32) {
+    (org_id, user_id, KEPT_RUNS.fetch_add(1, Ordering::SeqCst))
+}
+
+async fn read_kept(cache: &Cache, tagged: TagsOf, org_id: u64, user_id: u64) -> (u64, u64, u32) {
+    match tagged {
+        TagsOf::Own => kept_member(cache, org_id, user_id).await,
+        TagsOf::FromValue => kept_derived(cache, org_id, user_id).await,
+    }
+}
+
+/// How many times the server ran `MGET` (the tags' tokens' read).
+async fn mgets(raw: &mut RawConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(raw)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_mget:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count"))
+}
+
+/// A tagged hit on a standalone server reads its entry alone, on the
+/// tracking connection, and checks it against its tags' tokens kept in
+/// process; another process's tag invalidation is seen by the very next
+/// call, because the server pushes the tag's invalidation to the
+/// connection before its reply to the entry's read. The naive arm, in the
+/// same rounds: a token kept without the server's invalidations (read once
+/// and compared by hand with the entry's header) serves the invalidated
+/// entry after every invalidation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tagged_hit_reads_its_entry_alone_and_sees_another_process_tag_invalidation_at_once() {
+    const ROUNDS: usize = 300;
+    let server = RedisServer::start();
+    let target = Target::server(&server);
+    let (writer, reader) = (
+        target.cache(Some("kept")).await,
+        target.cache(Some("kept")).await,
+    );
+    let mut raw = target.raw().await;
+    for tagged in [TagsOf::Own, TagsOf::FromValue] {
+        let how = match tagged {
+            TagsOf::Own => "tags = [...]",
+            TagsOf::FromValue => "tags_from",
+        };
+        // The tracking connection opens on the first tagged read, in the
+        // background: a hit sends no MGET once the tokens are kept.
+        read_kept(&reader, tagged, 7, 1).await;
+        let kept = cache_harness::wait_for(
+            Duration::from_secs(5),
+            Duration::from_millis(10),
+            async || {
+                read_kept(&reader, tagged, 7, 1).await;
+                let before = mgets(&mut raw).await;
+                for _ in 0..10 {
+                    read_kept(&reader, tagged, 7, 1).await;
+                }
+                mgets(&mut raw).await == before
+            },
+        )
+        .await;
+        assert!(kept.is_some(), "{how}: tagged hits still read their tokens");
+        // The naive arm's entry and the token it keeps.
+        read_kept(&reader, tagged, 7, 2).await;
+        let naive_key = match tagged {
+            TagsOf::Own => reader.redis_key(&kept_member_cache_key(&7, &2)),
+            TagsOf::FromValue => reader.redis_key(&kept_derived_cache_key(&7, &2)),
+        };
+        let naive_token: Vec<u8> = raw.get("kept:\0tag:org:7").await.expect("GET");
+        assert!(!naive_token.is_empty(), "the tag has a token");
+        let (mut stale, mut naive_stale, mut mget_hits) = (0, 0, 0);
+        for _ in 0..ROUNDS {
+            let before = read_kept(&reader, tagged, 7, 1).await;
+            let mgets_before = mgets(&mut raw).await;
+            let again = read_kept(&reader, tagged, 7, 1).await;
+            if mgets(&mut raw).await != mgets_before {
+                mget_hits += 1;
+            }
+            assert_eq!(again, before, "{how}: a hit");
+            // Another process's write: the tag invalidated.
+            cache_harness::landed(writer.invalidate_tag("org:7").await);
+            if read_kept(&reader, tagged, 7, 1).await == before {
+                stale += 1;
+            }
+            let entry: Vec<u8> = raw.get(&naive_key).await.expect("GET");
+            let header_end = entry.iter().position(|&b| b == b'\n').unwrap_or(0);
+            if entry[..header_end]
+                .windows(naive_token.len())
+                .any(|window| window == naive_token.as_slice())
+            {
+                naive_stale += 1;
+            }
+        }
+        println!(
+            "{how}: {ROUNDS} tag invalidations by another process, each followed at once by a read: \
+             {stale} stale (ours, {mget_hits} of {ROUNDS} second hits read their tokens), \
+             {naive_stale} stale (a token kept without the server's invalidations)"
+        );
+        assert_eq!(
+            stale, 0,
+            "{how}: a read after the invalidation served the old value"
+        );
+        assert!(
+            mget_hits < ROUNDS / 2,
+            "{how}: {mget_hits} of {ROUNDS} hits after a fresh read still read their tokens"
+        );
+        assert_eq!(
+            naive_stale, ROUNDS,
+            "{how}: the naive arm serves the old entry"
+        );
+    }
+}

@@ -100,6 +100,40 @@ pub(crate) async fn get_with_ttl_on(
     commands::get_with_ttl(conn, key, limit).await
 }
 
+/// `get` on the tracking connection (a tagged entry checked against the
+/// tags' kept tokens: see `crate::local`).
+pub(crate) async fn get_on(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    key: &str,
+    limit: usize,
+) -> Result<Fetched<Vec<u8>>, CacheError> {
+    let _timer = OperationTimer::start(Operation::Get, true);
+    commands::get(conn, key, limit).await
+}
+
+/// `get_tagged` on the tracking connection, so that the tags' tokens it
+/// reads are tracked there and may be kept.
+pub(crate) async fn get_tagged_on(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    key: &str,
+    tags: &[String],
+    limit: usize,
+) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
+    let _timer = OperationTimer::start(Operation::GetMany, true);
+    commands::get_tagged(conn, key, tags, limit).await
+}
+
+/// Tags' tokens (`MGET`) on the tracking connection, so that they are
+/// tracked there and may be kept.
+pub(crate) async fn get_tokens_on(
+    conn: &mut ::redis::aio::MultiplexedConnection,
+    keys: &[String],
+    limit: usize,
+) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+    let _timer = OperationTimer::start(Operation::GetMany, true);
+    commands::get_tokens(conn, keys, limit).await
+}
+
 /// Parses a `redis://` (or, with the `tls` feature, `rediss://`) URL.
 pub(crate) fn connection_info(url: &str) -> Result<::redis::ConnectionInfo, CacheError> {
     ::redis::IntoConnectionInfo::into_connection_info(url).map_err(CacheError::invalid_url)

@@ -228,6 +228,9 @@ pub(crate) async fn get_tagged(
     tags: &[String],
     limit: usize,
 ) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
+    if tags.is_empty() {
+        return Ok((get(conn, key, limit).await?, Vec::new()));
+    }
     let mut pipe = redis::pipe();
     pipe.add_command(get_cmd(key, limit));
     pipe.cmd("MGET").arg(tags);

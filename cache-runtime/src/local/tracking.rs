@@ -331,9 +331,9 @@ async fn keep(tracking: Weak<Connection>) {
                     if !warned {
                         warned = true;
                         if error.is_unavailable() {
-                            tracing::warn!(%error, "local tier: no tracking connection yet; local copies are not kept until there is one");
+                            tracing::warn!(%error, "no tracking connection yet: local copies and tags' tokens are not kept until there is one (tagged reads read their tokens each time)");
                         } else {
-                            tracing::warn!(%error, "local tier: the server refused client-side caching (it needs Redis 6 or later, RESP3 and CLIENT TRACKING); local copies are not kept");
+                            tracing::warn!(%error, "the server refused client-side caching (it needs Redis 6 or later, RESP3 and CLIENT TRACKING): local copies and tags' tokens are not kept (tagged reads read their tokens each time)");
                         }
                     }
                     None

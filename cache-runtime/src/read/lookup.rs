@@ -34,6 +34,7 @@ use crate::read::call::{Answered, Erased};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::read::freshness::{self, Freshness, Verdict};
 use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run};
+use crate::read::tagged::Derived;
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::tag::Tagging;
@@ -435,10 +436,7 @@ impl Cache {
             return crate::read::tagged::untagged(self.read(site, key, with_ttl).await);
         };
         // One server: the entry and its tags in one request.
-        if !with_ttl
-            && !tagging.keys().is_empty()
-            && !matches!(self.backend(), crate::backend::Backend::Cluster(_))
-        {
+        if !with_ttl && !matches!(self.backend(), crate::backend::Backend::Cluster(_)) {
             return Box::pin(self.read_together(site, key, tagging)).await;
         }
         let entry = self.read(site, key, with_ttl);
@@ -486,7 +484,7 @@ impl Cache {
             return (read, tokens == Some(true), None);
         }
         let (read, tracked, derived) =
-            Box::pin(self.check_derived(site, tagging, read, vias.is_some())).await;
+            Box::pin(self.check_derived(site, tagging, read, Derived::Local(vias.is_some()))).await;
         (read, tracked && tokens == Some(true), derived)
     }
 

@@ -5,11 +5,14 @@
 
 use std::sync::Arc;
 
-use crate::backend::Fetched;
+use redis::aio::MultiplexedConnection;
+
+use crate::backend::{Backend, Fetched, get_on, get_tagged_on, get_tokens_on};
 use crate::cache::Cache;
+use crate::error::CacheError;
 use crate::key::TAG_MARK;
-use crate::local::TagTicket;
 use crate::local::tracking::Via;
+use crate::local::{LocalTier, TagTicket};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::site::Site;
 use crate::tag::{Tagging, has_header};
@@ -39,10 +42,23 @@ impl Tagging {
     }
 }
 
+/// How [`Cache::check_derived`] reads the tokens of the tags a value named.
+pub(crate) enum Derived<'a> {
+    /// With `true`, a read for the local tier: on the tracking connections,
+    /// with the tags' tickets.
+    Local(bool),
+    /// After a read of the entry on the tracking connection (`Some`): the
+    /// tokens kept there, or read there and kept.
+    Kept(Option<(&'a LocalTier, &'a Arc<MultiplexedConnection>)>),
+}
+
 impl Cache {
     /// A tagged entry and its tags' tokens read in one request (one
     /// server holds them all), the entry checked against them: what
-    /// `Cache::read_entry` does with two.
+    /// `Cache::read_entry` does with two. On the tracking connection, when
+    /// it is open, the tokens read are kept, and a read whose tags' tokens
+    /// are all kept and still valid reads the entry alone (see "Tags'
+    /// tokens" in [`crate::local`]).
     pub(crate) async fn read_together(
         &self,
         site: &'static Site,
@@ -58,14 +74,63 @@ impl Cache {
             };
         }
         let limit = self.settings().read_limit;
-        let read = self.backend().get_tagged(key, &tagging.keys, limit);
-        let (entry, tokens) = match self.guarded(key, read).await {
+        // A standalone server only: a Sentinel's tracking connection may
+        // still reach the old primary for a moment after a failover.
+        let standalone = matches!(self.backend(), Backend::Redis(_));
+        let tracked = match self.local().filter(|_| standalone) {
+            Some(tracking) => match tracking.live(key) {
+                Some(Via::Tracked(conn)) => Some((tracking.tier(), conn)),
+                _ => None,
+            },
+            None => None,
+        };
+        let mut tickets = None;
+        let read = match &tracked {
+            Some((tier, conn)) => {
+                let primaries = self.backend().primaries_epoch();
+                if let Some(kept) = tier.kept_tokens(&tagging.keys, primaries) {
+                    let mut on = (**conn).clone();
+                    let entry = match self.guarded(key, get_on(&mut on, key, limit)).await {
+                        Ok(entry) => entry,
+                        Err(error) => return self.found(site, key, Err(error)),
+                    };
+                    // Looked at once the reply is in: see `crate::local`.
+                    if tier.tokens_valid(&kept) {
+                        tagging.set_tokens(kept.iter().map(|kept| kept.token.to_vec()).collect());
+                        let on = Some((*tier, conn));
+                        return self.checked(site, key, tagging, entry, on).await;
+                    }
+                }
+                tickets = Some(tier.token_tickets(&tagging.keys, primaries));
+                let mut on = (**conn).clone();
+                let read = get_tagged_on(&mut on, key, &tagging.keys, limit);
+                self.guarded(key, read).await
+            }
+            // A function with `tags_from` only: the entry alone.
+            None if tagging.keys.is_empty() => {
+                let read = self.backend().get(key, limit);
+                self.guarded(key, read)
+                    .await
+                    .map(|entry| (entry, Vec::new()))
+            }
+            None => {
+                let read = self.backend().get_tagged(key, &tagging.keys, limit);
+                self.guarded(key, read).await
+            }
+        };
+        let (entry, tokens) = match read {
             Ok(read) => read,
             Err(error) => return self.found(site, key, Err(error)),
         };
-        let tokens = self.tokens(site, &tagging.keys, tokens).await;
-        match tokens {
-            Ok((tokens, _)) => tagging.set_tokens(tokens),
+        match self.tokens(site, &tagging.keys, tokens).await {
+            Ok((tokens, made)) => {
+                // A token made here was not read on the tracking
+                // connection, which does not track it: not kept.
+                if let (Some((tier, _)), Some(tickets), false) = (&tracked, tickets, made) {
+                    tier.keep_tokens(&tagging.keys, &tokens, tickets);
+                }
+                tagging.set_tokens(tokens);
+            }
             Err(error) => {
                 self.tags_unread(site, &error);
                 return Read::Unavailable {
@@ -73,12 +138,28 @@ impl Cache {
                 };
             }
         }
+        let on = tracked.as_ref().map(|(tier, conn)| (*tier, conn));
+        self.checked(site, key, tagging, entry, on).await
+    }
+
+    /// `entry` checked against the tags' tokens in `tagging`, and for a
+    /// function with `tags_from` against the tags its value named: with
+    /// `on`, the entry was read on the tracking connection, where those
+    /// tags' tokens are kept.
+    async fn checked(
+        &self,
+        site: &'static Site,
+        key: &str,
+        tagging: &mut Tagging,
+        entry: Fetched<Vec<u8>>,
+        on: Option<(&LocalTier, &Arc<MultiplexedConnection>)>,
+    ) -> Read {
         let read =
             tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))));
         if !tagging.derives {
             return read;
         }
-        Box::pin(self.check_derived(site, tagging, read, false))
+        Box::pin(self.check_derived(site, tagging, read, Derived::Kept(on)))
             .await
             .0
     }
@@ -96,8 +177,12 @@ impl Cache {
         site: &'static Site,
         tagging: &Tagging,
         read: Read,
-        local: bool,
+        how: Derived<'_>,
     ) -> (Read, bool, Option<Arc<[TagTicket]>>) {
+        let (local, kept_on) = match how {
+            Derived::Local(local) => (local, None),
+            Derived::Kept(on) => (false, on),
+        };
         if !tagging.derives {
             return (read, true, None);
         }
@@ -129,9 +214,10 @@ impl Cache {
             let vias: Option<Vec<Via>> = keys.iter().map(|key| tracking.live(key)).collect();
             Some((vias?, tracking.tier().tag_tickets(&keys)?))
         });
-        let now = match &tracked {
-            Some((vias, _)) => self.read_via(&keys, vias).await,
-            None => self.read_tokens_of(&keys).await,
+        let now = match (&tracked, kept_on) {
+            (Some((vias, _)), _) => self.read_via(&keys, vias).await,
+            (None, Some((tier, conn))) => self.tokens_on(tier, conn, &keys).await,
+            (None, None) => self.read_tokens_of(&keys).await,
         };
         let same = match now {
             Ok(now) => now
@@ -155,6 +241,41 @@ impl Cache {
                 None => (read, false, None),
             },
         }
+    }
+
+    /// The tokens of `keys` as of a read on the tracking connection whose
+    /// reply is in: those kept, if all are and are still valid (see "Tags'
+    /// tokens" in [`crate::local`]); else read there, and kept.
+    async fn tokens_on(
+        &self,
+        tier: &LocalTier,
+        conn: &Arc<MultiplexedConnection>,
+        keys: &[String],
+    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+        let primaries = self.backend().primaries_epoch();
+        if let Some(kept) = tier.kept_tokens(keys, primaries) {
+            return Ok(kept
+                .iter()
+                .map(|kept| Fetched::Found(kept.token.to_vec()))
+                .collect());
+        }
+        let tickets = tier.token_tickets(keys, primaries);
+        let limit = self.settings().read_limit;
+        let mut on = (**conn).clone();
+        let read = self
+            .guarded(&keys[0], get_tokens_on(&mut on, keys, limit))
+            .await?;
+        let found: Option<Vec<Vec<u8>>> = read
+            .iter()
+            .map(|token| match token {
+                Fetched::Found(token) => Some(token.clone()),
+                Fetched::Absent | Fetched::TooLarge => None,
+            })
+            .collect();
+        if let Some(found) = found {
+            tier.keep_tokens(keys, &found, tickets);
+        }
+        Ok(read)
     }
 
     /// A value whose tag header is not ours: garbage, counted and logged.
