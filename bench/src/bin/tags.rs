@@ -53,18 +53,23 @@ fn user_tags(user: &User) -> [String; 2] {
 /// The arms, in the order of the figures: ours, then the floor of a
 /// tagged hit on this client, by hand on one multiplexed connection (the
 /// entry's `GET`; the entry's `GET` and its two tags' `MGET`, pipelined).
-const ARMS: [&str; 5] = [
+const ARMS: [&str; 6] = [
     "untagged",
     "two tags",
     "tags_from",
     "GET by hand",
     "GET+MGET by hand",
+    "GET tracked, hand",
 ];
 /// The arms of ours (which also have a miss measured).
 const OURS: usize = 3;
 
 /// The connection of the arms by hand.
 static BARE: std::sync::OnceLock<redis::aio::MultiplexedConnection> = std::sync::OnceLock::new();
+/// The last arm's: RESP3 with `CLIENT TRACKING ON`, as the cache's
+/// tracking connection is, where a tagged hit reads its entry alone (the
+/// floor of that design: no tag work at all).
+static TRACKED: std::sync::OnceLock<redis::aio::MultiplexedConnection> = std::sync::OnceLock::new();
 
 static MEMBER_RUNS: AtomicU64 = AtomicU64::new(0);
 
@@ -88,6 +93,7 @@ async fn call(arm: usize, id: u64) {
         0 => untagged(id).await,
         1 => tagged(id).await,
         2 => derived(id).await,
+        5 => return tracked_by_hand(id).await,
         _ => return by_hand(arm == 4, id).await,
     };
     std::hint::black_box(user.ok());
@@ -116,6 +122,23 @@ async fn by_hand(tags: bool, id: u64) {
             .await
             .expect("a read")
     };
+    let value = entry
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(&entry[..], |at| &entry[at + 1..]);
+    std::hint::black_box(serde_json::from_slice::<User>(value).ok());
+}
+
+/// A tagged hit's entry read by hand on a tracking connection, decoded as
+/// ours is.
+async fn tracked_by_hand(id: u64) {
+    let mut conn = TRACKED.get().expect("connected").clone();
+    let key = format!("tagbench:tagged:{id}");
+    let entry: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("a read");
     let value = entry
         .iter()
         .position(|&b| b == b'\n')
@@ -227,6 +250,11 @@ async fn hits(cache: &Cache) {
         median(&throughput, 1) / median(&throughput, 0),
         median(&latencies, 4) / median(&latencies, 3),
         median(&throughput, 4) / median(&throughput, 3),
+    );
+    println!(
+        "   a GET on a tracking connection by hand against a plain one: c=1 p50 {:.2}x, c=64 {:.2}x",
+        median(&latencies, 5) / median(&latencies, 3),
+        median(&throughput, 5) / median(&throughput, 3),
     );
 }
 
@@ -386,6 +414,17 @@ async fn main() -> Result<(), Error> {
         .get_multiplexed_async_connection()
         .await?;
     let _ = BARE.set(bare);
+    let (pushes, _) = tokio::sync::mpsc::unbounded_channel();
+    let config = redis::AsyncConnectionConfig::new().set_push_sender(pushes);
+    let mut tracked = redis::Client::open(format!("{url}?protocol=resp3"))?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    redis::cmd("CLIENT")
+        .arg("TRACKING")
+        .arg("ON")
+        .query_async::<()>(&mut tracked)
+        .await?;
+    let _ = TRACKED.set(tracked);
     // `BENCH_PROFILE_ARM=tagged` (or `untagged`, `tags_from`): that arm alone at c=64
     // for 5 s, for a profiler.
     if let Ok(arm) = std::env::var("BENCH_PROFILE_ARM") {

@@ -156,7 +156,7 @@ pub(crate) struct TagTicket {
 /// before the read: see "Tags' tokens" in the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct KeptToken {
-    pub(crate) token: Arc<[u8]>,
+    pub(crate) token: Vec<u8>,
     ticket: Ticket,
 }
 
@@ -285,7 +285,7 @@ impl LocalTier {
             self.tokens.clear();
         }
         for ((key, token), ticket) in keys.iter().zip(tokens).zip(tickets) {
-            let token = Arc::from(token.as_slice());
+            let token = token.clone();
             self.tokens.insert(key.clone(), KeptToken { token, ticket });
         }
     }

@@ -149,6 +149,22 @@ impl Tracking {
         }
     }
 
+    /// A handle on the tracking connection of a standalone server or a
+    /// Sentinel's primary, if it is open and tracked (not a broadcast's
+    /// subscription): for tagged reads, whose tags' tokens it keeps (see
+    /// `crate::local`). Cloned from the published connection without
+    /// touching its `Arc`, which every tagged hit would share.
+    pub(crate) fn tracked(&self) -> Option<MultiplexedConnection> {
+        let Kind::One(connection) = &self.kind else {
+            return None;
+        };
+        if connection.channel.is_some() {
+            return None;
+        }
+        connection.start();
+        connection.live.load().as_deref().cloned()
+    }
+
     /// Where to read `key` so that its copy may be kept, if the tracking
     /// connection (or the broadcast's subscription) is open; the first
     /// call for a connection starts the task that opens and keeps it
@@ -231,10 +247,15 @@ impl Connection {
 
     /// The connection to read on, if it is open and tracked.
     fn live(self: &Arc<Self>) -> Option<Arc<MultiplexedConnection>> {
+        self.start();
+        self.live.load_full()
+    }
+
+    /// Starts the task that opens and keeps the connection, once.
+    fn start(self: &Arc<Self>) {
         if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
             tokio::spawn(keep(Arc::downgrade(self)));
         }
-        self.live.load_full()
     }
 
     /// Opens a RESP3 connection whose pushes go to the local tier, checks

@@ -49,7 +49,7 @@ pub(crate) enum Derived<'a> {
     Local(bool),
     /// After a read of the entry on the tracking connection (`Some`): the
     /// tokens kept there, or read there and kept.
-    Kept(Option<(&'a LocalTier, &'a Arc<MultiplexedConnection>)>),
+    Kept(Option<(&'a LocalTier, &'a MultiplexedConnection)>),
 }
 
 impl Cache {
@@ -77,32 +77,29 @@ impl Cache {
         // A standalone server only: a Sentinel's tracking connection may
         // still reach the old primary for a moment after a failover.
         let standalone = matches!(self.backend(), Backend::Redis(_));
-        let tracked = match self.local().filter(|_| standalone) {
-            Some(tracking) => match tracking.live(key) {
-                Some(Via::Tracked(conn)) => Some((tracking.tier(), conn)),
-                _ => None,
-            },
-            None => None,
-        };
+        let tracked = self
+            .local()
+            .filter(|_| standalone)
+            .and_then(|tracking| Some((tracking.tier(), tracking.tracked()?)));
         let mut tickets = None;
         let read = match &tracked {
             Some((tier, conn)) => {
                 let primaries = self.backend().primaries_epoch();
                 if let Some(kept) = tier.kept_tokens(&tagging.keys, primaries) {
-                    let mut on = (**conn).clone();
+                    let mut on = conn.clone();
                     let entry = match self.guarded(key, get_on(&mut on, key, limit)).await {
                         Ok(entry) => entry,
                         Err(error) => return self.found(site, key, Err(error)),
                     };
                     // Looked at once the reply is in: see `crate::local`.
                     if tier.tokens_valid(&kept) {
-                        tagging.set_tokens(kept.iter().map(|kept| kept.token.to_vec()).collect());
+                        tagging.set_tokens(kept.into_iter().map(|kept| kept.token).collect());
                         let on = Some((*tier, conn));
                         return self.checked(site, key, tagging, entry, on).await;
                     }
                 }
                 tickets = Some(tier.token_tickets(&tagging.keys, primaries));
-                let mut on = (**conn).clone();
+                let mut on = conn.clone();
                 let read = get_tagged_on(&mut on, key, &tagging.keys, limit);
                 self.guarded(key, read).await
             }
@@ -152,7 +149,7 @@ impl Cache {
         key: &str,
         tagging: &mut Tagging,
         entry: Fetched<Vec<u8>>,
-        on: Option<(&LocalTier, &Arc<MultiplexedConnection>)>,
+        on: Option<(&LocalTier, &MultiplexedConnection)>,
     ) -> Read {
         let read =
             tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))));
@@ -249,19 +246,19 @@ impl Cache {
     async fn tokens_on(
         &self,
         tier: &LocalTier,
-        conn: &Arc<MultiplexedConnection>,
+        conn: &MultiplexedConnection,
         keys: &[String],
     ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
         let primaries = self.backend().primaries_epoch();
         if let Some(kept) = tier.kept_tokens(keys, primaries) {
             return Ok(kept
-                .iter()
-                .map(|kept| Fetched::Found(kept.token.to_vec()))
+                .into_iter()
+                .map(|kept| Fetched::Found(kept.token))
                 .collect());
         }
         let tickets = tier.token_tickets(keys, primaries);
         let limit = self.settings().read_limit;
-        let mut on = (**conn).clone();
+        let mut on = conn.clone();
         let read = self
             .guarded(&keys[0], get_tokens_on(&mut on, keys, limit))
             .await?;
