@@ -26,8 +26,10 @@
 //! BENCH_CLUSTER_ONLY=1 BENCH_NAGLE=1 cargo run --release -p cache-bench --bin bench  # TCP_NODELAY off
 //! ```
 //!
-//! `BENCH_PROFILE_ARM=N` runs cluster arm N (0-based) alone at c=64 for
-//! 10 s, for a profiler (the local tier's arm N with `BENCH_LOCAL_ONLY=1`).
+//! `BENCH_PROFILE_ARM=N` runs arm N (0-based) alone at c=64 for 10 s
+//! (`BENCH_PROFILE_C=16` for 16 callers), for a profiler: the standalone
+//! arms, the cluster's with `BENCH_CLUSTER_ONLY=1`, the local tier's with
+//! `BENCH_LOCAL_ONLY=1`.
 //!
 //! Prints a table with each arm's ratio to arm 2, and writes the same to
 //! `target/bench/bench.csv` and the hit-latency distributions to
@@ -408,8 +410,9 @@ async fn hit_throughput_round<A: ArmSet>(
     Ok(per_second)
 }
 
-/// `BENCH_PROFILE_ARM=N`: arm N alone at c=64 for 10 s, for `perf record`
-/// of one arm's hot path; `None` when unset.
+/// `BENCH_PROFILE_ARM=N`: arm N alone at c=64 (`BENCH_PROFILE_C` to
+/// change it) for 10 s, for `perf record` of one arm's hot path; `None`
+/// when unset.
 async fn profile_arm<A: ArmSet>(arms: &A) -> Result<Option<()>, Error> {
     let Some(arm) = std::env::var("BENCH_PROFILE_ARM")
         .ok()
@@ -417,9 +420,13 @@ async fn profile_arm<A: ArmSet>(arms: &A) -> Result<Option<()>, Error> {
     else {
         return Ok(None);
     };
+    let callers: u64 = std::env::var("BENCH_PROFILE_C")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(64);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for task in 0..64u64 {
+    for task in 0..callers {
         let arms = arms.clone();
         tasks.spawn(async move {
             let mut n = 0u64;
@@ -435,7 +442,10 @@ async fn profile_arm<A: ArmSet>(arms: &A) -> Result<Option<()>, Error> {
         calls += done??;
     }
     let rate = calls as f64 / started.elapsed().as_secs_f64();
-    println!("{}: {rate:.0} calls/s alone at c=64", arms.names()[arm]);
+    println!(
+        "{}: {rate:.0} calls/s alone at c={callers}",
+        arms.names()[arm]
+    );
     Ok(Some(()))
 }
 
@@ -802,6 +812,9 @@ async fn main() -> Result<(), Error> {
         return read_ab(&reads, quick).await;
     }
 
+    if profile_arm(&arms).await?.is_some() {
+        return Ok(());
+    }
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {
         // For profiling and A/B runs of the hot path.
         for concurrency in [1, 16, 64] {

@@ -1,5 +1,6 @@
 //! The tracking connection of the local tier: a RESP3 connection with
-//! `CLIENT TRACKING ON`, on which the local tier's reads are sent, so that
+//! `CLIENT TRACKING ON`, on which the local tier's reads (and tagged
+//! reads, whose tags' tokens it keeps) are sent, so that
 //! the server sends an invalidation for every key read on it when that
 //! key changes (any write, expiry, eviction, `FLUSHDB`).
 //!
@@ -12,7 +13,9 @@
 //! module uses the crate's building blocks instead: a multiplexed RESP3
 //! connection and its push messages, handled as they are read, in order.
 //!
-//! The connection is opened on the first read of a `local` function and
+//! The connection is opened on the first read of a `local` function (or
+//! of a tagged one, on a standalone server: see "Tags' tokens" in
+//! [`crate::local`]) and
 //! kept by a background task that sends a `PING` every second: when the
 //! connection is lost (the server closed it, `CLIENT KILL`, a restart) or
 //! stops answering, every local copy is dropped (invalidations may have
