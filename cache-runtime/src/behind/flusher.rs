@@ -621,26 +621,11 @@ impl Shard {
         at: usize,
         error: &str,
     ) -> Turn {
-        let change = &progress.work[at].change;
         let why = format!("undecodable: {error}");
-        match self.bury(cache, change, &why, 1).await {
-            Ok(true) => {
-                cache
-                    .recorder()
-                    .note_queue(self.queue, QueueEvent::DeadLettered);
-                crate::limited!(
-                    cache,
-                    warn!(queue = self.queue, key = %change.key, %error, "write-behind change does not decode: moved to the dead letters")
-                );
-                remove(&mut progress.work, vec![at]);
-                Turn::Again
-            }
-            outcome => {
-                if let Err(error) = outcome {
-                    self.trouble(cache, &error);
-                }
-                Turn::LetGo(backoff(1))
-            }
+        if self.bury_at(progress, cache, at, &why, 1).await {
+            Turn::Again
+        } else {
+            Turn::LetGo(backoff(1))
         }
     }
 
@@ -674,31 +659,14 @@ impl Shard {
         }
         pending.alone += 1;
         if pending.alone >= self.settings.max_attempts && successes > pending.successes_then {
-            match self
-                .bury(cache, &pending.change, error, pending.alone)
-                .await
-            {
-                Ok(true) => {
-                    cache
-                        .recorder()
-                        .note_queue(self.queue, QueueEvent::DeadLettered);
-                    crate::limited!(
-                        cache,
-                        warn!(queue = self.queue, key = %pending.change.key, failures = pending.alone, %error, "write-behind change moved to the dead letters")
-                    );
-                    remove(&mut progress.work, vec![at]);
-                    progress.failures_in_a_row = 0;
-                    progress.probe = false;
-                    return Turn::Again;
-                }
-                outcome => {
-                    if let Err(error) = outcome {
-                        self.trouble(cache, &error);
-                    }
-                    progress.probe = false;
-                    return Turn::LetGo(backoff(progress.failures_in_a_row));
-                }
+            let failures = pending.alone;
+            if self.bury_at(progress, cache, at, error, failures).await {
+                progress.failures_in_a_row = 0;
+                progress.probe = false;
+                return Turn::Again;
             }
+            progress.probe = false;
+            return Turn::LetGo(backoff(progress.failures_in_a_row));
         }
         // Next, another key's change, if there is one: if that one
         // flushes, the database is up and this one is the trouble.
@@ -708,6 +676,39 @@ impl Shard {
             .get(at)
             .is_some_and(|p| Some(p.change.key.as_str()) == front);
         Turn::Wait(backoff(progress.failures_in_a_row))
+    }
+
+    /// The change at `at` moved to the dead letters (`why`, after
+    /// `failures` failed flushes of it alone), counted, logged and dropped
+    /// from the work; `false` if it was not (the lease is lost, or Redis
+    /// failed): the shard is then let go.
+    async fn bury_at(
+        &self,
+        progress: &mut Progress,
+        cache: &Cache,
+        at: usize,
+        why: &str,
+        failures: u32,
+    ) -> bool {
+        let change = &progress.work[at].change;
+        match self.bury(cache, change, why, failures).await {
+            Ok(true) => {
+                cache
+                    .recorder()
+                    .note_queue(self.queue, QueueEvent::DeadLettered);
+                crate::limited!(
+                    cache,
+                    warn!(queue = self.queue, key = %change.key, failures, error = why, "write-behind change moved to the dead letters")
+                );
+                remove(&mut progress.work, vec![at]);
+                true
+            }
+            Ok(false) => false,
+            Err(error) => {
+                self.trouble(cache, &error);
+                false
+            }
+        }
     }
 
     /// `change` moved to the dead letters, fenced by the shard's lease

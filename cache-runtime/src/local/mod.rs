@@ -42,7 +42,14 @@
 //! the entry's read has bumped its bucket, and a kept token whose ticket
 //! is still valid then is the tag's token at the time of that read (what
 //! reading both in one pipeline would have found). A token whose ticket
-//! moved is read again, with the entry, and kept anew.
+//! moved is read again, with the entry, and kept anew. A token is used
+//! only with the connection it was read on: a connection handed out
+//! carries its *era* (the epoch read before it was), a token is kept only
+//! if its ticket has that epoch, and used only with a connection of the
+//! same era; a connection given up is unpublished and then the epoch
+//! bumped, so a token read on it after that is never kept (the next
+//! connection does not track it, and the given-up one, once dropped,
+//! sends nothing).
 //!
 //! When the tracking connection is lost (or found dead by its heartbeat),
 //! invalidations may have been missed: every copy is dropped and the
@@ -276,10 +283,27 @@ impl LocalTier {
         keys.iter().map(|key| self.ticket(key, primaries)).collect()
     }
 
-    /// Keeps the tokens a read with `tickets` found (see "Tags' tokens" in
-    /// the module docs); one whose ticket moved already is kept but never
-    /// used.
-    pub(crate) fn keep_tokens(&self, keys: &[String], tokens: &[Vec<u8>], tickets: Vec<Ticket>) {
+    /// The epoch, bumped when every copy is dropped (a tracking connection
+    /// given up): see [`Tracking::tracked`](tracking::Tracking::tracked).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Keeps the tokens a read with `tickets` found on the tracking
+    /// connection of `era` (see "Tags' tokens" in the module docs), unless
+    /// that connection was given up since it was handed out: a token read
+    /// on it is not tracked by the one after it. One whose ticket moved
+    /// already is kept but never used.
+    pub(crate) fn keep_tokens(
+        &self,
+        keys: &[String],
+        tokens: &[Vec<u8>],
+        tickets: Vec<Ticket>,
+        era: u64,
+    ) {
+        if tickets.iter().any(|ticket| ticket.epoch != era) {
+            return;
+        }
         if self.tokens.len() >= TOKENS_KEPT {
             // Full: forgotten together (each is read again with its next entry).
             self.tokens.clear();
@@ -290,17 +314,25 @@ impl LocalTier {
         }
     }
 
-    /// The kept tokens of `keys`, if every one is kept and valid under the
-    /// deployment's `primaries` epoch; valid again only if
+    /// The kept tokens of `keys`, if every one is kept, was read on the
+    /// tracking connection of `era` (the one about to be read on) and is
+    /// valid under the deployment's `primaries` epoch; valid again only if
     /// [`LocalTier::tokens_valid`] says so once the entry's reply is in.
-    pub(crate) fn kept_tokens(&self, keys: &[String], primaries: u64) -> Option<Vec<KeptToken>> {
+    pub(crate) fn kept_tokens(
+        &self,
+        keys: &[String],
+        primaries: u64,
+        era: u64,
+    ) -> Option<Vec<KeptToken>> {
         let kept: Vec<KeptToken> = keys
             .iter()
             .map(|key| self.tokens.get(key).map(|kept| kept.clone()))
             .collect::<Option<_>>()?;
-        let valid = kept
-            .iter()
-            .all(|kept| kept.ticket.primaries == primaries && self.valid(kept.ticket));
+        let valid = kept.iter().all(|kept| {
+            kept.ticket.primaries == primaries
+                && kept.ticket.epoch == era
+                && self.valid(kept.ticket)
+        });
         valid.then_some(kept)
     }
 

@@ -154,10 +154,13 @@ impl Tracking {
 
     /// A handle on the tracking connection of a standalone server or a
     /// Sentinel's primary, if it is open and tracked (not a broadcast's
-    /// subscription): for tagged reads, whose tags' tokens it keeps (see
-    /// `crate::local`). Cloned from the published connection without
-    /// touching its `Arc`, which every tagged hit would share.
-    pub(crate) fn tracked(&self) -> Option<MultiplexedConnection> {
+    /// subscription), with its era: the tier's epoch read *before* the
+    /// connection was, so that a token read on it is kept only if no
+    /// connection was given up since (see "Tags' tokens" in
+    /// `crate::local`: a connection is unpublished, then the epoch
+    /// bumped). Cloned from the published connection without touching its
+    /// `Arc`, which every tagged hit would share.
+    pub(crate) fn tracked(&self) -> Option<(MultiplexedConnection, u64)> {
         let Kind::One(connection) = &self.kind else {
             return None;
         };
@@ -165,7 +168,9 @@ impl Tracking {
             return None;
         }
         connection.start();
-        connection.live.load().as_deref().cloned()
+        let era = self.tier.epoch();
+        let conn = connection.live.load().as_deref().cloned()?;
+        Some((conn, era))
     }
 
     /// Where to read `key` so that its copy may be kept, if the tracking

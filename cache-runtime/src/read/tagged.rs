@@ -49,7 +49,7 @@ pub(crate) enum Derived<'a> {
     Local(bool),
     /// After a read of the entry on the tracking connection (`Some`): the
     /// tokens kept there, or read there and kept.
-    Kept(Option<(&'a LocalTier, &'a MultiplexedConnection)>),
+    Kept(Option<(&'a LocalTier, &'a MultiplexedConnection, u64)>),
 }
 
 impl Cache {
@@ -83,9 +83,9 @@ impl Cache {
             .and_then(|tracking| Some((tracking.tier(), tracking.tracked()?)));
         let mut tickets = None;
         let read = match &tracked {
-            Some((tier, conn)) => {
+            Some((tier, (conn, era))) => {
                 let primaries = self.backend().primaries_epoch();
-                if let Some(kept) = tier.kept_tokens(&tagging.keys, primaries) {
+                if let Some(kept) = tier.kept_tokens(&tagging.keys, primaries, *era) {
                     let mut on = conn.clone();
                     let entry = match self.guarded(key, get_on(&mut on, key, limit)).await {
                         Ok(entry) => entry,
@@ -94,7 +94,7 @@ impl Cache {
                     // Looked at once the reply is in: see `crate::local`.
                     if tier.tokens_valid(&kept) {
                         tagging.set_tokens(kept.into_iter().map(|kept| kept.token).collect());
-                        let on = Some((*tier, conn));
+                        let on = Some((*tier, conn, *era));
                         return self.checked(site, key, tagging, entry, on).await;
                     }
                 }
@@ -123,8 +123,8 @@ impl Cache {
             Ok((tokens, made)) => {
                 // A token made here was not read on the tracking
                 // connection, which does not track it: not kept.
-                if let (Some((tier, _)), Some(tickets), false) = (&tracked, tickets, made) {
-                    tier.keep_tokens(&tagging.keys, &tokens, tickets);
+                if let (Some((tier, (_, era))), Some(tickets), false) = (&tracked, tickets, made) {
+                    tier.keep_tokens(&tagging.keys, &tokens, tickets, *era);
                 }
                 tagging.set_tokens(tokens);
             }
@@ -135,7 +135,9 @@ impl Cache {
                 };
             }
         }
-        let on = tracked.as_ref().map(|(tier, conn)| (*tier, conn));
+        let on = tracked
+            .as_ref()
+            .map(|(tier, (conn, era))| (*tier, conn, *era));
         self.checked(site, key, tagging, entry, on).await
     }
 
@@ -149,7 +151,7 @@ impl Cache {
         key: &str,
         tagging: &mut Tagging,
         entry: Fetched<Vec<u8>>,
-        on: Option<(&LocalTier, &MultiplexedConnection)>,
+        on: Option<(&LocalTier, &MultiplexedConnection, u64)>,
     ) -> Read {
         let read =
             tagging.check(self.found(site, key, Ok(entry.map(|bytes| (bytes, Ttl::Unknown)))));
@@ -213,7 +215,7 @@ impl Cache {
         });
         let now = match (&tracked, kept_on) {
             (Some((vias, _)), _) => self.read_via(&keys, vias).await,
-            (None, Some((tier, conn))) => self.tokens_on(tier, conn, &keys).await,
+            (None, Some((tier, conn, era))) => self.tokens_on(tier, conn, era, &keys).await,
             (None, None) => self.read_tokens_of(&keys).await,
         };
         let same = match now {
@@ -247,10 +249,11 @@ impl Cache {
         &self,
         tier: &LocalTier,
         conn: &MultiplexedConnection,
+        era: u64,
         keys: &[String],
     ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
         let primaries = self.backend().primaries_epoch();
-        if let Some(kept) = tier.kept_tokens(keys, primaries) {
+        if let Some(kept) = tier.kept_tokens(keys, primaries, era) {
             return Ok(kept
                 .into_iter()
                 .map(|kept| Fetched::Found(kept.token))
@@ -270,7 +273,7 @@ impl Cache {
             })
             .collect();
         if let Some(found) = found {
-            tier.keep_tokens(keys, &found, tickets);
+            tier.keep_tokens(keys, &found, tickets, era);
         }
         Ok(read)
     }
