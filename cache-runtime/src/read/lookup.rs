@@ -248,6 +248,12 @@ impl Cache {
             return self.lookup(site, redis_key, call).await;
         };
         let primaries = self.backend().primaries_epoch();
+        let tier = tracking.tier();
+        // Taken before the read is sent (see `crate::local`), and before
+        // the connection is: a connection given up after this moves the
+        // epoch, so that a read on it is never kept.
+        let ticket = tier.ticket(&redis_key, primaries);
+        let tags = tier.tag_tickets(call.tagging().map_or(&[][..], Tagging::keys));
         let Some(via) = tracking.live(&redis_key) else {
             return self.lookup(site, redis_key, call).await;
         };
@@ -260,10 +266,6 @@ impl Cache {
                 None => return self.lookup(site, redis_key, call).await,
             }
         }
-        let tier = tracking.tier();
-        // Taken before the read is sent: see `crate::local`.
-        let ticket = tier.ticket(&redis_key, primaries);
-        let tags = tier.tag_tickets(call.tagging().map_or(&[][..], Tagging::keys));
         let began = Instant::now();
         let entry = async {
             match &via {
