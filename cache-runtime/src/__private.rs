@@ -20,7 +20,7 @@ use crate::scope::Mode;
 pub use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 pub use crate::stats::Function;
-use crate::tag::Tagging;
+use crate::tag::{Tagging, Tags};
 use crate::{Cache, CacheKey};
 use std::collections::HashMap;
 
@@ -263,7 +263,7 @@ fn batch_keys_of(
     &'static Site,
     Cow<'_, Cache>,
     Vec<String>,
-    HashMap<String, Box<Tagging>>,
+    HashMap<String, Tags>,
 )> {
     let site = keys.first()?.site()?;
     let cache = Cache::resolve(cache, site.function())?;
@@ -287,7 +287,7 @@ async fn lookup_batch(
     cache: &Cache,
     site: &'static Site,
     keys: Vec<String>,
-    tags: Vec<Option<Box<Tagging>>>,
+    tags: Vec<Option<Tags>>,
     mut call: ErasedBatch<'_>,
 ) {
     cache.lookup_batch(site, keys, tags, &mut call).await;

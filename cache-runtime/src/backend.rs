@@ -58,6 +58,7 @@ pub(crate) struct ConnectOptions<'a> {
     /// one breaker per primary.
     pub(crate) breaker: (u32, Duration),
 }
+use self::commands::Track;
 pub(crate) use self::commands::{Durability, Wanted};
 pub(crate) use self::memory::MemoryBackend;
 pub(crate) use self::redis::RedisBackend;
@@ -97,7 +98,7 @@ pub(crate) async fn get_with_ttl_on(
     limit: usize,
 ) -> Result<Fetched<Stored>, CacheError> {
     let _timer = OperationTimer::start(Operation::GetWithTtl, true);
-    commands::get_with_ttl(conn, key, limit).await
+    commands::get_with_ttl(conn, key, limit, Track::Keys).await
 }
 
 /// `get` on the tracking connection (a tagged entry checked against the
@@ -120,7 +121,7 @@ pub(crate) async fn get_tagged_on(
     limit: usize,
 ) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
     let _timer = OperationTimer::start(Operation::GetMany, true);
-    commands::get_tagged(conn, key, tags, limit).await
+    commands::get_tagged(conn, key, tags, limit, Track::Keys).await
 }
 
 /// Tags' tokens (`MGET`) on the tracking connection, so that they are
@@ -131,7 +132,7 @@ pub(crate) async fn get_tokens_on(
     limit: usize,
 ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
     let _timer = OperationTimer::start(Operation::GetMany, true);
-    commands::get_tokens(conn, keys, limit).await
+    commands::get_tokens(conn, keys, limit, Track::Keys).await
 }
 
 /// Parses a `redis://` (or, with the `tls` feature, `rediss://`) URL.
@@ -406,7 +407,7 @@ impl Backend {
         }
         let _timer = self.timer(Operation::GetMany);
         match self.connection() {
-            Ok(mut conn) => commands::get_tokens(&mut conn, keys, limit).await,
+            Ok(mut conn) => commands::get_tokens(&mut conn, keys, limit, Track::Not).await,
             Err(m) => Ok(keys.iter().map(|key| m.get(key, limit)).collect()),
         }
     }
@@ -428,7 +429,7 @@ impl Backend {
         }
         let _timer = self.timer(Operation::GetMany);
         match self.connection() {
-            Ok(mut conn) => commands::get_tagged(&mut conn, key, tags, limit).await,
+            Ok(mut conn) => commands::get_tagged(&mut conn, key, tags, limit, Track::Not).await,
             Err(m) => Ok((
                 m.get(key, limit),
                 tags.iter().map(|tag| m.get(tag, limit)).collect(),
@@ -443,7 +444,7 @@ impl Backend {
     ) -> Result<Fetched<Stored>, CacheError> {
         let _timer = self.timer(Operation::GetWithTtl);
         match self.connection() {
-            Ok(mut conn) => commands::get_with_ttl(&mut conn, key, limit).await,
+            Ok(mut conn) => commands::get_with_ttl(&mut conn, key, limit, Track::Not).await,
             Err(m) => Ok(m.get_with_ttl(key, limit)),
         }
     }

@@ -91,6 +91,7 @@ mod site;
 mod slot;
 mod stats;
 mod tag;
+mod token;
 mod write;
 
 pub(crate) use log_limit::limited;

@@ -60,8 +60,9 @@
 //! its value names to a hit, and the clocks to a miss. Untagged functions
 //! pay nothing.
 
-use std::fmt::Write as _;
 use std::time::Duration;
+
+use smallvec::SmallVec;
 
 use crate::backend::Fetched;
 use crate::cache::Cache;
@@ -70,6 +71,7 @@ use crate::key::{CacheKey, TAG_MARK, tag_of};
 use crate::local::tracking::Via;
 use crate::site::Site;
 use crate::stats::Event;
+use crate::token::{Token, is_token};
 
 /// What a stored entry's tag header starts with. No encoded value starts
 /// with byte 4 but the MessagePack integer 4, which is one byte long
@@ -153,13 +155,6 @@ pub(crate) fn is_clock(key: &str) -> bool {
     key.contains(CLOCK)
 }
 
-/// Whether `bytes` are a token as [`Cache::make_token`] makes them (16
-/// hexadecimal digits): anything else under a tag's key is not ours, and
-/// could not be written in a header.
-fn is_token(bytes: &[u8]) -> bool {
-    bytes.len() == 16 && bytes.iter().all(u8::is_ascii_hexdigit)
-}
-
 /// Whether `bytes` start with a tag header.
 pub(crate) fn has_header(bytes: &[u8]) -> bool {
     bytes.len() > HEADER.len() && bytes.starts_with(HEADER)
@@ -208,13 +203,14 @@ pub(crate) type Named<'b> = Vec<(&'b [u8], &'b [u8])>;
 pub(crate) struct Tagging {
     /// The tags' Redis keys: the function's own (`tags`), in their order,
     /// then those its value named (`tags_from`), once its body ran.
-    pub(crate) keys: Vec<String>,
+    pub(crate) keys: SmallVec<[String; 4]>,
     /// How many of `keys` are the function's own.
     pub(crate) fixed: usize,
     /// Where a tag's name starts in its key (after the prefix and mark).
     name_at: usize,
-    /// Their tokens, as the last read found (or made) them.
-    tokens: Vec<Vec<u8>>,
+    /// Their tokens, as the last read found (or made) them: inline for
+    /// a function's own tags (no allocation on a hit).
+    tokens: SmallVec<[Token; 4]>,
     /// Whether `tokens` hold every key's token (a value is stored only
     /// then).
     read: bool,
@@ -222,27 +218,104 @@ pub(crate) struct Tagging {
     pub(crate) derives: bool,
 }
 
+thread_local! {
+    /// The tags of a call this thread is done with, for its next tagged
+    /// call (see [`Tags`]).
+    static SPARE: std::cell::Cell<Option<Box<Tagging>>> = const { std::cell::Cell::new(None) };
+}
+
+/// A tagged call's [`Tagging`], boxed (an untagged call's future stays
+/// small) and, once the call is done, kept for this thread's next tagged
+/// call with its keys' buffers: a tagged hit would otherwise allocate
+/// the box and a key per tag, and free them at its end, often on another
+/// worker thread than the one that allocated them.
+#[derive(Debug)]
+pub(crate) struct Tags(Option<Box<Tagging>>);
+
+/// A kept [`Tagging`] with more keys than this, or a key longer, is
+/// freed instead.
+const SPARE_KEYS: usize = 4;
+
+impl std::ops::Deref for Tags {
+    type Target = Tagging;
+    fn deref(&self) -> &Tagging {
+        self.0
+            .as_deref()
+            .expect("a Tags holds its Tagging until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Tags {
+    fn deref_mut(&mut self) -> &mut Tagging {
+        self.0
+            .as_deref_mut()
+            .expect("a Tags holds its Tagging until dropped")
+    }
+}
+
+impl Drop for Tags {
+    fn drop(&mut self) {
+        let Some(tagging) = self.0.take() else {
+            return;
+        };
+        let small = tagging.keys.len() <= SPARE_KEYS
+            && tagging
+                .keys
+                .iter()
+                .all(|key| key.capacity() <= crate::key::MAX_KEY_LEN + 128);
+        if small {
+            // During thread teardown it is simply freed.
+            let _ = SPARE.try_with(|spare| spare.set(Some(tagging)));
+        }
+    }
+}
+
 impl Tagging {
     /// The tags of `key`'s function for these arguments, as Redis keys of
     /// `cache`; `None` for an untagged function.
-    pub(crate) fn of(cache: &Cache, key: &CacheKey) -> Option<Box<Tagging>> {
+    pub(crate) fn of(cache: &Cache, key: &CacheKey) -> Option<Tags> {
         let derives = key.site().is_some_and(Site::derives_tags);
         if !key.has_tags() && !derives {
             return None;
         }
-        let keys: Vec<String> = key
-            .tag_keys()
-            .map(|tag| cache.prefixed(tag).into_owned())
-            .collect();
-        let name_at = cache.prefix().map_or(0, |prefix| prefix.len() + 1) + TAG_MARK.len();
-        Some(Box::new(Tagging {
-            fixed: keys.len(),
-            keys,
-            name_at,
-            tokens: Vec::new(),
-            read: false,
-            derives,
-        }))
+        let mut tagging = SPARE
+            .try_with(std::cell::Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| {
+                Box::new(Tagging {
+                    keys: SmallVec::new(),
+                    fixed: 0,
+                    name_at: 0,
+                    tokens: SmallVec::new(),
+                    read: false,
+                    derives: false,
+                })
+            });
+        // The kept keys' buffers are written over.
+        let mut count = 0;
+        for tag in key.tag_keys() {
+            let at = count;
+            count += 1;
+            if at == tagging.keys.len() {
+                tagging.keys.push(String::new());
+            }
+            let buffer = &mut tagging.keys[at];
+            buffer.clear();
+            if let Some(prefix) = cache.prefix() {
+                buffer.reserve(prefix.len() + 1 + tag.len());
+                buffer.push_str(prefix);
+                buffer.push(':');
+            }
+            buffer.push_str(tag);
+        }
+        tagging.keys.truncate(count);
+        tagging.fixed = count;
+        tagging.name_at = cache.prefix().map_or(0, |prefix| prefix.len() + 1) + TAG_MARK.len();
+        tagging.tokens.clear();
+        tagging.read = false;
+        tagging.derives = derives;
+        Some(Tags(Some(tagging)))
     }
 
     /// The tags' Redis keys.
@@ -269,7 +342,7 @@ impl Tagging {
             if at == self.fixed && self.derives {
                 stamp.extend_from_slice(b"| ");
             }
-            stamp.extend_from_slice(token);
+            stamp.extend_from_slice(token.as_bytes());
             stamp.push(b' ');
             stamp.extend_from_slice(name);
         }
@@ -309,7 +382,7 @@ impl Tagging {
                 rest = rest.strip_prefix(b" ")?;
             }
             rest = rest
-                .strip_prefix(&token[..])?
+                .strip_prefix(token.as_bytes())?
                 .strip_prefix(b" ")?
                 .strip_prefix(name)?;
         }
@@ -352,8 +425,9 @@ impl Tagging {
         self.keys.iter().map(|key| &key.as_bytes()[self.name_at..])
     }
 
-    pub(crate) fn set_tokens(&mut self, tokens: Vec<Vec<u8>>) {
-        self.tokens = tokens;
+    pub(crate) fn set_tokens(&mut self, tokens: impl IntoIterator<Item = Token>) {
+        self.tokens.clear();
+        self.tokens.extend(tokens);
         self.read = true;
     }
 
@@ -397,7 +471,7 @@ impl Cache {
     /// their tokens read before the write's body runs; with no tokens
     /// (the entry is then invalidated, not stored) when they could not be
     /// read.
-    pub(crate) async fn tokens_for_put(&self, key: &CacheKey) -> Option<Box<Tagging>> {
+    pub(crate) async fn tokens_for_put(&self, key: &CacheKey) -> Option<Tags> {
         let site = key.site()?;
         let mut tagging = Tagging::of(self, key)?;
         if self.read_tokens(site, &mut tagging, None).await.is_none() {
@@ -460,10 +534,11 @@ impl Cache {
     pub(crate) async fn read_batch_tokens(
         &self,
         site: &'static Site,
-        taggings: &mut [Option<Box<Tagging>>],
+        taggings: &mut [Option<Tags>],
     ) -> bool {
         for tagging in taggings.iter_mut().flatten() {
-            tagging.keys.truncate(tagging.fixed);
+            let fixed = tagging.fixed;
+            tagging.keys.truncate(fixed);
         }
         let mut keys: Vec<String> = taggings
             .iter()
@@ -491,12 +566,12 @@ impl Cache {
             }
         };
         for tagging in taggings.iter_mut().flatten() {
-            let mine = tagging
+            let mine: SmallVec<[Token; 4]> = tagging
                 .keys
                 .iter()
                 .map(|key| {
                     let at = keys.binary_search(key).unwrap_or_default();
-                    tokens[at].clone()
+                    tokens[at]
                 })
                 .collect();
             tagging.set_tokens(mine);
@@ -546,7 +621,7 @@ impl Cache {
             Ok(read) => read
                 .into_iter()
                 .zip(&tagging.tokens)
-                .all(|(now, then)| matches!(now, Fetched::Found(now) if &now == then)),
+                .all(|(now, then)| matches!(now, Fetched::Found(now) if now == then.as_bytes())),
             Err(_) => false,
         }
     }
@@ -554,7 +629,7 @@ impl Cache {
     /// The clocks' tokens, read (and made, where a clock has none) before
     /// the body of a function with `tags_from` runs; `None` (counted and
     /// logged) when they could not be read: its value is then not stored.
-    pub(crate) async fn read_clocks(&self, site: &'static Site) -> Option<Vec<Vec<u8>>> {
+    pub(crate) async fn read_clocks(&self, site: &'static Site) -> Option<Vec<Token>> {
         let prefix = self.prefixed("");
         let keys: Vec<String> = (0..CLOCKS).map(|shard| clock_key(&prefix, shard)).collect();
         let read = match self.read_tokens_of(&keys).await {
@@ -580,7 +655,7 @@ impl Cache {
         site: &'static Site,
         tagging: &mut Tagging,
         names: Vec<String>,
-        clocks: Option<&[Vec<u8>]>,
+        clocks: Option<&[Token]>,
     ) {
         tagging.keys.truncate(tagging.fixed);
         tagging.tokens.truncate(tagging.fixed);
@@ -628,7 +703,7 @@ impl Cache {
         let still = match self.read_tokens_of(&clock_keys).await {
             Ok(now) => now.into_iter().zip(&shards).all(|(now, &shard)| {
                 let then = usize::try_from(shard).ok().and_then(|at| clocks.get(at));
-                matches!(now, Fetched::Found(now) if then == Some(&now))
+                matches!(now, Fetched::Found(now) if then.is_some_and(|then| then.as_bytes() == now))
             }),
             Err(_) => false,
         };
@@ -688,7 +763,7 @@ impl Cache {
         site: &Site,
         keys: &[String],
         read: Vec<Fetched<Vec<u8>>>,
-    ) -> Result<(Vec<Vec<u8>>, bool), CacheError> {
+    ) -> Result<(Vec<Token>, bool), CacheError> {
         let life = SHORTEST_TOKEN_LIFE
             .as_millis()
             .max(u128::from(site.longest_expiry_millis()) * 2);
@@ -697,15 +772,15 @@ impl Cache {
         let mut missing = Vec::new();
         for (at, (key, found)) in keys.iter().zip(read).enumerate() {
             let token = match found {
-                Fetched::Found(token) if is_token(&token) => token,
-                Fetched::Found(_) | Fetched::TooLarge => {
-                    return Err(CacheError::NotATag(tag_of(key).to_owned()));
-                }
+                Fetched::Found(token) => Token::parse(&token),
+                Fetched::TooLarge => None,
                 Fetched::Absent => {
                     missing.push(at);
-                    Vec::new()
+                    // Replaced by the token made below.
+                    Some(Token::random())
                 }
             };
+            let token = token.ok_or_else(|| CacheError::NotATag(tag_of(key).to_owned()))?;
             tokens.push(token);
         }
         // Made together: the first miss after a flush makes every clock.
@@ -722,19 +797,19 @@ impl Cache {
     /// A new token for a tag that has none (or the one another caller
     /// made first). A tag invalidated again between the two steps is
     /// tried again, a few times.
-    async fn make_token(&self, key: &str, life: u64) -> Result<Vec<u8>, CacheError> {
+    async fn make_token(&self, key: &str, life: u64) -> Result<Token, CacheError> {
         for _ in 0..MAKE_ATTEMPTS {
-            let mut token = String::with_capacity(16);
-            let _ = write!(token, "{:016x}", fastrand::u64(..));
-            let token = token.into_bytes();
-            let made = self.backend().set_if_absent(key, &token, life);
+            let token = Token::random();
+            let made = self.backend().set_if_absent(key, token.as_bytes(), life);
             if self.guarded(key, made).await? {
                 return Ok(token);
             }
             let read = self.backend().get(key, self.settings().read_limit);
             match self.guarded(key, read).await? {
-                Fetched::Found(token) if is_token(&token) => return Ok(token),
-                Fetched::Found(_) => break,
+                Fetched::Found(token) => match Token::parse(&token) {
+                    Some(token) => return Ok(token),
+                    None => break,
+                },
                 Fetched::TooLarge => break,
                 Fetched::Absent => {}
             }
@@ -746,6 +821,10 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn token(digits: &str) -> Token {
+        Token::parse(digits.as_bytes()).unwrap()
+    }
 
     #[test]
     fn a_header_is_told_from_a_value() {
@@ -759,22 +838,29 @@ mod tests {
     #[test]
     fn a_stamp_names_each_tag_with_its_token() {
         let mut tagging = Tagging {
-            keys: vec!["app:\0tag:org:42".into(), "app:\0tag:members".into()],
+            keys: smallvec::smallvec!["app:\0tag:org:42".into(), "app:\0tag:members".into()],
             fixed: 2,
             name_at: 4 + TAG_MARK.len(),
-            tokens: Vec::new(),
+            tokens: SmallVec::new(),
             read: false,
             derives: false,
         };
         assert!(!tagging.stamped(b"\x04tags:\n"), "nothing read yet");
-        tagging.set_tokens(vec![b"00ff".to_vec(), b"0a0b".to_vec()]);
-        assert_eq!(tagging.stamp(), b"\x04tags:00ff org:42 0a0b members\n");
-        assert!(tagging.stamped(b"\x04tags:00ff org:42 0a0b members\n{}"));
-        assert!(!tagging.stamped(b"\x04tags:00fe org:42 0a0b members\n{}"));
-        assert!(!tagging.stamped(b"\x04tags:00ff org:42 0a0b members2\n{}"));
+        tagging.set_tokens([token("00ff00ff00ff00ff"), token("0a0b0a0b0a0b0a0b")]);
+        assert_eq!(
+            tagging.stamp(),
+            b"\x04tags:00ff00ff00ff00ff org:42 0a0b0a0b0a0b0a0b members\n"
+        );
+        assert!(tagging.stamped(b"\x04tags:00ff00ff00ff00ff org:42 0a0b0a0b0a0b0a0b members\n{}"));
+        assert!(!tagging.stamped(b"\x04tags:00fe00ff00ff00ff org:42 0a0b0a0b0a0b0a0b members\n{}"));
+        assert!(
+            !tagging.stamped(b"\x04tags:00ff00ff00ff00ff org:42 0a0b0a0b0a0b0a0b members2\n{}")
+        );
         assert_eq!(tag_of("app:\0tag:org:42"), "org:42");
         assert!(
-            !tagging.stamped(b"\x04tags:00ff org:42 0a0b members 0c0d product:1\n{}"),
+            !tagging.stamped(
+                b"\x04tags:00ff00ff00ff00ff org:42 0a0b0a0b0a0b0a0b members 0c0d product:1\n{}"
+            ),
             "a value's own tags, without `tags_from`"
         );
     }
@@ -784,9 +870,9 @@ mod tests {
         for (fixed, stamp, none, torn) in [
             (
                 1,
-                &b"\x04tags:00ff org:42 | 0c0d0c0d0c0d0c0d product:1 0e0f0e0f0e0f0e0f product:2\n{}"[..],
-                &b"\x04tags:00ff org:42 |\n{}"[..],
-                &b"\x04tags:00ff org:42 | 0c0d0c0d0c0d0c0d\n{}"[..],
+                &b"\x04tags:00ff00ff00ff00ff org:42 | 0c0d0c0d0c0d0c0d product:1 0e0f0e0f0e0f0e0f product:2\n{}"[..],
+                &b"\x04tags:00ff00ff00ff00ff org:42 |\n{}"[..],
+                &b"\x04tags:00ff00ff00ff00ff org:42 | 0c0d0c0d0c0d0c0d\n{}"[..],
             ),
             (
                 0,
@@ -796,15 +882,15 @@ mod tests {
             ),
         ] {
             let mut tagging = Tagging {
-                keys: vec!["app:\0tag:org:42".into()],
+                keys: smallvec::smallvec!["app:\0tag:org:42".into()],
                 fixed,
                 name_at: 4 + TAG_MARK.len(),
-                tokens: Vec::new(),
+                tokens: SmallVec::new(),
                 read: false,
                 derives: true,
             };
             tagging.keys.truncate(fixed);
-            tagging.set_tokens(vec![b"00ff".to_vec()].into_iter().take(fixed).collect());
+            tagging.set_tokens([token("00ff00ff00ff00ff")].into_iter().take(fixed));
             assert_eq!(&tagging.stamp()[..], &none[..none.len() - 2]);
             assert!(tagging.stamped(stamp));
             assert_eq!(
@@ -818,13 +904,13 @@ mod tests {
             assert_eq!(tagging.derived_of(&foreign), None, "not a token");
             // An entry of the function before it had `tags_from`.
             let before = if fixed == 1 {
-                &b"\x04tags:00ff org:42\n{}"[..]
+                &b"\x04tags:00ff00ff00ff00ff org:42\n{}"[..]
             } else {
                 b"{}"
             };
             assert!(!tagging.stamped(before));
             tagging.keys.push("app:\0tag:product:1".into());
-            tagging.tokens.push(b"0c0d0c0d0c0d0c0d".to_vec());
+            tagging.tokens.push(token("0c0d0c0d0c0d0c0d"));
             assert!(stamp.starts_with(&tagging.stamp()[..tagging.stamp().len() - 1]));
         }
     }

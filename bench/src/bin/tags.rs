@@ -81,7 +81,13 @@ async fn member(group: u64, id: u64) -> Result<u64, DbError> {
 }
 
 const KEYS: u64 = 1_000;
-const ROUNDS: usize = 5;
+/// Rounds of part 1: each measures every arm's c=1 latency (one call of
+/// each arm in turn, 500 times) and c=64 throughput (each arm for
+/// [`SPAN`] in turn), in an order that moves by one arm each round. Short
+/// turns and many rounds: this machine's speed drifts by tens of percent
+/// within seconds (a 1 s turn of one arm ranged 0.6x-1.8x in one run).
+const ROUNDS: usize = 20;
+const SPAN: Duration = Duration::from_millis(250);
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
@@ -158,9 +164,14 @@ fn key_of(arm: usize, id: u64) -> cache_runtime::CacheKey<User> {
 
 /// How many hits 64 callers of one arm make in `length`.
 async fn hits_of_64(arm: usize, length: Duration) -> u64 {
+    hits_of(64, arm, length).await
+}
+
+/// How many hits `callers` callers of one arm make in `length`.
+async fn hits_of(callers: u64, arm: usize, length: Duration) -> u64 {
     let calls = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + length;
-    let tasks: Vec<_> = (0..64)
+    let tasks: Vec<_> = (0..callers)
         .map(|task| {
             let calls = calls.clone();
             tokio::spawn(async move {
@@ -168,7 +179,7 @@ async fn hits_of_64(arm: usize, length: Duration) -> u64 {
                 while Instant::now() < end {
                     call(arm, id % KEYS).await;
                     calls.fetch_add(1, Ordering::Relaxed);
-                    id += 64;
+                    id += callers;
                 }
             })
         })
@@ -191,9 +202,9 @@ async fn hits(cache: &Cache) {
     let mut throughput = [(); ARMS.len()].map(|()| Vec::new());
     let mut misses = [(); OURS].map(|()| Vec::new());
     for round in 0..ROUNDS {
-        for turn in 0..ARMS.len() {
-            let arm = (round + turn) % ARMS.len();
-            for i in 0..2_000 {
+        for i in 0..500 {
+            for turn in 0..ARMS.len() {
+                let arm = (round + turn) % ARMS.len();
                 let started = Instant::now();
                 call(arm, i % KEYS).await;
                 latencies[arm].push(started.elapsed().as_secs_f64() * 1e6);
@@ -201,12 +212,12 @@ async fn hits(cache: &Cache) {
         }
         for turn in 0..ARMS.len() {
             let arm = (round + turn) % ARMS.len();
-            let calls = hits_of_64(arm, Duration::from_secs(1)).await;
-            throughput[arm].push(calls as f64);
+            let calls = hits_of_64(arm, SPAN).await;
+            throughput[arm].push(calls as f64 / SPAN.as_secs_f64());
         }
         for turn in 0..OURS {
             let arm = (round + turn) % OURS;
-            for i in 0..200 {
+            for i in 0..50 {
                 let _ = cache.invalidate(&key_of(arm, i)).await;
                 let started = Instant::now();
                 call(arm, i).await;
@@ -214,6 +225,18 @@ async fn hits(cache: &Cache) {
             }
         }
     }
+    // Each round's throughput against untagged's in the same round (the
+    // turns next to each other in time): their median, and the middle
+    // half of the rounds.
+    let paired: Vec<Vec<f64>> = (0..ARMS.len())
+        .map(|arm| {
+            let mut ratios: Vec<f64> = (0..ROUNDS)
+                .map(|round| throughput[arm][round] / throughput[0][round])
+                .collect();
+            ratios.sort_by(f64::total_cmp);
+            ratios
+        })
+        .collect();
     for arm in latencies
         .iter_mut()
         .chain(&mut throughput)
@@ -231,32 +254,42 @@ async fn hits(cache: &Cache) {
             let miss = percentile(miss, 0.5);
             format!("; miss p50 {miss:.0} µs ({:.2}x)", ratio(&misses, miss))
         });
-        // The rounds' range of the throughput ratio, pairing each arm's
-        // slowest round with the other's fastest.
-        let (low, high) = (
-            throughput[arm][0] / throughput[0][ROUNDS - 1],
-            throughput[arm][ROUNDS - 1] / throughput[0][0],
-        );
         println!(
-            "   {:<16} hit c=1 p50 {p50:.1} µs ({:.2}x, p99 {p99:.1} µs); c=64 {rps:.0} calls/s ({:.2}x, rounds {low:.2}x-{high:.2}x){miss}",
+            "   {:<17} hit c=1 p50 {p50:.1} µs ({:.2}x, p99 {p99:.1} µs); c=64 {rps:.0} calls/s ({:.2}x, middle half of rounds {:.2}x-{:.2}x){miss}",
             ARMS[arm],
             ratio(&latencies, p50),
-            ratio(&throughput, rps),
+            percentile(&paired[arm], 0.5),
+            percentile(&paired[arm], 0.25),
+            percentile(&paired[arm], 0.75),
         );
     }
     let median = |of: &[Vec<f64>], arm: usize| percentile(&of[arm], 0.5);
     println!(
         "   two tags against none: ours c=1 p50 {:.2}x, c=64 {:.2}x; the floor, by hand: {:.2}x, {:.2}x",
         median(&latencies, 1) / median(&latencies, 0),
-        median(&throughput, 1) / median(&throughput, 0),
+        median(&paired, 1),
         median(&latencies, 4) / median(&latencies, 3),
-        median(&throughput, 4) / median(&throughput, 3),
+        median(&paired, 4) / median(&paired, 3),
     );
     println!(
         "   a GET on a tracking connection by hand against a plain one: c=1 p50 {:.2}x, c=64 {:.2}x",
         median(&latencies, 5) / median(&latencies, 3),
-        median(&throughput, 5) / median(&throughput, 3),
+        median(&paired, 5) / median(&paired, 3),
     );
+}
+
+/// The CPU time this process (not the Redis it started) has used so
+/// far, from `/proc/self/stat` (user and system, in clock ticks of 10 ms).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
 }
 
 /// Part 2: `invalidate_tag` of a group of `n` entries.
@@ -427,7 +460,7 @@ async fn main() -> Result<(), Error> {
         .await?;
     let _ = TRACKED.set(tracked);
     // `BENCH_PROFILE_ARM=tagged` (or `untagged`, `tags_from`): that arm alone at c=64
-    // for 5 s, for a profiler.
+    // (`BENCH_PROFILE_C=1` for one caller) for 5 s, for a profiler.
     if let Ok(arm) = std::env::var("BENCH_PROFILE_ARM") {
         let at = match arm.as_str() {
             "tagged" => 1,
@@ -437,11 +470,29 @@ async fn main() -> Result<(), Error> {
         for id in 0..KEYS {
             call(at, id).await;
         }
-        let calls = hits_of_64(at, Duration::from_secs(5)).await;
+        let callers = std::env::var("BENCH_PROFILE_C")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(64);
+        // `BENCH_PROFILE_C=0`: one caller on the main thread, as part 1's
+        // latencies are measured.
+        let cpu = process_cpu();
+        let calls = if callers == 0 {
+            let (mut calls, end) = (0, Instant::now() + Duration::from_secs(5));
+            while Instant::now() < end {
+                call(at, calls % KEYS).await;
+                calls += 1;
+            }
+            calls
+        } else {
+            hits_of(callers, at, Duration::from_secs(5)).await
+        };
+        let cpu = process_cpu() - cpu;
         let total = cache.stats().total;
         println!(
-            "{arm}: {} calls/s; {} hits, {} misses, {} errors, {} bypasses",
+            "{arm}: {} calls/s, {:.2} µs of this process's CPU a call; {} hits, {} misses, {} errors, {} bypasses",
             calls / 5,
+            cpu.as_secs_f64() * 1e6 / calls as f64,
             total.hits,
             total.misses,
             total.errors,

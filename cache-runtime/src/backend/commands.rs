@@ -90,9 +90,49 @@ pub(crate) async fn query<T: FromRedisValue>(
     cmd.query_async(conn).await.map_err(CacheError::redis)
 }
 
+/// Whether a read on the local tier's tracking connection has the server
+/// track the keys it reads. That connection is opened with `CLIENT
+/// TRACKING ON OPTIN`: only a read whose answer is kept (a local copy, a
+/// tag's token) is tracked, with `CLIENT CACHING YES` right before it;
+/// a tagged hit's entry, read there so that it comes after its tags'
+/// invalidations (see `crate::local`), is not, which spares the server
+/// a tracking table entry per entry read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Track {
+    Keys,
+    Not,
+}
+
+impl Track {
+    /// A pipeline that begins, when the keys are tracked, with `CLIENT
+    /// CACHING YES` (its reply ignored): nothing comes between it and the
+    /// next command, which a pipeline sends together on a multiplexed
+    /// connection.
+    fn pipe(self) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        if self == Track::Keys {
+            pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
+        }
+        pipe
+    }
+}
+
 /// `EVALSHA`, then `EVAL` if the node does not know the script.
 async fn eval<T: FromRedisValue>(
     conn: &mut impl ConnectionLike,
+    script: &LuaScript,
+    key: &str,
+    args: &[&dyn ToRedisArgsDyn],
+) -> Result<T, CacheError> {
+    eval_tracked(conn, Track::Not, script, key, args).await
+}
+
+/// [`eval`], with the script's key tracked or not (see [`Track`]): the
+/// `EVAL` after a `NOSCRIPT` is told again, since `CLIENT CACHING YES`
+/// holds for one command only.
+async fn eval_tracked<T: FromRedisValue>(
+    conn: &mut impl ConnectionLike,
+    track: Track,
     script: &LuaScript,
     key: &str,
     args: &[&dyn ToRedisArgsDyn],
@@ -105,9 +145,28 @@ async fn eval<T: FromRedisValue>(
         }
         cmd
     };
-    match call("EVALSHA", &script.sha).query_async(conn).await {
+    let send = |cmd: Cmd| {
+        let mut pipe = track.pipe();
+        pipe.add_command(cmd);
+        pipe
+    };
+    let first = match track {
+        Track::Not => call("EVALSHA", &script.sha).query_async(conn).await,
+        Track::Keys => send(call("EVALSHA", &script.sha))
+            .query_async::<(T,)>(conn)
+            .await
+            .map(|(reply,)| reply),
+    };
+    match first {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            query(conn, &call("EVAL", script.source)).await
+            match track {
+                Track::Not => query(conn, &call("EVAL", script.source)).await,
+                Track::Keys => send(call("EVAL", script.source))
+                    .query_async::<(T,)>(conn)
+                    .await
+                    .map(|(reply,)| reply)
+                    .map_err(CacheError::redis),
+            }
         }
         outcome => outcome.map_err(CacheError::redis),
     }
@@ -195,15 +254,15 @@ pub(crate) async fn get_tokens(
     conn: &mut impl ConnectionLike,
     keys: &[String],
     limit: usize,
+    track: Track,
 ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let tokens: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-        .arg(keys)
-        .query_async(conn)
-        .await
-        .map_err(CacheError::redis)?;
+    let mut pipe = track.pipe();
+    pipe.cmd("MGET").arg(keys);
+    let (tokens,): (Vec<Option<Vec<u8>>>,) =
+        pipe.query_async(conn).await.map_err(CacheError::redis)?;
     check_count(tokens.len(), keys.len())?;
     Ok(tokens
         .into_iter()
@@ -227,12 +286,17 @@ pub(crate) async fn get_tagged(
     key: &str,
     tags: &[String],
     limit: usize,
+    track: Track,
 ) -> Result<(Fetched<Vec<u8>>, Vec<Fetched<Vec<u8>>>), CacheError> {
     if tags.is_empty() {
         return Ok((get(conn, key, limit).await?, Vec::new()));
     }
     let mut pipe = redis::pipe();
     pipe.add_command(get_cmd(key, limit));
+    // The entry is not tracked: only the tokens are kept.
+    if track == Track::Keys {
+        pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
+    }
     pipe.cmd("MGET").arg(tags);
     let (entry, tokens): (Vec<u8>, Vec<Option<Vec<u8>>>) =
         pipe.query_async(conn).await.map_err(CacheError::redis)?;
@@ -260,8 +324,9 @@ pub(crate) async fn get_with_ttl(
     conn: &mut impl ConnectionLike,
     key: &str,
     limit: usize,
+    track: Track,
 ) -> Result<Fetched<Stored>, CacheError> {
-    let reply: redis::Value = eval(conn, &GET_WITH_TTL, key, &[&limit]).await?;
+    let reply: redis::Value = eval_tracked(conn, track, &GET_WITH_TTL, key, &[&limit]).await?;
     match reply {
         redis::Value::Nil => Ok(Fetched::Absent),
         redis::Value::Int(_) => Ok(Fetched::TooLarge),

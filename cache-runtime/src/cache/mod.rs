@@ -262,7 +262,14 @@ impl Cache {
     /// `prefix:key`, or `key` itself without a prefix.
     pub(crate) fn prefixed<'k>(&self, key: &'k str) -> std::borrow::Cow<'k, str> {
         match &self.inner.settings.prefix {
-            Some(prefix) => std::borrow::Cow::Owned(format!("{prefix}:{key}")),
+            Some(prefix) => {
+                // Not `format!`: a tagged call prefixes each of its tags.
+                let mut prefixed = String::with_capacity(prefix.len() + 1 + key.len());
+                prefixed.push_str(prefix);
+                prefixed.push(':');
+                prefixed.push_str(key);
+                std::borrow::Cow::Owned(prefixed)
+            }
             None => std::borrow::Cow::Borrowed(key),
         }
     }

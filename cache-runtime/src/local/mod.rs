@@ -67,6 +67,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::stats::LocalStats;
+use crate::token::Token;
 
 /// Buckets of the invalidation counts: a fill is refused when any key of
 /// its bucket was invalidated during its read, so more buckets mean fewer
@@ -161,11 +162,15 @@ pub(crate) struct TagTicket {
 
 /// A tag's token read on the tracking connection, with the ticket taken
 /// before the read: see "Tags' tokens" in the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct KeptToken {
-    pub(crate) token: Vec<u8>,
+    pub(crate) token: Token,
     ticket: Ticket,
 }
+
+/// The kept tokens of a function's tags: inline for up to four tags (no
+/// allocation on a hit).
+pub(crate) type KeptTokens = smallvec::SmallVec<[KeptToken; 4]>;
 
 /// What a lookup of the local tier found.
 pub(crate) enum LocalHit<V> {
@@ -297,7 +302,7 @@ impl LocalTier {
     pub(crate) fn keep_tokens(
         &self,
         keys: &[String],
-        tokens: &[Vec<u8>],
+        tokens: &[Token],
         tickets: Vec<Ticket>,
         era: u64,
     ) {
@@ -309,7 +314,7 @@ impl LocalTier {
             self.tokens.clear();
         }
         for ((key, token), ticket) in keys.iter().zip(tokens).zip(tickets) {
-            let token = token.clone();
+            let token = *token;
             self.tokens.insert(key.clone(), KeptToken { token, ticket });
         }
     }
@@ -323,10 +328,10 @@ impl LocalTier {
         keys: &[String],
         primaries: u64,
         era: u64,
-    ) -> Option<Vec<KeptToken>> {
-        let kept: Vec<KeptToken> = keys
+    ) -> Option<KeptTokens> {
+        let kept: KeptTokens = keys
             .iter()
-            .map(|key| self.tokens.get(key).map(|kept| kept.clone()))
+            .map(|key| self.tokens.get(key).map(|kept| *kept))
             .collect::<Option<_>>()?;
         let valid = kept.iter().all(|kept| {
             kept.ticket.primaries == primaries

@@ -1,8 +1,10 @@
 //! The tracking connection of the local tier: a RESP3 connection with
-//! `CLIENT TRACKING ON`, on which the local tier's reads (and tagged
+//! `CLIENT TRACKING ON OPTIN`, on which the local tier's reads (and tagged
 //! reads, whose tags' tokens it keeps) are sent, so that
-//! the server sends an invalidation for every key read on it when that
-//! key changes (any write, expiry, eviction, `FLUSHDB`).
+//! the server sends an invalidation for every key read on it, right after
+//! `CLIENT CACHING YES`, when that key changes (any write, expiry,
+//! eviction, `FLUSHDB`). A tagged hit's entry is read there untracked
+//! (see `backend::commands::Track`).
 //!
 //! Why not the `redis` crate's client-side cache (`cache-aio`): it keeps
 //! the *replies*, so each hit would still decode the value (microseconds
@@ -314,9 +316,12 @@ impl Connection {
         match &self.channel {
             Some(channel) => conn.subscribe(channel).await,
             None => {
+                // Only reads that keep what they read are tracked (see
+                // `backend::commands::Track`).
                 redis::cmd("CLIENT")
                     .arg("TRACKING")
                     .arg("ON")
+                    .arg("OPTIN")
                     .query_async::<()>(&mut conn)
                     .await
             }

@@ -55,7 +55,8 @@ use crate::read::lookup::Leased;
 use crate::read::run::Run;
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
-use crate::tag::Tagging;
+use crate::tag::{Tagging, Tags};
+use crate::token::Token;
 use crate::write::lease::{HeldLease, Take, Taken};
 
 /// How often an id's handover may fail before the batch computes it
@@ -303,7 +304,7 @@ pub(crate) fn local_answers<K, V: Clone + Send + Sync + 'static>(
 
 /// The tags of the key at `at`: `tags` is empty for an untagged function
 /// (no vector of `None`s), else one per key.
-fn tag_at(tags: &[Option<Box<Tagging>>], at: usize) -> Option<&Tagging> {
+fn tag_at(tags: &[Option<Tags>], at: usize) -> Option<&Tagging> {
     tags.get(at).and_then(Option::as_deref)
 }
 
@@ -351,7 +352,7 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: Vec<String>,
-        mut tags: Vec<Option<Box<Tagging>>>,
+        mut tags: Vec<Option<Tags>>,
         call: &mut ErasedBatch<'_>,
     ) {
         if keys.is_empty() {
@@ -412,7 +413,7 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: &[String],
-        tags: &mut [Option<Box<Tagging>>],
+        tags: &mut [Option<Tags>],
     ) -> BatchRead {
         let tag_keys = tags.iter().flatten().flat_map(|tagging| tagging.keys());
         if keys
@@ -455,7 +456,7 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: &[String],
-        tags: &[Option<Box<Tagging>>],
+        tags: &[Option<Tags>],
         values: Vec<Fetched<Vec<u8>>>,
         derived: &[Derived],
         call: &mut ErasedBatch<'_>,
@@ -483,7 +484,7 @@ impl Cache {
     async fn check_batch_derived(
         &self,
         site: &'static Site,
-        tags: &[Option<Box<Tagging>>],
+        tags: &[Option<Tags>],
         values: &[Fetched<Vec<u8>>],
     ) -> Vec<Derived> {
         if !site.derives_tags() {
@@ -678,7 +679,7 @@ impl Cache {
         &'c self,
         site: &'static Site,
         keys: &'c [String],
-        tags: &[Option<Box<Tagging>>],
+        tags: &[Option<Tags>],
         mut missing: Vec<Missing>,
         leaders: Vec<Option<Leader<'c>>>,
         uncached: bool,
@@ -745,7 +746,7 @@ impl Cache {
         &self,
         site: &'static Site,
         keys: &[String],
-        tags: &mut [Option<Box<Tagging>>],
+        tags: &mut [Option<Tags>],
         computing: Vec<Computing<'_>>,
         uncached: bool,
         call: &mut ErasedBatch<'_>,
@@ -803,9 +804,9 @@ impl Cache {
     async fn derive_batch(
         &self,
         site: &'static Site,
-        tags: &mut [Option<Box<Tagging>>],
+        tags: &mut [Option<Tags>],
         ats: &[usize],
-        clocks: Option<&[Vec<u8>]>,
+        clocks: Option<&[Token]>,
         call: &mut ErasedBatch<'_>,
     ) {
         let mut names: Vec<(usize, Vec<String>)> = ats

@@ -26,7 +26,7 @@ use crate::local::{LocalTier, TagTicket, Ticket};
 use crate::outcome::{ByValue, Encoded, Outcome};
 use crate::scope::Mode;
 use crate::site::Site;
-use crate::tag::Tagging;
+use crate::tag::{Tagging, Tags};
 
 /// Which of its answers a call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +82,7 @@ pub(crate) trait Call {
 pub(crate) struct Erased<'a, C: ?Sized + 'a = dyn Call + 'a> {
     call: Pin<&'a mut C>,
     /// A tagged function's tags (see [`crate::tag`]).
-    tagging: Option<Box<Tagging>>,
+    tagging: Option<Tags>,
     /// Inside [`crate::refresh`]: whatever the cache holds is recomputed.
     refresh: bool,
 }
@@ -217,7 +217,7 @@ pub(crate) struct Lookup<'c> {
     site: &'static Site,
     cache: Cow<'c, Cache>,
     redis_key: String,
-    tagging: Option<Box<Tagging>>,
+    tagging: Option<Tags>,
     /// Made inside [`crate::refresh`].
     refresh: bool,
     span: tracing::Span,
@@ -275,7 +275,7 @@ impl<'c> Lookup<'c> {
         &'static Site,
         Cow<'c, Cache>,
         String,
-        Option<Box<Tagging>>,
+        Option<Tags>,
         tracing::Span,
         CallTimer,
     ) {

@@ -38,6 +38,7 @@ use crate::read::tagged::Derived;
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
 use crate::tag::Tagging;
+use crate::token::Token;
 use crate::write::lease::{self, Found, HeldLease, Take, Taken};
 
 /// How many failed leaders a waiter sits through before it computes on its
@@ -1110,7 +1111,7 @@ impl Cache {
         &self,
         site: &'static Site,
         uncached: bool,
-    ) -> Option<Vec<Vec<u8>>> {
+    ) -> Option<Vec<Token>> {
         if !site.derives_tags() || uncached {
             return None;
         }
@@ -1123,7 +1124,7 @@ impl Cache {
         &self,
         site: &'static Site,
         call: &mut Erased<'_>,
-        clocks: Option<Vec<Vec<u8>>>,
+        clocks: Option<Vec<Token>>,
     ) {
         if !site.derives_tags() {
             return;

@@ -16,6 +16,18 @@ use crate::local::{LocalTier, TagTicket};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::site::Site;
 use crate::tag::{Tagging, has_header};
+use crate::token::Token;
+
+/// The tokens a read of tag keys found: `None` where a tag has none (or
+/// holds something that is not one).
+fn found_tokens(read: Vec<Fetched<Vec<u8>>>) -> Vec<Option<Token>> {
+    read.iter()
+        .map(|found| match found {
+            Fetched::Found(bytes) => Token::parse(bytes),
+            Fetched::Absent | Fetched::TooLarge => None,
+        })
+        .collect()
+}
 
 /// `read` of a function without tags: an entry with a tag header was
 /// stored by a release of it that had tags (`tags` or `tags_from`), which
@@ -77,27 +89,43 @@ impl Cache {
         // A standalone server only: a Sentinel's tracking connection may
         // still reach the old primary for a moment after a failover.
         let standalone = matches!(self.backend(), Backend::Redis(_));
-        let tracked = self
+        let mut tracked = self
             .local()
             .filter(|_| standalone)
             .and_then(|tracking| Some((tracking.tier(), tracking.tracked()?)));
+        if let Some((tier, (conn, era))) = &mut tracked {
+            let primaries = self.backend().primaries_epoch();
+            if let Some(kept) = tier.kept_tokens(&tagging.keys, primaries, *era) {
+                let entry = match self.guarded(key, get_on(conn, key, limit)).await {
+                    Ok(entry) => entry,
+                    Err(error) => return self.found(site, key, Err(error)),
+                };
+                // Looked at once the reply is in: see `crate::local`.
+                if tier.tokens_valid(&kept) {
+                    tagging.set_tokens(kept.iter().map(|kept| kept.token));
+                    let on = Some((*tier, &*conn, *era));
+                    return self.checked(site, key, tagging, entry, on).await;
+                }
+            }
+        }
+        // Boxed: the hit above, the common case, moves a small future.
+        Box::pin(self.read_and_keep(site, key, tagging, tracked)).await
+    }
+
+    /// [`Cache::read_together`] with the tags' tokens read beside the
+    /// entry (and kept, on the tracking connection `tracked`).
+    async fn read_and_keep(
+        &self,
+        site: &'static Site,
+        key: &str,
+        tagging: &mut Tagging,
+        tracked: Option<(&LocalTier, (MultiplexedConnection, u64))>,
+    ) -> Read {
+        let limit = self.settings().read_limit;
         let mut tickets = None;
         let read = match &tracked {
-            Some((tier, (conn, era))) => {
+            Some((tier, (conn, _))) => {
                 let primaries = self.backend().primaries_epoch();
-                if let Some(kept) = tier.kept_tokens(&tagging.keys, primaries, *era) {
-                    let mut on = conn.clone();
-                    let entry = match self.guarded(key, get_on(&mut on, key, limit)).await {
-                        Ok(entry) => entry,
-                        Err(error) => return self.found(site, key, Err(error)),
-                    };
-                    // Looked at once the reply is in: see `crate::local`.
-                    if tier.tokens_valid(&kept) {
-                        tagging.set_tokens(kept.into_iter().map(|kept| kept.token).collect());
-                        let on = Some((*tier, conn, *era));
-                        return self.checked(site, key, tagging, entry, on).await;
-                    }
-                }
                 tickets = Some(tier.token_tickets(&tagging.keys, primaries));
                 let mut on = conn.clone();
                 let read = get_tagged_on(&mut on, key, &tagging.keys, limit);
@@ -200,7 +228,11 @@ impl Cache {
             let Ok(name) = std::str::from_utf8(name) else {
                 return (self.garbage_tags(site, read), false, None);
             };
-            keys.push(format!("{prefix}{TAG_MARK}{name}"));
+            let mut key = String::with_capacity(prefix.len() + TAG_MARK.len() + name.len());
+            key.push_str(&prefix);
+            key.push_str(TAG_MARK);
+            key.push_str(name);
+            keys.push(key);
         }
         if keys.iter().any(|key| self.pending_write(site, key)) {
             let pending = Read::Unavailable {
@@ -214,15 +246,15 @@ impl Cache {
             Some((vias?, tracking.tier().tag_tickets(&keys)?))
         });
         let now = match (&tracked, kept_on) {
-            (Some((vias, _)), _) => self.read_via(&keys, vias).await,
+            (Some((vias, _)), _) => self.read_via(&keys, vias).await.map(found_tokens),
             (None, Some((tier, conn, era))) => self.tokens_on(tier, conn, era, &keys).await,
-            (None, None) => self.read_tokens_of(&keys).await,
+            (None, None) => self.read_tokens_of(&keys).await.map(found_tokens),
         };
         let same = match now {
             Ok(now) => now
                 .iter()
                 .zip(&pairs)
-                .all(|(now, (token, _))| matches!(now, Fetched::Found(now) if now == token)),
+                .all(|(now, (token, _))| now.is_some_and(|now| now.as_bytes() == *token)),
             Err(error) => {
                 self.tags_unread(site, &error);
                 let unavailable = Read::Unavailable {
@@ -251,13 +283,10 @@ impl Cache {
         conn: &MultiplexedConnection,
         era: u64,
         keys: &[String],
-    ) -> Result<Vec<Fetched<Vec<u8>>>, CacheError> {
+    ) -> Result<Vec<Option<Token>>, CacheError> {
         let primaries = self.backend().primaries_epoch();
         if let Some(kept) = tier.kept_tokens(keys, primaries, era) {
-            return Ok(kept
-                .into_iter()
-                .map(|kept| Fetched::Found(kept.token))
-                .collect());
+            return Ok(kept.iter().map(|kept| Some(kept.token)).collect());
         }
         let tickets = tier.token_tickets(keys, primaries);
         let limit = self.settings().read_limit;
@@ -265,13 +294,8 @@ impl Cache {
         let read = self
             .guarded(&keys[0], get_tokens_on(&mut on, keys, limit))
             .await?;
-        let found: Option<Vec<Vec<u8>>> = read
-            .iter()
-            .map(|token| match token {
-                Fetched::Found(token) => Some(token.clone()),
-                Fetched::Absent | Fetched::TooLarge => None,
-            })
-            .collect();
+        let read = found_tokens(read);
+        let found: Option<Vec<Token>> = read.iter().copied().collect();
         if let Some(found) = found {
             tier.keep_tokens(keys, &found, tickets, era);
         }
