@@ -66,9 +66,9 @@ const OURS: usize = 3;
 
 /// The connection of the arms by hand.
 static BARE: std::sync::OnceLock<redis::aio::MultiplexedConnection> = std::sync::OnceLock::new();
-/// The last arm's: RESP3 with `CLIENT TRACKING ON`, as the cache's
-/// tracking connection is, where a tagged hit reads its entry alone (the
-/// floor of that design: no tag work at all).
+/// The last arm's: RESP3 with `CLIENT TRACKING ON OPTIN`, as the cache's
+/// tracking connection is, where a tagged hit reads its entry alone,
+/// untracked (the floor of that design: no tag work at all).
 static TRACKED: std::sync::OnceLock<redis::aio::MultiplexedConnection> = std::sync::OnceLock::new();
 
 static MEMBER_RUNS: AtomicU64 = AtomicU64::new(0);
@@ -456,6 +456,7 @@ async fn main() -> Result<(), Error> {
     redis::cmd("CLIENT")
         .arg("TRACKING")
         .arg("ON")
+        .arg("OPTIN")
         .query_async::<()>(&mut tracked)
         .await?;
     let _ = TRACKED.set(tracked);

@@ -192,7 +192,11 @@ pub(crate) async fn ping(conn: &mut impl ConnectionLike) -> Result<(), CacheErro
 /// holds the shared connection, and every call queued behind it, for
 /// longer than the op timeout). It costs the server what `GET` does.
 fn get_cmd(key: &str, limit: usize) -> Cmd {
-    redis::cmd("GETRANGE").arg(key).arg(0).arg(limit).to_owned()
+    // Sized once and not cloned (`.to_owned()` after `.arg()` copies the
+    // command): every hit sends one.
+    let mut cmd = Cmd::with_capacity(4, "GETRANGE".len() + key.len() + 1 + 20);
+    cmd.arg("GETRANGE").arg(key).arg(0).arg(limit);
+    cmd
 }
 
 /// What [`get_cmd`] answered: an empty string is no key (`GETRANGE` does
@@ -259,10 +263,17 @@ pub(crate) async fn get_tokens(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipe = track.pipe();
-    pipe.cmd("MGET").arg(keys);
-    let (tokens,): (Vec<Option<Vec<u8>>>,) =
-        pipe.query_async(conn).await.map_err(CacheError::redis)?;
+    let mut mget = redis::cmd("MGET");
+    mget.arg(keys);
+    let tokens: Vec<Option<Vec<u8>>> = match track {
+        Track::Not => query(conn, &mget).await?,
+        Track::Keys => {
+            let mut pipe = track.pipe();
+            pipe.add_command(mget);
+            let (tokens,) = pipe.query_async(conn).await.map_err(CacheError::redis)?;
+            tokens
+        }
+    };
     check_count(tokens.len(), keys.len())?;
     Ok(tokens
         .into_iter()
@@ -374,13 +385,8 @@ pub(crate) async fn set_if_absent(
     value: &[u8],
     px: u64,
 ) -> Result<bool, CacheError> {
-    let cmd = redis::cmd("SET")
-        .arg(key)
-        .arg(value)
-        .arg("NX")
-        .arg("PX")
-        .arg(px)
-        .to_owned();
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg(value).arg("NX").arg("PX").arg(px);
     let reply: Option<()> = query(conn, &cmd).await?;
     Ok(reply.is_some())
 }

@@ -6,8 +6,9 @@
 //!
 //! A copy is only ever made of a value read on the *tracking connection*
 //! (see [`crate::local::tracking`]): a connection on which the server remembers
-//! the keys read and sends an invalidation for each of them when it
-//! changes, whoever changed it (another process, `redis-cli`, expiry,
+//! the keys of each read sent right after `CLIENT CACHING YES` (every read
+//! whose answer is kept) and sends an invalidation for each of them when
+//! it changes, whoever changed it (another process, `redis-cli`, expiry,
 //! eviction, `FLUSHDB`).
 //!
 //! The read's reply and the invalidation of its key can cross: the reply

@@ -317,11 +317,22 @@ impl Connection {
             Some(channel) => conn.subscribe(channel).await,
             None => {
                 // Only reads that keep what they read are tracked (see
-                // `backend::commands::Track`).
-                redis::cmd("CLIENT")
+                // `backend::commands::Track`). `CLIENT CACHING YES` is
+                // tried here too, spent on the `PING`: a server or an ACL
+                // that refuses it refuses the connection, and the local
+                // tier is off (logged), instead of every read failing.
+                redis::pipe()
+                    .cmd("CLIENT")
                     .arg("TRACKING")
                     .arg("ON")
                     .arg("OPTIN")
+                    .ignore()
+                    .cmd("CLIENT")
+                    .arg("CACHING")
+                    .arg("YES")
+                    .ignore()
+                    .cmd("PING")
+                    .ignore()
                     .query_async::<()>(&mut conn)
                     .await
             }
