@@ -369,6 +369,10 @@ impl Backend {
         limit: usize,
     ) -> Result<Fetched<Vec<u8>>, CacheError> {
         let _timer = self.timer(Operation::Get);
+        if let Backend::Redis(redis) = self {
+            // Every hit's command: unboxed (see `get_standalone`).
+            return commands::get_standalone(&mut redis.conn(), key, limit).await;
+        }
         match self.connection() {
             Ok(mut conn) => commands::get(&mut conn, key, limit).await,
             Err(m) => Ok(m.get(key, limit)),

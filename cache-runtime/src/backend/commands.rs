@@ -218,6 +218,24 @@ pub(crate) async fn get(
     Ok(fetched(bytes, limit))
 }
 
+/// [`get`] on the standalone server's connection, sent with
+/// `ConnectionManager::send_packed_command` itself: through
+/// `ConnectionLike` every command's future is boxed, allocated on the
+/// worker that sends it and usually freed on the one the reply wakes.
+pub(crate) async fn get_standalone(
+    conn: &mut redis::aio::ConnectionManager,
+    key: &str,
+    limit: usize,
+) -> Result<Fetched<Vec<u8>>, CacheError> {
+    let reply = conn
+        .send_packed_command(&get_cmd(key, limit))
+        .await
+        .map_err(CacheError::redis)?;
+    let reply = reply.extract_error().map_err(CacheError::redis)?;
+    let bytes = Vec::<u8>::from_redis_value(reply).map_err(|e| CacheError::redis(e.into()))?;
+    Ok(fetched(bytes, limit))
+}
+
 /// [`get`] of many keys in one pipeline, on a standalone server or (keys
 /// of one slot) a cluster node. A key `GETRANGE` fails on with `WRONGTYPE`
 /// (someone stored a list there) reads as absent, as it would in `MGET`;

@@ -435,20 +435,17 @@ impl Cache {
         }
     }
 
-    /// The Redis key, consuming the rendered key (no copy without a prefix).
+    /// The Redis key, consuming the rendered key: the prefix is written
+    /// in front of it, in its buffer (usually this thread's spare, with
+    /// room; see [`crate::key::recycle`]).
     pub(crate) fn redis_key_of(&self, key: CacheKey) -> String {
-        match &self.inner.settings.prefix {
-            Some(prefix) => {
-                let key = key.into_string();
-                let mut redis_key = crate::key::buffer(prefix.len() + 1 + key.len());
-                redis_key.push_str(prefix);
-                redis_key.push(':');
-                redis_key.push_str(&key);
-                crate::key::recycle(key);
-                redis_key
-            }
-            None => key.into_string(),
+        let mut key = key.into_string();
+        if let Some(prefix) = &self.inner.settings.prefix {
+            key.reserve(prefix.len() + 1);
+            key.insert(0, ':');
+            key.insert_str(0, prefix);
         }
+        key
     }
 }
 

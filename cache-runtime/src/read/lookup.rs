@@ -214,6 +214,8 @@ impl Cache {
             } if !call.refreshing() => {
                 if self.decode(site, &redis_key, &bytes, call) {
                     self.record(site, Event::Hit);
+                    // For this thread's next key.
+                    crate::key::recycle(redis_key);
                     return Answered::Decoded;
                 }
                 Step::Claim(Claim::Replace(Garbage::Bytes(bytes)))
