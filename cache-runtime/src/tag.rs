@@ -232,10 +232,6 @@ thread_local! {
 #[derive(Debug)]
 pub(crate) struct Tags(Option<Box<Tagging>>);
 
-/// A kept [`Tagging`] with more keys than this, or a key longer, is
-/// freed instead.
-const SPARE_KEYS: usize = 4;
-
 impl std::ops::Deref for Tags {
     type Target = Tagging;
     fn deref(&self) -> &Tagging {
@@ -258,7 +254,10 @@ impl Drop for Tags {
         let Some(tagging) = self.0.take() else {
             return;
         };
-        let small = tagging.keys.len() <= SPARE_KEYS
+        // Not one that a value's many tags (`tags_from`) grew: kept, it
+        // would hold their buffers for as long as the thread lives.
+        let small = !tagging.keys.spilled()
+            && !tagging.tokens.spilled()
             && tagging
                 .keys
                 .iter()

@@ -110,10 +110,16 @@ impl Track {
     /// connection.
     fn pipe(self) -> redis::Pipeline {
         let mut pipe = redis::pipe();
+        self.before_next(&mut pipe);
+        pipe
+    }
+
+    /// Adds `CLIENT CACHING YES` (its reply ignored) to `pipe` when the
+    /// keys of the command added next are tracked.
+    fn before_next(self, pipe: &mut redis::Pipeline) {
         if self == Track::Keys {
             pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
         }
-        pipe
     }
 }
 
@@ -323,9 +329,7 @@ pub(crate) async fn get_tagged(
     let mut pipe = redis::pipe();
     pipe.add_command(get_cmd(key, limit));
     // The entry is not tracked: only the tokens are kept.
-    if track == Track::Keys {
-        pipe.cmd("CLIENT").arg("CACHING").arg("YES").ignore();
-    }
+    track.before_next(&mut pipe);
     pipe.cmd("MGET").arg(tags);
     let (entry, tokens): (Vec<u8>, Vec<Option<Vec<u8>>>) =
         pipe.query_async(conn).await.map_err(CacheError::redis)?;
