@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use cache_harness::{RedisServer, on_every_backend, raw, raw_connection};
 use cache_runtime::{Cache, redis_cached};
+
+#[path = "support/settled.rs"]
+mod settled;
 use serde::{Deserialize, Serialize};
+use settled::settled;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -214,6 +218,7 @@ async fn redis_holds_readable_json_under_the_prefixed_key_with_the_ttl() {
         .unwrap();
     let repo = Repo::new(cache);
     repo.get_user(42).await.unwrap();
+    settled(&repo.cache).await;
     let mut conn = raw_connection(&server).await;
     let stored: String = raw(&mut conn, &[b"GET", b"app:user:42"]).await;
     assert_eq!(stored, r#"{"id":42,"name":"user-42"}"#);

@@ -25,6 +25,9 @@ use tokio::task::JoinSet;
 #[path = "support/logs.rs"]
 mod logs;
 use logs::Logs;
+#[path = "support/settled.rs"]
+mod settled;
+use settled::settled;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -502,6 +505,7 @@ async fn garbage_in_a_key(target: &Target, prefix: &str) {
             };
             assert_eq!(got, Ok(user(id)), "{what} under {key}");
             assert_eq!(db.queries(), queries + 1, "{what} under {key}: a miss");
+            settled(&db.cache).await;
             assert_eq!(
                 stored_user(&mut conn, &stored).await,
                 Some(user(id)),
@@ -513,6 +517,7 @@ async fn garbage_in_a_key(target: &Target, prefix: &str) {
     let list = key_of("user:4");
     raw::<()>(&mut conn, &[b"LPUSH", list.as_bytes(), b"x"]).await;
     assert_eq!(db.get_user(4).await, Ok(user(4)));
+    settled(&db.cache).await;
     assert_eq!(stored_user(&mut conn, &list).await, Some(user(4)));
 
     let queries = db.queries();

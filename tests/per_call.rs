@@ -14,6 +14,10 @@ use cache_runtime::{Cache, Origin, bypass, cache_put, invalidates, origin, redis
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
+#[path = "support/settled.rs"]
+mod settled;
+use settled::settled;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
     id: u64,
@@ -133,6 +137,7 @@ async fn a_bypass_neither_reads_nor_writes(cache: Cache) {
     assert_eq!(repo.user(1).await.unwrap().version, 0);
     bypass(repo.user(2)).await.unwrap();
     assert_eq!(origin(repo.user(2)).await.1, Origin::Miss);
+    settled(&repo.cache).await;
     let stats = repo.cache.stats();
     assert_eq!(stats.total.skipped, 2, "{stats:?}");
     assert_eq!(stats.total.sets, 2, "only the calls outside: {stats:?}");

@@ -173,7 +173,9 @@ counters! {
     /// answered their callers with an old value; each stores its value
     /// under the refresh lock it holds.
     BackgroundCompletion => background_completions,
-    /// Values written to the cache.
+    /// Values written to the cache. A miss's store is counted when its
+    /// reply comes, which may be just after the call returned (see the
+    /// writes guide).
     Set => sets,
     /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`).
     Invalidation => invalidations,

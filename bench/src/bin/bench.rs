@@ -18,6 +18,7 @@
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --release -p cache-bench --bin bench
 //! BENCH_QUICK=1 cargo run --release -p cache-bench --bin bench   # fewer rounds
 //! BENCH_THROUGHPUT_ONLY=1 cargo run --release -p cache-bench --bin bench   # A/B runs of the hot path
+//! BENCH_MISS_ONLY=1 cargo run --release -p cache-bench --bin bench   # A/B runs of the miss path
 //! BENCH_TRACING_AB=1 cargo run --release -p cache-bench --bin bench   # what the call spans cost
 //! BENCH_READ_AB=1 cargo run --release -p cache-bench --bin bench   # GET against the cache's GETRANGE
 //! BENCH_CLUSTER_ONLY=1 cargo run --release -p cache-bench --bin bench      # the cluster arms alone
@@ -813,6 +814,23 @@ async fn main() -> Result<(), Error> {
     }
 
     if profile_arm(&arms).await?.is_some() {
+        return Ok(());
+    }
+    if std::env::var_os("BENCH_MISS_ONLY").is_some() {
+        // For A/B runs of the miss path.
+        let misses = miss_latency(&arms, if quick { 4 } else { 10 }, 200).await?;
+        for (arm, name) in arms.names().iter().enumerate().skip(1) {
+            let (p50, p99) = (
+                percentile(&misses[arm], 0.50),
+                percentile(&misses[arm], 0.99),
+            );
+            let (b50, b99) = (percentile(&misses[1], 0.50), percentile(&misses[1], 0.99));
+            println!(
+                "{name}: miss p50 {p50:.1} µs ({:.2}×), p99 {p99:.1} µs ({:.2}×)",
+                p50 / b50,
+                p99 / b99
+            );
+        }
         return Ok(());
     }
     if std::env::var_os("BENCH_THROUGHPUT_ONLY").is_some() {

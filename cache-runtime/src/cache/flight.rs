@@ -132,6 +132,9 @@ pub(crate) struct Flights {
     failed: DashMap<String, Instant>,
     /// Bodies finishing in the background (`soft_timeout`).
     background: Arc<AtomicUsize>,
+    /// Stores whose replies are awaited in the background
+    /// ([`crate::write::lease::HeldLease::fulfil_soon`]).
+    stores: Arc<AtomicUsize>,
     /// How long a landed answer lingers.
     linger: Duration,
     lingering: Mutex<Lingering>,
@@ -186,6 +189,7 @@ impl Flights {
             failing: DashMap::new(),
             failed: DashMap::new(),
             background: Arc::new(AtomicUsize::new(0)),
+            stores: Arc::new(AtomicUsize::new(0)),
             linger,
             lingering: Mutex::new(Lingering::default()),
         }
@@ -299,7 +303,8 @@ impl Flights {
         }
     }
 
-    /// Flights, gates and bodies finishing in the background in use: 0
+    /// Flights, gates, bodies finishing and stores awaited in the
+    /// background in use: 0
     /// once no call is under way (landed answers that linger are not in
     /// use).
     #[cfg(any(test, feature = "__testing"))]
@@ -309,7 +314,7 @@ impl Flights {
             .iter()
             .filter(|flight| matches!(*flight.landing.borrow(), Landing::Pending))
             .count();
-        pending + self.failing.len() + self.in_background()
+        pending + self.failing.len() + self.in_background() + self.stores.load(Ordering::SeqCst)
     }
 }
 
@@ -317,8 +322,12 @@ impl Flights {
 /// slow body is dropped at its soft timeout instead.
 const BACKGROUND: usize = 1024;
 
-/// A place among the bodies finishing in the background, given back when
-/// the task holding it ends (or is dropped).
+/// Stores awaited in the background at once, at most: past it, a caller
+/// waits for its store's reply itself.
+const STORES: usize = 4096;
+
+/// A place among the bodies finishing (or the stores awaited) in the
+/// background, given back when the task holding it ends (or is dropped).
 pub(crate) struct BackgroundSlot(Arc<AtomicUsize>);
 
 impl Drop for BackgroundSlot {
@@ -336,6 +345,17 @@ impl Flights {
             })
             .ok()
             .map(|_| BackgroundSlot(self.background.clone()))
+    }
+
+    /// A place for one more store awaited in the background, if there is
+    /// room.
+    pub(crate) fn store_slot(&self) -> Option<BackgroundSlot> {
+        self.stores
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < STORES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BackgroundSlot(self.stores.clone()))
     }
 
     /// Bodies finishing in the background now.

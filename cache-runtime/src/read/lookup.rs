@@ -1075,7 +1075,17 @@ impl Cache {
             Leased::Own(lease) => match self.to_store(site, entry.as_deref(), life) {
                 Some((bytes, ttl)) => {
                     let (stored, ttl) = self.stored_form(site, &stamp, bytes, ttl, run.took);
-                    lease.fulfil(site, &stored, ttl).await
+                    // Nobody waits on the proof: the caller need not wait
+                    // for the reply either, where its next read of the key
+                    // goes out on the connection the store does (a local
+                    // tier's and a tagged function's reads may go on the
+                    // tracking connection instead).
+                    if leader.is_none() && tagging.is_none() && site.local_millis() == 0 {
+                        lease.fulfil_soon(site, stored.into_owned(), ttl).await;
+                        false
+                    } else {
+                        lease.fulfil(site, &stored, ttl).await
+                    }
                 }
                 // Nothing to store (a `None` not cached, a value `unless`
                 // rejects): the lease goes back, and was still there only

@@ -39,6 +39,8 @@
 //! clock.
 
 use std::borrow::Cow;
+use std::future::Future;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crate::cache::Cache;
@@ -262,6 +264,39 @@ impl<'c> HeldLease<'c> {
         // timeout), the placeholder may still be there: give it back.
         self.armed = outcome.is_err();
         cache.record_store(site, &self.key, outcome)
+    }
+
+    /// [`HeldLease::fulfil`] for a caller that needs no proof from it (no
+    /// flight waits on this key): the compare-and-set is sent before this
+    /// returns, and its reply is awaited by a task, so that a miss costs
+    /// the round trips of hand-written cache-aside (`GET`, then the store)
+    /// plus the lease's own.
+    ///
+    /// Sent first means queued on the connection ahead of anything this
+    /// process sends afterwards: its later reads of the key find the value
+    /// (commands on one connection apply in order). Another connection may
+    /// still find the placeholder for that moment, as it would while the
+    /// body ran. The stored count is taken when the reply comes. Past
+    /// [`crate::cache::flight::Flights::store_slot`]'s bound, or without a
+    /// Tokio runtime, it waits for the reply as `fulfil` does.
+    pub(crate) async fn fulfil_soon(self, site: &'static Site, stored: Vec<u8>, ttl: u64) {
+        let slot = self.cache.flights().store_slot();
+        let (Some(slot), Ok(runtime)) = (slot, tokio::runtime::Handle::try_current()) else {
+            self.fulfil(site, &stored, ttl).await;
+            return;
+        };
+        let lease = self.into_owned();
+        let mut store = Box::pin(async move {
+            let _slot = slot;
+            lease.fulfil(site, &stored, ttl).await;
+        });
+        // One poll, in this task: it queues the command on the connection
+        // (on the memory backend it is the whole store). Dropped after it,
+        // the task still completes.
+        let done = std::future::poll_fn(|cx| Poll::Ready(store.as_mut().poll(cx).is_ready())).await;
+        if !done {
+            drop(runtime.spawn(store));
+        }
     }
 
     /// Gives the lease back (the body failed, or answered nothing to
