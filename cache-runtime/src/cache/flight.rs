@@ -330,6 +330,18 @@ const STORES: usize = 4096;
 /// background, given back when the task holding it ends (or is dropped).
 pub(crate) struct BackgroundSlot(Arc<AtomicUsize>);
 
+impl BackgroundSlot {
+    /// One of `most` places counted by `taken`, if one is free.
+    fn take(taken: &Arc<AtomicUsize>, most: usize) -> Option<Self> {
+        taken
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BackgroundSlot(taken.clone()))
+    }
+}
+
 impl Drop for BackgroundSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
@@ -339,23 +351,13 @@ impl Drop for BackgroundSlot {
 impl Flights {
     /// A place for one more body in the background, if there is room.
     pub(crate) fn background_slot(&self) -> Option<BackgroundSlot> {
-        self.background
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < BACKGROUND).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| BackgroundSlot(self.background.clone()))
+        BackgroundSlot::take(&self.background, BACKGROUND)
     }
 
     /// A place for one more store awaited in the background, if there is
     /// room.
     pub(crate) fn store_slot(&self) -> Option<BackgroundSlot> {
-        self.stores
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < STORES).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| BackgroundSlot(self.stores.clone()))
+        BackgroundSlot::take(&self.stores, STORES)
     }
 
     /// Bodies finishing in the background now.
