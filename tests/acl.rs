@@ -217,6 +217,7 @@ async fn every_option_keeps_to_the_fence_on_a_server() {
         .await,
     );
     every_option(&app).await;
+    app.cache.settled().await;
     let mut admin = raw_connection(&server).await;
     let log: Vec<redis::Value> = raw(&mut admin, &[b"ACL", b"LOG"]).await;
     println!("server: ACL LOG has {} entries: {log:?}", log.len());

@@ -254,6 +254,7 @@ async fn the_servers_ttl_is_the_values() {
     repo.set(2, Status::Open);
     repo.order(1).await.unwrap();
     repo.order(2).await.unwrap();
+    repo.cache.settled().await;
     let mut conn = raw_connection(&server).await;
     let done: i64 = raw(&mut conn, &[b"PTTL", b"order:1"]).await;
     let open: i64 = raw(&mut conn, &[b"PTTL", b"order:2"]).await;

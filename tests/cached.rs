@@ -7,10 +7,7 @@ use std::time::Duration;
 use cache_harness::{RedisServer, on_every_backend, raw, raw_connection};
 use cache_runtime::{Cache, redis_cached};
 
-#[path = "support/settled.rs"]
-mod settled;
 use serde::{Deserialize, Serialize};
-use settled::settled;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -101,6 +98,7 @@ async fn hit_after_miss(cache: Cache) {
     for _ in 0..10 {
         assert_eq!(repo.get_user(42).await.unwrap().name, "user-42");
     }
+    cache.settled().await;
     let stats = cache.stats().function("get_user").unwrap();
     println!("hit_after_miss: body runs = {}, {stats:?}", repo.calls());
     assert_eq!(repo.calls(), 1, "one miss, then hits");
@@ -119,6 +117,7 @@ async fn err_is_not_cached(cache: Cache) {
     assert_eq!(repo.get_user(7).await.unwrap().id, 7);
     println!("err_is_not_cached: body runs = {}", repo.calls());
     assert_eq!(repo.calls(), 2, "the Err was not cached, the Ok was");
+    cache.settled().await;
     assert_eq!(cache.stats().total.sets, 1);
 }
 
@@ -218,7 +217,7 @@ async fn redis_holds_readable_json_under_the_prefixed_key_with_the_ttl() {
         .unwrap();
     let repo = Repo::new(cache);
     repo.get_user(42).await.unwrap();
-    settled(&repo.cache).await;
+    repo.cache.settled().await;
     let mut conn = raw_connection(&server).await;
     let stored: String = raw(&mut conn, &[b"GET", b"app:user:42"]).await;
     assert_eq!(stored, r#"{"id":42,"name":"user-42"}"#);

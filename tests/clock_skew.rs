@@ -17,11 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cache_harness::RedisServer;
 use cache_runtime::{Cache, redis_cached};
 
-#[path = "support/settled.rs"]
-mod settled;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
-use settled::settled;
 
 const SKEWS_MILLIS: [i64; 3] = [-5_000, 0, 5_000];
 const TTL: Duration = Duration::from_millis(400);
@@ -111,7 +108,7 @@ where
     // Its store landed (a miss does not wait for the reply), so that the
     // other hosts find the value, not the lease.
     if let Some(cache) = cache_of(&hosts[0]) {
-        settled(cache).await;
+        cache.settled().await;
     }
     let warm = source.runs.load(Ordering::SeqCst);
     source.most_running.store(0, Ordering::SeqCst);

@@ -10,10 +10,6 @@ use cache_harness::{RedisServer, raw, raw_connection};
 use cache_runtime::{Cache, redis_cached};
 use serde::{Deserialize, Serialize};
 
-#[path = "support/settled.rs"]
-mod settled;
-use settled::settled;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Report {
     id: u64,
@@ -59,7 +55,7 @@ async fn large_values_are_compressed_and_every_cache_reads_them() {
 
     // A large value: compressed in Redis, the same value on a hit.
     let big = compressing.report(1, 1000).await;
-    settled(&compressing.cache).await;
+    compressing.cache.settled().await;
     let stored: Vec<u8> = raw(&mut conn, &[b"GET", b"report:1:1000"]).await;
     let json = serde_json::to_vec(&big).unwrap();
     println!(
@@ -77,14 +73,14 @@ async fn large_values_are_compressed_and_every_cache_reads_them() {
 
     // A small value stays readable JSON.
     compressing.report(2, 3).await;
-    settled(&compressing.cache).await;
+    compressing.cache.settled().await;
     let stored: Vec<u8> = raw(&mut conn, &[b"GET", b"report:2:3"]).await;
     assert_eq!(stored[0], b'{', "readable in redis-cli");
 
     // An uncompressed large entry (written before compression was on) is
     // read by the compressing cache.
     let older = plain.report(3, 1000).await;
-    settled(&plain.cache).await;
+    plain.cache.settled().await;
     let stored: Vec<u8> = raw(&mut conn, &[b"GET", b"report:3:1000"]).await;
     assert_eq!(stored[0], b'{');
     let runs = compressing.runs.load(Ordering::SeqCst);
@@ -105,7 +101,7 @@ async fn large_values_are_compressed_and_every_cache_reads_them() {
     let runs = compressing.runs.load(Ordering::SeqCst);
     compressing.report(4, 1000).await;
     compressing.report(5, 1000).await;
-    settled(&compressing.cache).await;
+    compressing.cache.settled().await;
     assert_eq!(
         compressing.runs.load(Ordering::SeqCst),
         runs + 2,

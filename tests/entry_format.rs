@@ -29,10 +29,6 @@ use cache_runtime::{Cache, Codec, redis_cached};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-#[path = "support/settled.rs"]
-mod settled;
-use settled::settled;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {
     id: u64,
@@ -267,32 +263,32 @@ async fn this_release_writes_the_pinned_format() {
     let [json, msgpack, compressed] = caches(&server).await;
 
     assert!(plain(&json, 42, 2).await.is_some());
-    settled(&json).await;
+    json.settled().await;
     let bytes: Vec<u8> = raw.get("fmt:plain:42:2").await.unwrap();
     pin("value.json", &bytes);
 
     assert!(plain(&msgpack, 42, 2).await.is_some());
-    settled(&msgpack).await;
+    msgpack.settled().await;
     let bytes: Vec<u8> = raw.get("mp:plain:42:2").await.unwrap();
     pin("value.msgpack", &bytes);
 
     assert_eq!(plain(&json, 0, 2).await, None);
-    settled(&json).await;
+    json.settled().await;
     let bytes: Vec<u8> = raw.get("fmt:plain:0:2").await.unwrap();
     pin("negative", &bytes);
 
     assert!(fresh(&json, 42).await.is_some());
-    settled(&json).await;
+    json.settled().await;
     let bytes: Vec<u8> = raw.get("fmt:fresh:42").await.unwrap();
     pin("fresh_value.json", &bytes);
 
     assert_eq!(fresh(&json, 0).await, None);
-    settled(&json).await;
+    json.settled().await;
     let bytes: Vec<u8> = raw.get("fmt:fresh:0").await.unwrap();
     pin("fresh_negative", &bytes);
 
     assert!(plain(&compressed, 42, 40).await.is_some());
-    settled(&compressed).await;
+    compressed.settled().await;
     let bytes: Vec<u8> = raw.get("z:plain:42:40").await.unwrap();
     // The header is the format; the lz4 block after it is lz4's (a newer
     // lz4_flex may encode the same value differently, and any version
@@ -312,11 +308,11 @@ async fn this_release_writes_the_pinned_format() {
     // Tagged entries: the tokens of their tags, and of the tags their
     // value names after the mark of `tags_from`.
     assert!(tagged(&json, 42).await.is_some());
-    settled(&json).await;
+    json.settled().await;
     let bytes: Vec<u8> = raw.get("fmt:tagged:42").await.unwrap();
     pin("tagged.json", &bytes);
     assert!(derived(&json, 42).await.is_some());
-    settled(&json).await;
+    json.settled().await;
     let bytes: Vec<u8> = raw.get("fmt:derived:42").await.unwrap();
     pin("tagged_from.json", &bytes);
 

@@ -25,9 +25,6 @@ use tokio::task::JoinSet;
 #[path = "support/logs.rs"]
 mod logs;
 use logs::Logs;
-#[path = "support/settled.rs"]
-mod settled;
-use settled::settled;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
@@ -332,6 +329,7 @@ async fn stall_test(
     .await;
     let db = Db::with_latency(cache, STALL_QUERY);
     db.get_user(1).await.unwrap();
+    db.cache.settled().await;
     stall(&server);
     let stalled = calls_while_stalled(&db, Duration::from_millis(2500)).await;
     resume(&server);
@@ -505,7 +503,7 @@ async fn garbage_in_a_key(target: &Target, prefix: &str) {
             };
             assert_eq!(got, Ok(user(id)), "{what} under {key}");
             assert_eq!(db.queries(), queries + 1, "{what} under {key}: a miss");
-            settled(&db.cache).await;
+            db.cache.settled().await;
             assert_eq!(
                 stored_user(&mut conn, &stored).await,
                 Some(user(id)),
@@ -517,7 +515,7 @@ async fn garbage_in_a_key(target: &Target, prefix: &str) {
     let list = key_of("user:4");
     raw::<()>(&mut conn, &[b"LPUSH", list.as_bytes(), b"x"]).await;
     assert_eq!(db.get_user(4).await, Ok(user(4)));
-    settled(&db.cache).await;
+    db.cache.settled().await;
     assert_eq!(stored_user(&mut conn, &list).await, Some(user(4)));
 
     let queries = db.queries();
@@ -746,6 +744,7 @@ async fn an_outage_costs_bounded_tasks_chores_and_log_lines_whatever_the_call_ra
     .await;
     let db = Arc::new(Db::new(cache.clone()));
     db.get_user(1).await.unwrap();
+    db.cache.settled().await;
     server.freeze();
     let metrics = tokio::runtime::Handle::current().metrics();
     let (mut calls, mut most_tasks, mut most_chores) = (0u64, 0, 0);

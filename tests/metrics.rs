@@ -11,10 +11,6 @@ use cache_runtime::{Cache, invalidates, redis_cached};
 use metrics_util::MetricKind;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-#[path = "support/settled.rs"]
-mod settled;
-use settled::settled;
-
 const OP_TIMEOUT: Duration = Duration::from_millis(100);
 
 struct Users {
@@ -55,7 +51,7 @@ async fn counters_and_durations_reach_the_recorder() {
     users.user(1).await; // hit
     users.rename(1).await; // invalidation
     users.user(1).await; // miss
-    settled(&users.cache).await;
+    users.cache.settled().await;
 
     let snapshot = snapshotter.snapshot().into_vec();
     let value = |name: &str, labels: &[(&str, &str)]| -> Option<&DebugValue> {

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 use cache_harness::{RedisServer, raw, raw_connection, wait_for};
 use cache_runtime::{Cache, invalidates, redis_cached};
 
-#[path = "support/settled.rs"]
-mod settled;
 use serde::{Deserialize, Serialize};
-use settled::settled;
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,7 +139,7 @@ async fn a_probe_dropped_by_a_request_timeout_does_not_disable_the_cache() {
     let table = Table::new(cache);
     table.get(1).await.unwrap();
     // Its store's reply in, before the server stops answering.
-    settled(&table.cache).await;
+    table.cache.settled().await;
 
     server.freeze();
     for id in [2, 3] {

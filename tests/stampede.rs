@@ -15,10 +15,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-#[path = "support/settled.rs"]
-mod settled;
-use settled::settled;
-
 /// Not `Clone`: waiters get the leader's encoded value, not a copy.
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct Report {
@@ -499,7 +495,7 @@ async fn jitter_composes_with_the_stale_window() {
     let mut expiries = Vec::new();
     for id in 0..20 {
         source.spread(id).await.unwrap();
-        settled(&source.cache).await;
+        source.cache.settled().await;
         let key = format!("spread:{id}");
         let pttl: i64 = raw(&mut conn, &[b"PTTL", key.as_bytes()]).await;
         expiries.push(pttl);

@@ -10,10 +10,6 @@ use cache_harness::{RedisServer, on_every_backend, raw, raw_connection};
 use cache_runtime::{Cache, CacheBuilder, Counts, cache_put, invalidates, redis_cached};
 use serde::{Deserialize, Serialize};
 
-#[path = "support/settled.rs"]
-mod settled;
-use settled::settled;
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct User {
     id: u64,
@@ -272,7 +268,7 @@ async fn a_value_computed_before_a_write_is_not_stored(cache: Cache) {
         "user-1",
         "the caller gets its result"
     );
-    settled(&cache).await;
+    cache.settled().await;
     let stats = cache.stats();
     assert_eq!(stats.total.dropped_sets, 1, "{stats:?}");
     assert_eq!(stats.total.sets, 0);
@@ -349,7 +345,7 @@ async fn keys_made_from_the_result(cache: Cache) {
     let dropped = cache.stats().total.dropped_sets;
     let old = read_then_overtaken(&users, "u3@example.com").await.unwrap();
     assert_eq!(old.name, "user-3", "the caller gets what it read");
-    settled(&cache).await;
+    cache.settled().await;
     assert_eq!(cache.stats().total.dropped_sets, dropped + 1);
     let now = users.by_email("u3@example.com").await.unwrap();
     assert_eq!(now.name, "newer");
@@ -452,6 +448,7 @@ async fn a_write_while_redis_is_down_succeeds_without_waiting() {
     let mut server = RedisServer::start();
     let users = users_on(&server, |b| b.op_timeout(Duration::from_millis(100))).await;
     users.get_user(1).await.unwrap();
+    users.cache.settled().await;
     server.stop();
 
     let started = Instant::now();
@@ -483,6 +480,7 @@ async fn a_stalled_invalidation_is_retried_in_the_background() {
     let server = RedisServer::start();
     let users = users_on(&server, |b| b.op_timeout(Duration::from_millis(100))).await;
     users.get_user(1).await.unwrap();
+    users.cache.settled().await;
     let mut conn = raw_connection(&server).await;
     let key = Users::get_user_cache_key(&1).into_string();
 
@@ -552,7 +550,8 @@ fn a_write_after_the_retrying_runtime_shut_down_is_still_invalidated() {
             .await
             .unwrap();
         let users = Users::new(cache);
-        users.get_user(1).await.unwrap(); // cached
+        users.get_user(1).await.unwrap();
+        users.cache.settled().await; // cached
         proxy.set(cache_harness::Fault::Blackhole);
         users.rename(1, "lost".into()).await.unwrap(); // its DEL is queued for a retry
         users

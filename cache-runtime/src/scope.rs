@@ -281,6 +281,12 @@ pub(crate) fn begin() -> Mode {
         .unwrap_or(Mode::Normal)
 }
 
+/// How the cached calls of this task are to treat the cache, without
+/// counting a call (see [`begin`]).
+pub(crate) fn mode() -> Mode {
+    SCOPE.try_with(|scope| scope.mode).unwrap_or(Mode::Normal)
+}
+
 /// A call recorded `event`: noted by an [`origin`] around it, if it says
 /// how the call was answered.
 pub(crate) fn noted(event: Event) {

@@ -174,8 +174,9 @@ counters! {
     /// under the refresh lock it holds.
     BackgroundCompletion => background_completions,
     /// Values written to the cache. A miss's store is counted when its
-    /// reply comes, which may be just after the call returned (see the
-    /// writes guide).
+    /// reply comes, which may be just after the call returned, as are
+    /// its `dropped_sets` and `errors` ([`Cache::settled`](crate::Cache::settled)
+    /// waits for them).
     Set => sets,
     /// Keys deleted by invalidation (`#[invalidates]`, `Cache::invalidate`).
     Invalidation => invalidations,

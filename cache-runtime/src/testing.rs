@@ -27,8 +27,9 @@ pub fn pending_chores(cache: &Cache) -> usize {
     cache.pending_chores()
 }
 
-/// Single flights and failing-key gates in use: 0 once no call is under
-/// way, whatever ended the calls.
+/// Single flights, failing-key gates, bodies finishing in the background
+/// and stores whose replies are awaited in the background: 0 once no
+/// call is under way, whatever ended the calls.
 pub fn flights_in_use(cache: &Cache) -> usize {
     cache.flights().len()
 }

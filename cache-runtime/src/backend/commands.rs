@@ -3,7 +3,8 @@
 //! primary's connection and the cluster connection all speak them.
 //!
 //! The compare operations are Lua scripts on one key, atomic on the server.
-//! They are sent as `EVALSHA`; a node that does not know the script (just
+//! The compare-and-set is sent as `EVAL` with its source (see
+//! [`compare_and_set`]); the others as `EVALSHA`, and a node that does not know the script (just
 //! started, failed over, `SCRIPT FLUSH`ed) answers `NOSCRIPT`, and the same
 //! call is sent once more as `EVAL` with the source, routed by its key like
 //! the first. (`SCRIPT LOAD` would go to every node of a cluster and fail

@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 /// Body runs at once for a key whose leaders keep failing.
 pub(crate) const FAILING_RUNS: usize = 2;
@@ -131,10 +131,10 @@ pub(crate) struct Flights {
     /// body again.
     failed: DashMap<String, Instant>,
     /// Bodies finishing in the background (`soft_timeout`).
-    background: Arc<AtomicUsize>,
+    background: Arc<Places>,
     /// Stores whose replies are awaited in the background
     /// ([`crate::write::lease::HeldLease::fulfil_soon`]).
-    stores: Arc<AtomicUsize>,
+    stores: Arc<Places>,
     /// How long a landed answer lingers.
     linger: Duration,
     lingering: Mutex<Lingering>,
@@ -188,8 +188,8 @@ impl Flights {
             in_flight: DashMap::new(),
             failing: DashMap::new(),
             failed: DashMap::new(),
-            background: Arc::new(AtomicUsize::new(0)),
-            stores: Arc::new(AtomicUsize::new(0)),
+            background: Arc::default(),
+            stores: Arc::default(),
             linger,
             lingering: Mutex::new(Lingering::default()),
         }
@@ -314,7 +314,7 @@ impl Flights {
             .iter()
             .filter(|flight| matches!(*flight.landing.borrow(), Landing::Pending))
             .count();
-        pending + self.failing.len() + self.in_background() + self.stores.load(Ordering::SeqCst)
+        pending + self.failing.len() + self.in_background() + self.stores.taken()
     }
 }
 
@@ -326,25 +326,42 @@ const BACKGROUND: usize = 1024;
 /// waits for its store's reply itself.
 const STORES: usize = 4096;
 
+/// Places for work in the background, counted, with a wake-up for those
+/// waiting until none is taken.
+#[derive(Debug, Default)]
+struct Places {
+    taken: AtomicUsize,
+    none_taken: Notify,
+}
+
+impl Places {
+    fn taken(&self) -> usize {
+        self.taken.load(Ordering::SeqCst)
+    }
+}
+
 /// A place among the bodies finishing (or the stores awaited) in the
 /// background, given back when the task holding it ends (or is dropped).
-pub(crate) struct BackgroundSlot(Arc<AtomicUsize>);
+pub(crate) struct BackgroundSlot(Arc<Places>);
 
 impl BackgroundSlot {
-    /// One of `most` places counted by `taken`, if one is free.
-    fn take(taken: &Arc<AtomicUsize>, most: usize) -> Option<Self> {
-        taken
+    /// One of `most` places, if one is free.
+    fn take(places: &Arc<Places>, most: usize) -> Option<Self> {
+        places
+            .taken
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < most).then_some(n + 1)
             })
             .ok()
-            .map(|_| BackgroundSlot(taken.clone()))
+            .map(|_| BackgroundSlot(places.clone()))
     }
 }
 
 impl Drop for BackgroundSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        if self.0.taken.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none_taken.notify_waiters();
+        }
     }
 }
 
@@ -360,10 +377,26 @@ impl Flights {
         BackgroundSlot::take(&self.stores, STORES)
     }
 
+    /// Once no store is awaited in the background (see
+    /// [`Cache::settled`](crate::Cache::settled)).
+    pub(crate) async fn stores_settled(&self) {
+        loop {
+            let idle = self.stores.none_taken.notified();
+            let mut idle = std::pin::pin!(idle);
+            // Registered before the count is read, so that the last
+            // store's wake-up cannot fall in between.
+            idle.as_mut().enable();
+            if self.stores.taken() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
     /// Bodies finishing in the background now.
     #[cfg(any(test, feature = "__testing"))]
     pub(crate) fn in_background(&self) -> usize {
-        self.background.load(Ordering::SeqCst)
+        self.background.taken()
     }
 }
 

@@ -232,6 +232,27 @@ impl Cache {
         installed.map(Cow::Owned)
     }
 
+    /// Waits until the stores of misses that have returned have their
+    /// replies. A miss does not wait for its store's reply (the
+    /// [writes](crate::guide::writes) guide says when and why), so call
+    /// this before a process exits, for the values its last calls computed
+    /// to be in Redis, or before reading an entry from another connection
+    /// right after the miss that stored it; `stats()` then counts those
+    /// stores too. Returns at once when none is pending; each store is
+    /// bounded by the op timeout.
+    ///
+    /// ```no_run
+    /// # async fn run(cache: cache_runtime::Cache) {
+    /// // ... the job's last cached calls ...
+    /// cache.settled().await;
+    /// # }
+    /// ```
+    ///
+    /// Cancel safe: dropping it drops only the wait.
+    pub async fn settled(&self) {
+        self.flights().stores_settled().await;
+    }
+
     /// A snapshot of the counters, in total and per function.
     pub fn stats(&self) -> Stats {
         let mut stats = self.inner.stats.snapshot();

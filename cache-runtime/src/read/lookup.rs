@@ -1079,8 +1079,14 @@ impl Cache {
                     // for the reply either, where its next read of the key
                     // goes out on the connection the store does (a local
                     // tier's and a tagged function's reads may go on the
-                    // tracking connection instead).
-                    if leader.is_none() && tagging.is_none() && site.local_millis() == 0 {
+                    // tracking connection instead), and unless it is a
+                    // `refresh`, whose caller (a job warming entries, say)
+                    // counts on the value being stored when it returns.
+                    if leader.is_none()
+                        && tagging.is_none()
+                        && site.local_millis() == 0
+                        && crate::scope::mode() != crate::scope::Mode::Refresh
+                    {
                         lease.fulfil_soon(site, stored.into_owned(), ttl).await;
                         false
                     } else {

@@ -272,11 +272,15 @@ impl<'c> HeldLease<'c> {
     /// the round trips of hand-written cache-aside (`GET`, then the store)
     /// plus the lease's own.
     ///
-    /// Sent first means queued on the connection ahead of anything this
-    /// process sends afterwards: its later reads of the key find the value
-    /// (commands on one connection apply in order). Another connection may
-    /// still find the placeholder for that moment, as it would while the
-    /// body ran. The stored count is taken when the reply comes. Past
+    /// Queued first, it goes out ahead of what this process sends on the
+    /// connection afterwards, and its later reads of the key find the
+    /// value (commands on one connection apply in order). It is not
+    /// queued on that first poll while the connection is being made again
+    /// or its queue is full, nor on a cluster when the command is
+    /// redirected: a read then may find this call's own placeholder, and
+    /// computes without storing. Nothing stale follows either way: the
+    /// compare-and-set still needs the placeholder. The stored count is
+    /// taken when the reply comes ([`Cache::settled`] waits for it). Past
     /// [`crate::cache::flight::Flights::store_slot`]'s bound, or without a
     /// Tokio runtime, it waits for the reply as `fulfil` does.
     pub(crate) async fn fulfil_soon(self, site: &'static Site, stored: Vec<u8>, ttl: u64) {
@@ -286,13 +290,15 @@ impl<'c> HeldLease<'c> {
             return;
         };
         let lease = self.into_owned();
-        let mut store = Box::pin(async move {
+        // Unconstrained: a task out of Tokio's budget (a batch settling
+        // many keys in one poll) would otherwise not queue it on this poll.
+        let mut store = Box::pin(tokio::task::unconstrained(async move {
             let _slot = slot;
             lease.fulfil(site, &stored, ttl).await;
-        });
-        // One poll, in this task: it queues the command on the connection
-        // (on the memory backend it is the whole store). Dropped after it,
-        // the task still completes.
+        }));
+        // One poll, in this task: it usually queues the command on the
+        // connection (on the memory backend it is the whole store).
+        // Dropped after it, the task still completes.
         let done = std::future::poll_fn(|cx| Poll::Ready(store.as_mut().poll(cx).is_ready())).await;
         if !done {
             drop(runtime.spawn(store));
