@@ -534,6 +534,28 @@ impl Drop for Gate<'_> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn settled_waits_for_the_stores_under_way() {
+        let flights = Arc::new(Flights::new(Duration::from_secs(1)));
+        // None under way: at once.
+        flights.stores_settled().await;
+        let (first, second) = (flights.store_slot().unwrap(), flights.store_slot().unwrap());
+        let waiting = tokio::spawn({
+            let flights = flights.clone();
+            async move { flights.stores_settled().await }
+        });
+        tokio::task::yield_now().await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "one store is still under way");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken when the last store ended")
+            .unwrap();
+        assert_eq!(flights.stores.taken(), 0);
+    }
+
     /// A caller that began long ago and takes the proof.
     fn early() -> Joiner {
         Joiner {

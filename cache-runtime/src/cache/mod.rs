@@ -232,14 +232,19 @@ impl Cache {
         installed.map(Cow::Owned)
     }
 
-    /// Waits until the stores of misses that have returned have their
-    /// replies. A miss does not wait for its store's reply (the
+    /// Waits until no store of this cache's misses is waiting for its
+    /// reply. A miss does not wait for its store's reply (the
     /// [writes](crate::guide::writes) guide says when and why), so call
-    /// this before a process exits, for the values its last calls computed
-    /// to be in Redis, or before reading an entry from another connection
-    /// right after the miss that stored it; `stats()` then counts those
-    /// stores too. Returns at once when none is pending; each store is
-    /// bounded by the op timeout.
+    /// this once the calls are done: before a process exits, for the
+    /// values its last calls computed to be in Redis, or before reading an
+    /// entry from another connection right after the miss that stored it;
+    /// `stats()` then counts those stores' `sets`, `dropped_sets` and
+    /// `errors` too. Returns at once when none is pending. Each store is
+    /// bounded by the op timeout, but stores that start meanwhile are
+    /// waited for too, so under steady misses it may not return. Await it
+    /// on the runtime the calls ran on: a store waits on that runtime, and
+    /// one whose runtime is not running does not end (a runtime shut down
+    /// drops its stores: they are lost, not waited for).
     ///
     /// ```no_run
     /// # async fn run(cache: cache_runtime::Cache) {

@@ -284,8 +284,11 @@ impl<'c> HeldLease<'c> {
     /// [`crate::cache::flight::Flights::store_slot`]'s bound, or without a
     /// Tokio runtime, it waits for the reply as `fulfil` does.
     pub(crate) async fn fulfil_soon(self, site: &'static Site, stored: Vec<u8>, ttl: u64) {
-        let slot = self.cache.flights().store_slot();
-        let (Some(slot), Ok(runtime)) = (slot, tokio::runtime::Handle::try_current()) else {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.fulfil(site, &stored, ttl).await;
+            return;
+        };
+        let Some(slot) = self.cache.flights().store_slot() else {
             self.fulfil(site, &stored, ttl).await;
             return;
         };
