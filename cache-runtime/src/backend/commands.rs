@@ -124,6 +124,16 @@ impl Track {
     }
 }
 
+/// `name` (`EVAL` or `EVALSHA`) of `body` on one key.
+fn script_call(name: &str, body: &str, key: &str, args: &[&dyn ToRedisArgsDyn]) -> Cmd {
+    let mut cmd = redis::cmd(name);
+    cmd.arg(body).arg(1).arg(key);
+    for arg in args {
+        arg.write_to(&mut cmd);
+    }
+    cmd
+}
+
 /// `EVAL` with the script's source.
 async fn eval_source<T: FromRedisValue>(
     conn: &mut impl ConnectionLike,
@@ -131,12 +141,7 @@ async fn eval_source<T: FromRedisValue>(
     key: &str,
     args: &[&dyn ToRedisArgsDyn],
 ) -> Result<T, CacheError> {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(script.source).arg(1).arg(key);
-    for arg in args {
-        arg.write_to(&mut cmd);
-    }
-    query(conn, &cmd).await
+    query(conn, &script_call("EVAL", script.source, key, args)).await
 }
 
 /// `EVALSHA`, then `EVAL` if the node does not know the script.
@@ -159,14 +164,7 @@ async fn eval_tracked<T: FromRedisValue>(
     key: &str,
     args: &[&dyn ToRedisArgsDyn],
 ) -> Result<T, CacheError> {
-    let call = |name: &str, body: &str| {
-        let mut cmd = redis::cmd(name);
-        cmd.arg(body).arg(1).arg(key);
-        for arg in args {
-            arg.write_to(&mut cmd);
-        }
-        cmd
-    };
+    let call = |name: &str, body: &str| script_call(name, body, key, args);
     let send = |cmd: Cmd| {
         let mut pipe = track.pipe();
         pipe.add_command(cmd);
