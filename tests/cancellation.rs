@@ -386,7 +386,7 @@ async fn sweep(
     .await;
     assert!(
         ended.is_some(),
-        "a single flight, gate or background body outlived its callers: {}",
+        "a single flight, gate, background body or shared read outlived its callers: {}",
         flights_in_use(&db.cache)
     );
     (calls, stats, body_runs)

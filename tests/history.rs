@@ -9,7 +9,10 @@
 //! A deliberately naive arm runs in the same harness: cache-aside as the
 //! tutorials write it (`GET`; on a miss read the row and `SET`; a write
 //! `DEL`s), with no lease. It must show stale reads, or the harness could
-//! not catch any.
+//! not catch any. So must `naive_joined`: concurrent calls of a row share
+//! one call in flight, as a cache that shares reads without care would
+//! (the cache shares only reads sent after every caller began: see
+//! `cache_runtime::CacheBuilder::share_reads`).
 //!
 //! Each test runs on a standalone `redis-server` and on the test binary's
 //! local Redis Cluster, where the naive arm talks to the cluster too.
@@ -48,7 +51,7 @@ struct DbError;
 /// entries are fresh for 20 ms, kept for 10 s, its body fails one time in
 /// four (a failed call is not a completed read) and is given 1 ms
 /// (`soft_timeout`) before the kept value answers.
-const ARMS: [&str; 23] = [
+const ARMS: [&str; 24] = [
     "plain",
     "single_flight",
     "distributed",
@@ -72,12 +75,13 @@ const ARMS: [&str; 23] = [
     "naive",
     "naive_local",
     "naive_tags",
+    "naive_joined",
 ];
 
 /// Arms that may read stale values: the naive ones, which must, and (across
 /// processes) the local tier, within the time the server's invalidation
 /// takes to reach another process.
-const NAIVE: [&str; 3] = ["naive", "naive_local", "naive_tags"];
+const NAIVE: [&str; 4] = ["naive", "naive_local", "naive_tags", "naive_joined"];
 
 /// A row's TTL (`ttl_from`): 30 ms for an even version, else the
 /// attribute's.
@@ -110,6 +114,9 @@ struct Store {
     histories: BTreeMap<&'static str, History>,
     /// The naive local tier: copies of `plain` rows for 5 s, nothing else.
     naive_local: std::sync::Mutex<HashMap<u64, (Row, Instant)>>,
+    /// The naive joined arm's calls in flight: the version each will
+    /// answer, by row.
+    naive_joined: std::sync::Mutex<HashMap<u64, tokio::sync::watch::Receiver<Option<u64>>>>,
 }
 
 /// How long the naive arm waits, after reading a row, for a write of it
@@ -166,6 +173,7 @@ impl Store {
                 .chain([("write", History::default())])
                 .collect(),
             naive_local: std::sync::Mutex::default(),
+            naive_joined: std::sync::Mutex::default(),
         }
     }
 
@@ -381,6 +389,43 @@ impl Store {
         row
     }
 
+    /// `plain`'s calls of a row shared the naive way: a call joins one
+    /// already in flight, which may have read the entry before a write
+    /// that completed before the joiner began (the cache shares only a
+    /// read sent after every caller began). The call in flight is slow, as
+    /// a read under load is: it waits (a bounded time) for a write of its
+    /// row to land, then for its invalidation to finish, before it
+    /// answers; see [`Store::naive`].
+    async fn naive_joined(&self, id: u64) -> Result<Row, DbError> {
+        let in_flight = self.naive_joined.lock().unwrap().get(&id).cloned();
+        if let Some(mut version) = in_flight
+            && let Ok(version) = version.wait_for(Option::is_some).await
+        {
+            return Ok(Row {
+                id,
+                version: version.expect("waited for"),
+            });
+        }
+        let (answer, version) = tokio::sync::watch::channel(None);
+        self.naive_joined.lock().unwrap().insert(id, version);
+        /// Takes the call out of the map however it ends.
+        struct Leaving<'a>(&'a Store, u64);
+        impl Drop for Leaving<'_> {
+            fn drop(&mut self) {
+                self.0.naive_joined.lock().unwrap().remove(&self.1);
+            }
+        }
+        let _leaving = Leaving(self, id);
+        let row = self.plain(id).await?;
+        let waited = Instant::now();
+        while waited.elapsed() < NAIVE_WAIT_FOR_WRITE && self.row(id).await.version == row.version {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(NAIVE_STORE_DELAY).await;
+        let _ = answer.send(Some(row.version));
+        Ok(row)
+    }
+
     /// A naive arm's read of `key`: the row cached there, if any.
     async fn naive_get(&self, key: &str) -> Option<Row> {
         let cached: Option<Vec<u8>> = redis::cmd("GET")
@@ -489,6 +534,7 @@ impl Store {
             "fail_safe" => return self.fail_safe(id).await.ok().map(|row| row.version),
             "naive_local" => self.naive_local(id).await,
             "naive_tags" => Ok(self.naive_tags(id).await),
+            "naive_joined" => self.naive_joined(id).await,
             _ => Ok(self.naive(id).await),
         };
         Some(row.map_or(0, |row| row.version))

@@ -27,11 +27,12 @@ pub fn pending_chores(cache: &Cache) -> usize {
     cache.pending_chores()
 }
 
-/// Single flights, failing-key gates, bodies finishing in the background
-/// and stores whose replies are awaited in the background: 0 once no
-/// call is under way, whatever ended the calls.
+/// Single flights, failing-key gates, bodies finishing in the background,
+/// stores whose replies are awaited in the background and keys with a
+/// shared read in flight: 0 once no call is under way, whatever ended the
+/// calls.
 pub fn flights_in_use(cache: &Cache) -> usize {
-    cache.flights().len()
+    cache.flights().len() + cache.shared_reads().in_flight()
 }
 
 pub use crate::backend::Fetched;

@@ -19,6 +19,8 @@
 //! BENCH_QUICK=1 cargo run --release -p cache-bench --bin bench   # fewer rounds
 //! BENCH_THROUGHPUT_ONLY=1 cargo run --release -p cache-bench --bin bench   # A/B runs of the hot path
 //! BENCH_MISS_ONLY=1 cargo run --release -p cache-bench --bin bench   # A/B runs of the miss path
+//! BENCH_THROUGHPUT_ONLY=1 BENCH_UNSHARED=1 cargo run --release -p cache-bench --bin bench   # reads not shared
+//! BENCH_LOCAL_ONLY=1 BENCH_HOT_ONLY=1 cargo run --release -p cache-bench --bin bench   # the hot-key workload alone
 //! BENCH_TRACING_AB=1 cargo run --release -p cache-bench --bin bench   # what the call spans cost
 //! BENCH_READ_AB=1 cargo run --release -p cache-bench --bin bench   # GET against the cache's GETRANGE
 //! BENCH_CLUSTER_ONLY=1 cargo run --release -p cache-bench --bin bench      # the cluster arms alone
@@ -157,6 +159,12 @@ fn nodelay() -> bool {
     std::env::var_os("BENCH_NAGLE").is_none()
 }
 
+/// Whether arms 3 and 3b share concurrent reads of a key (the default),
+/// unless `BENCH_UNSHARED=1` turns it off: for A/B runs of one binary.
+fn share_reads() -> bool {
+    std::env::var_os("BENCH_UNSHARED").is_none()
+}
+
 /// A hand-written arm's connection, with [`nodelay`]'s setting.
 async fn hand_connection(url: &str) -> Result<redis::aio::MultiplexedConnection, Error> {
     use redis::IntoConnectionInfo;
@@ -283,8 +291,16 @@ async fn hand_written(
     conn: &mut (impl redis::aio::ConnectionLike + Send),
     id: u64,
 ) -> Result<User, Error> {
-    let key = format!("bench:hand:{id}");
-    let cached: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(conn).await?;
+    hand_written_at(conn, &format!("bench:hand:{id}"), id).await
+}
+
+/// [`hand_written`] under `key`.
+async fn hand_written_at(
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
+    key: &str,
+    id: u64,
+) -> Result<User, Error> {
+    let cached: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(conn).await?;
     if let Some(bytes) = cached
         && let Ok(user) = serde_json::from_slice(&bytes)
     {
@@ -293,7 +309,7 @@ async fn hand_written(
     let user = query(1, id).await?;
     let bytes = serde_json::to_vec(&user)?;
     redis::cmd("SET")
-        .arg(&key)
+        .arg(key)
         .arg(bytes)
         .arg("EX")
         .arg(TTL_SECS)
@@ -772,12 +788,14 @@ async fn main() -> Result<(), Error> {
     Cache::builder()
         .url(url.as_str())
         .tcp_nodelay(nodelay())
+        .share_reads(share_reads())
         .build()
         .await?
         .install();
     let msgpack = Cache::builder()
         .url(url.as_str())
         .tcp_nodelay(nodelay())
+        .share_reads(share_reads())
         .codec(cache_runtime::Codec::MessagePack)
         .build()
         .await?;
@@ -982,10 +1000,79 @@ mod local_tier {
         query(2, id).await
     }
 
-    /// A write of the hot-key workload.
-    #[invalidates(zipf_redis(id), zipf_local(id), cache = local_cache())]
+    /// A write of the hot-key workload, without a local tier.
+    #[invalidates(zipf_redis(id), cache = local_cache())]
     async fn zipf_write(id: u64) -> Result<(), DbError> {
         black_box(id);
+        Ok(())
+    }
+
+    static UNSHARED_CACHE: OnceLock<Cache> = OnceLock::new();
+
+    fn unshared_cache() -> &'static Cache {
+        UNSHARED_CACHE.get().expect("set in run")
+    }
+
+    /// The hot-key workload without a local tier, each call's read sent
+    /// at once (`share_reads(false)`).
+    #[redis_cached(key = "bench:zipf-unshared:<id>", ttl = 600, single_flight, cache = unshared_cache())]
+    async fn zipf_unshared(id: u64) -> Result<User, DbError> {
+        query(2, id).await
+    }
+
+    /// A write of [`zipf_unshared`]'s workload.
+    #[invalidates(zipf_unshared(id), cache = unshared_cache())]
+    async fn zipf_write_unshared(id: u64) -> Result<(), DbError> {
+        black_box(id);
+        Ok(())
+    }
+
+    /// A write of the hot-key workload, with a local tier.
+    #[invalidates(zipf_local(id), cache = local_cache())]
+    async fn zipf_write_local(id: u64) -> Result<(), DbError> {
+        black_box(id);
+        Ok(())
+    }
+
+    /// The hot-key workload's arms.
+    pub(super) const HOT_NAMES: [&str; 4] = [
+        "hand-written",
+        "#[redis_cached]",
+        "#[redis_cached(local)]",
+        "#[redis_cached], share_reads(false)",
+    ];
+
+    /// One call of the hot-key workload's `arm`: a read of `id`, or (`write`)
+    /// a write of it, which invalidates the arm's entry.
+    async fn hot_call(
+        conn: &mut redis::aio::MultiplexedConnection,
+        arm: usize,
+        id: u64,
+        write: bool,
+    ) -> Result<(), Error> {
+        match (arm, write) {
+            (0, true) => {
+                redis::cmd("DEL")
+                    .arg(format!("bench:hand-zipf:{id}"))
+                    .query_async::<()>(conn)
+                    .await?;
+            }
+            (0, false) => {
+                black_box(hand_written_at(conn, &format!("bench:hand-zipf:{id}"), id).await?);
+            }
+            (1, true) => zipf_write(id).await?,
+            (1, false) => {
+                black_box(zipf_redis(id).await?);
+            }
+            (2, true) => zipf_write_local(id).await?,
+            (2, false) => {
+                black_box(zipf_local(id).await?);
+            }
+            (_, true) => zipf_write_unshared(id).await?,
+            (_, false) => {
+                black_box(zipf_unshared(id).await?);
+            }
+        }
         Ok(())
     }
 
@@ -1001,36 +1088,32 @@ mod local_tier {
     }
 
     /// The hot-key workload: 64 tasks, ids Zipf-distributed (s = 1.1) over
-    /// 10 000 keys, 5 % writes; without and with the local tier in turns.
-    /// Requests per second and Redis commands per request, per arm.
-    async fn hot_keys(
+    /// 10 000 keys, 5 % writes; hand-written, ours without and with the
+    /// local tier, in turns. Requests per second and Redis commands per
+    /// request, per arm.
+    pub(super) async fn hot_keys(
         conn: &mut redis::aio::MultiplexedConnection,
         rounds: usize,
         turn: Duration,
-    ) -> Result<[(f64, f64); 2], Error> {
+    ) -> Result<[(f64, f64); 4], Error> {
         use rand::rngs::SmallRng;
         use rand::{RngExt, SeedableRng};
         use rand_distr::{Distribution, Zipf};
         let zipf = Zipf::new(10_000.0, 1.1)?;
-        let mut totals = [(0u64, 0u64, Duration::ZERO); 2];
+        let mut totals = [(0u64, 0u64, Duration::ZERO); 4];
         for round in 0..rounds {
-            for arm in rotation(round, 2) {
+            for arm in rotation(round, 4) {
                 let before = commands_processed(conn).await?;
                 let started = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
                 for task in 0..64u64 {
+                    let mut conn = conn.clone();
                     tasks.spawn(async move {
                         let mut rng = SmallRng::seed_from_u64(round as u64 * 1000 + task);
                         let mut n = 0u64;
                         while started.elapsed() < turn {
                             let id = zipf.sample(&mut rng) as u64;
-                            if rng.random_bool(0.05) {
-                                zipf_write(id).await?;
-                            } else if arm == 0 {
-                                black_box(zipf_redis(id).await?);
-                            } else {
-                                black_box(zipf_local(id).await?);
-                            }
+                            hot_call(&mut conn, arm, id, rng.random_bool(0.05)).await?;
                             n += 1;
                             // A local hit never yields: let the other
                             // tasks (and the connection) run.
@@ -1118,6 +1201,44 @@ mod local_tier {
         }
     }
 
+    /// The local tier's hit latency and throughput against L1 and L2.
+    async fn local_hits(arms: &LocalArms, quick: bool, out_dir: &Path) -> Result<(), Error> {
+        let (rounds, per_turn) = if quick { (6, 1000) } else { (20, 5000) };
+        let hits = hit_latency(arms, rounds, per_turn).await?;
+        let mut rows = latency_rows(&hits);
+        let throughput_rounds = if quick { 6 } else { 20 };
+        let (per_second, ratios) =
+            hit_throughput(arms, 64, throughput_rounds, Duration::from_millis(150)).await?;
+        rows.push(Row {
+            metric: format!("hit throughput, c=64 (median of {throughput_rounds} rounds)"),
+            unit: "calls/s",
+            values: per_second,
+            ratios: Some(ratios),
+            higher_is_better: true,
+        });
+        println!("\nLocal tier, on the same Redis and value:\n");
+        println!("{}", table(&rows, arms));
+        println!(
+            "Ratios are to L1 (hand-written, one Redis GET per hit). L3 against L2 (moka by hand): \
+             hit latency p50 {:.2}×, throughput c=64 {:.2}×",
+            rows[0].values[2] / rows[0].values[1],
+            rows[2].values[2] / rows[2].values[1],
+        );
+        let counts = local_cache().stats();
+        println!(
+            "L3 counters: {} local hits, {} Redis hits, {} misses; {} copies, {} bytes",
+            counts.total.local_hits,
+            counts.total.hits,
+            counts.total.misses,
+            counts.local.entries,
+            counts.local.bytes
+        );
+        let csv_path = out_dir.join("bench_local.csv");
+        std::fs::write(&csv_path, csv(&rows, arms))?;
+        println!("wrote {}", csv_path.display());
+        Ok(())
+    }
+
     pub(super) async fn run(url: &str, quick: bool, out_dir: &Path) -> Result<(), Error> {
         let cache = Cache::builder()
             .url(url)
@@ -1125,6 +1246,13 @@ mod local_tier {
             .build()
             .await?;
         LOCAL_CACHE.set(cache).map_err(|_| "set once")?;
+        let unshared = Cache::builder()
+            .url(url)
+            .tcp_nodelay(nodelay())
+            .share_reads(false)
+            .build()
+            .await?;
+        UNSHARED_CACHE.set(unshared).map_err(|_| "set once")?;
         let arms = LocalArms {
             conn: hand_connection(url).await?,
             moka: moka::sync::Cache::builder()
@@ -1149,58 +1277,38 @@ mod local_tier {
         if profile_arm(&arms).await?.is_some() {
             return Ok(());
         }
-        let (rounds, per_turn) = if quick { (6, 1000) } else { (20, 5000) };
-        let hits = hit_latency(&arms, rounds, per_turn).await?;
-        let mut rows = latency_rows(&hits);
-        let throughput_rounds = if quick { 6 } else { 20 };
-        let (per_second, ratios) =
-            hit_throughput(&arms, 64, throughput_rounds, Duration::from_millis(150)).await?;
-        rows.push(Row {
-            metric: format!("hit throughput, c=64 (median of {throughput_rounds} rounds)"),
-            unit: "calls/s",
-            values: per_second,
-            ratios: Some(ratios),
-            higher_is_better: true,
-        });
-        println!("\nLocal tier, on the same Redis and value:\n");
-        println!("{}", table(&rows, &arms));
-        println!(
-            "Ratios are to L1 (hand-written, one Redis GET per hit). L3 against L2 (moka by hand): \
-             hit latency p50 {:.2}×, throughput c=64 {:.2}×",
-            rows[0].values[2] / rows[0].values[1],
-            rows[2].values[2] / rows[2].values[1],
-        );
-        let counts = local_cache().stats();
-        println!(
-            "L3 counters: {} local hits, {} Redis hits, {} misses; {} copies, {} bytes",
-            counts.total.local_hits,
-            counts.total.hits,
-            counts.total.misses,
-            counts.local.entries,
-            counts.local.bytes
-        );
-        let csv_path = out_dir.join("bench_local.csv");
-        std::fs::write(&csv_path, csv(&rows, &arms))?;
-        println!("wrote {}", csv_path.display());
+        let hot_only = std::env::var_os("BENCH_HOT_ONLY").is_some();
+        if !hot_only {
+            local_hits(&arms, quick, out_dir).await?;
+        }
 
         let (rounds, turn) = if quick {
             (2, Duration::from_millis(500))
+        } else if hot_only {
+            (6, Duration::from_secs(1))
         } else {
             (4, Duration::from_secs(1))
         };
-        let [(redis_rate, redis_commands), (local_rate, local_commands)] =
-            hot_keys(&mut arms.conn.clone(), rounds, turn).await?;
+        let figures = hot_keys(&mut arms.conn.clone(), rounds, turn).await?;
+        let hand = figures[0].0;
         println!(
             "\nHot keys (Zipf s = 1.1 over 10 000 keys, 5 % writes, c=64, {rounds} interleaved rounds of {turn:?}):\n\
-             | arm | requests/s | Redis commands per request |\n|---|---:|---:|\n\
-             | #[redis_cached] | {} | {redis_commands:.2} |\n\
-             | #[redis_cached(local)] | {} ({:.2}×) | {local_commands:.2} |",
-            human(redis_rate, "calls/s"),
-            human(local_rate, "calls/s"),
-            local_rate / redis_rate,
+             | arm | requests/s | ratio to hand-written | Redis commands per request |\n|---|---:|---:|---:|"
         );
+        for (name, (rate, commands)) in HOT_NAMES.iter().zip(figures) {
+            println!(
+                "| {name} | {} | {:.2}× | {commands:.2} |",
+                human(rate, "calls/s"),
+                rate / hand
+            );
+        }
         let stats = local_cache().stats();
-        for name in ["zipf_redis", "zipf_local"] {
+        let unshared = unshared_cache().stats();
+        for (name, stats) in [
+            ("zipf_redis", &stats),
+            ("zipf_local", &stats),
+            ("zipf_unshared", &unshared),
+        ] {
             let c = stats.function(name).unwrap_or_default();
             println!(
                 "{name}: {} local hits, {} Redis hits, {} misses, {} coalesced, {} bypasses",

@@ -69,6 +69,7 @@ pub struct CacheBuilder {
     breaker_failures: u32,
     breaker_cooldown: Duration,
     tcp_nodelay: bool,
+    share_reads: bool,
     durability: WriteDurability,
     replica_wait: Option<Duration>,
     tls: Option<Tls>,
@@ -106,6 +107,7 @@ impl CacheBuilder {
             breaker_failures: DEFAULT_BREAKER_FAILURES,
             breaker_cooldown: DEFAULT_BREAKER_COOLDOWN,
             tcp_nodelay: true,
+            share_reads: true,
             durability: WriteDurability::AllReplicas,
             replica_wait: None,
             tls: None,
@@ -351,6 +353,19 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether concurrent reads of one key share one request. Default
+    /// `true`: while a key's read is in flight, the calls that come for it
+    /// wait and share the next read, sent once that one answers (never
+    /// one sent before they started, so a call still sees every write
+    /// that completed before it began). A hot key then costs Redis about
+    /// one read per round trip however many calls want it, at the price
+    /// of up to one more round trip for those calls. `false` sends every
+    /// call's read at once. See [`crate::guide::stampede`].
+    pub fn share_reads(mut self, share: bool) -> Self {
+        self.share_reads = share;
+        self
+    }
+
     /// How many replicas a write (an invalidation of `#[invalidates]` or
     /// `Cache::invalidate`, a store of `#[cache_put]`) waits for before it
     /// counts as done. Default [`WriteDurability::AllReplicas`]: Redis
@@ -543,6 +558,11 @@ impl CacheBuilder {
             (Backend::Memory(_), _) => None,
         }
         .map(Arc::new);
+        // The memory backend has no round trip to share.
+        let reads = SharedReads::new(
+            self.op_timeout,
+            self.share_reads && backend.as_memory().is_none(),
+        );
         Cache {
             inner: Arc::new(Inner {
                 backend,
@@ -562,6 +582,7 @@ impl CacheBuilder {
                 breaker,
                 stats: Recorder::default(),
                 flights: Flights::new(self.op_timeout.saturating_mul(2)),
+                reads,
                 janitor: Janitor::default(),
                 log_limit: LogLimit::default(),
                 clock: self.clock,

@@ -36,6 +36,7 @@ use crate::key::CacheKey;
 use crate::local::tracking::{Source, Tracking};
 use crate::local::{LocalInvalidation, LocalTier};
 use crate::log_limit::LogLimit;
+use crate::read::shared::SharedReads;
 use crate::site::Site;
 use crate::stats::{Event, Function, Recorder, Stats};
 
@@ -90,6 +91,8 @@ struct Inner {
     settings: Settings,
     stats: Recorder,
     flights: Flights,
+    /// The reads in flight, shared by the calls of a hot key.
+    reads: SharedReads,
     janitor: Janitor,
     log_limit: LogLimit,
     clock: WallClock,
@@ -149,6 +152,10 @@ impl Cache {
 
     pub(crate) fn flights(&self) -> &Flights {
         &self.inner.flights
+    }
+
+    pub(crate) fn shared_reads(&self) -> &SharedReads {
+        &self.inner.reads
     }
 
     pub(crate) fn janitor(&self) -> &Janitor {

@@ -34,6 +34,7 @@ use crate::read::call::{Answered, Erased};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::read::freshness::{self, Freshness, Verdict};
 use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run};
+use crate::read::shared::Shared;
 use crate::read::tagged::Derived;
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
@@ -501,19 +502,35 @@ impl Cache {
             };
         }
         let backend = self.backend();
-        let outcome = if with_ttl {
-            // Boxed: the script's future would double the size of every
-            // plain hit's future, which is moved on each call.
-            let read = backend.get_with_ttl(key, self.settings().read_limit);
-            let stored = Box::pin(self.guarded(key, read)).await;
-            stored.map(|s| s.map(Ttl::of))
-        } else {
-            let bytes = self
-                .guarded(key, backend.get(key, self.settings().read_limit))
-                .await;
-            bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
+        let send = || async move {
+            if with_ttl {
+                // Boxed: the script's future would double the size of every
+                // plain hit's future, which is moved on each call.
+                let read = backend.get_with_ttl(key, self.settings().read_limit);
+                let stored = Box::pin(self.guarded(key, read)).await;
+                stored.map(|s| s.map(Ttl::of))
+            } else {
+                let bytes = self
+                    .guarded(key, backend.get(key, self.settings().read_limit))
+                    .await;
+                bytes.map(|b| b.map(|b| (b, Ttl::Unknown)))
+            }
         };
-        self.found(site, key, outcome)
+        // A hot key's concurrent calls share one read sent after they all
+        // started (see `crate::read::shared`).
+        match self.shared_reads().read(key, with_ttl, send).await {
+            Shared::Sent(outcome) => self.found(site, key, outcome),
+            Shared::Joined(Ok(found)) => self.found(site, key, Ok(found)),
+            // Counted and logged by the call that sent it.
+            Shared::Joined(Err(counted)) => {
+                if counted {
+                    self.record(site, Event::Error);
+                }
+                Read::Unavailable {
+                    pending_write: false,
+                }
+            }
+        }
     }
 
     /// [`Cache::read`] with its TTL, on the local tier's tracking

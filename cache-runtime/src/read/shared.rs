@@ -1,0 +1,601 @@
+//! Concurrent reads of one key share one request, without breaking
+//! read-your-writes.
+//!
+//! A hot key's callers in one process would each send the same `GET`.
+//! Here at most one read of a key is in flight at a time; the callers that
+//! come while it is form the *next* read, sent by the first of them (its
+//! leader) when the one in flight answers, and share its reply. Each of
+//! them then goes on as if it had read the key itself: it decodes its own
+//! copy, takes its own lease on a miss, and so on.
+//!
+//! # Why a call never joins a read already sent
+//!
+//! A read sent before a call started may have reached the server before a
+//! write that completed before the call started (this process's or
+//! another's): its reply may be older than the call is allowed to see. So
+//! a call joins only a read that has not been sent yet; the read is sent
+//! after every one of its callers started, exactly as if each had sent it
+//! then. A call that comes while the next read is being sent reads alone
+//! or forms the one after.
+//!
+//! # Bounds
+//!
+//! - The next read waits for the one in flight at most
+//!   [`WAIT_FOR_FLIGHT`] of the op timeout, then is sent anyway: a stalled
+//!   read (or a caller whose future is not being polled) costs the calls
+//!   behind it at most that much more than reading alone.
+//! - A joiner waits at most that plus the op timeout for the reply, then
+//!   reads alone.
+//! - A leader that is dropped before its reply is shared leaves its
+//!   joiners to read alone; a sender that is dropped lets the next read
+//!   go. Nothing waits on a dropped call.
+//! - A failed read is counted and logged once, by its sender; its joiners
+//!   run uncached as it does, counting an error each (not a breaker
+//!   failure).
+//!
+//! The memory backend has no round trip to share: its reads go alone.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::backend::Fetched;
+use crate::error::CacheError;
+use crate::read::found::Ttl;
+
+/// The share of the op timeout that a read waits for the one in flight
+/// before it is sent anyway (a divisor: half).
+pub(crate) const WAIT_FOR_FLIGHT: u32 = 2;
+
+/// Reads of one key in flight at once, before calls wait to share the
+/// next: two, so that two calls that meet on a key by chance (not a hot
+/// key) do not wait for each other.
+pub(crate) const IN_FLIGHT: u32 = 2;
+
+/// Shards of the map of reads in flight: a hot key's lock is not every
+/// key's.
+const SHARDS: usize = 64;
+
+/// What one read found, as its sender gives it to the reads that shared it.
+pub(crate) type Reply = Result<Fetched<(Vec<u8>, Ttl)>, CacheError>;
+
+/// How a call's read went.
+pub(crate) enum Shared {
+    /// This call sent the read: its outcome, to be counted and logged.
+    Sent(Reply),
+    /// Another call sent it, after this one started: a copy of what it
+    /// found, or `Err(counted)` if it failed (`counted`: whether the
+    /// failure is counted as an error, as the sender's was; a skipped
+    /// read, with the breaker open, is not).
+    Joined(Result<Fetched<(Vec<u8>, Ttl)>, bool>),
+}
+
+/// The reads in flight of one cache, by key (see the module docs).
+#[derive(Debug)]
+pub(crate) struct SharedReads {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: foldhash::fast::RandomState,
+    /// How long the next read waits for the one in flight.
+    wait: Duration,
+    /// How long a joiner waits for its reply.
+    patience: Duration,
+    /// Whether reads are shared: not on the memory backend.
+    share: bool,
+    /// [`IN_FLIGHT`] (one in some unit tests).
+    most: u32,
+}
+
+/// Some keys' slots.
+type Shard = HashMap<u64, Slot, BuildHasherDefault<Prehashed>>;
+
+/// One key's reads: the one in flight, and the next, if any call waits for
+/// it.
+#[derive(Debug)]
+struct Slot {
+    /// Reads in flight, at most [`IN_FLIGHT`].
+    sent: u32,
+    next: Option<Arc<Next>>,
+}
+
+/// A read not sent yet, and the calls that wait for its reply.
+#[derive(Debug)]
+struct Next {
+    /// Its key (a slot is found by the key's hash; two keys with one hash
+    /// never share a reply).
+    key: Box<str>,
+    with_ttl: bool,
+    /// Its leader may send it (the read in flight answered).
+    go: Notify,
+    reply: Mutex<Landed>,
+    landed: Notify,
+}
+
+#[derive(Debug)]
+enum Landed {
+    Waiting,
+    Reply(Result<Fetched<(Vec<u8>, Ttl)>, bool>),
+    /// The leader was dropped first: read alone.
+    Abandoned,
+}
+
+/// The hash of a slot's key is its map key: hashed once, not again.
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// What a call is to do with its read.
+enum Role {
+    /// Send it now: fewer than [`IN_FLIGHT`] reads of the key are in
+    /// flight.
+    Send,
+    /// Send it once the read in flight answers, for the calls that join.
+    Lead(Arc<Next>),
+    /// Wait for the next read's reply.
+    Join(Arc<Next>),
+    /// Read alone (another key with the same hash waits next).
+    Alone,
+}
+
+impl SharedReads {
+    /// The reads of a cache with op timeout `op_timeout`; `share: false`
+    /// for a backend without round trips, whose reads all go alone.
+    pub(crate) fn new(op_timeout: Duration, share: bool) -> Self {
+        let wait = op_timeout / WAIT_FOR_FLIGHT;
+        SharedReads {
+            share,
+            most: IN_FLIGHT,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+            wait,
+            patience: wait + op_timeout,
+        }
+    }
+
+    /// Reads `key` with `send`, or shares a read of it that is not sent
+    /// yet (see the module docs).
+    pub(crate) async fn read<F>(
+        &self,
+        key: &str,
+        with_ttl: bool,
+        send: impl FnOnce() -> F,
+    ) -> Shared
+    where
+        F: Future<Output = Reply>,
+    {
+        if !self.share {
+            return Shared::Sent(send().await);
+        }
+        let hash = self.hash(key, with_ttl);
+        match self.role(hash, key, with_ttl) {
+            Role::Send => {
+                let _sent = InFlight { reads: self, hash };
+                Shared::Sent(send().await)
+            }
+            // Boxed, as the join below: rare, and a hit's future is moved
+            // on every call.
+            Role::Lead(next) => Box::pin(self.lead(hash, next, send)).await,
+            Role::Join(next) => match Box::pin(self.join(&next)).await {
+                Some(reply) => Shared::Joined(reply),
+                None => Shared::Sent(send().await),
+            },
+            Role::Alone => Shared::Sent(send().await),
+        }
+    }
+
+    fn hash(&self, key: &str, with_ttl: bool) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write(key.as_bytes());
+        hasher.write_u8(u8::from(with_ttl));
+        hasher.finish()
+    }
+
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        // The high bits: the map uses the low ones.
+        let at = (hash >> 58) as usize % SHARDS;
+        self.shards[at]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn role(&self, hash: u64, key: &str, with_ttl: bool) -> Role {
+        let mut shard = self.shard(hash);
+        let Some(slot) = shard.get_mut(&hash) else {
+            shard.insert(
+                hash,
+                Slot {
+                    sent: 1,
+                    next: None,
+                },
+            );
+            return Role::Send;
+        };
+        match &slot.next {
+            Some(next) if *next.key == *key && next.with_ttl == with_ttl => {
+                Role::Join(Arc::clone(next))
+            }
+            Some(_) => Role::Alone,
+            None if slot.sent < self.most => {
+                slot.sent += 1;
+                Role::Send
+            }
+            None => {
+                let next = Arc::new(Next {
+                    key: key.into(),
+                    with_ttl,
+                    go: Notify::new(),
+                    reply: Mutex::new(Landed::Waiting),
+                    landed: Notify::new(),
+                });
+                slot.next = Some(Arc::clone(&next));
+                Role::Lead(next)
+            }
+        }
+    }
+
+    /// The next read's leader: waits for the read in flight (at most
+    /// `wait`), sends, and shares the reply.
+    async fn lead<F>(&self, hash: u64, next: Arc<Next>, send: impl FnOnce() -> F) -> Shared
+    where
+        F: Future<Output = Reply>,
+    {
+        let mut leading = Leading {
+            reads: self,
+            hash,
+            next: &next,
+        };
+        // The read in flight answered (its sender made this one the read in
+        // flight), or took too long: then this one takes its place.
+        if tokio::time::timeout(self.wait, next.go.notified())
+            .await
+            .is_err()
+        {
+            let mut shard = self.shard(hash);
+            if let Some(slot) = shard.get_mut(&hash)
+                && slot.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &next))
+            {
+                slot.sent += 1;
+                slot.next = None;
+            }
+        }
+        // Every joiner joined before this point: none can join a read that
+        // is sent.
+        let reply = send().await;
+        let shared = match &reply {
+            Ok(found) => Ok(found.clone()),
+            Err(error) => Err(!matches!(error, CacheError::CircuitOpen)),
+        };
+        leading.land(Landed::Reply(shared));
+        Shared::Sent(reply)
+    }
+
+    /// A joiner's wait for the next read's reply; `None`: read alone.
+    async fn join(&self, next: &Next) -> Option<Result<Fetched<(Vec<u8>, Ttl)>, bool>> {
+        let waited = async {
+            loop {
+                let landed = next.landed.notified();
+                let mut landed = std::pin::pin!(landed);
+                // Registered before the reply is looked at, so that its
+                // wake-up cannot fall in between.
+                landed.as_mut().enable();
+                match &*next.reply.lock().unwrap_or_else(PoisonError::into_inner) {
+                    Landed::Waiting => {}
+                    Landed::Reply(reply) => return Some(reply.clone()),
+                    Landed::Abandoned => return None,
+                }
+                landed.await;
+            }
+        };
+        tokio::time::timeout(self.patience, waited)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// A read of the key hashed `hash` answered or was dropped: the next
+    /// one may go in its place, or one fewer is in flight.
+    fn release(&self, hash: u64) {
+        let mut shard = self.shard(hash);
+        let Some(slot) = shard.get_mut(&hash) else {
+            return;
+        };
+        if let Some(next) = slot.next.take() {
+            next.go.notify_one();
+            return;
+        }
+        slot.sent -= 1;
+        if slot.sent == 0 {
+            shard.remove(&hash);
+        }
+    }
+
+    /// Keys with a read in flight, for the tests that check that every
+    /// call let go of its read.
+    #[cfg(any(test, feature = "__testing"))]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+}
+
+/// A read in flight: when it ends (or its call is dropped), the next read
+/// of its key may go.
+struct InFlight<'a> {
+    reads: &'a SharedReads,
+    hash: u64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.reads.release(self.hash);
+    }
+}
+
+/// A next read's leader, until its reply is shared: dropped before, it
+/// leaves its place and its joiners read alone.
+struct Leading<'a> {
+    reads: &'a SharedReads,
+    hash: u64,
+    next: &'a Arc<Next>,
+}
+
+impl Leading<'_> {
+    fn land(&mut self, landed: Landed) {
+        *self
+            .next
+            .reply
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = landed;
+        self.next.landed.notify_waiters();
+    }
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        let landed = matches!(
+            *self
+                .next
+                .reply
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            Landed::Reply(_)
+        );
+        if !landed {
+            self.land(Landed::Abandoned);
+        }
+        {
+            let mut shard = self.reads.shard(self.hash);
+            if let Some(slot) = shard.get_mut(&self.hash)
+                && slot
+                    .next
+                    .as_ref()
+                    .is_some_and(|n| Arc::ptr_eq(n, self.next))
+            {
+                // Dropped while waiting: a later call forms the next read.
+                slot.next = None;
+                return;
+            }
+        }
+        // Sent (or told to go): the read after it may go.
+        self.reads.release(self.hash);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Reads that share as soon as one is in flight.
+    fn one_at_a_time(op_timeout: Duration) -> SharedReads {
+        SharedReads {
+            most: 1,
+            ..SharedReads::new(op_timeout, true)
+        }
+    }
+
+    fn found(bytes: &[u8]) -> Reply {
+        Ok(Fetched::Found((bytes.to_vec(), Ttl::Unknown)))
+    }
+
+    /// A read that answers when `gate` is notified, counting sends.
+    async fn gated(gate: &Notify, sends: &AtomicU64, bytes: &'static [u8]) -> Reply {
+        sends.fetch_add(1, Ordering::SeqCst);
+        gate.notified().await;
+        found(bytes)
+    }
+
+    /// Polls `f` once: whether it is still pending.
+    async fn pending<F: Future>(mut f: std::pin::Pin<&mut F>) -> bool {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_pending())).await
+    }
+
+    fn bytes_of(shared: &Shared) -> Vec<u8> {
+        match shared {
+            Shared::Sent(Ok(Fetched::Found((b, _))))
+            | Shared::Joined(Ok(Fetched::Found((b, _)))) => b.clone(),
+            _ => panic!("no value"),
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_that_come_during_a_read_share_the_next_one() {
+        let reads = one_at_a_time(Duration::from_secs(60));
+        let (first_gate, next_gate) = (Notify::new(), Notify::new());
+        let sends = AtomicU64::new(0);
+        let first = reads.read("k", false, || gated(&first_gate, &sends, b"old"));
+        let mut first = std::pin::pin!(first);
+        // The first read is sent.
+        assert!(pending(first.as_mut()).await);
+        let later: Vec<_> = (0..5)
+            .map(|_| Box::pin(reads.read("k", false, || gated(&next_gate, &sends, b"new"))))
+            .collect();
+        let mut later = futures_util::future::join_all(later);
+        assert!(pending(std::pin::Pin::new(&mut later)).await);
+        assert_eq!(
+            sends.load(Ordering::SeqCst),
+            1,
+            "the later calls wait for the first read"
+        );
+        first_gate.notify_one();
+        assert_eq!(bytes_of(&first.await), b"old");
+        // The leader of the next read sends it now.
+        assert!(pending(std::pin::Pin::new(&mut later)).await);
+        assert_eq!(
+            sends.load(Ordering::SeqCst),
+            2,
+            "one read for the five later calls"
+        );
+        next_gate.notify_one();
+        let later = later.await;
+        assert!(later.iter().all(|shared| bytes_of(shared) == b"new"));
+        assert_eq!(
+            later
+                .iter()
+                .filter(|s| matches!(s, Shared::Sent(_)))
+                .count(),
+            1
+        );
+        assert_eq!(reads.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_never_joins_a_read_already_sent() {
+        let reads = one_at_a_time(Duration::from_secs(60));
+        let (gate, next_gate) = (Notify::new(), Notify::new());
+        let sends = AtomicU64::new(0);
+        let first = reads.read("k", false, || gated(&gate, &sends, b"old"));
+        let mut first = std::pin::pin!(first);
+        assert!(pending(first.as_mut()).await);
+        // The next read, sent: a call that comes now forms the one after.
+        let second = reads.read("k", false, || gated(&next_gate, &sends, b"second"));
+        let mut second = std::pin::pin!(second);
+        assert!(pending(second.as_mut()).await);
+        gate.notify_one();
+        first.await;
+        assert!(pending(second.as_mut()).await);
+        assert_eq!(sends.load(Ordering::SeqCst), 2);
+        let third_gate = Notify::new();
+        let third = reads.read("k", false, || gated(&third_gate, &sends, b"third"));
+        let mut third = std::pin::pin!(third);
+        assert!(pending(third.as_mut()).await);
+        next_gate.notify_one();
+        assert_eq!(bytes_of(&second.await), b"second");
+        assert!(pending(third.as_mut()).await);
+        third_gate.notify_one();
+        assert_eq!(
+            bytes_of(&third.await),
+            b"third",
+            "not the reply of a read sent before it"
+        );
+        assert_eq!(sends.load(Ordering::SeqCst), 3);
+        assert_eq!(reads.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn joiners_of_a_dropped_leader_read_alone() {
+        let reads = one_at_a_time(Duration::from_secs(60));
+        let gate = Notify::new();
+        let sends = AtomicU64::new(0);
+        let first = reads.read("k", false, || gated(&gate, &sends, b"old"));
+        let mut first = std::pin::pin!(first);
+        assert!(pending(first.as_mut()).await);
+        let mut leader = Box::pin(reads.read("k", false, || gated(&gate, &sends, b"never")));
+        assert!(pending(leader.as_mut()).await);
+        let joiner = reads.read("k", false, || async { found(b"alone") });
+        let mut joiner = std::pin::pin!(joiner);
+        assert!(pending(joiner.as_mut()).await);
+        drop(leader);
+        assert_eq!(bytes_of(&joiner.await), b"alone");
+        // The read in flight still holds the key; then nothing does.
+        assert_eq!(reads.in_flight(), 1);
+        gate.notify_one();
+        first.await;
+        assert_eq!(reads.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_read_holds_the_next_one_back_for_half_the_op_timeout() {
+        let reads = one_at_a_time(Duration::from_millis(100));
+        let (stalled, gate) = (Notify::new(), Notify::new());
+        let sends = AtomicU64::new(0);
+        let first = reads.read("k", false, || gated(&stalled, &sends, b"old"));
+        let mut first = std::pin::pin!(first);
+        assert!(pending(first.as_mut()).await);
+        let next = reads.read("k", false, || gated(&gate, &sends, b"new"));
+        let mut next = std::pin::pin!(next);
+        assert!(pending(next.as_mut()).await);
+        // Timers never fire early.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(pending(next.as_mut()).await);
+        assert_eq!(sends.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(pending(next.as_mut()).await);
+        assert_eq!(sends.load(Ordering::SeqCst), 2, "sent after 50 ms");
+        gate.notify_one();
+        assert_eq!(bytes_of(&next.await), b"new");
+        // The stalled read ends last; it leaves nothing behind.
+        stalled.notify_one();
+        first.await;
+        assert_eq!(reads.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn two_calls_that_meet_do_not_wait_for_each_other() {
+        let reads = SharedReads::new(Duration::from_secs(60), true);
+        let (gate, next_gate) = (Notify::new(), Notify::new());
+        let sends = AtomicU64::new(0);
+        let mut sent: Vec<_> = (0..IN_FLIGHT)
+            .map(|_| Box::pin(reads.read("k", false, || gated(&gate, &sends, b"old"))))
+            .collect();
+        for read in &mut sent {
+            assert!(pending(read.as_mut()).await);
+        }
+        assert_eq!(sends.load(Ordering::SeqCst), u64::from(IN_FLIGHT));
+        // One more waits to share the next read.
+        let next = reads.read("k", false, || gated(&next_gate, &sends, b"new"));
+        let mut next = std::pin::pin!(next);
+        assert!(pending(next.as_mut()).await);
+        assert_eq!(sends.load(Ordering::SeqCst), u64::from(IN_FLIGHT));
+        gate.notify_waiters();
+        futures_util::future::join_all(sent).await;
+        assert!(pending(next.as_mut()).await);
+        next_gate.notify_one();
+        assert_eq!(bytes_of(&next.await), b"new");
+        assert_eq!(reads.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn keys_do_not_share() {
+        let reads = one_at_a_time(Duration::from_secs(60));
+        let gate = Notify::new();
+        let sends = AtomicU64::new(0);
+        let a = reads.read("a", false, || gated(&gate, &sends, b"a"));
+        let mut a = std::pin::pin!(a);
+        assert!(pending(a.as_mut()).await);
+        // Another key, and the same key read with its TTL: reads of their own.
+        let b = reads.read("b", false, || async { found(b"b") }).await;
+        assert!(matches!(b, Shared::Sent(_)));
+        let with_ttl = reads.read("a", true, || async { found(b"a+ttl") }).await;
+        assert!(matches!(with_ttl, Shared::Sent(_)));
+        gate.notify_one();
+        a.await;
+        assert_eq!(reads.in_flight(), 0);
+    }
+}
