@@ -50,8 +50,10 @@ struct DbError;
 /// `cache_runtime::refresh`, sharing their entries. The `fail_safe` arm's
 /// entries are fresh for 20 ms, kept for 10 s, its body fails one time in
 /// four (a failed call is not a completed read) and is given 1 ms
-/// (`soft_timeout`) before the kept value answers.
-const ARMS: [&str; 24] = [
+/// (`soft_timeout`) before the kept value answers. The `shared` arm makes
+/// three calls of `plain` at once, so that they share reads (the cache of
+/// these tests shares from the first read in flight).
+const ARMS: [&str; 25] = [
     "plain",
     "single_flight",
     "distributed",
@@ -72,6 +74,7 @@ const ARMS: [&str; 24] = [
     "refresh",
     "refresh_local",
     "fail_safe",
+    "shared",
     "naive",
     "naive_local",
     "naive_tags",
@@ -124,6 +127,9 @@ struct Store {
 /// stores the row it read.
 const NAIVE_WAIT_FOR_WRITE: Duration = Duration::from_millis(200);
 const NAIVE_STORE_DELAY: Duration = Duration::from_millis(50);
+/// How long the naive joined arm's call in flight holds its answer after
+/// a write of its row landed.
+const NAIVE_JOINED_HOLD: Duration = Duration::from_millis(200);
 
 /// A random pause of up to 2 ms, sometimes none.
 async fn pause() {
@@ -151,6 +157,8 @@ impl Store {
                 .unwrap(),
             Target::Standalone(_) => target.cache(Some(prefix)).await,
         };
+        // Every hot-key collision goes through the shared reads.
+        cache_runtime::testing::share_reads_from_the_first(&cache);
         Store {
             cache,
             broadcast: target
@@ -421,7 +429,8 @@ impl Store {
         while waited.elapsed() < NAIVE_WAIT_FOR_WRITE && self.row(id).await.version == row.version {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        tokio::time::sleep(NAIVE_STORE_DELAY).await;
+        // Long enough for calls that begin after the write to join.
+        tokio::time::sleep(NAIVE_JOINED_HOLD).await;
         let _ = answer.send(Some(row.version));
         Ok(row)
     }
@@ -532,6 +541,18 @@ impl Store {
             "refresh" => cache_runtime::refresh(self.single_flight(id)).await,
             "refresh_local" => cache_runtime::refresh(self.local(id)).await,
             "fail_safe" => return self.fail_safe(id).await.ok().map(|row| row.version),
+            // Three calls at once: the second waits for the first's read,
+            // the third shares the second's; the oldest answer is recorded.
+            "shared" => {
+                let (a, b, c) = tokio::join!(self.plain(id), self.plain(id), self.plain(id));
+                match (a, b, c) {
+                    (Ok(a), Ok(b), Ok(c)) => Ok(Row {
+                        id,
+                        version: a.version.min(b.version).min(c.version),
+                    }),
+                    _ => Err(DbError),
+                }
+            }
             "naive_local" => self.naive_local(id).await,
             "naive_tags" => Ok(self.naive_tags(id).await),
             "naive_joined" => self.naive_joined(id).await,
@@ -757,6 +778,12 @@ async fn in_one_process(name: &str, target: &Target) {
     store.clone().run(24, run_length()).await;
     let stale = check(&format!("{name}: one process, 24 tasks"), &store.recorded());
     assert_ours_hold_and_naive_fail(name, &stale, 1);
+    let shared = cache_runtime::testing::shared_reads(&store.cache);
+    println!("{name}: {shared} calls shared another call's read");
+    assert!(
+        shared > 0,
+        "{name}: the run shared no read, so it checked none"
+    );
     store.local_at_rest(name, &db_server).await;
 }
 

@@ -239,6 +239,23 @@ pub(crate) struct Stored {
     pub(crate) ttl_millis: Option<u64>,
 }
 
+/// How long a key has left, by the server's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ttl {
+    /// Read with a plain `GET`.
+    Unknown,
+    Left(u64),
+    Forever,
+}
+
+impl Ttl {
+    /// A value read with its TTL, as bytes and how long they have left.
+    pub(crate) fn of(stored: Stored) -> (Vec<u8>, Ttl) {
+        let ttl = stored.ttl_millis.map_or(Ttl::Forever, Ttl::Left);
+        (stored.bytes, ttl)
+    }
+}
+
 #[derive(Debug)]
 pub(crate) enum Backend {
     Redis(RedisBackend),

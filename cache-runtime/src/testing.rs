@@ -35,6 +35,18 @@ pub fn flights_in_use(cache: &Cache) -> usize {
     cache.flights().len() + cache.shared_reads().in_flight()
 }
 
+/// From now on, `cache`'s calls share a read of a key as soon as one is
+/// in flight (by default, two are first): every hot-key collision then
+/// goes through the sharing, for the tests that check it.
+pub fn share_reads_from_the_first(cache: &Cache) {
+    cache.shared_reads().share_from_the_first();
+}
+
+/// Calls of `cache` that shared another call's read so far.
+pub fn shared_reads(cache: &Cache) -> u64 {
+    cache.shared_reads().joined()
+}
+
 pub use crate::backend::Fetched;
 
 /// A read limit that any value is within.

@@ -22,6 +22,7 @@
 //! BENCH_THROUGHPUT_ONLY=1 BENCH_UNSHARED=1 cargo run --release -p cache-bench --bin bench   # reads not shared
 //! BENCH_LOCAL_ONLY=1 BENCH_HOT_ONLY=1 cargo run --release -p cache-bench --bin bench   # the hot-key workload alone
 //! BENCH_TRACING_AB=1 cargo run --release -p cache-bench --bin bench   # what the call spans cost
+//! BENCH_MANAGER_AB=1 cargo run --release -p cache-bench --bin bench   # ConnectionManager against MultiplexedConnection
 //! BENCH_READ_AB=1 cargo run --release -p cache-bench --bin bench   # GET against the cache's GETRANGE
 //! BENCH_CLUSTER_ONLY=1 cargo run --release -p cache-bench --bin bench      # the cluster arms alone
 //! BENCH_CLUSTER_ONLY=1 BENCH_THROUGHPUT_ONLY=1 cargo run --release -p cache-bench --bin bench
@@ -620,6 +621,49 @@ async fn read_ab(arms: &ReadArms, quick: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// `BENCH_MANAGER_AB=1`: what the `redis` crate's `ConnectionManager`
+/// (the cache's standalone connection: reconnects by itself) costs a hit
+/// against the bare `MultiplexedConnection` the hand-written arm uses.
+/// Hand-written cache-aside on each, arms interleaved.
+/// The figures are in `docs/bench/README.md`.
+#[derive(Clone)]
+struct ManagerArms {
+    conn: redis::aio::MultiplexedConnection,
+    manager: redis::aio::ConnectionManager,
+}
+
+impl ArmSet for ManagerArms {
+    fn names(&self) -> &'static [&'static str] {
+        &["MultiplexedConnection", "ConnectionManager"]
+    }
+
+    fn reference(&self, _arm: usize) -> usize {
+        0
+    }
+
+    async fn call(&self, arm: usize, id: u64, _stampede: bool) -> Result<(), Error> {
+        if arm == 0 {
+            black_box(hand_written(&mut self.conn.clone(), id).await?);
+        } else {
+            black_box(hand_written(&mut self.manager.clone(), id).await?);
+        }
+        Ok(())
+    }
+}
+
+async fn manager_ab(arms: &ManagerArms, quick: bool) -> Result<(), Error> {
+    for concurrency in [1, 16, 64] {
+        let rounds = if quick { 6 } else { 30 };
+        let (per_second, ratios) =
+            hit_throughput(arms, concurrency, rounds, Duration::from_millis(150)).await?;
+        println!(
+            "c={concurrency}: MultiplexedConnection {:.0}/s, ConnectionManager {:.0}/s; median per-round ratio {:.3}×",
+            per_second[0], per_second[1], ratios[1]
+        );
+    }
+    Ok(())
+}
+
 /// One row of the table: a figure per arm (NaN where it does not apply).
 struct Row {
     metric: String,
@@ -823,6 +867,17 @@ async fn main() -> Result<(), Error> {
 
     if std::env::var_os("BENCH_TRACING_AB").is_some() {
         return tracing_ab(&arms, if quick { 6 } else { 20 }).await;
+    }
+    if std::env::var_os("BENCH_MANAGER_AB").is_some() {
+        use redis::IntoConnectionInfo;
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(nodelay());
+        let info = url.as_str().into_connection_info()?.set_tcp_settings(tcp);
+        let manager = redis::aio::ConnectionManager::new(redis::Client::open(info)?).await?;
+        let arms = ManagerArms {
+            conn: arms.conn.clone(),
+            manager,
+        };
+        return manager_ab(&arms, quick).await;
     }
     if std::env::var_os("BENCH_READ_AB").is_some() {
         let reads = ReadArms {

@@ -354,13 +354,13 @@ impl CacheBuilder {
     }
 
     /// Whether concurrent reads of one key share one request. Default
-    /// `true`: while a key's read is in flight, the calls that come for it
-    /// wait and share the next read, sent once that one answers (never
-    /// one sent before they started, so a call still sees every write
-    /// that completed before it began). A hot key then costs Redis about
-    /// one read per round trip however many calls want it, at the price
-    /// of up to one more round trip for those calls. `false` sends every
-    /// call's read at once. See [`crate::guide::stampede`].
+    /// `true`: past two reads of a key in flight, the calls that come for
+    /// it wait for the next read and share its reply (never a read sent
+    /// before they began, so every guarantee holds). A hot key then costs
+    /// Redis fewer reads, and its callers may wait up to a round trip
+    /// more. `false` sends every call's read at once. See
+    /// [the guide](crate::guide::stampede#hot-keys-concurrent-reads-share-one-request)
+    /// for the bounds and the reads that never share.
     pub fn share_reads(mut self, share: bool) -> Self {
         self.share_reads = share;
         self

@@ -9,6 +9,7 @@ pub(crate) mod flight;
 pub(crate) mod janitor;
 mod runner;
 pub(crate) mod servers;
+pub(crate) mod shared_reads;
 
 pub use self::builder::{CacheBuilder, WriteDurability};
 pub(crate) use self::runner::within;
@@ -29,6 +30,7 @@ use crate::backend::{
 use crate::breaker::{Breaker, Permit, ProbeSlot};
 use crate::cache::flight::Flights;
 use crate::cache::janitor::Janitor;
+use crate::cache::shared_reads::SharedReads;
 use crate::clock::WallClock;
 use crate::codec::Codec;
 use crate::error::CacheError;
@@ -36,7 +38,6 @@ use crate::key::CacheKey;
 use crate::local::tracking::{Source, Tracking};
 use crate::local::{LocalInvalidation, LocalTier};
 use crate::log_limit::LogLimit;
-use crate::read::shared::SharedReads;
 use crate::site::Site;
 use crate::stats::{Event, Function, Recorder, Stats};
 

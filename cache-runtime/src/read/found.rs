@@ -2,7 +2,7 @@
 //! and the read path's decision ([`crate::read::lookup`]), shared with
 //! the batch and with tags.
 
-use crate::backend::Stored;
+pub(crate) use crate::backend::Ttl;
 use crate::read::freshness::Freshness;
 use crate::write::lease::Take;
 
@@ -32,23 +32,6 @@ pub(crate) enum Read {
     Unavailable {
         pending_write: bool,
     },
-}
-
-/// How long a key has left, by the server's clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ttl {
-    /// Read with a plain `GET`.
-    Unknown,
-    Left(u64),
-    Forever,
-}
-
-impl Ttl {
-    /// A value read with its TTL, as bytes and how long they have left.
-    pub(crate) fn of(stored: Stored) -> (Vec<u8>, Ttl) {
-        let ttl = stored.ttl_millis.map_or(Ttl::Forever, Ttl::Left);
-        (stored.bytes, ttl)
-    }
 }
 
 pub(crate) enum Garbage {

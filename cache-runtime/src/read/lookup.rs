@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::backend::Fetched;
 use crate::cache::Cache;
 use crate::cache::flight::{Cover, Handed, Joiner, Landing, Leader, Role, look_again};
+use crate::cache::shared_reads::{Failed, Shared};
 use crate::clock::px;
 use crate::codec::CodecError;
 use crate::error::CacheError;
@@ -34,7 +35,6 @@ use crate::read::call::{Answered, Erased};
 use crate::read::found::{Garbage, Read, Ttl};
 use crate::read::freshness::{self, Freshness, Verdict};
 use crate::read::run::{REFRESH_RETRY_AFTER, Ran, Run};
-use crate::read::shared::Shared;
 use crate::read::tagged::Derived;
 use crate::site::{SingleFlight, Site};
 use crate::stats::Event;
@@ -517,15 +517,20 @@ impl Cache {
             }
         };
         // A hot key's concurrent calls share one read sent after they all
-        // started (see `crate::read::shared`).
+        // started (see `crate::cache::shared_reads`).
         match self.shared_reads().read(key, with_ttl, send).await {
             Shared::Sent(outcome) => self.found(site, key, outcome),
             Shared::Joined(Ok(found)) => self.found(site, key, Ok(found)),
-            // Counted and logged by the call that sent it.
-            Shared::Joined(Err(counted)) => {
-                if counted {
-                    self.record(site, Event::Error);
-                }
+            // Read as its sender read it, which logged it.
+            Shared::Joined(Err(Failed::Skipped)) => Read::Unavailable {
+                pending_write: false,
+            },
+            Shared::Joined(Err(Failed::WrongType)) => {
+                self.record(site, Event::Error);
+                Read::Garbage(Garbage::Unreadable)
+            }
+            Shared::Joined(Err(Failed::Unavailable)) => {
+                self.record(site, Event::Error);
                 Read::Unavailable {
                     pending_write: false,
                 }

@@ -15,7 +15,6 @@
 //! - [`freshness`]: the header of a value that is served stale or
 //!   refreshed early.
 //! - [`tagged`]: an entry checked against its tags' tokens.
-//! - [`shared`]: concurrent reads of a hot key share one request.
 
 pub(crate) mod batch;
 pub(crate) mod call;
@@ -24,5 +23,4 @@ pub(crate) mod found;
 pub(crate) mod freshness;
 pub(crate) mod lookup;
 pub(crate) mod run;
-pub(crate) mod shared;
 pub(crate) mod tagged;

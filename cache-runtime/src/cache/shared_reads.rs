@@ -1,51 +1,43 @@
 //! Concurrent reads of one key share one request, without breaking
-//! read-your-writes.
+//! read-your-writes. What a caller sees of it (the bounds, which reads
+//! share) is in the guide (`guide/stampede.md`); this is how.
 //!
-//! A hot key's callers in one process would each send the same `GET`.
-//! Here at most one read of a key is in flight at a time; the callers that
-//! come while it is form the *next* read, sent by the first of them (its
-//! leader) when the one in flight answers, and share its reply. Each of
-//! them then goes on as if it had read the key itself: it decodes its own
-//! copy, takes its own lease on a miss, and so on.
+//! A key's slot counts its reads in flight. Below [`IN_FLIGHT`], a call
+//! sends its own read. At the limit, the calls that come form the *next*
+//! read: the first of them (its leader) sends it once a read in flight
+//! answers (that read's sender hands its place over) or after
+//! [`WAIT_FOR_FLIGHT`] of the op timeout (then it takes a place of its
+//! own), and the others (joiners) share its reply. Each goes on as if it
+//! had read the key itself: it decodes its own copy, takes its own lease
+//! on a miss, and so on.
 //!
 //! # Why a call never joins a read already sent
 //!
 //! A read sent before a call started may have reached the server before a
 //! write that completed before the call started (this process's or
 //! another's): its reply may be older than the call is allowed to see. So
-//! a call joins only a read that has not been sent yet; the read is sent
-//! after every one of its callers started, exactly as if each had sent it
-//! then. A call that comes while the next read is being sent reads alone
-//! or forms the one after.
+//! a call joins only the next read, which is taken out of the slot, under
+//! the slot's lock, before its leader sends it: every joiner joined before
+//! the read was sent, exactly as if each had sent it then.
 //!
-//! # Bounds
+//! # Cancellation
 //!
-//! - The next read waits for the one in flight at most
-//!   [`WAIT_FOR_FLIGHT`] of the op timeout, then is sent anyway: a stalled
-//!   read (or a caller whose future is not being polled) costs the calls
-//!   behind it at most that much more than reading alone.
-//! - A joiner waits at most that plus the op timeout for the reply, then
-//!   reads alone.
-//! - A leader that is dropped before its reply is shared leaves its
-//!   joiners to read alone; a sender that is dropped lets the next read
-//!   go. Nothing waits on a dropped call.
-//! - A failed read is counted and logged once, by its sender; its joiners
-//!   run uncached as it does, counting an error each (not a breaker
-//!   failure).
-//!
-//! The memory backend has no round trip to share: its reads go alone.
+//! A sender's place is an [`InFlight`] guard, a leader's a [`Leading`]
+//! one: dropped at any point, they hand the place over or give it back,
+//! and a leader dropped before its reply landed tells its joiners, who
+//! look again (join or lead the next read). A joiner holds nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::backend::Fetched;
+use crate::backend::{Fetched, Ttl};
 use crate::error::CacheError;
-use crate::read::found::Ttl;
 
 /// The share of the op timeout that a read waits for the one in flight
 /// before it is sent anyway (a divisor: half).
@@ -68,11 +60,38 @@ pub(crate) enum Shared {
     /// This call sent the read: its outcome, to be counted and logged.
     Sent(Reply),
     /// Another call sent it, after this one started: a copy of what it
-    /// found, or `Err(counted)` if it failed (`counted`: whether the
-    /// failure is counted as an error, as the sender's was; a skipped
-    /// read, with the breaker open, is not).
-    Joined(Result<Fetched<(Vec<u8>, Ttl)>, bool>),
+    /// found, or why it failed (logged by its sender).
+    Joined(Result<Fetched<(Vec<u8>, Ttl)>, Failed>),
 }
+
+/// Why a shared read failed, for its joiners (an error cannot be cloned):
+/// they read it as its sender did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failed {
+    /// Skipped: the circuit breaker is open (not an error of the call).
+    Skipped,
+    /// Someone stored another type under the key: garbage, replaced.
+    WrongType,
+    /// Any other failure: the call runs uncached.
+    Unavailable,
+}
+
+impl Failed {
+    fn of(error: &CacheError) -> Failed {
+        match error {
+            CacheError::CircuitOpen => Failed::Skipped,
+            error if !error.is_unavailable() && error.is_wrong_type() => Failed::WrongType,
+            _ => Failed::Unavailable,
+        }
+    }
+}
+
+/// What the joiners of a read share.
+type Landed = Result<Fetched<(Vec<u8>, Ttl)>, Failed>;
+
+/// Looks at a key's slot again after the leader it joined was dropped, at
+/// most this many times, before it reads alone.
+const LOOKS: usize = 3;
 
 /// The reads in flight of one cache, by key (see the module docs).
 #[derive(Debug)]
@@ -85,8 +104,10 @@ pub(crate) struct SharedReads {
     patience: Duration,
     /// Whether reads are shared: not on the memory backend.
     share: bool,
-    /// [`IN_FLIGHT`] (one in some unit tests).
-    most: u32,
+    /// [`IN_FLIGHT`], or 1 in some tests (`testing::share_from_the_first_read`).
+    most: AtomicU32,
+    /// Calls that shared another's read, for the tests.
+    joined: AtomicU64,
 }
 
 /// Some keys' slots.
@@ -110,15 +131,16 @@ struct Next {
     with_ttl: bool,
     /// Its leader may send it (the read in flight answered).
     go: Notify,
-    reply: Mutex<Landed>,
+    reply: Mutex<NextReply>,
     landed: Notify,
 }
 
 #[derive(Debug)]
-enum Landed {
+enum NextReply {
     Waiting,
-    Reply(Result<Fetched<(Vec<u8>, Ttl)>, bool>),
-    /// The leader was dropped first: read alone.
+    /// Shared by reference: each joiner copies it outside the lock.
+    Landed(Arc<Landed>),
+    /// The leader was dropped first: look again.
     Abandoned,
 }
 
@@ -158,11 +180,12 @@ impl SharedReads {
         let wait = op_timeout / WAIT_FOR_FLIGHT;
         SharedReads {
             share,
-            most: IN_FLIGHT,
+            most: AtomicU32::new(IN_FLIGHT),
+            joined: AtomicU64::new(0),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: foldhash::fast::RandomState::default(),
             wait,
-            patience: wait + op_timeout,
+            patience: wait.saturating_add(op_timeout),
         }
     }
 
@@ -181,20 +204,25 @@ impl SharedReads {
             return Shared::Sent(send().await);
         }
         let hash = self.hash(key, with_ttl);
-        match self.role(hash, key, with_ttl) {
-            Role::Send => {
-                let _sent = InFlight { reads: self, hash };
-                Shared::Sent(send().await)
+        for _ in 0..LOOKS {
+            match self.role(hash, key, with_ttl) {
+                Role::Send => {
+                    let _sent = InFlight { reads: self, hash };
+                    return Shared::Sent(send().await);
+                }
+                // Boxed, as the join below: rare, and a hit's future is
+                // moved on every call.
+                Role::Lead(next) => return Box::pin(self.lead(hash, next, send)).await,
+                Role::Join(next) => {
+                    if let Some(landed) = Box::pin(self.join(&next)).await {
+                        self.joined.fetch_add(1, Ordering::Relaxed);
+                        return Shared::Joined(Landed::clone(&landed));
+                    }
+                }
+                Role::Alone => break,
             }
-            // Boxed, as the join below: rare, and a hit's future is moved
-            // on every call.
-            Role::Lead(next) => Box::pin(self.lead(hash, next, send)).await,
-            Role::Join(next) => match Box::pin(self.join(&next)).await {
-                Some(reply) => Shared::Joined(reply),
-                None => Shared::Sent(send().await),
-            },
-            Role::Alone => Shared::Sent(send().await),
         }
+        Shared::Sent(send().await)
     }
 
     fn hash(&self, key: &str, with_ttl: bool) -> u64 {
@@ -205,8 +233,9 @@ impl SharedReads {
     }
 
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
-        // The high bits: the map uses the low ones.
-        let at = (hash >> 58) as usize % SHARDS;
+        // Bits the maps use least: hashbrown takes a bucket from the low
+        // bits and a tag from the top seven.
+        let at = (hash >> 32) as usize % SHARDS;
         self.shards[at]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -229,7 +258,7 @@ impl SharedReads {
                 Role::Join(Arc::clone(next))
             }
             Some(_) => Role::Alone,
-            None if slot.sent < self.most => {
+            None if slot.sent < self.most.load(Ordering::Relaxed) => {
                 slot.sent += 1;
                 Role::Send
             }
@@ -238,7 +267,7 @@ impl SharedReads {
                     key: key.into(),
                     with_ttl,
                     go: Notify::new(),
-                    reply: Mutex::new(Landed::Waiting),
+                    reply: Mutex::new(NextReply::Waiting),
                     landed: Notify::new(),
                 });
                 slot.next = Some(Arc::clone(&next));
@@ -277,14 +306,15 @@ impl SharedReads {
         let reply = send().await;
         let shared = match &reply {
             Ok(found) => Ok(found.clone()),
-            Err(error) => Err(!matches!(error, CacheError::CircuitOpen)),
+            Err(error) => Err(Failed::of(error)),
         };
-        leading.land(Landed::Reply(shared));
+        leading.land(NextReply::Landed(Arc::new(shared)));
         Shared::Sent(reply)
     }
 
-    /// A joiner's wait for the next read's reply; `None`: read alone.
-    async fn join(&self, next: &Next) -> Option<Result<Fetched<(Vec<u8>, Ttl)>, bool>> {
+    /// A joiner's wait for the next read's reply; `None`: its leader was
+    /// dropped, or took too long.
+    async fn join(&self, next: &Next) -> Option<Arc<Landed>> {
         let waited = async {
             loop {
                 let landed = next.landed.notified();
@@ -293,9 +323,9 @@ impl SharedReads {
                 // wake-up cannot fall in between.
                 landed.as_mut().enable();
                 match &*next.reply.lock().unwrap_or_else(PoisonError::into_inner) {
-                    Landed::Waiting => {}
-                    Landed::Reply(reply) => return Some(reply.clone()),
-                    Landed::Abandoned => return None,
+                    NextReply::Waiting => {}
+                    NextReply::Landed(landed) => return Some(Arc::clone(landed)),
+                    NextReply::Abandoned => return None,
                 }
                 landed.await;
             }
@@ -321,6 +351,19 @@ impl SharedReads {
         if slot.sent == 0 {
             shard.remove(&hash);
         }
+    }
+
+    /// From now on, calls share a read as soon as one is in flight (not
+    /// two): for the tests that check that sharing keeps read-your-writes.
+    #[cfg(any(test, feature = "__testing"))]
+    pub(crate) fn share_from_the_first(&self) {
+        self.most.store(1, Ordering::Relaxed);
+    }
+
+    /// Calls that shared another's read so far.
+    #[cfg(any(test, feature = "__testing"))]
+    pub(crate) fn joined(&self) -> u64 {
+        self.joined.load(Ordering::Relaxed)
     }
 
     /// Keys with a read in flight, for the tests that check that every
@@ -356,7 +399,7 @@ struct Leading<'a> {
 }
 
 impl Leading<'_> {
-    fn land(&mut self, landed: Landed) {
+    fn land(&mut self, landed: NextReply) {
         *self
             .next
             .reply
@@ -374,10 +417,10 @@ impl Drop for Leading<'_> {
                 .reply
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner),
-            Landed::Reply(_)
+            NextReply::Landed(_)
         );
         if !landed {
-            self.land(Landed::Abandoned);
+            self.land(NextReply::Abandoned);
         }
         {
             let mut shard = self.reads.shard(self.hash);
@@ -400,14 +443,12 @@ impl Drop for Leading<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// Reads that share as soon as one is in flight.
     fn one_at_a_time(op_timeout: Duration) -> SharedReads {
-        SharedReads {
-            most: 1,
-            ..SharedReads::new(op_timeout, true)
-        }
+        let reads = SharedReads::new(op_timeout, true);
+        reads.share_from_the_first();
+        reads
     }
 
     fn found(bytes: &[u8]) -> Reply {
@@ -509,7 +550,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn joiners_of_a_dropped_leader_read_alone() {
+    async fn the_joiners_of_a_dropped_leader_look_again() {
         let reads = one_at_a_time(Duration::from_secs(60));
         let gate = Notify::new();
         let sends = AtomicU64::new(0);
@@ -518,21 +559,33 @@ mod tests {
         assert!(pending(first.as_mut()).await);
         let mut leader = Box::pin(reads.read("k", false, || gated(&gate, &sends, b"never")));
         assert!(pending(leader.as_mut()).await);
-        let joiner = reads.read("k", false, || async { found(b"alone") });
-        let mut joiner = std::pin::pin!(joiner);
-        assert!(pending(joiner.as_mut()).await);
+        let joiners: Vec<_> = (0..3)
+            .map(|_| Box::pin(reads.read("k", false, || async { found(b"next") })))
+            .collect();
+        let mut joiners = futures_util::future::join_all(joiners);
+        assert!(pending(std::pin::Pin::new(&mut joiners)).await);
         drop(leader);
-        assert_eq!(bytes_of(&joiner.await), b"alone");
-        // The read in flight still holds the key; then nothing does.
-        assert_eq!(reads.in_flight(), 1);
+        // One of them leads the next read, behind the read in flight.
+        assert!(pending(std::pin::Pin::new(&mut joiners)).await);
+        assert_eq!(sends.load(Ordering::SeqCst), 1);
         gate.notify_one();
-        first.await;
+        assert_eq!(bytes_of(&first.await), b"old");
+        let joiners = joiners.await;
+        assert!(joiners.iter().all(|shared| bytes_of(shared) == b"next"));
+        assert_eq!(
+            joiners
+                .iter()
+                .filter(|s| matches!(s, Shared::Sent(_)))
+                .count(),
+            1,
+            "one read for the three"
+        );
         assert_eq!(reads.in_flight(), 0);
     }
 
     #[tokio::test]
     async fn a_stalled_read_holds_the_next_one_back_for_half_the_op_timeout() {
-        let reads = one_at_a_time(Duration::from_millis(100));
+        let reads = one_at_a_time(Duration::from_secs(2));
         let (stalled, gate) = (Notify::new(), Notify::new());
         let sends = AtomicU64::new(0);
         let first = reads.read("k", false, || gated(&stalled, &sends, b"old"));
@@ -545,9 +598,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(pending(next.as_mut()).await);
         assert_eq!(sends.load(Ordering::SeqCst), 1);
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         assert!(pending(next.as_mut()).await);
-        assert_eq!(sends.load(Ordering::SeqCst), 2, "sent after 50 ms");
+        assert_eq!(sends.load(Ordering::SeqCst), 2, "sent after a second");
         gate.notify_one();
         assert_eq!(bytes_of(&next.await), b"new");
         // The stalled read ends last; it leaves nothing behind.
