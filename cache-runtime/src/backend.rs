@@ -242,7 +242,7 @@ pub(crate) struct Stored {
 /// How long a key has left, by the server's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ttl {
-    /// Read with a plain `GET`.
+    /// Read without its TTL (`GETRANGE`).
     Unknown,
     Left(u64),
     Forever,

@@ -161,8 +161,9 @@ counters! {
     /// Calls made inside [`bypass`](crate::bypass): the body ran without
     /// the cache, as asked.
     Skipped => skipped,
-    /// Failed cache operations: Redis errors, timeouts, undecodable values.
-    /// The call itself still succeeded (fail open).
+    /// Calls whose cache operation failed: Redis errors, timeouts,
+    /// undecodable values (a read shared by several calls counts for
+    /// each). The call itself still succeeded (fail open).
     Error => errors,
     /// Calls answered with a value kept past its freshness by `fail_safe`,
     /// because the body failed (or failed a moment ago for the same key),

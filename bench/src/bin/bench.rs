@@ -22,6 +22,7 @@
 //! BENCH_THROUGHPUT_ONLY=1 BENCH_UNSHARED=1 cargo run --release -p cache-bench --bin bench   # reads not shared
 //! BENCH_LOCAL_ONLY=1 BENCH_HOT_ONLY=1 cargo run --release -p cache-bench --bin bench   # the hot-key workload alone
 //! BENCH_TRACING_AB=1 cargo run --release -p cache-bench --bin bench   # what the call spans cost
+//! BENCH_CONNECTIONS_AB=1 cargo run --release -p cache-bench --bin bench   # 1, 2 or 4 connections
 //! BENCH_MANAGER_AB=1 cargo run --release -p cache-bench --bin bench   # ConnectionManager against MultiplexedConnection
 //! BENCH_READ_AB=1 cargo run --release -p cache-bench --bin bench   # GET against the cache's GETRANGE
 //! BENCH_CLUSTER_ONLY=1 cargo run --release -p cache-bench --bin bench      # the cluster arms alone
@@ -664,6 +665,53 @@ async fn manager_ab(arms: &ManagerArms, quick: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// `BENCH_CONNECTIONS_AB=1`: hand-written cache-aside over 1, 2 and 4
+/// multiplexed connections, a key always on the same one (`id % n`, as a
+/// cache must, to keep a key's commands in order), arms interleaved, at
+/// 16, 64 and 256 callers: whether more than the one connection the cache
+/// opens would serve more hits.
+#[derive(Clone)]
+struct ConnectionArms {
+    pools: [Vec<redis::aio::MultiplexedConnection>; 3],
+}
+
+impl ArmSet for ConnectionArms {
+    fn names(&self) -> &'static [&'static str] {
+        &["1 connection", "2 connections", "4 connections"]
+    }
+
+    fn reference(&self, _arm: usize) -> usize {
+        0
+    }
+
+    async fn call(&self, arm: usize, id: u64, _stampede: bool) -> Result<(), Error> {
+        let pool = &self.pools[arm];
+        let mut conn = pool[(id % pool.len() as u64) as usize].clone();
+        black_box(hand_written(&mut conn, id).await?);
+        Ok(())
+    }
+}
+
+async fn connections_ab(url: &str, quick: bool) -> Result<(), Error> {
+    let mut pools = [Vec::new(), Vec::new(), Vec::new()];
+    for (pool, n) in pools.iter_mut().zip([1, 2, 4]) {
+        for _ in 0..n {
+            pool.push(hand_connection(url).await?);
+        }
+    }
+    let arms = ConnectionArms { pools };
+    for concurrency in [16, 64, 256] {
+        let rounds = if quick { 6 } else { 30 };
+        let (per_second, ratios) =
+            hit_throughput(&arms, concurrency, rounds, Duration::from_millis(150)).await?;
+        println!(
+            "c={concurrency}: 1 connection {:.0}/s; 2: {:.0}/s ({:.3}×); 4: {:.0}/s ({:.3}×) (median per-round ratios)",
+            per_second[0], per_second[1], ratios[1], per_second[2], ratios[2]
+        );
+    }
+    Ok(())
+}
+
 /// One row of the table: a figure per arm (NaN where it does not apply).
 struct Row {
     metric: String,
@@ -867,6 +915,9 @@ async fn main() -> Result<(), Error> {
 
     if std::env::var_os("BENCH_TRACING_AB").is_some() {
         return tracing_ab(&arms, if quick { 6 } else { 20 }).await;
+    }
+    if std::env::var_os("BENCH_CONNECTIONS_AB").is_some() {
+        return connections_ab(&url, quick).await;
     }
     if std::env::var_os("BENCH_MANAGER_AB").is_some() {
         use redis::IntoConnectionInfo;

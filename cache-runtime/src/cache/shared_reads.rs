@@ -32,7 +32,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -100,11 +100,12 @@ pub(crate) struct SharedReads {
     hasher: foldhash::fast::RandomState,
     /// How long the next read waits for the one in flight.
     wait: Duration,
-    /// How long a joiner waits for its reply.
+    /// How long a call that does not send at once may wait for a reply
+    /// before it reads alone.
     patience: Duration,
     /// Whether reads are shared: not on the memory backend.
     share: bool,
-    /// [`IN_FLIGHT`], or 1 in some tests (`testing::share_from_the_first_read`).
+    /// [`IN_FLIGHT`], or 1 in some tests (`testing::share_reads_from_the_first`).
     most: AtomicU32,
     /// Calls that shared another's read, for the tests.
     joined: AtomicU64,
@@ -160,6 +161,15 @@ impl Hasher for Prehashed {
     }
 }
 
+/// How a joiner's wait ended.
+enum Joined {
+    Landed(Arc<Landed>),
+    /// Its leader was dropped first: look again.
+    Abandoned,
+    /// Past the call's budget: read alone.
+    TimedOut,
+}
+
 /// What a call is to do with its read.
 enum Role {
     /// Send it now: fewer than [`IN_FLIGHT`] reads of the key are in
@@ -204,6 +214,10 @@ impl SharedReads {
             return Shared::Sent(send().await);
         }
         let hash = self.hash(key, with_ttl);
+        // A call that waits does so within one budget, however many times
+        // it looks: set when it first waits (a call that sends at once
+        // reads no clock).
+        let mut deadline = None;
         for _ in 0..LOOKS {
             match self.role(hash, key, with_ttl) {
                 Role::Send => {
@@ -212,11 +226,19 @@ impl SharedReads {
                 }
                 // Boxed, as the join below: rare, and a hit's future is
                 // moved on every call.
-                Role::Lead(next) => return Box::pin(self.lead(hash, next, send)).await,
+                Role::Lead(next) => {
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.patience);
+                    return Box::pin(self.lead(hash, next, deadline, send)).await;
+                }
                 Role::Join(next) => {
-                    if let Some(landed) = Box::pin(self.join(&next)).await {
-                        self.joined.fetch_add(1, Ordering::Relaxed);
-                        return Shared::Joined(Landed::clone(&landed));
+                    let until = *deadline.get_or_insert_with(|| Instant::now() + self.patience);
+                    match Box::pin(self.join(&next, until)).await {
+                        Joined::Landed(landed) => {
+                            self.joined.fetch_add(1, Ordering::Relaxed);
+                            return Shared::Joined(Landed::clone(&landed));
+                        }
+                        Joined::Abandoned => {}
+                        Joined::TimedOut => break,
                     }
                 }
                 Role::Alone => break,
@@ -277,8 +299,15 @@ impl SharedReads {
     }
 
     /// The next read's leader: waits for the read in flight (at most
-    /// `wait`), sends, and shares the reply.
-    async fn lead<F>(&self, hash: u64, next: Arc<Next>, send: impl FnOnce() -> F) -> Shared
+    /// `wait`, and not past the call's `deadline`), sends, and shares the
+    /// reply.
+    async fn lead<F>(
+        &self,
+        hash: u64,
+        next: Arc<Next>,
+        deadline: Instant,
+        send: impl FnOnce() -> F,
+    ) -> Shared
     where
         F: Future<Output = Reply>,
     {
@@ -289,7 +318,8 @@ impl SharedReads {
         };
         // The read in flight answered (its sender made this one the read in
         // flight), or took too long: then this one takes its place.
-        if tokio::time::timeout(self.wait, next.go.notified())
+        let until = deadline.min(Instant::now() + self.wait);
+        if tokio::time::timeout_at(until.into(), next.go.notified())
             .await
             .is_err()
         {
@@ -312,9 +342,8 @@ impl SharedReads {
         Shared::Sent(reply)
     }
 
-    /// A joiner's wait for the next read's reply; `None`: its leader was
-    /// dropped, or took too long.
-    async fn join(&self, next: &Next) -> Option<Arc<Landed>> {
+    /// A joiner's wait for the next read's reply, until `deadline`.
+    async fn join(&self, next: &Next, deadline: Instant) -> Joined {
         let waited = async {
             loop {
                 let landed = next.landed.notified();
@@ -324,16 +353,15 @@ impl SharedReads {
                 landed.as_mut().enable();
                 match &*next.reply.lock().unwrap_or_else(PoisonError::into_inner) {
                     NextReply::Waiting => {}
-                    NextReply::Landed(landed) => return Some(Arc::clone(landed)),
-                    NextReply::Abandoned => return None,
+                    NextReply::Landed(landed) => return Joined::Landed(Arc::clone(landed)),
+                    NextReply::Abandoned => return Joined::Abandoned,
                 }
                 landed.await;
             }
         };
-        tokio::time::timeout(self.patience, waited)
+        tokio::time::timeout_at(deadline.into(), waited)
             .await
-            .ok()
-            .flatten()
+            .unwrap_or(Joined::TimedOut)
     }
 
     /// A read of the key hashed `hash` answered or was dropped: the next
@@ -631,6 +659,32 @@ mod tests {
         assert!(pending(next.as_mut()).await);
         next_gate.notify_one();
         assert_eq!(bytes_of(&next.await), b"new");
+        assert_eq!(reads.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_joiner_whose_leader_is_not_polled_reads_alone_within_its_budget() {
+        let reads = one_at_a_time(Duration::from_millis(100));
+        let gate = Notify::new();
+        let sends = AtomicU64::new(0);
+        let first = reads.read("k", false, || gated(&gate, &sends, b"old"));
+        let mut first = std::pin::pin!(first);
+        assert!(pending(first.as_mut()).await);
+        // Led, then never polled again (nor dropped).
+        let mut leader = Box::pin(reads.read("k", false, || gated(&gate, &sends, b"never")));
+        assert!(pending(leader.as_mut()).await);
+        let started = Instant::now();
+        let joiner = reads.read("k", false, || async { found(b"alone") });
+        let joined = tokio::time::timeout(Duration::from_secs(10), joiner)
+            .await
+            .expect("the joiner gave up waiting");
+        assert!(matches!(joined, Shared::Sent(_)), "read alone");
+        assert_eq!(bytes_of(&joined), b"alone");
+        // Timers never fire early: it waited its budget (50 + 100 ms).
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        drop(leader);
+        gate.notify_waiters();
+        first.await;
         assert_eq!(reads.in_flight(), 0);
     }
 
