@@ -495,6 +495,14 @@ mod tests {
         std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_pending())).await
     }
 
+    /// How many of `reads` sent their read.
+    fn sent(reads: &[Shared]) -> usize {
+        reads
+            .iter()
+            .filter(|s| matches!(s, Shared::Sent(_)))
+            .count()
+    }
+
     fn bytes_of(shared: &Shared) -> Vec<u8> {
         match shared {
             Shared::Sent(Ok(Fetched::Found((b, _))))
@@ -534,13 +542,7 @@ mod tests {
         next_gate.notify_one();
         let later = later.await;
         assert!(later.iter().all(|shared| bytes_of(shared) == b"new"));
-        assert_eq!(
-            later
-                .iter()
-                .filter(|s| matches!(s, Shared::Sent(_)))
-                .count(),
-            1
-        );
+        assert_eq!(sent(&later), 1);
         assert_eq!(reads.in_flight(), 0);
     }
 
@@ -600,14 +602,7 @@ mod tests {
         assert_eq!(bytes_of(&first.await), b"old");
         let joiners = joiners.await;
         assert!(joiners.iter().all(|shared| bytes_of(shared) == b"next"));
-        assert_eq!(
-            joiners
-                .iter()
-                .filter(|s| matches!(s, Shared::Sent(_)))
-                .count(),
-            1,
-            "one read for the three"
-        );
+        assert_eq!(sent(&joiners), 1, "one read for the three");
         assert_eq!(reads.in_flight(), 0);
     }
 
